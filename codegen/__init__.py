@@ -1,0 +1,1 @@
+"""Triton kernel generation from fused-op specs, the kernel cache, and the packed layouts."""

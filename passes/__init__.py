@@ -1,0 +1,3 @@
+"""Graph passes, one per file. Importing this package registers every pass in svdq_compiler.pipeline."""
+
+from svdq_compiler.passes import verify  # noqa: F401

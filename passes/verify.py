@@ -1,0 +1,83 @@
+"""verify: check the IR's invariants between passes.
+
+Requires: nothing. Ensures: nothing changes; raises VerifyError listing every broken invariant:
+- every call_function node has a fake value (meta["val"]) so shapes stay known;
+- every get_attr target exists, and no parameter or buffer is left without a user;
+- every op is an ATen op, an svdq op, or a Python getitem/symbolic-size helper;
+- every quantized linear's annotation points at attributes that exist.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from svdq_compiler.errors import SvdqError
+from svdq_compiler.ir import LinearInfo, get_attr_value, info
+from svdq_compiler.pipeline import PassContext, PassResult, register_pass
+
+
+class VerifyError(SvdqError):
+    """The IR broke an invariant; this is a compiler bug, reported with the nodes involved."""
+
+
+_PY_OPS = {operator.getitem, operator.add, operator.mul, operator.sub, operator.floordiv, operator.mod,
+           operator.eq, operator.ge, operator.gt, operator.le, operator.lt, operator.ne}
+_NAMESPACES = ("aten", "svdq", "_assert", "higher_order")
+
+
+def _op_allowed(target) -> bool:
+    if target in _PY_OPS:
+        return True
+    namespace = getattr(target, "namespace", None)
+    if namespace in _NAMESPACES:
+        return True
+    module = getattr(target, "__module__", "") or ""
+    return module.startswith(("torch._ops", "torch.fx.experimental", "torch.sym", "torch._higher_order"))
+
+
+def _attr_exists(gm: torch.fx.GraphModule, target: str) -> bool:
+    try:
+        get_attr_value(gm, target)
+    except AttributeError:
+        return False
+    return True
+
+
+def problems_in(gm: torch.fx.GraphModule) -> list[str]:
+    problems: list[str] = []
+    used_attrs: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            used_attrs.add(node.target)
+            if not _attr_exists(gm, node.target):
+                problems.append(f"{node.name}: get_attr target {node.target!r} does not exist")
+        elif node.op == "call_function":
+            if "val" not in node.meta:
+                problems.append(f"{node.name}: no fake value (meta['val']) for {node.target}")
+            if not _op_allowed(node.target):
+                problems.append(f"{node.name}: unexpected op {node.target}")
+        meta = info(node)
+        if isinstance(meta, LinearInfo):
+            for field_name in ("smooth", "lora_down", "lora_up", "qweight", "wscales", "wtscale"):
+                target = getattr(meta, field_name)
+                if target is not None and not _attr_exists(gm, target):
+                    problems.append(f"{node.name} ({meta.name}): {field_name} {target!r} does not exist")
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used_attrs:
+            problems.append(f"parameter/buffer {name!r} is not used by any node")
+    return problems
+
+
+@register_pass("verify", ensures="the IR's invariants hold (raises VerifyError otherwise)")
+def verify(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Check the IR's invariants; never modifies the graph."""
+    problems = problems_in(gm)
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; … {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise VerifyError(f"IR verification failed: {shown}",
+                          fix="this is a compiler bug: rerun with --dump-ir to see the pass that broke it")
+    nodes = sum(1 for _ in gm.graph.nodes)
+    return PassResult(gm, False, {"nodes": nodes, "problems": 0})

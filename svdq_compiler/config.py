@@ -1,0 +1,186 @@
+"""Quantization configuration: one QuantConfig per compile, built from a named preset plus overrides.
+
+Every knob of the method is a field here (formats, group sizes, rank, smoothing search, low-rank iterations,
+skip rules, per-role schemes, sensitivity fallback), so a preset is only a set of field values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from svdq_compiler.errors import InputError
+
+WEIGHT_FORMATS = ("int4", "nvfp4", "int8", "nf4")
+ACT_FORMATS = ("int4", "nvfp4", "int8")
+SMOOTH_SEARCHES = ("svdquant", "smoothquant", "none")
+SVD_METHODS = ("full", "randomized")
+# Role names are defined in svdq_compiler.ir.Role; schemes a role can be given:
+SCHEME_NAMES = ("w4a4", "w4a16", "fp")
+GELU_SHIFT = 0.171875
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one linear is executed. `weight`/`act` None means that operand stays 16-bit.
+
+    A group size of 0 means per output channel (weights) or per token (activations).
+    """
+
+    weight: str | None
+    act: str | None
+    weight_group: int
+    act_group: int
+    smooth: bool
+    rank: int
+    shift: float = 0.0  # constant added to a non-negative-able input (post-GELU) before unsigned quantization
+
+    @property
+    def kind(self) -> str:
+        if self.weight is None:
+            return "fp"
+        return "weight_only" if self.act is None else "w4a4" if self.weight in ("int4", "nvfp4") else "w8a8"
+
+    def describe(self) -> str:
+        if self.weight is None:
+            return "fp16"
+        w = f"W:{self.weight}" + (f"/g{self.weight_group}" if self.weight_group else "/ch")
+        a = "A:16" if self.act is None else f"A:{'u' if self.shift else ''}{self.act}" + (
+            f"/g{self.act_group}" if self.act_group else "/tok")
+        extra = (" +smooth" if self.smooth else "") + (f" +r{self.rank}" if self.rank else "")
+        return f"{w} {a}{extra}"
+
+
+FP_SCHEME = Scheme(weight=None, act=None, weight_group=0, act_group=0, smooth=False, rank=0)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """All settings of one compile. Build it with `QuantConfig.preset(name, **overrides)`."""
+
+    preset_name: str = "int4"
+    # Formats of the main ("w4a4") scheme.
+    weight_format: str | None = "int4"
+    act_format: str | None = "int4"
+    group_size: int = 64  # along K, for weights and activations; 0 = per channel / per token (int8)
+    rank: int = 32  # low-rank branch; 0 disables it
+    # Smoothing: "svdquant" searches λ = a^α / b^β over the 39-candidate reference grid, "smoothquant" searches α
+    # with β = 1 − α, "none" keeps λ = 1.
+    smooth: str = "svdquant"
+    smooth_grid: int = 20  # grid steps: c ∈ {1/grid, …, (grid−1)/grid}
+    # Low-rank refinement L = SVD_r(Ŵ − Q(Ŵ − L_prev)); 1 is the plain truncated SVD.
+    iterations: int = 1
+    early_stop: bool = True
+    svd: str = "full"
+    # Post-GELU inputs are shifted by this constant and quantized unsigned (int4 only); 0 disables.
+    gelu_shift: float = GELU_SHIFT
+    # Scheme per structural role ("w4a4" = the main formats above, "w4a16" = weight-only, "fp" = 16-bit).
+    role_schemes: dict[str, str] = field(default_factory=lambda: {
+        "adaln": "w4a16", "embed": "fp", "final": "fp", "cross_kv": "fp", "conv": "fp"})
+    weight_only_format: str = "int4"  # the weight format of "w4a16" layers
+    weight_only_group: int = 64
+    skip: tuple[str, ...] = ()  # regular expressions on qualified layer names: those layers stay 16-bit
+    conv1x1_as_linear: bool = True
+    # Sensitivity fallback: a layer whose relative output error on calibration rows exceeds this bound moves to
+    # w4a16, then fp. None disables it.
+    fallback_error: float | None = 0.35
+    calib_rows: int = 512  # rows sampled per smoothing group for the searches (bounded memory)
+    calib_seed: int = 0
+    pad_k: bool = True  # K not divisible by the group size: zero-pad (True) or keep the layer 16-bit (False)
+    dtype: str | None = None  # model dtype for scales and the low-rank branch; None keeps the module's dtype
+
+    # ---- construction -------------------------------------------------------------------------------------
+
+    @classmethod
+    def preset(cls, name: str = "int4", **overrides: Any) -> "QuantConfig":
+        if name not in PRESETS:
+            raise InputError(f"unknown preset {name!r}", fix=f"choose one of: {', '.join(PRESETS)}")
+        values = dict(PRESETS[name])
+        values["preset_name"] = name
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"unknown QuantConfig field(s) {unknown}", fix=f"valid fields: {', '.join(sorted(known))}")
+        values = dict(values)
+        if "skip" in values:
+            values["skip"] = tuple(values["skip"])
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def replace(self, **overrides: Any) -> "QuantConfig":
+        return QuantConfig.from_dict({**self.to_dict(), **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["skip"] = list(self.skip)
+        return values
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def validate(self) -> None:
+        def check(value, allowed, what):
+            if value not in allowed:
+                raise InputError(f"{what} must be one of {list(allowed)}, got {value!r}")
+
+        check(self.weight_format, WEIGHT_FORMATS + (None,), "weight_format")
+        check(self.act_format, ACT_FORMATS + (None,), "act_format")
+        check(self.smooth, SMOOTH_SEARCHES, "smooth")
+        check(self.svd, SVD_METHODS, "svd")
+        check(self.weight_only_format, ("int4", "nf4"), "weight_only_format")
+        for role, scheme in self.role_schemes.items():
+            check(scheme, SCHEME_NAMES, f"role_schemes[{role!r}]")
+        if self.rank < 0 or self.iterations < 1 or self.group_size < 0 or self.smooth_grid < 2:
+            raise InputError("rank >= 0, iterations >= 1, group_size >= 0 and smooth_grid >= 2 are required")
+        if self.weight_format == "nvfp4" and self.group_size != 16:
+            raise InputError("nvfp4 uses groups of 16 channels", fix="set group_size=16 or use the nvfp4 preset")
+        if self.weight_format in ("int4", "nf4") and self.group_size == 0:
+            raise InputError(f"{self.weight_format} needs a group size", fix="set group_size=64")
+
+    # ---- per-layer schemes --------------------------------------------------------------------------------
+
+    def scheme(self, name: str, *, unsigned_input: bool = False) -> Scheme:
+        """The Scheme for a scheme name ("w4a4", "w4a16", "fp"); unsigned_input marks a post-GELU input."""
+        if name == "fp" or self.weight_format is None:
+            return FP_SCHEME
+        if name == "w4a16" or self.act_format is None:
+            fmt = self.weight_format if self.act_format is None else self.weight_only_format
+            group = self.group_size if self.act_format is None else self.weight_only_group
+            return Scheme(weight=fmt, act=None, weight_group=group, act_group=0, smooth=False, rank=0)
+        shift = self.gelu_shift if (unsigned_input and self.act_format == "int4") else 0.0
+        act_group = 0 if self.act_format == "int8" else self.group_size
+        return Scheme(weight=self.weight_format, act=self.act_format, weight_group=self.group_size,
+                      act_group=act_group, smooth=self.smooth != "none", rank=self.rank, shift=shift)
+
+    def scheme_for_role(self, role: str, *, unsigned_input: bool = False) -> Scheme:
+        return self.scheme(self.role_schemes.get(role, "w4a4"), unsigned_input=unsigned_input)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # SVDQuant INT4: smoothing (39-candidate grid) + rank-32 branch + INT4 g64 weights and activations.
+    "int4": dict(weight_format="int4", act_format="int4", group_size=64, rank=32, smooth="svdquant"),
+    # SVDQuant NVFP4: E2M1 with FP8-E4M3 scales per 16 channels; no GELU shift (FP4 is signed).
+    "nvfp4": dict(weight_format="nvfp4", act_format="nvfp4", group_size=16, rank=32, smooth="svdquant",
+                  gelu_shift=0.0),
+    # INT8 per-channel weights, per-token activations, with smoothing and a rank-16 branch (SVDQ W8A8).
+    "w8a8": dict(weight_format="int8", act_format="int8", group_size=0, rank=16, smooth="svdquant",
+                 gelu_shift=0.0, fallback_error=None),
+    # Weight-only NF4, group 64: the W4A16 baseline.
+    "w4a16-nf4": dict(weight_format="nf4", act_format=None, group_size=64, rank=0, smooth="none",
+                      fallback_error=None, role_schemes={"embed": "fp", "final": "fp", "cross_kv": "fp",
+                                                         "conv": "fp"}),
+    # Round-to-nearest W4A4: no smoothing, no branch.
+    "w4a4-rtn": dict(weight_format="int4", act_format="int4", group_size=64, rank=0, smooth="none",
+                     fallback_error=None),
+    # SmoothQuant W4A4: α-only smoothing search, no branch.
+    "w4a4-smoothquant": dict(weight_format="int4", act_format="int4", group_size=64, rank=0, smooth="smoothquant",
+                             fallback_error=None),
+}

@@ -1,0 +1,222 @@
+"""The IR: an ATen-level torch.fx GraphModule plus what the passes learn, kept in `node.meta["svdq"]`.
+
+A pass reads and writes only that key, the graph, and the GraphModule's parameters and buffers. Each node kind
+that passes annotate has one dataclass here. `format_ir` prints the graph's code with the annotations as comments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.fx
+
+from svdq_compiler.config import Scheme
+
+META_KEY = "svdq"
+
+
+class Role(str, enum.Enum):
+    """What a linear does in the network, inferred from graph structure."""
+
+    QKV = "qkv"  # siblings that read the same (normalized) input and feed attention
+    CROSS_KV = "cross_kv"  # K/V of cross-attention: read the text stream
+    OUT = "out"  # attention output projection
+    MLP_UP = "mlp_up"
+    MLP_DOWN = "mlp_down"  # input comes from GELU/SiLU
+    ADALN = "adaln"  # input is SiLU(conditioning embedding): modulation
+    EMBED = "embed"  # fed by a graph input (patch, text, time embedders)
+    FINAL = "final"  # feeds a graph output
+    CONV = "conv"  # a k×k convolution (U-Net resnets)
+    OTHER = "other"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class LinearInfo:
+    """Everything the passes know about one linear (aten.linear, addmm/mm with a weight, or a 1×1 conv)."""
+
+    name: str  # qualified module name, e.g. "transformer_blocks.0.attn.to_q"
+    weight: str  # get_attr target of the (original) weight
+    bias: str | None
+    in_features: int
+    out_features: int
+    kind: str = "linear"  # "linear" | "conv1x1" | "conv"
+    role: Role = Role.OTHER
+    role_reason: str = ""  # the structural rule that gave the role
+    group: str | None = None  # smoothing group: the linears that read the same tensor share one λ
+    scheme: Scheme | None = None
+    skip_reason: str | None = None  # why the layer stays 16-bit (or weight-only), for the report
+    shift: float = 0.0  # constant added to the input before unsigned quantization (post-GELU)
+    smooth: str | None = None  # get_attr target of λ (length K)
+    smooth_alpha: float | None = None
+    smooth_beta: float | None = None
+    rank: int = 0
+    lora_down: str | None = None  # L2 [rank, K] target (shared within a q/k/v group)
+    lora_up: str | None = None  # L1 [N, rank] target
+    qweight: str | None = None  # packed residual codes
+    wscales: str | None = None
+    wtscale: str | None = None  # per-tensor scale (nvfp4)
+    pad_k: int = 0  # zero columns appended so K divides the group size
+    errors: dict[str, float] = field(default_factory=dict)  # e.g. output_rel, smooth_ratio
+    bytes_before: int = 0
+    bytes_after: int = 0
+    fallback: str | None = None  # sensitivity fallback taken, with the reason
+
+    def summary(self) -> str:
+        parts = [f"{self.name}", f"role={self.role}"]
+        if self.group:
+            parts.append(f"group={self.group}")
+        if self.scheme is not None:
+            parts.append(f"scheme={self.scheme.describe()}")
+        if self.skip_reason:
+            parts.append(f"skip={self.skip_reason}")
+        if self.smooth_alpha is not None:
+            parts.append(f"α={self.smooth_alpha:g} β={self.smooth_beta:g}")
+        if self.rank:
+            parts.append(f"rank={self.rank}")
+        if self.pad_k:
+            parts.append(f"pad_k={self.pad_k}")
+        if self.fallback:
+            parts.append(f"fallback={self.fallback}")
+        parts += [f"{k}={v:.3g}" for k, v in self.errors.items()]
+        return " ".join(parts)
+
+
+@dataclass
+class QuantOpInfo:
+    """A node inserted by lower/fuse that implements (part of) one or more linears."""
+
+    op: str  # e.g. "svdq.quantize_act", "svdq.fused_gemm"
+    linears: list[str]  # qualified names of the linears it serves
+    spec: dict[str, Any] = field(default_factory=dict)  # format, group, rank, dtypes, epilogues …
+
+    def summary(self) -> str:
+        epilogue = self.spec.get("epilogue")
+        text = f"{self.op} for {', '.join(self.linears)}"
+        return text + (f" epilogue={epilogue}" if epilogue else "")
+
+
+def info(node: torch.fx.Node) -> Any:
+    return node.meta.get(META_KEY)
+
+
+def linear_info(node: torch.fx.Node) -> LinearInfo | None:
+    value = node.meta.get(META_KEY)
+    return value if isinstance(value, LinearInfo) else None
+
+
+def set_info(node: torch.fx.Node, value: Any) -> None:
+    node.meta[META_KEY] = value
+
+
+def annotated_linears(gm: torch.fx.GraphModule) -> Iterator[tuple[torch.fx.Node, LinearInfo]]:
+    for node in gm.graph.nodes:
+        li = linear_info(node)
+        if li is not None:
+            yield node, li
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """Qualified name of the innermost module that produced `node`, from torch.export's nn_module_stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    # torch.export names submodules like "L['self'].blocks[0].attn" in strict mode and "blocks.0.attn" otherwise.
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    return re.sub(r"\[(\d+)\]", r".\1", path)
+
+
+def get_attr_value(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_attr_value(gm: torch.fx.GraphModule, target: str, value: torch.Tensor, *, as_buffer: bool = False) -> None:
+    """Create or replace a parameter/buffer at a dotted path (creating intermediate modules as needed)."""
+    *parents, leaf = target.split(".")
+    owner: torch.nn.Module = gm
+    for part in parents:
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    if hasattr(owner, leaf):
+        delattr(owner, leaf)
+    if as_buffer or not value.is_floating_point():
+        owner.register_buffer(leaf, value)
+    else:
+        owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+
+
+def to_jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return value
+
+
+_ASSIGN = re.compile(r"^(\s*)(\w+) = ")
+
+
+def format_ir(gm: torch.fx.GraphModule) -> str:
+    """The GraphModule's Python code, with each annotated node's svdq meta as a comment above its line."""
+    by_name = {node.name: node for node in gm.graph.nodes}
+    lines = []
+    for line in gm.code.splitlines():
+        match = _ASSIGN.match(line)
+        if match:
+            node = by_name.get(match.group(2))
+            meta = node.meta.get(META_KEY) if node is not None else None
+            if meta is not None:
+                summary = meta.summary() if hasattr(meta, "summary") else repr(meta)
+                lines.append(f"{match.group(1)}# svdq: {summary}")
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def fake_mode_of(gm: torch.fx.GraphModule):
+    """The FakeTensorMode (with the symbolic shape environment) that capture left on the graph's nodes."""
+    from torch._guards import detect_fake_mode
+
+    vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    return detect_fake_mode(vals)
+
+
+def infer_val(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Set node.meta["val"] by running its target on the fake values of its inputs.
+
+    Passes call this for every node they insert, so later passes, verify and re-export see shapes (symbolic
+    token counts included).
+    """
+    mode = fake_mode_of(gm)
+
+    def fake(arg):
+        if isinstance(arg, torch.fx.Node):
+            if arg.op == "get_attr" and "val" not in arg.meta:
+                arg.meta["val"] = mode.from_tensor(get_attr_value(gm, arg.target), static_shapes=True)
+            return arg.meta["val"]
+        return arg
+
+    args = torch.fx.node.map_aggregate(node.args, fake)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, fake)
+    with mode:
+        if node.op == "get_attr":
+            node.meta["val"] = mode.from_tensor(get_attr_value(gm, node.target), static_shapes=True)
+        else:
+            node.meta["val"] = node.target(*args, **kwargs)

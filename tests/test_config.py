@@ -1,0 +1,37 @@
+"""QuantConfig presets, overrides and per-role schemes."""
+
+import pytest
+
+from svdq_compiler import PRESETS, QuantConfig
+from svdq_compiler.errors import InputError
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_and_round_trips(name):
+    config = QuantConfig.preset(name)
+    assert config.preset_name == name
+    assert QuantConfig.from_dict(config.to_dict()) == config
+
+
+def test_overrides_apply_to_any_field():
+    config = QuantConfig.preset("int4", rank=16, smooth="none", iterations=3, group_size=128)
+    assert (config.rank, config.smooth, config.iterations, config.group_size) == (16, "none", 3, 128)
+
+
+def test_unknown_preset_and_field_are_clear_errors():
+    with pytest.raises(InputError, match="w4a4-rtn"):
+        QuantConfig.preset("int3")
+    with pytest.raises(InputError, match="valid fields"):
+        QuantConfig.preset("int4", ranks=3)
+
+
+def test_role_schemes():
+    config = QuantConfig.preset("int4")
+    assert config.scheme_for_role("adaln").kind == "weight_only"
+    assert config.scheme_for_role("embed").kind == "fp"
+    main = config.scheme_for_role("qkv")
+    assert (main.weight, main.act, main.rank, main.smooth, main.shift) == ("int4", "int4", 32, True, 0.0)
+    assert config.scheme_for_role("mlp_down", unsigned_input=True).shift == 0.171875
+    assert QuantConfig.preset("nvfp4").scheme_for_role("mlp_down", unsigned_input=True).shift == 0.0
+    assert QuantConfig.preset("w4a16-nf4").scheme_for_role("qkv").describe() == "W:nf4/g64 A:16"
+    assert QuantConfig.preset("w8a8").scheme_for_role("out").act_group == 0
