@@ -83,6 +83,9 @@ class QuantConfig:
     weight_only_group: int = 64
     skip: tuple[str, ...] = ()  # regular expressions on qualified layer names: those layers stay 16-bit
     conv1x1_as_linear: bool = True
+    # A linear reading a concatenation of differently produced tensors (FLUX single blocks: attention output ‖
+    # GELU output) is split into one linear per part, so each part gets its own smoothing, shift and branch.
+    split_concat_linears: bool = True
     # Sensitivity fallback: a layer whose relative output error on calibration rows exceeds this bound moves to
     # w4a16, then fp. None disables it.
     fallback_error: float | None = 0.35
