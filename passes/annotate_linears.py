@@ -423,10 +423,9 @@ def _assign_roles(gm: torch.fx.GraphModule, linears: list[torch.fx.Node], attent
 
 
 def _hints(ctx: PassContext) -> dict[str, str]:
-    hints = getattr(ctx.adapter, "role_hints", None) if ctx.adapter is not None else None
-    if callable(hints):
-        hints = hints()
-    return dict(hints or {})
+    if ctx.adapter is None or not hasattr(ctx.adapter, "role_hints"):
+        return {}
+    return dict(ctx.adapter.role_hints(ctx.model) or {})
 
 
 def _scheme_for(config: QuantConfig, info: LinearInfo, unsigned: bool) -> tuple[Scheme, str | None, int]:

@@ -90,6 +90,8 @@ class QuantConfig:
     # w4a16, then fp. None disables it.
     fallback_error: float | None = 0.35
     calib_rows: int = 512  # rows sampled per smoothing group for the searches (bounded memory)
+    calib_prompts: int = 4  # adapter calibration inputs: prompts × denoising steps (when none are given)
+    calib_steps: int = 4
     calib_seed: int = 0
     pad_k: bool = True  # K not divisible by the group size: zero-pad (True) or keep the layer 16-bit (False)
     dtype: str | None = None  # model dtype for scales and the low-rank branch; None keeps the module's dtype
@@ -143,6 +145,8 @@ class QuantConfig:
             check(scheme, SCHEME_NAMES, f"role_schemes[{role!r}]")
         if self.rank < 0 or self.iterations < 1 or self.group_size < 0 or self.smooth_grid < 2:
             raise InputError("rank >= 0, iterations >= 1, group_size >= 0 and smooth_grid >= 2 are required")
+        if self.calib_rows < 1 or self.calib_prompts < 1 or self.calib_steps < 1:
+            raise InputError("calib_rows, calib_prompts and calib_steps must be at least 1")
         if self.weight_format == "nvfp4" and self.group_size != 16:
             raise InputError("nvfp4 uses groups of 16 channels", fix="set group_size=16 or use the nvfp4 preset")
         if self.weight_format in ("int4", "nf4") and self.group_size == 0:

@@ -149,7 +149,8 @@ def test_adapter_role_hints_override_structure(dit):
     model, inputs, gm = dit
 
     class Adapter:
-        role_hints = {r"\.ada$": "embed"}
+        def role_hints(self, model):
+            return {r"\.ada$": "embed"}
 
     ctx = make_ctx("int4", inputs)
     ctx.adapter = Adapter()
