@@ -91,7 +91,8 @@ def _flatten(gm: torch.fx.GraphModule, inputs: Any, index: int) -> list[Any]:
     if in_spec is None:
         flat = list(args) + list(kwargs.values())
     else:
-        args_spec, kwargs_spec = in_spec.children_specs
+        # torch >= 2.10 has children(); older releases only the children_specs attribute
+        args_spec, kwargs_spec = in_spec.children() if hasattr(in_spec, "children") else in_spec.children_specs
         expected_keys = list(kwargs_spec.context or [])
         if len(args) != args_spec.num_children or set(kwargs) != set(expected_keys):
             raise CalibrationError(
@@ -185,6 +186,7 @@ class _Recorder(torch.fx.Interpreter):
 
 @register_pass("calibrate", requires=("annotate_linears",),
                ensures="ctx.state['calibrate'] holds per-input channel ranges and bounded row samples")
+@torch.no_grad()
 def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Run the FP graph on the calibration inputs and record per-site statistics (module doc)."""
     config = ctx.config
@@ -207,12 +209,11 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     inputs, calibration.source = _calibration_inputs(ctx)
     generator = torch.Generator().manual_seed(config.calib_seed)
     recorder = _Recorder(gm, sites, config.calib_rows, generator)
-    with torch.no_grad():
-        for index, sample in enumerate(ctx.progress(inputs, "calibrate")):
-            flat = _flatten(gm, sample, index)
-            recorder.input_index = index
-            recorder.run(*flat, enable_io_processing=False)
-            calibration.inputs += 1
+    for index, sample in enumerate(ctx.progress(inputs, "calibrate")):
+        flat = _flatten(gm, sample, index)
+        recorder.input_index = index
+        recorder.run(*flat, enable_io_processing=False)
+        calibration.inputs += 1
     if calibration.inputs == 0:
         raise CalibrationError("no calibration inputs were given", fix="pass at least one calibration input")
     ctx.state["calibrate"] = calibration

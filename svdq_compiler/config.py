@@ -73,7 +73,9 @@ class QuantConfig:
     # Low-rank refinement L = SVD_r(Ŵ − Q(Ŵ − L_prev)); 1 is the plain truncated SVD.
     iterations: int = 1
     early_stop: bool = True
-    svd: str = "full"
+    svd: str = "full"  # the low-rank pass's SVD: "full" (LAPACK, float64) or "randomized"
+    # The smoothing search decomposes every candidate's weights only to rank them: a randomized SVD suffices.
+    search_svd: str = "randomized"
     # Post-GELU inputs are shifted by this constant and quantized unsigned (int4 only); 0 disables.
     gelu_shift: float = GELU_SHIFT
     # Scheme per structural role ("w4a4" = the main formats above, "w4a16" = weight-only, "fp" = 16-bit).
@@ -140,6 +142,7 @@ class QuantConfig:
         check(self.act_format, ACT_FORMATS + (None,), "act_format")
         check(self.smooth, SMOOTH_SEARCHES, "smooth")
         check(self.svd, SVD_METHODS, "svd")
+        check(self.search_svd, SVD_METHODS, "search_svd")
         check(self.weight_only_format, ("int4", "nf4"), "weight_only_format")
         for role, scheme in self.role_schemes.items():
             check(scheme, SCHEME_NAMES, f"role_schemes[{role!r}]")

@@ -91,3 +91,27 @@ def make_ctx(config="int4", example_inputs=(), calib_inputs=None, **overrides):
 
 def by_name(gm):
     return {info.name: info for _, info in annotated_linears(gm)}
+
+
+def outlier_dit(seed=0, **kwargs) -> TinyDiT:
+    """A TinyDiT whose attention and MLP inputs have a few channels 20-30× larger than the rest, as real
+    diffusion transformers do (the case smoothing exists for)."""
+    model = tiny_dit(seed, **kwargs)
+    with torch.no_grad():
+        for block in model.blocks:
+            dim = block.q.in_features
+            block.ada.bias[dim + 3] += 25.0  # scale1 of channel 3: q/k/v inputs
+            block.ada.bias[dim + 17] += 20.0
+            block.norm2.weight[5] = 30.0  # MLP input channel 5
+    return model
+
+
+def prepared(model, inputs, calib, config="int4", passes=("annotate_linears", "calibrate"), **overrides):
+    """Capture `model` and run `passes`; returns (gm, ctx, {pass: result})."""
+    gm = svdq_compiler.capture(model, inputs)
+    ctx = make_ctx(config, inputs, calib, **overrides)
+    results = {}
+    for name in passes:
+        results[name] = run_pass(gm, name, ctx)
+        gm = results[name].gm
+    return gm, ctx, results
