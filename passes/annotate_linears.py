@@ -44,6 +44,7 @@ from svdq_compiler.fx_utils import (ACTIVATION_OPS, ATTENTION_OPS, CONV_OPS, MAT
                                     through_views, walk_forward)
 from svdq_compiler.ir import LinearInfo, Role, get_attr_value, infer_val, set_attr_value, set_info
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
+from svdq_compiler.svdquant import layer_name
 
 _WALK_DEPTH = 48  # q/k/v reach attention through views, norms, RoPE and concatenation: a few dozen nodes at most
 _SAFETY = {"fp": 0, "weight_only": 1, "w4a4": 2, "w8a8": 2}
@@ -51,10 +52,6 @@ _SAFETY = {"fp": 0, "weight_only": 1, "w4a4": 2, "w8a8": 2}
 
 def _is_layer(node: torch.fx.Node) -> bool:
     return is_linear(node) or is_op(node, CONV_OPS | ATTENTION_OPS | MATMUL_OPS | SOFTMAX_OPS | NORM_OPS)
-
-
-def _weight_name(target: str) -> str:
-    return target[: -len(".weight")] if target.endswith(".weight") else target
 
 
 # ---- canonical form ---------------------------------------------------------------------------------------
@@ -237,7 +234,7 @@ def _split_concat_linears(gm: torch.fx.GraphModule, attention: _Attention) -> di
         if len(set(kinds)) < 2:
             continue
         weight_target = node.args[1].target
-        base = _weight_name(weight_target)
+        base = layer_name(weight_target)
         weight = get_attr_value(gm, weight_target)
         bias_node = node.args[2] if len(node.args) > 2 else None
         offset, total = 0, None
@@ -268,7 +265,7 @@ def _graph_inputs_feeding(x: torch.fx.Node, embedders: set[torch.fx.Node]) -> li
     if _is_layer(x) and x not in embedders:
         return None
     def label(node: torch.fx.Node) -> str:
-        return _weight_name(node.args[1].target) if node in embedders else node.name
+        return layer_name(node.args[1].target) if node in embedders else node.name
 
     sources = [label(x)] if x.op == "placeholder" or x in embedders else []
     for node in ancestors(x, lambda n: _is_layer(n) or n in embedders):
@@ -488,7 +485,7 @@ def annotate_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         weight = get_attr_value(gm, weight_target)
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         site_count[weight_target] += 1
-        name = _weight_name(weight_target)
+        name = layer_name(weight_target)
         if site_count[weight_target] > 1:
             name += f"@{site_count[weight_target]}"
         if node in roles:

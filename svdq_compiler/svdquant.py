@@ -235,6 +235,11 @@ class GroupProblem:
 # Each step leaves a graph that computes what the FP model computes (up to the model dtype's rounding).
 
 
+def layer_name(weight_target: str) -> str:
+    """A linear's qualified name from its weight's attribute path ("blocks.0.q.weight" → "blocks.0.q")."""
+    return weight_target[: -len(".weight")] if weight_target.endswith(".weight") else weight_target
+
+
 def quant_op(node) -> str | None:
     meta = node.meta.get(META_KEY) if isinstance(node, torch.fx.Node) else None
     return meta.op if isinstance(meta, QuantOpInfo) else None
