@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from svdq_compiler import quant
-from svdq_compiler.codegen.layout import (PackedWeight, check_packed_act, check_packed_weight, code_columns, effective_group,
-                                          pack_act, padded_k, scale_dtype, scale_values, unpack_codes,
-                                          unpack_weight)
+from svdq_compiler.codegen.layout import (PackedWeight, check_packed_act, check_packed_weight, code_columns,
+                                          effective_group, pack_act, padded_k, scale_dtype, scale_values,
+                                          unpack_codes, unpack_weight)
 from svdq_compiler.errors import QuantizationError
 
 ACT_FORMATS = ("int4", "uint4", "nvfp4", "int8")
@@ -146,8 +146,8 @@ def _check_linear(x, smooth, w_codes, w_scales, w_tscale, lora_down, lora_up, bi
     if lora_down is not None and (lora_down.dim() != 2 or lora_up.dim() != 2 or lora_down.shape[1] != k
                                   or lora_up.shape[0] != n or lora_up.shape[1] != lora_down.shape[0]
                                   or lora_down.dtype != x.dtype or lora_up.dtype != x.dtype):
-        raise QuantizationError(f"the low-rank branch must be lora_down [r, {k}] and lora_up [{n}, r] in {x.dtype}; got "
-                                f"{lora_down.dtype} {list(lora_down.shape)} and {lora_up.dtype} "
+        raise QuantizationError(f"the low-rank branch must be lora_down [r, {k}] and lora_up [{n}, r] in "
+                                f"{x.dtype}; got {lora_down.dtype} {list(lora_down.shape)} and {lora_up.dtype} "
                                 f"{list(lora_up.shape)}", where="svdq::linear")
     _check_vector(bias, n, "bias", "linear")
 
