@@ -44,6 +44,7 @@ from svdq_compiler.fx_utils import (ACTIVATION_OPS, ATTENTION_OPS, CONV_OPS, MAT
                                     through_views, walk_forward)
 from svdq_compiler.ir import LinearInfo, Role, get_attr_value, infer_val, set_attr_value, set_info
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
+from svdq_compiler.report import model_bytes, tensor_bytes
 from svdq_compiler.svdquant import layer_name
 
 _WALK_DEPTH = 48  # q/k/v reach attention through views, norms, RoPE and concatenation: a few dozen nodes at most
@@ -468,6 +469,7 @@ class _UnionFind:
 def annotate_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Canonicalize linears, then give each a structural role, a smoothing group and a scheme (module doc)."""
     config = ctx.config
+    gm.meta.setdefault("svdq_model_bytes_before", model_bytes(gm))
     matmuls = _canonicalize_matmuls(gm)
     pointwise = _canonicalize_pointwise_convs(gm) if config.conv1x1_as_linear else set()
     attention = _find_attention(gm)
@@ -503,6 +505,9 @@ def annotate_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 break
         info = LinearInfo(name=name, weight=weight_target, bias=param_target(gm, bias), in_features=in_features,
                           out_features=weight.shape[0], kind=kind, role=role, role_reason=reason)
+        if site_count[weight_target] == 1:
+            info.bytes_before = tensor_bytes(weight) + (tensor_bytes(get_attr_value(gm, info.bias))
+                                                        if info.bias else 0)
         info.scheme, info.skip_reason, info.pad_k = _scheme_for(config, info, unsigned)
         info.shift = info.scheme.shift
         infos[node] = info
