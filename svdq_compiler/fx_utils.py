@@ -170,13 +170,14 @@ def get_attr_node(gm: torch.fx.GraphModule, target: str, *, before: torch.fx.Nod
 
 def erase_unused(gm: torch.fx.GraphModule, nodes: Iterable[torch.fx.Node]) -> None:
     """Erase the given nodes (and the get_attr/view chains feeding only them) once nothing reads them."""
-    pending = list(nodes)
+    pending, erased = list(nodes), set()
     while pending:
         node = pending.pop()
-        if node.graph is not gm.graph or node.users or node.op in ("placeholder", "output"):
+        if node in erased or node.graph is not gm.graph or node.users or node.op in ("placeholder", "output"):
             continue
         inputs = list(node.all_input_nodes)
         gm.graph.erase_node(node)
+        erased.add(node)
         pending.extend(inputs)
 
 

@@ -66,7 +66,7 @@ class TinyDiT(nn.Module):
 
 def tiny_dit(seed=0, **kwargs) -> TinyDiT:
     torch.manual_seed(seed)
-    return TinyDiT(**kwargs).eval()
+    return TinyDiT(**kwargs).eval().requires_grad_(False)
 
 
 def dit_inputs(seed=0, batch=2, tokens=8, in_ch=16, cond=32, context_dim=None, context_tokens=6):
