@@ -58,6 +58,7 @@ channel c, and the bias of the scale chunks (1 and S−2) carries the +1 of (1 +
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -73,7 +74,7 @@ PACKED_WEIGHT_FORMATS = ("int4", "nvfp4", "int8", "nf4")
 NUNCHAKU_TILE = 128  # Nunchaku pads N and K to multiples of this
 NUNCHAKU_RANK_MULTIPLE = 16
 NUNCHAKU_GROUPS = {"int4": 64, "nvfp4": 16}
-HALF_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MODEL_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def effective_group(group_size: int, k: int) -> int:
@@ -81,8 +82,8 @@ def effective_group(group_size: int, k: int) -> int:
     return group_size or k
 
 
-def padded_k(k: int, group: int) -> int:
-    return -(-k // group) * group
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def code_columns(fmt: str, k_pad: int) -> int:
@@ -165,7 +166,7 @@ def check_packed_weight(qweight: torch.Tensor, wscales: torch.Tensor, wtscale: t
         raise QuantizationError(f"unknown weight format {fmt!r}", where=where,
                                 fix=f"use one of {PACKED_WEIGHT_FORMATS}")
     group = effective_group(group_size, k)
-    k_pad = padded_k(k, group)
+    k_pad = round_up(k, group)
     expected_dtype = packed_code_dtype(fmt)
     if qweight.dtype != expected_dtype or qweight.dim() != 2 or qweight.shape[1] != code_columns(fmt, k_pad):
         raise QuantizationError(
@@ -173,7 +174,7 @@ def check_packed_weight(qweight: torch.Tensor, wscales: torch.Tensor, wtscale: t
             f"got {qweight.dtype} {list(qweight.shape)}", where=where, fix="pack them with codegen.layout.pack_weight")
     n = qweight.shape[0]
     expected_scales = torch.uint8 if fmt == "nvfp4" else torch.float32 if fmt == "int8" else None
-    dtype_ok = wscales.dtype == expected_scales if expected_scales else wscales.dtype in HALF_DTYPES
+    dtype_ok = wscales.dtype == expected_scales if expected_scales else wscales.dtype in MODEL_SCALE_DTYPES
     if not dtype_ok or list(wscales.shape) != [k_pad // group, n]:
         wanted = expected_scales or "the model dtype"
         raise QuantizationError(f"{fmt} weight scales must be {wanted} [{k_pad // group}, {n}] (group-major); got "
@@ -192,14 +193,14 @@ def check_packed_act(codes: torch.Tensor, scales: torch.Tensor, fmt: str, group_
         raise QuantizationError(f"unknown activation format {fmt!r}", where=where,
                                 fix="use one of ('int4', 'uint4', 'nvfp4', 'int8')")
     group = effective_group(group_size, k)
-    k_pad = padded_k(k, group)
+    k_pad = round_up(k, group)
     expected_dtype = packed_code_dtype(fmt)
     if codes.dtype != expected_dtype or codes.dim() < 1 or codes.shape[-1] != code_columns(fmt, k_pad):
         raise QuantizationError(f"{fmt} activation codes must be {expected_dtype} [..., {code_columns(fmt, k_pad)}] "
                                 f"for K={k}, group {group}; got {codes.dtype} {list(codes.shape)}", where=where)
     expected_scales = (*codes.shape[:-1], k_pad // group)
     wanted = scale_dtype(fmt, scales.dtype)
-    if scales.dtype != wanted or (fmt in ("int4", "uint4") and scales.dtype not in HALF_DTYPES) \
+    if scales.dtype != wanted or (fmt in ("int4", "uint4") and scales.dtype not in MODEL_SCALE_DTYPES) \
             or tuple(scales.shape) != expected_scales:
         raise QuantizationError(f"{fmt} activation scales must be [..., {k_pad // group}] matching the codes "
                                 f"({list(expected_scales)}); got {scales.dtype} {list(scales.shape)}", where=where)
@@ -264,10 +265,6 @@ def unpack_act(codes: torch.Tensor, scales: torch.Tensor, fmt: str, group_size: 
 
 _V2_NAMES = {"smooth": "smooth_factor", "smooth_orig": "smooth_factor_orig", "lora_down": "proj_down",
              "lora_up": "proj_up"}
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def _padded(t: torch.Tensor, shape: tuple[int, ...], fill: float) -> torch.Tensor:
@@ -376,10 +373,10 @@ def to_nunchaku(linear: NunchakuLinear, *, naming: str = "v1") -> dict[str, torc
         raise QuantizationError(f"Nunchaku checkpoints hold float16 or bfloat16 layers, not {w.dtype}",
                                 where="to_nunchaku", fix="quantize the model in its 16-bit dtype")
     names, dtype = _names(naming), w.dtype
-    n_pad, k_pad = _round_up(w.n, NUNCHAKU_TILE), _round_up(w.k, NUNCHAKU_TILE)
+    n_pad, k_pad = round_up(w.n, NUNCHAKU_TILE), round_up(w.k, NUNCHAKU_TILE)
     codes = unpack_codes(w.qweight, w.fmt, w.group_size)[:, : w.k]
     out = {"qweight": _pack_nibbles_nunchaku(_padded(codes, (n_pad, k_pad), 0))}
-    scales = w.wscales.t()[:, : -(-w.k // w.group_size)]  # [N, groups of the real K]
+    scales = w.wscales.t()  # [N, ceil(K/G)]
     if w.fmt == "int4":
         scales = _padded(scales, (n_pad, k_pad // 64), 1)
         out["wscales"] = _pack_vector(scales, k_pad // 64).view(k_pad // 64, n_pad)
@@ -404,7 +401,7 @@ def to_nunchaku(linear: NunchakuLinear, *, naming: str = "v1") -> dict[str, torc
         raise QuantizationError("lora_down and lora_up come together", where="to_nunchaku")
     if linear.lora_down is not None:
         rank = linear.lora_down.shape[0]
-        r_pad = _round_up(rank, NUNCHAKU_RANK_MULTIPLE)
+        r_pad = round_up(rank, NUNCHAKU_RANK_MULTIPLE)
         # Nunchaku's branch reads x, not x/λ: fold 1/λ into the down projection (in fp64, as the reference does).
         down = (linear.lora_down.double() / smooth.double()[None, :]).to(dtype)
         down = _padded(down.t(), (k_pad, r_pad), 0)  # [K, r]: the layout is indexed by (channel, rank)
@@ -424,16 +421,17 @@ def from_nunchaku(tensors: Mapping[str, torch.Tensor], fmt: str, *, in_features:
         raise CheckpointError(f"Nunchaku W4A4 weights are int4 or nvfp4, not {fmt!r}", where=where)
     names = _names("v2" if "proj_down" in tensors or "smooth_factor" in tensors else "v1")
     n, k = out_features, in_features
-    n_pad, k_pad = _round_up(n, NUNCHAKU_TILE), _round_up(k, NUNCHAKU_TILE)
+    n_pad, k_pad = round_up(n, NUNCHAKU_TILE), round_up(k, NUNCHAKU_TILE)
     group = NUNCHAKU_GROUPS[fmt]
 
-    def get(key: str, shape: tuple[int, ...] | None, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor | None:
+    def get(key: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> torch.Tensor | None:
+        """The tensor at `key` (None if absent), checked against its padded size and dtypes."""
         t = tensors.get(key)
         if t is None:
             return None
-        if (shape is not None and t.numel() != _numel(shape)) or t.dtype not in dtypes:
+        if t.numel() != math.prod(shape) or t.dtype not in dtypes:
             wanted = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-            raise CheckpointError(f"{key} has {t.dtype} {list(t.shape)}, expected {wanted} {list(shape or ())} "
+            raise CheckpointError(f"{key} has {t.dtype} {list(t.shape)}, expected {wanted} {list(shape)} "
                                   f"for in_features={k}, out_features={n}", where=where,
                                   fix="check in_features/out_features and the format (int4 vs nvfp4)")
         return t
@@ -446,14 +444,15 @@ def from_nunchaku(tensors: Mapping[str, torch.Tensor], fmt: str, *, in_features:
                               fix="pass the tensors of one W4A4 linear, without the layer prefix")
     dtype = bias.dtype
     codes = _unpack_nibbles_nunchaku(qweight.reshape(n_pad, k_pad // 2), fmt)[:n]
-    k_ours = padded_k(k, group)
+    k_ours = round_up(k, group)
     codes = _padded(codes[:, :k], (n, k_ours), 0).to(CODE_DTYPES[fmt])
     wtscale = None
+    flat = get("wscales", (k_pad // group, n_pad), halves if fmt == "int4" else (torch.float8_e4m3fn,))
+    if flat is None:
+        raise CheckpointError("missing wscales", where=where)
     if fmt == "int4":
-        flat = get("wscales", (k_pad // 64, n_pad), halves)
         scales = _unpack_vector(flat, n_pad, k_pad // 64)[:n, : k_ours // group]
     else:
-        flat = get("wscales", (k_pad // 16, n_pad), (torch.float8_e4m3fn,))
         offsets = _micro_scale_offsets(torch.arange(n_pad, device=flat.device), k_pad)
         scales = flat.reshape(-1).view(torch.uint8)[offsets][:n, : k_ours // group]
         tensor_scale = get("wtscale", (1,), halves + (torch.float32,))
@@ -462,8 +461,6 @@ def from_nunchaku(tensors: Mapping[str, torch.Tensor], fmt: str, *, in_features:
             wtscale = _unpack_vector(channel_scale, n_pad)[:n].to(torch.float32)
         if tensor_scale is not None:
             wtscale = tensor_scale.reshape(()).to(torch.float32) * (1 if wtscale is None else wtscale)
-    if flat is None:
-        raise CheckpointError("missing wscales", where=where)
     packed = PackedWeight(pack_codes(codes, fmt, group), scales.t().contiguous(), wtscale, fmt, group, k, dtype)
     smooth_flat = get(names["smooth"], (k_pad,), halves)
     smooth = None if smooth_flat is None else _unpack_vector(smooth_flat, k_pad)[:k]
@@ -490,11 +487,6 @@ def _names(naming: str) -> dict[str, str]:
     return {key: (_V2_NAMES[key] if naming == "v2" else key) for key in _V2_NAMES}
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    total = 1
-    for extent in shape:
-        total *= extent
-    return total
 
 
 # ---- Nunchaku AWQ W4A16 ---------------------------------------------------------------------------------------
@@ -507,7 +499,7 @@ def _awq_group_count(groups: int, group_size: int) -> int:
     if group_size < 32 or group_size & (group_size - 1):
         raise QuantizationError(f"Nunchaku's W4A16 layout takes group sizes 32, 64, 128, …; got {group_size}")
     packs_multiple = max(1, 128 // group_size)
-    packs = _round_up(-(-groups // 8), packs_multiple)
+    packs = round_up(-(-groups // 8), packs_multiple)
     return packs * 8
 
 

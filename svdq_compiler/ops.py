@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from svdq_compiler import quant
 from svdq_compiler.codegen.layout import (PackedWeight, check_packed_act, check_packed_weight, code_columns,
-                                          effective_group, pack_act, padded_k, scale_dtype, scale_values,
+                                          effective_group, pack_act, round_up, scale_dtype, scale_values,
                                           unpack_codes, unpack_weight)
 from svdq_compiler.errors import QuantizationError
 
@@ -26,7 +26,7 @@ ACT_FORMATS = ("int4", "uint4", "nvfp4", "int8")
 WEIGHT_FORMAT_OF = {"int4": "int4", "uint4": "int4", "nvfp4": "nvfp4", "int8": "int8"}
 WEIGHT_ONLY_FORMATS = ("int4", "nf4", "int8")
 # Largest |code| of each format: a group's integer dot product is exact in fp32 below 2^24.
-_MAX_CODE = {"int4": 8, "uint4": 15, "nvfp4": 6, "int8": 128, "nf4": 1}
+_MAX_CODE = {"int4": 8, "uint4": 15, "nvfp4": 6, "int8": 128}
 _FP32_EXACT = 2 ** 24
 # Bounds the [M, N] partial products the reference GEMM keeps per chunk of groups.
 _GEMM_CHUNK_ELEMENTS = 1 << 24
@@ -83,7 +83,7 @@ def _(x, smooth, shift, fmt, group_size):
     _check_quantize_act(x, smooth, fmt)
     k = x.shape[-1]
     group = effective_group(group_size, k)
-    k_pad = padded_k(k, group)
+    k_pad = round_up(k, group)
     codes = x.new_empty((*x.shape[:-1], code_columns(fmt, k_pad)), dtype=torch.uint8 if fmt != "int8" else torch.int8)
     scales = x.new_empty((*x.shape[:-1], k_pad // group), dtype=scale_dtype(fmt, x.dtype))
     return codes, scales
