@@ -15,6 +15,7 @@ import torch
 import torch.fx
 
 from svdq_compiler.errors import SvdqError
+from svdq_compiler.fx_utils import NO_OUTPUT_OPS, is_op
 from svdq_compiler.ir import LinearInfo, get_attr_value, info
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 
@@ -23,7 +24,8 @@ class VerifyError(SvdqError):
     """The IR broke an invariant; this is a compiler bug, reported with the nodes involved."""
 
 
-_PY_OPS = {operator.getitem, operator.add, operator.mul, operator.sub, operator.floordiv, operator.mod,
+_PY_OPS = {operator.getitem, operator.add, operator.mul, operator.sub, operator.floordiv, operator.mod, operator.truediv,
+           operator.neg, operator.pow,
            operator.eq, operator.ge, operator.gt, operator.le, operator.lt, operator.ne}
 _NAMESPACES = ("aten", "svdq", "_assert", "higher_order")
 
@@ -55,7 +57,7 @@ def problems_in(gm: torch.fx.GraphModule) -> list[str]:
             if not _attr_exists(gm, node.target):
                 problems.append(f"{node.name}: get_attr target {node.target!r} does not exist")
         elif node.op == "call_function":
-            if "val" not in node.meta:
+            if "val" not in node.meta and not is_op(node, NO_OUTPUT_OPS):  # runtime asserts return nothing
                 problems.append(f"{node.name}: no fake value (meta['val']) for {node.target}")
             if not _op_allowed(node.target):
                 problems.append(f"{node.name}: unexpected op {node.target}")

@@ -38,10 +38,15 @@ def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str |
             print_ir_after_change: bool = False, progress: bool = False) -> torch.fx.GraphModule:
     """Capture `module` and run the SVDQuant pipeline on it; returns the compiled GraphModule."""
     quant_config = resolve_config(config)
+    from svdq_compiler.models import GenericAdapter, adapter_for
+
     gm = capture(module, example_inputs, dynamic_shapes=dynamic_shapes)
+    adapter = adapter_for(module)  # the family adapter gives role hints and calibration inputs
     ctx = PassContext(config=quant_config, example_inputs=example_inputs, calib_inputs=calib_inputs,
+                      adapter=None if isinstance(adapter, GenericAdapter) else adapter, model=module,
                       dump_dir=Path(dump_ir) if dump_ir is not None else None,
                       print_ir_after_change=print_ir_after_change, verify_each=verify, show_progress=progress)
     gm = run_passes(gm, ctx, svdquant_pipeline(passes))
-    gm.meta["svdq_report"] = {"config": quant_config.to_dict(), "passes": ctx.records}
+    gm.meta["svdq_report"] = {"config": quant_config.to_dict(), "passes": ctx.records,
+                              "layers": gm.meta.get("svdq_layers")}
     return gm
