@@ -228,7 +228,7 @@ def graph_summary(path: Path) -> dict[str, Any]:
 
     gm = serialize.load(path)
     ops = Counter(op_name(node.target) for node in gm.graph.nodes if node.op == "call_function")
-    linear_ops = {"aten.linear", "aten.addmm", "aten.mm", "aten.convolution"}
+    linear_ops = {"aten.linear", "aten.addmm", "aten.mm", "aten.conv2d", "aten.convolution"}
     by_dtype: Counter[str] = Counter()
     for tensor in {id(t): t for t in [*gm.parameters(), *gm.buffers()]}.values():
         by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
