@@ -44,7 +44,8 @@ from svdq_compiler.fx_utils import (ACTIVATION_OPS, ATTENTION_OPS, CONV_OPS, MAT
                                     through_views, walk_forward)
 from svdq_compiler.ir import LinearInfo, Role, get_attr_value, infer_val, set_attr_value, set_info
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
-from svdq_compiler.report import model_bytes, tensor_bytes
+from svdq_compiler import parameter_bytes
+from svdq_compiler.report import tensor_bytes
 from svdq_compiler.svdquant import layer_name
 
 _WALK_DEPTH = 48  # q/k/v reach attention through views, norms, RoPE and concatenation: a few dozen nodes at most
@@ -469,7 +470,7 @@ class _UnionFind:
 def annotate_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Canonicalize linears, then give each a structural role, a smoothing group and a scheme (module doc)."""
     config = ctx.config
-    gm.meta.setdefault("svdq_model_bytes_before", model_bytes(gm))
+    gm.meta.setdefault("svdq_model_bytes_before", parameter_bytes(gm))
     matmuls = _canonicalize_matmuls(gm)
     pointwise = _canonicalize_pointwise_convs(gm) if config.conv1x1_as_linear else set()
     attention = _find_attention(gm)

@@ -64,8 +64,10 @@ def site_of(calibration: Calibration, x: torch.fx.Node) -> SiteStats:
 def _calibration_inputs(ctx: PassContext) -> tuple[Iterable, str]:
     if ctx.calib_inputs is not None:
         return ctx.calib_inputs, "calib_inputs"
-    model = getattr(ctx, "model", None)
-    if ctx.adapter is not None and model is not None and hasattr(ctx.adapter, "calib_inputs"):
+    from svdq_compiler.models import GenericAdapter
+
+    model = ctx.model
+    if ctx.adapter is not None and model is not None and not isinstance(ctx.adapter, GenericAdapter):
         config = ctx.config
         inputs = ctx.adapter.calib_inputs(model, config.calib_prompts, config.calib_steps, seed=config.calib_seed)
         return inputs, f"adapter {getattr(ctx.adapter, 'name', type(ctx.adapter).__name__)} " \

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from svdq_compiler import parameter_bytes
 from svdq_compiler.config import QuantConfig
 from svdq_compiler.ir import annotated_linears, get_attr_value
 
@@ -20,16 +21,6 @@ FOUR_BIT_FORMATS = ("int4", "nvfp4", "nf4")
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def model_bytes(gm: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer (each counted once)."""
-    seen, total = set(), 0
-    for tensor in list(gm.parameters()) + list(gm.buffers()):
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor_bytes(tensor)
-    return total
 
 
 def _bytes(gm: torch.fx.GraphModule, targets: list[str | None], counted: set[str]) -> int:
@@ -84,7 +75,7 @@ def layer_report(gm: torch.fx.GraphModule, config: QuantConfig) -> dict[str, Any
             "smooth_error_ratio": info.errors.get("smooth_ratio"),
         })
     before = gm.meta.get("svdq_model_bytes_before")
-    after = model_bytes(gm)
+    after = parameter_bytes(gm)
     errors = [layer["output_rel_error"] for layer in layers if layer["output_rel_error"] is not None]
     totals = {
         "preset": config.preset_name,
