@@ -375,7 +375,11 @@ def pinned_by_guards(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dims: 
              if isinstance(dim, DynDim) and dim.name not in fallbacks}
     pinned = {}
     for name, (example, dim) in sorted(units.items()):
-        candidates = list(range(example + 1, dim.max + 1))[:probes] or list(range(dim.min, example))[-probes:]
+        # The nearest sizes on both sides: one unlucky size can trip a guard on its own (SD3 guards width ≠ its
+        # maximum), a pinned dimension fails them all.
+        nearest = sorted(range(max(dim.min, example - probes), min(dim.max, example + probes) + 1),
+                         key=lambda u: (abs(u - example), u))
+        candidates = [u for u in nearest if u != example]
         failures = []
         for candidate in candidates:
             probe = resized_on_meta((args, kwargs), dims, name, candidate)
