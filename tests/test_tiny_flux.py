@@ -122,10 +122,10 @@ def test_one_unguided_euler_step_lands_on_noise_minus_velocity(random_pipeline):
     torch.testing.assert_close(image, expected)
 
 
-def test_sampler_accepts_a_transformer_returning_a_tuple(random_pipeline):
+def test_sampler_accepts_a_transformer_returning_a_diffusers_output(random_pipeline):
     model = random_pipeline.transformer
-    as_tuple = random_pipeline.with_transformer(lambda **kwargs: model(**kwargs, return_dict=False))
-    torch.testing.assert_close(as_tuple(["a bag"], seeds=1), random_pipeline(["a bag"], seeds=1))
+    as_output = random_pipeline.with_transformer(lambda **kwargs: model(**{**kwargs, "return_dict": True}))
+    torch.testing.assert_close(as_output(["a bag"], seeds=1), random_pipeline(["a bag"], seeds=1))
 
 
 def test_sampler_rejects_mismatched_seeds(random_pipeline):
@@ -134,17 +134,19 @@ def test_sampler_rejects_mismatched_seeds(random_pipeline):
 
 
 def test_calibration_inputs_follow_sampler_trajectories(random_pipeline):
-    inputs = tiny_flux.calib_inputs(random_pipeline.transformer, num_prompts=2, num_steps=2, seed=0,
+    inputs = tiny_flux.calib_inputs(random_pipeline.transformer, num_prompts=3, num_steps=2, seed=0,
                                     pipeline=random_pipeline)
-    assert len(inputs) == 2 * 2 * 2  # prompts × steps × (conditional, unconditional)
+    assert len(inputs) == 3 * 2  # prompts × steps, each call with its conditional and unconditional rows
     sigmas = shifted_sigmas(3, 1.5)
-    assert sorted({float(i["timestep"][0]) for i in inputs}) == sorted([float(sigmas[0]), float(sigmas[2])])
+    assert [float(i["timestep"][0]) for i in inputs[:2]] == [float(sigmas[0]), float(sigmas[2])]
     first = inputs[0]
-    assert first["hidden_states"].shape == (1, 64, 16) and first["encoder_hidden_states"].shape == (1, 8, 32)
+    assert first["hidden_states"].shape == (2, 64, 16) and first["encoder_hidden_states"].shape == (2, 8, 32)
+    torch.testing.assert_close(first["hidden_states"][:1], tiny_flux.initial_noise([0]))
     with torch.no_grad():
-        random_pipeline.transformer(**first)
-    batched = tiny_flux.calib_inputs(random_pipeline.transformer, 2, 2, 0, batch=4, pipeline=random_pipeline)
-    assert [b["hidden_states"].shape[0] for b in batched] == [4, 4]
+        assert tiny_flux.transformer_output(random_pipeline.transformer(**first)).shape == (2, 64, 16)
+    batched = tiny_flux.calib_inputs(random_pipeline.transformer, 3, 2, 0, batch=2, pipeline=random_pipeline)
+    assert [b["hidden_states"].shape[0] for b in batched] == [4, 4, 2, 2]
+    torch.testing.assert_close(batched[0]["hidden_states"][:1], first["hidden_states"][:1])
     with pytest.raises(InputError, match="at most 3"):
         tiny_flux.calib_inputs(random_pipeline.transformer, 2, 5, 0, pipeline=random_pipeline)
 
@@ -154,7 +156,7 @@ def test_example_inputs_run_at_other_token_counts(random_pipeline):
                                       text_encoder=random_pipeline.text_encoder)
     assert inputs["hidden_states"].shape == (2, 16, 16) and inputs["img_ids"].shape == (16, 3)
     with torch.no_grad():
-        assert random_pipeline.transformer(**inputs).sample.shape == (2, 16, 16)
+        assert random_pipeline.transformer(**inputs)[0].shape == (2, 16, 16)
     with pytest.raises(InputError, match="square number"):
         tiny_flux.example_inputs(random_pipeline.transformer, tokens=20, text_encoder=random_pipeline.text_encoder)
 
@@ -179,5 +181,5 @@ def test_shipped_assets_are_small():
 
 def test_shipped_calibration_inputs(shipped_pipeline):
     inputs = tiny_flux.calib_inputs(shipped_pipeline.transformer, num_prompts=1, num_steps=2, seed=0)
-    assert len(inputs) == 2 * (2 if shipped_pipeline.sampler.guidance_scale != 1.0 else 1)
+    assert len(inputs) == 2
     assert tiny_flux.example_inputs(shipped_pipeline.transformer)["hidden_states"].shape == (1, 64, 16)

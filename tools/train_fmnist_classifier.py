@@ -1,6 +1,6 @@
 """Train the small Fashion-MNIST classifier shipped for measuring generated images, and write its assets.
 
-    python tools/train_fmnist_classifier.py [--epochs 3] [--seed 0] [--out svdq_compiler/models/assets/fmnist_classifier]
+    python tools/train_fmnist_classifier.py [--epochs 3] [--seed 0] [--out DIR]
 
 Its test accuracy and the training record go into the config beside the weights. It is used for the class accuracy
 of generated samples and for the Fréchet distance on its penultimate features (svdq_compiler.models.fmnist).

@@ -34,13 +34,13 @@ LATENT_SIZE = PADDED_SIZE // PIXEL_UNSHUFFLE
 PACK = 2  # FLUX packs 2×2 latent patches into one token
 PAD_TOKEN = "<pad>"
 
-# The transformer the training tool builds; 4 heads of 32, two double-stream and six single-stream blocks.
+# The transformer the training tool builds; 4 heads of 32, two double-stream and four single-stream blocks.
 TRANSFORMER_CONFIG = {
     "patch_size": 1,
     "in_channels": LATENT_CHANNELS * PACK * PACK,
     "out_channels": None,
     "num_layers": 2,
-    "num_single_layers": 6,
+    "num_single_layers": 4,
     "attention_head_dim": 32,
     "num_attention_heads": 4,
     "joint_attention_dim": 64,
@@ -242,7 +242,7 @@ class TinyFluxPipeline:
             model_input = torch.cat([latents, latents]) if guided else latents
             inputs = {"hidden_states": model_input, "encoder_hidden_states": hidden, "pooled_projections": pooled,
                       "timestep": sigmas[step].expand(model_input.shape[0]).clone(), "img_ids": img_ids,
-                      "txt_ids": txt_ids}
+                      "txt_ids": txt_ids, "return_dict": False}
             if on_step is not None:
                 on_step(step, inputs)
             velocity = transformer_output(self.transformer(**inputs)).float()
@@ -331,37 +331,37 @@ def example_inputs(model=None, batch: int = 1, tokens: int | None = None, seed: 
         hidden, pooled = encoder(prompts)
     channels = model.config.in_channels if model is not None else TRANSFORMER_CONFIG["in_channels"]
     return {"hidden_states": torch.randn(batch, tokens, channels, generator=generator),
-            "encoder_hidden_states": hidden, "pooled_projections": pooled,
-            "timestep": torch.full((batch,), 0.5), "img_ids": image_ids(side), "txt_ids": text_ids(hidden.shape[1])}
+            "encoder_hidden_states": hidden, "pooled_projections": pooled, "timestep": torch.full((batch,), 0.5),
+            "img_ids": image_ids(side), "txt_ids": text_ids(hidden.shape[1]), "return_dict": False}
 
 
 def calib_inputs(model, num_prompts: int = 10, num_steps: int = 4, seed: int = 0, *, batch: int = 1,
                  pipeline: TinyFluxPipeline | None = None) -> list[dict]:
     """Transformer inputs recorded along real sampler trajectories: prompts × steps.
 
-    One trajectory per prompt (the class prompts in turn, seeds `seed`, `seed`+1, …) is sampled with the shipped
-    defaults through `model`; the inputs of `num_steps` of its steps, spread evenly from the noisiest to the last,
-    are kept, conditional and unconditional rows alike, regrouped into calls of `batch` rows.
+    The class prompts in turn (seeds `seed`, `seed`+1, …) are sampled with the shipped defaults through `model`,
+    `batch` prompts at a time; the calls of `num_steps` steps, spread evenly from the noisiest to the last, are
+    kept as the sampler made them (with guidance, each holds the conditional and the unconditional rows).
     """
     if num_prompts < 1 or num_steps < 1:
         raise InputError(f"calibration needs at least one prompt and one step, got {num_prompts} × {num_steps}")
-    base = pipeline if pipeline is not None else load_pipeline(transformer=model)
-    if model is not None:
-        base = base.with_transformer(model)
-    total_steps = base.sampler.num_steps
+    if pipeline is None:
+        pipeline = load_pipeline(transformer=model)
+    elif model is not None:
+        pipeline = pipeline.with_transformer(model)
+    total_steps = pipeline.sampler.num_steps
     if num_steps > total_steps:
         raise InputError(f"asked for {num_steps} calibration steps of a {total_steps}-step sampler",
                          fix=f"use at most {total_steps}")
     kept_steps = {round(i * (total_steps - 1) / max(num_steps - 1, 1)) for i in range(num_steps)}
-    rows: list[dict] = []
+    recorded: list[dict] = []
 
     def record(step: int, inputs: dict) -> None:
         if step in kept_steps:
-            for row in range(inputs["hidden_states"].shape[0]):
-                rows.append({k: (v[row:row + 1].clone() if k not in ("img_ids", "txt_ids") else v)
-                             for k, v in inputs.items()})
+            recorded.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_prompts)]
-    base(prompts, seed, on_step=record)
-    return [{k: (torch.cat([r[k] for r in rows[i:i + batch]]) if k not in ("img_ids", "txt_ids") else rows[i][k])
-             for k in rows[i]} for i in range(0, len(rows), batch)]
+    for start in range(0, num_prompts, batch):
+        chunk = prompts[start:start + batch]
+        pipeline(chunk, [seed + start + i for i in range(len(chunk))], on_step=record)
+    return recorded
