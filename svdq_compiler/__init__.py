@@ -15,6 +15,7 @@ from svdq_compiler.capture import capture
 from svdq_compiler.config import PRESETS, QuantConfig, Scheme
 from svdq_compiler.errors import InputError, SvdqError
 from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
+from svdq_compiler import ops  # noqa: F401  (registers torch.ops.svdq.*)
 
 __version__ = "0.1.0"
 
@@ -33,7 +34,7 @@ def resolve_config(config: str | QuantConfig | dict) -> QuantConfig:
 
 def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str | QuantConfig = "int4",
             calib_inputs: Iterable[tuple | dict] | None = None, dump_ir: str | Path | None = None, *,
-            passes: Sequence[str] | None = None, dynamic_shapes: Any = None, verify: bool = False,
+            passes: Sequence[str] | None = None, dynamic_shapes: Any = "auto", verify: bool = False,
             print_ir_after_change: bool = False, progress: bool = False) -> torch.fx.GraphModule:
     """Capture `module` and run the SVDQuant pipeline on it; returns the compiled GraphModule."""
     quant_config = resolve_config(config)
