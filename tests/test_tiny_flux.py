@@ -31,13 +31,14 @@ def shipped_pipeline():
     return tiny_flux.load_pipeline()
 
 
-def test_packing_matches_diffusers_flux_pipeline():
-    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
-
+def test_packing_is_flux_2x2_packing():
+    """Token (row r, column c) holds channel k·4 + dy·2 + dx = latent[k, 2r + dy, 2c + dx], as FluxPipeline packs."""
     latents = torch.randn(2, 4, 16, 16)
-    expected = FluxPipeline._pack_latents(latents, 2, 4, 16, 16)
-    assert torch.equal(pack_latents(latents), expected)
-    assert torch.equal(unpack_latents(expected, 16, 16), latents)
+    tokens = pack_latents(latents)
+    assert tokens.shape == (2, 64, 16)
+    row, col, k, dy, dx = 3, 5, 2, 1, 0
+    assert tokens[1, row * 8 + col, k * 4 + dy * 2 + dx] == latents[1, k, 2 * row + dy, 2 * col + dx]
+    assert torch.equal(unpack_latents(tokens, 16, 16), latents)
 
 
 def test_image_tokens_round_trip():
@@ -45,12 +46,6 @@ def test_image_tokens_round_trip():
     tokens = images_to_tokens(images)
     assert tokens.shape == (3, 64, 16)
     assert torch.equal(tokens_to_images(tokens), images)
-
-
-def test_image_ids_are_row_column_positions():
-    ids = image_ids(8)
-    assert ids.shape == (64, 3)
-    assert ids[9].tolist() == [0.0, 1.0, 1.0] and ids[63].tolist() == [0.0, 7.0, 7.0]
 
 
 @pytest.mark.parametrize("shift", [1.0, 2.0, 3.0])
@@ -116,7 +111,7 @@ def test_one_unguided_euler_step_lands_on_noise_minus_velocity(random_pipeline):
     with torch.no_grad():
         velocity = random_pipeline.transformer(hidden_states=noise, encoder_hidden_states=hidden,
                                                pooled_projections=pooled, timestep=torch.ones(1),
-                                               img_ids=image_ids(), txt_ids=tiny_flux.text_ids(8)).sample
+                                               img_ids=image_ids(8, 8), txt_ids=tiny_flux.text_ids(8)).sample
     expected = tiny_flux.to_unit_range(tokens_to_images(noise - velocity))
     image = random_pipeline(["a shirt"], seeds=[3], num_steps=1, guidance_scale=1.0)
     torch.testing.assert_close(image, expected)
@@ -151,14 +146,15 @@ def test_calibration_inputs_follow_sampler_trajectories(random_pipeline):
         tiny_flux.calib_inputs(random_pipeline.transformer, 2, 5, 0, pipeline=random_pipeline)
 
 
-def test_example_inputs_run_at_other_token_counts(random_pipeline):
+def test_example_inputs_are_guided_sampler_calls(random_pipeline):
     inputs = tiny_flux.example_inputs(random_pipeline.transformer, batch=2, tokens=16,
                                       text_encoder=random_pipeline.text_encoder)
-    assert inputs["hidden_states"].shape == (2, 16, 16) and inputs["img_ids"].shape == (16, 3)
+    assert inputs["hidden_states"].shape == (4, 16, 16) and inputs["img_ids"].shape == (16, 3)
+    torch.testing.assert_close(inputs["hidden_states"][:2], inputs["hidden_states"][2:])
+    expected_hidden, _ = random_pipeline.encode(["a t-shirt", "a trouser", "", ""])
+    torch.testing.assert_close(inputs["encoder_hidden_states"], expected_hidden)
     with torch.no_grad():
-        assert random_pipeline.transformer(**inputs)[0].shape == (2, 16, 16)
-    with pytest.raises(InputError, match="square number"):
-        tiny_flux.example_inputs(random_pipeline.transformer, tokens=20, text_encoder=random_pipeline.text_encoder)
+        assert random_pipeline.transformer(**inputs)[0].shape == (4, 16, 16)
 
 
 def test_missing_assets_give_a_clear_error(tmp_path):
@@ -182,4 +178,31 @@ def test_shipped_assets_are_small():
 def test_shipped_calibration_inputs(shipped_pipeline):
     inputs = tiny_flux.calib_inputs(shipped_pipeline.transformer, num_prompts=1, num_steps=2, seed=0)
     assert len(inputs) == 2
-    assert tiny_flux.example_inputs(shipped_pipeline.transformer)["hidden_states"].shape == (1, 64, 16)
+    assert inputs[0]["hidden_states"].shape == (2, 64, 16)  # the shipped sampler is guided
+    assert float(inputs[0]["timestep"][0]) == 1.0 and float(inputs[1]["timestep"][0]) < 0.1
+
+
+def test_builtin_name_and_adapter():
+    from svdq_compiler.models import adapter_for, load_model
+
+    model = load_model("tiny-flux")
+    adapter = adapter_for(model)
+    assert isinstance(adapter, tiny_flux.TinyFluxAdapter)
+    assert adapter_for(build_transformer(TINY_CONFIG)).name == "flux"  # a plain FLUX keeps the generic FLUX path
+    inputs = adapter.example_inputs(model)
+    assert inputs["hidden_states"].shape == (2, 64, 16) and inputs["return_dict"] is False
+    with pytest.raises(InputError, match="trained 8×8"):
+        adapter.calib_inputs(model, 1, 1, tokens=256)
+
+
+@pytest.mark.slow
+def test_shipped_model_captures_with_a_dynamic_batch(shipped_pipeline):
+    """Captured on the adapter's example (one guided prompt), the graph serves the sampler at other batch sizes."""
+    import svdq_compiler
+    from svdq_compiler.models import adapter_for
+
+    model = shipped_pipeline.transformer
+    gm = svdq_compiler.capture(model, adapter_for(model).example_inputs(model))
+    eager = shipped_pipeline(["a bag", "a sandal", "a coat"], seeds=[0, 1, 2], num_steps=2)
+    torch.testing.assert_close(shipped_pipeline.with_transformer(gm)(["a bag", "a sandal", "a coat"], seeds=[0, 1, 2],
+                                                                      num_steps=2), eager, atol=1e-4, rtol=0)

@@ -194,7 +194,7 @@ def model_card_text(training: dict, evaluation: dict, pipeline) -> str:
         f"- {training['steps']} AdamW steps of batch {training['batch_size']}, peak lr {training['lr']} "
         f"({training['warmup']} warm-up steps, then constant), weight decay {training['weight_decay']}, "
         f"gradient clipping 1.0; the shipped weights are the EMA ({training['ema']}).",
-        f"- Seed {training['seed']}, {training['threads']} CPU threads, {training['training_minutes']} minutes of "
+        f"- Seed {training['seed']}, {training['threads']} CPU thread{'s' if training['threads'] != 1 else ''}, {training['training_minutes']} minutes of "
         f"training on {training['machine']} (torch {training['torch']}).",
         f"- Final training loss {training['final_train_loss']}, validation loss (EMA weights, held-out test images "
         f"at 5 noise levels) {training['final_validation_loss']}.",

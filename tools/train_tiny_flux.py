@@ -33,8 +33,8 @@ import torch
 
 from svdq_compiler.models import tiny_flux
 from svdq_compiler.models.fmnist import CLASSIFIER_DIR, CLASS_NAMES, PROMPTS, load_split, to_model_range
-from svdq_compiler.models.tiny_flux import (SamplerConfig, TextEncoderConfig, TinyTextEncoder, build_transformer,
-                                            image_ids, images_to_tokens, text_ids)
+from svdq_compiler.models.tiny_flux import (TOKEN_GRID, SamplerConfig, TextEncoderConfig, TinyTextEncoder,
+                                            build_transformer, image_ids, images_to_tokens, text_ids)
 
 PROMPT_DROP = 0.1
 VALIDATION_IMAGES = 256
@@ -79,7 +79,7 @@ def flow_loss(transformer, encoder, images, token_ids, t, noise):
     noisy = (1 - t_) * x0 + t_ * noise
     hidden, pooled = encoder.encode_ids(token_ids)
     velocity = transformer(hidden_states=noisy, encoder_hidden_states=hidden, pooled_projections=pooled,
-                           timestep=t, img_ids=image_ids(), txt_ids=text_ids(hidden.shape[1])).sample
+                           timestep=t, img_ids=image_ids(*TOKEN_GRID), txt_ids=text_ids(hidden.shape[1])).sample
     return (velocity - (noise - x0)).square().mean()
 
 

@@ -25,6 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from svdq_compiler.errors import CheckpointError, InputError
+from svdq_compiler.models import register_adapter, register_builtin
+from svdq_compiler.models.base import factor_grid
+from svdq_compiler.models.flux import FluxAdapter, image_ids
 from svdq_compiler.models.fmnist import ASSETS_DIR, PADDED_SIZE, PROMPTS, to_unit_range
 
 TINY_FLUX_DIR = ASSETS_DIR / "tiny_flux"
@@ -33,6 +36,9 @@ LATENT_CHANNELS = PIXEL_UNSHUFFLE ** 2
 LATENT_SIZE = PADDED_SIZE // PIXEL_UNSHUFFLE
 PACK = 2  # FLUX packs 2×2 latent patches into one token
 PAD_TOKEN = "<pad>"
+TOKEN_GRID = (LATENT_SIZE // PACK, LATENT_SIZE // PACK)  # the trained 8×8 grid of image tokens
+# Set on transformers loaded from a tiny-flux folder: the adapter finds them by it, and their text encoder there.
+FOLDER_ATTRIBUTE = "svdq_tiny_flux_folder"
 
 # The transformer the training tool builds; 4 heads of 32, two double-stream and four single-stream blocks.
 TRANSFORMER_CONFIG = {
@@ -158,12 +164,6 @@ def tokens_to_images(tokens: torch.Tensor) -> torch.Tensor:
     return F.pixel_shuffle(unpack_latents(tokens, LATENT_SIZE, LATENT_SIZE), PIXEL_UNSHUFFLE)
 
 
-def image_ids(tokens_per_side: int = LATENT_SIZE // PACK) -> torch.Tensor:
-    """FLUX position ids [N, 3] of the image tokens: (0, row, column)."""
-    rows, cols = torch.meshgrid(torch.arange(tokens_per_side), torch.arange(tokens_per_side), indexing="ij")
-    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
-
-
 def text_ids(num_tokens: int) -> torch.Tensor:
     return torch.zeros(num_tokens, 3)
 
@@ -237,7 +237,7 @@ class TinyFluxPipeline:
         guided = guidance != 1.0
         hidden, pooled = self.encode(prompts + [""] * len(prompts) if guided else prompts)
         latents = initial_noise(seeds)
-        img_ids, txt_ids = image_ids(), text_ids(hidden.shape[1])
+        img_ids, txt_ids = image_ids(*TOKEN_GRID), text_ids(hidden.shape[1])
         for step in range(num_steps):
             model_input = torch.cat([latents, latents]) if guided else latents
             inputs = {"hidden_states": model_input, "encoder_hidden_states": hidden, "pooled_projections": pooled,
@@ -266,7 +266,9 @@ def load_transformer(folder: str | Path | None = None):
 
     folder = Path(folder) if folder is not None else TINY_FLUX_DIR
     _require_files(folder / "transformer", ["config.json", "diffusion_pytorch_model.safetensors"])
-    return FluxTransformer2DModel.from_pretrained(folder / "transformer").eval()
+    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer").eval()
+    setattr(transformer, FOLDER_ATTRIBUTE, str(folder))
+    return transformer
 
 
 def load_text_encoder(folder: str | Path | None = None) -> TinyTextEncoder:
@@ -311,28 +313,32 @@ def save_sampler_config(sampler: SamplerConfig, folder: Path) -> None:
     tmp.replace(folder / "sampler.json")
 
 
-# ---- the model adapter's inputs -------------------------------------------------------------------------------
+# ---- the model adapter -----------------------------------------------------------------------------------------
 
-def example_inputs(model=None, batch: int = 1, tokens: int | None = None, seed: int = 0,
+def _folder_of(model) -> Path | None:
+    folder = getattr(model, FOLDER_ATTRIBUTE, None)
+    return Path(folder) if folder is not None else None
+
+
+def example_inputs(model=None, batch: int = 1, tokens: int | tuple[int, int] | None = None, seed: int = 0,
                    text_encoder: TinyTextEncoder | None = None) -> dict:
-    """Keyword arguments of one transformer call: real prompt encodings, random latents at a mid noise level.
+    """Keyword arguments of one transformer call as the sampler makes it, at a mid noise level.
 
-    `tokens` (image tokens) must be a square number; the default is the trained 64 (an 8×8 token grid).
+    `batch` prompts (the class prompts from `seed` on), each as a conditional and an unconditional (empty prompt)
+    row, so 2·batch rows: a guided sampler's call, and a batch dimension that capture can keep dynamic.
+    `tokens` is the image token count or a (rows, cols) grid; the default is the trained 8×8.
     """
-    tokens = tokens or (LATENT_SIZE // PACK) ** 2
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-        raise InputError(f"tiny FLUX needs a square number of image tokens, got {tokens}",
-                         fix="use e.g. 64 (the trained 8×8 grid), 16 or 256")
-    encoder = text_encoder if text_encoder is not None else load_text_encoder()
-    generator = torch.Generator().manual_seed(seed)
+    rows, cols = factor_grid(tokens or TOKEN_GRID, what="image tokens")
+    encoder = text_encoder if text_encoder is not None else load_text_encoder(_folder_of(model))
     prompts = [PROMPTS[(seed + i) % len(PROMPTS)] for i in range(batch)]
     with torch.no_grad():
-        hidden, pooled = encoder(prompts)
+        hidden, pooled = encoder(prompts + [""] * batch)
     channels = model.config.in_channels if model is not None else TRANSFORMER_CONFIG["in_channels"]
-    return {"hidden_states": torch.randn(batch, tokens, channels, generator=generator),
-            "encoder_hidden_states": hidden, "pooled_projections": pooled, "timestep": torch.full((batch,), 0.5),
-            "img_ids": image_ids(side), "txt_ids": text_ids(hidden.shape[1]), "return_dict": False}
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, rows * cols, channels, generator=generator)
+    return {"hidden_states": torch.cat([latents, latents]), "encoder_hidden_states": hidden,
+            "pooled_projections": pooled, "timestep": torch.full((2 * batch,), 0.5),
+            "img_ids": image_ids(rows, cols), "txt_ids": text_ids(hidden.shape[1]), "return_dict": False}
 
 
 def calib_inputs(model, num_prompts: int = 10, num_steps: int = 4, seed: int = 0, *, batch: int = 1,
@@ -346,7 +352,7 @@ def calib_inputs(model, num_prompts: int = 10, num_steps: int = 4, seed: int = 0
     if num_prompts < 1 or num_steps < 1:
         raise InputError(f"calibration needs at least one prompt and one step, got {num_prompts} × {num_steps}")
     if pipeline is None:
-        pipeline = load_pipeline(transformer=model)
+        pipeline = load_pipeline(_folder_of(model), transformer=model)
     elif model is not None:
         pipeline = pipeline.with_transformer(model)
     total_steps = pipeline.sampler.num_steps
@@ -365,3 +371,30 @@ def calib_inputs(model, num_prompts: int = 10, num_steps: int = 4, seed: int = 0
         chunk = prompts[start:start + batch]
         pipeline(chunk, [seed + start + i for i in range(len(chunk))], on_step=record)
     return recorded
+
+
+class TinyFluxAdapter(FluxAdapter):
+    """The FLUX adapter for tiny-flux transformers: inputs from the shipped text encoder and sampler.
+
+    Example inputs carry real prompt encodings; calibration inputs are the sampler's own calls along real
+    trajectories (prompts × steps), instead of the generic adapter's random conditioning.
+    """
+
+    name = "tiny-flux"
+
+    def matches(self, model) -> bool:
+        return _folder_of(model) is not None
+
+    def example_inputs(self, model, batch=1, tokens=None, seed=0):
+        return example_inputs(model, batch, tokens, seed)
+
+    def calib_inputs(self, model, num_prompts, num_steps, seed=0, *, batch=1, tokens=None):
+        if tokens is not None and factor_grid(tokens, what="image tokens") != TOKEN_GRID:
+            raise InputError(f"tiny-flux calibration samples at its trained {TOKEN_GRID[0]}×{TOKEN_GRID[1]} token "
+                             f"grid, not {tokens}", fix="leave tokens unset")
+        return calib_inputs(model, num_prompts, num_steps, seed, batch=batch)
+
+
+register_adapter(TinyFluxAdapter())
+register_builtin("tiny-flux", load_transformer,
+                 "FLUX transformer (2.3M parameters) trained on Fashion-MNIST, shipped with the project")
