@@ -177,15 +177,29 @@ def compile_summary(report: dict[str, Any]) -> str:
     lines = [f"wrote {report['output']['path']} ({human_bytes(report['output']['bytes'])}): "
              f"{capture['module_class']} ({report['adapter']}), preset {report['config']['preset_name']}"]
     lines.append("  dimensions: " + (describe_dims(capture) or "all static"))
-    for record in report["passes"]:
-        lines.append(f"  pass {record['name']}: {'changed' if record['modified'] else 'no change'}, "
-                     f"{record['wall_s']:.2f}s {json.dumps(record['stats'])}")
+    lines += [f"  {pass_line(record)}" for record in report["passes"]]
     if not report["passes"]:
         lines.append("  passes: none ran (capture only)")
     totals = report["totals"]
     lines.append(f"  {totals['nodes']} nodes, {totals['linears_annotated']} annotated linears, "
                  f"{human_bytes(totals['parameter_bytes'])} of parameters")
     return "\n".join(lines)
+
+
+def pass_line(record: dict[str, Any], max_items: int = 8) -> str:
+    """`pass smooth: changed, 1.20s groups=28 kept_identity=0 …`: the scalar statistics and small tables; the
+    per-group detail stays in the report and the IR dumps."""
+    shown = []
+    for key, value in record["stats"].items():
+        if isinstance(value, (int, float, str, bool)) or value is None:
+            shown.append(f"{key}={value}")
+        elif isinstance(value, dict) and len(value) <= max_items and all(
+                isinstance(v, (int, float, str, bool)) for v in value.values()):
+            shown.append(f"{key}={json.dumps(value, separators=(',', ':'))}")
+        elif isinstance(value, (list, dict)):
+            shown.append(f"{key}=[{len(value)}]")
+    state = "changed" if record["modified"] else "no change"
+    return f"pass {record['name']}: {state}, {record['wall_s']:.2f}s " + " ".join(shown)
 
 
 def describe_dims(capture: dict[str, Any]) -> str:
@@ -286,9 +300,7 @@ def inspect_text(summary: dict[str, Any], layers: bool) -> str:
                  f"{len(summary['linears'])} annotated" + (f" ({dict(roles)})" if roles else ""))
     by_dtype = ", ".join(f"{dtype} {human_bytes(size)}" for dtype, size in summary["parameter_bytes_by_dtype"].items())
     lines.append(f"parameters: {human_bytes(summary['parameter_bytes'])} ({by_dtype})")
-    for record in summary["passes"]:
-        lines.append(f"pass {record['name']}: {'changed' if record['modified'] else 'no change'}, "
-                     f"{record['wall_s']:.2f}s {json.dumps(record['stats'])}")
+    lines += [pass_line(record) for record in summary["passes"]]
     if layers and summary.get("layer_report"):
         from svdq_compiler.report import format_layers
 
