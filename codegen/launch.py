@@ -1,0 +1,325 @@
+"""Python wrappers that check arguments, allocate outputs, pick a tile configuration and launch a kernel.
+
+`quantize_lora_down` launches kernel A, `gemm` kernel B. Both accept `[..., K]` activations (the leading dims
+are flattened into M rows and restored on the outputs) and run on CUDA (compiled) or on CPU under the Triton
+interpreter. On CUDA the configurations of `configs.py` are timed once per (kernel, device, N, K, M bucket)
+and the fastest is kept for the process.
+
+Outputs of `gemm`, in order: y [..., N] (unless the spec's quantize-for-next-layer epilogue does not emit it),
+then, with that epilogue, the next layer's codes and scales, then its down projection [..., rank′].
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from typing import Callable, Sequence
+
+import torch
+
+from svdq_compiler.codegen.cache import load_kernel
+from svdq_compiler.codegen.configs import GemmConfig, QuantizeConfig, gemm_configs, m_bucket, quantize_configs
+from svdq_compiler.codegen.generate import Target, nvfp4_path
+from svdq_compiler.codegen.spec import ActQuant, GemmSpec, QuantizeSpec
+from svdq_compiler.errors import SvdqError
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class KernelInputError(SvdqError):
+    """A fused kernel was called with tensors that do not match its spec."""
+
+
+def current_target(device: torch.device) -> Target:
+    if device.type == "cuda":
+        return Target("cuda", tuple(torch.cuda.get_device_capability(device)))
+    if device.type == "cpu":
+        return Target("interpreter")
+    raise KernelInputError(f"generated kernels run on CUDA or, interpreted, on the CPU; got {device}",
+                           fix="move the tensors to a CUDA device or the CPU")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _require(condition: bool, what: str, where: str, fix: str | None = None) -> None:
+    if not condition:
+        raise KernelInputError(what, where=where, fix=fix)
+
+
+def _check_tensor(t: torch.Tensor | None, name: str, where: str, *, shape: Sequence[int] | None = None,
+                  dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+    _require(t is not None, f"{name} is required by this spec", where)
+    assert t is not None
+    if shape is not None:
+        _require(tuple(t.shape) == tuple(shape), f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}",
+                 where)
+    if dtype is not None:
+        _require(t.dtype == dtype, f"{name} has dtype {t.dtype}, expected {dtype}", where)
+    if device is not None:
+        _require(t.device == device, f"{name} is on {t.device}, the other operands on {device}", where,
+                 fix="move all operands of a fused op to one device")
+
+
+def _absent(t: torch.Tensor | None, name: str, where: str) -> None:
+    _require(t is None, f"{name} was given, but the spec has no use for it", where,
+             fix="pass None, or regenerate the spec")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as a row-major [M, C] matrix (a view when possible)."""
+    flat = t.reshape(-1, t.shape[-1])
+    return flat if flat.stride(-1) == 1 and flat.stride(0) == flat.shape[-1] else flat.contiguous()
+
+
+def group_count(k: int, group_size: int) -> int:
+    return -(-k // group_size)
+
+
+def code_columns(quant: ActQuant, k: int) -> int:
+    """Columns of the codes tensor for K channels: K_pad/2 bytes (4-bit) or K (int8)."""
+    return group_count(k, quant.group_size) * quant.group_size // 2 if quant.packed else k
+
+
+def scale_shape(quant: ActQuant, lead: Sequence[int], k: int) -> tuple[int, ...]:
+    if quant.fmt == "int8":
+        return (*lead, 1)
+    return (*lead, group_count(k, quant.group_size))
+
+
+def scale_dtype(quant: ActQuant, dtype: torch.dtype) -> torch.dtype:
+    return {"nvfp4": torch.float8_e4m3fn, "int8": torch.float32}.get(quant.fmt, dtype)
+
+
+def code_dtype(quant: ActQuant) -> torch.dtype:
+    return torch.int8 if quant.fmt == "int8" else torch.uint8
+
+
+def _as_kernel_scales(scales: torch.Tensor) -> torch.Tensor:
+    """FP8 scales travel to the kernels as their bit patterns."""
+    return scales.view(torch.uint8) if scales.dtype == torch.float8_e4m3fn else scales
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration choice
+
+
+_TUNED: dict[tuple, object] = {}
+_TUNE_LOCK = threading.Lock()
+
+
+def _choose(key: tuple, configs: list, run: Callable[[object], None]) -> object:
+    """The fastest of `configs` for `key` (timed once on CUDA), or the only candidate."""
+    if len(configs) == 1:
+        return configs[0]
+    with _TUNE_LOCK:
+        best = _TUNED.get(key)
+        if best is not None:
+            return best
+        import triton.testing
+
+        timings: list[tuple[float, int]] = []
+        first_error: Exception | None = None
+        for index, config in enumerate(configs):
+            try:
+                timings.append((triton.testing.do_bench(functools.partial(run, config), warmup=5, rep=25,
+                                                        return_mode="median"), index))
+            except Exception as exc:  # a tile that does not fit this GPU (shared memory, registers) is skipped
+                first_error = first_error or exc
+        if not timings:
+            raise KernelInputError(f"no tile configuration of {key[0]} compiles on this device: {first_error}",
+                                   fix="this is a code generator bug; report it with the spec") from first_error
+        best = configs[min(timings)[1]]
+        _TUNED[key] = best
+        return best
+
+
+def _device_key(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel A
+
+
+def quantize_lora_down(x: torch.Tensor, smooth: torch.Tensor | None, lora_down: torch.Tensor | None,
+                       spec: QuantizeSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel A: (codes, scales, down) for x [..., K]; down is [..., rank] ([..., 0] for rank 0)."""
+    where = f"fused_quantize_lora_down ({spec.name})"
+    dtype = TORCH_DTYPES[spec.dtype]
+    quant = spec.quant
+    _require(x.dim() >= 1 and x.shape[-1] > 0, f"x must be [..., K] with K > 0, got {tuple(x.shape)}", where)
+    k = x.shape[-1]
+    _require(spec.k is None or k == spec.k, f"x has K = {k}, the kernel was generated for K = {spec.k}", where)
+    _check_tensor(x, "x", where, dtype=dtype)
+    device = x.device
+    if quant.smooth:
+        _check_tensor(smooth, "smooth (λ)", where, shape=(k,), device=device)
+    else:
+        _absent(smooth, "smooth (λ)", where)
+    if spec.rank:
+        _check_tensor(lora_down, "lora_down (L2)", where, shape=(spec.rank, k), dtype=dtype, device=device)
+    else:
+        _absent(lora_down, "lora_down (L2)", where)
+    lead = tuple(x.shape[:-1])
+    x2 = _rows(x)
+    m = x2.shape[0]
+    codes = torch.empty((*lead, code_columns(quant, k)), dtype=code_dtype(quant), device=device)
+    scales = torch.empty(scale_shape(quant, lead, k), dtype=scale_dtype(quant, dtype), device=device)
+    down = torch.empty((*lead, spec.rank), dtype=dtype, device=device)
+    if m == 0:
+        return codes, scales, down
+    target = current_target(device)
+    kernel = load_kernel(spec, target)
+    args = [x2] + ([smooth.contiguous()] if quant.smooth else []) + (
+        [lora_down.contiguous()] if spec.rank else [])
+    args += [codes, _as_kernel_scales(scales)] + ([down] if spec.rank else []) + [m]
+    args += [] if spec.k else [k]
+    args += [x2.stride(0)]
+
+    def run(config: QuantizeConfig) -> None:
+        step = {"BLOCK_K": config.step} if quant.fmt == "int8" else {
+            "GROUPS_PER_STEP": config.step // quant.group_size}
+        kernel[(math.ceil(m / config.block_m),)](*args, BLOCK_M=config.block_m, **step,
+                                                 num_warps=config.num_warps, num_stages=config.num_stages)
+
+    configs = quantize_configs(spec, target, m)
+    config = _choose((spec.name, _device_key(device), k, m_bucket(m)), configs, run)
+    run(config)
+    return codes, scales, down
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel B
+
+
+def _row_strides(operand: torch.Tensor, lead: tuple[int, ...], n: int, where: str, index: int):
+    """(tensor, inner, stride_outer, stride_inner, stride_n) that address `operand` broadcast to [*lead, n]
+    with rows split as m = outer·inner + inner_index; a layout that needs more than two row levels is copied."""
+    try:
+        expanded = operand.expand(*lead, n)
+    except RuntimeError as exc:
+        raise KernelInputError(f"epilogue operand {index} of shape {tuple(operand.shape)} does not broadcast to "
+                               f"the output {(*lead, n)}", where=where) from exc
+    # merge row dims whose strides chain (size-1 dims merge with anything)
+    dims: list[list[int]] = []  # [size, stride]
+    for size, stride in zip(expanded.shape[:-1], expanded.stride()[:-1]):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == stride * size:
+            dims[-1] = [dims[-1][0] * size, stride]
+        else:
+            dims.append([size, stride])
+    if len(dims) > 2:
+        expanded = expanded.contiguous()
+        dims = [[math.prod(lead), n]]
+    if not dims:
+        dims = [[1, 0]]
+    if len(dims) == 1:
+        dims = [[1, 0]] + dims
+    (_, stride_outer), (inner, stride_inner) = dims
+    return expanded, inner, stride_outer, stride_inner, expanded.stride(-1)
+
+
+def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
+         w_tscale: torch.Tensor | None, down: torch.Tensor | None, lora_up: torch.Tensor | None,
+         bias: torch.Tensor | None, operands: Sequence[torch.Tensor], next_smooth: torch.Tensor | None,
+         next_lora_down: torch.Tensor | None, spec: GemmSpec) -> list[torch.Tensor]:
+    """Kernel B; see the module docstring for the outputs."""
+    where = f"fused_gemm ({spec.name})"
+    dtype = TORCH_DTYPES[spec.dtype]
+    act = ActQuant(spec.act, spec.group_size)
+    device = a_codes.device
+    lead = tuple(a_codes.shape[:-1])
+    n = w_codes.shape[0]
+    _require(spec.n is None or n == spec.n, f"the weight has N = {n}, the kernel was generated for N = {spec.n}",
+             where)
+    k = spec.k if spec.k is not None else (a_codes.shape[-1] * 2 if act.packed else a_codes.shape[-1])
+    columns = code_columns(act, k)
+    _check_tensor(a_codes, "a_codes", where, shape=(*lead, columns), dtype=code_dtype(act))
+    _check_tensor(a_scales, "a_scales", where, shape=scale_shape(act, lead, k), dtype=scale_dtype(act, dtype),
+                  device=device)
+    _check_tensor(w_codes, "w_codes", where, shape=(n, columns), dtype=code_dtype(act), device=device)
+    w_scale_shape = (n,) if act.fmt == "int8" else (group_count(k, act.group_size), n)
+    w_scale_dtype = torch.float32 if act.fmt == "int8" else scale_dtype(act, dtype)
+    _check_tensor(w_scales, "w_scales", where, shape=w_scale_shape, dtype=w_scale_dtype, device=device)
+    if spec.act == "nvfp4":
+        _check_tensor(w_tscale, "w_tscale", where, device=device)
+        _require(w_tscale.numel() == 1, "w_tscale must hold one value", where)
+    else:
+        _absent(w_tscale, "w_tscale", where)
+    if spec.rank:
+        _check_tensor(down, "down", where, shape=(*lead, spec.rank), dtype=dtype, device=device)
+        _check_tensor(lora_up, "lora_up (L1)", where, shape=(n, spec.rank), dtype=dtype, device=device)
+    else:
+        _absent(down, "down", where)
+        _absent(lora_up, "lora_up (L1)", where)
+    if spec.bias:
+        _check_tensor(bias, "bias", where, shape=(n,), device=device)
+    else:
+        _absent(bias, "bias", where)
+    _require(len(operands) == spec.operand_count,
+             f"{len(operands)} epilogue operands given, the spec's epilogue reads {spec.operand_count}", where)
+    qn = spec.quantize_next
+    if qn is not None and qn.quant.smooth:
+        _check_tensor(next_smooth, "next_smooth (λ′)", where, shape=(n,), device=device)
+    else:
+        _absent(next_smooth, "next_smooth (λ′)", where)
+    if qn is not None and qn.rank:
+        _check_tensor(next_lora_down, "next_lora_down (L2′)", where, shape=(qn.rank, n), dtype=dtype,
+                      device=device)
+    else:
+        _absent(next_lora_down, "next_lora_down (L2′)", where)
+
+    m = math.prod(lead)
+    outputs: list[torch.Tensor] = []
+    args: list = [_rows(a_codes), _as_kernel_scales(a_scales).reshape(m, -1).contiguous(), w_codes.contiguous(),
+                  _as_kernel_scales(w_scales).contiguous()]
+    args += [w_tscale.reshape(()).to(torch.float32).reshape(1)] if spec.act == "nvfp4" else []
+    args += [_rows(down), lora_up.contiguous()] if spec.rank else []
+    args += [bias.contiguous()] if spec.bias else []
+    for index, operand in enumerate(operands):
+        _check_tensor(operand, f"epilogue operand {index}", where, device=device)
+        args += list(_row_strides(operand, lead, n, where, index))
+    if spec.emits_output:
+        out = torch.empty((*lead, n), dtype=dtype, device=device)
+        outputs.append(out)
+        args.append(out)
+    next_down_acc = None
+    if qn is not None:
+        next_codes = torch.empty((*lead, code_columns(qn.quant, n)), dtype=torch.uint8, device=device)
+        next_scales = torch.empty(scale_shape(qn.quant, lead, n), dtype=scale_dtype(qn.quant, dtype), device=device)
+        outputs += [next_codes, next_scales]
+        args += [next_smooth.contiguous()] if qn.quant.smooth else []
+        args += [next_codes, _as_kernel_scales(next_scales)]
+        if qn.rank:
+            next_down_acc = torch.zeros((*lead, qn.rank), dtype=torch.float32, device=device)
+            args += [next_lora_down.contiguous(), next_down_acc]
+    args += [m] + ([] if spec.n else [n]) + ([] if spec.k else [k])
+    if m == 0:
+        return outputs + ([next_down_acc.to(dtype)] if next_down_acc is not None else [])
+
+    target = current_target(device)
+    kernel = load_kernel(spec, target)
+    k_extent = group_count(k, 16) * 16 if spec.act == "nvfp4" else k
+
+    def run(config: GemmConfig) -> None:
+        if next_down_acc is not None:
+            next_down_acc.zero_()
+        extra = {}
+        if spec.act in ("int8", "nvfp4"):
+            extra = {"BLOCK_K": config.block_k, "EVEN_K": k_extent % config.block_k == 0}
+        grid = (math.ceil(m / config.block_m) * math.ceil(n / config.block_n),)
+        kernel[grid](*args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m,
+                     EVEN_M=m % config.block_m == 0, EVEN_N=n % config.block_n == 0, **extra,
+                     num_warps=config.num_warps, num_stages=config.num_stages)
+
+    configs = gemm_configs(spec, target, m)
+    path = nvfp4_path(spec, target)
+    config = _choose((spec.name, path, _device_key(device), n, k, m_bucket(m)), configs, run)
+    run(config)
+    if next_down_acc is not None:
+        outputs.append(next_down_acc.to(dtype))
+    return outputs
