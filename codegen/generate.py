@@ -17,10 +17,13 @@ Layouts are those of `svdq_compiler.codegen.layout` (architecture §6):
 
 from __future__ import annotations
 
+import ast
+import functools
+import re
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
-from svdq_compiler.codegen.kernel_lib import device_source
 from svdq_compiler.codegen.spec import ActQuant, GemmSpec, KernelSpec, QuantizeSpec
 
 _TL_DTYPE = {"bfloat16": "tl.bfloat16", "float16": "tl.float16", "float32": "tl.float32"}
@@ -44,6 +47,49 @@ class Target:
         if self.backend == "interpreter":
             return "the Triton interpreter (TRITON_INTERPRET=1)"
         return f"CUDA sm_{self.capability[0]}{self.capability[1]}"
+
+
+# The device functions, read as text (importing them would decorate them in this process's Triton mode).
+_KERNEL_LIB = Path(__file__).with_name("kernel_lib.py")
+
+
+@functools.lru_cache(maxsize=None)
+def _definitions() -> dict[str, tuple[str, frozenset[str]]]:
+    """name → (source text, names it reads) for each constant and device function of kernel_lib.py."""
+    text = _KERNEL_LIB.read_text()
+    lines = text.splitlines()
+    definitions: dict[str, tuple[str, frozenset[str]]] = {}
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef) and any(
+                isinstance(d, ast.Attribute) and d.attr == "jit" for d in node.decorator_list):
+            start = node.decorator_list[0].lineno - 1
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            start = node.lineno - 1
+            while start > 0 and lines[start - 1].startswith("#"):
+                start -= 1
+        else:
+            continue
+        name = node.name if isinstance(node, ast.FunctionDef) else node.targets[0].id
+        reads = frozenset(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
+        definitions[name] = ("\n".join(lines[start:node.end_lineno]), reads)
+    return definitions
+
+
+DEVICE_FUNCTIONS = tuple(name for name in _definitions() if not name.startswith("_"))
+
+
+def device_source(code: str) -> str:
+    """The definitions of kernel_lib.py that `code` calls (transitively), in file order, as one text block."""
+    definitions = _definitions()
+    needed: set[str] = set()
+    pending = {name for name in DEVICE_FUNCTIONS if re.search(rf"\b{name}\(", code)}
+    while pending:
+        name = pending.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        pending |= {read for read in definitions[name][1] if read in definitions}
+    return "\n\n\n".join(source for name, (source, _) in definitions.items() if name in needed)
 
 
 class _Source:
@@ -378,7 +424,7 @@ def _gemm_description(spec: GemmSpec, target: Target) -> str:
 def _gemm_params(spec: GemmSpec, path: str) -> list[str]:
     params = ["a_codes_ptr", "a_scales_ptr", "w_codes_ptr", "w_scales_ptr"]
     params += ["w_tscale_ptr"] if spec.act == "nvfp4" else []
-    params += ["down_ptr", "lora_up_ptr"] if spec.rank else []
+    params += ["down_ptr", "stride_down", "lora_up_ptr"] if spec.rank else []
     params += ["bias_ptr"] if spec.bias else []
     for index in range(spec.operand_count):
         params += [f"op{index}_ptr", f"op{index}_inner", f"op{index}_stride_outer", f"op{index}_stride_inner",
@@ -448,7 +494,7 @@ def _generate_gemm(spec: GemmSpec, target: Target) -> str:
             # low-rank up projection: down [M, rank] (kernel A's output) · L1 [N, rank]ᵀ
             ranks = tl.arange(0, {pad})
             rank_ok = ranks < {spec.rank}
-            down = tl.load(down_ptr + rows64[:, None] * {spec.rank} + ranks[None, :], mask=rank_ok[None, :], other=0.0)
+            down = tl.load(down_ptr + rows64[:, None] * stride_down + ranks[None, :], mask=rank_ok[None, :], other=0.0)
             lora_up = tl.load(lora_up_ptr + cols_in[:, None] * {spec.rank} + ranks[None, :], mask=rank_ok[None, :],
                               other=0.0)
             acc = {_float_dot("down", "tl.trans(lora_up)", "acc", spec.dtype, target)}""")

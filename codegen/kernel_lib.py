@@ -5,17 +5,12 @@ same functions run compiled on Ampere, Ada and Hopper and under TRITON_INTERPRET
 same bits as the reference quantizers in `svdq_compiler.quant`.
 
 This file is the single source of these functions, but generated kernels do not import it: `triton.jit` fixes
-compiled-or-interpreted when it decorates, and one process can hold both kinds of kernel. `device_source(names)`
-returns the text of the named functions (with what they call, and the constants they read), which the
-generator copies into each kernel module, so every module is self-contained and readable on its own.
+compiled-or-interpreted when it decorates, and one process can hold both kinds of kernel. The generator copies
+the text of the functions a kernel calls (`generate.device_source`) into each kernel module, so every module is
+self-contained and readable on its own.
 """
 
 from __future__ import annotations
-
-import ast
-import functools
-import re
-from pathlib import Path
 
 import triton
 import triton.language as tl
@@ -145,41 +140,3 @@ def gelu_erf(x):
 def silu(x):
     return x * tl.sigmoid(x)
 
-
-@functools.lru_cache(maxsize=None)
-def _definitions() -> dict[str, tuple[str, frozenset[str]]]:
-    """name → (source text, names it reads) for each module-level constant and device function here."""
-    text = Path(__file__).read_text()
-    lines = text.splitlines()
-    definitions: dict[str, tuple[str, frozenset[str]]] = {}
-    for node in ast.parse(text).body:
-        if isinstance(node, ast.FunctionDef) and any(
-                isinstance(d, ast.Attribute) and d.attr == "jit" for d in node.decorator_list):
-            start = node.decorator_list[0].lineno - 1
-        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            start = node.lineno - 1
-            while start > 0 and lines[start - 1].startswith("#"):
-                start -= 1
-        else:
-            continue
-        name = node.name if isinstance(node, ast.FunctionDef) else node.targets[0].id
-        reads = frozenset(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
-        definitions[name] = ("\n".join(lines[start:node.end_lineno]), reads)
-    return definitions
-
-
-DEVICE_FUNCTIONS = tuple(name for name in _definitions() if not name.startswith("_"))
-
-
-def device_source(code: str) -> str:
-    """The definitions `code` needs from this file (transitively), in file order, as one text block."""
-    definitions = _definitions()
-    needed: set[str] = set()
-    pending = {name for name in DEVICE_FUNCTIONS if re.search(rf"\b{name}\(", code)}
-    while pending:
-        name = pending.pop()
-        if name in needed:
-            continue
-        needed.add(name)
-        pending |= {read for read in definitions[name][1] if read in definitions}
-    return "\n\n\n".join(source for name, (source, _) in definitions.items() if name in needed)

@@ -21,11 +21,10 @@ import torch
 from svdq_compiler.codegen.cache import load_kernel
 from svdq_compiler.codegen.configs import GemmConfig, QuantizeConfig, gemm_configs, m_bucket, quantize_configs
 from svdq_compiler.codegen.generate import Target, nvfp4_path
+from svdq_compiler.codegen.shapes import (TORCH_DTYPES, code_columns, code_dtype, group_count, scale_dtype,
+                                          scale_shape)
 from svdq_compiler.codegen.spec import ActQuant, GemmSpec, QuantizeSpec
 from svdq_compiler.errors import SvdqError
-
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 class KernelInputError(SvdqError):
     """A fused kernel was called with tensors that do not match its spec."""
@@ -69,32 +68,9 @@ def _absent(t: torch.Tensor | None, name: str, where: str) -> None:
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as a row-major [M, C] matrix (a view when possible)."""
+    """t as an [M, C] matrix with unit column stride (a view when possible; rows may be strided)."""
     flat = t.reshape(-1, t.shape[-1])
-    return flat if flat.stride(-1) == 1 and flat.stride(0) == flat.shape[-1] else flat.contiguous()
-
-
-def group_count(k: int, group_size: int) -> int:
-    return -(-k // group_size)
-
-
-def code_columns(quant: ActQuant, k: int) -> int:
-    """Columns of the codes tensor for K channels: K_pad/2 bytes (4-bit) or K (int8)."""
-    return group_count(k, quant.group_size) * quant.group_size // 2 if quant.packed else k
-
-
-def scale_shape(quant: ActQuant, lead: Sequence[int], k: int) -> tuple[int, ...]:
-    if quant.fmt == "int8":
-        return (*lead, 1)
-    return (*lead, group_count(k, quant.group_size))
-
-
-def scale_dtype(quant: ActQuant, dtype: torch.dtype) -> torch.dtype:
-    return {"nvfp4": torch.float8_e4m3fn, "int8": torch.float32}.get(quant.fmt, dtype)
-
-
-def code_dtype(quant: ActQuant) -> torch.dtype:
-    return torch.int8 if quant.fmt == "int8" else torch.uint8
+    return flat if flat.stride(-1) == 1 or flat.shape[-1] == 1 else flat.contiguous()
 
 
 def _as_kernel_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -275,10 +251,12 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
 
     m = math.prod(lead)
     outputs: list[torch.Tensor] = []
-    args: list = [_rows(a_codes), _as_kernel_scales(a_scales).reshape(m, -1).contiguous(), w_codes.contiguous(),
-                  _as_kernel_scales(w_scales).contiguous()]
+    args: list = [a_codes.reshape(m, -1).contiguous(), _as_kernel_scales(a_scales).reshape(m, -1).contiguous(),
+                  w_codes.contiguous(), _as_kernel_scales(w_scales).contiguous()]
     args += [w_tscale.reshape(()).to(torch.float32).reshape(1)] if spec.act == "nvfp4" else []
-    args += [_rows(down), lora_up.contiguous()] if spec.rank else []
+    if spec.rank:
+        down_rows = _rows(down)
+        args += [down_rows, down_rows.stride(0), lora_up.contiguous()]
     args += [bias.contiguous()] if spec.bias else []
     for index, operand in enumerate(operands):
         _check_tensor(operand, f"epilogue operand {index}", where, device=device)
