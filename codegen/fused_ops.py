@@ -88,12 +88,11 @@ def _reference_ops():
 
 def reference_quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, quant: ActQuant):
     """codes, scales of Q((x + shift)/λ), from the reference op."""
-    fmt = "int4" if quant.fmt == "uint4" else quant.fmt
-    return _reference_ops().quantize_act(x, smooth, quant.shift, fmt, quant.group_size)
+    return _reference_ops().quantize_act(x, smooth, quant.shift, quant.fmt, quant.group_size)
 
 
 def _reference_down(x: torch.Tensor, smooth: torch.Tensor | None, lora_down: torch.Tensor) -> torch.Tensor:
-    return F.linear(x if smooth is None else x / smooth, lora_down)
+    return F.linear(x if smooth is None else x / smooth.to(x.dtype), lora_down)
 
 
 def apply_epilogue(y: torch.Tensor, steps: Sequence[Epilogue], operands: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -127,12 +126,11 @@ def reference_gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, down, lora_up
                    next_lora_down, spec: GemmSpec) -> list[torch.Tensor]:
     dtype = getattr(torch, spec.dtype)
     k = spec.k if spec.k is not None else (a_codes.shape[-1] * 2 if spec.act != "int8" else a_codes.shape[-1])
-    fmt = "int4" if spec.act == "uint4" else spec.act
-    y = _reference_ops().gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, spec.group_size, k, dtype)
+    y = _reference_ops().gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, spec.act, spec.group_size, k, dtype)
     if spec.rank:
         y = y + F.linear(down, lora_up, bias)
     elif bias is not None:
-        y = y + bias
+        y = y + bias.to(y.dtype)
     y = apply_epilogue(y, spec.epilogue, operands)
     qn = spec.quantize_next
     if qn is None:

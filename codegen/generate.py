@@ -200,14 +200,20 @@ def _rounded(expr: str, dtype: str) -> str:
     return expr
 
 
+def _branch_input(x: str, smooth: str, dtype: str) -> str:
+    """x/λ for the low-rank branch as the lowered graph computes it: x / λ.to(x.dtype), in the model dtype."""
+    smooth_model = _rounded(smooth, dtype)
+    return f"{_rounded(f'{x}.to(tl.float32) / {smooth_model}', dtype)}.to({_TL_DTYPE[dtype]})"
+
+
 def _emit_quant_input(src: _Source, quant: ActQuant, x: str, smooth: str, dtype: str, out: str) -> None:
-    """`out` = (x + shift)/λ as fp32, rounded to the model dtype after each op as the reference op does."""
+    """`out` = (x + shift)/λ computed in fp32 and rounded once to the model dtype, as the reference op does."""
     value = f"{x}.to(tl.float32)"
     if quant.shift:
-        value = _rounded(f"{value} + {quant.shift!r}", dtype)
+        value = f"({value} + {quant.shift!r})"
     if quant.smooth:
-        value = _rounded(f"{value} / {smooth}", dtype)
-    src.add(f"{out} = {value}")
+        value = f"{value} / {smooth}"
+    src.add(f"{out} = {_rounded(value, dtype) if quant.shift or quant.smooth else value}")
 
 
 def _emit_group_quantize(src: _Source, quant: ActQuant, value: str, rows: str, groups: str, dtype: str) -> None:
@@ -306,7 +312,8 @@ def _emit_step_loads(src: _Source, spec: QuantizeSpec, target: Target, dtype: st
     if quant.smooth:
         src.add("smooth = tl.load(smooth_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)")
     if with_down:
-        smoothed = f"{_rounded('x.to(tl.float32) / smooth', dtype)}.to({_TL_DTYPE[dtype]})" if quant.smooth else "x"
+        # the branch divides in the model dtype (x / λ.to(x.dtype)); the quantizer divides by λ in fp32
+        smoothed = _branch_input("x", "smooth", dtype) if quant.smooth else "x"
         src.add(f"""
             # low-rank down projection on the unshifted x/λ: L2 is [rank, K], read as an L2ᵀ tile [{width}, rank]
             lora_down = tl.load(lora_down_ptr + ranks[None, :] * K + cols[:, None],
@@ -580,7 +587,7 @@ def _emit_nvfp4_k_advance(src: _Source) -> None:
             w_ptrs += BLOCK_K // 2
             a_scale_ptrs += BLOCK_K // 16
             w_scale_ptrs += (BLOCK_K // 16) * N
-        acc = acc * tl.load(w_tscale_ptr).to(tl.float32)""")
+        acc = acc * tl.load(w_tscale_ptr + cols_in)[None, :]  # per-tensor or per-channel weight scale""")
 
 
 def _emit_gemm_nvfp4_dequant_loop(src: _Source) -> None:
@@ -658,7 +665,7 @@ def _emit_epilogue(src: _Source, spec: GemmSpec, target: Target, dtype: str) -> 
                  mask=(rows < M)[:, None] & (group_cols < next_groups)[None, :])""")
     if qn.rank:
         pad = _rank_pad(qn.rank)
-        smoothed = f"{_rounded('y / next_smooth', dtype)}.to({_TL_DTYPE[dtype]})" if quant.smooth else "y"
+        smoothed = _branch_input("y", "next_smooth", dtype) if quant.smooth else "y"
         src.add(f"""
             # the next layer's down projection (y/λ′)·L2′ᵀ: this tile's share, summed over the N tiles by atomics
             next_ranks = tl.arange(0, {pad})

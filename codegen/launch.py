@@ -73,11 +73,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return flat if flat.stride(-1) == 1 or flat.shape[-1] == 1 else flat.contiguous()
 
 
-def _as_kernel_scales(scales: torch.Tensor) -> torch.Tensor:
-    """FP8 scales travel to the kernels as their bit patterns."""
-    return scales.view(torch.uint8) if scales.dtype == torch.float8_e4m3fn else scales
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Configuration choice
 
@@ -151,7 +146,7 @@ def quantize_lora_down(x: torch.Tensor, smooth: torch.Tensor | None, lora_down: 
     kernel = load_kernel(spec, target)
     args = [x2] + ([smooth.contiguous()] if quant.smooth else []) + (
         [lora_down.contiguous()] if spec.rank else [])
-    args += [codes, _as_kernel_scales(scales)] + ([down] if spec.rank else []) + [m]
+    args += [codes, scales] + ([down] if spec.rank else []) + [m]
     args += [] if spec.k else [k]
     args += [x2.stride(0)]
 
@@ -218,12 +213,12 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
     _check_tensor(a_scales, "a_scales", where, shape=scale_shape(act, lead, k), dtype=scale_dtype(act, dtype),
                   device=device)
     _check_tensor(w_codes, "w_codes", where, shape=(n, columns), dtype=code_dtype(act), device=device)
-    w_scale_shape = (n,) if act.fmt == "int8" else (group_count(k, act.group_size), n)
-    w_scale_dtype = torch.float32 if act.fmt == "int8" else scale_dtype(act, dtype)
-    _check_tensor(w_scales, "w_scales", where, shape=w_scale_shape, dtype=w_scale_dtype, device=device)
+    w_scale_shape = (1 if act.fmt == "int8" else group_count(k, act.group_size), n)
+    _check_tensor(w_scales, "w_scales", where, shape=w_scale_shape, dtype=scale_dtype(act, dtype), device=device)
     if spec.act == "nvfp4":
-        _check_tensor(w_tscale, "w_tscale", where, device=device)
-        _require(w_tscale.numel() == 1, "w_tscale must hold one value", where)
+        _check_tensor(w_tscale, "w_tscale", where, dtype=torch.float32, device=device)
+        _require(w_tscale.numel() in (1, n), f"w_tscale must hold one value or {n} (one per output channel), "
+                 f"got shape {tuple(w_tscale.shape)}", where)
     else:
         _absent(w_tscale, "w_tscale", where)
     if spec.rank:
@@ -251,9 +246,10 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
 
     m = math.prod(lead)
     outputs: list[torch.Tensor] = []
-    args: list = [a_codes.reshape(m, -1).contiguous(), _as_kernel_scales(a_scales).reshape(m, -1).contiguous(),
-                  w_codes.contiguous(), _as_kernel_scales(w_scales).contiguous()]
-    args += [w_tscale.reshape(()).to(torch.float32).reshape(1)] if spec.act == "nvfp4" else []
+    args: list = [a_codes.reshape(m, -1).contiguous(), a_scales.reshape(m, -1).contiguous(), w_codes.contiguous(),
+                  w_scales.contiguous()]
+    # the kernel reads one weight scale per output channel
+    args += [w_tscale.reshape(-1).expand(n).contiguous()] if spec.act == "nvfp4" else []
     if spec.rank:
         down_rows = _rows(down)
         args += [down_rows, down_rows.stride(0), lora_up.contiguous()]
@@ -271,7 +267,7 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
         next_scales = torch.empty(scale_shape(qn.quant, lead, n), dtype=scale_dtype(qn.quant, dtype), device=device)
         outputs += [next_codes, next_scales]
         args += [next_smooth.contiguous()] if qn.quant.smooth else []
-        args += [next_codes, _as_kernel_scales(next_scales)]
+        args += [next_codes, next_scales]
         if qn.rank:
             next_down_acc = torch.zeros((*lead, qn.rank), dtype=torch.float32, device=device)
             args += [next_lora_down.contiguous(), next_down_acc]

@@ -28,7 +28,8 @@ def scale_shape(quant: ActQuant, lead: Sequence[int], k: int) -> tuple[int, ...]
 
 
 def scale_dtype(quant: ActQuant, dtype: torch.dtype) -> torch.dtype:
-    return {"nvfp4": torch.float8_e4m3fn, "int8": torch.float32}.get(quant.fmt, dtype)
+    """nvfp4 scales are FP8-E4M3 bit patterns in uint8 (codegen.layout); int8 scales are fp32."""
+    return {"nvfp4": torch.uint8, "int8": torch.float32}.get(quant.fmt, dtype)
 
 
 def code_dtype(quant: ActQuant) -> torch.dtype:

@@ -108,7 +108,7 @@ CHECK: tl.dot_scaled on the packed E2M1 bytes
 CHECK-LABEL: def svdq_gemm_nvfp4
 CHECK: acc = tl.dot_scaled(a, a_scale.to(tl.float8e4nv, bitcast=True), "e2m1",
 CHECK-NEXT: tl.trans(w), tl.trans(w_scale).to(tl.float8e4nv, bitcast=True), "e2m1", acc)
-CHECK: acc = acc * tl.load(w_tscale_ptr).to(tl.float32)
+CHECK: acc = acc * tl.load(w_tscale_ptr + cols_in)[None, :]
 CHECK-NOT: e2m1_to_f16
 """)
     for target in (HOPPER, Target("cuda", (8, 9)), INTERP):
@@ -119,7 +119,7 @@ CHECK-LABEL: def svdq_gemm_nvfp4
 CHECK: a_even = tl.reshape(tl.reshape(e2m1_to_f16(a & 15).to(tl.float32), (BLOCK_M, BLOCK_K // 16, 8)) * a_scale,
 CHECK: acc = tl.dot(a_even, tl.trans(w_even), acc)
 CHECK-NEXT: acc = tl.dot(a_odd, tl.trans(w_odd), acc)
-CHECK: acc = acc * tl.load(w_tscale_ptr).to(tl.float32)
+CHECK: acc = acc * tl.load(w_tscale_ptr + cols_in)[None, :]
 CHECK-NOT: dot_scaled
 """)
 
@@ -158,13 +158,13 @@ CHECK-LABEL: def svdq_gemm_int4
 CHECK: acc = gelu_tanh(acc)
 CHECK: y = round_to_bf16(acc)
 CHECK-NOT: tl.store(out_ptr
-CHECK: value = round_to_bf16(round_to_bf16(y.to(tl.float32) + 0.171875) / next_smooth)
+CHECK: value = round_to_bf16((y.to(tl.float32) + 0.171875) / next_smooth)
 CHECK-NEXT: value = tl.where(col_ok[None, :], value, 0.0)
 CHECK: grouped = tl.reshape(value, (BLOCK_M, (BLOCK_N // 64), 64))
 CHECK: codes = tl.minimum(tl.maximum(round_half_even(grouped / scale[:, :, None]), 0.0), 15.0)
 CHECK: tl.store(next_codes_ptr
 CHECK: tl.store(next_scales_ptr
-CHECK: next_down = tl.dot(round_to_bf16(y / next_smooth).to(tl.bfloat16), next_lora_down)
+CHECK: next_down = tl.dot(round_to_bf16(y.to(tl.float32) / round_to_bf16(next_smooth)).to(tl.bfloat16), next_lora_down)
 CHECK: tl.atomic_add(next_down_ptr
 """)
     emitting = generate(spec.__class__(**{**spec.__dict__, "quantize_next": QuantizeNext(
@@ -189,7 +189,7 @@ CHECK-LABEL: def svdq_quantize_
 CHECK: down = tl.zeros((BLOCK_M, 32), dtype=tl.float32)
 CHECK: x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 CHECK: smooth = tl.load(smooth_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
-CHECK: down = tl.dot(round_to_bf16(x.to(tl.float32) / smooth).to(tl.bfloat16), lora_down, down)
+CHECK: down = tl.dot(round_to_bf16(x.to(tl.float32) / round_to_bf16(smooth)).to(tl.bfloat16), lora_down, down)
 CHECK: value = round_to_bf16(x.to(tl.float32) / smooth)
 CHECK: tl.store(down_ptrs, round_to_bf16(down).to(tl.bfloat16)
 """)
