@@ -1,0 +1,339 @@
+"""Quantizers: the numerical definition of every format the compiler uses (pure torch, any device).
+
+Formats (the formulas of deepcompressor's SVDQuant recipe; see docs/architecture.md §5):
+
+- ``int4``  symmetric, scale = absmax/7 per group, codes round-half-to-even, clamped to [−7, 7].
+- ``uint4`` (activations only, ``quantize_act(..., unsigned=True)``; for shifted post-GELU inputs):
+  scale = absmax/15, codes clamped to [0, 15].
+- ``nvfp4`` E2M1 values ±{0, .5, 1, 1.5, 2, 3, 4, 6} with one FP8-E4M3 scale per 16 channels. Weights add a
+  per-tensor scale s0 = absmax/(6·448) in the model dtype, and their FP8 scale is (absmax_g/6)/s0;
+  activations have only the FP8 scale absmax_g/6. Rounding to the E2M1 and E4M3 grids goes to the nearest grid
+  value, and an exact tie goes to the larger neighbour (towards +∞, for negative values too).
+- ``int8``  symmetric, scale = absmax/127 in fp32, codes round-half-to-even in [−127, 127]; a group size of 0
+  means one group per row (per output channel for weights, per token for activations).
+- ``nf4``   (weights only) scale = absmax per group in the model dtype, codes index the 16-value NormalFloat
+  codebook (nearest value, ties to the larger one).
+
+Shared rules:
+- Groups run along the last dimension (K). K not divisible by the group size is zero-padded to
+  K_pad = ceil(K/G)·G: codes have K_pad columns and the original K is kept in ``QTensor.k``. Group size 0 means a
+  single group spanning the row (no padding).
+- Absmax and the division run in fp32 (fp64 for fp64 inputs). Scales of int4/uint4/nf4 and the per-tensor
+  nvfp4 scale are rounded to the dtype of the tensor being quantized (the model dtype). A scale that is 0 (an
+  all-zero group, or one whose FP8 scale underflows) is replaced by 1, so its codes are 0 and it dequantizes to 0.
+- Dequantized values are computed in fp32 and rounded once to the requested dtype.
+
+A non-finite value in the input raises ``QuantizationError`` naming the tensor (pass ``name=``); so do a
+non-float dtype, a sparse layout, a weight that is not 2-D, and an unknown format or group size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from svdq_compiler.errors import QuantizationError
+
+FORMATS = ("int4", "uint4", "nvfp4", "int8", "nf4")
+WEIGHT_FORMATS = ("int4", "nvfp4", "int8", "nf4")
+ACT_FORMATS = ("int4", "uint4", "nvfp4", "int8")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+NVFP4_GROUP = 16
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+# E2M1 magnitudes, indexed by bits 0–2 of a code; bit 3 is the sign.
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# The NormalFloat-4 codebook (QLoRA): quantiles of N(0, 1) rescaled to [−1, 1], with an exact 0.
+NF4_CODEBOOK = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+# Integer formats: (lowest code, highest code, divisor of the group absmax that gives the scale).
+_INTEGER_RANGES = {"int4": (-7, 7, 7.0), "uint4": (0, 15, 15.0), "int8": (-127, 127, 127.0)}
+CODE_DTYPES = {"int4": torch.int8, "uint4": torch.uint8, "nvfp4": torch.uint8, "int8": torch.int8,
+               "nf4": torch.uint8}
+
+
+@dataclass
+class QTensor:
+    """A quantized tensor with unpacked codes (one code per element; `codegen.layout` packs them).
+
+    codes:        [..., K_pad] int8 (int4, int8) or uint8 (uint4 codes 0–15, nvfp4 E2M1 codes, nf4 indices)
+    scales:       [..., K_pad/G] model dtype (int4, uint4, nf4), float8_e4m3fn (nvfp4), float32 (int8)
+    fmt:          one of FORMATS
+    group_size:   G, the channels per scale (K_pad for a per-row scale)
+    k:            K before zero padding
+    dtype:        the dtype of the tensor that was quantized (what `dequantize` returns by default)
+    tensor_scale: nvfp4 weights only: the per-tensor scale s0, a 0-d tensor in the model dtype
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    fmt: str
+    group_size: int
+    k: int
+    dtype: torch.dtype
+    tensor_scale: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        where = f"QTensor({self.fmt})"
+        if self.fmt not in FORMATS:
+            raise QuantizationError(f"unknown format {self.fmt!r}", where=where, fix=f"use one of {FORMATS}")
+        expected = CODE_DTYPES[self.fmt]
+        if self.codes.dtype != expected:
+            raise QuantizationError(f"{self.fmt} codes must be {expected}, got {self.codes.dtype}", where=where)
+        k_pad = self.codes.shape[-1]
+        if self.group_size <= 0 or k_pad % self.group_size or not 0 < self.k <= k_pad:
+            raise QuantizationError(
+                f"codes with {k_pad} columns do not fit group size {self.group_size} and K={self.k}", where=where,
+                fix="the code columns must be K rounded up to a multiple of the group size")
+        expected_scales = (*self.codes.shape[:-1], k_pad // self.group_size)
+        if tuple(self.scales.shape) != expected_scales:
+            raise QuantizationError(f"scales have shape {tuple(self.scales.shape)}, expected {expected_scales}",
+                                    where=where, fix="scales are [..., K_pad/group_size]")
+        if self.fmt == "nvfp4" and self.scales.dtype != torch.float8_e4m3fn:
+            raise QuantizationError(f"nvfp4 scales must be float8_e4m3fn, got {self.scales.dtype}", where=where)
+        if self.tensor_scale is not None and (self.fmt != "nvfp4" or self.tensor_scale.dim() != 0):
+            raise QuantizationError("only nvfp4 weights carry a per-tensor scale, as a 0-d tensor", where=where)
+
+    @property
+    def k_pad(self) -> int:
+        return self.codes.shape[-1]
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[-1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the tensor that was quantized."""
+        return (*self.codes.shape[:-1], self.k)
+
+    def to(self, device: torch.device | str) -> "QTensor":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QTensor(move(self.codes), move(self.scales), self.fmt, self.group_size, self.k, self.dtype,
+                       move(self.tensor_scale))
+
+
+# ---- public API ---------------------------------------------------------------------------------------------
+
+
+def quantize_weight(w: torch.Tensor, fmt: str, group_size: int, *, name: str | None = None) -> QTensor:
+    """Quantize a weight [N, K] (static, per output row and group of `group_size` input channels)."""
+    fmt, group = _check(w, fmt, group_size, name, weight=True, unsigned=False)
+    return _quantize(w, fmt, group, name, weight=True)
+
+
+def quantize_act(x: torch.Tensor, fmt: str, group_size: int, *, unsigned: bool = False,
+                 name: str | None = None) -> QTensor:
+    """Quantize activations [..., K] dynamically, per token (row) and group; `unsigned` turns int4 into uint4."""
+    fmt, group = _check(x, fmt, group_size, name, weight=False, unsigned=unsigned)
+    return _quantize(x, fmt, group, name, weight=False)
+
+
+def fake_quantize_weight(w: torch.Tensor, fmt: str, group_size: int, *, name: str | None = None) -> torch.Tensor:
+    """dequantize(quantize_weight(w, …)), in w's dtype and shape, without materializing codes."""
+    fmt, group = _check(w, fmt, group_size, name, weight=True, unsigned=False)
+    return _fake_quantize(w, fmt, group, name, weight=True)
+
+
+def fake_quantize_act(x: torch.Tensor, fmt: str, group_size: int, *, unsigned: bool = False,
+                      name: str | None = None) -> torch.Tensor:
+    """dequantize(quantize_act(x, …)), in x's dtype and shape, without materializing codes."""
+    fmt, group = _check(x, fmt, group_size, name, weight=False, unsigned=unsigned)
+    return _fake_quantize(x, fmt, group, name, weight=False)
+
+
+def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The real values [..., K] that `q` stands for (padding removed), in `dtype` (default: q.dtype)."""
+    compute = _compute_dtype(q.dtype)
+    values = code_values(q.codes, q.fmt).to(compute)
+    scale = q.scales.to(compute)
+    if q.tensor_scale is not None:
+        scale = scale * q.tensor_scale.to(compute)
+    grouped = values.unflatten(-1, (q.n_groups, q.group_size)) * scale.unsqueeze(-1)
+    return grouped.flatten(-2)[..., : q.k].to(dtype or q.dtype)
+
+
+def code_values(codes: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The grid value (before scaling) of each code, as fp32: the integer itself, an E2M1 value or an NF4 value."""
+    if fmt in _INTEGER_RANGES:
+        return codes.to(torch.float32)
+    table = _code_table(fmt, codes.device)
+    return table[codes.long()]
+
+
+def round_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """Round non-negative fp32 values in [0, 448] to the FP8-E4M3 grid (subnormals included), ties upwards."""
+    _, exponent = torch.frexp(v)  # v = m·2^exponent with m in [0.5, 1)
+    binade = (exponent - 1).clamp(min=-6)  # below 2^-6 the grid is the subnormal one, spaced 2^-9
+    ulp = torch.exp2((binade - 3).to(v.dtype))  # 3 mantissa bits
+    return torch.floor(v / ulp + 0.5) * ulp
+
+
+# ---- implementation -----------------------------------------------------------------------------------------
+
+
+def _check(x, fmt: str, group_size: int, name: str | None, *, weight: bool, unsigned: bool) -> tuple[str, int]:
+    """Validate the request; returns the format actually used (int4 + unsigned → uint4) and the group size."""
+    what = name or ("weight" if weight else "activation")
+    if not isinstance(x, torch.Tensor):
+        raise QuantizationError(f"expected a torch.Tensor, got {type(x).__name__}", where=what)
+    if x.layout != torch.strided:
+        raise QuantizationError(f"expected a dense (strided) tensor, got layout {x.layout}", where=what,
+                                fix="call .to_dense() first")
+    if x.dtype not in FLOAT_DTYPES:
+        raise QuantizationError(f"expected a float16, bfloat16, float32 or float64 tensor, got {x.dtype}",
+                                where=what, fix="quantize the floating-point tensor, not its codes")
+    if weight and x.dim() != 2:
+        raise QuantizationError(f"expected a 2-D weight [out_features, in_features], got shape {tuple(x.shape)}",
+                                where=what, fix="reshape a 1×1 convolution weight to 2-D first")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise QuantizationError(f"expected a tensor with a non-empty last (channel) dimension, got shape "
+                                f"{tuple(x.shape)}", where=what)
+    allowed = WEIGHT_FORMATS if weight else ACT_FORMATS
+    if fmt not in allowed:
+        hint = " (nf4 is a weight-only format)" if fmt == "nf4" else " (uint4 is for activations)" \
+            if fmt == "uint4" else ""
+        raise QuantizationError(f"unknown {'weight' if weight else 'activation'} format {fmt!r}{hint}",
+                                where=what, fix=f"use one of {allowed}")
+    if unsigned:
+        if fmt not in ("int4", "uint4"):
+            raise QuantizationError(f"unsigned quantization exists only for int4 (uint4), not {fmt}", where=what)
+        fmt = "uint4"
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
+        raise QuantizationError(f"group size must be an int >= 0 (0 = one group per row), got {group_size!r}",
+                                where=what)
+    if fmt == "nvfp4" and group_size != NVFP4_GROUP:
+        raise QuantizationError(f"nvfp4 uses groups of {NVFP4_GROUP} channels, got group size {group_size}",
+                                where=what, fix=f"pass group_size={NVFP4_GROUP}")
+    return fmt, group_size or x.shape[-1]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x in the compute dtype, zero-padded to a multiple of `group` along K, viewed as [..., K_pad/group, group]."""
+    xc = x.to(_compute_dtype(x.dtype))
+    pad = -x.shape[-1] % group
+    if pad:
+        xc = F.pad(xc, (0, pad))
+    return xc.unflatten(-1, (xc.shape[-1] // group, group))
+
+
+def _group_absmax(xg: torch.Tensor, name: str | None, what: str) -> torch.Tensor:
+    absmax = torch.linalg.vector_norm(xg, float("inf"), dim=-1)  # one pass, no |x| temporary
+    # NaN and ±Inf survive amax, so checking the (much smaller) group maxima finds every non-finite input.
+    if not bool(torch.isfinite(absmax).all()):
+        bad = int((~torch.isfinite(xg)).sum())
+        raise QuantizationError(f"{name or what} has {bad} non-finite value(s) (NaN or Inf); cannot quantize it",
+                                where=name or what,
+                                fix="find where the values overflow (fp16 range?) or fix the input data")
+    return absmax
+
+
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    return scale.masked_fill(scale == 0, 1)
+
+
+def _levels(xg: torch.Tensor, fmt: str, dtype: torch.dtype, name: str | None, weight: bool):
+    """Round the grouped values to the format's grid.
+
+    Returns (levels, scales, tensor_scale): levels are integer codes (as floats) for the integer formats and
+    indices into the sorted grid (int64) for nvfp4 and nf4; scales are in their stored dtype.
+    """
+    absmax = _group_absmax(xg, name, "weight" if weight else "activation")
+    compute = xg.dtype
+    if fmt in _INTEGER_RANGES:
+        low, high, divisor = _INTEGER_RANGES[fmt]
+        scales = _nonzero((absmax / divisor).to(torch.float32 if fmt == "int8" else dtype))
+        levels = (xg / scales.to(compute).unsqueeze(-1)).round_().clamp_(low, high)
+        return levels, scales, None
+    if fmt == "nf4":
+        scales = _nonzero(absmax.to(dtype))
+        return _nearest(xg / scales.to(compute).unsqueeze(-1), "nf4"), scales, None
+    # nvfp4
+    raw = absmax / E2M1_MAX
+    tensor_scale = None
+    if weight:
+        tensor_scale = _nonzero((raw.amax() / E4M3_MAX).to(dtype))
+        raw = raw / tensor_scale.to(compute)
+    micro = _nonzero(round_e4m3(raw.clamp(max=E4M3_MAX).float())).to(compute)
+    effective = micro if tensor_scale is None else micro * tensor_scale.to(compute)
+    levels = _nearest(xg / effective.unsqueeze(-1), "nvfp4")
+    return levels, micro.to(torch.float8_e4m3fn), tensor_scale
+
+
+def _quantize(x: torch.Tensor, fmt: str, group: int, name: str | None, *, weight: bool) -> QTensor:
+    levels, scales, tensor_scale = _levels(_grouped(x, group), fmt, x.dtype, name, weight)
+    if fmt in _INTEGER_RANGES:
+        codes = levels.to(CODE_DTYPES[fmt])
+    else:
+        codes = _sorted_grid_codes(fmt, x.device)[levels]
+    return QTensor(codes.flatten(-2), scales, fmt, group, x.shape[-1], x.dtype, tensor_scale)
+
+
+def _fake_quantize(x: torch.Tensor, fmt: str, group: int, name: str | None, *, weight: bool) -> torch.Tensor:
+    xg = _grouped(x, group)
+    levels, scales, tensor_scale = _levels(xg, fmt, x.dtype, name, weight)
+    if fmt not in _INTEGER_RANGES:
+        levels = _sorted_grid(fmt, x.device, xg.dtype)[levels]
+    scale = scales.to(xg.dtype)
+    if tensor_scale is not None:
+        scale = scale * tensor_scale.to(xg.dtype)
+    return levels.mul_(scale.unsqueeze(-1)).flatten(-2)[..., : x.shape[-1]].to(x.dtype)
+
+
+# The float grids, sorted ascending, with the code of each grid point and the midpoints between neighbours.
+_GRID_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _grid_definition(fmt: str) -> tuple[list[float], list[int]]:
+    if fmt == "nf4":
+        return list(NF4_CODEBOOK), list(range(16))
+    negatives = [(-m, 8 + i) for i, m in enumerate(E2M1_MAGNITUDES) if m > 0]
+    points = sorted(negatives + [(m, i) for i, m in enumerate(E2M1_MAGNITUDES)])
+    return [v for v, _ in points], [c for _, c in points]
+
+
+def _cached(key: tuple, build) -> torch.Tensor:
+    tensor = _GRID_CACHE.get(key)
+    if tensor is None:
+        tensor = _GRID_CACHE[key] = build()
+    return tensor
+
+
+def _sorted_grid(fmt: str, device, dtype) -> torch.Tensor:
+    return _cached(("grid", fmt, str(device), dtype),
+                   lambda: torch.tensor(_grid_definition(fmt)[0], dtype=dtype, device=device))
+
+
+def _sorted_grid_codes(fmt: str, device) -> torch.Tensor:
+    return _cached(("codes", fmt, str(device)),
+                   lambda: torch.tensor(_grid_definition(fmt)[1], dtype=torch.uint8, device=device))
+
+
+def _code_table(fmt: str, device) -> torch.Tensor:
+    """Value of each code 0–15 (fp32)."""
+    def build():
+        values, codes = _grid_definition(fmt)
+        table = torch.zeros(16, dtype=torch.float32)
+        table[torch.tensor(codes)] = torch.tensor(values, dtype=torch.float32)
+        return table.to(device)  # nvfp4 code 8 (−0) keeps the value 0
+
+    return _cached(("table", fmt, str(device)), build)
+
+
+def _nearest(v: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Index of the nearest grid value; an exact midpoint goes to the larger neighbour (values outside clamp)."""
+    grid = _sorted_grid(fmt, v.device, v.dtype)
+    midpoints = _cached(("mid", fmt, str(v.device), v.dtype), lambda: (grid[1:] + grid[:-1]) / 2)
+    # right=True puts a value equal to a boundary in the upper bucket: ties go to the larger grid value.
+    return torch.bucketize(v, midpoints, right=True)
