@@ -5,8 +5,8 @@ processes and interrupted runs never leave half a file) and imported from there:
 source through `inspect`, so it must live in a real file. Triton then caches the compiled binary itself.
 
 The cache dir is `$SVDQ_KERNEL_CACHE`, else `$XDG_CACHE_HOME/svdq_compiler/kernels`, else
-`~/.cache/svdq_compiler/kernels`. A kernel loaded for the interpreter (TRITON_INTERPRET=1 while it is loaded)
-is a different object from the compiled one, so the mode is part of the in-memory key.
+`~/.cache/svdq_compiler/kernels`. Whether a kernel is compiled or interpreted is Triton's process-wide setting
+(TRITON_INTERPRET, read when triton is imported and when a kernel is decorated); the target is part of the key.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import os
 import sys
 import tempfile
 import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from svdq_compiler.codegen.generate import Target, generate
 from svdq_compiler.codegen.spec import KernelSpec
@@ -45,21 +44,6 @@ def _target_tag(target: Target) -> str:
     if target.backend == "interpreter":
         return "interp"
     return f"sm{target.capability[0]}{target.capability[1]}"
-
-
-@contextmanager
-def _interpreter(enabled: bool) -> Iterator[None]:
-    """triton.jit decides between compiled and interpreted functions when it decorates: set the switch for
-    the import of an interpreter kernel, and clear it for a compiled one."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if enabled else "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -103,8 +87,7 @@ def load_kernel(spec: KernelSpec, target: Target) -> Any:
         module = importlib.util.module_from_spec(import_spec)
         sys.modules[module_name] = module
         try:
-            with _interpreter(target.backend == "interpreter"):
-                import_spec.loader.exec_module(module)
+            import_spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(module_name, None)
             raise KernelCacheError(f"generated kernel {spec.name} does not load: {exc}", where=str(path),

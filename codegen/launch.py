@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 from typing import Callable, Sequence
 
@@ -34,6 +35,10 @@ def current_target(device: torch.device) -> Target:
     if device.type == "cuda":
         return Target("cuda", tuple(torch.cuda.get_device_capability(device)))
     if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise KernelInputError("generated kernels run on the CPU only under the Triton interpreter",
+                                   fix="set TRITON_INTERPRET=1 before Python starts (Triton reads it when it is "
+                                       "imported), or run the fused ops on the reference backend")
         return Target("interpreter")
     raise KernelInputError(f"generated kernels run on CUDA or, interpreted, on the CPU; got {device}",
                            fix="move the tensors to a CUDA device or the CPU")
@@ -246,8 +251,8 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
 
     m = math.prod(lead)
     outputs: list[torch.Tensor] = []
-    args: list = [a_codes.reshape(m, -1).contiguous(), a_scales.reshape(m, -1).contiguous(), w_codes.contiguous(),
-                  w_scales.contiguous()]
+    args: list = [a_codes.reshape(m, columns).contiguous(), a_scales.reshape(m, a_scales.shape[-1]).contiguous(),
+                  w_codes.contiguous(), w_scales.contiguous()]
     # the kernel reads one weight scale per output channel
     args += [w_tscale.reshape(-1).expand(n).contiguous()] if spec.act == "nvfp4" else []
     if spec.rank:
