@@ -128,7 +128,9 @@ def reference_gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, down, lora_up
     k = spec.k if spec.k is not None else (a_codes.shape[-1] * 2 if spec.act != "int8" else a_codes.shape[-1])
     y = _reference_ops().gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, spec.act, spec.group_size, k, dtype)
     if spec.rank:
-        y = y + F.linear(down, lora_up, bias)
+        # a slice of a concatenated down projection is strided; the lowered graph's was contiguous, and BLAS
+        # may sum in another order for strided inputs
+        y = y + F.linear(down.contiguous(), lora_up, bias)
     elif bias is not None:
         y = y + bias.to(y.dtype)
     y = apply_epilogue(y, spec.epilogue, operands)

@@ -290,7 +290,8 @@ class _Rewriter:
             value = down_value
             if len(weights) > 1:
                 start = offsets[down.weight]
-                value = self.call(aten.slice.Tensor, (down_value, -1, start, start + sizes[down.weight]))
+                with self.graph.inserting_after(down_value):
+                    value = self.call(aten.slice.Tensor, (down_value, -1, start, start + sizes[down.weight]))
             down.node.replace_all_uses_with(value)
 
 
