@@ -43,7 +43,7 @@ def cache_dir() -> Path:
 def _target_tag(target: Target) -> str:
     if target.backend == "interpreter":
         return "interp"
-    return f"sm{target.capability[0]}{target.capability[1]}"
+    return f"sm{target.capability[0]}{target.capability[1]}" + ("" if target.fp4_mma else "-nofp4mma")
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -37,11 +37,12 @@ class Target:
 
     backend: str = "cuda"  # "cuda" | "interpreter"
     capability: tuple[int, int] = (9, 0)
+    fp4_mma: bool = True  # use the native FP4 MMA where the GPU has one (off: the dequantize path)
 
     @property
     def native_fp4(self) -> bool:
         """Blackwell (sm_100, sm_120) multiplies E2M1 with E4M3 block scales in hardware (`tl.dot_scaled`)."""
-        return self.backend == "cuda" and self.capability[0] >= 10
+        return self.backend == "cuda" and self.capability[0] >= 10 and self.fp4_mma
 
     def describe(self) -> str:
         if self.backend == "interpreter":

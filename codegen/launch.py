@@ -11,10 +11,12 @@ then, with that epilogue, the next layer's codes and scales, then its down proje
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 import threading
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -250,37 +252,51 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
         _absent(next_lora_down, "next_lora_down (L2′)", where)
 
     m = math.prod(lead)
-    outputs: list[torch.Tensor] = []
-    args: list = [a_codes.reshape(m, columns).contiguous(), a_scales.reshape(m, a_scales.shape[-1]).contiguous(),
-                  w_codes.contiguous(), w_scales.contiguous()]
+    inputs: list = [a_codes.reshape(m, columns).contiguous(), a_scales.reshape(m, a_scales.shape[-1]).contiguous(),
+                    w_codes.contiguous(), w_scales.contiguous()]
     # the kernel reads one weight scale per output channel
-    args += [w_tscale.reshape(-1).expand(n).contiguous()] if spec.act == "nvfp4" else []
+    inputs += [w_tscale.reshape(-1).expand(n).contiguous()] if spec.act == "nvfp4" else []
     if spec.rank:
         down_rows = _rows(down)
-        args += [down_rows, down_rows.stride(0), lora_up.contiguous()]
-    args += [bias.contiguous()] if spec.bias else []
+        inputs += [down_rows, down_rows.stride(0), lora_up.contiguous()]
+    inputs += [bias.contiguous()] if spec.bias else []
     for index, operand in enumerate(operands):
         _check_tensor(operand, f"epilogue operand {index}", where, device=device)
-        args += list(_row_strides(operand, lead, n, where, index))
-    if spec.emits_output:
-        out = torch.empty((*lead, n), dtype=dtype, device=device)
-        outputs.append(out)
-        args.append(out)
-    next_down_acc = None
-    if qn is not None:
-        next_codes = torch.empty((*lead, code_columns(qn.quant, n)), dtype=torch.uint8, device=device)
-        next_scales = torch.empty(scale_shape(qn.quant, lead, n), dtype=scale_dtype(qn.quant, dtype), device=device)
-        outputs += [next_codes, next_scales]
-        args += [next_smooth.contiguous()] if qn.quant.smooth else []
-        args += [next_codes, next_scales]
-        if qn.rank:
-            next_down_acc = torch.zeros((*lead, qn.rank), dtype=torch.float32, device=device)
-            args += [next_lora_down.contiguous(), next_down_acc]
-    args += [m] + ([] if spec.n else [n]) + ([] if spec.k else [k])
-    if m == 0:
+        inputs += list(_row_strides(operand, lead, n, where, index))
+    sizes = [m] + ([] if spec.n else [n]) + ([] if spec.k else [k])
+    next_inputs = {"smooth": next_smooth.contiguous() if next_smooth is not None else None,
+                   "lora_down": next_lora_down.contiguous() if next_lora_down is not None else None}
+
+    def launch(target: Target | None) -> list[torch.Tensor]:
+        """Allocate the outputs and run kernel B for `target` (None: nothing to run, M = 0)."""
+        outputs: list[torch.Tensor] = []
+        args = list(inputs)
+        if spec.emits_output:
+            outputs.append(torch.empty((*lead, n), dtype=dtype, device=device))
+            args.append(outputs[-1])
+        next_down_acc = None
+        if qn is not None:
+            outputs += [torch.empty((*lead, code_columns(qn.quant, n)), dtype=torch.uint8, device=device),
+                        torch.empty(scale_shape(qn.quant, lead, n), dtype=scale_dtype(qn.quant, dtype),
+                                    device=device)]
+            args += ([next_inputs["smooth"]] if qn.quant.smooth else []) + outputs[-2:]
+            if qn.rank:
+                next_down_acc = torch.zeros((*lead, qn.rank), dtype=torch.float32, device=device)
+                args += [next_inputs["lora_down"], next_down_acc]
+        if target is not None:
+            _run_gemm(spec, target, args + sizes, m, n, k, next_down_acc)
         return outputs + ([next_down_acc.to(dtype)] if next_down_acc is not None else [])
 
+    if m == 0:
+        return launch(None)
     target = current_target(device)
+    if nvfp4_path(spec, target) == "dot_scaled" and not _dot_scaled_verified(spec, device, launch, target):
+        target = dataclasses.replace(target, fp4_mma=False)
+    return launch(target)
+
+
+def _run_gemm(spec: GemmSpec, target: Target, args: list, m: int, n: int, k: int,
+              next_down_acc: torch.Tensor | None) -> None:
     kernel = load_kernel(spec, target)
     k_extent = group_count(k, 16) * 16 if spec.act == "nvfp4" else k
 
@@ -296,9 +312,35 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
                      num_warps=config.num_warps, num_stages=config.num_stages)
 
     configs = gemm_configs(spec, target, m)
-    path = nvfp4_path(spec, target)
-    config = _choose((spec.name, path, _device_key(device), n, k, m_bucket(m)), configs, run)
-    run(config)
-    if next_down_acc is not None:
-        outputs.append(next_down_acc.to(dtype))
-    return outputs
+    key = (spec.name, nvfp4_path(spec, target), _device_key(args[0].device), n, k, m_bucket(m))
+    run(_choose(key, configs, run))
+
+
+_FP4_CHECKED: dict[tuple[str, str], bool] = {}
+
+
+def _dot_scaled_verified(spec: GemmSpec, device: torch.device, launch: Callable[[Target], list[torch.Tensor]],
+                         target: Target) -> bool:
+    """Whether this Triton's native FP4 MMA computes what the exact dequantize path computes, checked once per
+    spec and device on the first real inputs (its NVFP4 lowering has changed between Triton releases)."""
+    key = (spec.hash, _device_key(device))
+    if key not in _FP4_CHECKED:
+        exact = launch(dataclasses.replace(target, fp4_mma=False))
+        try:
+            native = launch(target)
+            agrees = all(_agree(a, b) for a, b in zip(native, exact))
+            reason = "its results differ from the exact dequantize path"
+        except Exception as exc:  # a Triton without this lowering fails to compile: use the dequantize path
+            agrees, reason = False, f"it does not compile here ({type(exc).__name__}: {exc})"
+        if not agrees:
+            warnings.warn(f"{spec.name}: tl.dot_scaled is not used on {_device_key(device)} because {reason}; "
+                          f"the exact dequantize path runs instead", RuntimeWarning, stacklevel=3)
+        _FP4_CHECKED[key] = agrees
+    return _FP4_CHECKED[key]
+
+
+def _agree(native: torch.Tensor, exact: torch.Tensor) -> bool:
+    if not native.is_floating_point():  # codes of the next layer: allow rare flips from summation order
+        return bool((native != exact).float().mean() <= 0.01)
+    error = (native.float() - exact.float()).norm() / exact.float().norm().clamp_min(1e-30)
+    return bool(error <= 1e-3)
