@@ -15,6 +15,7 @@ from svdq_compiler.capture import capture
 from svdq_compiler.config import PRESETS, QuantConfig, Scheme
 from svdq_compiler.errors import InputError, SvdqError
 from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
+from svdq_compiler import ops  # noqa: F401  (registers torch.ops.svdq.*)
 
 __version__ = "0.1.0"
 

@@ -69,7 +69,8 @@ class QTensor:
     group_size:   G, the channels per scale (K_pad for a per-row scale)
     k:            K before zero padding
     dtype:        the dtype of the tensor that was quantized (what `dequantize` returns by default)
-    tensor_scale: nvfp4 weights only: the per-tensor scale s0, a 0-d tensor in the model dtype
+    tensor_scale: nvfp4 weights only: the per-tensor scale s0, a 0-d tensor in the model dtype; [N] (one per
+                  output row) when weights with different s0 were concatenated, as in a Nunchaku fused q/k/v
     """
 
     codes: torch.Tensor
@@ -98,8 +99,11 @@ class QTensor:
                                     where=where, fix="scales are [..., K_pad/group_size]")
         if self.fmt == "nvfp4" and self.scales.dtype != torch.float8_e4m3fn:
             raise QuantizationError(f"nvfp4 scales must be float8_e4m3fn, got {self.scales.dtype}", where=where)
-        if self.tensor_scale is not None and (self.fmt != "nvfp4" or self.tensor_scale.dim() != 0):
-            raise QuantizationError("only nvfp4 weights carry a per-tensor scale, as a 0-d tensor", where=where)
+        if self.tensor_scale is not None and (
+                self.fmt != "nvfp4" or tuple(self.tensor_scale.shape) not in ((), tuple(self.codes.shape[:1]))):
+            raise QuantizationError(f"only nvfp4 weights carry a tensor scale, 0-d or one per row; got shape "
+                                    f"{tuple(self.tensor_scale.shape)} for codes {tuple(self.codes.shape)}",
+                                    where=where)
 
     @property
     def k_pad(self) -> int:
@@ -155,7 +159,8 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     values = code_values(q.codes, q.fmt).to(compute)
     scale = q.scales.to(compute)
     if q.tensor_scale is not None:
-        scale = scale * q.tensor_scale.to(compute)
+        tensor_scale = q.tensor_scale.to(compute)
+        scale = scale * (tensor_scale.unsqueeze(-1) if tensor_scale.dim() else tensor_scale)
     grouped = values.unflatten(-1, (q.n_groups, q.group_size)) * scale.unsqueeze(-1)
     return grouped.flatten(-2)[..., : q.k].to(dtype or q.dtype)
 

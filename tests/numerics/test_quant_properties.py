@@ -89,7 +89,9 @@ def test_quantizing_the_dequantized_tensor_gives_the_same_codes(fmt, group, x):
     q = quantize_weight(x, fmt, group)
     again = quantize_weight(dequantize(q), fmt, group)
     assert torch.equal(again.codes, q.codes)
-    assert torch.equal(dequantize(again), dequantize(q))
+    # absmax/qmax of a dequantized group is the scale again up to one rounding (qmax·s is rounded to the dtype)
+    eps = torch.finfo(x.dtype).eps
+    torch.testing.assert_close(dequantize(again), dequantize(q), rtol=2 * eps, atol=0)
 
 
 @pytest.mark.parametrize("fmt,group", [("int4", 64), ("int8", 0)])
@@ -108,7 +110,7 @@ def test_power_of_two_scaling_keeps_codes_and_scales_the_scales(fmt, group, x, p
     factor = 2.0 ** power
     q, scaled = quantize_weight(x, fmt, group), quantize_weight(x * factor, fmt, group)
     smallest = torch.finfo(x.dtype).smallest_normal * 2 ** 12  # keep every scale a normal number
-    assume(x.abs().amax() > 0 and x.abs()[x != 0].amin() * factor >= smallest)
+    assume(x.abs().amax() > 0 and x.abs()[x != 0].amin() * min(1.0, factor) >= smallest)
     assert torch.equal(scaled.codes, q.codes)
     if fmt == "nvfp4":  # the per-tensor scale absorbs the factor; the FP8 group scales are unchanged
         assert torch.equal(scaled.scales.float(), q.scales.float())
