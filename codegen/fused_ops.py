@@ -26,6 +26,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from svdq_compiler.codegen.shapes import model_dtype, packed_act
 from svdq_compiler.codegen.spec import ActQuant, Epilogue, GemmSpec, QuantizeSpec, SpecError, parse_spec
 from svdq_compiler.errors import InputError
 
@@ -80,15 +81,9 @@ def gemm_spec(text: str) -> GemmSpec:
 # Reference implementations: the lowered graph's computation, op for op
 
 
-def _reference_ops():
-    import svdq_compiler.ops  # noqa: F401  (registers torch.ops.svdq.quantize_act / gemm)
-
-    return torch.ops.svdq
-
-
 def reference_quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, quant: ActQuant):
     """codes, scales of Q((x + shift)/λ), from the reference op."""
-    return _reference_ops().quantize_act(x, smooth, quant.shift, quant.fmt, quant.group_size)
+    return torch.ops.svdq.quantize_act(x, smooth, quant.shift, quant.fmt, quant.group_size)
 
 
 def _reference_down(x: torch.Tensor, smooth: torch.Tensor | None, lora_down: torch.Tensor) -> torch.Tensor:
@@ -124,9 +119,9 @@ def reference_quantize_lora_down(x, smooth, lora_down, spec: QuantizeSpec):
 
 def reference_gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, down, lora_up, bias, operands, next_smooth,
                    next_lora_down, spec: GemmSpec) -> list[torch.Tensor]:
-    dtype = getattr(torch, spec.dtype)
+    dtype = model_dtype(spec.dtype)
     k = spec.k if spec.k is not None else (a_codes.shape[-1] * 2 if spec.act != "int8" else a_codes.shape[-1])
-    y = _reference_ops().gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, spec.act, spec.group_size, k, dtype)
+    y = torch.ops.svdq.gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, spec.act, spec.group_size, k, dtype)
     if spec.rank:
         # a slice of a concatenated down projection is strided; the lowered graph's was contiguous, and BLAS
         # may sum in another order for strided inputs
@@ -162,14 +157,12 @@ def fused_quantize_lora_down(x: torch.Tensor, smooth: Optional[torch.Tensor], lo
 
 @fused_quantize_lora_down.register_fake
 def _fused_quantize_lora_down_fake(x, smooth, lora_down, spec):
-    from svdq_compiler.codegen.shapes import TORCH_DTYPES, code_columns, code_dtype, scale_dtype, scale_shape
-
     parsed = quantize_spec(spec)
     lead, k = tuple(x.shape[:-1]), x.shape[-1]
-    quant = parsed.quant
-    dtype = TORCH_DTYPES[parsed.dtype]
-    return (x.new_empty((*lead, code_columns(quant, k)), dtype=code_dtype(quant)),
-            x.new_empty(scale_shape(quant, lead, k), dtype=scale_dtype(quant, dtype)),
+    dtype = model_dtype(parsed.dtype)
+    packed = packed_act(parsed.quant, lead, k, dtype)
+    return (x.new_empty(packed.codes_shape, dtype=packed.codes_dtype),
+            x.new_empty(packed.scales_shape, dtype=packed.scales_dtype),
             x.new_empty((*lead, parsed.rank), dtype=dtype))
 
 
@@ -193,18 +186,17 @@ def fused_gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Ten
 @fused_gemm.register_fake
 def _fused_gemm_fake(a_codes, a_scales, w_codes, w_scales, w_tscale, down, lora_up, bias, operands, next_smooth,
                      next_lora_down, spec):
-    from svdq_compiler.codegen.shapes import TORCH_DTYPES, code_columns, scale_dtype, scale_shape
-
     parsed = gemm_spec(spec)
     lead, n = tuple(a_codes.shape[:-1]), w_codes.shape[0]
-    dtype = TORCH_DTYPES[parsed.dtype]
+    dtype = model_dtype(parsed.dtype)
     outputs = []
     if parsed.emits_output:
         outputs.append(a_codes.new_empty((*lead, n), dtype=dtype))
     qn = parsed.quantize_next
     if qn is not None:
-        outputs.append(a_codes.new_empty((*lead, code_columns(qn.quant, n)), dtype=torch.uint8))
-        outputs.append(a_codes.new_empty(scale_shape(qn.quant, lead, n), dtype=scale_dtype(qn.quant, dtype)))
+        packed = packed_act(qn.quant, lead, n, dtype)
+        outputs.append(a_codes.new_empty(packed.codes_shape, dtype=packed.codes_dtype))
+        outputs.append(a_codes.new_empty(packed.scales_shape, dtype=packed.scales_dtype))
         if qn.rank:
             outputs.append(a_codes.new_empty((*lead, qn.rank), dtype=dtype))
     return outputs

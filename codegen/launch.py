@@ -24,8 +24,8 @@ import torch
 from svdq_compiler.codegen.cache import load_kernel
 from svdq_compiler.codegen.configs import GemmConfig, QuantizeConfig, gemm_configs, m_bucket, quantize_configs
 from svdq_compiler.codegen.generate import Target, nvfp4_path
-from svdq_compiler.codegen.shapes import (TORCH_DTYPES, code_columns, code_dtype, group_count, scale_dtype,
-                                          scale_shape)
+from svdq_compiler.codegen.layout import round_up
+from svdq_compiler.codegen.shapes import model_dtype, packed_act
 from svdq_compiler.codegen.spec import ActQuant, GemmSpec, QuantizeSpec
 from svdq_compiler.errors import SvdqError
 
@@ -126,7 +126,7 @@ def quantize_lora_down(x: torch.Tensor, smooth: torch.Tensor | None, lora_down: 
                        spec: QuantizeSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel A: (codes, scales, down) for x [..., K]; down is [..., rank] ([..., 0] for rank 0)."""
     where = f"fused_quantize_lora_down ({spec.name})"
-    dtype = TORCH_DTYPES[spec.dtype]
+    dtype = model_dtype(spec.dtype)
     quant = spec.quant
     _require(x.dim() >= 1 and x.shape[-1] > 0, f"x must be [..., K] with K > 0, got {tuple(x.shape)}", where)
     k = x.shape[-1]
@@ -144,8 +144,9 @@ def quantize_lora_down(x: torch.Tensor, smooth: torch.Tensor | None, lora_down: 
     lead = tuple(x.shape[:-1])
     x2 = _rows(x)
     m = x2.shape[0]
-    codes = torch.empty((*lead, code_columns(quant, k)), dtype=code_dtype(quant), device=device)
-    scales = torch.empty(scale_shape(quant, lead, k), dtype=scale_dtype(quant, dtype), device=device)
+    packed = packed_act(quant, lead, k, dtype)
+    codes = torch.empty(packed.codes_shape, dtype=packed.codes_dtype, device=device)
+    scales = torch.empty(packed.scales_shape, dtype=packed.scales_dtype, device=device)
     down = torch.empty((*lead, spec.rank), dtype=dtype, device=device)
     if m == 0:
         return codes, scales, down
@@ -207,7 +208,7 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
          next_lora_down: torch.Tensor | None, spec: GemmSpec) -> list[torch.Tensor]:
     """Kernel B; see the module docstring for the outputs."""
     where = f"fused_gemm ({spec.name})"
-    dtype = TORCH_DTYPES[spec.dtype]
+    dtype = model_dtype(spec.dtype)
     act = ActQuant(spec.act, spec.group_size)
     device = a_codes.device
     lead = tuple(a_codes.shape[:-1])
@@ -215,13 +216,12 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
     _require(spec.n is None or n == spec.n, f"the weight has N = {n}, the kernel was generated for N = {spec.n}",
              where)
     k = spec.k if spec.k is not None else (a_codes.shape[-1] * 2 if act.packed else a_codes.shape[-1])
-    columns = code_columns(act, k)
-    _check_tensor(a_codes, "a_codes", where, shape=(*lead, columns), dtype=code_dtype(act))
-    _check_tensor(a_scales, "a_scales", where, shape=scale_shape(act, lead, k), dtype=scale_dtype(act, dtype),
-                  device=device)
-    _check_tensor(w_codes, "w_codes", where, shape=(n, columns), dtype=code_dtype(act), device=device)
-    w_scale_shape = (1 if act.fmt == "int8" else group_count(k, act.group_size), n)
-    _check_tensor(w_scales, "w_scales", where, shape=w_scale_shape, dtype=scale_dtype(act, dtype), device=device)
+    packed = packed_act(act, lead, k, dtype)
+    columns = packed.codes_shape[-1]
+    _check_tensor(a_codes, "a_codes", where, shape=packed.codes_shape, dtype=packed.codes_dtype)
+    _check_tensor(a_scales, "a_scales", where, shape=packed.scales_shape, dtype=packed.scales_dtype, device=device)
+    _check_tensor(w_codes, "w_codes", where, shape=(n, columns), dtype=packed.codes_dtype, device=device)
+    _check_tensor(w_scales, "w_scales", where, shape=(packed.groups, n), dtype=packed.scales_dtype, device=device)
     if spec.act == "nvfp4":
         _check_tensor(w_tscale, "w_tscale", where, dtype=torch.float32, device=device)
         _require(w_tscale.numel() in (1, n), f"w_tscale must hold one value or {n} (one per output channel), "
@@ -276,9 +276,9 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
             args.append(outputs[-1])
         next_down_acc = None
         if qn is not None:
-            outputs += [torch.empty((*lead, code_columns(qn.quant, n)), dtype=torch.uint8, device=device),
-                        torch.empty(scale_shape(qn.quant, lead, n), dtype=scale_dtype(qn.quant, dtype),
-                                    device=device)]
+            next_packed = packed_act(qn.quant, lead, n, dtype)
+            outputs += [torch.empty(next_packed.codes_shape, dtype=next_packed.codes_dtype, device=device),
+                        torch.empty(next_packed.scales_shape, dtype=next_packed.scales_dtype, device=device)]
             args += ([next_inputs["smooth"]] if qn.quant.smooth else []) + outputs[-2:]
             if qn.rank:
                 next_down_acc = torch.zeros((*lead, qn.rank), dtype=torch.float32, device=device)
@@ -298,7 +298,7 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
 def _run_gemm(spec: GemmSpec, target: Target, args: list, m: int, n: int, k: int,
               next_down_acc: torch.Tensor | None) -> None:
     kernel = load_kernel(spec, target)
-    k_extent = group_count(k, 16) * 16 if spec.act == "nvfp4" else k
+    k_extent = round_up(k, 16) if spec.act == "nvfp4" else k
 
     def run(config: GemmConfig) -> None:
         if next_down_acc is not None:

@@ -1,36 +1,34 @@
-"""Shapes and dtypes of the tensors the fused kernels read and write (no Triton needed: fake kernels use them)."""
+"""Shapes and dtypes of the packed activations a fused kernel reads or writes, from `codegen.layout`'s rules
+(no Triton needed: the fake kernels use them too)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from svdq_compiler.codegen.layout import code_columns, effective_group, packed_code_dtype, round_up, scale_dtype
 from svdq_compiler.codegen.spec import ActQuant
 
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+@dataclass(frozen=True)
+class PackedAct:
+    codes_shape: tuple
+    codes_dtype: torch.dtype
+    scales_shape: tuple
+    scales_dtype: torch.dtype
+    groups: int  # scales per row (K_pad/G; 1 for per-token int8)
 
 
-def group_count(k: int, group_size: int) -> int:
-    return -(-k // group_size)
+def packed_act(quant: ActQuant, lead: Sequence, k: int, dtype: torch.dtype) -> PackedAct:
+    """What `svdq.quantize_act` returns for x [*lead, K] of `dtype`."""
+    group = effective_group(quant.group_size, k)
+    k_pad = round_up(k, group)
+    return PackedAct((*lead, code_columns(quant.fmt, k_pad)), packed_code_dtype(quant.fmt),
+                     (*lead, k_pad // group), scale_dtype(quant.fmt, dtype), k_pad // group)
 
 
-def code_columns(quant: ActQuant, k: int) -> int:
-    """Columns of the codes tensor for K channels: K_pad/2 bytes (4-bit) or K (int8)."""
-    return group_count(k, quant.group_size) * quant.group_size // 2 if quant.packed else k
-
-
-def scale_shape(quant: ActQuant, lead: Sequence[int], k: int) -> tuple[int, ...]:
-    """Activation scales: [..., K_pad/G], or [..., 1] for per-token int8."""
-    if quant.fmt == "int8":
-        return (*lead, 1)
-    return (*lead, group_count(k, quant.group_size))
-
-
-def scale_dtype(quant: ActQuant, dtype: torch.dtype) -> torch.dtype:
-    """nvfp4 scales are FP8-E4M3 bit patterns in uint8 (codegen.layout); int8 scales are fp32."""
-    return {"nvfp4": torch.uint8, "int8": torch.float32}.get(quant.fmt, dtype)
-
-
-def code_dtype(quant: ActQuant) -> torch.dtype:
-    return torch.int8 if quant.fmt == "int8" else torch.uint8
+def model_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a spec's dtype name ("bfloat16", "float16", "float32")."""
+    return getattr(torch, name)

@@ -119,8 +119,19 @@ class QuantizeNext:
     emit_output: bool = False
 
 
+class _SpecText:
+    """The canonical text and hash every kernel spec has."""
+
+    def to_string(self) -> str:
+        return _canonical(self)
+
+    @property
+    def hash(self) -> str:
+        return _hash(self)
+
+
 @dataclass(frozen=True)
-class QuantizeSpec:
+class QuantizeSpec(_SpecText):
     """Kernel A: x [M, K] → codes, scales (+ (x/λ)·L2ᵀ [M, rank] when rank > 0)."""
 
     quant: ActQuant
@@ -135,20 +146,13 @@ class QuantizeSpec:
         self.quant.validate(where)
         _check_common(self.dtype, self.rank, self.k, where)
 
-    def to_string(self) -> str:
-        return _canonical(self)
-
-    @property
-    def hash(self) -> str:
-        return _hash(self)
-
     @property
     def name(self) -> str:
         return f"svdq_quantize_{self.quant.fmt}_r{self.rank}_{self.hash[:10]}"
 
 
 @dataclass(frozen=True)
-class GemmSpec:
+class GemmSpec(_SpecText):
     """Kernel B: Σ_g (a_g·w_gᵀ)·s_a·s_w (·tscale) + down·L1ᵀ + bias, then `epilogue`, then `quantize_next`."""
 
     act: str  # activation format of the codes it reads (int4, uint4, nvfp4, int8)
@@ -190,13 +194,6 @@ class GemmSpec:
             if self.quantize_next.quant.fmt == "int8":
                 raise SpecError("per-token int8 quantization needs the whole row and cannot be an epilogue",
                                 where=where, fix="leave the next layer's quantize_act unfused")
-
-    def to_string(self) -> str:
-        return _canonical(self)
-
-    @property
-    def hash(self) -> str:
-        return _hash(self)
 
     @property
     def name(self) -> str:

@@ -44,13 +44,6 @@ _ASSERT_OPS = tuple(getattr(aten, name) for name in ("_assert_tensor_metadata", 
                     if hasattr(aten, name))
 
 
-def _svdq(name: str):
-    import svdq_compiler.codegen.fused_ops  # noqa: F401  (registers the fused ops)
-    import svdq_compiler.ops  # noqa: F401  (registers the reference ops)
-
-    return getattr(torch.ops.svdq, name).default
-
-
 def _is(node: Any, target) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
 
@@ -319,7 +312,7 @@ def _kernel_b(rw: _Rewriter, chain: _Chain, quantize_next: tuple[_Group, Quantiz
             if qn.rank:
                 weight, next_ranks = rw.lora_down_weight(next_group.downs)
                 next_lora_down = attr(weight)
-        fused = rw.call(_svdq("fused_gemm"), (
+        fused = rw.call(torch.ops.svdq.fused_gemm.default, (
             args["a_codes"], args["a_scales"], attr(_attr(w_codes)), attr(_attr(args["w_scales"])),
             attr(_attr(args.get("w_tscale"))), chain.down, attr(chain.lora_up), attr(chain.bias),
             list(chain.operands), next_smooth, next_lora_down, spec.to_string()),
@@ -365,7 +358,7 @@ def _kernel_a(rw: _Rewriter, group: _Group) -> None:
                 key=order.__getitem__)
     with graph.inserting_before(first):
         smooth = rw.get_attr(_attr(group.args["smooth"])) if quant.smooth else None
-        fused = rw.call(_svdq("fused_quantize_lora_down"),
+        fused = rw.call(torch.ops.svdq.fused_quantize_lora_down.default,
                         (x, smooth, rw.get_attr(weight) if weight else None, spec.to_string()),
                         QuantOpInfo("svdq.fused_quantize_lora_down", _group_linears(group), asdict(spec)))
         codes, scales, down = rw.outputs(fused, 3)
@@ -420,7 +413,7 @@ def _remove_dead(gm: torch.fx.GraphModule, replaced_weights: set[str]) -> None:
                ensures="lowered chains run as generated kernels A (quantize + down) and B (GEMM + up + epilogue)")
 def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Replace lowered SVDQuant chains with `svdq.fused_quantize_lora_down` and `svdq.fused_gemm`."""
-    quantize_op, gemm_op = _svdq("quantize_act"), _svdq("gemm")
+    quantize_op, gemm_op = torch.ops.svdq.quantize_act.default, torch.ops.svdq.gemm.default
     groups = {node: g for node in gm.graph.nodes if _is(node, quantize_op) and (g := _group(node)) is not None}
     rw = _Rewriter(gm)
     weights_before = {node.target for node in gm.graph.nodes if node.op == "get_attr"}

@@ -16,6 +16,7 @@ from svdq_compiler.config import PRESETS, QuantConfig, Scheme
 from svdq_compiler.errors import InputError, SvdqError
 from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
 from svdq_compiler import ops  # noqa: F401  (registers torch.ops.svdq.*)
+from svdq_compiler.codegen import fused_ops  # noqa: F401  (registers torch.ops.svdq.fused_*)
 
 __version__ = "0.1.0"
 
