@@ -35,7 +35,7 @@ def resolve_config(config: str | QuantConfig | dict) -> QuantConfig:
 
 def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str | QuantConfig = "int4",
             calib_inputs: Iterable[tuple | dict] | None = None, dump_ir: str | Path | None = None, *,
-            passes: Sequence[str] | None = None, dynamic_shapes: Any = None, verify: bool = False,
+            passes: Sequence[str] | None = None, dynamic_shapes: Any = "auto", verify: bool = False,
             print_ir_after_change: bool = False, progress: bool = False) -> torch.fx.GraphModule:
     """Capture `module` and run the SVDQuant pipeline on it; returns the compiled GraphModule."""
     quant_config = resolve_config(config)

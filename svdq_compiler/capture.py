@@ -1,16 +1,36 @@
-"""Capture: torch.export (non-strict) → ATen-level GraphModule with parameters as attributes."""
+"""Capture: torch.export (non-strict) → ATen-level GraphModule with parameters as attributes.
+
+Dimensions that change between calls (batch, token counts, latent height and width) are declared with
+`DynDim`s, by the model's adapter or by the user (torch `Dim`s are accepted too). When the model's code
+specializes a declared dimension, torch.export refuses the capture and suggests a fix; capture applies it
+(static size or narrower range), tries again, and records what fell back and why. The result carries a capture
+report in `gm.meta["svdq_capture"]` and a pre-hook that rejects inputs the graph cannot serve with an error
+naming the input, the dimension and the reason.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import inspect
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 import torch.fx
 
-from svdq_compiler.errors import CaptureError
+from svdq_compiler.errors import CaptureError, InputError, ShapeError, first_line
+from svdq_compiler.models import ModelAdapter, adapter_for
+from svdq_compiler.models.base import DynDim
+
+CAPTURE_META = "svdq_capture"  # the capture report (JSON-able)
+INPUTS_META = "svdq_capture_inputs"  # the example inputs, kept for re-export when saving
+MAX_EXPORT_ATTEMPTS = 6
+UNBOUNDED = 2**31 - 1  # a torch Dim without an upper bound
 
 
-def split_inputs(example_inputs: tuple | list | dict) -> tuple[tuple, dict]:
+def split_inputs(example_inputs: tuple | list | dict | torch.Tensor) -> tuple[tuple, dict]:
     """`example_inputs` is a tuple of positional arguments or a dict of keyword arguments."""
     if isinstance(example_inputs, dict):
         return (), dict(example_inputs)
@@ -22,20 +42,419 @@ def split_inputs(example_inputs: tuple | list | dict) -> tuple[tuple, dict]:
                        f"got {type(example_inputs).__name__}")
 
 
-def capture(module: torch.nn.Module, example_inputs: tuple | dict, *,
-            dynamic_shapes: Any = None) -> torch.fx.GraphModule:
-    """Export `module` on `example_inputs` and return the ATen-level GraphModule (parameters as attributes)."""
+# ---- input trees ------------------------------------------------------------------------------------------
+
+def walk(tree: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """(path, leaf) for every leaf of nested dicts, lists and tuples."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from walk(value, path + (key,))
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            yield from walk(value, path + (index,))
+    else:
+        yield path, tree
+
+
+def path_name(path: tuple) -> str:
+    """`hidden_states`, `added_cond_kwargs.text_embeds`, `args[0]`."""
+    if not path:
+        return "input"
+    head, rest = path[0], path[1:]
+    text = f"args[{head}]" if isinstance(head, int) else str(head)
+    for key in rest:
+        text += f"[{key}]" if isinstance(key, int) else f".{key}"
+    return text
+
+
+# ---- declared dimensions ----------------------------------------------------------------------------------
+
+@dataclass
+class CapturedDim:
+    """One declared dimension of one input, as captured."""
+
+    input: str
+    index: int
+    size: int  # in the example inputs
+    status: str  # "dynamic", "static" (fell back) or "auto" (torch.export decides)
+    name: str | None = None
+    label: str = ""
+    min: int | None = None
+    max: int | None = None
+    multiple: int = 1
+    reason: str | None = None
+
+    def where(self) -> str:
+        return f"{self.input} dim {self.index}" + (f" ({self.label})" if self.label else "")
+
+    def dyn(self) -> DynDim:
+        return DynDim(self.name, self.min, self.max, self.multiple, self.label)
+
+
+def to_dyn(dim: Any, where: str) -> Any:
+    """A DynDim from a DynDim or a torch Dim; torch's Dim.AUTO/STATIC/DYNAMIC hints pass through."""
+    from torch.export.dynamic_shapes import _DimHint
+
+    if isinstance(dim, DynDim) or isinstance(dim, _DimHint):
+        return dim
+    root = getattr(dim, "root", None)
+    if isinstance(dim, torch.export.Dim) and root is None:
+        return DynDim(dim.__name__, max(1, int(dim.min)), min(UNBOUNDED, int(dim.max)))
+    if root is not None:
+        offset, multiple = int(dim.fn(0)), int(dim.fn(1)) - int(dim.fn(0))
+        if offset == 0 and multiple >= 1 and int(dim.fn(2)) == 2 * multiple:
+            return DynDim(root.__name__, max(1, int(root.min)), min(UNBOUNDED, int(root.max)), multiple)
+    raise InputError(f"unsupported dynamic dimension {dim!r} for {where}",
+                     fix="use DynDim(name, min, max, multiple) or a torch Dim, or k*Dim for a multiple")
+
+
+def declared_dims(spec: Any, inputs: Any, path: tuple = ()) -> list[tuple[tuple, int, Any]]:
+    """[(input path, dim index, DynDim or torch hint)] from a dynamic_shapes tree that mirrors the inputs."""
+    if spec is None:
+        return []
+    where = path_name(path)
+    if isinstance(inputs, torch.Tensor):
+        if isinstance(spec, dict):
+            items = spec.items()
+        elif isinstance(spec, (list, tuple)):
+            items = enumerate(spec)
+        else:
+            raise InputError(f"dynamic_shapes for {where} must be {{dim index: Dim}} or a per-dimension list")
+        found = []
+        for index, dim in items:
+            if dim is None or isinstance(dim, int):
+                continue
+            if not 0 <= int(index) < inputs.dim():
+                raise InputError(f"dynamic_shapes names dim {index} of {where}, which has {inputs.dim()} dims")
+            found.append((path, int(index), to_dyn(dim, f"{where} dim {index}")))
+        return found
+    if isinstance(inputs, dict):
+        if not isinstance(spec, dict):
+            raise InputError(f"dynamic_shapes for {where} must be a dict mirroring the inputs")
+        unknown = sorted(set(spec) - set(inputs))
+        if unknown:
+            raise InputError(f"dynamic_shapes names inputs that are not given: {unknown}",
+                             fix=f"the inputs are: {', '.join(map(str, inputs))}")
+        return [found for key in inputs for found in declared_dims(spec.get(key), inputs[key], path + (key,))]
+    if isinstance(inputs, (list, tuple)):
+        if not isinstance(spec, (list, tuple)) or len(spec) != len(inputs):
+            raise InputError(f"dynamic_shapes for {where} must be a list or tuple of {len(inputs)} entries")
+        return [found for i, (s, x) in enumerate(zip(spec, inputs)) for found in declared_dims(s, x, path + (i,))]
+    return []
+
+
+def torch_dynamic_shapes(inputs: Any, dims: dict[tuple[tuple, int], Any]) -> Any:
+    """The torch.export dynamic_shapes tree for `inputs` with the given {(path, index): DynDim or hint}."""
+    roots: dict[str, torch.export.Dim] = {}
+
+    def to_torch(dim: Any) -> Any:
+        if not isinstance(dim, DynDim):
+            return dim
+        root = roots.get(dim.name)
+        if root is None:
+            bounds = {"min": dim.min} | ({"max": dim.max} if dim.max < UNBOUNDED else {})
+            root = roots[dim.name] = torch.export.Dim(dim.name, **bounds)
+        elif (root.min, root.max) != (dim.min, dim.max if dim.max < UNBOUNDED else root.max):
+            raise InputError(f"dynamic dimension {dim.name!r} is declared with two different ranges",
+                             fix="give every use of one dimension name the same min and max")
+        return root if dim.multiple == 1 else dim.multiple * root
+
+    def mirror(tree: Any, path: tuple) -> Any:
+        if isinstance(tree, torch.Tensor):
+            entry = {index: to_torch(dims[(path, index)]) for index in range(tree.dim()) if (path, index) in dims}
+            return entry or None
+        if isinstance(tree, dict):
+            return {key: mirror(value, path + (key,)) for key, value in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(mirror(value, path + (i,)) for i, value in enumerate(tree))
+        return None
+
+    return mirror(inputs, ())
+
+
+# ---- torch.export's constraint violations -----------------------------------------------------------------
+
+_VIOLATED = re.compile(r"Constraints violated \(([^)]*)\)")
+_FIX = re.compile(r"^\s*(\w+) = (.+?)\s*$")
+_RANGE = re.compile(r"^Dim\('(\w+)'(?:, min=(\d+))?(?:, max=(\d+))?\)$")
+
+
+def constraint_violation(exc: BaseException) -> str | None:
+    """The message of a torch.export dynamic-shape constraint violation, or None for other errors."""
+    from torch._dynamo.exc import UserError, UserErrorType
+
+    if isinstance(exc, UserError) and exc.error_type == UserErrorType.CONSTRAINT_VIOLATION:
+        return str(exc)
+    return None
+
+
+def parse_violation(message: str) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """(violated dimension names, {name: torch's explanation}, {name: torch's suggested fix})."""
+    match = _VIOLATED.search(message)
+    names = [n.strip() for n in match.group(1).split(",")] if match else []
+    bullets = [line.strip()[2:] for line in message.splitlines() if line.strip().startswith("- ")]
+    reasons = {}
+    for name in names:
+        bullet = next((b for b in bullets if re.search(rf"\b{re.escape(name)}\b", b)), None)
+        if bullet:
+            reasons[name] = bullet.split(". ")[0].rstrip(".")
+    fixes = {}
+    if "Suggested fixes:" in message:
+        for line in message.split("Suggested fixes:", 1)[1].splitlines():
+            fix = _FIX.match(line)
+            if fix:
+                fixes[fix.group(1)] = fix.group(2)
+            elif line.strip() == "" and fixes:
+                break
+    return names, reasons, fixes
+
+
+# ---- capture ----------------------------------------------------------------------------------------------
+
+def capture(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_shapes: Any = "auto",
+            adapter: ModelAdapter | None = None) -> torch.fx.GraphModule:
+    """Export `module` on `example_inputs` and return the ATen-level GraphModule (parameters as attributes).
+
+    dynamic_shapes: "auto" takes the dimensions the model's adapter declares (none for an unknown module);
+    None captures every dimension static; otherwise a tree mirroring the inputs with {dim index: DynDim or
+    torch Dim} per tensor.
+    """
+    start = time.perf_counter()
     args, kwargs = split_inputs(example_inputs)
+    inputs: Any = list(args) if args else kwargs
+    adapter = adapter or adapter_for(module)
     module = module.eval()
-    try:
-        with torch.no_grad():
-            program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as exc:  # torch.export raises many types; the user needs the first line and a way forward
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(f"torch.export could not capture {type(module).__name__}: {first_line}",
-                           fix="check that the example inputs match forward(), or pass dynamic_shapes=None "
-                               "to capture at a static size") from exc
+    relax_reason = None
+    if isinstance(dynamic_shapes, str):
+        if dynamic_shapes != "auto":
+            raise InputError(f"dynamic_shapes={dynamic_shapes!r} is not understood",
+                             fix='use "auto", None, or a tree of {dim: DynDim} mirroring the inputs')
+        dynamic_shapes = adapter.dynamic_shapes(module, kwargs) if kwargs and not args else None
+        relax_reason = adapter.guard_relaxation(module, kwargs) if dynamic_shapes is not None else None
+    declared = declared_dims(dynamic_shapes, inputs)
+    examples = {path: leaf for path, leaf in walk(inputs) if isinstance(leaf, torch.Tensor)}
+    dims = {(path, index): dim for path, index, dim in declared}
+    fallbacks: dict[str, str] = {}  # dimension name → why it is static
+    narrowed: dict[str, str] = {}  # dimension name → why its range is narrower than declared
+    check_examples(dims, examples, fallbacks)
+
+    attempts = 0
+    while True:
+        attempts += 1
+        live = {key: dim for key, dim in dims.items() if not (isinstance(dim, DynDim) and dim.name in fallbacks)}
+        spec = torch_dynamic_shapes(inputs, live) if live else None
+        if isinstance(inputs, list) and spec is not None:
+            spec = tuple(spec)
+        try:
+            with torch.no_grad():
+                program = torch.export.export(module, args, kwargs, dynamic_shapes=spec, strict=False)
+            break
+        except Exception as exc:  # torch.export raises many types; violations are retried, the rest reported
+            message = constraint_violation(exc)
+            if message is None or attempts >= MAX_EXPORT_ATTEMPTS or not apply_fixes(message, dims, fallbacks,
+                                                                                     narrowed):
+                raise CaptureError(f"torch.export could not capture {type(module).__name__}: {first_line(exc)}",
+                                   fix="check that the example inputs match forward(); capture with "
+                                       "dynamic_shapes=None for a static graph; rerun with TORCH_LOGS=+dynamic "
+                                       "for torch's full explanation") from exc
+    for name, size in specialized_while_tracing(program, args, kwargs, dims).items():
+        fallbacks.setdefault(name, f"torch.export specialized it to {size} while tracing: the model's code "
+                                   f"depends on its exact value")
     program = program.run_decompositions({})
-    gm = program.module()
-    gm.meta["svdq_capture"] = {"dynamic_shapes": dynamic_shapes, "module_class": type(module).__name__}
+    gm = unlift(program, check_guards=relax_reason is None)
+    for parameter in gm.parameters():
+        parameter.requires_grad_(False)
+    report_dims = [captured_dim(path, index, dim, examples[path], fallbacks, narrowed)
+                   for (path, index), dim in dims.items()]
+    gm.meta[CAPTURE_META] = {
+        "module_class": type(module).__name__,
+        "adapter": adapter.name,
+        "positional": bool(args),
+        "inputs": [{"path": path_name(path), "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                   for path, t in examples.items()],
+        "dims": [dataclasses.asdict(d) for d in report_dims],
+        "relaxed_guards": None if relax_reason is None else {
+            "reason": relax_reason, "dropped": list(getattr(program, "_guards_code", []))},
+        "export_attempts": attempts,
+        "wall_s": round(time.perf_counter() - start, 3),
+    }
+    gm.meta[INPUTS_META] = example_inputs
+    install_shape_check(gm)
     return gm
+
+
+def check_examples(dims: dict[tuple[tuple, int], Any], examples: dict[tuple, torch.Tensor],
+                   fallbacks: dict[str, str]) -> None:
+    """Validate the example sizes of declared dimensions; sizes 0 and 1 fall back to static up front."""
+    sizes: dict[str, tuple[int, str]] = {}
+    for (path, index), dim in dims.items():
+        if not isinstance(dim, DynDim):
+            continue
+        size = examples[path].shape[index]
+        where = f"{path_name(path)} dim {index} ({dim.describe()})"
+        if size <= 1:
+            fallbacks.setdefault(dim.name, f"the example size is {size}, and torch.export specializes sizes 0 "
+                                           f"and 1; capture with a larger example to make it dynamic")
+            continue
+        if not dim.allows(size):
+            raise InputError(f"example input {where} is {size}, outside its declared range {dim.size_range()}",
+                             fix="give example inputs inside the declared range")
+        units = size // dim.multiple
+        if dim.name in sizes and sizes[dim.name][0] != units:
+            raise InputError(f"example input {where} is {size}, which does not match {sizes[dim.name][1]}; both "
+                             f"are dimension {dim.name!r}", fix="give them matching sizes")
+        sizes.setdefault(dim.name, (units, f"{where} = {size}"))
+
+
+def apply_fixes(message: str, dims: dict[tuple[tuple, int], Any], fallbacks: dict[str, str],
+                narrowed: dict[str, str]) -> bool:
+    """Apply torch.export's suggested fixes to the declared dimensions; False when nothing could be done."""
+    names, reasons, fixes = parse_violation(message)
+    known = {dim.name for dim in dims.values() if isinstance(dim, DynDim) and dim.name not in fallbacks}
+    progress = False
+    for name in names:
+        if name not in known:
+            continue
+        reason = reasons.get(name, "the model's code specializes it")
+        fix = fixes.get(name, "")
+        bounds = _RANGE.match(fix)
+        if bounds and bounds.group(1) == name:
+            low, high = bounds.group(2), bounds.group(3)
+            for key, dim in dims.items():
+                if isinstance(dim, DynDim) and dim.name == name:
+                    dims[key] = dataclasses.replace(dim, min=int(low) if low else dim.min,
+                                                    max=int(high) if high else dim.max)
+            narrowed[name] = reason
+        else:
+            suggestion = f" (torch.export suggests {name} = {fix})" if fix and not fix.isdigit() else ""
+            fallbacks[name] = reason + suggestion
+        progress = True
+    return progress
+
+
+def specialized_while_tracing(program: torch.export.ExportedProgram, args: tuple, kwargs: dict,
+                              dims: dict[tuple[tuple, int], Any]) -> dict[str, int]:
+    """{dimension name: size} for declared dimensions that came out static although export succeeded.
+
+    torch.export does not always report a specialization as a violation (e.g. a derived height compared with
+    a Python int), so the placeholders' shapes are the ground truth.
+    """
+    flat, _ = torch.utils._pytree.tree_flatten_with_path((args, kwargs))
+    names = program.graph_signature.user_inputs
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    specialized = {}
+    for (keypath, _), name in zip(flat, names):
+        path = tuple(getattr(key, "key", getattr(key, "idx", None)) for key in keypath[1:])
+        value = placeholders[name].meta.get("val") if name in placeholders else None
+        if not isinstance(value, torch.Tensor):
+            continue
+        for index, size in enumerate(value.shape):
+            dim = dims.get((path, index))
+            if isinstance(dim, DynDim) and not isinstance(size, torch.SymInt):
+                specialized[dim.name] = int(size)
+    return specialized
+
+
+def captured_dim(path: tuple, index: int, dim: Any, example: torch.Tensor, fallbacks: dict[str, str],
+                 narrowed: dict[str, str]) -> CapturedDim:
+    size = int(example.shape[index])
+    if not isinstance(dim, DynDim):
+        return CapturedDim(path_name(path), index, size, "auto", reason=f"torch.export decides ({dim})")
+    if dim.name in fallbacks:
+        return CapturedDim(path_name(path), index, size, "static", dim.name, dim.label, reason=fallbacks[dim.name])
+    if not dim.allows(size):
+        # A narrowed range that no longer holds the example cannot happen: torch's fix always includes it.
+        raise CaptureError(f"{path_name(path)} dim {index} ({dim.describe()}) left its range after capture")
+    return CapturedDim(path_name(path), index, size, "dynamic", dim.name, dim.label, dim.min, dim.max, dim.multiple,
+                       reason=narrowed.get(dim.name))
+
+
+def unlift(program: torch.export.ExportedProgram, *, check_guards: bool) -> torch.fx.GraphModule:
+    """program.module(); without torch's size guards when an adapter showed they do not change the graph."""
+    if not check_guards and "check_guards" in inspect.signature(program.module).parameters:
+        return program.module(check_guards=False)
+    return program.module()
+
+
+def capture_report(gm: torch.fx.GraphModule) -> dict[str, Any]:
+    report = gm.meta.get(CAPTURE_META)
+    if report is None:
+        raise InputError("this GraphModule was not made by svdq_compiler.capture (no capture report)",
+                         fix="capture the model with svdq_compiler.capture or compile")
+    return report
+
+
+def dynamic_shapes_of(gm: torch.fx.GraphModule, inputs: Any) -> Any:
+    """The torch.export dynamic_shapes that reproduce the capture's dynamic dimensions (for re-export)."""
+    report = capture_report(gm)
+    by_name = {path_name(path): path for path, leaf in walk(inputs) if isinstance(leaf, torch.Tensor)}
+    dims = {(by_name[d["input"]], d["index"]): CapturedDim(**d).dyn()
+            for d in report["dims"] if d["status"] == "dynamic"}
+    spec = torch_dynamic_shapes(inputs, dims) if dims else None
+    return tuple(spec) if isinstance(spec, list) else spec
+
+
+# ---- run-time shape check ---------------------------------------------------------------------------------
+
+def install_shape_check(gm: torch.fx.GraphModule) -> None:
+    """A forward pre-hook that rejects inputs the graph cannot serve, naming the input, dimension and reason.
+
+    It runs before torch's own guards so that the common mistakes (a static dimension at another size, a
+    size outside the captured range) read as svdq errors; torch's guards still catch anything else.
+    """
+    previous = getattr(gm, "_svdq_shape_check", None)
+    if previous is not None:
+        previous.remove()
+    gm._svdq_shape_check = gm.register_forward_pre_hook(_shape_check_hook, with_kwargs=True, prepend=True)
+
+
+def _shape_check_hook(module: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    report = module.meta.get(CAPTURE_META)
+    if report is None:
+        return
+    if report["positional"]:
+        inputs: Any = list(args)
+    else:
+        try:
+            inputs = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        except TypeError:
+            return  # a signature mismatch: torch's own input check reports it
+    check_input_shapes(report, inputs)
+
+
+def check_input_shapes(report: dict[str, Any], inputs: Any) -> None:
+    given = {path_name(path): leaf for path, leaf in walk(inputs)}
+    declared = {(d["input"], d["index"]): CapturedDim(**d) for d in report["dims"]}
+    symbols: dict[str, tuple[int, str]] = {}
+    for entry in report["inputs"]:
+        name, shape = entry["path"], entry["shape"]
+        tensor = given.get(name)
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if tensor.dim() != len(shape):
+            raise ShapeError(f"{name} has {tensor.dim()} dimensions, but the graph was captured with "
+                             f"{len(shape)} ({tuple(shape)})", fix="pass the input with the captured layout")
+        for index, size in enumerate(tensor.shape):
+            dim = declared.get((name, index))
+            if dim is None or dim.status == "static":
+                if size != shape[index]:
+                    where = dim.where() if dim else f"{name} dim {index}"
+                    why = dim.reason if dim else "it was not declared dynamic"
+                    raise ShapeError(f"{where} is {size}, but the graph was captured with a static "
+                                     f"{shape[index]}: {why}",
+                                     fix=f"run at {shape[index]}, or capture again at this size")
+            elif dim.status == "dynamic":
+                check_dynamic_size(dim, int(size), symbols)
+
+
+def check_dynamic_size(dim: CapturedDim, size: int, symbols: dict[str, tuple[int, str]]) -> None:
+    dyn = dim.dyn()
+    if not dyn.allows(size):
+        raise ShapeError(f"{dim.where()} is {size}, outside the captured range {dyn.size_range()}"
+                         + (f" ({dim.reason})" if dim.reason else ""),
+                         fix="use a size in that range, or capture again with a wider range")
+    units = size // dyn.multiple
+    if dim.name in symbols and symbols[dim.name][0] != units:
+        raise ShapeError(f"{dim.where()} is {size}, which does not match {symbols[dim.name][1]}; both are "
+                         f"dimension {dim.name!r}", fix="give them matching sizes")
+    symbols.setdefault(dim.name, (units, f"{dim.where()} = {size}"))

@@ -21,6 +21,10 @@ class InputError(SvdqError):
     """A path, model name, option or argument the user gave cannot be used."""
 
 
+class ShapeError(InputError):
+    """An input's shape is one the captured graph cannot serve (a static dimension, or outside a range)."""
+
+
 class CaptureError(SvdqError):
     """The model could not be captured with torch.export as asked."""
 
@@ -35,3 +39,9 @@ class QuantizationError(SvdqError):
 
 class CheckpointError(SvdqError):
     """A saved graph, checkpoint or LoRA file is missing, corrupt, or from an incompatible version."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to pages), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

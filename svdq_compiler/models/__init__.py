@@ -1,0 +1,112 @@
+"""Model adapters, built-in model names, and `load_model`.
+
+`load_model(spec)` takes a built-in name (`random:flux`, `random:pixart`, `random:sd3`, `random:sana`,
+`random:unet`, and whatever else is registered with `register_builtin`), a local diffusers folder, or a
+single-file safetensors checkpoint. Nothing is downloaded. `adapter_for(model)` finds the family adapter
+(`GenericAdapter` for any other module).
+
+A module that ships a built-in model registers it at import time with `register_builtin(name, factory)` and is
+imported at the end of this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from svdq_compiler.errors import InputError
+from svdq_compiler.models.base import DynDim, ModelAdapter
+from svdq_compiler.models.flux import FluxAdapter
+from svdq_compiler.models.generic import GenericAdapter
+from svdq_compiler.models.pixart import PixArtAdapter
+from svdq_compiler.models.sana import SanaAdapter
+from svdq_compiler.models.sd3 import SD3Adapter
+from svdq_compiler.models.unet import UNetAdapter
+
+__all__ = ["ADAPTERS", "DynDim", "GenericAdapter", "ModelAdapter", "adapter_for", "adapter_named", "builtin_names",
+           "load_model", "register_adapter", "register_builtin"]
+
+ADAPTERS: list[ModelAdapter] = [FluxAdapter(), PixArtAdapter(), SD3Adapter(), SanaAdapter(), UNetAdapter()]
+GENERIC = GenericAdapter()
+
+
+def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
+    """Add a family adapter; it takes precedence over the ones registered before it."""
+    ADAPTERS.insert(0, adapter)
+    return adapter
+
+
+def adapter_for(model: torch.nn.Module) -> ModelAdapter:
+    """The adapter of the model's family, or the generic one."""
+    return next((adapter for adapter in ADAPTERS if adapter.matches(model)), GENERIC)
+
+
+def adapter_named(name: str) -> ModelAdapter:
+    for adapter in [*ADAPTERS, GENERIC]:
+        if adapter.name == name:
+            return adapter
+    raise InputError(f"unknown model adapter {name!r}",
+                     fix=f"choose one of: {', '.join(a.name for a in [*ADAPTERS, GENERIC])}")
+
+
+def adapter_for_class(class_name: str) -> ModelAdapter:
+    for adapter in ADAPTERS:
+        if class_name in adapter.class_names:
+            return adapter
+    supported = sorted(name for adapter in ADAPTERS for name in adapter.class_names)
+    raise InputError(f"model class {class_name!r} is not supported",
+                     fix=f"supported diffusers classes: {', '.join(supported)}; other modules go through "
+                         f"svdq_compiler.compile(module, example_inputs) directly")
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    factory: Callable[[], torch.nn.Module]
+    description: str
+
+
+BUILTINS: dict[str, Builtin] = {}
+
+
+def register_builtin(name: str, factory: Callable[[], torch.nn.Module], description: str = "") -> None:
+    """Make `name` loadable with load_model / `svdq-compile NAME`. `factory()` returns the model in eval mode."""
+    if not name or "/" in name or Path(name).suffix:
+        raise InputError(f"built-in model name {name!r} would read as a path", fix="use a plain name like 'tiny-flux'")
+    BUILTINS[name] = Builtin(name, factory, description)
+
+
+def builtin_names() -> list[str]:
+    return sorted(BUILTINS)
+
+
+def load_model(spec: str | Path, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A model from a built-in name, a diffusers folder, or a single-file checkpoint, in eval mode.
+
+    `dtype` converts the weights; None keeps a checkpoint's own dtype (built-ins are float32).
+    """
+    name = str(spec)
+    if name in BUILTINS:
+        model = BUILTINS[name].factory().eval()
+        return model.to(dtype) if dtype is not None else model
+    path = Path(name).expanduser()
+    if not path.exists():
+        looks_like_a_name = name.startswith("random:") or ("/" not in name and not path.suffix)
+        if looks_like_a_name:
+            raise InputError(f"unknown model name {name!r}",
+                             fix=f"valid built-in names: {', '.join(builtin_names())}; or give a path to a "
+                                 f"diffusers folder or a .safetensors file")
+        raise InputError("no such file or folder", where=name,
+                         fix="give an existing diffusers folder or .safetensors file, or a built-in name "
+                             f"({', '.join(builtin_names())})")
+    from svdq_compiler.models.loading import load_from_path
+
+    return load_from_path(path, dtype=dtype)
+
+
+for _adapter in ADAPTERS:
+    register_builtin(f"random:{_adapter.name}", _adapter.random_model,
+                     f"tiny random-weight {_adapter.class_names[0]} with every structural feature")

@@ -1,0 +1,25 @@
+"""The generic path: any nn.Module, with example inputs (and, optionally, dynamic shapes) that the user gives."""
+
+from __future__ import annotations
+
+from svdq_compiler.errors import InputError
+from svdq_compiler.models.base import ModelAdapter
+
+
+class GenericAdapter(ModelAdapter):
+    """Matches any module. It knows nothing about the model, so inputs must come from the user."""
+
+    name = "generic"
+    class_names = ()
+
+    def matches(self, model):
+        return True
+
+    def example_inputs(self, model, batch=1, tokens=None, seed=0):
+        raise InputError(f"no model adapter knows how to build inputs for {type(model).__name__}",
+                         fix="call svdq_compiler.compile(model, example_inputs, dynamic_shapes=...) with your own "
+                             "inputs, or use a supported diffusers class (FLUX, PixArt, SD3, Sana, UNet2DCondition)")
+
+    def calib_inputs(self, model, num_prompts, num_steps, seed=0, *, batch=1, tokens=None):
+        raise InputError(f"no model adapter knows how to build calibration inputs for {type(model).__name__}",
+                         fix="pass calib_inputs=[...] (a list of example-input tuples or dicts) to compile")

@@ -1,0 +1,151 @@
+"""Capture on the generic path: dynamic dimensions, fallbacks to static, the capture report, the shape check."""
+
+import pytest
+import torch
+
+import svdq_compiler
+from svdq_compiler.capture import CAPTURE_META, parse_violation
+from svdq_compiler.errors import CaptureError, InputError, ShapeError
+from svdq_compiler.models import DynDim
+
+
+class TokenMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class UsesTokenCount(TokenMLP):
+    """Reads the token count as a Python int: torch.export must specialize it."""
+
+    def forward(self, x):
+        return super().forward(x) * int(x.shape[1])
+
+
+class CapsTokens(TokenMLP):
+    """Branches on the token count: only sizes up to 16 follow the traced branch."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y if x.shape[1] <= 16 else y * 2
+
+
+class DataDependent(TokenMLP):
+    def forward(self, x):
+        return super().forward(x) if x.sum() > 0 else x
+
+
+class Pair(torch.nn.Module):
+    """Two inputs sharing one dimension (like FLUX's hidden_states and img_ids)."""
+
+    def forward(self, tokens, positions):
+        return tokens * positions[:, None]
+
+
+def dims_of(gm):
+    return {(d["input"], d["index"]): d for d in gm.meta[CAPTURE_META]["dims"]}
+
+
+def test_static_capture_keeps_parameters_as_frozen_attributes():
+    model = TokenMLP()
+    gm = svdq_compiler.capture(model, (torch.randn(2, 8, 16),))
+    assert {n.target for n in gm.graph.nodes if n.op == "get_attr"} >= {"up.weight", "down.bias"}
+    assert all(not p.requires_grad for p in gm.parameters())
+    assert gm.meta[CAPTURE_META]["dims"] == [] and gm.meta[CAPTURE_META]["adapter"] == "generic"
+    with pytest.raises(ShapeError, match=r"args\[0\] dim 1 is 9, but the graph was captured with a static 8"):
+        gm(torch.randn(2, 9, 16))
+
+
+def test_declared_dims_are_dynamic_and_run_equal_to_eager():
+    model = TokenMLP()
+    spec = ({0: DynDim("batch", 1, 8), 1: DynDim("tokens", 2, 64, label="tokens")},)
+    gm = svdq_compiler.capture(model, (torch.randn(2, 8, 16),), dynamic_shapes=spec)
+    for shape in [(1, 8, 16), (3, 40, 16), (2, 64, 16)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    tokens = dims_of(gm)[("args[0]", 1)]
+    assert (tokens["status"], tokens["min"], tokens["max"]) == ("dynamic", 2, 64)
+    with pytest.raises(ShapeError, match=r"args\[0\] dim 1 \(tokens\) is 65, outside the captured range \[2, 64\]"):
+        gm(torch.randn(2, 65, 16))
+
+
+def test_torch_dims_and_multiples_are_accepted():
+    model = TokenMLP()
+    tokens = torch.export.Dim("tokens", min=1, max=32)
+    gm = svdq_compiler.capture(model, (torch.randn(2, 8, 16),), dynamic_shapes=({1: 4 * tokens},))
+    assert dims_of(gm)[("args[0]", 1)]["multiple"] == 4
+    x = torch.randn(2, 12, 16)
+    torch.testing.assert_close(gm(x), model(x))
+    with pytest.raises(ShapeError, match=r"in steps of 4"):
+        gm(torch.randn(2, 10, 16))
+
+
+def test_specialized_dimension_falls_back_to_static_with_the_reason():
+    model = UsesTokenCount()
+    gm = svdq_compiler.capture(model, (torch.randn(2, 8, 16),), dynamic_shapes=({1: DynDim("tokens", 2, 64)},))
+    entry = dims_of(gm)[("args[0]", 1)]
+    assert entry["status"] == "static" and "specialized" in entry["reason"]
+    x = torch.randn(2, 8, 16)
+    torch.testing.assert_close(gm(x), model(x))
+    with pytest.raises(ShapeError, match=r"args\[0\] dim 1 is 12, but the graph was captured with a static 8: "
+                                         r".*specialized"):
+        gm(torch.randn(2, 12, 16))
+
+
+def test_range_the_model_cannot_serve_is_narrowed_and_reported():
+    model = CapsTokens()
+    gm = svdq_compiler.capture(model, (torch.randn(2, 8, 16),), dynamic_shapes=({1: DynDim("tokens", 2, 64)},))
+    entry = dims_of(gm)[("args[0]", 1)]
+    assert (entry["status"], entry["max"]) == ("dynamic", 16) and entry["reason"]
+    assert gm.meta[CAPTURE_META]["export_attempts"] == 2
+    x = torch.randn(2, 16, 16)
+    torch.testing.assert_close(gm(x), model(x))
+    with pytest.raises(ShapeError, match="outside the captured range"):
+        gm(torch.randn(2, 17, 16))
+
+
+def test_example_of_size_one_gives_a_static_dimension_without_an_export_round():
+    gm = svdq_compiler.capture(TokenMLP(), (torch.randn(1, 8, 16),), dynamic_shapes=({0: DynDim("batch", 1, 8)},))
+    entry = dims_of(gm)[("args[0]", 0)]
+    assert entry["status"] == "static" and "sizes 0 and 1" in entry["reason"]
+    assert gm.meta[CAPTURE_META]["export_attempts"] == 1
+
+
+def test_shared_dimension_must_match_at_run_time():
+    n = DynDim("n", 2, 64, label="positions")
+    gm = svdq_compiler.capture(Pair(), {"tokens": torch.randn(8, 4), "positions": torch.randn(8)},
+                               dynamic_shapes={"tokens": {0: n}, "positions": {0: n}})
+    out = gm(tokens=torch.ones(5, 4), positions=torch.arange(5.0))
+    torch.testing.assert_close(out, torch.arange(5.0)[:, None].expand(5, 4))
+    with pytest.raises(ShapeError, match="positions dim 0 .* does not match tokens dim 0"):
+        gm(tokens=torch.ones(5, 4), positions=torch.arange(6.0))
+
+
+def test_capture_errors_are_one_clear_line():
+    with pytest.raises(CaptureError, match="could not capture DataDependent") as failure:
+        svdq_compiler.capture(DataDependent(), (torch.randn(2, 8, 16),))
+    assert "\n" not in str(failure.value)
+    with pytest.raises(InputError, match="outside its declared range"):
+        svdq_compiler.capture(TokenMLP(), (torch.randn(2, 80, 16),), dynamic_shapes=({1: DynDim("t", 2, 64)},))
+    with pytest.raises(InputError, match="not given: \\['y'\\]"):
+        svdq_compiler.capture(Pair(), {"tokens": torch.randn(8, 4), "positions": torch.randn(8)},
+                              dynamic_shapes={"y": None})
+    with pytest.raises(CaptureError, match="tuple of positional args or a dict"):
+        svdq_compiler.capture(TokenMLP(), "not inputs")
+
+
+def test_violation_parser_reads_torch_messages():
+    message = ("Constraints violated (batch, w)! For more information, run with TORCH_LOGS=\"+dynamic\".\n"
+               "  - Not all values of batch = L['x'].size()[0] in the specified range batch <= 64 satisfy the "
+               "generated guard L['x'].size()[0] <= 63\n"
+               "  - You marked w as dynamic but your code specialized it to be a constant (4). If you're using "
+               "mark_dynamic, either remove it.\n"
+               "Suggested fixes:\n  batch = Dim('batch', max=63)\n  w = 4\n\nThe error above occurred ...")
+    names, reasons, fixes = parse_violation(message)
+    assert names == ["batch", "w"]
+    assert fixes == {"batch": "Dim('batch', max=63)", "w": "4"}
+    assert reasons["w"] == "You marked w as dynamic but your code specialized it to be a constant (4)"
