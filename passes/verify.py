@@ -23,8 +23,10 @@ class VerifyError(SvdqError):
     """The IR broke an invariant; this is a compiler bug, reported with the nodes involved."""
 
 
-_PY_OPS = {operator.getitem, operator.add, operator.mul, operator.sub, operator.floordiv, operator.mod,
-           operator.eq, operator.ge, operator.gt, operator.le, operator.lt, operator.ne}
+# Python operators on symbolic sizes (e.g. a position embedding computed from the token grid).
+_PY_OPS = {operator.getitem, operator.add, operator.mul, operator.sub, operator.floordiv, operator.truediv,
+           operator.mod, operator.neg, operator.pow, operator.eq, operator.ge, operator.gt, operator.le, operator.lt,
+           operator.ne, torch.sym_float, torch.sym_int, torch.sym_max, torch.sym_min, torch.sym_not}
 _NAMESPACES = ("aten", "svdq", "_assert", "higher_order")
 
 
@@ -36,6 +38,12 @@ def _op_allowed(target) -> bool:
         return True
     module = getattr(target, "__module__", "") or ""
     return module.startswith(("torch._ops", "torch.fx.experimental", "torch.sym", "torch._higher_order"))
+
+
+def _returns_value(target) -> bool:
+    """Assertion ops (aten._assert_tensor_metadata, _assert_scalar) return nothing, so they carry no value."""
+    schema = getattr(target, "_schema", None)
+    return schema is None or len(schema.returns) > 0
 
 
 def _attr_exists(gm: torch.fx.GraphModule, target: str) -> bool:
@@ -55,7 +63,7 @@ def problems_in(gm: torch.fx.GraphModule) -> list[str]:
             if not _attr_exists(gm, node.target):
                 problems.append(f"{node.name}: get_attr target {node.target!r} does not exist")
         elif node.op == "call_function":
-            if "val" not in node.meta:
+            if "val" not in node.meta and _returns_value(node.target):
                 problems.append(f"{node.name}: no fake value (meta['val']) for {node.target}")
             if not _op_allowed(node.target):
                 problems.append(f"{node.name}: unexpected op {node.target}")

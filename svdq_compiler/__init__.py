@@ -1,6 +1,6 @@
 """svdq-compiler: SVDQuant W4A4 compilation of diffusion transformers.
 
-Public API (stable): capture, compile, QuantConfig, save, load.
+Public API (stable): capture, compile, QuantConfig, save, load; load_model and register_builtin for models.
 """
 
 from __future__ import annotations
@@ -11,16 +11,20 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx
 
-from svdq_compiler.capture import capture
+from svdq_compiler import ops  # noqa: F401  (registers torch.ops.svdq.*)
+from svdq_compiler.capture import CAPTURE_META, capture, install_shape_check
 from svdq_compiler.config import PRESETS, QuantConfig, Scheme
 from svdq_compiler.errors import InputError, SvdqError
+from svdq_compiler.ir import annotated_linears, to_jsonable
+from svdq_compiler.models import DynDim, ModelAdapter, adapter_for, load_model, register_builtin
 from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
-from svdq_compiler import ops  # noqa: F401  (registers torch.ops.svdq.*)
+from svdq_compiler.serialize import REPORT_META, load, save
 from svdq_compiler.codegen import fused_ops  # noqa: F401  (registers torch.ops.svdq.fused_*)
 
 __version__ = "0.1.0"
 
-__all__ = ["capture", "compile", "QuantConfig", "Scheme", "PRESETS", "SvdqError", "__version__"]
+__all__ = ["capture", "compile", "save", "load", "load_model", "register_builtin", "DynDim", "QuantConfig", "Scheme",
+           "PRESETS", "SvdqError", "__version__"]
 
 
 def resolve_config(config: str | QuantConfig | dict) -> QuantConfig:
@@ -36,13 +40,40 @@ def resolve_config(config: str | QuantConfig | dict) -> QuantConfig:
 def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str | QuantConfig = "int4",
             calib_inputs: Iterable[tuple | dict] | None = None, dump_ir: str | Path | None = None, *,
             passes: Sequence[str] | None = None, dynamic_shapes: Any = "auto", verify: bool = False,
-            print_ir_after_change: bool = False, progress: bool = False) -> torch.fx.GraphModule:
-    """Capture `module` and run the SVDQuant pipeline on it; returns the compiled GraphModule."""
+            print_ir_after_change: bool = False, progress: bool = False,
+            adapter: ModelAdapter | None = None) -> torch.fx.GraphModule:
+    """Capture `module` and run the SVDQuant pipeline on it; returns the compiled GraphModule.
+
+    `example_inputs` is a tuple of positional args or a dict of kwargs. `dynamic_shapes="auto"` makes the
+    dimensions the model's adapter declares dynamic (token counts, latent height/width, batch); pass None for a
+    static graph, or a tree of {dim: DynDim} mirroring the inputs. The compile report (config, capture, passes
+    with statistics, per-linear annotations) is in `gm.meta["svdq_report"]`.
+    """
     quant_config = resolve_config(config)
-    gm = capture(module, example_inputs, dynamic_shapes=dynamic_shapes)
-    ctx = PassContext(config=quant_config, example_inputs=example_inputs, calib_inputs=calib_inputs,
+    adapter = adapter or adapter_for(module)
+    gm = capture(module, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter)
+    ctx = PassContext(config=quant_config, example_inputs=example_inputs, calib_inputs=calib_inputs, adapter=adapter,
                       dump_dir=Path(dump_ir) if dump_ir is not None else None,
                       print_ir_after_change=print_ir_after_change, verify_each=verify, show_progress=progress)
     gm = run_passes(gm, ctx, svdquant_pipeline(passes))
-    gm.meta["svdq_report"] = {"config": quant_config.to_dict(), "passes": ctx.records}
+    install_shape_check(gm)
+    gm.meta[REPORT_META] = compile_report(gm, quant_config, ctx.records)
     return gm
+
+
+def compile_report(gm: torch.fx.GraphModule, config: QuantConfig, records: list[dict]) -> dict[str, Any]:
+    """What a compile did, in JSON-able form: it travels in graph.pt, where node annotations do not."""
+    linears = [to_jsonable(info) for _, info in annotated_linears(gm)]
+    return {
+        "config": config.to_dict(),
+        "capture": gm.meta[CAPTURE_META],
+        "passes": records,
+        "linears": linears,
+        "totals": {"nodes": len(gm.graph.nodes), "linears_annotated": len(linears),
+                   "parameter_bytes": parameter_bytes(gm)},
+    }
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

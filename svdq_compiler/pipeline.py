@@ -8,7 +8,6 @@ after the passes that changed it.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -20,6 +19,7 @@ import torch.fx
 
 from svdq_compiler.config import QuantConfig
 from svdq_compiler.errors import InputError
+from svdq_compiler.files import ensure_dir, write_json, write_text
 from svdq_compiler.ir import format_ir, to_jsonable
 
 log = logging.getLogger("svdq_compiler")
@@ -50,7 +50,7 @@ class PassContext:
 
     def progress(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
         """Wrap a long loop in a progress bar when progress display is on."""
-        if not self.show_progress:
+        if not self.show_progress or total == 0:
             return iterable
         from tqdm import tqdm
 
@@ -114,12 +114,14 @@ def _load_passes() -> None:
 
 def run_passes(gm: torch.fx.GraphModule, ctx: PassContext, passes: Sequence[Pass]) -> torch.fx.GraphModule:
     """Run `passes` in order with timing, statistics, optional verification, dumps and IR printing."""
+    verify = PASS_REGISTRY.get("verify") if ctx.verify_each else None
+    if verify is not None:
+        verify(gm, ctx)  # the captured graph itself, so a failure after pass N is pass N's
     if ctx.dump_dir is not None:
         _prepare_dump_dir(ctx.dump_dir)
         _dump(ctx, 0, "capture", gm, {"name": "capture", "modified": True, "stats": {}})
     done = {record["name"] for record in ctx.records}
-    verify = PASS_REGISTRY.get("verify") if ctx.verify_each else None
-    for index, p in enumerate(passes, start=1):
+    for index, p in enumerate(ctx.progress(passes, "passes", total=len(passes)), start=1):
         missing = [r for r in p.requires if r not in done]
         if missing:
             raise InputError(f"pass {p.name!r} requires {missing} to run first",
@@ -146,11 +148,7 @@ def run_passes(gm: torch.fx.GraphModule, ctx: PassContext, passes: Sequence[Pass
 
 
 def _prepare_dump_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create the IR dump folder: {exc.strerror}", where=str(path),
-                         fix="choose a writable --dump-ir folder") from exc
+    ensure_dir(path, "IR dump folder (--dump-ir)")
     for stale in list(path.glob("[0-9][0-9][0-9]_*.py")) + list(path.glob("[0-9][0-9][0-9]_*.stats.json")):
         stale.unlink()
 
@@ -158,5 +156,5 @@ def _prepare_dump_dir(path: Path) -> None:
 def _dump(ctx: PassContext, index: int, name: str, gm: torch.fx.GraphModule, record: dict[str, Any]) -> None:
     assert ctx.dump_dir is not None
     stem = ctx.dump_dir / f"{index:03d}_{name}"
-    stem.with_suffix(".py").write_text(format_ir(gm))
-    Path(f"{stem}.stats.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_text(f"{stem}.py", format_ir(gm), "IR dump")
+    write_json(f"{stem}.stats.json", record, "IR dump")

@@ -19,7 +19,7 @@ OTHER_SIZES = {
     "pixart": [(1, (4, 4)), (3, (6, 6)), (1, (8, 4))],  # native grid, square, width dividing height
     "sd3": [(1, (6, 6)), (3, (16, 4))],
     "sana": [(1, (6, 6)), (3, (8, 20))],
-    "unet": [(1, (8, 8)), (3, (12, 20))],
+    "unet": [(1, (8, 8)), (3, (6, 10))],
 }
 SPATIAL = {"height", "width"}
 

@@ -133,6 +133,10 @@ class ModelAdapter:
         """{input name: {dim index: DynDim}} mirroring `inputs` (nested dicts included); None = all static."""
         return None
 
+    def tokens_of(self, model: torch.nn.Module, inputs: dict[str, Any]) -> int | tuple[int, int]:
+        """The `tokens` argument of example_inputs that reproduces the image size of `inputs`."""
+        raise NotImplementedError
+
     def calib_inputs(self, model: torch.nn.Module, num_prompts: int, num_steps: int, seed: int = 0, *,
                      batch: int = 1, tokens: int | tuple[int, int] | None = None) -> list[dict[str, Any]]:
         """Calibration inputs spanning prompts × denoising steps (and so timesteps): num_prompts * num_steps dicts.
@@ -270,6 +274,10 @@ class PatchifiedAdapter(ModelAdapter):
         inputs.update(self.conditioning(model, batch, generator, dtype, rows * patch, cols * patch))
         inputs["return_dict"] = False
         return inputs
+
+    def tokens_of(self, model, inputs):
+        patch = model.config.patch_size
+        return inputs["hidden_states"].shape[2] // patch, inputs["hidden_states"].shape[3] // patch
 
     def conditioning(self, model: torch.nn.Module, batch: int, generator: torch.Generator, dtype: torch.dtype,
                      height: int, width: int) -> dict[str, Any]:

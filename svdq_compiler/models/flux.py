@@ -55,6 +55,9 @@ class FluxAdapter(ModelAdapter):
             "hidden_states": tensor_dims(d0=batch, d1=image), "encoder_hidden_states": tensor_dims(d0=batch, d1=text),
             "img_ids": tensor_dims(d0=image), "txt_ids": tensor_dims(d0=text)}, batch)
 
+    def tokens_of(self, model, inputs):
+        return inputs["hidden_states"].shape[1]
+
     def noisy_step(self, model, clean, noise, step, num_steps, batch):
         latent, sigma = flow_step(clean, noise, step, num_steps)
         # The FLUX pipeline passes t/1000 = σ; the model scales it back by 1000.

@@ -160,7 +160,9 @@ def load_single_file(path: Path, *, dtype: torch.dtype | None = None) -> torch.n
                               f"{first_line(exc)}", where=str(path),
                               fix="give the matching config.json beside the file") from exc
     target = dtype or checkpoint_dtype([path])
-    return model.to(target).eval()
+    if any(p.dtype != target for p in model.parameters() if p.is_floating_point()):
+        model = model.to(target)
+    return model.eval()
 
 
 def write_single_file(model: torch.nn.Module, path: str | Path) -> Path:

@@ -68,6 +68,9 @@ class UNetAdapter(ModelAdapter):
         return batch_leading_shapes(inputs, {"sample": tensor_dims(d0=batch, d2=height, d3=width),
                                              "encoder_hidden_states": tensor_dims(d0=batch, d1=text)}, batch)
 
+    def tokens_of(self, model, inputs):
+        return inputs["sample"].shape[2], inputs["sample"].shape[3]
+
     def noisy_step(self, model, clean, noise, step, num_steps, batch):
         latent, timestep = ddpm_step(clean, noise, step, num_steps)
         return dict(sample=latent, timestep=torch.full((batch,), float(timestep), dtype=latent.dtype))

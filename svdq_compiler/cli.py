@@ -1,0 +1,343 @@
+"""Command-line front ends: `svdq-compile` (model → graph.pt) and `svdq-inspect` (graph.pt → summary).
+
+Every user mistake ends in one line on stderr (what, where, what to do) and exit status 2; an unexpected error
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from svdq_compiler.errors import InputError, SvdqError
+
+DEFAULT_MODEL = "tiny-flux"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ---- svdq-compile ---------------------------------------------------------------------------------------------
+
+def compile_parser() -> argparse.ArgumentParser:
+    from svdq_compiler.config import PRESETS
+    from svdq_compiler.models import builtin_names
+    from svdq_compiler.pipeline import SVDQUANT_STEPS
+
+    parser = argparse.ArgumentParser(
+        prog="svdq-compile",
+        description="Compile a diffusion model to a 4-bit SVDQuant graph (graph.pt) that svdq_compiler.load runs.",
+        epilog="Built-in models: " + ", ".join(builtin_names()) + ". Passes, in order: "
+               + ", ".join(name for name, _ in SVDQUANT_STEPS) + ", and verify.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                        help="a built-in name, a diffusers model or pipeline folder, or a single-file .safetensors "
+                             "checkpoint")
+    parser.add_argument("--out", "-o", required=True, type=Path, help="where to write the compiled graph")
+    parser.add_argument("--preset", default="int4", choices=sorted(PRESETS), help="quantization preset")
+    parser.add_argument("--rank", type=int, help="rank of the 16-bit low-rank branch (overrides the preset)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override any QuantConfig field (JSON value, e.g. --set group_size=128 "
+                             "--set 'skip=[\"proj_out\"]'); repeatable")
+    parser.add_argument("--batch", type=int, default=2,
+                        help="batch of the example inputs; 2 or more makes the batch dimension dynamic")
+    parser.add_argument("--tokens", type=grid_arg,
+                        help="image tokens of the example inputs: a count, or ROWSxCOLS (patch grid; latent "
+                             "pixels for a U-Net); default: the adapter's non-square default")
+    parser.add_argument("--calib-prompts", type=int, default=4, help="calibration prompts")
+    parser.add_argument("--calib-steps", type=int, default=4, help="denoising steps per calibration prompt")
+    parser.add_argument("--seed", type=int, default=0, help="seed of example and calibration inputs")
+    parser.add_argument("--dtype", choices=DTYPES, help="convert the weights (default: the checkpoint's dtype)")
+    parser.add_argument("--static", action="store_true", help="capture every dimension static (no dynamic shapes)")
+    parser.add_argument("--dump-ir", type=Path, metavar="DIR",
+                        help="write NNN_<pass>.py (IR with annotations) and NNN_<pass>.stats.json after each pass")
+    parser.add_argument("--print-ir-after-change", action="store_true",
+                        help="print the IR to stdout after each pass that changed it")
+    parser.add_argument("--passes", type=passes_arg, metavar="A,B,C",
+                        help="run only these passes (in pipeline order), for debugging")
+    parser.add_argument("--verify", action="store_true", help="check the IR's invariants after capture and each pass")
+    parser.add_argument("--report", type=Path, metavar="FILE", help="write the compile report as JSON")
+    parser.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                        help="progress bars on stderr; auto shows them when stderr is a terminal")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log each step and pass")
+    return parser
+
+
+def grid_arg(text: str) -> int | tuple[int, int]:
+    try:
+        if "x" in text:
+            rows, cols = text.lower().split("x")
+            return int(rows), int(cols)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count or ROWSxCOLS") from None
+
+
+def passes_arg(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def quant_config(args: argparse.Namespace):
+    from svdq_compiler.config import QuantConfig
+
+    overrides: dict[str, Any] = {}
+    for item in args.overrides:
+        field, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--set {item!r} is not FIELD=VALUE", fix="e.g. --set group_size=128")
+        try:
+            overrides[field.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field.strip()] = value  # a bare word is a string
+    if args.rank is not None:
+        overrides["rank"] = args.rank
+    return QuantConfig.preset(args.preset, **overrides)
+
+
+class Steps:
+    """The top-level steps of a command, as a progress bar on stderr (and log lines with --verbose)."""
+
+    def __init__(self, names: Sequence[str], show: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(names), file=sys.stderr, disable=not show, bar_format="{desc} [{n}/{total}]",
+                        leave=False)
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        self.bar.set_description_str(name)
+        start = time.perf_counter()
+        result = fn()
+        self.times[name] = round(time.perf_counter() - start, 3)
+        logging.getLogger("svdq_compiler").info("%s: %.2fs", name, self.times[name])
+        self.bar.update(1)
+        return result
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_compile(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import svdq_compiler
+    from svdq_compiler.files import ensure_dir, write_json
+    from svdq_compiler.models import adapter_for, load_model
+
+    # Check every output location before the long work, so a typo costs seconds, not a compile.
+    ensure_dir(args.out.parent, "folder of --out")
+    if args.out.is_dir():
+        raise InputError("--out is a folder", where=str(args.out), fix="give a file name such as graph.pt")
+    if args.report is not None:
+        ensure_dir(args.report.parent, "folder of --report")
+    if args.dump_ir is not None:
+        ensure_dir(args.dump_ir, "IR dump folder (--dump-ir)")
+    config = quant_config(args)
+    svdq_compiler.pipeline.svdquant_pipeline(args.passes)  # an unknown pass name fails here, before loading
+
+    show_progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+    steps = Steps(["load model", "example inputs", "compile", "save"], show=show_progress)
+    try:
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        model = steps.run("load model", lambda: load_model(args.model, dtype=dtype))
+        adapter = adapter_for(model)
+
+        def make_inputs():
+            example = adapter.example_inputs(model, batch=args.batch, tokens=args.tokens, seed=args.seed)
+            calib = adapter.calib_inputs(model, args.calib_prompts, args.calib_steps, seed=args.seed,
+                                         batch=args.batch, tokens=args.tokens)
+            return example, calib
+
+        example, calib = steps.run("example inputs", make_inputs)
+        gm = steps.run("compile", lambda: svdq_compiler.compile(
+            model, example, config, calib_inputs=calib, dump_ir=args.dump_ir, passes=args.passes,
+            dynamic_shapes=None if args.static else "auto", verify=args.verify,
+            print_ir_after_change=args.print_ir_after_change, progress=show_progress, adapter=adapter))
+        steps.run("save", lambda: svdq_compiler.save(gm, args.out))
+    finally:
+        steps.close()
+    report = dict(gm.meta[svdq_compiler.REPORT_META])
+    report.update(model=args.model, adapter=adapter.name, output={"path": str(args.out),
+                                                                  "bytes": args.out.stat().st_size},
+                  steps_s=steps.times, versions=svdq_compiler.serialize.versions())
+    if args.report is not None:
+        write_json(args.report, report, "compile report")
+    return report
+
+
+def compile_summary(report: dict[str, Any]) -> str:
+    capture = report["capture"]
+    lines = [f"wrote {report['output']['path']} ({human_bytes(report['output']['bytes'])}): "
+             f"{capture['module_class']} ({report['adapter']}), preset {report['config']['preset_name']}"]
+    lines.append("  dimensions: " + (describe_dims(capture) or "all static"))
+    for record in report["passes"]:
+        lines.append(f"  pass {record['name']}: {'changed' if record['modified'] else 'no change'}, "
+                     f"{record['wall_s']:.2f}s {json.dumps(record['stats'])}")
+    if not report["passes"]:
+        lines.append("  passes: none ran (capture only)")
+    totals = report["totals"]
+    lines.append(f"  {totals['nodes']} nodes, {totals['linears_annotated']} annotated linears, "
+                 f"{human_bytes(totals['parameter_bytes'])} of parameters")
+    return "\n".join(lines)
+
+
+def describe_dims(capture: dict[str, Any]) -> str:
+    """One entry per dimension name: `image tokens 2..65536`, `batch static 1 (why)`."""
+    seen: dict[str, str] = {}
+    for dim in capture["dims"]:
+        key = dim["name"] or f"{dim['input']}[{dim['index']}]"
+        if key in seen:
+            continue
+        label = dim["label"] or key
+        if dim["status"] == "dynamic":
+            low, high, step = dim["min"] * dim["multiple"], dim["max"] * dim["multiple"], dim["multiple"]
+            seen[key] = f"{label} {low}..{high}" + (f" step {step}" if step > 1 else "")
+        else:
+            seen[key] = f"{label} {dim['status']} {dim['size']}" + (f" ({dim['reason']})" if dim["reason"] else "")
+    return "; ".join(seen.values())
+
+
+def compile_main(argv: Sequence[str] | None = None) -> int:
+    args = compile_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    return run_reporting_errors("svdq-compile", lambda: print(compile_summary(run_compile(args))))
+
+
+# ---- svdq-inspect ---------------------------------------------------------------------------------------------
+
+def inspect_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="svdq-inspect", description="Summarize a compiled graph file: inputs and dynamic dimensions, nodes by "
+                                         "op, linears and their annotations, parameter bytes, passes.")
+    parser.add_argument("graph", type=Path, help="a graph file written by svdq-compile or svdq_compiler.save")
+    parser.add_argument("--layers", action="store_true", help="one line per annotated linear")
+    parser.add_argument("--ir", action="store_true", help="print the saved IR (graph code with annotations)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return parser
+
+
+def graph_summary(path: Path) -> dict[str, Any]:
+    import torch
+
+    from svdq_compiler import parameter_bytes, serialize
+    from svdq_compiler.capture import CAPTURE_META
+
+    gm = serialize.load(path)
+    ops = Counter(op_name(node.target) for node in gm.graph.nodes if node.op == "call_function")
+    linear_ops = {"aten.linear", "aten.addmm", "aten.mm", "aten.conv2d", "aten.convolution"}
+    by_dtype: Counter[str] = Counter()
+    for tensor in {id(t): t for t in [*gm.parameters(), *gm.buffers()]}.values():
+        by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
+    report = gm.meta[serialize.REPORT_META]
+    return {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "manifest": gm.meta["svdq_manifest"],
+        "model": gm.meta[CAPTURE_META]["module_class"],
+        "adapter": gm.meta[CAPTURE_META]["adapter"],
+        "config": report.get("config"),
+        "inputs": gm.meta[CAPTURE_META]["inputs"],
+        "dimensions": describe_dims(gm.meta[CAPTURE_META]),
+        "relaxed_guards": (gm.meta[CAPTURE_META].get("relaxed_guards") or {}).get("reason"),
+        "nodes": len(gm.graph.nodes),
+        "ops": dict(ops.most_common()),
+        "linear_ops": sum(count for name, count in ops.items() if name in linear_ops),
+        "svdq_ops": sum(count for name, count in ops.items() if name.startswith("svdq.")),
+        "linears": report.get("linears", []),
+        "parameter_bytes": parameter_bytes(gm),
+        "parameter_bytes_by_dtype": dict(by_dtype),
+        "passes": report.get("passes", []),
+        "torch_here": torch.__version__,
+    }
+
+
+def op_name(target: Any) -> str:
+    name = getattr(target, "name", None)
+    text = name() if callable(name) else getattr(target, "__name__", str(target))
+    return text.replace("::", ".")
+
+
+def inspect_text(summary: dict[str, Any], layers: bool) -> str:
+    manifest = summary["manifest"]
+    config = summary["config"]
+    lines = [
+        f"{summary['path']}: svdq graph format {manifest['format_version']}, {human_bytes(summary['bytes'])}, "
+        f"written by svdq-compiler {manifest['svdq_compiler']} (torch {manifest['torch']}, "
+        f"triton {manifest['triton']})",
+        f"model: {summary['model']} (adapter {summary['adapter']}); config: "
+        + (f"preset {config['preset_name']}, rank {config['rank']}" if config else "none (captured, not compiled)"),
+        "inputs: " + ", ".join(f"{i['path']} {i['dtype']}{list(i['shape'])}" for i in summary["inputs"]),
+        f"dimensions: {summary['dimensions'] or 'all static'}",
+    ]
+    if summary["relaxed_guards"]:
+        lines.append(f"relaxed size guards: {summary['relaxed_guards']}")
+    top = ", ".join(f"{name} {count}" for name, count in list(summary["ops"].items())[:8])
+    lines.append(f"nodes: {summary['nodes']} ({top})")
+    roles = Counter(layer.get("role") for layer in summary["linears"])
+    lines.append(f"linears: {summary['linear_ops']} 16-bit linear/conv ops, {summary['svdq_ops']} svdq ops; "
+                 f"{len(summary['linears'])} annotated" + (f" ({dict(roles)})" if roles else ""))
+    by_dtype = ", ".join(f"{dtype} {human_bytes(size)}" for dtype, size in summary["parameter_bytes_by_dtype"].items())
+    lines.append(f"parameters: {human_bytes(summary['parameter_bytes'])} ({by_dtype})")
+    for record in summary["passes"]:
+        lines.append(f"pass {record['name']}: {'changed' if record['modified'] else 'no change'}, "
+                     f"{record['wall_s']:.2f}s {json.dumps(record['stats'])}")
+    if layers:
+        for layer in summary["linears"]:
+            scheme = layer.get("scheme") or {}
+            lines.append(f"  {layer['name']}: {layer['role']} {layer['in_features']}→{layer['out_features']} "
+                         f"{scheme.get('weight') or 'fp'}/{scheme.get('act') or '16'}"
+                         + (f" skip={layer['skip_reason']}" if layer.get("skip_reason") else "")
+                         + (f" fallback={layer['fallback']}" if layer.get("fallback") else ""))
+    return "\n".join(lines)
+
+
+def inspect_main(argv: Sequence[str] | None = None) -> int:
+    args = inspect_parser().parse_args(argv)
+    configure_logging(False)
+
+    def run():
+        if args.ir:
+            from svdq_compiler.serialize import IR_FILE, read_extra
+
+            print(read_extra(args.graph)[IR_FILE], end="")
+            return
+        summary = graph_summary(args.graph)
+        print(json.dumps(summary, indent=2, default=str) if args.json else inspect_text(summary, args.layers))
+
+    return run_reporting_errors("svdq-inspect", run)
+
+
+# ---- shared -------------------------------------------------------------------------------------------------
+
+def run_reporting_errors(prog: str, fn: Callable[[], Any]) -> int:
+    try:
+        fn()
+    except SvdqError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(name)s: %(message)s")
+    import warnings
+
+    # torch and diffusers warn about their own internals on every run; they are not the user's concern.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def human_bytes(size: int) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    value, index = float(size), 0
+    while value >= 1024 and index < len(units) - 1:
+        value, index = value / 1024, index + 1
+    return f"{size} B" if index == 0 else f"{value:.1f} {units[index]}"

@@ -1,0 +1,132 @@
+"""svdq-compile and svdq-inspect: the documented end-to-end run, IR dumps, the report, and one-line errors."""
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from svdq_compiler.cli import compile_main, compile_parser, inspect_main, inspect_parser
+
+LOAD_AND_COMPARE = textwrap.dedent("""
+    import sys, torch, svdq_compiler
+    from svdq_compiler.models import load_model, adapter_for
+    graph = svdq_compiler.load(sys.argv[1])
+    model = load_model("random:flux")
+    adapter = adapter_for(model)
+    for batch, tokens in [(2, None), (1, 1024)]:
+        inputs = adapter.example_inputs(model, batch=batch, tokens=tokens, seed=7)
+        with torch.no_grad():
+            torch.testing.assert_close(graph(**inputs)[0], model(**inputs)[0], rtol=1e-6, atol=1e-6)
+    print("equal to eager")
+""")
+
+
+def console_script(name):
+    script = Path(sys.executable).parent / name
+    entry = {"svdq-compile": "compile_main", "svdq-inspect": "inspect_main"}[name]
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", f"import sys; from svdq_compiler.cli import {entry}; sys.exit({entry}())"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """`svdq-compile random:flux --out g.pt --dump-ir ir` as the README shows it, plus --report and --verify."""
+    folder = tmp_path_factory.mktemp("cli")
+    graph, dumps, report = folder / "g.pt", folder / "ir", folder / "report.json"
+    run = subprocess.run(console_script("svdq-compile") + ["random:flux", "--out", str(graph), "--dump-ir", str(dumps),
+                                                            "--report", str(report), "--verify", "--progress", "on"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return graph, dumps, json.loads(report.read_text()), run
+
+
+def test_compile_writes_a_graph_that_a_new_process_runs_like_eager(compiled):
+    graph, _, report, run = compiled
+    assert graph.stat().st_size == report["output"]["bytes"] > 0
+    assert f"wrote {graph}" in run.stdout and "image tokens 2..65536" in run.stdout
+    assert "save" in run.stderr  # the progress bar named the steps
+    # Until the quantizing passes exist, a compile is a capture: the graph computes what the model does.
+    assert not any(record["modified"] for record in report["passes"])
+    check = subprocess.run([sys.executable, "-c", LOAD_AND_COMPARE, str(graph)], capture_output=True, text=True,
+                           timeout=600)
+    assert check.returncode == 0, check.stderr
+    assert "equal to eager" in check.stdout
+
+
+def test_one_dump_per_pass(compiled):
+    _, dumps, report, _ = compiled
+    names = ["capture"] + [record["name"] for record in report["passes"]]
+    expected = [f"{i:03d}_{name}{suffix}" for i, name in enumerate(names) for suffix in (".py", ".stats.json")]
+    assert sorted(p.name for p in dumps.iterdir()) == sorted(expected)
+    assert "def forward" in (dumps / "000_capture.py").read_text()
+    assert json.loads((dumps / "000_capture.stats.json").read_text())["name"] == "capture"
+
+
+def test_report_describes_the_compile(compiled):
+    _, _, report, _ = compiled
+    assert report["model"] == "random:flux" and report["adapter"] == "flux"
+    assert report["config"]["preset_name"] == "int4"
+    assert {d["name"] for d in report["capture"]["dims"]} == {"batch", "image_tokens", "text_tokens"}
+    assert set(report["steps_s"]) == {"load model", "example inputs", "compile", "save"}
+    assert report["versions"]["torch"] and report["totals"]["nodes"] > 100
+
+
+def test_inspect_summarizes_the_graph(compiled, capsys):
+    graph, _, report, _ = compiled
+    assert inspect_main([str(graph)]) == 0
+    text = capsys.readouterr().out
+    for expected in ["svdq graph format 1", "FluxTransformer2DModel (adapter flux)", "preset int4",
+                     "image tokens 2..65536", f"nodes: {report['totals']['nodes']}", "30 16-bit linear/conv ops",
+                     "parameters: 1.0 MiB (float32 1.0 MiB)"]:
+        assert expected in text
+    assert inspect_main([str(graph), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["linear_ops"] == 30 and summary["parameter_bytes"] == report["totals"]["parameter_bytes"]
+    assert inspect_main([str(graph), "--ir"]) == 0
+    assert "def forward(self, hidden_states" in capsys.readouterr().out
+
+
+def test_help_documents_every_flag():
+    for parser in (compile_parser(), inspect_parser()):
+        for action in parser._actions:
+            assert action.help and len(action.help) > 10, action.option_strings or action.dest
+        text = parser.format_help()
+        for action in parser._actions:
+            for option in action.option_strings:
+                assert option in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["random:nope", "--out", "{tmp}/g.pt"], "unknown model name 'random:nope'.*random:flux"),
+    (["{tmp}/missing-folder", "--out", "{tmp}/g.pt"], "no such file or folder"),
+    (["random:flux", "--out", "{tmp}/file/g.pt"], "cannot create the folder of --out"),
+    (["random:flux", "--out", "{tmp}"], "--out is a folder"),
+    (["random:flux", "--out", "{tmp}/g.pt", "--report", "{tmp}/file/r.json"], "cannot create the folder of --report"),
+    (["random:flux", "--out", "{tmp}/g.pt", "--passes", "annotate,nope"], r"unknown pass\(es\)"),
+    (["random:flux", "--out", "{tmp}/g.pt", "--set", "ranks=3"], "unknown QuantConfig field"),
+    (["random:flux", "--out", "{tmp}/g.pt", "--tokens", "40x4x"], None),
+])
+def test_bad_input_is_one_line_and_leaves_no_graph(argv, message, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    if message is None:  # argparse rejects the value itself
+        with pytest.raises(SystemExit) as exit_:
+            compile_main(argv)
+        assert exit_.value.code == 2 and "is not a token count" in capsys.readouterr().err
+        return
+    assert compile_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("svdq-compile: error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "g.pt").exists()
+
+
+def test_inspect_errors_are_one_line(tmp_path, capsys):
+    assert inspect_main([str(tmp_path / "none.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("svdq-inspect: error: no such graph file") and err.count("\n") == 1
