@@ -289,3 +289,15 @@ def test_quantize_next_keeps_the_output_when_others_read_it():
     getitems = [n for n in result.gm.graph.nodes if n.target is operator.getitem
                 and n.args[0].target == ops.fused_gemm.default]
     assert len(getitems) == 4  # fc1: y, codes, scales; fc2: y
+
+
+def test_ir_dump_writes_the_generated_kernels(tmp_path):
+    from svdq_compiler.pipeline import run_passes
+
+    x = torch.randn(2, 5, 64).to(BF16)
+    gm = _lowered(SharedOutput(), (x,), dynamic=False)
+    ctx = PassContext(config=QuantConfig.preset("int4"), dump_dir=tmp_path, records=[{"name": "lower"}])
+    run_passes(gm, ctx, [PASS_REGISTRY["fuse"]])
+    text = (tmp_path / "001_fuse.kernels.py").read_text()
+    assert text.count("# ===== fused_") == 3  # kernel A, fc1's B (with quantize-next), fc2's B
+    assert "def svdq_quantize_int4_r0_" in text and "quantize for the next layer [uint4" in text
