@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,18 +11,7 @@ import torch
 
 from svdq_compiler.errors import CheckpointError, InputError
 from svdq_compiler.sharded import INDEX_NAME, ShardedCheckpoint, plan_shards, write_sharded
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_FLUX = dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
-                 joint_attention_dim=32, pooled_projection_dim=16, in_channels=16, axes_dims_rope=[4, 6, 6])
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("make_flux_checkpoint", ROOT / "tools" / "make_flux_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from scale_fixtures import TINY_FLUX, checkpoint_tool
 
 SPECS = {f"layer{i}.weight": ((8, 4 + i), torch.bfloat16) for i in range(5)} | {"norm.weight": ((8,), torch.float32)}
 
@@ -132,7 +120,7 @@ def test_disk_full_mid_write_leaves_nothing(tmp_path):
 def test_tool_writes_a_checkpoint_diffusers_loads(tmp_path):
     from diffusers import FluxTransformer2DModel
 
-    tool = load_tool()
+    tool = checkpoint_tool()
     assert tool.main(["--out", str(tmp_path), "--config", json.dumps(TINY_FLUX), "--max-shard-gb", "0.00005",
                       "--quiet"]) == 0
     model = FluxTransformer2DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
