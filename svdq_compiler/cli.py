@@ -248,6 +248,7 @@ def graph_summary(path: Path) -> dict[str, Any]:
         "linear_ops": sum(count for name, count in ops.items() if name in linear_ops),
         "svdq_ops": sum(count for name, count in ops.items() if name.startswith("svdq.")),
         "linears": report.get("linears", []),
+        "layer_report": report.get("layers"),
         "parameter_bytes": parameter_bytes(gm),
         "parameter_bytes_by_dtype": dict(by_dtype),
         "passes": report.get("passes", []),
@@ -285,7 +286,11 @@ def inspect_text(summary: dict[str, Any], layers: bool) -> str:
     for record in summary["passes"]:
         lines.append(f"pass {record['name']}: {'changed' if record['modified'] else 'no change'}, "
                      f"{record['wall_s']:.2f}s {json.dumps(record['stats'])}")
-    if layers:
+    if layers and summary.get("layer_report"):
+        from svdq_compiler.report import format_layers
+
+        lines.append(format_layers(summary["layer_report"]).rstrip())
+    elif layers:
         for layer in summary["linears"]:
             scheme = layer.get("scheme") or {}
             lines.append(f"  {layer['name']}: {layer['role']} {layer['in_features']}→{layer['out_features']} "

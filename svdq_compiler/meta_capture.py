@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from svdq_compiler.capture import capture, split_inputs
+from svdq_compiler.capture import CAPTURE_META, INPUTS_META, capture, split_inputs
 from svdq_compiler.errors import InputError
 
 META = torch.device("meta")
@@ -43,20 +43,21 @@ def retarget_device(graph: torch.fx.Graph, device: torch.device | str = "cpu",
     return changed
 
 
-def capture_on_meta(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_shapes: Any = None,
-                    device: torch.device | str = "cpu") -> torch.fx.GraphModule:
-    """`svdq_compiler.capture` of a meta-device module (inputs are moved to meta), retargeted to `device`.
-
-    The GraphModule's parameters stay on the meta device: attach real tensors before running it."""
+def capture_on_meta(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_shapes: Any = "auto",
+                    adapter: Any = None, device: torch.device | str = "cpu") -> torch.fx.GraphModule:
+    """`svdq_compiler.capture` of a meta-device module (the inputs are traced as meta tensors), retargeted to
+    `device`. The GraphModule's parameters stay on the meta device: attach real tensors before running it. The
+    example inputs kept for re-export (and written into graph.pt) are the ones given, on their own device."""
     stray = [name for name, t in list(module.named_parameters()) + list(module.named_buffers())
              if t.device != META]
     if stray:
         raise InputError(f"capture on the meta device needs a module built there; {stray[:4]} are not",
                          fix='build it inside `with torch.device("meta"):`')
-    gm = capture(module, meta_inputs(example_inputs), dynamic_shapes=dynamic_shapes)
+    gm = capture(module, meta_inputs(example_inputs), dynamic_shapes=dynamic_shapes, adapter=adapter)
     retargeted = retarget_device(gm.graph, device)
     gm.recompile()
-    gm.meta["svdq_capture"]["meta_device"] = {"retargeted_nodes": retargeted, "device": str(torch.device(device))}
+    gm.meta[INPUTS_META] = example_inputs
+    gm.meta[CAPTURE_META]["meta_device"] = {"retargeted_nodes": retargeted, "device": str(torch.device(device))}
     return gm
 
 
@@ -78,4 +79,7 @@ def export_on_meta(gm: torch.fx.GraphModule, example_inputs: tuple | dict, *, dy
         gm.recompile()
     retarget_device(program.graph, device)
     program.graph_module.recompile()
+    if not any(isinstance(t, torch.Tensor) and t.device == META for t in torch.utils._pytree.tree_leaves(
+            example_inputs)):
+        program.example_inputs = split_inputs(example_inputs)
     return program

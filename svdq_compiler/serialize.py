@@ -60,7 +60,7 @@ def versions() -> dict[str, str | None]:
 def save(gm: torch.fx.GraphModule, path: str | Path) -> Path:
     """Write `gm` (from capture, compile or load) to `path` as a graph file; returns the path."""
     path = Path(path)
-    capture = capture_report(gm)
+    capture_report(gm)  # a graph capture did not make cannot be re-exported: this says so
     inputs = gm.meta.get(INPUTS_META)
     if inputs is None:
         raise CheckpointError("the graph has no example inputs to re-export it with",
@@ -73,18 +73,23 @@ def save(gm: torch.fx.GraphModule, path: str | Path) -> Path:
     except Exception as exc:  # a graph the passes left un-exportable is a compiler bug; say which step failed
         raise CheckpointError(f"the compiled graph could not be re-exported for saving: {first_line(exc)}",
                               where=str(path), fix="rerun with --verify to find the pass that broke the graph") from exc
-    report = gm.meta.get(REPORT_META, {})
-    extra = {
-        MANIFEST_FILE: json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **versions()}),
-        CAPTURE_FILE: json.dumps(capture),
-        CONFIG_FILE: json.dumps(report.get("config")),
-        REPORT_FILE: json.dumps(report, default=str),
-        IR_FILE: gm.meta.get(IR_META) or format_ir(gm),
-    }
+    extra = extra_files(gm)
     with atomic_path(path, "graph file") as temporary, open(temporary, "wb") as handle:
         # A file object rather than a name: torch names the archive after a file name (and wants ".pt2").
         torch.export.save(program, handle, extra_files=extra)
     return path
+
+
+def extra_files(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """The svdq extra files of a graph file for `gm` (also written by the streaming compile's archive)."""
+    report = gm.meta.get(REPORT_META, {})
+    return {
+        MANIFEST_FILE: json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **versions()}),
+        CAPTURE_FILE: json.dumps(capture_report(gm)),
+        CONFIG_FILE: json.dumps(report.get("config")),
+        REPORT_FILE: json.dumps(report, default=str),
+        IR_FILE: gm.meta.get(IR_META) or format_ir(gm),
+    }
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

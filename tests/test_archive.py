@@ -92,6 +92,9 @@ def test_streamed_archive_loads_with_torch_export_load_and_matches_eager(tiny, p
         inputs = flux_inputs(tokens=tokens, seed=tokens)
         with torch.no_grad():
             assert torch.equal(loaded.module()(**inputs)[0], eager(model, **inputs))
+    args, kwargs = loaded.example_inputs  # the real example inputs, not the meta copies traced
+    assert not args and kwargs["hidden_states"].device.type == "cpu"
+    assert torch.equal(kwargs["hidden_states"], flux_inputs()["hidden_states"])
     extra = {"marker": ""}
     torch.export.load(path, extra_files=extra)
     assert extra["marker"] == "svdq"
