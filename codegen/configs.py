@@ -8,8 +8,9 @@ rows per K group, so the loads stay coalesced for any tile. Kernel A is memory-b
 several groups per step, so many programs stream x at once.
 
 The launcher times the candidates once per (kernel, device, N, K, M bucket) on CUDA and keeps the fastest.
-Under the interpreter every program runs serially in Python, so one small configuration is used: tiles of 16
-rows so that tests with ragged M (M ≤ 33) cover several row tiles and a partial one.
+Under the interpreter every program runs serially in Python and costs tens of milliseconds whatever its size,
+so there is one configuration per size class: tiles of 16 rows for small token counts, so that tests with
+ragged M (M ≤ 64) cover several row tiles and a partial one, and 64-row tiles beyond (a whole model's forward).
 """
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ _KSTEP_TILES = {
 _QUANTIZE_TILES = [(16, 4, 2), (32, 4, 2), (32, 8, 3), (64, 8, 2)]  # (block_m, num_warps, num_stages)
 
 INTERPRETER_GEMM = GemmConfig(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=1, num_stages=1)
-INTERPRETER_QUANTIZE_ROWS = 16
+INTERPRETER_LARGE_GEMM = GemmConfig(block_m=64, block_n=64, block_k=64, group_m=2, num_warps=1, num_stages=1)
+INTERPRETER_SMALL_M = 64  # up to this many rows, the small tiles
+
+
+def _interpreter_rows(m: int) -> int:
+    return INTERPRETER_GEMM.block_m if m <= INTERPRETER_SMALL_M else INTERPRETER_LARGE_GEMM.block_m
 
 
 def arch_family(target: Target) -> str:
@@ -88,7 +94,7 @@ def gemm_configs(spec: GemmSpec, target: Target, m: int) -> list[GemmConfig]:
     """Candidate configurations of kernel B for M rows, best guesses first."""
     min_n = _min_block_n(spec)
     if target.backend == "interpreter":
-        base = INTERPRETER_GEMM
+        base = INTERPRETER_GEMM if m <= INTERPRETER_SMALL_M else INTERPRETER_LARGE_GEMM
         block_k = 64 if spec.act == "nvfp4" else base.block_k
         return [GemmConfig(base.block_m, max(base.block_n, min_n), block_k, base.group_m, 1, 1)]
     family = arch_family(target)
@@ -110,7 +116,7 @@ def quantize_configs(spec: QuantizeSpec, target: Target, m: int) -> list[Quantiz
     group = spec.quant.group_size
     if target.backend == "interpreter":
         step = 64 if spec.quant.fmt in ("int8", "nvfp4") else group
-        return [QuantizeConfig(INTERPRETER_QUANTIZE_ROWS, step, 1, 1)]
+        return [QuantizeConfig(_interpreter_rows(m), step, 1, 1)]
     steps = [128, 256] if spec.quant.fmt == "int8" else sorted({max(group, 128), max(group, 256)})
     bucket = m_bucket(m)
     configs = [QuantizeConfig(block_m, step, warps, stages) for block_m, warps, stages in _QUANTIZE_TILES

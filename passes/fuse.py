@@ -15,11 +15,12 @@ Ensures:
 - each remaining quantize_act, with the group's down projections, becomes one `svdq.fused_quantize_lora_down`
   (kernel A). Groups whose linears have different L2 (FLUX single blocks: q/k/v and the MLP share λ) get one
   kernel A over the concatenated L2, so x is still read once.
-- every fused node carries its spec string (so a loaded graph regenerates its kernels), `meta["val"]` and a
-  `QuantOpInfo`; the graph computes what the lowered graph computed (the reference path of the fused ops is op
+- every fused node carries its spec string (so a loaded graph regenerates its kernels) and `meta["val"]`; a
+  fused_gemm keeps its linear's `LinearInfo` (the per-layer report reads it), a kernel A gets a `QuantOpInfo`;
+  the graph computes what the lowered graph computed (the reference path of the fused ops is op
   for op the lowered chain; the kernels match it within rounding).
-- statistics: linears fused, kernel A count, quantizations absorbed, epilogues absorbed by kind, and every
-  fallback (a chain left unfused) with its reason.
+- statistics: linears fused, kernel A count, quantizations absorbed, epilogues absorbed by kind, W4A16 layers
+  kept as `svdq.weight_only_linear`, and every fallback (a chain left unfused) with its reason.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch.fx
 
 from svdq_compiler.codegen.spec import (ActQuant, Epilogue, GemmSpec, QuantizeNext, QuantizeSpec, SpecError,
                                         weight_format_of)
-from svdq_compiler.ir import QuantOpInfo, get_attr_value, info, infer_val, set_attr_value, set_info
+from svdq_compiler.ir import LinearInfo, QuantOpInfo, get_attr_value, info, infer_val, set_attr_value, set_info
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -81,6 +82,8 @@ def _static_int(size: Any) -> int | None:
 
 def _linears_of(node: torch.fx.Node) -> list[str]:
     meta = info(node)
+    if isinstance(meta, LinearInfo):
+        return [meta.name]
     return list(meta.linears) if isinstance(meta, QuantOpInfo) and meta.linears else [node.name]
 
 
@@ -316,7 +319,9 @@ def _kernel_b(rw: _Rewriter, chain: _Chain, quantize_next: tuple[_Group, Quantiz
             args["a_codes"], args["a_scales"], attr(_attr(w_codes)), attr(_attr(args["w_scales"])),
             attr(_attr(args.get("w_tscale"))), chain.down, attr(chain.lora_up), attr(chain.bias),
             list(chain.operands), next_smooth, next_lora_down, spec.to_string()),
-            QuantOpInfo("svdq.fused_gemm", linears, asdict(spec)))
+            # the fused node implements the gemm's linear: its LinearInfo (from lower) moves along
+            info(chain.gemm) if isinstance(info(chain.gemm), LinearInfo)
+            else QuantOpInfo("svdq.fused_gemm", linears, asdict(spec)))
         count = (1 if spec.emits_output else 0) + (2 + (1 if qn.rank else 0) if qn else 0)
         outputs = rw.outputs(fused, count)
     position = 0
@@ -455,6 +460,9 @@ def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         except SpecError as exc:
             rw.fallback(_group_linears(group), f"kernel A: {exc.what}")
     _remove_dead(gm, weights_before)
+    # W4A16 layers are already one op (weight dequantized into a 16-bit GEMM); no generated kernel for them yet
+    rw.stats["weight_only_kept"] = sum(1 for node in gm.graph.nodes
+                                       if _is(node, torch.ops.svdq.weight_only_linear.default))
     gm.graph.lint()
     stats = dict(rw.stats)
     stats["epilogues"] = dict(sorted(rw.epilogues.items()))

@@ -30,10 +30,12 @@ def test_gemm_configs_fit_the_spec(target):
     assert all(c.block_n % 64 == 0 for c in gemm_configs(wide, target, 4096))
 
 
-def test_interpreter_uses_one_small_configuration():
+def test_interpreter_uses_one_configuration_per_size_class():
     interp = Target("interpreter")
+    (config,) = gemm_configs(GemmSpec("int4", 64, 32, True, "bfloat16"), interp, 33)
+    assert (config.block_m, config.block_n, config.num_stages) == (16, 32, 1)  # ragged tests: several tiles
     (config,) = gemm_configs(GemmSpec("int4", 64, 32, True, "bfloat16"), interp, 4096)
-    assert (config.block_m, config.block_n, config.num_stages) == (16, 32, 1)
+    assert (config.block_m, config.block_n) == (64, 64)  # a model's forward: fewer, larger programs
     (config,) = gemm_configs(GemmSpec("int4", 64, 0, False, "bfloat16", quantize_next=QuantizeNext(
         ActQuant("int4", 128))), interp, 8)
     assert config.block_n == 128  # whole groups of the next layer in a tile
