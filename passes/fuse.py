@@ -35,7 +35,8 @@ import torch.fx
 
 from svdq_compiler.codegen.spec import (ActQuant, Epilogue, GemmSpec, QuantizeNext, QuantizeSpec, SpecError,
                                         weight_format_of)
-from svdq_compiler.ir import LinearInfo, QuantOpInfo, get_attr_value, info, infer_val, set_attr_value, set_info
+from svdq_compiler.ir import (LinearInfo, QuantOpInfo, annotated_linears, get_attr_value, info, infer_val,
+                              set_attr_value, set_info)
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -245,6 +246,7 @@ class _Rewriter:
                                       "lora_down_concatenated": 0, "fallen_back": 0}
         self.epilogues: Counter = Counter()
         self.fallbacks: list[dict[str, str]] = []
+        self.concatenated: dict[str, str] = {}  # original L2 attribute → the concatenated buffer holding it
 
     def fallback(self, linears: list[str], reason: str) -> None:
         for name in linears:
@@ -274,6 +276,7 @@ class _Rewriter:
         target = weights[0] + "_fused_cat"
         set_attr_value(self.gm, target, torch.cat([get_attr_value(self.gm, w) for w in weights], dim=0),
                        as_buffer=True)
+        self.concatenated.update((w, target) for w in weights)
         self.stats["lora_down_concatenated"] += 1
         return target, ranks
 
@@ -460,6 +463,8 @@ def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         except SpecError as exc:
             rw.fallback(_group_linears(group), f"kernel A: {exc.what}")
     _remove_dead(gm, weights_before)
+    for _, linear in annotated_linears(gm):  # a linear's L2 now lives in the concatenated buffer
+        linear.lora_down = rw.concatenated.get(linear.lora_down, linear.lora_down)
     # W4A16 layers are already one op (weight dequantized into a 16-bit GEMM); no generated kernel for them yet
     rw.stats["weight_only_kept"] = sum(1 for node in gm.graph.nodes
                                        if _is(node, torch.ops.svdq.weight_only_linear.default))

@@ -11,6 +11,7 @@ from fuse_check import checking_kernels
 import svdq_compiler
 from svdq_compiler.codegen.fused_ops import kernel_backend
 from svdq_compiler.models import adapter_for, builtin_names, load_model
+from svdq_compiler.passes.verify import problems_in
 from svdq_compiler.pipeline import PASS_REGISTRY
 
 RANDOM_MODELS = sorted(name for name in builtin_names() if name.startswith("random:"))
@@ -38,6 +39,7 @@ def test_fused_model_equals_the_lowered_model(name):
     fused = copy.deepcopy(lowered)
     stats = PASS_REGISTRY["fuse"](fused, None).stats
     fused.recompile()
+    assert problems_in(fused) == []
     gemms = sum(1 for n in lowered.graph.nodes if n.target == torch.ops.svdq.gemm.default)
     assert gemms > 0 and stats["linears_fused"] + len(stats["fallbacks"]) == gemms
     assert not any(n.target == torch.ops.svdq.gemm.default for n in fused.graph.nodes) or stats["fallbacks"]
