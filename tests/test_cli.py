@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from svdq_compiler.cli import compile_main, compile_parser, inspect_main, inspect_parser
+from svdq_compiler.cli import compile_main, compile_parser, inspect_main, inspect_parser, pass_line
 
 LOAD_AND_COMPARE = textwrap.dedent("""
     import sys, torch, svdq_compiler
@@ -137,3 +137,11 @@ def test_inspect_errors_are_one_line(tmp_path, capsys):
     assert inspect_main([str(tmp_path / "none.pt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("svdq-inspect: error: no such graph file") and err.count("\n") == 1
+
+
+def test_pass_lines_show_scalars_and_small_tables_only():
+    record = {"name": "smooth", "modified": True, "wall_s": 1.234,
+              "stats": {"groups": 2, "search": "grid", "roles": {"qkv": 3, "out": 1},
+                        "per_group": {"a": {"alpha": 0.5}, "b": {"alpha": 0.7}}, "fallbacks": ["x: too large"]}}
+    assert pass_line(record) == ('pass smooth: changed, 1.23s groups=2 search=grid roles={"qkv":3,"out":1} '
+                                 'per_group=[2] fallbacks=[1]')
