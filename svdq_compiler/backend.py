@@ -23,6 +23,7 @@ Dynamo recompiles on a new static size as usual, and each recompile quantizes ag
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import warnings
@@ -171,7 +172,7 @@ def svdquant_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], op
         calib_inputs = [region.bind(sample, names) for sample in options["calib_inputs"]]
         source = f"{len(calib_inputs)} calibration inputs from options['calib_inputs']"
     elif calib_stats is not None:
-        source = f"saved statistics from options['calib_stats'] ({calib_stats if isinstance(calib_stats, str) else 'object'})"
+        source = "saved statistics from options['calib_stats']"
     else:
         config = config.replace(calib_source="weights")
         source = ("weight-only calibration (no calib_inputs or calib_stats: the searches minimise the weight-space "
@@ -181,8 +182,9 @@ def svdquant_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], op
         compiled = svdq_compiler.compile(region, dict(region.example), config, calib_inputs=calib_inputs,
                                          calib_stats=calib_stats, dynamic_shapes=region.dynamic_shapes())
     order = [i for i, (kind, _) in enumerate(region.feeds) if kind == "input"]
+    names = region.input_names
     runner = _inductor(compiled, gm, order) if options.get("inductor", True) else \
-        (lambda *args: compiled(*[args[i] for i in order]))
+        (lambda *args: compiled(**dict(zip(names, args))))
 
     def run(*args):
         return runner(*[args[i] for i in order])
@@ -196,7 +198,13 @@ def _inductor(compiled: torch.fx.GraphModule, dynamo_graph: torch.fx.GraphModule
 
     placeholders = [n for n in dynamo_graph.graph.nodes if n.op == "placeholder"]
     fakes = [placeholders[i].meta["example_value"] for i in order]
-    return compile_fx(compiled, fakes)
+    # A plain GraphModule over the same graph, without the unlifted module's input hooks and torch's export
+    # guards: Dynamo guards this region itself, and evaluating them on symbolic sizes would specialize them.
+    graph = copy.deepcopy(compiled.graph)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    return compile_fx(torch.fx.GraphModule(compiled, graph), fakes)
 
 
 def register() -> None:
