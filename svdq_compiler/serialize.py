@@ -29,6 +29,7 @@ import torch.fx
 from svdq_compiler.capture import (CAPTURE_META, INPUTS_META, capture_report, dynamic_shapes_of, install_shape_check,
                                    split_inputs, unlift)
 from svdq_compiler.archive_check import check_archive
+from svdq_compiler.dropin import as_pipeline_component
 from svdq_compiler.errors import CheckpointError, first_line
 from svdq_compiler.files import atomic_path
 from svdq_compiler.ir import format_ir
@@ -61,7 +62,10 @@ def versions() -> dict[str, str | None]:
 
 def save(gm: torch.fx.GraphModule, path: str | Path) -> Path:
     """Write `gm` (from capture, compile or load) to `path` as a graph file; returns the path."""
+    from svdq_compiler.dropin import graph_module_of
+
     path = Path(path)
+    gm = graph_module_of(gm)
     capture_report(gm)  # a graph capture did not make cannot be re-exported: this says so
     inputs = gm.meta.get(INPUTS_META)
     if inputs is None:
@@ -139,8 +143,9 @@ def read_extra(path: str | Path) -> dict[str, str]:
                 for extra in EXTRA_FILES if name.endswith(extra)}
 
 
-def load(path: str | Path) -> torch.fx.GraphModule:
-    """The GraphModule saved at `path`, ready to run, with its capture and compile reports in gm.meta.
+def load(path: str | Path) -> torch.nn.Module:
+    """The GraphModule saved at `path`, ready to run, with its capture and compile reports in gm.meta; for a
+    graph of a diffusers model, wrapped as a drop-in pipeline component (svdq_compiler.dropin).
 
     The file is read once; its bytes are checked to hold nothing that runs when loaded (archive_check) and
     those same bytes are deserialized."""
@@ -165,4 +170,4 @@ def load(path: str | Path) -> torch.fx.GraphModule:
     if examples is not None:
         gm.meta[INPUTS_META] = tuple(examples[0]) if examples[0] else dict(examples[1])
     install_shape_check(gm)
-    return gm
+    return as_pipeline_component(gm)
