@@ -10,13 +10,14 @@ archive reaches code execution through:
 - `expr_str` of symbolic sizes in `models/<model>.json`: `sympy.sympify`, which `eval`s the string;
 - `guards_code` in the same file: pasted into Python source that `ep.module()` `exec`s (and runs on every call);
 - node targets: resolved by walking attributes of `torch`, `operator` and `math` (`torch.os.system` is one);
+- our own fused ops' kernel specs: Triton source is generated from them and imported;
 - the pre-2.7 zip layout, which torch falls back to when the PT2 reader fails, with the same pickles.
 
 `check_archive(data)` inspects the bytes before torch sees them, with the standard library only (zipfile, json,
 ast), and refuses anything outside what our saves write: a fixed set of entry names, payloads that are raw
 tensor bytes, sample inputs that load with `weights_only=True`, size expressions in sympy's `srepr` grammar
 (Symbol/Integer/Add/Mul/… with literal arguments), guards that are comparisons of input sizes, and node
-targets that are aten/prims/svdq operators or symbolic-size arithmetic. The loader then hands torch the same
+targets that are aten/prims/svdq operators or symbolic-size arithmetic, kernel specs of short words and numbers. The loader then hands torch the same
 bytes (never the path again), so what was checked is what is loaded.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import math
 import re
 import zipfile
 import zlib
@@ -61,6 +63,7 @@ _SYMPY_CONSTANTS = {"oo", "zoo", "nan", "true", "false", "S", "Half", "One", "Ze
                     "Infinity", "NegativeInfinity", "BooleanTrue", "BooleanFalse"}
 _SYMPY_ASSUMPTIONS = {"positive", "negative", "integer", "real", "nonnegative", "nonpositive", "finite",
                       "zero", "nonzero", "odd", "even", "precision", "evaluate"}
+_SPEC_WORD = re.compile(r"[A-Za-z0-9_]{1,40}")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -188,6 +191,40 @@ def _check_program(program: Any, where: str) -> None:
             check_target(value, where)
         elif key == "expr_str":
             check_size_expression(value, where)
+        elif key == "nodes" and isinstance(value, list):
+            for node in value:
+                if isinstance(node, dict) and str(node.get("target", "")).startswith("torch.ops.svdq.fused_"):
+                    for item in node.get("inputs") or []:
+                        if isinstance(item, dict) and item.get("name") == "spec":
+                            check_kernel_spec((item.get("arg") or {}).get("as_string"), where)
+
+
+def check_kernel_spec(text: Any, where: str) -> None:
+    """A fused op's kernel spec, from which code is generated: JSON whose strings are short words and whose
+    other values are numbers, booleans and null (codegen then checks what they mean)."""
+    try:
+        spec = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        spec = None
+    if not isinstance(spec, dict):
+        raise refuse(f"a kernel spec is not a JSON object: {str(text)[:80]!r}", where)
+
+    def visit(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _SPEC_WORD.fullmatch(key):
+                    raise refuse(f"kernel spec key {key[:40]!r}", where)
+                visit(item)
+        elif isinstance(value, list):
+            for item in value:
+                visit(item)
+        elif isinstance(value, str):
+            if not _SPEC_WORD.fullmatch(value):
+                raise refuse(f"kernel spec value {value[:40]!r} is not a format, dtype or epilogue name", where)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise refuse("a kernel spec number is not finite", where)
+
+    visit(spec)
 
 
 def check_target(target: str, where: str) -> None:

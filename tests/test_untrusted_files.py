@@ -186,3 +186,20 @@ def test_the_checked_bytes_are_the_loaded_bytes(graph_file, monkeypatch):
     monkeypatch.setattr(torch.export, "load", spy)
     svdq_compiler.load(graph_file)
     assert len(seen) == 1 and isinstance(seen[0], io.BytesIO) and seen[0].getvalue() == graph_file.read_bytes()
+
+
+@pytest.mark.parametrize("text", [
+    '{"kind":"gemm","dtype":"float32)\\nimport os #"}',
+    '{"kind":"gemm","epilogue":[{"kind":"mul","value":"f(x)"}]}',
+    'not json',
+    '{"kind":"gemm","k":NaN}',
+])
+def test_kernel_specs_carrying_code_are_refused(text):
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        archive_check.check_kernel_spec(text, "test")
+
+
+def test_a_real_kernel_spec_passes():
+    archive_check.check_kernel_spec(
+        '{"act":"uint4","bias":true,"dtype":"float32","epilogue":[{"kind":"mul","value":null}],"group_size":64,'
+        '"k":128,"kind":"gemm","n":64,"quantize_next":null,"rank":32}', "test")
