@@ -218,6 +218,19 @@ def tiny_flux_quality(args, presets: list[str]) -> dict:
             "presets": rows}
 
 
+def combine_results(results: list[dict]) -> dict:
+    """One result holding the presets of several runs that sampled the same pairs with the same sampler."""
+    first = results[0]
+    for other in results[1:]:
+        for key in ("model", "sampler", "eval_pairs", "calibration"):
+            if other.get(key) != first.get(key):
+                raise SystemExit(f"cannot combine results that differ in {key}: {first.get(key)} vs {other.get(key)}")
+    combined = dict(first, presets={}, machine=[result["machine"] for result in results])
+    for result in results:
+        combined["presets"].update(result["presets"])
+    return combined
+
+
 def paper_table(result: dict) -> str:
     """The tiny-flux rows as a Markdown table in the paper's layout, plus accuracy and the 4-bit weight share."""
     def cell(value, digits):
@@ -244,11 +257,15 @@ def main() -> None:
     parser.add_argument("--calib-steps", type=int, default=4, help="tiny-flux: calibration steps per prompt")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--table", type=Path, metavar="JSON",
-                        help="only print the paper-layout table of an existing tiny-flux result file")
+    parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                        help="tiny-flux result files (presets run in separate processes) to combine into --out, "
+                             "then print the paper-layout table; nothing is compiled")
     args = parser.parse_args()
     if args.table is not None:
-        print(paper_table(json.loads(args.table.read_text())))
+        result = combine_results([json.loads(path.read_text()) for path in args.table])
+        if args.out is not None:
+            write_result(result, args.out)
+        print(paper_table(result))
         return
     args.model = args.model_name or args.model
     torch.set_num_threads(args.threads)
