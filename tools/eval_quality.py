@@ -183,13 +183,13 @@ def tensor_quality(args, presets: list[str]) -> dict:
 def tiny_flux_quality(args, presets: list[str]) -> dict:
     """The shipped tiny FLUX: images of fixed (prompt, seed) pairs through the sampler, scored against the fp32
     images (PSNR, SSIM), against real Fashion-MNIST test images (Fréchet distance) and the prompted class."""
-    from svdq_compiler.models import adapter_for, load_model, tiny_flux
+    from svdq_compiler.models import adapter_for, tiny_flux
     from svdq_compiler.models.fmnist import load_classifier, reference_statistics
     from svdq_compiler.models.tiny_flux_eval import eval_pairs, sample_pairs, score_images
 
-    model = load_model("tiny-flux")
+    model = tiny_flux.load_transformer(args.folder)
     adapter = adapter_for(model)
-    pipeline = tiny_flux.load_pipeline(transformer=model)
+    pipeline = tiny_flux.load_pipeline(args.folder, transformer=model)
     # As svdq-compile makes them: two prompts per call, so the batch dimension stays dynamic.
     example = adapter.example_inputs(model, batch=2)
     calib = adapter.calib_inputs(model, args.calib_prompts, args.calib_steps, seed=0, batch=2)
@@ -212,6 +212,7 @@ def tiny_flux_quality(args, presets: list[str]) -> dict:
     return {"reference": "fp32 images of the same (prompt, seed) pairs (PSNR, SSIM); the 10,000 real Fashion-MNIST "
                          "test images (Fréchet distance on the shipped classifier's features)",
             "sampler": asdict(pipeline.sampler),
+            "folder": str(args.folder) if args.folder else "shipped",
             "eval_pairs": {"count": len(pairs), "first_seed": pairs[0].seed, "prompts": "class prompts in turn"},
             "calibration": {"prompts": args.calib_prompts, "steps": args.calib_steps, "seed": 0,
                             "inputs": len(calib)},
@@ -222,7 +223,7 @@ def combine_results(results: list[dict]) -> dict:
     """One result holding the presets of several runs that sampled the same pairs with the same sampler."""
     first = results[0]
     for other in results[1:]:
-        for key in ("model", "sampler", "eval_pairs", "calibration"):
+        for key in ("model", "folder", "sampler", "eval_pairs", "calibration"):
             if other.get(key) != first.get(key):
                 raise SystemExit(f"cannot combine results that differ in {key}: {first.get(key)} vs {other.get(key)}")
     combined = dict(first, presets={}, machine=[result["machine"] for result in results])
@@ -253,6 +254,8 @@ def main() -> None:
     parser.add_argument("model_name", nargs="?", help="the same as --model")
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--pairs", type=int, default=80, help="tiny-flux: (prompt, seed) pairs per preset")
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="tiny-flux: a folder written by tools/train_tiny_flux.py (default: the shipped model)")
     parser.add_argument("--calib-prompts", type=int, default=4, help="tiny-flux: calibration prompts")
     parser.add_argument("--calib-steps", type=int, default=4, help="tiny-flux: calibration steps per prompt")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
