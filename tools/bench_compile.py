@@ -80,6 +80,9 @@ def main() -> None:
         "capture_s": report["capture"]["wall_s"], "capture_cpu_s": round(total_cpu - sum(passes_cpu.values()), 1),
         "passes_s": {record["name"]: record["wall_s"] for record in report["passes"]},
         "passes_cpu_s": passes_cpu,
+        "pass_statistics": {record["name"]: {key: value for key, value in record["stats"].items()
+                                             if isinstance(value, (int, float, str)) or value is None}
+                            for record in report["passes"]},
         "peak_rss_mib": round(peak_rss_mib(), 1), "rss_after_model_mib": round(rss_model, 1),
         "output_rel_error": float((compiled - reference).norm() / reference.norm()),
         "quantized_layers": totals["quantized_layers"], "fallbacks": totals["fallbacks"],
