@@ -111,6 +111,25 @@ def low_rank(weight: torch.Tensor, rank: int, method: str = "full", *, seed: int
     return u * s.unsqueeze(-2), vh
 
 
+def low_rank_from_gram(weight: torch.Tensor, gram: torch.Tensor, rank: int, *, seed: int = 0,
+                       oversample: int = 16, power_iterations: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-`rank` factors (L1 = W·V, L2 = Vᵀ) of a tall `weight` [..., N, K] (N > K) whose Gram matrix
+    `gram` = WᵀW [..., K, K] is given: subspace iteration on the Gram matrix (Gaussian start, seeded) and a
+    Rayleigh–Ritz step give V, the top right singular vectors. Every product is K×K instead of N×K, which is
+    what makes it cheaper than `low_rank`'s randomized SVD when the Gram matrix is reused (the smoothing
+    search: (W·diag(λ))ᵀ(W·diag(λ)) = diag(λ)·WᵀW·diag(λ) for every candidate λ)."""
+    with _one_thread():
+        generator = torch.Generator(device=gram.device).manual_seed(seed)
+        width = min(rank + oversample, gram.shape[-1])
+        basis = torch.linalg.qr(gram @ torch.randn(gram.shape[-1], width, generator=generator, dtype=gram.dtype,
+                                                   device=gram.device)).Q
+        for _ in range(power_iterations):
+            basis = torch.linalg.qr(gram @ basis).Q
+        _, vectors = torch.linalg.eigh(basis.mT @ gram @ basis)  # ascending eigenvalues
+        right = basis @ vectors[..., -min(rank, width):].flip(-1)
+    return weight @ right, right.mT
+
+
 @dataclass
 class Member:
     """One linear of a group: its weight (fp32, unsmoothed), the site it reads, and its FP outputs there."""
@@ -132,6 +151,7 @@ class GroupProblem:
     shifts: dict[str, float]  # site → constant added before unsigned quantization
     members: list[Member] = field(default_factory=list)
     branch_sets: list[list[str]] = field(default_factory=list)  # weight keys sharing one L2
+    grams: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)  # see _gram
 
     @classmethod
     def build(cls, scheme: Scheme, dtype: torch.dtype, weights: dict[str, torch.Tensor],
@@ -161,7 +181,7 @@ class GroupProblem:
                 for site, x in self.rows.items()}
         problem = GroupProblem(self.scheme, self.dtype, self.weights,
                                {site: x[keep[site]] for site, x in self.rows.items()}, self.shifts,
-                               branch_sets=self.branch_sets)
+                               branch_sets=self.branch_sets, grams=self.grams)
         problem.members = [Member(m.name, m.weight_key, m.site, m.reference[keep[m.site]]) for m in self.members]
         return problem
 
@@ -185,14 +205,24 @@ class GroupProblem:
                 for k, w in self.weights.items()}
 
     def branches(self, targets: dict[str, torch.Tensor], rank: int, method: str, seed: int = 0,
-                 precision: torch.dtype = torch.float64) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                 precision: torch.dtype = torch.float64, smooth: torch.Tensor | None = None
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Rank-r factors per weight key (model dtype, as fp32); a branch set shares L2. At float32 (the
-        search) the randomized SVD uses 2 subspace iterations instead of 4."""
+        search) the randomized SVD uses 2 subspace iterations instead of 4. When `targets` are
+        `smoothed(smooth)` and `smooth` is given, a tall branch set is decomposed "randomized" from its
+        unsmoothed Gram matrix, scaled by λ (`low_rank_from_gram`)."""
         factors = {}
         iterations = 4 if precision == torch.float64 else 2
         for keys in self.branch_sets:
             stacked = torch.cat([targets[k] for k in keys], dim=-2)
-            up, down = low_rank(stacked, rank, method, seed=seed, dtype=precision, power_iterations=iterations)
+            if smooth is not None and method == "randomized" and stacked.shape[-2] > stacked.shape[-1]:
+                scale = smooth.to(precision)
+                gram = scale.unsqueeze(-1) * self._gram(keys).to(precision) * scale.unsqueeze(-2)
+                up, down = low_rank_from_gram(stacked.to(precision), gram, rank, seed=seed,
+                                              power_iterations=iterations)
+            else:
+                up, down = low_rank(stacked, rank, method, seed=seed, dtype=precision,
+                                    power_iterations=iterations)
             down = down.to(self.dtype).float()
             offset = 0
             for key in keys:
@@ -200,6 +230,13 @@ class GroupProblem:
                 factors[key] = (up[..., offset:offset + rows, :].to(self.dtype).float(), down)
                 offset += rows
         return factors
+
+    def _gram(self, keys: list[str]) -> torch.Tensor:
+        """WᵀW of the branch set's stacked unsmoothed weights (fp32), computed once."""
+        if tuple(keys) not in self.grams:
+            stacked = torch.cat([self.weights[k] for k in keys])
+            self.grams[tuple(keys)] = stacked.T @ stacked
+        return self.grams[tuple(keys)]
 
     def residuals(self, smoothed: dict[str, torch.Tensor], branches: dict | None) -> dict[str, torch.Tensor]:
         """Ŵ − L1·L2 in the model dtype, as fp32."""
@@ -276,7 +313,7 @@ class GroupProblem:
         totals = []
         for chunk in smooths.split(batch):
             smoothed = self.smoothed(chunk)
-            branches = self.branches(smoothed, rank, svd, seed, torch.float32) if rank else None
+            branches = self.branches(smoothed, rank, svd, seed, torch.float32, chunk) if rank else None
             quantized = self.quantized(self.residuals(smoothed, branches))
             totals.append(sum(self.squared_errors(chunk, quantized, branches).values()))
         return torch.cat(totals)
