@@ -110,6 +110,19 @@ def test_inspect_summarizes_the_graph(compiled, capsys):
     assert "def forward(self, hidden_states" in capsys.readouterr().out
 
 
+def test_inspect_prints_the_generated_kernels(compiled, capsys):
+    graph = compiled[0]
+    assert inspect_main([str(graph), "--kernels", "--json"]) == 0
+    kernels = json.loads(capsys.readouterr().out)
+    assert {k["kind"] for k in kernels} == {"quantize_lora_down", "gemm"}
+    assert all("@triton.jit" in k["source"] for k in kernels)
+    assert inspect_main([str(graph), "--kernels"]) == 0
+    text = capsys.readouterr().out
+    distinct = {k["spec"] for k in kernels}
+    assert text.count("# ==== ") == len(distinct) and all(f"# spec: {spec}\n" in text for spec in distinct)
+    assert all(re.search(rf"launched by .*\b{k['node']}\b", text) for k in kernels)
+
+
 def test_help_documents_every_flag():
     for parser in (compile_parser(), inspect_parser()):
         for action in parser._actions:
