@@ -310,6 +310,16 @@ def _portable_translations() -> dict[Any, Callable]:
     return {torch.ops.svdq_onnx.dequantize_linear.default: dequantize}
 
 
+def _int4_bytes(values) -> bytes:
+    """ONNX's INT4 raw data: two's-complement nibbles, element 2i in the low nibble of byte i."""
+    import numpy as np
+
+    flat = values.astype(np.uint8).reshape(-1) & 0x0F
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
 def _fold_int4_casts(model) -> None:
     """Cast(int8 initializer → INT4) becomes an INT4 initializer: DequantizeLinear then reads a constant, which
     is what ONNX Runtime's MatMulNBits fusion needs, and the file holds 4 bits per weight."""
@@ -328,8 +338,11 @@ def _fold_int4_casts(model) -> None:
         if to != onnx.TensorProto.INT4 or source is None:
             continue
         values = numpy_helper.to_array(source)
-        graph.initializer.append(onnx.helper.make_tensor(node.output[0], onnx.TensorProto.INT4, values.shape,
-                                                         values.flatten().tolist()))
+        name = f"{source.name}_int4"
+        graph.initializer.append(onnx.helper.make_tensor(name, onnx.TensorProto.INT4, values.shape,
+                                                         _int4_bytes(values), raw=True))
+        for reader in graph.node:
+            reader.input[:] = [name if value == node.output[0] else value for value in reader.input]
         graph.node.remove(node)
         if readers[source.name] == 1:
             graph.initializer.remove(source)
