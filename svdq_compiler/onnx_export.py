@@ -57,7 +57,7 @@ from svdq_compiler import quant
 from svdq_compiler.capture import INPUTS_META, capture_report, dynamic_shapes_of, split_inputs
 from svdq_compiler.codegen import fused_ops
 from svdq_compiler.codegen.layout import PackedWeight, effective_group, unpack_weight
-from svdq_compiler.errors import CheckpointError, InputError, first_line
+from svdq_compiler.errors import CheckpointError, InputError, SvdqError, first_line
 from svdq_compiler.files import ensure_dir
 from svdq_compiler.ops import smoothed_input
 
@@ -103,6 +103,8 @@ def export_onnx(gm: torch.nn.Module, path: str | Path, example_inputs: tuple | d
 def _export(module: torch.nn.Module, args, kwargs, dynamic_shapes, what: str) -> torch.export.ExportedProgram:
     try:
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except SvdqError:  # a graph with no ONNX form for one of its layers says which
+        raise
     except Exception as exc:  # an un-exportable graph here is a bug of ours; say which step failed
         raise CheckpointError(f"{what} could not be exported for ONNX: {first_line(exc)}", where="export_onnx",
                               fix="check that the graph runs on these example inputs (svdq_compiler.load + call)") \
@@ -123,7 +125,8 @@ def _to_onnx(program: torch.export.ExportedProgram, form: str):
     model = exported.model_proto
     if form == "portable":
         _fold_int4_casts(model)
-    onnx.checker.check_model(model)
+    if model.ByteSize() <= _PROTOBUF_LIMIT:  # a larger one is checked from its files (_write)
+        onnx.checker.check_model(model)
     return model
 
 
@@ -138,6 +141,7 @@ def _write(model, path: Path) -> None:
         onnx.save_model(model, str(folder / path.name), save_as_external_data=external, all_tensors_to_one_file=True,
                         location=data_name)
         if external:
+            onnx.checker.check_model(str(folder / path.name))
             os.replace(folder / data_name, path.parent / data_name)
         os.replace(folder / path.name, path)
     finally:
