@@ -40,7 +40,7 @@ def test_a_new_process_loads_the_graph_and_reproduces_its_outputs_exactly(tmp_pa
     torch.save(inputs, tmp_path / "inputs.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1", "SVDQ_KERNEL_CACHE": str(tmp_path / "empty_kernel_cache")}
     run = subprocess.run([sys.executable, "-c", RUN_LOADED, str(graph), str(tmp_path / "inputs.pt"),
-                          str(tmp_path / "outputs.pt")], capture_output=True, text=True, timeout=600, env=env)
+                          str(tmp_path / "outputs.pt")], capture_output=True, text=True, timeout=1800, env=env)
     assert run.returncode == 0, run.stderr
     after = torch.load(tmp_path / "outputs.pt", weights_only=True)
     assert sorted(after) == sorted(before)
