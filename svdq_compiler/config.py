@@ -2,6 +2,11 @@
 
 Every knob of the method is a field here (formats, group sizes, rank, smoothing search, low-rank iterations,
 skip rules, per-role schemes, sensitivity fallback), so a preset is only a set of field values.
+
+The model dtype (of the 16-bit weights, scales, λ and the low-rank branch) is not a field: it is the captured
+module's own dtype, so the graph's inputs keep the dtype the module was captured with. Convert the model first
+(`load_model(name, dtype=torch.bfloat16)`, `svdq-compile --dtype bfloat16`) to compile it in bf16 as the
+reference does for FLUX.
 """
 
 from __future__ import annotations
@@ -77,6 +82,9 @@ class QuantConfig:
     svd: str = "full"  # the low-rank pass's SVD: "full" (LAPACK, float64) or "randomized"
     # The smoothing search decomposes every candidate's weights only to rank them: a randomized SVD suffices.
     search_svd: str = "randomized"
+    # The smoothing search ranks its candidates on this many of the sample rows (a seeded subset; None: all);
+    # the reported errors use every sample row.
+    search_rows: int | None = 128
     # Post-GELU inputs are shifted by this constant and quantized unsigned (int4 only); 0 disables.
     gelu_shift: float = GELU_SHIFT
     # Scheme per structural role ("w4a4" = the main formats above, "w4a16" = weight-only, "fp" = 16-bit).
@@ -101,7 +109,6 @@ class QuantConfig:
     # weight-space error ‖ΔW‖_F, since E‖ΔW·x‖² = ‖ΔW‖_F² for x ~ N(0, I)).
     calib_source: str = "inputs"
     pad_k: bool = True  # K not divisible by the group size: zero-pad (True) or keep the layer 16-bit (False)
-    dtype: str | None = None  # model dtype for scales and the low-rank branch; None keeps the module's dtype
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -156,6 +163,8 @@ class QuantConfig:
             raise InputError("rank >= 0, iterations >= 1, group_size >= 0 and smooth_grid >= 2 are required")
         if self.calib_rows < 1 or self.calib_prompts < 1 or self.calib_steps < 1:
             raise InputError("calib_rows, calib_prompts and calib_steps must be at least 1")
+        if self.search_rows is not None and self.search_rows < 1:
+            raise InputError(f"search_rows must be at least 1 or None (every sample row), got {self.search_rows}")
         if self.weight_format == "nvfp4" and self.group_size != 16:
             raise InputError("nvfp4 uses groups of 16 channels", fix="set group_size=16 or use the nvfp4 preset")
         if self.weight_format in ("int4", "nf4") and self.group_size == 0:
