@@ -49,11 +49,16 @@ def bench_family(family: str, presets: list[str], prompts: int, steps: int) -> d
         config = svdq_compiler.QuantConfig.preset(preset)
         ctx = PassContext(config=config, example_inputs=inputs, calib_inputs=calib, adapter=adapter, model=model)
         start, cpu_start = time.perf_counter(), time.process_time()
-        gm = run_passes(copy.deepcopy(captured), ctx, svdquant_pipeline())
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        install_shape_check(gm)
-        with torch.no_grad():
-            compiled = first_output(gm(**check)).float()
+        try:
+            gm = run_passes(copy.deepcopy(captured), ctx, svdquant_pipeline())
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            install_shape_check(gm)
+            with torch.no_grad():
+                compiled = first_output(gm(**check)).float()
+        except Exception as exc:  # a failing combination is a result of the matrix, recorded, not the end of it
+            results[preset] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+            print(family, preset, results[preset], flush=True)
+            continue
         totals = gm.meta["svdq_layers"]["totals"]
         results[preset] = {
             "output_rel_error": round(float((compiled - reference).norm() / reference.norm()), 5),

@@ -92,3 +92,15 @@ def test_a_bf16_model_compiles_in_bf16():
     x = tuple(t.to(torch.bfloat16) for t in dit_inputs(seed=5))
     y, out = model(*x).float(), gm(*x)
     assert out.dtype == torch.bfloat16 and float((out.float() - y).norm() / y.norm()) < 0.1
+
+
+def test_a_buffer_the_forward_never_reads_survives_fuse_without_fused_kernels():
+    """Unlifting gives an unread buffer a dead get_attr (PixArt's pos_embed off its native grid). With only
+    W4A16 layers fuse fuses nothing, yet erases that node and deletes the buffer: it must report the change,
+    so the graph's code is regenerated and no longer reads the deleted attribute."""
+    model = outlier_dit()
+    model.register_buffer("unused_table", torch.randn(4, 4))
+    gm, _, results = prepared(model, CALIB[0], CALIB, "w4a16-nf4", passes=PASSES + ("fuse",))
+    assert results["fuse"].modified and not hasattr(gm, "unused_table")
+    x = dit_inputs(seed=5)
+    torch.testing.assert_close(gm(*x), prepared(model, CALIB[0], CALIB, "w4a16-nf4", passes=PASSES)[0](*x))
