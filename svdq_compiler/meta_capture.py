@@ -3,7 +3,8 @@
 The model is built with `torch.device("meta")` (parameters have shapes and dtypes, no storage) and exported
 with meta example inputs. Tracing bakes the device of the example into a few nodes (`arange(..., device=meta)`
 for RoPE tables, `_assert_tensor_metadata(..., device=meta)` checks); `retarget_device` rewrites those to the
-device the weights will live on, so the graph runs once real weights are attached.
+device the weights will live on, so the graph runs once real weights are attached; `retarget_vals` does the same
+for the traced fake values, which passes combine with the fake values of the real tensors they add.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 from svdq_compiler.capture import CAPTURE_META, INPUTS_META, capture, split_inputs
 from svdq_compiler.errors import InputError
@@ -43,6 +45,16 @@ def retarget_device(graph: torch.fx.Graph, device: torch.device | str = "cpu",
     return changed
 
 
+def retarget_vals(graph: torch.fx.Graph, device: torch.device | str = "cpu", source: torch.device = META) -> None:
+    """Point the fake values (`node.meta["val"]`) traced on `source` at `device`, so tensors the passes add
+    (real CPU weights) and the activations they combine with agree on the device."""
+    device = torch.device(device)
+    for node in graph.nodes:
+        for value in torch.utils._pytree.tree_leaves(node.meta.get("val")):
+            if isinstance(value, FakeTensor) and value.fake_device == source:
+                value.fake_device = device
+
+
 def capture_on_meta(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_shapes: Any = "auto",
                     adapter: Any = None, device: torch.device | str = "cpu") -> torch.fx.GraphModule:
     """`svdq_compiler.capture` of a meta-device module (the inputs are traced as meta tensors), retargeted to
@@ -55,6 +67,7 @@ def capture_on_meta(module: torch.nn.Module, example_inputs: tuple | dict, *, dy
                          fix='build it inside `with torch.device("meta"):`')
     gm = capture(module, meta_inputs(example_inputs), dynamic_shapes=dynamic_shapes, adapter=adapter)
     retargeted = retarget_device(gm.graph, device)
+    retarget_vals(gm.graph, device)
     gm.recompile()
     gm.meta[INPUTS_META] = example_inputs
     gm.meta[CAPTURE_META]["meta_device"] = {"retargeted_nodes": retargeted, "device": str(torch.device(device))}
@@ -78,6 +91,7 @@ def export_on_meta(gm: torch.fx.GraphModule, example_inputs: tuple | dict, *, dy
         retarget_device(gm.graph, device)
         gm.recompile()
     retarget_device(program.graph, device)
+    retarget_vals(program.graph, device)
     program.graph_module.recompile()
     if not any(isinstance(t, torch.Tensor) and t.device == META for t in torch.utils._pytree.tree_leaves(
             example_inputs)):

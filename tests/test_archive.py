@@ -42,6 +42,9 @@ def test_meta_capture_has_no_storage_and_no_meta_device_left(tiny):
                         for v in list(n.args) + list(n.kwargs.values()))]
     assert leftovers == []
     assert gm.meta["svdq_capture"]["meta_device"]["retargeted_nodes"] > 0
+    vals = [v for n in gm.graph.nodes for v in torch.utils._pytree.tree_leaves(n.meta.get("val"))
+            if isinstance(v, torch.Tensor)]
+    assert vals and {v.device.type for v in vals} == {"cpu"}
 
 
 def test_meta_captured_graph_with_real_weights_equals_eager(tiny):
