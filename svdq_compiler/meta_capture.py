@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from svdq_compiler.capture import CAPTURE_META, INPUTS_META, capture, split_inputs
 from svdq_compiler.errors import InputError
+from svdq_compiler.ir import RUN_DEVICE_META
 
 META = torch.device("meta")
 
@@ -70,6 +71,7 @@ def capture_on_meta(module: torch.nn.Module, example_inputs: tuple | dict, *, dy
     retarget_vals(gm.graph, device)
     gm.recompile()
     gm.meta[INPUTS_META] = example_inputs
+    gm.meta[RUN_DEVICE_META] = str(torch.device(device))
     gm.meta[CAPTURE_META]["meta_device"] = {"retargeted_nodes": retargeted, "device": str(torch.device(device))}
     return gm
 
