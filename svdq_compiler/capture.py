@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -269,6 +270,8 @@ def capture(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_sh
     gm.meta[CAPTURE_META] = {
         "module_class": type(module).__name__,
         "adapter": adapter.name,
+        # the model's own config (diffusers models): what a checkpoint exported from the graph must describe
+        "model_config": model_config(module),
         "positional": bool(args),
         "inputs": [{"path": path_name(path), "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                    for path, t in examples.items()],
@@ -281,6 +284,14 @@ def capture(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_sh
     gm.meta[INPUTS_META] = example_inputs
     install_shape_check(gm)
     return gm
+
+
+def model_config(module: torch.nn.Module) -> dict[str, Any] | None:
+    """A diffusers model's config as JSON-able values (None for other modules)."""
+    config = getattr(module, "config", None)
+    if config is None or not hasattr(config, "items"):
+        return None
+    return json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, default=list))
 
 
 def check_examples(dims: dict[tuple[tuple, int], Any], examples: dict[tuple, torch.Tensor],
