@@ -52,7 +52,7 @@ def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str |
     adapter = adapter or adapter_for(module)
     gm = capture(module, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter)
     ctx = PassContext(config=quant_config, example_inputs=example_inputs, calib_inputs=calib_inputs, adapter=adapter,
-                      dump_dir=Path(dump_ir) if dump_ir is not None else None,
+                      model=module, dump_dir=Path(dump_ir) if dump_ir is not None else None,
                       print_ir_after_change=print_ir_after_change, verify_each=verify, show_progress=progress)
     gm = run_passes(gm, ctx, svdquant_pipeline(passes))
     install_shape_check(gm)
@@ -68,6 +68,7 @@ def compile_report(gm: torch.fx.GraphModule, config: QuantConfig, records: list[
         "capture": gm.meta[CAPTURE_META],
         "passes": records,
         "linears": linears,
+        "layers": gm.meta.get("svdq_layers"),  # the per-layer report of `lower` (svdq_compiler/report.py)
         "totals": {"nodes": len(gm.graph.nodes), "linears_annotated": len(linears),
                    "parameter_bytes": parameter_bytes(gm)},
     }

@@ -263,6 +263,9 @@ def capture(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_sh
                                    f"depends on its exact value")
     program = program.run_decompositions({})
     gm = unlift(program, check_guards=relax_reason is None)
+    for name, guard in pinned_by_guards(gm, args, kwargs, dims, examples, fallbacks).items():
+        fallbacks[name] = f"torch.export's guard `{guard}` pins it (the model's code takes a branch that only " \
+                          f"holds at this size)"
     for parameter in gm.parameters():
         parameter.requires_grad_(False)
     report_dims = [captured_dim(path, index, dim, examples[path], fallbacks, narrowed)
@@ -364,6 +367,54 @@ def specialized_while_tracing(program: torch.export.ExportedProgram, args: tuple
             if isinstance(dim, DynDim) and not isinstance(size, torch.SymInt):
                 specialized[dim.name] = int(size)
     return specialized
+
+
+def pinned_by_guards(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dims: dict[tuple[tuple, int], Any],
+                     examples: dict[tuple, torch.Tensor], fallbacks: dict[str, str], probes: int = 3) -> dict[str, str]:
+    """{dimension name: failing guard} for declared dimensions that torch.export's guards pin to the example size.
+
+    The guards are checked on meta tensors (no compute) with the dimension moved to each of a few other sizes
+    in its range; a dimension every probe rejects is static in effect even though its symbol survived export
+    (e.g. PixArt captured at its native grid, where the code compares the grid with a Python int).
+    """
+    guards, in_spec = getattr(gm, "_guards_fn", None), getattr(gm, "_in_spec", None)
+    if guards is None or in_spec is None:
+        return {}
+    from torch.fx._pytree import tree_flatten_spec
+
+    units = {dim.name: (examples[path].shape[index] // dim.multiple, dim) for (path, index), dim in dims.items()
+             if isinstance(dim, DynDim) and dim.name not in fallbacks}
+    pinned = {}
+    for name, (example, dim) in sorted(units.items()):
+        # The nearest sizes on both sides: one unlucky size can trip a guard on its own (SD3 guards width ≠ its
+        # maximum), a pinned dimension fails them all.
+        nearest = sorted(range(max(dim.min, example - probes), min(dim.max, example + probes) + 1),
+                         key=lambda u: (abs(u - example), u))
+        candidates = [u for u in nearest if u != example]
+        failures = []
+        for candidate in candidates:
+            probe = resized_on_meta((args, kwargs), dims, name, candidate)
+            try:
+                guards(*tree_flatten_spec(probe, in_spec))
+            except AssertionError as exc:
+                failures.append(str(exc).removeprefix("Guard failed: "))
+        if candidates and len(failures) == len(candidates):
+            pinned[name] = failures[0]
+    return pinned
+
+
+def resized_on_meta(tree: Any, dims: dict[tuple[tuple, int], Any], name: str, units: int, path: tuple = ()) -> Any:
+    """`tree` with its tensors as meta tensors, every dimension called `name` resized to `units` multiples."""
+    if isinstance(tree, torch.Tensor):
+        input_path = path[1:]  # drop the (args, kwargs) level
+        shape = [units * dim.multiple if isinstance(dim := dims.get((input_path, i)), DynDim) and dim.name == name
+                 else size for i, size in enumerate(tree.shape)]
+        return torch.empty(shape, dtype=tree.dtype, device="meta")
+    if isinstance(tree, dict):
+        return {key: resized_on_meta(value, dims, name, units, path + (key,)) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(resized_on_meta(value, dims, name, units, path + (i,)) for i, value in enumerate(tree))
+    return tree
 
 
 def captured_dim(path: tuple, index: int, dim: Any, example: torch.Tensor, fallbacks: dict[str, str],

@@ -32,25 +32,28 @@ def compile_parser() -> argparse.ArgumentParser:
         prog="svdq-compile",
         description="Compile a diffusion model to a 4-bit SVDQuant graph (graph.pt) that svdq_compiler.load runs.",
         epilog="Built-in models: " + ", ".join(builtin_names()) + ". Passes, in order: "
-               + ", ".join(name for name, _ in SVDQUANT_STEPS) + ", and verify.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               + ", ".join(name for name, _ in SVDQUANT_STEPS) + ", and verify.")
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                         help="a built-in name, a diffusers model or pipeline folder, or a single-file .safetensors "
-                             "checkpoint")
+                             "checkpoint (default: %(default)s)")
     parser.add_argument("--out", "-o", required=True, type=Path, help="where to write the compiled graph")
-    parser.add_argument("--preset", default="int4", choices=sorted(PRESETS), help="quantization preset")
+    parser.add_argument("--preset", default="int4", choices=sorted(PRESETS),
+                        help="quantization preset (default: %(default)s)")
     parser.add_argument("--rank", type=int, help="rank of the 16-bit low-rank branch (overrides the preset)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any QuantConfig field (JSON value, e.g. --set group_size=128 "
                              "--set 'skip=[\"proj_out\"]'); repeatable")
     parser.add_argument("--batch", type=int, default=2,
-                        help="batch of the example inputs; 2 or more makes the batch dimension dynamic")
+                        help="batch of the example inputs; 2 or more makes the batch dimension dynamic "
+                             "(default: %(default)s)")
     parser.add_argument("--tokens", type=grid_arg,
                         help="image tokens of the example inputs: a count, or ROWSxCOLS (patch grid; latent "
                              "pixels for a U-Net); default: the adapter's non-square default")
-    parser.add_argument("--calib-prompts", type=int, default=4, help="calibration prompts")
-    parser.add_argument("--calib-steps", type=int, default=4, help="denoising steps per calibration prompt")
-    parser.add_argument("--seed", type=int, default=0, help="seed of example and calibration inputs")
+    parser.add_argument("--calib-prompts", type=int, default=4, help="calibration prompts (default: %(default)s)")
+    parser.add_argument("--calib-steps", type=int, default=4,
+                        help="denoising steps per calibration prompt (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of example and calibration inputs (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, help="convert the weights (default: the checkpoint's dtype)")
     parser.add_argument("--static", action="store_true", help="capture every dimension static (no dynamic shapes)")
     parser.add_argument("--dump-ir", type=Path, metavar="DIR",
@@ -62,7 +65,7 @@ def compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", action="store_true", help="check the IR's invariants after capture and each pass")
     parser.add_argument("--report", type=Path, metavar="FILE", help="write the compile report as JSON")
     parser.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
-                        help="progress bars on stderr; auto shows them when stderr is a terminal")
+                        help="progress bars on stderr; auto (the default) shows them when stderr is a terminal")
     parser.add_argument("--verbose", "-v", action="store_true", help="log each step and pass")
     return parser
 
@@ -174,15 +177,29 @@ def compile_summary(report: dict[str, Any]) -> str:
     lines = [f"wrote {report['output']['path']} ({human_bytes(report['output']['bytes'])}): "
              f"{capture['module_class']} ({report['adapter']}), preset {report['config']['preset_name']}"]
     lines.append("  dimensions: " + (describe_dims(capture) or "all static"))
-    for record in report["passes"]:
-        lines.append(f"  pass {record['name']}: {'changed' if record['modified'] else 'no change'}, "
-                     f"{record['wall_s']:.2f}s {json.dumps(record['stats'])}")
+    lines += [f"  {pass_line(record)}" for record in report["passes"]]
     if not report["passes"]:
         lines.append("  passes: none ran (capture only)")
     totals = report["totals"]
     lines.append(f"  {totals['nodes']} nodes, {totals['linears_annotated']} annotated linears, "
                  f"{human_bytes(totals['parameter_bytes'])} of parameters")
     return "\n".join(lines)
+
+
+def pass_line(record: dict[str, Any], max_items: int = 8) -> str:
+    """`pass smooth: changed, 1.20s groups=28 kept_identity=0 …`: the scalar statistics and small tables; the
+    per-group detail stays in the report and the IR dumps."""
+    shown = []
+    for key, value in record["stats"].items():
+        if isinstance(value, (int, float, str, bool)) or value is None:
+            shown.append(f"{key}={value}")
+        elif isinstance(value, dict) and len(value) <= max_items and all(
+                isinstance(v, (int, float, str, bool)) for v in value.values()):
+            shown.append(f"{key}={json.dumps(value, separators=(',', ':'))}")
+        elif isinstance(value, (list, dict)):
+            shown.append(f"{key}=[{len(value)}]")
+    state = "changed" if record["modified"] else "no change"
+    return f"pass {record['name']}: {state}, {record['wall_s']:.2f}s " + " ".join(shown)
 
 
 def describe_dims(capture: dict[str, Any]) -> str:
@@ -248,6 +265,7 @@ def graph_summary(path: Path) -> dict[str, Any]:
         "linear_ops": sum(count for name, count in ops.items() if name in linear_ops),
         "svdq_ops": sum(count for name, count in ops.items() if name.startswith("svdq.")),
         "linears": report.get("linears", []),
+        "layer_report": report.get("layers"),
         "parameter_bytes": parameter_bytes(gm),
         "parameter_bytes_by_dtype": dict(by_dtype),
         "passes": report.get("passes", []),
@@ -282,10 +300,12 @@ def inspect_text(summary: dict[str, Any], layers: bool) -> str:
                  f"{len(summary['linears'])} annotated" + (f" ({dict(roles)})" if roles else ""))
     by_dtype = ", ".join(f"{dtype} {human_bytes(size)}" for dtype, size in summary["parameter_bytes_by_dtype"].items())
     lines.append(f"parameters: {human_bytes(summary['parameter_bytes'])} ({by_dtype})")
-    for record in summary["passes"]:
-        lines.append(f"pass {record['name']}: {'changed' if record['modified'] else 'no change'}, "
-                     f"{record['wall_s']:.2f}s {json.dumps(record['stats'])}")
-    if layers:
+    lines += [pass_line(record) for record in summary["passes"]]
+    if layers and summary.get("layer_report"):
+        from svdq_compiler.report import format_layers
+
+        lines.append(format_layers(summary["layer_report"]).rstrip())
+    elif layers:
         for layer in summary["linears"]:
             scheme = layer.get("scheme") or {}
             lines.append(f"  {layer['name']}: {layer['role']} {layer['in_features']}→{layer['out_features']} "

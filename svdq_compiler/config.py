@@ -73,7 +73,9 @@ class QuantConfig:
     # Low-rank refinement L = SVD_r(Ŵ − Q(Ŵ − L_prev)); 1 is the plain truncated SVD.
     iterations: int = 1
     early_stop: bool = True
-    svd: str = "full"
+    svd: str = "full"  # the low-rank pass's SVD: "full" (LAPACK, float64) or "randomized"
+    # The smoothing search decomposes every candidate's weights only to rank them: a randomized SVD suffices.
+    search_svd: str = "randomized"
     # Post-GELU inputs are shifted by this constant and quantized unsigned (int4 only); 0 disables.
     gelu_shift: float = GELU_SHIFT
     # Scheme per structural role ("w4a4" = the main formats above, "w4a16" = weight-only, "fp" = 16-bit).
@@ -83,10 +85,15 @@ class QuantConfig:
     weight_only_group: int = 64
     skip: tuple[str, ...] = ()  # regular expressions on qualified layer names: those layers stay 16-bit
     conv1x1_as_linear: bool = True
+    # A linear reading a concatenation of differently produced tensors (FLUX single blocks: attention output ‖
+    # GELU output) is split into one linear per part, so each part gets its own smoothing, shift and branch.
+    split_concat_linears: bool = True
     # Sensitivity fallback: a layer whose relative output error on calibration rows exceeds this bound moves to
     # w4a16, then fp. None disables it.
     fallback_error: float | None = 0.35
     calib_rows: int = 512  # rows sampled per smoothing group for the searches (bounded memory)
+    calib_prompts: int = 4  # adapter calibration inputs: prompts × denoising steps (when none are given)
+    calib_steps: int = 4
     calib_seed: int = 0
     pad_k: bool = True  # K not divisible by the group size: zero-pad (True) or keep the layer 16-bit (False)
     dtype: str | None = None  # model dtype for scales and the low-rank branch; None keeps the module's dtype
@@ -135,11 +142,14 @@ class QuantConfig:
         check(self.act_format, ACT_FORMATS + (None,), "act_format")
         check(self.smooth, SMOOTH_SEARCHES, "smooth")
         check(self.svd, SVD_METHODS, "svd")
+        check(self.search_svd, SVD_METHODS, "search_svd")
         check(self.weight_only_format, ("int4", "nf4"), "weight_only_format")
         for role, scheme in self.role_schemes.items():
             check(scheme, SCHEME_NAMES, f"role_schemes[{role!r}]")
         if self.rank < 0 or self.iterations < 1 or self.group_size < 0 or self.smooth_grid < 2:
             raise InputError("rank >= 0, iterations >= 1, group_size >= 0 and smooth_grid >= 2 are required")
+        if self.calib_rows < 1 or self.calib_prompts < 1 or self.calib_steps < 1:
+            raise InputError("calib_rows, calib_prompts and calib_steps must be at least 1")
         if self.weight_format == "nvfp4" and self.group_size != 16:
             raise InputError("nvfp4 uses groups of 16 channels", fix="set group_size=16 or use the nvfp4 preset")
         if self.weight_format in ("int4", "nf4") and self.group_size == 0:

@@ -40,6 +40,7 @@ class PassContext:
     example_inputs: tuple | dict = ()
     calib_inputs: Iterable[tuple | dict] | None = None
     adapter: Any = None  # the model adapter, when the model has one (roles, calibration inputs)
+    model: Any = None  # the eager module that was captured (the adapter builds calibration inputs from it)
     state: dict[str, Any] = field(default_factory=dict)  # cross-pass data, e.g. calibration statistics
     dump_dir: Path | None = None
     print_ir_after_change: bool = False

@@ -34,6 +34,14 @@ class CapsTokens(TokenMLP):
         return y if x.shape[1] <= 16 else y * 2
 
 
+class NativeGrid(torch.nn.Module):
+    """Compares a derived grid size with a Python int, as PixArt's patch embedding does with its native grid:
+    export succeeds with a symbolic size, but its guard pins the size."""
+
+    def forward(self, x):
+        return x * 2 if x.shape[1] // 2 != 4 else x
+
+
 class DataDependent(TokenMLP):
     def forward(self, x):
         return super().forward(x) if x.sum() > 0 else x
@@ -106,6 +114,17 @@ def test_range_the_model_cannot_serve_is_narrowed_and_reported():
     torch.testing.assert_close(gm(x), model(x))
     with pytest.raises(ShapeError, match="outside the captured range"):
         gm(torch.randn(2, 17, 16))
+
+
+def test_dimension_pinned_by_a_guard_is_reported_static():
+    gm = svdq_compiler.capture(NativeGrid(), (torch.randn(2, 8, 3),),
+                               dynamic_shapes=({1: DynDim("grid", 2, 32, multiple=2, label="grid")},))
+    entry = dims_of(gm)[("args[0]", 1)]
+    assert entry["status"] == "static" and "x.size()[1] // 2 == 4" in entry["reason"]
+    x = torch.randn(2, 8, 3)
+    torch.testing.assert_close(gm(x), x)
+    with pytest.raises(ShapeError, match=r"args\[0\] dim 1 \(grid\) is 10, but the graph was captured with a static 8"):
+        gm(torch.randn(2, 10, 3))
 
 
 def test_example_of_size_one_gives_a_static_dimension_without_an_export_round():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from svdq_compiler.cli import compile_main, compile_parser, inspect_main, inspect_parser
+from svdq_compiler.cli import compile_main, compile_parser, inspect_main, inspect_parser, pass_line
 
 LOAD_AND_COMPARE = textwrap.dedent("""
     import sys, torch, svdq_compiler
@@ -20,8 +20,10 @@ LOAD_AND_COMPARE = textwrap.dedent("""
     for batch, tokens in [(2, None), (1, 1024)]:
         inputs = adapter.example_inputs(model, batch=batch, tokens=tokens, seed=7)
         with torch.no_grad():
-            torch.testing.assert_close(graph(**inputs)[0], model(**inputs)[0], rtol=1e-6, atol=1e-6)
-    print("equal to eager")
+            compiled, reference = graph(**inputs)[0], model(**inputs)[0]
+        error = float((compiled - reference).norm() / reference.norm())
+        assert error < 0.1, f"relative error {error} at batch {batch}, tokens {tokens}"
+    print("close to eager")
 """)
 
 
@@ -50,12 +52,13 @@ def test_compile_writes_a_graph_that_a_new_process_runs_like_eager(compiled):
     assert graph.stat().st_size == report["output"]["bytes"] > 0
     assert f"wrote {graph}" in run.stdout and "image tokens 2..65536" in run.stdout
     assert "save" in run.stderr  # the progress bar named the steps
-    # Until the quantizing passes exist, a compile is a capture: the graph computes what the model does.
-    assert not any(record["modified"] for record in report["passes"])
+    # The quantizing passes ran; the graph computes the int4 model, close to what the model does.
+    modified = {record["name"] for record in report["passes"] if record["modified"]}
+    assert {"annotate_linears", "smooth", "lowrank", "quantize_weights", "lower"} <= modified
     check = subprocess.run([sys.executable, "-c", LOAD_AND_COMPARE, str(graph)], capture_output=True, text=True,
                            timeout=600)
     assert check.returncode == 0, check.stderr
-    assert "equal to eager" in check.stdout
+    assert "close to eager" in check.stdout
 
 
 def test_one_dump_per_pass(compiled):
@@ -81,12 +84,15 @@ def test_inspect_summarizes_the_graph(compiled, capsys):
     assert inspect_main([str(graph)]) == 0
     text = capsys.readouterr().out
     for expected in ["svdq graph format 1", "FluxTransformer2DModel (adapter flux)", "preset int4",
-                     "image tokens 2..65536", f"nodes: {report['totals']['nodes']}", "30 16-bit linear/conv ops",
-                     "parameters: 1.0 MiB (float32 1.0 MiB)"]:
+                     "image tokens 2..65536", f"nodes: {report['totals']['nodes']}", "svdq ops",
+                     "parameters: "]:
         assert expected in text
     assert inspect_main([str(graph), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["linear_ops"] == 30 and summary["parameter_bytes"] == report["totals"]["parameter_bytes"]
+    assert summary["svdq_ops"] > 0 and summary["parameter_bytes"] == report["totals"]["parameter_bytes"]
+    assert inspect_main([str(graph), "--layers"]) == 0
+    layers = capsys.readouterr().out
+    assert "transformer_blocks.0.ff.net.2" in layers and "A:uint4/g64" in layers and "compression" in layers
     assert inspect_main([str(graph), "--ir"]) == 0
     assert "def forward(self, hidden_states" in capsys.readouterr().out
 
@@ -130,3 +136,11 @@ def test_inspect_errors_are_one_line(tmp_path, capsys):
     assert inspect_main([str(tmp_path / "none.pt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("svdq-inspect: error: no such graph file") and err.count("\n") == 1
+
+
+def test_pass_lines_show_scalars_and_small_tables_only():
+    record = {"name": "smooth", "modified": True, "wall_s": 1.234,
+              "stats": {"groups": 2, "search": "grid", "roles": {"qkv": 3, "out": 1},
+                        "per_group": {"a": {"alpha": 0.5}, "b": {"alpha": 0.7}}, "fallbacks": ["x: too large"]}}
+    assert pass_line(record) == ('pass smooth: changed, 1.23s groups=2 search=grid roles={"qkv":3,"out":1} '
+                                 'per_group=[2] fallbacks=[1]')

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_common import machine, write_result
 
-import svdq_compiler
 from svdq_compiler.codegen.layout import NunchakuLinear, from_nunchaku, pack_weight, to_nunchaku
 from svdq_compiler.quant import fake_quantize_act, fake_quantize_weight, quantize_weight
 
@@ -37,16 +34,6 @@ def timed(fn, device: str, repeat: int) -> float:
             torch.cuda.synchronize()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
-
-
-def machine(device: str) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "svdq_compiler": svdq_compiler.__version__,
-            "load_average": os.getloadavg()}  # other work on a shared machine skews the timings
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def main() -> None:
@@ -84,12 +71,7 @@ def main() -> None:
         print(json.dumps(row))
     report = {"benchmark": "numerics", "device": device, "weight": [n, n], "tokens": m, "dtype": "bfloat16",
               "repeat": args.repeat, "machine": machine(device), "results": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    target = args.out / f"numerics_{device}.json"
-    with tempfile.NamedTemporaryFile("w", dir=args.out, suffix=".tmp", delete=False) as handle:
-        json.dump(report, handle, indent=2)
-    Path(handle.name).replace(target)
-    print(f"wrote {target}")
+    write_result(report, args.out / f"numerics_{device}.json")
 
 
 if __name__ == "__main__":

@@ -110,3 +110,6 @@ def load_model(spec: str | Path, *, dtype: torch.dtype | None = None) -> torch.n
 for _adapter in ADAPTERS:
     register_builtin(f"random:{_adapter.name}", _adapter.random_model,
                      f"tiny random-weight {_adapter.class_names[0]} with every structural feature")
+
+# Built-in models shipped with the package register themselves on import.
+from svdq_compiler.models import tiny_flux  # noqa: E402,F401

@@ -1,0 +1,231 @@
+"""calibrate: run the captured FP graph on calibration inputs and record, per input tensor of a quantized linear,
+the per-channel range and a bounded random sample of rows.
+
+Requires: annotate_linears. Ensures: `ctx.state["calibrate"]` is a `Calibration` with one `SiteStats` per tensor
+that a non-16-bit linear reads (keyed by the node's name): per-channel min and max over every row of every
+input, rows seen, and a uniform random sample of at most `config.calib_rows` rows (reservoir sampling, seeded by
+`config.calib_seed`), so memory is bounded however many inputs there are. The graph is not changed.
+
+Inputs come from `ctx.calib_inputs`, else the model adapter (`calib_prompts` × `calib_steps` denoising steps),
+else the example inputs (the stats say which). Each input is checked against the captured signature, and a
+NaN or Inf reaching a linear stops calibration with an error naming that layer and the node producing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from svdq_compiler.capture import split_inputs
+from svdq_compiler.errors import CalibrationError
+from svdq_compiler.fx_utils import tensor_val
+from svdq_compiler.ir import annotated_linears, module_path
+from svdq_compiler.pipeline import PassContext, PassResult, register_pass
+
+
+@dataclass
+class SiteStats:
+    """What calibration saw of one tensor read by quantized linears (channels last)."""
+
+    node: str
+    readers: list[str]  # qualified names of the linears reading it
+    minimum: torch.Tensor  # fp32 [K]
+    maximum: torch.Tensor  # fp32 [K]
+    rows: torch.Tensor  # [≤ calib_rows, K] in the activation dtype: a uniform sample of every row seen
+    priorities: torch.Tensor  # the reservoir keys of `rows`
+    rows_seen: int = 0
+
+    def absmax(self, shift: float = 0.0) -> torch.Tensor:
+        """Per-channel max |x + shift| over every row seen."""
+        return torch.maximum((self.minimum + shift).abs(), (self.maximum + shift).abs())
+
+
+@dataclass
+class Calibration:
+    sites: dict[str, SiteStats] = field(default_factory=dict)
+    source: str = ""
+    inputs: int = 0
+
+
+def site_of(calibration: Calibration, x: torch.fx.Node) -> SiteStats:
+    """The statistics of the tensor `x` (a linear's original input)."""
+    try:
+        return calibration.sites[x.name]
+    except KeyError:
+        raise CalibrationError(f"no calibration statistics for tensor {x.name!r}",
+                               fix="run calibrate after annotate_linears and before any pass that renames inputs"
+                               ) from None
+
+
+def _calibration_inputs(ctx: PassContext) -> tuple[Iterable, str]:
+    if ctx.calib_inputs is not None:
+        return ctx.calib_inputs, "calib_inputs"
+    from svdq_compiler.models import GenericAdapter
+
+    model = ctx.model
+    if ctx.adapter is not None and model is not None and not isinstance(ctx.adapter, GenericAdapter):
+        config = ctx.config
+        inputs = ctx.adapter.calib_inputs(model, config.calib_prompts, config.calib_steps, seed=config.calib_seed)
+        return inputs, f"adapter {getattr(ctx.adapter, 'name', type(ctx.adapter).__name__)} " \
+                       f"({config.calib_prompts} prompts x {config.calib_steps} steps)"
+    return [ctx.example_inputs], "example_inputs (no calibration inputs and no adapter: one sample only)"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    return repr(value)
+
+
+def _flatten(gm: torch.fx.GraphModule, inputs: Any, index: int) -> list[Any]:
+    """The graph's flat inputs for one calibration input, checked against the captured signature."""
+    where = f"calibration input #{index}"
+    in_spec = getattr(gm, "_in_spec", None)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    try:
+        args, kwargs = split_inputs(inputs)
+    except Exception as exc:
+        raise CalibrationError(str(exc), where=where, fix="give each calibration input like the example inputs")
+    if in_spec is None:
+        flat = list(args) + list(kwargs.values())
+    else:
+        # torch >= 2.10 has children(); older releases only the children_specs attribute
+        args_spec, kwargs_spec = in_spec.children() if hasattr(in_spec, "children") else in_spec.children_specs
+        expected_keys = list(kwargs_spec.context or [])
+        if len(args) != args_spec.num_children or set(kwargs) != set(expected_keys):
+            raise CalibrationError(
+                f"{len(args)} positional argument(s) and keywords {sorted(kwargs)} do not match the captured "
+                f"signature: {args_spec.num_children} positional and keywords {sorted(expected_keys)}",
+                where=where, fix="build calibration inputs the way the example inputs were built")
+        try:
+            flat, spec = pytree.tree_flatten((tuple(args), {k: kwargs[k] for k in expected_keys}))
+        except Exception as exc:
+            raise CalibrationError(f"cannot flatten the inputs: {exc}", where=where) from exc
+        if spec != in_spec:
+            raise CalibrationError("the nesting of the inputs differs from the captured signature", where=where,
+                                   fix="build calibration inputs the way the example inputs were built")
+    if len(flat) != len(placeholders):
+        raise CalibrationError(f"{len(flat)} input values for {len(placeholders)} graph inputs", where=where)
+    for value, placeholder in zip(flat, placeholders):
+        expected = placeholder.meta.get("val")
+        problem = None
+        if isinstance(expected, torch.Tensor):
+            if not isinstance(value, torch.Tensor):
+                problem = "a tensor"
+            elif value.dtype != expected.dtype or value.dim() != expected.dim():
+                problem = f"a {str(expected.dtype).removeprefix('torch.')} tensor with {expected.dim()} dims"
+            else:
+                static = [(d, s) for d, s in enumerate(expected.shape) if isinstance(s, int)]
+                if any(value.shape[d] != s for d, s in static):
+                    problem = "sizes " + ", ".join(f"dim {d} = {s}" for d, s in static) + \
+                              " (the other dims are dynamic)"
+        elif expected is not None and value != expected:
+            problem = repr(expected) + " (captured as a constant)"
+        if problem:
+            raise CalibrationError(f"input {placeholder.name!r} is {_describe(value)}, the captured graph expects "
+                                   f"{problem}", where=where,
+                                   fix="calibration inputs must match the example inputs' dtypes and static sizes")
+    return flat
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, sites: dict[torch.fx.Node, SiteStats], limit: int,
+                 generator: torch.Generator):
+        super().__init__(gm)
+        self.sites, self.limit, self.generator = sites, limit, generator
+        self.input_index = 0
+        self.extra_traceback = False  # our errors name the node themselves
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        try:
+            result = super().run_node(node)
+        except Exception as exc:
+            text = str(exc).strip()
+            first_line = text.splitlines()[0] if text else type(exc).__name__
+            raise CalibrationError(f"the graph failed at node {node.name} (module {module_path(node)!r}): "
+                                   f"{first_line}", where=f"calibration input #{self.input_index}",
+                                   fix="check that the calibration inputs are valid for the model") from exc
+        stats = self.sites.get(node)
+        if stats is not None:
+            self.record(node, stats, result)
+        elif node.op == "output":
+            for value in pytree.tree_leaves(result):
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and \
+                        not torch.isfinite(value).all():
+                    raise CalibrationError("the model output contains NaN or Inf",
+                                           where=f"calibration input #{self.input_index}",
+                                           fix="check the calibration inputs and the model in fp32")
+        return result
+
+    def record(self, node: torch.fx.Node, stats: SiteStats, value: torch.Tensor) -> None:
+        rows = value.detach().reshape(-1, value.shape[-1])
+        minimum, maximum = rows.amin(0).float(), rows.amax(0).float()
+        if not (torch.isfinite(minimum).all() and torch.isfinite(maximum).all()):
+            kind = "NaN" if torch.isnan(minimum).any() or torch.isnan(maximum).any() else "Inf"
+            producer = module_path(node) or "graph input"
+            raise CalibrationError(
+                f"{kind} in the activation entering layer {stats.readers[0]}"
+                + (f" (and {len(stats.readers) - 1} more)" if len(stats.readers) > 1 else "")
+                + f"; it is produced by node {node.name} in module {producer!r}",
+                where=f"calibration input #{self.input_index}",
+                fix="check that input, or run the model in fp32 (fp16 overflow is the usual cause)")
+        stats.minimum = torch.minimum(stats.minimum, minimum)
+        stats.maximum = torch.maximum(stats.maximum, maximum)
+        stats.rows_seen += rows.shape[0]
+        # Reservoir by random priorities: keeping the `limit` largest keys of all rows seen is a uniform sample.
+        keys = torch.rand(rows.shape[0], generator=self.generator).to(stats.priorities.device)
+        all_keys = torch.cat([stats.priorities, keys])
+        all_rows = torch.cat([stats.rows, rows.to(stats.rows.dtype)])
+        if all_keys.numel() > self.limit:
+            keep = all_keys.topk(self.limit).indices
+            all_keys, all_rows = all_keys[keep], all_rows[keep]
+        stats.priorities, stats.rows = all_keys, all_rows.clone()
+
+
+@register_pass("calibrate", requires=("annotate_linears",),
+               ensures="ctx.state['calibrate'] holds per-input channel ranges and bounded row samples")
+@torch.no_grad()
+def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Run the FP graph on the calibration inputs and record per-site statistics (module doc)."""
+    config = ctx.config
+    sites: dict[torch.fx.Node, SiteStats] = {}
+    for node, info in annotated_linears(gm):
+        if info.scheme is None or info.scheme.kind == "fp" or info.kind == "conv":
+            continue
+        x = node.args[0]
+        val = tensor_val(x)
+        if x not in sites:
+            channels = val.shape[-1]
+            sites[x] = SiteStats(node=x.name, readers=[],
+                                 minimum=torch.full((channels,), float("inf")),
+                                 maximum=torch.full((channels,), float("-inf")),
+                                 rows=torch.empty(0, channels, dtype=val.dtype, device=val.device),
+                                 priorities=torch.empty(0, device=val.device))
+        sites[x].readers.append(info.name)
+
+    calibration = Calibration(sites={x.name: stats for x, stats in sites.items()})
+    inputs, calibration.source = _calibration_inputs(ctx)
+    generator = torch.Generator().manual_seed(config.calib_seed)
+    recorder = _Recorder(gm, sites, config.calib_rows, generator)
+    for index, sample in enumerate(ctx.progress(inputs, "calibrate")):
+        flat = _flatten(gm, sample, index)
+        recorder.input_index = index
+        recorder.run(*flat, enable_io_processing=False)
+        calibration.inputs += 1
+    if calibration.inputs == 0:
+        raise CalibrationError("no calibration inputs were given", fix="pass at least one calibration input")
+    ctx.state["calibrate"] = calibration
+    kept = sum(s.rows.shape[0] for s in sites.values())
+    stats = {
+        "source": calibration.source,
+        "inputs": calibration.inputs,
+        "sites": len(sites),
+        "rows_seen": sum(s.rows_seen for s in sites.values()),
+        "rows_kept": kept,
+        "sample_bytes": sum(s.rows.numel() * s.rows.element_size() for s in sites.values()),
+    }
+    return PassResult(gm, False, stats)

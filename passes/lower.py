@@ -1,0 +1,134 @@
+"""lower: replace every quantized linear with the reference `svdq` ops (architecture §7, "Lowered form").
+
+Requires: quantize_weights. Ensures:
+- per (input, λ, shift, format) of act-quantized linears, one `svdq.quantize_act(x, λ, shift, fmt, G)`
+  (q/k/v share it; fmt "uint4" for shifted post-GELU inputs), and per linear
+  `acc = svdq.gemm(codes, scales, qweight, wscales, wtscale, fmt, G, K, dtype)` and
+  `y = aten.add(acc, aten.linear(down, L1, bias'))` (or `acc + bias'` without a branch); the branch's
+  `down = aten.linear(aten.div(x, λ), L2)` stays shared per (input, L2);
+- weight-only linears become `svdq.weight_only_linear(x, qweight, wscales, bias, fmt, G)`;
+- packed weights (codegen.layout) are buffers `<layer>.qweight`, `<layer>.wscales`, `<layer>.wtscale`; with a
+  shift the bias is `<layer>.shifted_bias` = b − shift·Σⱼ R̃[:, j]/λⱼ, so the shifted quantized path plus the
+  unshifted branch equals the original layer; unquantized weights and residuals are gone;
+- each layer's LinearInfo moves to its gemm / weight_only_linear node; inserted shared nodes carry a QuantOpInfo;
+- `gm.meta["svdq_layers"]` holds the per-layer report (svdq_compiler.report). The graph runs on any device.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+import svdq_compiler.ops  # noqa: F401  (registers torch.ops.svdq)
+from svdq_compiler.codegen.layout import pack_weight
+from svdq_compiler.errors import QuantizationError
+from svdq_compiler.fx_utils import aten, drop_unused_attrs, erase_unused, get_attr_node, insert_call
+from svdq_compiler.ir import LinearInfo, QuantOpInfo, annotated_linears, get_attr_value, set_attr_value, set_info
+from svdq_compiler.pipeline import PassContext, PassResult, register_pass
+from svdq_compiler.quant import dequantize
+from svdq_compiler.report import layer_report
+from svdq_compiler.svdquant import branch_add, layer_name, raw_input
+
+svdq = torch.ops.svdq
+
+
+def _packed(gm: torch.fx.GraphModule, store: dict, info: LinearInfo) -> tuple[str, str, str | None]:
+    """Register the weight's packed buffers once; returns their targets."""
+    layer = layer_name(info.weight)
+    targets = (f"{layer}.qweight", f"{layer}.wscales", f"{layer}.wtscale")
+    if not hasattr(gm.get_submodule(layer), "qweight"):
+        if info.weight not in store:
+            raise QuantizationError(f"no quantized weight for {info.name}", fix="run quantize_weights before lower")
+        packed = pack_weight(store[info.weight])
+        set_attr_value(gm, targets[0], packed.qweight, as_buffer=True)
+        set_attr_value(gm, targets[1], packed.wscales, as_buffer=True)
+        if packed.wtscale is not None:
+            set_attr_value(gm, targets[2], packed.wtscale, as_buffer=True)
+    has_tscale = hasattr(gm.get_submodule(layer), "wtscale")
+    return targets[0], targets[1], targets[2] if has_tscale else None
+
+
+def _shifted_bias(gm: torch.fx.GraphModule, store: dict, info: LinearInfo) -> str:
+    """b − shift·Σⱼ R̃[:, j]/λⱼ, registered once per weight."""
+    target = f"{layer_name(info.weight)}.shifted_bias"
+    if not hasattr(gm.get_submodule(layer_name(info.weight)), "shifted_bias"):
+        residual = dequantize(store[info.weight], torch.float64)
+        if info.smooth is not None:
+            residual = residual / get_attr_value(gm, info.smooth).double()
+        dtype = store[info.weight].dtype
+        bias = torch.zeros(residual.shape[0], dtype=torch.float64) if info.bias is None else \
+            get_attr_value(gm, info.bias).double()
+        set_attr_value(gm, target, (bias - info.shift * residual.sum(1)).to(dtype), as_buffer=True)
+    return target
+
+
+@register_pass("lower", requires=("quantize_weights",),
+               ensures="quantized linears are svdq.quantize_act / svdq.gemm / svdq.weight_only_linear + branch")
+@torch.no_grad()
+def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Rewrite each quantized linear into the lowered form (module doc)."""
+    store = ctx.state.get("quantize_weights", {})
+    quantizers: dict[tuple, torch.fx.Node] = {}
+    replaced, old_attrs = [], []
+    counts = {"quantize_act": 0, "gemm": 0, "weight_only_linear": 0}
+    for node, info in list(annotated_linears(gm)):
+        if info.kind == "conv" or info.scheme is None or info.scheme.kind == "fp":
+            continue
+        scheme = info.scheme
+        qweight, wscales, wtscale = _packed(gm, store, info)
+        weight_nodes = [get_attr_node(gm, t, before=node) if t else None for t in (qweight, wscales, wtscale)]
+        x = raw_input(node)
+        old_attrs += [info.weight] + ([info.bias] if info.bias else [])
+        if scheme.act is None:
+            bias = node.args[2] if len(node.args) > 2 else None
+            out = insert_call(gm, svdq.weight_only_linear.default,
+                              (x, weight_nodes[0], weight_nodes[1], bias, scheme.weight, scheme.weight_group),
+                              before=node, meta_from=node)
+            node.replace_all_uses_with(out)
+            counts["weight_only_linear"] += 1
+        else:
+            fmt = "uint4" if info.shift else scheme.act
+            key = (x, info.smooth, info.shift, fmt, scheme.act_group)
+            if key not in quantizers:
+                smooth = get_attr_node(gm, info.smooth, before=node) if info.smooth else None
+                quantize = insert_call(gm, svdq.quantize_act.default, (x, smooth, info.shift, fmt,
+                                                                        scheme.act_group), before=node,
+                                       meta_from=node)
+                set_info(quantize, QuantOpInfo(op="svdq.quantize_act", linears=[],
+                                               spec={"fmt": fmt, "group_size": scheme.act_group,
+                                                     "shift": info.shift}))
+                codes = insert_call(gm, operator.getitem, (quantize, 0), after=quantize)
+                scales = insert_call(gm, operator.getitem, (quantize, 1), after=codes)
+                quantizers[key] = (quantize, codes, scales)
+                counts["quantize_act"] += 1
+            quantize, codes, scales = quantizers[key]
+            quantize.meta["svdq"].linears.append(info.name)
+            out = insert_call(gm, svdq.gemm.default, (codes, scales, *weight_nodes, fmt, scheme.act_group,
+                                                       info.in_features, x.meta["val"].dtype),
+                              before=node, meta_from=node)
+            if info.shift:
+                bias = get_attr_node(gm, _shifted_bias(gm, store, info), before=node)
+                info.bias = bias.target
+            else:
+                bias = node.args[2] if len(node.args) > 2 else None
+            total = branch_add(node)
+            if total is not None:
+                up = total.args[1]
+                up.args = (up.args[0], up.args[1], bias)
+                total.replace_input_with(node, out)
+                set_info(total, QuantOpInfo(op="lora_add", linears=[info.name]))
+            else:
+                result = out if bias is None else insert_call(gm, aten.add.Tensor, (out, bias), before=node,
+                                                               meta_from=node)
+                node.replace_all_uses_with(result)
+            counts["gemm"] += 1
+        info.qweight, info.wscales, info.wtscale = qweight, wscales, wtscale
+        set_info(out, info)
+        replaced.append(node)
+    erase_unused(gm, replaced)
+    dropped = drop_unused_attrs(gm, old_attrs)
+    gm.meta["svdq_layers"] = layer_report(gm, ctx.config)
+    stats = {"lowered": len(replaced), "ops": counts, "dropped_attributes": len(dropped)}
+    return PassResult(gm, bool(replaced), stats)

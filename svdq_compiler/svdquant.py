@@ -1,0 +1,287 @@
+"""The math of an SVDQuant layer group, shared by the smooth, lowrank and quantize_weights passes.
+
+A *group* is the set of linears that share one smoothing vector λ (they read the same tensor, or share a
+weight). Its *sites* are the tensors its members read; calibration keeps a row sample of each. A *branch set*
+is the weights that share one low-rank down projection L2: q/k/v (or add_q/k/v) reading one tensor are stacked
+by rows; every other weight has its own.
+
+For a candidate λ, branch L = (L1, L2) and quantized residual Q(R), member i reading rows X computes
+
+    y_i = Q_a((X + s)/λ) · Q(R_i)ᵀ − (s/λ) · Q(R_i)ᵀ + (X/λ) · L2ᵀ · L1_iᵀ          (bias terms cancel)
+
+against the FP output X · W_iᵀ: the shifted, quantized main path with its bias compensation plus the 16-bit
+branch, as the lowered graph computes it. Quantizer inputs are rounded to the model dtype first, as at run
+time; products and errors are accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from svdq_compiler.config import Scheme
+from svdq_compiler.errors import QuantizationError
+from svdq_compiler.ir import META_KEY, LinearInfo, QuantOpInfo, Role, annotated_linears, get_attr_value
+from svdq_compiler.quant import fake_quantize_act, fake_quantize_weight
+
+STACKED_ROLES = (Role.QKV, Role.CROSS_KV)
+
+
+def smoothing_candidates(search: str, grid: int) -> list[tuple[float, float]]:
+    """(α, β) pairs: λ = 1 first, then the activation-only family (c, 0) and SmoothQuant's (c, 1 − c) for
+    c ∈ {1/grid, …, (grid−1)/grid} — 39 candidates for grid 20 ("svdquant"), or (c, 1 − c) only
+    ("smoothquant")."""
+    if search == "none":
+        return [(0.0, 0.0)]
+    balanced = [(k / grid, (grid - k) / grid) for k in range(1, grid)]
+    if search == "smoothquant":
+        return [(0.0, 0.0)] + balanced
+    return [(0.0, 0.0)] + [(k / grid, 0.0) for k in range(1, grid)] + balanced
+
+
+def smoothing_scale(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float, beta: float,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """λ_j = a_j^α / b_j^β in fp32, rounded to the model dtype. A channel whose λ is 0 or not finite (a dead
+    activation or weight column) gets 1, so one dead channel cannot disable a group's smoothing."""
+    if alpha == 0 and beta == 0:
+        return torch.ones_like(act_absmax, dtype=dtype)
+    scale = act_absmax.float().pow(alpha) / weight_absmax.float().pow(beta)
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    scale = scale.to(dtype)
+    # Rounding to a narrow dtype can still flush tiny values to 0 or overflow large ones.
+    return torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The randomized SVD is many small QR/SVD calls, where a thread pool only adds synchronisation (100× slower
+    on a loaded 2-core machine); run them on one thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _tall(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    return (matrix.T, True) if matrix.shape[0] < matrix.shape[1] else (matrix, False)
+
+
+def low_rank(weight: torch.Tensor, rank: int, method: str = "full", *, seed: int = 0,
+             oversample: int = 16, power_iterations: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-`rank` factors L1 [N, r] = U·Σ and L2 [r, K] = Vᵀ of `weight`, computed in float64.
+
+    "full" is a truncated LAPACK SVD. "randomized" is a Halko–Martinsson–Tropp range finder (Gaussian sketch
+    with `oversample` extra columns and `power_iterations` subspace iterations, seeded) followed by an exact
+    SVD of the small projected matrix; tools/bench_lowrank.py measures its excess error against "full".
+    """
+    work = weight.to(torch.float64)
+    rank = min(rank, *work.shape)
+    if rank == 0:
+        return work.new_zeros(work.shape[0], 0), work.new_zeros(0, work.shape[1])
+    tall, transposed = _tall(work)
+    if method == "full":
+        u, s, vh = torch.linalg.svd(tall, full_matrices=False)
+    elif method == "randomized":
+        with _one_thread():
+            generator = torch.Generator(device=tall.device).manual_seed(seed)
+            width = min(rank + oversample, tall.shape[1])
+            sketch = tall @ torch.randn(tall.shape[1], width, generator=generator, dtype=tall.dtype,
+                                        device=tall.device)
+            basis = torch.linalg.qr(sketch).Q
+            for _ in range(power_iterations):
+                basis = torch.linalg.qr(tall @ torch.linalg.qr(tall.T @ basis).Q).Q
+            small_u, s, vh = torch.linalg.svd(basis.T @ tall, full_matrices=False)
+            u = basis @ small_u
+    else:
+        raise ValueError(f"unknown SVD method {method!r}")
+    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    if transposed:  # tallᵀ = weight: swap the roles of U and V
+        u, vh = vh.T, u.T
+    return u * s, vh
+
+
+@dataclass
+class Member:
+    """One linear of a group: its weight (fp32, unsmoothed), the site it reads, and its FP outputs there."""
+
+    name: str
+    weight_key: str
+    site: str
+    reference: torch.Tensor  # X · Wᵀ on the site's sample rows, fp32
+
+
+@dataclass
+class GroupProblem:
+    """Everything needed to evaluate the output error of one group under any λ, branch and quantization."""
+
+    scheme: Scheme
+    dtype: torch.dtype  # the model dtype (weights, λ, quantizer inputs)
+    weights: dict[str, torch.Tensor]  # weight key → W [N, K] fp32 (the original, unsmoothed weight)
+    rows: dict[str, torch.Tensor]  # site → sample rows X [n, K] fp32
+    shifts: dict[str, float]  # site → constant added before unsigned quantization
+    members: list[Member] = field(default_factory=list)
+    branch_sets: list[list[str]] = field(default_factory=list)  # weight keys sharing one L2
+
+    @classmethod
+    def build(cls, scheme: Scheme, dtype: torch.dtype, weights: dict[str, torch.Tensor],
+              rows: dict[str, torch.Tensor], shifts: dict[str, float],
+              members: list[tuple[str, str, str, Role]]) -> "GroupProblem":
+        """`members`: (name, weight key, site, role) per linear."""
+        problem = cls(scheme, dtype, {k: w.float() for k, w in weights.items()},
+                      {k: x.float() for k, x in rows.items()}, shifts)
+        stacked: dict[str, list[str]] = {}
+        for name, key, site, role in members:
+            problem.members.append(Member(name, key, site, problem.rows[site] @ problem.weights[key].T))
+            if role in STACKED_ROLES:
+                stacked.setdefault(site, [])
+                if key not in stacked[site]:
+                    stacked[site].append(key)
+        in_stacks = {key for keys in stacked.values() for key in keys}
+        problem.branch_sets = list(stacked.values()) + [[k] for k in dict.fromkeys(m.weight_key for m in
+                                                                                   problem.members)
+                                                        if k not in in_stacks]
+        return problem
+
+    # ---- the three steps of an SVDQuant layer -------------------------------------------------------------
+
+    def act_absmax(self, site_absmax: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([site_absmax[site] for site in self.rows]).amax(0)
+
+    def weight_absmax(self) -> torch.Tensor:
+        return torch.cat([w for w in self.weights.values()]).abs().amax(0)
+
+    def smoothed(self, smooth: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """W·diag(λ), rounded to the model dtype (what the compiled graph stores), as fp32."""
+        return {k: (w if smooth is None else w * smooth.float()).to(self.dtype).float()
+                for k, w in self.weights.items()}
+
+    def branches(self, targets: dict[str, torch.Tensor], rank: int, method: str, seed: int = 0
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Rank-r factors per weight key (model dtype, as fp32); a branch set shares L2."""
+        factors = {}
+        for keys in self.branch_sets:
+            stacked = torch.cat([targets[k] for k in keys])
+            up, down = low_rank(stacked, rank, method, seed=seed)
+            down = down.to(self.dtype).float()
+            offset = 0
+            for key in keys:
+                rows = targets[key].shape[0]
+                factors[key] = (up[offset:offset + rows].to(self.dtype).float(), down)
+                offset += rows
+        return factors
+
+    def residuals(self, smoothed: dict[str, torch.Tensor], branches: dict | None) -> dict[str, torch.Tensor]:
+        """Ŵ − L1·L2 in the model dtype, as fp32."""
+        if not branches:
+            return dict(smoothed)
+        return {k: (w - branches[k][0] @ branches[k][1]).to(self.dtype).float() for k, w in smoothed.items()}
+
+    def quantized(self, residuals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        scheme = self.scheme
+        return {k: fake_quantize_weight(r.to(self.dtype), scheme.weight, scheme.weight_group, name=k).float()
+                for k, r in residuals.items()}
+
+    # ---- evaluation ---------------------------------------------------------------------------------------
+
+    def errors(self, smooth: torch.Tensor | None, quantized: dict[str, torch.Tensor],
+               branches: dict | None) -> dict[str, float]:
+        """Squared output error per member (summed over its sample rows)."""
+        scheme = self.scheme
+        inverse = None if smooth is None else 1.0 / smooth.float()
+        act_inputs = {}
+        for site, rows in self.rows.items():
+            shift = self.shifts.get(site, 0.0)
+            if scheme.act is None:
+                act_inputs[site] = (rows, None)
+                continue
+            main = rows + shift if shift else rows
+            if inverse is not None:
+                main = main * inverse
+            main = fake_quantize_act(main.to(self.dtype), scheme.act, scheme.act_group, unsigned=shift > 0,
+                                     name=site).float()
+            if shift:
+                main = main - shift * (inverse if inverse is not None else 1.0)
+            act_inputs[site] = (main, rows if inverse is None else rows * inverse)
+        downs: dict[tuple[str, int], torch.Tensor] = {}
+        result = {}
+        for member in self.members:
+            main, smoothed_rows = act_inputs[member.site]
+            output = main @ quantized[member.weight_key].T
+            if branches:
+                up, down = branches[member.weight_key]
+                key = (member.site, id(down))
+                if key not in downs:
+                    downs[key] = (smoothed_rows.to(self.dtype).float() @ down.T).to(self.dtype).float()
+                output = output + downs[key] @ up.T
+            result[member.name] = float((output - member.reference).pow(2).sum())
+        return result
+
+    def reference_energy(self) -> dict[str, float]:
+        return {m.name: float(m.reference.pow(2).sum()) for m in self.members}
+
+
+# ---- the graph form of smoothed and branched linears ----------------------------------------------------------
+#
+# After smooth:   xs = aten.div(x, λ)                 one per (group, x); QuantOpInfo op "smooth_div"
+#                 y  = aten.linear(xs, Ŵ, b)
+# After lowrank:  down = aten.linear(xs, L2)          one per (x, L2);    QuantOpInfo op "lora_down"
+#                 y  = aten.linear(xs, R, b);  up = aten.linear(down, L1)   ("lora_up")
+#                 out = aten.add(y, up)                                        ("lora_add"), read in y's place
+# Each step leaves a graph that computes what the FP model computes (up to the model dtype's rounding).
+
+
+def layer_name(weight_target: str) -> str:
+    """A linear's qualified name from its weight's attribute path ("blocks.0.q.weight" → "blocks.0.q")."""
+    return weight_target[: -len(".weight")] if weight_target.endswith(".weight") else weight_target
+
+
+def quant_op(node) -> str | None:
+    meta = node.meta.get(META_KEY) if isinstance(node, torch.fx.Node) else None
+    return meta.op if isinstance(meta, QuantOpInfo) else None
+
+
+def raw_input(linear: torch.fx.Node) -> torch.fx.Node:
+    """The tensor a linear reads before smoothing (looks through its smooth_div)."""
+    x = linear.args[0]
+    return x.args[0] if quant_op(x) == "smooth_div" else x
+
+
+def branch_add(linear: torch.fx.Node) -> torch.fx.Node | None:
+    return next((user for user in linear.users if quant_op(user) == "lora_add"), None)
+
+
+def members_by_group(gm: torch.fx.GraphModule, keep) -> dict[str, list[tuple[torch.fx.Node, LinearInfo]]]:
+    """{group name: [(linear node, info)]} in graph order, for the annotated linears `keep(info)` accepts."""
+    groups: dict[str, list[tuple[torch.fx.Node, LinearInfo]]] = {}
+    for node, info in annotated_linears(gm):
+        if info.group is not None and info.kind != "conv" and keep(info):
+            groups.setdefault(info.group, []).append((node, info))
+    return groups
+
+
+def group_problem(gm: torch.fx.GraphModule, members: list[tuple[torch.fx.Node, LinearInfo]], calibration,
+                  scheme: Scheme) -> GroupProblem:
+    """The GroupProblem of the group's current graph state: weights are divided back by λ where smoothed, so
+    `smoothed(λ)` reproduces the stored Ŵ and the reference is the function the graph computes now."""
+    weights, rows, shifts, entries = {}, {}, {}, []
+    for node, info in members:
+        site = raw_input(node).name
+        stats = calibration.sites.get(site)
+        if stats is None:
+            raise QuantizationError(f"no calibration sample for the input of {info.name}",
+                                    fix="run calibrate after annotate_linears")
+        weight = get_attr_value(gm, info.weight).float()
+        if info.lora_up is not None:
+            weight = weight + get_attr_value(gm, info.lora_up).float() @ get_attr_value(gm, info.lora_down).float()
+        if info.smooth is not None:
+            weight = weight / get_attr_value(gm, info.smooth).float()
+        weights[info.weight] = weight
+        rows[site], shifts[site] = stats.rows, info.shift
+        entries.append((info.name, info.weight, site, info.role))
+    dtype = get_attr_value(gm, members[0][1].weight).dtype
+    return GroupProblem.build(scheme, dtype, weights, rows, shifts, entries)

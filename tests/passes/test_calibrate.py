@@ -1,0 +1,130 @@
+"""calibrate: per-channel ranges equal to what the eager model sees, a bounded uniform row sample, input checks."""
+
+import pytest
+import torch
+from tiny_models import dit_inputs, make_ctx, run_pass, tiny_dit
+
+import svdq_compiler
+from svdq_compiler.errors import CalibrationError
+from svdq_compiler.ir import annotated_linears
+
+BLOCK = "blocks.0."
+
+
+def calibrated(dit, calib_inputs, **overrides):
+    model, inputs, gm = dit
+    ctx = make_ctx("int4", inputs, calib_inputs, **overrides)
+    run_pass(gm, "annotate_linears", ctx)
+    result = run_pass(gm, "calibrate", ctx)
+    return ctx.state["calibrate"], result, gm
+
+
+def eager_inputs(model, calib_inputs):
+    """The rows each linear of the eager model reads, per calibration input."""
+    seen = {}
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(
+        args[0].reshape(-1, args[0].shape[-1]))) for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)]
+    with torch.no_grad():
+        for sample in calib_inputs:
+            model(*sample)
+    for hook in hooks:
+        hook.remove()
+    return {name: torch.cat(rows) for name, rows in seen.items()}
+
+
+def test_ranges_and_samples_match_the_eager_activations(dit):
+    model = dit[0]
+    calib = [dit_inputs(seed=s) for s in range(5)]
+    calibration, result, gm = calibrated(dit, calib, calib_rows=24)
+    assert not result.modified
+    rows = eager_inputs(model, calib)
+    sites = {stats.readers[0]: stats for stats in calibration.sites.values()}
+    # One site per tensor read by quantized linears: q/k/v share one; 16-bit layers have none.
+    assert sorted(sites) == [BLOCK + n for n in ("ada", "down", "out", "q", "up")]
+    assert sites[BLOCK + "q"].readers == [BLOCK + "q", BLOCK + "k", BLOCK + "v"]
+    for name, stats in sites.items():
+        expected = rows[name]
+        torch.testing.assert_close(stats.maximum, expected.amax(0))
+        torch.testing.assert_close(stats.minimum, expected.amin(0))
+        torch.testing.assert_close(stats.absmax(0.5), (expected + 0.5).abs().amax(0))
+        assert stats.rows_seen == expected.shape[0]
+        kept = stats.rows.shape[0]
+        assert kept == min(24, expected.shape[0])
+        # Every kept row is a real row, and no row is kept twice.
+        distance = torch.cdist(stats.rows, expected, compute_mode="donot_use_mm_for_euclid_dist")
+        assert (distance.min(1).values < 1e-5).all()
+        assert len({int(i) for i in distance.argmin(1)}) == kept
+    assert result.stats["inputs"] == 5 and result.stats["source"] == "calib_inputs"
+    assert result.stats["rows_kept"] == 24 * 4 + 5 * 2  # the conditioning site has only 2 rows per input
+
+
+def test_sample_is_uniform_over_inputs_and_memory_is_bounded(dit):
+    # 40 inputs of 16 rows each; a kept row is traced back to its input by nearest match.
+    tagged = [dit_inputs(seed=index) for index in range(40)]
+    calibration, result, _ = calibrated(dit, iter(tagged), calib_rows=40)  # a one-shot iterator streams
+    stats = next(s for s in calibration.sites.values() if s.readers[0] == BLOCK + "q")
+    assert stats.rows_seen == 40 * 2 * 8 and stats.rows.shape[0] == 40
+    model = dit[0]
+    origin = []
+    for index, sample in enumerate(tagged):
+        origin += [index] * 16
+    all_rows = eager_inputs(model, tagged)[BLOCK + "q"]
+    sources = torch.tensor(origin)[torch.cdist(stats.rows, all_rows, compute_mode="donot_use_mm_for_euclid_dist").argmin(1)]
+    halves = (sources < 20).sum().item()
+    assert 10 <= halves <= 30, "the sample must come from early and late inputs alike"
+    assert result.stats["sample_bytes"] <= 5 * 40 * 128 * 4
+
+
+def test_example_inputs_and_adapter_are_the_fallback_sources(dit):
+    model, inputs, gm = dit
+    ctx = make_ctx("int4", inputs)
+    run_pass(gm, "annotate_linears", ctx)
+    assert "example_inputs" in run_pass(gm, "calibrate", ctx).stats["source"]
+    assert ctx.state["calibrate"].inputs == 1
+
+    class Adapter:
+        name = "toy"
+
+        def calib_inputs(self, model, num_prompts, num_steps, seed=0):
+            return [dit_inputs(seed=seed + i) for i in range(num_prompts * num_steps)]
+
+    ctx = make_ctx("int4", inputs, calib_prompts=3, calib_steps=2)
+    ctx.adapter, ctx.model = Adapter(), model
+    result = run_pass(gm, "calibrate", ctx)
+    assert result.stats["inputs"] == 6 and result.stats["source"].startswith("adapter toy (3 prompts x 2 steps)")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, t: (x,), "1 positional argument"),
+    (lambda x, t: (x.double(), t), "input 'x' is a float64 tensor"),
+    (lambda x, t: (x, t[:, :16]), r"input 't' is a float32 tensor of shape \(2, 16\).*dim 1 = 32"),
+])
+def test_inputs_that_do_not_match_the_signature_are_refused(dit, bad, message):
+    with pytest.raises(CalibrationError, match=message) as error:
+        calibrated(dit, [dit_inputs(), bad(*dit_inputs(seed=1))])
+    assert "calibration input #1" in str(error.value)
+
+
+def test_nan_names_the_layer_it_reaches(dit):
+    x, t = dit_inputs()
+    x[0, 3, 5] = float("nan")
+    with pytest.raises(CalibrationError, match=r"NaN in the activation entering layer blocks\.0\.q \(and 2 more\); "
+                                               r"it is produced by node \w+ in module 'blocks.0'"):
+        calibrated(dit, [dit_inputs(), (x, t)])
+    x, t = dit_inputs()
+    t[1, 0] = float("inf")
+    with pytest.raises(CalibrationError, match="(NaN|Inf) in the activation entering layer blocks.0.ada"):
+        calibrated(dit, [(x, t)])
+
+
+def test_every_linear_reading_a_site_is_listed_once():
+    model = tiny_dit(depth=2)
+    inputs = dit_inputs()
+    gm = svdq_compiler.capture(model, inputs)
+    ctx = make_ctx("int4", inputs, [inputs])
+    run_pass(gm, "annotate_linears", ctx)
+    run_pass(gm, "calibrate", ctx)
+    readers = [r for s in ctx.state["calibrate"].sites.values() for r in s.readers]
+    quantized = [i.name for _, i in annotated_linears(gm) if i.scheme.kind != "fp"]
+    assert sorted(readers) == sorted(quantized)

@@ -1,0 +1,85 @@
+"""lowrank: optimal rank-r factors of the smoothed weights (q/k/v share L2), the refinement loop, the graph form."""
+
+import pytest
+import torch
+from tiny_models import by_name, dit_inputs, outlier_dit, prepared
+
+from svdq_compiler.ir import get_attr_value
+from svdq_compiler.svdquant import group_problem, low_rank, members_by_group, quant_op
+from svdq_compiler.passes.lowrank import refine
+
+CALIB = [dit_inputs(seed=s) for s in range(4)]
+PASSES = ("annotate_linears", "calibrate", "smooth", "lowrank")
+
+
+def decaying(rows, cols, seed=0):
+    """A matrix with singular values falling from 10 to 1e-3."""
+    g = torch.Generator().manual_seed(seed)
+    rank = min(rows, cols)
+    u = torch.linalg.qr(torch.randn(rows, rank, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(cols, rank, generator=g, dtype=torch.float64)).Q
+    return (u * torch.logspace(1, -3, rank, dtype=torch.float64)) @ v.T
+
+
+@pytest.mark.parametrize("shape", [(96, 48), (40, 120)])
+def test_full_svd_factors_are_the_best_rank_r_approximation(shape):
+    weight = decaying(*shape)
+    up, down = low_rank(weight.float(), 8, "full")
+    assert up.shape == (shape[0], 8) and down.shape == (8, shape[1]) and up.dtype == torch.float64
+    torch.testing.assert_close(down @ down.T, torch.eye(8, dtype=torch.float64))  # Σ sits in L1
+    sigma = torch.linalg.svdvals(weight.float().double())
+    residual = torch.linalg.matrix_norm(weight.float().double() - up @ down)
+    assert residual == pytest.approx(float(sigma[8:].pow(2).sum().sqrt()), rel=1e-9)
+    assert low_rank(weight, 500)[0].shape[1] == min(shape)  # the rank is clamped to the matrix
+
+
+def test_randomized_svd_is_within_one_percent_of_the_optimum():
+    for seed, shape in enumerate([(192, 64), (64, 256), (300, 300)]):
+        weight = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) + 3 * decaying(*shape, seed)
+        best_up, best_down = low_rank(weight, 32, "full")
+        optimum = torch.linalg.matrix_norm(weight.double() - best_up @ best_down)
+        up, down = low_rank(weight, 32, "randomized", seed=seed)
+        excess = torch.linalg.matrix_norm(weight.double() - up @ down) / optimum - 1
+        assert 0 <= excess < 0.01
+
+
+def test_branches_are_attached_and_the_graph_is_unchanged():
+    model = outlier_dit()
+    gm, ctx, results = prepared(model, CALIB[0], CALIB, passes=PASSES)
+    x = dit_inputs(seed=13)
+    torch.testing.assert_close(gm(*x), model(*x), rtol=1e-4, atol=1e-4)
+    stats = results["lowrank"].stats
+    assert stats["groups"] == 4 and stats["branches"] == 4
+    infos = by_name(gm)
+    assert {infos[f"blocks.0.{n}"].lora_down for n in "qkv"} == {"blocks.0.q.lora_down"}
+    assert infos["blocks.0.k"].lora_up == "blocks.0.k.lora_up" and infos["blocks.0.k"].rank == 32
+    downs = [n for n in gm.graph.nodes if quant_op(n) == "lora_down"]
+    assert len(downs) == 4
+    qkv_down = next(n for n in downs if n.meta["svdq"].linears == ["blocks.0.q", "blocks.0.k", "blocks.0.v"])
+    assert sorted(quant_op(u) for u in qkv_down.users) == ["lora_up"] * 3
+    assert qkv_down.args[0] is next(n for n in gm.graph.nodes if quant_op(n) == "smooth_div")
+    # The stored factors are the truncated SVD of the stacked smoothed weights, and the weights the residual.
+    smooth = get_attr_value(gm, "blocks.0.q.smooth")
+    stacked = torch.cat([getattr(model.blocks[0], n).weight * smooth for n in "qkv"]).detach()
+    up = torch.cat([get_attr_value(gm, f"blocks.0.{n}.lora_up") for n in "qkv"])
+    down = get_attr_value(gm, "blocks.0.q.lora_down")
+    reference_up, reference_down = low_rank(stacked, 32, "full")
+    torch.testing.assert_close(up @ down, (reference_up @ reference_down).float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(get_attr_value(gm, "blocks.0.v.weight"),
+                               stacked[128:] - (up @ down)[128:], atol=1e-5, rtol=1e-4)
+
+
+def test_refinement_keeps_the_best_iterate_and_stops_early():
+    model = outlier_dit()
+    gm, ctx, _ = prepared(model, CALIB[0], CALIB, passes=("annotate_linears", "calibrate", "smooth"))
+    members = members_by_group(gm, lambda i: i.scheme.rank > 0)["blocks.0.out"]
+    problem = group_problem(gm, members, ctx.state["calibrate"], members[0][1].scheme)
+    smooth = get_attr_value(gm, members[0][1].smooth)
+    _, history, kept = refine(problem, smooth, 32, 12, True, "full", 0)
+    assert kept == history.index(min(history)) + 1 and history[kept - 1] < history[0]
+    if len(history) < 12:  # stopped: the last iterate was the first to get worse
+        assert history[-1] > min(history) and all(a >= b for a, b in zip(history[:kept], history[1:kept]))
+    _, unstopped, _ = refine(problem, smooth, 32, len(history) + 2, False, "full", 0)
+    assert len(unstopped) == len(history) + 2 and unstopped[:len(history)] == pytest.approx(history)
+    _, results = prepared(model, CALIB[0], CALIB, passes=PASSES, iterations=4)[1:]
+    assert results["lowrank"].stats["error_vs_first_median"] < 1.0

@@ -1,0 +1,89 @@
+"""smooth: the reference grid, λ's formula and repairs, the search's choice, the applied graph form."""
+
+import pytest
+import torch
+from tiny_models import by_name, dit_inputs, outlier_dit, prepared, tiny_dit
+
+from svdq_compiler.fx_utils import aten
+from svdq_compiler.ir import get_attr_value
+from svdq_compiler.svdquant import group_problem, members_by_group, quant_op, raw_input, smoothing_candidates, \
+    smoothing_scale
+
+CALIB = [dit_inputs(seed=s) for s in range(4)]
+
+
+def test_reference_grid_has_39_candidates_with_identity():
+    grid = smoothing_candidates("svdquant", 20)
+    assert len(grid) == 39 and grid[0] == (0.0, 0.0) and len(set(grid)) == 39
+    assert (0.05, 0.0) in grid and (0.95, 0.0) in grid and (0.05, 0.95) in grid and (0.95, 0.05) in grid
+    smoothquant = smoothing_candidates("smoothquant", 20)
+    assert len(smoothquant) == 20 and all(abs(a + b - 1) < 1e-12 for a, b in smoothquant[1:])
+    assert smoothing_candidates("svdquant", 10)[1:4] == [(0.1, 0.0), (0.2, 0.0), (0.3, 0.0)]
+
+
+def test_scale_formula_and_dead_channels():
+    a = torch.tensor([4.0, 0.0, 9.0, 1.0])
+    b = torch.tensor([1.0, 2.0, 0.0, 4.0])
+    scale = smoothing_scale(a, b, 0.5, 0.5, torch.float32)
+    # 4^.5/1^.5 = 2; a dead activation (0) and a dead weight column (÷0 → inf) both get 1.
+    torch.testing.assert_close(scale, torch.tensor([2.0, 1.0, 1.0, 0.5]))
+    assert torch.equal(smoothing_scale(a, b, 0.0, 0.0, torch.bfloat16), torch.ones(4, dtype=torch.bfloat16))
+    half = smoothing_scale(torch.tensor([1e6, 1.0]), torch.tensor([1e-6, 1.0]), 0.9, 0.9, torch.float16)
+    assert half.dtype == torch.float16 and torch.isfinite(half).all() and half[0] == 1  # overflow → 1
+
+
+def test_outliers_are_smoothed_and_the_graph_is_unchanged():
+    model = outlier_dit()
+    gm, ctx, results = prepared(model, CALIB[0], CALIB, passes=("annotate_linears", "calibrate", "smooth"))
+    stats = results["smooth"].stats
+    assert results["smooth"].modified and stats["groups"] == 4 and stats["candidates"] == 39
+    qkv = stats["per_group"]["blocks.0.q"]
+    assert (qkv["alpha"], qkv["beta"]) != (0.0, 0.0) and qkv["error_ratio"] < 0.5
+    x = dit_inputs(seed=11)
+    torch.testing.assert_close(gm(*x), model(*x), rtol=1e-4, atol=1e-4)
+    infos = by_name(gm)
+    smooth = get_attr_value(gm, "blocks.0.q.smooth")
+    assert infos["blocks.0.k"].smooth == "blocks.0.q.smooth" and smooth.shape == (64,)
+    # Weights are stored smoothed; λ is largest on the outlier channels.
+    torch.testing.assert_close(get_attr_value(gm, "blocks.0.q.weight"), model.blocks[0].q.weight * smooth)
+    assert set(smooth.topk(2).indices.tolist()) == {3, 17}
+    # One runtime division per (group, input) feeds q, k and v.
+    divs = [n for n in gm.graph.nodes if quant_op(n) == "smooth_div"]
+    assert len(divs) == 4 and all(d.target == aten.div.Tensor for d in divs)
+    qkv_div = next(d for d in divs if "blocks.0.q" in d.meta["svdq"].linears)
+    assert sorted(u.name for u in qkv_div.users) == sorted(n.name for n, i in members_by_group(
+        gm, lambda i: True)["blocks.0.q"])
+
+
+def test_the_winner_has_the_smallest_error_of_all_candidates():
+    model = outlier_dit()
+    gm, ctx, _ = prepared(model, CALIB[0], CALIB)
+    members = members_by_group(gm, lambda i: i.scheme.smooth)["blocks.0.up"]
+    node, info = members[0]
+    problem = group_problem(gm, members, ctx.state["calibrate"], info.scheme)
+    act = ctx.state["calibrate"].sites[raw_input(node).name].absmax()
+    errors = {}
+    for alpha, beta in smoothing_candidates("svdquant", 20):
+        scale = smoothing_scale(act, problem.weight_absmax(), alpha, beta, torch.float32)
+        smoothed = problem.smoothed(scale)
+        branches = problem.branches(smoothed, 32, "randomized")
+        quantized = problem.quantized(problem.residuals(smoothed, branches))
+        errors[(alpha, beta)] = sum(problem.errors(scale, quantized, branches).values())
+    from svdq_compiler.pipeline import PASS_REGISTRY
+
+    result = PASS_REGISTRY["smooth"](gm, ctx)
+    chosen = result.stats["per_group"]["blocks.0.up"]
+    assert errors[(chosen["alpha"], chosen["beta"])] == pytest.approx(min(errors.values()), rel=1e-6)
+    assert chosen["error_ratio"] == pytest.approx(min(errors.values()) / errors[(0.0, 0.0)], abs=1e-4)
+
+
+def test_smoothquant_search_and_presets_without_smoothing():
+    model = outlier_dit()
+    _, _, results = prepared(model, CALIB[0], CALIB, "w4a4-smoothquant",
+                             passes=("annotate_linears", "calibrate", "smooth"))
+    for group in results["smooth"].stats["per_group"].values():
+        assert group["alpha"] == 0 and group["beta"] == 0 or group["alpha"] + group["beta"] == pytest.approx(1)
+    assert results["smooth"].stats["candidates"] == 20
+    _, _, results = prepared(tiny_dit(), CALIB[0], CALIB, "w4a4-rtn", passes=("annotate_linears", "calibrate",
+                                                                               "smooth"))
+    assert results["smooth"].stats["groups"] == 0 and not results["smooth"].modified

