@@ -3,7 +3,8 @@
 Requires: calibrate. Ensures, for every group whose members' scheme smooths:
 - λ is the candidate with the smallest summed squared output error over the group's members on the calibration
   sample, measured with the group's activation and weight quantizers and — when the scheme has a branch — a
-  one-shot rank-r SVD branch inside the loop (`search_svd`, randomized by default: only the ranking matters);
+  one-shot rank-r SVD branch inside the loop (`search_svd`, randomized and float32 by default: only the
+  ranking matters);
   candidates follow the reference grid (λ = 1, (c, 0), (c, 1 − c); 39 for smooth_grid 20) or SmoothQuant's
   α-only family (`smooth="smoothquant"`); a tie goes to the later candidate, as in the reference;
 - the weights are stored as W·diag(λ) (model dtype); λ is a buffer `<group>.smooth` in the model dtype and the
@@ -36,7 +37,8 @@ def search(problem, act_absmax: torch.Tensor, candidates, rank: int, svd: str, s
     for alpha, beta in candidates:
         smooth = smoothing_scale(act_absmax, weight_absmax, alpha, beta, problem.dtype)
         smoothed = problem.smoothed(smooth)
-        branches = problem.branches(smoothed, rank, svd, seed) if rank else None
+        # float32 suffices to rank candidates; the kept branch is recomputed in float64 by lowrank
+        branches = problem.branches(smoothed, rank, svd, seed, torch.float32) if rank else None
         quantized = problem.quantized(problem.residuals(smoothed, branches))
         error = sum(problem.errors(smooth, quantized, branches).values())
         if alpha == 0 and beta == 0:

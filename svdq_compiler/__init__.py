@@ -19,6 +19,7 @@ from svdq_compiler.ir import annotated_linears, to_jsonable
 from svdq_compiler.models import DynDim, ModelAdapter, adapter_for, load_model, register_builtin
 from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
 from svdq_compiler.serialize import REPORT_META, load, save
+from svdq_compiler.codegen import fused_ops  # noqa: F401  (registers torch.ops.svdq.fused_*)
 
 __version__ = "0.1.0"
 

@@ -105,8 +105,12 @@ def svdquant_pipeline(only: Sequence[str] | None = None) -> list[Pass]:
         if unknown:
             raise InputError(f"unknown pass(es) {unknown}", fix=f"choose from: {', '.join(known)}")
     selected = [name for name in known if (only is None and name != "verify") or (only and name in only)]
-    # Until a step has an implementation it is left out, so a compile runs capture and the passes that exist.
-    return [PASS_REGISTRY[name] for name in selected if name in PASS_REGISTRY]
+    # Until a step has an implementation it is left out, so a compile runs capture and the passes that exist; so
+    # is a step of the default pipeline whose required passes do not exist yet (fuse before lower lands).
+    chosen = [PASS_REGISTRY[name] for name in selected if name in PASS_REGISTRY]
+    if only is None:
+        chosen = [p for p in chosen if all(r in PASS_REGISTRY for r in p.requires)]
+    return chosen
 
 
 def _load_passes() -> None:
@@ -159,3 +163,10 @@ def _dump(ctx: PassContext, index: int, name: str, gm: torch.fx.GraphModule, rec
     stem = ctx.dump_dir / f"{index:03d}_{name}"
     write_text(f"{stem}.py", format_ir(gm), "IR dump")
     write_json(f"{stem}.stats.json", record, "IR dump")
+    if record.get("modified"):
+        from svdq_compiler.codegen.sources import kernel_sources
+
+        kernels = kernel_sources(gm)
+        if kernels:
+            text = "\n".join(f"# ===== {k.node}: {k.spec.name} =====\n{k.source}" for k in kernels)
+            write_text(f"{stem}.kernels.py", text, "IR dump")

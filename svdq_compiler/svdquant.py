@@ -72,14 +72,16 @@ def _tall(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 def low_rank(weight: torch.Tensor, rank: int, method: str = "full", *, seed: int = 0,
-             oversample: int = 16, power_iterations: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best rank-`rank` factors L1 [N, r] = U·Σ and L2 [r, K] = Vᵀ of `weight`, computed in float64.
+             oversample: int = 16, power_iterations: int = 4, dtype: torch.dtype = torch.float64
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-`rank` factors L1 [N, r] = U·Σ and L2 [r, K] = Vᵀ of `weight`, computed in `dtype`
+    (float64; the smoothing search, which only ranks candidates, uses float32).
 
     "full" is a truncated LAPACK SVD. "randomized" is a Halko–Martinsson–Tropp range finder (Gaussian sketch
     with `oversample` extra columns and `power_iterations` subspace iterations, seeded) followed by an exact
     SVD of the small projected matrix; tools/bench_lowrank.py measures its excess error against "full".
     """
-    work = weight.to(torch.float64)
+    work = weight.to(dtype)
     rank = min(rank, *work.shape)
     if rank == 0:
         return work.new_zeros(work.shape[0], 0), work.new_zeros(0, work.shape[1])
@@ -160,13 +162,15 @@ class GroupProblem:
         return {k: (w if smooth is None else w * smooth.float()).to(self.dtype).float()
                 for k, w in self.weights.items()}
 
-    def branches(self, targets: dict[str, torch.Tensor], rank: int, method: str, seed: int = 0
-                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Rank-r factors per weight key (model dtype, as fp32); a branch set shares L2."""
+    def branches(self, targets: dict[str, torch.Tensor], rank: int, method: str, seed: int = 0,
+                 precision: torch.dtype = torch.float64) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Rank-r factors per weight key (model dtype, as fp32); a branch set shares L2. At float32 (the
+        search) the randomized SVD uses 2 subspace iterations instead of 4."""
         factors = {}
+        iterations = 4 if precision == torch.float64 else 2
         for keys in self.branch_sets:
             stacked = torch.cat([targets[k] for k in keys])
-            up, down = low_rank(stacked, rank, method, seed=seed)
+            up, down = low_rank(stacked, rank, method, seed=seed, dtype=precision, power_iterations=iterations)
             down = down.to(self.dtype).float()
             offset = 0
             for key in keys:

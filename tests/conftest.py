@@ -1,7 +1,14 @@
 """Session-wide test settings."""
 
+import os
+
 import torch
 
 # `make test` runs two pytest workers on a 2-core machine: one intra-op thread each avoids oversubscription,
 # which makes small LAPACK calls (QR, SVD) up to 100× slower.
 torch.set_num_threads(1)
+
+# Without a GPU the generated Triton kernels run under the interpreter, which Triton only honours when the
+# variable is set before it is imported (`make test` sets it too).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -65,6 +65,7 @@ def test_one_dump_per_pass(compiled):
     _, dumps, report, _ = compiled
     names = ["capture"] + [record["name"] for record in report["passes"]]
     expected = [f"{i:03d}_{name}{suffix}" for i, name in enumerate(names) for suffix in (".py", ".stats.json")]
+    expected += [f"{i:03d}_fuse.kernels.py" for i, name in enumerate(names) if name == "fuse"]  # generated source
     assert sorted(p.name for p in dumps.iterdir()) == sorted(expected)
     assert "def forward" in (dumps / "000_capture.py").read_text()
     assert json.loads((dumps / "000_capture.stats.json").read_text())["name"] == "capture"

@@ -93,7 +93,8 @@ def minilm() -> tuple[torch.nn.Module, dict, list[dict], dict]:
         return {"input_ids": batch["input_ids"], "token_type_ids": batch["token_type_ids"],
                 "attention_mask": batch["attention_mask"]}
 
-    evaluation = encode(EVAL_SENTENCES)
+    # The graph is captured at one batch of 8 sentences × 32 tokens; every input has that shape.
+    evaluation = [encode(EVAL_SENTENCES[i:i + 8]) for i in range(0, len(EVAL_SENTENCES), 8)]
     calib = [encode(CALIB_SENTENCES[i:i + 8]) for i in range(0, len(CALIB_SENTENCES), 8)]
     return model, calib[0], calib, evaluation
 
@@ -131,9 +132,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model == "minilm":
-        model, example, calib, evaluation = minilm()
-        mask = evaluation["attention_mask"]
-        eval_inputs = [evaluation]
+        model, example, calib, eval_inputs = minilm()
+        mask = torch.cat([inputs["attention_mask"] for inputs in eval_inputs])
     else:
         from svdq_compiler.models import adapter_for, load_model
 

@@ -66,7 +66,7 @@ def test_the_winner_has_the_smallest_error_of_all_candidates():
     for alpha, beta in smoothing_candidates("svdquant", 20):
         scale = smoothing_scale(act, problem.weight_absmax(), alpha, beta, torch.float32)
         smoothed = problem.smoothed(scale)
-        branches = problem.branches(smoothed, 32, "randomized")
+        branches = problem.branches(smoothed, 32, "randomized", 0, torch.float32)
         quantized = problem.quantized(problem.residuals(smoothed, branches))
         errors[(alpha, beta)] = sum(problem.errors(scale, quantized, branches).values())
     from svdq_compiler.pipeline import PASS_REGISTRY

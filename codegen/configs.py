@@ -1,0 +1,124 @@
+"""Tile configurations per GPU architecture, and the small-tile configuration of the interpreter.
+
+Kernel B (the GEMM) is compute-bound at FLUX sizes, so its candidates are large tiles that give each int8
+tensor-core instruction enough work per loaded byte: on Hopper 8 warps (two warpgroups issuing wgmma) over
+128×128 to 256×128 tiles with 3–4 pipeline stages; on Ada and sm_86 (about 100 KB of shared memory per SM)
+smaller stage counts; on A100 (164 KB) the large tiles with more stages. The packed operands are read in 32-byte
+rows per K group, so the loads stay coalesced for any tile. Kernel A is memory-bound: a few rows per program,
+several groups per step, so many programs stream x at once.
+
+The launcher times the candidates once per (kernel, device, N, K, M bucket) on CUDA and keeps the fastest.
+Under the interpreter every program runs serially in Python and costs tens of milliseconds whatever its size,
+so there is one configuration per size class: tiles of 16 rows for small token counts, so that tests with
+ragged M (M ≤ 64) cover several row tiles and a partial one, and 64-row tiles beyond (a whole model's forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from svdq_compiler.codegen.generate import Target
+from svdq_compiler.codegen.spec import GemmSpec, QuantizeSpec
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int  # int8 / nvfp4 K step; the int4 kernels step by one group
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    block_m: int
+    step: int  # channels per K step (a multiple of the group size; BLOCK_K for int8)
+    num_warps: int
+    num_stages: int
+
+
+# (block_m, block_n, num_warps, num_stages) for the int4/uint4 GEMM.
+_INT4_TILES = {
+    "hopper": [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 256, 4, 4),
+               (64, 128, 4, 4), (64, 64, 4, 4)],
+    "ada": [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 256, 8, 2), (64, 64, 4, 4)],
+    "ampere": [(128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4),
+               (64, 64, 4, 4)],
+}
+# (block_m, block_n, block_k, num_warps, num_stages) for the int8 and nvfp4 GEMMs.
+_KSTEP_TILES = {
+    "hopper": [(128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 64, 4, 4),
+               (64, 128, 128, 4, 4), (64, 64, 128, 4, 4)],
+    "ada": [(128, 128, 64, 8, 3), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 64, 4, 4)],
+    "ampere": [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 128, 4, 4),
+               (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
+}
+_QUANTIZE_TILES = [(16, 4, 2), (32, 4, 2), (32, 8, 3), (64, 8, 2)]  # (block_m, num_warps, num_stages)
+
+INTERPRETER_GEMM = GemmConfig(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=1, num_stages=1)
+INTERPRETER_LARGE_GEMM = GemmConfig(block_m=64, block_n=64, block_k=64, group_m=2, num_warps=1, num_stages=1)
+INTERPRETER_SMALL_M = 64  # up to this many rows, the small tiles
+
+
+def _interpreter_rows(m: int) -> int:
+    return INTERPRETER_GEMM.block_m if m <= INTERPRETER_SMALL_M else INTERPRETER_LARGE_GEMM.block_m
+
+
+def arch_family(target: Target) -> str:
+    major, minor = target.capability
+    if major >= 9:
+        return "hopper"  # sm_90 and newer (Blackwell tiles start from Hopper's)
+    if (major, minor) in ((8, 6), (8, 7), (8, 9)):
+        return "ada"  # sm_86/87 share Ada's ~100 KB of shared memory per SM
+    return "ampere"
+
+
+def m_bucket(m: int) -> int:
+    """M rounded up to a power of two in [16, 8192]: the autotuning key, so token counts share tunings."""
+    bucket = 16
+    while bucket < m and bucket < 8192:
+        bucket *= 2
+    return bucket
+
+
+def _min_block_n(spec: GemmSpec) -> int:
+    """The quantize-for-next-layer epilogue needs whole groups of the next layer inside one tile."""
+    if spec.quantize_next is None:
+        return 16
+    return max(32, spec.quantize_next.quant.group_size)
+
+
+def gemm_configs(spec: GemmSpec, target: Target, m: int) -> list[GemmConfig]:
+    """Candidate configurations of kernel B for M rows, best guesses first."""
+    min_n = _min_block_n(spec)
+    if target.backend == "interpreter":
+        base = INTERPRETER_GEMM if m <= INTERPRETER_SMALL_M else INTERPRETER_LARGE_GEMM
+        block_k = 64 if spec.act == "nvfp4" else base.block_k
+        return [GemmConfig(base.block_m, max(base.block_n, min_n), block_k, base.group_m, 1, 1)]
+    family = arch_family(target)
+    bucket = m_bucket(m)
+    configs = []
+    if spec.act in ("int4", "uint4"):
+        for block_m, block_n, warps, stages in _INT4_TILES[family]:
+            configs.append(GemmConfig(block_m, max(block_n, min_n), 0, 8, warps, stages))
+    else:
+        for block_m, block_n, block_k, warps, stages in _KSTEP_TILES[family]:
+            configs.append(GemmConfig(block_m, max(block_n, min_n), block_k, 8, warps, stages))
+    # Tiles taller than the (bucketed) token count only waste work; keep at least one candidate.
+    fitting = [c for c in configs if c.block_m <= max(bucket, 64)]
+    return list(dict.fromkeys(fitting or configs[-1:]))
+
+
+def quantize_configs(spec: QuantizeSpec, target: Target, m: int) -> list[QuantizeConfig]:
+    """Candidate configurations of kernel A for M rows."""
+    group = spec.quant.group_size
+    if target.backend == "interpreter":
+        step = 64 if spec.quant.fmt in ("int8", "nvfp4") else group
+        return [QuantizeConfig(_interpreter_rows(m), step, 1, 1)]
+    steps = [128, 256] if spec.quant.fmt == "int8" else sorted({max(group, 128), max(group, 256)})
+    bucket = m_bucket(m)
+    configs = [QuantizeConfig(block_m, step, warps, stages) for block_m, warps, stages in _QUANTIZE_TILES
+               for step in steps if block_m <= max(bucket, 16)]
+    return configs

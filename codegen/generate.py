@@ -1,0 +1,677 @@
+"""Spec → Triton source text.
+
+`generate(spec, target)` returns the complete text of one Python module holding one `@triton.jit` kernel: a
+header comment that explains the kernel's tiling, packing and numerics, then the kernel, with the format,
+group size, rank, dtypes and epilogue chain written out as straight-line code (no run-time branching on the
+spec). The text is what `cache.py` compiles, what `--dump-ir` writes and what `svdq-inspect --kernels` prints.
+
+Layouts are those of `svdq_compiler.codegen.layout` (architecture §6):
+- int4/uint4 codes `uint8 [rows, K_pad/2]`, split halves within each group: byte j of a group holds channel j
+  (low nibble) and channel j + G/2 (high nibble), so one byte tile unpacks into two int8 tiles that are each a
+  contiguous half of the group, and the GEMM issues one int8 dot per half with no shuffle;
+- nvfp4 codes `uint8 [rows, K_pad/2]`, consecutive pairs (low nibble = even k), the order `tl.dot_scaled` reads;
+- int8 codes `int8 [rows, K]`;
+- weight scales group-major `[K_pad/G, N]`; activation scales `[M, K_pad/G]` (`[M]` fp32 for int8);
+  nvfp4 scales are FP8-E4M3, passed to the kernels as their uint8 bit patterns.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import re
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from svdq_compiler.codegen.spec import ActQuant, GemmSpec, KernelSpec, QuantizeSpec
+
+_TL_DTYPE = {"bfloat16": "tl.bfloat16", "float16": "tl.float16", "float32": "tl.float32"}
+_QMAX = {"int4": 7.0, "uint4": 15.0, "int8": 127.0, "nvfp4": 6.0}
+_QMIN = {"int4": -7.0, "uint4": 0.0, "int8": -127.0}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the kernel will run: it decides the NVFP4 MMA path and nothing else in the text."""
+
+    backend: str = "cuda"  # "cuda" | "interpreter"
+    capability: tuple[int, int] = (9, 0)
+    fp4_mma: bool = True  # use the native FP4 MMA where the GPU has one (off: the dequantize path)
+
+    @property
+    def native_fp4(self) -> bool:
+        """Blackwell (sm_100, sm_120) multiplies E2M1 with E4M3 block scales in hardware (`tl.dot_scaled`)."""
+        return self.backend == "cuda" and self.capability[0] >= 10 and self.fp4_mma
+
+    def describe(self) -> str:
+        if self.backend == "interpreter":
+            return "the Triton interpreter (TRITON_INTERPRET=1)"
+        return f"CUDA sm_{self.capability[0]}{self.capability[1]}"
+
+
+# The device functions, read as text (importing them would decorate them in this process's Triton mode).
+_KERNEL_LIB = Path(__file__).with_name("kernel_lib.py")
+
+
+@functools.lru_cache(maxsize=None)
+def _definitions() -> dict[str, tuple[str, frozenset[str]]]:
+    """name → (source text, names it reads) for each constant and device function of kernel_lib.py."""
+    text = _KERNEL_LIB.read_text()
+    lines = text.splitlines()
+    definitions: dict[str, tuple[str, frozenset[str]]] = {}
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef) and any(
+                isinstance(d, ast.Attribute) and d.attr == "jit" for d in node.decorator_list):
+            start = node.decorator_list[0].lineno - 1
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            start = node.lineno - 1
+            while start > 0 and lines[start - 1].startswith("#"):
+                start -= 1
+        else:
+            continue
+        name = node.name if isinstance(node, ast.FunctionDef) else node.targets[0].id
+        reads = frozenset(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
+        definitions[name] = ("\n".join(lines[start:node.end_lineno]), reads)
+    return definitions
+
+
+DEVICE_FUNCTIONS = tuple(name for name in _definitions() if not name.startswith("_"))
+
+
+def device_source(code: str) -> str:
+    """The definitions of kernel_lib.py that `code` calls (transitively), in file order, as one text block."""
+    definitions = _definitions()
+    needed: set[str] = set()
+    pending = {name for name in DEVICE_FUNCTIONS if re.search(rf"\b{name}\(", code)}
+    while pending:
+        name = pending.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        pending |= {read for read in definitions[name][1] if read in definitions}
+    return "\n\n\n".join(source for name, (source, _) in definitions.items() if name in needed)
+
+
+class _Source:
+    """Lines of Python with an indentation level."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.level = 0
+
+    def add(self, text: str = "") -> None:
+        for line in textwrap.dedent(text).strip("\n").splitlines() or [""]:
+            self.lines.append(("    " * self.level + line).rstrip())
+
+    def line(self, text: str) -> None:
+        """One line, kept exactly as written (continuation lines of a call)."""
+        self.lines.append("    " * self.level + text)
+
+    def indent(self) -> "_Source":
+        self.level += 1
+        return self
+
+    def dedent(self) -> None:
+        self.level -= 1
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def generate(spec: KernelSpec, target: Target = Target()) -> str:
+    """The Triton source text of the kernel `spec` describes, for `target`."""
+    spec.validate()
+    if isinstance(spec, QuantizeSpec):
+        return _generate_quantize(spec, target)
+    return _generate_gemm(spec, target)
+
+
+def nvfp4_path(spec: GemmSpec, target: Target) -> str:
+    """"dot_scaled" (native FP4 MMA) or "dequantize" (exact fp16 products, fp16 MMA) for an nvfp4 GEMM."""
+    return "dot_scaled" if spec.act == "nvfp4" and target.native_fp4 else "dequantize"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def _rank_pad(rank: int) -> int:
+    """tl.arange and tl.dot need a power of two of at least 16; the extra ranks are masked to zero."""
+    pad = 16
+    while pad < rank:
+        pad *= 2
+    return pad
+
+
+def _float_dot(a: str, b: str, acc: str | None, dtype: str, target: Target) -> str:
+    """A 16-bit (or fp32) tl.dot with fp32 accumulation, as text.
+
+    fp32 models ask for IEEE precision: a float32 tl.dot defaults to TF32 on tensor cores, which the reference
+    does not do. The interpreter multiplies bfloat16 dots as their raw uint16 bits (Triton 3.9), so there the
+    operands are widened to fp32 first: exact, since bf16·bf16 products are exact in fp32.
+    """
+    if dtype == "bfloat16" and target.backend == "interpreter":
+        a, b = f"({a}).to(tl.float32)", f"({b}).to(tl.float32)"
+    args = [a, b] + ([acc] if acc else [])
+    precision = ', input_precision="ieee"' if dtype == "float32" else ""
+    return f"tl.dot({', '.join(args)}{precision})"
+
+
+def _module_text(title: str, description: str, kernel: _Source) -> str:
+    """A self-contained module: docstring, imports, the device functions the kernel calls, the kernel."""
+    body = kernel.text()
+    head = _Source()
+    head.add('"""' + title)
+    head.add("")
+    head.add(textwrap.dedent(description).strip())
+    head.add('"""')
+    head.add("")
+    head.add("import triton")
+    head.add("import triton.language as tl")
+    helpers = device_source(body)
+    return head.text() + ("\n\n" + helpers + "\n" if helpers else "") + "\n\n" + body
+
+
+def _quant_description(quant: ActQuant) -> str:
+    source = "(x + shift)/λ" if quant.shift else "x/λ" if quant.smooth else "x"
+    if quant.fmt == "int8":
+        return (f"int8 per token: s = absmax({source} over the row)/127 in fp32 (0 → 1), "
+                f"q = clamp(round-half-even({source}/s), −127, 127).")
+    if quant.fmt == "nvfp4":
+        return (f"nvfp4: per token and group of 16, s = E4M3(absmax/6) (ties to the larger value, max 448, "
+                f"0 → 1), q = E2M1({source}/s) (ties to the larger value); codes in consecutive pairs.")
+    lo, hi = int(_QMIN[quant.fmt]), int(_QMAX[quant.fmt])
+    shift = f", shift {quant.shift:g}" if quant.shift else ""
+    return (f"{quant.fmt}{shift}: per token and group of {quant.group_size}, s = absmax/{hi} rounded to the "
+            f"model dtype (0 → 1), q = clamp(round-half-even({source}/s), {lo}, {hi}); split-half packing.")
+
+
+def _rounded(expr: str, dtype: str) -> str:
+    """fp32 `expr` rounded to the nearest value of `dtype` (ties to even), still as fp32.
+
+    bfloat16 rounds through `round_to_bf16` rather than `.to(tl.bfloat16)`: the interpreter truncates that cast
+    (Triton 3.9), and the codes must match the reference bit for bit on both backends. A later `.to(dtype)` of
+    the result is exact everywhere.
+    """
+    if dtype == "bfloat16":
+        return f"round_to_bf16({expr})"
+    if dtype == "float16":
+        return f"({expr}).to(tl.float16).to(tl.float32)"
+    return expr
+
+
+def _branch_input(x: str, smooth: str, dtype: str) -> str:
+    """x/λ for the low-rank branch as the lowered graph computes it: x / λ.to(x.dtype), in the model dtype."""
+    smooth_model = _rounded(smooth, dtype)
+    return f"{_rounded(f'{x}.to(tl.float32) / {smooth_model}', dtype)}.to({_TL_DTYPE[dtype]})"
+
+
+def _emit_quant_input(src: _Source, quant: ActQuant, x: str, smooth: str, dtype: str, out: str) -> None:
+    """`out` = (x + shift)/λ computed in fp32 and rounded once to the model dtype, as the reference op does."""
+    value = f"{x}.to(tl.float32)"
+    if quant.shift:
+        value = f"({value} + {quant.shift!r})"
+    if quant.smooth:
+        value = f"{value} / {smooth}"
+    src.add(f"{out} = {_rounded(value, dtype) if quant.shift or quant.smooth else value}")
+
+
+def _emit_group_quantize(src: _Source, quant: ActQuant, value: str, rows: str, groups: str, dtype: str) -> None:
+    """Quantize fp32 tile `value` [rows, groups·G] per group of G; defines `scale` [rows, groups] (stored type)
+    and `packed` uint8 [rows, groups·G/2]."""
+    g = quant.group_size
+    src.add(f"grouped = tl.reshape({value}, ({rows}, {groups}, {g}))")
+    src.add("absmax = tl.max(tl.abs(grouped), axis=2)")
+    if quant.fmt == "nvfp4":
+        src.add("""
+            scale = round_to_e4m3(absmax / 6.0)
+            scale = tl.where(scale == 0.0, 1.0, scale)
+            codes = e2m1_code(tl.minimum(tl.maximum(grouped / scale[:, :, None], -6.0), 6.0))
+            # consecutive pairs: byte j = code[2j] | code[2j + 1] << 4
+            low, high = tl.split(tl.reshape(codes, ({rows}, {groups}, {half}, 2)))
+            scale = e4m3_bits(scale)""".replace("{rows}", rows).replace("{groups}", groups)
+                .replace("{half}", str(g // 2)))
+    else:
+        qmax, qmin = _QMAX[quant.fmt], _QMIN[quant.fmt]
+        src.add(f"""
+            scale = {_rounded(f"absmax / {qmax!r}", dtype)}
+            scale = tl.where(scale == 0.0, 1.0, scale)
+            codes = tl.minimum(tl.maximum(round_half_even(grouped / scale[:, :, None]), {qmin!r}), {qmax!r})
+            codes = codes.to(tl.int32)
+            # split halves: byte j = code[j] | code[j + G/2] << 4
+            low, high = tl.split(tl.permute(tl.reshape(codes, ({rows}, {groups}, 2, {g // 2})), (0, 1, 3, 2)))
+            scale = scale.to({_TL_DTYPE[dtype]})""")
+    src.add(f"packed = tl.reshape(((low & 15) | ((high & 15) << 4)).to(tl.uint8), ({rows}, {groups} * {g // 2}))")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel A
+
+
+def _generate_quantize(spec: QuantizeSpec, target: Target) -> str:
+    quant, dtype, rank = spec.quant, spec.dtype, spec.rank
+    g = quant.group_size
+    src = _Source()
+    k_text = f"K = {spec.k} (fixed)" if spec.k else "K at run time"
+    description = f"""
+        Kernel A for spec {spec.hash}: {spec.to_string()}
+
+        Computes, for x [M, K] ({spec.dtype}), {k_text}:
+          codes, scales = Q((x + shift)/λ)     {_quant_description(quant)}
+          down          = (x/λ)·L2ᵀ            {"L2 [" + str(rank) + ", K], fp32 accumulation, stored in " + spec.dtype
+                                                 if rank else "(rank 0: no low-rank branch)"}
+        Tiling: a 1-D grid over row blocks; each program owns BLOCK_M rows and walks all of K in steps of
+        {"GROUPS_PER_STEP·" + str(g) if g else "BLOCK_K"} channels, so every element of x is read once
+        ({"twice for int8: the per-token scale needs the whole row before the first code" if quant.fmt == "int8"
+          else "the scales are per group, so each step quantizes what it loaded"}) and the down projection is
+        accumulated in registers: no atomics, deterministic.
+        Written for {target.describe()}.
+    """
+    params = ["x_ptr"] + (["smooth_ptr"] if quant.smooth else []) + (["lora_down_ptr"] if rank else [])
+    params += ["codes_ptr", "scales_ptr"] + (["down_ptr"] if rank else []) + ["M"]
+    params += [] if spec.k else ["K"]
+    params += ["stride_xm", "BLOCK_M: tl.constexpr"]
+    params += ["BLOCK_K: tl.constexpr"] if quant.fmt == "int8" else ["GROUPS_PER_STEP: tl.constexpr"]
+    src.add("@triton.jit")
+    src.add(f"def {spec.name}(")
+    src.line("    " + ", ".join(params) + ",")
+    src.add("):")
+    src.indent()
+    if spec.k:
+        src.add(f"K: tl.constexpr = {spec.k}")
+    src.add("""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm""")
+    if rank:
+        src.add(f"""
+            ranks = tl.arange(0, {_rank_pad(rank)})
+            rank_ok = ranks < {rank}
+            down = tl.zeros((BLOCK_M, {_rank_pad(rank)}), dtype=tl.float32)""")
+    if quant.fmt == "int8":
+        _emit_quantize_int8_body(src, spec, target, dtype)
+    else:
+        _emit_quantize_grouped_body(src, spec, target, dtype)
+    if rank:
+        src.add(f"down_ptrs = down_ptr + rows.to(tl.int64)[:, None] * {rank} + ranks[None, :]")
+        src.add(f"tl.store(down_ptrs, {_rounded('down', dtype)}.to({_TL_DTYPE[dtype]}), "
+                "mask=row_ok[:, None] & rank_ok[None, :])")
+    src.dedent()
+    return _module_text(f"Generated by svdq_compiler.codegen: {spec.name}.", description, src)
+
+
+def _emit_step_loads(src: _Source, spec: QuantizeSpec, target: Target, dtype: str, width: str,
+                     with_down: bool) -> None:
+    """Load one [BLOCK_M, width] step of x (and λ); accumulate the down projection when asked."""
+    quant = spec.quant
+    src.add(f"""
+        cols = k0 + tl.arange(0, {width})
+        col_ok = cols < K
+        x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)""")
+    if quant.smooth:
+        src.add("smooth = tl.load(smooth_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)")
+    if with_down:
+        # the branch divides in the model dtype (x / λ.to(x.dtype)); the quantizer divides by λ in fp32
+        smoothed = _branch_input("x", "smooth", dtype) if quant.smooth else "x"
+        src.add(f"""
+            # low-rank down projection on the unshifted x/λ: L2 is [rank, K], read as an L2ᵀ tile [{width}, rank]
+            lora_down = tl.load(lora_down_ptr + ranks[None, :] * K + cols[:, None],
+                                mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+            down = {_float_dot(smoothed, "lora_down", "down", spec.dtype, target)}""")
+    _emit_quant_input(src, quant, "x", "smooth", dtype, "value")
+    if quant.shift:
+        src.add("value = tl.where(col_ok[None, :], value, 0.0)  # the zero padding past K is not shifted")
+
+
+def _emit_quantize_grouped_body(src: _Source, spec: QuantizeSpec, target: Target, dtype: str) -> None:
+    quant = spec.quant
+    g = quant.group_size
+    src.add(f"""
+        num_groups = tl.cdiv(K, {g})
+        STEP: tl.constexpr = GROUPS_PER_STEP * {g}
+        for k0 in range(0, num_groups * {g}, STEP):""")
+    src.indent()
+    _emit_step_loads(src, spec, target, dtype, "STEP", with_down=bool(spec.rank))
+    _emit_group_quantize(src, quant, "value", "BLOCK_M", "GROUPS_PER_STEP", dtype)
+    src.add(f"""
+        byte_cols = k0 // 2 + tl.arange(0, STEP // 2)
+        tl.store(codes_ptr + rows.to(tl.int64)[:, None] * (num_groups * {g // 2}) + byte_cols[None, :], packed,
+                 mask=row_ok[:, None] & (byte_cols < num_groups * {g // 2})[None, :])
+        group_cols = k0 // {g} + tl.arange(0, GROUPS_PER_STEP)
+        tl.store(scales_ptr + rows.to(tl.int64)[:, None] * num_groups + group_cols[None, :], scale,
+                 mask=row_ok[:, None] & (group_cols < num_groups)[None, :])""")
+    src.dedent()
+
+
+def _emit_quantize_int8_body(src: _Source, spec: QuantizeSpec, target: Target, dtype: str) -> None:
+    src.add("# pass 1: the row's absmax (and the down projection); pass 2 re-reads x (mostly from L2) to quantize")
+    src.add("absmax = tl.zeros((BLOCK_M,), dtype=tl.float32)")
+    src.add("for k0 in range(0, K, BLOCK_K):")
+    src.indent()
+    _emit_step_loads(src, spec, target, dtype, "BLOCK_K", with_down=bool(spec.rank))
+    src.add("absmax = tl.maximum(absmax, tl.max(tl.abs(value), axis=1))")
+    src.dedent()
+    src.add("""
+        scale = absmax / 127.0
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        tl.store(scales_ptr + rows, scale, mask=row_ok)
+        for k0 in range(0, K, BLOCK_K):""")
+    src.indent()
+    _emit_step_loads(src, spec, target, dtype, "BLOCK_K", with_down=False)
+    src.add("""
+        codes = tl.minimum(tl.maximum(round_half_even(value / scale[:, None]), -127.0), 127.0)
+        tl.store(codes_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], codes.to(tl.int8),
+                 mask=row_ok[:, None] & col_ok[None, :])""")
+    src.dedent()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel B
+
+
+def _gemm_description(spec: GemmSpec, target: Target) -> str:
+    g = spec.group_size
+    path = nvfp4_path(spec, target)
+    if spec.act in ("int4", "uint4"):
+        main = f"""
+            Main loop, one K group of {g} channels per iteration: the [BLOCK_M, {g // 2}] activation byte tile and
+            the [BLOCK_N, {g // 2}] weight byte tile unpack in registers into two int8 tiles each (low nibbles =
+            channels 0..{g // 2 - 1} of the group, high nibbles = {g // 2}..{g - 1}: the split-half layout, so no
+            shuffle), {"unsigned [0, 15]" if spec.act == "uint4" else "signed"} activations × signed weights.
+            Two int8 tl.dot → one int32 partial sum per group, converted exactly to fp32 (integer add + float
+            subtract: the I2F instruction runs at a quarter rate) and scaled by act_scale[m, g]·w_scale[g, n]
+            into the fp32 accumulator."""
+    elif spec.act == "int8":
+        main = """
+            Main loop over K in BLOCK_K steps: int8 tl.dot with int32 accumulation over the whole of K (per-token
+            and per-channel scales factor out of the sum), scaled once by act_scale[m]·w_scale[n] at the end."""
+    elif path == "dot_scaled":
+        main = """
+            Main loop over K in BLOCK_K steps: tl.dot_scaled on the packed E2M1 bytes with their FP8-E4M3 group
+            scales (the native FP4 MMA of sm_100/sm_120), fp32 accumulation; × the per-tensor weight scale."""
+    else:
+        main = """
+            Main loop over K in BLOCK_K steps: E2M1 codes decode to fp16 by a bit move; each value times its
+            FP8-E4M3 group scale is exact in fp16 (≤ 6 significant bits, |v| ≤ 2688), so the fp16 tl.dot with
+            fp32 accumulation computes the exact block-scaled product (even and odd channels as two dots, the
+            consecutive-pair layout needs no shuffle); × the per-tensor weight scale at the end."""
+    steps = [f"{step.kind}({step.value!r})" if step.value is not None else step.kind for step in spec.epilogue]
+    if spec.quantize_next is not None:
+        qn = spec.quantize_next
+        parts = [_quant_description(qn.quant).rstrip(".")]
+        if qn.rank:
+            parts.append(f"the next down projection (y/λ′)·L2′ᵀ, rank {qn.rank}, summed over N tiles by fp32 atomics")
+        parts.append("y stored too" if qn.emit_output else "y not stored")
+        steps.append(f"quantize for the next layer [{'; '.join(parts)}]")
+    epilogue = " → ".join(steps) if steps else "(none)"
+    k_text = f"K = {spec.k}" if spec.k else "K at run time"
+    n_text = f"N = {spec.n}" if spec.n else "N at run time"
+    formula = (f"y[M, N] = Σ_g (a_g·w_gᵀ)·s_a·s_w{' · tscale' if spec.act == 'nvfp4' else ''}"
+               f"{' + down·L1ᵀ' if spec.rank else ''}{' + bias' if spec.bias else ''}, then the epilogue; "
+               f"{k_text}, {n_text}.")
+    tiling = """
+        Tiling: a 1-D grid of BLOCK_M × BLOCK_N output tiles in grouped order (GROUP_M row tiles share a band
+        of weight columns, so the weight tiles stay in L2); ragged M and N wrap their loads (modulo) and mask
+        their stores, so the main loop has no masks."""
+    after = (f"After the loop: + down[BLOCK_M, rank]·L1[BLOCK_N, rank]ᵀ ({spec.dtype} tl.dot, fp32 accumulation)"
+             if spec.rank else "After the loop: no low-rank branch (rank 0)")
+    return "\n".join([
+        f"Kernel B for spec {spec.hash}: {spec.to_string()}",
+        "",
+        formula,
+        textwrap.dedent(tiling).strip(),
+        textwrap.dedent(main).strip(),
+        after + (", + bias." if spec.bias else "."),
+        f"Epilogue (fp32 in registers, rounded once to {spec.dtype}): {epilogue}.",
+        f"Written for {target.describe()}.",
+    ])
+
+
+def _gemm_params(spec: GemmSpec, path: str) -> list[str]:
+    params = ["a_codes_ptr", "a_scales_ptr", "w_codes_ptr", "w_scales_ptr"]
+    params += ["w_tscale_ptr"] if spec.act == "nvfp4" else []
+    params += ["down_ptr", "stride_down", "lora_up_ptr"] if spec.rank else []
+    params += ["bias_ptr"] if spec.bias else []
+    for index in range(spec.operand_count):
+        params += [f"op{index}_ptr", f"op{index}_inner", f"op{index}_stride_outer", f"op{index}_stride_inner",
+                   f"op{index}_stride_n"]
+    qn = spec.quantize_next
+    if spec.emits_output:
+        params += ["out_ptr"]
+    if qn is not None:
+        params += (["next_smooth_ptr"] if qn.quant.smooth else []) + ["next_codes_ptr", "next_scales_ptr"]
+        params += ["next_lora_down_ptr", "next_down_ptr"] if qn.rank else []
+    params += ["M"] + ([] if spec.n else ["N"]) + ([] if spec.k else ["K"])
+    params += ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "GROUP_M: tl.constexpr",
+               "EVEN_M: tl.constexpr", "EVEN_N: tl.constexpr"]
+    if spec.act in ("int8", "nvfp4"):
+        params += ["BLOCK_K: tl.constexpr", "EVEN_K: tl.constexpr"]
+    return params
+
+
+def _generate_gemm(spec: GemmSpec, target: Target) -> str:
+    dtype = spec.dtype
+    path = nvfp4_path(spec, target)
+    src = _Source()
+    src.add("@triton.jit")
+    src.add(f"def {spec.name}(")
+    params = _gemm_params(spec, path)
+    for start in range(0, len(params), 6):
+        src.line("    " + ", ".join(params[start:start + 6]) + ",")
+    src.add("):")
+    src.indent()
+    if spec.n:
+        src.add(f"N: tl.constexpr = {spec.n}")
+    if spec.k:
+        src.add(f"K: tl.constexpr = {spec.k}")
+    src.add("""
+        # grouped tile order: GROUP_M row tiles walk the same band of weight columns
+        pid = tl.program_id(0)
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        band = pid // (GROUP_M * tiles_n)
+        first_m = band * GROUP_M
+        band_m = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * tiles_n)) % band_m
+        pid_n = (pid % (GROUP_M * tiles_n)) // band_m
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # loads use in-range indices (ragged edges wrap around); only the stores are masked
+        if EVEN_M:
+            rows_in = tl.max_contiguous(tl.multiple_of(rows, BLOCK_M), BLOCK_M)
+        else:
+            rows_in = rows % M
+        if EVEN_N:
+            cols_in = tl.max_contiguous(tl.multiple_of(cols, BLOCK_N), BLOCK_N)
+        else:
+            cols_in = cols % N
+        rows64 = rows_in.to(tl.int64)""")
+    if spec.act in ("int4", "uint4"):
+        _emit_gemm_int4_loop(src, spec)
+    elif spec.act == "int8":
+        _emit_gemm_int8_loop(src)
+    elif path == "dot_scaled":
+        _emit_gemm_nvfp4_dot_scaled_loop(src)
+    else:
+        _emit_gemm_nvfp4_dequant_loop(src)
+    if spec.rank:
+        pad = _rank_pad(spec.rank)
+        src.add(f"""
+            # low-rank up projection: down [M, rank] (kernel A's output) · L1 [N, rank]ᵀ
+            ranks = tl.arange(0, {pad})
+            rank_ok = ranks < {spec.rank}
+            down = tl.load(down_ptr + rows64[:, None] * stride_down + ranks[None, :], mask=rank_ok[None, :], other=0.0)
+            lora_up = tl.load(lora_up_ptr + cols_in[:, None] * {spec.rank} + ranks[None, :], mask=rank_ok[None, :],
+                              other=0.0)
+            acc = {_float_dot("down", "tl.trans(lora_up)", "acc", spec.dtype, target)}""")
+    if spec.bias:
+        src.add("acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]")
+    _emit_epilogue(src, spec, target, dtype)
+    src.dedent()
+    return _module_text(f"Generated by svdq_compiler.codegen: {spec.name}.", _gemm_description(spec, target), src)
+
+
+def _emit_gemm_int4_loop(src: _Source, spec: GemmSpec) -> None:
+    g = spec.group_size
+    unpack_a = "unpack_uint4" if spec.act == "uint4" else "unpack_int4"
+    src.add(f"""
+        num_groups = tl.cdiv(K, {g})
+        half = tl.arange(0, {g // 2})
+        a_ptrs = a_codes_ptr + rows64[:, None] * (num_groups * {g // 2}) + half[None, :]
+        w_ptrs = w_codes_ptr + cols_in.to(tl.int64)[:, None] * (num_groups * {g // 2}) + half[None, :]
+        a_scale_ptrs = a_scales_ptr + rows64 * num_groups
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for group in range(0, num_groups):
+            a_low, a_high = {unpack_a}(tl.load(a_ptrs))
+            w_low, w_high = unpack_int4(tl.load(w_ptrs))
+            partial = tl.dot(a_low, tl.trans(w_low), out_dtype=tl.int32)
+            partial = tl.dot(a_high, tl.trans(w_high), partial)
+            a_scale = tl.load(a_scale_ptrs + group).to(tl.float32)
+            w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
+            acc += small_int_to_float(partial) * a_scale[:, None] * w_scale[None, :]
+            a_ptrs += {g // 2}
+            w_ptrs += {g // 2}""")
+
+
+def _emit_gemm_int8_loop(src: _Source) -> None:
+    src.add("""
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = a_codes_ptr + rows64[:, None] * K + ks[None, :]
+        w_ptrs = w_codes_ptr + cols_in.to(tl.int64)[:, None] * K + ks[None, :]
+        acc_int = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=(k0 + ks)[None, :] < K, other=0)
+                w = tl.load(w_ptrs, mask=(k0 + ks)[None, :] < K, other=0)
+            acc_int = tl.dot(a, tl.trans(w), acc_int)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        # |acc_int| can exceed 2^22 here, so this is a real conversion (once per tile)
+        a_scale = tl.load(a_scales_ptr + rows_in)
+        w_scale = tl.load(w_scales_ptr + cols_in)
+        acc = acc_int.to(tl.float32) * a_scale[:, None] * w_scale[None, :]""")
+
+
+def _emit_nvfp4_k_setup(src: _Source) -> None:
+    src.add("""
+        k_pad = tl.cdiv(K, 16) * 16
+        kb = tl.arange(0, BLOCK_K // 2)
+        kg = tl.arange(0, BLOCK_K // 16)
+        a_ptrs = a_codes_ptr + rows64[:, None] * (k_pad // 2) + kb[None, :]
+        w_ptrs = w_codes_ptr + cols_in.to(tl.int64)[:, None] * (k_pad // 2) + kb[None, :]
+        a_scale_ptrs = a_scales_ptr + rows64[:, None] * (k_pad // 16) + kg[None, :]
+        w_scale_ptrs = w_scales_ptr + kg[:, None] * N + cols_in[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k_pad, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+                a_scale = tl.load(a_scale_ptrs)
+                w_scale = tl.load(w_scale_ptrs)
+            else:
+                byte_ok = (k0 // 2 + kb) < k_pad // 2
+                group_ok = (k0 // 16 + kg) < k_pad // 16
+                a = tl.load(a_ptrs, mask=byte_ok[None, :], other=0)
+                w = tl.load(w_ptrs, mask=byte_ok[None, :], other=0)
+                a_scale = tl.load(a_scale_ptrs, mask=group_ok[None, :], other=0)
+                w_scale = tl.load(w_scale_ptrs, mask=group_ok[:, None], other=0)""")
+
+
+def _emit_nvfp4_k_advance(src: _Source) -> None:
+    src.add("""
+            a_ptrs += BLOCK_K // 2
+            w_ptrs += BLOCK_K // 2
+            a_scale_ptrs += BLOCK_K // 16
+            w_scale_ptrs += (BLOCK_K // 16) * N
+        acc = acc * tl.load(w_tscale_ptr + cols_in)[None, :]  # per-tensor or per-channel weight scale""")
+
+
+def _emit_gemm_nvfp4_dequant_loop(src: _Source) -> None:
+    _emit_nvfp4_k_setup(src)
+    src.indent()
+    src.add("""
+        # value·scale is exact in fp16; the byte at j holds channels 2j and 2j + 1, both in group j // 8
+        a_scale = e4m3_value(a_scale)[:, :, None]
+        w_scale = tl.trans(e4m3_value(w_scale))[:, :, None]
+        a_even = tl.reshape(tl.reshape(e2m1_to_f16(a & 15).to(tl.float32), (BLOCK_M, BLOCK_K // 16, 8)) * a_scale,
+                            (BLOCK_M, BLOCK_K // 2)).to(tl.float16)
+        a_odd = tl.reshape(tl.reshape(e2m1_to_f16(a >> 4).to(tl.float32), (BLOCK_M, BLOCK_K // 16, 8)) * a_scale,
+                           (BLOCK_M, BLOCK_K // 2)).to(tl.float16)
+        w_even = tl.reshape(tl.reshape(e2m1_to_f16(w & 15).to(tl.float32), (BLOCK_N, BLOCK_K // 16, 8)) * w_scale,
+                            (BLOCK_N, BLOCK_K // 2)).to(tl.float16)
+        w_odd = tl.reshape(tl.reshape(e2m1_to_f16(w >> 4).to(tl.float32), (BLOCK_N, BLOCK_K // 16, 8)) * w_scale,
+                           (BLOCK_N, BLOCK_K // 2)).to(tl.float16)
+        acc = tl.dot(a_even, tl.trans(w_even), acc)
+        acc = tl.dot(a_odd, tl.trans(w_odd), acc)""")
+    src.dedent()
+    _emit_nvfp4_k_advance(src)
+
+
+def _emit_gemm_nvfp4_dot_scaled_loop(src: _Source) -> None:
+    _emit_nvfp4_k_setup(src)
+    src.indent()
+    src.add("""
+        # native block-scaled FP4 MMA: E2M1 pairs along K, one E4M3 scale per 16 channels
+        acc = tl.dot_scaled(a, a_scale.to(tl.float8e4nv, bitcast=True), "e2m1",
+                            tl.trans(w), tl.trans(w_scale).to(tl.float8e4nv, bitcast=True), "e2m1", acc)""")
+    src.dedent()
+    _emit_nvfp4_k_advance(src)
+
+
+def _emit_epilogue(src: _Source, spec: GemmSpec, target: Target, dtype: str) -> None:
+    operand = 0
+    for step in spec.epilogue:
+        if step.kind in ("gelu_tanh", "gelu_erf", "silu"):
+            src.add(f"acc = {step.kind}(acc)")
+        elif step.kind in ("mul_scalar", "add_scalar"):
+            src.add(f"acc = acc {'*' if step.kind == 'mul_scalar' else '+'} {step.value!r}")
+        else:
+            src.add(f"""
+                # epilogue operand {operand}: row m sits at (m // inner)·stride_outer + (m % inner)·stride_inner
+                op{operand} = tl.load(op{operand}_ptr + (rows64 // op{operand}_inner)[:, None] * op{operand}_stride_outer
+                              + (rows64 % op{operand}_inner)[:, None] * op{operand}_stride_inner
+                              + cols_in[None, :] * op{operand}_stride_n).to(tl.float32)
+                acc = acc {'*' if step.kind == 'mul' else '+'} op{operand}""")
+            operand += 1
+    src.add(f"""
+        y = {_rounded("acc", dtype)}
+        store_ok = (rows < M)[:, None] & (cols < N)[None, :]""")
+    if spec.emits_output:
+        src.add(f"tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], y.to({_TL_DTYPE[dtype]}), "
+                "mask=store_ok)")
+    qn = spec.quantize_next
+    if qn is None:
+        return
+    quant, g = qn.quant, qn.quant.group_size
+    src.add(f"""
+        # quantize y for the next layer (K' = N): BLOCK_N holds whole groups of {g}; columns past N are zero
+        col_ok = cols < N""")
+    if quant.smooth:
+        src.add("next_smooth = tl.load(next_smooth_ptr + cols_in).to(tl.float32)[None, :]")
+    _emit_quant_input(src, quant, "y", "next_smooth", dtype, "value")
+    src.add("value = tl.where(col_ok[None, :], value, 0.0)")
+    _emit_group_quantize(src, quant, "value", "BLOCK_M", f"(BLOCK_N // {g})", dtype)
+    src.add(f"""
+        next_groups = tl.cdiv(N, {g})
+        byte_cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(next_codes_ptr + rows.to(tl.int64)[:, None] * (next_groups * {g // 2}) + byte_cols[None, :], packed,
+                 mask=(rows < M)[:, None] & (byte_cols < next_groups * {g // 2})[None, :])
+        group_cols = pid_n * (BLOCK_N // {g}) + tl.arange(0, BLOCK_N // {g})
+        tl.store(next_scales_ptr + rows.to(tl.int64)[:, None] * next_groups + group_cols[None, :], scale,
+                 mask=(rows < M)[:, None] & (group_cols < next_groups)[None, :])""")
+    if qn.rank:
+        pad = _rank_pad(qn.rank)
+        smoothed = _branch_input("y", "next_smooth", dtype) if quant.smooth else "y"
+        src.add(f"""
+            # the next layer's down projection (y/λ′)·L2′ᵀ: this tile's share, summed over the N tiles by atomics
+            next_ranks = tl.arange(0, {pad})
+            next_lora_down = tl.load(next_lora_down_ptr + next_ranks[None, :] * N + cols_in[:, None],
+                                     mask=col_ok[:, None] & (next_ranks < {qn.rank})[None, :], other=0.0)
+            next_down = {_float_dot(smoothed, "next_lora_down", None, spec.dtype, target)}
+            tl.atomic_add(next_down_ptr + rows.to(tl.int64)[:, None] * {qn.rank} + next_ranks[None, :], next_down,
+                          mask=(rows < M)[:, None] & (next_ranks < {qn.rank})[None, :])""")

@@ -1,0 +1,142 @@
+"""Triton device functions the generated kernels call: rounding, code packing, scale encoding, activations.
+
+Everything here is written with plain arithmetic and bit casts (no libdevice, no fp8 register types), so the
+same functions run compiled on Ampere, Ada and Hopper and under TRITON_INTERPRET=1 on the CPU, and produce the
+same bits as the reference quantizers in `svdq_compiler.quant`.
+
+This file is the single source of these functions, but generated kernels do not import it: `triton.jit` fixes
+compiled-or-interpreted when it decorates, and one process can hold both kinds of kernel. The generator copies
+the text of the functions a kernel calls (`generate.device_source`) into each kernel module, so every module is
+self-contained and readable on its own.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# 1.5·2^23: adding it to an fp32 |x| < 2^22 leaves round-half-to-even(x) in the low mantissa bits.
+_RNE_MAGIC = tl.constexpr(12582912.0)
+# The same number as an int32 bit pattern (small_int_to_float).
+_RNE_MAGIC_BITS = tl.constexpr(0x4B400000)
+
+
+@triton.jit
+def round_half_even(x):
+    """Round fp32 values (|x| < 2^22) to the nearest integer, ties to even: two adds, full rate everywhere."""
+    return (x + _RNE_MAGIC) - _RNE_MAGIC
+
+
+@triton.jit
+def small_int_to_float(i):
+    """int32 (|i| < 2^22) → fp32 with an integer add and a float subtract.
+
+    The conversion instruction (I2F) runs at a quarter of the FMA rate; one per accumulator element per K group
+    would otherwise cost more than the int8 dot it converts.
+    """
+    return (i + _RNE_MAGIC_BITS).to(tl.float32, bitcast=True) - _RNE_MAGIC
+
+
+@triton.jit
+def round_to_bf16(x):
+    """fp32 → the nearest bfloat16 value (ties to even), returned as fp32: add half an ulp of the kept bits
+    (minus one when the kept bits are even), then clear the 16 dropped bits."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = bits + (0x7FFF + ((bits >> 16) & 1))
+    return (bits & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def pow2(exponent):
+    """2^exponent as fp32 for int32 exponents in the normal range [−126, 127]."""
+    return ((exponent + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def float_exponent(x):
+    """floor(log2(x)) for positive normal fp32 x (−127 for zero)."""
+    return ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+
+
+@triton.jit
+def round_to_e4m3(s):
+    """Round non-negative fp32 values to the FP8-E4M3 grid (max 448), exact ties to the larger neighbour."""
+    s = tl.minimum(s, 448.0)
+    # Spacing of the grid around s: 2^(e−3) in the binade [2^e, 2^(e+1)), 2^−9 among the subnormals.
+    ulp = pow2(tl.maximum(float_exponent(s), -6) - 3)
+    return tl.minimum(tl.floor(s / ulp + 0.5) * ulp, 448.0)
+
+
+@triton.jit
+def e4m3_bits(s):
+    """The FP8-E4M3 bit pattern (uint8) of non-negative fp32 values that lie on the E4M3 grid."""
+    exponent = tl.maximum(float_exponent(s), -6)
+    normal = s >= 0.015625  # 2^−6, the smallest normal E4M3 value
+    mantissa = tl.where(normal, s / pow2(exponent) * 8.0 - 8.0, s * 512.0)
+    biased = tl.where(normal, exponent + 7, 0)
+    return ((biased << 3) | mantissa.to(tl.int32)).to(tl.uint8)
+
+
+@triton.jit
+def e4m3_value(bits):
+    """fp32 value of FP8-E4M3 bit patterns (uint8)."""
+    b = bits.to(tl.int32)
+    exponent = (b >> 3) & 15
+    mantissa = (b & 7).to(tl.float32)
+    magnitude = tl.where(exponent == 0, mantissa * 0.001953125, (mantissa + 8.0) * pow2(exponent - 10))
+    return tl.where((b & 0x80) != 0, -magnitude, magnitude)
+
+
+@triton.jit
+def e2m1_code(v):
+    """E2M1 code (int32, bit 3 = sign) of fp32 values clamped to [−6, 6], exact ties to the larger neighbour.
+
+    The magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6} have midpoints {.25, .75, 1.25, 1.75, 2.5, 3.5, 5}. "Larger" is
+    towards +∞, so a positive tie rounds away from zero and a negative tie towards zero.
+    """
+    a = tl.abs(v)
+    pos = v >= 0
+    index = ((tl.where(pos, a >= 0.25, a > 0.25)).to(tl.int32) + (tl.where(pos, a >= 0.75, a > 0.75)).to(tl.int32)
+             + (tl.where(pos, a >= 1.25, a > 1.25)).to(tl.int32) + (tl.where(pos, a >= 1.75, a > 1.75)).to(tl.int32)
+             + (tl.where(pos, a >= 2.5, a > 2.5)).to(tl.int32) + (tl.where(pos, a >= 3.5, a > 3.5)).to(tl.int32)
+             + (tl.where(pos, a >= 5.0, a > 5.0)).to(tl.int32))
+    return tl.where((v < 0) & (index > 0), index | 8, index)
+
+
+@triton.jit
+def e2m1_to_f16(codes):
+    """fp16 value of E2M1 codes (uint8, low nibble): the 3 magnitude bits land in fp16's exponent/mantissa
+    boundary, so the fp16 (sub)normal encodes value·2^−14; one multiply by 2^14 restores it exactly."""
+    c = codes.to(tl.int16)
+    bits = ((c & 7) << 9) | ((c & 8) << 12)
+    return bits.to(tl.float16, bitcast=True) * 16384.0
+
+
+@triton.jit
+def unpack_int4(packed):
+    """Signed nibbles of uint8 bytes → (low, high) int8 tiles in [−8, 7] (shift left, arithmetic shift right)."""
+    b = packed.to(tl.int8, bitcast=True)
+    return (b << 4) >> 4, b >> 4
+
+
+@triton.jit
+def unpack_uint4(packed):
+    """Unsigned nibbles of uint8 bytes → (low, high) int8 tiles in [0, 15]."""
+    return (packed & 15).to(tl.int8), (packed >> 4).to(tl.int8)
+
+
+@triton.jit
+def gelu_tanh(x):
+    # 0.5·(1 + tanh(u)) = sigmoid(2u), u = √(2/π)·(x + 0.044715·x³)
+    return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+
+
+@triton.jit
+def gelu_erf(x):
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def silu(x):
+    return x * tl.sigmoid(x)
+

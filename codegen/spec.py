@@ -1,0 +1,265 @@
+"""Fused-kernel specs: what one generated kernel computes, as a frozen value with a stable text form and hash.
+
+A spec travels inside the graph as the string argument of `svdq.fused_quantize_lora_down` / `svdq.fused_gemm`,
+so a saved graph regenerates exactly the same kernels on load. `spec.to_string()` is canonical JSON (sorted keys,
+no whitespace); `parse_spec(text)` inverts it and validates; `spec.hash` is derived from the text plus the
+generator version, so a change to the generator invalidates the on-disk kernel cache.
+
+Two kernel kinds:
+- `QuantizeSpec` (kernel A): x/λ (+shift), dynamic activation quantization, and the low-rank down projection
+  (x/λ)·L2ᵀ, in one read of x.
+- `GemmSpec` (kernel B): the 4-bit (or W8A8) GEMM with per-group scales, the low-rank up projection and bias,
+  then the epilogue chain taken from the FX pointwise nodes that followed the linear, optionally ending in the
+  quantization of the result for the next layer (`QuantizeNext`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Union
+
+from svdq_compiler.errors import SvdqError
+
+# Bumped whenever generate.py changes the text it produces for an unchanged spec.
+GENERATOR_VERSION = 1
+
+# Activation formats a kernel produces or consumes. "uint4" is the shifted post-GELU input: codes in [0, 15].
+ACT_FORMATS = ("int4", "uint4", "nvfp4", "int8")
+# Weight formats of the GEMM (the weights of an "int4"/"uint4" activation are int4).
+GEMM_WEIGHT_FORMATS = ("int4", "nvfp4", "int8")
+DTYPES = ("bfloat16", "float16", "float32")
+UNARY_EPILOGUES = ("gelu_tanh", "gelu_erf", "silu")
+TENSOR_EPILOGUES = ("mul", "add")  # y ∘ t with t broadcastable to y (gate multiply, residual add)
+SCALAR_EPILOGUES = ("mul_scalar", "add_scalar")
+EPILOGUE_KINDS = UNARY_EPILOGUES + TENSOR_EPILOGUES + SCALAR_EPILOGUES
+
+
+class SpecError(SvdqError):
+    """A fused-kernel spec string is malformed or asks for something the generator cannot build."""
+
+
+def weight_format_of(act_format: str) -> str:
+    """The weight format that pairs with an activation format in the GEMM."""
+    return "int4" if act_format in ("int4", "uint4") else act_format
+
+
+def _power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """Dynamic activation quantization: Q((x + shift)/λ) per token and group of `group_size` channels.
+
+    int4: signed, scale = absmax/7, codes in [−7, 7]; uint4: scale = absmax/15, codes in [0, 15];
+    nvfp4: E2M1 codes with one FP8-E4M3 scale per 16 channels; int8: one fp32 scale per token (group 0).
+    """
+
+    fmt: str
+    group_size: int
+    shift: float = 0.0
+    smooth: bool = True  # divide by λ (a [K] vector) before quantizing
+
+    def validate(self, where: str) -> None:
+        if self.fmt not in ACT_FORMATS:
+            raise SpecError(f"unknown activation format {self.fmt!r}", where=where,
+                            fix=f"use one of {', '.join(ACT_FORMATS)}")
+        expected = {"nvfp4": (16,), "int8": (0,)}.get(self.fmt)
+        if expected is not None and self.group_size not in expected:
+            raise SpecError(f"{self.fmt} needs group_size {expected[0]}, got {self.group_size}", where=where)
+        if self.fmt in ("int4", "uint4") and not (_power_of_two(self.group_size) and self.group_size >= 32):
+            raise SpecError(f"{self.fmt} kernels need a power-of-two group size of at least 32, got "
+                            f"{self.group_size}", where=where,
+                            fix="use group_size 64 (the default) or keep the layer on the reference ops")
+        if self.shift and self.fmt != "uint4":
+            raise SpecError(f"a shift of {self.shift} is only meaningful for uint4 activations", where=where)
+
+    @property
+    def packed(self) -> bool:
+        """Two 4-bit codes per byte (int8 codes are one per byte)."""
+        return self.fmt != "int8"
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """One pointwise step applied to the GEMM's output tile: `kind` from EPILOGUE_KINDS.
+
+    Tensor steps read the next entry of the op's `operands` list; scalar steps use `value`.
+    """
+
+    kind: str
+    value: float | None = None
+
+    def validate(self, where: str) -> None:
+        if self.kind not in EPILOGUE_KINDS:
+            raise SpecError(f"unknown epilogue {self.kind!r}", where=where,
+                            fix=f"use one of {', '.join(EPILOGUE_KINDS)}")
+        if (self.kind in SCALAR_EPILOGUES) != (self.value is not None):
+            raise SpecError(f"epilogue {self.kind!r} {'needs' if self.kind in SCALAR_EPILOGUES else 'takes no'} "
+                            f"a scalar value", where=where)
+
+    @property
+    def takes_operand(self) -> bool:
+        return self.kind in TENSOR_EPILOGUES
+
+
+@dataclass(frozen=True)
+class QuantizeNext:
+    """The epilogue's last step: quantize the result for the next layer (its kernel A becomes unnecessary).
+
+    The next layer's low-rank down projection (y/λ')·L2'ᵀ is accumulated here too when `rank` > 0 (fp32 atomics
+    across the N tiles). `emit_output` also stores the 16-bit result, for consumers other than the next layer.
+    """
+
+    quant: ActQuant
+    rank: int = 0
+    emit_output: bool = False
+
+
+class _SpecText:
+    """The canonical text and hash every kernel spec has."""
+
+    def to_string(self) -> str:
+        return _canonical(self)
+
+    @property
+    def hash(self) -> str:
+        return _hash(self)
+
+
+@dataclass(frozen=True)
+class QuantizeSpec(_SpecText):
+    """Kernel A: x [M, K] → codes, scales (+ (x/λ)·L2ᵀ [M, rank] when rank > 0)."""
+
+    quant: ActQuant
+    rank: int
+    dtype: str  # of x, λ, L2 and the down projection
+    k: int | None = None  # None: K is a runtime argument
+
+    kind = "quantize_lora_down"
+
+    def validate(self) -> None:
+        where = "quantize_lora_down spec"
+        self.quant.validate(where)
+        _check_common(self.dtype, self.rank, self.k, where)
+
+    @property
+    def name(self) -> str:
+        return f"svdq_quantize_{self.quant.fmt}_r{self.rank}_{self.hash[:10]}"
+
+
+@dataclass(frozen=True)
+class GemmSpec(_SpecText):
+    """Kernel B: Σ_g (a_g·w_gᵀ)·s_a·s_w (·tscale) + down·L1ᵀ + bias, then `epilogue`, then `quantize_next`."""
+
+    act: str  # activation format of the codes it reads (int4, uint4, nvfp4, int8)
+    group_size: int
+    rank: int
+    bias: bool
+    dtype: str  # output dtype (the model dtype: scales, L1, bias, epilogue operands)
+    k: int | None = None  # original (unpadded) K; None: runtime
+    n: int | None = None
+    epilogue: tuple[Epilogue, ...] = ()
+    quantize_next: QuantizeNext | None = None
+
+    kind = "gemm"
+
+    @property
+    def weight(self) -> str:
+        return weight_format_of(self.act)
+
+    @property
+    def operand_count(self) -> int:
+        return sum(1 for step in self.epilogue if step.takes_operand)
+
+    @property
+    def emits_output(self) -> bool:
+        return self.quantize_next is None or self.quantize_next.emit_output
+
+    def validate(self) -> None:
+        where = "fused_gemm spec"
+        ActQuant(self.act, self.group_size, shift=0.0).validate(where)
+        _check_common(self.dtype, self.rank, self.k, where)
+        if self.n is not None and self.n <= 0:
+            raise SpecError(f"n must be positive, got {self.n}", where=where)
+        for step in self.epilogue:
+            step.validate(where)
+        if self.quantize_next is not None:
+            self.quantize_next.quant.validate(where + " (quantize_next)")
+            if self.quantize_next.rank < 0:
+                raise SpecError("quantize_next.rank must be >= 0", where=where)
+            if self.quantize_next.quant.fmt == "int8":
+                raise SpecError("per-token int8 quantization needs the whole row and cannot be an epilogue",
+                                where=where, fix="leave the next layer's quantize_act unfused")
+
+    @property
+    def name(self) -> str:
+        return f"svdq_gemm_{self.act}_r{self.rank}_{self.hash[:10]}"
+
+
+KernelSpec = Union[QuantizeSpec, GemmSpec]
+
+
+def _check_common(dtype: str, rank: int, k: int | None, where: str) -> None:
+    if dtype not in DTYPES:
+        raise SpecError(f"unknown dtype {dtype!r}", where=where, fix=f"use one of {', '.join(DTYPES)}")
+    if rank < 0:
+        raise SpecError(f"rank must be >= 0, got {rank}", where=where)
+    if k is not None and k <= 0:
+        raise SpecError(f"k must be positive, got {k}", where=where)
+
+
+def _as_dict(spec: KernelSpec) -> dict[str, Any]:
+    return {"kind": spec.kind, **dataclasses.asdict(spec)}
+
+
+def _canonical(spec: KernelSpec) -> str:
+    return json.dumps(_as_dict(spec), sort_keys=True, separators=(",", ":"))
+
+
+def _hash(spec: KernelSpec) -> str:
+    text = f"v{GENERATOR_VERSION}:{_canonical(spec)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise SpecError(f"unknown field(s) {unknown} in {cls.__name__}", where=where)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise SpecError(f"incomplete {cls.__name__}: {exc}", where=where) from exc
+
+
+def parse_spec(text: str) -> KernelSpec:
+    """The spec a `to_string()` text describes, validated."""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"spec is not valid JSON: {exc.msg}", where=f"spec text {text[:80]!r}") from exc
+    if not isinstance(values, dict):
+        raise SpecError("spec must be a JSON object", where=f"spec text {text[:80]!r}")
+    values = dict(values)
+    kind = values.pop("kind", None)
+    where = f"spec text {text[:80]!r}"
+    if kind == QuantizeSpec.kind:
+        values["quant"] = _build(ActQuant, values.get("quant") or {}, where)
+        spec: KernelSpec = _build(QuantizeSpec, values, where)
+    elif kind == GemmSpec.kind:
+        values["epilogue"] = tuple(_build(Epilogue, step, where) for step in values.get("epilogue", ()))
+        quantize_next = values.get("quantize_next")
+        if quantize_next is not None:
+            quantize_next = dict(quantize_next)
+            quantize_next["quant"] = _build(ActQuant, quantize_next.get("quant") or {}, where)
+            values["quantize_next"] = _build(QuantizeNext, quantize_next, where)
+        spec = _build(GemmSpec, values, where)
+    else:
+        raise SpecError(f"unknown spec kind {kind!r}", where=where,
+                        fix=f"expected {QuantizeSpec.kind!r} or {GemmSpec.kind!r}")
+    spec.validate()
+    return spec

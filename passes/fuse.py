@@ -1,0 +1,477 @@
+"""fuse: replace the lowered SVDQuant op chains with the two generated kernels per linear.
+
+Requires: lower (the lowered form of architecture §7). Per smoothing group reading x:
+    codes, scales = svdq.quantize_act(x, λ, shift, fmt, G)
+    down          = aten.linear(aten.div(x, λ), L2)            (or aten.linear(x, L2) without smoothing)
+    per linear:  acc = svdq.gemm(codes, scales, Wq, Ws, tscale, fmt, G, K, dtype)
+                 y   = aten.add(acc, aten.linear(down, L1, bias))   (or aten.add(acc, bias), or acc alone)
+
+Ensures:
+- each gemm chain becomes one `svdq.fused_gemm` (kernel B): the gemm, the low-rank up projection and bias, and
+  the pointwise nodes that follow with a single reader (GELU tanh/erf, SiLU, multiply by a gate, add a residual,
+  scalar multiply/add) as its epilogue. When the result then feeds another group's `quantize_act` (and its
+  down projection), that quantization moves into the epilogue too ("quantize for the next layer"): the 16-bit
+  result is only stored if something else reads it, and that group needs no kernel A.
+- each remaining quantize_act, with the group's down projections, becomes one `svdq.fused_quantize_lora_down`
+  (kernel A). Groups whose linears have different L2 (FLUX single blocks: q/k/v and the MLP share λ) get one
+  kernel A over the concatenated L2, so x is still read once.
+- every fused node carries its spec string (so a loaded graph regenerates its kernels) and `meta["val"]`; a
+  fused_gemm keeps its linear's `LinearInfo` (the per-layer report reads it), a kernel A gets a `QuantOpInfo`;
+  the graph computes what the lowered graph computed (the reference path of the fused ops is op
+  for op the lowered chain; the kernels match it within rounding).
+- statistics: linears fused, kernel A count, quantizations absorbed, epilogues absorbed by kind, W4A16 layers
+  kept as `svdq.weight_only_linear`, and every fallback (a chain left unfused) with its reason.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from svdq_compiler.codegen.spec import (ActQuant, Epilogue, GemmSpec, QuantizeNext, QuantizeSpec, SpecError,
+                                        weight_format_of)
+from svdq_compiler.ir import (LinearInfo, QuantOpInfo, annotated_linears, get_attr_value, info, infer_val,
+                              set_attr_value, set_info)
+from svdq_compiler.pipeline import PassContext, PassResult, register_pass
+
+aten = torch.ops.aten
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# Readers that only assert metadata: they do not count as consumers of a value.
+_ASSERT_OPS = tuple(getattr(aten, name) for name in ("_assert_tensor_metadata", "_assert_scalar")
+                    if hasattr(aten, name))
+
+
+def _is(node: Any, target) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
+
+
+def _packet(node: torch.fx.Node):
+    return getattr(node.target, "overloadpacket", None)
+
+
+def _readers(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [u for u in node.users if not (u.op == "call_function" and _packet(u) in _ASSERT_OPS)]
+
+
+def _call_args(node: torch.fx.Node) -> dict[str, Any]:
+    """The node's arguments by schema name, defaults filled in."""
+    schema = node.target._schema
+    values = {}
+    for index, argument in enumerate(schema.arguments):
+        if index < len(node.args):
+            values[argument.name] = node.args[index]
+        elif argument.name in node.kwargs:
+            values[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            values[argument.name] = argument.default_value
+    return values
+
+
+def _val(node: Any) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _static_int(size: Any) -> int | None:
+    return size if isinstance(size, int) else None
+
+
+def _linears_of(node: torch.fx.Node) -> list[str]:
+    meta = info(node)
+    if isinstance(meta, LinearInfo):
+        return [meta.name]
+    return list(meta.linears) if isinstance(meta, QuantOpInfo) and meta.linears else [node.name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Matching
+
+
+@dataclass
+class _Down:
+    """A low-rank down projection of a group: linear(div(x, λ), L2) or linear(x, L2)."""
+
+    node: torch.fx.Node  # the linear
+    div: torch.fx.Node | None
+    weight: str  # L2 attribute
+
+
+@dataclass
+class _Chain:
+    gemm: torch.fx.Node
+    args: dict[str, Any]
+    down: torch.fx.Node | None = None  # the down projection's value the up projection reads
+    lora_up: str | None = None
+    bias: str | None = None
+    nodes: list[torch.fx.Node] = field(default_factory=list)  # gemm … end, in order
+    epilogue: list[Epilogue] = field(default_factory=list)
+    operands: list[torch.fx.Node] = field(default_factory=list)
+
+    @property
+    def end(self) -> torch.fx.Node:
+        return self.nodes[-1]
+
+
+def _attr(node: Any) -> str | None:
+    return node.target if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+
+
+def _broadcasts_into(operand: torch.fx.Node, value: torch.fx.Node) -> bool:
+    """operand broadcasts to value's shape without enlarging it, with the same dtype (sizes compared as
+    written, so symbolic token counts need no guards)."""
+    o, v = _val(operand), _val(value)
+    if o is None or v is None or o.dtype != v.dtype or o.dim() > v.dim():
+        return False
+    for o_size, v_size in zip(reversed(o.shape), reversed(v.shape)):
+        if not (isinstance(o_size, int) and o_size == 1) and str(o_size) != str(v_size):
+            return False
+    return True
+
+
+def _match_branch(chain: _Chain) -> None:
+    """acc + linear(down, L1, bias) or acc + bias, absorbed into the chain."""
+    acc = chain.gemm
+    readers = _readers(acc)
+    if len(readers) != 1 or not _is(readers[0], aten.add.Tensor) or readers[0].kwargs.get("alpha", 1) != 1:
+        return
+    add = readers[0]
+    other = add.args[1] if add.args[0] is acc else add.args[0]
+    if _is(other, aten.linear.default) and len(_readers(other)) == 1:
+        down, weight = other.args[0], _attr(other.args[1])
+        bias = _attr(other.args[2]) if len(other.args) > 2 else None
+        if weight is None or (len(other.args) > 2 and other.args[2] is not None and bias is None):
+            return
+        chain.down, chain.lora_up, chain.bias = down, weight, bias
+        chain.nodes += [other, add]
+    elif _attr(other) is not None and _val(other) is not None and _val(other).dim() == 1:
+        chain.bias = _attr(other)
+        chain.nodes.append(add)
+
+
+def _match_pointwise(chain: _Chain, dtype: torch.dtype) -> None:
+    """Follow single-reader pointwise successors whose other operand is a scalar or broadcasts into the value."""
+    while True:
+        value = chain.end
+        readers = _readers(value)
+        if len(readers) != 1:
+            return
+        node = readers[0]
+        out = _val(node)
+        if out is None or out.dtype != dtype or _val(value) is None or out.shape != _val(value).shape:
+            return
+        if _is(node, aten.gelu.default) and node.args[0] is value:
+            approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+            chain.epilogue.append(Epilogue("gelu_tanh" if approximate == "tanh" else "gelu_erf"))
+        elif _is(node, aten.silu.default) and node.args[0] is value:
+            chain.epilogue.append(Epilogue("silu"))
+        elif (_is(node, aten.mul.Tensor) or _is(node, aten.add.Tensor)) and node.kwargs.get("alpha", 1) == 1 \
+                and value in node.args[:2] and node.args[0] is not node.args[1]:
+            other = node.args[1] if node.args[0] is value else node.args[0]
+            kind = "mul" if _is(node, aten.mul.Tensor) else "add"
+            if isinstance(other, (int, float)) and not isinstance(other, bool):
+                chain.epilogue.append(Epilogue(f"{kind}_scalar", float(other)))
+            elif isinstance(other, torch.fx.Node) and _broadcasts_into(other, value):
+                chain.epilogue.append(Epilogue(kind))
+                chain.operands.append(other)
+            else:
+                return
+        elif (_is(node, aten.mul.Scalar) or _is(node, aten.add.Scalar)) and node.args[0] is value \
+                and node.kwargs.get("alpha", 1) == 1:
+            kind = "mul" if _is(node, aten.mul.Scalar) else "add"
+            chain.epilogue.append(Epilogue(f"{kind}_scalar", float(node.args[1])))
+        else:
+            return
+        chain.nodes.append(node)
+
+
+def _downs_of(x: torch.fx.Node, smooth: torch.fx.Node | None) -> list[_Down]:
+    """The down projections reading x (through div(x, λ) with the same λ attribute, when smoothed)."""
+    smooth_attr = _attr(smooth)
+    downs = []
+    sources = [x] if smooth is None else [
+        u for u in _readers(x) if _is(u, aten.div.Tensor) and u.args[0] is x and _attr(u.args[1]) == smooth_attr]
+    for source in sources:
+        for user in _readers(source):
+            if _is(user, aten.linear.default) and user.args[0] is source and _attr(user.args[1]) is not None \
+                    and (len(user.args) < 3 or user.args[2] is None):
+                downs.append(_Down(user, source if smooth is not None else None, _attr(user.args[1])))
+    return downs
+
+
+@dataclass
+class _Group:
+    """One quantize_act with its getitem outputs and the down projections of the same input."""
+
+    node: torch.fx.Node
+    args: dict[str, Any]
+    codes: torch.fx.Node | None
+    scales: torch.fx.Node | None
+    downs: list[_Down]
+
+    @property
+    def x(self) -> torch.fx.Node:
+        return self.args["x"]
+
+
+def _group(node: torch.fx.Node) -> _Group | None:
+    args = _call_args(node)
+    outputs: dict[int, torch.fx.Node] = {}
+    for user in _readers(node):
+        if user.target is not operator.getitem:
+            return None
+        outputs[user.args[1]] = user
+    return _Group(node, args, outputs.get(0), outputs.get(1), _downs_of(args["x"], args.get("smooth")))
+
+
+def _act_quant(group: _Group) -> ActQuant:
+    fmt = group.args["fmt"]
+    shift = float(group.args.get("shift") or 0.0)
+    return ActQuant(fmt, int(group.args["group_size"]), shift, smooth=group.args.get("smooth") is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rewriting
+
+
+class _Rewriter:
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self.graph = gm.graph
+        self.stats: dict[str, Any] = {"linears_fused": 0, "kernel_a": 0, "quantize_absorbed": 0,
+                                      "lora_down_concatenated": 0, "fallen_back": 0}
+        self.epilogues: Counter = Counter()
+        self.fallbacks: list[dict[str, str]] = []
+        self.concatenated: dict[str, str] = {}  # original L2 attribute → the concatenated buffer holding it
+
+    def fallback(self, linears: list[str], reason: str) -> None:
+        for name in linears:
+            self.fallbacks.append({"linear": name, "reason": reason})
+
+    def get_attr(self, target: str) -> torch.fx.Node:
+        node = self.graph.get_attr(target)
+        infer_val(self.gm, node)
+        return node
+
+    def call(self, target, args: tuple, meta: QuantOpInfo | None = None) -> torch.fx.Node:
+        node = self.graph.call_function(target, args)
+        infer_val(self.gm, node)
+        if meta is not None:
+            set_info(node, meta)
+        return node
+
+    def outputs(self, node: torch.fx.Node, count: int) -> list[torch.fx.Node]:
+        return [self.call(operator.getitem, (node, index)) for index in range(count)]
+
+    def lora_down_weight(self, downs: list[_Down]) -> tuple[str, list[int]]:
+        """The L2 attribute for the distinct downs (concatenated when more than one) and each one's rank."""
+        weights = list(dict.fromkeys(d.weight for d in downs))
+        ranks = [get_attr_value(self.gm, w).shape[0] for w in weights]
+        if len(weights) == 1:
+            return weights[0], ranks
+        target = weights[0] + "_fused_cat"
+        set_attr_value(self.gm, target, torch.cat([get_attr_value(self.gm, w) for w in weights], dim=0),
+                       as_buffer=True)
+        self.concatenated.update((w, target) for w in weights)
+        self.stats["lora_down_concatenated"] += 1
+        return target, ranks
+
+    def replace_downs(self, downs: list[_Down], down_value: torch.fx.Node, ranks: list[int]) -> None:
+        """Route each down projection's readers to its slice of the (possibly concatenated) output."""
+        weights = list(dict.fromkeys(d.weight for d in downs))
+        offsets = dict(zip(weights, [sum(ranks[:i]) for i in range(len(ranks))]))
+        sizes = dict(zip(weights, ranks))
+        for down in downs:
+            value = down_value
+            if len(weights) > 1:
+                start = offsets[down.weight]
+                with self.graph.inserting_after(down_value):
+                    value = self.call(aten.slice.Tensor, (down_value, -1, start, start + sizes[down.weight]))
+            down.node.replace_all_uses_with(value)
+
+
+def _kernel_b(rw: _Rewriter, chain: _Chain, quantize_next: tuple[_Group, QuantizeNext] | None) -> None:
+    gm, graph = rw.gm, rw.graph
+    args = chain.args
+    fmt, group_size, k = args["fmt"], int(args["group_size"]), int(args["k"])
+    dtype = args["out_dtype"]
+    w_codes = args["w_codes"]
+    n = _static_int(_val(w_codes).shape[0]) if _val(w_codes) is not None else None
+    rank = get_attr_value(gm, chain.lora_up).shape[1] if chain.lora_up else 0
+    qn = quantize_next[1] if quantize_next else None
+    spec = GemmSpec(act=fmt, group_size=group_size, rank=rank, bias=chain.bias is not None,
+                    dtype=_DTYPE_NAMES[dtype], k=k, n=n, epilogue=tuple(chain.epilogue), quantize_next=qn)
+    spec.validate()
+    end = chain.end
+    linears = _linears_of(chain.gemm)
+    with graph.inserting_before(end):
+        attr = lambda target: rw.get_attr(target) if target else None  # noqa: E731
+        next_group = quantize_next[0] if quantize_next else None
+        next_smooth = next_lora_down = None
+        next_ranks: list[int] = []
+        if next_group is not None:
+            next_smooth = attr(_attr(next_group.args.get("smooth")))
+            if qn.rank:
+                weight, next_ranks = rw.lora_down_weight(next_group.downs)
+                next_lora_down = attr(weight)
+        fused = rw.call(torch.ops.svdq.fused_gemm.default, (
+            args["a_codes"], args["a_scales"], attr(_attr(w_codes)), attr(_attr(args["w_scales"])),
+            attr(_attr(args.get("w_tscale"))), chain.down, attr(chain.lora_up), attr(chain.bias),
+            list(chain.operands), next_smooth, next_lora_down, spec.to_string()),
+            # the fused node implements the gemm's linear: its LinearInfo (from lower) moves along
+            info(chain.gemm) if isinstance(info(chain.gemm), LinearInfo)
+            else QuantOpInfo("svdq.fused_gemm", linears, asdict(spec)))
+        count = (1 if spec.emits_output else 0) + (2 + (1 if qn.rank else 0) if qn else 0)
+        outputs = rw.outputs(fused, count)
+    position = 0
+    if spec.emits_output:
+        end.replace_all_uses_with(outputs[0])
+        position = 1
+    if next_group is not None:
+        for index, old in ((0, next_group.codes), (1, next_group.scales)):
+            if old is not None:
+                old.replace_all_uses_with(outputs[position + index])
+        if qn.rank:
+            rw.replace_downs(next_group.downs, outputs[position + 2], next_ranks)
+        rw.stats["quantize_absorbed"] += 1
+    rw.stats["linears_fused"] += len(linears)
+    rw.epilogues.update(step.kind for step in chain.epilogue)
+    if qn is not None:
+        rw.epilogues["quantize_next"] += 1
+
+
+def _kernel_a(rw: _Rewriter, group: _Group) -> None:
+    graph = rw.graph
+    quant = _act_quant(group)
+    x = group.x
+    x_val = _val(x)
+    dtype = _DTYPE_NAMES.get(x_val.dtype) if x_val is not None else None
+    if dtype is None:
+        raise SpecError(f"activations of dtype {None if x_val is None else x_val.dtype} have no kernel")
+    downs = group.downs
+    rank = 0
+    weight = None
+    ranks: list[int] = []
+    if downs:
+        weight, ranks = rw.lora_down_weight(downs)
+        rank = sum(ranks)
+    spec = QuantizeSpec(quant, rank, dtype, k=_static_int(x_val.shape[-1]))
+    spec.validate()
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    first = min([group.node] + [d.node for d in downs] + [d.div for d in downs if d.div is not None],
+                key=order.__getitem__)
+    with graph.inserting_before(first):
+        smooth = rw.get_attr(_attr(group.args["smooth"])) if quant.smooth else None
+        fused = rw.call(torch.ops.svdq.fused_quantize_lora_down.default,
+                        (x, smooth, rw.get_attr(weight) if weight else None, spec.to_string()),
+                        QuantOpInfo("svdq.fused_quantize_lora_down", _group_linears(group), asdict(spec)))
+        codes, scales, down = rw.outputs(fused, 3)
+    for old, new in ((group.codes, codes), (group.scales, scales)):
+        if old is not None:
+            old.replace_all_uses_with(new)
+    if downs:
+        rw.replace_downs(downs, down, ranks)
+    rw.stats["kernel_a"] += 1
+
+
+def _group_linears(group: _Group) -> list[str]:
+    """The linears that read this group's codes."""
+    users = list(group.codes.users) if group.codes is not None else []
+    return [name for user in users for name in _linears_of(user)] or [group.node.name]
+
+
+def _quantize_next_candidate(chain: _Chain, groups: dict[torch.fx.Node, _Group]) -> tuple[_Group, bool] | None:
+    """The group whose quantize_act reads the chain's result (with its downs), and whether other readers remain."""
+    end = chain.end
+    quantizers = [u for u in _readers(end) if u in groups and groups[u].x is end]
+    if len(quantizers) != 1:
+        return None
+    group = groups[quantizers[0]]
+    absorbed = {group.node} | {d.node for d in group.downs} | {d.div for d in group.downs if d.div is not None}
+    # a div may also feed linears that are not downs of this group: then it stays, and y must be stored
+    others = [u for u in _readers(end) if u not in absorbed]
+    for down in group.downs:
+        if down.div is not None and any(u not in absorbed for u in _readers(down.div)):
+            others.append(down.div)
+    return group, bool(others)
+
+
+def _drop_asserts(nodes) -> None:
+    """Metadata assertions on replaced nodes would keep the unfused computation alive."""
+    for node in nodes:
+        for user in list(node.users):
+            if user.op == "call_function" and _packet(user) in _ASSERT_OPS:
+                user.graph.erase_node(user)
+
+
+def _remove_dead(gm: torch.fx.GraphModule, replaced_weights: set[str]) -> None:
+    gm.graph.eliminate_dead_code()
+    used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    for target in replaced_weights - used:
+        owner_path, _, leaf = target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        delattr(owner, leaf)
+
+
+@register_pass("fuse", requires=("lower",),
+               ensures="lowered chains run as generated kernels A (quantize + down) and B (GEMM + up + epilogue)")
+def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Replace lowered SVDQuant chains with `svdq.fused_quantize_lora_down` and `svdq.fused_gemm`."""
+    quantize_op, gemm_op = torch.ops.svdq.quantize_act.default, torch.ops.svdq.gemm.default
+    groups = {node: g for node in gm.graph.nodes if _is(node, quantize_op) and (g := _group(node)) is not None}
+    rw = _Rewriter(gm)
+    weights_before = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    absorbed_groups: set[torch.fx.Node] = set()
+    for gemm in [node for node in gm.graph.nodes if _is(node, gemm_op)]:
+        args = _call_args(gemm)
+        chain = _Chain(gemm, args, nodes=[gemm])
+        linears = _linears_of(gemm)
+        dtype = args["out_dtype"]
+        if dtype not in _DTYPE_NAMES or _attr(args["w_codes"]) is None or _attr(args["w_scales"]) is None:
+            rw.fallback(linears, f"gemm operands are not plain weights, or out dtype {dtype} has no kernel")
+            continue
+        _match_branch(chain)
+        _match_pointwise(chain, dtype)
+        quantize_next = None
+        candidate = _quantize_next_candidate(chain, groups)
+        if candidate is not None and candidate[0].node not in absorbed_groups:
+            group, others = candidate
+            quant = _act_quant(group)
+            if quant.fmt != "int8":
+                ranks = [get_attr_value(gm, w).shape[0] for w in dict.fromkeys(d.weight for d in group.downs)]
+                quantize_next = (group, QuantizeNext(quant, rank=sum(ranks), emit_output=others))
+        try:
+            _kernel_b(rw, chain, quantize_next)
+        except SpecError as exc:
+            rw.fallback(linears, f"kernel B: {exc.what}")
+            continue
+        absorbed = list(chain.nodes)
+        if quantize_next is not None:
+            absorbed_groups.add(quantize_next[0].node)
+            absorbed += [quantize_next[0].node] + [d.node for d in quantize_next[0].downs]
+        _drop_asserts(absorbed)
+        gm.graph.eliminate_dead_code()
+    for node, group in groups.items():
+        if node in absorbed_groups:
+            continue
+        try:
+            _kernel_a(rw, _group(node) or group)
+        except SpecError as exc:
+            rw.fallback(_group_linears(group), f"kernel A: {exc.what}")
+    _remove_dead(gm, weights_before)
+    for _, linear in annotated_linears(gm):  # a linear's L2 now lives in the concatenated buffer
+        linear.lora_down = rw.concatenated.get(linear.lora_down, linear.lora_down)
+    # W4A16 layers are already one op (weight dequantized into a 16-bit GEMM); no generated kernel for them yet
+    rw.stats["weight_only_kept"] = sum(1 for node in gm.graph.nodes
+                                       if _is(node, torch.ops.svdq.weight_only_linear.default))
+    gm.graph.lint()
+    stats = dict(rw.stats)
+    stats["epilogues"] = dict(sorted(rw.epilogues.items()))
+    stats["fallen_back"] = len(rw.fallbacks)
+    stats["fallbacks"] = rw.fallbacks
+    modified = bool(stats["linears_fused"] or stats["kernel_a"])
+    return PassResult(gm, modified, stats)

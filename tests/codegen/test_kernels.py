@@ -1,0 +1,202 @@
+"""Every generated kernel against its reference op, under the Triton interpreter (TRITON_INTERPRET semantics
+on the CPU): codes and scales bit for bit, 16-bit outputs within rounding, for every format and epilogue, with
+ragged M (token counts that are not a multiple of the tile), ragged N and K that needs padding."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import svdq_compiler.ops  # noqa: F401  (the reference ops)
+from svdq_compiler import quant
+from svdq_compiler.codegen import launch
+from svdq_compiler.codegen.fused_ops import apply_epilogue, reference_gemm
+from svdq_compiler.codegen.layout import pack_weight
+from svdq_compiler.codegen.spec import ActQuant, Epilogue, GemmSpec, QuantizeNext, QuantizeSpec
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy sigmoid of -inf-ish
+ops = torch.ops.svdq
+GROUP = {"int4": 64, "uint4": 64, "nvfp4": 16, "int8": 0}
+SHIFT = {"uint4": 0.171875}
+
+
+def _x(shape, fmt, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float32) * 2
+    if fmt == "uint4":  # post-GELU inputs, as the shifted unsigned format expects
+        x = F.gelu(x, approximate="tanh")
+    x[..., 3] = 0.0  # an exactly-zero channel, and one all-zero row below: the scale-1 rule
+    if x.numel() >= 2 * shape[-1]:
+        x.view(-1, shape[-1])[1] = 0.0
+    return x.to(dtype)
+
+
+def _smooth(k, dtype, seed):
+    return (torch.rand(k, generator=torch.Generator().manual_seed(seed + 1)) + 0.5).to(dtype)
+
+
+def _weight(fmt, n, k, dtype, seed):
+    gen = torch.Generator().manual_seed(seed + 2)
+    weight = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
+    return pack_weight(quant.quantize_weight(weight, "int4" if fmt == "uint4" else fmt, GROUP[fmt]))
+
+
+def _close(actual, expected, rel=4e-3):
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    error = (actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)
+    assert error < rel, f"relative error {error:.2e}"
+    scale = expected.float().abs().max().clamp_min(1e-6)
+    assert (actual.float() - expected.float()).abs().max() <= 0.03 * scale
+
+
+# ---- kernel A ----------------------------------------------------------------------------------------------
+
+QUANTIZE_CASES = [
+    # fmt, lead dims, K, rank, smooth, dtype, K fixed in the spec
+    ("int4", (3, 11), 128, 32, True, torch.bfloat16, True),
+    ("int4", (33,), 100, 16, True, torch.float16, False),  # K padded to 128, fp16, rank < 16 padded lanes
+    ("uint4", (2, 17), 100, 32, True, torch.bfloat16, True),  # shift must not leak into the padding
+    ("uint4", (5,), 64, 0, True, torch.float16, False),
+    ("nvfp4", (3, 11), 80, 32, True, torch.bfloat16, True),
+    ("nvfp4", (33,), 40, 0, False, torch.float32, False),
+    ("int8", (3, 11), 100, 32, True, torch.bfloat16, True),
+    ("int8", (20,), 72, 8, False, torch.float16, False),
+]
+
+
+@pytest.mark.parametrize("fmt, lead, k, rank, smooth, dtype, fixed_k", QUANTIZE_CASES)
+def test_kernel_a_matches_quantize_act_and_the_down_projection(fmt, lead, k, rank, smooth, dtype, fixed_k):
+    seed = hash((fmt, k, rank)) % 1000
+    x = _x((*lead, k), fmt, dtype, seed)
+    lam = _smooth(k, dtype, seed) if smooth else None
+    lora_down = (torch.randn(rank, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5).to(dtype) \
+        if rank else None
+    shift = SHIFT.get(fmt, 0.0)
+    spec = QuantizeSpec(ActQuant(fmt, GROUP[fmt], shift, smooth=smooth), rank, str(dtype).split(".")[1],
+                        k=k if fixed_k else None)
+    codes, scales, down = launch.quantize_lora_down(x, lam, lora_down, spec)
+    ref_codes, ref_scales = ops.quantize_act(x, lam, shift, fmt, GROUP[fmt])
+    assert torch.equal(codes, ref_codes)
+    assert scales.dtype == ref_scales.dtype and torch.equal(scales, ref_scales)
+    assert down.shape == (*lead, rank)
+    if rank:
+        branch_input = x if lam is None else x / lam.to(dtype)
+        _close(down, F.linear(branch_input, lora_down), rel=2e-3)
+
+
+# ---- kernel B ----------------------------------------------------------------------------------------------
+
+
+def _gemm_case(fmt, lead, k, n, rank, bias, dtype, epilogue=(), seed=0):
+    x = _x((*lead, k), fmt, dtype, seed)
+    lam = _smooth(k, dtype, seed)
+    shift = SHIFT.get(fmt, 0.0)
+    codes, scales = ops.quantize_act(x, lam, shift, fmt, GROUP[fmt])
+    weight = _weight(fmt, n, k, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 3)
+    down = torch.randn((*lead, rank), generator=gen).to(dtype) if rank else None
+    lora_up = (torch.randn(n, rank, generator=gen) / 8).to(dtype) if rank else None
+    bias_t = torch.randn(n, generator=gen).to(dtype) if bias else None
+    operands = []
+    for step in epilogue:
+        if step.kind == "mul":  # a per-sample gate broadcast over the tokens
+            operands.append(torch.randn((lead[0], *([1] * (len(lead) - 1)), n), generator=gen).to(dtype))
+        elif step.kind == "add":  # a full residual
+            operands.append(torch.randn((*lead, n), generator=gen).to(dtype))
+    spec = GemmSpec(fmt, GROUP[fmt], rank, bias, str(dtype).split(".")[1], k=k, n=n, epilogue=tuple(epilogue))
+    args = (codes, scales, weight.qweight, weight.wscales, weight.wtscale, down, lora_up, bias_t, operands)
+    return spec, args
+
+
+GEMM_CASES = [
+    # fmt, lead, K, N, rank, bias, dtype
+    ("int4", (3, 11), 128, 64, 32, True, torch.bfloat16),
+    ("int4", (33,), 100, 40, 16, False, torch.float16),  # ragged M, N and padded K
+    ("uint4", (2, 17), 192, 48, 32, True, torch.bfloat16),
+    ("nvfp4", (3, 11), 80, 64, 32, True, torch.bfloat16),
+    ("nvfp4", (33,), 48, 24, 0, True, torch.float16),
+    ("int8", (3, 11), 100, 40, 32, True, torch.bfloat16),
+    ("int8", (33,), 64, 64, 0, False, torch.float32),
+]
+
+
+@pytest.mark.parametrize("fmt, lead, k, n, rank, bias, dtype", GEMM_CASES)
+def test_kernel_b_matches_the_lowered_gemm_branch_and_bias(fmt, lead, k, n, rank, bias, dtype):
+    spec, args = _gemm_case(fmt, lead, k, n, rank, bias, dtype, seed=k + n)
+    (y,) = launch.gemm(*args, None, None, spec)
+    (expected,) = reference_gemm(*args, None, None, spec)
+    _close(y, expected)
+
+
+EPILOGUES = [
+    (Epilogue("gelu_tanh"),),
+    (Epilogue("gelu_erf"),),
+    (Epilogue("silu"), Epilogue("mul")),
+    (Epilogue("mul"), Epilogue("add")),  # FLUX: residual + gate ⊙ attention output
+    (Epilogue("mul_scalar", 0.5), Epilogue("add_scalar", 1.0), Epilogue("gelu_tanh")),
+]
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: "-".join(s.kind for s in e))
+def test_every_epilogue_matches_the_aten_chain(epilogue):
+    spec, args = _gemm_case("int4", (2, 17), 128, 40, 32, True, torch.bfloat16, epilogue, seed=len(epilogue))
+    (y,) = launch.gemm(*args, None, None, spec)
+    (expected,) = reference_gemm(*args, None, None, spec)
+    _close(y, expected)
+
+
+def test_epilogue_operands_with_any_broadcast_and_strides():
+    spec, args = _gemm_case("int4", (2, 3, 5), 64, 32, 0, False, torch.bfloat16,
+                            (Epilogue("mul"), Epilogue("add"), Epilogue("mul")), seed=7)
+    gen = torch.Generator().manual_seed(11)
+    gate = torch.randn(2, 1, 1, 32, generator=gen).to(torch.bfloat16)  # broadcast over two row levels
+    residual = torch.randn(32, 5, 3, 2, generator=gen).to(torch.bfloat16).permute(3, 2, 1, 0)  # strided
+    per_token = torch.randn(3, 5, 1, generator=gen).to(torch.bfloat16)  # one value per token, three row levels
+    args = (*args[:-1], [gate, residual, per_token])
+    (y,) = launch.gemm(*args, None, None, spec)
+    (expected,) = reference_gemm(*args, None, None, spec)
+    _close(y, expected)
+
+
+@pytest.mark.parametrize("next_fmt", ["uint4", "int4", "nvfp4"])
+@pytest.mark.parametrize("emit", [False, True])
+def test_quantize_next_epilogue_codes_equal_quantize_act_of_the_output(next_fmt, emit):
+    n, next_rank = 100, 16  # the next layer's K = 100 pads to a whole group
+    spec, args = _gemm_case("int4", (33,), 64, n, 32, True, torch.bfloat16, (Epilogue("gelu_tanh"),), seed=5)
+    next_smooth = _smooth(n, torch.bfloat16, 9)
+    next_down = (torch.randn(next_rank, n, generator=torch.Generator().manual_seed(4)) / 10).to(torch.bfloat16)
+    shift = SHIFT.get(next_fmt, 0.0)
+    fused = GemmSpec(**{**spec.__dict__, "quantize_next": QuantizeNext(ActQuant(next_fmt, GROUP[next_fmt], shift),
+                                                                          rank=next_rank, emit_output=emit)})
+    outputs = launch.gemm(*args, next_smooth, next_down, fused)
+    (y,) = launch.gemm(*args, None, None, spec)  # the same kernel without the quantize epilogue
+    assert len(outputs) == 3 + emit
+    if emit:
+        assert torch.equal(outputs[0], y)
+    codes, scales, down = outputs[emit:]
+    ref_codes, ref_scales = ops.quantize_act(y, next_smooth, shift, next_fmt, GROUP[next_fmt])
+    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+    _close(down, F.linear(y / next_smooth, next_down), rel=2e-3)
+    # and the whole fused op stays close to the reference composition
+    expected = reference_gemm(*args, next_smooth, next_down, fused)
+    _close(outputs[-1], expected[-1], rel=2e-2)
+
+
+def test_zero_rows_produce_empty_outputs():
+    spec, args = _gemm_case("int4", (0,), 64, 32, 16, True, torch.bfloat16)
+    (y,) = launch.gemm(*args, None, None, spec)
+    assert y.shape == (0, 32)
+
+
+def test_mismatched_operands_are_clear_errors():
+    spec, args = _gemm_case("int4", (4,), 64, 32, 16, True, torch.bfloat16)
+    with pytest.raises(launch.KernelInputError, match=r"bias has shape \(31,\), expected \(32,\)"):
+        launch.gemm(*args[:7], args[7][:31], args[8], None, None, spec)
+    with pytest.raises(launch.KernelInputError, match="down is required by this spec"):
+        launch.gemm(*args[:5], None, *args[6:], None, None, spec)
+    with pytest.raises(launch.KernelInputError, match="the spec has no use for it"):
+        launch.gemm(*args, torch.ones(32, dtype=torch.bfloat16), None, spec)
+    quantize = QuantizeSpec(ActQuant("int4", 64), 0, "bfloat16", k=128)
+    with pytest.raises(launch.KernelInputError, match="generated for K = 128"):
+        launch.quantize_lora_down(torch.zeros(4, 64, dtype=torch.bfloat16), torch.ones(64), None, quantize)
+    with pytest.raises(launch.KernelInputError, match="dtype torch.float16, expected torch.bfloat16"):
+        launch.quantize_lora_down(torch.zeros(4, 128, dtype=torch.float16), torch.ones(128), None, quantize)
