@@ -22,6 +22,12 @@ from svdq_compiler.streaming import compile_streaming, unit_of
 DTYPE = "bfloat16"
 
 
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch):
+    """Fused ops run their reference path here (the kernels have their own tests under the interpreter)."""
+    monkeypatch.setenv("SVDQ_KERNELS", "reference")
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return write_tiny_flux(tmp_path_factory.mktemp("flux"), dtype=DTYPE, max_shard_gb=0.0002)
