@@ -9,6 +9,13 @@ input, rows seen, and a uniform random sample of at most `config.calib_rows` row
 Inputs come from `ctx.calib_inputs`, else the model adapter (`calib_prompts` × `calib_steps` denoising steps),
 else the example inputs (the stats say which). Each input is checked against the captured signature, and a
 NaN or Inf reaching a linear stops calibration with an error naming that layer and the node producing it.
+
+Two sources need no inputs:
+- `ctx.calib_stats`, statistics an earlier compile saved (`save_calibration`, `svdq-compile --save-calib`):
+  each site is matched by the qualified names of the linears reading it, which do not depend on how the model
+  was captured (torch.export here, a torch.compile region there), not by node name;
+- `config.calib_source = "weights"`: `calib_rows` isotropic Gaussian rows per site (GELU'd for the post-GELU
+  inputs that get the unsigned shift), so the searches minimise E‖ΔW·x‖² = ‖ΔW‖_F², the weight-space error.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from svdq_compiler.capture import split_inputs
-from svdq_compiler.errors import CalibrationError
+from svdq_compiler.errors import CalibrationError, CheckpointError
 from svdq_compiler.fx_utils import tensor_val
 from svdq_compiler.ir import annotated_linears, module_path
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
@@ -208,16 +215,23 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         sites[x].readers.append(info.name)
 
     calibration = Calibration(sites={x.name: stats for x, stats in sites.items()})
-    inputs, calibration.source = _calibration_inputs(ctx)
     generator = torch.Generator().manual_seed(config.calib_seed)
-    recorder = _Recorder(gm, sites, config.calib_rows, generator)
-    for index, sample in enumerate(ctx.progress(inputs, "calibrate")):
-        flat = _flatten(gm, sample, index)
-        recorder.input_index = index
-        recorder.run(*flat, enable_io_processing=False)
-        calibration.inputs += 1
-    if calibration.inputs == 0:
-        raise CalibrationError("no calibration inputs were given", fix="pass at least one calibration input")
+    if ctx.calib_stats is not None:
+        _reuse(calibration, ctx.calib_stats)
+    elif config.calib_source == "weights":
+        shifted = {x for node, info in annotated_linears(gm) if info.shift for x in node.args[:1]}
+        _isotropic_rows(sites, shifted, config.calib_rows, generator)
+        calibration.source = f"weights ({config.calib_rows} isotropic Gaussian rows per site: weight-space error)"
+    else:
+        inputs, calibration.source = _calibration_inputs(ctx)
+        recorder = _Recorder(gm, sites, config.calib_rows, generator)
+        for index, sample in enumerate(ctx.progress(inputs, "calibrate")):
+            flat = _flatten(gm, sample, index)
+            recorder.input_index = index
+            recorder.run(*flat, enable_io_processing=False)
+            calibration.inputs += 1
+        if calibration.inputs == 0:
+            raise CalibrationError("no calibration inputs were given", fix="pass at least one calibration input")
     ctx.state["calibrate"] = calibration
     kept = sum(s.rows.shape[0] for s in sites.values())
     stats = {
@@ -229,3 +243,82 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         "sample_bytes": sum(s.rows.numel() * s.rows.element_size() for s in sites.values()),
     }
     return PassResult(gm, False, stats)
+
+
+def _isotropic_rows(sites: dict[torch.fx.Node, SiteStats], shifted: set, rows: int,
+                    generator: torch.Generator) -> None:
+    for x, stats in sites.items():
+        sample = torch.randn(rows, stats.minimum.shape[0], generator=generator)
+        if x in shifted:
+            sample = torch.nn.functional.gelu(sample)
+        stats.rows = sample.to(stats.rows.dtype).to(stats.rows.device)
+        stats.priorities = torch.rand(rows, generator=generator).to(stats.rows.device)
+        stats.minimum, stats.maximum = sample.amin(0), sample.amax(0)
+        stats.rows_seen = rows
+
+
+def _reuse(calibration: Calibration, saved: "Calibration") -> None:
+    """Fill `calibration`'s sites from `saved`, matching each by the linears that read it."""
+    by_readers = {tuple(sorted(stats.readers)): stats for stats in saved.sites.values()}
+    for stats in calibration.sites.values():
+        found = by_readers.get(tuple(sorted(stats.readers)))
+        if found is None or found.minimum.shape != stats.minimum.shape:
+            raise CalibrationError(
+                f"the saved calibration statistics have no site read by {sorted(stats.readers)} with "
+                f"{stats.minimum.shape[0]} channels", where="calib_stats",
+                fix="save the statistics from a compile of the same model and config (svdq-compile --save-calib)")
+        stats.minimum, stats.maximum, stats.rows_seen = found.minimum, found.maximum, found.rows_seen
+        stats.rows, stats.priorities = found.rows.to(stats.rows.dtype), found.priorities
+    calibration.source = f"saved statistics ({saved.source})"
+    calibration.inputs = saved.inputs
+
+
+CALIBRATION_FORMAT = "svdq-calibration"
+
+
+def save_calibration(calibration: Calibration, path) -> None:
+    """Write calibration statistics as safetensors (tensors plus JSON metadata: nothing is pickled)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from svdq_compiler.files import atomic_path
+
+    tensors, sites = {}, []
+    for index, stats in enumerate(calibration.sites.values()):
+        for field_name in ("minimum", "maximum", "rows", "priorities"):
+            tensors[f"{index}.{field_name}"] = getattr(stats, field_name).detach().cpu().contiguous()
+        sites.append({"node": stats.node, "readers": stats.readers, "rows_seen": stats.rows_seen})
+    metadata = {"format": CALIBRATION_FORMAT, "source": calibration.source, "inputs": str(calibration.inputs),
+                "sites": json.dumps(sites)}
+    with atomic_path(path, "calibration statistics file") as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+
+
+def load_calibration(path) -> Calibration:
+    """Statistics written by `save_calibration`; clear errors for a missing or foreign file."""
+    import json
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("no such calibration statistics file", where=str(path),
+                              fix="write one with svdq-compile --save-calib FILE")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != CALIBRATION_FORMAT:
+                raise CheckpointError("not a calibration statistics file (no svdq-calibration marker)",
+                                      where=str(path), fix="write one with svdq-compile --save-calib FILE")
+            calibration = Calibration(source=metadata["source"], inputs=int(metadata["inputs"]))
+            for index, site in enumerate(json.loads(metadata["sites"])):
+                fields = {name: handle.get_tensor(f"{index}.{name}")
+                          for name in ("minimum", "maximum", "rows", "priorities")}
+                calibration.sites[site["node"]] = SiteStats(node=site["node"], readers=list(site["readers"]),
+                                                            rows_seen=int(site["rows_seen"]), **fields)
+    except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"the calibration statistics file is corrupt ({exc})", where=str(path),
+                              fix="write it again with svdq-compile --save-calib FILE") from exc
+    return calibration

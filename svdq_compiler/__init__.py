@@ -23,6 +23,10 @@ from svdq_compiler.codegen import fused_ops  # noqa: F401  (registers torch.ops.
 
 __version__ = "0.1.0"
 
+from svdq_compiler import backend as _backend  # noqa: E402  (torch.compile(backend="svdquant"))
+
+_backend.register()
+
 __all__ = ["capture", "compile", "save", "load", "load_model", "register_builtin", "DynDim", "QuantConfig", "Scheme",
            "PRESETS", "SvdqError", "__version__"]
 
@@ -41,21 +45,37 @@ def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str |
             calib_inputs: Iterable[tuple | dict] | None = None, dump_ir: str | Path | None = None, *,
             passes: Sequence[str] | None = None, dynamic_shapes: Any = "auto", verify: bool = False,
             print_ir_after_change: bool = False, progress: bool = False,
-            adapter: ModelAdapter | None = None) -> torch.fx.GraphModule:
+            adapter: ModelAdapter | None = None, calib_stats: Any = None,
+            save_calib: str | Path | None = None) -> torch.fx.GraphModule:
     """Capture `module` and run the SVDQuant pipeline on it; returns the compiled GraphModule.
 
     `example_inputs` is a tuple of positional args or a dict of kwargs. `dynamic_shapes="auto"` makes the
     dimensions the model's adapter declares dynamic (token counts, latent height/width, batch); pass None for a
     static graph, or a tree of {dim: DynDim} mirroring the inputs. The compile report (config, capture, passes
     with statistics, per-linear annotations) is in `gm.meta["svdq_report"]`.
+
+    Calibration: `calib_inputs`, else `calib_stats` (a file `save_calib` wrote, or a `Calibration`), else the
+    adapter's own inputs; `config.calib_source="weights"` needs no data at all (passes/calibrate.py).
     """
     quant_config = resolve_config(config)
     adapter = adapter or adapter_for(module)
     gm = capture(module, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter)
-    ctx = PassContext(config=quant_config, example_inputs=example_inputs, calib_inputs=calib_inputs, adapter=adapter,
+    if isinstance(calib_stats, (str, Path)):
+        from svdq_compiler.passes.calibrate import load_calibration
+
+        calib_stats = load_calibration(calib_stats)
+    ctx = PassContext(config=quant_config, example_inputs=example_inputs, calib_inputs=calib_inputs,
+                      calib_stats=None if calib_inputs is not None else calib_stats, adapter=adapter,
                       model=module, dump_dir=Path(dump_ir) if dump_ir is not None else None,
                       print_ir_after_change=print_ir_after_change, verify_each=verify, show_progress=progress)
     gm = run_passes(gm, ctx, svdquant_pipeline(passes))
+    if save_calib is not None:
+        if "calibrate" not in ctx.state:
+            raise InputError("no calibration ran, so there are no statistics to save", where=str(save_calib),
+                             fix="run the calibrate pass (leave it in --passes)")
+        from svdq_compiler.passes.calibrate import save_calibration
+
+        save_calibration(ctx.state["calibrate"], save_calib)
     install_shape_check(gm)
     gm.meta[REPORT_META] = compile_report(gm, quant_config, ctx.records)
     return gm

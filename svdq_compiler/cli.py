@@ -71,6 +71,9 @@ def compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stream-smoothing", choices=("none", "weight-only"), default="none",
                         help="smoothing without activation statistics when streaming: none (λ = 1), or λ from the "
                              "weights' column ranges, searched per group on synthetic inputs (slower)")
+    parser.add_argument("--save-calib", type=Path, metavar="FILE",
+                        help="write the calibration statistics (safetensors) for torch.compile(backend='svdquant', "
+                             "options={'calib_stats': FILE}) or a later compile")
     parser.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                         help="progress bars on stderr; auto (the default) shows them when stderr is a terminal")
     parser.add_argument("--verbose", "-v", action="store_true", help="log each step and pass")
@@ -144,6 +147,8 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError("--out is a folder", where=str(args.out), fix="give a file name such as graph.pt")
     if args.report is not None:
         ensure_dir(args.report.parent, "folder of --report")
+    if args.save_calib is not None:
+        ensure_dir(args.save_calib.parent, "folder of --save-calib")
     if args.dump_ir is not None:
         ensure_dir(args.dump_ir, "IR dump folder (--dump-ir)")
     config = quant_config(args)
@@ -168,7 +173,8 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
         gm = steps.run("compile", lambda: svdq_compiler.compile(
             model, example, config, calib_inputs=calib, dump_ir=args.dump_ir, passes=args.passes,
             dynamic_shapes=None if args.static else "auto", verify=args.verify,
-            print_ir_after_change=args.print_ir_after_change, progress=show_progress, adapter=adapter))
+            print_ir_after_change=args.print_ir_after_change, progress=show_progress, adapter=adapter,
+            save_calib=args.save_calib))
         steps.run("save", lambda: svdq_compiler.save(gm, args.out))
     finally:
         steps.close()
@@ -191,7 +197,8 @@ def wants_streaming(args: argparse.Namespace) -> bool:
     if args.stream == "on":
         unsupported = [flag for flag, given in (("--dump-ir", args.dump_ir), ("--passes", args.passes),
                                                 ("--print-ir-after-change", args.print_ir_after_change),
-                                                ("--static", args.static)) if given]
+                                                ("--static", args.static),
+                                                ("--save-calib", args.save_calib)) if given]
         if not folder.is_dir():
             raise InputError("--stream compiles a diffusers model folder", where=args.model,
                              fix="give the folder holding config.json and the safetensors shards")

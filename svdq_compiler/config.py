@@ -16,6 +16,7 @@ from svdq_compiler.errors import InputError
 WEIGHT_FORMATS = ("int4", "nvfp4", "int8", "nf4")
 ACT_FORMATS = ("int4", "nvfp4", "int8")
 SMOOTH_SEARCHES = ("svdquant", "smoothquant", "none")
+CALIB_SOURCES = ("inputs", "weights")
 SVD_METHODS = ("full", "randomized")
 # Role names are defined in svdq_compiler.ir.Role; schemes a role can be given:
 SCHEME_NAMES = ("w4a4", "w4a16", "fp")
@@ -95,6 +96,10 @@ class QuantConfig:
     calib_prompts: int = 4  # adapter calibration inputs: prompts × denoising steps (when none are given)
     calib_steps: int = 4
     calib_seed: int = 0
+    # Where the searches' activation statistics come from: "inputs" (calibration inputs run through the graph)
+    # or "weights" (no data: isotropic Gaussian rows, GELU'd for post-GELU inputs, so every search minimises the
+    # weight-space error ‖ΔW‖_F, since E‖ΔW·x‖² = ‖ΔW‖_F² for x ~ N(0, I)).
+    calib_source: str = "inputs"
     pad_k: bool = True  # K not divisible by the group size: zero-pad (True) or keep the layer 16-bit (False)
     dtype: str | None = None  # model dtype for scales and the low-rank branch; None keeps the module's dtype
 
@@ -141,6 +146,7 @@ class QuantConfig:
         check(self.weight_format, WEIGHT_FORMATS + (None,), "weight_format")
         check(self.act_format, ACT_FORMATS + (None,), "act_format")
         check(self.smooth, SMOOTH_SEARCHES, "smooth")
+        check(self.calib_source, CALIB_SOURCES, "calib_source")
         check(self.svd, SVD_METHODS, "svd")
         check(self.search_svd, SVD_METHODS, "search_svd")
         check(self.weight_only_format, ("int4", "nf4"), "weight_only_format")

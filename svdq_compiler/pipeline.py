@@ -39,6 +39,7 @@ class PassContext:
     config: QuantConfig
     example_inputs: tuple | dict = ()
     calib_inputs: Iterable[tuple | dict] | None = None
+    calib_stats: Any = None  # a passes.calibrate.Calibration from an earlier compile: calibrate reuses it
     adapter: Any = None  # the model adapter, when the model has one (roles, calibration inputs)
     model: Any = None  # the eager module that was captured (the adapter builds calibration inputs from it)
     state: dict[str, Any] = field(default_factory=dict)  # cross-pass data, e.g. calibration statistics

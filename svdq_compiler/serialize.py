@@ -16,6 +16,7 @@ re-installs the shape check.
 
 from __future__ import annotations
 
+import io
 import json
 import platform
 import zipfile
@@ -27,6 +28,8 @@ import torch.fx
 
 from svdq_compiler.capture import (CAPTURE_META, INPUTS_META, capture_report, dynamic_shapes_of, install_shape_check,
                                    split_inputs, unlift)
+from svdq_compiler.archive_check import check_archive
+from svdq_compiler.dropin import as_pipeline_component
 from svdq_compiler.errors import CheckpointError, first_line
 from svdq_compiler.files import atomic_path
 from svdq_compiler.ir import format_ir
@@ -59,7 +62,10 @@ def versions() -> dict[str, str | None]:
 
 def save(gm: torch.fx.GraphModule, path: str | Path) -> Path:
     """Write `gm` (from capture, compile or load) to `path` as a graph file; returns the path."""
+    from svdq_compiler.dropin import graph_module_of
+
     path = Path(path)
+    gm = graph_module_of(gm)
     capture_report(gm)  # a graph capture did not make cannot be re-exported: this says so
     inputs = gm.meta.get(INPUTS_META)
     if inputs is None:
@@ -94,46 +100,61 @@ def extra_files(gm: torch.fx.GraphModule) -> dict[str, str]:
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a graph file, after checking that it is one this version can read."""
+    return manifest_of(read_graph_bytes(path), str(path))
+
+
+def read_graph_bytes(path: str | Path) -> bytes:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError("no such graph file" if not path.exists() else "not a file", where=str(path),
                               fix="give the path svdq-compile --out (or svdq_compiler.save) wrote")
+    return path.read_bytes()
+
+
+def manifest_of(data: bytes, where: str) -> dict[str, Any]:
+    """The manifest inside a graph file's bytes, checked: the marker, and a format version this reads."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             name = next((n for n in archive.namelist() if n.endswith(MANIFEST_FILE)), None)
             if name is None:
                 raise CheckpointError("not an svdq-compiler graph: the file has no svdq manifest (made by another "
-                                      "tool?)", where=str(path), fix="compile the model with svdq-compile first")
+                                      "tool?)", where=where, fix="compile the model with svdq-compile first")
             manifest = json.loads(archive.read(name))
     except (zipfile.BadZipFile, EOFError, OSError, json.JSONDecodeError, KeyError) as exc:
-        raise CheckpointError(f"the graph file is corrupt or truncated ({first_line(exc)})", where=str(path),
+        raise CheckpointError(f"the graph file is corrupt or truncated ({first_line(exc)})", where=where,
                               fix="write it again with svdq-compile or svdq_compiler.save") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError("not an svdq-compiler graph: unknown format marker", where=str(path),
+        raise CheckpointError("not an svdq-compiler graph: unknown format marker", where=where,
                               fix="compile the model with svdq-compile first")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"the graph was written by svdq-compiler {manifest.get('svdq_compiler')} in format "
-                              f"version {version}; this version reads up to {FORMAT_VERSION}", where=str(path),
+                              f"version {version}; this version reads up to {FORMAT_VERSION}", where=where,
                               fix="upgrade svdq-compiler, or compile the model again with this version")
     return manifest
 
 
 def read_extra(path: str | Path) -> dict[str, str]:
     """The svdq extra files of a graph file, without loading the program (for inspection)."""
-    read_manifest(path)
-    with zipfile.ZipFile(path) as archive:
+    data = read_graph_bytes(path)
+    manifest_of(data, str(path))
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
         return {extra: archive.read(name).decode() for name in archive.namelist()
                 for extra in EXTRA_FILES if name.endswith(extra)}
 
 
-def load(path: str | Path) -> torch.fx.GraphModule:
-    """The GraphModule saved at `path`, ready to run, with its capture and compile reports in gm.meta."""
-    manifest = read_manifest(path)
+def load(path: str | Path) -> torch.nn.Module:
+    """The GraphModule saved at `path`, ready to run, with its capture and compile reports in gm.meta; for a
+    graph of a diffusers model, wrapped as a drop-in pipeline component (svdq_compiler.dropin).
+
+    The file is read once; its bytes are checked to hold nothing that runs when loaded (archive_check) and
+    those same bytes are deserialized."""
+    data = read_graph_bytes(path)
+    manifest = manifest_of(data, str(path))
+    check_archive(data, str(path))
     extra = {name: "" for name in EXTRA_FILES}
     try:
-        with open(path, "rb") as handle:
-            program = torch.export.load(handle, extra_files=extra)
+        program = torch.export.load(io.BytesIO(data), extra_files=extra)
     except Exception as exc:  # torch raises many types for damaged archives
         raise CheckpointError(f"the graph file could not be loaded ({first_line(exc)}); it was written with torch "
                               f"{manifest.get('torch')}, this is torch {torch.__version__}", where=str(path),
@@ -149,4 +170,4 @@ def load(path: str | Path) -> torch.fx.GraphModule:
     if examples is not None:
         gm.meta[INPUTS_META] = tuple(examples[0]) if examples[0] else dict(examples[1])
     install_shape_check(gm)
-    return gm
+    return as_pipeline_component(gm)

@@ -37,11 +37,13 @@ def console_script(name):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """`svdq-compile random:flux --out g.pt --dump-ir ir` as the README shows it, plus --report and --verify."""
+    """`svdq-compile random:flux --out g.pt --dump-ir ir` as the README shows it, plus --report, --verify and
+    --save-calib."""
     folder = tmp_path_factory.mktemp("cli")
     graph, dumps, report = folder / "g.pt", folder / "ir", folder / "report.json"
     run = subprocess.run(console_script("svdq-compile") + ["random:flux", "--out", str(graph), "--dump-ir", str(dumps),
-                                                            "--report", str(report), "--verify", "--progress", "on"],
+                                                            "--report", str(report), "--verify", "--progress", "on",
+                                                            "--save-calib", str(folder / "calib.safetensors")],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     return graph, dumps, json.loads(report.read_text()), run
@@ -59,6 +61,16 @@ def test_compile_writes_a_graph_that_a_new_process_runs_like_eager(compiled):
                            timeout=600)
     assert check.returncode == 0, check.stderr
     assert "close to eager" in check.stdout
+
+
+def test_saved_calibration_statistics_load_and_name_their_readers(compiled):
+    from svdq_compiler.passes.calibrate import load_calibration
+
+    graph, _, report, _ = compiled
+    calibration = load_calibration(graph.parent / "calib.safetensors")
+    recorded = next(r for r in report["passes"] if r["name"] == "calibrate")["stats"]
+    assert len(calibration.sites) == recorded["sites"] and calibration.inputs == recorded["inputs"]
+    assert all(site.readers and site.rows.shape[0] <= 512 for site in calibration.sites.values())
 
 
 def test_one_dump_per_pass(compiled):
@@ -114,6 +126,7 @@ def test_help_documents_every_flag():
     (["random:flux", "--out", "{tmp}/file/g.pt"], "cannot create the folder of --out"),
     (["random:flux", "--out", "{tmp}"], "--out is a folder"),
     (["random:flux", "--out", "{tmp}/g.pt", "--report", "{tmp}/file/r.json"], "cannot create the folder of --report"),
+    (["random:flux", "--out", "{tmp}/g.pt", "--save-calib", "{tmp}/file/c.st"], "cannot create the folder of --save-calib"),
     (["random:flux", "--out", "{tmp}/g.pt", "--passes", "annotate,nope"], r"unknown pass\(es\)"),
     (["random:flux", "--out", "{tmp}/g.pt", "--set", "ranks=3"], "unknown QuantConfig field"),
     (["random:flux", "--out", "{tmp}/g.pt", "--tokens", "40x4x"], None),

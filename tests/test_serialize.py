@@ -2,7 +2,6 @@
 corrupt, foreign and newer files; a failed save leaves nothing behind."""
 
 import json
-import zipfile
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from svdq_compiler.capture import CAPTURE_META
 from svdq_compiler.errors import CheckpointError, InputError, ShapeError
 from svdq_compiler.files import atomic_path
 from svdq_compiler.models import DynDim
+from graph_files import rewrite_archive
 
 
 class TokenMLP(torch.nn.Module):
@@ -66,12 +66,11 @@ def test_extra_files_are_readable_without_loading_the_program(saved):
 
 
 def rewrite_manifest(source, target, **changes):
-    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
-        for item in old.infolist():
-            data = old.read(item)
-            if item.filename.endswith(serialize.MANIFEST_FILE):
-                data = json.dumps({**json.loads(data), **changes}).encode()
-            new.writestr(item, data)
+    def edit(name, data):
+        return json.dumps({**json.loads(data), **changes}).encode() if name.endswith(serialize.MANIFEST_FILE) \
+            else data
+
+    rewrite_archive(source, target, edit)
 
 
 def test_bad_files_are_clear_errors(saved, tmp_path):

@@ -1,0 +1,133 @@
+"""A loaded graph as a diffusers pipeline component: `pipe.transformer = svdq_compiler.load("graph.pt")`.
+
+`load` returns a `CompiledModel` for graphs captured from a diffusers model (the capture report keeps its
+config). It behaves as the model did where a pipeline looks: `config` (attribute access, as diffusers'
+FrozenDict), `dtype`, `device`, `.to()`, `cache_context()`, and the call convention — keyword inputs,
+`return_dict` (an output dataclass, or a tuple), and the per-call kwargs pipelines pass as None
+(`joint_attention_kwargs`, `attention_kwargs`, ControlNet residuals). A non-empty one of those asks for
+something the compiled graph cannot do (a LoRA scale, ControlNet) and is an error naming it. Inputs the graph
+took as constants (`return_dict=False` at capture) are filled in.
+
+It is also the graph: `graph`, `meta`, `code` and `graph_module` reach the GraphModule, so `save`, inspection
+and the passes' helpers take it as they take a GraphModule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.fx
+
+from svdq_compiler.capture import CAPTURE_META, INPUTS_META
+from svdq_compiler.errors import InputError
+
+# Per-call options pipelines pass (usually None) that a compiled graph has no use for.
+PIPELINE_OPTIONS = ("joint_attention_kwargs", "attention_kwargs", "cross_attention_kwargs",
+                    "controlnet_block_samples", "controlnet_single_block_samples", "controlnet_blocks_repeat",
+                    "down_block_additional_residuals", "mid_block_additional_residual",
+                    "down_intrablock_additional_residuals", "added_cond_kwargs_extra")
+
+
+class CompiledModel(torch.nn.Module):
+    """A compiled graph with a diffusers model's interface (module docstring)."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule):
+        super().__init__()
+        from diffusers.configuration_utils import FrozenDict
+
+        self.graph_module = graph_module
+        capture = graph_module.meta[CAPTURE_META]
+        self.model_class = capture["module_class"]
+        self.config = FrozenDict(capture.get("model_config") or {})
+        examples = graph_module.meta.get(INPUTS_META)
+        self._examples = dict(examples) if isinstance(examples, dict) else {}
+        self._positional = [entry["path"] for entry in capture["inputs"]]
+
+    # ---- what the graph is -----------------------------------------------------------------------------------
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.graph_module.graph
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.graph_module.meta
+
+    @property
+    def code(self) -> str:
+        return self.graph_module.code
+
+    # ---- what a pipeline reads -------------------------------------------------------------------------------
+
+    def _first_float(self) -> torch.Tensor:
+        tensors = [*self.graph_module.parameters(), *self.graph_module.buffers()]
+        return next((t for t in tensors if t.is_floating_point()), tensors[0] if tensors else torch.empty(0))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._first_float().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._first_float().device
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str) -> Iterator[None]:
+        """diffusers' CacheMixin hook around each branch of a guided step: nothing to cache here."""
+        yield
+
+    def forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        if len(args) > len(self._positional):
+            raise InputError(f"{len(args)} positional inputs; the graph takes {self._positional}",
+                             where=f"compiled {self.model_class}", fix="pass the inputs by keyword")
+        inputs = dict(zip(self._positional, args))
+        for name, value in kwargs.items():
+            if name in PIPELINE_OPTIONS and name not in self._examples:
+                if value is not None and not (isinstance(value, dict) and not value):
+                    raise InputError(f"{name}={_short(value)} asks for something the compiled graph cannot do",
+                                     where=f"compiled {self.model_class}",
+                                     fix="fuse LoRA scales into the weights before compiling; ControlNet residuals "
+                                         "need a graph captured with them")
+                continue
+            inputs[name] = value
+        unknown = sorted(set(inputs) - set(self._examples)) if self._examples else []
+        if unknown:
+            raise InputError(f"the compiled graph does not take {unknown}", where=f"compiled {self.model_class}",
+                             fix=f"it takes {sorted(self._examples)}")
+        for name, value in self._examples.items():
+            if not isinstance(value, torch.Tensor) and name not in inputs:
+                inputs[name] = value  # a constant of the capture, e.g. return_dict=False
+        output = self.graph_module(**inputs)
+        sample = output[0] if isinstance(output, (tuple, list)) else output
+        if not return_dict:
+            return (sample,)
+        return _output_class(self.model_class)(sample=sample)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _output_class(model_class: str):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    if "UNet" in model_class:
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput
+    return Transformer2DModelOutput
+
+
+def as_pipeline_component(gm: torch.fx.GraphModule) -> torch.nn.Module:
+    """`gm` wrapped as a CompiledModel when it was captured from a diffusers model, else `gm` itself."""
+    if gm.meta.get(CAPTURE_META, {}).get("model_config") is None:
+        return gm
+    return CompiledModel(gm)
+
+
+def graph_module_of(model: torch.nn.Module) -> torch.fx.GraphModule:
+    """The GraphModule behind `model` (a CompiledModel or a GraphModule)."""
+    return model.graph_module if isinstance(model, CompiledModel) else model

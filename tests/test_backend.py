@@ -1,0 +1,144 @@
+"""torch.compile(model, backend="svdquant"): the same quantized graph as svdq_compiler.compile (outputs match),
+Inductor for the rest, dynamic token counts without recompiling, recompiles when Dynamo specializes, the three
+calibration sources with a warning naming the one used, and clear errors for bad options."""
+
+import pytest
+import torch
+import torch._dynamo
+
+import svdq_compiler
+from svdq_compiler.capture import CAPTURE_META
+from svdq_compiler.errors import InputError
+from svdq_compiler.models import DynDim
+
+
+class MLP(torch.nn.Module):
+    """in (embed, kept 16-bit) → mid (quantized, post-GELU input) → out (final, 16-bit)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.mid, self.out = torch.nn.Linear(64, 128), torch.nn.Linear(128, 128), torch.nn.Linear(128, 64)
+
+    def forward(self, x, scale):
+        return self.out(torch.nn.functional.gelu(self.mid(torch.nn.functional.gelu(self.inp(x))))) * scale
+
+
+SCALE = torch.tensor(1.5)
+
+
+def calib_inputs(count=2, tokens=8):
+    generator = torch.Generator().manual_seed(1)
+    return [{"x": torch.randn(2, tokens, 64, generator=generator), "scale": SCALE} for _ in range(count)]
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+    """The graphs svdq_compiler.compile returned while the test ran (one per backend compile)."""
+    graphs = []
+    real = svdq_compiler.compile
+
+    def recording(*args, **kwargs):
+        graphs.append(real(*args, **kwargs))
+        return graphs[-1]
+
+    monkeypatch.setattr(svdq_compiler, "compile", recording)
+    torch._dynamo.reset()
+    yield graphs
+    torch._dynamo.reset()
+
+
+def svdq_ops(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "namespace", "") == "svdq"]
+
+
+def test_matches_svdq_compile_through_inductor_and_serves_new_token_counts(compiles):
+    model, calib = MLP().eval(), calib_inputs()
+    x = torch.randn(2, 8, 64)
+    with torch.no_grad():
+        reference = svdq_compiler.compile(model, {"x": x, "scale": SCALE}, calib_inputs=calib,
+                                          dynamic_shapes={"x": {1: DynDim("tokens", 2, 64)}})
+        compiles.clear()
+        compiled = torch.compile(model, backend="svdquant", dynamic=True, options={"calib_inputs": calib})
+        with pytest.warns(UserWarning, match="2 calibration inputs from options"):
+            out = compiled(x, SCALE)
+        torch.testing.assert_close(out, reference(x=x, scale=SCALE))
+        assert len(compiles) == 1 and svdq_ops(compiles[0]), "the backend quantized the region once"
+        for tokens in (5, 13):
+            other = torch.randn(2, tokens, 64)
+            torch.testing.assert_close(compiled(other, SCALE), reference(x=other, scale=SCALE))
+    assert len(compiles) == 1, "a new token count reused the dynamic graph"
+
+
+def test_recompiles_when_dynamo_specialized_the_first_size(compiles):
+    model, calib = MLP().eval(), calib_inputs()
+    with torch.no_grad():
+        reference = svdq_compiler.compile(model, {"x": calib[0]["x"], "scale": SCALE}, calib_inputs=calib,
+                                          dynamic_shapes={"x": {1: DynDim("tokens", 2, 64)}})
+    compiles.clear()
+    compiled = torch.compile(model, backend="svdquant", options={"calib_inputs": calib, "inductor": False})
+    with torch.no_grad(), pytest.warns(UserWarning):
+        for tokens in (8, 11, 6):
+            x = torch.randn(2, tokens, 64)
+            torch.testing.assert_close(compiled(x, SCALE), reference(x=x, scale=SCALE), rtol=0, atol=0)
+    assert len(compiles) == 2, "the first graph was static; Dynamo's second one is dynamic and serves both sizes"
+    assert [d["status"] for d in compiles[1].meta[CAPTURE_META]["dims"]] == ["dynamic"]
+
+
+def test_saved_statistics_give_the_same_graph(compiles, tmp_path):
+    model, calib = MLP().eval(), calib_inputs()
+    x = torch.randn(2, 8, 64)
+    stats = tmp_path / "calib.safetensors"
+    with torch.no_grad():
+        reference = svdq_compiler.compile(model, {"x": x, "scale": SCALE}, calib_inputs=calib, save_calib=stats)
+        compiled = torch.compile(model, backend="svdquant", dynamic=True,
+                                 options={"calib_stats": str(stats), "inductor": False, "config": "int4"})
+        with pytest.warns(UserWarning, match="saved statistics"):
+            torch.testing.assert_close(compiled(x, SCALE), reference(x=x, scale=SCALE), rtol=0, atol=0)
+    source = next(r for r in compiles[-1].meta["svdq_report"]["passes"] if r["name"] == "calibrate")
+    assert source["stats"]["source"].startswith("saved statistics (calib_inputs")
+
+
+def test_positional_calibration_inputs_bind_to_the_forward_arguments(compiles):
+    model, calib = MLP().eval(), calib_inputs()
+    x = torch.randn(2, 8, 64)
+    positional = [(sample["x"], sample["scale"]) for sample in calib]
+    with torch.no_grad(), pytest.warns(UserWarning):
+        by_name = torch.compile(model, backend="svdquant", options={"calib_inputs": calib, "inductor": False})(x, SCALE)
+        torch._dynamo.reset()
+        by_position = torch.compile(model, backend="svdquant",
+                                    options={"calib_inputs": positional, "inductor": False})(x, SCALE)
+    torch.testing.assert_close(by_position, by_name, rtol=0, atol=0)
+
+
+def test_without_calibration_smoothing_is_weight_only_and_says_so(compiles):
+    model = MLP().eval()
+    x = torch.randn(2, 8, 64)
+    with torch.no_grad(), pytest.warns(UserWarning, match="weight-only calibration"):
+        out = torch.compile(model, backend="svdquant", options={"config": "int4", "inductor": False})(x, SCALE)
+    expected = model(x, SCALE)
+    assert (out - expected).norm() / expected.norm() < 0.1
+    calibrate = next(r for r in compiles[0].meta["svdq_report"]["passes"] if r["name"] == "calibrate")
+    assert calibrate["stats"]["source"].startswith("weights")
+    assert compiles[0].meta["svdq_report"]["config"]["calib_source"] == "weights"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"calib_input": []}, r"unknown svdquant backend option\(s\) \['calib_input'\].*valid options: config, "
+                          r"calib_inputs, calib_stats, inductor"),
+    ({"calib_inputs": calib_inputs(1), "calib_stats": "x"}, "give one"),
+    ({"config": "int3"}, "unknown preset 'int3'"),
+    ({"calib_inputs": [{"scale": SCALE}]}, r"lacks \['x'\]"),
+])
+def test_bad_options_are_clear_errors(compiles, options, message):
+    compiled = torch.compile(MLP(), backend="svdquant", options=options)
+    with pytest.raises(Exception, match=message) as raised:
+        compiled(torch.randn(2, 8, 64), SCALE)
+    cause = raised.value
+    while cause is not None and not isinstance(cause, InputError):
+        cause = cause.__cause__ or getattr(cause, "inner_exception", None)
+    assert isinstance(cause, InputError)
+
+
+def test_the_backend_is_registered_on_import():
+    assert "svdquant" in torch._dynamo.list_backends(exclude_tags=())

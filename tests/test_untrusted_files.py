@@ -1,0 +1,205 @@
+"""A graph file must not run code when loaded. Each hostile archive below carries a payload that creates a
+file; plain `torch.export.load` (and running what it returns) does create it — so the vector is real on this
+torch — while `svdq_compiler.load` refuses the archive with a CheckpointError and nothing is created."""
+
+import io
+import json
+import pickle
+
+import pytest
+import torch
+
+import svdq_compiler
+from svdq_compiler import archive_check
+from svdq_compiler.errors import CheckpointError
+from svdq_compiler.models import DynDim
+from graph_files import rewrite_archive
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(x) * 2
+
+
+@pytest.fixture(scope="module")
+def graph_file(tmp_path_factory):
+    gm = svdq_compiler.capture(Scaled(), {"x": torch.randn(2, 6, 8)},
+                               dynamic_shapes={"x": {1: DynDim("tokens", 2, 64, label="tokens")}})
+    return svdq_compiler.save(gm, tmp_path_factory.mktemp("graph") / "graph.pt")
+
+
+class CreatesFile:
+    """Unpickling this creates `path` (the stand-in for arbitrary code)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def touch_code(path) -> str:
+    return f"__import__('pathlib').Path({str(path)!r}).touch()"
+
+
+def edit_json(entry_suffix, change):
+    def edit(name, data):
+        if name.endswith(entry_suffix):
+            value = json.loads(data)
+            change(value)
+            return json.dumps(value).encode()
+        return data
+    return edit
+
+
+def pickled_weight(marker):
+    def change(config):
+        meta = config["config"]["proj.weight"]
+        meta["use_pickle"] = True
+    payload = pickle.dumps(CreatesFile(marker))
+
+    def edit(name, data):
+        if name.endswith("model_weights_config.json"):
+            return edit_json("model_weights_config.json", change)(name, data)
+        if name == "data/weights/weight_0":
+            return payload
+        return data
+    return edit
+
+
+def hostile_sample_inputs(marker):
+    buffer = io.BytesIO()
+    torch.save(((CreatesFile(marker),), {}), buffer)
+    return lambda name, data: buffer.getvalue() if name == "data/sample_inputs/model.pt" else data
+
+
+def hostile_size_expression(marker):
+    def change(program):
+        values = program["graph_module"]["graph"]["tensor_values"]
+        size = next(s for v in values.values() for s in v["sizes"] if "as_expr" in s)
+        size["as_expr"]["expr_str"] = f"Add(Symbol('s0', positive=True), 0*len(str({touch_code(marker)})))"
+    return edit_json("models/model.json", change)
+
+
+def hostile_guard(marker):
+    def change(program):
+        program["guards_code"] = [f"({touch_code(marker)}) is None"]
+    return edit_json("models/model.json", change)
+
+
+def run_plain_torch(path):
+    program = torch.export.load(io.BytesIO(path.read_bytes()))
+    program.module()(x=torch.randn(2, 6, 8))
+
+
+@pytest.mark.parametrize("make_edit", [pickled_weight, hostile_sample_inputs, hostile_size_expression,
+                                       hostile_guard], ids=["pickled-weight", "sample-inputs", "size-expr", "guard"])
+def test_hostile_archive_runs_code_in_torch_but_is_refused_here(graph_file, tmp_path, make_edit):
+    marker = tmp_path / "code-ran"
+    hostile = rewrite_archive(graph_file, tmp_path / "hostile.pt", make_edit(marker))
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        svdq_compiler.load(hostile)
+    assert not marker.exists()
+    try:
+        run_plain_torch(hostile)
+    except Exception:
+        pass  # the payload ran (or not) before torch noticed anything wrong
+    assert marker.exists(), "the payload should run under plain torch.export.load; the test would prove nothing"
+
+
+@pytest.mark.parametrize("entry", ["data/weights/model.pt", "data/constants/custom_obj_0",
+                                   "data/constants/opaque_obj_0", "data/aotinductor/model/model.so",
+                                   "serialized_exported_program.json"])
+def test_entries_that_hold_pickles_or_code_are_refused(graph_file, tmp_path, entry):
+    hostile = rewrite_archive(graph_file, tmp_path / "extra.pt", lambda name, data: data,
+                              add={entry: pickle.dumps(CreatesFile(tmp_path / "x"))})
+    with pytest.raises(CheckpointError, match=f"unexpected archive entry '{entry}'"):
+        svdq_compiler.load(hostile)
+
+
+def test_a_node_calling_outside_the_operator_namespaces_is_refused(graph_file, tmp_path):
+    def change(program):
+        program["graph_module"]["graph"]["nodes"][0]["target"] = "torch.os.system"
+    hostile = rewrite_archive(graph_file, tmp_path / "target.pt", edit_json("models/model.json", change))
+    with pytest.raises(CheckpointError, match="calls 'torch.os.system', which is not an aten, prims or svdq"):
+        svdq_compiler.load(hostile)
+
+
+@pytest.mark.parametrize("text", [
+    "L['x'].size()[1] <= 64",
+    "((L['hidden_states'].size()[3] // 2) % (L['hidden_states'].size()[2] // 2)) != 0",
+    "(1 % (max(1, L['x'].size()[3] // 2)*max(1, L['x'].size()[2] // 2))) != 0",
+])
+def test_guards_torch_writes_pass(text):
+    archive_check.check_guard(text, "test")
+
+
+@pytest.mark.parametrize("text", [
+    "L['x'].size()[1].__class__ is int",
+    "L['x\"); import os; (\"'].size()[0] == 1",
+    "getattr(L['x'], 'size')()[0] == 1",
+    "[c for c in ()] == []",
+    "(lambda: 1)() == 1",
+    "L['x'].size()[1] == 'a'",
+])
+def test_guards_beyond_size_arithmetic_are_refused(text):
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        archive_check.check_guard(text, "test")
+
+
+@pytest.mark.parametrize("text", [
+    "Mul(Integer(64), Symbol('s27', positive=True, integer=True))",
+    "Add(Mul(Integer(2), Symbol('s1', integer=True)), Integer(-1))",
+    "IntTrueDiv(Symbol('s89', positive=True, integer=True), Integer(2))",
+    "Float('0.5', precision=53)",
+])
+def test_size_expressions_in_srepr_pass(text):
+    archive_check.check_size_expression(text, "test")
+
+
+@pytest.mark.parametrize("text", [
+    "Symbol('s0') + __import__('os').getpid()",
+    "Symbol(str(1))",
+    "Symbol('a b')",
+    "Integer(1).__class__",
+    "Function('f')(Symbol('s0'))",
+])
+def test_size_expressions_beyond_srepr_are_refused(text):
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        archive_check.check_size_expression(text, "test")
+
+
+def test_the_checked_bytes_are_the_loaded_bytes(graph_file, monkeypatch):
+    """The file is read once: torch gets the checked bytes, not the path (no swap between check and load)."""
+    seen = []
+    real_load = torch.export.load
+
+    def spy(f, **kwargs):
+        seen.append(f)
+        return real_load(f, **kwargs)
+
+    monkeypatch.setattr(torch.export, "load", spy)
+    svdq_compiler.load(graph_file)
+    assert len(seen) == 1 and isinstance(seen[0], io.BytesIO) and seen[0].getvalue() == graph_file.read_bytes()
+
+
+@pytest.mark.parametrize("text", [
+    '{"kind":"gemm","dtype":"float32)\\nimport os #"}',
+    '{"kind":"gemm","epilogue":[{"kind":"mul","value":"f(x)"}]}',
+    'not json',
+    '{"kind":"gemm","k":NaN}',
+])
+def test_kernel_specs_carrying_code_are_refused(text):
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        archive_check.check_kernel_spec(text, "test")
+
+
+def test_a_real_kernel_spec_passes():
+    archive_check.check_kernel_spec(
+        '{"act":"uint4","bias":true,"dtype":"float32","epilogue":[{"kind":"mul","value":null}],"group_size":64,'
+        '"k":128,"kind":"gemm","n":64,"quantize_next":null,"rank":32}', "test")
