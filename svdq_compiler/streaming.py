@@ -10,8 +10,9 @@ time, its quantized weights written into graph.pt as they are produced.
    checkpoint into the graph, the passes smooth → lowrank → quantize_weights → lower → fuse run with only that
    unit's linears visible (the others' annotations are set aside), every tensor the unit now has is appended to
    the archive (`StreamingArchive`) and replaced by a meta-device stand-in. Memory holds one block.
-4. The compiled graph is re-exported on the meta device and written after the weights, with the same extra
-   files `svdq_compiler.save` writes, so `svdq_compiler.load` opens the result like any graph.pt.
+4. The compiled graph becomes an ExportedProgram without a second trace (`program_from_graph`) and is written
+   after the weights, with the same extra files `svdq_compiler.save` writes, so `svdq_compiler.load` opens the
+   result like any graph.pt.
 
 Calibration. Running a 12B model on calibration inputs is not affordable here, so the streaming compile is
 data-free (docs/architecture.md §11). `calibration` chooses what smoothing does without activation statistics:
@@ -40,11 +41,10 @@ import torch.fx
 import torch.nn.functional as F
 
 from svdq_compiler.archive import StreamingArchive
-from svdq_compiler.capture import INPUTS_META, dynamic_shapes_of
 from svdq_compiler.config import QuantConfig
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError
 from svdq_compiler.ir import META_KEY, LinearInfo, annotated_linears, get_attr_value, set_attr_value
-from svdq_compiler.meta_capture import META, capture_on_meta, export_on_meta
+from svdq_compiler.meta_capture import META, capture_on_meta, program_from_graph
 from svdq_compiler.pipeline import PASS_REGISTRY, PassContext, svdquant_pipeline
 from svdq_compiler.sharded import ShardedCheckpoint
 
@@ -420,9 +420,8 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
 
         began = time.perf_counter()
         gm.recompile()
-        inputs = gm.meta[INPUTS_META]
-        program = export_on_meta(gm, inputs, dynamic_shapes=dynamic_shapes_of(gm, inputs))
-        step("re-export on meta", began)
+        program = program_from_graph(gm)
+        step("program from graph", began)
 
         began = time.perf_counter()
         for name in pass_stats:
