@@ -192,13 +192,10 @@ def test_blocks_that_differ_are_refused():
     from svdq_compiler.meta_capture import replicate_blocks
 
     graph = torch.fx.Graph()
-    x = graph.placeholder("x")
-    first = graph.call_function(torch.ops.aten.relu.default, (x,))
-    first.meta["nn_module_stack"] = {"b0": ("blocks.0", "Block")}
-    middle = graph.call_function(torch.ops.aten.gelu.default, (first,))
-    middle.meta["nn_module_stack"] = {"b1": ("blocks.1", "Block")}
-    last = graph.call_function(torch.ops.aten.relu.default, (middle,))
-    last.meta["nn_module_stack"] = {"b2": ("blocks.2", "Block")}
-    graph.output(last)
+    value = graph.placeholder("x")
+    for index, op in enumerate((torch.ops.aten.relu.default, torch.ops.aten.gelu.default, torch.ops.aten.relu.default)):
+        value = graph.call_function(op, (value,))
+        value.meta.update(val=torch.empty(2), nn_module_stack={f"b{index}": (f"blocks.{index}", "Block")})
+    graph.output(value)
     with pytest.raises(CaptureError, match="blocks.0 and .1 differ"):
         replicate_blocks(torch.fx.GraphModule(torch.nn.Module(), graph), "blocks", 6)
