@@ -4,7 +4,8 @@ Requires: calibrate. Ensures, for every group whose members' scheme smooths:
 - λ is the candidate with the smallest summed squared output error over the group's members on the calibration
   sample, measured with the group's activation and weight quantizers and — when the scheme has a branch — a
   one-shot rank-r SVD branch inside the loop (`search_svd`, randomized and float32 by default: only the
-  ranking matters);
+  ranking matters); candidates are ranked on a seeded subset of `search_rows` sample rows, evaluated many at a
+  time (`GroupProblem.candidate_errors`), and the winner's and λ = 1's errors are measured on every row;
   candidates follow the reference grid (λ = 1, (c, 0), (c, 1 − c); 39 for smooth_grid 20) or SmoothQuant's
   α-only family (`smooth="smoothquant"`); a tie goes to the later candidate, as in the reference;
 - the weights are stored as W·diag(λ) (model dtype); λ is a buffer `<group>.smooth` in the model dtype and the
@@ -24,28 +25,32 @@ from svdq_compiler.fx_utils import aten, get_attr_node, insert_call
 from svdq_compiler.ir import LinearInfo, QuantOpInfo, get_attr_value, set_attr_value, set_info
 from svdq_compiler.passes.calibrate import Calibration
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
-from svdq_compiler.svdquant import group_problem, members_by_group, raw_input, smoothing_candidates, \
-    smoothing_scale
+from svdq_compiler.svdquant import GroupProblem, group_problem, members_by_group, raw_input, \
+    smoothing_candidates, smoothing_scale
 
 
-def search(problem, act_absmax: torch.Tensor, candidates, rank: int, svd: str, seed: int
-           ) -> tuple[tuple[float, float], torch.Tensor, float, float]:
-    """(α, β), λ, its error and the error of λ = 1, over the candidates."""
+def search(problem: GroupProblem, act_absmax: torch.Tensor, candidates, rank: int, svd: str, seed: int,
+           search_rows: int | None = None) -> tuple[tuple[float, float], torch.Tensor, float, float | None]:
+    """(α, β), λ, its error and the error of λ = 1 (None when λ = 1 is not a candidate), over the candidates.
+
+    Every candidate is evaluated on at most `search_rows` of the sample rows (None: all of them), in batches;
+    the winner's and λ = 1's errors are then measured on every sample row, so the reported ratio does not
+    depend on the subset.
+    """
     weight_absmax = problem.weight_absmax()
-    best = None
-    identity_error = None
-    for alpha, beta in candidates:
-        smooth = smoothing_scale(act_absmax, weight_absmax, alpha, beta, problem.dtype)
-        smoothed = problem.smoothed(smooth)
-        # float32 suffices to rank candidates; the kept branch is recomputed in float64 by lowrank
-        branches = problem.branches(smoothed, rank, svd, seed, torch.float32) if rank else None
-        quantized = problem.quantized(problem.residuals(smoothed, branches))
-        error = sum(problem.errors(smooth, quantized, branches).values())
-        if alpha == 0 and beta == 0:
-            identity_error = error
-        if best is None or error <= best[2]:
-            best = ((alpha, beta), smooth, error)
-    return best[0], best[1], best[2], identity_error
+    smooths = torch.stack([smoothing_scale(act_absmax, weight_absmax, alpha, beta, problem.dtype)
+                           for alpha, beta in candidates])
+    subset = search_rows is not None and problem.sample_rows() > search_rows
+    ranked = problem.subsample(search_rows, seed) if subset else problem
+    errors = ranked.candidate_errors(smooths, rank, svd, seed)
+    best = len(candidates) - 1 - int(errors.flip(0).argmin())  # a tie goes to the later candidate
+    identity = candidates.index((0.0, 0.0)) if (0.0, 0.0) in candidates else None
+    if subset:
+        measured = sorted({best, identity} - {None})
+        errors = dict(zip(measured, problem.candidate_errors(smooths[measured], rank, svd, seed).tolist()))
+    else:
+        errors = dict(enumerate(errors.tolist()))
+    return candidates[best], smooths[best], errors[best], None if identity is None else errors[identity]
 
 
 def apply_smoothing(gm: torch.fx.GraphModule, members: list[tuple[torch.fx.Node, LinearInfo]], group: str,
@@ -85,7 +90,8 @@ def smooth(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         act_absmax = torch.stack([calibration.sites[raw_input(n).name].absmax(info.shift)
                                   for n, info in members]).amax(0)
         (alpha, beta), scale, error, identity_error = search(problem, act_absmax, candidates, scheme.rank,
-                                                             config.search_svd, config.calib_seed)
+                                                             config.search_svd, config.calib_seed,
+                                                             config.search_rows)
         ratio = error / identity_error if identity_error else 1.0
         if alpha == 0 and beta == 0:
             identity += 1

@@ -77,6 +77,9 @@ class QuantConfig:
     svd: str = "full"  # the low-rank pass's SVD: "full" (LAPACK, float64) or "randomized"
     # The smoothing search decomposes every candidate's weights only to rank them: a randomized SVD suffices.
     search_svd: str = "randomized"
+    # The smoothing search ranks its candidates on this many of the sample rows (a seeded subset; None: all);
+    # the reported errors use every sample row.
+    search_rows: int | None = 128
     # Post-GELU inputs are shifted by this constant and quantized unsigned (int4 only); 0 disables.
     gelu_shift: float = GELU_SHIFT
     # Scheme per structural role ("w4a4" = the main formats above, "w4a16" = weight-only, "fp" = 16-bit).
@@ -156,6 +159,8 @@ class QuantConfig:
             raise InputError("rank >= 0, iterations >= 1, group_size >= 0 and smooth_grid >= 2 are required")
         if self.calib_rows < 1 or self.calib_prompts < 1 or self.calib_steps < 1:
             raise InputError("calib_rows, calib_prompts and calib_steps must be at least 1")
+        if self.search_rows is not None and self.search_rows < 1:
+            raise InputError(f"search_rows must be at least 1 or None (every sample row), got {self.search_rows}")
         if self.weight_format == "nvfp4" and self.group_size != 16:
             raise InputError("nvfp4 uses groups of 16 channels", fix="set group_size=16 or use the nvfp4 preset")
         if self.weight_format in ("int4", "nf4") and self.group_size == 0:

@@ -194,8 +194,10 @@ def fake_mode_of(gm: torch.fx.GraphModule):
     """The FakeTensorMode (with the symbolic shape environment) that capture left on the graph's nodes."""
     from torch._guards import detect_fake_mode
 
-    vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-    return detect_fake_mode(vals)
+    # Every node's value comes from that one mode: the first is enough (passes ask once per inserted node, and
+    # scanning the whole graph each time made inserting nodes quadratic).
+    first = next((n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)), None)
+    return detect_fake_mode([] if first is None else [first])
 
 
 # Set by the streaming compile (svdq_compiler.meta_capture): the device a graph whose attributes are meta-device

@@ -28,6 +28,8 @@ from svdq_compiler.ir import META_KEY, LinearInfo, QuantOpInfo, Role, annotated_
 from svdq_compiler.quant import fake_quantize_act, fake_quantize_weight
 
 STACKED_ROLES = (Role.QKV, Role.CROSS_KV)
+# The smoothing search evaluates as many candidates at once as fit in this many bytes of temporaries.
+SEARCH_BATCH_BYTES = 256 * 2**20
 
 
 def smoothing_candidates(search: str, grid: int) -> list[tuple[float, float]]:
@@ -68,43 +70,64 @@ def _one_thread():
 
 
 def _tall(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    return (matrix.T, True) if matrix.shape[0] < matrix.shape[1] else (matrix, False)
+    return (matrix.mT, True) if matrix.shape[-2] < matrix.shape[-1] else (matrix, False)
 
 
 def low_rank(weight: torch.Tensor, rank: int, method: str = "full", *, seed: int = 0,
              oversample: int = 16, power_iterations: int = 4, dtype: torch.dtype = torch.float64
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best rank-`rank` factors L1 [N, r] = U·Σ and L2 [r, K] = Vᵀ of `weight`, computed in `dtype`
-    (float64; the smoothing search, which only ranks candidates, uses float32).
+    """The best rank-`rank` factors L1 [N, r] = U·Σ and L2 [r, K] = Vᵀ of `weight` [N, K] (or of each matrix of
+    a batch [..., N, K]), computed in `dtype` (float64; the smoothing search, which only ranks candidates, uses
+    float32).
 
     "full" is a truncated LAPACK SVD. "randomized" is a Halko–Martinsson–Tropp range finder (Gaussian sketch
-    with `oversample` extra columns and `power_iterations` subspace iterations, seeded) followed by an exact
-    SVD of the small projected matrix; tools/bench_lowrank.py measures its excess error against "full".
+    with `oversample` extra columns and `power_iterations` subspace iterations, seeded; one sketch for every
+    matrix of a batch) followed by an exact SVD of the small projected matrix; tools/bench_lowrank.py measures
+    its excess error against "full".
     """
     work = weight.to(dtype)
-    rank = min(rank, *work.shape)
+    rank = min(rank, *work.shape[-2:])
     if rank == 0:
-        return work.new_zeros(work.shape[0], 0), work.new_zeros(0, work.shape[1])
+        return work.new_zeros(*work.shape[:-1], 0), work.new_zeros(*work.shape[:-2], 0, work.shape[-1])
     tall, transposed = _tall(work)
     if method == "full":
         u, s, vh = torch.linalg.svd(tall, full_matrices=False)
     elif method == "randomized":
         with _one_thread():
             generator = torch.Generator(device=tall.device).manual_seed(seed)
-            width = min(rank + oversample, tall.shape[1])
-            sketch = tall @ torch.randn(tall.shape[1], width, generator=generator, dtype=tall.dtype,
+            width = min(rank + oversample, tall.shape[-1])
+            sketch = tall @ torch.randn(tall.shape[-1], width, generator=generator, dtype=tall.dtype,
                                         device=tall.device)
             basis = torch.linalg.qr(sketch).Q
             for _ in range(power_iterations):
-                basis = torch.linalg.qr(tall @ torch.linalg.qr(tall.T @ basis).Q).Q
-            small_u, s, vh = torch.linalg.svd(basis.T @ tall, full_matrices=False)
+                basis = torch.linalg.qr(tall @ torch.linalg.qr(tall.mT @ basis).Q).Q
+            small_u, s, vh = torch.linalg.svd(basis.mT @ tall, full_matrices=False)
             u = basis @ small_u
     else:
         raise ValueError(f"unknown SVD method {method!r}")
-    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
     if transposed:  # tallᵀ = weight: swap the roles of U and V
-        u, vh = vh.T, u.T
-    return u * s, vh
+        u, vh = vh.mT, u.mT
+    return u * s.unsqueeze(-2), vh
+
+
+def low_rank_from_gram(weight: torch.Tensor, gram: torch.Tensor, rank: int, *, seed: int = 0,
+                       oversample: int = 16, power_iterations: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-`rank` factors (L1 = W·V, L2 = Vᵀ) of a tall `weight` [..., N, K] (N > K) whose Gram matrix
+    `gram` = WᵀW [..., K, K] is given: subspace iteration on the Gram matrix (Gaussian start, seeded) and a
+    Rayleigh–Ritz step give V, the top right singular vectors. Every product is K×K instead of N×K, which is
+    what makes it cheaper than `low_rank`'s randomized SVD when the Gram matrix is reused (the smoothing
+    search: (W·diag(λ))ᵀ(W·diag(λ)) = diag(λ)·WᵀW·diag(λ) for every candidate λ)."""
+    with _one_thread():
+        generator = torch.Generator(device=gram.device).manual_seed(seed)
+        width = min(rank + oversample, gram.shape[-1])
+        basis = torch.linalg.qr(gram @ torch.randn(gram.shape[-1], width, generator=generator, dtype=gram.dtype,
+                                                   device=gram.device)).Q
+        for _ in range(power_iterations):
+            basis = torch.linalg.qr(gram @ basis).Q
+        _, vectors = torch.linalg.eigh(basis.mT @ gram @ basis)  # ascending eigenvalues
+        right = basis @ vectors[..., -min(rank, width):].flip(-1)
+    return weight @ right, right.mT
 
 
 @dataclass
@@ -128,6 +151,7 @@ class GroupProblem:
     shifts: dict[str, float]  # site → constant added before unsigned quantization
     members: list[Member] = field(default_factory=list)
     branch_sets: list[list[str]] = field(default_factory=list)  # weight keys sharing one L2
+    grams: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)  # see _gram
 
     @classmethod
     def build(cls, scheme: Scheme, dtype: torch.dtype, weights: dict[str, torch.Tensor],
@@ -149,7 +173,25 @@ class GroupProblem:
                                                         if k not in in_stacks]
         return problem
 
+    def subsample(self, rows: int, seed: int = 0) -> "GroupProblem":
+        """The same problem on at most `rows` sample rows per site: a seeded uniform subset (the sample is
+        itself a uniform sample of every row calibration saw)."""
+        generator = torch.Generator().manual_seed(seed)
+        keep = {site: torch.randperm(x.shape[0], generator=generator)[:rows].sort().values
+                for site, x in self.rows.items()}
+        problem = GroupProblem(self.scheme, self.dtype, self.weights,
+                               {site: x[keep[site]] for site, x in self.rows.items()}, self.shifts,
+                               branch_sets=self.branch_sets, grams=self.grams)
+        problem.members = [Member(m.name, m.weight_key, m.site, m.reference[keep[m.site]]) for m in self.members]
+        return problem
+
+    def sample_rows(self) -> int:
+        return max(x.shape[0] for x in self.rows.values())
+
     # ---- the three steps of an SVDQuant layer -------------------------------------------------------------
+    #
+    # Every step takes one λ [K] or a batch of candidates [C, K]; with a batch, every tensor it returns has a
+    # leading candidate dimension, so the smoothing search evaluates many candidates in a few large operations.
 
     def act_absmax(self, site_absmax: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack([site_absmax[site] for site in self.rows]).amax(0)
@@ -159,25 +201,42 @@ class GroupProblem:
 
     def smoothed(self, smooth: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """W·diag(λ), rounded to the model dtype (what the compiled graph stores), as fp32."""
-        return {k: (w if smooth is None else w * smooth.float()).to(self.dtype).float()
+        return {k: (w if smooth is None else w * smooth.float().unsqueeze(-2)).to(self.dtype).float()
                 for k, w in self.weights.items()}
 
     def branches(self, targets: dict[str, torch.Tensor], rank: int, method: str, seed: int = 0,
-                 precision: torch.dtype = torch.float64) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                 precision: torch.dtype = torch.float64, smooth: torch.Tensor | None = None
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Rank-r factors per weight key (model dtype, as fp32); a branch set shares L2. At float32 (the
-        search) the randomized SVD uses 2 subspace iterations instead of 4."""
+        search) the randomized SVD uses 2 subspace iterations instead of 4. When `targets` are
+        `smoothed(smooth)` and `smooth` is given, a tall branch set is decomposed "randomized" from its
+        unsmoothed Gram matrix, scaled by λ (`low_rank_from_gram`)."""
         factors = {}
         iterations = 4 if precision == torch.float64 else 2
         for keys in self.branch_sets:
-            stacked = torch.cat([targets[k] for k in keys])
-            up, down = low_rank(stacked, rank, method, seed=seed, dtype=precision, power_iterations=iterations)
+            stacked = torch.cat([targets[k] for k in keys], dim=-2)
+            if smooth is not None and method == "randomized" and stacked.shape[-2] > stacked.shape[-1]:
+                scale = smooth.to(precision)
+                gram = scale.unsqueeze(-1) * self._gram(keys).to(precision) * scale.unsqueeze(-2)
+                up, down = low_rank_from_gram(stacked.to(precision), gram, rank, seed=seed,
+                                              power_iterations=iterations)
+            else:
+                up, down = low_rank(stacked, rank, method, seed=seed, dtype=precision,
+                                    power_iterations=iterations)
             down = down.to(self.dtype).float()
             offset = 0
             for key in keys:
-                rows = targets[key].shape[0]
-                factors[key] = (up[offset:offset + rows].to(self.dtype).float(), down)
+                rows = targets[key].shape[-2]
+                factors[key] = (up[..., offset:offset + rows, :].to(self.dtype).float(), down)
                 offset += rows
         return factors
+
+    def _gram(self, keys: list[str]) -> torch.Tensor:
+        """WᵀW of the branch set's stacked unsmoothed weights (fp32), computed once."""
+        if tuple(keys) not in self.grams:
+            stacked = torch.cat([self.weights[k] for k in keys])
+            self.grams[tuple(keys)] = stacked.T @ stacked
+        return self.grams[tuple(keys)]
 
     def residuals(self, smoothed: dict[str, torch.Tensor], branches: dict | None) -> dict[str, torch.Tensor]:
         """Ŵ − L1·L2 in the model dtype, as fp32."""
@@ -186,17 +245,31 @@ class GroupProblem:
         return {k: (w - branches[k][0] @ branches[k][1]).to(self.dtype).float() for k, w in smoothed.items()}
 
     def quantized(self, residuals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: self._fake_quantize_weight(r.to(self.dtype), k).float() for k, r in residuals.items()}
+
+    def _fake_quantize_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         scheme = self.scheme
-        return {k: fake_quantize_weight(r.to(self.dtype), scheme.weight, scheme.weight_group, name=k).float()
-                for k, r in residuals.items()}
+        if weight.dim() == 2:
+            return fake_quantize_weight(weight, scheme.weight, scheme.weight_group, name=name)
+        if scheme.weight == "nvfp4":  # its per-tensor scale is per candidate
+            return torch.stack([fake_quantize_weight(w, scheme.weight, scheme.weight_group, name=name)
+                                for w in weight])
+        # Every other format scales per row and group: the candidates' rows quantize as one matrix.
+        return fake_quantize_weight(weight.flatten(0, -2), scheme.weight, scheme.weight_group,
+                                    name=name).view(weight.shape)
 
     # ---- evaluation ---------------------------------------------------------------------------------------
 
     def errors(self, smooth: torch.Tensor | None, quantized: dict[str, torch.Tensor],
                branches: dict | None) -> dict[str, float]:
         """Squared output error per member (summed over its sample rows)."""
+        return {name: float(error) for name, error in self.squared_errors(smooth, quantized, branches).items()}
+
+    def squared_errors(self, smooth: torch.Tensor | None, quantized: dict[str, torch.Tensor],
+                       branches: dict | None) -> dict[str, torch.Tensor]:
+        """Squared output error per member, summed over its sample rows: 0-d, or [C] for a batch of λ."""
         scheme = self.scheme
-        inverse = None if smooth is None else 1.0 / smooth.float()
+        inverse = None if smooth is None else 1.0 / smooth.float().unsqueeze(-2)
         act_inputs = {}
         for site, rows in self.rows.items():
             shift = self.shifts.get(site, 0.0)
@@ -215,18 +288,35 @@ class GroupProblem:
         result = {}
         for member in self.members:
             main, smoothed_rows = act_inputs[member.site]
-            output = main @ quantized[member.weight_key].T
+            output = main @ quantized[member.weight_key].mT
             if branches:
                 up, down = branches[member.weight_key]
                 key = (member.site, id(down))
                 if key not in downs:
-                    downs[key] = (smoothed_rows.to(self.dtype).float() @ down.T).to(self.dtype).float()
-                output = output + downs[key] @ up.T
-            result[member.name] = float((output - member.reference).pow(2).sum())
+                    downs[key] = (smoothed_rows.to(self.dtype).float() @ down.mT).to(self.dtype).float()
+                output = output + downs[key] @ up.mT
+            result[member.name] = (output - member.reference).pow(2).sum((-2, -1))
         return result
 
     def reference_energy(self) -> dict[str, float]:
         return {m.name: float(m.reference.pow(2).sum()) for m in self.members}
+
+    def candidate_errors(self, smooths: torch.Tensor, rank: int, svd: str, seed: int = 0) -> torch.Tensor:
+        """The group's summed squared output error [C] for each candidate λ in `smooths` [C, K] (model dtype),
+        with the scheme's quantizers and, when `rank` > 0, a float32 rank-r branch (the `svd` method) refitted
+        to every candidate: the smoothing search's objective. Candidates are evaluated in batches whose
+        temporaries stay within SEARCH_BATCH_BYTES."""
+        per_candidate = 4 * (4 * sum(w.numel() for w in self.weights.values())
+                             + 3 * sum(x.numel() for x in self.rows.values())
+                             + 2 * sum(m.reference.numel() for m in self.members))
+        batch = max(1, SEARCH_BATCH_BYTES // per_candidate)
+        totals = []
+        for chunk in smooths.split(batch):
+            smoothed = self.smoothed(chunk)
+            branches = self.branches(smoothed, rank, svd, seed, torch.float32, chunk) if rank else None
+            quantized = self.quantized(self.residuals(smoothed, branches))
+            totals.append(sum(self.squared_errors(chunk, quantized, branches).values()))
+        return torch.cat(totals)
 
 
 # ---- the graph form of smoothed and branched linears ----------------------------------------------------------

@@ -5,7 +5,7 @@ import torch
 from tiny_models import by_name, dit_inputs, outlier_dit, prepared
 
 from svdq_compiler.ir import get_attr_value
-from svdq_compiler.svdquant import group_problem, low_rank, members_by_group, quant_op
+from svdq_compiler.svdquant import group_problem, low_rank, low_rank_from_gram, members_by_group, quant_op
 from svdq_compiler.passes.lowrank import refine
 
 CALIB = [dit_inputs(seed=s) for s in range(4)]
@@ -41,6 +41,26 @@ def test_randomized_svd_is_within_one_percent_of_the_optimum():
         up, down = low_rank(weight, 32, "randomized", seed=seed)
         excess = torch.linalg.matrix_norm(weight.double() - up @ down) / optimum - 1
         assert 0 <= excess < 0.01
+
+
+def test_gram_factors_match_the_svd_for_every_smoothing_candidate():
+    """The search decomposes W·diag(λ) of every candidate from one Gram matrix WᵀW: within 1% of the
+    optimum residual, like the randomized SVD, and exact where the rank covers the whole spectrum."""
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(192, 64, generator=g) + 3 * decaying(192, 64)).float()
+    scales = torch.rand(5, 64, generator=g) * 4 + 0.25
+    smoothed = weight * scales.unsqueeze(-2)
+    gram = scales.unsqueeze(-1) * (weight.T @ weight) * scales.unsqueeze(-2)
+    up, down = low_rank_from_gram(smoothed, gram, 32)
+    assert up.shape == (5, 192, 32) and down.shape == (5, 32, 64)
+    torch.testing.assert_close(down @ down.mT, torch.eye(32).expand(5, 32, 32), atol=1e-4, rtol=0)
+    for candidate in range(5):
+        best_up, best_down = low_rank(smoothed[candidate], 32, "full")
+        optimum = torch.linalg.matrix_norm(smoothed[candidate].double() - best_up @ best_down)
+        excess = torch.linalg.matrix_norm((smoothed[candidate] - up[candidate] @ down[candidate]).double())
+        assert 0 <= excess / optimum - 1 < 0.01
+    up, down = low_rank_from_gram(smoothed[0], gram[0], 64)
+    torch.testing.assert_close(up @ down, smoothed[0], atol=1e-3, rtol=1e-4)
 
 
 def test_branches_are_attached_and_the_graph_is_unchanged():

@@ -66,7 +66,7 @@ def test_the_winner_has_the_smallest_error_of_all_candidates():
     for alpha, beta in smoothing_candidates("svdquant", 20):
         scale = smoothing_scale(act, problem.weight_absmax(), alpha, beta, torch.float32)
         smoothed = problem.smoothed(scale)
-        branches = problem.branches(smoothed, 32, "randomized", 0, torch.float32)
+        branches = problem.branches(smoothed, 32, "randomized", 0, torch.float32, scale)
         quantized = problem.quantized(problem.residuals(smoothed, branches))
         errors[(alpha, beta)] = sum(problem.errors(scale, quantized, branches).values())
     from svdq_compiler.pipeline import PASS_REGISTRY
@@ -87,3 +87,70 @@ def test_smoothquant_search_and_presets_without_smoothing():
     _, _, results = prepared(tiny_dit(), CALIB[0], CALIB, "w4a4-rtn", passes=("annotate_linears", "calibrate",
                                                                                "smooth"))
     assert results["smooth"].stats["groups"] == 0 and not results["smooth"].modified
+
+
+def synthetic_problem(preset="int4", rows=96, shift=False):
+    """A q/k/v-like group of three weights reading one site with two outlier channels, plus a second site."""
+    from svdq_compiler.config import QuantConfig
+    from svdq_compiler.ir import Role
+    from svdq_compiler.svdquant import GroupProblem
+
+    config = QuantConfig.preset(preset)
+    scheme = config.scheme("w4a4", unsigned_input=shift)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 64, generator=g)
+    x[:, [3, 40]] *= 25
+    weights = {f"w{i}": torch.randn(48, 64, generator=g) / 8 for i in range(3)}
+    members = [(f"l{i}", f"w{i}", "x", Role.QKV) for i in range(3)]
+    site_rows, shifts = {"x": x}, {}
+    if shift:  # the down projection reads a post-GELU site
+        site_rows = {"x": torch.nn.functional.gelu(x)}
+        shifts = {"x": scheme.shift}
+    return GroupProblem.build(scheme, torch.float32, weights, site_rows, shifts, members)
+
+
+@pytest.mark.parametrize("preset,shift", [("int4", False), ("int4", True), ("nvfp4", False), ("w8a8", False)])
+def test_batched_candidates_match_one_at_a_time(preset, shift, monkeypatch):
+    problem = synthetic_problem(preset, shift=shift)
+    act = problem.rows["x"].add(problem.shifts.get("x", 0.0)).abs().amax(0)
+    candidates = smoothing_candidates("svdquant", 20)[::6]
+    smooths = torch.stack([smoothing_scale(act, problem.weight_absmax(), a, b, torch.float32)
+                           for a, b in candidates])
+    rank = problem.scheme.rank
+    one_at_a_time = []
+    for smooth in smooths:
+        smoothed = problem.smoothed(smooth)
+        branches = problem.branches(smoothed, rank, "randomized", 0, torch.float32, smooth)
+        quantized = problem.quantized(problem.residuals(smoothed, branches))
+        one_at_a_time.append(sum(problem.errors(smooth, quantized, branches).values()))
+    batched = problem.candidate_errors(smooths, rank, "randomized", 0)
+    torch.testing.assert_close(batched, torch.tensor(one_at_a_time), rtol=1e-4, atol=0)
+    # Evaluated in batches of one candidate, the result is the same.
+    monkeypatch.setattr("svdq_compiler.svdquant.SEARCH_BATCH_BYTES", 1)
+    torch.testing.assert_close(problem.candidate_errors(smooths, rank, "randomized", 0), batched, rtol=1e-5, atol=0)
+
+
+def test_search_ranks_on_a_row_subset_and_reports_errors_on_every_row():
+    from svdq_compiler.passes.smooth import search
+
+    problem = synthetic_problem(rows=96)
+    act = problem.rows["x"].abs().amax(0)
+    candidates = smoothing_candidates("svdquant", 20)
+    subset = problem.subsample(32, seed=0)
+    assert subset.sample_rows() == 32 and problem.sample_rows() == 96
+    # The subset's references are the FP outputs of its own rows.
+    torch.testing.assert_close(subset.members[1].reference, subset.rows["x"] @ problem.weights["w1"].T)
+    smooths = torch.stack([smoothing_scale(act, problem.weight_absmax(), a, b, torch.float32) for a, b in candidates])
+    on_subset = subset.candidate_errors(smooths, 32, "randomized", 0)
+    on_all = problem.candidate_errors(smooths, 32, "randomized", 0)
+    chosen, scale, error, identity_error = search(problem, act, candidates, 32, "randomized", 0, search_rows=32)
+    winner = candidates.index(chosen)
+    assert on_subset[winner] == on_subset.min() and torch.equal(scale, smooths[winner])
+    assert error == pytest.approx(float(on_all[winner]), rel=1e-5)
+    assert identity_error == pytest.approx(float(on_all[0]), rel=1e-5) and error < 0.5 * identity_error
+    # Without a subset (or with one as large as the sample) the search ranks on every row.
+    assert search(problem, act, candidates, 32, "randomized", 0)[0] == candidates[int(on_all.argmin())]
+    assert search(problem, act, candidates, 32, "randomized", 0, search_rows=96)[2] == pytest.approx(
+        float(on_all.min()), rel=1e-5)
+    # A candidate list without λ = 1 (weight-only smoothing) has no identity error.
+    assert search(problem, act, candidates[1:], 32, "randomized", 0, search_rows=32)[3] is None
