@@ -104,7 +104,8 @@ def full(args: argparse.Namespace) -> None:
     start = time.perf_counter()
 
     def on_unit(record, index, total):
-        print(f"{time.perf_counter() - start:7.1f}s  {index + 1}/{total} {record.name}: {record.wall_s}", flush=True)
+        print(f"{time.perf_counter() - start:7.1f}s  {index + 1}/{total} {record.name}: {record.wall_s}, resident "
+              f"{record.rss_bytes / 2**30:.2f} GiB", flush=True)
 
     report = compile_streaming(args.folder, args.out, QuantConfig.preset(args.preset), calibration=args.smoothing,
                                on_unit=on_unit)
@@ -120,6 +121,7 @@ def full(args: argparse.Namespace) -> None:
         "steps_s": streaming["steps_s"],
         "capture": {key: report["capture"].get(key) for key in ("wall_s", "replicated_blocks")},
         "unit_s": {record["name"]: record["wall_s"] for record in streaming["units"]},
+        "rss_after_unit_gib": {record["name"]: round(record["rss_bytes"] / 2**30, 2) for record in streaming["units"]},
         "parameters": sum(layer["in_features"] * layer["out_features"] for layer in report["linears"]),
         "load_average_start": load_start, "load_average_end_of_compile": load_end, "machine": machine(),
     }
