@@ -408,13 +408,17 @@ def _drop_asserts(nodes) -> None:
                 user.graph.erase_node(user)
 
 
-def _remove_dead(gm: torch.fx.GraphModule, replaced_weights: set[str]) -> None:
-    gm.graph.eliminate_dead_code()
+def _remove_dead(gm: torch.fx.GraphModule, replaced_weights: set[str]) -> bool:
+    """Erase dead nodes and the attributes no node reads any more; True when anything went (the graph's code
+    must then be regenerated, or it still reads a deleted attribute)."""
+    changed = gm.graph.eliminate_dead_code()
     used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
     for target in replaced_weights - used:
         owner_path, _, leaf = target.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
         delattr(owner, leaf)
+        changed = True
+    return changed
 
 
 @register_pass("fuse", requires=("lower",),
@@ -462,7 +466,7 @@ def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             _kernel_a(rw, _group(node) or group)
         except SpecError as exc:
             rw.fallback(_group_linears(group), f"kernel A: {exc.what}")
-    _remove_dead(gm, weights_before)
+    removed = _remove_dead(gm, weights_before)
     for _, linear in annotated_linears(gm):  # a linear's L2 now lives in the concatenated buffer
         linear.lora_down = rw.concatenated.get(linear.lora_down, linear.lora_down)
     # W4A16 layers are already one op (weight dequantized into a 16-bit GEMM); no generated kernel for them yet
@@ -473,5 +477,5 @@ def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     stats["epilogues"] = dict(sorted(rw.epilogues.items()))
     stats["fallen_back"] = len(rw.fallbacks)
     stats["fallbacks"] = rw.fallbacks
-    modified = bool(stats["linears_fused"] or stats["kernel_a"])
+    modified = bool(stats["linears_fused"] or stats["kernel_a"] or removed)
     return PassResult(gm, modified, stats)

@@ -2,6 +2,11 @@
 
 Every knob of the method is a field here (formats, group sizes, rank, smoothing search, low-rank iterations,
 skip rules, per-role schemes, sensitivity fallback), so a preset is only a set of field values.
+
+The model dtype (of the 16-bit weights, scales, λ and the low-rank branch) is not a field: it is the captured
+module's own dtype, so the graph's inputs keep the dtype the module was captured with. Convert the model first
+(`load_model(name, dtype=torch.bfloat16)`, `svdq-compile --dtype bfloat16`) to compile it in bf16 as the
+reference does for FLUX.
 """
 
 from __future__ import annotations
@@ -104,7 +109,6 @@ class QuantConfig:
     # weight-space error ‖ΔW‖_F, since E‖ΔW·x‖² = ‖ΔW‖_F² for x ~ N(0, I)).
     calib_source: str = "inputs"
     pad_k: bool = True  # K not divisible by the group size: zero-pad (True) or keep the layer 16-bit (False)
-    dtype: str | None = None  # model dtype for scales and the low-rank branch; None keeps the module's dtype
 
     # ---- construction -------------------------------------------------------------------------------------
 

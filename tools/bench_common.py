@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
 
 import svdq_compiler
+from svdq_compiler.files import write_json
 
 
 def machine(device: str = "cpu") -> dict:
@@ -24,11 +23,6 @@ def machine(device: str = "cpu") -> dict:
 
 
 def write_result(report: dict, target: Path) -> None:
-    """Write `report` as JSON to a temporary file beside `target`, then rename it into place."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=target.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(report, handle, indent=2)
-        handle.write("\n")
-    Path(handle.name).replace(target)
+    """Write `report` as JSON (to a temporary name beside `target`, then renamed into place) and say where."""
+    write_json(target, report, "benchmark result")
     print(f"wrote {target}")

@@ -74,3 +74,33 @@ def test_every_preset_lowers_and_runs(preset, bound):
     if preset in ("w4a4-rtn", "w4a4-smoothquant"):  # no branch
         assert not any(n.meta.get("svdq") and getattr(n.meta["svdq"], "op", "") == "lora_down"
                        for n in gm.graph.nodes)
+
+
+def test_a_bf16_model_compiles_in_bf16():
+    """The model dtype is the module's: a bf16 model gets bf16 λ, branch, biases and int4 scales, and takes bf16
+    inputs (QuantConfig has no dtype field to contradict it)."""
+    from svdq_compiler import QuantConfig
+
+    assert "dtype" not in QuantConfig.preset("int4").to_dict()
+    model = outlier_dit().to(torch.bfloat16)
+    calib = [tuple(t.to(torch.bfloat16) for t in inputs) for inputs in CALIB]
+    gm, _, _ = prepared(model, calib[0], calib, passes=PASSES)
+    from svdq_compiler.ir import get_attr_value
+
+    for name in ("blocks.0.q.smooth", "blocks.0.q.lora_down", "blocks.0.k.lora_up", "blocks.0.k.wscales"):
+        assert get_attr_value(gm, name).dtype == torch.bfloat16, name
+    x = tuple(t.to(torch.bfloat16) for t in dit_inputs(seed=5))
+    y, out = model(*x).float(), gm(*x)
+    assert out.dtype == torch.bfloat16 and float((out.float() - y).norm() / y.norm()) < 0.1
+
+
+def test_a_buffer_the_forward_never_reads_survives_fuse_without_fused_kernels():
+    """Unlifting gives an unread buffer a dead get_attr (PixArt's pos_embed off its native grid). With only
+    W4A16 layers fuse fuses nothing, yet erases that node and deletes the buffer: it must report the change,
+    so the graph's code is regenerated and no longer reads the deleted attribute."""
+    model = outlier_dit()
+    model.register_buffer("unused_table", torch.randn(4, 4))
+    gm, _, results = prepared(model, CALIB[0], CALIB, "w4a16-nf4", passes=PASSES + ("fuse",))
+    assert results["fuse"].modified and not hasattr(gm, "unused_table")
+    x = dit_inputs(seed=5)
+    torch.testing.assert_close(gm(*x), prepared(model, CALIB[0], CALIB, "w4a16-nf4", passes=PASSES)[0](*x))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
+
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -106,9 +110,27 @@ def outlier_dit(seed=0, **kwargs) -> TinyDiT:
     return model
 
 
+_CAPTURED: dict[str, torch.fx.GraphModule] = {}
+
+
+def captured(model, inputs):
+    """svdq_compiler.capture(model, inputs), from a cache: the pass tests capture the same few tiny models
+    dozens of times, and capture (torch.export) costs ~5× the passes that follow. The key is the model's class,
+    its parameters and buffers and the inputs (positional tensors), so an edited model is captured afresh; each
+    call gets its own deep copy, so a pass that edits the graph cannot leak into another test."""
+    digest = hashlib.sha1(type(model).__qualname__.encode())
+    for name, tensor in [*model.state_dict().items(), *enumerate(inputs)]:
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    key = digest.hexdigest()
+    if key not in _CAPTURED:
+        _CAPTURED[key] = copy.deepcopy(svdq_compiler.capture(model, inputs))
+    return copy.deepcopy(_CAPTURED[key])
+
+
 def prepared(model, inputs, calib, config="int4", passes=("annotate_linears", "calibrate"), **overrides):
-    """Capture `model` and run `passes`; returns (gm, ctx, {pass: result})."""
-    gm = svdq_compiler.capture(model, inputs)
+    """Capture `model` (cached) and run `passes`; returns (gm, ctx, {pass: result})."""
+    gm = captured(model, inputs)
     ctx = make_ctx(config, inputs, calib, **overrides)
     results = {}
     for name in passes:
