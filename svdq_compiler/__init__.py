@@ -1,6 +1,6 @@
 """svdq-compiler: SVDQuant W4A4 compilation of diffusion transformers.
 
-Public API (stable): capture, compile, QuantConfig, save, load; load_model and register_builtin for models.
+Public API (stable): capture, compile, QuantConfig, save, load, export_onnx; load_model and register_builtin for models.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from svdq_compiler.ir import annotated_linears, to_jsonable
 from svdq_compiler.models import DynDim, ModelAdapter, adapter_for, load_model, register_builtin
 from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
 from svdq_compiler.serialize import REPORT_META, load, save
+from svdq_compiler.onnx_export import export_onnx
 from svdq_compiler.codegen import fused_ops  # noqa: F401  (registers torch.ops.svdq.fused_*)
 
 __version__ = "0.1.0"
@@ -27,7 +28,7 @@ from svdq_compiler import backend as _backend  # noqa: E402  (torch.compile(back
 
 _backend.register()
 
-__all__ = ["capture", "compile", "save", "load", "load_model", "register_builtin", "DynDim", "QuantConfig", "Scheme",
+__all__ = ["capture", "compile", "save", "load", "load_model", "register_builtin", "export_onnx", "DynDim", "QuantConfig", "Scheme",
            "PRESETS", "SvdqError", "__version__"]
 
 

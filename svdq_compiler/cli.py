@@ -25,6 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def compile_parser() -> argparse.ArgumentParser:
     from svdq_compiler.config import PRESETS
+    from svdq_compiler.onnx_export import FORMS as ONNX_FORMS
     from svdq_compiler.models import builtin_names
     from svdq_compiler.pipeline import SVDQUANT_STEPS
 
@@ -71,6 +72,11 @@ def compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stream-smoothing", choices=("none", "weight-only"), default="none",
                         help="smoothing without activation statistics when streaming: none (λ = 1), or λ from the "
                              "weights' column ranges, searched per group on synthetic inputs (slower)")
+    parser.add_argument("--onnx", type=Path, metavar="FILE",
+                        help="also export the compiled graph as an ONNX model (svdq_compiler.export_onnx)")
+    parser.add_argument("--onnx-form", choices=ONNX_FORMS, default="portable",
+                        help="portable: standard ops (INT4 DequantizeLinear + MatMul, runs in onnxruntime); custom: "
+                             "svdq-domain fused ops (default: %(default)s)")
     parser.add_argument("--save-calib", type=Path, metavar="FILE",
                         help="write the calibration statistics (safetensors) for torch.compile(backend='svdquant', "
                              "options={'calib_stats': FILE}) or a later compile")
@@ -149,6 +155,10 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
         ensure_dir(args.report.parent, "folder of --report")
     if args.save_calib is not None:
         ensure_dir(args.save_calib.parent, "folder of --save-calib")
+    if args.onnx is not None:
+        ensure_dir(args.onnx.parent, "folder of --onnx")
+        if args.onnx.is_dir():
+            raise InputError("--onnx is a folder", where=str(args.onnx), fix="give a file name such as model.onnx")
     if args.dump_ir is not None:
         ensure_dir(args.dump_ir, "IR dump folder (--dump-ir)")
     config = quant_config(args)
@@ -157,7 +167,8 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
         return run_streaming(args, config)
 
     show_progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
-    steps = Steps(["load model", "example inputs", "compile", "save"], show=show_progress)
+    steps = Steps(["load model", "example inputs", "compile", "save"] + (["onnx"] if args.onnx else []),
+                  show=show_progress)
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         model = steps.run("load model", lambda: load_model(args.model, dtype=dtype))
@@ -176,11 +187,15 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
             print_ir_after_change=args.print_ir_after_change, progress=show_progress, adapter=adapter,
             save_calib=args.save_calib))
         steps.run("save", lambda: svdq_compiler.save(gm, args.out))
+        if args.onnx is not None:
+            steps.run("onnx", lambda: svdq_compiler.export_onnx(gm, args.onnx, form=args.onnx_form))
     finally:
         steps.close()
     report = dict(gm.meta[svdq_compiler.REPORT_META])
-    report.update(model=args.model, adapter=adapter.name, output={"path": str(args.out),
-                                                                  "bytes": args.out.stat().st_size},
+    outputs = {"output": {"path": str(args.out), "bytes": args.out.stat().st_size}}
+    if args.onnx is not None:
+        outputs["onnx"] = {"path": str(args.onnx), "bytes": args.onnx.stat().st_size, "form": args.onnx_form}
+    report.update(model=args.model, adapter=adapter.name, **outputs,
                   steps_s=steps.times, versions=svdq_compiler.serialize.versions())
     if args.report is not None:
         write_json(args.report, report, "compile report")
@@ -198,7 +213,8 @@ def wants_streaming(args: argparse.Namespace) -> bool:
         unsupported = [flag for flag, given in (("--dump-ir", args.dump_ir), ("--passes", args.passes),
                                                 ("--print-ir-after-change", args.print_ir_after_change),
                                                 ("--static", args.static),
-                                                ("--save-calib", args.save_calib)) if given]
+                                                ("--save-calib", args.save_calib),
+                                                ("--onnx", args.onnx)) if given]
         if not folder.is_dir():
             raise InputError("--stream compiles a diffusers model folder", where=args.model,
                              fix="give the folder holding config.json and the safetensors shards")
@@ -249,6 +265,9 @@ def compile_summary(report: dict[str, Any]) -> str:
     capture = report["capture"]
     lines = [f"wrote {report['output']['path']} ({human_bytes(report['output']['bytes'])}): "
              f"{capture['module_class']} ({report['adapter']}), preset {report['config']['preset_name']}"]
+    if "onnx" in report:
+        onnx = report["onnx"]
+        lines.append(f"wrote {onnx['path']} ({human_bytes(onnx['bytes'])}): ONNX, {onnx['form']} form")
     lines.append("  dimensions: " + (describe_dims(capture) or "all static"))
     lines += [f"  {pass_line(record)}" for record in report["passes"]]
     if not report["passes"]:
@@ -312,7 +331,11 @@ def inspect_parser() -> argparse.ArgumentParser:
     parser.add_argument("graph", type=Path, help="a graph file written by svdq-compile or svdq_compiler.save")
     parser.add_argument("--layers", action="store_true", help="one line per annotated linear")
     parser.add_argument("--ir", action="store_true", help="print the saved IR (graph code with annotations)")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--kernels", action="store_true",
+                        help="print the generated Triton source of each fused kernel (for this machine's GPU, else "
+                             "Hopper sm_90)")
+    parser.add_argument("--json", action="store_true", help="print the summary (or with --kernels, the kernels) as "
+                                                            "JSON")
     return parser
 
 
@@ -394,6 +417,38 @@ def inspect_text(summary: dict[str, Any], layers: bool) -> str:
     return "\n".join(lines)
 
 
+def graph_kernels(path: Path) -> list:
+    from svdq_compiler import serialize
+    from svdq_compiler.codegen.sources import kernel_sources
+
+    return kernel_sources(serialize.load(path))
+
+
+def kernels_text(path: Path) -> str:
+    """Each distinct kernel once, headed by the graph nodes that launch it."""
+    sources = graph_kernels(path)
+    if not sources:
+        return f"# {path}: no fused kernels (the graph was not fused, or keeps every layer 16-bit)\n"
+    nodes: dict[str, list[str]] = {}
+    for kernel in sources:
+        nodes.setdefault(kernel.spec.to_string(), []).append(kernel.node)
+    blocks, seen = [], set()
+    for kernel in sources:
+        text = kernel.spec.to_string()
+        if text in seen:
+            continue
+        seen.add(text)
+        blocks.append(f"# ==== {kernel.spec.kind} kernel {kernel.spec.hash[:12]}, launched by "
+                      f"{', '.join(nodes[text])}\n# spec: {text}\n{kernel.source.rstrip()}\n")
+    return "\n".join(blocks)
+
+
+def kernels_json(path: Path) -> str:
+    return json.dumps([{"node": kernel.node, "kind": kernel.spec.kind, "spec": kernel.spec.to_string(),
+                        "hash": kernel.spec.hash, "source": kernel.source} for kernel in graph_kernels(path)],
+                      indent=2) + "\n"
+
+
 def inspect_main(argv: Sequence[str] | None = None) -> int:
     args = inspect_parser().parse_args(argv)
     configure_logging(False)
@@ -403,6 +458,9 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
             from svdq_compiler.serialize import IR_FILE, read_extra
 
             print(read_extra(args.graph)[IR_FILE], end="")
+            return
+        if args.kernels:
+            print(kernels_json(args.graph) if args.json else kernels_text(args.graph), end="")
             return
         summary = graph_summary(args.graph)
         print(json.dumps(summary, indent=2, default=str) if args.json else inspect_text(summary, args.layers))

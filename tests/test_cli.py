@@ -44,7 +44,7 @@ def compiled(tmp_path_factory):
     run = subprocess.run(console_script("svdq-compile") + ["random:flux", "--out", str(graph), "--dump-ir", str(dumps),
                                                             "--report", str(report), "--verify", "--progress", "on",
                                                             "--save-calib", str(folder / "calib.safetensors")],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr
     return graph, dumps, json.loads(report.read_text()), run
 
@@ -58,7 +58,7 @@ def test_compile_writes_a_graph_that_a_new_process_runs_like_eager(compiled):
     modified = {record["name"] for record in report["passes"] if record["modified"]}
     assert {"annotate_linears", "smooth", "lowrank", "quantize_weights", "lower"} <= modified
     check = subprocess.run([sys.executable, "-c", LOAD_AND_COMPARE, str(graph)], capture_output=True, text=True,
-                           timeout=600)
+                           timeout=1800)
     assert check.returncode == 0, check.stderr
     assert "close to eager" in check.stdout
 
@@ -110,6 +110,54 @@ def test_inspect_summarizes_the_graph(compiled, capsys):
     assert "def forward(self, hidden_states" in capsys.readouterr().out
 
 
+def test_inspect_prints_the_generated_kernels(compiled, capsys):
+    graph = compiled[0]
+    assert inspect_main([str(graph), "--kernels", "--json"]) == 0
+    kernels = json.loads(capsys.readouterr().out)
+    assert {k["kind"] for k in kernels} == {"quantize_lora_down", "gemm"}
+    assert all("@triton.jit" in k["source"] for k in kernels)
+    assert inspect_main([str(graph), "--kernels"]) == 0
+    text = capsys.readouterr().out
+    distinct = {k["spec"] for k in kernels}
+    assert text.count("# ==== ") == len(distinct) and all(f"# spec: {spec}\n" in text for spec in distinct)
+    assert all(re.search(rf"launched by .*\b{k['node']}\b", text) for k in kernels)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["portable", "custom"])
+def test_compile_also_exports_onnx(form, tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime
+    import torch
+
+    import svdq_compiler
+    from svdq_compiler.codegen.fused_ops import kernel_backend
+
+    graph, model_path = tmp_path / "g.pt", tmp_path / "g.onnx"
+    assert compile_main(["random:flux", "--out", str(graph), "--onnx", str(model_path), "--onnx-form", form,
+                         "--report", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["onnx"] == {"path": str(model_path), "bytes": model_path.stat().st_size, "form": form}
+    model = onnx.load(str(model_path))
+    domains = {node.domain for node in model.graph.node}
+    if form == "custom":
+        assert "svdq" in domains
+        return
+    assert domains <= {"", "ai.onnx"}
+    loaded = svdq_compiler.load(graph)
+    inputs = {name: value for name, value in loaded.graph_module.meta["svdq_capture_inputs"].items()
+              if isinstance(value, torch.Tensor)}
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
+    got = session.run(None, feeds)[0]
+    with kernel_backend("reference"), torch.no_grad():
+        expected = loaded(**inputs, return_dict=False)[0].numpy()
+    assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max()
+
+
 def test_help_documents_every_flag():
     for parser in (compile_parser(), inspect_parser()):
         for action in parser._actions:
@@ -127,6 +175,7 @@ def test_help_documents_every_flag():
     (["random:flux", "--out", "{tmp}"], "--out is a folder"),
     (["random:flux", "--out", "{tmp}/g.pt", "--report", "{tmp}/file/r.json"], "cannot create the folder of --report"),
     (["random:flux", "--out", "{tmp}/g.pt", "--save-calib", "{tmp}/file/c.st"], "cannot create the folder of --save-calib"),
+    (["random:flux", "--out", "{tmp}/g.pt", "--onnx", "{tmp}"], "--onnx is a folder"),
     (["random:flux", "--out", "{tmp}/g.pt", "--passes", "annotate,nope"], r"unknown pass\(es\)"),
     (["random:flux", "--out", "{tmp}/g.pt", "--set", "ranks=3"], "unknown QuantConfig field"),
     (["random:flux", "--out", "{tmp}/g.pt", "--tokens", "40x4x"], None),

@@ -62,6 +62,8 @@ def test_extra_files_are_readable_without_loading_the_program(saved):
     assert set(extra) == set(serialize.EXTRA_FILES)
     manifest = json.loads(extra[serialize.MANIFEST_FILE])
     assert (manifest["format"], manifest["format_version"]) == (serialize.FORMAT, serialize.FORMAT_VERSION)
+    assert (manifest["svdq_compiler"], manifest["torch"]) == (svdq_compiler.__version__, torch.__version__)
+    assert "triton" in manifest and "python" in manifest
     assert json.loads(extra[serialize.CONFIG_FILE])["rank"] == 32
 
 
