@@ -392,6 +392,9 @@ class TinyFluxAdapter(FluxAdapter):
     """
 
     name = "tiny-flux"
+    # Chosen by `matches` (the shipped model's folder), never by class name: every other FluxTransformer2DModel
+    # (a diffusers folder, a 12B checkpoint) keeps the FLUX adapter.
+    class_names = ()
 
     def matches(self, model) -> bool:
         return _folder_of(model) is not None
