@@ -243,7 +243,9 @@ class Trainer:
 def storage_check(transformer, encoder, sampler: SamplerConfig) -> dict:
     """What storing the transformer in tiny_flux.STORAGE_DTYPE does: the weights' relative L2 error, and the PSNR
     of the stored weights' samples against the float32 weights' samples on the quality table's first pairs."""
-    stored = copy.deepcopy(transformer).to(tiny_flux.STORAGE_DTYPE).float()
+    stored = copy.deepcopy(transformer)
+    stored.load_state_dict({name: tensor.to(tiny_flux.STORAGE_DTYPE).float()
+                            for name, tensor in transformer.state_dict().items()})
     weights = torch.cat([p.flatten() for p in transformer.parameters()])
     rounded = torch.cat([p.flatten() for p in stored.parameters()])
     pairs = eval_pairs(STORAGE_CHECK_PAIRS)

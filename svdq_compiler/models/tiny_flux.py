@@ -15,7 +15,6 @@ prompt 10% of the time in training, and the sampler runs the conditional and unc
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -313,9 +312,16 @@ def load_pipeline(folder: str | Path | None = None, transformer: Callable | None
 
 def save_transformer(transformer, folder: Path) -> None:
     """Write `transformer` as folder/transformer in STORAGE_DTYPE, replacing any earlier one whole."""
+    from safetensors.torch import save_file
+
     staging = folder / "transformer.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    copy.deepcopy(transformer).to(STORAGE_DTYPE).save_pretrained(staging, safe_serialization=True)
+    transformer.save_config(staging)
+    config = json.loads((staging / "config.json").read_text())
+    config.pop("_name_or_path", None)  # the folder it was loaded from, if any: not part of the model
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file({name: tensor.to(STORAGE_DTYPE).contiguous() for name, tensor in transformer.state_dict().items()},
+              str(staging / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     shutil.rmtree(folder / "transformer", ignore_errors=True)
     staging.rename(folder / "transformer")
 
