@@ -737,9 +737,9 @@ def _weight_only_description(spec: WeightOnlySpec, target: Target) -> str:
     return "\n".join([
         f"Kernel W (W4A16) for spec {spec.hash}: {spec.to_string()}",
         "",
-        f"y[M, N] = x·Wᵀ{' + down·L1ᵀ' if spec.rank else ''}{' + bias' if spec.bias else ''}, then the epilogue; "
-        f"x [M, K] in {spec.dtype}, W {spec.weight} codes × {spec.dtype} scales per group of {g}; {k_text}, "
-        f"{n_text}.",
+        textwrap.fill(f"y[M, N] = x·Wᵀ{' + down·L1ᵀ' if spec.rank else ''}{' + bias' if spec.bias else ''}, then "
+                      f"the epilogue; x [M, K] in {spec.dtype}, W {spec.weight} codes × {spec.dtype} scales per "
+                      f"group of {g}; {k_text}, {n_text}.", 110),
         _TILING,
         textwrap.fill(" ".join(main.split()), 110),
         after + (", + bias." if spec.bias else "."),
