@@ -65,6 +65,13 @@ def compile_parser() -> argparse.ArgumentParser:
                         help="run only these passes (in pipeline order), for debugging")
     parser.add_argument("--verify", action="store_true", help="check the IR's invariants after capture and each pass")
     parser.add_argument("--report", type=Path, metavar="FILE", help="write the compile report as JSON")
+    parser.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
+                        help="compile a diffusers folder one block at a time, writing graph.pt as it goes, so the "
+                             "model never sits in memory (data-free: no calibration run); auto streams when the "
+                             "checkpoint is larger than half the machine's memory")
+    parser.add_argument("--stream-smoothing", choices=("none", "weight-only"), default="none",
+                        help="smoothing without activation statistics when streaming: none (λ = 1), or λ from the "
+                             "weights' column ranges, searched per group on synthetic inputs (slower)")
     parser.add_argument("--onnx", type=Path, metavar="FILE",
                         help="also export the compiled graph as an ONNX model (svdq_compiler.export_onnx)")
     parser.add_argument("--onnx-form", choices=ONNX_FORMS, default="portable",
@@ -156,6 +163,8 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
         ensure_dir(args.dump_ir, "IR dump folder (--dump-ir)")
     config = quant_config(args)
     svdq_compiler.pipeline.svdquant_pipeline(args.passes)  # an unknown pass name fails here, before loading
+    if wants_streaming(args):
+        return run_streaming(args, config)
 
     show_progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     steps = Steps(["load model", "example inputs", "compile", "save"] + (["onnx"] if args.onnx else []),
@@ -193,6 +202,65 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def wants_streaming(args: argparse.Namespace) -> bool:
+    """--stream on, or auto with a diffusers folder whose weights exceed half of the physical memory."""
+    if args.stream == "off":
+        return False
+    from svdq_compiler.streaming import checkpoint_bytes
+
+    folder = Path(args.model)
+    if args.stream == "on":
+        unsupported = [flag for flag, given in (("--dump-ir", args.dump_ir), ("--passes", args.passes),
+                                                ("--print-ir-after-change", args.print_ir_after_change),
+                                                ("--static", args.static),
+                                                ("--save-calib", args.save_calib),
+                                                ("--onnx", args.onnx)) if given]
+        if not folder.is_dir():
+            raise InputError("--stream compiles a diffusers model folder", where=args.model,
+                             fix="give the folder holding config.json and the safetensors shards")
+        if unsupported:
+            raise InputError(f"{', '.join(unsupported)} cannot be combined with --stream",
+                             fix="drop them, or compile without --stream")
+        return True
+    if not folder.is_dir():
+        return False
+    import os
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return checkpoint_bytes(folder) > memory // 2
+
+
+def run_streaming(args: argparse.Namespace, config) -> dict[str, Any]:
+    import torch
+
+    import svdq_compiler
+    from svdq_compiler.files import write_json
+    from svdq_compiler.streaming import compile_streaming
+
+    show_progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+    from tqdm import tqdm
+
+    bar = tqdm(file=sys.stderr, disable=not show_progress, unit="block", leave=False, desc="streaming")
+
+    def on_unit(record, index, total):
+        bar.total = total
+        bar.set_postfix_str(record.name)
+        bar.update(1)
+
+    try:
+        report = compile_streaming(Path(args.model), args.out, config, calibration=args.stream_smoothing,
+                                   batch=args.batch, tokens=args.tokens,
+                                   dtype=getattr(torch, args.dtype) if args.dtype else None, on_unit=on_unit)
+    finally:
+        bar.close()
+    report.update(model=args.model, adapter=report["capture"]["adapter"],
+                  output={"path": str(args.out), "bytes": args.out.stat().st_size},
+                  steps_s=report["streaming"]["steps_s"], versions=svdq_compiler.serialize.versions())
+    if args.report is not None:
+        write_json(args.report, report, "compile report")
+    return report
+
+
 def compile_summary(report: dict[str, Any]) -> str:
     capture = report["capture"]
     lines = [f"wrote {report['output']['path']} ({human_bytes(report['output']['bytes'])}): "
@@ -204,6 +272,12 @@ def compile_summary(report: dict[str, Any]) -> str:
     lines += [f"  {pass_line(record)}" for record in report["passes"]]
     if not report["passes"]:
         lines.append("  passes: none ran (capture only)")
+    streaming = report.get("streaming")
+    if streaming:
+        lines.append(f"  streamed {len(streaming['units'])} units ({streaming['calibration']} smoothing, data-free): "
+                     f"{streaming['wall_s']:.0f} s, peak RSS {human_bytes(streaming['peak_rss_bytes'])}; "
+                     f"{human_bytes(streaming['checkpoint_bytes'])} {streaming['dtype']} checkpoint → "
+                     f"{human_bytes(streaming['output_bytes'])} ({streaming['size_ratio']}× smaller)")
     totals = report["totals"]
     lines.append(f"  {totals['nodes']} nodes, {totals['linears_annotated']} annotated linears, "
                  f"{human_bytes(totals['parameter_bytes'])} of parameters")

@@ -200,6 +200,21 @@ def fake_mode_of(gm: torch.fx.GraphModule):
     return detect_fake_mode([] if first is None else [first])
 
 
+# Set by the streaming compile (svdq_compiler.meta_capture): the device a graph whose attributes are meta-device
+# stand-ins runs on. Their fake values claim that device, as the traced activations' do.
+RUN_DEVICE_META = "svdq_run_device"
+
+
+def attribute_val(gm: torch.fx.GraphModule, target: str, mode=None):
+    """The fake value of a parameter or buffer (of a meta-device stand-in: on the graph's run device)."""
+    mode = mode or fake_mode_of(gm)
+    tensor = get_attr_value(gm, target)
+    value = mode.from_tensor(tensor, static_shapes=True)
+    if tensor.is_meta and RUN_DEVICE_META in gm.meta:
+        value.fake_device = torch.device(gm.meta[RUN_DEVICE_META])
+    return value
+
+
 def infer_val(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     """Set node.meta["val"] by running its target on the fake values of its inputs.
 
@@ -211,7 +226,7 @@ def infer_val(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     def fake(arg):
         if isinstance(arg, torch.fx.Node):
             if arg.op == "get_attr" and "val" not in arg.meta:
-                arg.meta["val"] = mode.from_tensor(get_attr_value(gm, arg.target), static_shapes=True)
+                arg.meta["val"] = attribute_val(gm, arg.target, mode)
             return arg.meta["val"]
         return arg
 
@@ -219,6 +234,6 @@ def infer_val(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     kwargs = torch.fx.node.map_aggregate(node.kwargs, fake)
     with mode:
         if node.op == "get_attr":
-            node.meta["val"] = mode.from_tensor(get_attr_value(gm, node.target), static_shapes=True)
+            node.meta["val"] = attribute_val(gm, node.target, mode)
         else:
             node.meta["val"] = node.target(*args, **kwargs)

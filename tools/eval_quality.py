@@ -6,6 +6,11 @@ Models:
   compiled through the generic path. Metric: cosine similarity of the sentence embeddings (mean pooling,
   L2-normalised, as sentence-transformers does) to fp32 on a fixed list of sentences, and the relative L2
   error of the token states.
+- `tiny-flux`, the shipped trained FLUX: images of fixed (prompt, seed) pairs (the class prompts in turn, seeds
+  apart from the calibration ones) through its sampler, for fp32 and every preset. PSNR and SSIM against the fp32
+  image of the same pair, the Fréchet distance of each preset's images to the real Fashion-MNIST test images on
+  the shipped classifier's features (the offline FID), and the classifier's accuracy against the prompted class;
+  `--table` prints the rows in the layout of the SVDQuant paper's table.
 - a built-in name (`random:flux`, …): the adapter's inputs on fixed seeds; relative L2 error and cosine
   similarity of the model output.
 
@@ -17,8 +22,10 @@ compile time, and the machine and versions.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -73,6 +80,10 @@ CALIB_SENTENCES = [
     "Scientists study how memories are stored in the brain.",
 ]
 SEQUENCE_LENGTH = 32
+# The rows of the SVDQuant paper's quality table: preset, precision, method.
+PAPER_ROWS = [("fp32", "FP32", "–"), ("w8a8", "INT W8A8", "SVDQuant"), ("w4a16-nf4", "W4A16", "NF4"),
+              ("w4a4-rtn", "INT W4A4", "RTN"), ("w4a4-smoothquant", "INT W4A4", "SmoothQuant"),
+              ("int4", "INT W4A4", "SVDQuant"), ("nvfp4", "FP W4A4 (NVFP4)", "SVDQuant")]
 
 
 def minilm() -> tuple[torch.nn.Module, dict, list[dict], dict]:
@@ -123,14 +134,26 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor
     return metrics
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="minilm", help="minilm or a built-in name such as random:flux")
-    parser.add_argument("--presets", default=",".join(PRESETS))
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def compile_preset(model, example, preset: str, calib: list[dict]) -> tuple[torch.fx.GraphModule, dict]:
+    """The compiled graph and its report columns: compile time and the per-layer report totals."""
+    start = time.perf_counter()
+    gm = svdq_compiler.compile(model, example, preset, calib_inputs=calib)
+    seconds = time.perf_counter() - start
+    report = gm.meta["svdq_report"]["layers"]
+    totals = report["totals"]
+    return gm, {"compile_s": round(seconds, 1),
+                **{k: totals[k] for k in ("quantized_layers", "layers", "fallbacks", "four_bit_weight_share",
+                                          "compression_ratio", "output_rel_error_mean")},
+                "fallback_layers": [layer["name"] + ": " + layer["fallback"] for layer in report["layers"]
+                                    if layer["fallback"]]}
+
+
+def shown(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "fallback_layers"}
+
+
+def tensor_quality(args, presets: list[str]) -> dict:
+    """MiniLM or a built-in name: errors of the model output on fixed inputs."""
     if args.model == "minilm":
         model, example, calib, eval_inputs = minilm()
         mask = torch.cat([inputs["attention_mask"] for inputs in eval_inputs])
@@ -146,27 +169,116 @@ def main() -> None:
     with torch.no_grad():
         references = [first_output(model(**inputs)).float() for inputs in eval_inputs]
     rows = {}
-    for preset in args.presets.split(","):
-        start = time.perf_counter()
-        gm = svdq_compiler.compile(model, example, preset, calib_inputs=calib)
-        seconds = time.perf_counter() - start
+    for preset in presets:
+        gm, row = compile_preset(model, example, preset, calib)
         with torch.no_grad():
             outputs = [first_output(gm(**inputs)).float() for inputs in eval_inputs]
-        metrics = compare(torch.cat(references), torch.cat(outputs), mask)
-        totals = gm.meta["svdq_report"]["layers"]["totals"]
-        rows[preset] = {**metrics, "compile_s": round(seconds, 1),
-                        **{k: totals[k] for k in ("quantized_layers", "layers", "fallbacks", "four_bit_weight_share",
-                                                  "compression_ratio", "output_rel_error_mean")},
-                        "fallback_layers": [layer["name"] + ": " + layer["fallback"]
-                                            for layer in gm.meta["svdq_report"]["layers"]["layers"]
-                                            if layer["fallback"]]}
-        print(preset, {k: v for k, v in rows[preset].items() if k != "fallback_layers"}, flush=True)
-    name = args.model.replace(":", "-")
-    out = args.out or Path(f"bench/results/quality-{name}.json")
-    write_result({"benchmark": "quality", "model": args.model, "reference": "fp32",
-                  "eval_inputs": EVAL_SENTENCES if args.model == "minilm" else "adapter calib_inputs(2, 2, seed=1234)",
-                  "calibration_inputs": len(calib), "presets": rows, "machine": machine()}, out)
+        rows[preset] = {**compare(torch.cat(references), torch.cat(outputs), mask), **row}
+        print(preset, shown(rows[preset]), flush=True)
+    return {"reference": "fp32", "calibration_inputs": len(calib),
+            "eval_inputs": EVAL_SENTENCES if args.model == "minilm" else "adapter calib_inputs(2, 2, seed=1234)",
+            "presets": rows}
 
+
+def tiny_flux_quality(args, presets: list[str]) -> dict:
+    """The shipped tiny FLUX: images of fixed (prompt, seed) pairs through the sampler, scored against the fp32
+    images (PSNR, SSIM), against real Fashion-MNIST test images (Fréchet distance) and the prompted class."""
+    from svdq_compiler.models import adapter_for, tiny_flux
+    from svdq_compiler.models.fmnist import load_classifier, reference_statistics
+    from svdq_compiler.models.tiny_flux_eval import eval_pairs, sample_pairs, score_images
+
+    model = tiny_flux.load_transformer(args.folder)
+    adapter = adapter_for(model)
+    pipeline = tiny_flux.load_pipeline(args.folder, transformer=model)
+    # As svdq-compile makes them: two prompts per call, so the batch dimension stays dynamic.
+    example = adapter.example_inputs(model, batch=2)
+    calib = adapter.calib_inputs(model, args.calib_prompts, args.calib_steps, seed=0, batch=2)
+    pairs = eval_pairs(args.pairs)
+    labels = torch.tensor([pair.label for pair in pairs])
+    classifier = load_classifier()
+    real = reference_statistics(classifier)
+    start = time.perf_counter()
+    reference = sample_pairs(pipeline, pairs)
+    rows = {"fp32": {**score_images(reference, None, labels, classifier, real),
+                     "sample_s": round(time.perf_counter() - start, 1), "four_bit_weight_share": 0.0}}
+    print("fp32", rows["fp32"], flush=True)
+    for preset in presets:
+        gm, row = compile_preset(model, example, preset, calib)
+        start = time.perf_counter()
+        images = sample_pairs(pipeline.with_transformer(gm), pairs)
+        rows[preset] = {**score_images(images, reference, labels, classifier, real),
+                        "sample_s": round(time.perf_counter() - start, 1), **row}
+        print(preset, shown(rows[preset]), flush=True)
+    return {"reference": "fp32 images of the same (prompt, seed) pairs (PSNR, SSIM); the 10,000 real Fashion-MNIST "
+                         "test images (Fréchet distance on the shipped classifier's features)",
+            "sampler": asdict(pipeline.sampler),
+            "folder": str(args.folder) if args.folder else "shipped",
+            "eval_pairs": {"count": len(pairs), "first_seed": pairs[0].seed, "prompts": "class prompts in turn"},
+            "calibration": {"prompts": args.calib_prompts, "steps": args.calib_steps, "seed": 0,
+                            "inputs": len(calib)},
+            "presets": rows}
+
+
+def combine_results(results: list[dict]) -> dict:
+    """One result holding the presets of several runs that sampled the same pairs with the same sampler."""
+    first = results[0]
+    for other in results[1:]:
+        for key in ("model", "folder", "sampler", "eval_pairs", "calibration"):
+            if other.get(key) != first.get(key):
+                raise SystemExit(f"cannot combine results that differ in {key}: {first.get(key)} vs {other.get(key)}")
+    combined = dict(first, presets={}, machine=[result["machine"] for result in results])
+    for result in results:
+        combined["presets"].update(result["presets"])
+    return combined
+
+
+def paper_table(result: dict) -> str:
+    """The tiny-flux rows as a Markdown table in the paper's layout, plus accuracy and the 4-bit weight share."""
+    def cell(value, digits):
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    lines = ["| Precision | Method | FD (↓) | PSNR (↑) | SSIM (↑) | class accuracy | weights in 4 bits |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for preset, precision, method in PAPER_ROWS:
+        row = result["presets"].get(preset)
+        if row is not None:
+            lines.append(f"| {precision} | {method} | {cell(row['frechet_distance'], 2)} | {cell(row.get('psnr'), 2)} "
+                         f"| {cell(row.get('ssim'), 3)} | {row['accuracy']:.1%} | {row['four_bit_weight_share']:.0%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm",
+                        help="minilm, tiny-flux, or a built-in name such as random:flux")
+    parser.add_argument("model_name", nargs="?", help="the same as --model")
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--pairs", type=int, default=80, help="tiny-flux: (prompt, seed) pairs per preset")
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="tiny-flux: a folder written by tools/train_tiny_flux.py (default: the shipped model)")
+    parser.add_argument("--calib-prompts", type=int, default=4, help="tiny-flux: calibration prompts")
+    parser.add_argument("--calib-steps", type=int, default=4, help="tiny-flux: calibration steps per prompt")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                        help="tiny-flux result files (presets run in separate processes) to combine into --out, "
+                             "then print the paper-layout table; nothing is compiled")
+    args = parser.parse_args()
+    if args.table is not None:
+        result = combine_results([json.loads(path.read_text()) for path in args.table])
+        if args.out is not None:
+            write_result(result, args.out)
+        print(paper_table(result))
+        return
+    args.model = args.model_name or args.model
+    torch.set_num_threads(args.threads)
+    presets = args.presets.split(",")
+    measure = tiny_flux_quality if args.model == "tiny-flux" else tensor_quality
+    result = measure(args, presets)
+    out = args.out or Path(f"bench/results/quality-{args.model.replace(':', '-')}.json")
+    write_result({"benchmark": "quality", "model": args.model, **result, "machine": machine()}, out)
+    if args.model == "tiny-flux":
+        print(paper_table(result))
 
 if __name__ == "__main__":
     main()

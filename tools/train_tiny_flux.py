@@ -33,8 +33,9 @@ import torch
 
 from svdq_compiler.models import tiny_flux
 from svdq_compiler.models.fmnist import CLASSIFIER_DIR, CLASS_NAMES, PROMPTS, load_split, to_model_range
-from svdq_compiler.models.tiny_flux import (TOKEN_GRID, SamplerConfig, TextEncoderConfig, TinyTextEncoder,
-                                            build_transformer, image_ids, images_to_tokens, text_ids)
+from svdq_compiler.models.tiny_flux import (TOKEN_GRID, TRANSFORMER_CONFIG, SamplerConfig, TextEncoderConfig,
+                                            TinyTextEncoder, build_transformer, image_ids, images_to_tokens,
+                                            rope_axes, text_ids)
 
 PROMPT_DROP = 0.1
 VALIDATION_IMAGES = 256
@@ -48,6 +49,14 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=8e-4, help="peak AdamW learning rate")
     parser.add_argument("--warmup", type=int, default=150, help="linear warm-up steps")
     parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--decay", choices=("matrices", "all"), default="matrices",
+                        help="which parameters weight decay applies to: weight matrices and embeddings only (as "
+                             "GPT-style and DiT-style training does: biases and norm scales are free to grow), or all")
+    parser.add_argument("--heads", type=int, default=TRANSFORMER_CONFIG["num_attention_heads"])
+    parser.add_argument("--head-dim", type=int, default=TRANSFORMER_CONFIG["attention_head_dim"],
+                        help="attention head width (a multiple of 8; models.tiny_flux.rope_axes splits it)")
+    parser.add_argument("--double-blocks", type=int, default=TRANSFORMER_CONFIG["num_layers"])
+    parser.add_argument("--single-blocks", type=int, default=TRANSFORMER_CONFIG["num_single_layers"])
     parser.add_argument("--ema", type=float, default=0.999, help="decay of the weight average that is shipped")
     parser.add_argument("--seed", type=int, default=0)
     # One thread: on a shared 2-core machine two OpenMP threads wait on each other whenever one is descheduled,
@@ -64,6 +73,20 @@ def parse_args(argv=None):
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def transformer_config(args) -> dict:
+    return {**TRANSFORMER_CONFIG, "num_attention_heads": args.heads, "attention_head_dim": args.head_dim,
+            "num_layers": args.double_blocks, "num_single_layers": args.single_blocks,
+            "axes_dims_rope": rope_axes(args.head_dim)}
+
+
+def parameter_groups(parameters: list, args) -> list[dict]:
+    """AdamW groups: with --decay matrices, weight decay only on tensors of two or more dimensions."""
+    if args.decay == "all":
+        return [{"params": parameters, "weight_decay": args.weight_decay}]
+    return [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": args.weight_decay},
+            {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def learning_rate(step: int, args) -> float:
@@ -87,13 +110,13 @@ class Trainer:
     def __init__(self, args):
         self.args = args
         torch.manual_seed(args.seed)
-        self.transformer = build_transformer()
+        self.transformer = build_transformer(transformer_config(args))
         self.encoder = TinyTextEncoder(TextEncoderConfig.for_prompts(PROMPTS))
         self.ema_transformer = copy.deepcopy(self.transformer).requires_grad_(False)
         self.ema_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.parameters = list(self.transformer.parameters()) + list(self.encoder.parameters())
         self.ema_parameters = list(self.ema_transformer.parameters()) + list(self.ema_encoder.parameters())
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=args.lr, weight_decay=args.weight_decay, foreach=True)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.parameters, args), lr=args.lr, foreach=True)
         images, labels = load_split("train")
         self.images, self.labels = images, labels
         self.prompt_ids = self.encoder.tokenize(list(PROMPTS))
@@ -202,7 +225,7 @@ class Trainer:
             "data": "Fashion-MNIST train split (60,000 images), Debian package dataset-fashion-mnist",
             "classes": list(CLASS_NAMES), "prompts": list(PROMPTS), "prompt_drop": PROMPT_DROP,
             "steps": self.step, "batch_size": self.args.batch_size, "lr": self.args.lr, "warmup": self.args.warmup,
-            "weight_decay": self.args.weight_decay, "ema": self.args.ema, "seed": self.args.seed,
+            "weight_decay": self.args.weight_decay, "decay": self.args.decay, "ema": self.args.ema, "seed": self.args.seed,
             "threads": self.args.threads, "timestep_sampling": "logit-normal(0, 1)",
             "final_train_loss": self.curve[-1]["loss"] if self.curve else None,
             "final_validation_loss": self.validation[-1]["loss"] if self.validation else None,

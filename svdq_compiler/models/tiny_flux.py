@@ -82,6 +82,17 @@ class SamplerConfig:
     shift: float = 1.0  # FLUX's sigma shift: σ' = shift·σ / (1 + (shift − 1)·σ)
 
 
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """RoPE axes (text index, row, column) for a head width: a quarter for the text index (always 0 in FLUX, so a
+    token-count-free share), the rest split evenly between rows and columns; every axis even, as rotary pairs
+    need. A 32-wide head gets the first tiny-flux's (8, 12, 12)."""
+    if head_dim % 8:
+        raise InputError(f"a tiny FLUX head width must be a multiple of 8 for its RoPE axes, got {head_dim}")
+    first = head_dim // 4
+    rest = (head_dim - first) // 2
+    return (first, rest, rest)
+
+
 def split_words(prompt: str) -> list[str]:
     return prompt.lower().replace(",", " ").replace(".", " ").split()
 
@@ -381,6 +392,9 @@ class TinyFluxAdapter(FluxAdapter):
     """
 
     name = "tiny-flux"
+    # Chosen by `matches` (the shipped model's folder), never by class name: every other FluxTransformer2DModel
+    # (a diffusers folder, a 12B checkpoint) keeps the FLUX adapter.
+    class_names = ()
 
     def matches(self, model) -> bool:
         return _folder_of(model) is not None

@@ -1,0 +1,1 @@
+"""Converters between compiled graphs and other engines' checkpoint formats."""

@@ -1,0 +1,473 @@
+"""Streaming compile: a model far larger than memory (a 12B FLUX.1 is 24 GB in bf16) compiled one block at a
+time, its quantized weights written into graph.pt as they are produced.
+
+1. The checkpoint folder is validated against the model its config.json describes (`ShardedCheckpoint`):
+   every shard present, every name and shape right — before any work.
+2. The model is built and captured on the meta device (`meta_capture`), then `annotate_linears` runs on the
+   whole graph: roles and groups come from the complete structure, as in a normal compile.
+3. The parameters are split into *units*: one per repeated block (`transformer_blocks.7`,
+   `single_transformer_blocks.30`, …) and one for everything else. For each unit: its tensors are read from the
+   checkpoint into the graph, the passes smooth → lowrank → quantize_weights → lower → fuse run with only that
+   unit's linears visible (the others' annotations are set aside), every tensor the unit now has is appended to
+   the archive (`StreamingArchive`) and replaced by a meta-device stand-in. Memory holds one block.
+4. The compiled graph becomes an ExportedProgram without a second trace (`program_from_graph`) and is written
+   after the weights, with the same extra files `svdq_compiler.save` writes, so `svdq_compiler.load` opens the
+   result like any graph.pt.
+
+Calibration. Running a 12B model on calibration inputs is not affordable here, so the streaming compile is
+data-free (docs/architecture.md §11). `calibration` chooses what smoothing does without activation statistics:
+- "none" (the default): λ = 1; the low-rank branch still absorbs the weights' outliers;
+- "weight-only": λ = 1/b^β from the weights' per-column ranges b, with β picked per group among `betas`
+  (0 included) by the smooth pass's own search on synthetic isotropic rows (standard normal; their GELU where
+  the layer reads a GELU output) — three SVDs per group more.
+The effect of each against the normal calibrated compile is measured by `tools/bench_streaming.py quality`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import re
+import resource
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from svdq_compiler.archive import StreamingArchive
+from svdq_compiler.config import QuantConfig
+from svdq_compiler.errors import CheckpointError, InputError, SvdqError
+from svdq_compiler.ir import META_KEY, LinearInfo, annotated_linears, get_attr_value, set_attr_value
+from svdq_compiler.meta_capture import META, capture_on_meta, program_from_graph
+from svdq_compiler.pipeline import PASS_REGISTRY, PassContext, svdquant_pipeline
+from svdq_compiler.sharded import ShardedCheckpoint
+
+log = logging.getLogger("svdq_compiler")
+
+CALIBRATIONS = ("none", "weight-only")
+DEFAULT_BETAS = (0.0, 0.25, 0.5)
+SYNTHETIC_ROWS = 64
+ERROR_ROWS = 256  # output rows (evenly spaced) each layer's weight-space error is estimated on
+_BLOCK = re.compile(r"^([A-Za-z_][\w]*\.\d+)\.")
+_SPLIT_PART = re.compile(r"^(?P<base>.+)\.part(?P<index>\d+)\.weight$")
+REST_UNIT = "(model)"
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    """The resident set size of this process now (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def unit_of(target: str) -> str:
+    """The unit of an attribute: its repeated block (`transformer_blocks.7`), or the rest of the model."""
+    match = _BLOCK.match(target)
+    return match.group(1) if match else REST_UNIT
+
+
+@dataclass
+class UnitRecord:
+    name: str
+    tensors_read: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    rss_bytes: int = 0  # resident after the unit was written and its memory released
+    wall_s: dict[str, float] = field(default_factory=dict)
+    passes: dict[str, Any] = field(default_factory=dict)  # each pass's statistics on this unit
+
+
+class MetaModel:
+    """The model a checkpoint folder describes, built on the meta device, and what its state dict must hold."""
+
+    def __init__(self, folder: Path):
+        from svdq_compiler.models import adapter_for_class
+        from svdq_compiler.models.loading import class_name_of, model_folder, read_config
+
+        self.folder = model_folder(Path(folder))
+        self.config = read_config(self.folder / "config.json")
+        self.adapter = adapter_for_class(class_name_of(self.config, self.folder / "config.json"))
+        model_config = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        with torch.device("meta"):
+            self.module = self.adapter.model_class().from_config(model_config).eval()
+        self.expected = {name: (tuple(t.shape), t.dtype) for name, t in self.module.state_dict().items()}
+
+    def open_checkpoint(self, dtype: torch.dtype | None) -> tuple[ShardedCheckpoint, torch.dtype]:
+        checkpoint = ShardedCheckpoint.open(self.folder, self.expected)
+        if dtype is None:
+            by_dtype: dict[torch.dtype, int] = {}
+            for entry in checkpoint.entries.values():
+                if entry.dtype.is_floating_point:
+                    by_dtype[entry.dtype] = by_dtype.get(entry.dtype, 0) + entry.nbytes
+            dtype = max(by_dtype, key=by_dtype.get)
+        self.module.to(dtype)
+        return checkpoint, dtype
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    """Bytes of tensor data in a diffusers model (or pipeline) folder, from the shard headers alone."""
+    from svdq_compiler.models.loading import model_folder
+
+    try:
+        return ShardedCheckpoint.open(model_folder(folder)).total_bytes
+    except SvdqError:
+        return 0  # not a safetensors folder: the normal compile reports what is wrong with it
+
+
+# ---- reading a unit's tensors ---------------------------------------------------------------------------------
+
+
+def unit_attributes(gm: torch.fx.GraphModule) -> dict[str, list[str]]:
+    """{unit: [parameter and buffer paths]} in first-seen order, the rest of the model first."""
+    units: dict[str, list[str]] = {REST_UNIT: []}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        units.setdefault(unit_of(name), []).append(name)
+    return units
+
+
+def read_attribute(gm: torch.fx.GraphModule, target: str, checkpoint: ShardedCheckpoint) -> torch.Tensor:
+    """The checkpoint tensor behind a graph attribute: the tensor of that name, or — for the parts
+    annotate_linears split off a linear reading a concatenation (`<base>.part<i>.weight`) — its columns of
+    `<base>.weight`."""
+    stand_in = get_attr_value(gm, target)
+    if target in checkpoint.entries:
+        return checkpoint.read(target, stand_in.dtype)
+    match = _SPLIT_PART.match(target)
+    if match and f"{match['base']}.weight" in checkpoint.entries:
+        base, index = match["base"], int(match["index"])
+        start = sum(get_attr_value(gm, f"{base}.part{i}.weight").shape[1] for i in range(index))
+        whole = checkpoint.read(f"{base}.weight", stand_in.dtype)
+        return whole[:, start:start + stand_in.shape[1]].contiguous()
+    raise CheckpointError(f"the graph attribute {target!r} has no tensor in the checkpoint",
+                          where=str(checkpoint.folder), fix="the checkpoint does not belong to this model's config")
+
+
+def load_unit(gm: torch.fx.GraphModule, targets: list[str], checkpoint: ShardedCheckpoint, record: UnitRecord) -> None:
+    for target in targets:
+        tensor = read_attribute(gm, target, checkpoint)
+        record.tensors_read += 1
+        record.bytes_read += tensor.numel() * tensor.element_size()
+        set_attr_value(gm, target, tensor)
+
+
+def real_tensors(gm: torch.fx.GraphModule) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if tensor.device != META:
+            yield name, tensor
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last unit back to the system. glibc raises its mmap threshold to the size of
+    the largest block freed (up to 32 MiB), after which a block's tensors of a few MiB come from the heap and
+    its holes stay resident: without this the 12B compile grew to 13 GiB although it holds one block at a time."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def flush_unit(gm: torch.fx.GraphModule, archive: StreamingArchive, record: UnitRecord) -> None:
+    """Append every real tensor of the graph (all of them belong to the unit just compiled) to the archive and
+    replace it with a meta-device stand-in of the same shape and dtype."""
+    before = archive.bytes_written
+    for name, tensor in list(real_tensors(gm)):
+        archive.add(name, tensor)
+        set_attr_value(gm, name, torch.empty_like(tensor, device=META),
+                       as_buffer=name in dict(gm.named_buffers()))
+    record.bytes_written = archive.bytes_written - before
+
+
+# ---- one unit through the passes ------------------------------------------------------------------------------
+
+
+class VisibleUnit:
+    """Sets aside the annotations of every linear outside `unit`, so the passes work on that unit only."""
+
+    def __init__(self, gm: torch.fx.GraphModule, unit: str):
+        self.gm, self.unit = gm, unit
+        self.hidden: list[tuple[torch.fx.Node, Any]] = []
+
+    def __enter__(self) -> list[tuple[torch.fx.Node, LinearInfo]]:
+        for node, info in list(annotated_linears(self.gm)):
+            if unit_of(info.weight) != self.unit:
+                self.hidden.append((node, node.meta.pop(META_KEY)))
+        return list(annotated_linears(self.gm))
+
+    def __exit__(self, *exc) -> None:
+        for node, meta in self.hidden:
+            node.meta[META_KEY] = meta
+
+
+def synthetic_calibration(gm: torch.fx.GraphModule, rows: int, seed: int):
+    """Calibration statistics for the visible linears from synthetic isotropic inputs: standard normal rows
+    (GELU of them where a reader shifts its input, i.e. reads a GELU output)."""
+    from svdq_compiler.passes.calibrate import Calibration, SiteStats
+
+    generator = torch.Generator().manual_seed(seed)
+    sites: dict[str, SiteStats] = {}
+    for node, info in annotated_linears(gm):
+        if info.scheme is None or info.scheme.kind == "fp" or info.kind == "conv":
+            continue
+        x = node.args[0]
+        if x.name not in sites:
+            val = x.meta["val"]
+            sample = torch.randn(rows, val.shape[-1], generator=generator)
+            if info.shift:
+                sample = F.gelu(sample, approximate="tanh")
+            sample = sample.to(val.dtype)
+            sites[x.name] = SiteStats(node=x.name, readers=[], minimum=sample.float().amin(0),
+                                      maximum=sample.float().amax(0), rows=sample,
+                                      priorities=torch.zeros(rows), rows_seen=rows)
+        sites[x.name].readers.append(info.name)
+    return Calibration(sites=sites, source=f"synthetic: {rows} isotropic rows per site (data-free streaming)",
+                       inputs=0)
+
+
+def weight_only_smoothing(gm: torch.fx.GraphModule, ctx: PassContext, betas: tuple[float, ...]) -> dict[str, Any]:
+    """Per smoothing group: λ = 1/b^β with β chosen among `betas` by the smooth pass's search (output error with
+    the group's quantizers and rank-r branch) on the synthetic rows; applied like the smooth pass applies λ."""
+    from svdq_compiler.passes.smooth import apply_smoothing, search
+    from svdq_compiler.svdquant import group_problem, members_by_group
+
+    config = ctx.config
+    calibration = ctx.state["calibrate"]
+    candidates = [(0.0, beta) for beta in betas]
+    groups = members_by_group(gm, lambda info: info.scheme is not None and info.scheme.smooth and
+                              info.scheme.act is not None)
+    chosen = {}
+    for group, members in groups.items():
+        scheme = members[0][1].scheme
+        problem = group_problem(gm, members, calibration, scheme)
+        ones = torch.ones(members[0][1].in_features)
+        (alpha, beta), scale, error, identity_error = search(problem, ones, candidates, scheme.rank,
+                                                             config.search_svd, config.calib_seed)
+        if beta:
+            apply_smoothing(gm, members, group, scale)
+        for _, info in members:
+            info.smooth_alpha, info.smooth_beta = alpha, beta
+            info.errors["smooth_ratio"] = error / identity_error if identity_error else 1.0
+        chosen[group] = beta
+    return {"groups": len(groups), "betas": list(betas), "chosen": chosen}
+
+
+def compress_unit(gm: torch.fx.GraphModule, ctx: PassContext) -> dict[str, Any]:
+    """The lowrank and quantize_weights steps for the visible unit, through the passes' own functions: one
+    float64 SVD per branch set (`GroupProblem.branches`, attached by `apply_branches`), then each residual
+    quantized once into the store `lower` packs from. Without activation data the passes' output-error search
+    and sensitivity fallback have nothing to measure, so they are not run; each layer reports its weight-space
+    error ‖Q(R) − R‖ / ‖Ŵ‖ (Ŵ the smoothed weight, R its residual; on ERROR_ROWS rows) instead."""
+    from svdq_compiler.passes.lowrank import apply_branches
+    from svdq_compiler.svdquant import group_problem, members_by_group
+
+    config, calibration = ctx.config, ctx.state["calibrate"]
+    store: dict[str, Any] = {}
+    ctx.state["quantize_weights"] = store
+    groups = members_by_group(gm, lambda info: info.scheme is not None and info.scheme.kind != "fp")
+    branch_sets = 0
+    errors: dict[str, float] = {}
+    for members_all in groups.values():
+        by_scheme: dict[Any, list] = {}
+        for node, info in members_all:
+            by_scheme.setdefault(info.scheme, []).append((node, info))
+        for scheme, members in by_scheme.items():
+            smooth_target = members[0][1].smooth
+            smooth = get_attr_value(gm, smooth_target) if smooth_target else None
+            if scheme.act is not None and scheme.rank:
+                problem = group_problem(gm, members, calibration, scheme)
+                branches = problem.branches(problem.smoothed(smooth), scheme.rank, config.svd, config.calib_seed)
+                apply_branches(gm, members, problem, smooth, branches)
+                branch_sets += len(problem.branch_sets)
+            for _, info in members:
+                if info.weight not in store:
+                    errors[info.weight] = _quantize_residual(gm, info, scheme, store)
+                info.errors["weight_rel"] = errors[info.weight]
+    return {"weights_quantized": len(store), "branch_sets": branch_sets,
+            "weight_rel_max": round(max(errors.values()), 5) if errors else None}
+
+
+def _quantize_residual(gm: torch.fx.GraphModule, info: LinearInfo, scheme, store: dict) -> float:
+    """Quantize a layer's residual into `store`; returns ‖Q(R) − R‖ / ‖Ŵ‖ estimated on ERROR_ROWS rows."""
+    from svdq_compiler.quant import QTensor, dequantize, quantize_weight
+
+    residual = get_attr_value(gm, info.weight)
+    q = store[info.weight] = quantize_weight(residual, scheme.weight, scheme.weight_group, name=info.weight)
+    rows = torch.linspace(0, residual.shape[0] - 1, min(ERROR_ROWS, residual.shape[0])).long()
+    sample = QTensor(q.codes[rows], q.scales[rows], q.fmt, q.group_size, q.k, q.dtype,
+                     q.tensor_scale if q.tensor_scale is None or q.tensor_scale.dim() == 0 else q.tensor_scale[rows])
+    exact = residual[rows].float()
+    smoothed = exact
+    if info.lora_up is not None:
+        smoothed = exact + get_attr_value(gm, info.lora_up)[rows].float() @ get_attr_value(gm, info.lora_down).float()
+    error = dequantize(sample, torch.float32)[:, : info.in_features] - exact
+    return float(error.norm() / smoothed.norm().clamp_min(1e-30))
+
+
+def run_unit(gm: torch.fx.GraphModule, ctx: PassContext, calibration: str, betas: tuple[float, ...],
+             record: UnitRecord, stats: dict[str, list]) -> list[dict[str, Any]]:
+    """smoothing (data-free) → low rank and quantization → lower → fuse on the visible unit; returns its
+    layer report."""
+    rows = SYNTHETIC_ROWS if calibration == "weight-only" else 1  # only the smoothing search measures on them
+    ctx.state["calibrate"] = synthetic_calibration(gm, rows, ctx.config.calib_seed)
+    later = [p.name for p in svdquant_pipeline() if p.name in ("lower", "fuse")]
+    layers: list[dict[str, Any]] = []
+    for name in ("smooth", "compress") + tuple(later):
+        start = time.perf_counter()
+        if name == "smooth":
+            result_stats = weight_only_smoothing(gm, ctx, betas) if calibration == "weight-only" else \
+                {"groups": 0, "skipped": "calibration none: λ = 1"}
+        elif name == "compress":
+            result_stats = compress_unit(gm, ctx)
+        else:
+            result_stats = PASS_REGISTRY[name](gm, ctx).stats
+        record.wall_s[name] = round(time.perf_counter() - start, 3)
+        stats.setdefault(name, []).append(result_stats)
+        record.passes[name] = result_stats
+        if name == "lower":
+            layers = list((gm.meta.get("svdq_layers") or {}).get("layers", []))
+    return layers
+
+
+def summed_stats(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One pass's statistics over all units: integer counters summed, lists of findings (fallbacks) joined;
+    the per-unit detail stays in the units' records."""
+    total: dict[str, Any] = {"units": len(entries)}
+    for entry in entries:
+        for key, value in entry.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+            elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+                total[key] = total.get(key, []) + value
+            elif isinstance(value, dict) and all(isinstance(v, int) for v in value.values()):
+                counts = total.setdefault(key, {})
+                for name, count in value.items():
+                    counts[name] = counts.get(name, 0) + count
+    return total
+
+
+# ---- the driver -----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """A SIGTERM during the (long) streaming compile unwinds like an error, so the archive's temporary file is
+    removed instead of left behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise InputError("the streaming compile was terminated (SIGTERM)", fix="run it again")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, *, calibration: str = "none",
+                      betas: tuple[float, ...] = DEFAULT_BETAS, batch: int = 2, tokens: Any = None,
+                      dtype: torch.dtype | None = None,
+                      on_unit: Callable[[UnitRecord, int, int], None] | None = None) -> dict[str, Any]:
+    """Compile the diffusers model folder `folder` to `out` (graph.pt) one block at a time; returns the report
+    (time per step, peak RSS, bytes read and written, per-unit records, pass statistics, per-layer report)."""
+    from svdq_compiler import compile_report
+    from svdq_compiler.serialize import REPORT_META, extra_files
+
+    if calibration not in CALIBRATIONS:
+        raise InputError(f"unknown streaming calibration {calibration!r}", fix=f"use one of {CALIBRATIONS}")
+    start = time.perf_counter()
+    steps: dict[str, float] = {}
+
+    def step(name: str, began: float) -> None:
+        steps[name] = round(time.perf_counter() - began, 2)
+        log.info("stream %s: %.1fs, peak RSS %.2f GB", name, steps[name], peak_rss_bytes() / 1e9)
+
+    began = time.perf_counter()
+    model = MetaModel(Path(folder))
+    checkpoint, dtype = model.open_checkpoint(dtype)
+    config = config if config.svd == "randomized" else config.replace(svd="randomized")
+    step("validate checkpoint", began)
+
+    began = time.perf_counter()
+    example = model.adapter.example_inputs(model.module, batch=batch, tokens=tokens, seed=config.calib_seed)
+    gm = capture_on_meta(model.module, example, adapter=model.adapter)
+    step("capture on meta", began)
+
+    ctx = PassContext(config=config, example_inputs=example, adapter=model.adapter)
+    began = time.perf_counter()
+    svdquant_pipeline()  # registers the passes
+    annotate = PASS_REGISTRY["annotate_linears"]
+    annotate_stats = annotate(gm, ctx).stats
+    step("annotate", began)
+    ctx.records.append({"name": "annotate_linears", "modified": True, "wall_s": steps["annotate"],
+                        "stats": annotate_stats})
+
+    units = unit_attributes(gm)
+    records: list[UnitRecord] = []
+    pass_stats: dict[str, list] = {}
+    layers: list[dict[str, Any]] = []
+    began = time.perf_counter()
+    with StreamingArchive(out) as archive, _terminate_as_exception():
+        for index, (unit, targets) in enumerate(units.items()):
+            record = UnitRecord(unit)
+            unit_start = time.perf_counter()
+            load_unit(gm, targets, checkpoint, record)
+            record.wall_s["read"] = round(time.perf_counter() - unit_start, 3)
+            with VisibleUnit(gm, unit):
+                layers += run_unit(gm, ctx, calibration, betas, record, pass_stats)
+            write_start = time.perf_counter()
+            flush_unit(gm, archive, record)
+            ctx.state.pop("quantize_weights", None)  # the unit's unpacked codes, now packed and written
+            release_freed_memory()
+            record.wall_s["write"] = round(time.perf_counter() - write_start, 3)
+            record.rss_bytes = current_rss_bytes()
+            record.wall_s["total"] = round(time.perf_counter() - unit_start, 3)
+            records.append(record)
+            if on_unit is not None:
+                on_unit(record, index, len(units))
+        step("compile and write units", began)
+
+        began = time.perf_counter()
+        gm.recompile()
+        program = program_from_graph(gm)
+        step("program from graph", began)
+
+        began = time.perf_counter()
+        for name in pass_stats:
+            entries = pass_stats[name]
+            ctx.records.append({"name": name, "modified": True,
+                                "wall_s": round(sum(r.wall_s.get(name, 0.0) for r in records), 3),
+                                "stats": summed_stats(entries)})
+        gm.meta["svdq_layers"] = {"layers": layers}
+        report = compile_report(gm, config, ctx.records)
+        report["streaming"] = {
+            "calibration": calibration, "betas": list(betas) if calibration == "weight-only" else None,
+            "checkpoint_bytes": checkpoint.total_bytes, "dtype": str(dtype).removeprefix("torch."),
+            "units": [record.__dict__ for record in records], "steps_s": steps,
+        }
+        gm.meta[REPORT_META] = report
+        path = archive.finish(program, extra_files(gm))
+        step("finish archive", began)
+    report["streaming"]["steps_s"] = steps
+    report["streaming"]["wall_s"] = round(time.perf_counter() - start, 2)
+    report["streaming"]["peak_rss_bytes"] = peak_rss_bytes()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    report["streaming"]["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)  # what the load average cannot skew
+    report["streaming"]["output_bytes"] = path.stat().st_size
+    report["streaming"]["size_ratio"] = round(checkpoint.total_bytes / path.stat().st_size, 3)
+    return report
+

@@ -1,0 +1,139 @@
+"""The streaming compile: a diffusers folder compiled one block at a time into a graph.pt that load opens."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+import svdq_compiler
+from scale_fixtures import TINY_FLUX, write_tiny_flux
+from svdq_compiler.config import QuantConfig
+from svdq_compiler.errors import CheckpointError
+from svdq_compiler.models import adapter_for, adapter_for_class
+from svdq_compiler.streaming import compile_streaming, unit_of
+
+DTYPE = "bfloat16"
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch):
+    """Fused ops run their reference path here (the kernels have their own tests under the interpreter)."""
+    monkeypatch.setenv("SVDQ_KERNELS", "reference")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_tiny_flux(tmp_path_factory.mktemp("flux"), dtype=DTYPE, max_shard_gb=0.0002)
+
+
+@pytest.fixture(scope="module")
+def streamed(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "graph.pt"
+    report = compile_streaming(folder, out, QuantConfig.preset("int4"), calibration="none")
+    return out, report
+
+
+def inputs_for(model, seed):
+    return adapter_for(model).calib_inputs(model, 1, 2, seed=seed, batch=2)
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return torch.cat([model(**x)[0].float() for x in inputs])
+
+
+def test_units_are_blocks():
+    assert unit_of("transformer_blocks.3.attn.to_q.weight") == "transformer_blocks.3"
+    assert unit_of("single_transformer_blocks.12.proj_out.part0.weight") == "single_transformer_blocks.12"
+    assert unit_of("x_embedder.weight") == "(model)"
+
+
+def test_flux_folders_get_the_flux_adapter():
+    assert adapter_for_class("FluxTransformer2DModel").name == "flux"
+
+
+def test_streamed_graph_loads_and_runs_close_to_the_fp_model(folder, streamed):
+    out, report = streamed
+    model = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
+    gm = svdq_compiler.load(out)
+    inputs = inputs_for(model, seed=7)
+    reference = run(model, inputs)
+    error = float((run(gm, inputs) - reference).norm() / reference.norm())
+    assert error < 0.25, error  # int4 W4A4 on a 64-wide random model, data-free
+    stream = report["streaming"]
+    assert [u["name"] for u in stream["units"]] == ["(model)", "transformer_blocks.0", "single_transformer_blocks.0"]
+    assert stream["peak_rss_bytes"] > 0 and stream["wall_s"] > 0
+    assert stream["output_bytes"] == out.stat().st_size
+    # every quantized linear went through the passes: lowered, fused, with a branch of the configured rank
+    dense_block_linears = [n.args[1].target for n in gm.graph.nodes
+                           if n.op == "call_function" and n.target == torch.ops.aten.linear.default
+                           and n.args[1].op == "get_attr" and n.args[1].target.endswith(".weight")
+                           and "transformer_blocks." in n.args[1].target]
+    assert dense_block_linears == []  # every block linear became svdq ops (16-bit linears are only the branch's)
+    assert any("svdq" in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    layers = report["layers"]["layers"]
+    assert {layer["rank"] for layer in layers if layer["scheme"] and "A:" in layer["scheme"] and "A:16" not in
+            layer["scheme"]} == {32}
+
+
+@pytest.mark.slow
+def test_streaming_is_deterministic(folder, streamed, tmp_path):
+    """Two streaming compiles of one folder write the same tensors."""
+    out, _ = streamed
+    again = compile_streaming(folder, tmp_path / "again.pt", QuantConfig.preset("int4"), calibration="none")
+    first, second = svdq_compiler.load(out).state_dict(), svdq_compiler.load(tmp_path / "again.pt").state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert again["streaming"]["calibration"] == "none"
+
+
+@pytest.mark.slow
+def test_cli_streams_a_folder_and_reports(folder, tmp_path):
+    out, report_path = tmp_path / "g.pt", tmp_path / "report.json"
+    done = subprocess.run([str(Path(sys.executable).parent / "svdq-compile"), str(folder), "--out", str(out), "--stream",
+                           "on", "--stream-smoothing", "none", "--report", str(report_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "streamed 3 units" in done.stdout and "peak RSS" in done.stdout
+    report = json.loads(report_path.read_text())
+    assert report["streaming"]["output_bytes"] == out.stat().st_size
+
+
+def test_missing_shard_fails_before_any_work(folder, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in folder.iterdir():
+        if not file.name.endswith("00002-of-00003.safetensors"):
+            (broken / file.name).write_bytes(file.read_bytes())
+    with pytest.raises(CheckpointError, match="missing"):
+        compile_streaming(broken, tmp_path / "g.pt", QuantConfig.preset("int4"), calibration="none")
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob(".g.pt*"))
+
+
+def test_mismatched_shapes_fail_before_any_work(folder, tmp_path):
+    config = json.loads((folder / "config.json").read_text())
+    other = write_tiny_flux(tmp_path / "other", {**TINY_FLUX, "joint_attention_dim": 32}, dtype=DTYPE)
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"context_embedder.weight: \[64, 32\]"):
+        compile_streaming(other, tmp_path / "g.pt", QuantConfig.preset("int4"), calibration="none")
+
+
+@pytest.mark.slow
+def test_disk_full_during_the_stream_leaves_no_output(folder, tmp_path):
+    mount = tmp_path / f"quota-{uuid.uuid4().hex[:6]}"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        with pytest.raises((OSError, RuntimeError)):
+            compile_streaming(folder, mount / "graph.pt", QuantConfig.preset("int4"), calibration="none")
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
