@@ -20,7 +20,8 @@ Ensures:
   the graph computes what the lowered graph computed (the reference path of the fused ops is op
   for op the lowered chain; the kernels match it within rounding).
 - statistics: linears fused, kernel A count, quantizations absorbed, epilogues absorbed by kind, W4A16 layers
-  kept as `svdq.weight_only_linear`, and every fallback (a chain left unfused) with its reason.
+  kept as `svdq.weight_only_linear`, and every fallback (a chain left unfused) with its reason; quantized k×k
+  convolutions stay `svdq.conv2d` (reference op), listed as "conv: no generated kernel".
 """
 
 from __future__ import annotations
@@ -472,6 +473,9 @@ def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     # W4A16 layers are already one op (weight dequantized into a 16-bit GEMM); no generated kernel for them yet
     rw.stats["weight_only_kept"] = sum(1 for node in gm.graph.nodes
                                        if _is(node, torch.ops.svdq.weight_only_linear.default))
+    for node in gm.graph.nodes:  # quantized k×k convolutions run the reference svdq.conv2d
+        if _is(node, torch.ops.svdq.conv2d.default):
+            rw.fallback(_linears_of(node), "conv: no generated kernel")
     gm.graph.lint()
     stats = dict(rw.stats)
     stats["epilogues"] = dict(sorted(rw.epilogues.items()))
