@@ -216,7 +216,7 @@ class GroupProblem:
         factors = {}
         iterations = 4 if precision == torch.float64 else 2
         for keys in self.branch_sets:
-            stacked = torch.cat([targets[k] for k in keys], dim=-2)
+            stacked = targets[keys[0]] if len(keys) == 1 else torch.cat([targets[k] for k in keys], dim=-2)
             if smooth is not None and method == "randomized" and stacked.shape[-2] > stacked.shape[-1]:
                 scale = smooth.to(precision)
                 gram = scale.unsqueeze(-1) * self._gram(keys).to(precision) * scale.unsqueeze(-2)
@@ -236,7 +236,7 @@ class GroupProblem:
     def _gram(self, keys: list[str]) -> torch.Tensor:
         """WᵀW of the branch set's stacked unsmoothed weights (fp32), computed once."""
         if tuple(keys) not in self.grams:
-            stacked = torch.cat([self.weights[k] for k in keys])
+            stacked = self.weights[keys[0]] if len(keys) == 1 else torch.cat([self.weights[k] for k in keys])
             self.grams[tuple(keys)] = stacked.T @ stacked
         return self.grams[tuple(keys)]
 
@@ -244,7 +244,9 @@ class GroupProblem:
         """Ŵ − L1·L2 in the model dtype, as fp32."""
         if not branches:
             return dict(smoothed)
-        return {k: (w - branches[k][0] @ branches[k][1]).to(self.dtype).float() for k, w in smoothed.items()}
+        # −(L1·L2) + Ŵ in place of Ŵ − L1·L2 (the same numbers): no second [C, N, K] temporary
+        return {k: (branches[k][0] @ branches[k][1]).neg_().add_(w).to(self.dtype).float()
+                for k, w in smoothed.items()}
 
     def quantized(self, residuals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: self._fake_quantize_weight(r.to(self.dtype), k).float() for k, r in residuals.items()}
