@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from tiny_models import by_name, prepared
 from torch import nn
 
+import svdq_compiler
 from svdq_compiler import QuantConfig
 from svdq_compiler.config import SILU_SHIFT
 from svdq_compiler.conv import ConvGeometry
@@ -165,3 +166,14 @@ def test_report_fuse_and_fallback():
     assert infos["conv1"].scheme.kind == "fp" and infos["conv1"].fallback.endswith("→ 16-bit")
     assert not any(n.target == svdq.conv2d.default for n in gm.graph.nodes)
     assert torch.allclose(gm(calib[1][0]), eager, atol=1e-5)
+
+
+def test_compiled_conv_graph_saves_and_loads(tmp_path):
+    model, calib = model_and_data()
+    config = QuantConfig.preset("int4", conv_kxk="w4a4", smooth_grid=4)
+    gm = svdq_compiler.compile(model, calib[0], config, calib_inputs=calib, verify=True)
+    path = tmp_path / "graph.pt"
+    svdq_compiler.save(gm, path)
+    loaded = svdq_compiler.load(path)
+    assert sum(1 for n in loaded.graph.nodes if n.target == svdq.conv2d.default) == 2
+    assert torch.equal(loaded(calib[2][0]), gm(calib[2][0]))
