@@ -162,8 +162,23 @@ def test_missing_assets_give_a_clear_error(tmp_path):
         tiny_flux.load_pipeline(tmp_path)
 
 
+def test_transformer_is_stored_in_half_and_loaded_in_float32(tmp_path, random_pipeline):
+    from safetensors import safe_open
+
+    transformer = random_pipeline.transformer
+    tiny_flux.save_transformer(transformer, tmp_path)
+    with safe_open(str(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as stored:
+        assert {stored.get_slice(name).get_dtype() for name in stored.keys()} == {"F16"}
+    loaded = tiny_flux.load_transformer(tmp_path)
+    assert not (tmp_path / "transformer.tmp").exists()
+    for (name, want), got in zip(transformer.state_dict().items(), loaded.state_dict().values()):
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got, want.half().float(), atol=0, rtol=0)
+
+
 def test_shipped_model_samples_deterministically(shipped_pipeline):
-    assert sum(p.numel() for p in shipped_pipeline.transformer.parameters()) > 2_000_000
+    assert sum(p.numel() for p in shipped_pipeline.transformer.parameters()) > 5_000_000
+    assert {p.dtype for p in shipped_pipeline.transformer.parameters()} == {torch.float32}
     first = shipped_pipeline(["a trouser"], seeds=[0], num_steps=2)
     assert first.shape == (1, 1, 28, 28)
     torch.testing.assert_close(shipped_pipeline(["a trouser"], seeds=[0], num_steps=2), first, atol=0, rtol=0)

@@ -7,7 +7,8 @@ import torch
 
 from svdq_compiler.errors import InputError
 from svdq_compiler.models.fmnist import PROMPTS, FashionClassifier, classify, feature_statistics
-from svdq_compiler.models.tiny_flux_eval import EVAL_FIRST_SEED, eval_pairs, sample_pairs, score_images
+from svdq_compiler.models.tiny_flux_eval import (EVAL_FIRST_SEED, MAX_EVAL_BATCH, eval_pairs, sample_pairs,
+                                                score_images)
 
 
 def test_eval_pairs_cycle_the_class_prompts_with_their_own_seeds():
@@ -38,6 +39,31 @@ def test_sampling_follows_the_pairs_whatever_the_batch():
     assert pipeline.batches == [3, 3, 1]
     assert torch.equal(in_threes, sample_pairs(SeededPipeline(), pairs, batch=10))
     assert torch.equal(in_threes[4], sample_pairs(SeededPipeline(), pairs[4:5])[0])
+    for batch in (0, MAX_EVAL_BATCH + 1):
+        with pytest.raises(InputError, match="pairs per sampler call"):
+            sample_pairs(SeededPipeline(), pairs, batch=batch)
+
+
+def test_a_pair_gives_the_same_bits_whatever_shares_its_batch():
+    """Through the real sampler (a random tiny FLUX): at one batch size, a pair's image does not depend on the
+    other pairs in its sampler call or on its place there (each pair draws its noise from its own seed, and no op
+    mixes rows), so batching the evaluation changes nothing."""
+    from svdq_compiler.models.tiny_flux import (SamplerConfig, TextEncoderConfig, TinyFluxPipeline, TinyTextEncoder,
+                                                build_transformer)
+
+    torch.manual_seed(0)
+    transformer = build_transformer({"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+                                     "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32,
+                                     "axes_dims_rope": (4, 6, 6), "in_channels": 16}).eval()
+    encoder = TinyTextEncoder(TextEncoderConfig.for_prompts(PROMPTS, width=32, layers=1, heads=2,
+                                                            joint_attention_dim=32, pooled_projection_dim=32))
+    pipeline = TinyFluxPipeline(transformer, encoder, SamplerConfig(num_steps=2, guidance_scale=3.0))
+    pairs = eval_pairs(12)
+    first = sample_pairs(pipeline, pairs[:6], batch=6)
+    shifted = sample_pairs(pipeline, pairs[3:9], batch=6)
+    assert torch.equal(first[3:], shifted[:3])
+    reordered = sample_pairs(pipeline, pairs[:6][::-1], batch=6)
+    assert torch.equal(first, reordered.flip(0))
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ compile time, and the machine and versions.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -34,6 +35,8 @@ from bench_common import machine, write_result
 
 import svdq_compiler
 from svdq_compiler import PRESETS
+from svdq_compiler.files import atomic_path
+from svdq_compiler.models.tiny_flux_eval import EVAL_BATCH, MAX_EVAL_BATCH, eval_pairs, sample_pairs, score_images
 
 EVAL_SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -180,12 +183,44 @@ def tensor_quality(args, presets: list[str]) -> dict:
             "presets": rows}
 
 
+def folder_digest(folder: Path) -> str:
+    """sha256 over the weights and configs of a tiny-flux folder: what its fp32 images depend on."""
+    digest = hashlib.sha256()
+    for path in sorted([*folder.glob("transformer/*"), *folder.glob("text_encoder/*")]):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def fp32_reference(args, pipeline, pairs, score) -> tuple[torch.Tensor, dict]:
+    """The fp32 images of `pairs` and their scores, sampled once and kept in --reference-cache for the other
+    processes of the same table (presets run two at a time): reused only when the weights, sampler, pairs, batch
+    and thread count (which can change float rounding) are the same."""
+    from svdq_compiler.models import tiny_flux
+
+    key = json.dumps({"weights": folder_digest(Path(args.folder or tiny_flux.TINY_FLUX_DIR)),
+                      "sampler": asdict(pipeline.sampler), "pairs": [[p.prompt, p.seed] for p in pairs],
+                      "batch": args.batch, "threads": torch.get_num_threads(), "torch": torch.__version__},
+                     sort_keys=True)
+    cache = args.reference_cache
+    if cache.is_file():
+        cached = torch.load(cache, weights_only=True)
+        if cached["key"] == key:
+            print(f"fp32 images from {cache}", flush=True)
+            return cached["images"], json.loads(cached["row"])
+    start = time.perf_counter()
+    images = sample_pairs(pipeline, pairs, batch=args.batch)
+    row = {**score(images, None), "sample_s": round(time.perf_counter() - start, 1), "four_bit_weight_share": 0.0}
+    with atomic_path(cache, "fp32 image cache") as temporary:
+        torch.save({"key": key, "images": images, "row": json.dumps(row)}, temporary)
+    return images, row
+
+
 def tiny_flux_quality(args, presets: list[str]) -> dict:
     """The shipped tiny FLUX: images of fixed (prompt, seed) pairs through the sampler, scored against the fp32
     images (PSNR, SSIM), against real Fashion-MNIST test images (Fréchet distance) and the prompted class."""
     from svdq_compiler.models import adapter_for, tiny_flux
     from svdq_compiler.models.fmnist import load_classifier, reference_statistics
-    from svdq_compiler.models.tiny_flux_eval import eval_pairs, sample_pairs, score_images
 
     model = tiny_flux.load_transformer(args.folder)
     adapter = adapter_for(model)
@@ -197,23 +232,25 @@ def tiny_flux_quality(args, presets: list[str]) -> dict:
     labels = torch.tensor([pair.label for pair in pairs])
     classifier = load_classifier()
     real = reference_statistics(classifier)
-    start = time.perf_counter()
-    reference = sample_pairs(pipeline, pairs)
-    rows = {"fp32": {**score_images(reference, None, labels, classifier, real),
-                     "sample_s": round(time.perf_counter() - start, 1), "four_bit_weight_share": 0.0}}
+    rows = {}
+
+    def score(images, reference):
+        return score_images(images, reference, labels, classifier, real)
+
+    reference, rows["fp32"] = fp32_reference(args, pipeline, pairs, score)
     print("fp32", rows["fp32"], flush=True)
     for preset in presets:
         gm, row = compile_preset(model, example, preset, calib)
         start = time.perf_counter()
-        images = sample_pairs(pipeline.with_transformer(gm), pairs)
-        rows[preset] = {**score_images(images, reference, labels, classifier, real),
-                        "sample_s": round(time.perf_counter() - start, 1), **row}
+        images = sample_pairs(pipeline.with_transformer(gm), pairs, batch=args.batch)
+        rows[preset] = {**score(images, reference), "sample_s": round(time.perf_counter() - start, 1), **row}
         print(preset, shown(rows[preset]), flush=True)
     return {"reference": "fp32 images of the same (prompt, seed) pairs (PSNR, SSIM); the 10,000 real Fashion-MNIST "
                          "test images (Fréchet distance on the shipped classifier's features)",
             "sampler": asdict(pipeline.sampler),
             "folder": str(args.folder) if args.folder else "shipped",
-            "eval_pairs": {"count": len(pairs), "first_seed": pairs[0].seed, "prompts": "class prompts in turn"},
+            "eval_pairs": {"count": len(pairs), "first_seed": pairs[0].seed, "prompts": "class prompts in turn",
+                           "per_sampler_call": args.batch},
             "calibration": {"prompts": args.calib_prompts, "steps": args.calib_steps, "seed": 0,
                             "inputs": len(calib)},
             "presets": rows}
@@ -256,6 +293,11 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=80, help="tiny-flux: (prompt, seed) pairs per preset")
     parser.add_argument("--folder", type=Path, default=None,
                         help="tiny-flux: a folder written by tools/train_tiny_flux.py (default: the shipped model)")
+    parser.add_argument("--batch", type=int, default=EVAL_BATCH,
+                        help=f"tiny-flux: pairs per sampler call (at most {MAX_EVAL_BATCH}: a compiled graph's batch "
+                             "range, with two rows per pair for guidance)")
+    parser.add_argument("--reference-cache", type=Path, default=Path("build/quality/tiny-flux-fp32.pt"),
+                        help="tiny-flux: where the fp32 images are kept for the other processes of the same table")
     parser.add_argument("--calib-prompts", type=int, default=4, help="tiny-flux: calibration prompts")
     parser.add_argument("--calib-steps", type=int, default=4, help="tiny-flux: calibration steps per prompt")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -1,10 +1,13 @@
 """Train the shipped tiny FLUX on Fashion-MNIST with rectified flow, and write its assets.
 
-    python tools/train_tiny_flux.py [--steps 3000] [--seed 0] [--fresh]
+    python tools/train_tiny_flux.py [--steps 2200] [--seed 0] [--fresh]
+    python tools/train_tiny_flux.py --repack FOLDER [--out FOLDER]
 
 It resumes from the checkpoint in --work if one is there. When training ends it writes the EMA weights, configs
 and training record to --out, then (if the Fashion-MNIST classifier is trained) tunes the sampler defaults and
-writes the sample grid, evaluation and model card with tools/tiny_flux_card.py.
+writes the sample grid, evaluation and model card with tools/tiny_flux_card.py. The transformer is stored in
+float16 (models.tiny_flux.STORAGE_DTYPE; loaded as float32), and training.json records what that does to the
+samples; `--repack` rewrites an earlier float32 export that way.
 
 A diffusers FluxTransformer2DModel and the tiny text encoder are trained together, as FLUX is trained: t from a
 logit-normal distribution, x_t = (1 − t)·x0 + t·ε, velocity target ε − x0, mean squared error. Prompts are the
@@ -22,29 +25,33 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from svdq_compiler.errors import CheckpointError
+from svdq_compiler.image_metrics import psnr
 from svdq_compiler.models import tiny_flux
 from svdq_compiler.models.fmnist import CLASSIFIER_DIR, CLASS_NAMES, PROMPTS, load_split, to_model_range
 from svdq_compiler.models.tiny_flux import (TOKEN_GRID, TRANSFORMER_CONFIG, SamplerConfig, TextEncoderConfig,
-                                            TinyTextEncoder, build_transformer, image_ids, images_to_tokens,
-                                            rope_axes, text_ids)
+                                            TinyFluxPipeline, TinyTextEncoder, build_transformer, image_ids,
+                                            images_to_tokens, rope_axes, text_ids)
+from svdq_compiler.models.tiny_flux_eval import eval_pairs, sample_pairs
 
 PROMPT_DROP = 0.1
 VALIDATION_IMAGES = 256
 VALIDATION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+STORAGE_CHECK_PAIRS = 40
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
+    parser.add_argument("--steps", type=int, default=2200, help="optimizer steps (default 2200, the shipped run)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=8e-4, help="peak AdamW learning rate")
     parser.add_argument("--warmup", type=int, default=150, help="linear warm-up steps")
@@ -68,6 +75,9 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --work")
+    parser.add_argument("--repack", type=Path, metavar="FOLDER",
+                        help="train nothing: rewrite the assets an earlier run exported to FOLDER (float32 weights) "
+                             "in the shipped storage into --out, then redo the model card with its sampler defaults")
     return parser.parse_args(argv)
 
 
@@ -209,17 +219,7 @@ class Trainer:
                 self.save_checkpoint()
 
     def export(self) -> None:
-        """Write the EMA weights, configs and training record into --out; each part replaced whole."""
-        out = self.args.out
-        out.mkdir(parents=True, exist_ok=True)
-        staging = out / "transformer.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        self.ema_transformer.save_pretrained(staging, safe_serialization=True)
-        shutil.rmtree(out / "transformer", ignore_errors=True)
-        staging.rename(out / "transformer")
-        tiny_flux.save_text_encoder(self.ema_encoder, out)
-        if not (out / "sampler.json").is_file():
-            tiny_flux.save_sampler_config(SamplerConfig(), out)
+        """Write the EMA weights, configs and training record into --out."""
         parameters = sum(p.numel() for p in self.ema_transformer.parameters())
         record = {
             "data": "Fashion-MNIST train split (60,000 images), Debian package dataset-fashion-mnist",
@@ -235,22 +235,83 @@ class Trainer:
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "torch": torch.__version__, "loss_curve": self.curve, "validation_curve": self.validation,
         }
-        tmp = out / "training.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(out / "training.json")
-        print(f"wrote the EMA weights ({parameters / 1e6:.2f}M transformer parameters) to {out}", flush=True)
+        write_assets(self.ema_transformer, self.ema_encoder, self.args.out, record)
+        print(f"wrote the EMA weights ({parameters / 1e6:.2f}M transformer parameters) to {self.args.out}", flush=True)
+
+
+@torch.no_grad()
+def storage_check(transformer, encoder, sampler: SamplerConfig) -> dict:
+    """What storing the transformer in tiny_flux.STORAGE_DTYPE does: the weights' relative L2 error, and the PSNR
+    of the stored weights' samples against the float32 weights' samples on the quality table's first pairs."""
+    stored = copy.deepcopy(transformer)
+    stored.load_state_dict({name: tensor.to(tiny_flux.STORAGE_DTYPE).float()
+                            for name, tensor in transformer.state_dict().items()})
+    weights = torch.cat([p.flatten() for p in transformer.parameters()])
+    rounded = torch.cat([p.flatten() for p in stored.parameters()])
+    pairs = eval_pairs(STORAGE_CHECK_PAIRS)
+    pipeline = TinyFluxPipeline(transformer, encoder, sampler)
+    reference = sample_pairs(pipeline, pairs)
+    images = sample_pairs(pipeline.with_transformer(stored), pairs)
+    per_image = psnr(images, reference)
+    finite = per_image[torch.isfinite(per_image)]
+    return {"dtype": str(tiny_flux.STORAGE_DTYPE).removeprefix("torch."), "loaded_as": "float32",
+            "weights_rel_l2_error": float((rounded - weights).norm() / weights.norm()),
+            "sample_pairs": len(pairs), "first_seed": pairs[0].seed, "sampler": asdict(sampler),
+            "psnr_mean": round(float(finite.mean()), 2) if len(finite) else None,
+            "psnr_min": round(float(finite.min()), 2) if len(finite) else None,
+            "identical_images": len(pairs) - len(finite),
+            "max_pixel_difference": round(float((images - reference).abs().max()), 5)}
+
+
+def write_assets(transformer, encoder, out: Path, record: dict) -> dict:
+    """The transformer (in tiny_flux.STORAGE_DTYPE), text encoder and training record into `out`, each part
+    replaced whole, with sampler defaults if `out` has none; the record gains the storage check, returned."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "sampler.json").is_file():
+        tiny_flux.save_sampler_config(SamplerConfig(), out)
+    storage = storage_check(transformer, encoder, tiny_flux.load_sampler_config(out))
+    record = {**record, "storage": storage}
+    tiny_flux.save_transformer(transformer, out)
+    tiny_flux.save_text_encoder(encoder, out)
+    tmp = out / "training.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(out / "training.json")
+    print(f"stored the transformer in {storage['dtype']}: samples at {storage['psnr_mean']} dB PSNR (min "
+          f"{storage['psnr_min']}) against the float32 weights' on {storage['sample_pairs']} pairs", flush=True)
+    return storage
+
+
+def repack(source: Path, out: Path) -> None:
+    """Rewrite the assets of an earlier export (float32 weights) in the shipped storage into `out`, keeping its
+    training record, sampler defaults and evaluation (the model card keeps the sampler tuning from it)."""
+    missing = [name for name in ("training.json", "sampler.json") if not (source / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{source} is not an export of tools/train_tiny_flux.py: it lacks {', '.join(missing)}",
+                              where=str(source), fix="give the --out folder of a finished training run")
+    transformer, encoder = tiny_flux.load_transformer(source), tiny_flux.load_text_encoder(source)
+    record = json.loads((source / "training.json").read_text())
+    record.pop("storage", None)
+    out.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != out.resolve():
+        for name in ("sampler.json", "evaluation.json"):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, out / name)
+    write_assets(transformer, encoder, out, record)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    trainer = Trainer(args)
-    trainer.load_checkpoint()
-    print(f"training tiny FLUX: {sum(p.numel() for p in trainer.transformer.parameters()) / 1e6:.2f}M "
-          f"parameters, {args.steps} steps of batch {args.batch_size}, seed {args.seed}", flush=True)
-    trainer.train()
-    trainer.export()
+    if args.repack is not None:
+        repack(args.repack, args.out)
+    else:
+        trainer = Trainer(args)
+        trainer.load_checkpoint()
+        print(f"training tiny FLUX: {sum(p.numel() for p in trainer.transformer.parameters()) / 1e6:.2f}M "
+              f"parameters, {args.steps} steps of batch {args.batch_size}, seed {args.seed}", flush=True)
+        trainer.train()
+        trainer.export()
     if not (CLASSIFIER_DIR / "config.json").is_file():
         print("no Fashion-MNIST classifier yet: run tools/train_fmnist_classifier.py, then "
               f"tools/tiny_flux_card.py {args.out} --tune for the sample grid and model card", flush=True)
@@ -258,7 +319,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from tiny_flux_card import write_model_card
 
-    write_model_card(args.out, tune=True)
+    write_model_card(args.out, tune=args.repack is None)
     return 0
 
 
