@@ -80,7 +80,7 @@ class QuantConfig:
     smooth_grid: int = 20  # grid steps: c ∈ {1/grid, …, (grid−1)/grid}
     # Low-rank refinement L = SVD_r(Ŵ − Q(Ŵ − L_prev)); 1 is the plain truncated SVD. 3 by evidence
     # (bench/results/lowrank-iterations.json): held-out error −7.8% on MiniLM and −10.5% on tiny-flux against 1;
-    # 5 adds under 2% for ~1.5× the pass time, and 10 overfits the calibration sample on tiny-flux.
+    # 5 adds under 2%, and 10 overfits the calibration sample (worse than 5 on both).
     iterations: int = 3
     early_stop: bool = True
     svd: str = "full"  # the low-rank pass's SVD: "full" (LAPACK, float64) or "randomized"
