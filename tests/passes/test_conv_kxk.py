@@ -168,7 +168,7 @@ def test_report_fuse_and_fallback():
     assert torch.allclose(gm(calib[1][0]), eager, atol=1e-5)
 
 
-def test_compiled_conv_graph_saves_and_loads(tmp_path):
+def test_compiled_conv_graph_saves_loads_and_refuses_onnx(tmp_path):
     model, calib = model_and_data()
     config = QuantConfig.preset("int4", conv_kxk="w4a4", smooth_grid=4)
     gm = svdq_compiler.compile(model, calib[0], config, calib_inputs=calib, verify=True)
@@ -177,3 +177,6 @@ def test_compiled_conv_graph_saves_and_loads(tmp_path):
     loaded = svdq_compiler.load(path)
     assert sum(1 for n in loaded.graph.nodes if n.target == svdq.conv2d.default) == 2
     assert torch.equal(loaded(calib[2][0]), gm(calib[2][0]))
+    with pytest.raises(InputError, match="conv_kxk='keep'"):
+        svdq_compiler.export_onnx(gm, tmp_path / "model.onnx", form="custom")
+    assert not (tmp_path / "model.onnx").exists()
