@@ -7,6 +7,12 @@ smaller stage counts; on A100 (164 KB) the large tiles with more stages. The pac
 rows per K group, so the loads stay coalesced for any tile. Kernel A is memory-bound: a few rows per program,
 several groups per step, so many programs stream x at once.
 
+Kernel W (W4A16) has two regimes. Modulation layers read one row per sample (M ≤ 32), so they stream the weight
+once: 16-row tiles (the smallest tl.dot), narrow BLOCK_N so FLUX's N = 3072…18432 makes hundreds of programs, and
+256-channel K steps so each program keeps several weight loads in flight. Token-stream layers (every linear under
+`w4a16-nf4`) are compute-bound: tall tiles amortise each dequantized weight tile over many rows. Split-K is not
+used: the epilogue (SiLU, GELU, gates) needs whole sums, and the narrow tiles already fill the GPU.
+
 The launcher times the candidates once per (kernel, device, N, K, M bucket) on CUDA and keeps the fastest.
 Under the interpreter every program runs serially in Python and costs tens of milliseconds whatever its size,
 so there is one configuration per size class: tiles of 16 rows for small token counts, so that tests with
@@ -18,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from svdq_compiler.codegen.generate import Target
-from svdq_compiler.codegen.spec import GemmSpec, QuantizeSpec
+from svdq_compiler.codegen.spec import GemmSpec, QuantizeSpec, WeightOnlySpec
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,16 @@ class GemmConfig:
     block_m: int
     block_n: int
     block_k: int  # int8 / nvfp4 K step; the int4 kernels step by one group
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    block_m: int
+    block_n: int
+    groups_per_step: int  # K groups dequantized per iteration
     group_m: int
     num_warps: int
     num_stages: int
@@ -55,6 +71,20 @@ _KSTEP_TILES = {
     "ampere": [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 128, 4, 4),
                (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
 }
+# (block_m, block_n, channels per K step, num_warps, num_stages) for the W4A16 GEMM.
+_WEIGHT_ONLY_SMALL_M = {
+    "hopper": [(16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3),
+               (32, 64, 128, 4, 4)],
+    "ada": [(16, 32, 256, 4, 3), (16, 64, 128, 4, 3), (16, 128, 128, 4, 2), (32, 64, 128, 4, 3)],
+    "ampere": [(16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4)],
+}
+_WEIGHT_ONLY_LARGE_M = {
+    "hopper": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 128, 4, 4),
+               (128, 64, 128, 4, 4)],
+    "ada": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 128, 4, 3)],
+    "ampere": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)],
+}
+_WEIGHT_ONLY_SMALL_BUCKET = 32  # up to this many rows (bucketed), the small-M tiles
 _QUANTIZE_TILES = [(16, 4, 2), (32, 4, 2), (32, 8, 3), (64, 8, 2)]  # (block_m, num_warps, num_stages)
 
 INTERPRETER_GEMM = GemmConfig(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=1, num_stages=1)
@@ -122,3 +152,19 @@ def quantize_configs(spec: QuantizeSpec, target: Target, m: int) -> list[Quantiz
     configs = [QuantizeConfig(block_m, step, warps, stages) for block_m, warps, stages in _QUANTIZE_TILES
                for step in steps if block_m <= max(bucket, 16)]
     return configs
+
+
+def weight_only_configs(spec: WeightOnlySpec, target: Target, m: int) -> list[WeightOnlyConfig]:
+    """Candidate configurations of kernel W for M rows, best guesses first."""
+    if target.backend == "interpreter":
+        base = INTERPRETER_GEMM if m <= INTERPRETER_SMALL_M else INTERPRETER_LARGE_GEMM
+        # two groups per step, so the tests cover steps that hold a group past the end of K
+        return [WeightOnlyConfig(base.block_m, base.block_n, 2, base.group_m, 1, 1)]
+    family = arch_family(target)
+    bucket = m_bucket(m)
+    tiles = _WEIGHT_ONLY_SMALL_M[family] if bucket <= _WEIGHT_ONLY_SMALL_BUCKET else \
+        _WEIGHT_ONLY_SMALL_M[family][-2:] + _WEIGHT_ONLY_LARGE_M[family]
+    configs = [WeightOnlyConfig(block_m, block_n, max(1, step // spec.group_size), 1 if block_m <= 32 else 8,
+                                warps, stages)
+               for block_m, block_n, step, warps, stages in tiles if block_m <= max(bucket, 64)]
+    return list(dict.fromkeys(configs))

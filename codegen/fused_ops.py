@@ -1,4 +1,5 @@
-"""The fused runtime ops `svdq::fused_quantize_lora_down` (kernel A) and `svdq::fused_gemm` (kernel B).
+"""The fused runtime ops `svdq::fused_quantize_lora_down` (kernel A), `svdq::fused_gemm` (kernel B) and
+`svdq::fused_weight_only_linear` (kernel W, W4A16).
 
 Both take their kernel spec as a string argument (`spec.to_string()`), so a saved graph carries everything
 needed to regenerate its kernels on load. They are registered with `torch.library.custom_op` plus a fake
@@ -10,6 +11,9 @@ Dispatch, per call:
 - else CPU tensors → the generated kernels under the Triton interpreter when `TRITON_INTERPRET=1`, otherwise the
   reference: the same computation composed from the reference ops of `svdq_compiler.ops` and ATen, i.e. exactly
   what the unfused (lowered) graph computes.
+
+`fused_weight_only_linear(x, w_codes, w_scales, down?, lora_up?, bias?, operands, spec)` returns y [..., N]:
+`svdq.weight_only_linear` (+ down·L1ᵀ, a LoRA beside the layer), then the epilogue chain.
 
 Outputs of `fused_gemm`, in order: y [..., N] (unless the quantize-for-next-layer epilogue does not emit it),
 then with that epilogue the next layer's codes and scales, then its down projection [..., rank′].
@@ -27,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from svdq_compiler.codegen.shapes import model_dtype, packed_act
-from svdq_compiler.codegen.spec import ActQuant, Epilogue, GemmSpec, QuantizeSpec, SpecError, parse_spec
+from svdq_compiler.codegen.spec import (ActQuant, Epilogue, GemmSpec, QuantizeSpec, SpecError, WeightOnlySpec,
+                                        parse_spec)
 from svdq_compiler.errors import InputError
 
 BACKENDS = ("triton", "reference")
@@ -75,6 +80,10 @@ def quantize_spec(text: str) -> QuantizeSpec:
 
 def gemm_spec(text: str) -> GemmSpec:
     return _parse(text, GemmSpec)
+
+
+def weight_only_spec(text: str) -> WeightOnlySpec:
+    return _parse(text, WeightOnlySpec)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -139,6 +148,14 @@ def reference_gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, down, lora_up
     return outputs
 
 
+def reference_weight_only_linear(x, w_codes, w_scales, down, lora_up, bias, operands,
+                                 spec: WeightOnlySpec) -> torch.Tensor:
+    y = torch.ops.svdq.weight_only_linear(x, w_codes, w_scales, bias, spec.weight, spec.group_size)
+    if spec.rank:
+        y = y + F.linear(down.contiguous(), lora_up)
+    return apply_epilogue(y, spec.epilogue, operands)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The custom ops
 
@@ -200,3 +217,22 @@ def _fused_gemm_fake(a_codes, a_scales, w_codes, w_scales, w_tscale, down, lora_
         if qn.rank:
             outputs.append(a_codes.new_empty((*lead, qn.rank), dtype=dtype))
     return outputs
+
+
+@torch.library.custom_op("svdq::fused_weight_only_linear", mutates_args=())
+def fused_weight_only_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
+                             down: Optional[torch.Tensor], lora_up: Optional[torch.Tensor],
+                             bias: Optional[torch.Tensor], operands: list[torch.Tensor], spec: str) -> torch.Tensor:
+    """Kernel W: x·dequantize(W)ᵀ (int4 / nf4 groups, 16-bit x) + down·L1ᵀ + bias, then the epilogue chain."""
+    parsed = weight_only_spec(spec)
+    if resolve_backend(x.device) == "triton":
+        from svdq_compiler.codegen import launch
+
+        return launch.weight_only_linear(x, w_codes, w_scales, down, lora_up, bias, operands, parsed)
+    return reference_weight_only_linear(x, w_codes, w_scales, down, lora_up, bias, operands, parsed)
+
+
+@fused_weight_only_linear.register_fake
+def _fused_weight_only_linear_fake(x, w_codes, w_scales, down, lora_up, bias, operands, spec):
+    parsed = weight_only_spec(spec)
+    return x.new_empty((*x.shape[:-1], w_codes.shape[0]), dtype=model_dtype(parsed.dtype))

@@ -24,7 +24,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from svdq_compiler.codegen.spec import ActQuant, GemmSpec, KernelSpec, QuantizeSpec
+from svdq_compiler.codegen.spec import ActQuant, GemmSpec, KernelSpec, QuantizeSpec, WeightOnlySpec
 
 _TL_DTYPE = {"bfloat16": "tl.bfloat16", "float16": "tl.float16", "float32": "tl.float32"}
 _QMAX = {"int4": 7.0, "uint4": 15.0, "int8": 127.0, "nvfp4": 6.0}
@@ -124,6 +124,8 @@ def generate(spec: KernelSpec, target: Target = Target()) -> str:
     spec.validate()
     if isinstance(spec, QuantizeSpec):
         return _generate_quantize(spec, target)
+    if isinstance(spec, WeightOnlySpec):
+        return _generate_weight_only(spec, target)
     return _generate_gemm(spec, target)
 
 
@@ -371,6 +373,16 @@ def _emit_quantize_int8_body(src: _Source, spec: QuantizeSpec, target: Target, d
 # Kernel B
 
 
+_TILING = textwrap.dedent("""
+    Tiling: a 1-D grid of BLOCK_M × BLOCK_N output tiles in grouped order (GROUP_M row tiles share a band
+    of weight columns, so the weight tiles stay in L2); ragged M and N wrap their loads (modulo) and mask
+    their stores, so the main loop has no masks.""").strip()
+
+
+def _epilogue_steps(spec: GemmSpec | WeightOnlySpec) -> list[str]:
+    return [f"{step.kind}({step.value!r})" if step.value is not None else step.kind for step in spec.epilogue]
+
+
 def _gemm_description(spec: GemmSpec, target: Target) -> str:
     g = spec.group_size
     path = nvfp4_path(spec, target)
@@ -397,7 +409,7 @@ def _gemm_description(spec: GemmSpec, target: Target) -> str:
             FP8-E4M3 group scale is exact in fp16 (≤ 6 significant bits, |v| ≤ 2688), so the fp16 tl.dot with
             fp32 accumulation computes the exact block-scaled product (even and odd channels as two dots, the
             consecutive-pair layout needs no shuffle); × the per-tensor weight scale at the end."""
-    steps = [f"{step.kind}({step.value!r})" if step.value is not None else step.kind for step in spec.epilogue]
+    steps = _epilogue_steps(spec)
     if spec.quantize_next is not None:
         qn = spec.quantize_next
         parts = [_quant_description(qn.quant).rstrip(".")]
@@ -411,17 +423,13 @@ def _gemm_description(spec: GemmSpec, target: Target) -> str:
     formula = (f"y[M, N] = Σ_g (a_g·w_gᵀ)·s_a·s_w{' · tscale' if spec.act == 'nvfp4' else ''}"
                f"{' + down·L1ᵀ' if spec.rank else ''}{' + bias' if spec.bias else ''}, then the epilogue; "
                f"{k_text}, {n_text}.")
-    tiling = """
-        Tiling: a 1-D grid of BLOCK_M × BLOCK_N output tiles in grouped order (GROUP_M row tiles share a band
-        of weight columns, so the weight tiles stay in L2); ragged M and N wrap their loads (modulo) and mask
-        their stores, so the main loop has no masks."""
     after = (f"After the loop: + down[BLOCK_M, rank]·L1[BLOCK_N, rank]ᵀ ({spec.dtype} tl.dot, fp32 accumulation)"
              if spec.rank else "After the loop: no low-rank branch (rank 0)")
     return "\n".join([
         f"Kernel B for spec {spec.hash}: {spec.to_string()}",
         "",
         formula,
-        textwrap.dedent(tiling).strip(),
+        _TILING,
         textwrap.dedent(main).strip(),
         after + (", + bias." if spec.bias else "."),
         f"Epilogue (fp32 in registers, rounded once to {spec.dtype}): {epilogue}.",
@@ -429,14 +437,20 @@ def _gemm_description(spec: GemmSpec, target: Target) -> str:
     ])
 
 
-def _gemm_params(spec: GemmSpec, path: str) -> list[str]:
-    params = ["a_codes_ptr", "a_scales_ptr", "w_codes_ptr", "w_scales_ptr"]
-    params += ["w_tscale_ptr"] if spec.act == "nvfp4" else []
-    params += ["down_ptr", "stride_down", "lora_up_ptr"] if spec.rank else []
+def _branch_epilogue_params(spec: GemmSpec | WeightOnlySpec) -> list[str]:
+    """The low-rank up projection's, the bias's and the epilogue operands' parameters."""
+    params = ["down_ptr", "stride_down", "lora_up_ptr"] if spec.rank else []
     params += ["bias_ptr"] if spec.bias else []
     for index in range(spec.operand_count):
         params += [f"op{index}_ptr", f"op{index}_inner", f"op{index}_stride_outer", f"op{index}_stride_inner",
                    f"op{index}_stride_n"]
+    return params
+
+
+def _gemm_params(spec: GemmSpec, path: str) -> list[str]:
+    params = ["a_codes_ptr", "a_scales_ptr", "w_codes_ptr", "w_scales_ptr"]
+    params += ["w_tscale_ptr"] if spec.act == "nvfp4" else []
+    params += _branch_epilogue_params(spec)
     qn = spec.quantize_next
     if spec.emits_output:
         params += ["out_ptr"]
@@ -466,6 +480,23 @@ def _generate_gemm(spec: GemmSpec, target: Target) -> str:
         src.add(f"N: tl.constexpr = {spec.n}")
     if spec.k:
         src.add(f"K: tl.constexpr = {spec.k}")
+    _emit_tile_order(src)
+    if spec.act in ("int4", "uint4"):
+        _emit_gemm_int4_loop(src, spec)
+    elif spec.act == "int8":
+        _emit_gemm_int8_loop(src)
+    elif path == "dot_scaled":
+        _emit_gemm_nvfp4_dot_scaled_loop(src)
+    else:
+        _emit_gemm_nvfp4_dequant_loop(src)
+    _emit_branch_and_bias(src, spec, target)
+    _emit_epilogue(src, spec, target, dtype)
+    src.dedent()
+    return _module_text(f"Generated by svdq_compiler.codegen: {spec.name}.", _gemm_description(spec, target), src)
+
+
+def _emit_tile_order(src: _Source) -> None:
+    """pid → (pid_m, pid_n) in grouped order, the tile's rows and cols, and their in-range load indices."""
     src.add("""
         # grouped tile order: GROUP_M row tiles walk the same band of weight columns
         pid = tl.program_id(0)
@@ -488,18 +519,14 @@ def _generate_gemm(spec: GemmSpec, target: Target) -> str:
         else:
             cols_in = cols % N
         rows64 = rows_in.to(tl.int64)""")
-    if spec.act in ("int4", "uint4"):
-        _emit_gemm_int4_loop(src, spec)
-    elif spec.act == "int8":
-        _emit_gemm_int8_loop(src)
-    elif path == "dot_scaled":
-        _emit_gemm_nvfp4_dot_scaled_loop(src)
-    else:
-        _emit_gemm_nvfp4_dequant_loop(src)
+
+
+def _emit_branch_and_bias(src: _Source, spec: GemmSpec | WeightOnlySpec, target: Target) -> None:
+    """acc += down·L1ᵀ (the low-rank up projection) and the bias."""
     if spec.rank:
         pad = _rank_pad(spec.rank)
         src.add(f"""
-            # low-rank up projection: down [M, rank] (kernel A's output) · L1 [N, rank]ᵀ
+            # low-rank up projection: down [M, rank] (computed before this kernel) · L1 [N, rank]ᵀ
             ranks = tl.arange(0, {pad})
             rank_ok = ranks < {spec.rank}
             down = tl.load(down_ptr + rows64[:, None] * stride_down + ranks[None, :], mask=rank_ok[None, :], other=0.0)
@@ -508,9 +535,6 @@ def _generate_gemm(spec: GemmSpec, target: Target) -> str:
             acc = {_float_dot("down", "tl.trans(lora_up)", "acc", spec.dtype, target)}""")
     if spec.bias:
         src.add("acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]")
-    _emit_epilogue(src, spec, target, dtype)
-    src.dedent()
-    return _module_text(f"Generated by svdq_compiler.codegen: {spec.name}.", _gemm_description(spec, target), src)
 
 
 def _emit_gemm_int4_loop(src: _Source, spec: GemmSpec) -> None:
@@ -675,3 +699,122 @@ def _emit_epilogue(src: _Source, spec: GemmSpec, target: Target, dtype: str) -> 
             next_down = {_float_dot(smoothed, "next_lora_down", None, spec.dtype, target)}
             tl.atomic_add(next_down_ptr + rows.to(tl.int64)[:, None] * {qn.rank} + next_ranks[None, :], next_down,
                           mask=(rows < M)[:, None] & (next_ranks < {qn.rank})[None, :])""")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel W (W4A16)
+
+
+def _as_model_dtype(expr: str, dtype: str, target: Target) -> str:
+    """fp32 `expr` rounded to `dtype` (ties to even) and cast to it: a single conversion on CUDA, where it
+    rounds to nearest even; through `round_to_bf16` under the interpreter, whose bf16 cast truncates."""
+    if dtype == "bfloat16" and target.backend == "interpreter":
+        return f"round_to_bf16({expr}).to(tl.bfloat16)"
+    return f"({expr}).to({_TL_DTYPE[dtype]})" if dtype != "float32" else expr
+
+
+def _weight_only_description(spec: WeightOnlySpec, target: Target) -> str:
+    g, half = spec.group_size, spec.group_size // 2
+    if spec.weight == "nf4":
+        value = ("its NormalFloat value, looked up in the 16-entry fp32 codebook (a 64-byte table the loads "
+                 "keep in L1)")
+    else:
+        value = ("its signed integer (−8…7), converted exactly to fp32 with an integer add and a float subtract "
+                 "(the I2F instruction runs at a quarter rate)")
+    k_text = f"K = {spec.k}" if spec.k else "K at run time"
+    n_text = f"N = {spec.n}" if spec.n else "N at run time"
+    main = f"""
+        Main loop, GROUPS_PER_STEP groups of {g} channels per iteration: the [BLOCK_N, GROUPS_PER_STEP·{half}]
+        weight byte tile unpacks in registers into two tiles (low nibbles = channels 0..{half - 1} of each group,
+        high nibbles = {half}..{g - 1}: the split-half layout, so no shuffle), and x is read as the two matching
+        [BLOCK_M, GROUPS_PER_STEP·{half}] tiles. Each nibble becomes {value}, times its group's scale in fp32,
+        rounded once to {spec.dtype} (what the reference dequantization computes); two {spec.dtype} tl.dot per
+        step accumulate in fp32. Small M (modulation layers read one row per sample) is served by 16-row tiles
+        and narrow BLOCK_N, so a wide N still spreads over every SM; no split-K, so the epilogue sees whole sums."""
+    after = (f"After the loop: + down[BLOCK_M, rank]·L1[BLOCK_N, rank]ᵀ ({spec.dtype} tl.dot, fp32 accumulation)"
+             if spec.rank else "After the loop: no low-rank branch (rank 0)")
+    epilogue = " → ".join(_epilogue_steps(spec)) or "(none)"
+    return "\n".join([
+        f"Kernel W (W4A16) for spec {spec.hash}: {spec.to_string()}",
+        "",
+        textwrap.fill(f"y[M, N] = x·Wᵀ{' + down·L1ᵀ' if spec.rank else ''}{' + bias' if spec.bias else ''}, then "
+                      f"the epilogue; x [M, K] in {spec.dtype}, W {spec.weight} codes × {spec.dtype} scales per "
+                      f"group of {g}; {k_text}, {n_text}.", 110),
+        _TILING,
+        textwrap.fill(" ".join(main.split()), 110),
+        after + (", + bias." if spec.bias else "."),
+        f"Epilogue (fp32 in registers, rounded once to {spec.dtype}): {epilogue}.",
+        f"Written for {target.describe()}.",
+    ])
+
+
+def _generate_weight_only(spec: WeightOnlySpec, target: Target) -> str:
+    g, half, dtype = spec.group_size, spec.group_size // 2, spec.dtype
+    params = ["x_ptr", "stride_xm", "w_codes_ptr", "w_scales_ptr"] + (["codebook_ptr"] if spec.weight == "nf4" else [])
+    params += _branch_epilogue_params(spec) + ["out_ptr", "M"] + ([] if spec.n else ["N"]) + ([] if spec.k else ["K"])
+    params += ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "GROUPS_PER_STEP: tl.constexpr",
+               "GROUP_M: tl.constexpr", "EVEN_M: tl.constexpr", "EVEN_N: tl.constexpr", "EVEN_K: tl.constexpr"]
+    src = _Source()
+    src.add("@triton.jit")
+    src.add(f"def {spec.name}(")
+    for start in range(0, len(params), 6):
+        src.line("    " + ", ".join(params[start:start + 6]) + ",")
+    src.add("):")
+    src.indent()
+    if spec.n:
+        src.add(f"N: tl.constexpr = {spec.n}")
+    if spec.k:
+        src.add(f"K: tl.constexpr = {spec.k}")
+    _emit_tile_order(src)
+    src.add(f"""
+        num_groups = tl.cdiv(K, {g})
+        # byte j of a group holds channel j (low nibble) and channel j + {half} (high nibble)
+        STEP_BYTES: tl.constexpr = GROUPS_PER_STEP * {half}
+        byte_cols = tl.arange(0, STEP_BYTES)
+        low_cols = (byte_cols // {half}) * {g} + byte_cols % {half}
+        step_groups = tl.arange(0, GROUPS_PER_STEP)
+        x_rows = x_ptr + rows64[:, None] * stride_xm
+        w_rows = w_codes_ptr + cols_in.to(tl.int64)[:, None] * (num_groups * {half})
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for first_group in range(0, num_groups, GROUPS_PER_STEP):
+            k0 = first_group * {g}
+            groups = first_group + step_groups
+            if EVEN_K:
+                packed = tl.load(w_rows + first_group * {half} + byte_cols[None, :])
+                w_scale = tl.load(w_scales_ptr + groups[None, :] * N + cols_in[:, None])
+                x_low = tl.load(x_rows + (k0 + low_cols)[None, :])
+                x_high = tl.load(x_rows + (k0 + {half} + low_cols)[None, :])
+            else:
+                # the last step holds groups past K_pad (no bytes, scale 0) or channels past K (x is 0 there)
+                packed = tl.load(w_rows + first_group * {half} + byte_cols[None, :],
+                                 mask=(first_group * {half} + byte_cols < num_groups * {half})[None, :], other=0)
+                w_scale = tl.load(w_scales_ptr + groups[None, :] * N + cols_in[:, None],
+                                  mask=(groups < num_groups)[None, :], other=0.0)
+                x_low = tl.load(x_rows + (k0 + low_cols)[None, :], mask=(k0 + low_cols < K)[None, :], other=0.0)
+                x_high = tl.load(x_rows + (k0 + {half} + low_cols)[None, :],
+                                 mask=(k0 + {half} + low_cols < K)[None, :], other=0.0)""")
+    src.indent()
+    if spec.weight == "nf4":
+        src.add("""
+            w_low = tl.load(codebook_ptr + (packed & 15))
+            w_high = tl.load(codebook_ptr + (packed >> 4))""")
+    else:
+        src.add("""
+            w_low, w_high = unpack_int4(packed)
+            w_low = small_int_to_float(w_low.to(tl.int32))
+            w_high = small_int_to_float(w_high.to(tl.int32))""")
+    src.add(f"""
+        # value × group scale in fp32, rounded once to {dtype}
+        w_scale = w_scale.to(tl.float32)[:, :, None]
+        w_low = tl.reshape(tl.reshape(w_low, (BLOCK_N, GROUPS_PER_STEP, {half})) * w_scale, (BLOCK_N, STEP_BYTES))
+        w_high = tl.reshape(tl.reshape(w_high, (BLOCK_N, GROUPS_PER_STEP, {half})) * w_scale, (BLOCK_N, STEP_BYTES))
+        w_low = {_as_model_dtype("w_low", dtype, target)}
+        w_high = {_as_model_dtype("w_high", dtype, target)}
+        acc = {_float_dot("x_low", "tl.trans(w_low)", "acc", dtype, target)}
+        acc = {_float_dot("x_high", "tl.trans(w_high)", "acc", dtype, target)}""")
+    src.dedent()
+    _emit_branch_and_bias(src, spec, target)
+    _emit_epilogue(src, spec, target, dtype)
+    src.dedent()
+    return _module_text(f"Generated by svdq_compiler.codegen: {spec.name}.", _weight_only_description(spec, target),
+                        src)

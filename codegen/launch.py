@@ -1,6 +1,6 @@
 """Python wrappers that check arguments, allocate outputs, pick a tile configuration and launch a kernel.
 
-`quantize_lora_down` launches kernel A, `gemm` kernel B. Both accept `[..., K]` activations (the leading dims
+`quantize_lora_down` launches kernel A, `gemm` kernel B, `weight_only_linear` kernel W (W4A16). All accept `[..., K]` activations (the leading dims
 are flattened into M rows and restored on the outputs) and run on CUDA (compiled) or on CPU under the Triton
 interpreter. On CUDA the configurations of `configs.py` are timed once per (kernel, device, N, K, M bucket)
 and the fastest is kept for the process.
@@ -22,11 +22,13 @@ from typing import Callable, Sequence
 import torch
 
 from svdq_compiler.codegen.cache import load_kernel
-from svdq_compiler.codegen.configs import GemmConfig, QuantizeConfig, gemm_configs, m_bucket, quantize_configs
+from svdq_compiler.codegen.configs import (GemmConfig, QuantizeConfig, WeightOnlyConfig, gemm_configs, m_bucket,
+                                           quantize_configs, weight_only_configs)
 from svdq_compiler.codegen.generate import Target, nvfp4_path
 from svdq_compiler.codegen.layout import round_up
 from svdq_compiler.codegen.shapes import model_dtype, packed_act
-from svdq_compiler.codegen.spec import ActQuant, GemmSpec, QuantizeSpec
+from svdq_compiler.codegen.spec import ActQuant, GemmSpec, QuantizeSpec, WeightOnlySpec
+from svdq_compiler.quant import code_values
 from svdq_compiler.errors import SvdqError
 
 class KernelInputError(SvdqError):
@@ -202,6 +204,38 @@ def _row_strides(operand: torch.Tensor, lead: tuple[int, ...], n: int, where: st
     return expanded, inner, stride_outer, stride_inner, expanded.stride(-1)
 
 
+def _check_branch_epilogue(down, lora_up, bias, operands, spec: GemmSpec | WeightOnlySpec, lead: tuple, n: int,
+                           dtype: torch.dtype, device: torch.device, where: str) -> None:
+    """The low-rank up projection's inputs, the bias and the epilogue operands against the spec."""
+    if spec.rank:
+        _check_tensor(down, "down", where, shape=(*lead, spec.rank), dtype=dtype, device=device)
+        _check_tensor(lora_up, "lora_up (L1)", where, shape=(n, spec.rank), dtype=dtype, device=device)
+    else:
+        _absent(down, "down", where)
+        _absent(lora_up, "lora_up (L1)", where)
+    if spec.bias:
+        _check_tensor(bias, "bias", where, shape=(n,), device=device)
+    else:
+        _absent(bias, "bias", where)
+    _require(len(operands) == spec.operand_count,
+             f"{len(operands)} epilogue operands given, the spec's epilogue reads {spec.operand_count}", where)
+    for index, operand in enumerate(operands):
+        _check_tensor(operand, f"epilogue operand {index}", where, device=device)
+
+
+def _branch_epilogue_args(down, lora_up, bias, operands, spec: GemmSpec | WeightOnlySpec, lead: tuple, n: int,
+                          where: str) -> list:
+    """Kernel arguments for the branch, the bias and the epilogue operands (generate._branch_epilogue_params)."""
+    args: list = []
+    if spec.rank:
+        down_rows = _rows(down)
+        args += [down_rows, down_rows.stride(0), lora_up.contiguous()]
+    args += [bias.contiguous()] if spec.bias else []
+    for index, operand in enumerate(operands):
+        args += list(_row_strides(operand, lead, n, where, index))
+    return args
+
+
 def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
          w_tscale: torch.Tensor | None, down: torch.Tensor | None, lora_up: torch.Tensor | None,
          bias: torch.Tensor | None, operands: Sequence[torch.Tensor], next_smooth: torch.Tensor | None,
@@ -228,18 +262,7 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
                  f"got shape {tuple(w_tscale.shape)}", where)
     else:
         _absent(w_tscale, "w_tscale", where)
-    if spec.rank:
-        _check_tensor(down, "down", where, shape=(*lead, spec.rank), dtype=dtype, device=device)
-        _check_tensor(lora_up, "lora_up (L1)", where, shape=(n, spec.rank), dtype=dtype, device=device)
-    else:
-        _absent(down, "down", where)
-        _absent(lora_up, "lora_up (L1)", where)
-    if spec.bias:
-        _check_tensor(bias, "bias", where, shape=(n,), device=device)
-    else:
-        _absent(bias, "bias", where)
-    _require(len(operands) == spec.operand_count,
-             f"{len(operands)} epilogue operands given, the spec's epilogue reads {spec.operand_count}", where)
+    _check_branch_epilogue(down, lora_up, bias, operands, spec, lead, n, dtype, device, where)
     qn = spec.quantize_next
     if qn is not None and qn.quant.smooth:
         _check_tensor(next_smooth, "next_smooth (λ′)", where, shape=(n,), device=device)
@@ -256,13 +279,7 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
                     w_codes.contiguous(), w_scales.contiguous()]
     # the kernel reads one weight scale per output channel
     inputs += [w_tscale.reshape(-1).expand(n).contiguous()] if spec.act == "nvfp4" else []
-    if spec.rank:
-        down_rows = _rows(down)
-        inputs += [down_rows, down_rows.stride(0), lora_up.contiguous()]
-    inputs += [bias.contiguous()] if spec.bias else []
-    for index, operand in enumerate(operands):
-        _check_tensor(operand, f"epilogue operand {index}", where, device=device)
-        inputs += list(_row_strides(operand, lead, n, where, index))
+    inputs += _branch_epilogue_args(down, lora_up, bias, operands, spec, lead, n, where)
     sizes = [m] + ([] if spec.n else [n]) + ([] if spec.k else [k])
     next_inputs = {"smooth": next_smooth.contiguous() if next_smooth is not None else None,
                    "lora_down": next_lora_down.contiguous() if next_lora_down is not None else None}
@@ -344,3 +361,62 @@ def _agree(native: torch.Tensor, exact: torch.Tensor) -> bool:
         return bool((native != exact).float().mean() <= 0.01)
     error = (native.float() - exact.float()).norm() / exact.float().norm().clamp_min(1e-30)
     return bool(error <= 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel W (W4A16)
+
+
+_CODEBOOKS: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _codebook(fmt: str, device: torch.device) -> torch.Tensor:
+    """The 16 code values of `fmt` as fp32 on `device` (one copy per device)."""
+    key = (fmt, str(device))
+    if key not in _CODEBOOKS:
+        _CODEBOOKS[key] = code_values(torch.arange(16, dtype=torch.uint8), fmt).to(device)
+    return _CODEBOOKS[key]
+
+
+def weight_only_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, down: torch.Tensor | None,
+                       lora_up: torch.Tensor | None, bias: torch.Tensor | None, operands: Sequence[torch.Tensor],
+                       spec: WeightOnlySpec) -> torch.Tensor:
+    """Kernel W: x [..., K] · dequantize(W)ᵀ + down·L1ᵀ + bias, then the epilogue → [..., N]."""
+    where = f"fused_weight_only_linear ({spec.name})"
+    dtype = model_dtype(spec.dtype)
+    _require(x.dim() >= 1 and x.shape[-1] > 0, f"x must be [..., K] with K > 0, got {tuple(x.shape)}", where)
+    k = x.shape[-1]
+    _require(spec.k is None or k == spec.k, f"x has K = {k}, the kernel was generated for K = {spec.k}", where)
+    _check_tensor(x, "x", where, dtype=dtype)
+    device = x.device
+    n = w_codes.shape[0]
+    _require(spec.n is None or n == spec.n, f"the weight has N = {n}, the kernel was generated for N = {spec.n}",
+             where)
+    groups = -(-k // spec.group_size)
+    _check_tensor(w_codes, "w_codes", where, shape=(n, groups * spec.group_size // 2), dtype=torch.uint8,
+                  device=device)
+    _check_tensor(w_scales, "w_scales", where, shape=(groups, n), dtype=dtype, device=device)
+    lead = tuple(x.shape[:-1])
+    _check_branch_epilogue(down, lora_up, bias, operands, spec, lead, n, dtype, device, where)
+    out = torch.empty((*lead, n), dtype=dtype, device=device)
+    m = math.prod(lead)
+    if m == 0:
+        return out
+    target = current_target(device)
+    kernel = load_kernel(spec, target)
+    x2 = _rows(x)
+    args = [x2, x2.stride(0), w_codes.contiguous(), w_scales.contiguous()]
+    args += [_codebook(spec.weight, device)] if spec.weight == "nf4" else []
+    args += _branch_epilogue_args(down, lora_up, bias, operands, spec, lead, n, where)
+    args += [out, m] + ([] if spec.n else [n]) + ([] if spec.k else [k])
+
+    def run(config: WeightOnlyConfig) -> None:
+        step = config.groups_per_step * spec.group_size
+        grid = (math.ceil(m / config.block_m) * math.ceil(n / config.block_n),)
+        kernel[grid](*args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS_PER_STEP=config.groups_per_step,
+                     GROUP_M=config.group_m, EVEN_M=m % config.block_m == 0, EVEN_N=n % config.block_n == 0,
+                     EVEN_K=k % step == 0, num_warps=config.num_warps, num_stages=config.num_stages)
+
+    configs = weight_only_configs(spec, target, m)
+    run(_choose((spec.name, _device_key(device), n, k, m_bucket(m)), configs, run))
+    return out

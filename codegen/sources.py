@@ -10,7 +10,7 @@ import torch.fx
 from svdq_compiler.codegen.generate import Target, generate
 from svdq_compiler.codegen.spec import KernelSpec, parse_spec
 
-FUSED_OPS = ("fused_quantize_lora_down", "fused_gemm")
+FUSED_OPS = ("fused_quantize_lora_down", "fused_gemm", "fused_weight_only_linear")
 
 
 @dataclass(frozen=True)

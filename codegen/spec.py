@@ -5,12 +5,14 @@ so a saved graph regenerates exactly the same kernels on load. `spec.to_string()
 no whitespace); `parse_spec(text)` inverts it and validates; `spec.hash` is derived from the text plus the
 generator version, so a change to the generator invalidates the on-disk kernel cache.
 
-Two kernel kinds:
+Three kernel kinds:
 - `QuantizeSpec` (kernel A): x/λ (+shift), dynamic activation quantization, and the low-rank down projection
   (x/λ)·L2ᵀ, in one read of x.
 - `GemmSpec` (kernel B): the 4-bit (or W8A8) GEMM with per-group scales, the low-rank up projection and bias,
   then the epilogue chain taken from the FX pointwise nodes that followed the linear, optionally ending in the
   quantization of the result for the next layer (`QuantizeNext`).
+- `WeightOnlySpec` (kernel W, W4A16): 16-bit activations times an int4 or nf4 weight dequantized in registers,
+  the low-rank up projection (a LoRA beside a weight-only layer) and bias, then the same epilogue chain.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ ACT_FORMATS = ("int4", "uint4", "nvfp4", "int8")
 # Weight formats of the GEMM (the weights of an "int4"/"uint4" activation are int4).
 GEMM_WEIGHT_FORMATS = ("int4", "nvfp4", "int8")
 DTYPES = ("bfloat16", "float16", "float32")
+# Weight formats of the weight-only (W4A16) kernel.
+WEIGHT_ONLY_FORMATS = ("int4", "nf4")
 UNARY_EPILOGUES = ("gelu_tanh", "gelu_erf", "silu")
 TENSOR_EPILOGUES = ("mul", "add")  # y ∘ t with t broadcastable to y (gate multiply, residual add)
 SCALAR_EPILOGUES = ("mul_scalar", "add_scalar")
@@ -130,6 +134,14 @@ class _SpecText:
         return _hash(self)
 
 
+class _EpilogueSpec(_SpecText):
+    """A kernel that ends in an epilogue chain (`self.epilogue`) whose tensor steps read the op's operands."""
+
+    @property
+    def operand_count(self) -> int:
+        return sum(1 for step in self.epilogue if step.takes_operand)
+
+
 @dataclass(frozen=True)
 class QuantizeSpec(_SpecText):
     """Kernel A: x [M, K] → codes, scales (+ (x/λ)·L2ᵀ [M, rank] when rank > 0)."""
@@ -152,7 +164,7 @@ class QuantizeSpec(_SpecText):
 
 
 @dataclass(frozen=True)
-class GemmSpec(_SpecText):
+class GemmSpec(_EpilogueSpec):
     """Kernel B: Σ_g (a_g·w_gᵀ)·s_a·s_w (·tscale) + down·L1ᵀ + bias, then `epilogue`, then `quantize_next`."""
 
     act: str  # activation format of the codes it reads (int4, uint4, nvfp4, int8)
@@ -170,10 +182,6 @@ class GemmSpec(_SpecText):
     @property
     def weight(self) -> str:
         return weight_format_of(self.act)
-
-    @property
-    def operand_count(self) -> int:
-        return sum(1 for step in self.epilogue if step.takes_operand)
 
     @property
     def emits_output(self) -> bool:
@@ -200,7 +208,45 @@ class GemmSpec(_SpecText):
         return f"svdq_gemm_{self.act}_r{self.rank}_{self.hash[:10]}"
 
 
-KernelSpec = Union[QuantizeSpec, GemmSpec]
+@dataclass(frozen=True)
+class WeightOnlySpec(_EpilogueSpec):
+    """Kernel W: y = x·dequantize(W)ᵀ + down·L1ᵀ + bias, then `epilogue`; x, L1, bias and y in `dtype`."""
+
+    weight: str  # int4 (symmetric, codes −7…7) or nf4 (NormalFloat codebook indices)
+    group_size: int
+    rank: int
+    bias: bool
+    dtype: str
+    k: int | None = None  # original (unpadded) K; None: runtime
+    n: int | None = None
+    epilogue: tuple[Epilogue, ...] = ()
+
+    kind = "weight_only_gemm"
+    quantize_next = None  # the output stays 16-bit: the readers of a weight-only layer quantize nothing
+    emits_output = True
+
+    def validate(self) -> None:
+        where = "fused_weight_only_linear spec"
+        if self.weight not in WEIGHT_ONLY_FORMATS:
+            raise SpecError(f"weight-only kernels take {' or '.join(WEIGHT_ONLY_FORMATS)} weights, got "
+                            f"{self.weight!r}", where=where, fix="keep the layer on svdq.weight_only_linear")
+        # each group's two halves are separate dots, and a dot needs at least 16 channels
+        if not (_power_of_two(self.group_size) and self.group_size >= 32):
+            raise SpecError(f"weight-only kernels need a power-of-two group size of at least 32, got "
+                            f"{self.group_size}", where=where,
+                            fix="use group_size 64 (the default) or keep the layer on svdq.weight_only_linear")
+        _check_common(self.dtype, self.rank, self.k, where)
+        if self.n is not None and self.n <= 0:
+            raise SpecError(f"n must be positive, got {self.n}", where=where)
+        for step in self.epilogue:
+            step.validate(where)
+
+    @property
+    def name(self) -> str:
+        return f"svdq_w4a16_{self.weight}_r{self.rank}_{self.hash[:10]}"
+
+
+KernelSpec = Union[QuantizeSpec, GemmSpec, WeightOnlySpec]
 
 
 def _check_common(dtype: str, rank: int, k: int | None, where: str) -> None:
@@ -258,8 +304,11 @@ def parse_spec(text: str) -> KernelSpec:
             quantize_next["quant"] = _build(ActQuant, quantize_next.get("quant") or {}, where)
             values["quantize_next"] = _build(QuantizeNext, quantize_next, where)
         spec = _build(GemmSpec, values, where)
+    elif kind == WeightOnlySpec.kind:
+        values["epilogue"] = tuple(_build(Epilogue, step, where) for step in values.get("epilogue", ()))
+        spec = _build(WeightOnlySpec, values, where)
     else:
         raise SpecError(f"unknown spec kind {kind!r}", where=where,
-                        fix=f"expected {QuantizeSpec.kind!r} or {GemmSpec.kind!r}")
+                        fix=f"expected {QuantizeSpec.kind!r}, {GemmSpec.kind!r} or {WeightOnlySpec.kind!r}")
     spec.validate()
     return spec

@@ -12,6 +12,9 @@ Ensures:
   scalar multiply/add) as its epilogue. When the result then feeds another group's `quantize_act` (and its
   down projection), that quantization moves into the epilogue too ("quantize for the next layer"): the 16-bit
   result is only stored if something else reads it, and that group needs no kernel A.
+- each `svdq.weight_only_linear` (W4A16: AdaLN under int4, every linear under w4a16-nf4) becomes one
+  `svdq.fused_weight_only_linear` (kernel W: the weight dequantized in registers), with a LoRA branch added
+  beside it (`+ aten.linear(down, L1)`) and the same single-reader pointwise successors as its epilogue.
 - each remaining quantize_act, with the group's down projections, becomes one `svdq.fused_quantize_lora_down`
   (kernel A). Groups whose linears have different L2 (FLUX single blocks: q/k/v and the MLP share λ) get one
   kernel A over the concatenated L2, so x is still read once.
@@ -19,9 +22,9 @@ Ensures:
   fused_gemm keeps its linear's `LinearInfo` (the per-layer report reads it), a kernel A gets a `QuantOpInfo`;
   the graph computes what the lowered graph computed (the reference path of the fused ops is op
   for op the lowered chain; the kernels match it within rounding).
-- statistics: linears fused, kernel A count, quantizations absorbed, epilogues absorbed by kind, W4A16 layers
-  kept as `svdq.weight_only_linear`, and every fallback (a chain left unfused) with its reason; quantized k×k
-  convolutions stay `svdq.conv2d` (reference op), listed as "conv: no generated kernel".
+- statistics: linears fused, kernel A count, quantizations absorbed, W4A16 layers fused and those kept as
+  `svdq.weight_only_linear`, epilogues absorbed by kind, and every fallback (a chain left unfused) with its reason;
+  quantized k×k convolutions stay `svdq.conv2d` (reference op), listed as "conv: no generated kernel".
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 import torch.fx
 
 from svdq_compiler.codegen.spec import (ActQuant, Epilogue, GemmSpec, QuantizeNext, QuantizeSpec, SpecError,
-                                        weight_format_of)
+                                        WeightOnlySpec)
 from svdq_compiler.ir import (LinearInfo, QuantOpInfo, annotated_linears, get_attr_value, info, infer_val,
                               set_attr_value, set_info)
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
@@ -134,8 +137,9 @@ def _broadcasts_into(operand: torch.fx.Node, value: torch.fx.Node) -> bool:
     return True
 
 
-def _match_branch(chain: _Chain) -> None:
-    """acc + linear(down, L1, bias) or acc + bias, absorbed into the chain."""
+def _match_branch(chain: _Chain, with_bias: bool = True) -> None:
+    """acc + linear(down, L1, bias) or acc + bias, absorbed into the chain (without a bias: acc + linear(down, L1)
+    only, for a weight-only linear, whose bias is its own argument)."""
     acc = chain.gemm
     readers = _readers(acc)
     if len(readers) != 1 or not _is(readers[0], aten.add.Tensor) or readers[0].kwargs.get("alpha", 1) != 1:
@@ -144,12 +148,13 @@ def _match_branch(chain: _Chain) -> None:
     other = add.args[1] if add.args[0] is acc else add.args[0]
     if _is(other, aten.linear.default) and len(_readers(other)) == 1:
         down, weight = other.args[0], _attr(other.args[1])
-        bias = _attr(other.args[2]) if len(other.args) > 2 else None
-        if weight is None or (len(other.args) > 2 and other.args[2] is not None and bias is None):
+        has_bias = len(other.args) > 2 and other.args[2] is not None
+        bias = _attr(other.args[2]) if has_bias else None
+        if weight is None or (has_bias and (bias is None or not with_bias)):
             return
         chain.down, chain.lora_up, chain.bias = down, weight, bias
         chain.nodes += [other, add]
-    elif _attr(other) is not None and _val(other) is not None and _val(other).dim() == 1:
+    elif with_bias and _attr(other) is not None and _val(other) is not None and _val(other).dim() == 1:
         chain.bias = _attr(other)
         chain.nodes.append(add)
 
@@ -244,7 +249,7 @@ class _Rewriter:
         self.gm = gm
         self.graph = gm.graph
         self.stats: dict[str, Any] = {"linears_fused": 0, "kernel_a": 0, "quantize_absorbed": 0,
-                                      "lora_down_concatenated": 0, "fallen_back": 0}
+                                      "weight_only_fused": 0, "lora_down_concatenated": 0, "fallen_back": 0}
         self.epilogues: Counter = Counter()
         self.fallbacks: list[dict[str, str]] = []
         self.concatenated: dict[str, str] = {}  # original L2 attribute → the concatenated buffer holding it
@@ -345,6 +350,54 @@ def _kernel_b(rw: _Rewriter, chain: _Chain, quantize_next: tuple[_Group, Quantiz
         rw.epilogues["quantize_next"] += 1
 
 
+def _kernel_w(rw: _Rewriter, chain: _Chain) -> None:
+    """Replace a weight-only chain (weight_only_linear [+ linear(down, L1)] [+ epilogue]) by kernel W."""
+    gm, graph = rw.gm, rw.graph
+    args = chain.args
+    x, w_codes = args["x"], args["w_codes"]
+    x_val = _val(x)
+    n = _static_int(_val(w_codes).shape[0]) if _val(w_codes) is not None else None
+    rank = get_attr_value(gm, chain.lora_up).shape[1] if chain.lora_up else 0
+    spec = WeightOnlySpec(args["fmt"], int(args["group_size"]), rank, args.get("bias") is not None,
+                          _DTYPE_NAMES[x_val.dtype], k=_static_int(x_val.shape[-1]), n=n,
+                          epilogue=tuple(chain.epilogue))
+    spec.validate()
+    end = chain.end
+    linears = _linears_of(chain.gemm)
+    with graph.inserting_before(end):
+        attr = lambda target: rw.get_attr(target) if target else None  # noqa: E731
+        fused = rw.call(torch.ops.svdq.fused_weight_only_linear.default, (
+            x, attr(_attr(w_codes)), attr(_attr(args["w_scales"])), chain.down, attr(chain.lora_up),
+            attr(_attr(args.get("bias"))), list(chain.operands), spec.to_string()),
+            info(chain.gemm) if isinstance(info(chain.gemm), LinearInfo)
+            else QuantOpInfo("svdq.fused_weight_only_linear", linears, asdict(spec)))
+    end.replace_all_uses_with(fused)
+    rw.stats["weight_only_fused"] += len(linears)
+    rw.epilogues.update(step.kind for step in chain.epilogue)
+
+
+def _fuse_weight_only(rw: _Rewriter, node: torch.fx.Node) -> None:
+    args = _call_args(node)
+    chain = _Chain(node, args, nodes=[node])
+    linears = _linears_of(node)
+    x_val = _val(args["x"])
+    dtype = x_val.dtype if x_val is not None else None
+    bias = args.get("bias")
+    if dtype not in _DTYPE_NAMES or _attr(args["w_codes"]) is None or _attr(args["w_scales"]) is None \
+            or (bias is not None and _attr(bias) is None):
+        rw.fallback(linears, f"weight-only operands are not plain weights, or input dtype {dtype} has no kernel")
+        return
+    _match_branch(chain, with_bias=False)
+    _match_pointwise(chain, dtype)
+    try:
+        _kernel_w(rw, chain)
+    except SpecError as exc:
+        rw.fallback(linears, f"kernel W: {exc.what}")
+        return
+    _drop_asserts(chain.nodes)
+    rw.graph.eliminate_dead_code()
+
+
 def _kernel_a(rw: _Rewriter, group: _Group) -> None:
     graph = rw.graph
     quant = _act_quant(group)
@@ -427,11 +480,15 @@ def _remove_dead(gm: torch.fx.GraphModule, replaced_weights: set[str]) -> bool:
 def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Replace lowered SVDQuant chains with `svdq.fused_quantize_lora_down` and `svdq.fused_gemm`."""
     quantize_op, gemm_op = torch.ops.svdq.quantize_act.default, torch.ops.svdq.gemm.default
+    weight_only_op = torch.ops.svdq.weight_only_linear.default
     groups = {node: g for node in gm.graph.nodes if _is(node, quantize_op) and (g := _group(node)) is not None}
     rw = _Rewriter(gm)
     weights_before = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
     absorbed_groups: set[torch.fx.Node] = set()
-    for gemm in [node for node in gm.graph.nodes if _is(node, gemm_op)]:
+    for gemm in [node for node in gm.graph.nodes if _is(node, gemm_op) or _is(node, weight_only_op)]:
+        if _is(gemm, weight_only_op):
+            _fuse_weight_only(rw, gemm)
+            continue
         args = _call_args(gemm)
         chain = _Chain(gemm, args, nodes=[gemm])
         linears = _linears_of(gemm)
@@ -470,9 +527,7 @@ def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     removed = _remove_dead(gm, weights_before)
     for _, linear in annotated_linears(gm):  # a linear's L2 now lives in the concatenated buffer
         linear.lora_down = rw.concatenated.get(linear.lora_down, linear.lora_down)
-    # W4A16 layers are already one op (weight dequantized into a 16-bit GEMM); no generated kernel for them yet
-    rw.stats["weight_only_kept"] = sum(1 for node in gm.graph.nodes
-                                       if _is(node, torch.ops.svdq.weight_only_linear.default))
+    rw.stats["weight_only_kept"] = sum(1 for node in gm.graph.nodes if _is(node, weight_only_op))
     for node in gm.graph.nodes:  # quantized k×k convolutions run the reference svdq.conv2d
         if _is(node, torch.ops.svdq.conv2d.default):
             rw.fallback(_linears_of(node), "conv: no generated kernel")
@@ -481,5 +536,5 @@ def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     stats["epilogues"] = dict(sorted(rw.epilogues.items()))
     stats["fallen_back"] = len(rw.fallbacks)
     stats["fallbacks"] = rw.fallbacks
-    modified = bool(stats["linears_fused"] or stats["kernel_a"] or removed)
+    modified = bool(stats["linears_fused"] or stats["kernel_a"] or stats["weight_only_fused"] or removed)
     return PassResult(gm, modified, stats)

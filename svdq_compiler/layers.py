@@ -10,7 +10,8 @@ compiled in memory or loaded from graph.pt, lowered or fused — from its ops an
   (`svdq.fused_quantize_lora_down`, reading λ and L2), of the previous layer's kernel B when fuse moved the
   quantization into its epilogue, or of `aten.linear(aten.div(x, λ), L2)` in the lowered form; one L2 may be the
   concatenation of several down projections (fuse's `_fused_cat`), each cut out by an `aten.slice`;
-- a weight-only linear is an `svdq.weight_only_linear`; a 16-bit linear an `aten.linear` of `<layer>.weight`.
+- a weight-only linear is an `svdq.weight_only_linear` (lowered) or `svdq.fused_weight_only_linear` (fused);
+  a 16-bit linear an `aten.linear` of `<layer>.weight`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _layer_of(target: str | None, suffix: str) -> str | None:
 class QuantizedWeight:
     """A quantized linear's packed weight and bias, and the op that reads them."""
 
-    node: torch.fx.Node  # svdq.fused_gemm, svdq.gemm or svdq.weight_only_linear
+    node: torch.fx.Node  # svdq.fused_gemm, svdq.gemm, svdq.weight_only_linear or svdq.fused_weight_only_linear
     qweight: str
     wscales: str
     wtscale: str | None
@@ -114,7 +115,7 @@ class Layers:
 
 def find_layers(gm: torch.fx.GraphModule) -> Layers:
     """The linears of a compiled graph (module doc)."""
-    fused_gemm = _svdq_op("fused_gemm")
+    fused_gemm, fused_weight_only = _svdq_op("fused_gemm"), _svdq_op("fused_weight_only_linear")
     layers = Layers()
     branches: dict[str, Branch] = {}
     for node in gm.graph.nodes:
@@ -142,16 +143,29 @@ def find_layers(gm: torch.fx.GraphModule) -> Layers:
         elif is_call(node, aten.linear.default) and _layer_of(attr_target(node.args[1]), ".lora_up"):
             up = attr_target(node.args[1])
             _add_consumer(gm, branches, layers, _layer_of(up, ".lora_up"), up, node.args[0], node)
+        elif fused_weight_only is not None and node.target == fused_weight_only:
+            from svdq_compiler.codegen.spec import parse_spec
+
+            spec = parse_spec(node.args[-1])
+            qweight = attr_target(node.args[1])
+            layers.weight_only[_layer_of(qweight, ".qweight")] = QuantizedWeight(
+                node, qweight, attr_target(node.args[2]), None, attr_target(node.args[5]), spec.weight,
+                spec.group_size, spec.k or _channels(node.args[0]))
         elif is_call(node, torch.ops.svdq.weight_only_linear.default):
             qweight = attr_target(node.args[1])
             layers.weight_only[_layer_of(qweight, ".qweight")] = QuantizedWeight(
                 node, qweight, attr_target(node.args[2]), None, attr_target(node.args[3]), node.args[4], node.args[5],
-                node.args[0].meta["val"].shape[-1] if "val" in node.args[0].meta else -1)
+                _channels(node.args[0]))
         elif is_call(node, aten.linear.default) and _layer_of(attr_target(node.args[1]), ".weight"):
             layers.dense[_layer_of(attr_target(node.args[1]), ".weight")] = attr_target(node.args[1])
     for branch in branches.values():
         branch.segments.sort(key=lambda s: s.start)
     return layers
+
+
+def _channels(x: torch.fx.Node) -> int:
+    """The input channels (K) of a weight-only linear reading `x` (-1 when x carries no value)."""
+    return x.meta["val"].shape[-1] if "val" in x.meta else -1
 
 
 def _lowered_bias(gemm: torch.fx.Node) -> str | None:

@@ -14,7 +14,8 @@ has zeros in the columns of the others. The fused kernels' specs, the slices of 
 and the quantize-for-next-layer epilogues that compute a branch are updated to the new ranks.
 
 Layers without a branch: a 16-bit linear gets W + s·(α/r)·B·A; a weight-only (W4A16) linear gets a separate
-16-bit branch beside it, y + (x·Aᵀ)·(s·(α/r)·B)ᵀ. A quantized linear compiled with rank 0 cannot take a LoRA
+16-bit branch beside it, y + (x·Aᵀ)·(s·(α/r)·B)ᵀ — in the fused form inside its kernel W (the down projection
+x·Aᵀ feeds the kernel's up projection, before the epilogue the kernel applies). A quantized linear compiled with rank 0 cannot take a LoRA
 without requantization (an error says so).
 
 Several LoRAs compose (their rows and columns are concatenated in the order they were applied); the strength
@@ -413,6 +414,9 @@ def _add_adapter(gm: torch.fx.GraphModule, state: LoraState, layer: str,
     set_attr_value(gm, down_target, down, as_buffer=True)
     set_attr_value(gm, up_target, up, as_buffer=True)
     graph = gm.graph
+    if is_call(node, torch.ops.svdq.fused_weight_only_linear.default):
+        _add_adapter_to_kernel(gm, state, layer, node, down_target, up_target)
+        return
     with graph.inserting_after(node):
         down_attr = graph.get_attr(down_target)
     with graph.inserting_after(down_attr):
@@ -427,11 +431,41 @@ def _add_adapter(gm: torch.fx.GraphModule, state: LoraState, layer: str,
     state.adapters[layer] = [down_attr, projected, up_attr, branch, total]
 
 
+def _add_adapter_to_kernel(gm: torch.fx.GraphModule, state: LoraState, layer: str, node: torch.fx.Node,
+                           down_target: str, up_target: str) -> None:
+    """A fused weight-only linear takes the branch as its kernel's up projection: its epilogue (a GELU, a gate)
+    then applies to the sum, as it did to the unfused linear's output."""
+    from svdq_compiler.codegen.spec import parse_spec
+
+    spec = parse_spec(node.args[-1])
+    if spec.rank:
+        raise LoraError(f"{layer} already has a low-rank branch in its fused kernel", where=node.name,
+                        fix="apply LoRAs to a graph compiled without one (svdq_compiler.compile or load)")
+    graph = gm.graph
+    with graph.inserting_before(node):
+        down_attr = graph.get_attr(down_target)
+        projected = graph.call_function(aten.linear.default, (node.args[0], down_attr))
+        up_attr = graph.get_attr(up_target)
+    for inserted in (down_attr, projected, up_attr):
+        infer_val(gm, inserted)
+    state.base_args.setdefault(node, node.args)
+    rank = get_attr_value(gm, up_target).shape[1]
+    node.args = (*node.args[:3], projected, up_attr, *node.args[5:-1],
+                 dataclasses.replace(spec, rank=rank).to_string())
+    state.adapters[layer] = [down_attr, projected, up_attr]
+
+
 def _drop_adapters(gm: torch.fx.GraphModule, state: LoraState) -> None:
     for layer, nodes in state.adapters.items():
-        down_attr, projected, up_attr, branch, total = nodes
-        total.replace_all_uses_with(state.layers.weight_only[layer].node)
-        for node in (total, branch, up_attr, projected, down_attr):
+        if len(nodes) == 3:  # inside a fused kernel: its arguments go back to the ones it was compiled with
+            fused = state.layers.weight_only[layer].node
+            fused.args = state.base_args.pop(fused)
+            erased = reversed(nodes)
+        else:
+            down_attr, projected, up_attr, branch, total = nodes
+            total.replace_all_uses_with(state.layers.weight_only[layer].node)
+            erased = (total, branch, up_attr, projected, down_attr)
+        for node in erased:
             gm.graph.erase_node(node)
         for target in (f"{layer}.lora_adapter_down", f"{layer}.lora_adapter_up"):
             owner, leaf = target.rsplit(".", 1)

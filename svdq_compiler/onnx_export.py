@@ -27,8 +27,8 @@ Note that ONNX Runtime's `MatMulNBits` computes with int8-quantized activations 
 is how the tests compare against our reference.
 
 **custom** (domain `svdq`, version 1, for runtimes that implement the fused kernels): each svdq op becomes one
-node of the same name in CamelCase (`svdq.FusedQuantizeLoraDown`, `svdq.FusedGemm`, `svdq.QuantizeAct`,
-`svdq.Gemm`, `svdq.WeightOnlyLinear`); packed weights stay in our layout (architecture §6) as uint8/int8
+node of the same name in CamelCase (`svdq.FusedQuantizeLoraDown`, `svdq.FusedGemm`,
+`svdq.FusedWeightOnlyLinear`, `svdq.QuantizeAct`, `svdq.Gemm`, `svdq.WeightOnlyLinear`); packed weights stay in our layout (architecture §6) as uint8/int8
 initializers, the op's other arguments are attributes of the same names (the kernel spec string as `spec`, a
 dtype as its name), absent optional inputs are empty names. Inputs keep the torch op's order, except that a
 tensor list goes last: `FusedGemm` takes (a_codes, a_scales, w_codes, w_scales, w_tscale?, down?, lora_up?,
@@ -158,6 +158,10 @@ def _reference_gemm(*args):
     return fused_ops.reference_gemm(*args[:-1], fused_ops.gemm_spec(args[-1]))
 
 
+def _reference_weight_only_linear(*args):
+    return fused_ops.reference_weight_only_linear(*args[:-1], fused_ops.weight_only_spec(args[-1]))
+
+
 class _ActValues:
     """What a quantize op's (codes, scales) stand for, as float32 values [..., K_pad]: carried in place of the
     codes while the portable module is traced (the scales are folded in)."""
@@ -243,6 +247,7 @@ def _portable_module(program: torch.export.ExportedProgram) -> torch.fx.GraphMod
     lowered = program.run_decompositions({
         torch.ops.svdq.fused_quantize_lora_down.default: _reference_quantize_lora_down,
         torch.ops.svdq.fused_gemm.default: _reference_gemm,
+        torch.ops.svdq.fused_weight_only_linear.default: _reference_weight_only_linear,
     }).module()
     prepared: dict[str, tuple[str, str]] = {}
     graph = lowered.graph

@@ -114,7 +114,7 @@ def test_inspect_prints_the_generated_kernels(compiled, capsys):
     graph = compiled[0]
     assert inspect_main([str(graph), "--kernels", "--json"]) == 0
     kernels = json.loads(capsys.readouterr().out)
-    assert {k["kind"] for k in kernels} == {"quantize_lora_down", "gemm"}
+    assert {k["kind"] for k in kernels} == {"quantize_lora_down", "gemm", "weight_only_gemm"}  # AdaLN: kernel W
     assert all("@triton.jit" in k["source"] for k in kernels)
     assert inspect_main([str(graph), "--kernels"]) == 0
     text = capsys.readouterr().out

@@ -199,7 +199,7 @@ def test_import_runs_the_checkpoint_as_its_modules_compute_it(tmp_path, fmt):
     # the same math: only the re-rounded λ fold of the down projection and the fused op order differ
     assert rel(imported, reference) < 2e-2, rel(imported, reference)
     ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
-    assert "svdq.fused_gemm.default" in ops and "svdq.weight_only_linear.default" in ops
+    assert "svdq.fused_gemm.default" in ops and "svdq.fused_weight_only_linear.default" in ops  # AdaLN: kernel W
 
 
 def test_v2_names_import_like_v1(tmp_path):

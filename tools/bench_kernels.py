@@ -11,6 +11,11 @@ For each M ∈ {256, 1024, 4096} and (K, N) ∈ {(3072, 3072), (3072, 9216), (30
   svdq_lowered_ref     the lowered graph's reference ops (svdq.quantize_act, svdq.gemm in PyTorch) + aten
   svdq_w8a8_fused      kernels A + B for W8A8 (per-token int8, rank 32)
   svdq_nvfp4_fused     kernels A + B for NVFP4 (dequantize path below sm_100)
+  svdq_w4a16_nf4       kernel W: bf16 x times an NF4 g64 weight dequantized in registers, + bias
+  svdq_w4a16_int4      kernel W with an INT4 g64 weight (AdaLN modulation under the int4 preset)
+  w4a16_reference_op   svdq.weight_only_linear, the unfused op (dequantizes the whole weight every call)
+The W4A16 rows also run at the modulation shapes, one row per sample: M = 1 with (K, N) = (3072, 18432) (a
+double block's six chunks) and (3072, 9216) (a single block's three).
 TFLOP/s counts 2·M·N·K for every case (the branch's extra flops are not credited). Times are medians of CUDA
 graph replays (no launch overhead), after the launcher has tuned its tile configuration for the shape.
 
@@ -39,8 +44,10 @@ import torch.nn.functional as F  # noqa: E402
 
 FLUX_M = (256, 1024, 4096)
 FLUX_KN = ((3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072))
+FLUX_MODULATION = ((1, 3072, 18432), (1, 3072, 9216))  # (M, K, N): W4A16 rows only
 SMOKE_M = (16, 33)
 SMOKE_KN = ((64, 64), (128, 32))
+SMOKE_MODULATION = ((1, 128, 96),)
 RANK = 32
 
 
@@ -149,6 +156,36 @@ class Layer:
         return run
 
 
+class WeightOnlyLayer:
+    """One weight-only (W4A16) linear: x [M, K] in bf16, an int4 / nf4 g64 weight, a bias."""
+
+    def __init__(self, fmt: str, m: int, k: int, n: int, device: torch.device, dtype=torch.bfloat16):
+        from svdq_compiler import quant
+        from svdq_compiler.codegen.layout import pack_weight
+        from svdq_compiler.codegen.spec import WeightOnlySpec
+
+        self.fmt, self.group = fmt, 64
+        gen = torch.Generator(device=device).manual_seed(0)
+        self.x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+        weight = torch.randn(n, k, device=device, dtype=dtype, generator=gen) / k ** 0.5
+        packed = pack_weight(quant.quantize_weight(weight, fmt, self.group))
+        self.w_codes, self.w_scales = packed.qweight, packed.wscales
+        self.bias = torch.randn(n, device=device, dtype=dtype, generator=gen)
+        self.spec = WeightOnlySpec(fmt, self.group, 0, True, "bfloat16", k=k, n=n)
+
+    def fused(self):
+        from svdq_compiler.codegen import launch
+
+        return lambda: launch.weight_only_linear(self.x, self.w_codes, self.w_scales, None, None, self.bias, [],
+                                                 self.spec)
+
+    def reference_op(self):
+        import svdq_compiler.ops  # noqa: F401
+
+        return lambda: torch.ops.svdq.weight_only_linear(self.x, self.w_codes, self.w_scales, self.bias, self.fmt,
+                                                         self.group)
+
+
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
@@ -193,6 +230,14 @@ def bench_shape(m: int, k: int, n: int, device: torch.device, timed, formats: li
             if with_reference:
                 check[f"{fmt}_fused_vs_lowered_rel_err"] = _rel_err(layer.fused()(), layer.lowered_reference()())
             del layer
+    if "w4a16" in formats:
+        for fmt in ("nf4", "int4"):
+            layer = WeightOnlyLayer(fmt, m, k, n, device)
+            record(f"svdq_w4a16_{fmt}", layer.fused)
+            if fmt == "nf4":
+                record("w4a16_reference_op", layer.reference_op)
+            check[f"w4a16_{fmt}_vs_reference_op_rel_err"] = _rel_err(layer.fused()(), layer.reference_op()())
+            del layer
     base = cases["bf16_matmul"].get("ms")
     for case in cases.values():
         if base and "ms" in case:
@@ -206,7 +251,8 @@ def bench_shape(m: int, k: int, n: int, device: torch.device, timed, formats: li
 
 def _table(results: list[dict]) -> str:
     names = ["bf16_matmul", "int_mm_w8a8", "svdq_int4_fused", "svdq_int4_rank0", "svdq_unfused",
-             "svdq_lowered_ref", "svdq_w8a8_fused", "svdq_nvfp4_fused"]
+             "svdq_lowered_ref", "svdq_w8a8_fused", "svdq_nvfp4_fused", "svdq_w4a16_nf4", "svdq_w4a16_int4",
+             "w4a16_reference_op"]
     present = [n for n in names if any(n in r["cases"] for r in results)]
     lines = ["M     K     N      " + " ".join(f"{n[:16]:>16}" for n in present) + "  branch"]
     for r in results:
@@ -223,7 +269,8 @@ def _table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes under the Triton interpreter (no GPU)")
-    parser.add_argument("--formats", default="int4,int8,nvfp4", help="comma-separated: int4, int8, nvfp4")
+    parser.add_argument("--formats", default="int4,int8,nvfp4,w4a16",
+                        help="comma-separated: int4, int8, nvfp4, w4a16 (kernel W with nf4 and int4 weights)")
     parser.add_argument("--m", default=None, help="comma-separated token counts (default: the FLUX set)")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow lowered reference ops")
     parser.add_argument("--rep-ms", type=int, default=100, help="CUDA-graph replay time per case")
@@ -245,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             results.append(bench_shape(m, k, n, device, timed, formats, not args.no_reference))
             print(f"M={m} K={k} N={n}: {time.perf_counter() - start:.1f}s", flush=True)
+    if "w4a16" in formats:  # the modulation layers: one row per sample
+        for m, k, n in SMOKE_MODULATION if args.smoke else FLUX_MODULATION:
+            results.append(bench_shape(m, k, n, device, timed, ["w4a16"], False))
+            print(f"M={m} K={k} N={n} (modulation): done", flush=True)
     goals = {}
     for r in results:
         if r["m"] == 4096 and "speedup_vs_bf16" in r["cases"].get("svdq_int4_fused", {}):

@@ -5,7 +5,7 @@ import ast
 import pytest
 
 from svdq_compiler.codegen.generate import Target, device_source, generate
-from svdq_compiler.codegen.spec import ActQuant, Epilogue, GemmSpec, QuantizeNext, QuantizeSpec
+from svdq_compiler.codegen.spec import ActQuant, Epilogue, GemmSpec, QuantizeNext, QuantizeSpec, WeightOnlySpec
 
 HOPPER = Target("cuda", (9, 0))
 BLACKWELL = Target("cuda", (10, 0))
@@ -21,7 +21,8 @@ def _gemm(act="int4", group=64, **overrides):
 def test_every_module_parses_and_holds_one_kernel_plus_its_device_functions():
     specs = [_gemm(), _gemm("uint4"), _gemm("nvfp4", 16), _gemm("int8", 0),
              QuantizeSpec(ActQuant("int4", 64), 32, "bfloat16"), QuantizeSpec(ActQuant("nvfp4", 16), 0, "float16"),
-             QuantizeSpec(ActQuant("int8", 0, smooth=False), 16, "float32", k=40)]
+             QuantizeSpec(ActQuant("int8", 0, smooth=False), 16, "float32", k=40),
+             WeightOnlySpec("nf4", 64, 0, True, "bfloat16"), WeightOnlySpec("int4", 128, 16, False, "float16", k=72)]
     for spec in specs:
         for target in (HOPPER, BLACKWELL, INTERP):
             text = generate(spec, target)
@@ -221,3 +222,59 @@ def test_device_source_pulls_in_transitive_helpers_only():
     assert "def round_to_e4m3(" in text and "def pow2(" in text and "def float_exponent(" in text
     assert "def e2m1_code(" not in text and "def silu(" not in text
     assert device_source("nothing here") == ""
+
+
+def test_weight_only_kernel_dequantizes_nibbles_in_registers(filecheck):
+    nf4 = WeightOnlySpec("nf4", 64, 0, True, "bfloat16", k=3072, n=18432, epilogue=(Epilogue("silu"),))
+    text = generate(nf4, HOPPER)
+    filecheck(text, r"""
+CHECK: Kernel W (W4A16) for spec {{[0-9a-f]+}}: {"bias":true,"dtype":"bfloat16"
+CHECK: y[M, N] = x·Wᵀ + bias, then the epilogue; x [M, K] in bfloat16, W nf4 codes × bfloat16 scales
+CHECK: K = 3072, N = 18432.
+CHECK: the split-half layout, so no shuffle
+CHECK: 16-entry fp32
+CHECK: Epilogue (fp32 in registers, rounded once to bfloat16): silu.
+CHECK-LABEL: def svdq_w4a16_nf4_r0_
+CHECK-NEXT: x_ptr, stride_xm, w_codes_ptr, w_scales_ptr, codebook_ptr, bias_ptr,
+CHECK: N: tl.constexpr = 18432
+CHECK-NEXT: K: tl.constexpr = 3072
+CHECK: low_cols = (byte_cols // 32) * 64 + byte_cols % 32
+CHECK: for first_group in range(0, num_groups, GROUPS_PER_STEP):
+CHECK: if EVEN_K:
+CHECK-NEXT: packed = tl.load(w_rows + first_group * 32 + byte_cols[None, :])
+CHECK-NEXT: w_scale = tl.load(w_scales_ptr + groups[None, :] * N + cols_in[:, None])
+CHECK-NEXT: x_low = tl.load(x_rows + (k0 + low_cols)[None, :])
+CHECK-NEXT: x_high = tl.load(x_rows + (k0 + 32 + low_cols)[None, :])
+CHECK: w_low = tl.load(codebook_ptr + (packed & 15))
+CHECK-NEXT: w_high = tl.load(codebook_ptr + (packed >> 4))
+CHECK: w_low = tl.reshape(tl.reshape(w_low, (BLOCK_N, GROUPS_PER_STEP, 32)) * w_scale, (BLOCK_N, STEP_BYTES))
+CHECK: w_low = (w_low).to(tl.bfloat16)
+CHECK-NEXT: w_high = (w_high).to(tl.bfloat16)
+CHECK-NEXT: acc = tl.dot(x_low, tl.trans(w_low), acc)
+CHECK-NEXT: acc = tl.dot(x_high, tl.trans(w_high), acc)
+CHECK-NOT: lora_up
+CHECK: acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
+CHECK-NEXT: acc = silu(acc)
+CHECK-NEXT: y = round_to_bf16(acc)
+CHECK: tl.store(out_ptr
+CHECK-NOT: atomic
+""")
+    # no shuffles: the unpacked halves go straight into the dots
+    assert "tl.permute" not in text and "tl.join" not in text and "tl.interleave" not in text
+    int4 = WeightOnlySpec("int4", 64, 32, False, "float16")
+    filecheck(generate(int4, INTERP), r"""
+CHECK: Each nibble becomes its signed integer (−8…7)
+CHECK: def small_int_to_float(
+CHECK: def unpack_int4(
+CHECK-LABEL: def svdq_w4a16_int4_r32_
+CHECK-NOT: codebook_ptr
+CHECK: M, N, K, BLOCK_M
+CHECK: w_low, w_high = unpack_int4(packed)
+CHECK-NEXT: w_low = small_int_to_float(w_low.to(tl.int32))
+CHECK: acc = tl.dot(down, tl.trans(lora_up), acc)
+CHECK-NOT: acc += tl.load(bias_ptr
+""")
+    # the interpreter truncates bf16 casts and multiplies bf16 dots as integers: rounded and widened there
+    interp = generate(nf4, INTERP)
+    assert "w_low = round_to_bf16(w_low).to(tl.bfloat16)" in interp
+    assert "acc = tl.dot((x_low).to(tl.float32), (tl.trans(w_low)).to(tl.float32), acc)" in interp

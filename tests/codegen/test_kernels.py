@@ -9,9 +9,9 @@ import torch.nn.functional as F
 import svdq_compiler.ops  # noqa: F401  (the reference ops)
 from svdq_compiler import quant
 from svdq_compiler.codegen import launch
-from svdq_compiler.codegen.fused_ops import apply_epilogue, reference_gemm
+from svdq_compiler.codegen.fused_ops import apply_epilogue, reference_gemm, reference_weight_only_linear
 from svdq_compiler.codegen.layout import pack_weight
-from svdq_compiler.codegen.spec import ActQuant, Epilogue, GemmSpec, QuantizeNext, QuantizeSpec
+from svdq_compiler.codegen.spec import ActQuant, Epilogue, GemmSpec, QuantizeNext, QuantizeSpec, WeightOnlySpec
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy sigmoid of -inf-ish
 ops = torch.ops.svdq
@@ -200,3 +200,74 @@ def test_mismatched_operands_are_clear_errors():
         launch.quantize_lora_down(torch.zeros(4, 64, dtype=torch.bfloat16), torch.ones(64), None, quantize)
     with pytest.raises(launch.KernelInputError, match="dtype torch.float16, expected torch.bfloat16"):
         launch.quantize_lora_down(torch.zeros(4, 128, dtype=torch.float16), torch.ones(128), None, quantize)
+
+
+# ---- kernel W (W4A16) --------------------------------------------------------------------------------------
+
+
+def _weight_only_case(fmt, lead, k, n, rank, bias, dtype, epilogue=(), group=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn((*lead, k), generator=gen) * 2).to(dtype)
+    weight = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
+    weight[:, :group] = 0.0  # an all-zero group: scale 1, codes 0
+    packed = pack_weight(quant.quantize_weight(weight, fmt, group))
+    down = torch.randn((*lead, rank), generator=gen).to(dtype) if rank else None
+    lora_up = (torch.randn(n, rank, generator=gen) / 8).to(dtype) if rank else None
+    bias_t = torch.randn(n, generator=gen).to(dtype) if bias else None
+    operands = []
+    for step in epilogue:
+        if step.kind == "mul":  # a per-sample gate broadcast over the tokens
+            operands.append(torch.randn((lead[0], *([1] * (len(lead) - 1)), n), generator=gen).to(dtype))
+        elif step.kind == "add":
+            operands.append(torch.randn((*lead, n), generator=gen).to(dtype))
+    spec = WeightOnlySpec(fmt, group, rank, bias, str(dtype).split(".")[1], k=k, n=n, epilogue=tuple(epilogue))
+    return spec, (x, packed.qweight, packed.wscales, down, lora_up, bias_t, operands)
+
+
+WEIGHT_ONLY_CASES = [
+    # fmt, lead, K, N, rank, bias, dtype, group
+    ("nf4", (3, 11), 128, 64, 0, True, torch.bfloat16, 64),
+    ("nf4", (33,), 100, 40, 16, False, torch.float16, 64),  # ragged M and N, K padded to 128
+    ("int4", (2, 17), 192, 48, 0, True, torch.bfloat16, 64),  # three groups: a step holds one past the end
+    ("int4", (5,), 256, 72, 32, True, torch.float32, 128),
+    ("nf4", (1,), 320, 96, 0, True, torch.bfloat16, 32),  # one row, as a modulation layer at batch 1
+]
+
+
+@pytest.mark.parametrize("fmt, lead, k, n, rank, bias, dtype, group", WEIGHT_ONLY_CASES)
+def test_kernel_w_matches_the_weight_only_reference(fmt, lead, k, n, rank, bias, dtype, group):
+    spec, args = _weight_only_case(fmt, lead, k, n, rank, bias, dtype, group=group, seed=k + n)
+    y = launch.weight_only_linear(*args, spec)
+    _close(y, reference_weight_only_linear(*args, spec), rel=2e-3)
+    if not rank:  # the dequantized weight path alone: the reference op itself
+        x, codes, scales, _, _, bias_t, _ = args
+        _close(y, ops.weight_only_linear(x, codes, scales, bias_t, fmt, group), rel=2e-3)
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: "-".join(s.kind for s in e))
+def test_kernel_w_epilogues_match_the_aten_chain(epilogue):
+    spec, args = _weight_only_case("nf4", (2, 17), 128, 40, 16, True, torch.bfloat16, epilogue,
+                                   seed=len(epilogue))
+    y = launch.weight_only_linear(*args, spec)
+    reference = reference_weight_only_linear(*args, spec)
+    _close(y, reference, rel=1e-2)
+    # the reference rounds to bf16 after every step, the kernel once: it must be the closer of the two to the
+    # exact (fp64) composition of the same dequantized weight
+    x, codes, scales, down, lora_up, bias, operands = args
+    weight = ops.weight_only_linear(torch.eye(128, dtype=torch.float64).to(x.dtype), codes, scales, None, "nf4", 64)
+    exact = F.linear(x.double(), weight.double().t(), bias.double()) + F.linear(down.double(), lora_up.double())
+    exact = apply_epilogue(exact, spec.epilogue, [t.double() for t in operands])
+    assert (y.double() - exact).norm() <= (reference.double() - exact).norm()
+
+
+def test_kernel_w_zero_rows_and_clear_errors():
+    spec, args = _weight_only_case("int4", (0,), 64, 32, 0, True, torch.bfloat16)
+    assert launch.weight_only_linear(*args, spec).shape == (0, 32)
+    spec, args = _weight_only_case("int4", (4,), 64, 32, 0, True, torch.bfloat16)
+    x, codes, scales, down, lora_up, bias, operands = args
+    with pytest.raises(launch.KernelInputError, match=r"w_scales has shape \(1, 31\), expected \(1, 32\)"):
+        launch.weight_only_linear(x, codes, scales[:, :31], down, lora_up, bias, operands, spec)
+    with pytest.raises(launch.KernelInputError, match="dtype torch.float16, expected torch.bfloat16"):
+        launch.weight_only_linear(x.half(), codes, scales, down, lora_up, bias, operands, spec)
+    with pytest.raises(launch.KernelInputError, match="down was given, but the spec has no use for it"):
+        launch.weight_only_linear(x, codes, scales, x[:, :4], None, bias, operands, spec)

@@ -38,9 +38,16 @@ def checking_kernels():
         checked["fused_gemm"] += 1
         return out
 
-    launch.quantize_lora_down, launch.gemm = quantize, gemm
+    def weight_only(*args):
+        out = real_weight_only(*args)
+        _compare("fused_weight_only_linear", [out], [fused_ops.reference_weight_only_linear(*args)])
+        checked["fused_weight_only_linear"] += 1
+        return out
+
+    real_weight_only = launch.weight_only_linear
+    launch.quantize_lora_down, launch.gemm, launch.weight_only_linear = quantize, gemm, weight_only
     try:
         with fused_ops.kernel_backend("triton"):
             yield checked
     finally:
-        launch.quantize_lora_down, launch.gemm = real_quantize, real_gemm
+        launch.quantize_lora_down, launch.gemm, launch.weight_only_linear = real_quantize, real_gemm, real_weight_only

@@ -279,3 +279,79 @@ def test_ir_dump_writes_the_generated_kernels(tmp_path):
     text = (tmp_path / "001_fuse.kernels.py").read_text()
     assert text.count("# ===== fused_") == 3  # kernel A, fc1's B (with quantize-next), fc2's B
     assert "def svdq_quantize_int4_r0_" in text and "quantize for the next layer [uint4" in text
+
+
+class WLinear(nn.Module):
+    """The tensors `lower` stores for one weight-only (W4A16) linear, and the op it lowers to."""
+
+    def __init__(self, k, n, fmt="nf4", group=64, seed=0, bias=True):
+        super().__init__()
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5
+        packed = pack_weight(quant.quantize_weight(w.to(BF16), fmt, group))
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("wscales", packed.wscales)
+        self.bias = _param(n, seed=seed + 2) if bias else None
+        self.fmt, self.group = fmt, group
+
+    def forward(self, x):
+        return ops.weight_only_linear(x, self.qweight, self.wscales, self.bias, self.fmt, self.group)
+
+
+class WeightOnlyBlock(nn.Module):
+    """A FLUX-style block under W4A16: AdaLN modulation (SiLU(temb) → int4 → chunks), an nf4 MLP (fc1 → GELU →
+    fc2, gated into the residual), an nf4 layer with a LoRA adapter beside it followed by SiLU, and an int4 layer
+    with groups of 16, which has no kernel."""
+
+    def __init__(self, d=64, hidden=128, rank=8):
+        super().__init__()
+        self.adaln = WLinear(d, 3 * d, "int4", seed=1)
+        self.fc1, self.fc2 = WLinear(d, hidden, seed=2), WLinear(hidden, d, seed=3, bias=False)
+        self.proj = WLinear(d, d, seed=4)
+        self.lora_a, self.lora_b = _param(rank, d, scale=0.1, seed=5), _param(d, rank, scale=0.1, seed=6)
+        self.small = WLinear(d, d, "int4", group=16, seed=7)
+
+    def forward(self, x, temb):
+        shift, scale, gate = self.adaln(F.silu(temb)).unsqueeze(1).chunk(3, dim=-1)
+        h = x * (1 + scale) + shift
+        out = x + gate * self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+        adapted = F.silu(self.proj(out) + F.linear(F.linear(out, self.lora_a), self.lora_b))
+        return adapted + self.small(out)
+
+
+def test_weight_only_chains_become_kernel_w_with_their_epilogues():
+    gen = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 9, 64, generator=gen).to(BF16), torch.randn(2, 64, generator=gen).to(BF16))
+    model = WeightOnlyBlock().eval()
+    tokens = torch.export.Dim("tokens", min=2, max=256)
+    capture = lambda: svdq_compiler.capture(model, inputs, dynamic_shapes=({1: tokens}, None))  # noqa: E731
+    before = capture()
+    with kernel_backend("reference"):
+        expected = before(*inputs)
+    result = _fuse(capture())
+    gm = result.gm
+    targets = _targets(gm)
+    # Before: 5 weight_only_linear, the LoRA's two linears, GELU, SiLU, the gate, residual and final adds.
+    # Expected: 4 kernel W; the int4 g16 layer stays; the LoRA's down projection stays an aten.linear.
+    assert targets.count(ops.fused_weight_only_linear.default) == 4
+    assert targets.count(ops.weight_only_linear.default) == 1 and targets.count(aten.linear.default) == 1
+    assert aten.gelu.default not in targets and targets.count(aten.silu.default) == 1  # SiLU(temb) is an input
+    specs = {node.args[1].target.rsplit(".", 1)[0]: parse_spec(node.args[-1]) for node in gm.graph.nodes
+             if node.target == ops.fused_weight_only_linear.default}
+    assert specs["adaln"].weight == "int4" and specs["adaln"].epilogue == () and specs["adaln"].n == 192
+    assert specs["fc1"].weight == "nf4" and [s.kind for s in specs["fc1"].epilogue] == ["gelu_tanh"]
+    assert [s.kind for s in specs["fc2"].epilogue] == ["mul", "add"] and not specs["fc2"].bias
+    assert specs["proj"].rank == 8 and [s.kind for s in specs["proj"].epilogue] == ["silu", "add"]
+    stats = result.stats
+    assert stats["weight_only_fused"] == 4 and stats["weight_only_kept"] == 1 and stats["linears_fused"] == 0
+    assert stats["epilogues"] == {"add": 2, "gelu_tanh": 1, "mul": 1, "silu": 1}
+    assert [f["reason"] for f in stats["fallbacks"]] == [
+        "kernel W: weight-only kernels need a power-of-two group size of at least 32, got 16"]
+    from svdq_compiler.passes.verify import problems_in
+    assert problems_in(gm) == []
+    with kernel_backend("reference"):
+        torch.testing.assert_close(gm(*inputs), expected, rtol=0, atol=0)
+        other = (torch.randn(2, 5, 64, generator=gen).to(BF16), inputs[1])  # another token count
+        torch.testing.assert_close(gm(*other), before(*other), rtol=0, atol=0)
+    with checking_kernels() as checked:
+        gm(*inputs)
+    assert checked == {"fused_weight_only_linear": 4}

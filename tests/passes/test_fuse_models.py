@@ -54,3 +54,39 @@ def test_fused_model_equals_the_lowered_model(name):
     assert checked["fused_gemm"] > 0
     # quantization noise dominates: the kernels' rounding differences may flip codes, not add error
     assert _relative(through_kernels, eager) < 1.25 * _relative(reference, eager) + 1e-3
+
+
+def test_weight_only_flux_fuses_every_layer_into_kernel_w_and_takes_a_lora_inside_it():
+    from svdq_compiler.lora import apply_lora
+
+    model = load_model("random:flux")
+    adapter = adapter_for(model)
+    config = svdq_compiler.QuantConfig.preset("w4a16-nf4")
+    lowered = svdq_compiler.compile(model, adapter.example_inputs(model), config, passes=UP_TO_LOWER)
+    fused = copy.deepcopy(lowered)
+    stats = PASS_REGISTRY["fuse"](fused, None).stats
+    fused.recompile()
+    assert problems_in(fused) == []
+    weight_only = sum(1 for n in lowered.graph.nodes if n.target == torch.ops.svdq.weight_only_linear.default)
+    assert weight_only > 0 and stats["weight_only_fused"] == weight_only and stats["weight_only_kept"] == 0
+    assert stats["epilogues"].get("gelu_tanh", 0) > 0 and stats["fallbacks"] == []
+    check = adapter.calib_inputs(model, 1, 1, seed=7)[0]
+    # a LoRA on an MLP up projection, whose GELU is now the kernel's epilogue: the branch must go inside it
+    up = dict(model.named_modules())["transformer_blocks.0.ff.net.0.proj"]
+    gen = torch.Generator().manual_seed(0)
+    lora = {"transformer_blocks.0.ff.net.0.proj.lora_A.weight": torch.randn(4, up.in_features, generator=gen) / 8,
+            "transformer_blocks.0.ff.net.0.proj.lora_B.weight": torch.randn(up.out_features, 4, generator=gen) / 8}
+    with torch.no_grad():
+        with kernel_backend("reference"):
+            reference = _output(lowered(**check))
+            torch.testing.assert_close(_output(fused(**check)), reference, rtol=0, atol=0)
+        with checking_kernels() as checked:
+            through_kernels = _output(fused(**check))
+        assert checked["fused_weight_only_linear"] == weight_only
+        assert _relative(through_kernels, reference) < 1e-2
+        for graph in (lowered, fused):
+            apply_lora(graph, lora, name="style")
+        with kernel_backend("reference"):
+            with_lora = _output(lowered(**check))
+            assert _relative(with_lora, reference) > 1e-3  # the LoRA changes the output
+            torch.testing.assert_close(_output(fused(**check)), with_lora, rtol=0, atol=0)
