@@ -394,8 +394,7 @@ def _fuse_weight_only(rw: _Rewriter, node: torch.fx.Node) -> None:
     except SpecError as exc:
         rw.fallback(linears, f"kernel W: {exc.what}")
         return
-    _drop_asserts(chain.nodes)
-    rw.graph.eliminate_dead_code()
+    _erase_replaced(rw.graph, chain.nodes)
 
 
 def _kernel_a(rw: _Rewriter, group: _Group) -> None:
@@ -454,12 +453,20 @@ def _quantize_next_candidate(chain: _Chain, groups: dict[torch.fx.Node, _Group])
     return group, bool(others)
 
 
-def _drop_asserts(nodes) -> None:
-    """Metadata assertions on replaced nodes would keep the unfused computation alive."""
-    for node in nodes:
-        for user in list(node.users):
-            if user.op == "call_function" and _packet(user) in _ASSERT_OPS:
-                user.graph.erase_node(user)
+def _erase_replaced(graph: torch.fx.Graph, replaced: list[torch.fx.Node]) -> None:
+    """Erase the replaced nodes once nothing but metadata assertions reads them (those go too: they would keep
+    the unfused computation alive), then whatever they alone read. Local, where a whole-graph dead-code sweep
+    per chain made the pass quadratic in the graph's size."""
+    pending, erased = list(replaced), set()
+    while pending:
+        node = pending.pop()
+        if node in erased or node.op in ("placeholder", "output") or _readers(node) or node.is_impure():
+            continue
+        for assertion in list(node.users):
+            graph.erase_node(assertion)
+        pending += node.all_input_nodes
+        graph.erase_node(node)
+        erased.add(node)
 
 
 def _remove_dead(gm: torch.fx.GraphModule, replaced_weights: set[str]) -> bool:
@@ -513,10 +520,11 @@ def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         absorbed = list(chain.nodes)
         if quantize_next is not None:
-            absorbed_groups.add(quantize_next[0].node)
-            absorbed += [quantize_next[0].node] + [d.node for d in quantize_next[0].downs]
-        _drop_asserts(absorbed)
-        gm.graph.eliminate_dead_code()
+            group = quantize_next[0]
+            absorbed_groups.add(group.node)
+            absorbed += [group.node] + [n for n in (group.codes, group.scales) if n is not None]
+            absorbed += [d.node for d in group.downs] + [d.div for d in group.downs if d.div is not None]
+        _erase_replaced(gm.graph, absorbed)
     for node, group in groups.items():
         if node in absorbed_groups:
             continue

@@ -171,20 +171,12 @@ class _ActValues:
 
 
 def _fake_quantized_act(x, smooth, shift: float, fmt: str, group_size: int) -> torch.Tensor:
-    """svdq.quantize_act's values in plain torch ops (so torch.onnx translates each): ops.quantize_act's rules."""
-    if fmt not in quant._INTEGER_RANGES:
+    """svdq.quantize_act's values, traced as plain torch ops (so torch.onnx translates each), float32 [..., K_pad]."""
+    if fmt not in quant.INTEGER_FORMATS:
         raise InputError(f"{fmt} activations have no portable ONNX form", where="export_onnx(form='portable')",
                          fix="export with form='custom', or compile with an int4 or int8 preset")
-    low, high, divisor = quant._INTEGER_RANGES[fmt]
-    xs = smoothed_input(x, smooth, shift)
-    group = effective_group(group_size, xs.shape[-1])
-    pad = -xs.shape[-1] % group
-    grouped = F.pad(xs.float(), (0, pad)).unflatten(-1, (-1, group))
-    absmax = grouped.abs().amax(-1, keepdim=True)
-    scale = (absmax / divisor).to(torch.float32 if fmt == "int8" else x.dtype).float()
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    levels = torch.clamp(torch.round(grouped / scale), low, high)
-    return (levels * scale).flatten(-2)
+    return quant.fake_quantize_act_values(smoothed_input(x, smooth, shift), fmt, group_size,
+                                          name="svdq::quantize_act input")
 
 
 def _portable_quantize_act(x, smooth, shift, fmt, group_size):

@@ -55,6 +55,7 @@ NF4_CODEBOOK = (
 )
 # Integer formats: (lowest code, highest code, divisor of the group absmax that gives the scale).
 _INTEGER_RANGES = {"int4": (-7, 7, 7.0), "uint4": (0, 15, 15.0), "int8": (-127, 127, 127.0)}
+INTEGER_FORMATS = tuple(_INTEGER_RANGES)
 CODE_DTYPES = {"int4": torch.int8, "uint4": torch.uint8, "nvfp4": torch.uint8, "int8": torch.int8,
                "nf4": torch.uint8}
 
@@ -153,6 +154,21 @@ def fake_quantize_act(x: torch.Tensor, fmt: str, group_size: int, *, unsigned: b
     return _fake_quantize(x, fmt, group, name, weight=False)
 
 
+def fake_quantize_act_values(x: torch.Tensor, fmt: str, group_size: int, *, unsigned: bool = False,
+                             name: str | None = None) -> torch.Tensor:
+    """The values quantize_act(x, …) stands for, traceable: no data-dependent control flow, so torch.export and
+    the ONNX exporter record it as plain tensor ops.
+
+    Returned in the compute dtype (fp32; fp64 for fp64 x) over the zero-padded K_pad channels, before the final
+    rounding to x's dtype that `fake_quantize_act` adds: code·scale, which is what a GEMM of codes and scales
+    multiplies (svdq.gemm is exact in fp32). The same rounding code as every other quantizer here; the one
+    difference is that a non-finite input is not reported (that check needs the data) but propagates.
+    """
+    fmt, group = _check(x, fmt, group_size, name, weight=False, unsigned=unsigned)
+    xg = _grouped(x, group)
+    return _grid_values(xg, fmt, x.dtype, xg.abs().amax(-1), weight=False).flatten(-2)
+
+
 def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The real values [..., K] that `q` stands for (padding removed), in `dtype` (default: q.dtype)."""
     compute = _compute_dtype(q.dtype)
@@ -249,13 +265,12 @@ def _nonzero(scale: torch.Tensor) -> torch.Tensor:
     return scale.masked_fill(scale == 0, 1)
 
 
-def _levels(xg: torch.Tensor, fmt: str, dtype: torch.dtype, name: str | None, weight: bool):
-    """Round the grouped values to the format's grid.
+def _levels(xg: torch.Tensor, fmt: str, dtype: torch.dtype, absmax: torch.Tensor, weight: bool):
+    """Round the grouped values (with their group absmax) to the format's grid.
 
     Returns (levels, scales, tensor_scale): levels are integer codes (as floats) for the integer formats and
     indices into the sorted grid (int64) for nvfp4 and nf4; scales are in their stored dtype.
     """
-    absmax = _group_absmax(xg, name, "weight" if weight else "activation")
     compute = xg.dtype
     if fmt in _INTEGER_RANGES:
         low, high, divisor = _INTEGER_RANGES[fmt]
@@ -277,8 +292,13 @@ def _levels(xg: torch.Tensor, fmt: str, dtype: torch.dtype, name: str | None, we
     return levels, micro.to(torch.float8_e4m3fn), tensor_scale
 
 
+def _checked_absmax(xg: torch.Tensor, name: str | None, weight: bool) -> torch.Tensor:
+    return _group_absmax(xg, name, "weight" if weight else "activation")
+
+
 def _quantize(x: torch.Tensor, fmt: str, group: int, name: str | None, *, weight: bool) -> QTensor:
-    levels, scales, tensor_scale = _levels(_grouped(x, group), fmt, x.dtype, name, weight)
+    xg = _grouped(x, group)
+    levels, scales, tensor_scale = _levels(xg, fmt, x.dtype, _checked_absmax(xg, name, weight), weight)
     if fmt in _INTEGER_RANGES:
         codes = levels.to(CODE_DTYPES[fmt])
     else:
@@ -288,13 +308,20 @@ def _quantize(x: torch.Tensor, fmt: str, group: int, name: str | None, *, weight
 
 def _fake_quantize(x: torch.Tensor, fmt: str, group: int, name: str | None, *, weight: bool) -> torch.Tensor:
     xg = _grouped(x, group)
-    levels, scales, tensor_scale = _levels(xg, fmt, x.dtype, name, weight)
+    values = _grid_values(xg, fmt, x.dtype, _checked_absmax(xg, name, weight), weight)
+    return values.flatten(-2)[..., : x.shape[-1]].to(x.dtype)
+
+
+def _grid_values(xg: torch.Tensor, fmt: str, dtype: torch.dtype, absmax: torch.Tensor,
+                 weight: bool) -> torch.Tensor:
+    """code value × scale per element of the grouped values, in their compute dtype."""
+    levels, scales, tensor_scale = _levels(xg, fmt, dtype, absmax, weight)
     if fmt not in _INTEGER_RANGES:
-        levels = _sorted_grid(fmt, x.device, xg.dtype)[levels]
+        levels = _sorted_grid(fmt, xg.device, xg.dtype)[levels]
     scale = scales.to(xg.dtype)
     if tensor_scale is not None:
         scale = scale * tensor_scale.to(xg.dtype)
-    return levels.mul_(scale.unsqueeze(-1)).flatten(-2)[..., : x.shape[-1]].to(x.dtype)
+    return levels.mul_(scale.unsqueeze(-1))
 
 
 # The float grids, sorted ascending, with the code of each grid point and the midpoints between neighbours.

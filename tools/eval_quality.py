@@ -10,7 +10,9 @@ Models:
   apart from the calibration ones) through its sampler, for fp32 and every preset. PSNR and SSIM against the fp32
   image of the same pair, the Fréchet distance of each preset's images to the real Fashion-MNIST test images on
   the shipped classifier's features (the offline FID), and the classifier's accuracy against the prompted class;
-  `--table` prints the rows in the layout of the SVDQuant paper's table.
+  `--table` prints the rows in the layout of the SVDQuant paper's table. The pairs go through the sampler
+  `--batch` at a time; the fp32 images are kept in `--reference-cache`, so that the presets can run in two
+  processes (`--presets`, then `--table` to combine) that sample fp32 once and compare against the same bits.
 - a built-in name (`random:flux`, …): the adapter's inputs on fixed seeds; relative L2 error and cosine
   similarity of the model output.
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from svdq_compiler.codegen import launch
-from svdq_compiler.codegen.configs import arch_family, gemm_configs, m_bucket, quantize_configs
+from svdq_compiler.codegen.configs import (arch_family, gemm_configs, m_bucket, quantize_configs,
+                                           weight_only_configs)
 from svdq_compiler.codegen.generate import Target
-from svdq_compiler.codegen.spec import ActQuant, GemmSpec, QuantizeNext, QuantizeSpec
+from svdq_compiler.codegen.spec import ActQuant, GemmSpec, QuantizeNext, QuantizeSpec, WeightOnlySpec
 
 HOPPER, ADA, AMPERE = Target("cuda", (9, 0)), Target("cuda", (8, 9)), Target("cuda", (8, 0))
 
@@ -30,6 +31,21 @@ def test_gemm_configs_fit_the_spec(target):
     assert all(c.block_n % 64 == 0 for c in gemm_configs(wide, target, 4096))
 
 
+@pytest.mark.parametrize("target", [HOPPER, ADA, AMPERE])
+def test_weight_only_configs_serve_one_row_and_token_streams(target):
+    spec = WeightOnlySpec("nf4", 64, 0, True, "bfloat16", k=3072, n=18432)
+    modulation = weight_only_configs(spec, target, 1)
+    # one row per sample: 16-row tiles (the smallest dot), narrow N so N = 18432 makes hundreds of programs,
+    # several groups per K step so each program keeps loads in flight
+    assert modulation and all(c.block_m <= 32 and c.block_n <= 128 for c in modulation)
+    assert any(c.block_m == 16 and c.block_n <= 64 for c in modulation)
+    assert all(c.groups_per_step * 64 >= 128 for c in modulation)
+    tokens = weight_only_configs(spec, target, 4096)
+    assert any(c.block_m >= 128 for c in tokens) and all(c.num_warps in (4, 8) for c in tokens)
+    wide_groups = weight_only_configs(WeightOnlySpec("int4", 128, 0, True, "bfloat16"), target, 1)
+    assert all(c.groups_per_step >= 1 and c.groups_per_step * 128 <= 256 for c in wide_groups)
+
+
 def test_interpreter_uses_one_configuration_per_size_class():
     interp = Target("interpreter")
     (config,) = gemm_configs(GemmSpec("int4", 64, 32, True, "bfloat16"), interp, 33)
@@ -41,6 +57,8 @@ def test_interpreter_uses_one_configuration_per_size_class():
     assert config.block_n == 128  # whole groups of the next layer in a tile
     (config,) = quantize_configs(QuantizeSpec(ActQuant("nvfp4", 16), 0, "bfloat16"), interp, 8)
     assert config.step % 16 == 0 and config.block_m == 16
+    (config,) = weight_only_configs(WeightOnlySpec("nf4", 64, 0, True, "bfloat16"), interp, 33)
+    assert (config.block_m, config.block_n, config.groups_per_step) == (16, 32, 2)  # steps past the end of K
 
 
 def test_quantize_configs_step_in_whole_groups():

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from svdq_compiler.errors import QuantizationError
-from svdq_compiler.quant import (NF4_CODEBOOK, QTensor, dequantize, fake_quantize_act, fake_quantize_weight,
-                                 quantize_act, quantize_weight, round_e4m3)
+from svdq_compiler.quant import (NF4_CODEBOOK, QTensor, code_values, dequantize, fake_quantize_act,
+                                 fake_quantize_act_values, fake_quantize_weight, quantize_act, quantize_weight,
+                                 round_e4m3)
 
 SUB = 2.0 ** -9  # the smallest FP8-E4M3 subnormal
 
@@ -225,6 +226,29 @@ def test_fake_quantize_act_matches_dequantize(fmt, group, unsigned, dtype):
     fake = fake_quantize_act(x, fmt, group, unsigned=unsigned)
     assert fake.dtype == dtype and fake.shape == x.shape
     assert torch.equal(fake, dequantize(quantize_act(x, fmt, group, unsigned=unsigned)))
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 64), ("uint4", 64), ("nvfp4", 16), ("int8", 0)])
+def test_traceable_fake_quantizer_gives_code_times_scale_and_exports(fmt, group):
+    x = (torch.randn(2, 5, 100, generator=torch.Generator().manual_seed(3)) * 2).to(torch.bfloat16)
+    if fmt == "uint4":
+        x = x.abs()
+    values = fake_quantize_act_values(x, fmt, group)
+    q = quantize_act(x, fmt, group)
+    assert values.dtype == torch.float32 and values.shape == (2, 5, q.k_pad)
+    # code·scale in fp32, unrounded: exactly what a GEMM of the codes and scales multiplies
+    expected = (code_values(q.codes, fmt).unflatten(-1, (q.n_groups, -1)) * q.scales.float().unsqueeze(-1))
+    assert torch.equal(values, expected.flatten(-2))
+    assert torch.equal(values[..., :100].to(x.dtype), fake_quantize_act(x, fmt, group))
+
+    class Quantize(torch.nn.Module):
+        def forward(self, x):
+            return fake_quantize_act_values(x, fmt, group)
+
+    # no data-dependent check: torch.export records it with a symbolic token count
+    program = torch.export.export(Quantize(), (x,), dynamic_shapes=({1: torch.export.Dim("tokens", max=64)},))
+    other = (torch.randn(2, 9, 100, generator=torch.Generator().manual_seed(4)) * 2).to(torch.bfloat16).abs()
+    assert torch.equal(program.module()(other), fake_quantize_act_values(other, fmt, group))
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
