@@ -4,7 +4,10 @@ Requires: a captured ATen graph (parameters as get_attr nodes).
 
 Ensures:
 - every `aten.linear` whose weight is a parameter carries a `LinearInfo` (role, role reason, smoothing group,
-  scheme, skip reason, shift, K padding); every k×k convolution carries one too, with the 16-bit scheme;
+  scheme, skip reason, shift, K padding); every k×k convolution carries one too: 16-bit, or the main formats
+  without smoothing or branch for resnet convs (input is SiLU output, not feeding a graph output) under
+  `conv_kxk="w4a4"` and for every 2-D groups=1 conv under "w4a4-all"; its own group, the SiLU shift on a
+  SiLU input (int4: unsigned), every kernel tap's channels padded to the group size (svdq_compiler.conv);
 - linears have one canonical form `aten.linear(x, W, b)`: `mm`/`addmm`/`matmul` with a parameter weight are
   rewritten to it, and so are 1×1 convolutions (`conv1x1_as_linear`), between two permutes that move the
   channels last and back;
@@ -38,6 +41,7 @@ import torch
 import torch.fx
 
 from svdq_compiler.config import FP_SCHEME, QuantConfig, Scheme
+from svdq_compiler.conv import ConvGeometry, conv_args
 from svdq_compiler.fx_utils import (ACTIVATION_OPS, ATTENTION_OPS, CONV_OPS, MATMUL_OPS, NORM_OPS, SOFTMAX_OPS,
                                     aten, ancestors, drop_unused_attrs, erase_unused, insert_call, is_linear,
                                     is_op, is_view, packet, param_target, rank_of, readers, rows_of, tensor_val,
@@ -104,22 +108,10 @@ def _canonicalize_matmuls(gm: torch.fx.GraphModule) -> int:
     return rewritten
 
 
-def _conv_args(node: torch.fx.Node) -> dict:
-    names = ("input", "weight", "bias", "stride", "padding", "dilation")
-    values = dict(zip(names, node.args))
-    values.update({k: v for k, v in node.kwargs.items() if k in names or k in ("groups", "transposed")})
-    if packet(node) is aten.convolution:
-        values["transposed"] = node.args[6] if len(node.args) > 6 else False
-        values["groups"] = node.args[8] if len(node.args) > 8 else 1
-    else:
-        values.setdefault("groups", node.args[6] if len(node.args) > 6 else 1)
-    return values
-
-
 def _is_pointwise_conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if param_target(gm, node.args[1]) is None:
         return False
-    args = _conv_args(node)
+    args = conv_args(node)
     weight = get_attr_value(gm, args["weight"].target)
     ones = lambda v, n: v is None or (list(v) if isinstance(v, (list, tuple)) else [v]) in ([1] * n, [1])  # noqa
     zeros = lambda v, n: v is None or (list(v) if isinstance(v, (list, tuple)) else [v]) in ([0] * n, [0])  # noqa
@@ -134,7 +126,7 @@ def _canonicalize_pointwise_convs(gm: torch.fx.GraphModule) -> set[str]:
     for node in list(gm.graph.nodes):
         if not is_op(node, CONV_OPS) or not _is_pointwise_conv(gm, node):
             continue
-        args = _conv_args(node)
+        args = conv_args(node)
         weight_target = args["weight"].target
         if any(not is_op(user, CONV_OPS) for user in args["weight"].users):
             continue
@@ -427,15 +419,15 @@ def _hints(ctx: PassContext) -> dict[str, str]:
     return dict(ctx.adapter.role_hints(ctx.model) or {})
 
 
+def _skip_pattern(config: QuantConfig, name: str) -> str | None:
+    return next((pattern for pattern in config.skip if re.search(pattern, name)), None)
+
+
 def _scheme_for(config: QuantConfig, info: LinearInfo, unsigned: bool) -> tuple[Scheme, str | None, int]:
     """The scheme, the reason it is 16-bit (if it is), and the K padding."""
-    for pattern in config.skip:
-        if re.search(pattern, info.name):
-            return FP_SCHEME, f"matches skip pattern {pattern!r}", 0
-    if info.kind == "conv":
-        reason = ("k×k convolution kept 16-bit (role_schemes['conv'])" if config.role_schemes.get("conv", "fp") == "fp"
-                  else "k×k convolutions are only supported 16-bit; 1×1 convolutions are quantized as linears")
-        return FP_SCHEME, reason, 0
+    skipped = _skip_pattern(config, info.name)
+    if skipped:
+        return FP_SCHEME, f"matches skip pattern {skipped!r}", 0
     scheme_name = config.role_schemes.get(str(info.role), "w4a4")
     scheme = config.scheme(scheme_name, unsigned_input=unsigned)
     if scheme.kind == "fp":
@@ -447,6 +439,41 @@ def _scheme_for(config: QuantConfig, info: LinearInfo, unsigned: bool) -> tuple[
             return FP_SCHEME, f"K={info.in_features} is not a multiple of the group size {group} (pad_k=False)", 0
         return scheme, None, math.ceil(info.in_features / group) * group - info.in_features
     return scheme, None, 0
+
+
+def _conv_scheme_for(gm: torch.fx.GraphModule, config: QuantConfig, node: torch.fx.Node, info: LinearInfo
+                     ) -> tuple[Scheme, str | None, int]:
+    """A k×k convolution's scheme (`conv_kxk`), the reason it stays 16-bit, and its K padding (every tap's
+    channels are padded to the group size: svdq_compiler.conv)."""
+    skipped = _skip_pattern(config, info.name)
+    if skipped:
+        return FP_SCHEME, f"matches skip pattern {skipped!r}", 0
+    if config.conv_kxk == "keep":
+        return FP_SCHEME, "k×k convolution kept 16-bit (conv_kxk='keep')", 0
+    args = conv_args(node)
+    weight = get_attr_value(gm, info.weight)
+    if weight.dim() != 4 or args.get("groups", 1) != 1 or args.get("transposed", False):
+        return FP_SCHEME, ("only 2-D convolutions with groups=1 are quantized (this one: "
+                           f"{weight.dim() - 2}-D, groups={args.get('groups', 1)}, "
+                           f"transposed={bool(args.get('transposed', False))})"), 0
+    silu = packet(through_views(args["input"])) is aten.silu
+    if config.conv_kxk == "w4a4":
+        # the reference quantizes only resnet convs (conv1/conv2): embedders, samplers and shortcuts stay 16-bit
+        if _graph_inputs_feeding(args["input"], set()):
+            return FP_SCHEME, "k×k convolution reading a graph input (embedder) stays 16-bit (conv_kxk='w4a4')", 0
+        if _feeds_output(node):
+            return FP_SCHEME, "k×k convolution feeding a graph output stays 16-bit (conv_kxk='w4a4')", 0
+        if not silu:
+            return FP_SCHEME, ("k×k convolution whose input is not SiLU output (not a resnet conv: a sampler or "
+                               "shortcut) stays 16-bit (conv_kxk='w4a4'; 'w4a4-all' quantizes it)"), 0
+    scheme = config.conv_scheme(silu_input=silu)
+    if scheme.kind == "fp":
+        return scheme, f"conv_kxk='w4a4' needs activation quantization; preset {config.preset_name} has none", 0
+    geometry = ConvGeometry.of(node, weight.shape, scheme.weight_group)
+    if geometry.pad_columns and not config.pad_k:
+        return FP_SCHEME, (f"C={geometry.channels} is not a multiple of the group size {scheme.weight_group} "
+                           "(pad_k=False)"), 0
+    return scheme, None, geometry.pad_columns
 
 
 class _UnionFind:
@@ -509,7 +536,8 @@ def annotate_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if site_count[weight_target] == 1:
             info.bytes_before = tensor_bytes(weight) + (tensor_bytes(get_attr_value(gm, info.bias))
                                                         if info.bias else 0)
-        info.scheme, info.skip_reason, info.pad_k = _scheme_for(config, info, unsigned)
+        info.scheme, info.skip_reason, info.pad_k = (_conv_scheme_for(gm, config, node, info) if kind == "conv"
+                                                     else _scheme_for(config, info, unsigned))
         info.shift = info.scheme.shift
         infos[node] = info
 
@@ -539,7 +567,9 @@ def annotate_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             if other in infos and is_linear(other):
                 groups.union(nodes[0], other)
     for node, info in infos.items():
-        info.group = infos[groups.find(node)].name if node in roles else None
+        # a convolution is never smoothed: it is its own group (quantize_weights measures each group)
+        info.group = infos[groups.find(node)].name if node in roles else \
+            info.name if info.scheme.kind != "fp" else None
         set_info(node, info)
 
     skipped = [f"{info.name}: {info.skip_reason}" for info in infos.values() if info.skip_reason]

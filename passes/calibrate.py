@@ -4,7 +4,9 @@ the per-channel range and a bounded random sample of rows.
 Requires: annotate_linears. Ensures: `ctx.state["calibrate"]` is a `Calibration` with one `SiteStats` per tensor
 that a non-16-bit linear reads (keyed by the node's name): per-channel min and max over every row of every
 input, rows seen, and a uniform random sample of at most `config.calib_rows` rows (reservoir sampling, seeded by
-`config.calib_seed`), so memory is bounded however many inputs there are. The graph is not changed.
+`config.calib_seed`), so memory is bounded however many inputs there are. A quantized k×k convolution has its
+own site: the im2col patches of its input in the tap-major layout of `svdq_compiler.conv` (one row per output
+pixel), keyed "<tensor>><conv>". The graph is not changed.
 
 Inputs come from `ctx.calib_inputs`, else the model adapter (`calib_prompts` × `calib_steps` denoising steps),
 else the example inputs (the stats say which). Each input is checked against the captured signature, and a
@@ -25,13 +27,16 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from svdq_compiler.capture import split_inputs
+from svdq_compiler.conv import ConvGeometry
 from svdq_compiler.errors import CalibrationError, CheckpointError
 from svdq_compiler.fx_utils import tensor_val
 from svdq_compiler.ir import annotated_linears, module_path
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
+from svdq_compiler.svdquant import conv_geometry, site_name
 
 
 @dataclass
@@ -56,16 +61,6 @@ class Calibration:
     sites: dict[str, SiteStats] = field(default_factory=dict)
     source: str = ""
     inputs: int = 0
-
-
-def site_of(calibration: Calibration, x: torch.fx.Node) -> SiteStats:
-    """The statistics of the tensor `x` (a linear's original input)."""
-    try:
-        return calibration.sites[x.name]
-    except KeyError:
-        raise CalibrationError(f"no calibration statistics for tensor {x.name!r}",
-                               fix="run calibrate after annotate_linears and before any pass that renames inputs"
-                               ) from None
 
 
 def _calibration_inputs(ctx: PassContext) -> tuple[Iterable, str]:
@@ -140,8 +135,8 @@ def _flatten(gm: torch.fx.GraphModule, inputs: Any, index: int) -> list[Any]:
 
 
 class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, sites: dict[torch.fx.Node, SiteStats], limit: int,
-                 generator: torch.Generator):
+    def __init__(self, gm: torch.fx.GraphModule, sites: dict[torch.fx.Node, list[tuple[SiteStats, Any]]],
+                 limit: int, generator: torch.Generator):
         super().__init__(gm)
         self.sites, self.limit, self.generator = sites, limit, generator
         self.input_index = 0
@@ -156,10 +151,9 @@ class _Recorder(torch.fx.Interpreter):
             raise CalibrationError(f"the graph failed at node {node.name} (module {module_path(node)!r}): "
                                    f"{first_line}", where=f"calibration input #{self.input_index}",
                                    fix="check that the calibration inputs are valid for the model") from exc
-        stats = self.sites.get(node)
-        if stats is not None:
-            self.record(node, stats, result)
-        elif node.op == "output":
+        for stats, to_rows in self.sites.get(node, ()):
+            self.record(node, stats, to_rows(result))
+        if node.op == "output":
             for value in pytree.tree_leaves(result):
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and \
                         not torch.isfinite(value).all():
@@ -168,8 +162,7 @@ class _Recorder(torch.fx.Interpreter):
                                            fix="check the calibration inputs and the model in fp32")
         return result
 
-    def record(self, node: torch.fx.Node, stats: SiteStats, value: torch.Tensor) -> None:
-        rows = value.detach().reshape(-1, value.shape[-1])
+    def record(self, node: torch.fx.Node, stats: SiteStats, rows: torch.Tensor) -> None:
         minimum, maximum = rows.amin(0).float(), rows.amax(0).float()
         if not (torch.isfinite(minimum).all() and torch.isfinite(maximum).all()):
             kind = "NaN" if torch.isnan(minimum).any() or torch.isnan(maximum).any() else "Inf"
@@ -199,32 +192,41 @@ class _Recorder(torch.fx.Interpreter):
 def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Run the FP graph on the calibration inputs and record per-site statistics (module doc)."""
     config = ctx.config
-    sites: dict[torch.fx.Node, SiteStats] = {}
+    sites: dict[str, SiteStats] = {}
+    recorded: dict[torch.fx.Node, list[tuple[SiteStats, Any]]] = {}  # tensor → its sites, with the row view
+    conv_sites: dict[str, tuple[ConvGeometry, float]] = {}
     for node, info in annotated_linears(gm):
-        if info.scheme is None or info.scheme.kind == "fp" or info.kind == "conv":
+        if info.scheme is None or info.scheme.kind == "fp":
             continue
-        x = node.args[0]
-        val = tensor_val(x)
-        if x not in sites:
-            channels = val.shape[-1]
-            sites[x] = SiteStats(node=x.name, readers=[],
-                                 minimum=torch.full((channels,), float("inf")),
-                                 maximum=torch.full((channels,), float("-inf")),
-                                 rows=torch.empty(0, channels, dtype=val.dtype, device=val.device),
-                                 priorities=torch.empty(0, device=val.device))
-        sites[x].readers.append(info.name)
+        x, name = node.args[0], site_name(node, info)
+        if name not in sites:
+            val = tensor_val(x)
+            if info.kind == "conv":
+                geometry = conv_geometry(gm, node, info)
+                channels, conv_sites[name] = geometry.columns, (geometry, info.shift)
+                to_rows = lambda v, g=geometry, fill=-info.shift: g.patches(v.detach(), fill)  # noqa: E731
+            else:
+                channels = val.shape[-1]
+                to_rows = lambda v: v.detach().reshape(-1, v.shape[-1])  # noqa: E731
+            sites[name] = SiteStats(node=name, readers=[],
+                                    minimum=torch.full((channels,), float("inf")),
+                                    maximum=torch.full((channels,), float("-inf")),
+                                    rows=torch.empty(0, channels, dtype=val.dtype, device=val.device),
+                                    priorities=torch.empty(0, device=val.device))
+            recorded.setdefault(x, []).append((sites[name], to_rows))
+        sites[name].readers.append(info.name)
 
-    calibration = Calibration(sites={x.name: stats for x, stats in sites.items()})
+    calibration = Calibration(sites=sites)
     generator = torch.Generator().manual_seed(config.calib_seed)
     if ctx.calib_stats is not None:
         _reuse(calibration, ctx.calib_stats)
     elif config.calib_source == "weights":
-        shifted = {x for node, info in annotated_linears(gm) if info.shift for x in node.args[:1]}
-        _isotropic_rows(sites, shifted, config.calib_rows, generator)
+        shifted = {site_name(node, info) for node, info in annotated_linears(gm) if info.shift}
+        _isotropic_rows(sites, shifted, conv_sites, config.calib_rows, generator)
         calibration.source = f"weights ({config.calib_rows} isotropic Gaussian rows per site: weight-space error)"
     else:
         inputs, calibration.source = _calibration_inputs(ctx)
-        recorder = _Recorder(gm, sites, config.calib_rows, generator)
+        recorder = _Recorder(gm, recorded, config.calib_rows, generator)
         for index, sample in enumerate(ctx.progress(inputs, "calibrate")):
             flat = _flatten(gm, sample, index)
             recorder.input_index = index
@@ -245,12 +247,21 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, False, stats)
 
 
-def _isotropic_rows(sites: dict[torch.fx.Node, SiteStats], shifted: set, rows: int,
-                    generator: torch.Generator) -> None:
-    for x, stats in sites.items():
-        sample = torch.randn(rows, stats.minimum.shape[0], generator=generator)
-        if x in shifted:
-            sample = torch.nn.functional.gelu(sample)
+def _isotropic_rows(sites: dict[str, SiteStats], shifted: set[str], conv_sites: dict[str, tuple[ConvGeometry, float]],
+                    rows: int, generator: torch.Generator) -> None:
+    """Gaussian rows; a shifted input gets its activation (GELU; SiLU for a convolution); a convolution's
+    patch rows hold isotropic pixels and its padding channels the value its patches hold (ConvGeometry)."""
+    for name, stats in sites.items():
+        geometry, shift = conv_sites.get(name, (None, 0.0))
+        if geometry is None:
+            sample = torch.randn(rows, stats.minimum.shape[0], generator=generator)
+            if name in shifted:
+                sample = F.gelu(sample)
+        else:
+            sample = torch.randn(rows, geometry.taps, geometry.channels, generator=generator)
+            if name in shifted:
+                sample = F.silu(sample)
+            sample = F.pad(sample, (0, geometry.padded_channels - geometry.channels), value=-shift).flatten(1)
         stats.rows = sample.to(stats.rows.dtype).to(stats.rows.device)
         stats.priorities = torch.rand(rows, generator=generator).to(stats.rows.device)
         stats.minimum, stats.maximum = sample.amin(0), sample.amax(0)

@@ -23,7 +23,8 @@ Ensures:
   the graph computes what the lowered graph computed (the reference path of the fused ops is op
   for op the lowered chain; the kernels match it within rounding).
 - statistics: linears fused, kernel A count, quantizations absorbed, W4A16 layers fused and those kept as
-  `svdq.weight_only_linear`, epilogues absorbed by kind, and every fallback (a chain left unfused) with its reason.
+  `svdq.weight_only_linear`, epilogues absorbed by kind, and every fallback (a chain left unfused) with its reason;
+  quantized k×k convolutions stay `svdq.conv2d` (reference op), listed as "conv: no generated kernel".
 """
 
 from __future__ import annotations
@@ -535,6 +536,9 @@ def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     for _, linear in annotated_linears(gm):  # a linear's L2 now lives in the concatenated buffer
         linear.lora_down = rw.concatenated.get(linear.lora_down, linear.lora_down)
     rw.stats["weight_only_kept"] = sum(1 for node in gm.graph.nodes if _is(node, weight_only_op))
+    for node in gm.graph.nodes:  # quantized k×k convolutions run the reference svdq.conv2d
+        if _is(node, torch.ops.svdq.conv2d.default):
+            rw.fallback(_linears_of(node), "conv: no generated kernel")
     gm.graph.lint()
     stats = dict(rw.stats)
     stats["epilogues"] = dict(sorted(rw.epilogues.items()))

@@ -7,6 +7,8 @@ Requires: quantize_weights. Ensures:
   `y = aten.add(acc, aten.linear(down, L1, bias'))` (or `acc + bias'` without a branch); the branch's
   `down = aten.linear(aten.div(x, λ), L2)` stays shared per (input, L2);
 - weight-only linears become `svdq.weight_only_linear(x, qweight, wscales, bias, fmt, G)`;
+- quantized k×k convolutions become `svdq.conv2d(x, qweight, wscales, wtscale, bias, shift, fmt, G, kernel,
+  stride, padding, dilation)` (the weight packed as its tap-major im2col matrix, svdq_compiler.conv);
 - packed weights (codegen.layout) are buffers `<layer>.qweight`, `<layer>.wscales`, `<layer>.wtscale`; with a
   shift the bias is `<layer>.shifted_bias` = b − shift·Σⱼ R̃[:, j]/λⱼ, so the shifted quantized path plus the
   unshifted branch equals the original layer; unquantized weights and residuals are gone;
@@ -23,13 +25,14 @@ import torch.fx
 
 import svdq_compiler.ops  # noqa: F401  (registers torch.ops.svdq)
 from svdq_compiler.codegen.layout import pack_weight
+from svdq_compiler.conv import conv_args
 from svdq_compiler.errors import QuantizationError
 from svdq_compiler.fx_utils import aten, drop_unused_attrs, erase_unused, get_attr_node, insert_call
 from svdq_compiler.ir import LinearInfo, QuantOpInfo, annotated_linears, get_attr_value, set_attr_value, set_info
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.quant import dequantize
 from svdq_compiler.report import layer_report
-from svdq_compiler.svdquant import branch_add, layer_name, raw_input
+from svdq_compiler.svdquant import branch_add, conv_geometry, layer_name, raw_input
 
 svdq = torch.ops.svdq
 
@@ -72,16 +75,25 @@ def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     store = ctx.state.get("quantize_weights", {})
     quantizers: dict[tuple, torch.fx.Node] = {}
     replaced, old_attrs = [], []
-    counts = {"quantize_act": 0, "gemm": 0, "weight_only_linear": 0}
+    counts = {"quantize_act": 0, "gemm": 0, "weight_only_linear": 0, "conv2d": 0}
     for node, info in list(annotated_linears(gm)):
-        if info.kind == "conv" or info.scheme is None or info.scheme.kind == "fp":
+        if info.scheme is None or info.scheme.kind == "fp":
             continue
         scheme = info.scheme
+        geometry = conv_geometry(gm, node, info) if info.kind == "conv" else None
         qweight, wscales, wtscale = _packed(gm, store, info)
         weight_nodes = [get_attr_node(gm, t, before=node) if t else None for t in (qweight, wscales, wtscale)]
         x = raw_input(node)
         old_attrs += [info.weight] + ([info.bias] if info.bias else [])
-        if scheme.act is None:
+        if geometry is not None:
+            bias = conv_args(node).get("bias")
+            out = insert_call(gm, svdq.conv2d.default,
+                              (x, *weight_nodes, bias, info.shift, "uint4" if info.shift else scheme.act,
+                               scheme.weight_group, list(geometry.kernel), list(geometry.stride),
+                               list(geometry.padding), list(geometry.dilation)), before=node, meta_from=node)
+            node.replace_all_uses_with(out)
+            counts["conv2d"] += 1
+        elif scheme.act is None:
             bias = node.args[2] if len(node.args) > 2 else None
             out = insert_call(gm, svdq.weight_only_linear.default,
                               (x, weight_nodes[0], weight_nodes[1], bias, scheme.weight, scheme.weight_group),

@@ -4,13 +4,15 @@ scheme.
 
 Requires: calibrate (and smooth/lowrank where the scheme asks for them). Ensures:
 - every non-16-bit weight is quantized once (`quantize_weight` with the scheme's weight format and group; a
-  weight shared by several call sites included); the QTensor is kept in `ctx.state["quantize_weights"]`
+  weight shared by several call sites included; a k×k convolution's as its tap-major im2col matrix,
+  svdq_compiler.conv); the QTensor is kept in `ctx.state["quantize_weights"]`
   for `lower`, and the graph's weight is replaced by its dequantized value, so the graph computes the model
   with quantized weights and 16-bit activations;
 - `LinearInfo.errors["output_rel"]` is ‖y_q − y‖/‖y‖ of the layer as it will run (activation quantization,
   shift, branch) against the FP layer, on the calibration rows;
 - sensitivity fallback (`fallback_error`, None = off): a weight whose error at any call site exceeds the bound
-  moves to W4A16 (`weight_only_format`, unsmoothed, no branch) and, if that still exceeds it, to 16-bit; its
+  moves to W4A16 (`weight_only_format`, unsmoothed, no branch; a convolution has no W4A16 form) and, if that
+  still exceeds it, to 16-bit; its
   smoothing division and branch are removed from the graph, and `LinearInfo.fallback` says what happened.
 """
 
@@ -27,7 +29,8 @@ from svdq_compiler.ir import LinearInfo, get_attr_value, set_attr_value
 from svdq_compiler.passes.calibrate import Calibration
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.quant import dequantize, quantize_weight
-from svdq_compiler.svdquant import GroupProblem, branch_add, group_problem, members_by_group, quant_op, raw_input
+from svdq_compiler.svdquant import (GroupProblem, branch_add, conv_geometry, group_problem, layer_weight,
+                                   members_by_group, quant_op)
 
 
 def _branches(gm: torch.fx.GraphModule, infos: list[LinearInfo]) -> dict | None:
@@ -61,11 +64,11 @@ def _undo_smoothing_and_branch(gm: torch.fx.GraphModule, node: torch.fx.Node, in
     return nodes, attrs
 
 
-def _fall_back(problem: GroupProblem, failing: set[str], scheme: Scheme, config: QuantConfig
+def _fall_back(problem: GroupProblem, failing: set[str], scheme: Scheme, config: QuantConfig, convolution: bool
                ) -> dict[str, tuple[Scheme, object, dict[str, float]]]:
     """Per failing weight: W4A16 (its QTensor) when that meets the bound, else 16-bit; with the W4A16 errors."""
     decisions: dict[str, tuple[Scheme, object, dict[str, float]]] = {k: (FP_SCHEME, None, {}) for k in failing}
-    if scheme.act is None:  # already weight-only: the next step is 16-bit
+    if scheme.act is None or convolution:  # already weight-only, or a conv (no weight-only conv): 16-bit next
         return decisions
     safer = config.scheme("w4a16")
     weight_only = GroupProblem.build(safer, problem.dtype, {k: problem.weights[k] for k in failing}, problem.rows,
@@ -101,7 +104,10 @@ def quantize_weights(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             problem = group_problem(gm, members, calibration, scheme)
             smooth = get_attr_value(gm, infos[0].smooth) if infos[0].smooth else None
             branches = _branches(gm, infos)
-            residuals = {info.weight: get_attr_value(gm, info.weight) for info in infos}
+            residuals = {info.weight: layer_weight(gm, node, info) for node, info in members}
+            # a convolution's weight is quantized as its im2col matrix and stored back in the conv's shape
+            graph_shape = {info.weight: conv_geometry(gm, node, info).weight for node, info in members
+                           if info.kind == "conv"}
             quantized = {k: quantize_weight(r, scheme.weight, scheme.weight_group, name=k)
                          for k, r in residuals.items()}
             dequantized = {k: dequantize(q) for k, q in quantized.items()}
@@ -112,7 +118,7 @@ def quantize_weights(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 worst[info.weight] = max(worst.get(info.weight, 0.0), errors[info.name])
             failing = {k for k, e in worst.items() if config.fallback_error is not None
                        and e > config.fallback_error}
-            decisions = _fall_back(problem, failing, scheme, config) if failing else {}
+            decisions = _fall_back(problem, failing, scheme, config, bool(graph_shape)) if failing else {}
             for node, info in members:
                 if info.weight not in decisions:
                     continue
@@ -138,7 +144,7 @@ def quantize_weights(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                     info.fallback = f"{scheme.describe()} error {before:.3f}{tried} > {config.fallback_error} → 16-bit"
                 fallbacks.append(f"{info.name}: {info.fallback}")
             for key, weight in dequantized.items():
-                set_attr_value(gm, key, weight.to(problem.dtype))
+                set_attr_value(gm, key, graph_shape.get(key, lambda w: w)(weight.to(problem.dtype)))
             store.update(quantized)
             errors_seen += [info.errors["output_rel"] for info in infos if info.scheme.kind != "fp"]
     erase_unused(gm, dead)

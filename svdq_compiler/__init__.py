@@ -16,6 +16,7 @@ from svdq_compiler.capture import CAPTURE_META, capture, install_shape_check
 from svdq_compiler.config import PRESETS, QuantConfig, Scheme
 from svdq_compiler.errors import InputError, SvdqError
 from svdq_compiler.ir import annotated_linears, to_jsonable
+from svdq_compiler.meta_capture import capture_replicated
 from svdq_compiler.models import DynDim, ModelAdapter, adapter_for, load_model, register_builtin
 from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
 from svdq_compiler.serialize import REPORT_META, load, save
@@ -60,7 +61,9 @@ def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str |
     """
     quant_config = resolve_config(config)
     adapter = adapter or adapter_for(module)
-    gm = capture(module, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter)
+    # FLUX-like models trace three blocks of each kind and replicate them (the same graph, a fraction of the time)
+    gm = capture_replicated(module, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter) or \
+        capture(module, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter)
     if isinstance(calib_stats, (str, Path)):
         from svdq_compiler.passes.calibrate import load_calibration
 

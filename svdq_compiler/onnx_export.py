@@ -246,6 +246,7 @@ def _portable_module(program: torch.export.ExportedProgram) -> torch.fx.GraphMod
     for node in list(graph.nodes):
         if node.op != "call_function" or getattr(node.target, "namespace", None) != "svdq":
             continue
+        _refuse_conv(node)
         if node.target not in _PORTABLE_TARGETS:
             raise InputError(f"{node.target} has no portable ONNX form", where=f"node {node.name}",
                              fix="export with form='custom'")
@@ -351,6 +352,12 @@ def _fold_int4_casts(model) -> None:
 
 # ---- custom form: svdq-domain nodes ------------------------------------------------------------------------
 
+def _refuse_conv(node: torch.fx.Node) -> None:
+    if node.target is torch.ops.svdq.conv2d.default:
+        raise InputError("quantized k×k convolutions (svdq.conv2d) have no ONNX form yet", where=f"node {node.name}",
+                         fix="compile with conv_kxk='keep' to export ONNX")
+
+
 def _custom_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     """The graph with each svdq op replaced by `torch.onnx.ops.symbolic_multi_out`, which torch.onnx writes as
     one node of the `svdq` domain."""
@@ -358,6 +365,7 @@ def _custom_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModul
     for node in module.graph.nodes:
         if node.op != "call_function" or getattr(node.target, "namespace", None) != "svdq":
             continue
+        _refuse_conv(node)
         values = node.meta["val"]
         single = isinstance(values, torch.Tensor)
         outputs = tuple((value.dtype, int(value.shape[-1])) for value in ([values] if single else values))

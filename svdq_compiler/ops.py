@@ -20,6 +20,7 @@ from svdq_compiler import quant
 from svdq_compiler.codegen.layout import (PackedWeight, check_packed_act, check_packed_weight, code_columns,
                                           effective_group, pack_act, round_up, scale_dtype, scale_values,
                                           unpack_codes, unpack_weight)
+from svdq_compiler.conv import ConvGeometry
 from svdq_compiler.errors import QuantizationError
 
 ACT_FORMATS = ("int4", "uint4", "nvfp4", "int8")
@@ -197,3 +198,57 @@ def weight_only_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.T
 def _(x, w_codes, w_scales, bias, fmt, group_size):
     _check_weight_only(x, w_codes, w_scales, bias, fmt, group_size)
     return x.new_empty((*x.shape[:-1], w_codes.shape[0]))
+
+
+# ---- svdq::conv2d ---------------------------------------------------------------------------------------------
+
+
+def _check_conv2d(x, w_codes, w_scales, w_tscale, bias, fmt, group_size, kernel_size, stride, padding,
+                  dilation) -> ConvGeometry:
+    _check_fmt(fmt, ACT_FORMATS, "conv2d")
+    _check_input(x, "conv2d")
+    if x.dim() != 4:
+        raise QuantizationError(f"x must be [batch, channels, height, width], got {list(x.shape)}",
+                                where="svdq::conv2d")
+    for name, value in dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation).items():
+        if len(value) != 2:
+            raise QuantizationError(f"{name} must hold 2 values, got {list(value)}", where="svdq::conv2d")
+    channels = x.shape[1]
+    padded = round_up(channels, effective_group(group_size, channels))
+    geometry = ConvGeometry(channels, padded, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
+    check_packed_weight(w_codes, w_scales, w_tscale, WEIGHT_FORMAT_OF[fmt], group_size, geometry.columns,
+                        where="svdq::conv2d weight (tap-major im2col matrix)")
+    _check_vector(bias, w_codes.shape[0], "bias", "conv2d")
+    return geometry
+
+
+@torch.library.custom_op("svdq::conv2d", mutates_args=())
+def conv2d(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, w_tscale: Optional[torch.Tensor],
+           bias: Optional[torch.Tensor], shift: float, fmt: str, group_size: int, kernel_size: list[int],
+           stride: list[int], padding: list[int], dilation: list[int]) -> torch.Tensor:
+    """A W4A4 (or W8A8) k×k convolution: x̂ = Q(x + shift) − shift, quantized per pixel and group of input
+    channels as `quantize_act` does; the weight is the tap-major im2col matrix of svdq_compiler.conv. Both are
+    dequantized exactly in fp32, convolved (zero padding) in fp32 with the bias, and rounded once to x's dtype.
+    Subtracting the shift from x̂ (rather than folding it into the bias, as a linear does) keeps the zero-padded
+    border exact."""
+    geometry = _check_conv2d(x, w_codes, w_scales, w_tscale, bias, fmt, group_size, kernel_size, stride, padding,
+                             dilation)
+    pixels = smoothed_input(x.movedim(1, -1), None, shift)
+    act = quant.quantize_act(pixels, fmt, group_size, name="svdq::conv2d input")
+    values = quant.dequantize(act, torch.float32)
+    if shift:
+        values = values - shift
+    group = effective_group(group_size, geometry.columns)
+    matrix = quant.dequantize(unpack_weight(PackedWeight(w_codes, w_scales, w_tscale, WEIGHT_FORMAT_OF[fmt], group,
+                                                         geometry.columns, x.dtype)), torch.float32)
+    out = F.conv2d(values.movedim(-1, 1), geometry.weight(matrix), None if bias is None else bias.float(),
+                   geometry.stride, geometry.padding, geometry.dilation)
+    return out.to(x.dtype).contiguous()  # the channels-last input would make it channels-last
+
+
+@conv2d.register_fake
+def _(x, w_codes, w_scales, w_tscale, bias, shift, fmt, group_size, kernel_size, stride, padding, dilation):
+    _check_conv2d(x, w_codes, w_scales, w_tscale, bias, fmt, group_size, kernel_size, stride, padding, dilation)
+    size = [(x.shape[2 + d] + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) // stride[d] + 1
+            for d in range(2)]
+    return x.new_empty((x.shape[0], w_codes.shape[0], *size))

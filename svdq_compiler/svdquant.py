@@ -17,12 +17,14 @@ time; products and errors are accumulated in fp32.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 
 from svdq_compiler.config import Scheme
+from svdq_compiler.conv import ConvGeometry
 from svdq_compiler.errors import QuantizationError
 from svdq_compiler.ir import META_KEY, LinearInfo, QuantOpInfo, Role, annotated_linears, get_attr_value
 from svdq_compiler.quant import fake_quantize_act, fake_quantize_weight
@@ -214,7 +216,7 @@ class GroupProblem:
         factors = {}
         iterations = 4 if precision == torch.float64 else 2
         for keys in self.branch_sets:
-            stacked = torch.cat([targets[k] for k in keys], dim=-2)
+            stacked = targets[keys[0]] if len(keys) == 1 else torch.cat([targets[k] for k in keys], dim=-2)
             if smooth is not None and method == "randomized" and stacked.shape[-2] > stacked.shape[-1]:
                 scale = smooth.to(precision)
                 gram = scale.unsqueeze(-1) * self._gram(keys).to(precision) * scale.unsqueeze(-2)
@@ -234,7 +236,7 @@ class GroupProblem:
     def _gram(self, keys: list[str]) -> torch.Tensor:
         """WᵀW of the branch set's stacked unsmoothed weights (fp32), computed once."""
         if tuple(keys) not in self.grams:
-            stacked = torch.cat([self.weights[k] for k in keys])
+            stacked = self.weights[keys[0]] if len(keys) == 1 else torch.cat([self.weights[k] for k in keys])
             self.grams[tuple(keys)] = stacked.T @ stacked
         return self.grams[tuple(keys)]
 
@@ -242,7 +244,9 @@ class GroupProblem:
         """Ŵ − L1·L2 in the model dtype, as fp32."""
         if not branches:
             return dict(smoothed)
-        return {k: (w - branches[k][0] @ branches[k][1]).to(self.dtype).float() for k, w in smoothed.items()}
+        # −(L1·L2) + Ŵ in place of Ŵ − L1·L2 (the same numbers): no second [C, N, K] temporary
+        return {k: (branches[k][0] @ branches[k][1]).neg_().add_(w).to(self.dtype).float()
+                for k, w in smoothed.items()}
 
     def quantized(self, residuals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: self._fake_quantize_weight(r.to(self.dtype), k).float() for k, r in residuals.items()}
@@ -345,6 +349,23 @@ def raw_input(linear: torch.fx.Node) -> torch.fx.Node:
     return x.args[0] if quant_op(x) == "smooth_div" else x
 
 
+def site_name(node: torch.fx.Node, info: LinearInfo) -> str:
+    """The calibration site of a layer: the name of the tensor it reads; for a k×k convolution, its own im2col
+    patches of that tensor (svdq_compiler.conv)."""
+    x = raw_input(node)
+    return f"{x.name}>{info.name}" if info.kind == "conv" else x.name
+
+
+def conv_geometry(gm: torch.fx.GraphModule, node: torch.fx.Node, info: LinearInfo) -> ConvGeometry:
+    return ConvGeometry.of(node, get_attr_value(gm, info.weight).shape, info.scheme.weight_group)
+
+
+def layer_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, info: LinearInfo) -> torch.Tensor:
+    """The 2-D weight a layer quantizes: a linear's [N, K]; a k×k convolution's tap-major im2col matrix."""
+    weight = get_attr_value(gm, info.weight)
+    return conv_geometry(gm, node, info).matrix(weight) if info.kind == "conv" else weight
+
+
 def branch_add(linear: torch.fx.Node) -> torch.fx.Node | None:
     return next((user for user in linear.users if quant_op(user) == "lora_add"), None)
 
@@ -353,7 +374,7 @@ def members_by_group(gm: torch.fx.GraphModule, keep) -> dict[str, list[tuple[tor
     """{group name: [(linear node, info)]} in graph order, for the annotated linears `keep(info)` accepts."""
     groups: dict[str, list[tuple[torch.fx.Node, LinearInfo]]] = {}
     for node, info in annotated_linears(gm):
-        if info.group is not None and info.kind != "conv" and keep(info):
+        if info.group is not None and keep(info):
             groups.setdefault(info.group, []).append((node, info))
     return groups
 
@@ -364,12 +385,15 @@ def group_problem(gm: torch.fx.GraphModule, members: list[tuple[torch.fx.Node, L
     `smoothed(λ)` reproduces the stored Ŵ and the reference is the function the graph computes now."""
     weights, rows, shifts, entries = {}, {}, {}, []
     for node, info in members:
-        site = raw_input(node).name
+        site = site_name(node, info)
         stats = calibration.sites.get(site)
         if stats is None:
             raise QuantizationError(f"no calibration sample for the input of {info.name}",
                                     fix="run calibrate after annotate_linears")
-        weight = get_attr_value(gm, info.weight).float()
+        weight = layer_weight(gm, node, info).float()
+        if info.kind == "conv" and not scheme.act_group:
+            # per-pixel activations (group 0) are, in a patch row, one group per tap
+            scheme = dataclasses.replace(scheme, act_group=conv_geometry(gm, node, info).padded_channels)
         if info.lora_up is not None:
             weight = weight + get_attr_value(gm, info.lora_up).float() @ get_attr_value(gm, info.lora_down).float()
         if info.smooth is not None:

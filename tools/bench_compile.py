@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -74,7 +77,10 @@ def main() -> None:
     totals = report["layers"]["totals"]
     passes_cpu = {record["name"]: record["cpu_s"] for record in report["passes"]}
     result = {
-        "benchmark": "compile-time", "model": description, "config": config, "parameters": parameters,
+        "benchmark": "compile-time",
+        "command": shlex.join([f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}", ".venv/bin/python",
+                               *sys.argv]),  # how to measure it again
+        "model": description, "config": config, "parameters": parameters,
         "preset": args.preset, "overrides": overrides, "calibration_inputs": len(calib), "image_tokens": tokens,
         "compile_s": round(total, 1), "compile_cpu_s": round(total_cpu, 1),
         "capture_s": report["capture"]["wall_s"], "capture_cpu_s": round(total_cpu - sum(passes_cpu.values()), 1),

@@ -4,7 +4,8 @@ Each `random:<family>` built-in is captured once; every preset then runs the SVD
 graph with the adapter's calibration inputs (prompts × steps), and the result is compared with the eager model
 on a held-out input (a different seed). This is the slow test matrix of tests/passes/test_presets_end_to_end.py,
 measured: writes bench/results/presets-random-models.json (per model × preset: relative output error, cosine
-similarity, compression ratio, quantized layers, fallbacks, pass wall and CPU time).
+similarity, compression ratio, quantized layers, fallbacks, pass wall and CPU time). `--conv-kxk keep w4a4`
+adds each preset with k×k convolutions quantized (the U-Net: bench/results/conv-kxk-random-unet.json).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from bench_common import machine, write_result
 import svdq_compiler
 from svdq_compiler import PRESETS
 from svdq_compiler.capture import install_shape_check
+from svdq_compiler.config import CONV_KXK
 from svdq_compiler.models import adapter_for, load_model
 from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
 
@@ -32,7 +34,7 @@ def first_output(result) -> torch.Tensor:
     return getattr(result, "sample", result)
 
 
-def bench_family(family: str, presets: list[str], prompts: int, steps: int) -> dict:
+def bench_family(family: str, presets: list[str], prompts: int, steps: int, conv_options: list[str]) -> dict:
     model = load_model(f"random:{family}")
     adapter = adapter_for(model)
     inputs = adapter.example_inputs(model)
@@ -45,8 +47,9 @@ def bench_family(family: str, presets: list[str], prompts: int, steps: int) -> d
     with torch.no_grad():
         reference = first_output(model(**check)).float()
     results = {}
-    for preset in presets:
-        config = svdq_compiler.QuantConfig.preset(preset)
+    for preset, conv_kxk in [(preset, option) for preset in presets for option in conv_options]:
+        config = svdq_compiler.QuantConfig.preset(preset, conv_kxk=conv_kxk)
+        preset = preset if conv_kxk == "keep" else f"{preset} conv_kxk={conv_kxk}"
         ctx = PassContext(config=config, example_inputs=inputs, calib_inputs=calib, adapter=adapter, model=model)
         start, cpu_start = time.perf_counter(), time.process_time()
         try:
@@ -65,7 +68,8 @@ def bench_family(family: str, presets: list[str], prompts: int, steps: int) -> d
             "cosine": round(float(torch.nn.functional.cosine_similarity(compiled.flatten(), reference.flatten(),
                                                                         dim=0)), 6),
             "compression_ratio": totals["compression_ratio"], "quantized_layers": totals["quantized_layers"],
-            "fallbacks": totals["fallbacks"], "passes_s": round(wall, 2), "passes_cpu_s": round(cpu, 2),
+            "fallbacks": totals["fallbacks"], "four_bit_weight_share": totals["four_bit_weight_share"],
+            "passes_s": round(wall, 2), "passes_cpu_s": round(cpu, 2),
             "passes_cpu_by_pass_s": {r["name"]: r["cpu_s"] for r in ctx.records},
         }
         print(family, preset, {k: v for k, v in results[preset].items() if k != "passes_cpu_by_pass_s"}, flush=True)
@@ -79,10 +83,13 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=sorted(PRESETS), choices=sorted(PRESETS))
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--conv-kxk", nargs="+", default=["keep"], choices=CONV_KXK,
+                        help="k×k convolution settings to run with each preset (rows 'preset conv_kxk=…')")
     parser.add_argument("--out", type=Path, default=Path("bench/results/presets-random-models.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    models = {family: bench_family(family, args.presets, args.prompts, args.steps) for family in args.families}
+    models = {family: bench_family(family, args.presets, args.prompts, args.steps, args.conv_kxk)
+              for family in args.families}
     write_result({"benchmark": "every preset on every adapter's random model", "reference": "fp32 eager",
                   "models": models, "machine": machine()}, args.out)
 

@@ -1,4 +1,5 @@
-"""Reference runtime ops torch.ops.svdq.*: numerics against the quantizers, opcheck, export with symbolic tokens."""
+"""Reference runtime ops torch.ops.svdq.*: numerics against the quantizers (conv2d against F.conv2d of the
+dequantized operands), opcheck, export with symbolic tokens."""
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch.nn.functional as F
 
 import svdq_compiler  # noqa: F401  (registers torch.ops.svdq)
 from svdq_compiler.codegen.layout import pack_act, pack_weight, unpack_act, unpack_weight
+from svdq_compiler.conv import ConvGeometry
 from svdq_compiler.errors import QuantizationError
 from svdq_compiler.quant import QTensor, dequantize, quantize_act, quantize_weight
 
@@ -194,6 +196,42 @@ def test_weight_only_linear_is_a_linear_with_the_dequantized_weight(fmt, group):
     assert (y.float() - F.linear(x, w, bias).float()).norm() / y.float().norm() < 0.2
 
 
+# ---- svdq::conv2d ---------------------------------------------------------------------------------------------
+
+
+def conv_case(fmt, group, seed, channels=20, stride=(1, 1)):
+    """x [2, C, 6, 7] and a packed 3×3 weight in the tap-major im2col layout (svdq_compiler.conv)."""
+    shift = 0.2734375 if fmt == "uint4" else 0.0
+    x = tensors(seed, 2, channels, 6, 7)
+    x = F.silu(x.float()).to(BF16) if shift else x
+    padded = -(-channels // group) * group if group else channels
+    geometry = ConvGeometry(channels, padded, (3, 3), stride, (1, 1), (1, 1))
+    q = quantize_weight(geometry.matrix(tensors(seed + 1, 8, channels, 3, 3)), weight_format(fmt), group)
+    packed = pack_weight(q)
+    args = (x, packed.qweight, packed.wscales, packed.wtscale, tensors(seed + 2, 8), shift, fmt, group, [3, 3],
+            list(stride), [1, 1], [1, 1])
+    return args, q, geometry
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+def test_conv2d_is_the_conv_of_dequantized_operands(fmt, group):
+    args, q, geometry = conv_case(fmt, group, seed=11, stride=(2, 1))
+    x, shift, bias = args[0], args[5], args[4]
+    pixels = quantize_act((x.float() + shift).to(BF16).movedim(1, -1), fmt, group)
+    values = dequantize(pixels, torch.float32) - shift
+    weight = geometry.weight(dequantize(q, torch.float32))
+    expected = F.conv2d(values.movedim(-1, 1), weight, bias.float(), (2, 1), (1, 1)).to(BF16)
+    got = svdq.conv2d(*args)
+    assert got.shape == (2, 8, 3, 7) and got.dtype == BF16
+    assert torch.equal(got, expected)  # F.conv2d pads the shifted-back values with 0: the border is exact
+
+
+def test_conv2d_refuses_a_weight_of_the_wrong_layout():
+    args, _, _ = conv_case("int4", 64, seed=12)
+    with pytest.raises(QuantizationError, match="svdq::conv2d weight"):
+        svdq.conv2d(torch.cat([args[0]] * 4, dim=1), *args[1:])  # 80 channels: 9·128 columns, not 9·64
+
+
 # ---- opcheck and export -------------------------------------------------------------------------------------
 
 
@@ -206,6 +244,8 @@ def opcheck_cases():
         yield pytest.param(svdq.gemm.default, (codes, scales, w_codes, w_scales, w_tscale, fmt, group, 80, BF16),
                            id=f"gemm-{fmt}")
         yield pytest.param(svdq.linear.default, args, id=f"linear-{fmt}")
+    for fmt, group in FORMATS:
+        yield pytest.param(svdq.conv2d.default, conv_case(fmt, group, seed=13)[0], id=f"conv2d-{fmt}")
     for fmt in ("int4", "nf4"):
         packed = pack_weight(quantize_weight(tensors(4, 16, 80), fmt, 64))
         yield pytest.param(svdq.weight_only_linear.default,

@@ -56,3 +56,13 @@ def test_every_preset_compiles_flux(preset):
 def test_every_preset_on_every_adapter(name, preset):
     error, _ = compile_and_compare(name, preset)
     assert error < BOUNDS[preset]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["int4", "nvfp4", "w8a8"])
+def test_unet_with_quantized_resnet_convs(preset):
+    keep_error, keep = compile_and_compare("random:unet", preset, smooth_grid=4)
+    error, totals = compile_and_compare("random:unet", preset, smooth_grid=4, conv_kxk="w4a4")
+    assert totals["quantized_layers"] == keep["quantized_layers"] + 16  # 8 resnets × conv1, conv2
+    assert totals["model_bytes_after"] < keep["model_bytes_after"]
+    assert error < 2 * BOUNDS[preset] and error > keep_error
