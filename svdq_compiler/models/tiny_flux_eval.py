@@ -22,9 +22,10 @@ from svdq_compiler.image_metrics import psnr, ssim
 from svdq_compiler.models.base import MAX_BATCH
 from svdq_compiler.models.fmnist import PROMPTS, classify, feature_statistics, frechet_distance
 
-# Pairs per sampler call. Measured on the 2-core machine (1 thread): the compiled int4 graph samples fastest at
-# 5 pairs (10 rows) per call; its reference GEMM's per-group [groups, rows, N] products outgrow the caches at
-# larger batches, so it gets slower per pair, not faster.
+# Pairs per sampler call. Larger batches do not sample faster on CPU (bench/results/sampling-tiny-flux.json, 1
+# thread): fp32 and int4 cost about the same per pair from 5 to 10 pairs and more at 20, because the compiled
+# graphs' reference GEMM materializes [groups, rows, N] products that outgrow the caches; nvfp4 (16-wide groups)
+# is fastest at 2.
 EVAL_BATCH = 5
 MAX_EVAL_BATCH = MAX_BATCH // 2
 # Far from the seeds the adapter calibrates on (0, 1, …) and the model card's tuning and evaluation seeds.
