@@ -88,10 +88,25 @@ def test_nvfp4_error_is_at_most_half_a_grid_step(weight, x):
 def test_quantizing_the_dequantized_tensor_gives_the_same_codes(fmt, group, x):
     q = quantize_weight(x, fmt, group)
     again = quantize_weight(dequantize(q), fmt, group)
-    assert torch.equal(again.codes, q.codes)
+    # A group whose scale is subnormal in its storage dtype (nvfp4's FP8 E4M3 below 2^-6, for a group 1/28672 of
+    # the tensor's absmax) can lose its largest code to the coarse scale rounding: x = [[808], [0.00586]] stores
+    # the second group as code 4.0 × 2^-8, and quantizing 4.0 × 2^-8 again picks 6.0 × 2^-9. Idempotence is a
+    # property of normal scales.
+    normal = (q.scales.float() >= torch.finfo(q.scales.dtype).smallest_normal).repeat_interleave(q.group_size, -1)
+    normal = normal[..., : q.codes.shape[-1]].expand_as(q.codes)
+    assert torch.equal(again.codes[normal], q.codes[normal])
     # absmax/qmax of a dequantized group is the scale again up to one rounding (qmax·s is rounded to the dtype)
     eps = torch.finfo(x.dtype).eps
-    torch.testing.assert_close(dequantize(again), dequantize(q), rtol=2 * eps, atol=0)
+    normal_values = normal[..., : q.k]
+    torch.testing.assert_close(dequantize(again)[normal_values], dequantize(q)[normal_values], rtol=2 * eps, atol=0)
+
+
+def test_nvfp4_requantization_with_a_subnormal_fp8_scale_changes_the_code():
+    """The case hypothesis found; it pins why the idempotence property above is restricted to normal scales."""
+    x = torch.tensor([[808.0], [0.00586]]).bfloat16()
+    q = quantize_weight(x, "nvfp4", 16)
+    assert float(q.scales[1].float()) < torch.finfo(torch.float8_e4m3fn).smallest_normal
+    assert not torch.equal(quantize_weight(dequantize(q), "nvfp4", 16).codes, q.codes)
 
 
 @pytest.mark.parametrize("fmt,group", [("int4", 64), ("int8", 0)])
