@@ -86,13 +86,8 @@ def test_kernel_a_matches_quantize_act_and_the_down_projection(fmt, lead, k, ran
 # ---- kernel B ----------------------------------------------------------------------------------------------
 
 
-def _gemm_case(fmt, lead, k, n, rank, bias, dtype, epilogue=(), seed=0):
-    x = _x((*lead, k), fmt, dtype, seed)
-    lam = _smooth(k, dtype, seed)
-    shift = SHIFT.get(fmt, 0.0)
-    codes, scales = ops.quantize_act(x, lam, shift, fmt, GROUP[fmt])
-    weight = _weight(fmt, n, k, dtype, seed)
-    gen = torch.Generator().manual_seed(seed + 3)
+def _branch_bias_and_epilogue_operands(lead, n, rank, bias, dtype, epilogue, gen):
+    """The low-rank down output and up weight, the bias and the epilogue's operands of a fused GEMM case."""
     down = torch.randn((*lead, rank), generator=gen).to(dtype) if rank else None
     lora_up = (torch.randn(n, rank, generator=gen) / 8).to(dtype) if rank else None
     bias_t = torch.randn(n, generator=gen).to(dtype) if bias else None
@@ -102,6 +97,17 @@ def _gemm_case(fmt, lead, k, n, rank, bias, dtype, epilogue=(), seed=0):
             operands.append(torch.randn((lead[0], *([1] * (len(lead) - 1)), n), generator=gen).to(dtype))
         elif step.kind == "add":  # a full residual
             operands.append(torch.randn((*lead, n), generator=gen).to(dtype))
+    return down, lora_up, bias_t, operands
+
+
+def _gemm_case(fmt, lead, k, n, rank, bias, dtype, epilogue=(), seed=0):
+    x = _x((*lead, k), fmt, dtype, seed)
+    lam = _smooth(k, dtype, seed)
+    shift = SHIFT.get(fmt, 0.0)
+    codes, scales = ops.quantize_act(x, lam, shift, fmt, GROUP[fmt])
+    weight = _weight(fmt, n, k, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 3)
+    down, lora_up, bias_t, operands = _branch_bias_and_epilogue_operands(lead, n, rank, bias, dtype, epilogue, gen)
     spec = GemmSpec(fmt, GROUP[fmt], rank, bias, str(dtype).split(".")[1], k=k, n=n, epilogue=tuple(epilogue))
     args = (codes, scales, weight.qweight, weight.wscales, weight.wtscale, down, lora_up, bias_t, operands)
     return spec, args
@@ -211,15 +217,7 @@ def _weight_only_case(fmt, lead, k, n, rank, bias, dtype, epilogue=(), group=64,
     weight = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
     weight[:, :group] = 0.0  # an all-zero group: scale 1, codes 0
     packed = pack_weight(quant.quantize_weight(weight, fmt, group))
-    down = torch.randn((*lead, rank), generator=gen).to(dtype) if rank else None
-    lora_up = (torch.randn(n, rank, generator=gen) / 8).to(dtype) if rank else None
-    bias_t = torch.randn(n, generator=gen).to(dtype) if bias else None
-    operands = []
-    for step in epilogue:
-        if step.kind == "mul":  # a per-sample gate broadcast over the tokens
-            operands.append(torch.randn((lead[0], *([1] * (len(lead) - 1)), n), generator=gen).to(dtype))
-        elif step.kind == "add":
-            operands.append(torch.randn((*lead, n), generator=gen).to(dtype))
+    down, lora_up, bias_t, operands = _branch_bias_and_epilogue_operands(lead, n, rank, bias, dtype, epilogue, gen)
     spec = WeightOnlySpec(fmt, group, rank, bias, str(dtype).split(".")[1], k=k, n=n, epilogue=tuple(epilogue))
     return spec, (x, packed.qweight, packed.wscales, down, lora_up, bias_t, operands)
 
