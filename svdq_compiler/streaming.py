@@ -183,10 +183,10 @@ def flush_unit(gm: torch.fx.GraphModule, archive: StreamingArchive, record: Unit
     """Append every real tensor of the graph (all of them belong to the unit just compiled) to the archive and
     replace it with a meta-device stand-in of the same shape and dtype."""
     before = archive.bytes_written
+    buffers = {name for name, _ in gm.named_buffers()}
     for name, tensor in list(real_tensors(gm)):
         archive.add(name, tensor)
-        set_attr_value(gm, name, torch.empty_like(tensor, device=META),
-                       as_buffer=name in dict(gm.named_buffers()))
+        set_attr_value(gm, name, torch.empty_like(tensor, device=META), as_buffer=name in buffers)
     record.bytes_written = archive.bytes_written - before
 
 
