@@ -126,16 +126,21 @@ def capture_replicated(module: torch.nn.Module, example_inputs: tuple | dict, *,
     if len(kinds) != 1:
         return None
     (dtype, device), = kinds
-    config = {k: v for k, v in module.config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        twin = type(module).from_config(config).eval()
-    twin = twin if dtype == next(twin.parameters()).dtype else twin.to(dtype)
+    twin = _meta_twin(module, dtype)
     gm = capture_on_meta(twin, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter, device=device)
     buffers = {name for name, _ in module.named_buffers()}
     for name, tensor in tensors.items():
         set_attr_value(gm, name, tensor, as_buffer=name in buffers)
     gm.meta[CAPTURE_META]["meta_device"]["weights"] = "the module's own tensors, attached after capture"
     return gm
+
+
+def _meta_twin(module: torch.nn.Module, dtype: torch.dtype, **config_changes: Any) -> torch.nn.Module:
+    """A model of `module`'s class built on the meta device from its config (with `config_changes`), in `dtype`."""
+    config = {k: v for k, v in module.config.items() if not k.startswith("_")}
+    config.update(config_changes)
+    with torch.device("meta"):
+        return type(module).from_config(config).eval().to(dtype)
 
 
 def _depths(module: torch.nn.Module) -> dict[str, int]:
@@ -149,11 +154,8 @@ def _shallow(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, int]]:
     depths = _depths(module)
     if not any(count > TRACED_REPEATS for count in depths.values()):
         return module, {}
-    config = {k: v for k, v in module.config.items() if not k.startswith("_")}
-    config.update({key: min(depths[attribute], TRACED_REPEATS) for attribute, key in lists})
-    dtype = next(module.parameters()).dtype
-    with torch.device("meta"):
-        shallow = type(module).from_config(config).eval().to(dtype)
+    shallow = _meta_twin(module, next(module.parameters()).dtype,
+                         **{key: min(depths[attribute], TRACED_REPEATS) for attribute, key in lists})
     return shallow, {attribute: count for attribute, count in depths.items() if count > TRACED_REPEATS}
 
 
