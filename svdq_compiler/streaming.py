@@ -447,8 +447,7 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
         step("program from graph", began)
 
         began = time.perf_counter()
-        for name in pass_stats:
-            entries = pass_stats[name]
+        for name, entries in pass_stats.items():
             ctx.records.append({"name": name, "modified": True,
                                 "wall_s": round(sum(r.wall_s.get(name, 0.0) for r in records), 3),
                                 "stats": summed_stats(entries)})
@@ -462,12 +461,11 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
         gm.meta[REPORT_META] = report
         path = archive.finish(program, extra_files(gm))
         step("finish archive", began)
-    report["streaming"]["steps_s"] = steps
     report["streaming"]["wall_s"] = round(time.perf_counter() - start, 2)
     report["streaming"]["peak_rss_bytes"] = peak_rss_bytes()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     report["streaming"]["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)  # what the load average cannot skew
-    report["streaming"]["output_bytes"] = path.stat().st_size
-    report["streaming"]["size_ratio"] = round(checkpoint.total_bytes / path.stat().st_size, 3)
+    output_bytes = report["streaming"]["output_bytes"] = path.stat().st_size
+    report["streaming"]["size_ratio"] = round(checkpoint.total_bytes / output_bytes, 3)
     return report
 
