@@ -292,15 +292,17 @@ def _save_base(gm: torch.fx.GraphModule, state: LoraState, target: str) -> torch
     return state.base_tensors[target]
 
 
-def _set(gm: torch.fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    set_attr_value(gm, target, value, as_buffer=target in dict(gm.named_buffers()))
+def _set(gm: torch.fx.GraphModule, target: str, value: torch.Tensor, buffers: set[str]) -> None:
+    """Replace an attribute, keeping it a buffer if it is one (`buffers`: the graph's buffer names)."""
+    set_attr_value(gm, target, value, as_buffer=target in buffers)
 
 
 def _rebuild(gm: torch.fx.GraphModule, state: LoraState) -> None:
     layers = state.layers
     _drop_adapters(gm, state)
+    buffers = {name for name, _ in gm.named_buffers(remove_duplicate=False)}  # _set keeps each kind: read once
     for target, tensor in state.base_tensors.items():
-        _set(gm, target, tensor)
+        _set(gm, target, tensor, buffers)
     for node, args in state.base_args.items():
         node.args = args
     for down_target in state.grown:
@@ -325,9 +327,9 @@ def _rebuild(gm: torch.fx.GraphModule, state: LoraState) -> None:
     for layer, delta in dense.items():
         target = layers.dense[layer]
         base = _save_base(gm, state, target)
-        _set(gm, target, (base.float() + delta).to(base.dtype))
+        _set(gm, target, (base.float() + delta).to(base.dtype), buffers)
     for down_target, segments in branch_rows.items():
-        _grow_branch(gm, state, down_target, segments)
+        _grow_branch(gm, state, down_target, segments, buffers)
         state.grown.add(down_target)
     for layer, pairs in adapters.items():
         _add_adapter(gm, state, layer, pairs)
@@ -335,7 +337,7 @@ def _rebuild(gm: torch.fx.GraphModule, state: LoraState) -> None:
 
 
 def _grow_branch(gm: torch.fx.GraphModule, state: LoraState, down_target: str,
-                 extra: dict[int, list[tuple[str, torch.Tensor, torch.Tensor]]]) -> None:
+                 extra: dict[int, list[tuple[str, torch.Tensor, torch.Tensor]]], buffers: set[str]) -> None:
     """Rebuild one L2 with each segment's LoRA rows after its own, and the L1s, slices and specs that go with it."""
     branch = branch_of(state.layers, down_target)
     base_down = _save_base(gm, state, down_target)
@@ -359,10 +361,10 @@ def _grow_branch(gm: torch.fx.GraphModule, state: LoraState, down_target: str,
             for layer, down, up in rows:
                 columns.append(up if layer == consumer.layer else up.new_zeros(up.shape[0], down.shape[0]))
             new_up = torch.cat(columns, dim=1).to(base_up.dtype)
-            _set(gm, consumer.up, new_up)
+            _set(gm, consumer.up, new_up, buffers)
             _set_rank(state, consumer.node, new_up.shape[1], "gemm")
     new_down = torch.cat(blocks, dim=0).contiguous()
-    _set(gm, down_target, new_down)
+    _set(gm, down_target, new_down, buffers)
     for node in branch.rank_nodes:
         _set_rank(state, node, new_down.shape[0], "down")
     _refresh_vals(gm, branch)
