@@ -140,6 +140,11 @@ class Steps:
         self.bar.close()
 
 
+def wants_progress(args: argparse.Namespace) -> bool:
+    """--progress on, or auto with a terminal on stderr."""
+    return args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+
+
 def run_compile(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -166,7 +171,7 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
     if wants_streaming(args):
         return run_streaming(args, config)
 
-    show_progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+    show_progress = wants_progress(args)
     steps = Steps(["load model", "example inputs", "compile", "save"] + (["onnx"] if args.onnx else []),
                   show=show_progress)
     try:
@@ -237,10 +242,9 @@ def run_streaming(args: argparse.Namespace, config) -> dict[str, Any]:
     from svdq_compiler.files import write_json
     from svdq_compiler.streaming import compile_streaming
 
-    show_progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     from tqdm import tqdm
 
-    bar = tqdm(file=sys.stderr, disable=not show_progress, unit="block", leave=False, desc="streaming")
+    bar = tqdm(file=sys.stderr, disable=not wants_progress(args), unit="block", leave=False, desc="streaming")
 
     def on_unit(record, index, total):
         bar.total = total
