@@ -433,18 +433,12 @@ def kernels_text(path: Path) -> str:
     sources = graph_kernels(path)
     if not sources:
         return f"# {path}: no fused kernels (the graph was not fused, or keeps every layer 16-bit)\n"
-    nodes: dict[str, list[str]] = {}
+    launches: dict[str, list] = {}  # spec text → its kernels, in first-launch order
     for kernel in sources:
-        nodes.setdefault(kernel.spec.to_string(), []).append(kernel.node)
-    blocks, seen = [], set()
-    for kernel in sources:
-        text = kernel.spec.to_string()
-        if text in seen:
-            continue
-        seen.add(text)
-        blocks.append(f"# ==== {kernel.spec.kind} kernel {kernel.spec.hash[:12]}, launched by "
-                      f"{', '.join(nodes[text])}\n# spec: {text}\n{kernel.source.rstrip()}\n")
-    return "\n".join(blocks)
+        launches.setdefault(kernel.spec.to_string(), []).append(kernel)
+    return "\n".join(f"# ==== {group[0].spec.kind} kernel {group[0].spec.hash[:12]}, launched by "
+                     f"{', '.join(kernel.node for kernel in group)}\n# spec: {text}\n{group[0].source.rstrip()}\n"
+                     for text, group in launches.items())
 
 
 def kernels_json(path: Path) -> str:
