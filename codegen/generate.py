@@ -383,6 +383,13 @@ def _epilogue_steps(spec: GemmSpec | WeightOnlySpec) -> list[str]:
     return [f"{step.kind}({step.value!r})" if step.value is not None else step.kind for step in spec.epilogue]
 
 
+def _after_loop(spec: GemmSpec | WeightOnlySpec) -> str:
+    """The description of what the tiled kernels add to the accumulator after the main loop."""
+    branch = (f"After the loop: + down[BLOCK_M, rank]·L1[BLOCK_N, rank]ᵀ ({spec.dtype} tl.dot, fp32 accumulation)"
+              if spec.rank else "After the loop: no low-rank branch (rank 0)")
+    return branch + (", + bias." if spec.bias else ".")
+
+
 def _gemm_description(spec: GemmSpec, target: Target) -> str:
     g = spec.group_size
     path = nvfp4_path(spec, target)
@@ -423,15 +430,13 @@ def _gemm_description(spec: GemmSpec, target: Target) -> str:
     formula = (f"y[M, N] = Σ_g (a_g·w_gᵀ)·s_a·s_w{' · tscale' if spec.act == 'nvfp4' else ''}"
                f"{' + down·L1ᵀ' if spec.rank else ''}{' + bias' if spec.bias else ''}, then the epilogue; "
                f"{k_text}, {n_text}.")
-    after = (f"After the loop: + down[BLOCK_M, rank]·L1[BLOCK_N, rank]ᵀ ({spec.dtype} tl.dot, fp32 accumulation)"
-             if spec.rank else "After the loop: no low-rank branch (rank 0)")
     return "\n".join([
         f"Kernel B for spec {spec.hash}: {spec.to_string()}",
         "",
         formula,
         _TILING,
         textwrap.dedent(main).strip(),
-        after + (", + bias." if spec.bias else "."),
+        _after_loop(spec),
         f"Epilogue (fp32 in registers, rounded once to {spec.dtype}): {epilogue}.",
         f"Written for {target.describe()}.",
     ])
@@ -736,8 +741,6 @@ def _weight_only_description(spec: WeightOnlySpec, target: Target) -> str:
         rounded once to {spec.dtype} (what the reference dequantization computes); two {spec.dtype} tl.dot per
         step accumulate in fp32. Small M (modulation layers read one row per sample) is served by 16-row tiles
         and narrow BLOCK_N, so a wide N still spreads over every SM; no split-K, so the epilogue sees whole sums."""
-    after = (f"After the loop: + down[BLOCK_M, rank]·L1[BLOCK_N, rank]ᵀ ({spec.dtype} tl.dot, fp32 accumulation)"
-             if spec.rank else "After the loop: no low-rank branch (rank 0)")
     epilogue = " → ".join(_epilogue_steps(spec)) or "(none)"
     return "\n".join([
         f"Kernel W (W4A16) for spec {spec.hash}: {spec.to_string()}",
@@ -747,7 +750,7 @@ def _weight_only_description(spec: WeightOnlySpec, target: Target) -> str:
                       f"group of {g}; {k_text}, {n_text}.", 110),
         _TILING,
         textwrap.fill(" ".join(main.split()), 110),
-        after + (", + bias." if spec.bias else "."),
+        _after_loop(spec),
         f"Epilogue (fp32 in registers, rounded once to {spec.dtype}): {epilogue}.",
         f"Written for {target.describe()}.",
     ])

@@ -28,7 +28,7 @@ from svdq_compiler.codegen.generate import Target, nvfp4_path
 from svdq_compiler.codegen.layout import round_up
 from svdq_compiler.codegen.shapes import model_dtype, packed_act
 from svdq_compiler.codegen.spec import ActQuant, GemmSpec, QuantizeSpec, WeightOnlySpec
-from svdq_compiler.quant import code_values
+from svdq_compiler.quant import code_table
 from svdq_compiler.errors import SvdqError
 
 class KernelInputError(SvdqError):
@@ -367,17 +367,6 @@ def _agree(native: torch.Tensor, exact: torch.Tensor) -> bool:
 # Kernel W (W4A16)
 
 
-_CODEBOOKS: dict[tuple[str, str], torch.Tensor] = {}
-
-
-def _codebook(fmt: str, device: torch.device) -> torch.Tensor:
-    """The 16 code values of `fmt` as fp32 on `device` (one copy per device)."""
-    key = (fmt, str(device))
-    if key not in _CODEBOOKS:
-        _CODEBOOKS[key] = code_values(torch.arange(16, dtype=torch.uint8), fmt).to(device)
-    return _CODEBOOKS[key]
-
-
 def weight_only_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, down: torch.Tensor | None,
                        lora_up: torch.Tensor | None, bias: torch.Tensor | None, operands: Sequence[torch.Tensor],
                        spec: WeightOnlySpec) -> torch.Tensor:
@@ -406,7 +395,7 @@ def weight_only_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.T
     kernel = load_kernel(spec, target)
     x2 = _rows(x)
     args = [x2, x2.stride(0), w_codes.contiguous(), w_scales.contiguous()]
-    args += [_codebook(spec.weight, device)] if spec.weight == "nf4" else []
+    args += [code_table(spec.weight, device)] if spec.weight == "nf4" else []
     args += _branch_epilogue_args(down, lora_up, bias, operands, spec, lead, n, where)
     args += [out, m] + ([] if spec.n else [n]) + ([] if spec.k else [k])
 

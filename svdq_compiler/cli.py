@@ -140,6 +140,11 @@ class Steps:
         self.bar.close()
 
 
+def wants_progress(args: argparse.Namespace) -> bool:
+    """--progress on, or auto with a terminal on stderr."""
+    return args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+
+
 def run_compile(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -166,7 +171,7 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
     if wants_streaming(args):
         return run_streaming(args, config)
 
-    show_progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+    show_progress = wants_progress(args)
     steps = Steps(["load model", "example inputs", "compile", "save"] + (["onnx"] if args.onnx else []),
                   show=show_progress)
     try:
@@ -237,10 +242,9 @@ def run_streaming(args: argparse.Namespace, config) -> dict[str, Any]:
     from svdq_compiler.files import write_json
     from svdq_compiler.streaming import compile_streaming
 
-    show_progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     from tqdm import tqdm
 
-    bar = tqdm(file=sys.stderr, disable=not show_progress, unit="block", leave=False, desc="streaming")
+    bar = tqdm(file=sys.stderr, disable=not wants_progress(args), unit="block", leave=False, desc="streaming")
 
     def on_unit(record, index, total):
         bar.total = total
@@ -429,18 +433,12 @@ def kernels_text(path: Path) -> str:
     sources = graph_kernels(path)
     if not sources:
         return f"# {path}: no fused kernels (the graph was not fused, or keeps every layer 16-bit)\n"
-    nodes: dict[str, list[str]] = {}
+    launches: dict[str, list] = {}  # spec text → its kernels, in first-launch order
     for kernel in sources:
-        nodes.setdefault(kernel.spec.to_string(), []).append(kernel.node)
-    blocks, seen = [], set()
-    for kernel in sources:
-        text = kernel.spec.to_string()
-        if text in seen:
-            continue
-        seen.add(text)
-        blocks.append(f"# ==== {kernel.spec.kind} kernel {kernel.spec.hash[:12]}, launched by "
-                      f"{', '.join(nodes[text])}\n# spec: {text}\n{kernel.source.rstrip()}\n")
-    return "\n".join(blocks)
+        launches.setdefault(kernel.spec.to_string(), []).append(kernel)
+    return "\n".join(f"# ==== {group[0].spec.kind} kernel {group[0].spec.hash[:12]}, launched by "
+                     f"{', '.join(kernel.node for kernel in group)}\n# spec: {text}\n{group[0].source.rstrip()}\n"
+                     for text, group in launches.items())
 
 
 def kernels_json(path: Path) -> str:

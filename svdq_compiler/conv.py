@@ -17,6 +17,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from svdq_compiler.codegen.layout import effective_group, round_up
 from svdq_compiler.fx_utils import aten, packet
 
 
@@ -40,6 +41,11 @@ def _pair(value, default: int) -> tuple[int, int]:
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
 
 
+def padded_channels(channels: int, group_size: int) -> int:
+    """C_pad: the input channels rounded up to the group size (C for group size 0)."""
+    return round_up(channels, effective_group(group_size, channels))
+
+
 @dataclass(frozen=True)
 class ConvGeometry:
     """The shape facts that turn one 2-D convolution into a matrix problem."""
@@ -55,9 +61,8 @@ class ConvGeometry:
     def of(cls, node: torch.fx.Node, weight_shape, group_size: int) -> "ConvGeometry":
         args = conv_args(node)
         channels = weight_shape[1]
-        padded = -(-channels // group_size) * group_size if group_size else channels
-        return cls(channels, padded, tuple(weight_shape[2:]), _pair(args.get("stride"), 1),
-                   _pair(args.get("padding"), 0), _pair(args.get("dilation"), 1))
+        return cls(channels, padded_channels(channels, group_size), tuple(weight_shape[2:]),
+                   _pair(args.get("stride"), 1), _pair(args.get("padding"), 0), _pair(args.get("dilation"), 1))
 
     @property
     def taps(self) -> int:

@@ -20,7 +20,7 @@ from svdq_compiler import quant
 from svdq_compiler.codegen.layout import (PackedWeight, check_packed_act, check_packed_weight, code_columns,
                                           effective_group, pack_act, round_up, scale_dtype, scale_values,
                                           unpack_codes, unpack_weight)
-from svdq_compiler.conv import ConvGeometry
+from svdq_compiler.conv import ConvGeometry, padded_channels
 from svdq_compiler.errors import QuantizationError
 
 ACT_FORMATS = ("int4", "uint4", "nvfp4", "int8")
@@ -214,8 +214,7 @@ def _check_conv2d(x, w_codes, w_scales, w_tscale, bias, fmt, group_size, kernel_
         if len(value) != 2:
             raise QuantizationError(f"{name} must hold 2 values, got {list(value)}", where="svdq::conv2d")
     channels = x.shape[1]
-    padded = round_up(channels, effective_group(group_size, channels))
-    geometry = ConvGeometry(channels, padded, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
+    geometry = ConvGeometry(channels, padded_channels(channels, group_size), tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
     check_packed_weight(w_codes, w_scales, w_tscale, WEIGHT_FORMAT_OF[fmt], group_size, geometry.columns,
                         where="svdq::conv2d weight (tap-major im2col matrix)")
     _check_vector(bias, w_codes.shape[0], "bias", "conv2d")

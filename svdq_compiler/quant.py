@@ -185,7 +185,7 @@ def code_values(codes: torch.Tensor, fmt: str) -> torch.Tensor:
     """The grid value (before scaling) of each code, as fp32: the integer itself, an E2M1 value or an NF4 value."""
     if fmt in _INTEGER_RANGES:
         return codes.to(torch.float32)
-    table = _code_table(fmt, codes.device)
+    table = code_table(fmt, codes.device)
     return table[codes.long()]
 
 
@@ -353,8 +353,8 @@ def _sorted_grid_codes(fmt: str, device) -> torch.Tensor:
                    lambda: torch.tensor(_grid_definition(fmt)[1], dtype=torch.uint8, device=device))
 
 
-def _code_table(fmt: str, device) -> torch.Tensor:
-    """Value of each code 0–15 (fp32)."""
+def code_table(fmt: str, device) -> torch.Tensor:
+    """Value of each code 0–15 (fp32) on `device`, built once per device (kernel W reads it as the nf4 codebook)."""
     def build():
         values, codes = _grid_definition(fmt)
         table = torch.zeros(16, dtype=torch.float32)

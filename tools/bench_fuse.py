@@ -17,26 +17,17 @@ from pathlib import Path
 
 import torch
 from bench_common import machine, write_result
-from bench_compile import FLUX_100M
+from bench_compile import build
 
 import svdq_compiler
-from svdq_compiler.models import adapter_for, load_model
+from svdq_compiler.models import adapter_for
 from svdq_compiler.pipeline import PASS_REGISTRY
 
 UP_TO_LOWER = ["annotate_linears", "calibrate", "smooth", "lowrank", "quantize_weights", "lower"]
 
 
-def build(name: str) -> torch.nn.Module:
-    if name == "flux100m":
-        from diffusers import FluxTransformer2DModel
-
-        torch.manual_seed(0)
-        return FluxTransformer2DModel(**FLUX_100M).eval().requires_grad_(False)
-    return load_model(name).eval().requires_grad_(False)
-
-
 def measure(name: str, repeat: int) -> dict:
-    model = build(name)
+    model, _, _ = build(name)
     adapter = adapter_for(model)
     config = svdq_compiler.QuantConfig.preset("int4", smooth_grid=2, calib_prompts=1, calib_steps=1,
                                               calib_rows=64)

@@ -42,8 +42,7 @@ def model_case(name: str) -> dict:
     return {"model": model, "example": adapter.example_inputs(model, batch=2), "adapter": adapter, "mask": None,
             "calib": adapter.calib_inputs(model, 4, 4, seed=0, batch=2),
             "eval": adapter.calib_inputs(model, 2, 4, seed=1234, batch=2),
-            "eval_description": "adapter calib_inputs(2 prompts, 4 steps, seed=1234, batch=2)",
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "eval_description": "adapter calib_inputs(2 prompts, 4 steps, seed=1234, batch=2)"}
 
 
 def measure(case: dict, captured: torch.fx.GraphModule, iterations: int, early_stop: bool) -> dict:
@@ -90,7 +89,7 @@ def main() -> None:
         metric = "token_rel_l2" if case["mask"] is not None else "rel_l2"
         base = rows[0][metric]
         results[name] = {"eval_inputs": case["eval_description"], "calibration_inputs": len(case["calib"]),
-                         "parameters": case.get("parameters", sum(p.numel() for p in case["model"].parameters())),
+                         "parameters": sum(p.numel() for p in case["model"].parameters()),
                          "metric": metric, "settings": rows, "machine": machine(),
                          "held_out_error_vs_iterations_1": {
                              f"{r['iterations']}{'' if r['early_stop'] else NO_STOP}": round(r[metric] / base, 4)

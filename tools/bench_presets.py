@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from bench_common import machine, write_result
+from eval_quality import first_output
 
 import svdq_compiler
 from svdq_compiler import PRESETS
@@ -26,12 +27,6 @@ from svdq_compiler.models import adapter_for, load_model
 from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
 
 FAMILIES = ("flux", "pixart", "sd3", "sana", "unet")
-
-
-def first_output(result) -> torch.Tensor:
-    if isinstance(result, (tuple, list)):
-        return result[0]
-    return getattr(result, "sample", result)
 
 
 def bench_family(family: str, presets: list[str], prompts: int, steps: int, conv_options: list[str]) -> dict:

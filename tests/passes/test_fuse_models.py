@@ -28,6 +28,20 @@ def _relative(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def _lowered_and_fused(model, adapter, config):
+    """The model compiled up to `lower`, and a copy of it fused (checked well-formed), with the fuse statistics."""
+    lowered = svdq_compiler.compile(model, adapter.example_inputs(model), config, passes=UP_TO_LOWER)
+    fused = copy.deepcopy(lowered)
+    stats = PASS_REGISTRY["fuse"](fused, None).stats
+    fused.recompile()
+    assert problems_in(fused) == []
+    return lowered, fused, stats
+
+
+def _count(graph, target):
+    return sum(1 for n in graph.graph.nodes if n.target == target)
+
+
 # Capture and calibration dominate; the default run takes FLUX, `make test-slow` every adapter.
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "random:flux" else pytest.mark.slow)
                                   for n in RANDOM_MODELS])
@@ -35,12 +49,8 @@ def test_fused_model_equals_the_lowered_model(name):
     model = load_model(name)
     adapter = adapter_for(model)
     config = svdq_compiler.QuantConfig.preset("int4", calib_prompts=1, calib_steps=1, smooth_grid=2)
-    lowered = svdq_compiler.compile(model, adapter.example_inputs(model), config, passes=UP_TO_LOWER)
-    fused = copy.deepcopy(lowered)
-    stats = PASS_REGISTRY["fuse"](fused, None).stats
-    fused.recompile()
-    assert problems_in(fused) == []
-    gemms = sum(1 for n in lowered.graph.nodes if n.target == torch.ops.svdq.gemm.default)
+    lowered, fused, stats = _lowered_and_fused(model, adapter, config)
+    gemms = _count(lowered, torch.ops.svdq.gemm.default)
     assert gemms > 0 and stats["linears_fused"] + len(stats["fallbacks"]) == gemms
     assert not any(n.target == torch.ops.svdq.gemm.default for n in fused.graph.nodes) or stats["fallbacks"]
     check = adapter.calib_inputs(model, 1, 1, seed=7)[0]
@@ -62,12 +72,8 @@ def test_weight_only_flux_fuses_every_layer_into_kernel_w_and_takes_a_lora_insid
     model = load_model("random:flux")
     adapter = adapter_for(model)
     config = svdq_compiler.QuantConfig.preset("w4a16-nf4")
-    lowered = svdq_compiler.compile(model, adapter.example_inputs(model), config, passes=UP_TO_LOWER)
-    fused = copy.deepcopy(lowered)
-    stats = PASS_REGISTRY["fuse"](fused, None).stats
-    fused.recompile()
-    assert problems_in(fused) == []
-    weight_only = sum(1 for n in lowered.graph.nodes if n.target == torch.ops.svdq.weight_only_linear.default)
+    lowered, fused, stats = _lowered_and_fused(model, adapter, config)
+    weight_only = _count(lowered, torch.ops.svdq.weight_only_linear.default)
     assert weight_only > 0 and stats["weight_only_fused"] == weight_only and stats["weight_only_kept"] == 0
     assert stats["epilogues"].get("gelu_tanh", 0) > 0 and stats["fallbacks"] == []
     check = adapter.calib_inputs(model, 1, 1, seed=7)[0]
