@@ -63,6 +63,7 @@ def layer_report(gm: torch.fx.GraphModule, config: QuantConfig) -> dict[str, Any
             "scheme": scheme.describe() if scheme is not None else None,
             "skip_reason": info.skip_reason,
             "fallback": info.fallback,
+            "choice": info.choice,
             "lambda_range": None if smooth is None else [float(smooth.min()), float(smooth.max())],
             "alpha": info.smooth_alpha,
             "beta": info.smooth_beta,
