@@ -262,13 +262,13 @@ def modelopt_config(kind: str) -> dict:
         return copy.deepcopy(mtq.NVFP4_SVDQUANT_DEFAULT_CFG)
     if kind == "int8-smoothquant":
         return copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG)
-    config = copy.deepcopy(mtq.NVFP4_SVDQUANT_DEFAULT_CFG)  # the same algorithm with INT4 g64 W and A
+    # The same algorithm with INT4 g64 weights and activations. ModelOpt's dynamic block quantization is its
+    # FP4/FP8-scale path (it asserts scale_bits), so the integer activations take static per-group scales from
+    # calibration.
+    config = copy.deepcopy(mtq.NVFP4_SVDQUANT_DEFAULT_CFG)
     for entry in config["quant_cfg"]:
-        name = entry.get("quantizer_name", "")
-        if name in ("*weight_quantizer", "*input_quantizer") and "cfg" in entry:
-            dynamic = name == "*input_quantizer"
-            entry["cfg"] = {"num_bits": 4, "block_sizes": {-1: 64, **({"type": "dynamic"} if dynamic else {})},
-                            "axis": None}
+        if entry.get("quantizer_name") in ("*weight_quantizer", "*input_quantizer") and "cfg" in entry:
+            entry["cfg"] = {"num_bits": 4, "block_sizes": {-1: 64}, "axis": None}
     return config
 
 
