@@ -24,6 +24,7 @@ SMOOTH_SEARCHES = ("svdquant", "smoothquant", "none")
 CALIB_SOURCES = ("inputs", "weights")
 SVD_METHODS = ("full", "randomized")
 CONV_KXK = ("keep", "w4a4", "w4a4-all")
+ONNX_FORMS = ("portable", "custom")  # svdq_compiler.export_onnx(form=...); here so that the CLI parser needs no torch
 # Role names are defined in svdq_compiler.ir.Role; schemes a role can be given:
 SCHEME_NAMES = ("w4a4", "w4a16", "w8a16", "fp")
 GELU_SHIFT = 0.171875
