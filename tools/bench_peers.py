@@ -361,6 +361,8 @@ def main() -> None:
     parser.add_argument("--cache", default="build/peers", help="tiny-flux: where the fp32 images are kept")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one row, in this process
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--update", action="store_true",
+                        help="replace or add these rows in an existing --out file, keeping its other rows")
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(run_row(args, args.child)), flush=True)
@@ -397,8 +399,17 @@ def main() -> None:
               "rows": results, "peer_versions": versions, "machine": machine(),
               "note": "CPU fake quantization for every row; the machine is shared (see load_average), so "
                       "quantize times compare rows of one run only"}
+    out = args.out or Path(f"bench/results/peers-{args.model}.json")
+    if args.update and out.is_file():
+        earlier = json.loads(out.read_text())
+        fresh = {r["row"] for r in results}
+        kept = [r for r in earlier["rows"] if r["row"] not in fresh]
+        order = {row: index for index, row in enumerate(ROWS)}
+        report["rows"] = results = sorted(kept + results, key=lambda r: order.get(r["row"], len(order)))
+        report["machine"] = [*(earlier["machine"] if isinstance(earlier["machine"], list) else [earlier["machine"]]),
+                             report["machine"]]
     print(table(results))
-    write_result(report, args.out or Path(f"bench/results/peers-{args.model}.json"))
+    write_result(report, out)
 
 
 if __name__ == "__main__":
