@@ -17,7 +17,8 @@ For the tensor models the score is the relative L2 error of the output against f
 Rows (`--rows`, default all): `ours:<preset>` for int4, nvfp4, w8a8, w4a16-nf4; `ours:w8a8-before` and
 `ours:int4-before` (the same presets without the per-layer choice and with plain weight-only layers, as before
 it); `ours:int8-plain` (per-token / per-channel INT8, no smoothing, no branch); `modelopt:int4-svdquant`
-(INT4 g64 weights and activations, SVDQuant rank 32), `modelopt:nvfp4-svdquant`, `modelopt:int8-smoothquant`;
+(INT4 g64 weights, INT4 per-tensor activations: the integer
+activation form ModelOpt runs on CPU; SVDQuant rank 32), `modelopt:nvfp4-svdquant`, `modelopt:int8-smoothquant`;
 `quanto:w8a8`, `quanto:w4a16`; `torchao:w8a8-dynamic`, `torchao:w8a16`, `torchao:w4a16`. Every row runs in its
 own process (peak RSS is per row; the peers patch modules in place) on the same calibration and evaluation
 inputs; a row that cannot run on CPU records the one-line reason. Columns: weight/activation bits, score,
@@ -62,7 +63,7 @@ PEERS = ["modelopt:int4-svdquant", "modelopt:nvfp4-svdquant", "modelopt:int8-smo
          "quanto:w4a16", "torchao:w8a8-dynamic", "torchao:w8a16", "torchao:w4a16"]
 ROWS = [f"ours:{name}" for name in OURS] + PEERS
 BITS = {"int4": "W4A4", "nvfp4": "W4A4 (fp4)", "w8a8": "W8A8", "w4a16-nf4": "W4A16", "w8a8-before": "W8A8",
-        "int4-before": "W4A4", "int8-plain": "W8A8", "int4-svdquant": "W4A4", "nvfp4-svdquant": "W4A4 (fp4)",
+        "int4-before": "W4A4", "int8-plain": "W8A8", "int4-svdquant": "W4A4 (A per-tensor)", "nvfp4-svdquant": "W4A4 (fp4)",
         "int8-smoothquant": "W8A8", "w8a8": "W8A8", "w4a16": "W4A16", "w8a8-dynamic": "W8A8", "w8a16": "W8A16"}
 
 
@@ -262,13 +263,16 @@ def modelopt_config(kind: str) -> dict:
         return copy.deepcopy(mtq.NVFP4_SVDQUANT_DEFAULT_CFG)
     if kind == "int8-smoothquant":
         return copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG)
-    # The same algorithm with INT4 g64 weights and activations. ModelOpt's dynamic block quantization is its
-    # FP4/FP8-scale path (it asserts scale_bits), so the integer activations take static per-group scales from
-    # calibration.
+    # The same algorithm with INT4 g64 weights and INT4 activations. On CPU the activations can only be
+    # per-tensor (static, calibrated): ModelOpt's dynamic block quantization is its FP4/FP8-scale path (it asserts
+    # scale_bits, and amax on CUDA), and static g64 input blocks fail in its SVDQuant calibration on 3-D inputs
+    # ("amax shape changed!").
     config = copy.deepcopy(mtq.NVFP4_SVDQUANT_DEFAULT_CFG)
     for entry in config["quant_cfg"]:
-        if entry.get("quantizer_name") in ("*weight_quantizer", "*input_quantizer") and "cfg" in entry:
+        if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
             entry["cfg"] = {"num_bits": 4, "block_sizes": {-1: 64}, "axis": None}
+        elif entry.get("quantizer_name") == "*input_quantizer" and "cfg" in entry:
+            entry["cfg"] = {"num_bits": 4, "axis": None}
     return config
 
 
