@@ -365,6 +365,9 @@ def main() -> None:
     parser.add_argument("--cache", default="build/peers", help="tiny-flux: where the fp32 images are kept")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one row, in this process
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--resume", type=Path, metavar="LOG",
+                        help="take the rows an interrupted run of the same model printed to LOG instead of rerunning "
+                             "them")
     parser.add_argument("--update", action="store_true",
                         help="replace or add these rows in an existing --out file, keeping its other rows")
     args = parser.parse_args()
@@ -376,7 +379,16 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {ROWS}")
     results = []
+    done = {}
+    if args.resume is not None:
+        for line in args.resume.read_text().splitlines():
+            if line.startswith('{"row"'):
+                measured = json.loads(line)
+                done[measured["row"]] = dict(measured, resumed_from=str(args.resume))
     for row in rows:
+        if row in done:
+            results.append(done[row])
+            continue
         command = [sys.executable, __file__, "--model", args.model, "--child", row, "--pairs", str(args.pairs),
                    "--batch", str(args.batch), "--threads", str(args.threads), "--cache", args.cache]
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
