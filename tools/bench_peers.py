@@ -379,15 +379,15 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {ROWS}")
     results = []
-    done = {}
+    measured_before = {}
     if args.resume is not None:
         for line in args.resume.read_text().splitlines():
             if line.startswith('{"row"'):
                 measured = json.loads(line)
-                done[measured["row"]] = dict(measured, resumed_from=str(args.resume))
+                measured_before[measured["row"]] = dict(measured, resumed_from=str(args.resume))
     for row in rows:
-        if row in done:
-            results.append(done[row])
+        if row in measured_before:
+            results.append(measured_before[row])
             continue
         command = [sys.executable, __file__, "--model", args.model, "--child", row, "--pairs", str(args.pairs),
                    "--batch", str(args.batch), "--threads", str(args.threads), "--cache", args.cache]
