@@ -135,11 +135,11 @@ def find_layers(gm: torch.fx.GraphModule) -> Layers:
         elif is_call(node, torch.ops.svdq.gemm.default):
             qweight = attr_target(node.args[2])
             layer = _layer_of(qweight, ".qweight")
-            from svdq_compiler.ops import WEIGHT_FORMAT_OF
+            from svdq_compiler.quant import weight_format_of
 
             layers.quantized[layer] = QuantizedWeight(node, qweight, attr_target(node.args[3]),
                                                       attr_target(node.args[4]), _lowered_bias(node),
-                                                      WEIGHT_FORMAT_OF[node.args[5]], node.args[6], node.args[7])
+                                                      weight_format_of(node.args[5]), node.args[6], node.args[7])
         elif is_call(node, aten.linear.default) and _layer_of(attr_target(node.args[1]), ".lora_up"):
             up = attr_target(node.args[1])
             _add_consumer(gm, branches, layers, _layer_of(up, ".lora_up"), up, node.args[0], node)

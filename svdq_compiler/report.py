@@ -15,8 +15,7 @@ import torch.fx
 from svdq_compiler import parameter_bytes
 from svdq_compiler.config import QuantConfig
 from svdq_compiler.ir import annotated_linears, get_attr_value
-
-FOUR_BIT_FORMATS = ("int4", "nvfp4", "nf4")
+from svdq_compiler.quant import FOUR_BIT_FORMATS
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
