@@ -25,7 +25,7 @@ import torch.fx
 
 from svdq_compiler.config import FP_SCHEME, QuantConfig, Scheme
 from svdq_compiler.fx_utils import drop_unused_attrs, erase_unused
-from svdq_compiler.ir import LinearInfo, get_attr_value, set_attr_value
+from svdq_compiler.ir import LinearInfo, OpTag, get_attr_value, set_attr_value
 from svdq_compiler.passes.calibrate import Calibration
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.quant import dequantize, quantize_weight
@@ -51,7 +51,7 @@ def _undo_smoothing_and_branch(gm: torch.fx.GraphModule, node: torch.fx.Node, in
     """Make `node` read its raw input and drop its branch; returns the nodes and attributes that may be dead."""
     nodes, attrs = [], [a for a in (info.smooth, info.lora_up, info.lora_down) if a]
     x = node.args[0]
-    if quant_op(x) == "smooth_div":
+    if quant_op(x) == OpTag.SMOOTH_DIV:
         node.replace_input_with(x, x.args[0])
         nodes.append(x)
     total = branch_add(node)
