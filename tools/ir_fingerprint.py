@@ -135,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--compare", type=Path, help="an earlier result: report every fingerprint that differs")
-    parser.add_argument("--models", default=",".join(builtin_names()))
+    parser.add_argument("--models", default=",".join(builtin_names()), help="comma-separated; empty: none")
     parser.add_argument("--presets", default=",".join(svdq_compiler.PRESETS))
     parser.add_argument("--no-other-paths", action="store_true", help="skip the streaming and Nunchaku paths")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    results = models_by_preset(args.models.split(","), args.presets.split(","))
+    results = models_by_preset([m for m in args.models.split(",") if m], args.presets.split(","))
     if not args.no_other_paths:
         with tempfile.TemporaryDirectory() as work:
             results.update(other_paths(Path(work)))
