@@ -81,7 +81,7 @@ def _(x, smooth, shift, fmt, group_size):
     k = x.shape[-1]
     group = effective_group(group_size, k)
     k_pad = round_up(k, group)
-    codes = x.new_empty((*x.shape[:-1], code_columns(fmt, k_pad)), dtype=torch.uint8 if fmt != "int8" else torch.int8)
+    codes = x.new_empty((*x.shape[:-1], code_columns(fmt, k_pad)), dtype=quant.FORMATS[fmt].packed_code_dtype)
     scales = x.new_empty((*x.shape[:-1], k_pad // group), dtype=scale_dtype(fmt, x.dtype))
     return codes, scales
 
