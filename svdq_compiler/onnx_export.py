@@ -248,7 +248,8 @@ def _portable_module(program: torch.export.ExportedProgram) -> torch.fx.GraphMod
         if node.target in _WEIGHT_ARGS:
             codes_at, scales_at, fmt_at, group_at = _WEIGHT_ARGS[node.target]
             fmt = node.args[fmt_at]
-            weight_fmt = fmt if node.target is torch.ops.svdq.weight_only_linear.default else quant.weight_format_of(fmt)
+            weight_only = node.target is torch.ops.svdq.weight_only_linear.default
+            weight_fmt = fmt if weight_only else quant.weight_format_of(fmt)
             codes_node, scales_node = node.args[codes_at], node.args[scales_at]
             if codes_node.op != "get_attr" or scales_node.op != "get_attr":
                 raise InputError("a quantized weight is computed in the graph, not stored", where=f"node {node.name}",
