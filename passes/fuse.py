@@ -1,6 +1,6 @@
 """fuse: replace the lowered SVDQuant op chains with the two generated kernels per linear.
 
-Requires: lower (the lowered form of architecture §7). Per smoothing group reading x:
+Requires: lower (the lowered form of docs/architecture.md). Per smoothing group reading x:
     codes, scales = svdq.quantize_act(x, λ, shift, fmt, G)
     down          = aten.linear(aten.div(x, λ), L2)            (or aten.linear(x, L2) without smoothing)
     per linear:  acc = svdq.gemm(codes, scales, Wq, Ws, tscale, fmt, G, K, dtype)

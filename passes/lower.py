@@ -1,4 +1,4 @@
-"""lower: replace every quantized linear with the reference `svdq` ops (architecture §7, "Lowered form").
+"""lower: replace every quantized linear with the reference `svdq` ops (docs/architecture.md, "Lowered form").
 
 Requires: linears, quantized (QTensors in ctx.quantized, or packed weights already on the graph). Ensures:
 - per (input, λ, shift, format) of act-quantized linears, one `svdq.quantize_act(x, λ, shift, fmt, G)`

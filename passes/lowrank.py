@@ -1,7 +1,7 @@
 """lowrank: give every quantized linear with a rank-r scheme (weight-only ones included) a 16-bit low-rank
 branch, leaving the residual.
 
-Requires: calibrate (and smooth, when the scheme smooths). Ensures, per group:
+Requires: linears, calibration (and smooth, when the scheme smooths). Ensures, per group:
 - per branch set (q/k/v reading one tensor stacked by rows; every other weight alone), L1 [N, r] = UΣ and
   L2 [r, K] = Vᵀ of the smoothed weight Ŵ from a float64 SVD (`svd`: "full", or "randomized"); q/k/v share L2;
 - with `iterations` > 1, the refinement L = SVD_r(Ŵ − Q(Ŵ − L_prev)) keeps the iterate with the smallest output
@@ -10,6 +10,9 @@ Requires: calibrate (and smooth, when the scheme smooths). Ensures, per group:
 - the weight holds the residual R = Ŵ − L1·L2 (model dtype); L1 is `<layer>.lora_up`, L2 `<first of its
   set>.lora_down`; the graph computes `linear(xs, R, b) + linear(linear(xs, L2), L1)` (QuantOpInfo "lora_down",
   "lora_up", "lora_add"), with one down projection per (input, L2), so it still computes the FP function.
+
+Departure from the reference: 3 refinement iterations by default, not up to 100 — more overfit the calibration
+sample on held-out inputs (bench/results/lowrank-iterations.json, tools/bench_iterations.py).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ is how the tests compare against our reference.
 
 **custom** (domain `svdq`, version 1, for runtimes that implement the fused kernels): each svdq op becomes one
 node of the same name in CamelCase (`svdq.FusedQuantizeLoraDown`, `svdq.FusedGemm`,
-`svdq.FusedWeightOnlyLinear`, `svdq.QuantizeAct`, `svdq.Gemm`, `svdq.WeightOnlyLinear`); packed weights stay in our layout (architecture §6) as uint8/int8
+`svdq.FusedWeightOnlyLinear`, `svdq.QuantizeAct`, `svdq.Gemm`, `svdq.WeightOnlyLinear`); packed weights stay in our layout (codegen/layout.py) as uint8/int8
 initializers, the op's other arguments are attributes of the same names (the kernel spec string as `spec`, a
 dtype as its name), absent optional inputs are empty names. Inputs keep the torch op's order, except that a
 tensor list goes last: `FusedGemm` takes (a_codes, a_scales, w_codes, w_scales, w_tscale?, down?, lora_up?,

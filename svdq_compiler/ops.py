@@ -1,4 +1,4 @@
-"""Reference runtime ops, registered as ``torch.ops.svdq.*`` (architecture §7).
+"""Reference runtime ops, registered as ``torch.ops.svdq.*`` (their place in the graph: docs/architecture.md, "Lowered form").
 
 Each op is a ``torch.library.custom_op`` with a plain PyTorch implementation (the numerical ground truth the
 Triton kernels are tested against) and a fake implementation that uses only shapes, so graphs with symbolic

@@ -16,7 +16,7 @@ time, its quantized weights written into graph.pt as they are produced.
    result like any graph.pt.
 
 Calibration. Running a 12B model on calibration inputs is not affordable here, so the streaming compile is
-data-free (docs/architecture.md §11). `calibration` chooses what smoothing does without activation statistics:
+data-free. `calibration` chooses what smoothing does without activation statistics:
 - "none" (the default): λ = 1; the low-rank branch still absorbs the weights' outliers;
 - "weight-only": λ = 1/b^β from the weights' per-column ranges b, with β picked per group among `betas`
   (0 included) by the smooth pass's own search on synthetic isotropic rows (standard normal; their GELU where

@@ -1,4 +1,4 @@
-"""lower: the lowered form of architecture §7 for every preset, numerically equal to the layer simulation."""
+"""lower: the lowered form of docs/architecture.md for every preset, numerically equal to the layer simulation."""
 
 import pytest
 import torch
