@@ -301,7 +301,8 @@ def pass_line(record: dict[str, Any], max_items: int = 8) -> str:
         elif isinstance(value, (list, dict)):
             shown.append(f"{key}=[{len(value)}]")
     state = "changed" if record["modified"] else "no change"
-    return f"pass {record['name']}: {state}, {record['wall_s']:.2f}s " + " ".join(shown)
+    took = f", {record['wall_s']:.2f}s" if "wall_s" in record else ""  # a saved graph keeps no timings
+    return f"pass {record['name']}: {state}{took} " + " ".join(shown)
 
 
 def describe_dims(capture: dict[str, Any]) -> str:

@@ -31,8 +31,6 @@ import gc
 import logging
 import re
 import resource
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,24 +358,6 @@ def summed_stats(entries: list[dict[str, Any]]) -> dict[str, Any]:
 # ---- the driver -----------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _terminate_as_exception() -> Iterator[None]:
-    """A SIGTERM during the (long) streaming compile unwinds like an error, so the archive's temporary file is
-    removed instead of left behind."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise InputError("the streaming compile was terminated (SIGTERM)", fix="run it again")
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, *, calibration: str = "none",
                       betas: tuple[float, ...] = DEFAULT_BETAS, batch: int = 2, tokens: Any = None,
                       dtype: torch.dtype | None = None,
@@ -421,7 +401,7 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
     pass_stats: dict[str, list] = {}
     layers: list[dict[str, Any]] = []
     began = time.perf_counter()
-    with StreamingArchive(out) as archive, _terminate_as_exception():
+    with StreamingArchive(out) as archive:
         for index, (unit, targets) in enumerate(units.items()):
             record = UnitRecord(unit)
             unit_start = time.perf_counter()
