@@ -11,10 +11,11 @@ shape, stride, dtype, parameter or buffer); tensor constants likewise under `dat
   the way `torch.export.save` does. Tensors that are the same view (tied weights) share one record.
 - **Digests.** `extra/svdq_digests.json` holds the SHA-256 of every other entry we write. `GraphArchive` checks
   them all before any byte reaches torch, so a flipped byte is one clear error, not a graph that runs wrong.
-- **Reproducible bytes.** The zip is written through a file object (torch names the top folder after a file
-  name, which would put the temporary name inside), with fixed timestamps; node metadata that records object
-  ids and source paths (`from_node`, `stack_trace`, `torch_fn`) is dropped from `models/model.json`. The same
-  program and extra files give the same bytes.
+- **Compact, reproducible bytes.** The zip is written here (not by torch's writer): tensor records stored and
+  aligned to 64 bytes, the JSON and text entries deflated, fixed timestamps, the top folder always `archive`
+  (torch names it after the file, which would put the temporary name inside); node metadata that records
+  object ids and source paths (`from_node`, `stack_trace`, `torch_fn`) is dropped from `models/model.json`.
+  The same program and extra files give the same bytes.
 - **Streaming.** `add(fqn, tensor)` writes each weight as it is produced, and the graph (which may be exported
   on the meta device) is added by `finish`, so a model larger than memory can be written.
 - **Mapped loading.** `GraphArchive.tensors` returns tensors that are windows on one read-only-to-disk (private)
@@ -39,8 +40,10 @@ from typing import IO, Any, Mapping
 import torch
 from torch._export.serde import schema
 from torch._export.serde.serialize import serialize, serialize_tensor_meta
-from torch.export.pt2_archive._package import PT2ArchiveWriter, _package_payload_config
-from torch.export.pt2_archive.constants import (CONSTANTS_CONFIG_FILENAME_FORMAT, CONSTANTS_DIR, EXTRA_DIR,
+from torch.export.pt2_archive._package import _package_payload_config
+from torch.export.pt2_archive.constants import (ARCHIVE_FORMAT_PATH, ARCHIVE_FORMAT_VALUE, ARCHIVE_VERSION_PATH,
+                                                ARCHIVE_VERSION_VALUE, CONSTANTS_CONFIG_FILENAME_FORMAT,
+                                                CONSTANTS_DIR, EXTRA_DIR,
                                                 MODELS_FILENAME_FORMAT, SAMPLE_INPUTS_FILENAME_FORMAT,
                                                 TENSOR_CONSTANT_FILENAME_PREFIX, WEIGHT_FILENAME_PREFIX,
                                                 WEIGHTS_CONFIG_FILENAME_FORMAT, WEIGHTS_DIR)
@@ -49,6 +52,9 @@ from svdq_compiler.errors import CheckpointError, InputError, first_line
 from svdq_compiler.files import temporary_beside, terminate_as_exception
 
 MODEL_NAME = "model"  # the name torch.export.save gives a single program
+ARCHIVE_ROOT = "archive"  # the top folder torch.export.save gives an archive written to a file object
+_ALIGNMENT = 64  # tensor records start at multiples of this in the file (torch's own writer does the same)
+_PADDING_FIELD = 0x5653  # zip "extra field" id of the padding before a record (readers skip unknown ids)
 DIGESTS_FILE = "svdq_digests.json"
 DIGESTS_ENTRY = f"{EXTRA_DIR}{DIGESTS_FILE}"
 # Node metadata that names object ids, source files and Python functions of the compiling process: it changes
@@ -70,8 +76,7 @@ class StreamingArchive:
         self.path = Path(path)
         self.temporary = temporary_beside(self.path, "graph file")
         self._handle: IO[bytes] = open(self.temporary, "wb")
-        # A file object, not a name: torch would name the archive's top folder after the (temporary) file name.
-        self._writer = PT2ArchiveWriter(self._handle)
+        self._zip = zipfile.ZipFile(self._handle, "w", allowZip64=True)
         self._weights: dict[str, tuple[str, torch.Tensor]] = {}  # fqn → (record, meta-device stand-in)
         self._records: dict[tuple, tuple[str, weakref.ref]] = {}  # a view's storage and layout → record, tensor
         self._digests: dict[str, str] = {}
@@ -88,9 +93,23 @@ class StreamingArchive:
         if self._open:
             self.abort()
 
-    def _write(self, entry: str, data: bytes) -> None:
-        self._writer.write_bytes(entry, data)
-        self._digests[entry] = digest(data)
+    def _write(self, entry: str, data: Any, *, tensor: bool = False) -> None:
+        """One zip entry under the archive folder: tensor bytes stored and aligned to 64 bytes (so loading
+        maps them in place), everything else deflated; fixed timestamps, so equal content gives equal bytes."""
+        info = zipfile.ZipInfo(f"{ARCHIVE_ROOT}/{entry}", date_time=(1980, 1, 1, 0, 0, 0))
+        info.create_system = 3  # unix, whatever the writing platform
+        info.external_attr = 0o644 << 16
+        if tensor:
+            info.compress_type = zipfile.ZIP_STORED
+            size = len(data)
+            header = 30 + len(info.filename.encode()) + 4 + (20 if size > zipfile.ZIP64_LIMIT else 0)
+            padding = -(self._handle.tell() + header) % _ALIGNMENT
+            info.extra = _PADDING_FIELD.to_bytes(2, "little") + padding.to_bytes(2, "little") + bytes(padding)
+        else:
+            info.compress_type = zipfile.ZIP_DEFLATED
+        self._zip.writestr(info, data)
+        if entry != DIGESTS_ENTRY:
+            self._digests[entry] = digest(data)
 
     def _write_tensor(self, folder: str, prefix: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
         """Write the bytes of `tensor`'s view (once per distinct view of a live storage: tied weights share a
@@ -107,9 +126,9 @@ class StreamingArchive:
         else:
             record = f"{prefix}{self._counts.get(folder, 0)}"
             self._counts[folder] = self._counts.get(folder, 0) + 1
-            data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes() \
+            data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy() \
                 if tensor.numel() else b""
-            self._write(f"{folder}{record}", data)
+            self._write(f"{folder}{record}", data, tensor=True)
             self.bytes_written += len(data)
             if key is not None:
                 self._records[key] = (record, weakref.ref(tensor))
@@ -159,8 +178,12 @@ class StreamingArchive:
         self._write(SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL_NAME), artifact.example_inputs)
         for name, content in (extra_files or {}).items():
             self._write(f"{EXTRA_DIR}{name}", content.encode())
-        self._writer.write_bytes(DIGESTS_ENTRY, json.dumps({"sha256": self._digests}, sort_keys=True).encode())
-        self._writer.__exit__(None, None, None)  # writes the archive format/version records and the zip directory
+        self._write(DIGESTS_ENTRY, json.dumps({"sha256": self._digests}, sort_keys=True).encode())
+        # The records torch's own reader expects (what its writer adds when it closes an archive).
+        for entry, text in ((ARCHIVE_FORMAT_PATH, ARCHIVE_FORMAT_VALUE), (ARCHIVE_VERSION_PATH, ARCHIVE_VERSION_VALUE),
+                            (".data/version", "6\n"), ("byteorder", "little")):
+            self._write(entry, text.encode())
+        self._zip.close()
         self._handle.close()
         self._open = False
         try:
@@ -173,17 +196,17 @@ class StreamingArchive:
             self._terminate.__exit__(None, None, None)
         return self.path
 
-    def write_string(self, entry: str, text: str) -> None:  # what _package_payload_config calls
+    def write_string(self, entry: str, text: str) -> None:  # what torch's _package_payload_config calls
         self._write(entry, text.encode())
 
     def abort(self) -> None:
         """Drop everything written so far."""
         self._open = False
-        try:
-            self._writer.close()  # marks torch's writer finished (else its destructor writes, and aborts)
-            self._handle.close()
-        except Exception:  # the writer may be the thing that failed (a full disk): the file goes anyway
-            pass
+        for close in (self._zip.close, self._handle.close):
+            try:
+                close()
+            except Exception:  # the writer may be the thing that failed (a full disk): the file goes anyway
+                pass
         self.temporary.unlink(missing_ok=True)
         self._terminate.__exit__(None, None, None)
 
@@ -275,7 +298,7 @@ class GraphArchive:
             raise corrupt(f"{entry} is not a stored zip entry", self.where)
         name_length = int.from_bytes(header[26:28], "little")
         extra_length = int.from_bytes(header[28:30], "little")
-        if self.map[start + 30:start + 30 + name_length] != info.filename.encode():
+        if self.map[start + 30:start + 30 + name_length] != info.orig_filename.encode():
             raise corrupt(f"{entry}: its header names another entry", self.where)
         offset = start + 30 + name_length + extra_length
         if offset + info.file_size > len(self.map) or info.compress_size != info.file_size:
@@ -303,11 +326,15 @@ class GraphArchive:
             expected = table.get(entry)
             if expected is None:
                 raise corrupt(f"{entry} has no digest (added after the file was written?)", self.where)
-            offset, size = self.span(entry)
-            if digest(memoryview(self.map)[offset:offset + size]) != expected:
+            if self.infos[entry].compress_type == zipfile.ZIP_STORED:
+                offset, size = self.span(entry)
+                actual = digest(memoryview(self.map)[offset:offset + size])
+                self._release(offset, size)
+            else:
+                actual = digest(self.read(entry))
+            if actual != expected:
                 raise corrupt(f"{entry} does not match its SHA-256 digest: the file was damaged after it was "
                               f"written", self.where)
-            self._release(offset, size)
         absent = sorted(set(table) - set(self.infos))
         if absent:
             raise corrupt(f"entries listed in the digests are missing: {absent[:4]}", self.where)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from svdq_compiler.archive import StreamingArchive
 from svdq_compiler.config import QuantConfig
+from svdq_compiler.checks import check_finite_weight
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError
 from svdq_compiler.ir import META_KEY, LinearInfo, annotated_linears, get_attr_value, set_attr_value
 from svdq_compiler.meta_capture import META, capture_on_meta, program_from_graph
@@ -155,6 +156,7 @@ def read_attribute(gm: torch.fx.GraphModule, target: str, checkpoint: ShardedChe
 def load_unit(gm: torch.fx.GraphModule, targets: list[str], checkpoint: ShardedCheckpoint, record: UnitRecord) -> None:
     for target in targets:
         tensor = read_attribute(gm, target, checkpoint)
+        check_finite_weight(target, tensor, str(checkpoint.folder))
         record.tensors_read += 1
         record.bytes_read += tensor.numel() * tensor.element_size()
         set_attr_value(gm, target, tensor)

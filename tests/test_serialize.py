@@ -109,7 +109,7 @@ def test_failed_save_leaves_nothing(saved, tmp_path, monkeypatch):
     def broken_write(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(svdq_compiler.archive.PT2ArchiveWriter, "write_bytes", broken_write)
+    monkeypatch.setattr(svdq_compiler.archive.zipfile.ZipFile, "writestr", broken_write)
     with pytest.raises(RuntimeError, match="disk full"):
         svdq_compiler.save(gm, tmp_path / "graph.pt")
     assert list(tmp_path.iterdir()) == []
