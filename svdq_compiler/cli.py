@@ -146,12 +146,10 @@ def wants_progress(args: argparse.Namespace) -> bool:
 
 
 def run_compile(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
     import svdq_compiler
-    from svdq_compiler.files import ensure_dir, write_json
-    from svdq_compiler.models import adapter_for, load_model
+    from svdq_compiler.files import ensure_dir, exclusive_output, staged_outputs
 
+    check_counts(args)
     # Check every output location before the long work, so a typo costs seconds, not a compile.
     ensure_dir(args.out.parent, "folder of --out")
     if args.out.is_dir():
@@ -165,15 +163,44 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
         if args.onnx.is_dir():
             raise InputError("--onnx is a folder", where=str(args.onnx), fix="give a file name such as model.onnx")
     if args.dump_ir is not None:
-        ensure_dir(args.dump_ir, "IR dump folder (--dump-ir)")
+        ensure_dir(args.dump_ir.parent, "folder of --dump-ir")
+        if args.dump_ir.exists() and not args.dump_ir.is_dir():
+            raise InputError("--dump-ir is a file", where=str(args.dump_ir), fix="give a folder name")
     config = quant_config(args)
     svdq_compiler.pipeline.svdquant_pipeline(args.passes)  # an unknown pass name fails here, before loading
-    if wants_streaming(args):
-        return run_streaming(args, config)
+    # One writer per --out; every output (graph, report, IR dumps, calibration file) appears only if the whole
+    # command succeeds, and SIGTERM removes what was written so far.
+    with exclusive_output(args.out, "--out"), staged_outputs() as staged:
+        if wants_streaming(args):
+            return run_streaming(args, config, staged)
+        return compile_and_save(args, config, staged)
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Sizes and counts must be positive: 0 would silently mean "the default" or fail deep inside torch."""
+    tokens = args.tokens if isinstance(args.tokens, tuple) else (args.tokens,)
+    for flag, values in (("--batch", (args.batch,)), ("--tokens", tokens), ("--calib-prompts", (args.calib_prompts,)),
+                         ("--calib-steps", (args.calib_steps,))):
+        if any(value is not None and value < 1 for value in values):
+            given = "x".join(str(v) for v in values)
+            raise InputError(f"{flag} {given}: must be at least 1",
+                             fix=f"give a positive {flag}" + (", or leave it out for the adapter's default"
+                                                              if flag == "--tokens" else ""))
+
+
+def compile_and_save(args: argparse.Namespace, config, staged) -> dict[str, Any]:
+    import torch
+
+    import svdq_compiler
+    from svdq_compiler.files import write_json
+    from svdq_compiler.models import adapter_for, load_model
 
     show_progress = wants_progress(args)
     steps = Steps(["load model", "example inputs", "compile", "save"] + (["onnx"] if args.onnx else []),
                   show=show_progress)
+    out = staged.file(args.out, "graph file")
+    dump_ir = staged.folder(args.dump_ir, "IR dump folder (--dump-ir)") if args.dump_ir is not None else None
+    save_calib = staged.file(args.save_calib, "calibration file") if args.save_calib is not None else None
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         model = steps.run("load model", lambda: load_model(args.model, dtype=dtype))
@@ -187,23 +214,23 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
 
         example, calib = steps.run("example inputs", make_inputs)
         gm = steps.run("compile", lambda: svdq_compiler.compile(
-            model, example, config, calib_inputs=calib, dump_ir=args.dump_ir, passes=args.passes,
+            model, example, config, calib_inputs=calib, dump_ir=dump_ir, passes=args.passes,
             dynamic_shapes=None if args.static else "auto", verify=args.verify,
             print_ir_after_change=args.print_ir_after_change, progress=show_progress, adapter=adapter,
-            save_calib=args.save_calib))
-        steps.run("save", lambda: svdq_compiler.save(gm, args.out))
+            save_calib=save_calib))
+        steps.run("save", lambda: svdq_compiler.save(gm, out))
         if args.onnx is not None:
             steps.run("onnx", lambda: svdq_compiler.export_onnx(gm, args.onnx, form=args.onnx_form))
     finally:
         steps.close()
     report = dict(gm.meta[svdq_compiler.REPORT_META])
-    outputs = {"output": {"path": str(args.out), "bytes": args.out.stat().st_size}}
+    outputs = {"output": {"path": str(args.out), "bytes": out.stat().st_size}}
     if args.onnx is not None:
         outputs["onnx"] = {"path": str(args.onnx), "bytes": args.onnx.stat().st_size, "form": args.onnx_form}
     report.update(model=args.model, adapter=adapter.name, **outputs,
                   steps_s=steps.times, versions=svdq_compiler.serialize.versions())
     if args.report is not None:
-        write_json(args.report, report, "compile report")
+        write_json(staged.file(args.report, "compile report"), report, "compile report")
     return report
 
 
@@ -235,7 +262,7 @@ def wants_streaming(args: argparse.Namespace) -> bool:
     return checkpoint_bytes(folder) > memory // 2
 
 
-def run_streaming(args: argparse.Namespace, config) -> dict[str, Any]:
+def run_streaming(args: argparse.Namespace, config, staged) -> dict[str, Any]:
     import torch
 
     import svdq_compiler
@@ -251,17 +278,18 @@ def run_streaming(args: argparse.Namespace, config) -> dict[str, Any]:
         bar.set_postfix_str(record.name)
         bar.update(1)
 
+    out = staged.file(args.out, "graph file")
     try:
-        report = compile_streaming(Path(args.model), args.out, config, calibration=args.stream_smoothing,
+        report = compile_streaming(Path(args.model), out, config, calibration=args.stream_smoothing,
                                    batch=args.batch, tokens=args.tokens,
                                    dtype=getattr(torch, args.dtype) if args.dtype else None, on_unit=on_unit)
     finally:
         bar.close()
     report.update(model=args.model, adapter=report["capture"]["adapter"],
-                  output={"path": str(args.out), "bytes": args.out.stat().st_size},
+                  output={"path": str(args.out), "bytes": out.stat().st_size},
                   steps_s=report["streaming"]["steps_s"], versions=svdq_compiler.serialize.versions())
     if args.report is not None:
-        write_json(args.report, report, "compile report")
+        write_json(staged.file(args.report, "compile report"), report, "compile report")
     return report
 
 

@@ -68,21 +68,54 @@ def atomic_path(path: str | Path, what: str = "output file") -> Iterator[Path]:
         raise
 
 
-@contextmanager
-def staged_dir(path: str | Path, what: str = "output folder") -> Iterator[Path]:
-    """Yield an empty hidden folder beside `path`; on success its files move into `path` (created if needed),
-    on failure it is removed, so a failed run adds nothing to `path`."""
-    path = Path(path)
-    ensure_dir(path.parent, f"folder of the {what}")
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        with terminate_as_exception():
-            yield staging
-            ensure_dir(path, what)
+class StagedOutputs:
+    """Outputs of one command that appear together or not at all: `file(path)` and `folder(path)` give
+    temporary names beside the targets; `commit()` moves them into place; `discard()` (on any failure,
+    SIGTERM included) removes them, so a failed run adds nothing."""
+
+    def __init__(self) -> None:
+        self._files: list[tuple[Path, Path]] = []
+        self._folders: list[tuple[Path, Path]] = []
+
+    def file(self, path: str | Path, what: str = "output file") -> Path:
+        temporary = temporary_beside(path, what)
+        self._files.append((temporary, Path(path)))
+        return temporary
+
+    def folder(self, path: str | Path, what: str = "output folder") -> Path:
+        path = Path(path)
+        ensure_dir(path.parent, f"folder of the {what}")
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        self._folders.append((staging, path))
+        return staging
+
+    def commit(self) -> None:
+        for staging, path in self._folders:
+            ensure_dir(path, "output folder")
             for item in sorted(staging.iterdir()):
                 os.replace(item, path / item.name)
+        for temporary, path in self._files:
+            os.replace(temporary, path)
+        self.discard()
+
+    def discard(self) -> None:
+        for staging, _ in self._folders:
+            shutil.rmtree(staging, ignore_errors=True)
+        for temporary, _ in self._files:
+            temporary.unlink(missing_ok=True)
+        self._files, self._folders = [], []
+
+
+@contextmanager
+def staged_outputs() -> Iterator[StagedOutputs]:
+    """A StagedOutputs committed when the block succeeds and discarded when it fails or SIGTERM arrives."""
+    staged = StagedOutputs()
+    try:
+        with terminate_as_exception():
+            yield staged
+            staged.commit()
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        staged.discard()
 
 
 def write_text(path: str | Path, text: str, what: str = "output file") -> Path:

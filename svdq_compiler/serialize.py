@@ -12,8 +12,8 @@ carries extra files:
   measurements of the compiling run stay out, so two identical compiles write identical files);
 - `svdq_ir.py`: the IR as `format_ir` printed it (node.meta["svdq"] does not survive serialization).
 
-`load` maps the file, checks the marker and version, refuses anything that could run code (archive_check),
-verifies every digest, builds the weights as windows on the map (or copies them one by one to `device`), and
+`load` maps the file, checks the marker and version, verifies every digest, refuses anything that could run
+code (archive_check), builds the weights as windows on the map (or copies them one by one to `device`), and
 restores the reports into `gm.meta` and the input checks.
 """
 
@@ -32,7 +32,7 @@ from svdq_compiler.capture import (CAPTURE_META, INPUTS_META, capture_report, dy
 from svdq_compiler.archive import GraphArchive, StreamingArchive, corrupt, digest
 from svdq_compiler.archive_check import check_archive
 from svdq_compiler.dropin import as_pipeline_component
-from svdq_compiler.errors import CheckpointError, first_line
+from svdq_compiler.errors import CheckpointError, InputError, first_line
 from svdq_compiler.ir import format_ir
 
 FORMAT = "svdq-graph"
@@ -170,16 +170,19 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
     """The GraphModule saved at `path`, ready to run, with its capture and compile reports in gm.meta; for a
     graph of a diffusers model, wrapped as a drop-in pipeline component (svdq_compiler.dropin).
 
-    The file is mapped, not read: it is checked to hold nothing that runs when loaded (archive_check), every
-    entry is checked against its digest, and the weights are windows on the map. With `device` (e.g. "cuda")
+    The file is mapped, not read: every entry is checked against its digest, the file is checked to hold
+    nothing that runs when loaded (archive_check), and the weights are windows on the map. With `device` (e.g. "cuda")
     the weights are copied there one at a time, never all held on the CPU first."""
     from torch._export.serde.serialize import SerializedArtifact, deserialize
 
-    target = torch.device(device) if device is not None else None
+    try:
+        target = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"unknown device {device!r}", where="load", fix="give e.g. 'cpu' or 'cuda'") from exc
     with GraphArchive(path) as archive:
         manifest = manifest_of(archive)
+        archive.verify()  # first, so that damage reads as damage, not as a hostile file
         check_archive(archive)
-        archive.verify()
         where = archive.where
         state_dict = archive.tensors("data/weights/model_weights_config.json", "data/weights/", target)
         constants = archive.tensors("data/constants/model_constants_config.json", "data/constants/", target)
