@@ -26,7 +26,7 @@ from typing import Any, Union
 from svdq_compiler.errors import SvdqError
 
 # Bumped whenever generate.py changes the text it produces for an unchanged spec.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Activation formats a kernel produces or consumes. "uint4" is the shifted post-GELU input: codes in [0, 15].
 ACT_FORMATS = ("int4", "uint4", "nvfp4", "int8")

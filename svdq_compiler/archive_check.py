@@ -16,10 +16,10 @@ archive reaches code execution through:
 `check_archive(archive)` inspects the file before torch sees any of it, with the standard library only (zipfile, json,
 ast), and refuses anything outside what our saves write: a fixed set of entry names, payloads that are raw
 tensor bytes, sample inputs that load with `weights_only=True`, size expressions in sympy's `srepr` grammar
-(Symbol/Integer/Add/Mul/… with literal arguments), guards that are comparisons of input sizes, and node
-targets that are aten/prims/svdq operators or symbolic-size arithmetic, kernel specs of short words and numbers.
-The loader then checks every entry's digest and hands torch the entries it read (never the path), so what was
-checked is what is loaded.
+(Symbol/Integer/Add/Mul/… with literal arguments), guards that are comparisons of input sizes (nested dict and
+list inputs included), node targets that are aten/prims/svdq operators or symbolic-size arithmetic, and kernel
+specs of short words and numbers. The loader checks every entry's digest first and hands torch the entries it
+read (never the path), so what was checked is what is loaded.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ _SYMPY_ASSUMPTIONS = {"positive", "negative", "integer", "real", "nonnegative", 
                       "zero", "nonzero", "odd", "even", "precision", "evaluate"}
 _SPEC_WORD = re.compile(r"[A-Za-z0-9_]{1,40}")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DICT_KEY = re.compile(r"[A-Za-z0-9_]{1,100}")  # a key of a nested input dict, as a guard spells it
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 # Guards: boolean expressions over input sizes, e.g. "(L['x'].size()[2] // 2) != 1".
@@ -278,8 +279,27 @@ def check_size_expression(text: Any, where: str) -> None:
     visit(tree)
 
 
+def _is_input_path(node: ast.AST) -> bool:
+    """`L['name']` and the nested inputs below it: `L['kwargs']['text_embeds']`, `L['args'][0]`, ...
+
+    The input name is an identifier; a dict key below it is a word that is not a dunder name, a list or tuple
+    index a non-negative int. Nothing in a path can close the quoted message torch writes around the guard, and
+    a subscript of a plain dict, list or tuple runs no code (attribute access and calls are not paths)."""
+    if not isinstance(node, ast.Subscript) or not isinstance(node.slice, ast.Constant):
+        return False
+    key = node.slice.value
+    if isinstance(node.value, ast.Name) and node.value.id == "L":
+        return isinstance(key, str) and bool(_IDENTIFIER.fullmatch(key))
+    if isinstance(key, str):
+        ok = bool(_DICT_KEY.fullmatch(key)) and not key.startswith("__")
+    else:
+        ok = type(key) is int and key >= 0
+    return ok and _is_input_path(node.value)
+
+
 def check_guard(text: Any, where: str) -> None:
-    """A guard torch pastes into generated code: arithmetic and comparisons of `L['input'].size()[i]`."""
+    """A guard torch pastes into generated code: arithmetic and comparisons of the sizes of inputs, nested ones
+    included (`L['added_cond_kwargs']['text_embeds'].size()[0]`, see `_is_input_path`)."""
     tree = _parse(text, "guard", where)
 
     def bad(node: ast.AST) -> CheckpointError:
@@ -299,16 +319,14 @@ def check_guard(text: Any, where: str) -> None:
             for arg in node.args:
                 visit(arg)
         elif isinstance(node, ast.Subscript):
-            key = node.slice
-            if isinstance(node.value, ast.Name) and node.value.id == "L":
-                # an input name: an identifier, so it cannot close the quoted message torch writes around it
-                if not (isinstance(key, ast.Constant) and isinstance(key.value, str)
-                        and _IDENTIFIER.fullmatch(key.value)):
-                    raise bad(node)
+            if _is_input_path(node):
                 return
+            # anything else indexed is a size or stride tuple (`.size()[2]`), by a dimension
+            key = node.slice
+            if not (isinstance(key, ast.Constant) and type(key.value) is int and key.value >= 0) or \
+                    not isinstance(node.value, ast.Call):
+                raise bad(node)
             visit(node.value)
-            if not (isinstance(key, ast.Constant) and isinstance(key.value, int)):
-                visit(key)
         elif isinstance(node, ast.Name):
             if node.id not in _GUARD_NAMES:
                 raise bad(node)

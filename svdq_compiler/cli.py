@@ -2,6 +2,9 @@
 
 Every user mistake ends in one line on stderr (what, where, what to do) and exit status 2; an unexpected error
 is a bug and keeps its traceback.
+
+Building the parsers imports neither torch nor diffusers (`--help` answers at once): everything heavy is imported
+inside the functions that run a command.
 """
 
 from __future__ import annotations
@@ -23,17 +26,19 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 # ---- svdq-compile ---------------------------------------------------------------------------------------------
 
+# The registry of built-in models (svdq_compiler.models) needs torch; tests/test_cli.py checks this line names
+# every one of them.
+BUILTINS_HELP = ("Built-in models: tiny-flux (the shipped trained FLUX), and the tiny random-weight random:flux, "
+                 "random:pixart, random:sd3, random:sana and random:unet.")
+
+
 def compile_parser() -> argparse.ArgumentParser:
-    from svdq_compiler.config import PRESETS
-    from svdq_compiler.onnx_export import FORMS as ONNX_FORMS
-    from svdq_compiler.models import builtin_names
-    from svdq_compiler.pipeline import SVDQUANT_STEPS
+    from svdq_compiler.config import ONNX_FORMS, PRESETS
 
     parser = argparse.ArgumentParser(
         prog="svdq-compile",
         description="Compile a diffusion model to a 4-bit SVDQuant graph (graph.pt) that svdq_compiler.load runs.",
-        epilog="Built-in models: " + ", ".join(builtin_names()) + ". Passes, in order: "
-               + ", ".join(name for name, _ in SVDQUANT_STEPS) + ", and verify.")
+        epilog=BUILTINS_HELP)
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                         help="a built-in name, a diffusers model or pipeline folder, or a single-file .safetensors "
                              "checkpoint (default: %(default)s)")
@@ -62,7 +67,7 @@ def compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-ir-after-change", action="store_true",
                         help="print the IR to stdout after each pass that changed it")
     parser.add_argument("--passes", type=passes_arg, metavar="A,B,C",
-                        help="run only these passes (in pipeline order), for debugging")
+                        help="run only these passes (in pipeline order), for debugging; an unknown name lists them")
     parser.add_argument("--verify", action="store_true", help="check the IR's invariants after capture and each pass")
     parser.add_argument("--report", type=Path, metavar="FILE", help="write the compile report as JSON")
     parser.add_argument("--stream", choices=("auto", "on", "off"), default="auto",

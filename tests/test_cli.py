@@ -207,3 +207,27 @@ def test_pass_lines_show_scalars_and_small_tables_only():
                         "per_group": {"a": {"alpha": 0.5}, "b": {"alpha": 0.7}}, "fallbacks": ["x: too large"]}}
     assert pass_line(record) == ('pass smooth: changed, 1.23s groups=2 search=grid roles={"qkv":3,"out":1} '
                                  'per_group=[2] fallbacks=[1]')
+
+
+@pytest.mark.parametrize("main", ["compile_main", "inspect_main"])
+def test_help_imports_neither_torch_nor_diffusers(main):
+    """--help must answer at once: building the parsers imports nothing heavy (torch alone takes seconds)."""
+    code = textwrap.dedent(f"""
+        import sys
+        from svdq_compiler.cli import {main}
+        try:
+            {main}(["--help"])
+        except SystemExit as exc:
+            assert exc.code == 0, exc.code
+        print("heavy:", sorted(m for m in ("torch", "diffusers", "transformers", "triton", "numpy") if m in sys.modules))
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "usage: svdq-" in run.stdout and run.stdout.rstrip().endswith("heavy: []")
+
+
+def test_help_names_every_builtin_model():
+    from svdq_compiler.models import builtin_names
+
+    help_text = " ".join(compile_parser().format_help().split())
+    assert all(name in help_text for name in builtin_names())

@@ -134,6 +134,11 @@ def test_a_node_calling_outside_the_operator_namespaces_is_refused(graph_file, t
     "L['x'].size()[1] <= 64",
     "((L['hidden_states'].size()[3] // 2) % (L['hidden_states'].size()[2] // 2)) != 0",
     "(1 % (max(1, L['x'].size()[3] // 2)*max(1, L['x'].size()[2] // 2))) != 0",
+    # nested inputs: an SDXL U-Net's added_cond_kwargs dict, a list of tensors
+    "L['added_cond_kwargs']['text_embeds'].size()[0] == L['sample'].size()[0]",
+    "L['added_cond_kwargs']['time_ids'].size()[0] == L['added_cond_kwargs']['text_embeds'].size()[0]",
+    "L['images'][1].size()[2] == (2 + 2*(((-1) + L['images'][0].size()[2]) // 2))",
+    "L['kw']['blocks'][0]['x1'].stride()[0] >= 1",
 ])
 def test_guards_torch_writes_pass(text):
     archive_check.check_guard(text, "test")
@@ -146,6 +151,23 @@ def test_guards_torch_writes_pass(text):
     "[c for c in ()] == []",
     "(lambda: 1)() == 1",
     "L['x'].size()[1] == 'a'",
+    # nested inputs may be subscripted by words and indices, nothing else
+    "L['kw']['__class__'].size()[0] == 1",
+    "L['kw']['x\"); import os; (\"'].size()[0] == 1",
+    "L['kw']['a b'].size()[0] == 1",
+    "L['kw'][-1].size()[0] == 1",
+    "L['kw'][True].size()[0] == 1",
+    "L['kw'][0.5].size()[0] == 1",
+    "L['kw'][L['i']].size()[0] == 1",
+    "L['kw'][__import__('os').system('true')].size()[0] == 1",
+    "L['kw']['x'].__dict__ == 1",
+    "L['kw']['x'].size.__self__ == 1",
+    "L['kw']['x'].numpy()[0] == 1",
+    "L['kw'][0:2] == 1",
+    "L['kw'](1) == 1",
+    "L['kw']['x'].size()['a'] == 1",
+    "L['kw']['x'].size()[0] == (lambda: 1)()",
+    "L['kw'][[c for c in ()]] == 1",
 ])
 def test_guards_beyond_size_arithmetic_are_refused(text):
     with pytest.raises(CheckpointError, match="refusing to load"):
