@@ -173,6 +173,9 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
             raise InputError("--dump-ir is a file", where=str(args.dump_ir), fix="give a folder name")
     config = quant_config(args)
     svdq_compiler.pipeline.svdquant_pipeline(args.passes)  # an unknown pass name fails here, before loading
+    if args.save_calib is not None and args.passes is not None and "calibrate" not in args.passes:
+        raise InputError("--save-calib needs the calibrate pass, which --passes leaves out", where=str(args.save_calib),
+                         fix="add calibrate to --passes, or drop --save-calib")
     # One writer per --out; every output (graph, report, IR dumps, calibration file) appears only if the whole
     # command succeeds, and SIGTERM removes what was written so far.
     with exclusive_output(args.out, "--out"), staged_outputs() as staged:
