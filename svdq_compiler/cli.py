@@ -235,11 +235,30 @@ def compile_and_save(args: argparse.Namespace, config, staged) -> dict[str, Any]
     outputs = {"output": {"path": str(args.out), "bytes": out.stat().st_size}}
     if args.onnx is not None:
         outputs["onnx"] = {"path": str(args.onnx), "bytes": args.onnx.stat().st_size, "form": args.onnx_form}
-    report.update(model=args.model, adapter=adapter.name, **outputs,
+    report.update(model=args.model, adapter=adapter.name, **outputs, compression=compression(args.model, model,
+                                                                                             out.stat().st_size),
                   steps_s=steps.times, versions=svdq_compiler.serialize.versions())
     if args.report is not None:
         write_json(staged.file(args.report, "compile report"), report, "compile report")
     return report
+
+
+def compression(spec: str, model, graph_bytes: int) -> dict[str, Any]:
+    """The graph file against the checkpoint the model came from (in its own dtype) and against the same
+    weights in float32, each as bytes and a ratio (how many times smaller the graph is)."""
+    from svdq_compiler.models import checkpoint_files
+    from svdq_compiler.models.loading import checkpoint_dtype, checkpoint_tensor_bytes
+
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    fp32 = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in tensors)
+    result: dict[str, Any] = {"graph_bytes": graph_bytes,
+                              "fp32": {"bytes": fp32, "ratio": round(fp32 / graph_bytes, 3)}}
+    files = checkpoint_files(spec)
+    if files:
+        size = checkpoint_tensor_bytes(files)
+        result["checkpoint"] = {"dtype": str(checkpoint_dtype(files)).removeprefix("torch."), "bytes": size,
+                                "ratio": round(size / graph_bytes, 3)}
+    return result
 
 
 def wants_streaming(args: argparse.Namespace) -> bool:
@@ -318,6 +337,12 @@ def compile_summary(report: dict[str, Any]) -> str:
                      f"{streaming['wall_s']:.0f} s, peak RSS {human_bytes(streaming['peak_rss_bytes'])}; "
                      f"{human_bytes(streaming['checkpoint_bytes'])} {streaming['dtype']} checkpoint → "
                      f"{human_bytes(streaming['output_bytes'])} ({streaming['size_ratio']}× smaller)")
+    sizes = report.get("compression")
+    if sizes:
+        against = [f"the {sizes['checkpoint']['dtype']} checkpoint ({human_bytes(sizes['checkpoint']['bytes'])}): "
+                   f"{sizes['checkpoint']['ratio']}×"] if "checkpoint" in sizes else []
+        against.append(f"float32 ({human_bytes(sizes['fp32']['bytes'])}): {sizes['fp32']['ratio']}×")
+        lines.append(f"  graph {human_bytes(sizes['graph_bytes'])}, smaller than " + "; than ".join(against))
     totals = report["totals"]
     lines.append(f"  {totals['nodes']} nodes, {totals['linears_annotated']} annotated linears, "
                  f"{human_bytes(totals['parameter_bytes'])} of parameters")

@@ -212,3 +212,15 @@ def test_load_refuses_an_unknown_device(graph):
     _, path = graph
     with pytest.raises(InputError, match="unknown device 'nonsense'"):
         svdq_compiler.load(path, device="nonsense")
+
+
+def test_compression_is_reported_against_the_checkpoint_dtype_and_against_fp32():
+    from svdq_compiler.cli import compression
+    from svdq_compiler.models import load_model
+
+    model = load_model("tiny-flux")  # float32 in memory, from a float16 checkpoint
+    sizes = compression("tiny-flux", model, graph_bytes=1_000_000)
+    fp32 = sum(p.numel() * 4 for p in model.parameters())
+    assert sizes["fp32"] == {"bytes": fp32, "ratio": round(fp32 / 1e6, 3)}
+    assert sizes["checkpoint"]["dtype"] == "float16" and sizes["checkpoint"]["bytes"] == fp32 // 2
+    assert "checkpoint" not in compression("random:flux", load_model("random:flux"), 1_000_000)  # no file

@@ -461,13 +461,13 @@ class _Importer:
         names = [f"{prefix}.{part}" for part in fused.parts]
         infos = [self.infos[name][1] for name in names]
         total = sum(info.out_features for info in infos)
-        linear = from_nunchaku(self.take(f"{prefix}.{fused.v1}"), self.fmt, in_features=infos[0].in_features,
-                               out_features=total, rank=self.rank, where=f"{self.where}: {prefix}.{fused.v1}")
-        absent = [name for name, value in (("smooth", linear.smooth), ("lora_down", linear.lora_down),
-                                           ("lora_up", linear.lora_up)) if value is None]
+        parts = self.take(f"{prefix}.{fused.v1}")
+        absent = [name for name in ("smooth", "lora_down", "lora_up") if name not in parts or not parts[name].numel()]
         if absent:
             raise CheckpointError(f"{prefix}.{fused.v1} has no {' or '.join(absent)} (or an empty one)",
                                   where=self.where, fix="the checkpoint is incomplete: re-export or re-download it")
+        linear = from_nunchaku(parts, self.fmt, in_features=infos[0].in_features, out_features=total,
+                               rank=self.rank, where=f"{self.where}: {prefix}.{fused.v1}")
         out, row = {}, 0
         for name, info in zip(names, infos):
             rows = slice(row, row + info.out_features)

@@ -126,6 +126,17 @@ def checkpoint_dtype(files: list[Path]) -> torch.dtype:
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
+def checkpoint_tensor_bytes(files: list[Path]) -> int:
+    """The bytes of the tensors the safetensors `files` hold (from their headers)."""
+    total = 0
+    for file in files:
+        for shape, kind in read_header(file)[1].values():
+            element = torch.empty((), dtype=SAFETENSORS_DTYPES[kind]).element_size() if kind in SAFETENSORS_DTYPES \
+                else 1
+            total += int(torch.Size(shape).numel()) * element
+    return total
+
+
 def single_file_config(path: Path, metadata: dict[str, str],
                        shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Any], str]:
     """The model config of a single-file checkpoint and where it came from."""
