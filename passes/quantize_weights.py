@@ -193,9 +193,15 @@ class Decision:
     tried: list[tuple[Candidate, float]]  # every candidate measured, with the weight's worst member error
 
     def note(self) -> str:
-        """Why this form: every candidate measured, with its worst relative error on the calibration rows."""
-        measured = ", ".join(f"{c.describe()} {e:.4f}" for c, e in self.tried)
-        return f"kept {self.candidate.describe()}; measured {measured}"
+        """Why this form: every candidate measured, with its worst relative error on the calibration rows (the
+        candidates of the kept scheme by their extras alone)."""
+        def label(candidate: Candidate) -> str:
+            same = candidate.scheme == self.candidate.scheme
+            return candidate.describe().split(" ", 2)[-1] if same else candidate.describe()
+
+        measured = ", ".join(f"{label(c)} {e:.4f}" for c, e in self.tried)
+        moved = any(c.scheme != self.candidate.scheme for c, _ in self.tried)
+        return f"chose {self.candidate.describe() if moved else label(self.candidate)}: {measured}"
 
 
 @register_pass("quantize_weights", requires=("calibrate",),

@@ -108,6 +108,9 @@ def test_inspect_summarizes_the_graph(compiled, capsys):
     assert inspect_main([str(graph), "--layers"]) == 0
     layers = capsys.readouterr().out
     assert "transformer_blocks.0.ff.net.2" in layers and "A:uint4/g64" in layers and "compression" in layers
+    # every layer's choice, measured: the AdaLN layer's weight-only candidates with their errors
+    adaln = next(line for line in layers.splitlines() if line.startswith("transformer_blocks.0.norm1.linear "))
+    assert "chose " in adaln and "plain 0." in adaln and "+awq" in adaln
     assert inspect_main([str(graph), "--ir"]) == 0
     assert "def forward(self, hidden_states" in capsys.readouterr().out
 
