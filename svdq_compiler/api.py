@@ -12,6 +12,7 @@ import torch.fx
 
 from svdq_compiler import ops  # noqa: F401  (registers torch.ops.svdq.*)
 from svdq_compiler.capture import CAPTURE_META, capture, install_shape_check
+from svdq_compiler.checks import check_finite_inputs, check_finite_weights
 from svdq_compiler.config import PRESETS, QuantConfig, Scheme
 from svdq_compiler.errors import InputError, SvdqError
 from svdq_compiler.ir import LAYERS_META, annotated_linears, to_jsonable
@@ -53,6 +54,8 @@ def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str |
     adapter's own inputs; `config.calib_source="weights"` needs no data at all (passes/calibrate.py).
     """
     quant_config = resolve_config(config)
+    check_finite_weights([*module.named_parameters(), *module.named_buffers()])
+    check_finite_inputs(example_inputs)
     adapter = adapter or adapter_for(module)
     # FLUX-like models trace three blocks of each kind and replicate them (the same graph, a fraction of the time)
     gm = capture_replicated(module, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter) or \

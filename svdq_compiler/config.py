@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +138,9 @@ class QuantConfig:
     # weight-space error ‖ΔW‖_F, since E‖ΔW·x‖² = ‖ΔW‖_F² for x ~ N(0, I)).
     calib_source: str = "inputs"
     pad_k: bool = True  # K not divisible by the group size: zero-pad (True) or keep the layer 16-bit (False)
+    # A group size no generated kernel serves (int4 groups must be a power of two >= 32) would leave every
+    # quantized layer on the slow reference ops: refused unless this says that is intended.
+    allow_reference_ops: bool = False
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -173,6 +178,8 @@ class QuantConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def validate(self) -> None:
+        self._check_types()
+
         def check(value, allowed, what):
             if value not in allowed:
                 raise InputError(f"{what} must be one of {list(allowed)}, got {value!r}")
@@ -209,6 +216,26 @@ class QuantConfig:
         if self.weight_format is not None and FORMATS[self.weight_format].packing == "halves" \
                 and self.group_size == 0:
             raise InputError(f"{self.weight_format} needs a group size", fix="set group_size=64")
+        if self.act_format is not None and not self.allow_reference_ops:
+            from svdq_compiler.codegen.spec import ActQuant, SpecError
+
+            try:
+                ActQuant(self.act_format, self.group_size).validate("QuantConfig")
+            except SpecError as exc:
+                raise InputError(f"group_size={self.group_size}: {exc.what}, so every quantized layer would run "
+                                 f"the slow reference ops", fix="use group_size 32, 64 or 128, or add --set "
+                                 "allow_reference_ops=true to accept the reference ops") from None
+
+    def _check_types(self) -> None:
+        """Each field has the type its annotation says (a value from --set or JSON can be anything)."""
+        hints = typing.get_type_hints(QuantConfig)
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if not _has_type(value, hints[item.name]):
+                hint = hints[item.name]
+                shown = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+                raise InputError(f"QuantConfig field {item.name} must be {shown}, got {value!r}",
+                                 fix=f"e.g. --set {item.name}={json.dumps(getattr(_DEFAULTS, item.name))}")
 
     # ---- per-layer schemes --------------------------------------------------------------------------------
 
@@ -269,3 +296,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w4a4-smoothquant": dict(weight_format="int4", act_format="int4", group_size=64, rank=0, smooth="smoothquant",
                              fallback_error=None, **BASELINE),
 }
+
+
+_DEFAULTS = QuantConfig()
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """isinstance for the annotations QuantConfig uses: int (not bool), float (int accepted), bool, str, None,
+    unions, tuple[T, ...] and dict[K, V]."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(_has_type(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_has_type(k, key) and _has_type(v, item) for k, v in value.items())
+    return isinstance(value, hint)

@@ -271,15 +271,30 @@ def read_checkpoint(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
                 tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
         except Exception as exc:  # safetensors raises its own types for damaged files
             raise CheckpointError(f"not a readable safetensors file: {exc}", where=str(file)) from exc
-    if "config" in metadata:
-        config = json.loads(metadata["config"])
-    elif (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
-    else:
-        raise CheckpointError("the checkpoint carries no model config", where=str(path),
-                              fix="Nunchaku files hold it in their metadata; legacy folders in config.json")
-    quant = json.loads(metadata["quantization_config"]) if "quantization_config" in metadata else {}
+    try:
+        if "config" in metadata:
+            config = json.loads(metadata["config"])
+        elif (path / "config.json").is_file():
+            config = json.loads((path / "config.json").read_text())
+        else:
+            raise CheckpointError("the checkpoint carries no model config", where=str(path),
+                                  fix="Nunchaku files hold it in their metadata; legacy folders in config.json")
+        quant = json.loads(metadata["quantization_config"]) if "quantization_config" in metadata else {}
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"the checkpoint's config is not JSON ({exc})", where=str(path),
+                              fix="re-export the checkpoint") from exc
+    if not isinstance(config, dict) or not isinstance(quant, dict):
+        raise CheckpointError("the checkpoint's config or quantization_config is not a JSON object", where=str(path),
+                              fix="re-export the checkpoint")
+    lacking = [key for key in FLUX_CONFIG_KEYS
+               if not (isinstance(config.get(key), int) and not isinstance(config.get(key), bool) and config[key] > 0)]
+    if lacking:
+        raise CheckpointError(f"the checkpoint's FLUX config lacks positive integers for {lacking}", where=str(path),
+                              fix="give the config the model was exported with (config metadata or config.json)")
     return _to_v1(tensors, config), {k: v for k, v in config.items() if not k.startswith("_")}, quant
+
+
+FLUX_CONFIG_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim")  # sizes the import reads
 
 
 def _to_v1(tensors: dict[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -447,8 +462,13 @@ class _Importer:
         names = [f"{prefix}.{part}" for part in fused.parts]
         infos = [self.infos[name][1] for name in names]
         total = sum(info.out_features for info in infos)
-        linear = from_nunchaku(self.take(f"{prefix}.{fused.v1}"), self.fmt, in_features=infos[0].in_features,
-                               out_features=total, rank=self.rank, where=f"{self.where}: {prefix}.{fused.v1}")
+        parts = self.take(f"{prefix}.{fused.v1}")
+        absent = [name for name in ("smooth", "lora_down", "lora_up") if name not in parts or not parts[name].numel()]
+        if absent:
+            raise CheckpointError(f"{prefix}.{fused.v1} has no {' or '.join(absent)} (or an empty one)",
+                                  where=self.where, fix="the checkpoint is incomplete: re-export or re-download it")
+        linear = from_nunchaku(parts, self.fmt, in_features=infos[0].in_features, out_features=total,
+                               rank=self.rank, where=f"{self.where}: {prefix}.{fused.v1}")
         out, row = {}, 0
         for name, info in zip(names, infos):
             rows = slice(row, row + info.out_features)
