@@ -70,7 +70,8 @@ class CaptureOnce:
 
     def __init__(self):
         self.cached = None
-        self.real = (svdq_compiler.capture_replicated, svdq_compiler.capture)
+        self.module = sys.modules[svdq_compiler.compile.__module__]  # where compile looks the capture up
+        self.real = (self.module.capture_replicated, self.module.capture)
 
     def __enter__(self):
         replicated, plain = self.real
@@ -80,11 +81,11 @@ class CaptureOnce:
                 self.cached = replicated(*args, **kwargs) or plain(*args, **kwargs)
             return copy.deepcopy(self.cached)
 
-        svdq_compiler.capture_replicated = capture_replicated
+        self.module.capture_replicated = capture_replicated
         return self
 
     def __exit__(self, *exc):
-        svdq_compiler.capture_replicated, svdq_compiler.capture = self.real
+        self.module.capture_replicated, self.module.capture = self.real
 
 
 def models_by_preset(models: list[str], presets: list[str]) -> dict[str, dict]:
