@@ -19,7 +19,7 @@ import torch.fx
 
 from svdq_compiler.errors import SvdqError
 from svdq_compiler.ir import LinearInfo, get_attr_value, info
-from svdq_compiler.pipeline import PassContext, PassResult, register_pass
+from svdq_compiler.pipeline import PASS_REGISTRY, PassContext, PassResult, register_pass
 
 
 class VerifyError(SvdqError):
@@ -58,7 +58,10 @@ def _attr_exists(gm: torch.fx.GraphModule, target: str) -> bool:
     return True
 
 
-def problems_in(gm: torch.fx.GraphModule, stage_ops=frozenset()) -> list[str]:
+def problems_in(gm: torch.fx.GraphModule, stage_ops=None) -> list[str]:
+    """The broken invariants of `gm`; `stage_ops` are the svdq ops allowed (None: any that a pass introduces)."""
+    if stage_ops is None:
+        stage_ops = frozenset().union(*(p.ops for p in PASS_REGISTRY.values()))
     problems: list[str] = []
     used_attrs: set[str] = set()
     for node in gm.graph.nodes:
