@@ -24,6 +24,7 @@ configuration) is `--gate`; `--out` names the JSON (e.g. kernels-static-before.j
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -63,6 +64,7 @@ DEVICES = (
     Device("A100-SXM4-80GB", (8, 0), 108, 1.41, {"bf16": 312, "int8": 624, "int4": 1248}, 2039, 64, 64),
     Device("L40S", (8, 9), 142, 2.52, {"bf16": 362, "int8": 733, "int4": 733, "fp8": 733}, 864, 128, 64),
     Device("H100-SXM5", (9, 0), 132, 1.83, {"bf16": 989, "int8": 1979, "fp8": 1979}, 3350, 128, 64),
+    Device("H200", (9, 0), 132, 1.83, {"bf16": 989, "int8": 1979, "fp8": 1979}, 4800, 128, 64),
     Device("B200", (10, 0), 148, 1.86, {"bf16": 2250, "int8": 4500, "fp8": 4500, "nvfp4": 9000}, 8000, 128, 64),
     Device("RTX-5090", (12, 0), 170, 2.41, {"bf16": 209.5, "int8": 838, "fp8": 419, "nvfp4": 1676}, 1792, 128,
            128),
@@ -324,12 +326,44 @@ def _flatten(entry) -> dict | None:
     return None if record is None else {**record, "prediction": prediction}
 
 
+# kernel_model names → bench_kernels case names, for the model-against-measured check
+_MEASURED_AS = {"svdq_int4": ("svdq_int4_kernel_a", "svdq_int4_kernel_b"),
+                "svdq_int4_rank0": ("svdq_int4_rank0_kernel_a", "svdq_int4_rank0_kernel_b"),
+                "svdq_int4_gemm_only": ("svdq_int4_rank0_kernel_b",), "int_mm_w8a8": ("int8_matmul",),
+                "bf16_matmul": ("bf16_matmul",), "svdq_nvfp4_fused": ("svdq_nvfp4_kernel_a", "svdq_nvfp4_kernel_b")}
+
+
+def check_measured(modelled: dict, measured: dict) -> list[dict]:
+    """Predicted against measured times (bench_kernels JSON) for every shape and case both have; the error is
+    measured/predicted − 1. bf16 and int8 are measured through cuBLAS (torch), modelled as plain Triton."""
+    rows = []
+    predicted_rows = {(r["m"], r["k"], r["n"]): r["kernels"] for r in modelled["flux_shapes"]}
+    for result in measured["results"]:
+        kernels = predicted_rows.get((result["m"], result["k"], result["n"]))
+        if kernels is None:
+            continue
+        for case, parts in _MEASURED_AS.items():
+            name = "svdq_int4_fused" if case == "svdq_int4" else case
+            ms = result["cases"].get(name, {}).get("ms")
+            entries = [kernels.get(part) for part in parts]
+            if ms is None or any(e is None for e in entries):
+                continue
+            predicted_us = sum(e["prediction"]["predicted_us"] for e in entries)
+            rows.append({"m": result["m"], "k": result["k"], "n": result["n"], "case": name,
+                         "measured_us": round(ms * 1e3, 2), "predicted_us": round(predicted_us, 2),
+                         "error": round(ms * 1e3 / predicted_us - 1, 3)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kernels-static.json")
-    parser.add_argument("--devices", default=",".join(d.name for d in DEVICES),
-                        help="comma-separated device names (default: all)")
+    parser.add_argument("--devices", default=",".join(d.name for d in DEVICES if d.name != "H200"),
+                        help="comma-separated device names (default: all but the H200, which the workplace's "
+                             "GPU sessions use for --measured)")
     parser.add_argument("--workers", type=int, default=2, help="compiles at once (default 2)")
+    parser.add_argument("--measured", type=Path, default=None,
+                        help="a bench_kernels JSON to check the model against (with --devices naming one device)")
     parser.add_argument("--gate", action="store_true",
                         help="also compile the full AOT gate matrix and report what fails it")
     args = parser.parse_args(argv)
@@ -348,6 +382,11 @@ def main(argv: list[str] | None = None) -> int:
         report["devices"][device.name] = modelled
         headline = next(r for r in modelled["flux_shapes"] if r["m"] == 4096 and r["n"] == 12288)["ratios"]
         print(f"{device.name}: M=4096 N=12288 {headline}; modulation {modelled['modulation']['ratios']}")
+        if args.measured is not None:
+            modelled["measured_check"] = check_measured(modelled, json.loads(args.measured.read_text()))
+            for row in modelled["measured_check"]:
+                print(f"  {row['case']:<22} M={row['m']:<5} N={row['n']:<6} measured {row['measured_us']:9.1f} us, "
+                      f"predicted {row['predicted_us']:9.1f} us, error {row['error']:+.0%}")
     if args.gate:
         cases = gate_cases(True)
         results = compile_jobs([case.job for case in cases], args.workers)
