@@ -48,6 +48,10 @@ _STORES = ("STG", "STS", "ST", "RED", "ATOM", "ATOMG", "ATOMS", "REDG", "UTMASTG
 _INT_EXTRA = ("LOP3", "LOP", "SHF", "LEA", "SEL", "SGXT", "BMSK", "POPC", "FLO", "VIADD", "VIMNMX", "BREV", "LEA.HI")
 
 
+# Bumped whenever what is read from the SASS changes, so cached results are recomputed.
+_ANALYSIS_VERSION = 2
+
+
 class AotError(SvdqError):
     """Ahead-of-time compilation could not run (no Triton, or the child process failed)."""
 
@@ -70,7 +74,7 @@ class AotJob:
         import triton
 
         text = json.dumps([self.source, self.kernel, self.types, self.constexprs, list(self.capability),
-                           self.num_warps, self.num_stages, triton.__version__], sort_keys=True)
+                           self.num_warps, self.num_stages, triton.__version__, _ANALYSIS_VERSION], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -357,7 +361,8 @@ def hot_loop(instructions: list[tuple[int, str]]) -> dict:
     loops = []
     index_of = {address: i for i, (address, _) in enumerate(instructions)}
     for i, (address, text) in enumerate(instructions):
-        match = re.search(r"\bBRA\s+(?:\S+\s+)?0x([0-9a-f]+)", text)
+        # "BRA 0xa30", "@P0 BRA 0xa30", "BRA.U UP0, 0xd20" (sm_120 branches on a uniform predicate)
+        match = re.search(r"\bBRA(?:\.\w+)*\s+(?:!?U?P\w+,\s*)?0x([0-9a-f]+)", text)
         if match and base_opcode(text) == "BRA":
             target = int(match.group(1), 16)
             if target < address and target in index_of:

@@ -64,3 +64,6 @@ def test_the_hot_loop_is_the_loop_with_the_tensor_core_instructions():
     loop = hot_loop(parse_sass(sass))
     assert loop["length"] == 5 and loop["tensor_ops"] == {"IMMA.16832.S8.S8": 1}
     assert loop["mix"] == {"load": 1, "other": 1, "prmt": 1, "spill": 1, "tensor": 1}
+    # sm_120 closes loops with a branch on a uniform predicate
+    uniform = hot_loop(parse_sass(sass.replace("@P0 BRA 0x40", "BRA.U UP0, 0x40")))
+    assert uniform["length"] == 5 and uniform["tensor_ops"] == {"IMMA.16832.S8.S8": 1}
