@@ -23,6 +23,7 @@ if SMOKE:
 
 import torch  # noqa: E402
 from bench_common import machine, write_result  # noqa: E402
+from bench_kernels import _timer  # noqa: E402
 
 import svdq_compiler  # noqa: E402
 from svdq_compiler.models import adapter_for  # noqa: E402
@@ -39,19 +40,6 @@ def _on(inputs, device: torch.device):
     from torch.utils._pytree import tree_map
 
     return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, inputs)
-
-
-def _timer(device: torch.device):
-    if device.type != "cuda":
-        def timed(fn):
-            fn()
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
-        return timed
-    import triton.testing
-
-    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def main() -> int:
@@ -78,7 +66,7 @@ def main() -> int:
                                                 device))
     compile_s = time.perf_counter() - start
     inputs = _on(adapter.calib_inputs(model, 1, 1, seed=7, tokens=tokens)[0], device)
-    timed = _timer(device)
+    timed = _timer(device, 200)
     with torch.no_grad():
         reference, compiled = model(**inputs)[0], gm(**inputs)[0]
         bf16_ms = timed(lambda: model(**inputs))

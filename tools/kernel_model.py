@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_common import machine, write_result  # noqa: E402
 from svdq_compiler.codegen.aot import AotJob, compile_jobs, gate_cases, offered_configs, spec_job  # noqa: E402
-from svdq_compiler.codegen.generate import Target  # noqa: E402
+from svdq_compiler.codegen.generate import Target, _emit_tile_order, _Source  # noqa: E402
 from svdq_compiler.codegen.spec import ActQuant, GemmSpec, QuantizeSpec, WeightOnlySpec  # noqa: E402
 
 FLUX_M = (256, 1024, 4096)
@@ -75,35 +75,34 @@ SCHEDULERS = 4  # warp schedulers per SM, one warp instruction issued per clock 
 # ---------------------------------------------------------------------------------------------------------
 # Plain Triton baselines (what "bf16 matmul" and "int8 matmul" mean in the ratios)
 
-_BASELINE_SOURCE = '''
-import triton
-import triton.language as tl
+def _baseline_source() -> str:
+    """A plain matmul C[M, N] = A[M, K]·B[N, K]ᵀ in the generated kernels' tile order (bf16 → fp32 → bf16, or
+    int8 → int32 → fp32 → bf16), without masks (the modelled shapes are multiples of the tiles)."""
+    src = _Source()
+    src.add("""
+        import triton
+        import triton.language as tl
 
 
-@triton.jit
-def plain_matmul(a_ptr, b_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INT8: tl.constexpr):
-    """C[M, N] = A[M, K] · B[N, K]ᵀ, grouped tile order; bf16 → fp32 → bf16, or int8 → int32 → fp32."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    band = pid // (GROUP_M * tiles_n)
-    first_m = band * GROUP_M
-    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % band_m
-    pid_n = (pid % (GROUP_M * tiles_n)) // band_m
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :]
-    b_ptrs = b_ptr + cols.to(tl.int64)[:, None] * K + ks[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT8 else tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        acc = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)), acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    tl.store(c_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc.to(tl.float32).to(tl.bfloat16))
-'''
+        @triton.jit
+        def plain_matmul(a_ptr, b_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                         INT8: tl.constexpr):""")
+    src.indent()
+    _emit_tile_order(src)
+    src.add("""
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows64[:, None] * K + ks[None, :]
+        b_ptrs = b_ptr + cols_in.to(tl.int64)[:, None] * K + ks[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT8 else tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            acc = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)), acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        tl.store(c_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc.to(tl.float32).to(tl.bfloat16))""")
+    return src.text()
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the configurations Triton's matmul tutorial tunes over, per family
 _BASELINE_TILES = {
     "big_smem": [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
@@ -117,13 +116,15 @@ def baseline_jobs(kind: str, device: Device) -> list[AotJob]:
     small = device.capability in ((8, 6), (8, 9), (12, 0))
     element = "*i8" if kind == "int8" else "*bf16"
     types = {"a_ptr": element, "b_ptr": element, "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
-             "INT8": "constexpr"}
+             **{name: "constexpr" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EVEN_M", "EVEN_N",
+                                              "INT8")}}
+    source = _baseline_source()
     jobs = []
     for bm, bn, bk, warps, stages in _BASELINE_TILES["small_smem" if small else "big_smem"]:
         bk = bk * 2 if kind == "int8" else bk  # the same bytes per K step
-        jobs.append(AotJob(f"{kind} matmul", _BASELINE_SOURCE, "plain_matmul", types,
-                           {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "INT8": kind == "int8"},
+        jobs.append(AotJob(f"{kind} matmul", source, "plain_matmul", types,
+                           {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_M": True,
+                            "EVEN_N": True, "INT8": kind == "int8"},
                            device.capability, warps, stages))
     return jobs
 
