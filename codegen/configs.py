@@ -86,7 +86,14 @@ _WEIGHT_ONLY_LARGE_M = {
     "ampere": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)],
 }
 _WEIGHT_ONLY_SMALL_BUCKET = 32  # up to this many rows (bucketed), the small-M tiles
-_QUANTIZE_TILES = [(16, 4, 2), (32, 4, 2), (32, 8, 3), (64, 8, 2)]  # (block_m, num_warps, num_stages)
+# (block_m, num_warps, num_stages) for kernel A. The AOT gate found 64-row and 8-warp tiles spilling on some arch
+# (the rank-32 down projection's accumulator sits beside the quantizer's tiles), and nvfp4's 16-row tile on
+# sm_100 and its 256-channel steps on several: those are not offered.
+_QUANTIZE_TILES = [(16, 4, 2), (32, 4, 2)]
+_QUANTIZE_NVFP4_TILES = [(32, 4, 2)]
+# nvfp4 on sm_100: tcgen05's block-scaled MMA needs 128-row tiles (64-row ones fall back to a dequantizing
+# fp16 MMA), and the wider or 4-warp 128-row tiles spill.
+_NATIVE_FP4_SM100_TILES = [(128, 128, 128, 8, 4)]
 
 INTERPRETER_GEMM = GemmConfig(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=1, num_stages=1)
 INTERPRETER_LARGE_GEMM = GemmConfig(block_m=64, block_n=64, block_k=64, group_m=2, num_warps=1, num_stages=1)
@@ -135,7 +142,9 @@ def gemm_configs(spec: GemmSpec, target: Target, m: int) -> list[GemmConfig]:
         for block_m, block_n, warps, stages in _INT4_TILES[family]:
             configs.append(GemmConfig(block_m, max(block_n, min_n), 0, 8, warps, stages))
     else:
-        for block_m, block_n, block_k, warps, stages in _KSTEP_TILES[family]:
+        native_sm100 = spec.act == "nvfp4" and target.native_fp4 and target.capability[0] == 10
+        for block_m, block_n, block_k, warps, stages in (_NATIVE_FP4_SM100_TILES if native_sm100 else
+                                                         _KSTEP_TILES[family]):
             configs.append(GemmConfig(block_m, max(block_n, min_n), block_k, 8, warps, stages))
     # Tiles taller than the (bucketed) token count only waste work; keep at least one candidate.
     fitting = [c for c in configs if c.block_m <= max(bucket, 64)]
@@ -148,11 +157,14 @@ def quantize_configs(spec: QuantizeSpec, target: Target, m: int) -> list[Quantiz
     if target.backend == "interpreter":
         step = 64 if spec.quant.fmt in ("int8", "nvfp4") else group
         return [QuantizeConfig(_interpreter_rows(m), step, 1, 1)]
-    steps = [128, 256] if spec.quant.fmt == "int8" else sorted({max(group, 128), max(group, 256)})
+    fmt = spec.quant.fmt
+    steps = [128, 256] if fmt == "int8" else [128] if fmt == "nvfp4" else sorted({max(group, 128), max(group, 256)})
     bucket = m_bucket(m)
-    configs = [QuantizeConfig(block_m, step, warps, stages) for block_m, warps, stages in _QUANTIZE_TILES
-               for step in steps if block_m <= max(bucket, 16)]
-    return configs
+    configs = [QuantizeConfig(block_m, step, warps, stages)
+               for block_m, warps, stages in (_QUANTIZE_NVFP4_TILES if fmt == "nvfp4" else _QUANTIZE_TILES)
+               for step in steps]
+    # tiles taller than the (bucketed) token count only waste work; keep at least one candidate
+    return [c for c in configs if c.block_m <= max(bucket, 16)] or configs[:1]
 
 
 def weight_only_configs(spec: WeightOnlySpec, target: Target, m: int) -> list[WeightOnlyConfig]:
