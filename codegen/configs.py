@@ -2,10 +2,13 @@
 
 Kernel B (the GEMM) is compute-bound at FLUX sizes, so its candidates are large tiles that give each int8
 tensor-core instruction enough work per loaded byte: on Hopper 8 warps (two warpgroups issuing wgmma) over
-128×128 to 256×128 tiles with 3–4 pipeline stages; on Ada and sm_86 (about 100 KB of shared memory per SM)
-smaller stage counts; on A100 (164 KB) the large tiles with more stages. The packed operands are read in 32-byte
-rows per K group, so the loads stay coalesced for any tile. Kernel A is memory-bound: a few rows per program,
-several groups per step, so many programs stream x at once.
+128×128 tiles with 3–4 pipeline stages; on Ada and sm_86 (about 100 KB of shared memory per SM) smaller stage
+counts; on A100 (164 KB) more stages. The int4 GEMM holds an int32 partial and an fp32 accumulator per output
+element, so tiles over 64 elements per thread spill: every list here is held by the AOT gate
+(tests/codegen/test_aot.py, codegen/aot.py) to no spills, the arch's shared memory and its tensor-core
+instruction. The packed operands are read in 32-byte rows per K group, so the loads stay coalesced for any
+tile. Kernel A is memory-bound: a few rows per program, several groups per step, so many programs stream x at
+once.
 
 Kernel W (W4A16) has two regimes. Modulation layers read one row per sample (M ≤ 32), so they stream the weight
 once: 16-row tiles (the smallest tl.dot), narrow BLOCK_N so FLUX's N = 3072…18432 makes hundreds of programs, and
