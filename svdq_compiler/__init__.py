@@ -10,6 +10,7 @@ torch_dynamo_backends entry point, and also once the API is loaded.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 from typing import Any
@@ -21,19 +22,17 @@ __all__ = ["capture", "compile", "save", "load", "load_model", "register_builtin
 
 
 def __getattr__(name: str) -> Any:
-    """A name of the API (loading it on first use), else a submodule."""
+    """A submodule (`from svdq_compiler import quant` inside the package must not load the API, which imports
+    that module in turn), else a name of the API, loading it on first use. `capture` is both: the function."""
     if name.startswith("__"):
         raise AttributeError(name)
+    if name != "capture" and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
     api = importlib.import_module("svdq_compiler.api")
-    if hasattr(api, name):
+    try:
         value = getattr(api, name)
-    else:
-        try:
-            value = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     globals()[name] = value
     return value
 

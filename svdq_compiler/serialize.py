@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import platform
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,11 @@ def save(gm: torch.fx.GraphModule, path: str | Path) -> Path:
         raise CheckpointError(f"the compiled graph could not be re-exported for saving: {first_line(exc)}",
                               where=str(path), fix="rerun with --verify to find the pass that broke the graph") from exc
     extra = extra_files(gm)
-    with atomic_path(path, "graph file") as temporary, open(temporary, "wb") as handle:
+    with atomic_path(path, "graph file") as temporary, open(temporary, "wb") as handle, warnings.catch_warnings():
+        # Weights that are slices of one storage (the parts of a split linear) make torch warn that it rebuilds
+        # the storage from their address range, which "may cause issues" off the CPU; on the CPU it is exact.
+        if all(t.device.type == "cpu" for t in [*gm.parameters(), *gm.buffers()]):
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group", category=UserWarning)
         # A file object rather than a name: torch names the archive after a file name (and wants ".pt2").
         torch.export.save(program, handle, extra_files=extra)
     return path
@@ -149,6 +154,8 @@ def load(path: str | Path) -> torch.nn.Module:
 
     The file is read once; its bytes are checked to hold nothing that runs when loaded (archive_check) and
     those same bytes are deserialized."""
+    import svdq_compiler.api  # noqa: F401  (registers the svdq ops and fused ops a graph calls)
+
     data = read_graph_bytes(path)
     manifest = manifest_of(data, str(path))
     check_archive(data, str(path))
