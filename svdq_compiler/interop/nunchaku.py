@@ -37,8 +37,8 @@ from typing import Any, Mapping
 import torch
 import torch.fx
 
-from svdq_compiler.codegen.layout import (NunchakuLinear, PackedWeight, from_nunchaku, from_nunchaku_awq,
-                                          round_up, to_nunchaku, to_nunchaku_awq, unpack_weight)
+from svdq_compiler.codegen.layout import (NUNCHAKU_GROUPS, NunchakuLinear, PackedWeight, from_nunchaku,
+                                          from_nunchaku_awq, round_up, to_nunchaku, to_nunchaku_awq, unpack_weight)
 from svdq_compiler.errors import CheckpointError, InputError
 from svdq_compiler.ir import get_attr_value, set_attr_value
 from svdq_compiler.layers import Layers, find_layers, segment_rows
@@ -46,7 +46,6 @@ from svdq_compiler.quant import dequantize
 
 MODEL_CLASS = "NunchakuFluxTransformer2dModel"
 WEIGHT_DTYPES = {"int4": "int4", "nvfp4": "fp4_e2m1_all"}
-GROUPS = {"int4": 64, "nvfp4": 16}
 GELU_SHIFT_INT4 = 0.171875
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 
@@ -121,7 +120,7 @@ def export_nunchaku(gm: torch.fx.GraphModule, path: str | Path | None = None, *,
                          fix="pass config= (the diffusers config of the model)")
     layers = find_layers(gm)
     formats = {layers.quantized[name].fmt for name in layers.quantized}
-    if len(formats) != 1 or next(iter(formats)) not in GROUPS:
+    if len(formats) != 1 or next(iter(formats)) not in NUNCHAKU_GROUPS:
         raise CheckpointError(f"Nunchaku checkpoints are all-int4 (group 64) or all-nvfp4 (group 16); this graph "
                               f"has weight formats {sorted(formats)}", fix="compile with the int4 or nvfp4 preset")
     fmt = formats.pop()
@@ -240,7 +239,7 @@ def write_checkpoint(tensors: Mapping[str, torch.Tensor], path: str | Path, conf
     from svdq_compiler.files import atomic_path
 
     scale_dtype = None if fmt == "int4" else [None, "fp8_e4m3_nan"]
-    quant = {"dtype": WEIGHT_DTYPES[fmt], "scale_dtype": scale_dtype, "group_size": GROUPS[fmt]}
+    quant = {"dtype": WEIGHT_DTYPES[fmt], "scale_dtype": scale_dtype, "group_size": NUNCHAKU_GROUPS[fmt]}
     metadata = {"config": json.dumps({"_class_name": "FluxTransformer2DModel", **config}),
                 "model_class": MODEL_CLASS,
                 "quantization_config": json.dumps({"method": "svdquant", "weight": quant, "activation": quant,
@@ -272,15 +271,30 @@ def read_checkpoint(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
                 tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
         except Exception as exc:  # safetensors raises its own types for damaged files
             raise CheckpointError(f"not a readable safetensors file: {exc}", where=str(file)) from exc
-    if "config" in metadata:
-        config = json.loads(metadata["config"])
-    elif (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
-    else:
-        raise CheckpointError("the checkpoint carries no model config", where=str(path),
-                              fix="Nunchaku files hold it in their metadata; legacy folders in config.json")
-    quant = json.loads(metadata["quantization_config"]) if "quantization_config" in metadata else {}
+    try:
+        if "config" in metadata:
+            config = json.loads(metadata["config"])
+        elif (path / "config.json").is_file():
+            config = json.loads((path / "config.json").read_text())
+        else:
+            raise CheckpointError("the checkpoint carries no model config", where=str(path),
+                                  fix="Nunchaku files hold it in their metadata; legacy folders in config.json")
+        quant = json.loads(metadata["quantization_config"]) if "quantization_config" in metadata else {}
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"the checkpoint's config is not JSON ({exc})", where=str(path),
+                              fix="re-export the checkpoint") from exc
+    if not isinstance(config, dict) or not isinstance(quant, dict):
+        raise CheckpointError("the checkpoint's config or quantization_config is not a JSON object", where=str(path),
+                              fix="re-export the checkpoint")
+    lacking = [key for key in FLUX_CONFIG_KEYS
+               if not (isinstance(config.get(key), int) and not isinstance(config.get(key), bool) and config[key] > 0)]
+    if lacking:
+        raise CheckpointError(f"the checkpoint's FLUX config lacks positive integers for {lacking}", where=str(path),
+                              fix="give the config the model was exported with (config metadata or config.json)")
     return _to_v1(tensors, config), {k: v for k, v in config.items() if not k.startswith("_")}, quant
+
+
+FLUX_CONFIG_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim")  # sizes the import reads
 
 
 def _to_v1(tensors: dict[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -446,8 +460,13 @@ class _Importer:
         names = [f"{prefix}.{part}" for part in fused.parts]
         infos = [self.infos[name][1] for name in names]
         total = sum(info.out_features for info in infos)
-        linear = from_nunchaku(self.take(f"{prefix}.{fused.v1}"), self.fmt, in_features=infos[0].in_features,
-                               out_features=total, rank=self.rank, where=f"{self.where}: {prefix}.{fused.v1}")
+        parts = self.take(f"{prefix}.{fused.v1}")
+        absent = [name for name in ("smooth", "lora_down", "lora_up") if name not in parts or not parts[name].numel()]
+        if absent:
+            raise CheckpointError(f"{prefix}.{fused.v1} has no {' or '.join(absent)} (or an empty one)",
+                                  where=self.where, fix="the checkpoint is incomplete: re-export or re-download it")
+        linear = from_nunchaku(parts, self.fmt, in_features=infos[0].in_features, out_features=total,
+                               rank=self.rank, where=f"{self.where}: {prefix}.{fused.v1}")
         out, row = {}, 0
         for name, info in zip(names, infos):
             rows = slice(row, row + info.out_features)
