@@ -161,14 +161,16 @@ def check_python_api(block: Block, namespace: dict) -> None:
 
 
 def check_generic(block: Block, namespace: dict) -> None:
-    from svdq_compiler.ir import annotated_linears
+    from svdq_compiler import REPORT_META
 
     gm = namespace["gm"]
     with torch.no_grad():
         out = gm(torch.randn(2, 300, 768))
     assert out.shape == (2, 300, 768)  # another token count than captured
-    quantized = [info.name for _, info in annotated_linears(gm) if info.scheme is not None and info.scheme.kind != "fp"]
+    layers = gm.meta[REPORT_META]["layers"]["layers"]
+    quantized = [layer["name"] for layer in layers if layer["output_rel_error"] is not None]
     assert quantized == ["2"]  # the middle linear; the first and last are the embed and final roles
+    assert any(n.op == "call_function" and getattr(n.target, "namespace", "") == "svdq" for n in gm.graph.nodes)
 
 
 CHECKS = {
@@ -187,6 +189,8 @@ CHECKS = {
 # Blocks that fail for a known open reason; one that starts passing fails the test until it is taken off here.
 EXPECTED_FAILURES = {
     "import svdq_compiler": "issue 13 item 4 (engineer backend): apply_lora and export_nunchaku on a loaded graph",
+    "from svdq_compiler import DynDim": "annotate_linears gives the middle linear of a plain MLP the embed role (it "
+                                        "reads the input through the first linear), so nothing is quantized",
 }
 
 
