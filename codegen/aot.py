@@ -257,6 +257,17 @@ def _tool(name: str) -> str:
     return str(Path(triton.backends.nvidia.__file__).parent / "bin" / name)
 
 
+def ptxas_arches() -> frozenset[str]:
+    """The sm_XY targets the ptxas binaries shipped with this Triton accept (ptxas, and ptxas-blackwell where
+    the wheel has it); an arch outside the set cannot be compiled here and the gate skips it."""
+    found: set[str] = set()
+    for name in ("ptxas", "ptxas-blackwell"):
+        if Path(_tool(name)).exists():
+            listing = subprocess.run([_tool(name), "--help"], capture_output=True, text=True).stdout
+            found |= set(re.findall(r"\b(sm_\d+)\b", listing))
+    return frozenset(found)
+
+
 def _compile_one(job: AotJob, folder: Path) -> None:
     """Compile in this (non-interpreting) process and write the result JSON atomically."""
     import triton

@@ -5,7 +5,7 @@ header comment that explains the kernel's tiling, packing and numerics, then the
 group size, rank, dtypes and epilogue chain written out as straight-line code (no run-time branching on the
 spec). The text is what `cache.py` compiles, what `--dump-ir` writes and what `svdq-inspect --kernels` prints.
 
-Layouts are those of `svdq_compiler.codegen.layout` (architecture §6):
+Layouts are those of `svdq_compiler.codegen.layout` (its module docstring is the specification):
 - int4/uint4 codes `uint8 [rows, K_pad/2]`, split halves within each group: byte j of a group holds channel j
   (low nibble) and channel j + G/2 (high nibble), so one byte tile unpacks into two int8 tiles that are each a
   contiguous half of the group, and the GEMM issues one int8 dot per half with no shuffle;

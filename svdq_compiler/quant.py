@@ -1,6 +1,7 @@
 """Quantizers: the numerical definition of every format the compiler uses (pure torch, any device).
 
-Formats (the formulas of deepcompressor's SVDQuant recipe; see docs/architecture.md §5):
+Formats (the formulas of deepcompressor's SVDQuant recipe; the properties every module reads are the FORMATS
+table below):
 
 - ``int4``  symmetric, scale = absmax/7 per group, codes round-half-to-even, clamped to [−7, 7].
 - ``uint4`` (activations only, ``quantize_act(..., unsigned=True)``; for shifted post-GELU inputs):

@@ -6,9 +6,11 @@ source text, arch, options and Triton version (`codegen.aot`), so a rerun with n
 full matrix (every template) is marked slow and is also what tools/kernel_model.py compiles.
 """
 
+import warnings
+
 import pytest
 
-from svdq_compiler.codegen.aot import GateCase, compile_jobs, expected_tensor_op, gate_cases
+from svdq_compiler.codegen.aot import GateCase, compile_jobs, expected_tensor_op, gate_cases, ptxas_arches
 
 pytest.importorskip("triton.backends.nvidia")
 
@@ -26,7 +28,11 @@ def _check(case: GateCase, result, filecheck) -> None:
 
 
 def _run(full: bool, filecheck) -> None:
-    cases = gate_cases(full)
+    supported = ptxas_arches()
+    cases = [case for case in gate_cases(full) if case.arch in supported]
+    missing = sorted({case.arch for case in gate_cases(full)} - supported)
+    if missing:  # an older Triton's ptxas: say so rather than fail on what this machine cannot compile
+        warnings.warn(f"this Triton's ptxas cannot compile for {', '.join(missing)}: not gated here")
     results = compile_jobs([case.job for case in cases])
     failures = []
     for case, result in zip(cases, results):
