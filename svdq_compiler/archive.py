@@ -34,6 +34,7 @@ import mmap
 import os
 import weakref
 import zipfile
+import zlib
 from pathlib import Path
 from typing import IO, Any, Mapping
 
@@ -285,7 +286,8 @@ class GraphArchive:
             raise corrupt(f"{entry} is {info.file_size} bytes", self.where)
         try:
             return self.zip.read(info)
-        except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, ValueError, RuntimeError) as exc:
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError,
+                RuntimeError) as exc:
             raise corrupt(f"{entry}: {first_line(exc)}", self.where) from exc
 
     def span(self, entry: str) -> tuple[int, int]:
