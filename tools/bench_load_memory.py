@@ -4,8 +4,10 @@ normally) and the ~100M-parameter random FLUX of bench_compile (compiled with --
     OMP_NUM_THREADS=1 .venv/bin/python tools/bench_load_memory.py --work /tmp/load-memory
     .venv/bin/python tools/bench_load_memory.py --graph mine=/path/graph.pt      # measure existing graphs
 
-Each load runs in a fresh process; its peak RSS is measured above the RSS after importing what `load` uses, so
-the number is what loading the file costs. `load` maps the file and verifies its digests page by page, so the
+Each load is measured in a fresh process that first imports every module such a load imports (the first load
+of a process imports ~900 modules, ~45 MiB: torch's deserializer and FX passes, diffusers; the list comes from
+a load in another process): the peak RSS (VmHWM, reset through /proc/self/clear_refs) above the RSS after those
+imports is what loading the file costs. `load` maps the file and verifies its digests page by page, so the
 goal is at most 1.2x the file size. For comparison the same file is also loaded with plain `torch.export.load`
 (which reads every tensor into memory). The 12B FLUX graph is not measured here: writing its checkpoint (24 GB)
 and streaming it takes hours on this machine.
@@ -22,32 +24,56 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-# Run in a fresh process: argv[1] the graph file, argv[2] "svdq" or "torch", argv[3] the device (optional).
+# Run in a fresh process: argv[1] the graph file, argv[2] "svdq" or "torch", argv[3] the modules to import first
+# (JSON list, or "list" to print the modules a load imports instead of measuring), argv[4] the device (optional).
 LOAD_PEAK_RSS = """
-import json, resource, sys, time
+import importlib, json, re, sys, time
 import torch, svdq_compiler
-from svdq_compiler import serialize  # everything `load` imports, so the measurement starts after it
-import torch._export.serde.serialize
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+svdq_compiler.load  # imports the API, which registers the svdq ops (torch.export.load needs them too)
+
+
+def run():
+    if sys.argv[2] == "svdq":
+        return svdq_compiler.load(sys.argv[1], device=sys.argv[4] if len(sys.argv) > 4 else None)
+    return torch.export.load(sys.argv[1]).module()
+
+
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+
+if sys.argv[3] == "list":
+    before = set(sys.modules)
+    run()
+    print(json.dumps(sorted(set(sys.modules) - before)))
+    sys.exit(0)
+for name in json.loads(sys.argv[3]):
+    try:
+        importlib.import_module(name)
+    except Exception:  # a module that only imports in the context that pulled it in
+        pass
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as handle:  # "5" resets the peak (VmHWM) to the current RSS
+    handle.write("5")
 start = time.perf_counter()
-if sys.argv[2] == "svdq":
-    graph = svdq_compiler.load(sys.argv[1], device=sys.argv[3] if len(sys.argv) > 3 else None)
-else:
-    graph = torch.export.load(sys.argv[1]).module()
+graph = run()
 seconds = time.perf_counter() - start
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"peak_rss_above_import": after - before, "load_s": round(seconds, 3),
-                  "devices": sorted({p.device.type for p in graph.parameters()})}))
+print(json.dumps({"peak_rss_above_import": status("VmHWM") - before, "rss_after_load": status("VmRSS") - before,
+                  "load_s": round(seconds, 3), "devices": sorted({p.device.type for p in graph.parameters()})}))
 """
 
 
 def measure_load(path: Path, loader: str = "svdq", device: str | None = None) -> dict:
-    """Peak RSS above the import and wall time of loading `path` in a fresh process."""
-    run = subprocess.run([sys.executable, "-c", LOAD_PEAK_RSS, str(path), loader, *([device] if device else [])],
-                         capture_output=True, text=True, timeout=3600)
-    if run.returncode != 0:
-        raise RuntimeError(f"loading {path} failed:\n{run.stderr[-2000:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    """Peak RSS above the import and wall time of loading `path` in a fresh process that has first imported
+    every module such a load imports (found by a load in another process), so that only the load is counted."""
+    def fresh(modules: str) -> str:
+        run = subprocess.run([sys.executable, "-c", LOAD_PEAK_RSS, str(path), loader, modules,
+                              *([device] if device else [])], capture_output=True, text=True, timeout=3600)
+        if run.returncode != 0:
+            raise RuntimeError(f"loading {path} failed:\n{run.stderr[-2000:]}")
+        return run.stdout.strip().splitlines()[-1]
+
+    return json.loads(fresh(fresh("list")))
 
 
 def compile_graph(name: str, work: Path) -> Path:
