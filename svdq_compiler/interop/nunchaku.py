@@ -37,8 +37,8 @@ from typing import Any, Mapping
 import torch
 import torch.fx
 
-from svdq_compiler.codegen.layout import (NunchakuLinear, PackedWeight, from_nunchaku, from_nunchaku_awq,
-                                          round_up, to_nunchaku, to_nunchaku_awq, unpack_weight)
+from svdq_compiler.codegen.layout import (NUNCHAKU_GROUPS, NunchakuLinear, PackedWeight, from_nunchaku,
+                                          from_nunchaku_awq, round_up, to_nunchaku, to_nunchaku_awq, unpack_weight)
 from svdq_compiler.errors import CheckpointError, InputError
 from svdq_compiler.ir import get_attr_value, set_attr_value
 from svdq_compiler.layers import Layers, find_layers, segment_rows
@@ -46,7 +46,6 @@ from svdq_compiler.quant import dequantize
 
 MODEL_CLASS = "NunchakuFluxTransformer2dModel"
 WEIGHT_DTYPES = {"int4": "int4", "nvfp4": "fp4_e2m1_all"}
-GROUPS = {"int4": 64, "nvfp4": 16}
 GELU_SHIFT_INT4 = 0.171875
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 
@@ -121,7 +120,7 @@ def export_nunchaku(gm: torch.fx.GraphModule, path: str | Path | None = None, *,
                          fix="pass config= (the diffusers config of the model)")
     layers = find_layers(gm)
     formats = {layers.quantized[name].fmt for name in layers.quantized}
-    if len(formats) != 1 or next(iter(formats)) not in GROUPS:
+    if len(formats) != 1 or next(iter(formats)) not in NUNCHAKU_GROUPS:
         raise CheckpointError(f"Nunchaku checkpoints are all-int4 (group 64) or all-nvfp4 (group 16); this graph "
                               f"has weight formats {sorted(formats)}", fix="compile with the int4 or nvfp4 preset")
     fmt = formats.pop()
@@ -240,7 +239,7 @@ def write_checkpoint(tensors: Mapping[str, torch.Tensor], path: str | Path, conf
     from svdq_compiler.files import atomic_path
 
     scale_dtype = None if fmt == "int4" else [None, "fp8_e4m3_nan"]
-    quant = {"dtype": WEIGHT_DTYPES[fmt], "scale_dtype": scale_dtype, "group_size": GROUPS[fmt]}
+    quant = {"dtype": WEIGHT_DTYPES[fmt], "scale_dtype": scale_dtype, "group_size": NUNCHAKU_GROUPS[fmt]}
     metadata = {"config": json.dumps({"_class_name": "FluxTransformer2DModel", **config}),
                 "model_class": MODEL_CLASS,
                 "quantization_config": json.dumps({"method": "svdquant", "weight": quant, "activation": quant,
@@ -334,7 +333,7 @@ def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None) -
     from svdq_compiler.config import QuantConfig
     from svdq_compiler.meta_capture import capture_on_meta
     from svdq_compiler.models import adapter_for_class
-    from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
+    from svdq_compiler.pipeline import PassContext, PassResult, make_pass, run_passes, svdquant_pipeline
     from svdq_compiler.serialize import REPORT_META
 
     tensors, config, quant = read_checkpoint(source)
@@ -350,13 +349,15 @@ def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None) -
     gm = capture_on_meta(model, example, adapter=adapter)
     quant_config = QuantConfig.preset(fmt, rank=rank or 32, skip=KEPT_16BIT, **NUNCHAKU_COMPATIBLE)
     ctx = PassContext(config=quant_config, example_inputs=example, adapter=adapter)
-    passes = {p.name: p for p in svdquant_pipeline(["annotate_linears", "lower", "fuse"])}
-    gm = run_passes(gm, ctx, [passes["annotate_linears"]])
-    _Importer(gm, tensors, fmt, rank, config, str(source)).run()
-    ctx.state["quantize_weights"] = {}
-    ctx.records.append({"name": "quantize_weights", "modified": True, "wall_s": 0.0,
-                        "stats": {"imported_from": str(source), "format": fmt}})
-    gm = run_passes(gm, ctx, [passes[name] for name in ("lower", "fuse") if name in passes])
+    def import_weights(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        _Importer(gm, tensors, fmt, rank, config, str(source)).run()
+        return PassResult(gm, True, {"imported_from": str(source), "format": fmt})
+
+    # The checkpoint's packed weights take the place of quantize_weights' QTensors: `lower` finds them on the graph.
+    importer = make_pass("import_weights", import_weights, requires=("linears",), produces=("quantized",),
+                         summary="the checkpoint's packed weights, λ and branches are on the graph")
+    annotate, lower, fuse = svdquant_pipeline(["annotate_linears", "lower", "fuse"])
+    gm = run_passes(gm, ctx, [annotate, importer, lower, fuse])
     empty = sorted(name for name, t in list(gm.named_parameters()) + list(gm.named_buffers()) if t.is_meta)
     if empty:
         raise CheckpointError(f"{len(empty)} model tensor(s) got no value from the checkpoint: {empty[:8]}",
@@ -491,9 +492,8 @@ class _Importer:
 
     def attach(self, decoded: dict[str, NunchakuLinear]) -> None:
         """λ, branches, packed weights and biases, through the smooth and lowrank passes' own graph rewrites."""
-        from svdq_compiler.passes.calibrate import Calibration, SiteStats
-        from svdq_compiler.passes.lowrank import apply_branches
-        from svdq_compiler.passes.smooth import apply_smoothing
+        from svdq_compiler.calibration import Calibration, SiteStats
+        from svdq_compiler.rewrites import apply_branches, apply_smoothing
         from svdq_compiler.svdquant import group_problem, members_by_group, raw_input
 
         groups = members_by_group(self.gm, lambda info: info.scheme is not None and info.scheme.act is not None)

@@ -94,7 +94,7 @@ def test_refinement_keeps_the_best_iterate_and_stops_early():
     model = outlier_dit()
     gm, ctx, _ = prepared(model, CALIB[0], CALIB, passes=("annotate_linears", "calibrate", "smooth"))
     members = members_by_group(gm, lambda i: i.scheme.rank > 0)["blocks.0.out"]
-    problem = group_problem(gm, members, ctx.state["calibrate"], members[0][1].scheme)
+    problem = group_problem(gm, members, ctx.calibration, members[0][1].scheme)
     smooth = get_attr_value(gm, members[0][1].smooth)
     _, history, kept = refine(problem, smooth, 32, 12, True, "full", 0)
     assert kept == history.index(min(history)) + 1 and history[kept - 1] < history[0]

@@ -61,8 +61,8 @@ def test_the_winner_has_the_smallest_error_of_all_candidates():
     gm, ctx, _ = prepared(model, CALIB[0], CALIB)
     members = members_by_group(gm, lambda i: i.scheme.smooth)["blocks.0.up"]
     node, info = members[0]
-    problem = group_problem(gm, members, ctx.state["calibrate"], info.scheme)
-    act = ctx.state["calibrate"].sites[raw_input(node).name].absmax()
+    problem = group_problem(gm, members, ctx.calibration, info.scheme)
+    act = ctx.calibration.sites[raw_input(node).name].absmax()
     errors = {}
     for alpha, beta in smoothing_candidates("svdquant", 20):
         scale = smoothing_scale(act, problem.weight_absmax(), alpha, beta, torch.float32)
@@ -132,7 +132,7 @@ def test_batched_candidates_match_one_at_a_time(preset, shift, monkeypatch):
 
 
 def test_search_ranks_on_a_row_subset_and_reports_errors_on_every_row():
-    from svdq_compiler.passes.smooth import search
+    from svdq_compiler.svdquant import search
 
     problem = synthetic_problem(rows=96)
     act = problem.rows["x"].abs().amax(0)
