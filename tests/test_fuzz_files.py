@@ -119,12 +119,16 @@ def checkpoint(tmp_path_factory):
     return path.read_bytes()
 
 
-def damage(data, cut, flips):
+def damaged_file(folder, data, cut, flips):
+    """`data` (a safetensors file) cut to a fraction and with bytes flipped in its length and JSON header (the
+    parts the readers parse), written to `folder`."""
     damaged = bytearray(data[: max(1, int(len(data) * cut))])
-    header = 8 + int.from_bytes(data[:8], "little")  # flips land in the length and JSON header, the parts we parse
+    header = 8 + int.from_bytes(data[:8], "little")
     for where, mask in flips:
         damaged[min(int(where * header), len(damaged) - 1)] ^= mask
-    return bytes(damaged)
+    target = folder / "file.safetensors"
+    target.write_bytes(bytes(damaged))
+    return target
 
 
 DAMAGE = dict(cut=st.one_of(st.just(1.0), st.floats(0.0, 1.0)),
@@ -134,10 +138,8 @@ DAMAGE = dict(cut=st.one_of(st.just(1.0), st.floats(0.0, 1.0)),
 @FUZZ
 @given(**DAMAGE)
 def test_damaged_single_file_checkpoints_load_or_refuse(checkpoint, tmp_path_factory, cut, flips):
-    target = tmp_path_factory.mktemp("ck") / "model.safetensors"
-    target.write_bytes(damage(checkpoint, cut, flips))
     try:
-        model = load_model(str(target))
+        model = load_model(str(damaged_file(tmp_path_factory.mktemp("ck"), checkpoint, cut, flips)))
     except SvdqError:
         return
     assert isinstance(model, torch.nn.Module)
@@ -155,10 +157,8 @@ def lora_file(tmp_path_factory):
 @FUZZ
 @given(**DAMAGE)
 def test_damaged_lora_files_load_or_refuse(lora_file, tmp_path_factory, cut, flips):
-    target = tmp_path_factory.mktemp("lo") / "lora.safetensors"
-    target.write_bytes(damage(lora_file, cut, flips))
     try:
-        lora = read_lora(target)
+        lora = read_lora(damaged_file(tmp_path_factory.mktemp("lo"), lora_file, cut, flips))
     except SvdqError:
         return
     assert all(torch.isfinite(m.down).all() and torch.isfinite(m.up).all() for m in lora.modules.values())
