@@ -200,6 +200,8 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
     the weights are copied there one at a time, never all held on the CPU first."""
     from torch._export.serde.serialize import SerializedArtifact, deserialize
 
+    import svdq_compiler.api  # noqa: F401  (registers the svdq ops and fused ops a graph calls)
+
     try:
         target = torch.device(device) if device is not None else None
     except (RuntimeError, TypeError) as exc:
