@@ -82,9 +82,6 @@ def _no_quantized_linear_left(gm: torch.fx.GraphModule, ctx: PassContext) -> lis
     return problems + ([] if LAYERS_META in gm.meta else [f"gm.meta[{LAYERS_META!r}] (the layer report) is missing"])
 
 
-@register_pass("lower", requires=("linears", "quantized"), produces=("lowered",), ops=LOWERED_OPS,
-               ensures=_no_quantized_linear_left,
-               summary="quantized linears are svdq.quantize_act / svdq.gemm / svdq.weight_only_linear + branch")
 @dataclass
 class _Lowering:
     """What the lowerings of one pass share: the quantized weights and the activation quantizers made so far."""
@@ -164,6 +161,9 @@ def _form(info: LinearInfo) -> str:
     return "conv2d" if info.kind == "conv" else "weight_only_linear" if info.scheme.act is None else "gemm"
 
 
+@register_pass("lower", requires=("linears", "quantized"), produces=("lowered",), ops=LOWERED_OPS,
+               ensures=_no_quantized_linear_left,
+               summary="quantized linears are svdq.quantize_act / svdq.gemm / svdq.weight_only_linear + branch")
 @torch.no_grad()
 def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Rewrite each quantized linear into the lowered form (module doc)."""
