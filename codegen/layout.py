@@ -256,9 +256,12 @@ def pack_act(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def unpack_act(codes: torch.Tensor, scales: torch.Tensor, fmt: str, group_size: int, k: int,
-               dtype: torch.dtype) -> QTensor:
+               dtype: torch.dtype, tensor_scale: torch.Tensor | None = None) -> QTensor:
+    """The QTensor that packed activations stand for; nvfp4's per-tensor scale travels beside the packed pair
+    (pack_act drops it), so pass it back here."""
     group = check_packed_act(codes, scales, fmt, group_size, k)
-    return QTensor(unpack_codes(codes, fmt, group), _scales_from_packed(scales, fmt), fmt, group, k, dtype)
+    return QTensor(unpack_codes(codes, fmt, group), _scales_from_packed(scales, fmt), fmt, group, k, dtype,
+                   tensor_scale)
 
 
 # ---- Nunchaku SVDQuant W4A4 -----------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ class Calibration:
     sites: dict[str, SiteStats] = field(default_factory=dict)
     source: str = ""
     inputs: int = 0
+    data_free: bool = False  # synthetic rows: the ranges say nothing about the real activations
 
 
 def _calibration_inputs(ctx: PassContext) -> tuple[Iterable, str]:
@@ -224,6 +225,7 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         shifted = {site_name(node, info) for node, info in annotated_linears(gm) if info.shift}
         _isotropic_rows(sites, shifted, conv_sites, config.calib_rows, generator)
         calibration.source = f"weights ({config.calib_rows} isotropic Gaussian rows per site: weight-space error)"
+        calibration.data_free = True
     else:
         inputs, calibration.source = _calibration_inputs(ctx)
         recorder = _Recorder(gm, recorded, config.calib_rows, generator)
