@@ -121,7 +121,7 @@ class QuantConfig:
     calib_source: str = "inputs"
     # nvfp4 activations: the calibrated per-tensor scale covers this multiple of the largest |x/λ| seen in
     # calibration before a value saturates (svdq_compiler/quant.py, docs/architecture.md)
-    nvfp4_act_headroom: float = 4.0
+    nvfp4_act_headroom: float = 16.0
     pad_k: bool = True  # K not divisible by the group size: zero-pad (True) or keep the layer 16-bit (False)
 
     # ---- construction -------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ class QuantConfig:
             raise InputError(f"search_rows must be at least 1 or None (every sample row), got {self.search_rows}")
         if not (isinstance(self.nvfp4_act_headroom, (int, float)) and 1 <= self.nvfp4_act_headroom <= 2 ** 16):
             raise InputError(f"nvfp4_act_headroom must be a number in [1, 65536], got {self.nvfp4_act_headroom!r}",
-                             fix="use e.g. 4 (the default)")
+                             fix="use e.g. 16 (the default)")
         if self.weight_format == "nvfp4" and self.group_size != 16:
             raise InputError("nvfp4 uses groups of 16 channels", fix="set group_size=16 or use the nvfp4 preset")
         if self.weight_format in ("int4", "nf4") and self.group_size == 0:

@@ -14,8 +14,9 @@ Formats (the formulas of deepcompressor's SVDQuant recipe; see docs/architecture
   grid value, and an exact tie goes to the larger neighbour (towards +∞, for negative values too).
 
   Compiled graphs use a *calibrated* activation scale, t = headroom·A/(6·448) with A the largest |x/λ| seen in
-  calibration and headroom `QuantConfig.nvfp4_act_headroom` (default 4, a ×4 margin before saturation):
-  a constant t is a kernel argument, so kernel A, the quantize-for-next-layer epilogue of kernel B (which sees
+  calibration and headroom `QuantConfig.nvfp4_act_headroom` (default 16: values 16× beyond calibration still
+  do not saturate, and groups down to A/1792 keep normal, full-precision FP8 scales; t = 1 when calibration
+  had no real data). A constant t is a kernel argument, so kernel A, the quantize-for-next-layer epilogue of kernel B (which sees
   one output tile, never the whole tensor) and Nunchaku's layout (t folds into smooth_factor and wtscale) can
   all use it; a dynamic t would need a whole-tensor reduction before the first code. docs/architecture.md
   ("NVFP4 activation scale") has the measurements behind the choice.
