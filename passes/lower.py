@@ -6,7 +6,8 @@ Requires: quantize_weights. Ensures:
   `acc = svdq.gemm(codes, scales, qweight, wscales, wtscale, fmt, G, K, dtype)` and
   `y = aten.add(acc, aten.linear(down, L1, bias'))` (or `acc + bias'` without a branch); the branch's
   `down = aten.linear(aten.div(x, λ), L2)` stays shared per (input, L2);
-- weight-only linears become `svdq.weight_only_linear(x, qweight, wscales, bias, fmt, G)`;
+- weight-only linears become `svdq.weight_only_linear(x, qweight, wscales, bias, fmt, G)` (x/λ where AWQ
+  scaled them, plus their branch `aten.linear(down, L1)` where they have one);
 - quantized k×k convolutions become `svdq.conv2d(x, qweight, wscales, wtscale, bias, shift, fmt, G, kernel,
   stride, padding, dilation)` (the weight packed as its tap-major im2col matrix, svdq_compiler.conv);
 - nvfp4 activations get their calibrated per-tensor scale (quant.py): a float32 buffer `<layer>.act_scale` =
@@ -117,8 +118,10 @@ def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             counts["conv2d"] += 1
         elif scheme.act is None:
             bias = node.args[2] if len(node.args) > 2 else None
+            # an AWQ-scaled layer reads x/λ (its smooth_div stays a 16-bit aten.div); a branch stays beside it
             out = insert_call(gm, svdq.weight_only_linear.default,
-                              (x, weight_nodes[0], weight_nodes[1], bias, scheme.weight, scheme.weight_group),
+                              (node.args[0], weight_nodes[0], weight_nodes[1], bias, scheme.weight,
+                               scheme.weight_group),
                               before=node, meta_from=node)
             node.replace_all_uses_with(out)
             counts["weight_only_linear"] += 1

@@ -1,10 +1,11 @@
-"""lowrank: give every quantized linear with a rank-r scheme a 16-bit low-rank branch, leaving the residual.
+"""lowrank: give every quantized linear with a rank-r scheme (weight-only ones included) a 16-bit low-rank
+branch, leaving the residual.
 
 Requires: calibrate (and smooth, when the scheme smooths). Ensures, per group:
 - per branch set (q/k/v reading one tensor stacked by rows; every other weight alone), L1 [N, r] = UΣ and
   L2 [r, K] = Vᵀ of the smoothed weight Ŵ from a float64 SVD (`svd`: "full", or "randomized"); q/k/v share L2;
 - with `iterations` > 1, the refinement L = SVD_r(Ŵ − Q(Ŵ − L_prev)) keeps the iterate with the smallest output
-  error of the group (W4A4 fake quantization on the calibration sample) and stops at the first that is worse
+  error of the group (the scheme's fake quantization on the calibration sample) and stops at the first that is worse
   (`early_stop`);
 - the weight holds the residual R = Ŵ − L1·L2 (model dtype); L1 is `<layer>.lora_up`, L2 `<first of its
   set>.lora_down`; the graph computes `linear(xs, R, b) + linear(linear(xs, L2), L1)` (QuantOpInfo "lora_down",
@@ -90,8 +91,7 @@ def lowrank(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Decompose each group's smoothed weights and attach the branches (module doc)."""
     config = ctx.config
     calibration: Calibration = ctx.state["calibrate"]
-    groups = members_by_group(gm, lambda info: info.scheme is not None and info.scheme.rank > 0 and
-                              info.scheme.act is not None)
+    groups = members_by_group(gm, lambda info: info.scheme is not None and info.scheme.rank > 0)
     kept_iterations, gains, report = [], [], {}
     for group, members in ctx.progress(groups.items(), "lowrank", total=len(groups)):
         scheme = members[0][1].scheme

@@ -1,9 +1,10 @@
 """smooth: per smoothing group, search λ = a^α / b^β and migrate activation outliers into the weights.
 
-Requires: calibrate. Ensures, for every group whose members' scheme smooths:
+Requires: calibrate. Ensures, for every group whose members' scheme smooths (a weight-only scheme too: then
+the search is activation-aware weight scaling, AWQ, with 16-bit activations and no branch in the loop):
 - λ is the candidate with the smallest summed squared output error over the group's members on the calibration
-  sample, measured with the group's activation and weight quantizers and — when the scheme has a branch — a
-  one-shot rank-r SVD branch inside the loop (`search_svd`, randomized and float32 by default: only the
+  sample, measured with the group's activation and weight quantizers and — when a W4A4/W8A8 scheme has a
+  branch — a one-shot rank-r SVD branch inside the loop (`search_svd`, randomized and float32 by default: only the
   ranking matters); candidates are ranked on a seeded subset of `search_rows` sample rows, evaluated many at a
   time (`GroupProblem.candidate_errors`), and the winner's and λ = 1's errors are measured on every row;
   candidates follow the reference grid (λ = 1, (c, 0), (c, 1 − c); 39 for smooth_grid 20) or SmoothQuant's
@@ -81,15 +82,16 @@ def smooth(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     config = ctx.config
     calibration: Calibration = ctx.state["calibrate"]
     candidates = smoothing_candidates(config.smooth, config.smooth_grid)
-    groups = members_by_group(gm, lambda info: info.scheme is not None and info.scheme.smooth and
-                              info.scheme.act is not None)
+    groups = members_by_group(gm, lambda info: info.scheme is not None and info.scheme.smooth)
     report, ratios, identity = {}, [], 0
     for group, members in ctx.progress(groups.items(), "smooth", total=len(groups)):
         scheme = members[0][1].scheme
         problem = group_problem(gm, members, calibration, scheme)
         act_absmax = torch.stack([calibration.sites[raw_input(n).name].absmax(info.shift)
                                   for n, info in members]).amax(0)
-        (alpha, beta), scale, error, identity_error = search(problem, act_absmax, candidates, scheme.rank,
+        # a weight-only (AWQ) search ranks λ by the weight quantization alone: its branch comes after
+        search_rank = scheme.rank if scheme.act is not None else 0
+        (alpha, beta), scale, error, identity_error = search(problem, act_absmax, candidates, search_rank,
                                                              config.search_svd, config.calib_seed,
                                                              config.search_rows)
         ratio = error / identity_error if identity_error else 1.0

@@ -13,13 +13,13 @@ archive reaches code execution through:
 - our own fused ops' kernel specs: Triton source is generated from them and imported;
 - the pre-2.7 zip layout, which torch falls back to when the PT2 reader fails, with the same pickles.
 
-`check_archive(data)` inspects the bytes before torch sees them, with the standard library only (zipfile, json,
+`check_archive(archive)` inspects the file before torch sees any of it, with the standard library only (zipfile, json,
 ast), and refuses anything outside what our saves write: a fixed set of entry names, payloads that are raw
 tensor bytes, sample inputs that load with `weights_only=True`, size expressions in sympy's `srepr` grammar
 (Symbol/Integer/Add/Mul/… with literal arguments), guards that are comparisons of input sizes (nested dict and
 list inputs included), node targets that are aten/prims/svdq operators or symbolic-size arithmetic, and kernel
-specs of short words and numbers. The loader then hands torch the same
-bytes (never the path again), so what was checked is what is loaded.
+specs of short words and numbers. The loader checks every entry's digest first and hands torch the entries it
+read (never the path), so what was checked is what is loaded.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ import io
 import json
 import math
 import re
-import zipfile
-import zlib
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from svdq_compiler.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from svdq_compiler.archive import GraphArchive
 
 # Entries a PT2 archive of one program holds, below its single top-level folder.
 _FIXED_ENTRIES = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id",
@@ -83,23 +84,12 @@ def refuse(what: str, where: str) -> CheckpointError:
                                "never needs pickled objects or code")
 
 
-def check_archive(data: bytes, where: str) -> None:
-    """Raise CheckpointError unless `data` (a graph file's bytes) is a PT2 archive that loads without running
-    anything it contains (module docstring)."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            _check_entries(archive, where)
-    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
-        raise CheckpointError(f"the graph file is corrupt or truncated ({exc})", where=where,
-                              fix="write it again with svdq-compile or svdq_compiler.save") from exc
-
-
-def _check_entries(archive: zipfile.ZipFile, where: str) -> None:
-    root, entries = _entries(archive.namelist(), where)
-
-    def read(entry: str) -> bytes:
-        return archive.read(f"{root}/{entry}")
-
+def check_archive(archive: "GraphArchive") -> None:
+    """Raise CheckpointError unless `archive` (an opened graph file) is a PT2 archive that loads without running
+    anything it contains (module docstring). Reads the small entries only, never the tensor records."""
+    where = archive.where
+    _, entries = _entries(archive.zip.namelist(), where)
+    read = archive.read
     weights = _payload_config(read, "data/weights/model_weights_config.json", _WEIGHT_RECORD, where)
     constants = _payload_config(read, "data/constants/model_constants_config.json", _CONSTANT_RECORD, where)
     records = {e for e in entries if e.startswith("data/weights/weight_")} | \

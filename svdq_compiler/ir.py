@@ -68,6 +68,7 @@ class LinearInfo:
     bytes_before: int = 0
     bytes_after: int = 0
     fallback: str | None = None  # sensitivity fallback taken, with the reason
+    choice: str | None = None  # the per-layer choice (quantize_weights): the form kept and every error measured
 
     def summary(self) -> str:
         parts = [f"{self.name}", f"role={self.role}"]
@@ -85,6 +86,8 @@ class LinearInfo:
             parts.append(f"pad_k={self.pad_k}")
         if self.fallback:
             parts.append(f"fallback={self.fallback}")
+        if self.choice:
+            parts.append(f"choice=[{self.choice}]")
         parts += [f"{k}={v:.3g}" for k, v in self.errors.items()]
         return " ".join(parts)
 

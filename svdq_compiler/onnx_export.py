@@ -59,12 +59,13 @@ import torch.nn.functional as F
 from svdq_compiler import quant
 from svdq_compiler.capture import INPUTS_META, capture_report, dynamic_shapes_of, split_inputs
 from svdq_compiler.codegen import fused_ops
+from svdq_compiler.config import ONNX_FORMS
 from svdq_compiler.codegen.layout import PackedWeight, effective_group, unpack_weight
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError, first_line
 from svdq_compiler.files import ensure_dir
 from svdq_compiler.ops import WEIGHT_FORMAT_OF, smoothed_input
 
-FORMS = ("portable", "custom")
+FORMS = ONNX_FORMS
 OPSET = 21  # the first with blocked DequantizeLinear and INT4
 CUSTOM_DOMAIN = "svdq"
 _PROTOBUF_LIMIT = 2 ** 31 - 2 ** 20  # protobuf's 2 GiB, less room for the graph itself

@@ -31,8 +31,6 @@ import gc
 import logging
 import re
 import resource
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +42,7 @@ import torch.nn.functional as F
 
 from svdq_compiler.archive import StreamingArchive
 from svdq_compiler.config import QuantConfig
+from svdq_compiler.checks import check_finite_weight
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError
 from svdq_compiler.ir import META_KEY, LinearInfo, annotated_linears, get_attr_value, set_attr_value
 from svdq_compiler.meta_capture import META, capture_on_meta, program_from_graph
@@ -157,6 +156,7 @@ def read_attribute(gm: torch.fx.GraphModule, target: str, checkpoint: ShardedChe
 def load_unit(gm: torch.fx.GraphModule, targets: list[str], checkpoint: ShardedCheckpoint, record: UnitRecord) -> None:
     for target in targets:
         tensor = read_attribute(gm, target, checkpoint)
+        check_finite_weight(target, tensor, str(checkpoint.folder))
         record.tensors_read += 1
         record.bytes_read += tensor.numel() * tensor.element_size()
         set_attr_value(gm, target, tensor)
@@ -360,24 +360,6 @@ def summed_stats(entries: list[dict[str, Any]]) -> dict[str, Any]:
 # ---- the driver -----------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _terminate_as_exception() -> Iterator[None]:
-    """A SIGTERM during the (long) streaming compile unwinds like an error, so the archive's temporary file is
-    removed instead of left behind."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise InputError("the streaming compile was terminated (SIGTERM)", fix="run it again")
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, *, calibration: str = "none",
                       betas: tuple[float, ...] = DEFAULT_BETAS, batch: int = 2, tokens: Any = None,
                       dtype: torch.dtype | None = None,
@@ -421,7 +403,7 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
     pass_stats: dict[str, list] = {}
     layers: list[dict[str, Any]] = []
     began = time.perf_counter()
-    with StreamingArchive(out) as archive, _terminate_as_exception():
+    with StreamingArchive(out) as archive:
         for index, (unit, targets) in enumerate(units.items()):
             record = UnitRecord(unit)
             unit_start = time.perf_counter()

@@ -277,8 +277,9 @@ class GroupProblem:
         act_inputs = {}
         for site, rows in self.rows.items():
             shift = self.shifts.get(site, 0.0)
-            if scheme.act is None:
-                act_inputs[site] = (rows, None)
+            if scheme.act is None:  # weight-only: x/λ (AWQ) in the model dtype feeds both paths
+                smoothed = rows if inverse is None else (rows * inverse).to(self.dtype).float()
+                act_inputs[site] = (smoothed, smoothed)
                 continue
             main = rows + shift if shift else rows
             if inverse is not None:

@@ -197,17 +197,24 @@ def test_size_expressions_beyond_srepr_are_refused(text):
 
 
 def test_the_checked_bytes_are_the_loaded_bytes(graph_file, monkeypatch):
-    """The file is read once: torch gets the checked bytes, not the path (no swap between check and load)."""
+    """Each entry is read once: torch gets the checked bytes, never the path (no swap between check and load)."""
+    import zipfile
+
+    from torch._export.serde import serialize as serde
+
     seen = []
-    real_load = torch.export.load
+    real_deserialize = serde.deserialize
 
-    def spy(f, **kwargs):
-        seen.append(f)
-        return real_load(f, **kwargs)
+    def spy(artifact, *args, **kwargs):
+        seen.append(artifact)
+        return real_deserialize(artifact, *args, **kwargs)
 
-    monkeypatch.setattr(torch.export, "load", spy)
+    monkeypatch.setattr(serde, "deserialize", spy)
+    monkeypatch.setattr(torch.export, "load", None)  # the path never reaches torch's own loader
     svdq_compiler.load(graph_file)
-    assert len(seen) == 1 and isinstance(seen[0], io.BytesIO) and seen[0].getvalue() == graph_file.read_bytes()
+    with zipfile.ZipFile(graph_file) as archive:
+        assert len(seen) == 1 and seen[0].exported_program == archive.read("archive/models/model.json")
+        assert seen[0].example_inputs == archive.read("archive/data/sample_inputs/model.pt")
 
 
 @pytest.mark.parametrize("text", [

@@ -87,6 +87,11 @@ DOUBLE_NORMS = {"norm_q": "attn.norm_q", "norm_k": "attn.norm_k", "norm_added_q"
 SINGLE_NORMS = {"norm_q": "attn.norm_q", "norm_k": "attn.norm_k"}
 # Linears Nunchaku keeps 16-bit although our default compile would make them weight-only.
 KEPT_16BIT = (r"^norm_out\.linear$",)
+# QuantConfig fields a compile needs for Nunchaku to hold the result: every block linear W4A4 with its group's λ
+# and its branch (no per-layer choice, no fallback), the AdaLN layers plain W4A16 (Nunchaku's AWQ kernel has no
+# smoothing vector and no branch).
+NUNCHAKU_COMPATIBLE = dict(fallback_error=None, layer_choice=False, weight_only_smooth=False, weight_only_rank=0,
+                           weight_only_error=None)
 
 
 def _block_kinds(config: Mapping[str, Any]):
@@ -134,9 +139,12 @@ def export_nunchaku(gm: torch.fx.GraphModule, path: str | Path | None = None, *,
                 tensors[f"{prefix}.{_name(fused, naming)}.{key}"] = value
         for local, splits in awq.items():
             weight = layers.weight_only.get(f"{prefix}.{local}")
-            if weight is None or weight.fmt != "int4" or weight.group_size != 64:
-                raise CheckpointError(f"{prefix}.{local} must be weight-only int4 (group 64) for Nunchaku",
-                                      fix="compile with the default role scheme for AdaLN layers (w4a16 int4)")
+            meta = None if weight is None else weight.node.meta.get("svdq")
+            if weight is None or weight.fmt != "int4" or weight.group_size != 64 or \
+                    getattr(meta, "smooth", None) or getattr(meta, "lora_up", None):
+                raise CheckpointError(f"{prefix}.{local} must be plain weight-only int4 (group 64, no AWQ scaling, no "
+                                      "branch) for Nunchaku", fix="compile with QuantConfig.preset(fmt, "
+                                      "**svdq_compiler.interop.nunchaku.NUNCHAKU_COMPATIBLE)")
             bias = get_attr_value(gm, weight.bias) if weight.bias else None
             for key, value in to_nunchaku_awq(weight.packed(gm), bias, adanorm_splits=splits).items():
                 tensors[f"{prefix}.{local}.{key}"] = value
@@ -156,8 +164,8 @@ def _exported_linear(gm: torch.fx.GraphModule, layers: Layers, prefix: str, fuse
         kind = {name: ("weight-only" if name in layers.weight_only else "16-bit" if name in layers.dense
                        else "absent") for name in missing}
         raise CheckpointError(f"Nunchaku needs W4A4 layers; these are not: {kind}",
-                              fix="compile without sensitivity fallback (fallback_error=None) and without skip "
-                                  "rules for FLUX block linears")
+                              fix="compile with QuantConfig.preset(fmt, **svdq_compiler.interop.nunchaku."
+                                  "NUNCHAKU_COMPATIBLE) and without skip rules for FLUX block linears")
     weights = [layers.quantized[name].packed(gm) for name in names]
     first = weights[0]
     wtscale = None
@@ -283,15 +291,30 @@ def read_checkpoint(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
                 tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
         except Exception as exc:  # safetensors raises its own types for damaged files
             raise CheckpointError(f"not a readable safetensors file: {exc}", where=str(file)) from exc
-    if "config" in metadata:
-        config = json.loads(metadata["config"])
-    elif (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
-    else:
-        raise CheckpointError("the checkpoint carries no model config", where=str(path),
-                              fix="Nunchaku files hold it in their metadata; legacy folders in config.json")
-    quant = json.loads(metadata["quantization_config"]) if "quantization_config" in metadata else {}
+    try:
+        if "config" in metadata:
+            config = json.loads(metadata["config"])
+        elif (path / "config.json").is_file():
+            config = json.loads((path / "config.json").read_text())
+        else:
+            raise CheckpointError("the checkpoint carries no model config", where=str(path),
+                                  fix="Nunchaku files hold it in their metadata; legacy folders in config.json")
+        quant = json.loads(metadata["quantization_config"]) if "quantization_config" in metadata else {}
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"the checkpoint's config is not JSON ({exc})", where=str(path),
+                              fix="re-export the checkpoint") from exc
+    if not isinstance(config, dict) or not isinstance(quant, dict):
+        raise CheckpointError("the checkpoint's config or quantization_config is not a JSON object", where=str(path),
+                              fix="re-export the checkpoint")
+    lacking = [key for key in FLUX_CONFIG_KEYS
+               if not (isinstance(config.get(key), int) and not isinstance(config.get(key), bool) and config[key] > 0)]
+    if lacking:
+        raise CheckpointError(f"the checkpoint's FLUX config lacks positive integers for {lacking}", where=str(path),
+                              fix="give the config the model was exported with (config metadata or config.json)")
     return _to_v1(tensors, config), {k: v for k, v in config.items() if not k.startswith("_")}, quant
+
+
+FLUX_CONFIG_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim")  # sizes the import reads
 
 
 def _to_v1(tensors: dict[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -344,7 +367,7 @@ def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None) -
     model.to(dtype)
     example = adapter.example_inputs(model, batch=batch, tokens=tokens)
     gm = capture_on_meta(model, example, adapter=adapter)
-    quant_config = QuantConfig.preset(fmt, rank=rank or 32, skip=KEPT_16BIT, fallback_error=None)
+    quant_config = QuantConfig.preset(fmt, rank=rank or 32, skip=KEPT_16BIT, **NUNCHAKU_COMPATIBLE)
     ctx = PassContext(config=quant_config, example_inputs=example, adapter=adapter)
     passes = {p.name: p for p in svdquant_pipeline(["annotate_linears", "lower", "fuse"])}
     gm = run_passes(gm, ctx, [passes["annotate_linears"]])
@@ -457,8 +480,13 @@ class _Importer:
         names = [f"{prefix}.{part}" for part in fused.parts]
         infos = [self.infos[name][1] for name in names]
         total = sum(info.out_features for info in infos)
-        linear = from_nunchaku(self.take(f"{prefix}.{fused.v1}"), self.fmt, in_features=infos[0].in_features,
-                               out_features=total, rank=self.rank, where=f"{self.where}: {prefix}.{fused.v1}")
+        parts = self.take(f"{prefix}.{fused.v1}")
+        absent = [name for name in ("smooth", "lora_down", "lora_up") if name not in parts or not parts[name].numel()]
+        if absent:
+            raise CheckpointError(f"{prefix}.{fused.v1} has no {' or '.join(absent)} (or an empty one)",
+                                  where=self.where, fix="the checkpoint is incomplete: re-export or re-download it")
+        linear = from_nunchaku(parts, self.fmt, in_features=infos[0].in_features, out_features=total,
+                               rank=self.rank, where=f"{self.where}: {prefix}.{fused.v1}")
         out, row = {}, 0
         for name, info in zip(names, infos):
             rows = slice(row, row + info.out_features)

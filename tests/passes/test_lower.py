@@ -19,7 +19,8 @@ def targets(gm):
 
 def test_int4_lowered_form_and_report():
     model = outlier_dit()
-    gm, ctx, results = prepared(model, CALIB[0], CALIB, passes=PASSES)
+    # the toy AdaLN layer reads 32 channels: a rank-32 branch would be a full 16-bit copy of it
+    gm, ctx, results = prepared(model, CALIB[0], CALIB, passes=PASSES, weight_only_rank=0)
     ops = targets(gm)
     # q/k/v share one quantize_act and one down projection; 6 W4A4 gemms, one W4A16 (AdaLN).
     assert ops.count(svdq.quantize_act.default) == 4 and ops.count(svdq.gemm.default) == 6
@@ -104,3 +105,18 @@ def test_a_buffer_the_forward_never_reads_survives_fuse_without_fused_kernels():
     assert results["fuse"].modified and not hasattr(gm, "unused_table")
     x = dit_inputs(seed=5)
     torch.testing.assert_close(gm(*x), prepared(model, CALIB[0], CALIB, "w4a16-nf4", passes=PASSES)[0](*x))
+
+
+def test_a_weight_only_layer_keeps_its_awq_scaling_and_branch_when_lowered():
+    model = outlier_dit()
+    gm, _, _ = prepared(model, CALIB[0], CALIB, passes=PASSES, weight_only_rank=4, weight_only_error=None)
+    info = by_name(gm)["blocks.0.ada"]
+    assert info.scheme.kind == "weight_only" and info.smooth and info.rank == 4, info.choice
+    node = next(n for n in gm.graph.nodes if n.target == svdq.weight_only_linear.default)
+    assert node.meta["svdq"] is info
+    assert node.args[0].target == aten.div.Tensor and node.args[0].args[1].target == info.smooth
+    add = next(iter(node.users))
+    assert add.target == aten.add.Tensor and add.args[1].args[1].target == info.lora_up
+    x = dit_inputs(seed=5)
+    y = model(*x)
+    assert float((gm(*x) - y).norm() / y.norm()) < 0.1

@@ -69,15 +69,16 @@ def test_branches_are_attached_and_the_graph_is_unchanged():
     x = dit_inputs(seed=13)
     torch.testing.assert_close(gm(*x), model(*x), rtol=1e-4, atol=1e-4)
     stats = results["lowrank"].stats
-    assert stats["groups"] == 4 and stats["branches"] == 4
+    assert stats["groups"] == 5 and stats["branches"] == 5  # the weight-only AdaLN layer has one too
     infos = by_name(gm)
     assert {infos[f"blocks.0.{n}"].lora_down for n in "qkv"} == {"blocks.0.q.lora_down"}
     assert infos["blocks.0.k"].lora_up == "blocks.0.k.lora_up" and infos["blocks.0.k"].rank == 32
     downs = [n for n in gm.graph.nodes if quant_op(n) == "lora_down"]
-    assert len(downs) == 4
+    assert len(downs) == 5
     qkv_down = next(n for n in downs if n.meta["svdq"].linears == ["blocks.0.q", "blocks.0.k", "blocks.0.v"])
     assert sorted(quant_op(u) for u in qkv_down.users) == ["lora_up"] * 3
-    assert qkv_down.args[0] is next(n for n in gm.graph.nodes if quant_op(n) == "smooth_div")
+    assert qkv_down.args[0] is next(n for n in gm.graph.nodes if quant_op(n) == "smooth_div"
+                                    and "blocks.0.q" in n.meta["svdq"].linears)
     # The stored factors are the truncated SVD of the stacked smoothed weights, and the weights the residual.
     smooth = get_attr_value(gm, "blocks.0.q.smooth")
     stacked = torch.cat([getattr(model.blocks[0], n).weight * smooth for n in "qkv"]).detach()
