@@ -1,9 +1,9 @@
 """lower: replace every quantized linear with the reference `svdq` ops (architecture §7, "Lowered form").
 
 Requires: quantize_weights. Ensures:
-- per (input, λ, shift, format) of act-quantized linears, one `svdq.quantize_act(x, λ, shift, fmt, G)`
+- per (input, λ, shift, format) of act-quantized linears, one `svdq.quantize_act(x, λ, shift, fmt, G[, t])`
   (q/k/v share it; fmt "uint4" for shifted post-GELU inputs), and per linear
-  `acc = svdq.gemm(codes, scales, qweight, wscales, wtscale, fmt, G, K, dtype)` and
+  `acc = svdq.gemm(codes, scales, qweight, wscales, wtscale, fmt, G, K, dtype[, t])` and
   `y = aten.add(acc, aten.linear(down, L1, bias'))` (or `acc + bias'` without a branch); the branch's
   `down = aten.linear(aten.div(x, λ), L2)` stays shared per (input, L2);
 - weight-only linears become `svdq.weight_only_linear(x, qweight, wscales, bias, fmt, G)` (x/λ where AWQ
