@@ -26,10 +26,9 @@ from pathlib import Path
 
 from svdq_compiler.codegen.signature import signature_of
 from svdq_compiler.codegen.spec import ActQuant, GemmSpec, KernelSpec, QuantizeSpec, WeightOnlySpec
+from svdq_compiler.quant import FORMATS
 
 _TL_DTYPE = {"bfloat16": "tl.bfloat16", "float16": "tl.float16", "float32": "tl.float32"}
-_QMAX = {"int4": 7.0, "uint4": 15.0, "int8": 127.0, "nvfp4": 6.0}
-_QMIN = {"int4": -7.0, "uint4": 0.0, "int8": -127.0}
 
 
 @dataclass(frozen=True)
@@ -190,7 +189,7 @@ def _quant_description(quant: ActQuant) -> str:
         return (f"nvfp4, two-level: per token and group of 16, s = E4M3(absmax/6/t) (ties to the larger value, "
                 f"max 448, 0 → 1) with t the fp32 per-tensor scale, q = E2M1({source}/(s·t)) (ties to the larger "
                 f"value); codes in consecutive pairs.")
-    lo, hi = int(_QMIN[quant.fmt]), int(_QMAX[quant.fmt])
+    lo, hi = int(FORMATS[quant.fmt].qmin), int(FORMATS[quant.fmt].qmax)
     shift = f", shift {quant.shift:g}" if quant.shift else ""
     return (f"{quant.fmt}{shift}: per token and group of {quant.group_size}, s = absmax/{hi} rounded to the "
             f"model dtype (0 → 1), q = clamp(round-half-even({source}/s), {lo}, {hi}); split-half packing.")
@@ -244,7 +243,7 @@ def _emit_group_quantize(src: _Source, quant: ActQuant, value: str, rows: str, g
             scale = e4m3_bits(scale)""".replace("{rows}", rows).replace("{groups}", groups)
                 .replace("{half}", str(g // 2)).replace("{ts}", tensor_scale))
     else:
-        qmax, qmin = _QMAX[quant.fmt], _QMIN[quant.fmt]
+        qmax, qmin = FORMATS[quant.fmt].qmax, FORMATS[quant.fmt].qmin
         src.add(f"""
             scale = {_rounded(f"absmax / {qmax!r}", dtype)}
             scale = tl.where(scale == 0.0, 1.0, scale)

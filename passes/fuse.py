@@ -39,7 +39,7 @@ import torch.fx
 
 from svdq_compiler.codegen.spec import (ActQuant, Epilogue, GemmSpec, QuantizeNext, QuantizeSpec, SpecError,
                                         WeightOnlySpec)
-from svdq_compiler.ir import (LinearInfo, QuantOpInfo, annotated_linears, get_attr_value, info, infer_val,
+from svdq_compiler.ir import (LinearInfo, OpTag, QuantOpInfo, annotated_linears, get_attr_value, info, infer_val,
                               set_attr_value, set_info)
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 
@@ -331,7 +331,7 @@ def _kernel_b(rw: _Rewriter, chain: _Chain, quantize_next: tuple[_Group, Quantiz
             attr(_attr(next_group.args.get("act_scale"))) if next_group is not None else None, spec.to_string()),
             # the fused node implements the gemm's linear: its LinearInfo (from lower) moves along
             info(chain.gemm) if isinstance(info(chain.gemm), LinearInfo)
-            else QuantOpInfo("svdq.fused_gemm", linears, asdict(spec)))
+            else QuantOpInfo(OpTag.FUSED_GEMM, linears, asdict(spec)))
         count = (1 if spec.emits_output else 0) + (2 + (1 if qn.rank else 0) if qn else 0)
         outputs = rw.outputs(fused, count)
     position = 0
@@ -371,7 +371,7 @@ def _kernel_w(rw: _Rewriter, chain: _Chain) -> None:
             x, attr(_attr(w_codes)), attr(_attr(args["w_scales"])), chain.down, attr(chain.lora_up),
             attr(_attr(args.get("bias"))), list(chain.operands), spec.to_string()),
             info(chain.gemm) if isinstance(info(chain.gemm), LinearInfo)
-            else QuantOpInfo("svdq.fused_weight_only_linear", linears, asdict(spec)))
+            else QuantOpInfo(OpTag.FUSED_WEIGHT_ONLY_LINEAR, linears, asdict(spec)))
     end.replace_all_uses_with(fused)
     rw.stats["weight_only_fused"] += len(linears)
     rw.epilogues.update(step.kind for step in chain.epilogue)
@@ -424,7 +424,7 @@ def _kernel_a(rw: _Rewriter, group: _Group) -> None:
                         (x, smooth, rw.get_attr(weight) if weight else None,
                          rw.get_attr(_attr(group.args.get("act_scale"))) if quant.fmt == "nvfp4" else None,
                          spec.to_string()),
-                        QuantOpInfo("svdq.fused_quantize_lora_down", _group_linears(group), asdict(spec)))
+                        QuantOpInfo(OpTag.FUSED_QUANTIZE_LORA_DOWN, _group_linears(group), asdict(spec)))
         codes, scales, down = rw.outputs(fused, 3)
     for old, new in ((group.codes, codes), (group.scales, scales)):
         if old is not None:

@@ -32,7 +32,8 @@ from svdq_compiler.codegen.layout import pack_weight
 from svdq_compiler.conv import conv_args
 from svdq_compiler.errors import QuantizationError
 from svdq_compiler.fx_utils import aten, drop_unused_attrs, erase_unused, get_attr_node, insert_call
-from svdq_compiler.ir import LinearInfo, QuantOpInfo, annotated_linears, get_attr_value, set_attr_value, set_info
+from svdq_compiler.ir import (LAYERS_META, META_KEY, LinearInfo, OpTag, QuantOpInfo, annotated_linears,
+                              get_attr_value, set_attr_value, set_info)
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.quant import dequantize, nvfp4_act_scale
 from svdq_compiler.report import layer_report
@@ -134,7 +135,7 @@ def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 quantize = insert_call(gm, svdq.quantize_act.default, (x, smooth, info.shift, fmt,
                                                                         scheme.act_group, *act_scale),
                                        before=node, meta_from=node)
-                set_info(quantize, QuantOpInfo(op="svdq.quantize_act", linears=[],
+                set_info(quantize, QuantOpInfo(op=OpTag.QUANTIZE_ACT, linears=[],
                                                spec={"fmt": fmt, "group_size": scheme.act_group,
                                                      "shift": info.shift}))
                 codes = insert_call(gm, operator.getitem, (quantize, 0), after=quantize)
@@ -142,7 +143,7 @@ def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 quantizers[key] = (quantize, codes, scales)
                 counts["quantize_act"] += 1
             quantize, codes, scales = quantizers[key]
-            quantize.meta["svdq"].linears.append(info.name)
+            quantize.meta[META_KEY].linears.append(info.name)
             out = insert_call(gm, svdq.gemm.default, (codes, scales, *weight_nodes, fmt, scheme.act_group,
                                                        info.in_features, x.meta["val"].dtype,
                                                        *quantize.args[5:]),
@@ -157,7 +158,7 @@ def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 up = total.args[1]
                 up.args = (up.args[0], up.args[1], bias)
                 total.replace_input_with(node, out)
-                set_info(total, QuantOpInfo(op="lora_add", linears=[info.name]))
+                set_info(total, QuantOpInfo(op=OpTag.LORA_ADD, linears=[info.name]))
             else:
                 result = out if bias is None else insert_call(gm, aten.add.Tensor, (out, bias), before=node,
                                                                meta_from=node)
@@ -168,6 +169,6 @@ def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         replaced.append(node)
     erase_unused(gm, replaced)
     dropped = drop_unused_attrs(gm, old_attrs)
-    gm.meta["svdq_layers"] = layer_report(gm, ctx.config)
+    gm.meta[LAYERS_META] = layer_report(gm, ctx.config)
     stats = {"lowered": len(replaced), "ops": counts, "dropped_attributes": len(dropped)}
     return PassResult(gm, bool(replaced), stats)

@@ -20,7 +20,7 @@ import torch
 import torch.fx
 
 from svdq_compiler.fx_utils import aten, get_attr_node, insert_call
-from svdq_compiler.ir import LinearInfo, QuantOpInfo, set_attr_value, set_info
+from svdq_compiler.ir import LinearInfo, OpTag, QuantOpInfo, set_attr_value, set_info
 from svdq_compiler.passes.calibrate import Calibration
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.svdquant import GroupProblem, group_problem, layer_name, members_by_group
@@ -69,7 +69,7 @@ def apply_branches(gm: torch.fx.GraphModule, members: list[tuple[torch.fx.Node, 
         if (xs, down_target) not in downs:
             weight = get_attr_node(gm, down_target, before=node)
             down = insert_call(gm, aten.linear.default, (xs, weight), before=node, meta_from=node)
-            set_info(down, QuantOpInfo(op="lora_down", linears=serves))
+            set_info(down, QuantOpInfo(op=OpTag.LORA_DOWN, linears=serves))
             downs[(xs, down_target)] = down
         up_target = f"{layer_name(info.weight)}.lora_up"
         with gm.graph.inserting_after(node):
@@ -78,8 +78,8 @@ def apply_branches(gm: torch.fx.GraphModule, members: list[tuple[torch.fx.Node, 
                          meta_from=node)
         total = insert_call(gm, aten.add.Tensor, (node, up), after=up, meta_from=node)
         node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
-        set_info(up, QuantOpInfo(op="lora_up", linears=[info.name]))
-        set_info(total, QuantOpInfo(op="lora_add", linears=[info.name]))
+        set_info(up, QuantOpInfo(op=OpTag.LORA_UP, linears=[info.name]))
+        set_info(total, QuantOpInfo(op=OpTag.LORA_ADD, linears=[info.name]))
         info.rank = branches[info.weight][0].shape[1]
         info.lora_up, info.lora_down = up_target, down_target
 

@@ -33,7 +33,7 @@ import torch.fx
 
 from svdq_compiler.config import FP_SCHEME, QuantConfig, Scheme
 from svdq_compiler.fx_utils import drop_unused_attrs, erase_unused
-from svdq_compiler.ir import LinearInfo, get_attr_value, set_attr_value
+from svdq_compiler.ir import LinearInfo, OpTag, get_attr_value, set_attr_value
 from svdq_compiler.passes.calibrate import Calibration
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.quant import QTensor, dequantize, quantize_weight
@@ -57,7 +57,7 @@ def relative_errors(problem: GroupProblem, smooth: torch.Tensor | None, dequanti
 def _drop_smoothing(node: torch.fx.Node, info: LinearInfo) -> tuple[list[torch.fx.Node], list[str]]:
     """Make `node` read its raw input; returns the node and attribute that may be dead."""
     x = node.args[0]
-    if quant_op(x) != "smooth_div":
+    if quant_op(x) != OpTag.SMOOTH_DIV:
         return [], []
     node.replace_input_with(x, x.args[0])
     attrs = [info.smooth] if info.smooth else []

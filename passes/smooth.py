@@ -23,7 +23,7 @@ import torch
 import torch.fx
 
 from svdq_compiler.fx_utils import aten, get_attr_node, insert_call
-from svdq_compiler.ir import LinearInfo, QuantOpInfo, get_attr_value, set_attr_value, set_info
+from svdq_compiler.ir import LinearInfo, OpTag, QuantOpInfo, get_attr_value, set_attr_value, set_info
 from svdq_compiler.passes.calibrate import Calibration
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.svdquant import GroupProblem, group_problem, members_by_group, raw_input, \
@@ -69,7 +69,7 @@ def apply_smoothing(gm: torch.fx.GraphModule, members: list[tuple[torch.fx.Node,
             first = next(n for n, _ in members if raw_input(n) is x)  # members are in graph order
             scale = get_attr_node(gm, target, before=first)
             divided[x] = insert_call(gm, aten.div.Tensor, (x, scale), before=first, meta_from=first)
-            set_info(divided[x], QuantOpInfo(op="smooth_div", linears=[i.name for n, i in members
+            set_info(divided[x], QuantOpInfo(op=OpTag.SMOOTH_DIV, linears=[i.name for n, i in members
                                                                       if raw_input(n) is x]))
         node.replace_input_with(x, divided[x])
         info.smooth = target

@@ -15,7 +15,7 @@ from svdq_compiler.capture import CAPTURE_META, capture, install_shape_check
 from svdq_compiler.checks import check_finite_inputs, check_finite_weights
 from svdq_compiler.config import PRESETS, QuantConfig, Scheme
 from svdq_compiler.errors import InputError, SvdqError
-from svdq_compiler.ir import annotated_linears, to_jsonable
+from svdq_compiler.ir import LAYERS_META, annotated_linears, to_jsonable
 from svdq_compiler.meta_capture import capture_replicated
 from svdq_compiler.models import DynDim, ModelAdapter, adapter_for, load_model, register_builtin
 from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
@@ -89,7 +89,7 @@ def compile_report(gm: torch.fx.GraphModule, config: QuantConfig, records: list[
         "capture": gm.meta[CAPTURE_META],
         "passes": records,
         "linears": linears,
-        "layers": gm.meta.get("svdq_layers"),  # the per-layer report of `lower` (svdq_compiler/report.py)
+        "layers": gm.meta.get(LAYERS_META),  # the per-layer report of `lower` (svdq_compiler/report.py)
         "totals": {"nodes": len(gm.graph.nodes), "linears_annotated": len(linears),
                    "parameter_bytes": parameter_bytes(gm)},
     }

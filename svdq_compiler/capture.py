@@ -24,11 +24,10 @@ import torch
 import torch.fx
 
 from svdq_compiler.errors import CaptureError, InputError, ShapeError, first_line
+from svdq_compiler.ir import CAPTURE_META, INPUTS_META
 from svdq_compiler.models import ModelAdapter, adapter_for
 from svdq_compiler.models.base import DynDim
 
-CAPTURE_META = "svdq_capture"  # the capture report (JSON-able)
-INPUTS_META = "svdq_capture_inputs"  # the example inputs, kept for re-export when saving
 MAX_EXPORT_ATTEMPTS = 6
 UNBOUNDED = 2**31 - 1  # a torch Dim without an upper bound
 

@@ -409,7 +409,7 @@ def graph_summary(path: Path) -> dict[str, Any]:
     import torch
 
     from svdq_compiler import parameter_bytes, serialize
-    from svdq_compiler.capture import CAPTURE_META
+    from svdq_compiler.ir import CAPTURE_META, MANIFEST_META, REPORT_META
 
     gm = serialize.load(path)
     ops = Counter(op_name(node.target) for node in gm.graph.nodes if node.op == "call_function")
@@ -417,11 +417,11 @@ def graph_summary(path: Path) -> dict[str, Any]:
     by_dtype: Counter[str] = Counter()
     for tensor in {id(t): t for t in [*gm.parameters(), *gm.buffers()]}.values():
         by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
-    report = gm.meta[serialize.REPORT_META]
+    report = gm.meta[REPORT_META]
     return {
         "path": str(path),
         "bytes": path.stat().st_size,
-        "manifest": gm.meta["svdq_manifest"],
+        "manifest": gm.meta[MANIFEST_META],
         "model": gm.meta[CAPTURE_META]["module_class"],
         "adapter": gm.meta[CAPTURE_META]["adapter"],
         "config": report.get("config"),

@@ -20,8 +20,6 @@ from typing import Any
 
 from svdq_compiler.errors import InputError
 
-WEIGHT_FORMATS = ("int4", "nvfp4", "int8", "nf4")
-ACT_FORMATS = ("int4", "nvfp4", "int8")
 SMOOTH_SEARCHES = ("svdquant", "smoothquant", "none")
 CALIB_SOURCES = ("inputs", "weights")
 SVD_METHODS = ("full", "randomized")
@@ -50,9 +48,11 @@ class Scheme:
 
     @property
     def kind(self) -> str:
+        from svdq_compiler.quant import FORMATS  # torch-free until a scheme is asked for (fast --help)
+
         if self.weight is None:
             return "fp"
-        return "weight_only" if self.act is None else "w4a4" if self.weight in ("int4", "nvfp4") else "w8a8"
+        return "weight_only" if self.act is None else "w4a4" if FORMATS[self.weight].four_bit else "w8a8"
 
     def describe(self) -> str:
         if self.weight is None:
@@ -187,13 +187,16 @@ class QuantConfig:
             if value not in allowed:
                 raise InputError(f"{what} must be one of {list(allowed)}, got {value!r}")
 
+        from svdq_compiler.quant import FORMATS, WEIGHT_FORMATS
+
         check(self.weight_format, WEIGHT_FORMATS + (None,), "weight_format")
-        check(self.act_format, ACT_FORMATS + (None,), "act_format")
+        check(self.act_format, tuple(n for n, f in FORMATS.items() if f.act and f.configurable) + (None,),
+              "act_format")
         check(self.smooth, SMOOTH_SEARCHES, "smooth")
         check(self.calib_source, CALIB_SOURCES, "calib_source")
         check(self.svd, SVD_METHODS, "svd")
         check(self.search_svd, SVD_METHODS, "search_svd")
-        check(self.weight_only_format, ("int4", "nf4", "int8"), "weight_only_format")
+        check(self.weight_only_format, tuple(n for n, f in FORMATS.items() if f.weight_only), "weight_only_format")
         check(self.conv_kxk, CONV_KXK, "conv_kxk")
         if "conv" in self.role_schemes:
             raise InputError("role_schemes['conv'] is not a setting: k×k convolutions follow conv_kxk",
@@ -214,9 +217,10 @@ class QuantConfig:
         if not (isinstance(self.nvfp4_act_headroom, (int, float)) and 1 <= self.nvfp4_act_headroom <= 2 ** 16):
             raise InputError(f"nvfp4_act_headroom must be a number in [1, 65536], got {self.nvfp4_act_headroom!r}",
                              fix="use e.g. 16 (the default)")
-        if self.weight_format == "nvfp4" and self.group_size != 16:
+        if self.weight_format == "nvfp4" and self.group_size != FORMATS["nvfp4"].default_group:
             raise InputError("nvfp4 uses groups of 16 channels", fix="set group_size=16 or use the nvfp4 preset")
-        if self.weight_format in ("int4", "nf4") and self.group_size == 0:
+        if self.weight_format is not None and FORMATS[self.weight_format].packing == "halves" \
+                and self.group_size == 0:
             raise InputError(f"{self.weight_format} needs a group size", fix="set group_size=64")
         if self.act_format is not None and not self.allow_reference_ops:
             from svdq_compiler.codegen.spec import ActQuant, SpecError

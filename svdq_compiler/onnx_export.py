@@ -63,7 +63,7 @@ from svdq_compiler.config import ONNX_FORMS
 from svdq_compiler.codegen.layout import PackedWeight, effective_group, unpack_weight
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError, first_line
 from svdq_compiler.files import ensure_dir
-from svdq_compiler.ops import WEIGHT_FORMAT_OF, smoothed_input
+from svdq_compiler.ops import smoothed_input
 
 FORMS = ONNX_FORMS
 OPSET = 21  # the first with blocked DequantizeLinear and INT4
@@ -189,7 +189,7 @@ def _portable_quantize_act(x, smooth, shift, fmt, group_size, act_scale=None):  
 
 
 def _portable_gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size, k, out_dtype, a_tscale=None):
-    weight = _weight_values(w_codes, w_scales, WEIGHT_FORMAT_OF[fmt], group_size)
+    weight = _weight_values(w_codes, w_scales, quant.weight_format_of(fmt), group_size)
     return torch.matmul(a_codes.values, weight).to(out_dtype)
 
 
@@ -252,7 +252,7 @@ def _portable_module(program: torch.export.ExportedProgram) -> torch.fx.GraphMod
         if node.target in _WEIGHT_ARGS:
             codes_at, scales_at, fmt_at, group_at = _WEIGHT_ARGS[node.target]
             fmt = node.args[fmt_at]
-            weight_fmt = fmt if node.target is torch.ops.svdq.weight_only_linear.default else WEIGHT_FORMAT_OF[fmt]
+            weight_fmt = fmt if node.target is torch.ops.svdq.weight_only_linear.default else quant.weight_format_of(fmt)
             codes_node, scales_node = node.args[codes_at], node.args[scales_at]
             if codes_node.op != "get_attr" or scales_node.op != "get_attr":
                 raise InputError("a quantized weight is computed in the graph, not stored", where=f"node {node.name}",

@@ -15,9 +15,8 @@ import torch.fx
 
 from svdq_compiler import parameter_bytes
 from svdq_compiler.config import QuantConfig
-from svdq_compiler.ir import annotated_linears, get_attr_value
-
-FOUR_BIT_FORMATS = ("int4", "nvfp4", "nf4")
+from svdq_compiler.ir import MODEL_BYTES_META, annotated_linears, get_attr_value
+from svdq_compiler.quant import FOUR_BIT_FORMATS
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -76,7 +75,7 @@ def layer_report(gm: torch.fx.GraphModule, config: QuantConfig) -> dict[str, Any
             "output_rel_error": info.errors.get("output_rel") if quantized else None,
             "smooth_error_ratio": info.errors.get("smooth_ratio"),
         })
-    before = gm.meta.get("svdq_model_bytes_before")
+    before = gm.meta.get(MODEL_BYTES_META)
     after = parameter_bytes(gm)
     errors = [layer["output_rel_error"] for layer in layers if layer["output_rel_error"] is not None]
     totals = {

@@ -27,18 +27,15 @@ from typing import Any
 import torch
 import torch.fx
 
-from svdq_compiler.capture import (CAPTURE_META, INPUTS_META, capture_report, dynamic_shapes_of, install_shape_check,
-                                   split_inputs, unlift)
+from svdq_compiler.capture import capture_report, dynamic_shapes_of, install_shape_check, split_inputs, unlift
 from svdq_compiler.archive import GraphArchive, StreamingArchive, corrupt, digest
 from svdq_compiler.archive_check import check_archive
 from svdq_compiler.dropin import as_pipeline_component
 from svdq_compiler.errors import CheckpointError, InputError, first_line
-from svdq_compiler.ir import format_ir
+from svdq_compiler.ir import CAPTURE_META, INPUTS_META, IR_META, MANIFEST_META, REPORT_META, format_ir
 
 FORMAT = "svdq-graph"
 FORMAT_VERSION = 2  # bump when a reader of the old format would misread the new one (2: digests, view bytes)
-REPORT_META = "svdq_report"  # the compile report, set by svdq_compiler.compile
-IR_META = "svdq_ir"  # the saved IR text, on a loaded graph
 
 MANIFEST_FILE = "svdq_manifest.json"
 CAPTURE_FILE = "svdq_capture.json"
@@ -201,7 +198,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
     gm.meta[CAPTURE_META] = capture
     gm.meta[REPORT_META] = json.loads(extra[REPORT_FILE] or "{}")
     gm.meta[IR_META] = extra[IR_FILE]
-    gm.meta["svdq_manifest"] = manifest
+    gm.meta[MANIFEST_META] = manifest
     examples = getattr(program, "example_inputs", None)  # kept by torch.export.save since torch 2.6
     if examples is not None:
         gm.meta[INPUTS_META] = tuple(examples[0]) if examples[0] else dict(examples[1])

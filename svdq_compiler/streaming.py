@@ -44,7 +44,7 @@ from svdq_compiler.archive import StreamingArchive
 from svdq_compiler.config import QuantConfig
 from svdq_compiler.checks import check_finite_weight
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError
-from svdq_compiler.ir import META_KEY, LinearInfo, annotated_linears, get_attr_value, set_attr_value
+from svdq_compiler.ir import LAYERS_META, META_KEY, LinearInfo, annotated_linears, get_attr_value, set_attr_value
 from svdq_compiler.meta_capture import META, capture_on_meta, program_from_graph
 from svdq_compiler.pipeline import PASS_REGISTRY, PassContext, svdquant_pipeline
 from svdq_compiler.sharded import ShardedCheckpoint
@@ -336,7 +336,7 @@ def run_unit(gm: torch.fx.GraphModule, ctx: PassContext, calibration: str, betas
         stats.setdefault(name, []).append(result_stats)
         record.passes[name] = result_stats
         if name == "lower":
-            layers = list((gm.meta.get("svdq_layers") or {}).get("layers", []))
+            layers = list((gm.meta.get(LAYERS_META) or {}).get("layers", []))
     return layers
 
 
@@ -433,7 +433,7 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
             ctx.records.append({"name": name, "modified": True,
                                 "wall_s": round(sum(r.wall_s.get(name, 0.0) for r in records), 3),
                                 "stats": summed_stats(entries)})
-        gm.meta["svdq_layers"] = {"layers": layers}
+        gm.meta[LAYERS_META] = {"layers": layers}
         report = compile_report(gm, config, ctx.records)
         report["streaming"] = {
             "calibration": calibration, "betas": list(betas) if calibration == "weight-only" else None,

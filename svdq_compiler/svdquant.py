@@ -26,7 +26,7 @@ import torch.fx
 from svdq_compiler.config import Scheme
 from svdq_compiler.conv import ConvGeometry
 from svdq_compiler.errors import QuantizationError
-from svdq_compiler.ir import META_KEY, LinearInfo, QuantOpInfo, Role, annotated_linears, get_attr_value
+from svdq_compiler.ir import META_KEY, LinearInfo, OpTag, QuantOpInfo, Role, annotated_linears, get_attr_value
 from svdq_compiler.quant import fake_quantize_act, fake_quantize_weight
 
 STACKED_ROLES = (Role.QKV, Role.CROSS_KV)
@@ -343,7 +343,7 @@ def layer_name(weight_target: str) -> str:
     return weight_target[: -len(".weight")] if weight_target.endswith(".weight") else weight_target
 
 
-def quant_op(node) -> str | None:
+def quant_op(node) -> OpTag | None:
     meta = node.meta.get(META_KEY) if isinstance(node, torch.fx.Node) else None
     return meta.op if isinstance(meta, QuantOpInfo) else None
 
@@ -351,7 +351,7 @@ def quant_op(node) -> str | None:
 def raw_input(linear: torch.fx.Node) -> torch.fx.Node:
     """The tensor a linear reads before smoothing (looks through its smooth_div)."""
     x = linear.args[0]
-    return x.args[0] if quant_op(x) == "smooth_div" else x
+    return x.args[0] if quant_op(x) == OpTag.SMOOTH_DIV else x
 
 
 def site_name(node: torch.fx.Node, info: LinearInfo) -> str:
@@ -372,7 +372,7 @@ def layer_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, info: LinearInfo
 
 
 def branch_add(linear: torch.fx.Node) -> torch.fx.Node | None:
-    return next((user for user in linear.users if quant_op(user) == "lora_add"), None)
+    return next((user for user in linear.users if quant_op(user) == OpTag.LORA_ADD), None)
 
 
 def members_by_group(gm: torch.fx.GraphModule, keep) -> dict[str, list[tuple[torch.fx.Node, LinearInfo]]]:

@@ -41,8 +41,8 @@ from typing import Any, Mapping
 import torch
 import torch.fx
 
-from svdq_compiler.codegen.layout import (NunchakuLinear, PackedWeight, from_nunchaku, from_nunchaku_awq,
-                                          round_up, to_nunchaku, to_nunchaku_awq, unpack_weight)
+from svdq_compiler.codegen.layout import (NUNCHAKU_GROUPS, NunchakuLinear, PackedWeight, from_nunchaku,
+                                          from_nunchaku_awq, round_up, to_nunchaku, to_nunchaku_awq, unpack_weight)
 from svdq_compiler.errors import CheckpointError, InputError
 from svdq_compiler.ir import get_attr_value, set_attr_value
 from svdq_compiler.layers import Layers, find_layers, segment_rows
@@ -50,7 +50,6 @@ from svdq_compiler.quant import dequantize
 
 MODEL_CLASS = "NunchakuFluxTransformer2dModel"
 WEIGHT_DTYPES = {"int4": "int4", "nvfp4": "fp4_e2m1_all"}
-GROUPS = {"int4": 64, "nvfp4": 16}
 GELU_SHIFT_INT4 = 0.171875
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 
@@ -125,7 +124,7 @@ def export_nunchaku(gm: torch.fx.GraphModule, path: str | Path | None = None, *,
                          fix="pass config= (the diffusers config of the model)")
     layers = find_layers(gm)
     formats = {layers.quantized[name].fmt for name in layers.quantized}
-    if len(formats) != 1 or next(iter(formats)) not in GROUPS:
+    if len(formats) != 1 or next(iter(formats)) not in NUNCHAKU_GROUPS:
         raise CheckpointError(f"Nunchaku checkpoints are all-int4 (group 64) or all-nvfp4 (group 16); this graph "
                               f"has weight formats {sorted(formats)}", fix="compile with the int4 or nvfp4 preset")
     fmt = formats.pop()
@@ -259,7 +258,7 @@ def write_checkpoint(tensors: Mapping[str, torch.Tensor], path: str | Path, conf
     from svdq_compiler.files import atomic_path
 
     scale_dtype = None if fmt == "int4" else [None, "fp8_e4m3_nan"]
-    quant = {"dtype": WEIGHT_DTYPES[fmt], "scale_dtype": scale_dtype, "group_size": GROUPS[fmt]}
+    quant = {"dtype": WEIGHT_DTYPES[fmt], "scale_dtype": scale_dtype, "group_size": NUNCHAKU_GROUPS[fmt]}
     metadata = {"config": json.dumps({"_class_name": "FluxTransformer2DModel", **config}),
                 "model_class": MODEL_CLASS,
                 "quantization_config": json.dumps({"method": "svdquant", "weight": quant, "activation": quant,
