@@ -120,9 +120,10 @@ def _inputs(magnitude, seed):
 @pytest.mark.parametrize("magnitude", [1e4, 1e9])
 def test_a_compiled_nvfp4_layer_keeps_large_activations(magnitude):
     model = TwoLayers().eval()
-    # no smoothing, so the quantizers see the raw magnitudes (λ would divide most of them away)
+    # no smoothing, so the quantizers see the raw magnitudes (λ would divide most of them away), and no branch:
+    # the 4-bit path alone carries the layer
     config = svdq_compiler.QuantConfig.preset("nvfp4", role_schemes={"embed": "w4a4", "final": "w4a4"},
-                                              fallback_error=None, smooth="none", iterations=1)
+                                              fallback_error=None, smooth="none", rank=0)
     with torch.no_grad():
         gm = svdq_compiler.compile(model, _inputs(magnitude, 0), config,
                                    calib_inputs=[_inputs(magnitude, s) for s in range(2)],
@@ -139,5 +140,5 @@ def test_a_compiled_nvfp4_layer_keeps_large_activations(magnitude):
     assert checked["fused_quantize_lora_down"] >= 1 and checked["fused_gemm"] == 2
     for out in (reference, kernels):
         error = float((out - expected).norm() / expected.norm())
-        assert error < 0.2, f"relative error {error:.3f}: activations clipped?"  # one-level (t = 1) gives 0.61-0.65
+        assert error < 0.3, f"relative error {error:.3f}: activations clipped?"  # one-level (t = 1): 0.97-1.0
     assert (kernels - reference).norm() / reference.norm() < 1e-2
