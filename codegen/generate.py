@@ -5,7 +5,7 @@ header comment that explains the kernel's tiling, packing and numerics, then the
 group size, rank, dtypes and epilogue chain written out as straight-line code (no run-time branching on the
 spec). The text is what `cache.py` compiles, what `--dump-ir` writes and what `svdq-inspect --kernels` prints.
 
-Layouts are those of `svdq_compiler.codegen.layout` (architecture §6):
+Layouts are those of `svdq_compiler.codegen.layout` (its module docstring is the specification):
 - int4/uint4 codes `uint8 [rows, K_pad/2]`, split halves within each group: byte j of a group holds channel j
   (low nibble) and channel j + G/2 (high nibble), so one byte tile unpacks into two int8 tiles that are each a
   contiguous half of the group, and the GEMM issues one int8 dot per half with no shuffle;
@@ -447,7 +447,7 @@ def _generate_gemm(spec: GemmSpec, target: Target) -> str:
     path = nvfp4_path(spec, target)
     src = _tiled_kernel_source(spec)
     if spec.act in ("int4", "uint4"):
-        _emit_gemm_int4_loop(src, spec)
+        _emit_gemm_int4_loop(src, spec, target)
     elif spec.act == "int8":
         _emit_gemm_int8_loop(src)
     elif path == "dot_scaled":
@@ -526,9 +526,25 @@ def _emit_branch_and_bias(src: _Source, spec: GemmSpec | WeightOnlySpec, target:
         src.add("acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]")
 
 
-def _emit_gemm_int4_loop(src: _Source, spec: GemmSpec) -> None:
+def _emit_gemm_int4_loop(src: _Source, spec: GemmSpec, target: Target) -> None:
+    """One K group per iteration: unpack, two int8 dots into an int32 partial, scale into the accumulator.
+
+    The codes unpack as 16× their value (signed nibbles; uint4 activations 1×), four bytes per 32-bit
+    instruction on CUDA, and each group scales with an integer add and two FMAs (`add_scaled_partial`); with
+    fp32 scales, where that is not exact, the nibbles unpack to their values and the partial is converted and
+    multiplied (`small_int_to_float`).
+    """
     g = spec.group_size
-    unpack_a = "unpack_uint4" if spec.act == "uint4" else "unpack_int4"
+    compiled = target.backend == "cuda"
+    if spec.dtype == "float32":
+        unpack_w, undo = "unpack_int4", 1
+        unpack_a = "unpack_uint4" if spec.act == "uint4" else "unpack_int4"
+    else:
+        unpack_w = "nibbles_x16_ptx" if compiled else "nibbles_x16"
+        if spec.act == "uint4":
+            unpack_a, undo = ("unsigned_nibbles_ptx" if compiled else "unpack_uint4"), 16
+        else:
+            unpack_a, undo = unpack_w, 256
     src.add(f"""
         num_groups = tl.cdiv(K, {g})
         half = tl.arange(0, {g // 2})
@@ -536,16 +552,31 @@ def _emit_gemm_int4_loop(src: _Source, spec: GemmSpec) -> None:
         w_ptrs = w_codes_ptr + cols_in.to(tl.int64)[:, None] * (num_groups * {g // 2}) + half[None, :]
         a_scale_ptrs = a_scales_ptr + rows64 * num_groups
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for group in range(0, num_groups):
-            a_low, a_high = {unpack_a}(tl.load(a_ptrs))
-            w_low, w_high = unpack_int4(tl.load(w_ptrs))
-            partial = tl.dot(a_low, tl.trans(w_low), out_dtype=tl.int32)
-            partial = tl.dot(a_high, tl.trans(w_high), partial)
+        for group in range(0, num_groups):""")
+    src.indent()
+    if undo != 1:
+        src.add(f"""
+            # the weight's codes (and signed activations') unpack as 16× their value, so the partial sum is
+            # {undo}× the group's dot product: the row factor s_a/{undo} undoes it exactly (a power of two)""")
+    src.add(f"""
+        a_low, a_high = {unpack_a}(tl.load(a_ptrs))
+        w_low, w_high = {unpack_w}(tl.load(w_ptrs))
+        partial = tl.dot(a_low, tl.trans(w_low), out_dtype=tl.int32)
+        partial = tl.dot(a_high, tl.trans(w_high), partial)""")
+    if undo != 1:
+        src.add(f"""
+            row_factor = tl.load(a_scale_ptrs + group).to(tl.float32) * {1 / undo!r}
+            w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
+            acc = add_scaled_partial(acc, partial, row_factor, w_scale)""")
+    else:
+        src.add("""
             a_scale = tl.load(a_scale_ptrs + group).to(tl.float32)
             w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
-            acc += small_int_to_float(partial) * a_scale[:, None] * w_scale[None, :]
-            a_ptrs += {g // 2}
-            w_ptrs += {g // 2}""")
+            acc += small_int_to_float(partial) * a_scale[:, None] * w_scale[None, :]""")
+    src.add(f"""
+        a_ptrs += {g // 2}
+        w_ptrs += {g // 2}""")
+    src.dedent()
 
 
 def _emit_gemm_int8_loop(src: _Source) -> None:

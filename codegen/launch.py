@@ -23,9 +23,8 @@ import torch
 
 from svdq_compiler.codegen.cache import load_kernel
 from svdq_compiler.codegen.configs import (GemmConfig, QuantizeConfig, WeightOnlyConfig, gemm_configs, m_bucket,
-                                           quantize_configs, weight_only_configs)
+                                           quantize_configs, tile_constexprs, weight_only_configs)
 from svdq_compiler.codegen.generate import Target, nvfp4_path
-from svdq_compiler.codegen.layout import round_up
 from svdq_compiler.codegen.shapes import model_dtype, packed_act
 from svdq_compiler.codegen.signature import signature_of
 from svdq_compiler.codegen.spec import ActQuant, GemmSpec, KernelSpec, QuantizeSpec, WeightOnlySpec
@@ -174,9 +173,7 @@ def quantize_lora_down(x: torch.Tensor, smooth: torch.Tensor | None, lora_down: 
     args |= {"act_scale_ptr": act_scale.reshape(1)} if quant.fmt == "nvfp4" else {}
 
     def run(config: QuantizeConfig) -> None:
-        step = {"BLOCK_K": config.step} if quant.fmt == "int8" else {
-            "GROUPS_PER_STEP": config.step // quant.group_size}
-        _launch(kernel, spec, (math.ceil(m / config.block_m),), {**args, "BLOCK_M": config.block_m, **step},
+        _launch(kernel, spec, (math.ceil(m / config.block_m),), {**args, **tile_constexprs(spec, config, m, 0, k)},
                 config)
 
     configs = quantize_configs(spec, target, m)
@@ -348,17 +345,12 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
 def _run_gemm(spec: GemmSpec, target: Target, args: dict, m: int, n: int, k: int,
               next_down_acc: torch.Tensor | None) -> None:
     kernel = load_kernel(spec, target)
-    k_extent = round_up(k, 16) if spec.act == "nvfp4" else k
 
     def run(config: GemmConfig) -> None:
         if next_down_acc is not None:
             next_down_acc.zero_()
-        tile = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "GROUP_M": config.group_m,
-                "EVEN_M": m % config.block_m == 0, "EVEN_N": n % config.block_n == 0}
-        if spec.act in ("int8", "nvfp4"):
-            tile |= {"BLOCK_K": config.block_k, "EVEN_K": k_extent % config.block_k == 0}
         grid = (math.ceil(m / config.block_m) * math.ceil(n / config.block_n),)
-        _launch(kernel, spec, grid, {**args, **tile}, config)
+        _launch(kernel, spec, grid, {**args, **tile_constexprs(spec, config, m, n, k)}, config)
 
     configs = gemm_configs(spec, target, m)
     key = (spec.name, nvfp4_path(spec, target), _device_key(args["a_codes_ptr"].device), n, k, m_bucket(m))
@@ -432,12 +424,8 @@ def weight_only_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.T
     args |= _branch_epilogue_args(down, lora_up, bias, operands, spec, lead, n, where)
 
     def run(config: WeightOnlyConfig) -> None:
-        step = config.groups_per_step * spec.group_size
         grid = (math.ceil(m / config.block_m) * math.ceil(n / config.block_n),)
-        tile = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "GROUPS_PER_STEP": config.groups_per_step,
-                "GROUP_M": config.group_m, "EVEN_M": m % config.block_m == 0, "EVEN_N": n % config.block_n == 0,
-                "EVEN_K": k % step == 0}
-        _launch(kernel, spec, grid, {**args, **tile}, config)
+        _launch(kernel, spec, grid, {**args, **tile_constexprs(spec, config, m, n, k)}, config)
 
     configs = weight_only_configs(spec, target, m)
     run(_choose((spec.name, _device_key(device), n, k, m_bucket(m)), configs, run))

@@ -42,7 +42,7 @@ of 16 (with 0). With n = nt·128 + np·16 + ns·8 + nl and k = kt·64 + kp·32 +
   ((((((c//16)·r/16 + q//16)·8 + q%8)·4 + (c%8)//2)·2 + (q%16)//8)·2 + (c%16)//8)·2 + c%2.
 * Semantics. Nunchaku's branch reads the raw input x, so ``lora_down`` = L2/λ (L2 ``[r, K]`` is our down
   projection, applied to x/λ); ``lora_up`` = L1. Its bias needs no change: our bias is already compensated for
-  a shift applied only to the quantized path (architecture §7), which is also what Nunchaku computes.
+  a shift applied only to the quantized path (svdq_compiler/ops.py), which is also what Nunchaku computes.
   ``smooth`` is the λ the runtime divides by (all ones when the smoothing was fused into the previous layer);
   ``smooth_orig`` is informational. v2 names: ``smooth_factor``, ``smooth_factor_orig``, ``proj_down``, ``proj_up``.
 

@@ -1,6 +1,6 @@
 """fuse: replace the lowered SVDQuant op chains with the two generated kernels per linear.
 
-Requires: lower (the lowered form of architecture §7). Per smoothing group reading x:
+Requires: lower (the lowered form of docs/architecture.md). Per smoothing group reading x:
     codes, scales = svdq.quantize_act(x, λ, shift, fmt, G[, act_scale])
     down          = aten.linear(aten.div(x, λ), L2)            (or aten.linear(x, L2) without smoothing)
     per linear:  acc = svdq.gemm(codes, scales, Wq, Ws, tscale, fmt, G, K, dtype[, act_scale])
@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.fx
 
+import svdq_compiler.codegen.fused_ops  # noqa: F401  (registers torch.ops.svdq.fused_*)
 from svdq_compiler.codegen.spec import (ActQuant, Epilogue, GemmSpec, QuantizeNext, QuantizeSpec, SpecError,
                                         WeightOnlySpec)
 from svdq_compiler.ir import (LinearInfo, OpTag, QuantOpInfo, annotated_linears, get_attr_value, info, infer_val,
@@ -485,8 +486,17 @@ def _remove_dead(gm: torch.fx.GraphModule, replaced_weights: set[str]) -> bool:
     return changed
 
 
-@register_pass("fuse", requires=("lower",),
-               ensures="lowered chains run as generated kernels A (quantize + down) and B (GEMM + up + epilogue)")
+FUSED_OPS = frozenset({torch.ops.svdq.fused_quantize_lora_down.default, torch.ops.svdq.fused_gemm.default,
+                       torch.ops.svdq.fused_weight_only_linear.default})
+
+
+def _every_kernel_annotated(gm: torch.fx.GraphModule, ctx: PassContext) -> list[str]:
+    return [f"{node.name}: {node.target} carries no annotation" for node in gm.graph.nodes
+            if node.target in FUSED_OPS and info(node) is None]
+
+
+@register_pass("fuse", requires=("lowered",), produces=("fused",), ops=FUSED_OPS, ensures=_every_kernel_annotated,
+               summary="lowered chains run as generated kernels A (quantize + down) and B (GEMM + up + epilogue)")
 def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Replace lowered SVDQuant chains with `svdq.fused_quantize_lora_down` and `svdq.fused_gemm`."""
     quantize_op, gemm_op = torch.ops.svdq.quantize_act.default, torch.ops.svdq.gemm.default

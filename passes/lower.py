@@ -1,6 +1,6 @@
-"""lower: replace every quantized linear with the reference `svdq` ops (architecture §7, "Lowered form").
+"""lower: replace every quantized linear with the reference `svdq` ops (docs/architecture.md, "Lowered form").
 
-Requires: quantize_weights. Ensures:
+Requires: linears, quantized (QTensors in ctx.quantized, or packed weights already on the graph). Ensures:
 - per (input, λ, shift, format) of act-quantized linears, one `svdq.quantize_act(x, λ, shift, fmt, G[, t])`
   (q/k/v share it; fmt "uint4" for shifted post-GELU inputs), and per linear
   `acc = svdq.gemm(codes, scales, qweight, wscales, wtscale, fmt, G, K, dtype[, t])` and
@@ -76,7 +76,7 @@ def _act_scale(gm: torch.fx.GraphModule, ctx: PassContext, node: torch.fx.Node, 
     """The get_attr of the layer's calibrated nvfp4 activation scale `<layer>.act_scale` (module doc)."""
     target = f"{layer_name(info.weight)}.act_scale"
     if not hasattr(gm.get_submodule(layer_name(info.weight)), "act_scale"):
-        calibration = ctx.state.get("calibrate")
+        calibration = ctx.calibration
         stats = calibration.sites.get(site_name(node, info)) if calibration is not None else None
         if stats is None or calibration.data_free:
             scale = torch.ones((), dtype=torch.float32)
@@ -89,12 +89,24 @@ def _act_scale(gm: torch.fx.GraphModule, ctx: PassContext, node: torch.fx.Node, 
     return get_attr_node(gm, target, before=node)
 
 
-@register_pass("lower", requires=("quantize_weights",),
-               ensures="quantized linears are svdq.quantize_act / svdq.gemm / svdq.weight_only_linear + branch")
+LOWERED_OPS = frozenset({svdq.quantize_act.default, svdq.gemm.default, svdq.weight_only_linear.default,
+                         svdq.conv2d.default})
+
+
+def _no_quantized_linear_left(gm: torch.fx.GraphModule, ctx: PassContext) -> list[str]:
+    problems = [f"{node.name} ({info.name}): scheme {info.scheme.describe()} but still {node.target}"
+                for node, info in annotated_linears(gm) if info.scheme is not None and info.scheme.kind != "fp"
+                and node.target not in LOWERED_OPS]
+    return problems + ([] if LAYERS_META in gm.meta else [f"gm.meta[{LAYERS_META!r}] (the layer report) is missing"])
+
+
+@register_pass("lower", requires=("linears", "quantized"), produces=("lowered",), ops=LOWERED_OPS,
+               ensures=_no_quantized_linear_left,
+               summary="quantized linears are svdq.quantize_act / svdq.gemm / svdq.weight_only_linear + branch")
 @torch.no_grad()
 def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Rewrite each quantized linear into the lowered form (module doc)."""
-    store = ctx.state.get("quantize_weights", {})
+    store = ctx.quantized
     quantizers: dict[tuple, torch.fx.Node] = {}
     replaced, old_attrs = [], []
     counts = {"quantize_act": 0, "gemm": 0, "weight_only_linear": 0, "conv2d": 0}

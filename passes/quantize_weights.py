@@ -14,9 +14,8 @@ Requires: calibrate (and smooth/lowrank where the scheme asks for them). Ensures
 - a dropped smoothing division or branch is removed from the graph, and `LinearInfo.scheme` is the form kept;
 - every non-16-bit weight is quantized once (`quantize_weight` with the kept scheme's format and group; a
   weight shared by several call sites included; a k×k convolution's as its tap-major im2col matrix,
-  svdq_compiler.conv); the QTensor is kept in `ctx.state["quantize_weights"]` for `lower`, and the graph's weight
-  is replaced by its dequantized value, so the graph computes the model with quantized weights and 16-bit
-  activations;
+  svdq_compiler.conv); the QTensor is kept in `ctx.quantized` for `lower`, and the graph's weight is replaced
+  by its dequantized value, so the graph computes the model with quantized weights and 16-bit activations;
 - `LinearInfo.errors["output_rel"]` is ‖y_q − y‖/‖y‖ of the layer as it will run (activation quantization,
   shift, branch) against the FP layer, on the calibration rows.
 """
@@ -33,8 +32,8 @@ import torch.fx
 
 from svdq_compiler.config import FP_SCHEME, QuantConfig, Scheme
 from svdq_compiler.fx_utils import drop_unused_attrs, erase_unused
-from svdq_compiler.ir import LinearInfo, OpTag, get_attr_value, set_attr_value
-from svdq_compiler.passes.calibrate import Calibration
+from svdq_compiler.ir import LinearInfo, OpTag, annotated_linears, get_attr_value, set_attr_value
+from svdq_compiler.calibration import Calibration
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.quant import QTensor, dequantize, quantize_weight
 from svdq_compiler.svdquant import (GroupProblem, branch_add, conv_geometry, group_problem, layer_weight,
@@ -204,15 +203,22 @@ class Decision:
         return f"chose {self.candidate.describe() if moved else label(self.candidate)}: {measured}"
 
 
-@register_pass("quantize_weights", requires=("calibrate",),
-               ensures="weights quantized (QTensors in ctx.state), per-layer output errors, sensitivity fallback")
+def every_quantized_weight_stored(gm: torch.fx.GraphModule, ctx: PassContext) -> list[str]:
+    return [f"{info.name}: scheme {info.scheme.describe()} but no quantized weight"
+            for _, info in annotated_linears(gm) if info.scheme is not None and info.scheme.kind != "fp"
+            and info.weight not in ctx.quantized]
+
+
+@register_pass("quantize_weights", requires=("linears", "calibration"), produces=("quantized",),
+               ensures=every_quantized_weight_stored,
+               summary="weights quantized (QTensors in ctx.quantized), per-layer output errors, sensitivity fallback")
 @torch.no_grad()
 def quantize_weights(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Quantize, measure, fall back (module doc)."""
     config = ctx.config
-    calibration: Calibration = ctx.state["calibrate"]
+    calibration: Calibration = ctx.calibration
     store: dict = {}
-    ctx.state["quantize_weights"] = store
+    ctx.quantized = store
     groups = members_by_group(gm, lambda info: info.scheme is not None and info.scheme.kind != "fp")
     fallbacks, errors_seen, dead, touched_attrs = [], [], [], []
     kept_forms: Counter = Counter()
@@ -244,13 +250,16 @@ def quantize_weights(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 info.errors["output_rel"] = decision.errors.get(info.name, 0.0)
                 if len(decision.tried) > 1:
                     info.choice = decision.note()
-                info.scheme = kept.effective()
-                if kept.scheme.act is None:
-                    info.shift = 0.0
-                group = kept.scheme.weight_group
-                info.pad_k = -info.in_features % group if group else 0
-                if kept.scheme != scheme:
-                    before = min(error for candidate, error in decision.tried if candidate.scheme == scheme)
+                if kept.scheme == problem.scheme:  # (a convolution's problem has its per-tap activation groups)
+                    info.scheme = dataclasses.replace(scheme, smooth=kept.smooth and scheme.smooth,
+                                                      rank=scheme.rank if kept.branch else 0)
+                else:
+                    info.scheme = kept.effective()
+                    if kept.scheme.act is None:
+                        info.shift = 0.0
+                    group = kept.scheme.weight_group
+                    info.pad_k = -info.in_features % group if group else 0
+                    before = min(error for candidate, error in decision.tried if candidate.scheme == problem.scheme)
                     bound = min(b for b in (config.fallback_error, config.weight_only_error) if b is not None)
                     info.fallback = (f"{scheme.describe()} error {before:.3f} > {bound} → " +
                                      ("16-bit" if kept.scheme.kind == "fp" else

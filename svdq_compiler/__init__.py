@@ -10,6 +10,7 @@ torch_dynamo_backends entry point, and also once the API is loaded.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 from typing import Any
@@ -24,16 +25,15 @@ def __getattr__(name: str) -> Any:
     """A name of the API (loading it on first use), else a submodule."""
     if name.startswith("__"):
         raise AttributeError(name)
-    api = importlib.import_module("svdq_compiler.api")
-    if hasattr(api, name):
-        value = getattr(api, name)
+    # A submodule is imported on its own: `from svdq_compiler import quant` inside a module that api.py imports
+    # must not start loading api.py (a circular import). `capture` is both, and the API's name wins.
+    if name not in __all__ and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
     else:
-        try:
-            value = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+        api = importlib.import_module("svdq_compiler.api")
+        if not hasattr(api, name):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(api, name)
     globals()[name] = value
     return value
 

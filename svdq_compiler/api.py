@@ -61,7 +61,7 @@ def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str |
     gm = capture_replicated(module, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter) or \
         capture(module, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter)
     if isinstance(calib_stats, (str, Path)):
-        from svdq_compiler.passes.calibrate import load_calibration
+        from svdq_compiler.calibration import load_calibration
 
         calib_stats = load_calibration(calib_stats)
     ctx = PassContext(config=quant_config, example_inputs=example_inputs, calib_inputs=calib_inputs,
@@ -70,12 +70,12 @@ def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str |
                       print_ir_after_change=print_ir_after_change, verify_each=verify, show_progress=progress)
     gm = run_passes(gm, ctx, svdquant_pipeline(passes))
     if save_calib is not None:
-        if "calibrate" not in ctx.state:
+        if ctx.calibration is None:
             raise InputError("no calibration ran, so there are no statistics to save", where=str(save_calib),
                              fix="run the calibrate pass (leave it in --passes)")
-        from svdq_compiler.passes.calibrate import save_calibration
+        from svdq_compiler.calibration import save_calibration
 
-        save_calibration(ctx.state["calibrate"], save_calib)
+        save_calibration(ctx.calibration, save_calib)
     install_shape_check(gm)
     gm.meta[REPORT_META] = compile_report(gm, quant_config, ctx.records)
     return gm

@@ -1,4 +1,4 @@
-"""Refusing graph files that could run code when loaded (architecture §8a, "Loading untrusted files").
+"""Refusing graph files that could run code when loaded (called by `serialize.load`).
 
 `torch.export.load` is not safe on an untrusted file (its own docstring says so). On torch 2.9–2.13 a PT2
 archive reaches code execution through:

@@ -28,7 +28,7 @@ is how the tests compare against our reference.
 
 **custom** (domain `svdq`, version 1, for runtimes that implement the fused kernels): each svdq op becomes one
 node of the same name in CamelCase (`svdq.FusedQuantizeLoraDown`, `svdq.FusedGemm`,
-`svdq.FusedWeightOnlyLinear`, `svdq.QuantizeAct`, `svdq.Gemm`, `svdq.WeightOnlyLinear`); packed weights stay in our layout (architecture §6) as uint8/int8
+`svdq.FusedWeightOnlyLinear`, `svdq.QuantizeAct`, `svdq.Gemm`, `svdq.WeightOnlyLinear`); packed weights stay in our layout (codegen/layout.py) as uint8/int8
 initializers, the op's other arguments are attributes of the same names (the kernel spec string as `spec`, a
 dtype as its name), absent optional inputs are empty names. Inputs keep the torch op's order, except that a
 tensor list goes last: `FusedGemm` takes (a_codes, a_scales, w_codes, w_scales, w_tscale?, down?, lora_up?,
@@ -252,7 +252,8 @@ def _portable_module(program: torch.export.ExportedProgram) -> torch.fx.GraphMod
         if node.target in _WEIGHT_ARGS:
             codes_at, scales_at, fmt_at, group_at = _WEIGHT_ARGS[node.target]
             fmt = node.args[fmt_at]
-            weight_fmt = fmt if node.target is torch.ops.svdq.weight_only_linear.default else quant.weight_format_of(fmt)
+            weight_only = node.target is torch.ops.svdq.weight_only_linear.default
+            weight_fmt = fmt if weight_only else quant.weight_format_of(fmt)
             codes_node, scales_node = node.args[codes_at], node.args[scales_at]
             if codes_node.op != "get_attr" or scales_node.op != "get_attr":
                 raise InputError("a quantized weight is computed in the graph, not stored", where=f"node {node.name}",

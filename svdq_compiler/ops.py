@@ -1,4 +1,4 @@
-"""Reference runtime ops, registered as ``torch.ops.svdq.*`` (architecture §7).
+"""Reference runtime ops, registered as ``torch.ops.svdq.*`` (their place in the graph: docs/architecture.md, "Lowered form").
 
 Each op is a ``torch.library.custom_op`` with a plain PyTorch implementation (the numerical ground truth the
 Triton kernels are tested against) and a fake implementation that uses only shapes, so graphs with symbolic
@@ -112,7 +112,8 @@ def _gemm_shapes(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size
     _check_fmt(fmt, quant.ACT_FORMATS, "gemm")
     check_act_scale(a_tscale, fmt, "gemm")
     group = check_packed_act(a_codes, a_scales, fmt, group_size, k, where="svdq::gemm activation")
-    check_packed_weight(w_codes, w_scales, w_tscale, quant.weight_format_of(fmt), group_size, k, where="svdq::gemm weight")
+    check_packed_weight(w_codes, w_scales, w_tscale, quant.weight_format_of(fmt), group_size, k,
+                        where="svdq::gemm weight")
     return group
 
 

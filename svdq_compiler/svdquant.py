@@ -338,6 +338,30 @@ class GroupProblem:
 # Each step leaves a graph that computes what the FP model computes (up to the model dtype's rounding).
 
 
+def search(problem: GroupProblem, act_absmax: torch.Tensor, candidates, rank: int, svd: str, seed: int,
+           search_rows: int | None = None) -> tuple[tuple[float, float], torch.Tensor, float, float | None]:
+    """(α, β), λ, its error and the error of λ = 1 (None when λ = 1 is not a candidate), over the candidates.
+
+    Every candidate is evaluated on at most `search_rows` of the sample rows (None: all of them), in batches;
+    the winner's and λ = 1's errors are then measured on every sample row, so the reported ratio does not
+    depend on the subset.
+    """
+    weight_absmax = problem.weight_absmax()
+    smooths = torch.stack([smoothing_scale(act_absmax, weight_absmax, alpha, beta, problem.dtype)
+                           for alpha, beta in candidates])
+    subset = search_rows is not None and problem.sample_rows() > search_rows
+    ranked = problem.subsample(search_rows, seed) if subset else problem
+    errors = ranked.candidate_errors(smooths, rank, svd, seed)
+    best = len(candidates) - 1 - int(errors.flip(0).argmin())  # a tie goes to the later candidate
+    identity = candidates.index((0.0, 0.0)) if (0.0, 0.0) in candidates else None
+    if subset:
+        measured = sorted({best, identity} - {None})
+        errors = dict(zip(measured, problem.candidate_errors(smooths[measured], rank, svd, seed).tolist()))
+    else:
+        errors = dict(enumerate(errors.tolist()))
+    return candidates[best], smooths[best], errors[best], None if identity is None else errors[identity]
+
+
 def layer_name(weight_target: str) -> str:
     """A linear's qualified name from its weight's attribute path ("blocks.0.q.weight" → "blocks.0.q")."""
     return weight_target[: -len(".weight")] if weight_target.endswith(".weight") else weight_target

@@ -66,7 +66,7 @@ def test_compile_writes_a_graph_that_a_new_process_runs_like_eager(compiled):
 
 
 def test_saved_calibration_statistics_load_and_name_their_readers(compiled):
-    from svdq_compiler.passes.calibrate import load_calibration
+    from svdq_compiler.calibration import load_calibration
 
     graph, _, report, _ = compiled
     calibration = load_calibration(graph.parent / "calib.safetensors")

@@ -70,7 +70,8 @@ class CaptureOnce:
 
     def __init__(self):
         self.cached = None
-        self.real = (svdq_compiler.capture_replicated, svdq_compiler.capture)
+        self.module = sys.modules[svdq_compiler.compile.__module__]  # where compile looks the capture up
+        self.real = (self.module.capture_replicated, self.module.capture)
 
     def __enter__(self):
         replicated, plain = self.real
@@ -80,11 +81,11 @@ class CaptureOnce:
                 self.cached = replicated(*args, **kwargs) or plain(*args, **kwargs)
             return copy.deepcopy(self.cached)
 
-        svdq_compiler.capture_replicated = capture_replicated
+        self.module.capture_replicated = capture_replicated
         return self
 
     def __exit__(self, *exc):
-        svdq_compiler.capture_replicated, svdq_compiler.capture = self.real
+        self.module.capture_replicated, self.module.capture = self.real
 
 
 def models_by_preset(models: list[str], presets: list[str]) -> dict[str, dict]:
@@ -118,11 +119,12 @@ def other_paths(work: Path) -> dict[str, dict]:
         out = work / f"stream-{calibration}.pt"
         compile_streaming(folder, out, QuantConfig.preset("int4"), calibration=calibration)
         results[f"streaming {calibration}"] = fingerprint(svdq_compiler.load(out), check)
-    from svdq_compiler.interop.nunchaku import export_nunchaku, import_nunchaku
+    from svdq_compiler.interop.nunchaku import NUNCHAKU_COMPATIBLE, export_nunchaku, import_nunchaku
 
     model = load_model("random:flux", dtype=torch.bfloat16)  # Nunchaku checkpoints hold 16-bit layers
     adapter = adapter_for(model)
-    gm = svdq_compiler.compile(model, adapter.example_inputs(model), svdq_compiler.QuantConfig.preset("int4", **TINY))
+    config = svdq_compiler.QuantConfig.preset("int4", **TINY, **NUNCHAKU_COMPATIBLE)
+    gm = svdq_compiler.compile(model, adapter.example_inputs(model), config)
     export_nunchaku(gm, work / "nunchaku.safetensors")
     imported = import_nunchaku(work / "nunchaku.safetensors")
     results["nunchaku import"] = fingerprint(imported, adapter.calib_inputs(model, 1, 1, seed=99, batch=2)[0])

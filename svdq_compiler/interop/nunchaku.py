@@ -352,7 +352,7 @@ def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None) -
     from svdq_compiler.config import QuantConfig
     from svdq_compiler.meta_capture import capture_on_meta
     from svdq_compiler.models import adapter_for_class
-    from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
+    from svdq_compiler.pipeline import PassContext, PassResult, make_pass, run_passes, svdquant_pipeline
     from svdq_compiler.serialize import REPORT_META
 
     tensors, config, quant = read_checkpoint(source)
@@ -368,13 +368,15 @@ def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None) -
     gm = capture_on_meta(model, example, adapter=adapter)
     quant_config = QuantConfig.preset(fmt, rank=rank or 32, skip=KEPT_16BIT, **NUNCHAKU_COMPATIBLE)
     ctx = PassContext(config=quant_config, example_inputs=example, adapter=adapter)
-    passes = {p.name: p for p in svdquant_pipeline(["annotate_linears", "lower", "fuse"])}
-    gm = run_passes(gm, ctx, [passes["annotate_linears"]])
-    _Importer(gm, tensors, fmt, rank, config, str(source)).run()
-    ctx.state["quantize_weights"] = {}
-    ctx.records.append({"name": "quantize_weights", "modified": True, "wall_s": 0.0,
-                        "stats": {"imported_from": str(source), "format": fmt}})
-    gm = run_passes(gm, ctx, [passes[name] for name in ("lower", "fuse") if name in passes])
+    def import_weights(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        _Importer(gm, tensors, fmt, rank, config, str(source)).run()
+        return PassResult(gm, True, {"imported_from": str(source), "format": fmt})
+
+    # The checkpoint's packed weights take the place of quantize_weights' QTensors: `lower` finds them on the graph.
+    importer = make_pass("import_weights", import_weights, requires=("linears",), produces=("quantized",),
+                         summary="the checkpoint's packed weights, λ and branches are on the graph")
+    annotate, lower, fuse = svdquant_pipeline(["annotate_linears", "lower", "fuse"])
+    gm = run_passes(gm, ctx, [annotate, importer, lower, fuse])
     empty = sorted(name for name, t in list(gm.named_parameters()) + list(gm.named_buffers()) if t.is_meta)
     if empty:
         raise CheckpointError(f"{len(empty)} model tensor(s) got no value from the checkpoint: {empty[:8]}",
@@ -509,9 +511,8 @@ class _Importer:
 
     def attach(self, decoded: dict[str, NunchakuLinear]) -> None:
         """λ, branches, packed weights and biases, through the smooth and lowrank passes' own graph rewrites."""
-        from svdq_compiler.passes.calibrate import Calibration, SiteStats
-        from svdq_compiler.passes.lowrank import apply_branches
-        from svdq_compiler.passes.smooth import apply_smoothing
+        from svdq_compiler.calibration import Calibration, SiteStats
+        from svdq_compiler.rewrites import apply_branches, apply_smoothing
         from svdq_compiler.svdquant import group_problem, members_by_group, raw_input
 
         groups = members_by_group(self.gm, lambda info: info.scheme is not None and info.scheme.act is not None)

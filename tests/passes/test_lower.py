@@ -1,4 +1,4 @@
-"""lower: the lowered form of architecture §7 for every preset, numerically equal to the layer simulation."""
+"""lower: the lowered form of docs/architecture.md for every preset, numerically equal to the layer simulation."""
 
 import pytest
 import torch
@@ -127,7 +127,7 @@ def test_nvfp4_activations_get_their_calibrated_tensor_scale():
     headroom · max over calibration of |x/λ| / (6·448)."""
     model = outlier_dit()
     gm, ctx, _ = prepared(model, CALIB[0], CALIB, "nvfp4", passes=PASSES)
-    calibration = ctx.state["calibrate"]
+    calibration = ctx.calibration
     quantizers = [n for n in gm.graph.nodes if n.target == svdq.quantize_act.default]
     assert quantizers and all(len(n.args) == 6 and n.args[5].op == "get_attr" for n in quantizers)
     for quantize in quantizers:
@@ -141,3 +141,34 @@ def test_nvfp4_activations_get_their_calibrated_tensor_scale():
         torch.testing.assert_close(scale, expected, rtol=1e-6, atol=0)
         gemms = [u for codes in quantize.users for u in codes.users if u.target == svdq.gemm.default]
         assert gemms and all(g.args[9] is quantize.args[5] for g in gemms)
+
+
+def test_lower_alone_on_a_hand_annotated_linear():
+    """Before: one aten.linear annotated W4A4 by hand, its QTensor in ctx.quantized (no calibrate, smooth or
+    lowrank ran). Expected: svdq.quantize_act feeding svdq.gemm, the bias added, no aten.linear left."""
+    from torch.testing import FileCheck
+
+    import svdq_compiler
+    from svdq_compiler.config import Scheme
+    from svdq_compiler.ir import LinearInfo, format_ir, set_info
+    from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
+    from svdq_compiler.quant import quantize_weight
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()
+    gm = svdq_compiler.capture(model, (torch.randn(3, 64),), dynamic_shapes=None)
+    node = next(n for n in gm.graph.nodes if n.target == aten.linear.default)
+    scheme = Scheme(weight="int4", act="int4", weight_group=64, act_group=64, smooth=False, rank=0)
+    set_info(node, LinearInfo(name="0", weight="0.weight", bias="0.bias", in_features=64, out_features=32,
+                              scheme=scheme))
+    ctx = PassContext(config=svdq_compiler.QuantConfig.preset("int4"), verify_each=True,
+                      available={"linears", "quantized"},
+                      quantized={"0.weight": quantize_weight(model[0].weight.detach(), "int4", 64)})
+    (lower,) = svdquant_pipeline(["lower"])
+    gm = run_passes(gm, ctx, [lower])  # verify_each: lower's contract and the lowered-stage op allow-list
+    FileCheck().check("# svdq: svdq.quantize_act for 0").check("torch.ops.svdq.quantize_act.default") \
+        .check("# svdq: 0 role=other scheme=W:int4/g64 A:int4/g64").check("torch.ops.svdq.gemm.default") \
+        .check("torch.ops.aten.add").check_not("aten.linear").run(format_ir(gm))
+    x = torch.randn(3, 64)
+    reference = model(x)
+    assert float((gm(x) - reference).norm() / reference.norm()) < 0.15

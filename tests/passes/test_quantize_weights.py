@@ -14,7 +14,7 @@ PASSES = ("annotate_linears", "calibrate", "smooth", "lowrank", "quantize_weight
 def test_weights_are_quantized_once_and_errors_recorded():
     model = outlier_dit()
     gm, ctx, results = prepared(model, CALIB[0], CALIB, passes=PASSES)
-    store = ctx.state["quantize_weights"]
+    store = ctx.quantized
     infos = by_name(gm)
     quantized = [i for i in infos.values() if i.scheme.kind != "fp"]
     assert sorted(store) == sorted(i.weight for i in quantized)
