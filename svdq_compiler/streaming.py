@@ -26,7 +26,6 @@ The effect of each against the normal calibrated compile is measured by `tools/b
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import ctypes
 import gc
@@ -40,7 +39,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 
 from svdq_compiler.archive import StreamingArchive
 from svdq_compiler.config import QuantConfig
@@ -48,6 +46,7 @@ from svdq_compiler.checks import check_finite_weight
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError
 from svdq_compiler.ir import LAYERS_META, META_KEY, LinearInfo, annotated_linears, get_attr_value, set_attr_value
 from svdq_compiler.meta_capture import META, capture_on_meta, program_from_graph
+from svdq_compiler.models.base import cast_module
 from svdq_compiler.pipeline import (PASS_REGISTRY, Pass, PassContext, PassResult, make_pass, run_passes,
                                     svdquant_pipeline)
 from svdq_compiler.sharded import ShardedCheckpoint
@@ -113,7 +112,7 @@ class MetaModel:
                 if entry.dtype.is_floating_point:
                     by_dtype[entry.dtype] = by_dtype.get(entry.dtype, 0) + entry.nbytes
             dtype = max(by_dtype, key=by_dtype.get)
-        self.module.to(dtype)
+        cast_module(self.module, dtype)
         return checkpoint, dtype
 
 
@@ -216,7 +215,7 @@ class VisibleUnit:
 def synthetic_calibration(gm: torch.fx.GraphModule, rows: int, seed: int):
     """Calibration statistics for the visible linears from synthetic isotropic inputs: standard normal rows
     (GELU of them where a reader shifts its input, i.e. reads a GELU output)."""
-    from svdq_compiler.passes.calibrate import Calibration, SiteStats
+    from svdq_compiler.calibration import Calibration, SiteStats, isotropic_rows
 
     generator = torch.Generator().manual_seed(seed)
     sites: dict[str, SiteStats] = {}
@@ -226,10 +225,7 @@ def synthetic_calibration(gm: torch.fx.GraphModule, rows: int, seed: int):
         x = node.args[0]
         if x.name not in sites:
             val = x.meta["val"]
-            sample = torch.randn(rows, val.shape[-1], generator=generator)
-            if info.shift:
-                sample = F.gelu(sample, approximate="tanh")
-            sample = sample.to(val.dtype)
+            sample = isotropic_rows(rows, val.shape[-1], generator, "tanh" if info.shift else None).to(val.dtype)
             sites[x.name] = SiteStats(node=x.name, readers=[], minimum=sample.float().amin(0),
                                       maximum=sample.float().amax(0), rows=sample,
                                       priorities=torch.zeros(rows), rows_seen=rows)
@@ -293,7 +289,8 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
                       on_unit: Callable[[UnitRecord, int, int], None] | None = None) -> dict[str, Any]:
     """Compile the diffusers model folder `folder` to `out` (graph.pt) one block at a time; returns the report
     (time per step, peak RSS, bytes read and written, per-unit records, pass statistics, per-layer report)."""
-    from svdq_compiler import compile_report
+    from svdq_compiler import compile_report, parameter_bytes
+    from svdq_compiler.report import layer_totals
     from svdq_compiler.serialize import REPORT_META, extra_files
 
     if calibration not in CALIBRATIONS:
@@ -356,7 +353,8 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
             ctx.records.append({"name": name, "modified": True,
                                 "wall_s": round(sum(r.wall_s.get(name, 0.0) for r in records), 3),
                                 "stats": summed_stats(entries)})
-        gm.meta[LAYERS_META] = {"layers": layers}
+        gm.meta[LAYERS_META] = {"layers": layers, "totals": layer_totals(
+            layers, config, parameter_bytes(model.module), parameter_bytes(gm))}  # sizes only: meta tensors count
         report = compile_report(gm, config, ctx.records)
         report["streaming"] = {
             "calibration": calibration, "betas": list(betas) if calibration == "weight-only" else None,
