@@ -7,7 +7,7 @@ frame argument (`L['kwargs']['hidden_states']`, `L['x']`, `L['args'][0]`), a siz
 a float attribute as a 0-d tensor). The backend wraps the graph in a module (`DynamoRegion`) whose inputs are
 the tensors read from the frame's arguments (named after their keyword or argument), whose parameters and
 buffers are the model's under the model's own names, whose sizes are read off the inputs, and whose float
-constants are folded in. It runs the same pipeline as `svdq_compiler.compile` on it (torch.export capture →
+constants are folded into the code that reads them. It runs the same pipeline as `svdq_compiler.compile` on it (torch.export capture →
 ATen → annotate … fuse, with the region's symbolic dimensions declared dynamic and the role hints of the
 model's family), and hands the result to Inductor (`compile_fx`), where the `torch.ops.svdq.*` calls stay
 extern kernels and everything else is Inductor's. The same model, config and calibration give the same graph
@@ -25,9 +25,8 @@ Options (`options={...}`; anything else is an error listing these):
   `Calibration`); matched per site by the names of the linears reading it;
 - neither: weight-only calibration (`calib_source="weights"`, passes/calibrate.py: the searches minimise the
   weight-space error). A warning says which source each compile used;
-- `inductor`: False runs the quantized graph as it is instead of handing it to Inductor;
-- `passes`: run only these passes, in pipeline order (`svdq_compiler.compile(passes=...)`, `svdq-compile
-  --passes`), e.g. up to "lower" for the reference ops without generated kernels.
+- `inductor`: False runs the quantized graph as it is instead of handing it to Inductor.
+A graph svdq_compiler already quantized (what `svdq_compiler.load` returns) is compiled as it is.
 Dynamo recompiles on a new static size as usual, and each recompile quantizes again: compile with
 `dynamic=True` or `torch._dynamo.mark_dynamic` so that token counts share one graph. Float attributes Dynamo
 passes as inputs under dynamic shapes (a norm's eps, a dropout's p) are folded in at their compile-time value.
@@ -52,7 +51,7 @@ from svdq_compiler.ir import get_attr_value, set_attr_value
 from svdq_compiler.models.generic import GenericAdapter
 
 BACKEND_NAME = "svdquant"
-OPTIONS = ("config", "calib_inputs", "calib_stats", "inductor", "passes")
+OPTIONS = ("config", "calib_inputs", "calib_stats", "inductor")
 _MAX_TOKENS = 1 << 20  # upper bound of a dimension Dynamo made dynamic (it has none)
 _RESUMED = "torch_dynamo_resume_in_"  # the name Dynamo gives the code after a graph break
 
@@ -230,9 +229,8 @@ class DynamoRegion(torch.nn.Module):
                 set_attr_value(self, model_names[id(value)], value.detach(),
                                as_buffer=not isinstance(value, torch.nn.Parameter))
                 self.feeds.append(("attr", model_names[id(value)]))
-            elif isinstance(value, torch.Tensor) and _fold_scalar(graph.graph, node, value):
-                continue
             elif isinstance(value, torch.Tensor):
+                _fold_scalar(graph.graph, node, value)
                 set_attr_value(self, f"constant_{index}", value.detach(), as_buffer=True)
                 self.feeds.append(("attr", f"constant_{index}"))
             else:
@@ -338,20 +336,18 @@ def _shapes(values: dict[str, torch.Tensor]) -> str:
     return ", ".join(f"{name} {tuple(value.shape)}" for name, value in values.items())
 
 
-def _fold_scalar(graph: torch.fx.Graph, node: torch.fx.Node, value: torch.Tensor) -> bool:
-    """A 0-d constant read only through `.item()` (a float attribute Dynamo made an input) becomes its number;
-    False (nothing changed) for any other tensor."""
+def _fold_scalar(graph: torch.fx.Graph, node: torch.fx.Node, value: torch.Tensor) -> None:
+    """A 0-d constant read only through `.item()` (a float attribute Dynamo made an input): its readers get the
+    number. The placeholder stays (unused), since Dynamo calls the compiled region with one value per placeholder."""
     users = list(node.users)
     if value.dim() != 0 or not users or any(u.op != "call_method" or u.target != "item" for u in users):
-        return False
+        return
     number = value.item()
     for item in users:
         for user in list(item.users):
             user.args = torch.fx.node.map_arg(user.args, lambda n: number if n is item else n)
             user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda n: number if n is item else n)
         graph.erase_node(item)
-    graph.erase_node(node)
-    return True
 
 
 class RegionAdapter(GenericAdapter):
@@ -411,6 +407,15 @@ def svdquant_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], op
 
     options = check_options(options)
     config = svdq_compiler.resolve_config(options.get("config", "int4"))
+    if any(getattr(node.target, "namespace", "") == "svdq" for node in gm.graph.nodes if node.op == "call_function"):
+        # a graph svdq_compiler made (svdq_compiler.load's, or compile's): quantized already, so Inductor alone
+        warnings.warn("svdquant backend: the region is quantized already (svdq ops); compiled as it is",
+                      stacklevel=2)
+        if not options.get("inductor", True):
+            return gm
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
     frame = CallFrame.current()
     fakes = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
     region = DynamoRegion(gm, example_inputs, frame)
@@ -430,7 +435,7 @@ def svdquant_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], op
     with torch.no_grad(), torch._guards.tracing(None):
         compiled = svdq_compiler.compile(region, dict(region.example), config, calib_inputs=calib_inputs,
                                          calib_stats=calib_stats, dynamic_shapes="auto" if region.symbols else None,
-                                         adapter=RegionAdapter(region), passes=options.get("passes"))
+                                         adapter=RegionAdapter(region))
     order, names = region.positions, list(region.inputs)
     if options.get("inductor", True):
         runner = _inductor(compiled, [fakes[i] for i in order])

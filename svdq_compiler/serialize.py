@@ -8,7 +8,9 @@ the program the archive carries extra files:
 - `svdq_capture.json`: the capture report (inputs, dynamic and static dimensions, relaxed guards);
 - `svdq_config.json`: the QuantConfig of the compile (null for a graph that was only captured);
 - `svdq_report.json`: the compile report (passes with statistics and wall time, per-linear annotations);
-- `svdq_ir.py`: the IR as `format_ir` printed it (node.meta["svdq"] does not survive serialization).
+- `svdq_ir.py`: the IR as `format_ir` printed it (node.meta["svdq"] does not survive serialization);
+- `svdq_loras.json`, when LoRAs are applied: what they are (the program holds the graph as compiled and their
+  factors as buffers; `load` applies them again: svdq_compiler/lora.py).
 
 `load` checks the marker and version before reading the program, restores the reports into `gm.meta` and
 re-installs the shape check.
@@ -33,6 +35,7 @@ from svdq_compiler.dropin import as_pipeline_component
 from svdq_compiler.errors import CheckpointError, first_line
 from svdq_compiler.files import atomic_path
 from svdq_compiler.ir import format_ir
+from svdq_compiler.lora import LORA_FILE, restore_loras, saved_form
 
 FORMAT = "svdq-graph"
 FORMAT_VERSION = 1  # bump when a reader of the old format would misread the new one
@@ -72,14 +75,16 @@ def save(gm: torch.fx.GraphModule, path: str | Path) -> Path:
         raise CheckpointError("the graph has no example inputs to re-export it with",
                               fix="save graphs made by svdq_compiler.capture, compile or load")
     args, kwargs = split_inputs(inputs)
-    try:
-        with torch.no_grad():
-            spec = dynamic_shapes_of(gm, list(args) or kwargs)
-            program = torch.export.export(gm, args, kwargs, dynamic_shapes=spec, strict=False)
-    except Exception as exc:  # a graph the passes left un-exportable is a compiler bug; say which step failed
-        raise CheckpointError(f"the compiled graph could not be re-exported for saving: {first_line(exc)}",
-                              where=str(path), fix="rerun with --verify to find the pass that broke the graph") from exc
-    extra = extra_files(gm)
+    with saved_form(gm) as loras:  # applied LoRAs travel as LoRAs (svdq_compiler/lora.py)
+        try:
+            with torch.no_grad():
+                spec = dynamic_shapes_of(gm, list(args) or kwargs)
+                program = torch.export.export(gm, args, kwargs, dynamic_shapes=spec, strict=False)
+        except Exception as exc:  # a graph the passes left un-exportable is a compiler bug; say which step failed
+            raise CheckpointError(f"the compiled graph could not be re-exported for saving: {first_line(exc)}",
+                                  where=str(path), fix="rerun with --verify to find the pass that broke the "
+                                                       "graph") from exc
+        extra = {**extra_files(gm), **loras}
     with atomic_path(path, "graph file") as temporary, open(temporary, "wb") as handle:
         # A file object rather than a name: torch names the archive after a file name (and wants ".pt2").
         torch.export.save(program, handle, extra_files=extra)
@@ -152,7 +157,7 @@ def load(path: str | Path) -> torch.nn.Module:
     data = read_graph_bytes(path)
     manifest = manifest_of(data, str(path))
     check_archive(data, str(path))
-    extra = {name: "" for name in EXTRA_FILES}
+    extra = {name: "" for name in (*EXTRA_FILES, LORA_FILE)}
     try:
         program = torch.export.load(io.BytesIO(data), extra_files=extra)
     except Exception as exc:  # torch raises many types for damaged archives
@@ -170,4 +175,5 @@ def load(path: str | Path) -> torch.nn.Module:
     if examples is not None:
         gm.meta[INPUTS_META] = tuple(examples[0]) if examples[0] else dict(examples[1])
     install_shape_check(gm)
+    restore_loras(gm, extra[LORA_FILE], str(path))
     return as_pipeline_component(gm)

@@ -102,11 +102,14 @@ def _name(fused_or_norm: Fused | tuple[str, str], naming: str) -> str:
 # ---- export -------------------------------------------------------------------------------------------------
 
 
-def export_nunchaku(gm: torch.fx.GraphModule, path: str | Path | None = None, *, naming: str = "v1",
+def export_nunchaku(gm: torch.nn.Module, path: str | Path | None = None, *, naming: str = "v1",
                     config: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """Our compiled FLUX graph → a Nunchaku checkpoint's tensors (written with its metadata to `path` if
-    given, through a temporary file)."""
+    """Our compiled FLUX graph (from compile, load or import_nunchaku) → a Nunchaku checkpoint's tensors
+    (written with its metadata to `path` if given, through a temporary file)."""
     from svdq_compiler.capture import CAPTURE_META
+    from svdq_compiler.dropin import graph_module_of
+
+    gm = graph_module_of(gm)
 
     if naming not in ("v1", "v2"):
         raise InputError(f"naming must be 'v1' or 'v2', got {naming!r}")
