@@ -2,10 +2,13 @@
 
 Kernel B (the GEMM) is compute-bound at FLUX sizes, so its candidates are large tiles that give each int8
 tensor-core instruction enough work per loaded byte: on Hopper 8 warps (two warpgroups issuing wgmma) over
-128×128 to 256×128 tiles with 3–4 pipeline stages; on Ada and sm_86 (about 100 KB of shared memory per SM)
-smaller stage counts; on A100 (164 KB) the large tiles with more stages. The packed operands are read in 32-byte
-rows per K group, so the loads stay coalesced for any tile. Kernel A is memory-bound: a few rows per program,
-several groups per step, so many programs stream x at once.
+128×128 tiles with 3–4 pipeline stages; on Ada and sm_86 (about 100 KB of shared memory per SM) smaller stage
+counts; on A100 (164 KB) more stages. The int4 GEMM holds an int32 partial and an fp32 accumulator per output
+element, so tiles over 64 elements per thread spill: every list here is held by the AOT gate
+(tests/codegen/test_aot.py, codegen/aot.py) to no spills, the arch's shared memory and its tensor-core
+instruction. The packed operands are read in 32-byte rows per K group, so the loads stay coalesced for any
+tile. Kernel A is memory-bound: a few rows per program, several groups per step, so many programs stream x at
+once.
 
 Kernel W (W4A16) has two regimes. Modulation layers read one row per sample (M ≤ 32), so they stream the weight
 once: 16-row tiles (the smallest tl.dot), narrow BLOCK_N so FLUX's N = 3072…18432 makes hundreds of programs, and
@@ -24,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from svdq_compiler.codegen.generate import Target
+from svdq_compiler.codegen.layout import round_up
 from svdq_compiler.codegen.spec import GemmSpec, QuantizeSpec, WeightOnlySpec
 
 
@@ -55,13 +59,13 @@ class QuantizeConfig:
     num_stages: int
 
 
-# (block_m, block_n, num_warps, num_stages) for the int4/uint4 GEMM.
+# (block_m, block_n, num_warps, num_stages) for the int4/uint4 GEMM. The AOT gate (tests/codegen/test_aot.py)
+# holds every entry to no spills: the int32 partial and the fp32 accumulator each take a register per element,
+# so tiles over 64 elements per thread (128×256 and 256×128 with 8 warps, 128×128 and 64×256 with 4) spill.
 _INT4_TILES = {
-    "hopper": [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 256, 4, 4),
-               (64, 128, 4, 4), (64, 64, 4, 4)],
-    "ada": [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 256, 8, 2), (64, 64, 4, 4)],
-    "ampere": [(128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4),
-               (64, 64, 4, 4)],
+    "hopper": [(128, 128, 8, 4), (128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)],
+    "ada": [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4)],
+    "ampere": [(128, 128, 8, 4), (128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4)],
 }
 # (block_m, block_n, block_k, num_warps, num_stages) for the int8 and nvfp4 GEMMs.
 _KSTEP_TILES = {
@@ -85,7 +89,14 @@ _WEIGHT_ONLY_LARGE_M = {
     "ampere": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)],
 }
 _WEIGHT_ONLY_SMALL_BUCKET = 32  # up to this many rows (bucketed), the small-M tiles
-_QUANTIZE_TILES = [(16, 4, 2), (32, 4, 2), (32, 8, 3), (64, 8, 2)]  # (block_m, num_warps, num_stages)
+# (block_m, num_warps, num_stages) for kernel A. The AOT gate found 64-row and 8-warp tiles spilling on some arch
+# (the rank-32 down projection's accumulator sits beside the quantizer's tiles), and nvfp4's 16-row tile on
+# sm_100 and its 256-channel steps on several: those are not offered.
+_QUANTIZE_TILES = [(16, 4, 2), (32, 4, 2)]
+_QUANTIZE_NVFP4_TILES = [(32, 4, 2)]
+# nvfp4 on sm_100: tcgen05's block-scaled MMA needs 128-row tiles (64-row ones fall back to a dequantizing
+# fp16 MMA), and the wider or 4-warp 128-row tiles spill.
+_NATIVE_FP4_SM100_TILES = [(128, 128, 128, 8, 4)]
 
 INTERPRETER_GEMM = GemmConfig(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=1, num_stages=1)
 INTERPRETER_LARGE_GEMM = GemmConfig(block_m=64, block_n=64, block_k=64, group_m=2, num_warps=1, num_stages=1)
@@ -134,7 +145,9 @@ def gemm_configs(spec: GemmSpec, target: Target, m: int) -> list[GemmConfig]:
         for block_m, block_n, warps, stages in _INT4_TILES[family]:
             configs.append(GemmConfig(block_m, max(block_n, min_n), 0, 8, warps, stages))
     else:
-        for block_m, block_n, block_k, warps, stages in _KSTEP_TILES[family]:
+        native_sm100 = spec.act == "nvfp4" and target.native_fp4 and target.capability[0] == 10
+        for block_m, block_n, block_k, warps, stages in (_NATIVE_FP4_SM100_TILES if native_sm100 else
+                                                         _KSTEP_TILES[family]):
             configs.append(GemmConfig(block_m, max(block_n, min_n), block_k, 8, warps, stages))
     # Tiles taller than the (bucketed) token count only waste work; keep at least one candidate.
     fitting = [c for c in configs if c.block_m <= max(bucket, 64)]
@@ -147,11 +160,14 @@ def quantize_configs(spec: QuantizeSpec, target: Target, m: int) -> list[Quantiz
     if target.backend == "interpreter":
         step = 64 if spec.quant.fmt in ("int8", "nvfp4") else group
         return [QuantizeConfig(_interpreter_rows(m), step, 1, 1)]
-    steps = [128, 256] if spec.quant.fmt == "int8" else sorted({max(group, 128), max(group, 256)})
+    fmt = spec.quant.fmt
+    steps = [128, 256] if fmt == "int8" else [128] if fmt == "nvfp4" else sorted({max(group, 128), max(group, 256)})
     bucket = m_bucket(m)
-    configs = [QuantizeConfig(block_m, step, warps, stages) for block_m, warps, stages in _QUANTIZE_TILES
-               for step in steps if block_m <= max(bucket, 16)]
-    return configs
+    configs = [QuantizeConfig(block_m, step, warps, stages)
+               for block_m, warps, stages in (_QUANTIZE_NVFP4_TILES if fmt == "nvfp4" else _QUANTIZE_TILES)
+               for step in steps]
+    # tiles taller than the (bucketed) token count only waste work; keep at least one candidate
+    return [c for c in configs if c.block_m <= max(bucket, 16)] or configs[:1]
 
 
 def weight_only_configs(spec: WeightOnlySpec, target: Target, m: int) -> list[WeightOnlyConfig]:
@@ -168,3 +184,21 @@ def weight_only_configs(spec: WeightOnlySpec, target: Target, m: int) -> list[We
                                 warps, stages)
                for block_m, block_n, step, warps, stages in tiles if block_m <= max(bucket, 64)]
     return list(dict.fromkeys(configs))
+
+
+def tile_constexprs(spec: GemmSpec | WeightOnlySpec | QuantizeSpec, config, m: int, n: int, k: int) -> dict:
+    """The compile-time arguments a configuration sets for M × N × K (the signature's constexprs)."""
+    if isinstance(spec, QuantizeSpec):
+        if spec.quant.fmt == "int8":
+            return {"BLOCK_M": config.block_m, "BLOCK_K": config.step}
+        return {"BLOCK_M": config.block_m, "GROUPS_PER_STEP": config.step // spec.quant.group_size}
+    tile = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
+    if isinstance(spec, WeightOnlySpec):
+        return tile | {"GROUPS_PER_STEP": config.groups_per_step, "GROUP_M": config.group_m,
+                       "EVEN_M": m % config.block_m == 0, "EVEN_N": n % config.block_n == 0,
+                       "EVEN_K": k % (config.groups_per_step * spec.group_size) == 0}
+    tile |= {"GROUP_M": config.group_m, "EVEN_M": m % config.block_m == 0, "EVEN_N": n % config.block_n == 0}
+    if spec.act in ("int8", "nvfp4"):
+        k_extent = round_up(k, 16) if spec.act == "nvfp4" else k
+        tile |= {"BLOCK_K": config.block_k, "EVEN_K": k_extent % config.block_k == 0}
+    return tile

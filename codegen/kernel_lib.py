@@ -38,6 +38,20 @@ def small_int_to_float(i):
 
 
 @triton.jit
+def add_scaled_partial(acc, partial, row_factor, col_scale):
+    """acc + partial·row_factor·col_scale for an int32 tile |partial| < 2^22, in two FMAs per element.
+
+    The partial's bits plus those of 1.5·2^23, read as fp32, are 1.5·2^23 + partial exactly; an FMA with the
+    row's −1.5·2^23·factor leaves partial·factor rounded once (what a conversion and a multiply give) without a
+    separate float subtract. Exact only when 3·factor fits fp32's mantissa: bf16 and fp16 scales (times a power
+    of two), not fp32 ones.
+    """
+    magic = (partial + _RNE_MAGIC_BITS).to(tl.float32, bitcast=True)
+    scaled = tl.fma(magic, row_factor[:, None], (row_factor * -_RNE_MAGIC)[:, None])
+    return tl.fma(scaled, col_scale[None, :], acc)
+
+
+@triton.jit
 def round_to_bf16(x):
     """fp32 → the nearest bfloat16 value (ties to even), returned as fp32: add half an ulp of the kept bits
     (minus one when the kept bits are even), then clear the 16 dropped bits."""
@@ -123,6 +137,33 @@ def unpack_int4(packed):
 def unpack_uint4(packed):
     """Unsigned nibbles of uint8 bytes → (low, high) int8 tiles in [0, 15]."""
     return (packed & 15).to(tl.int8), (packed >> 4).to(tl.int8)
+
+
+@triton.jit
+def nibbles_x16(packed):
+    """Signed nibbles of uint8 bytes → (low, high) int8 tiles holding 16× each nibble (−128…112): the low
+    nibble shifted into the high half of its byte, and the high nibble masked in place. No sign extension, so
+    the compiled form (`nibbles_x16_ptx`) works on four bytes per 32-bit instruction."""
+    b = packed.to(tl.int8, bitcast=True)
+    return b << 4, b & -16
+
+
+@triton.jit
+def nibbles_x16_ptx(packed):
+    """`nibbles_x16` as two 32-bit logic instructions per four bytes (inline PTX; CUDA only): element-wise
+    int8 shifts and masks would be split into bytes, sign-extended and re-packed with PRMT, a dozen
+    instructions per byte."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t; shl.b32 t, $2, 4; and.b32 $0, t, 0xF0F0F0F0; and.b32 $1, $2, 0xF0F0F0F0; }",
+        "=r,=r,r", [packed], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+
+
+@triton.jit
+def unsigned_nibbles_ptx(packed):
+    """`unpack_uint4` as 32-bit logic instructions on four bytes at a time (inline PTX; CUDA only)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t; and.b32 $0, $2, 0x0F0F0F0F; shr.b32 t, $2, 4; and.b32 $1, t, 0x0F0F0F0F; }",
+        "=r,=r,r", [packed], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
 
 
 @triton.jit

@@ -23,11 +23,11 @@ import torch
 
 from svdq_compiler.codegen.cache import load_kernel
 from svdq_compiler.codegen.configs import (GemmConfig, QuantizeConfig, WeightOnlyConfig, gemm_configs, m_bucket,
-                                           quantize_configs, weight_only_configs)
+                                           quantize_configs, tile_constexprs, weight_only_configs)
 from svdq_compiler.codegen.generate import Target, nvfp4_path
-from svdq_compiler.codegen.layout import round_up
 from svdq_compiler.codegen.shapes import model_dtype, packed_act
-from svdq_compiler.codegen.spec import ActQuant, GemmSpec, QuantizeSpec, WeightOnlySpec
+from svdq_compiler.codegen.signature import signature_of
+from svdq_compiler.codegen.spec import ActQuant, GemmSpec, KernelSpec, QuantizeSpec, WeightOnlySpec
 from svdq_compiler.quant import code_table
 from svdq_compiler.errors import SvdqError
 
@@ -154,17 +154,14 @@ def quantize_lora_down(x: torch.Tensor, smooth: torch.Tensor | None, lora_down: 
         return codes, scales, down
     target = current_target(device)
     kernel = load_kernel(spec, target)
-    args = [x2] + ([smooth.contiguous()] if quant.smooth else []) + (
-        [lora_down.contiguous()] if spec.rank else [])
-    args += [codes, scales] + ([down] if spec.rank else []) + [m]
-    args += [] if spec.k else [k]
-    args += [x2.stride(0)]
+    args = {"x_ptr": x2, "codes_ptr": codes, "scales_ptr": scales, "M": m, "stride_xm": x2.stride(0),
+            **_sizes(spec, None, k)}
+    args |= {"smooth_ptr": smooth.contiguous()} if quant.smooth else {}
+    args |= {"lora_down_ptr": lora_down.contiguous(), "down_ptr": down} if spec.rank else {}
 
     def run(config: QuantizeConfig) -> None:
-        step = {"BLOCK_K": config.step} if quant.fmt == "int8" else {
-            "GROUPS_PER_STEP": config.step // quant.group_size}
-        kernel[(math.ceil(m / config.block_m),)](*args, BLOCK_M=config.block_m, **step,
-                                                 num_warps=config.num_warps, num_stages=config.num_stages)
+        _launch(kernel, spec, (math.ceil(m / config.block_m),), {**args, **tile_constexprs(spec, config, m, 0, k)},
+                config)
 
     configs = quantize_configs(spec, target, m)
     config = _choose((spec.name, _device_key(device), k, m_bucket(m)), configs, run)
@@ -224,16 +221,28 @@ def _check_branch_epilogue(down, lora_up, bias, operands, spec: GemmSpec | Weigh
 
 
 def _branch_epilogue_args(down, lora_up, bias, operands, spec: GemmSpec | WeightOnlySpec, lead: tuple, n: int,
-                          where: str) -> list:
-    """Kernel arguments for the branch, the bias and the epilogue operands (generate._branch_epilogue_params)."""
-    args: list = []
+                          where: str) -> dict:
+    """Kernel arguments, by name, for the branch, the bias and the epilogue operands."""
+    args: dict = {}
     if spec.rank:
         down_rows = _rows(down)
-        args += [down_rows, down_rows.stride(0), lora_up.contiguous()]
-    args += [bias.contiguous()] if spec.bias else []
+        args |= {"down_ptr": down_rows, "stride_down": down_rows.stride(0), "lora_up_ptr": lora_up.contiguous()}
+    args |= {"bias_ptr": bias.contiguous()} if spec.bias else {}
     for index, operand in enumerate(operands):
-        args += list(_row_strides(operand, lead, n, where, index))
+        names = (f"op{index}_ptr", f"op{index}_inner", f"op{index}_stride_outer", f"op{index}_stride_inner",
+                 f"op{index}_stride_n")
+        args |= dict(zip(names, _row_strides(operand, lead, n, where, index)))
     return args
+
+
+def _sizes(spec: KernelSpec, n: int | None, k: int) -> dict:
+    """The run-time N and K arguments of a spec that leaves them open (M is always one)."""
+    return ({"N": n} if n is not None and not spec.n else {}) | ({} if spec.k else {"K": k})
+
+
+def _launch(kernel, spec: KernelSpec, grid: tuple, values: dict, config) -> None:
+    """Run `kernel` with `values` bound by name to the spec's signature."""
+    kernel[grid](*signature_of(spec).bind(values), num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
@@ -275,33 +284,35 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
         _absent(next_lora_down, "next_lora_down (L2′)", where)
 
     m = math.prod(lead)
-    inputs: list = [a_codes.reshape(m, columns).contiguous(), a_scales.reshape(m, a_scales.shape[-1]).contiguous(),
-                    w_codes.contiguous(), w_scales.contiguous()]
+    inputs = {"a_codes_ptr": a_codes.reshape(m, columns).contiguous(),
+              "a_scales_ptr": a_scales.reshape(m, a_scales.shape[-1]).contiguous(),
+              "w_codes_ptr": w_codes.contiguous(), "w_scales_ptr": w_scales.contiguous(), "M": m,
+              **_sizes(spec, n, k)}
     # the kernel reads one weight scale per output channel
-    inputs += [w_tscale.reshape(-1).expand(n).contiguous()] if spec.act == "nvfp4" else []
-    inputs += _branch_epilogue_args(down, lora_up, bias, operands, spec, lead, n, where)
-    sizes = [m] + ([] if spec.n else [n]) + ([] if spec.k else [k])
+    inputs |= {"w_tscale_ptr": w_tscale.reshape(-1).expand(n).contiguous()} if spec.act == "nvfp4" else {}
+    inputs |= _branch_epilogue_args(down, lora_up, bias, operands, spec, lead, n, where)
     next_inputs = {"smooth": next_smooth.contiguous() if next_smooth is not None else None,
                    "lora_down": next_lora_down.contiguous() if next_lora_down is not None else None}
 
     def launch(target: Target | None) -> list[torch.Tensor]:
         """Allocate the outputs and run kernel B for `target` (None: nothing to run, M = 0)."""
         outputs: list[torch.Tensor] = []
-        args = list(inputs)
+        args = dict(inputs)
         if spec.emits_output:
             outputs.append(torch.empty((*lead, n), dtype=dtype, device=device))
-            args.append(outputs[-1])
+            args["out_ptr"] = outputs[-1]
         next_down_acc = None
         if qn is not None:
             next_packed = packed_act(qn.quant, lead, n, dtype)
             outputs += [torch.empty(next_packed.codes_shape, dtype=next_packed.codes_dtype, device=device),
                         torch.empty(next_packed.scales_shape, dtype=next_packed.scales_dtype, device=device)]
-            args += ([next_inputs["smooth"]] if qn.quant.smooth else []) + outputs[-2:]
+            args |= {"next_codes_ptr": outputs[-2], "next_scales_ptr": outputs[-1]}
+            args |= {"next_smooth_ptr": next_inputs["smooth"]} if qn.quant.smooth else {}
             if qn.rank:
                 next_down_acc = torch.zeros((*lead, qn.rank), dtype=torch.float32, device=device)
-                args += [next_inputs["lora_down"], next_down_acc]
+                args |= {"next_lora_down_ptr": next_inputs["lora_down"], "next_down_ptr": next_down_acc}
         if target is not None:
-            _run_gemm(spec, target, args + sizes, m, n, k, next_down_acc)
+            _run_gemm(spec, target, args, m, n, k, next_down_acc)
         return outputs + ([next_down_acc.to(dtype)] if next_down_acc is not None else [])
 
     if m == 0:
@@ -312,24 +323,18 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
     return launch(target)
 
 
-def _run_gemm(spec: GemmSpec, target: Target, args: list, m: int, n: int, k: int,
+def _run_gemm(spec: GemmSpec, target: Target, args: dict, m: int, n: int, k: int,
               next_down_acc: torch.Tensor | None) -> None:
     kernel = load_kernel(spec, target)
-    k_extent = round_up(k, 16) if spec.act == "nvfp4" else k
 
     def run(config: GemmConfig) -> None:
         if next_down_acc is not None:
             next_down_acc.zero_()
-        extra = {}
-        if spec.act in ("int8", "nvfp4"):
-            extra = {"BLOCK_K": config.block_k, "EVEN_K": k_extent % config.block_k == 0}
         grid = (math.ceil(m / config.block_m) * math.ceil(n / config.block_n),)
-        kernel[grid](*args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m,
-                     EVEN_M=m % config.block_m == 0, EVEN_N=n % config.block_n == 0, **extra,
-                     num_warps=config.num_warps, num_stages=config.num_stages)
+        _launch(kernel, spec, grid, {**args, **tile_constexprs(spec, config, m, n, k)}, config)
 
     configs = gemm_configs(spec, target, m)
-    key = (spec.name, nvfp4_path(spec, target), _device_key(args[0].device), n, k, m_bucket(m))
+    key = (spec.name, nvfp4_path(spec, target), _device_key(args["a_codes_ptr"].device), n, k, m_bucket(m))
     run(_choose(key, configs, run))
 
 
@@ -394,17 +399,14 @@ def weight_only_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.T
     target = current_target(device)
     kernel = load_kernel(spec, target)
     x2 = _rows(x)
-    args = [x2, x2.stride(0), w_codes.contiguous(), w_scales.contiguous()]
-    args += [code_table(spec.weight, device)] if spec.weight == "nf4" else []
-    args += _branch_epilogue_args(down, lora_up, bias, operands, spec, lead, n, where)
-    args += [out, m] + ([] if spec.n else [n]) + ([] if spec.k else [k])
+    args = {"x_ptr": x2, "stride_xm": x2.stride(0), "w_codes_ptr": w_codes.contiguous(),
+            "w_scales_ptr": w_scales.contiguous(), "out_ptr": out, "M": m, **_sizes(spec, n, k)}
+    args |= {"codebook_ptr": code_table(spec.weight, device)} if spec.weight == "nf4" else {}
+    args |= _branch_epilogue_args(down, lora_up, bias, operands, spec, lead, n, where)
 
     def run(config: WeightOnlyConfig) -> None:
-        step = config.groups_per_step * spec.group_size
         grid = (math.ceil(m / config.block_m) * math.ceil(n / config.block_n),)
-        kernel[grid](*args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS_PER_STEP=config.groups_per_step,
-                     GROUP_M=config.group_m, EVEN_M=m % config.block_m == 0, EVEN_N=n % config.block_n == 0,
-                     EVEN_K=k % step == 0, num_warps=config.num_warps, num_stages=config.num_stages)
+        _launch(kernel, spec, grid, {**args, **tile_constexprs(spec, config, m, n, k)}, config)
 
     configs = weight_only_configs(spec, target, m)
     run(_choose((spec.name, _device_key(device), n, k, m_bucket(m)), configs, run))

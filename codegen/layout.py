@@ -42,7 +42,7 @@ of 16 (with 0). With n = nt·128 + np·16 + ns·8 + nl and k = kt·64 + kp·32 +
   ((((((c//16)·r/16 + q//16)·8 + q%8)·4 + (c%8)//2)·2 + (q%16)//8)·2 + (c%16)//8)·2 + c%2.
 * Semantics. Nunchaku's branch reads the raw input x, so ``lora_down`` = L2/λ (L2 ``[r, K]`` is our down
   projection, applied to x/λ); ``lora_up`` = L1. Its bias needs no change: our bias is already compensated for
-  a shift applied only to the quantized path (architecture §7), which is also what Nunchaku computes.
+  a shift applied only to the quantized path (svdq_compiler/ops.py), which is also what Nunchaku computes.
   ``smooth`` is the λ the runtime divides by (all ones when the smoothing was fused into the previous layer);
   ``smooth_orig`` is informational. v2 names: ``smooth_factor``, ``smooth_factor_orig``, ``proj_down``, ``proj_up``.
 
@@ -65,15 +65,12 @@ from typing import Mapping
 import torch
 
 from svdq_compiler.errors import CheckpointError, QuantizationError
-from svdq_compiler.quant import CODE_DTYPES, QTensor
+from svdq_compiler.quant import ACT_FORMATS, CODE_DTYPES, FORMATS, FOUR_BIT_FORMATS, WEIGHT_FORMATS, QTensor
 
-FOUR_BIT_FORMATS = ("int4", "uint4", "nvfp4", "nf4")
-SPLIT_HALVES_FORMATS = ("int4", "uint4", "nf4")
-# Formats a weight can have; uint4 exists only for activations.
-PACKED_WEIGHT_FORMATS = ("int4", "nvfp4", "int8", "nf4")
+SPLIT_HALVES_FORMATS = tuple(name for name, f in FORMATS.items() if f.packing == "halves")
 NUNCHAKU_TILE = 128  # Nunchaku pads N and K to multiples of this
 NUNCHAKU_RANK_MULTIPLE = 16
-NUNCHAKU_GROUPS = {"int4": 64, "nvfp4": 16}
+NUNCHAKU_GROUPS = {fmt: FORMATS[fmt].default_group for fmt in ("int4", "nvfp4")}  # its W4A4 formats
 MODEL_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -92,12 +89,13 @@ def code_columns(fmt: str, k_pad: int) -> int:
 
 
 def packed_code_dtype(fmt: str) -> torch.dtype:
-    return torch.uint8 if fmt in FOUR_BIT_FORMATS else torch.int8
+    return FORMATS[fmt].packed_code_dtype
 
 
 def scale_dtype(fmt: str, model_dtype: torch.dtype) -> torch.dtype:
     """The dtype packed scales of `fmt` are stored in."""
-    return {"nvfp4": torch.uint8, "int8": torch.float32}.get(fmt, model_dtype)
+    stored = FORMATS[fmt].scale_dtype or model_dtype
+    return torch.uint8 if stored == torch.float8_e4m3fn else stored  # E4M3 scales are kept as their bytes
 
 
 def scale_values(scales: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -162,9 +160,9 @@ def _check_four_bit_group(fmt: str, group_size: int, k_pad: int) -> None:
 def check_packed_weight(qweight: torch.Tensor, wscales: torch.Tensor, wtscale: torch.Tensor | None, fmt: str,
                         group_size: int, k: int, *, where: str = "packed weight") -> int:
     """Validate a packed weight's tensors (metadata only, so fake tensors work); returns the effective group."""
-    if fmt not in PACKED_WEIGHT_FORMATS:
+    if fmt not in WEIGHT_FORMATS:
         raise QuantizationError(f"unknown weight format {fmt!r}", where=where,
-                                fix=f"use one of {PACKED_WEIGHT_FORMATS}")
+                                fix=f"use one of {WEIGHT_FORMATS}")
     group = effective_group(group_size, k)
     k_pad = round_up(k, group)
     expected_dtype = packed_code_dtype(fmt)
@@ -189,9 +187,8 @@ def check_packed_weight(qweight: torch.Tensor, wscales: torch.Tensor, wtscale: t
 def check_packed_act(codes: torch.Tensor, scales: torch.Tensor, fmt: str, group_size: int, k: int, *,
                      where: str = "packed activation") -> int:
     """Validate packed activation codes and scales (metadata only); returns the effective group."""
-    if fmt not in ("int4", "uint4", "nvfp4", "int8"):
-        raise QuantizationError(f"unknown activation format {fmt!r}", where=where,
-                                fix="use one of ('int4', 'uint4', 'nvfp4', 'int8')")
+    if fmt not in ACT_FORMATS:
+        raise QuantizationError(f"unknown activation format {fmt!r}", where=where, fix=f"use one of {ACT_FORMATS}")
     group = effective_group(group_size, k)
     k_pad = round_up(k, group)
     expected_dtype = packed_code_dtype(fmt)
@@ -200,7 +197,7 @@ def check_packed_act(codes: torch.Tensor, scales: torch.Tensor, fmt: str, group_
                                 f"for K={k}, group {group}; got {codes.dtype} {list(codes.shape)}", where=where)
     expected_scales = (*codes.shape[:-1], k_pad // group)
     wanted = scale_dtype(fmt, scales.dtype)
-    if scales.dtype != wanted or (fmt in ("int4", "uint4") and scales.dtype not in MODEL_SCALE_DTYPES) \
+    if scales.dtype != wanted or (FORMATS[fmt].scale_dtype is None and scales.dtype not in MODEL_SCALE_DTYPES) \
             or tuple(scales.shape) != expected_scales:
         raise QuantizationError(f"{fmt} activation scales must be [..., {k_pad // group}] matching the codes "
                                 f"({list(expected_scales)}); got {scales.dtype} {list(scales.shape)}", where=where)
@@ -233,7 +230,7 @@ class PackedWeight:
 
 
 def pack_weight(q: QTensor) -> PackedWeight:
-    if q.codes.dim() != 2 or q.fmt not in PACKED_WEIGHT_FORMATS:
+    if q.codes.dim() != 2 or q.fmt not in WEIGHT_FORMATS:
         raise QuantizationError(f"pack_weight takes a 2-D weight QTensor, got {q.fmt} codes {list(q.codes.shape)}")
     wtscale = None if q.tensor_scale is None else q.tensor_scale.to(torch.float32)
     return PackedWeight(pack_codes(q.codes, q.fmt, q.group_size), _scales_to_packed(q.scales.t().contiguous()),

@@ -24,17 +24,14 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from svdq_compiler.errors import SvdqError
+from svdq_compiler.quant import ACT_FORMATS, WEIGHT_ONLY_4BIT_FORMATS, weight_format_of
 
 # Bumped whenever generate.py changes the text it produces for an unchanged spec.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
-# Activation formats a kernel produces or consumes. "uint4" is the shifted post-GELU input: codes in [0, 15].
-ACT_FORMATS = ("int4", "uint4", "nvfp4", "int8")
-# Weight formats of the GEMM (the weights of an "int4"/"uint4" activation are int4).
-GEMM_WEIGHT_FORMATS = ("int4", "nvfp4", "int8")
+# Formats come from quant.FORMATS: a kernel produces or consumes its ACT_FORMATS ("uint4" is the shifted
+# post-GELU input), pairs them with weight_format_of(act) weights, and kernel W reads WEIGHT_ONLY_4BIT_FORMATS.
 DTYPES = ("bfloat16", "float16", "float32")
-# Weight formats of the weight-only (W4A16) kernel.
-WEIGHT_ONLY_FORMATS = ("int4", "nf4")
 UNARY_EPILOGUES = ("gelu_tanh", "gelu_erf", "silu")
 TENSOR_EPILOGUES = ("mul", "add")  # y ∘ t with t broadcastable to y (gate multiply, residual add)
 SCALAR_EPILOGUES = ("mul_scalar", "add_scalar")
@@ -43,11 +40,6 @@ EPILOGUE_KINDS = UNARY_EPILOGUES + TENSOR_EPILOGUES + SCALAR_EPILOGUES
 
 class SpecError(SvdqError):
     """A fused-kernel spec string is malformed or asks for something the generator cannot build."""
-
-
-def weight_format_of(act_format: str) -> str:
-    """The weight format that pairs with an activation format in the GEMM."""
-    return "int4" if act_format in ("int4", "uint4") else act_format
 
 
 def _power_of_two(value: int) -> bool:
@@ -227,8 +219,8 @@ class WeightOnlySpec(_EpilogueSpec):
 
     def validate(self) -> None:
         where = "fused_weight_only_linear spec"
-        if self.weight not in WEIGHT_ONLY_FORMATS:
-            raise SpecError(f"weight-only kernels take {' or '.join(WEIGHT_ONLY_FORMATS)} weights, got "
+        if self.weight not in WEIGHT_ONLY_4BIT_FORMATS:
+            raise SpecError(f"weight-only kernels take {' or '.join(WEIGHT_ONLY_4BIT_FORMATS)} weights, got "
                             f"{self.weight!r}", where=where, fix="keep the layer on svdq.weight_only_linear")
         # each group's two halves are separate dots, and a dot needs at least 16 channels
         if not (_power_of_two(self.group_size) and self.group_size >= 32):

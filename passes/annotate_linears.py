@@ -46,7 +46,8 @@ from svdq_compiler.fx_utils import (ACTIVATION_OPS, ATTENTION_OPS, CONV_OPS, MAT
                                     aten, ancestors, drop_unused_attrs, erase_unused, insert_call, is_linear,
                                     is_op, is_view, packet, param_target, rank_of, readers, rows_of, tensor_val,
                                     through_views, walk_forward)
-from svdq_compiler.ir import LinearInfo, Role, get_attr_value, infer_val, set_attr_value, set_info
+from svdq_compiler.ir import (MODEL_BYTES_META, LinearInfo, Role, annotated_linears, get_attr_value, infer_val,
+                              set_attr_value, set_info)
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler import parameter_bytes
 from svdq_compiler.report import tensor_bytes
@@ -493,11 +494,16 @@ class _UnionFind:
             self.parent[root_b] = root_a
 
 
-@register_pass("annotate_linears", ensures="every linear carries a LinearInfo: role, smoothing group, scheme")
+def _every_linear_has_a_scheme(gm: torch.fx.GraphModule, ctx: PassContext) -> list[str]:
+    return [f"{info.name}: no scheme" for _, info in annotated_linears(gm) if info.scheme is None]
+
+
+@register_pass("annotate_linears", produces=("linears",), ensures=_every_linear_has_a_scheme,
+               summary="every linear carries a LinearInfo: role, smoothing group, scheme")
 def annotate_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Canonicalize linears, then give each a structural role, a smoothing group and a scheme (module doc)."""
     config = ctx.config
-    gm.meta.setdefault("svdq_model_bytes_before", parameter_bytes(gm))
+    gm.meta.setdefault(MODEL_BYTES_META, parameter_bytes(gm))
     matmuls = _canonicalize_matmuls(gm)
     pointwise = _canonicalize_pointwise_convs(gm) if config.conv1x1_as_linear else set()
     attention = _find_attention(gm)

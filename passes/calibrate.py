@@ -1,7 +1,7 @@
 """calibrate: run the captured FP graph on calibration inputs and record, per input tensor of a quantized linear,
 the per-channel range and a bounded random sample of rows.
 
-Requires: annotate_linears. Ensures: `ctx.state["calibrate"]` is a `Calibration` with one `SiteStats` per tensor
+Requires: linears. Ensures: `ctx.calibration` is a `Calibration` with one `SiteStats` per tensor
 that a non-16-bit linear reads (keyed by the node's name): per-channel min and max over every row of every
 input, rows seen, and a uniform random sample of at most `config.calib_rows` rows (reservoir sampling, seeded by
 `config.calib_seed`), so memory is bounded however many inputs there are. A quantized k×k convolution has its
@@ -22,7 +22,6 @@ Two sources need no inputs:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -32,35 +31,12 @@ import torch.utils._pytree as pytree
 
 from svdq_compiler.capture import split_inputs
 from svdq_compiler.conv import ConvGeometry
-from svdq_compiler.errors import CalibrationError, CheckpointError
+from svdq_compiler.calibration import Calibration, SiteStats
+from svdq_compiler.errors import CalibrationError
 from svdq_compiler.fx_utils import tensor_val
 from svdq_compiler.ir import annotated_linears, module_path
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.svdquant import conv_geometry, site_name
-
-
-@dataclass
-class SiteStats:
-    """What calibration saw of one tensor read by quantized linears (channels last)."""
-
-    node: str
-    readers: list[str]  # qualified names of the linears reading it
-    minimum: torch.Tensor  # fp32 [K]
-    maximum: torch.Tensor  # fp32 [K]
-    rows: torch.Tensor  # [≤ calib_rows, K] in the activation dtype: a uniform sample of every row seen
-    priorities: torch.Tensor  # the reservoir keys of `rows`
-    rows_seen: int = 0
-
-    def absmax(self, shift: float = 0.0) -> torch.Tensor:
-        """Per-channel max |x + shift| over every row seen."""
-        return torch.maximum((self.minimum + shift).abs(), (self.maximum + shift).abs())
-
-
-@dataclass
-class Calibration:
-    sites: dict[str, SiteStats] = field(default_factory=dict)
-    source: str = ""
-    inputs: int = 0
 
 
 def _calibration_inputs(ctx: PassContext) -> tuple[Iterable, str]:
@@ -186,8 +162,17 @@ class _Recorder(torch.fx.Interpreter):
         stats.priorities, stats.rows = all_keys, all_rows.clone()
 
 
-@register_pass("calibrate", requires=("annotate_linears",),
-               ensures="ctx.state['calibrate'] holds per-input channel ranges and bounded row samples")
+def _every_quantized_input_has_a_site(gm: torch.fx.GraphModule, ctx: PassContext) -> list[str]:
+    if ctx.calibration is None:
+        return ["ctx.calibration is not set"]
+    return [f"{info.name}: no calibration site {site_name(node, info)!r}" for node, info in annotated_linears(gm)
+            if info.scheme is not None and info.scheme.kind != "fp"
+            and site_name(node, info) not in ctx.calibration.sites]
+
+
+@register_pass("calibrate", requires=("linears",), produces=("calibration",),
+               ensures=_every_quantized_input_has_a_site,
+               summary="ctx.calibration holds per-input channel ranges and bounded row samples")
 @torch.no_grad()
 def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Run the FP graph on the calibration inputs and record per-site statistics (module doc)."""
@@ -234,7 +219,7 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             calibration.inputs += 1
         if calibration.inputs == 0:
             raise CalibrationError("no calibration inputs were given", fix="pass at least one calibration input")
-    ctx.state["calibrate"] = calibration
+    ctx.calibration = calibration
     kept = sum(s.rows.shape[0] for s in sites.values())
     stats = {
         "source": calibration.source,
@@ -282,54 +267,3 @@ def _reuse(calibration: Calibration, saved: "Calibration") -> None:
         stats.rows, stats.priorities = found.rows.to(stats.rows.dtype), found.priorities
     calibration.source = f"saved statistics ({saved.source})"
     calibration.inputs = saved.inputs
-
-
-CALIBRATION_FORMAT = "svdq-calibration"
-
-
-def save_calibration(calibration: Calibration, path) -> None:
-    """Write calibration statistics as safetensors (tensors plus JSON metadata: nothing is pickled)."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from svdq_compiler.files import atomic_path
-
-    tensors, sites = {}, []
-    for index, stats in enumerate(calibration.sites.values()):
-        for field_name in ("minimum", "maximum", "rows", "priorities"):
-            tensors[f"{index}.{field_name}"] = getattr(stats, field_name).detach().cpu().contiguous()
-        sites.append({"node": stats.node, "readers": stats.readers, "rows_seen": stats.rows_seen})
-    metadata = {"format": CALIBRATION_FORMAT, "source": calibration.source, "inputs": str(calibration.inputs),
-                "sites": json.dumps(sites)}
-    with atomic_path(path, "calibration statistics file") as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
-
-
-def load_calibration(path) -> Calibration:
-    """Statistics written by `save_calibration`; clear errors for a missing or foreign file."""
-    import json
-    from pathlib import Path
-
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("no such calibration statistics file", where=str(path),
-                              fix="write one with svdq-compile --save-calib FILE")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != CALIBRATION_FORMAT:
-                raise CheckpointError("not a calibration statistics file (no svdq-calibration marker)",
-                                      where=str(path), fix="write one with svdq-compile --save-calib FILE")
-            calibration = Calibration(source=metadata["source"], inputs=int(metadata["inputs"]))
-            for index, site in enumerate(json.loads(metadata["sites"])):
-                fields = {name: handle.get_tensor(f"{index}.{name}")
-                          for name in ("minimum", "maximum", "rows", "priorities")}
-                calibration.sites[site["node"]] = SiteStats(node=site["node"], readers=list(site["readers"]),
-                                                            rows_seen=int(site["rows_seen"]), **fields)
-    except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"the calibration statistics file is corrupt ({exc})", where=str(path),
-                              fix="write it again with svdq-compile --save-calib FILE") from exc
-    return calibration

@@ -1,6 +1,6 @@
 """fuse: replace the lowered SVDQuant op chains with the two generated kernels per linear.
 
-Requires: lower (the lowered form of architecture §7). Per smoothing group reading x:
+Requires: lower (the lowered form of docs/architecture.md). Per smoothing group reading x:
     codes, scales = svdq.quantize_act(x, λ, shift, fmt, G)
     down          = aten.linear(aten.div(x, λ), L2)            (or aten.linear(x, L2) without smoothing)
     per linear:  acc = svdq.gemm(codes, scales, Wq, Ws, tscale, fmt, G, K, dtype)
@@ -37,9 +37,10 @@ from typing import Any
 import torch
 import torch.fx
 
+import svdq_compiler.codegen.fused_ops  # noqa: F401  (registers torch.ops.svdq.fused_*)
 from svdq_compiler.codegen.spec import (ActQuant, Epilogue, GemmSpec, QuantizeNext, QuantizeSpec, SpecError,
                                         WeightOnlySpec)
-from svdq_compiler.ir import (LinearInfo, QuantOpInfo, annotated_linears, get_attr_value, info, infer_val,
+from svdq_compiler.ir import (LinearInfo, OpTag, QuantOpInfo, annotated_linears, get_attr_value, info, infer_val,
                               set_attr_value, set_info)
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 
@@ -330,7 +331,7 @@ def _kernel_b(rw: _Rewriter, chain: _Chain, quantize_next: tuple[_Group, Quantiz
             list(chain.operands), next_smooth, next_lora_down, spec.to_string()),
             # the fused node implements the gemm's linear: its LinearInfo (from lower) moves along
             info(chain.gemm) if isinstance(info(chain.gemm), LinearInfo)
-            else QuantOpInfo("svdq.fused_gemm", linears, asdict(spec)))
+            else QuantOpInfo(OpTag.FUSED_GEMM, linears, asdict(spec)))
         count = (1 if spec.emits_output else 0) + (2 + (1 if qn.rank else 0) if qn else 0)
         outputs = rw.outputs(fused, count)
     position = 0
@@ -370,7 +371,7 @@ def _kernel_w(rw: _Rewriter, chain: _Chain) -> None:
             x, attr(_attr(w_codes)), attr(_attr(args["w_scales"])), chain.down, attr(chain.lora_up),
             attr(_attr(args.get("bias"))), list(chain.operands), spec.to_string()),
             info(chain.gemm) if isinstance(info(chain.gemm), LinearInfo)
-            else QuantOpInfo("svdq.fused_weight_only_linear", linears, asdict(spec)))
+            else QuantOpInfo(OpTag.FUSED_WEIGHT_ONLY_LINEAR, linears, asdict(spec)))
     end.replace_all_uses_with(fused)
     rw.stats["weight_only_fused"] += len(linears)
     rw.epilogues.update(step.kind for step in chain.epilogue)
@@ -421,7 +422,7 @@ def _kernel_a(rw: _Rewriter, group: _Group) -> None:
         smooth = rw.get_attr(_attr(group.args["smooth"])) if quant.smooth else None
         fused = rw.call(torch.ops.svdq.fused_quantize_lora_down.default,
                         (x, smooth, rw.get_attr(weight) if weight else None, spec.to_string()),
-                        QuantOpInfo("svdq.fused_quantize_lora_down", _group_linears(group), asdict(spec)))
+                        QuantOpInfo(OpTag.FUSED_QUANTIZE_LORA_DOWN, _group_linears(group), asdict(spec)))
         codes, scales, down = rw.outputs(fused, 3)
     for old, new in ((group.codes, codes), (group.scales, scales)):
         if old is not None:
@@ -482,8 +483,17 @@ def _remove_dead(gm: torch.fx.GraphModule, replaced_weights: set[str]) -> bool:
     return changed
 
 
-@register_pass("fuse", requires=("lower",),
-               ensures="lowered chains run as generated kernels A (quantize + down) and B (GEMM + up + epilogue)")
+FUSED_OPS = frozenset({torch.ops.svdq.fused_quantize_lora_down.default, torch.ops.svdq.fused_gemm.default,
+                       torch.ops.svdq.fused_weight_only_linear.default})
+
+
+def _every_kernel_annotated(gm: torch.fx.GraphModule, ctx: PassContext) -> list[str]:
+    return [f"{node.name}: {node.target} carries no annotation" for node in gm.graph.nodes
+            if node.target in FUSED_OPS and info(node) is None]
+
+
+@register_pass("fuse", requires=("lowered",), produces=("fused",), ops=FUSED_OPS, ensures=_every_kernel_annotated,
+               summary="lowered chains run as generated kernels A (quantize + down) and B (GEMM + up + epilogue)")
 def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Replace lowered SVDQuant chains with `svdq.fused_quantize_lora_down` and `svdq.fused_gemm`."""
     quantize_op, gemm_op = torch.ops.svdq.quantize_act.default, torch.ops.svdq.gemm.default

@@ -1,12 +1,13 @@
-"""lower: replace every quantized linear with the reference `svdq` ops (architecture §7, "Lowered form").
+"""lower: replace every quantized linear with the reference `svdq` ops (docs/architecture.md, "Lowered form").
 
-Requires: quantize_weights. Ensures:
+Requires: linears, quantized (QTensors in ctx.quantized, or packed weights already on the graph). Ensures:
 - per (input, λ, shift, format) of act-quantized linears, one `svdq.quantize_act(x, λ, shift, fmt, G)`
   (q/k/v share it; fmt "uint4" for shifted post-GELU inputs), and per linear
   `acc = svdq.gemm(codes, scales, qweight, wscales, wtscale, fmt, G, K, dtype)` and
   `y = aten.add(acc, aten.linear(down, L1, bias'))` (or `acc + bias'` without a branch); the branch's
   `down = aten.linear(aten.div(x, λ), L2)` stays shared per (input, L2);
-- weight-only linears become `svdq.weight_only_linear(x, qweight, wscales, bias, fmt, G)`;
+- weight-only linears become `svdq.weight_only_linear(x, qweight, wscales, bias, fmt, G)` (x/λ where AWQ
+  scaled them, plus their branch `aten.linear(down, L1)` where they have one);
 - quantized k×k convolutions become `svdq.conv2d(x, qweight, wscales, wtscale, bias, shift, fmt, G, kernel,
   stride, padding, dilation)` (the weight packed as its tap-major im2col matrix, svdq_compiler.conv);
 - packed weights (codegen.layout) are buffers `<layer>.qweight`, `<layer>.wscales`, `<layer>.wtscale`; with a
@@ -28,7 +29,8 @@ from svdq_compiler.codegen.layout import pack_weight
 from svdq_compiler.conv import conv_args
 from svdq_compiler.errors import QuantizationError
 from svdq_compiler.fx_utils import aten, drop_unused_attrs, erase_unused, get_attr_node, insert_call
-from svdq_compiler.ir import LinearInfo, QuantOpInfo, annotated_linears, get_attr_value, set_attr_value, set_info
+from svdq_compiler.ir import (LAYERS_META, META_KEY, LinearInfo, OpTag, QuantOpInfo, annotated_linears,
+                              get_attr_value, set_attr_value, set_info)
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.quant import dequantize
 from svdq_compiler.report import layer_report
@@ -67,12 +69,24 @@ def _shifted_bias(gm: torch.fx.GraphModule, store: dict, info: LinearInfo) -> st
     return target
 
 
-@register_pass("lower", requires=("quantize_weights",),
-               ensures="quantized linears are svdq.quantize_act / svdq.gemm / svdq.weight_only_linear + branch")
+LOWERED_OPS = frozenset({svdq.quantize_act.default, svdq.gemm.default, svdq.weight_only_linear.default,
+                         svdq.conv2d.default})
+
+
+def _no_quantized_linear_left(gm: torch.fx.GraphModule, ctx: PassContext) -> list[str]:
+    problems = [f"{node.name} ({info.name}): scheme {info.scheme.describe()} but still {node.target}"
+                for node, info in annotated_linears(gm) if info.scheme is not None and info.scheme.kind != "fp"
+                and node.target not in LOWERED_OPS]
+    return problems + ([] if LAYERS_META in gm.meta else [f"gm.meta[{LAYERS_META!r}] (the layer report) is missing"])
+
+
+@register_pass("lower", requires=("linears", "quantized"), produces=("lowered",), ops=LOWERED_OPS,
+               ensures=_no_quantized_linear_left,
+               summary="quantized linears are svdq.quantize_act / svdq.gemm / svdq.weight_only_linear + branch")
 @torch.no_grad()
 def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Rewrite each quantized linear into the lowered form (module doc)."""
-    store = ctx.state.get("quantize_weights", {})
+    store = ctx.quantized
     quantizers: dict[tuple, torch.fx.Node] = {}
     replaced, old_attrs = [], []
     counts = {"quantize_act": 0, "gemm": 0, "weight_only_linear": 0, "conv2d": 0}
@@ -95,8 +109,10 @@ def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             counts["conv2d"] += 1
         elif scheme.act is None:
             bias = node.args[2] if len(node.args) > 2 else None
+            # an AWQ-scaled layer reads x/λ (its smooth_div stays a 16-bit aten.div); a branch stays beside it
             out = insert_call(gm, svdq.weight_only_linear.default,
-                              (x, weight_nodes[0], weight_nodes[1], bias, scheme.weight, scheme.weight_group),
+                              (node.args[0], weight_nodes[0], weight_nodes[1], bias, scheme.weight,
+                               scheme.weight_group),
                               before=node, meta_from=node)
             node.replace_all_uses_with(out)
             counts["weight_only_linear"] += 1
@@ -108,7 +124,7 @@ def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 quantize = insert_call(gm, svdq.quantize_act.default, (x, smooth, info.shift, fmt,
                                                                         scheme.act_group), before=node,
                                        meta_from=node)
-                set_info(quantize, QuantOpInfo(op="svdq.quantize_act", linears=[],
+                set_info(quantize, QuantOpInfo(op=OpTag.QUANTIZE_ACT, linears=[],
                                                spec={"fmt": fmt, "group_size": scheme.act_group,
                                                      "shift": info.shift}))
                 codes = insert_call(gm, operator.getitem, (quantize, 0), after=quantize)
@@ -116,7 +132,7 @@ def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 quantizers[key] = (quantize, codes, scales)
                 counts["quantize_act"] += 1
             quantize, codes, scales = quantizers[key]
-            quantize.meta["svdq"].linears.append(info.name)
+            quantize.meta[META_KEY].linears.append(info.name)
             out = insert_call(gm, svdq.gemm.default, (codes, scales, *weight_nodes, fmt, scheme.act_group,
                                                        info.in_features, x.meta["val"].dtype),
                               before=node, meta_from=node)
@@ -130,7 +146,7 @@ def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 up = total.args[1]
                 up.args = (up.args[0], up.args[1], bias)
                 total.replace_input_with(node, out)
-                set_info(total, QuantOpInfo(op="lora_add", linears=[info.name]))
+                set_info(total, QuantOpInfo(op=OpTag.LORA_ADD, linears=[info.name]))
             else:
                 result = out if bias is None else insert_call(gm, aten.add.Tensor, (out, bias), before=node,
                                                                meta_from=node)
@@ -141,6 +157,6 @@ def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         replaced.append(node)
     erase_unused(gm, replaced)
     dropped = drop_unused_attrs(gm, old_attrs)
-    gm.meta["svdq_layers"] = layer_report(gm, ctx.config)
+    gm.meta[LAYERS_META] = layer_report(gm, ctx.config)
     stats = {"lowered": len(replaced), "ops": counts, "dropped_attributes": len(dropped)}
     return PassResult(gm, bool(replaced), stats)

@@ -1,14 +1,18 @@
-"""lowrank: give every quantized linear with a rank-r scheme a 16-bit low-rank branch, leaving the residual.
+"""lowrank: give every quantized linear with a rank-r scheme (weight-only ones included) a 16-bit low-rank
+branch, leaving the residual.
 
-Requires: calibrate (and smooth, when the scheme smooths). Ensures, per group:
+Requires: linears, calibration (and smooth, when the scheme smooths). Ensures, per group:
 - per branch set (q/k/v reading one tensor stacked by rows; every other weight alone), L1 [N, r] = UΣ and
   L2 [r, K] = Vᵀ of the smoothed weight Ŵ from a float64 SVD (`svd`: "full", or "randomized"); q/k/v share L2;
 - with `iterations` > 1, the refinement L = SVD_r(Ŵ − Q(Ŵ − L_prev)) keeps the iterate with the smallest output
-  error of the group (W4A4 fake quantization on the calibration sample) and stops at the first that is worse
+  error of the group (the scheme's fake quantization on the calibration sample) and stops at the first that is worse
   (`early_stop`);
 - the weight holds the residual R = Ŵ − L1·L2 (model dtype); L1 is `<layer>.lora_up`, L2 `<first of its
   set>.lora_down`; the graph computes `linear(xs, R, b) + linear(linear(xs, L2), L1)` (QuantOpInfo "lora_down",
   "lora_up", "lora_add"), with one down projection per (input, L2), so it still computes the FP function.
+
+Departure from the reference: 3 refinement iterations by default, not up to 100 — more overfit the calibration
+sample on held-out inputs (bench/results/lowrank-iterations.json, tools/bench_iterations.py).
 """
 
 from __future__ import annotations
@@ -18,10 +22,9 @@ import statistics
 import torch
 import torch.fx
 
-from svdq_compiler.fx_utils import aten, get_attr_node, insert_call
-from svdq_compiler.ir import LinearInfo, QuantOpInfo, set_attr_value, set_info
-from svdq_compiler.passes.calibrate import Calibration
+from svdq_compiler.calibration import Calibration
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
+from svdq_compiler.rewrites import apply_branches
 from svdq_compiler.svdquant import GroupProblem, group_problem, layer_name, members_by_group
 
 
@@ -45,53 +48,24 @@ def refine(problem: GroupProblem, smooth: torch.Tensor | None, rank: int, iterat
     return best[1], history, best[2]
 
 
-def apply_branches(gm: torch.fx.GraphModule, members: list[tuple[torch.fx.Node, LinearInfo]],
-                   problem: GroupProblem, smooth: torch.Tensor | None, branches: dict) -> None:
-    """Store the residuals and factors, and add the branch to each member's output."""
-    targets = problem.smoothed(smooth)
-    residuals = problem.residuals(targets, branches)
-    down_targets: dict[int, str] = {}
-    for keys in problem.branch_sets:
-        down = branches[keys[0]][1]
-        down_targets[id(down)] = f"{layer_name(keys[0])}.lora_down"
-        set_attr_value(gm, down_targets[id(down)], down.to(problem.dtype))
-    for key, residual in residuals.items():
-        set_attr_value(gm, key, residual.to(problem.dtype))
-        set_attr_value(gm, f"{layer_name(key)}.lora_up", branches[key][0].to(problem.dtype))
 
-    downs: dict[tuple[torch.fx.Node, str], torch.fx.Node] = {}
-    for node, info in members:
-        xs = node.args[0]
-        down_target = down_targets[id(branches[info.weight][1])]
-        serves = [i.name for n, i in members if n.args[0] is xs and i.weight in branches
-                  and down_targets[id(branches[i.weight][1])] == down_target]
-        if (xs, down_target) not in downs:
-            weight = get_attr_node(gm, down_target, before=node)
-            down = insert_call(gm, aten.linear.default, (xs, weight), before=node, meta_from=node)
-            set_info(down, QuantOpInfo(op="lora_down", linears=serves))
-            downs[(xs, down_target)] = down
-        up_target = f"{layer_name(info.weight)}.lora_up"
-        with gm.graph.inserting_after(node):
-            up_weight = gm.graph.get_attr(up_target)
-        up = insert_call(gm, aten.linear.default, (downs[(xs, down_target)], up_weight), after=up_weight,
-                         meta_from=node)
-        total = insert_call(gm, aten.add.Tensor, (node, up), after=up, meta_from=node)
-        node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
-        set_info(up, QuantOpInfo(op="lora_up", linears=[info.name]))
-        set_info(total, QuantOpInfo(op="lora_add", linears=[info.name]))
-        info.rank = branches[info.weight][0].shape[1]
-        info.lora_up, info.lora_down = up_target, down_target
+def _branch_groups(gm: torch.fx.GraphModule):
+    return members_by_group(gm, lambda info: info.scheme is not None and info.scheme.rank > 0)
 
 
-@register_pass("lowrank", requires=("calibrate",),
-               ensures="rank-r branches (float64 SVD, q/k/v share L2); weights hold the residual")
+def _every_branch_attached(gm: torch.fx.GraphModule, ctx: PassContext) -> list[str]:
+    return [f"{info.name}: rank {info.scheme.rank} but no branch" for members in _branch_groups(gm).values()
+            for _, info in members if info.lora_down is None or info.lora_up is None]
+
+
+@register_pass("lowrank", requires=("linears", "calibration"), produces=("branches",), ensures=_every_branch_attached,
+               summary="rank-r branches (float64 SVD, q/k/v share L2); weights hold the residual")
 @torch.no_grad()
 def lowrank(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Decompose each group's smoothed weights and attach the branches (module doc)."""
     config = ctx.config
-    calibration: Calibration = ctx.state["calibrate"]
-    groups = members_by_group(gm, lambda info: info.scheme is not None and info.scheme.rank > 0 and
-                              info.scheme.act is not None)
+    calibration: Calibration = ctx.calibration
+    groups = _branch_groups(gm)
     kept_iterations, gains, report = [], [], {}
     for group, members in ctx.progress(groups.items(), "lowrank", total=len(groups)):
         scheme = members[0][1].scheme

@@ -1,104 +1,49 @@
 """svdq-compiler: SVDQuant W4A4 compilation of diffusion transformers.
 
 Public API (stable): capture, compile, QuantConfig, save, load, export_onnx; load_model and register_builtin for models.
+
+`import svdq_compiler` is cheap: torch and the compiler load on first use of one of these names (svdq_compiler/api.py),
+so that `svdq-compile --help` answers at once. torch.compile finds the "svdquant" backend through the package's
+torch_dynamo_backends entry point, and also once the API is loaded.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Iterable, Sequence
-
-import torch
-import torch.fx
-
-from svdq_compiler import ops  # noqa: F401  (registers torch.ops.svdq.*)
-from svdq_compiler.capture import CAPTURE_META, capture, install_shape_check
-from svdq_compiler.config import PRESETS, QuantConfig, Scheme
-from svdq_compiler.errors import InputError, SvdqError
-from svdq_compiler.ir import annotated_linears, to_jsonable
-from svdq_compiler.meta_capture import capture_replicated
-from svdq_compiler.models import DynDim, ModelAdapter, adapter_for, load_model, register_builtin
-from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
-from svdq_compiler.serialize import REPORT_META, load, save
-from svdq_compiler.onnx_export import export_onnx
-from svdq_compiler.codegen import fused_ops  # noqa: F401  (registers torch.ops.svdq.fused_*)
+import importlib
+import importlib.util
+import sys
+import types
+from typing import Any
 
 __version__ = "0.1.0"
 
-from svdq_compiler import backend as _backend  # noqa: E402  (torch.compile(backend="svdquant"))
-
-_backend.register()
-
-__all__ = ["capture", "compile", "save", "load", "load_model", "register_builtin", "export_onnx", "DynDim", "QuantConfig", "Scheme",
-           "PRESETS", "SvdqError", "__version__"]
+__all__ = ["capture", "compile", "save", "load", "load_model", "register_builtin", "export_onnx", "DynDim", "QuantConfig",
+           "Scheme", "PRESETS", "SvdqError", "__version__"]
 
 
-def resolve_config(config: str | QuantConfig | dict) -> QuantConfig:
-    if isinstance(config, QuantConfig):
-        return config
-    if isinstance(config, str):
-        return QuantConfig.preset(config)
-    if isinstance(config, dict):
-        return QuantConfig.from_dict(config)
-    raise InputError(f"config must be a preset name, a QuantConfig or a dict, got {type(config).__name__}")
+def __getattr__(name: str) -> Any:
+    """A name of the API (loading it on first use), else a submodule."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    # A submodule is imported on its own: `from svdq_compiler import quant` inside a module that api.py imports
+    # must not start loading api.py (a circular import). `capture` is both, and the API's name wins.
+    if name not in __all__ and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        api = importlib.import_module("svdq_compiler.api")
+        if not hasattr(api, name):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(api, name)
+    globals()[name] = value
+    return value
 
 
-def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str | QuantConfig = "int4",
-            calib_inputs: Iterable[tuple | dict] | None = None, dump_ir: str | Path | None = None, *,
-            passes: Sequence[str] | None = None, dynamic_shapes: Any = "auto", verify: bool = False,
-            print_ir_after_change: bool = False, progress: bool = False,
-            adapter: ModelAdapter | None = None, calib_stats: Any = None,
-            save_calib: str | Path | None = None) -> torch.fx.GraphModule:
-    """Capture `module` and run the SVDQuant pipeline on it; returns the compiled GraphModule.
-
-    `example_inputs` is a tuple of positional args or a dict of kwargs. `dynamic_shapes="auto"` makes the
-    dimensions the model's adapter declares dynamic (token counts, latent height/width, batch); pass None for a
-    static graph, or a tree of {dim: DynDim} mirroring the inputs. The compile report (config, capture, passes
-    with statistics, per-linear annotations) is in `gm.meta["svdq_report"]`.
-
-    Calibration: `calib_inputs`, else `calib_stats` (a file `save_calib` wrote, or a `Calibration`), else the
-    adapter's own inputs; `config.calib_source="weights"` needs no data at all (passes/calibrate.py).
-    """
-    quant_config = resolve_config(config)
-    adapter = adapter or adapter_for(module)
-    # FLUX-like models trace three blocks of each kind and replicate them (the same graph, a fraction of the time)
-    gm = capture_replicated(module, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter) or \
-        capture(module, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter)
-    if isinstance(calib_stats, (str, Path)):
-        from svdq_compiler.passes.calibrate import load_calibration
-
-        calib_stats = load_calibration(calib_stats)
-    ctx = PassContext(config=quant_config, example_inputs=example_inputs, calib_inputs=calib_inputs,
-                      calib_stats=None if calib_inputs is not None else calib_stats, adapter=adapter,
-                      model=module, dump_dir=Path(dump_ir) if dump_ir is not None else None,
-                      print_ir_after_change=print_ir_after_change, verify_each=verify, show_progress=progress)
-    gm = run_passes(gm, ctx, svdquant_pipeline(passes))
-    if save_calib is not None:
-        if "calibrate" not in ctx.state:
-            raise InputError("no calibration ran, so there are no statistics to save", where=str(save_calib),
-                             fix="run the calibrate pass (leave it in --passes)")
-        from svdq_compiler.passes.calibrate import save_calibration
-
-        save_calibration(ctx.state["calibrate"], save_calib)
-    install_shape_check(gm)
-    gm.meta[REPORT_META] = compile_report(gm, quant_config, ctx.records)
-    return gm
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Loading the submodule svdq_compiler.capture binds it here; the package's `capture` is the function.
+        if name == "capture" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
 
 
-def compile_report(gm: torch.fx.GraphModule, config: QuantConfig, records: list[dict]) -> dict[str, Any]:
-    """What a compile did, in JSON-able form: it travels in graph.pt, where node annotations do not."""
-    linears = [to_jsonable(info) for _, info in annotated_linears(gm)]
-    return {
-        "config": config.to_dict(),
-        "capture": gm.meta[CAPTURE_META],
-        "passes": records,
-        "linears": linears,
-        "layers": gm.meta.get("svdq_layers"),  # the per-layer report of `lower` (svdq_compiler/report.py)
-        "totals": {"nodes": len(gm.graph.nodes), "linears_annotated": len(linears),
-                   "parameter_bytes": parameter_bytes(gm)},
-    }
-
-
-def parameter_bytes(module: torch.nn.Module) -> int:
-    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+sys.modules[__name__].__class__ = _Package

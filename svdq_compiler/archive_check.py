@@ -1,4 +1,4 @@
-"""Refusing graph files that could run code when loaded (architecture §8a, "Loading untrusted files").
+"""Refusing graph files that could run code when loaded (called by `serialize.load`).
 
 `torch.export.load` is not safe on an untrusted file (its own docstring says so). On torch 2.9–2.13 a PT2
 archive reaches code execution through:
@@ -13,12 +13,13 @@ archive reaches code execution through:
 - our own fused ops' kernel specs: Triton source is generated from them and imported;
 - the pre-2.7 zip layout, which torch falls back to when the PT2 reader fails, with the same pickles.
 
-`check_archive(data)` inspects the bytes before torch sees them, with the standard library only (zipfile, json,
+`check_archive(archive)` inspects the file before torch sees any of it, with the standard library only (zipfile, json,
 ast), and refuses anything outside what our saves write: a fixed set of entry names, payloads that are raw
 tensor bytes, sample inputs that load with `weights_only=True`, size expressions in sympy's `srepr` grammar
-(Symbol/Integer/Add/Mul/… with literal arguments), guards that are comparisons of input sizes, and node
-targets that are aten/prims/svdq operators or symbolic-size arithmetic, kernel specs of short words and numbers. The loader then hands torch the same
-bytes (never the path again), so what was checked is what is loaded.
+(Symbol/Integer/Add/Mul/… with literal arguments), guards that are comparisons of input sizes (nested dict and
+list inputs included), node targets that are aten/prims/svdq operators or symbolic-size arithmetic, and kernel
+specs of short words and numbers. The loader checks every entry's digest first and hands torch the entries it
+read (never the path), so what was checked is what is loaded.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import io
 import json
 import math
 import re
-import zipfile
-import zlib
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from svdq_compiler.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from svdq_compiler.archive import GraphArchive
 
 # Entries a PT2 archive of one program holds, below its single top-level folder.
 _FIXED_ENTRIES = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id",
@@ -65,6 +67,7 @@ _SYMPY_ASSUMPTIONS = {"positive", "negative", "integer", "real", "nonnegative", 
                       "zero", "nonzero", "odd", "even", "precision", "evaluate"}
 _SPEC_WORD = re.compile(r"[A-Za-z0-9_]{1,40}")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DICT_KEY = re.compile(r"[A-Za-z0-9_]{1,100}")  # a key of a nested input dict, as a guard spells it
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 # Guards: boolean expressions over input sizes, e.g. "(L['x'].size()[2] // 2) != 1".
@@ -81,23 +84,12 @@ def refuse(what: str, where: str) -> CheckpointError:
                                "never needs pickled objects or code")
 
 
-def check_archive(data: bytes, where: str) -> None:
-    """Raise CheckpointError unless `data` (a graph file's bytes) is a PT2 archive that loads without running
-    anything it contains (module docstring)."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            _check_entries(archive, where)
-    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
-        raise CheckpointError(f"the graph file is corrupt or truncated ({exc})", where=where,
-                              fix="write it again with svdq-compile or svdq_compiler.save") from exc
-
-
-def _check_entries(archive: zipfile.ZipFile, where: str) -> None:
-    root, entries = _entries(archive.namelist(), where)
-
-    def read(entry: str) -> bytes:
-        return archive.read(f"{root}/{entry}")
-
+def check_archive(archive: "GraphArchive") -> None:
+    """Raise CheckpointError unless `archive` (an opened graph file) is a PT2 archive that loads without running
+    anything it contains (module docstring). Reads the small entries only, never the tensor records."""
+    where = archive.where
+    _, entries = _entries(archive.zip.namelist(), where)
+    read = archive.read
     weights = _payload_config(read, "data/weights/model_weights_config.json", _WEIGHT_RECORD, where)
     constants = _payload_config(read, "data/constants/model_constants_config.json", _CONSTANT_RECORD, where)
     records = {e for e in entries if e.startswith("data/weights/weight_")} | \
@@ -287,8 +279,27 @@ def check_size_expression(text: Any, where: str) -> None:
     visit(tree)
 
 
+def _is_input_path(node: ast.AST) -> bool:
+    """`L['name']` and the nested inputs below it: `L['kwargs']['text_embeds']`, `L['args'][0]`, ...
+
+    The input name is an identifier; a dict key below it is a word that is not a dunder name, a list or tuple
+    index a non-negative int. Nothing in a path can close the quoted message torch writes around the guard, and
+    a subscript of a plain dict, list or tuple runs no code (attribute access and calls are not paths)."""
+    if not isinstance(node, ast.Subscript) or not isinstance(node.slice, ast.Constant):
+        return False
+    key = node.slice.value
+    if isinstance(node.value, ast.Name) and node.value.id == "L":
+        return isinstance(key, str) and bool(_IDENTIFIER.fullmatch(key))
+    if isinstance(key, str):
+        ok = bool(_DICT_KEY.fullmatch(key)) and not key.startswith("__")
+    else:
+        ok = type(key) is int and key >= 0
+    return ok and _is_input_path(node.value)
+
+
 def check_guard(text: Any, where: str) -> None:
-    """A guard torch pastes into generated code: arithmetic and comparisons of `L['input'].size()[i]`."""
+    """A guard torch pastes into generated code: arithmetic and comparisons of the sizes of inputs, nested ones
+    included (`L['added_cond_kwargs']['text_embeds'].size()[0]`, see `_is_input_path`)."""
     tree = _parse(text, "guard", where)
 
     def bad(node: ast.AST) -> CheckpointError:
@@ -308,16 +319,14 @@ def check_guard(text: Any, where: str) -> None:
             for arg in node.args:
                 visit(arg)
         elif isinstance(node, ast.Subscript):
-            key = node.slice
-            if isinstance(node.value, ast.Name) and node.value.id == "L":
-                # an input name: an identifier, so it cannot close the quoted message torch writes around it
-                if not (isinstance(key, ast.Constant) and isinstance(key.value, str)
-                        and _IDENTIFIER.fullmatch(key.value)):
-                    raise bad(node)
+            if _is_input_path(node):
                 return
+            # anything else indexed is a size or stride tuple (`.size()[2]`), by a dimension
+            key = node.slice
+            if not (isinstance(key, ast.Constant) and type(key.value) is int and key.value >= 0) or \
+                    not isinstance(node.value, ast.Call):
+                raise bad(node)
             visit(node.value)
-            if not (isinstance(key, ast.Constant) and isinstance(key.value, int)):
-                visit(key)
         elif isinstance(node, ast.Name):
             if node.id not in _GUARD_NAMES:
                 raise bad(node)

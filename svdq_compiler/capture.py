@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import json
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -22,11 +24,10 @@ import torch
 import torch.fx
 
 from svdq_compiler.errors import CaptureError, InputError, ShapeError, first_line
+from svdq_compiler.ir import CAPTURE_META, INPUTS_META
 from svdq_compiler.models import ModelAdapter, adapter_for
 from svdq_compiler.models.base import DynDim
 
-CAPTURE_META = "svdq_capture"  # the capture report (JSON-able)
-INPUTS_META = "svdq_capture_inputs"  # the example inputs, kept for re-export when saving
 MAX_EXPORT_ATTEMPTS = 6
 UNBOUNDED = 2**31 - 1  # a torch Dim without an upper bound
 
@@ -459,32 +460,78 @@ def dynamic_shapes_of(gm: torch.fx.GraphModule, inputs: Any) -> Any:
 # ---- run-time shape check ---------------------------------------------------------------------------------
 
 def install_shape_check(gm: torch.fx.GraphModule) -> None:
-    """A forward pre-hook that rejects inputs the graph cannot serve, naming the input, dimension and reason.
+    """A forward pre-hook that rejects inputs the graph cannot serve (shape, dtype, device, missing or unknown
+    names), naming the input, and a guard that refuses `.to(dtype)` and friends.
 
     It runs before torch's own guards so that the common mistakes (a static dimension at another size, a
-    size outside the captured range) read as svdq errors; torch's guards still catch anything else.
+    size outside the captured range, a bf16 input to an fp32 graph) read as svdq errors; torch's guards still
+    catch anything else. A graph captured with keyword inputs also accepts them positionally, in order.
     """
     previous = getattr(gm, "_svdq_shape_check", None)
     if previous is not None:
         previous.remove()
     gm._svdq_shape_check = gm.register_forward_pre_hook(_shape_check_hook, with_kwargs=True, prepend=True)
+    _refuse_dtype_conversion(gm)
 
 
-def _shape_check_hook(module: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:
+def _shape_check_hook(module: torch.fx.GraphModule, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     report = module.meta.get(CAPTURE_META)
     if report is None:
-        return
+        return None
     if report["positional"]:
-        inputs: Any = list(args)
-    else:
-        try:
-            inputs = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-        except TypeError:
-            return  # a signature mismatch: torch's own input check reports it
-    check_input_shapes(report, inputs)
+        check_input_shapes(report, list(args), _weights_device(module))
+        return None
+    signature = inspect.signature(module.forward)
+    try:
+        inputs = signature.bind(*args, **kwargs).arguments
+    except TypeError as exc:
+        raise InputError(f"the graph cannot be called this way: {exc}", where="graph call",
+                         fix=f"pass its inputs by name: {', '.join(signature.parameters)}") from None
+    check_input_shapes(report, inputs, _weights_device(module))
+    return ((), dict(inputs)) if args else None
 
 
-def check_input_shapes(report: dict[str, Any], inputs: Any) -> None:
+def _weights_device(module: torch.nn.Module) -> torch.device | None:
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return None if tensor.device.type == "meta" else tensor.device
+    return None
+
+
+def graph_dtype(report: dict[str, Any]) -> torch.dtype | None:
+    """The floating dtype of the captured inputs (the model dtype the graph was compiled for), if any."""
+    dtypes = Counter(entry["dtype"] for entry in report["inputs"]
+                     if getattr(torch, entry["dtype"], None) in (torch.float32, torch.float16, torch.bfloat16,
+                                                                 torch.float64))
+    return getattr(torch, dtypes.most_common(1)[0][0]) if dtypes else None
+
+
+def _refuse_dtype_conversion(gm: torch.fx.GraphModule) -> None:
+    """`.to(torch.bfloat16)`, `.half()`, `.float()` … on a graph would convert its weights but not the dtypes
+    baked into its ops and kernel specs: refuse them (device moves still work). Every GraphModule has a class
+    of its own, so this changes only `gm`."""
+    cls = type(gm)
+    if cls is torch.fx.GraphModule or cls.__dict__.get("_svdq_dtype_guard"):
+        return
+    convert = cls._apply
+
+    def _apply(self, fn, *args, **kwargs):
+        report = self.meta.get(CAPTURE_META)
+        dtype = graph_dtype(report) if report else None
+        if dtype is not None:
+            became = fn(torch.empty(0, dtype=dtype)).dtype  # what the conversion does to a tensor of the graph's dtype
+            if became != dtype:
+                raise InputError(f"this graph was compiled for {str(dtype).removeprefix('torch.')}; converting it "
+                                 f"to {str(became).removeprefix('torch.')} would change its weights but not its "
+                                 f"kernels", where="graph.to(dtype)",
+                                 fix=f"compile the model in {str(became).removeprefix('torch.')} "
+                                     f"(svdq-compile --dtype), or convert the inputs instead")
+        return convert(self, fn, *args, **kwargs)
+
+    cls._apply = _apply
+    cls._svdq_dtype_guard = True
+
+
+def check_input_shapes(report: dict[str, Any], inputs: Any, device: torch.device | None = None) -> None:
     given = {path_name(path): leaf for path, leaf in walk(inputs)}
     declared = {(d["input"], d["index"]): CapturedDim(**d) for d in report["dims"]}
     symbols: dict[str, tuple[int, str]] = {}
@@ -493,6 +540,13 @@ def check_input_shapes(report: dict[str, Any], inputs: Any) -> None:
         tensor = given.get(name)
         if not isinstance(tensor, torch.Tensor):
             continue
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if entry.get("dtype") and dtype != entry["dtype"]:
+            raise InputError(f"{name} is {dtype}, but the graph was captured with {entry['dtype']}",
+                             where="graph call", fix=f"convert it: {name}.to(torch.{entry['dtype']})")
+        if device is not None and tensor.device != device:
+            raise InputError(f"{name} is on {tensor.device}, but the graph's weights are on {device}",
+                             where="graph call", fix=f"move it: {name}.to({str(device)!r}), or move the graph")
         if tensor.dim() != len(shape):
             raise ShapeError(f"{name} has {tensor.dim()} dimensions, but the graph was captured with "
                              f"{len(shape)} ({tuple(shape)})", fix="pass the input with the captured layout")

@@ -2,6 +2,9 @@
 
 Every user mistake ends in one line on stderr (what, where, what to do) and exit status 2; an unexpected error
 is a bug and keeps its traceback.
+
+Building the parsers imports neither torch nor diffusers (`--help` answers at once): everything heavy is imported
+inside the functions that run a command.
 """
 
 from __future__ import annotations
@@ -23,17 +26,19 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 # ---- svdq-compile ---------------------------------------------------------------------------------------------
 
+# The registry of built-in models (svdq_compiler.models) needs torch; tests/test_cli.py checks this line names
+# every one of them.
+BUILTINS_HELP = ("Built-in models: tiny-flux (the shipped trained FLUX), and the tiny random-weight random:flux, "
+                 "random:pixart, random:sd3, random:sana and random:unet.")
+
+
 def compile_parser() -> argparse.ArgumentParser:
-    from svdq_compiler.config import PRESETS
-    from svdq_compiler.onnx_export import FORMS as ONNX_FORMS
-    from svdq_compiler.models import builtin_names
-    from svdq_compiler.pipeline import SVDQUANT_STEPS
+    from svdq_compiler.config import ONNX_FORMS, PRESETS
 
     parser = argparse.ArgumentParser(
         prog="svdq-compile",
         description="Compile a diffusion model to a 4-bit SVDQuant graph (graph.pt) that svdq_compiler.load runs.",
-        epilog="Built-in models: " + ", ".join(builtin_names()) + ". Passes, in order: "
-               + ", ".join(name for name, _ in SVDQUANT_STEPS) + ", and verify.")
+        epilog=BUILTINS_HELP)
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                         help="a built-in name, a diffusers model or pipeline folder, or a single-file .safetensors "
                              "checkpoint (default: %(default)s)")
@@ -62,7 +67,7 @@ def compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-ir-after-change", action="store_true",
                         help="print the IR to stdout after each pass that changed it")
     parser.add_argument("--passes", type=passes_arg, metavar="A,B,C",
-                        help="run only these passes (in pipeline order), for debugging")
+                        help="run only these passes (in pipeline order), for debugging; an unknown name lists them")
     parser.add_argument("--verify", action="store_true", help="check the IR's invariants after capture and each pass")
     parser.add_argument("--report", type=Path, metavar="FILE", help="write the compile report as JSON")
     parser.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
@@ -146,12 +151,10 @@ def wants_progress(args: argparse.Namespace) -> bool:
 
 
 def run_compile(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
     import svdq_compiler
-    from svdq_compiler.files import ensure_dir, write_json
-    from svdq_compiler.models import adapter_for, load_model
+    from svdq_compiler.files import ensure_dir, exclusive_output, staged_outputs
 
+    check_counts(args)
     # Check every output location before the long work, so a typo costs seconds, not a compile.
     ensure_dir(args.out.parent, "folder of --out")
     if args.out.is_dir():
@@ -165,15 +168,47 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
         if args.onnx.is_dir():
             raise InputError("--onnx is a folder", where=str(args.onnx), fix="give a file name such as model.onnx")
     if args.dump_ir is not None:
-        ensure_dir(args.dump_ir, "IR dump folder (--dump-ir)")
+        ensure_dir(args.dump_ir.parent, "folder of --dump-ir")
+        if args.dump_ir.exists() and not args.dump_ir.is_dir():
+            raise InputError("--dump-ir is a file", where=str(args.dump_ir), fix="give a folder name")
     config = quant_config(args)
     svdq_compiler.pipeline.svdquant_pipeline(args.passes)  # an unknown pass name fails here, before loading
-    if wants_streaming(args):
-        return run_streaming(args, config)
+    if args.save_calib is not None and args.passes is not None and "calibrate" not in args.passes:
+        raise InputError("--save-calib needs the calibrate pass, which --passes leaves out", where=str(args.save_calib),
+                         fix="add calibrate to --passes, or drop --save-calib")
+    # One writer per --out; every output (graph, report, IR dumps, calibration file) appears only if the whole
+    # command succeeds, and SIGTERM removes what was written so far.
+    with exclusive_output(args.out, "--out"), staged_outputs() as staged:
+        if wants_streaming(args):
+            return run_streaming(args, config, staged)
+        return compile_and_save(args, config, staged)
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Sizes and counts must be positive: 0 would silently mean "the default" or fail deep inside torch."""
+    tokens = args.tokens if isinstance(args.tokens, tuple) else (args.tokens,)
+    for flag, values in (("--batch", (args.batch,)), ("--tokens", tokens), ("--calib-prompts", (args.calib_prompts,)),
+                         ("--calib-steps", (args.calib_steps,))):
+        if any(value is not None and value < 1 for value in values):
+            given = "x".join(str(v) for v in values)
+            raise InputError(f"{flag} {given}: must be at least 1",
+                             fix=f"give a positive {flag}" + (", or leave it out for the adapter's default"
+                                                              if flag == "--tokens" else ""))
+
+
+def compile_and_save(args: argparse.Namespace, config, staged) -> dict[str, Any]:
+    import torch
+
+    import svdq_compiler
+    from svdq_compiler.files import write_json
+    from svdq_compiler.models import adapter_for, load_model
 
     show_progress = wants_progress(args)
     steps = Steps(["load model", "example inputs", "compile", "save"] + (["onnx"] if args.onnx else []),
                   show=show_progress)
+    out = staged.file(args.out, "graph file")
+    dump_ir = staged.folder(args.dump_ir, "IR dump folder (--dump-ir)") if args.dump_ir is not None else None
+    save_calib = staged.file(args.save_calib, "calibration file") if args.save_calib is not None else None
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         model = steps.run("load model", lambda: load_model(args.model, dtype=dtype))
@@ -187,24 +222,43 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
 
         example, calib = steps.run("example inputs", make_inputs)
         gm = steps.run("compile", lambda: svdq_compiler.compile(
-            model, example, config, calib_inputs=calib, dump_ir=args.dump_ir, passes=args.passes,
+            model, example, config, calib_inputs=calib, dump_ir=dump_ir, passes=args.passes,
             dynamic_shapes=None if args.static else "auto", verify=args.verify,
             print_ir_after_change=args.print_ir_after_change, progress=show_progress, adapter=adapter,
-            save_calib=args.save_calib))
-        steps.run("save", lambda: svdq_compiler.save(gm, args.out))
+            save_calib=save_calib))
+        steps.run("save", lambda: svdq_compiler.save(gm, out))
         if args.onnx is not None:
             steps.run("onnx", lambda: svdq_compiler.export_onnx(gm, args.onnx, form=args.onnx_form))
     finally:
         steps.close()
     report = dict(gm.meta[svdq_compiler.REPORT_META])
-    outputs = {"output": {"path": str(args.out), "bytes": args.out.stat().st_size}}
+    outputs = {"output": {"path": str(args.out), "bytes": out.stat().st_size}}
     if args.onnx is not None:
         outputs["onnx"] = {"path": str(args.onnx), "bytes": args.onnx.stat().st_size, "form": args.onnx_form}
-    report.update(model=args.model, adapter=adapter.name, **outputs,
+    report.update(model=args.model, adapter=adapter.name, **outputs, compression=compression(args.model, model,
+                                                                                             out.stat().st_size),
                   steps_s=steps.times, versions=svdq_compiler.serialize.versions())
     if args.report is not None:
-        write_json(args.report, report, "compile report")
+        write_json(staged.file(args.report, "compile report"), report, "compile report")
     return report
+
+
+def compression(spec: str, model, graph_bytes: int) -> dict[str, Any]:
+    """The graph file against the checkpoint the model came from (in its own dtype) and against the same
+    weights in float32, each as bytes and a ratio (how many times smaller the graph is)."""
+    from svdq_compiler.models import checkpoint_files
+    from svdq_compiler.models.loading import checkpoint_dtype, checkpoint_tensor_bytes
+
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    fp32 = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in tensors)
+    result: dict[str, Any] = {"graph_bytes": graph_bytes,
+                              "fp32": {"bytes": fp32, "ratio": round(fp32 / graph_bytes, 3)}}
+    files = checkpoint_files(spec)
+    if files:
+        size = checkpoint_tensor_bytes(files)
+        result["checkpoint"] = {"dtype": str(checkpoint_dtype(files)).removeprefix("torch."), "bytes": size,
+                                "ratio": round(size / graph_bytes, 3)}
+    return result
 
 
 def wants_streaming(args: argparse.Namespace) -> bool:
@@ -235,7 +289,7 @@ def wants_streaming(args: argparse.Namespace) -> bool:
     return checkpoint_bytes(folder) > memory // 2
 
 
-def run_streaming(args: argparse.Namespace, config) -> dict[str, Any]:
+def run_streaming(args: argparse.Namespace, config, staged) -> dict[str, Any]:
     import torch
 
     import svdq_compiler
@@ -251,17 +305,18 @@ def run_streaming(args: argparse.Namespace, config) -> dict[str, Any]:
         bar.set_postfix_str(record.name)
         bar.update(1)
 
+    out = staged.file(args.out, "graph file")
     try:
-        report = compile_streaming(Path(args.model), args.out, config, calibration=args.stream_smoothing,
+        report = compile_streaming(Path(args.model), out, config, calibration=args.stream_smoothing,
                                    batch=args.batch, tokens=args.tokens,
                                    dtype=getattr(torch, args.dtype) if args.dtype else None, on_unit=on_unit)
     finally:
         bar.close()
     report.update(model=args.model, adapter=report["capture"]["adapter"],
-                  output={"path": str(args.out), "bytes": args.out.stat().st_size},
+                  output={"path": str(args.out), "bytes": out.stat().st_size},
                   steps_s=report["streaming"]["steps_s"], versions=svdq_compiler.serialize.versions())
     if args.report is not None:
-        write_json(args.report, report, "compile report")
+        write_json(staged.file(args.report, "compile report"), report, "compile report")
     return report
 
 
@@ -282,6 +337,12 @@ def compile_summary(report: dict[str, Any]) -> str:
                      f"{streaming['wall_s']:.0f} s, peak RSS {human_bytes(streaming['peak_rss_bytes'])}; "
                      f"{human_bytes(streaming['checkpoint_bytes'])} {streaming['dtype']} checkpoint → "
                      f"{human_bytes(streaming['output_bytes'])} ({streaming['size_ratio']}× smaller)")
+    sizes = report.get("compression")
+    if sizes:
+        against = [f"the {sizes['checkpoint']['dtype']} checkpoint ({human_bytes(sizes['checkpoint']['bytes'])}): "
+                   f"{sizes['checkpoint']['ratio']}×"] if "checkpoint" in sizes else []
+        against.append(f"float32 ({human_bytes(sizes['fp32']['bytes'])}): {sizes['fp32']['ratio']}×")
+        lines.append(f"  graph {human_bytes(sizes['graph_bytes'])}, smaller than " + "; than ".join(against))
     totals = report["totals"]
     lines.append(f"  {totals['nodes']} nodes, {totals['linears_annotated']} annotated linears, "
                  f"{human_bytes(totals['parameter_bytes'])} of parameters")
@@ -301,7 +362,8 @@ def pass_line(record: dict[str, Any], max_items: int = 8) -> str:
         elif isinstance(value, (list, dict)):
             shown.append(f"{key}=[{len(value)}]")
     state = "changed" if record["modified"] else "no change"
-    return f"pass {record['name']}: {state}, {record['wall_s']:.2f}s " + " ".join(shown)
+    took = f", {record['wall_s']:.2f}s" if "wall_s" in record else ""  # a saved graph keeps no timings
+    return f"pass {record['name']}: {state}{took} " + " ".join(shown)
 
 
 def describe_dims(capture: dict[str, Any]) -> str:
@@ -347,7 +409,7 @@ def graph_summary(path: Path) -> dict[str, Any]:
     import torch
 
     from svdq_compiler import parameter_bytes, serialize
-    from svdq_compiler.capture import CAPTURE_META
+    from svdq_compiler.ir import CAPTURE_META, MANIFEST_META, REPORT_META
 
     gm = serialize.load(path)
     ops = Counter(op_name(node.target) for node in gm.graph.nodes if node.op == "call_function")
@@ -355,11 +417,11 @@ def graph_summary(path: Path) -> dict[str, Any]:
     by_dtype: Counter[str] = Counter()
     for tensor in {id(t): t for t in [*gm.parameters(), *gm.buffers()]}.values():
         by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
-    report = gm.meta[serialize.REPORT_META]
+    report = gm.meta[REPORT_META]
     return {
         "path": str(path),
         "bytes": path.stat().st_size,
-        "manifest": gm.meta["svdq_manifest"],
+        "manifest": gm.meta[MANIFEST_META],
         "model": gm.meta[CAPTURE_META]["module_class"],
         "adapter": gm.meta[CAPTURE_META]["adapter"],
         "config": report.get("config"),

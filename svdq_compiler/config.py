@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from svdq_compiler.errors import InputError
 
-WEIGHT_FORMATS = ("int4", "nvfp4", "int8", "nf4")
-ACT_FORMATS = ("int4", "nvfp4", "int8")
 SMOOTH_SEARCHES = ("svdquant", "smoothquant", "none")
 CALIB_SOURCES = ("inputs", "weights")
 SVD_METHODS = ("full", "randomized")
 CONV_KXK = ("keep", "w4a4", "w4a4-all")
+ONNX_FORMS = ("portable", "custom")  # svdq_compiler.export_onnx(form=...); here so that the CLI parser needs no torch
 # Role names are defined in svdq_compiler.ir.Role; schemes a role can be given:
-SCHEME_NAMES = ("w4a4", "w4a16", "fp")
+SCHEME_NAMES = ("w4a4", "w4a16", "w8a16", "fp")
 GELU_SHIFT = 0.171875
 SILU_SHIFT = 0.2734375  # −min SiLU(x) ≈ 0.2785, rounded as the reference does
 
@@ -47,9 +48,11 @@ class Scheme:
 
     @property
     def kind(self) -> str:
+        from svdq_compiler.quant import FORMATS  # torch-free until a scheme is asked for (fast --help)
+
         if self.weight is None:
             return "fp"
-        return "weight_only" if self.act is None else "w4a4" if self.weight in ("int4", "nvfp4") else "w8a8"
+        return "weight_only" if self.act is None else "w4a4" if FORMATS[self.weight].four_bit else "w8a8"
 
     def describe(self) -> str:
         if self.weight is None:
@@ -98,18 +101,33 @@ class QuantConfig:
     # convs (embedders, samplers, shortcuts). Grouped, depthwise and transposed convolutions stay 16-bit.
     conv_kxk: str = "keep"
     silu_shift: float = SILU_SHIFT
-    # Scheme per structural role ("w4a4" = the main formats above, "w4a16" = weight-only, "fp" = 16-bit).
+    # Scheme per structural role ("w4a4" = the main formats above, "w4a16" = weight-only at `weight_only_format`,
+    # "w8a16" = int8 weight-only per output channel, "fp" = 16-bit).
     role_schemes: dict[str, str] = field(default_factory=lambda: {
         "adaln": "w4a16", "embed": "fp", "final": "fp", "cross_kv": "fp"})
-    weight_only_format: str = "int4"  # the weight format of "w4a16" layers
+    weight_only_format: str = "int4"  # the weight format of "w4a16" layers ("int8": per channel, group 0)
     weight_only_group: int = 64
+    # Weight-only layers (AdaLN and the like, run at M = batch) are protected like the others: an activation-aware
+    # weight scaling (AWQ: the smoothing search with 16-bit activations, ranked without a branch) and a
+    # rank-`weight_only_rank` branch (None: `rank`). `layer_choice` keeps each only where it pays.
+    weight_only_smooth: bool = True
+    weight_only_rank: int | None = None
+    # Per-layer choice by measured output error (quantize_weights): each weight's compiled form (smoothing and
+    # branch) is measured against the same format without the branch and without either, on the calibration
+    # rows, and the most accurate is kept, so smoothing or a branch never makes a layer worse than plain
+    # quantization at its precision (W8A8: never worse than plain per-token INT8).
+    layer_choice: bool = True
+    # A weight-only layer (its role's scheme, or a fallback) whose best error exceeds this bound (and
+    # `fallback_error`) moves up: int8 weight-only (W8A16), then 16-bit. None disables it.
+    weight_only_error: float | None = 0.05
     skip: tuple[str, ...] = ()  # regular expressions on qualified layer names: those layers stay 16-bit
     conv1x1_as_linear: bool = True
     # A linear reading a concatenation of differently produced tensors (FLUX single blocks: attention output ‖
     # GELU output) is split into one linear per part, so each part gets its own smoothing, shift and branch.
     split_concat_linears: bool = True
-    # Sensitivity fallback: a layer whose relative output error on calibration rows exceeds this bound moves to
-    # w4a16, then fp. None disables it.
+    # Sensitivity fallback: a W4A4/W8A8 layer whose relative output error on calibration rows exceeds this bound
+    # moves to weight-only, then int8 weight-only, then fp, never below the preset's own weight precision (the
+    # first of these that meets the bounds). None disables it.
     fallback_error: float | None = 0.35
     calib_rows: int = 512  # rows sampled per smoothing group for the searches (bounded memory)
     calib_prompts: int = 4  # adapter calibration inputs: prompts × denoising steps (when none are given)
@@ -120,6 +138,9 @@ class QuantConfig:
     # weight-space error ‖ΔW‖_F, since E‖ΔW·x‖² = ‖ΔW‖_F² for x ~ N(0, I)).
     calib_source: str = "inputs"
     pad_k: bool = True  # K not divisible by the group size: zero-pad (True) or keep the layer 16-bit (False)
+    # A group size no generated kernel serves (int4 groups must be a power of two >= 32) would leave every
+    # quantized layer on the slow reference ops: refused unless this says that is intended.
+    allow_reference_ops: bool = False
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -157,44 +178,82 @@ class QuantConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def validate(self) -> None:
+        self._check_types()
+
         def check(value, allowed, what):
             if value not in allowed:
                 raise InputError(f"{what} must be one of {list(allowed)}, got {value!r}")
 
+        from svdq_compiler.quant import FORMATS, WEIGHT_FORMATS
+
         check(self.weight_format, WEIGHT_FORMATS + (None,), "weight_format")
-        check(self.act_format, ACT_FORMATS + (None,), "act_format")
+        check(self.act_format, tuple(n for n, f in FORMATS.items() if f.act and f.configurable) + (None,),
+              "act_format")
         check(self.smooth, SMOOTH_SEARCHES, "smooth")
         check(self.calib_source, CALIB_SOURCES, "calib_source")
         check(self.svd, SVD_METHODS, "svd")
         check(self.search_svd, SVD_METHODS, "search_svd")
-        check(self.weight_only_format, ("int4", "nf4"), "weight_only_format")
+        check(self.weight_only_format, tuple(n for n, f in FORMATS.items() if f.weight_only), "weight_only_format")
         check(self.conv_kxk, CONV_KXK, "conv_kxk")
         if "conv" in self.role_schemes:
             raise InputError("role_schemes['conv'] is not a setting: k×k convolutions follow conv_kxk",
                              fix=f"drop 'conv' from role_schemes and set conv_kxk to one of {list(CONV_KXK)}")
         for role, scheme in self.role_schemes.items():
             check(scheme, SCHEME_NAMES, f"role_schemes[{role!r}]")
+        if self.weight_only_format == "int8" and self.weight_only_group != 0:
+            raise InputError("int8 weight-only layers are quantized per output channel",
+                             fix="set weight_only_group=0 with weight_only_format='int8'")
+        if self.weight_only_rank is not None and self.weight_only_rank < 0:
+            raise InputError(f"weight_only_rank must be >= 0 or None (the main rank), got {self.weight_only_rank}")
         if self.rank < 0 or self.iterations < 1 or self.group_size < 0 or self.smooth_grid < 2:
             raise InputError("rank >= 0, iterations >= 1, group_size >= 0 and smooth_grid >= 2 are required")
         if self.calib_rows < 1 or self.calib_prompts < 1 or self.calib_steps < 1:
             raise InputError("calib_rows, calib_prompts and calib_steps must be at least 1")
         if self.search_rows is not None and self.search_rows < 1:
             raise InputError(f"search_rows must be at least 1 or None (every sample row), got {self.search_rows}")
-        if self.weight_format == "nvfp4" and self.group_size != 16:
+        if self.weight_format == "nvfp4" and self.group_size != FORMATS["nvfp4"].default_group:
             raise InputError("nvfp4 uses groups of 16 channels", fix="set group_size=16 or use the nvfp4 preset")
-        if self.weight_format in ("int4", "nf4") and self.group_size == 0:
+        if self.weight_format is not None and FORMATS[self.weight_format].packing == "halves" \
+                and self.group_size == 0:
             raise InputError(f"{self.weight_format} needs a group size", fix="set group_size=64")
+        if self.act_format is not None and not self.allow_reference_ops:
+            from svdq_compiler.codegen.spec import ActQuant, SpecError
+
+            try:
+                ActQuant(self.act_format, self.group_size).validate("QuantConfig")
+            except SpecError as exc:
+                raise InputError(f"group_size={self.group_size}: {exc.what}, so every quantized layer would run "
+                                 f"the slow reference ops", fix="use group_size 32, 64 or 128, or add --set "
+                                 "allow_reference_ops=true to accept the reference ops") from None
+
+    def _check_types(self) -> None:
+        """Each field has the type its annotation says (a value from --set or JSON can be anything)."""
+        hints = typing.get_type_hints(QuantConfig)
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if not _has_type(value, hints[item.name]):
+                hint = hints[item.name]
+                shown = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+                raise InputError(f"QuantConfig field {item.name} must be {shown}, got {value!r}",
+                                 fix=f"e.g. --set {item.name}={json.dumps(getattr(_DEFAULTS, item.name))}")
 
     # ---- per-layer schemes --------------------------------------------------------------------------------
 
     def scheme(self, name: str, *, unsigned_input: bool = False) -> Scheme:
-        """The Scheme for a scheme name ("w4a4", "w4a16", "fp"); unsigned_input marks a post-GELU input."""
+        """The Scheme for a scheme name ("w4a4", "w4a16", "w8a16", "fp"); unsigned_input marks a post-GELU input.
+
+        A weight-only scheme smooths (AWQ) and has a branch as `weight_only_smooth` / `weight_only_rank` say."""
         if name == "fp" or self.weight_format is None:
             return FP_SCHEME
-        if name == "w4a16" or self.act_format is None:
+        if name == "w8a16":
+            fmt, group = "int8", 0
+        elif name == "w4a16" or self.act_format is None:
             fmt = self.weight_format if self.act_format is None else self.weight_only_format
             group = self.group_size if self.act_format is None else self.weight_only_group
-            return Scheme(weight=fmt, act=None, weight_group=group, act_group=0, smooth=False, rank=0)
+        if name in ("w4a16", "w8a16") or self.act_format is None:
+            rank = self.rank if self.weight_only_rank is None else self.weight_only_rank
+            return Scheme(weight=fmt, act=None, weight_group=group, act_group=0,
+                          smooth=self.weight_only_smooth and self.smooth != "none", rank=rank)
         shift = self.gelu_shift if (unsigned_input and self.act_format == "int4") else 0.0
         act_group = 0 if self.act_format == "int8" else self.group_size
         return Scheme(weight=self.weight_format, act=self.act_format, weight_group=self.group_size,
@@ -212,22 +271,52 @@ class QuantConfig:
         return dataclasses.replace(self.scheme("w4a4"), smooth=False, rank=0, shift=shift)
 
 
+BASELINE = dict(layer_choice=False, weight_only_error=None, weight_only_smooth=False, weight_only_rank=0)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # SVDQuant INT4: smoothing (39-candidate grid) + rank-32 branch + INT4 g64 weights and activations.
     "int4": dict(weight_format="int4", act_format="int4", group_size=64, rank=32, smooth="svdquant"),
     # SVDQuant NVFP4: E2M1 with FP8-E4M3 scales per 16 channels; no GELU shift (FP4 is signed).
     "nvfp4": dict(weight_format="nvfp4", act_format="nvfp4", group_size=16, rank=32, smooth="svdquant",
                   gelu_shift=0.0),
-    # INT8 per-channel weights, per-token activations, with smoothing and a rank-16 branch (SVDQ W8A8).
+    # INT8 per-channel weights, per-token activations, with smoothing and a rank-16 branch (SVDQ W8A8), each
+    # kept per layer only where it beats plain INT8; weight-only layers are int8 too (nothing below 8 bits).
     "w8a8": dict(weight_format="int8", act_format="int8", group_size=0, rank=16, smooth="svdquant",
-                 gelu_shift=0.0, fallback_error=None),
+                 gelu_shift=0.0, fallback_error=None, weight_only_format="int8", weight_only_group=0),
+    # The baselines below reproduce their methods as published: no per-layer choice, no fallback, plain
+    # weight-only layers.
     # Weight-only NF4, group 64: the W4A16 baseline.
     "w4a16-nf4": dict(weight_format="nf4", act_format=None, group_size=64, rank=0, smooth="none",
-                      fallback_error=None, role_schemes={"embed": "fp", "final": "fp", "cross_kv": "fp"}),
+                      fallback_error=None, role_schemes={"embed": "fp", "final": "fp", "cross_kv": "fp"},
+                      **BASELINE),
     # Round-to-nearest W4A4: no smoothing, no branch.
     "w4a4-rtn": dict(weight_format="int4", act_format="int4", group_size=64, rank=0, smooth="none",
-                     fallback_error=None),
+                     fallback_error=None, **BASELINE),
     # SmoothQuant W4A4: α-only smoothing search, no branch.
     "w4a4-smoothquant": dict(weight_format="int4", act_format="int4", group_size=64, rank=0, smooth="smoothquant",
-                             fallback_error=None),
+                             fallback_error=None, **BASELINE),
 }
+
+
+_DEFAULTS = QuantConfig()
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """isinstance for the annotations QuantConfig uses: int (not bool), float (int accepted), bool, str, None,
+    unions, tuple[T, ...] and dict[K, V]."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(_has_type(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_has_type(k, key) and _has_type(v, item) for k, v in value.items())
+    return isinstance(value, hint)

@@ -1,4 +1,4 @@
-"""A k×k convolution seen as a matrix product, the way W4A4 quantizes it (architecture §3.1, "k×k convolutions").
+"""A k×k convolution seen as a matrix product, the way W4A4 quantizes it (`QuantConfig.conv_kxk`).
 
 The reference quantizes a conv weight [O, C, kh, kw] with group shape (1, G, 1, 1): per output channel, G input
 channels, one kernel tap. Its activations are quantized per pixel and group of G channels, as a linear's are
@@ -7,6 +7,14 @@ column (i·kw + j)·C_pad + c holds W[o, c, i, j], and C is zero-padded to C_pad
 so no group straddles two taps. Each patch row is then kh·kw pixels of C_pad channels, and a per-row, per-group
 quantization of a patch quantizes each pixel exactly as the runtime op does. Group size 0 (int8) is one group
 per row: per output channel over all taps for weights, per pixel for activations.
+
+Which convs: under `conv_kxk="w4a4"` the U-Net resnet convs (SiLU input, output reaching no graph output), as
+the reference quantizes resnet conv1/conv2 and keeps conv_in/conv_out, samplers and shortcuts 16-bit;
+"w4a4-all" every 2-D conv with groups=1. Grouped, depthwise and transposed convs stay 16-bit. A quantized conv
+has no smoothing and no branch; a SiLU input gets the `silu_shift` and uint4 activations under int4.
+Calibration keeps its im2col patch rows (site "<tensor>><conv>"), so quantize_weights measures it like a
+linear; the fallback goes straight to 16-bit; `lower` emits `svdq.conv2d`, which fuse leaves alone.
+Departure: the reference splits an up-block's first resnet conv by source (ConcatConv2d); we quantize it as one.
 """
 
 from __future__ import annotations

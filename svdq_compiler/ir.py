@@ -17,7 +17,19 @@ import torch.fx
 
 from svdq_compiler.config import Scheme
 
-META_KEY = "svdq"
+# Keys of what the compiler keeps in node.meta and gm.meta; every module reads them from here.
+META_KEY = "svdq"  # node.meta: the node's LinearInfo or QuantOpInfo
+CAPTURE_META = "svdq_capture"  # gm.meta: the capture report (JSON-able)
+INPUTS_META = "svdq_capture_inputs"  # gm.meta: the example inputs, kept for re-export when saving
+MODEL_BYTES_META = "svdq_model_bytes_before"  # gm.meta: parameter bytes of the captured model (annotate_linears)
+LAYERS_META = "svdq_layers"  # gm.meta: the per-layer report (lower; svdq_compiler.report)
+REPORT_META = "svdq_report"  # gm.meta: the compile report (svdq_compiler.compile)
+IR_META = "svdq_ir"  # gm.meta of a loaded graph: the saved IR text
+MANIFEST_META = "svdq_manifest"  # gm.meta of a loaded graph: the archive's manifest
+# Set by the streaming compile (svdq_compiler.meta_capture): the device a graph whose attributes are meta-device
+# stand-ins runs on. Their fake values claim that device, as the traced activations' do.
+RUN_DEVICE_META = "svdq_run_device"
+OPS_NAMESPACE = "svdq"  # torch.ops.svdq.*: the reference ops (svdq_compiler.ops) and fused kernels (codegen)
 
 
 class Role(str, enum.Enum):
@@ -68,6 +80,7 @@ class LinearInfo:
     bytes_before: int = 0
     bytes_after: int = 0
     fallback: str | None = None  # sensitivity fallback taken, with the reason
+    choice: str | None = None  # the per-layer choice (quantize_weights): the form kept and every error measured
 
     def summary(self) -> str:
         parts = [f"{self.name}", f"role={self.role}"]
@@ -85,15 +98,36 @@ class LinearInfo:
             parts.append(f"pad_k={self.pad_k}")
         if self.fallback:
             parts.append(f"fallback={self.fallback}")
+        if self.choice:
+            parts.append(f"choice=[{self.choice}]")
         parts += [f"{k}={v:.3g}" for k, v in self.errors.items()]
         return " ".join(parts)
+
+
+class OpTag(str, enum.Enum):
+    """What a node the passes insert does for the linears it serves (QuantOpInfo.op)."""
+
+    SMOOTH_DIV = "smooth_div"  # x / λ, shared by a smoothing group (smooth)
+    LORA_DOWN = "lora_down"  # x·L2ᵀ, shared by the linears that read the same input (lowrank)
+    LORA_UP = "lora_up"  # ·L1ᵀ (lowrank)
+    LORA_ADD = "lora_add"  # residual GEMM + branch (lowrank, lower)
+    QUANTIZE_ACT = "svdq.quantize_act"  # lower
+    GEMM = "svdq.gemm"
+    FUSED_GEMM = "svdq.fused_gemm"  # fuse: kernel B
+    FUSED_WEIGHT_ONLY_LINEAR = "svdq.fused_weight_only_linear"  # fuse: kernel W
+    FUSED_QUANTIZE_LORA_DOWN = "svdq.fused_quantize_lora_down"  # fuse: kernel A
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
 
 
 @dataclass
 class QuantOpInfo:
     """A node inserted by lower/fuse that implements (part of) one or more linears."""
 
-    op: str  # e.g. "svdq.quantize_act", "svdq.fused_gemm"
+    op: OpTag
     linears: list[str]  # qualified names of the linears it serves
     spec: dict[str, Any] = field(default_factory=dict)  # format, group, rank, dtypes, epilogues …
 
@@ -198,11 +232,6 @@ def fake_mode_of(gm: torch.fx.GraphModule):
     # scanning the whole graph each time made inserting nodes quadratic).
     first = next((n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)), None)
     return detect_fake_mode([] if first is None else [first])
-
-
-# Set by the streaming compile (svdq_compiler.meta_capture): the device a graph whose attributes are meta-device
-# stand-ins runs on. Their fake values claim that device, as the traced activations' do.
-RUN_DEVICE_META = "svdq_run_device"
 
 
 def attribute_val(gm: torch.fx.GraphModule, target: str, mode=None):

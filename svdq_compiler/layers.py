@@ -26,6 +26,7 @@ import torch.fx
 from svdq_compiler.codegen.layout import PackedWeight
 from svdq_compiler.errors import CheckpointError
 from svdq_compiler.ir import get_attr_value
+from svdq_compiler.quant import weight_format_of
 
 aten = torch.ops.aten
 
@@ -122,7 +123,7 @@ def find_layers(gm: torch.fx.GraphModule) -> Layers:
         if node.op != "call_function":
             continue
         if fused_gemm is not None and node.target == fused_gemm:
-            from svdq_compiler.codegen.spec import parse_spec, weight_format_of
+            from svdq_compiler.codegen.spec import parse_spec
 
             spec = parse_spec(node.args[11])
             qweight = attr_target(node.args[2])
@@ -135,11 +136,9 @@ def find_layers(gm: torch.fx.GraphModule) -> Layers:
         elif is_call(node, torch.ops.svdq.gemm.default):
             qweight = attr_target(node.args[2])
             layer = _layer_of(qweight, ".qweight")
-            from svdq_compiler.ops import WEIGHT_FORMAT_OF
-
             layers.quantized[layer] = QuantizedWeight(node, qweight, attr_target(node.args[3]),
                                                       attr_target(node.args[4]), _lowered_bias(node),
-                                                      WEIGHT_FORMAT_OF[node.args[5]], node.args[6], node.args[7])
+                                                      weight_format_of(node.args[5]), node.args[6], node.args[7])
         elif is_call(node, aten.linear.default) and _layer_of(attr_target(node.args[1]), ".lora_up"):
             up = attr_target(node.args[1])
             _add_consumer(gm, branches, layers, _layer_of(up, ".lora_up"), up, node.args[0], node)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import operator
 import re
 from collections import OrderedDict
@@ -52,6 +53,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 import torch.fx
 
+from svdq_compiler.checks import non_finite
 from svdq_compiler.dropin import graph_module_of
 from svdq_compiler.errors import CheckpointError, InputError
 from svdq_compiler.ir import get_attr_value, infer_val, set_attr_value
@@ -138,10 +140,18 @@ def read_lora(source: str | Path | Mapping[str, torch.Tensor], *, name: str | No
             missing = "up (lora_B)" if "up" not in sides else "down (lora_A)"
             raise LoraError(f"module {module!r} has no {missing} factor", where=label)
         (down_key, down), (up_key, up) = sides["down"], sides["up"]
-        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
+        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0] or down.shape[0] == 0:
             raise LoraError(f"module {module!r}: A {list(down.shape)} and B {list(up.shape)} are not a rank-r pair "
                             f"[r, K] and [N, r]", where=label)
+        for key, factor in ((down_key, down), (up_key, up)):
+            found = non_finite(factor)
+            if found:
+                raise LoraError(f"LoRA factor {key} holds non-finite values ({found})", where=label,
+                                fix="use an undamaged LoRA file")
         rank = down.shape[0]
+        if module in alphas and not math.isfinite(alphas[module]):
+            raise LoraError(f"the alpha of module {module!r} is {alphas[module]}", where=label,
+                            fix="use an undamaged LoRA file")
         scale = alphas[module] / rank if module in alphas else 1.0
         modules[module] = LoraModule(down.float(), up.float(), scale, [down_key, up_key])
     if not modules:

@@ -8,8 +8,8 @@ for the traced fake values, which passes combine with the fake values of the rea
 
 Tracing costs about as much per node as it does on real tensors (symbolic shapes dominate), so the 12B FLUX.1
 (≈7000 nodes) took 22 minutes on the 2-core machine. Its blocks are identical, so only three of each kind are
-traced (`REPEATED_BLOCKS`): the first two show how one block's outputs feed the next, and `replicate_blocks`
-copies the middle one up to the configured depth (the copies read `transformer_blocks.<i>.…`). The first and the
+traced (the lists its adapter's `repeated_blocks` names): the first two show how one block's outputs feed the
+next, and `replicate_blocks` copies the middle one up to the configured depth (the copies read `transformer_blocks.<i>.…`). The first and the
 middle block are checked node for node; a model whose blocks do not line up is traced in full.
 
 `program_from_graph` turns the compiled GraphModule back into an ExportedProgram without tracing it again:
@@ -34,9 +34,6 @@ from svdq_compiler.ir import RUN_DEVICE_META, get_attr_value, set_attr_value
 log = logging.getLogger("svdq_compiler")
 
 META = torch.device("meta")
-# {model class: ((block list attribute, config key of its length), …)}: block lists whose blocks are identical.
-REPEATED_BLOCKS = {"FluxTransformer2DModel": (("transformer_blocks", "num_layers"),
-                                              ("single_transformer_blocks", "num_single_layers"))}
 TRACED_REPEATS = 3  # first, middle (the template) and last block of each kind
 
 
@@ -79,7 +76,7 @@ def capture_on_meta(module: torch.nn.Module, example_inputs: tuple | dict, *, dy
     """`svdq_compiler.capture` of a meta-device module (the inputs are traced as meta tensors), retargeted to
     `device`. The GraphModule's parameters stay on the meta device: attach real tensors before running it. The
     example inputs kept for re-export (and written into graph.pt) are the ones given, on their own device.
-    Models in REPEATED_BLOCKS are traced with three blocks of each kind and replicated (module doc)."""
+    Models whose adapter declares `repeated_blocks` are traced with three blocks of each kind and replicated (module doc)."""
     stray = [name for name, t in list(module.named_parameters()) + list(module.named_buffers())
              if t.device != META]
     if stray:
@@ -113,7 +110,7 @@ def capture_on_meta(module: torch.nn.Module, example_inputs: tuple | dict, *, dy
 
 def capture_replicated(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_shapes: Any = "auto",
                        adapter: Any = None) -> torch.fx.GraphModule | None:
-    """`svdq_compiler.capture` of a module with real weights whose block lists are in REPEATED_BLOCKS and longer
+    """`svdq_compiler.capture` of a module with real weights whose adapter declares repeated block lists longer
     than TRACED_REPEATS: a meta twin built from its config is captured with three blocks of each kind and
     replicated (`capture_on_meta`), then the module's own tensors are attached. The graph equals a full capture
     (tests/test_archive.py: the outputs are bit for bit those of a full capture); tracing 3 + 3 instead of 6 + 11
@@ -143,14 +140,21 @@ def _meta_twin(module: torch.nn.Module, dtype: torch.dtype, **config_changes: An
         return type(module).from_config(config).eval().to(dtype)
 
 
+def _repeated_blocks(module: torch.nn.Module) -> tuple[tuple[str, str], ...]:
+    """The block lists the module's adapter declares repeated (`ModelAdapter.repeated_blocks`)."""
+    from svdq_compiler.models import adapter_for
+
+    return adapter_for(module).repeated_blocks
+
+
 def _depths(module: torch.nn.Module) -> dict[str, int]:
-    return {attribute: len(getattr(module, attribute)) for attribute, _ in REPEATED_BLOCKS.get(type(module).__name__, ())}
+    return {attribute: len(getattr(module, attribute)) for attribute, _ in _repeated_blocks(module)}
 
 
 def _shallow(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, int]]:
     """(the module to trace, {block list: its full length}): a copy with TRACED_REPEATS blocks per repeated list,
     or the module itself when nothing is worth replicating."""
-    lists = REPEATED_BLOCKS.get(type(module).__name__, ())
+    lists = _repeated_blocks(module)
     depths = _depths(module)
     if not any(count > TRACED_REPEATS for count in depths.values()):
         return module, {}

@@ -28,7 +28,7 @@ is how the tests compare against our reference.
 
 **custom** (domain `svdq`, version 1, for runtimes that implement the fused kernels): each svdq op becomes one
 node of the same name in CamelCase (`svdq.FusedQuantizeLoraDown`, `svdq.FusedGemm`,
-`svdq.FusedWeightOnlyLinear`, `svdq.QuantizeAct`, `svdq.Gemm`, `svdq.WeightOnlyLinear`); packed weights stay in our layout (architecture §6) as uint8/int8
+`svdq.FusedWeightOnlyLinear`, `svdq.QuantizeAct`, `svdq.Gemm`, `svdq.WeightOnlyLinear`); packed weights stay in our layout (codegen/layout.py) as uint8/int8
 initializers, the op's other arguments are attributes of the same names (the kernel spec string as `spec`, a
 dtype as its name), absent optional inputs are empty names. Inputs keep the torch op's order, except that a
 tensor list goes last: `FusedGemm` takes (a_codes, a_scales, w_codes, w_scales, w_tscale?, down?, lora_up?,
@@ -56,12 +56,13 @@ import torch.nn.functional as F
 from svdq_compiler import quant
 from svdq_compiler.capture import INPUTS_META, capture_report, dynamic_shapes_of, split_inputs
 from svdq_compiler.codegen import fused_ops
+from svdq_compiler.config import ONNX_FORMS
 from svdq_compiler.codegen.layout import PackedWeight, effective_group, unpack_weight
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError, first_line
 from svdq_compiler.files import ensure_dir
-from svdq_compiler.ops import WEIGHT_FORMAT_OF, smoothed_input
+from svdq_compiler.ops import smoothed_input
 
-FORMS = ("portable", "custom")
+FORMS = ONNX_FORMS
 OPSET = 21  # the first with blocked DequantizeLinear and INT4
 CUSTOM_DOMAIN = "svdq"
 _PROTOBUF_LIMIT = 2 ** 31 - 2 ** 20  # protobuf's 2 GiB, less room for the graph itself
@@ -184,7 +185,7 @@ def _portable_quantize_act(x, smooth, shift, fmt, group_size):
 
 
 def _portable_gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size, k, out_dtype):
-    weight = _weight_values(w_codes, w_scales, WEIGHT_FORMAT_OF[fmt], group_size)
+    weight = _weight_values(w_codes, w_scales, quant.weight_format_of(fmt), group_size)
     return torch.matmul(a_codes.values, weight).to(out_dtype)
 
 
@@ -247,7 +248,8 @@ def _portable_module(program: torch.export.ExportedProgram) -> torch.fx.GraphMod
         if node.target in _WEIGHT_ARGS:
             codes_at, scales_at, fmt_at, group_at = _WEIGHT_ARGS[node.target]
             fmt = node.args[fmt_at]
-            weight_fmt = fmt if node.target is torch.ops.svdq.weight_only_linear.default else WEIGHT_FORMAT_OF[fmt]
+            weight_only = node.target is torch.ops.svdq.weight_only_linear.default
+            weight_fmt = fmt if weight_only else quant.weight_format_of(fmt)
             codes_node, scales_node = node.args[codes_at], node.args[scales_at]
             if codes_node.op != "get_attr" or scales_node.op != "get_attr":
                 raise InputError("a quantized weight is computed in the graph, not stored", where=f"node {node.name}",

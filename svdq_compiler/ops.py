@@ -1,4 +1,4 @@
-"""Reference runtime ops, registered as ``torch.ops.svdq.*`` (architecture §7).
+"""Reference runtime ops, registered as ``torch.ops.svdq.*`` (their place in the graph: docs/architecture.md, "Lowered form").
 
 Each op is a ``torch.library.custom_op`` with a plain PyTorch implementation (the numerical ground truth the
 Triton kernels are tested against) and a fake implementation that uses only shapes, so graphs with symbolic
@@ -23,11 +23,7 @@ from svdq_compiler.codegen.layout import (PackedWeight, check_packed_act, check_
 from svdq_compiler.conv import ConvGeometry, padded_channels
 from svdq_compiler.errors import QuantizationError
 
-ACT_FORMATS = ("int4", "uint4", "nvfp4", "int8")
-WEIGHT_FORMAT_OF = {"int4": "int4", "uint4": "int4", "nvfp4": "nvfp4", "int8": "int8"}
-WEIGHT_ONLY_FORMATS = ("int4", "nf4", "int8")
-# Largest |code| of each format: a group's integer dot product is exact in fp32 below 2^24.
-_MAX_CODE = {"int4": 8, "uint4": 15, "nvfp4": 6, "int8": 128}
+WEIGHT_ONLY_FORMATS = tuple(name for name, f in quant.FORMATS.items() if f.weight_only)
 _FP32_EXACT = 2 ** 24
 # Bounds the [M, N] partial products the reference GEMM keeps per chunk of groups.
 _GEMM_CHUNK_ELEMENTS = 1 << 24
@@ -74,7 +70,7 @@ def quantize_act(x: torch.Tensor, smooth: Optional[torch.Tensor], shift: float, 
 
 
 def _check_quantize_act(x, smooth, fmt) -> None:
-    _check_fmt(fmt, ACT_FORMATS, "quantize_act")
+    _check_fmt(fmt, quant.ACT_FORMATS, "quantize_act")
     _check_input(x, "quantize_act")
     _check_vector(smooth, x.shape[-1], "smooth", "quantize_act")
 
@@ -85,7 +81,7 @@ def _(x, smooth, shift, fmt, group_size):
     k = x.shape[-1]
     group = effective_group(group_size, k)
     k_pad = round_up(k, group)
-    codes = x.new_empty((*x.shape[:-1], code_columns(fmt, k_pad)), dtype=torch.uint8 if fmt != "int8" else torch.int8)
+    codes = x.new_empty((*x.shape[:-1], code_columns(fmt, k_pad)), dtype=quant.FORMATS[fmt].packed_code_dtype)
     scales = x.new_empty((*x.shape[:-1], k_pad // group), dtype=scale_dtype(fmt, x.dtype))
     return codes, scales
 
@@ -94,9 +90,10 @@ def _(x, smooth, shift, fmt, group_size):
 
 
 def _gemm_shapes(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size, k) -> int:
-    _check_fmt(fmt, ACT_FORMATS, "gemm")
+    _check_fmt(fmt, quant.ACT_FORMATS, "gemm")
     group = check_packed_act(a_codes, a_scales, fmt, group_size, k, where="svdq::gemm activation")
-    check_packed_weight(w_codes, w_scales, w_tscale, WEIGHT_FORMAT_OF[fmt], group_size, k, where="svdq::gemm weight")
+    check_packed_weight(w_codes, w_scales, w_tscale, quant.weight_format_of(fmt), group_size, k,
+                        where="svdq::gemm weight")
     return group
 
 
@@ -105,8 +102,9 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
          w_tscale: Optional[torch.Tensor], fmt: str, group_size: int, k: int, out_dtype: torch.dtype) -> torch.Tensor:
     """Σ_g (a_g·w_gᵀ)·s_a[g]·s_w[g] (·w_tscale): each group's dot product is exact, scaled, summed in fp32."""
     group = _gemm_shapes(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size, k)
-    weight_fmt = WEIGHT_FORMAT_OF[fmt]
-    exact = group * _MAX_CODE[fmt] * _MAX_CODE[weight_fmt] < _FP32_EXACT
+    weight_fmt = quant.weight_format_of(fmt)
+    # a group's integer dot product is exact in fp32 below 2^24
+    exact = group * quant.FORMATS[fmt].code_bound * quant.FORMATS[weight_fmt].code_bound < _FP32_EXACT
     dot_dtype = torch.float32 if exact else torch.float64
     lead, groups = a_codes.shape[:-1], w_scales.shape[0]
     a = quant.code_values(unpack_codes(a_codes, fmt, group), fmt).reshape(-1, groups * group).to(dot_dtype)
@@ -140,7 +138,7 @@ def _(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size, k, out_dt
 def _check_linear(x, smooth, w_codes, w_scales, w_tscale, lora_down, lora_up, bias, fmt, group_size) -> None:
     _check_quantize_act(x, smooth, fmt)
     k, n = x.shape[-1], w_codes.shape[0]
-    check_packed_weight(w_codes, w_scales, w_tscale, WEIGHT_FORMAT_OF[fmt], group_size, k,
+    check_packed_weight(w_codes, w_scales, w_tscale, quant.weight_format_of(fmt), group_size, k,
                         where="svdq::linear weight")
     if (lora_down is None) != (lora_up is None):
         raise QuantizationError("lora_down and lora_up come together", where="svdq::linear")
@@ -205,7 +203,7 @@ def _(x, w_codes, w_scales, bias, fmt, group_size):
 
 def _check_conv2d(x, w_codes, w_scales, w_tscale, bias, fmt, group_size, kernel_size, stride, padding,
                   dilation) -> ConvGeometry:
-    _check_fmt(fmt, ACT_FORMATS, "conv2d")
+    _check_fmt(fmt, quant.ACT_FORMATS, "conv2d")
     _check_input(x, "conv2d")
     if x.dim() != 4:
         raise QuantizationError(f"x must be [batch, channels, height, width], got {list(x.shape)}",
@@ -215,7 +213,7 @@ def _check_conv2d(x, w_codes, w_scales, w_tscale, bias, fmt, group_size, kernel_
             raise QuantizationError(f"{name} must hold 2 values, got {list(value)}", where="svdq::conv2d")
     channels = x.shape[1]
     geometry = ConvGeometry(channels, padded_channels(channels, group_size), tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
-    check_packed_weight(w_codes, w_scales, w_tscale, WEIGHT_FORMAT_OF[fmt], group_size, geometry.columns,
+    check_packed_weight(w_codes, w_scales, w_tscale, quant.weight_format_of(fmt), group_size, geometry.columns,
                         where="svdq::conv2d weight (tap-major im2col matrix)")
     _check_vector(bias, w_codes.shape[0], "bias", "conv2d")
     return geometry
@@ -238,7 +236,7 @@ def conv2d(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, w_tsc
     if shift:
         values = values - shift
     group = effective_group(group_size, geometry.columns)
-    matrix = quant.dequantize(unpack_weight(PackedWeight(w_codes, w_scales, w_tscale, WEIGHT_FORMAT_OF[fmt], group,
+    matrix = quant.dequantize(unpack_weight(PackedWeight(w_codes, w_scales, w_tscale, quant.weight_format_of(fmt), group,
                                                          geometry.columns, x.dtype)), torch.float32)
     out = F.conv2d(values.movedim(-1, 1), geometry.weight(matrix), None if bias is None else bias.float(),
                    geometry.stride, geometry.padding, geometry.dilation)

@@ -17,10 +17,12 @@ from typing import Any, Callable, Iterable, Sequence, TextIO
 
 import torch.fx
 
+from svdq_compiler.calibration import Calibration
 from svdq_compiler.config import QuantConfig
 from svdq_compiler.errors import InputError
 from svdq_compiler.files import ensure_dir, write_json, write_text
 from svdq_compiler.ir import format_ir, to_jsonable
+from svdq_compiler.quant import QTensor
 
 log = logging.getLogger("svdq_compiler")
 
@@ -34,15 +36,22 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What passes share besides the graph: the config, inputs, cross-pass state and output options."""
+    """What passes share besides the graph: the config, inputs, the data passes hand each other (typed fields,
+    each written by one pass) and output options."""
 
     config: QuantConfig
     example_inputs: tuple | dict = ()
     calib_inputs: Iterable[tuple | dict] | None = None
-    calib_stats: Any = None  # a passes.calibrate.Calibration from an earlier compile: calibrate reuses it
+    calib_stats: Calibration | None = None  # from an earlier compile: calibrate reuses it
     adapter: Any = None  # the model adapter, when the model has one (roles, calibration inputs)
     model: Any = None  # the eager module that was captured (the adapter builds calibration inputs from it)
-    state: dict[str, Any] = field(default_factory=dict)  # cross-pass data, e.g. calibration statistics
+    # ---- data between passes ------------------------------------------------------------------------------
+    calibration: Calibration | None = None  # calibrate → smooth, lowrank, quantize_weights
+    quantized: dict[str, QTensor] = field(default_factory=dict)  # quantize_weights → lower: weight target → QTensor
+    weight_only_betas: tuple[float, ...] = ()  # smooth_weight_only's β candidates (the streaming compile sets them)
+    available: set[str] = field(default_factory=set)  # the DATA names the passes run so far produced
+    stage_ops: set = field(default_factory=set)  # the ops the passes run so far may have introduced
+    # ---- output options -----------------------------------------------------------------------------------
     dump_dir: Path | None = None
     print_ir_after_change: bool = False
     verify_each: bool = False
@@ -60,14 +69,34 @@ class PassContext:
 
 
 PassFn = Callable[[torch.fx.GraphModule, PassContext], PassResult]
+# A contract: the problems it finds in the graph (and context) after its pass; empty when the contract holds.
+Check = Callable[[torch.fx.GraphModule, PassContext], list[str]]
+
+# What `requires` and `produces` name: the data passes hand each other.
+DATA = {
+    "linears": "LinearInfo annotations with roles, groups and schemes (node.meta)",
+    "calibration": "ctx.calibration: per-site channel ranges and row samples",
+    "smoothed": "λ folded into the weights, x/λ in the graph",
+    "branches": "low-rank branches, weights hold the residual",
+    "quantized": "quantized weights: ctx.quantized QTensors, or packed weights already on the graph (imports)",
+    "lowered": "reference svdq ops in place of the quantized linears",
+    "fused": "generated-kernel ops in place of lowered chains",
+}
+
+
+def _no_problems(gm: torch.fx.GraphModule, ctx: PassContext) -> list[str]:
+    return []
 
 
 @dataclass(frozen=True)
 class Pass:
     name: str
     fn: PassFn
-    requires: tuple[str, ...]  # passes that must have run before this one
-    ensures: str  # one line: what holds after it
+    requires: tuple[str, ...]  # DATA names that must be available before it runs
+    produces: tuple[str, ...]  # DATA names it makes available
+    summary: str  # one line: what holds after it
+    ensures: Check = _no_problems  # checked after the pass when verifying (verify_each)
+    ops: frozenset = frozenset()  # the ops it may introduce: the stage allow-list grows by these
 
     def __call__(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         return self.fn(gm, ctx)
@@ -76,13 +105,26 @@ class Pass:
 PASS_REGISTRY: dict[str, Pass] = {}
 
 
-def register_pass(name: str, *, requires: Sequence[str] = (), ensures: str) -> Callable[[PassFn], Pass]:
+def register_pass(name: str, *, summary: str, requires: Sequence[str] = (), produces: Sequence[str] = (),
+                  ensures: Check = _no_problems, ops: Iterable = ()) -> Callable[[PassFn], Pass]:
+    unknown = sorted((set(requires) | set(produces)) - set(DATA))
+    if unknown:
+        raise ValueError(f"pass {name!r} names unknown data {unknown}; known: {sorted(DATA)}")
+
     def wrap(fn: PassFn) -> Pass:
-        registered = Pass(name=name, fn=fn, requires=tuple(requires), ensures=ensures)
+        registered = make_pass(name, fn, summary=summary, requires=requires, produces=produces, ensures=ensures,
+                               ops=ops)
         PASS_REGISTRY[name] = registered
         return registered
 
     return wrap
+
+
+def make_pass(name: str, fn: PassFn, *, summary: str, requires: Sequence[str] = (), produces: Sequence[str] = (),
+              ensures: Check = _no_problems, ops: Iterable = ()) -> Pass:
+    """A Pass outside the registry: a step that only one driver runs (an import, a streamed unit's compression)."""
+    return Pass(name=name, fn=fn, requires=tuple(requires), produces=tuple(produces), summary=summary,
+                ensures=ensures, ops=frozenset(ops))
 
 
 # The SVDQuant compilation, in order, each step with the reason it is there.
@@ -106,12 +148,7 @@ def svdquant_pipeline(only: Sequence[str] | None = None) -> list[Pass]:
         if unknown:
             raise InputError(f"unknown pass(es) {unknown}", fix=f"choose from: {', '.join(known)}")
     selected = [name for name in known if (only is None and name != "verify") or (only and name in only)]
-    # Until a step has an implementation it is left out, so a compile runs capture and the passes that exist; so
-    # is a step of the default pipeline whose required passes do not exist yet (fuse before lower lands).
-    chosen = [PASS_REGISTRY[name] for name in selected if name in PASS_REGISTRY]
-    if only is None:
-        chosen = [p for p in chosen if all(r in PASS_REGISTRY for r in p.requires)]
-    return chosen
+    return [PASS_REGISTRY[name] for name in selected]
 
 
 def _load_passes() -> None:
@@ -119,19 +156,21 @@ def _load_passes() -> None:
 
 
 def run_passes(gm: torch.fx.GraphModule, ctx: PassContext, passes: Sequence[Pass]) -> torch.fx.GraphModule:
-    """Run `passes` in order with timing, statistics, optional verification, dumps and IR printing."""
-    verify = PASS_REGISTRY.get("verify") if ctx.verify_each else None
-    if verify is not None:
-        verify(gm, ctx)  # the captured graph itself, so a failure after pass N is pass N's
+    """Run `passes` in order with timing, statistics, requirement checks, optional verification (the IR's
+    invariants, the ops allowed at this stage and each pass's own contract), dumps and IR printing."""
+    verifying = ctx.verify_each
+    if verifying:
+        _verify(gm, ctx, None)  # the captured graph itself, so a failure after pass N is pass N's
     if ctx.dump_dir is not None:
         _prepare_dump_dir(ctx.dump_dir)
         _dump(ctx, 0, "capture", gm, {"name": "capture", "modified": True, "stats": {}})
-    done = {record["name"] for record in ctx.records}
     for index, p in enumerate(ctx.progress(passes, "passes", total=len(passes)), start=1):
-        missing = [r for r in p.requires if r not in done]
+        missing = [r for r in p.requires if r not in ctx.available]
         if missing:
-            raise InputError(f"pass {p.name!r} requires {missing} to run first",
-                             fix="add them to --passes or run the whole pipeline")
+            producers = sorted({q.name for q in PASS_REGISTRY.values() if set(q.produces) & set(missing)})
+            raise InputError(f"pass {p.name!r} reads {missing}, which no earlier pass produced",
+                             fix=f"run {', '.join(producers) or 'the passes that produce it'} first "
+                                 f"(add them to --passes, or run the whole pipeline)")
         start, cpu_start = time.perf_counter(), time.process_time()
         result = p(gm, ctx)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -142,16 +181,25 @@ def run_passes(gm: torch.fx.GraphModule, ctx: PassContext, passes: Sequence[Pass
                   "cpu_s": round(cpu, 4),  # on a shared machine, this process's own CPU time
                   "stats": to_jsonable(result.stats)}
         ctx.records.append(record)
-        done.add(p.name)
+        ctx.available.update(p.produces)
+        ctx.stage_ops.update(p.ops)
         log.info("pass %s: modified=%s %.2fs %s", p.name, result.modified, wall, result.stats)
-        if verify is not None and p.name != "verify":
-            verify(gm, ctx)
+        if verifying and p.name != "verify":
+            _verify(gm, ctx, p)
         if ctx.dump_dir is not None:
             _dump(ctx, index, p.name, gm, record)
         if ctx.print_ir_after_change and result.modified:
             print(f"// ----- IR after {p.name} -----", file=ctx.out)
             print(format_ir(gm), file=ctx.out)
     return gm
+
+
+def _verify(gm: torch.fx.GraphModule, ctx: PassContext, after: Pass | None) -> None:
+    """The IR's invariants with the ops allowed once the passes run so far, then `after`'s own contract."""
+    from svdq_compiler.passes.verify import check
+
+    check(gm, ctx.stage_ops, [] if after is None else after.ensures(gm, ctx),
+          stage=f"after {after.name}" if after is not None else "after capture")
 
 
 def _prepare_dump_dir(path: Path) -> None:

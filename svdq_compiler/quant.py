@@ -1,6 +1,7 @@
 """Quantizers: the numerical definition of every format the compiler uses (pure torch, any device).
 
-Formats (the formulas of deepcompressor's SVDQuant recipe; see docs/architecture.md §5):
+Formats (the formulas of deepcompressor's SVDQuant recipe; the properties every module reads are the FORMATS
+table below):
 
 - ``int4``  symmetric, scale = absmax/7 per group, codes round-half-to-even, clamped to [−7, 7].
 - ``uint4`` (activations only, ``quantize_act(..., unsigned=True)``; for shifted post-GELU inputs):
@@ -36,13 +37,73 @@ import torch.nn.functional as F
 
 from svdq_compiler.errors import QuantizationError
 
-FORMATS = ("int4", "uint4", "nvfp4", "int8", "nf4")
-WEIGHT_FORMATS = ("int4", "nvfp4", "int8", "nf4")
-ACT_FORMATS = ("int4", "uint4", "nvfp4", "int8")
+
+
+@dataclass(frozen=True)
+class Format:
+    """One number format: the single table every module reads (quantizers, config checks, reference ops, kernel
+    specs, packing, the report, the kernel generator)."""
+
+    name: str
+    bits: int  # 4: two codes per byte when packed; 8: one
+    signed: bool
+    kind: str  # "integer" (codes are the values), "float" (E2M1 grid) or "codebook" (NF4 indices)
+    qmin: float  # lowest grid value before scaling
+    qmax: float  # highest grid value before scaling; an integer or float format's scale is group absmax / qmax
+    code_bound: int  # largest |code value| a stored tensor may hold (an imported int4 nibble can be −8)
+    code_dtype: torch.dtype  # of unpacked codes (QTensor.codes)
+    scale_dtype: torch.dtype | None  # of the group scales; None: the model dtype
+    default_group: int  # channels per scale (0: one per row); nvfp4 allows no other
+    weight: bool  # a weight can have it
+    act: bool  # an activation can have it
+    configurable: bool  # a QuantConfig may name it (uint4 is derived: int4 with a shift, chosen by the compiler)
+    weight_only: bool  # the reference weight-only op reads it
+    gemm_weight: str | None  # as an activation format: the weight format the GEMM pairs with it
+    packing: str  # "bytes" (8-bit), "pairs" (consecutive codes share a byte) or "halves" (split halves per group)
+
+    @property
+    def integer(self) -> bool:
+        return self.kind == "integer"
+
+    @property
+    def four_bit(self) -> bool:
+        return self.bits == 4
+
+    @property
+    def packed_code_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.four_bit else torch.int8
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("int4", 4, True, "integer", -7.0, 7.0, 8, torch.int8, None, 64, weight=True, act=True,
+           configurable=True, weight_only=True, gemm_weight="int4", packing="halves"),
+    Format("uint4", 4, False, "integer", 0.0, 15.0, 15, torch.uint8, None, 64, weight=False, act=True,
+           configurable=False, weight_only=False, gemm_weight="int4", packing="halves"),
+    Format("nvfp4", 4, True, "float", -6.0, 6.0, 6, torch.uint8, torch.float8_e4m3fn, 16, weight=True, act=True,
+           configurable=True, weight_only=False, gemm_weight="nvfp4", packing="pairs"),
+    Format("int8", 8, True, "integer", -127.0, 127.0, 128, torch.int8, torch.float32, 0, weight=True, act=True,
+           configurable=True, weight_only=True, gemm_weight="int8", packing="bytes"),
+    Format("nf4", 4, True, "codebook", -1.0, 1.0, 1, torch.uint8, None, 64, weight=True, act=False,
+           configurable=True, weight_only=True, gemm_weight=None, packing="halves"),
+)}
+WEIGHT_FORMATS = tuple(name for name, f in FORMATS.items() if f.weight)
+ACT_FORMATS = tuple(name for name, f in FORMATS.items() if f.act)
+INTEGER_FORMATS = tuple(name for name, f in FORMATS.items() if f.integer)
+FOUR_BIT_FORMATS = tuple(name for name, f in FORMATS.items() if f.four_bit)
+# The weight-only formats of 4 bits: kernel W's and a W4A16 layer's (`weight_only_format`).
+WEIGHT_ONLY_4BIT_FORMATS = tuple(name for name, f in FORMATS.items() if f.weight_only and f.four_bit)
+CODE_DTYPES = {name: f.code_dtype for name, f in FORMATS.items()}
+
+
+def weight_format_of(act_format: str) -> str:
+    """The weight format the GEMM pairs with an activation format (uint4 activations meet int4 weights)."""
+    return FORMATS[act_format].gemm_weight
+
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-NVFP4_GROUP = 16
-E2M1_MAX = 6.0
+NVFP4_GROUP = FORMATS["nvfp4"].default_group
+E2M1_MAX = FORMATS["nvfp4"].qmax
 E4M3_MAX = 448.0
 # E2M1 magnitudes, indexed by bits 0–2 of a code; bit 3 is the sign.
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -53,11 +114,6 @@ NF4_CODEBOOK = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
-# Integer formats: (lowest code, highest code, divisor of the group absmax that gives the scale).
-_INTEGER_RANGES = {"int4": (-7, 7, 7.0), "uint4": (0, 15, 15.0), "int8": (-127, 127, 127.0)}
-INTEGER_FORMATS = tuple(_INTEGER_RANGES)
-CODE_DTYPES = {"int4": torch.int8, "uint4": torch.uint8, "nvfp4": torch.uint8, "int8": torch.int8,
-               "nf4": torch.uint8}
 
 
 @dataclass
@@ -66,7 +122,7 @@ class QTensor:
 
     codes:        [..., K_pad] int8 (int4, int8) or uint8 (uint4 codes 0–15, nvfp4 E2M1 codes, nf4 indices)
     scales:       [..., K_pad/G] model dtype (int4, uint4, nf4), float8_e4m3fn (nvfp4), float32 (int8)
-    fmt:          one of FORMATS
+    fmt:          a name in FORMATS
     group_size:   G, the channels per scale (K_pad for a per-row scale)
     k:            K before zero padding
     dtype:        the dtype of the tensor that was quantized (what `dequantize` returns by default)
@@ -85,7 +141,7 @@ class QTensor:
     def __post_init__(self) -> None:
         where = f"QTensor({self.fmt})"
         if self.fmt not in FORMATS:
-            raise QuantizationError(f"unknown format {self.fmt!r}", where=where, fix=f"use one of {FORMATS}")
+            raise QuantizationError(f"unknown format {self.fmt!r}", where=where, fix=f"use one of {tuple(FORMATS)}")
         expected = CODE_DTYPES[self.fmt]
         if self.codes.dtype != expected:
             raise QuantizationError(f"{self.fmt} codes must be {expected}, got {self.codes.dtype}", where=where)
@@ -183,7 +239,7 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 def code_values(codes: torch.Tensor, fmt: str) -> torch.Tensor:
     """The grid value (before scaling) of each code, as fp32: the integer itself, an E2M1 value or an NF4 value."""
-    if fmt in _INTEGER_RANGES:
+    if FORMATS[fmt].integer:
         return codes.to(torch.float32)
     table = code_table(fmt, codes.device)
     return table[codes.long()]
@@ -224,7 +280,7 @@ def _check(x, fmt: str, group_size: int, name: str | None, *, weight: bool, unsi
         raise QuantizationError(f"unknown {'weight' if weight else 'activation'} format {fmt!r}{hint}",
                                 where=what, fix=f"use one of {allowed}")
     if unsigned:
-        if fmt not in ("int4", "uint4"):
+        if weight_format_of(fmt) != "int4":
             raise QuantizationError(f"unsigned quantization exists only for int4 (uint4), not {fmt}", where=what)
         fmt = "uint4"
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
@@ -272,10 +328,10 @@ def _levels(xg: torch.Tensor, fmt: str, dtype: torch.dtype, absmax: torch.Tensor
     indices into the sorted grid (int64) for nvfp4 and nf4; scales are in their stored dtype.
     """
     compute = xg.dtype
-    if fmt in _INTEGER_RANGES:
-        low, high, divisor = _INTEGER_RANGES[fmt]
-        scales = _nonzero((absmax / divisor).to(torch.float32 if fmt == "int8" else dtype))
-        levels = (xg / scales.to(compute).unsqueeze(-1)).round_().clamp_(low, high)
+    spec = FORMATS[fmt]
+    if spec.integer:
+        scales = _nonzero((absmax / spec.qmax).to(spec.scale_dtype or dtype))
+        levels = (xg / scales.to(compute).unsqueeze(-1)).round_().clamp_(spec.qmin, spec.qmax)
         return levels, scales, None
     if fmt == "nf4":
         scales = _nonzero(absmax.to(dtype))
@@ -299,7 +355,7 @@ def _checked_absmax(xg: torch.Tensor, name: str | None, weight: bool) -> torch.T
 def _quantize(x: torch.Tensor, fmt: str, group: int, name: str | None, *, weight: bool) -> QTensor:
     xg = _grouped(x, group)
     levels, scales, tensor_scale = _levels(xg, fmt, x.dtype, _checked_absmax(xg, name, weight), weight)
-    if fmt in _INTEGER_RANGES:
+    if FORMATS[fmt].integer:
         codes = levels.to(CODE_DTYPES[fmt])
     else:
         codes = _sorted_grid_codes(fmt, x.device)[levels]
@@ -316,7 +372,7 @@ def _grid_values(xg: torch.Tensor, fmt: str, dtype: torch.dtype, absmax: torch.T
                  weight: bool) -> torch.Tensor:
     """code value × scale per element of the grouped values, in their compute dtype."""
     levels, scales, tensor_scale = _levels(xg, fmt, dtype, absmax, weight)
-    if fmt not in _INTEGER_RANGES:
+    if not FORMATS[fmt].integer:
         levels = _sorted_grid(fmt, xg.device, xg.dtype)[levels]
     scale = scales.to(xg.dtype)
     if tensor_scale is not None:

@@ -1,5 +1,6 @@
-"""The per-layer report of a compile: for each linear its role, scheme, λ range, rank, bytes before and after and
-relative output error on the calibration rows; then the model totals and the compression ratio.
+"""The per-layer report of a compile: for each linear its role, scheme, λ range, rank, bytes before and after,
+relative output error on the calibration rows and the per-layer choice (every candidate form measured, and the
+one kept); then the model totals and the compression ratio.
 
 `layer_report(gm, config)` builds it from the LinearInfo annotations of a lowered graph (the `lower` pass
 stores it in `gm.meta["svdq_layers"]`); `format_layers(report)` is the table `svdq-inspect --layers` prints.
@@ -14,9 +15,8 @@ import torch.fx
 
 from svdq_compiler import parameter_bytes
 from svdq_compiler.config import QuantConfig
-from svdq_compiler.ir import annotated_linears, get_attr_value
-
-FOUR_BIT_FORMATS = ("int4", "nvfp4", "nf4")
+from svdq_compiler.ir import MODEL_BYTES_META, annotated_linears, get_attr_value
+from svdq_compiler.quant import FOUR_BIT_FORMATS
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -63,6 +63,7 @@ def layer_report(gm: torch.fx.GraphModule, config: QuantConfig) -> dict[str, Any
             "scheme": scheme.describe() if scheme is not None else None,
             "skip_reason": info.skip_reason,
             "fallback": info.fallback,
+            "choice": info.choice,
             "lambda_range": None if smooth is None else [float(smooth.min()), float(smooth.max())],
             "alpha": info.smooth_alpha,
             "beta": info.smooth_beta,
@@ -74,7 +75,7 @@ def layer_report(gm: torch.fx.GraphModule, config: QuantConfig) -> dict[str, Any
             "output_rel_error": info.errors.get("output_rel") if quantized else None,
             "smooth_error_ratio": info.errors.get("smooth_ratio"),
         })
-    before = gm.meta.get("svdq_model_bytes_before")
+    before = gm.meta.get(MODEL_BYTES_META)
     after = parameter_bytes(gm)
     errors = [layer["output_rel_error"] for layer in layers if layer["output_rel_error"] is not None]
     totals = {
@@ -109,7 +110,8 @@ def format_layers(report: dict[str, Any]) -> str:
     rows = [("layer", "role", "scheme", "λ range", "rank", "before", "after", "rel err", "note")]
     for layer in report["layers"]:
         lam = layer["lambda_range"]
-        note = layer["fallback"] or layer["skip_reason"] or (f"K padded +{layer['pad_k']}" if layer["pad_k"] else "")
+        note = layer["fallback"] or layer["skip_reason"] or layer.get("choice") or \
+            (f"K padded +{layer['pad_k']}" if layer["pad_k"] else "")
         rows.append((layer["name"], layer["role"], layer["scheme"] or "-",
                      "-" if lam is None else f"{lam[0]:.3g}–{lam[1]:.3g}", str(layer["rank"] or "-"),
                      _size(layer["bytes_before"]), _size(layer["bytes_after"]),

@@ -1,46 +1,44 @@
 """Saving and loading compiled graphs (`graph.pt`).
 
-`save` re-exports the GraphModule with the dynamic dimensions the capture recorded and writes it with
-`torch.export.save` to a temporary file that is then renamed, so a failed save leaves nothing behind. Beside
-the program the archive carries extra files:
+`save` re-exports the GraphModule with the dynamic dimensions the capture recorded and writes it as a PT2
+archive (svdq_compiler.archive: the bytes of each view only, a SHA-256 per entry, reproducible bytes) to a
+temporary file that is then renamed, so a failed save leaves nothing behind. Beside the program the archive
+carries extra files:
 
 - `svdq_manifest.json`: the format marker and version, and the project/torch/triton/python versions;
 - `svdq_capture.json`: the capture report (inputs, dynamic and static dimensions, relaxed guards);
 - `svdq_config.json`: the QuantConfig of the compile (null for a graph that was only captured);
-- `svdq_report.json`: the compile report (passes with statistics and wall time, per-linear annotations);
+- `svdq_report.json`: the compile report (passes with statistics, per-linear annotations; wall times and other
+  measurements of the compiling run stay out, so two identical compiles write identical files);
 - `svdq_ir.py`: the IR as `format_ir` printed it (node.meta["svdq"] does not survive serialization);
 - `svdq_loras.json`, when LoRAs are applied: what they are (the program holds the graph as compiled and their
   factors as buffers; `load` applies them again: svdq_compiler/lora.py).
 
-`load` checks the marker and version before reading the program, restores the reports into `gm.meta` and
-re-installs the shape check.
+`load` maps the file, checks the marker and version, verifies every digest, refuses anything that could run
+code (archive_check), builds the weights as windows on the map (or copies them one by one to `device`), and
+restores the reports into `gm.meta` and the input checks.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import platform
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
 
-from svdq_compiler.capture import (CAPTURE_META, INPUTS_META, capture_report, dynamic_shapes_of, install_shape_check,
-                                   split_inputs, unlift)
+from svdq_compiler.capture import capture_report, dynamic_shapes_of, install_shape_check, split_inputs, unlift
+from svdq_compiler.archive import GraphArchive, StreamingArchive, corrupt, digest
 from svdq_compiler.archive_check import check_archive
 from svdq_compiler.dropin import as_pipeline_component
-from svdq_compiler.errors import CheckpointError, first_line
-from svdq_compiler.files import atomic_path
-from svdq_compiler.ir import format_ir
+from svdq_compiler.errors import CheckpointError, InputError, first_line
+from svdq_compiler.ir import CAPTURE_META, INPUTS_META, IR_META, MANIFEST_META, REPORT_META, format_ir
 from svdq_compiler.lora import LORA_FILE, restore_loras, saved_form
 
 FORMAT = "svdq-graph"
-FORMAT_VERSION = 1  # bump when a reader of the old format would misread the new one
-REPORT_META = "svdq_report"  # the compile report, set by svdq_compiler.compile
-IR_META = "svdq_ir"  # the saved IR text, on a loaded graph
+FORMAT_VERSION = 2  # bump when a reader of the old format would misread the new one (2: digests, view bytes)
 
 MANIFEST_FILE = "svdq_manifest.json"
 CAPTURE_FILE = "svdq_capture.json"
@@ -85,49 +83,60 @@ def save(gm: torch.fx.GraphModule, path: str | Path) -> Path:
                                   where=str(path), fix="rerun with --verify to find the pass that broke the "
                                                        "graph") from exc
         extra = {**extra_files(gm), **loras}
-    with atomic_path(path, "graph file") as temporary, open(temporary, "wb") as handle:
-        # A file object rather than a name: torch names the archive after a file name (and wants ".pt2").
-        torch.export.save(program, handle, extra_files=extra)
+    with StreamingArchive(path) as archive:
+        for fqn, tensor in program.state_dict.items():
+            archive.add(fqn, tensor)
+        archive.finish(program, extra)
     return path
+
+
+# Keys of the reports that measure the compiling run (time, memory), not the graph: the compile report that
+# svdq-compile --report writes keeps them; the graph file does not, so that it is reproducible.
+RUN_MEASUREMENTS = frozenset({"wall_s", "cpu_s", "steps_s", "peak_rss_bytes", "rss_bytes"})
+
+
+def without_run_measurements(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: without_run_measurements(v) for k, v in value.items() if k not in RUN_MEASUREMENTS}
+    if isinstance(value, (list, tuple)):
+        return [without_run_measurements(v) for v in value]
+    return value
 
 
 def extra_files(gm: torch.fx.GraphModule) -> dict[str, str]:
     """The svdq extra files of a graph file for `gm` (also written by the streaming compile's archive)."""
-    report = gm.meta.get(REPORT_META, {})
+    report = without_run_measurements(gm.meta.get(REPORT_META, {}))
     return {
         MANIFEST_FILE: json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **versions()}),
-        CAPTURE_FILE: json.dumps(capture_report(gm)),
+        CAPTURE_FILE: json.dumps(without_run_measurements(capture_report(gm))),
         CONFIG_FILE: json.dumps(report.get("config")),
-        REPORT_FILE: json.dumps(report, default=str),
+        REPORT_FILE: json.dumps(report, default=_unsaved),
         IR_FILE: gm.meta.get(IR_META) or format_ir(gm),
     }
 
 
+def _unsaved(value: Any) -> str:
+    """A report value JSON cannot hold: its type name (its repr may carry an object id, which differs between
+    two identical compiles)."""
+    return f"<{type(value).__name__}>"
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a graph file, after checking that it is one this version can read."""
-    return manifest_of(read_graph_bytes(path), str(path))
+    with GraphArchive(path) as archive:
+        return manifest_of(archive)
 
 
-def read_graph_bytes(path: str | Path) -> bytes:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("no such graph file" if not path.exists() else "not a file", where=str(path),
-                              fix="give the path svdq-compile --out (or svdq_compiler.save) wrote")
-    return path.read_bytes()
-
-
-def manifest_of(data: bytes, where: str) -> dict[str, Any]:
-    """The manifest inside a graph file's bytes, checked: the marker, and a format version this reads."""
+def manifest_of(archive: GraphArchive) -> dict[str, Any]:
+    """The manifest of an opened graph file, checked: the marker, and a format version this reads."""
+    where = archive.where
+    if f"extra/{MANIFEST_FILE}" not in archive.infos:
+        raise CheckpointError("not an svdq-compiler graph: the file has no svdq manifest (made by another tool?)",
+                              where=where, fix="compile the model with svdq-compile first")
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            name = next((n for n in archive.namelist() if n.endswith(MANIFEST_FILE)), None)
-            if name is None:
-                raise CheckpointError("not an svdq-compiler graph: the file has no svdq manifest (made by another "
-                                      "tool?)", where=where, fix="compile the model with svdq-compile first")
-            manifest = json.loads(archive.read(name))
-    except (zipfile.BadZipFile, EOFError, OSError, json.JSONDecodeError, KeyError) as exc:
-        raise CheckpointError(f"the graph file is corrupt or truncated ({first_line(exc)})", where=where,
-                              fix="write it again with svdq-compile or svdq_compiler.save") from exc
+        manifest = json.loads(archive.read(f"extra/{MANIFEST_FILE}"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise corrupt(f"the manifest is not JSON: {first_line(exc)}", where) from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError("not an svdq-compiler graph: unknown format marker", where=where,
                               fix="compile the model with svdq-compile first")
@@ -136,33 +145,58 @@ def manifest_of(data: bytes, where: str) -> dict[str, Any]:
         raise CheckpointError(f"the graph was written by svdq-compiler {manifest.get('svdq_compiler')} in format "
                               f"version {version}; this version reads up to {FORMAT_VERSION}", where=where,
                               fix="upgrade svdq-compiler, or compile the model again with this version")
+    if version < FORMAT_VERSION:
+        raise CheckpointError(f"the graph was written by an older svdq-compiler ({manifest.get('svdq_compiler')}, "
+                              f"format version {version}, without per-tensor digests); this version reads format "
+                              f"{FORMAT_VERSION}", where=where, fix="compile the model again with this version")
     return manifest
 
 
 def read_extra(path: str | Path) -> dict[str, str]:
-    """The svdq extra files of a graph file, without loading the program (for inspection)."""
-    data = read_graph_bytes(path)
-    manifest_of(data, str(path))
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        return {extra: archive.read(name).decode() for name in archive.namelist()
-                for extra in EXTRA_FILES if name.endswith(extra)}
+    """The svdq extra files of a graph file, checked against their digests, without loading the program (for
+    inspection)."""
+    with GraphArchive(path) as archive:
+        manifest_of(archive)
+        digests = archive.digests()
+        extra = {}
+        for name in EXTRA_FILES:
+            entry = f"extra/{name}"
+            data = archive.read(entry)
+            if digests.get(entry) != digest(data):
+                raise corrupt(f"{entry} does not match its SHA-256 digest", archive.where)
+            extra[name] = data.decode()
+        return extra
 
 
-def load(path: str | Path) -> torch.nn.Module:
+def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
     """The GraphModule saved at `path`, ready to run, with its capture and compile reports in gm.meta; for a
     graph of a diffusers model, wrapped as a drop-in pipeline component (svdq_compiler.dropin).
 
-    The file is read once; its bytes are checked to hold nothing that runs when loaded (archive_check) and
-    those same bytes are deserialized."""
-    data = read_graph_bytes(path)
-    manifest = manifest_of(data, str(path))
-    check_archive(data, str(path))
-    extra = {name: "" for name in (*EXTRA_FILES, LORA_FILE)}
+    The file is mapped, not read: every entry is checked against its digest, the file is checked to hold
+    nothing that runs when loaded (archive_check), and the weights are windows on the map. With `device` (e.g. "cuda")
+    the weights are copied there one at a time, never all held on the CPU first."""
+    from torch._export.serde.serialize import SerializedArtifact, deserialize
+
     try:
-        program = torch.export.load(io.BytesIO(data), extra_files=extra)
-    except Exception as exc:  # torch raises many types for damaged archives
+        target = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"unknown device {device!r}", where="load", fix="give e.g. 'cpu' or 'cuda'") from exc
+    with GraphArchive(path) as archive:
+        manifest = manifest_of(archive)
+        archive.verify()  # first, so that damage reads as damage, not as a hostile file
+        check_archive(archive)
+        where = archive.where
+        state_dict = archive.tensors("data/weights/model_weights_config.json", "data/weights/", target)
+        constants = archive.tensors("data/constants/model_constants_config.json", "data/constants/", target)
+        extra = {name: archive.read(f"extra/{name}").decode() for name in EXTRA_FILES}
+        loras = archive.read(f"extra/{LORA_FILE}").decode() if f"extra/{LORA_FILE}" in archive.entries() else ""
+        artifact = SerializedArtifact(archive.read("models/model.json"), state_dict, constants,
+                                      archive.read("data/sample_inputs/model.pt"))
+    try:
+        program = deserialize(artifact)
+    except Exception as exc:  # torch raises many types for programs it cannot rebuild
         raise CheckpointError(f"the graph file could not be loaded ({first_line(exc)}); it was written with torch "
-                              f"{manifest.get('torch')}, this is torch {torch.__version__}", where=str(path),
+                              f"{manifest.get('torch')}, this is torch {torch.__version__}", where=where,
                               fix="compile the model again with this torch, or load it with the torch it was "
                                   "written with") from exc
     capture = json.loads(extra[CAPTURE_FILE])
@@ -170,10 +204,10 @@ def load(path: str | Path) -> torch.nn.Module:
     gm.meta[CAPTURE_META] = capture
     gm.meta[REPORT_META] = json.loads(extra[REPORT_FILE] or "{}")
     gm.meta[IR_META] = extra[IR_FILE]
-    gm.meta["svdq_manifest"] = manifest
+    gm.meta[MANIFEST_META] = manifest
     examples = getattr(program, "example_inputs", None)  # kept by torch.export.save since torch 2.6
     if examples is not None:
         gm.meta[INPUTS_META] = tuple(examples[0]) if examples[0] else dict(examples[1])
     install_shape_check(gm)
-    restore_loras(gm, extra[LORA_FILE], str(path))
+    restore_loras(gm, loras, where)
     return as_pipeline_component(gm)

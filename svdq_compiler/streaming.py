@@ -7,15 +7,16 @@ time, its quantized weights written into graph.pt as they are produced.
    whole graph: roles and groups come from the complete structure, as in a normal compile.
 3. The parameters are split into *units*: one per repeated block (`transformer_blocks.7`,
    `single_transformer_blocks.30`, …) and one for everything else. For each unit: its tensors are read from the
-   checkpoint into the graph, the passes smooth → lowrank → quantize_weights → lower → fuse run with only that
-   unit's linears visible (the others' annotations are set aside), every tensor the unit now has is appended to
-   the archive (`StreamingArchive`) and replaced by a meta-device stand-in. Memory holds one block.
+   checkpoint into the graph, the passes synthetic_calibration → smooth_weight_only (calibration
+   "weight-only") → compress → lower → fuse run through `run_passes` with only that unit's linears visible
+   (the others' annotations are set aside), every tensor the unit now has is appended to the archive
+   (`StreamingArchive`) and replaced by a meta-device stand-in. Memory holds one block.
 4. The compiled graph becomes an ExportedProgram without a second trace (`program_from_graph`) and is written
    after the weights, with the same extra files `svdq_compiler.save` writes, so `svdq_compiler.load` opens the
    result like any graph.pt.
 
 Calibration. Running a 12B model on calibration inputs is not affordable here, so the streaming compile is
-data-free (docs/architecture.md §11). `calibration` chooses what smoothing does without activation statistics:
+data-free. `calibration` chooses what smoothing does without activation statistics:
 - "none" (the default): λ = 1; the low-rank branch still absorbs the weights' outliers;
 - "weight-only": λ = 1/b^β from the weights' per-column ranges b, with β picked per group among `betas`
   (0 included) by the smooth pass's own search on synthetic isotropic rows (standard normal; their GELU where
@@ -26,13 +27,12 @@ The effect of each against the normal calibrated compile is measured by `tools/b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ctypes
 import gc
 import logging
 import re
 import resource
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,10 +44,12 @@ import torch.nn.functional as F
 
 from svdq_compiler.archive import StreamingArchive
 from svdq_compiler.config import QuantConfig
+from svdq_compiler.checks import check_finite_weight
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError
-from svdq_compiler.ir import META_KEY, LinearInfo, annotated_linears, get_attr_value, set_attr_value
+from svdq_compiler.ir import LAYERS_META, META_KEY, LinearInfo, annotated_linears, get_attr_value, set_attr_value
 from svdq_compiler.meta_capture import META, capture_on_meta, program_from_graph
-from svdq_compiler.pipeline import PASS_REGISTRY, PassContext, svdquant_pipeline
+from svdq_compiler.pipeline import (PASS_REGISTRY, Pass, PassContext, PassResult, make_pass, run_passes,
+                                    svdquant_pipeline)
 from svdq_compiler.sharded import ShardedCheckpoint
 
 log = logging.getLogger("svdq_compiler")
@@ -55,7 +57,6 @@ log = logging.getLogger("svdq_compiler")
 CALIBRATIONS = ("none", "weight-only")
 DEFAULT_BETAS = (0.0, 0.25, 0.5)
 SYNTHETIC_ROWS = 64
-ERROR_ROWS = 256  # output rows (evenly spaced) each layer's weight-space error is estimated on
 _BLOCK = re.compile(r"^([A-Za-z_][\w]*\.\d+)\.")
 _SPLIT_PART = re.compile(r"^(?P<base>.+)\.part(?P<index>\d+)\.weight$")
 REST_UNIT = "(model)"
@@ -157,6 +158,7 @@ def read_attribute(gm: torch.fx.GraphModule, target: str, checkpoint: ShardedChe
 def load_unit(gm: torch.fx.GraphModule, targets: list[str], checkpoint: ShardedCheckpoint, record: UnitRecord) -> None:
     for target in targets:
         tensor = read_attribute(gm, target, checkpoint)
+        check_finite_weight(target, tensor, str(checkpoint.folder))
         record.tensors_read += 1
         record.bytes_read += tensor.numel() * tensor.element_size()
         set_attr_value(gm, target, tensor)
@@ -236,108 +238,33 @@ def synthetic_calibration(gm: torch.fx.GraphModule, rows: int, seed: int):
                        inputs=0)
 
 
-def weight_only_smoothing(gm: torch.fx.GraphModule, ctx: PassContext, betas: tuple[float, ...]) -> dict[str, Any]:
-    """Per smoothing group: λ = 1/b^β with β chosen among `betas` by the smooth pass's search (output error with
-    the group's quantizers and rank-r branch) on the synthetic rows; applied like the smooth pass applies λ."""
-    from svdq_compiler.passes.smooth import apply_smoothing, search
-    from svdq_compiler.svdquant import group_problem, members_by_group
-
-    config = ctx.config
-    calibration = ctx.state["calibrate"]
-    candidates = [(0.0, beta) for beta in betas]
-    groups = members_by_group(gm, lambda info: info.scheme is not None and info.scheme.smooth and
-                              info.scheme.act is not None)
-    chosen = {}
-    for group, members in groups.items():
-        scheme = members[0][1].scheme
-        problem = group_problem(gm, members, calibration, scheme)
-        ones = torch.ones(members[0][1].in_features)
-        (alpha, beta), scale, error, identity_error = search(problem, ones, candidates, scheme.rank,
-                                                             config.search_svd, config.calib_seed)
-        if beta:
-            apply_smoothing(gm, members, group, scale)
-        for _, info in members:
-            info.smooth_alpha, info.smooth_beta = alpha, beta
-            info.errors["smooth_ratio"] = error / identity_error if identity_error else 1.0
-        chosen[group] = beta
-    return {"groups": len(groups), "betas": list(betas), "chosen": chosen}
-
-
-def compress_unit(gm: torch.fx.GraphModule, ctx: PassContext) -> dict[str, Any]:
-    """The lowrank and quantize_weights steps for the visible unit, through the passes' own functions: one
-    float64 SVD per branch set (`GroupProblem.branches`, attached by `apply_branches`), then each residual
-    quantized once into the store `lower` packs from. Without activation data the passes' output-error search
-    and sensitivity fallback have nothing to measure, so they are not run; each layer reports its weight-space
-    error ‖Q(R) − R‖ / ‖Ŵ‖ (Ŵ the smoothed weight, R its residual; on ERROR_ROWS rows) instead."""
-    from svdq_compiler.passes.lowrank import apply_branches
-    from svdq_compiler.svdquant import group_problem, members_by_group
-
-    config, calibration = ctx.config, ctx.state["calibrate"]
-    store: dict[str, Any] = {}
-    ctx.state["quantize_weights"] = store
-    groups = members_by_group(gm, lambda info: info.scheme is not None and info.scheme.kind != "fp")
-    branch_sets = 0
-    errors: dict[str, float] = {}
-    for members_all in groups.values():
-        by_scheme: dict[Any, list] = {}
-        for node, info in members_all:
-            by_scheme.setdefault(info.scheme, []).append((node, info))
-        for scheme, members in by_scheme.items():
-            smooth_target = members[0][1].smooth
-            smooth = get_attr_value(gm, smooth_target) if smooth_target else None
-            if scheme.act is not None and scheme.rank:
-                problem = group_problem(gm, members, calibration, scheme)
-                branches = problem.branches(problem.smoothed(smooth), scheme.rank, config.svd, config.calib_seed)
-                apply_branches(gm, members, problem, smooth, branches)
-                branch_sets += len(problem.branch_sets)
-            for _, info in members:
-                if info.weight not in store:
-                    errors[info.weight] = _quantize_residual(gm, info, scheme, store)
-                info.errors["weight_rel"] = errors[info.weight]
-    return {"weights_quantized": len(store), "branch_sets": branch_sets,
-            "weight_rel_max": round(max(errors.values()), 5) if errors else None}
-
-
-def _quantize_residual(gm: torch.fx.GraphModule, info: LinearInfo, scheme, store: dict) -> float:
-    """Quantize a layer's residual into `store`; returns ‖Q(R) − R‖ / ‖Ŵ‖ estimated on ERROR_ROWS rows."""
-    from svdq_compiler.quant import QTensor, dequantize, quantize_weight
-
-    residual = get_attr_value(gm, info.weight)
-    q = store[info.weight] = quantize_weight(residual, scheme.weight, scheme.weight_group, name=info.weight)
-    rows = torch.linspace(0, residual.shape[0] - 1, min(ERROR_ROWS, residual.shape[0])).long()
-    sample = QTensor(q.codes[rows], q.scales[rows], q.fmt, q.group_size, q.k, q.dtype,
-                     q.tensor_scale if q.tensor_scale is None or q.tensor_scale.dim() == 0 else q.tensor_scale[rows])
-    exact = residual[rows].float()
-    smoothed = exact
-    if info.lora_up is not None:
-        smoothed = exact + get_attr_value(gm, info.lora_up)[rows].float() @ get_attr_value(gm, info.lora_down).float()
-    error = dequantize(sample, torch.float32)[:, : info.in_features] - exact
-    return float(error.norm() / smoothed.norm().clamp_min(1e-30))
-
-
-def run_unit(gm: torch.fx.GraphModule, ctx: PassContext, calibration: str, betas: tuple[float, ...],
-             record: UnitRecord, stats: dict[str, list]) -> list[dict[str, Any]]:
-    """smoothing (data-free) → low rank and quantization → lower → fuse on the visible unit; returns its
-    layer report."""
+def unit_passes(calibration: str) -> list[Pass]:
+    """The passes each unit runs: synthetic calibration, data-free smoothing (none: λ = 1), compression, lower,
+    fuse."""
     rows = SYNTHETIC_ROWS if calibration == "weight-only" else 1  # only the smoothing search measures on them
-    ctx.state["calibrate"] = synthetic_calibration(gm, rows, ctx.config.calib_seed)
-    later = [p.name for p in svdquant_pipeline() if p.name in ("lower", "fuse")]
-    layers: list[dict[str, Any]] = []
-    for name in ("smooth", "compress") + tuple(later):
-        start = time.perf_counter()
-        if name == "smooth":
-            result_stats = weight_only_smoothing(gm, ctx, betas) if calibration == "weight-only" else \
-                {"groups": 0, "skipped": "calibration none: λ = 1"}
-        elif name == "compress":
-            result_stats = compress_unit(gm, ctx)
-        else:
-            result_stats = PASS_REGISTRY[name](gm, ctx).stats
-        record.wall_s[name] = round(time.perf_counter() - start, 3)
-        stats.setdefault(name, []).append(result_stats)
-        record.passes[name] = result_stats
-        if name == "lower":
-            layers = list((gm.meta.get("svdq_layers") or {}).get("layers", []))
-    return layers
+
+    def synthetic(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        ctx.calibration = synthetic_calibration(gm, rows, ctx.config.calib_seed)
+        return PassResult(gm, False, {"rows": rows, "sites": len(ctx.calibration.sites)})
+
+    calibrate = make_pass("synthetic_calibration", synthetic, requires=("linears",), produces=("calibration",),
+                          summary="ctx.calibration holds isotropic rows for the visible linears")
+    names = (["smooth_weight_only"] if calibration == "weight-only" else []) + ["compress", "lower", "fuse"]
+    return [calibrate] + [PASS_REGISTRY[name] for name in names]
+
+
+def run_unit(gm: torch.fx.GraphModule, ctx: PassContext, passes: list[Pass], record: UnitRecord,
+             stats: dict[str, list]) -> list[dict[str, Any]]:
+    """Run `passes` (run_passes: requirements, verification, IR printing) on the visible unit, in a context of
+    its own that starts from what the whole-graph passes produced; returns the unit's layer report."""
+    unit_ctx = dataclasses.replace(ctx, records=[], available=set(ctx.available), stage_ops=set(ctx.stage_ops),
+                                   quantized={}, calibration=None)
+    run_passes(gm, unit_ctx, passes)
+    for entry in unit_ctx.records:
+        record.wall_s[entry["name"]] = round(entry["wall_s"], 3)
+        stats.setdefault(entry["name"], []).append(entry["stats"])
+        record.passes[entry["name"]] = entry["stats"]
+    return list((gm.meta.get(LAYERS_META) or {}).get("layers", []))
 
 
 def summed_stats(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -358,24 +285,6 @@ def summed_stats(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---- the driver -----------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _terminate_as_exception() -> Iterator[None]:
-    """A SIGTERM during the (long) streaming compile unwinds like an error, so the archive's temporary file is
-    removed instead of left behind."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise InputError("the streaming compile was terminated (SIGTERM)", fix="run it again")
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, *, calibration: str = "none",
@@ -407,31 +316,27 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
     gm = capture_on_meta(model.module, example, adapter=model.adapter)
     step("capture on meta", began)
 
-    ctx = PassContext(config=config, example_inputs=example, adapter=model.adapter)
+    ctx = PassContext(config=config, example_inputs=example, adapter=model.adapter, weight_only_betas=tuple(betas))
     began = time.perf_counter()
-    svdquant_pipeline()  # registers the passes
-    annotate = PASS_REGISTRY["annotate_linears"]
-    annotate_stats = annotate(gm, ctx).stats
+    gm = run_passes(gm, ctx, svdquant_pipeline(["annotate_linears"]))
     step("annotate", began)
-    ctx.records.append({"name": "annotate_linears", "modified": True, "wall_s": steps["annotate"],
-                        "stats": annotate_stats})
+    passes = unit_passes(calibration)
 
     units = unit_attributes(gm)
     records: list[UnitRecord] = []
     pass_stats: dict[str, list] = {}
     layers: list[dict[str, Any]] = []
     began = time.perf_counter()
-    with StreamingArchive(out) as archive, _terminate_as_exception():
+    with StreamingArchive(out) as archive:
         for index, (unit, targets) in enumerate(units.items()):
             record = UnitRecord(unit)
             unit_start = time.perf_counter()
             load_unit(gm, targets, checkpoint, record)
             record.wall_s["read"] = round(time.perf_counter() - unit_start, 3)
             with VisibleUnit(gm, unit):
-                layers += run_unit(gm, ctx, calibration, betas, record, pass_stats)
+                layers += run_unit(gm, ctx, passes, record, pass_stats)
             write_start = time.perf_counter()
             flush_unit(gm, archive, record)
-            ctx.state.pop("quantize_weights", None)  # the unit's unpacked codes, now packed and written
             release_freed_memory()
             record.wall_s["write"] = round(time.perf_counter() - write_start, 3)
             record.rss_bytes = current_rss_bytes()
@@ -451,7 +356,7 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
             ctx.records.append({"name": name, "modified": True,
                                 "wall_s": round(sum(r.wall_s.get(name, 0.0) for r in records), 3),
                                 "stats": summed_stats(entries)})
-        gm.meta["svdq_layers"] = {"layers": layers}
+        gm.meta[LAYERS_META] = {"layers": layers}
         report = compile_report(gm, config, ctx.records)
         report["streaming"] = {
             "calibration": calibration, "betas": list(betas) if calibration == "weight-only" else None,

@@ -26,7 +26,7 @@ import torch.fx
 from svdq_compiler.config import Scheme
 from svdq_compiler.conv import ConvGeometry
 from svdq_compiler.errors import QuantizationError
-from svdq_compiler.ir import META_KEY, LinearInfo, QuantOpInfo, Role, annotated_linears, get_attr_value
+from svdq_compiler.ir import META_KEY, LinearInfo, OpTag, QuantOpInfo, Role, annotated_linears, get_attr_value
 from svdq_compiler.quant import fake_quantize_act, fake_quantize_weight
 
 STACKED_ROLES = (Role.QKV, Role.CROSS_KV)
@@ -277,8 +277,9 @@ class GroupProblem:
         act_inputs = {}
         for site, rows in self.rows.items():
             shift = self.shifts.get(site, 0.0)
-            if scheme.act is None:
-                act_inputs[site] = (rows, None)
+            if scheme.act is None:  # weight-only: x/λ (AWQ) in the model dtype feeds both paths
+                smoothed = rows if inverse is None else (rows * inverse).to(self.dtype).float()
+                act_inputs[site] = (smoothed, smoothed)
                 continue
             main = rows + shift if shift else rows
             if inverse is not None:
@@ -333,12 +334,36 @@ class GroupProblem:
 # Each step leaves a graph that computes what the FP model computes (up to the model dtype's rounding).
 
 
+def search(problem: GroupProblem, act_absmax: torch.Tensor, candidates, rank: int, svd: str, seed: int,
+           search_rows: int | None = None) -> tuple[tuple[float, float], torch.Tensor, float, float | None]:
+    """(α, β), λ, its error and the error of λ = 1 (None when λ = 1 is not a candidate), over the candidates.
+
+    Every candidate is evaluated on at most `search_rows` of the sample rows (None: all of them), in batches;
+    the winner's and λ = 1's errors are then measured on every sample row, so the reported ratio does not
+    depend on the subset.
+    """
+    weight_absmax = problem.weight_absmax()
+    smooths = torch.stack([smoothing_scale(act_absmax, weight_absmax, alpha, beta, problem.dtype)
+                           for alpha, beta in candidates])
+    subset = search_rows is not None and problem.sample_rows() > search_rows
+    ranked = problem.subsample(search_rows, seed) if subset else problem
+    errors = ranked.candidate_errors(smooths, rank, svd, seed)
+    best = len(candidates) - 1 - int(errors.flip(0).argmin())  # a tie goes to the later candidate
+    identity = candidates.index((0.0, 0.0)) if (0.0, 0.0) in candidates else None
+    if subset:
+        measured = sorted({best, identity} - {None})
+        errors = dict(zip(measured, problem.candidate_errors(smooths[measured], rank, svd, seed).tolist()))
+    else:
+        errors = dict(enumerate(errors.tolist()))
+    return candidates[best], smooths[best], errors[best], None if identity is None else errors[identity]
+
+
 def layer_name(weight_target: str) -> str:
     """A linear's qualified name from its weight's attribute path ("blocks.0.q.weight" → "blocks.0.q")."""
     return weight_target[: -len(".weight")] if weight_target.endswith(".weight") else weight_target
 
 
-def quant_op(node) -> str | None:
+def quant_op(node) -> OpTag | None:
     meta = node.meta.get(META_KEY) if isinstance(node, torch.fx.Node) else None
     return meta.op if isinstance(meta, QuantOpInfo) else None
 
@@ -346,7 +371,7 @@ def quant_op(node) -> str | None:
 def raw_input(linear: torch.fx.Node) -> torch.fx.Node:
     """The tensor a linear reads before smoothing (looks through its smooth_div)."""
     x = linear.args[0]
-    return x.args[0] if quant_op(x) == "smooth_div" else x
+    return x.args[0] if quant_op(x) == OpTag.SMOOTH_DIV else x
 
 
 def site_name(node: torch.fx.Node, info: LinearInfo) -> str:
@@ -367,7 +392,7 @@ def layer_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, info: LinearInfo
 
 
 def branch_add(linear: torch.fx.Node) -> torch.fx.Node | None:
-    return next((user for user in linear.users if quant_op(user) == "lora_add"), None)
+    return next((user for user in linear.users if quant_op(user) == OpTag.LORA_ADD), None)
 
 
 def members_by_group(gm: torch.fx.GraphModule, keep) -> dict[str, list[tuple[torch.fx.Node, LinearInfo]]]:

@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import zipfile
 from pathlib import Path
 from typing import Callable
 
+from svdq_compiler.archive import DIGESTS_ENTRY
+
 
 def rewrite_archive(source: Path, target: Path, edit: Callable[[str, bytes], bytes | None],
-                    add: dict[str, bytes] | None = None) -> Path:
+                    add: dict[str, bytes] | None = None, *, redigest: bool = True) -> Path:
     """Copy `source` to `target`, passing each entry (name below the archive's top folder, bytes) through
     `edit`: its result replaces the bytes, None drops the entry. `add` appends entries (names below the top
-    folder)."""
-    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+    folder). With `redigest` the digest table is recomputed, as anyone crafting a file would do (a digest
+    detects damage, it is not a signature): the file then tests the checks after the digests."""
+    entries: dict[str, bytes] = {}
+    with zipfile.ZipFile(source) as old:
         root = old.namelist()[0].split("/", 1)[0]
         for item in old.infolist():
-            data = edit(item.filename.split("/", 1)[1], old.read(item))
+            name = item.filename.split("/", 1)[1]
+            data = edit(name, old.read(item))
             if data is not None:
-                new.writestr(item, data)
-        for name, data in (add or {}).items():
+                entries[name] = data
+    entries.update(add or {})
+    if redigest and DIGESTS_ENTRY in entries:
+        table = json.loads(entries[DIGESTS_ENTRY])["sha256"]
+        entries[DIGESTS_ENTRY] = json.dumps({"sha256": {
+            name: hashlib.sha256(data).hexdigest() for name, data in entries.items()
+            if name in table or name not in (DIGESTS_ENTRY, "archive_format", "archive_version", ".data/version",
+                                             "byteorder", ".data/serialization_id")}}).encode()
+    with zipfile.ZipFile(target, "w") as new:
+        for name, data in entries.items():
             new.writestr(f"{root}/{name}", data)
     return target

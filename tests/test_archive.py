@@ -124,16 +124,16 @@ def test_failure_mid_stream_leaves_no_file(tiny, program, tmp_path, monkeypatch)
     folder = tiny[0]
     checkpoint = ShardedCheckpoint.open(folder)
     archive = StreamingArchive(tmp_path / "graph.pt2")
-    real_write = archive._writer.write_bytes
+    real_write = archive._zip.writestr
     calls = []
 
-    def write_until_full(name, data):
-        calls.append(name)
+    def write_until_full(info, data):
+        calls.append(info)
         if len(calls) > 5:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(name, data)
+        real_write(info, data)
 
-    monkeypatch.setattr(archive._writer, "write_bytes", write_until_full)
+    monkeypatch.setattr(archive._zip, "writestr", write_until_full)
     with pytest.raises(OSError, match="No space"), archive:
         for name in program.state_dict:
             archive.add(name, checkpoint.read(name))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from svdq_compiler.cli import compile_main, compile_parser, inspect_main, inspect_parser, pass_line
+from svdq_compiler.serialize import FORMAT_VERSION
 
 LOAD_AND_COMPARE = textwrap.dedent("""
     import sys, torch, svdq_compiler
@@ -51,7 +52,8 @@ def compiled(tmp_path_factory):
 
 def test_compile_writes_a_graph_that_a_new_process_runs_like_eager(compiled):
     graph, _, report, run = compiled
-    assert graph.stat().st_size == report["output"]["bytes"] > 0
+    assert graph.stat().st_size == report["output"]["bytes"] == report["compression"]["graph_bytes"] > 0
+    assert "smaller than float32" in run.stdout  # random weights: no checkpoint to compare with
     assert f"wrote {graph}" in run.stdout and "image tokens 2..65536" in run.stdout
     assert "save" in run.stderr  # the progress bar named the steps
     # The quantizing passes ran; the graph computes the int4 model, close to what the model does.
@@ -64,7 +66,7 @@ def test_compile_writes_a_graph_that_a_new_process_runs_like_eager(compiled):
 
 
 def test_saved_calibration_statistics_load_and_name_their_readers(compiled):
-    from svdq_compiler.passes.calibrate import load_calibration
+    from svdq_compiler.calibration import load_calibration
 
     graph, _, report, _ = compiled
     calibration = load_calibration(graph.parent / "calib.safetensors")
@@ -96,7 +98,7 @@ def test_inspect_summarizes_the_graph(compiled, capsys):
     graph, _, report, _ = compiled
     assert inspect_main([str(graph)]) == 0
     text = capsys.readouterr().out
-    for expected in ["svdq graph format 1", "FluxTransformer2DModel (adapter flux)", "preset int4",
+    for expected in [f"svdq graph format {FORMAT_VERSION}", "FluxTransformer2DModel (adapter flux)", "preset int4",
                      "image tokens 2..65536", f"nodes: {report['totals']['nodes']}", "svdq ops",
                      "parameters: "]:
         assert expected in text
@@ -106,6 +108,9 @@ def test_inspect_summarizes_the_graph(compiled, capsys):
     assert inspect_main([str(graph), "--layers"]) == 0
     layers = capsys.readouterr().out
     assert "transformer_blocks.0.ff.net.2" in layers and "A:uint4/g64" in layers and "compression" in layers
+    # every layer's choice, measured: the AdaLN layer's weight-only candidates with their errors
+    adaln = next(line for line in layers.splitlines() if line.startswith("transformer_blocks.0.norm1.linear "))
+    assert "chose " in adaln and "plain 0." in adaln and "+awq" in adaln
     assert inspect_main([str(graph), "--ir"]) == 0
     assert "def forward(self, hidden_states" in capsys.readouterr().out
 
@@ -207,3 +212,27 @@ def test_pass_lines_show_scalars_and_small_tables_only():
                         "per_group": {"a": {"alpha": 0.5}, "b": {"alpha": 0.7}}, "fallbacks": ["x: too large"]}}
     assert pass_line(record) == ('pass smooth: changed, 1.23s groups=2 search=grid roles={"qkv":3,"out":1} '
                                  'per_group=[2] fallbacks=[1]')
+
+
+@pytest.mark.parametrize("main", ["compile_main", "inspect_main"])
+def test_help_imports_neither_torch_nor_diffusers(main):
+    """--help must answer at once: building the parsers imports nothing heavy (torch alone takes seconds)."""
+    code = textwrap.dedent(f"""
+        import sys
+        from svdq_compiler.cli import {main}
+        try:
+            {main}(["--help"])
+        except SystemExit as exc:
+            assert exc.code == 0, exc.code
+        print("heavy:", sorted(m for m in ("torch", "diffusers", "transformers", "triton", "numpy") if m in sys.modules))
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "usage: svdq-" in run.stdout and run.stdout.rstrip().endswith("heavy: []")
+
+
+def test_help_names_every_builtin_model():
+    from svdq_compiler.models import builtin_names
+
+    help_text = " ".join(compile_parser().format_help().split())
+    assert all(name in help_text for name in builtin_names())

@@ -9,14 +9,7 @@ from svdq_compiler.errors import InputError
 from svdq_compiler.models import fmnist
 
 
-def write_idx(path, tensor: torch.Tensor, compress=True):
-    header = bytes([0, 0, 0x08, tensor.dim()]) + b"".join(d.to_bytes(4, "big") for d in tensor.shape)
-    payload = header + tensor.to(torch.uint8).numpy().tobytes()
-    if compress:
-        with gzip.open(path, "wb") as handle:
-            handle.write(payload)
-    else:
-        path.write_bytes(payload)
+write_idx = fmnist.write_idx
 
 
 @pytest.fixture
@@ -106,6 +99,58 @@ def test_shipped_classifier_is_accurate():
     predictions, features = fmnist.classify(classifier, images[:300].float().div(255).unsqueeze(1))
     assert features.shape == (300, classifier.config["feature_dim"])
     assert (predictions == labels[:300]).float().mean() > 0.88
+
+
+@pytest.fixture
+def no_dataset(tmp_path, monkeypatch):
+    """A machine without the Debian package: the data folder is empty, and the fallback notice not yet said."""
+    monkeypatch.setenv(fmnist.DATA_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(fmnist, "_said_fallback", set())
+    return tmp_path
+
+
+def test_without_the_dataset_the_test_split_is_the_shipped_subset_said_once(no_dataset, capsys):
+    images, labels = fmnist.load_split("test")
+    assert images.shape == (1000, 28, 28) and labels.shape == (1000,)
+    assert torch.bincount(labels, minlength=10).min() > 70  # every class is there
+    fmnist.load_split("test")
+    notice = capsys.readouterr().err.splitlines()
+    assert len(notice) == 1 and "shipped first 1,000 test images" in notice[0] and str(no_dataset) in notice[0]
+    with pytest.raises(InputError, match="apt-get install dataset-fashion-mnist"):
+        fmnist.load_split("train")  # training has no fallback
+
+
+def test_shipped_subset_files_are_what_the_tool_writes(no_dataset, tmp_path):
+    """tools/make_fmnist_assets.py writes the subset with write_idx: rewriting it gives the same bytes."""
+    for name, tensor in zip(fmnist.SHIPPED_TEST_FILES, fmnist.load_split("test")):
+        write_idx(tmp_path / name, tensor)
+        assert (tmp_path / name).read_bytes() == (fmnist.SHIPPED_DATA_DIR / name).read_bytes()
+
+
+def test_shipped_statistics_are_the_shipped_classifiers_test_features(no_dataset, capsys):
+    """The shipped statistics describe all 10,000 test images; the 1,000 shipped ones come close (FD 1.2)."""
+    classifier = fmnist.load_classifier()
+    shipped = fmnist.reference_statistics(classifier)
+    assert "shipped feature statistics of the 10,000 test images" in capsys.readouterr().err
+    images, _ = fmnist.load_split("test")
+    _, features = fmnist.classify(classifier, images.float().div(255).unsqueeze(1))
+    subset = fmnist.feature_statistics(features)
+    assert 0.1 < fmnist.frechet_distance(subset, shipped) < 3.0
+    other = fmnist.FashionClassifier()
+    with pytest.raises(InputError, match="belong to another classifier"):
+        fmnist.reference_statistics(other)
+
+
+def test_installed_dataset_is_preferred_to_the_shipped_files(fake_split, monkeypatch, capsys):
+    folder, images, labels = fake_split
+    monkeypatch.setenv(fmnist.DATA_DIR_ENV, str(folder))
+    read_images, read_labels = fmnist.load_split("test")
+    assert torch.equal(read_images, images) and torch.equal(read_labels, labels.long())
+    classifier = fmnist.load_classifier()
+    _, features = fmnist.classify(classifier, images.float().div(255).unsqueeze(1))
+    computed = fmnist.reference_statistics(classifier)
+    torch.testing.assert_close(computed[0], fmnist.feature_statistics(features)[0])
+    assert "shipped" not in capsys.readouterr().err
 
 
 def test_image_grid_png(tmp_path):

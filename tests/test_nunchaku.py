@@ -13,8 +13,8 @@ import svdq_compiler
 from svdq_compiler.codegen.layout import (NunchakuLinear, from_nunchaku, from_nunchaku_awq, pack_weight, to_nunchaku,
                                           to_nunchaku_awq)
 from svdq_compiler.errors import CheckpointError
-from svdq_compiler.interop.nunchaku import (DOUBLE, DOUBLE_AWQ, DOUBLE_NORMS, GELU_SHIFT_INT4, SINGLE, SINGLE_AWQ,
-                                            SINGLE_NORMS, export_nunchaku, import_nunchaku, read_checkpoint,
+from svdq_compiler.interop.nunchaku import (DOUBLE, DOUBLE_AWQ, DOUBLE_NORMS, GELU_SHIFT_INT4, NUNCHAKU_COMPATIBLE,
+                                            SINGLE, SINGLE_AWQ, SINGLE_NORMS, export_nunchaku, import_nunchaku, read_checkpoint,
                                             write_checkpoint)
 from svdq_compiler.layers import find_layers, segment_rows
 from svdq_compiler.ir import get_attr_value
@@ -221,6 +221,22 @@ def test_checkpoint_that_does_not_fit_its_config(tmp_path):
         import_nunchaku(path)  # refused before the capture
 
 
+@pytest.mark.parametrize("drop, message", [
+    ("transformer_blocks.0.mlp_fc1.smooth", r"transformer_blocks.0.mlp_fc1 has no smooth"),
+    ("single_transformer_blocks.0.qkv_proj.lora_up", r"single_transformer_blocks.0.qkv_proj has no lora_up"),
+    ("config", r"FLUX config lacks positive integers for \['num_layers'"),
+])
+def test_incomplete_checkpoint_is_one_clear_error(tmp_path, drop, message):
+    path = tmp_path / "incomplete.safetensors"
+    synthetic_checkpoint(path, "int4")
+    tensors, config, _ = read_checkpoint(path)
+    assert drop == "config" or drop in tensors
+    write_checkpoint({k: v for k, v in tensors.items() if k != drop}, path, {} if drop == "config" else config,
+                     "int4", RANK)
+    with pytest.raises(CheckpointError, match=message):
+        import_nunchaku(path)
+
+
 @pytest.fixture(autouse=True)
 def reference_kernels(monkeypatch):
     """Fused ops run their reference path here (the kernels have their own tests under the interpreter)."""
@@ -231,8 +247,8 @@ def reference_kernels(monkeypatch):
 def compiled_bf16():
     fp = load_model("random:flux", dtype=DTYPE)
     adapter = adapter_for(fp)
-    config = svdq_compiler.QuantConfig.preset("int4", smooth_grid=4, calib_rows=64, fallback_error=None,
-                                              skip=[r"^norm_out\.linear$"])
+    config = svdq_compiler.QuantConfig.preset("int4", smooth_grid=4, calib_rows=64, skip=[r"^norm_out\.linear$"],
+                                              **NUNCHAKU_COMPATIBLE)
     return svdq_compiler.compile(fp, adapter.example_inputs(fp, batch=2), config,
                                  calib_inputs=adapter.calib_inputs(fp, 1, 2, seed=0, batch=2))
 
@@ -270,8 +286,8 @@ def test_export_import_round_trip(compiled_bf16, tmp_path):
 def test_export_refuses_layers_nunchaku_cannot_hold(compiled_bf16, tmp_path):
     fp = load_model("random:flux", dtype=DTYPE)
     adapter = adapter_for(fp)
-    config = svdq_compiler.QuantConfig.preset("int4", smooth_grid=2, calib_rows=32, fallback_error=None,
-                                              skip=[r"attn\.to_out\.0$"])
+    config = svdq_compiler.QuantConfig.preset("int4", smooth_grid=2, calib_rows=32, skip=[r"attn\.to_out\.0$"],
+                                              **NUNCHAKU_COMPATIBLE)
     gm = svdq_compiler.compile(fp, adapter.example_inputs(fp, batch=2), config,
                                calib_inputs=adapter.calib_inputs(fp, 1, 1, seed=0, batch=2))
     with pytest.raises(CheckpointError, match="to_out.0"):

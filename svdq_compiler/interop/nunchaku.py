@@ -37,8 +37,8 @@ from typing import Any, Mapping
 import torch
 import torch.fx
 
-from svdq_compiler.codegen.layout import (NunchakuLinear, PackedWeight, from_nunchaku, from_nunchaku_awq,
-                                          round_up, to_nunchaku, to_nunchaku_awq, unpack_weight)
+from svdq_compiler.codegen.layout import (NUNCHAKU_GROUPS, NunchakuLinear, PackedWeight, from_nunchaku,
+                                          from_nunchaku_awq, round_up, to_nunchaku, to_nunchaku_awq, unpack_weight)
 from svdq_compiler.errors import CheckpointError, InputError
 from svdq_compiler.ir import get_attr_value, set_attr_value
 from svdq_compiler.layers import Layers, find_layers, segment_rows
@@ -46,7 +46,6 @@ from svdq_compiler.quant import dequantize
 
 MODEL_CLASS = "NunchakuFluxTransformer2dModel"
 WEIGHT_DTYPES = {"int4": "int4", "nvfp4": "fp4_e2m1_all"}
-GROUPS = {"int4": 64, "nvfp4": 16}
 GELU_SHIFT_INT4 = 0.171875
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 
@@ -83,6 +82,11 @@ DOUBLE_NORMS = {"norm_q": "attn.norm_q", "norm_k": "attn.norm_k", "norm_added_q"
 SINGLE_NORMS = {"norm_q": "attn.norm_q", "norm_k": "attn.norm_k"}
 # Linears Nunchaku keeps 16-bit although our default compile would make them weight-only.
 KEPT_16BIT = (r"^norm_out\.linear$",)
+# QuantConfig fields a compile needs for Nunchaku to hold the result: every block linear W4A4 with its group's λ
+# and its branch (no per-layer choice, no fallback), the AdaLN layers plain W4A16 (Nunchaku's AWQ kernel has no
+# smoothing vector and no branch).
+NUNCHAKU_COMPATIBLE = dict(fallback_error=None, layer_choice=False, weight_only_smooth=False, weight_only_rank=0,
+                           weight_only_error=None)
 
 
 def _block_kinds(config: Mapping[str, Any]):
@@ -119,7 +123,7 @@ def export_nunchaku(gm: torch.nn.Module, path: str | Path | None = None, *, nami
                          fix="pass config= (the diffusers config of the model)")
     layers = find_layers(gm)
     formats = {layers.quantized[name].fmt for name in layers.quantized}
-    if len(formats) != 1 or next(iter(formats)) not in GROUPS:
+    if len(formats) != 1 or next(iter(formats)) not in NUNCHAKU_GROUPS:
         raise CheckpointError(f"Nunchaku checkpoints are all-int4 (group 64) or all-nvfp4 (group 16); this graph "
                               f"has weight formats {sorted(formats)}", fix="compile with the int4 or nvfp4 preset")
     fmt = formats.pop()
@@ -133,9 +137,12 @@ def export_nunchaku(gm: torch.nn.Module, path: str | Path | None = None, *, nami
                 tensors[f"{prefix}.{_name(fused, naming)}.{key}"] = value
         for local, splits in awq.items():
             weight = layers.weight_only.get(f"{prefix}.{local}")
-            if weight is None or weight.fmt != "int4" or weight.group_size != 64:
-                raise CheckpointError(f"{prefix}.{local} must be weight-only int4 (group 64) for Nunchaku",
-                                      fix="compile with the default role scheme for AdaLN layers (w4a16 int4)")
+            meta = None if weight is None else weight.node.meta.get("svdq")
+            if weight is None or weight.fmt != "int4" or weight.group_size != 64 or \
+                    getattr(meta, "smooth", None) or getattr(meta, "lora_up", None):
+                raise CheckpointError(f"{prefix}.{local} must be plain weight-only int4 (group 64, no AWQ scaling, no "
+                                      "branch) for Nunchaku", fix="compile with QuantConfig.preset(fmt, "
+                                      "**svdq_compiler.interop.nunchaku.NUNCHAKU_COMPATIBLE)")
             bias = get_attr_value(gm, weight.bias) if weight.bias else None
             for key, value in to_nunchaku_awq(weight.packed(gm), bias, adanorm_splits=splits).items():
                 tensors[f"{prefix}.{local}.{key}"] = value
@@ -155,8 +162,8 @@ def _exported_linear(gm: torch.fx.GraphModule, layers: Layers, prefix: str, fuse
         kind = {name: ("weight-only" if name in layers.weight_only else "16-bit" if name in layers.dense
                        else "absent") for name in missing}
         raise CheckpointError(f"Nunchaku needs W4A4 layers; these are not: {kind}",
-                              fix="compile without sensitivity fallback (fallback_error=None) and without skip "
-                                  "rules for FLUX block linears")
+                              fix="compile with QuantConfig.preset(fmt, **svdq_compiler.interop.nunchaku."
+                                  "NUNCHAKU_COMPATIBLE) and without skip rules for FLUX block linears")
     weights = [layers.quantized[name].packed(gm) for name in names]
     first = weights[0]
     wtscale = None
@@ -235,7 +242,7 @@ def write_checkpoint(tensors: Mapping[str, torch.Tensor], path: str | Path, conf
     from svdq_compiler.files import atomic_path
 
     scale_dtype = None if fmt == "int4" else [None, "fp8_e4m3_nan"]
-    quant = {"dtype": WEIGHT_DTYPES[fmt], "scale_dtype": scale_dtype, "group_size": GROUPS[fmt]}
+    quant = {"dtype": WEIGHT_DTYPES[fmt], "scale_dtype": scale_dtype, "group_size": NUNCHAKU_GROUPS[fmt]}
     metadata = {"config": json.dumps({"_class_name": "FluxTransformer2DModel", **config}),
                 "model_class": MODEL_CLASS,
                 "quantization_config": json.dumps({"method": "svdquant", "weight": quant, "activation": quant,
@@ -267,15 +274,30 @@ def read_checkpoint(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
                 tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
         except Exception as exc:  # safetensors raises its own types for damaged files
             raise CheckpointError(f"not a readable safetensors file: {exc}", where=str(file)) from exc
-    if "config" in metadata:
-        config = json.loads(metadata["config"])
-    elif (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
-    else:
-        raise CheckpointError("the checkpoint carries no model config", where=str(path),
-                              fix="Nunchaku files hold it in their metadata; legacy folders in config.json")
-    quant = json.loads(metadata["quantization_config"]) if "quantization_config" in metadata else {}
+    try:
+        if "config" in metadata:
+            config = json.loads(metadata["config"])
+        elif (path / "config.json").is_file():
+            config = json.loads((path / "config.json").read_text())
+        else:
+            raise CheckpointError("the checkpoint carries no model config", where=str(path),
+                                  fix="Nunchaku files hold it in their metadata; legacy folders in config.json")
+        quant = json.loads(metadata["quantization_config"]) if "quantization_config" in metadata else {}
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"the checkpoint's config is not JSON ({exc})", where=str(path),
+                              fix="re-export the checkpoint") from exc
+    if not isinstance(config, dict) or not isinstance(quant, dict):
+        raise CheckpointError("the checkpoint's config or quantization_config is not a JSON object", where=str(path),
+                              fix="re-export the checkpoint")
+    lacking = [key for key in FLUX_CONFIG_KEYS
+               if not (isinstance(config.get(key), int) and not isinstance(config.get(key), bool) and config[key] > 0)]
+    if lacking:
+        raise CheckpointError(f"the checkpoint's FLUX config lacks positive integers for {lacking}", where=str(path),
+                              fix="give the config the model was exported with (config metadata or config.json)")
     return _to_v1(tensors, config), {k: v for k, v in config.items() if not k.startswith("_")}, quant
+
+
+FLUX_CONFIG_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim")  # sizes the import reads
 
 
 def _to_v1(tensors: dict[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -314,7 +336,7 @@ def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None) -
     from svdq_compiler.config import QuantConfig
     from svdq_compiler.meta_capture import capture_on_meta
     from svdq_compiler.models import adapter_for_class
-    from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
+    from svdq_compiler.pipeline import PassContext, PassResult, make_pass, run_passes, svdquant_pipeline
     from svdq_compiler.serialize import REPORT_META
 
     tensors, config, quant = read_checkpoint(source)
@@ -328,15 +350,17 @@ def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None) -
     model.to(dtype)
     example = adapter.example_inputs(model, batch=batch, tokens=tokens)
     gm = capture_on_meta(model, example, adapter=adapter)
-    quant_config = QuantConfig.preset(fmt, rank=rank or 32, skip=KEPT_16BIT, fallback_error=None)
+    quant_config = QuantConfig.preset(fmt, rank=rank or 32, skip=KEPT_16BIT, **NUNCHAKU_COMPATIBLE)
     ctx = PassContext(config=quant_config, example_inputs=example, adapter=adapter)
-    passes = {p.name: p for p in svdquant_pipeline(["annotate_linears", "lower", "fuse"])}
-    gm = run_passes(gm, ctx, [passes["annotate_linears"]])
-    _Importer(gm, tensors, fmt, rank, config, str(source)).run()
-    ctx.state["quantize_weights"] = {}
-    ctx.records.append({"name": "quantize_weights", "modified": True, "wall_s": 0.0,
-                        "stats": {"imported_from": str(source), "format": fmt}})
-    gm = run_passes(gm, ctx, [passes[name] for name in ("lower", "fuse") if name in passes])
+    def import_weights(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        _Importer(gm, tensors, fmt, rank, config, str(source)).run()
+        return PassResult(gm, True, {"imported_from": str(source), "format": fmt})
+
+    # The checkpoint's packed weights take the place of quantize_weights' QTensors: `lower` finds them on the graph.
+    importer = make_pass("import_weights", import_weights, requires=("linears",), produces=("quantized",),
+                         summary="the checkpoint's packed weights, λ and branches are on the graph")
+    annotate, lower, fuse = svdquant_pipeline(["annotate_linears", "lower", "fuse"])
+    gm = run_passes(gm, ctx, [annotate, importer, lower, fuse])
     empty = sorted(name for name, t in list(gm.named_parameters()) + list(gm.named_buffers()) if t.is_meta)
     if empty:
         raise CheckpointError(f"{len(empty)} model tensor(s) got no value from the checkpoint: {empty[:8]}",
@@ -441,8 +465,13 @@ class _Importer:
         names = [f"{prefix}.{part}" for part in fused.parts]
         infos = [self.infos[name][1] for name in names]
         total = sum(info.out_features for info in infos)
-        linear = from_nunchaku(self.take(f"{prefix}.{fused.v1}"), self.fmt, in_features=infos[0].in_features,
-                               out_features=total, rank=self.rank, where=f"{self.where}: {prefix}.{fused.v1}")
+        parts = self.take(f"{prefix}.{fused.v1}")
+        absent = [name for name in ("smooth", "lora_down", "lora_up") if name not in parts or not parts[name].numel()]
+        if absent:
+            raise CheckpointError(f"{prefix}.{fused.v1} has no {' or '.join(absent)} (or an empty one)",
+                                  where=self.where, fix="the checkpoint is incomplete: re-export or re-download it")
+        linear = from_nunchaku(parts, self.fmt, in_features=infos[0].in_features, out_features=total,
+                               rank=self.rank, where=f"{self.where}: {prefix}.{fused.v1}")
         out, row = {}, 0
         for name, info in zip(names, infos):
             rows = slice(row, row + info.out_features)
@@ -466,9 +495,8 @@ class _Importer:
 
     def attach(self, decoded: dict[str, NunchakuLinear]) -> None:
         """λ, branches, packed weights and biases, through the smooth and lowrank passes' own graph rewrites."""
-        from svdq_compiler.passes.calibrate import Calibration, SiteStats
-        from svdq_compiler.passes.lowrank import apply_branches
-        from svdq_compiler.passes.smooth import apply_smoothing
+        from svdq_compiler.calibration import Calibration, SiteStats
+        from svdq_compiler.rewrites import apply_branches, apply_smoothing
         from svdq_compiler.svdquant import group_problem, members_by_group, raw_input
 
         groups = members_by_group(self.gm, lambda info: info.scheme is not None and info.scheme.act is not None)

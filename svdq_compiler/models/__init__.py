@@ -67,16 +67,35 @@ class Builtin:
     name: str
     factory: Callable[[], torch.nn.Module]
     description: str
+    checkpoint: Path | None = None  # the folder of safetensors the factory reads (None: generated weights)
 
 
 BUILTINS: dict[str, Builtin] = {}
 
 
-def register_builtin(name: str, factory: Callable[[], torch.nn.Module], description: str = "") -> None:
-    """Make `name` loadable with load_model / `svdq-compile NAME`. `factory()` returns the model in eval mode."""
+def register_builtin(name: str, factory: Callable[[], torch.nn.Module], description: str = "",
+                     checkpoint: Path | None = None) -> None:
+    """Make `name` loadable with load_model / `svdq-compile NAME`. `factory()` returns the model in eval mode;
+    `checkpoint` is the folder of safetensors it reads, if any (the compile report compares sizes with it)."""
     if not name or "/" in name or Path(name).suffix:
         raise InputError(f"built-in model name {name!r} would read as a path", fix="use a plain name like 'tiny-flux'")
-    BUILTINS[name] = Builtin(name, factory, description)
+    BUILTINS[name] = Builtin(name, factory, description, checkpoint)
+
+
+def checkpoint_files(spec: str | Path) -> list[Path]:
+    """The safetensors files a model spec (built-in name, diffusers folder, single file) reads its weights from;
+    empty for generated weights."""
+    name = str(spec)
+    folder = BUILTINS[name].checkpoint if name in BUILTINS else Path(name).expanduser()
+    if folder is None:
+        return []
+    if folder.is_file():
+        return [folder]
+    for place in (folder, folder / "transformer", folder / "unet"):
+        found = sorted(place.glob("*.safetensors")) if place.is_dir() else []
+        if found:
+            return found
+    return []
 
 
 def builtin_names() -> list[str]:

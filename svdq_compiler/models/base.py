@@ -103,6 +103,9 @@ class ModelAdapter:
 
     name: ClassVar[str] = ""
     class_names: ClassVar[tuple[str, ...]] = ()  # the diffusers classes this adapter matches
+    # (block list attribute, config key of its length) of block lists whose blocks are identical: capture
+    # traces three of each and replicates them (svdq_compiler.meta_capture)
+    repeated_blocks: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     # ---- identity and construction ----------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ MAX_IMAGE_TOKENS = 65536  # a 256×256 grid of packed latents: 4096-pixel images
 class FluxAdapter(ModelAdapter):
     name = "flux"
     class_names = ("FluxTransformer2DModel",)
+    repeated_blocks = (("transformer_blocks", "num_layers"), ("single_transformer_blocks", "num_single_layers"))
     default_tokens = 256
     example_text_tokens = 8
 

@@ -5,13 +5,19 @@ is trained by tools/train_fmnist_classifier.py and shipped in models/assets/fmni
 measurements of generated images: whether they are of the prompted class (accuracy), and how far their feature
 distribution is from real test images (a Fréchet distance on its penultimate features, the offline stand-in for
 FID).
+
+Without the Debian package, what the demo and the tests need comes from models/assets/fmnist_data/ (written by
+tools/make_fmnist_assets.py): the first 1,000 test images with their labels, and the classifier's feature
+statistics of all 10,000 test images. Training needs the full data.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +39,10 @@ IMAGE_SIZE = 28
 PADDED_SIZE = 32  # 28 + 2 on each side: divisible by the 2×2 pixel-unshuffle and FLUX's 2×2 packing
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 CLASSIFIER_DIR = ASSETS_DIR / "fmnist_classifier"
+SHIPPED_DATA_DIR = ASSETS_DIR / "fmnist_data"
+SHIPPED_TEST_FILES = ("t10k-first1000-images-idx3-ubyte.gz", "t10k-first1000-labels-idx1-ubyte.gz")
+SHIPPED_STATISTICS = "test-feature-statistics.safetensors"
+_said_fallback: set[str] = set()  # what the one-line fallback notice was printed for, once per process
 
 
 def data_dir() -> Path:
@@ -61,20 +71,54 @@ def _read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
 
 
+def write_idx(path: Path, tensor: torch.Tensor, compress: bool = True) -> None:
+    """A uint8 tensor as an idx file, gzip-compressed by default (reproducible: no timestamp in the header)."""
+    header = bytes([0, 0, 0x08, tensor.dim()]) + b"".join(d.to_bytes(4, "big") for d in tensor.shape)
+    payload = header + tensor.to(torch.uint8).contiguous().numpy().tobytes()
+    if compress:
+        payload = gzip.compress(payload, compresslevel=9, mtime=0)
+    path.write_bytes(payload)
+
+
+def has_split(split: str, directory: str | Path | None = None) -> bool:
+    """Whether the full split's idx files are in `directory` (default: data_dir())."""
+    folder = Path(directory) if directory is not None else data_dir()
+    return all((folder / name).is_file() for name in SPLIT_FILES[split])
+
+
+def say_fallback(what: str, line: str) -> None:
+    """Print `line` on stderr, once per process for `what`."""
+    if what not in _said_fallback:
+        _said_fallback.add(what)
+        print(line, file=sys.stderr)
+
+
 def load_split(split: str, directory: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images uint8 [N, 28, 28] and labels int64 [N] of the "train" or "test" split."""
+    """Images uint8 [N, 28, 28] and labels int64 [N] of the "train" or "test" split.
+
+    Without `directory` and without the full data in data_dir(), the test split is the shipped subset (its first
+    1,000 images), said in one line on stderr; the train split has no such fallback.
+    """
     if split not in SPLIT_FILES:
         raise InputError(f"unknown Fashion-MNIST split {split!r}", fix=f"use one of {sorted(SPLIT_FILES)}")
     folder = Path(directory) if directory is not None else data_dir()
+    if directory is None and split == "test" and not has_split(split, folder):
+        say_fallback("test", f"Fashion-MNIST not found in {folder}: using the shipped first 1,000 test images "
+                             f"(models/assets/fmnist_data)")
+        return read_images_and_labels([SHIPPED_DATA_DIR / name for name in SHIPPED_TEST_FILES], SHIPPED_DATA_DIR)
     paths = [folder / name for name in SPLIT_FILES[split]]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise InputError(f"Fashion-MNIST {split} data not found ({', '.join(missing)} missing)", where=str(folder),
                          fix=f"install it with `apt-get install dataset-fashion-mnist`, or point {DATA_DIR_ENV} "
                              f"at a folder holding the four idx files")
+    return read_images_and_labels(paths, folder)
+
+
+def read_images_and_labels(paths: Sequence[Path], folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = (_read_idx(p) for p in paths)
     if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or labels.shape != images.shape[:1]:
-        raise InputError(f"Fashion-MNIST {split} files have shapes {tuple(images.shape)} and "
+        raise InputError(f"Fashion-MNIST files have shapes {tuple(images.shape)} and "
                          f"{tuple(labels.shape)}, expected [N, 28, 28] and [N]", where=str(folder),
                          fix="reinstall it with `apt-get install --reinstall dataset-fashion-mnist`")
     return images, labels.long()
@@ -185,12 +229,39 @@ def frechet_distance(stats_a: tuple[torch.Tensor, torch.Tensor], stats_b: tuple[
     return float(distance.clamp(min=0))
 
 
+def classifier_digest(classifier: FashionClassifier) -> str:
+    """SHA-256 of the classifier's weights, to tell whose features a set of statistics describes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(classifier.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def reference_statistics(classifier: FashionClassifier, directory: str | Path | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feature statistics of the 10,000 real Fashion-MNIST test images."""
-    images, _ = load_split("test", directory)
-    _, features = classify(classifier, images.float().div(255.0).unsqueeze(1))
-    return feature_statistics(features)
+    """Feature statistics of the 10,000 real Fashion-MNIST test images.
+
+    Computed from the data when it is there (or `directory` is given); otherwise the shipped statistics, which
+    tools/make_fmnist_assets.py computed the same way from all 10,000 images, for the shipped classifier only.
+    """
+    if directory is not None or has_split("test"):
+        images, _ = load_split("test", directory)
+        _, features = classify(classifier, images.float().div(255.0).unsqueeze(1))
+        return feature_statistics(features)
+    from safetensors import safe_open
+
+    path = SHIPPED_DATA_DIR / SHIPPED_STATISTICS
+    with safe_open(str(path), framework="pt") as handle:
+        made_for = handle.metadata().get("classifier_sha256")
+        mean, covariance = handle.get_tensor("mean"), handle.get_tensor("covariance")
+    if made_for != classifier_digest(classifier):
+        raise InputError("the shipped Fashion-MNIST feature statistics belong to another classifier", where=str(path),
+                         fix=f"install the data (`apt-get install dataset-fashion-mnist`, or point {DATA_DIR_ENV} at "
+                             f"the idx files), or rerun `python tools/make_fmnist_assets.py`")
+    say_fallback("statistics", f"Fashion-MNIST not found in {data_dir()}: using the shipped feature statistics of "
+                               f"the 10,000 test images (models/assets/fmnist_data)")
+    return mean, covariance
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, columns: int, *, row_labels: Sequence[str] = (),

@@ -63,9 +63,19 @@ def load_folder(path: Path, *, dtype: torch.dtype | None = None) -> torch.nn.Mod
     try:
         model = adapter.model_class().from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise CheckpointError(f"diffusers could not load the model: {first_line(exc)}", where=str(folder),
+        raise CheckpointError(f"diffusers could not load the model: {load_error_detail(exc)}", where=str(folder),
                               fix="check that the folder holds the config and weights diffusers saved") from exc
     return model.eval()
+
+
+def load_error_detail(exc: BaseException) -> str:
+    """The line of a state-dict loading error that names the tensor and both shapes ("size mismatch for
+    x_embedder.weight: copying a param with shape [8, 16] from checkpoint, the shape in current model is
+    [64, 16]"); torch's first line only says "Error(s) in loading state_dict"."""
+    for line in str(exc).splitlines():
+        if "size mismatch for" in line or "Missing key" in line or "Unexpected key" in line:
+            return line.strip().rstrip(".")
+    return first_line(exc)
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -116,6 +126,17 @@ def checkpoint_dtype(files: list[Path]) -> torch.dtype:
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
+def checkpoint_tensor_bytes(files: list[Path]) -> int:
+    """The bytes of the tensors the safetensors `files` hold (from their headers)."""
+    total = 0
+    for file in files:
+        for shape, kind in read_header(file)[1].values():
+            element = torch.empty((), dtype=SAFETENSORS_DTYPES[kind]).element_size() if kind in SAFETENSORS_DTYPES \
+                else 1
+            total += int(torch.Size(shape).numel()) * element
+    return total
+
+
 def single_file_config(path: Path, metadata: dict[str, str],
                        shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Any], str]:
     """The model config of a single-file checkpoint and where it came from."""
@@ -157,7 +178,7 @@ def load_single_file(path: Path, *, dtype: torch.dtype | None = None) -> torch.n
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise CheckpointError(f"the weights do not fit {adapter.class_names[0]} with the config from {source}: "
-                              f"{first_line(exc)}", where=str(path),
+                              f"{load_error_detail(exc)}", where=str(path),
                               fix="give the matching config.json beside the file") from exc
     target = dtype or checkpoint_dtype([path])
     if any(p.dtype != target for p in model.parameters() if p.is_floating_point()):

@@ -432,4 +432,5 @@ class TinyFluxAdapter(FluxAdapter):
 
 register_adapter(TinyFluxAdapter())
 register_builtin("tiny-flux", load_transformer,
-                 "FLUX transformer (5.1M parameters) trained on Fashion-MNIST, shipped with the project")
+                 "FLUX transformer (5.1M parameters) trained on Fashion-MNIST, shipped with the project",
+                 checkpoint=TINY_FLUX_DIR / "transformer")

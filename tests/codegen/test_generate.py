@@ -56,8 +56,10 @@ CHECK: no atomics, deterministic.
 def test_int4_gemm_main_loop_unpacks_in_registers_and_scales_each_group(filecheck):
     text = generate(_gemm(), HOPPER)
     filecheck(text, r"""
-CHECK: def small_int_to_float(
-CHECK: def unpack_int4(
+CHECK: def add_scaled_partial(
+CHECK: def nibbles_x16_ptx(
+CHECK: tl.inline_asm_elementwise(
+CHECK: pack=4)
 CHECK-LABEL: def svdq_gemm_int4_r32_
 CHECK: N: tl.constexpr = 3072
 CHECK-NEXT: K: tl.constexpr = 3072
@@ -65,12 +67,13 @@ CHECK: rows_in = tl.max_contiguous(tl.multiple_of(rows, BLOCK_M), BLOCK_M)
 CHECK: rows_in = rows % M
 CHECK: half = tl.arange(0, 32)
 CHECK: for group in range(0, num_groups):
-CHECK-NEXT: a_low, a_high = unpack_int4(tl.load(a_ptrs))
-CHECK-NEXT: w_low, w_high = unpack_int4(tl.load(w_ptrs))
+CHECK: a_low, a_high = nibbles_x16_ptx(tl.load(a_ptrs))
+CHECK-NEXT: w_low, w_high = nibbles_x16_ptx(tl.load(w_ptrs))
 CHECK-NEXT: partial = tl.dot(a_low, tl.trans(w_low), out_dtype=tl.int32)
 CHECK-NEXT: partial = tl.dot(a_high, tl.trans(w_high), partial)
-CHECK: w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
-CHECK-NEXT: acc += small_int_to_float(partial) * a_scale[:, None] * w_scale[None, :]
+CHECK-NEXT: row_factor = tl.load(a_scale_ptrs + group).to(tl.float32) * 0.00390625
+CHECK-NEXT: w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
+CHECK-NEXT: acc = add_scaled_partial(acc, partial, row_factor, w_scale)
 CHECK: acc = tl.dot(down, tl.trans(lora_up), acc)
 CHECK-NEXT: acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
 CHECK: y = round_to_bf16(acc)
@@ -80,14 +83,25 @@ CHECK-NOT: tl.atomic_add
     # the main loop has no masked loads: ragged edges wrap instead
     loop = text[text.index("for group in range"):text.index("# low-rank up projection")]
     assert "mask" not in loop
+    # the interpreter runs the same arithmetic without inline PTX; fp32 scales keep the plain conversion
+    filecheck(generate(_gemm(), INTERP), r"""
+CHECK-NOT: inline_asm
+CHECK: a_low, a_high = nibbles_x16(tl.load(a_ptrs))
+CHECK-NEXT: w_low, w_high = nibbles_x16(tl.load(w_ptrs))
+""")
+    filecheck(generate(_gemm(dtype="float32"), HOPPER), r"""
+CHECK: a_low, a_high = unpack_int4(tl.load(a_ptrs))
+CHECK: acc += small_int_to_float(partial) * a_scale[:, None] * w_scale[None, :]
+""")
 
 
 def test_uint4_activations_unpack_unsigned(filecheck):
     filecheck(generate(_gemm("uint4"), HOPPER), r"""
-CHECK: def unpack_uint4(
+CHECK: def unsigned_nibbles_ptx(
 CHECK-LABEL: def svdq_gemm_uint4
-CHECK: a_low, a_high = unpack_uint4(tl.load(a_ptrs))
-CHECK-NEXT: w_low, w_high = unpack_int4(tl.load(w_ptrs))
+CHECK: a_low, a_high = unsigned_nibbles_ptx(tl.load(a_ptrs))
+CHECK-NEXT: w_low, w_high = nibbles_x16_ptx(tl.load(w_ptrs))
+CHECK: row_factor = tl.load(a_scale_ptrs + group).to(tl.float32) * 0.0625
 """)
 
 

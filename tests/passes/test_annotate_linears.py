@@ -38,7 +38,7 @@ def test_dit_block_roles_groups_and_schemes():
     assert schemes[BLOCK + "q"] == "W:int4/g64 A:int4/g64 +smooth +r32"
     assert schemes[BLOCK + "down"] == "W:int4/g64 A:uint4/g64 +smooth +r32"  # post-GELU: shifted unsigned
     assert infos[BLOCK + "down"].shift == pytest.approx(0.171875)
-    assert schemes[BLOCK + "ada"] == "W:int4/g64 A:16"
+    assert schemes[BLOCK + "ada"] == "W:int4/g64 A:16 +smooth +r32"  # AWQ and a branch, where they pay
     assert {schemes[n] for n in ("embed", "cond1", "cond2", "final")} == {"fp16"}
     assert "embed" in infos["embed"].skip_reason and infos[BLOCK + "q"].skip_reason is None
     assert stats["roles"]["qkv"] == 3 and stats["smoothing_groups"] == 9

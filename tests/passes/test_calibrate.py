@@ -16,7 +16,7 @@ def calibrated(dit, calib_inputs, **overrides):
     ctx = make_ctx("int4", inputs, calib_inputs, **overrides)
     run_pass(gm, "annotate_linears", ctx)
     result = run_pass(gm, "calibrate", ctx)
-    return ctx.state["calibrate"], result, gm
+    return ctx.calibration, result, gm
 
 
 def eager_inputs(model, calib_inputs):
@@ -81,7 +81,7 @@ def test_example_inputs_and_adapter_are_the_fallback_sources(dit):
     ctx = make_ctx("int4", inputs)
     run_pass(gm, "annotate_linears", ctx)
     assert "example_inputs" in run_pass(gm, "calibrate", ctx).stats["source"]
-    assert ctx.state["calibrate"].inputs == 1
+    assert ctx.calibration.inputs == 1
 
     class Adapter:
         name = "toy"
@@ -125,6 +125,6 @@ def test_every_linear_reading_a_site_is_listed_once():
     ctx = make_ctx("int4", inputs, [inputs])
     run_pass(gm, "annotate_linears", ctx)
     run_pass(gm, "calibrate", ctx)
-    readers = [r for s in ctx.state["calibrate"].sites.values() for r in s.readers]
+    readers = [r for s in ctx.calibration.sites.values() for r in s.readers]
     quantized = [i.name for _, i in annotated_linears(gm) if i.scheme.kind != "fp"]
     assert sorted(readers) == sorted(quantized)

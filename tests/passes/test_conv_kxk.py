@@ -106,7 +106,7 @@ def test_no_w4a4_formats_keeps_convs_16bit():
 def test_calibration_keeps_tap_major_patches_per_conv():
     model, calib = model_and_data()
     gm, ctx, results = prepared(model, calib[0], calib, conv_kxk="w4a4", calib_rows=1000)
-    calibration = ctx.state["calibrate"]
+    calibration = ctx.calibration
     site = next(s for s in calibration.sites.values() if s.readers == ["conv1"])
     assert site.node.endswith(">conv1") and site.rows.shape == (600, 9 * 64)  # 3 inputs × 2 × 10·10 pixels
     # padding channels hold −shift (0 once shifted); out-of-image taps are 0
@@ -139,7 +139,7 @@ def test_lowered_conv_matches_the_simulation(preset):
     silu_in = F.silu(torch.randn(2, 24, 10, 10, generator=torch.Generator().manual_seed(5)))
     packed = [None if t is None else gm.get_buffer(t.target) for t in (qweight, wscales, wtscale)]
     got = svdq.conv2d(silu_in, *packed, None, shift, fmt, group, kernel, stride, padding, dilation)
-    weight = dequantize(ctx.state["quantize_weights"]["conv2.weight"], torch.float32)
+    weight = dequantize(ctx.quantized["conv2.weight"], torch.float32)
     rows = geometry.patches(silu_in, -shift) + shift
     act_group = scheme.act_group or geometry.padded_channels
     simulated = fake_quantize_act(rows, scheme.act, act_group, unsigned=shift > 0) - shift

@@ -1,4 +1,4 @@
-"""fuse: Before (hand-built lowered graphs in the form of architecture §7) → fuse → Expected structure, the
+"""fuse: Before (hand-built lowered graphs in the form of docs/architecture.md) → fuse → Expected structure, the
 statistics, and the numbers (bit for bit on the reference backend, within rounding through the kernels)."""
 
 import operator

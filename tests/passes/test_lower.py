@@ -1,4 +1,4 @@
-"""lower: the lowered form of architecture §7 for every preset, numerically equal to the layer simulation."""
+"""lower: the lowered form of docs/architecture.md for every preset, numerically equal to the layer simulation."""
 
 import pytest
 import torch
@@ -19,7 +19,8 @@ def targets(gm):
 
 def test_int4_lowered_form_and_report():
     model = outlier_dit()
-    gm, ctx, results = prepared(model, CALIB[0], CALIB, passes=PASSES)
+    # the toy AdaLN layer reads 32 channels: a rank-32 branch would be a full 16-bit copy of it
+    gm, ctx, results = prepared(model, CALIB[0], CALIB, passes=PASSES, weight_only_rank=0)
     ops = targets(gm)
     # q/k/v share one quantize_act and one down projection; 6 W4A4 gemms, one W4A16 (AdaLN).
     assert ops.count(svdq.quantize_act.default) == 4 and ops.count(svdq.gemm.default) == 6
@@ -104,3 +105,49 @@ def test_a_buffer_the_forward_never_reads_survives_fuse_without_fused_kernels():
     assert results["fuse"].modified and not hasattr(gm, "unused_table")
     x = dit_inputs(seed=5)
     torch.testing.assert_close(gm(*x), prepared(model, CALIB[0], CALIB, "w4a16-nf4", passes=PASSES)[0](*x))
+
+
+def test_a_weight_only_layer_keeps_its_awq_scaling_and_branch_when_lowered():
+    model = outlier_dit()
+    gm, _, _ = prepared(model, CALIB[0], CALIB, passes=PASSES, weight_only_rank=4, weight_only_error=None)
+    info = by_name(gm)["blocks.0.ada"]
+    assert info.scheme.kind == "weight_only" and info.smooth and info.rank == 4, info.choice
+    node = next(n for n in gm.graph.nodes if n.target == svdq.weight_only_linear.default)
+    assert node.meta["svdq"] is info
+    assert node.args[0].target == aten.div.Tensor and node.args[0].args[1].target == info.smooth
+    add = next(iter(node.users))
+    assert add.target == aten.add.Tensor and add.args[1].args[1].target == info.lora_up
+    x = dit_inputs(seed=5)
+    y = model(*x)
+    assert float((gm(*x) - y).norm() / y.norm()) < 0.1
+
+
+def test_lower_alone_on_a_hand_annotated_linear():
+    """Before: one aten.linear annotated W4A4 by hand, its QTensor in ctx.quantized (no calibrate, smooth or
+    lowrank ran). Expected: svdq.quantize_act feeding svdq.gemm, the bias added, no aten.linear left."""
+    from torch.testing import FileCheck
+
+    import svdq_compiler
+    from svdq_compiler.config import Scheme
+    from svdq_compiler.ir import LinearInfo, format_ir, set_info
+    from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
+    from svdq_compiler.quant import quantize_weight
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()
+    gm = svdq_compiler.capture(model, (torch.randn(3, 64),), dynamic_shapes=None)
+    node = next(n for n in gm.graph.nodes if n.target == aten.linear.default)
+    scheme = Scheme(weight="int4", act="int4", weight_group=64, act_group=64, smooth=False, rank=0)
+    set_info(node, LinearInfo(name="0", weight="0.weight", bias="0.bias", in_features=64, out_features=32,
+                              scheme=scheme))
+    ctx = PassContext(config=svdq_compiler.QuantConfig.preset("int4"), verify_each=True,
+                      available={"linears", "quantized"},
+                      quantized={"0.weight": quantize_weight(model[0].weight.detach(), "int4", 64)})
+    (lower,) = svdquant_pipeline(["lower"])
+    gm = run_passes(gm, ctx, [lower])  # verify_each: lower's contract and the lowered-stage op allow-list
+    FileCheck().check("# svdq: svdq.quantize_act for 0").check("torch.ops.svdq.quantize_act.default") \
+        .check("# svdq: 0 role=other scheme=W:int4/g64 A:int4/g64").check("torch.ops.svdq.gemm.default") \
+        .check("torch.ops.aten.add").check_not("aten.linear").run(format_ir(gm))
+    x = torch.randn(3, 64)
+    reference = model(x)
+    assert float((gm(x) - reference).norm() / reference.norm()) < 0.15

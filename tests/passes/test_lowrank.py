@@ -69,15 +69,16 @@ def test_branches_are_attached_and_the_graph_is_unchanged():
     x = dit_inputs(seed=13)
     torch.testing.assert_close(gm(*x), model(*x), rtol=1e-4, atol=1e-4)
     stats = results["lowrank"].stats
-    assert stats["groups"] == 4 and stats["branches"] == 4
+    assert stats["groups"] == 5 and stats["branches"] == 5  # the weight-only AdaLN layer has one too
     infos = by_name(gm)
     assert {infos[f"blocks.0.{n}"].lora_down for n in "qkv"} == {"blocks.0.q.lora_down"}
     assert infos["blocks.0.k"].lora_up == "blocks.0.k.lora_up" and infos["blocks.0.k"].rank == 32
     downs = [n for n in gm.graph.nodes if quant_op(n) == "lora_down"]
-    assert len(downs) == 4
+    assert len(downs) == 5
     qkv_down = next(n for n in downs if n.meta["svdq"].linears == ["blocks.0.q", "blocks.0.k", "blocks.0.v"])
     assert sorted(quant_op(u) for u in qkv_down.users) == ["lora_up"] * 3
-    assert qkv_down.args[0] is next(n for n in gm.graph.nodes if quant_op(n) == "smooth_div")
+    assert qkv_down.args[0] is next(n for n in gm.graph.nodes if quant_op(n) == "smooth_div"
+                                    and "blocks.0.q" in n.meta["svdq"].linears)
     # The stored factors are the truncated SVD of the stacked smoothed weights, and the weights the residual.
     smooth = get_attr_value(gm, "blocks.0.q.smooth")
     stacked = torch.cat([getattr(model.blocks[0], n).weight * smooth for n in "qkv"]).detach()
@@ -93,7 +94,7 @@ def test_refinement_keeps_the_best_iterate_and_stops_early():
     model = outlier_dit()
     gm, ctx, _ = prepared(model, CALIB[0], CALIB, passes=("annotate_linears", "calibrate", "smooth"))
     members = members_by_group(gm, lambda i: i.scheme.rank > 0)["blocks.0.out"]
-    problem = group_problem(gm, members, ctx.state["calibrate"], members[0][1].scheme)
+    problem = group_problem(gm, members, ctx.calibration, members[0][1].scheme)
     smooth = get_attr_value(gm, members[0][1].smooth)
     _, history, kept = refine(problem, smooth, 32, 12, True, "full", 0)
     assert kept == history.index(min(history)) + 1 and history[kept - 1] < history[0]

