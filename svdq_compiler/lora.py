@@ -505,7 +505,9 @@ def _add_adapter(gm: torch.fx.GraphModule, state: LoraState, layer: str,
     """y = weight_only_linear(x) + (x·Aᵀ)·Bᵀ with the LoRAs' factors concatenated along the rank."""
     weight = state.layers.weight_only[layer]
     node = weight.node
-    dtype = get_attr_value(gm, weight.wscales).dtype  # the weight scales are in the model dtype
+    value = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    # the branch runs in the activation dtype (the weight scales may be kept in float32)
+    dtype = value.dtype if isinstance(value, torch.Tensor) else get_attr_value(gm, weight.wscales).dtype
     down = torch.cat([d for d, _ in pairs]).to(dtype)
     up = torch.cat([u for _, u in pairs], dim=1).to(dtype)
     down_target, up_target = f"{layer}.lora_adapter_down", f"{layer}.lora_adapter_up"
