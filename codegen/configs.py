@@ -75,6 +75,13 @@ _KSTEP_TILES = {
     "ampere": [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 128, 4, 4),
                (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
 }
+# nvfp4 below sm_100 dequantizes both operands to fp16 tiles in registers before the MMA: only these tiles stay
+# free of spills (AOT gate); sm_120 multiplies natively and takes the Hopper list.
+_NVFP4_DEQUANTIZE_TILES = {
+    "hopper": [(128, 128, 128, 8, 4), (128, 128, 64, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4)],
+    "ada": [(64, 64, 64, 4, 4)],
+    "ampere": [(64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
+}
 # (block_m, block_n, channels per K step, num_warps, num_stages) for the W4A16 GEMM.
 _WEIGHT_ONLY_SMALL_M = {
     "hopper": [(16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3),
@@ -143,11 +150,17 @@ def gemm_configs(spec: GemmSpec, target: Target, m: int) -> list[GemmConfig]:
     configs = []
     if spec.act in ("int4", "uint4"):
         for block_m, block_n, warps, stages in _INT4_TILES[family]:
+            # two tensor operands in the epilogue (FLUX's residual + gate) spill the 8-warp 128×128 tile on
+            # Hopper by a register or two
+            if family == "hopper" and spec.operand_count >= 2 and (block_m, block_n, warps) == (128, 128, 8):
+                continue
             configs.append(GemmConfig(block_m, max(block_n, min_n), 0, 8, warps, stages))
     else:
-        native_sm100 = spec.act == "nvfp4" and target.native_fp4 and target.capability[0] == 10
-        for block_m, block_n, block_k, warps, stages in (_NATIVE_FP4_SM100_TILES if native_sm100 else
-                                                         _KSTEP_TILES[family]):
+        if spec.act == "nvfp4" and target.native_fp4:
+            tiles = _NATIVE_FP4_SM100_TILES if target.capability[0] == 10 else _KSTEP_TILES[family]
+        else:
+            tiles = _NVFP4_DEQUANTIZE_TILES[family] if spec.act == "nvfp4" else _KSTEP_TILES[family]
+        for block_m, block_n, block_k, warps, stages in tiles:
             configs.append(GemmConfig(block_m, max(block_n, min_n), block_k, 8, warps, stages))
     # Tiles taller than the (bucketed) token count only waste work; keep at least one candidate.
     fitting = [c for c in configs if c.block_m <= max(bucket, 64)]

@@ -42,25 +42,15 @@ from svdq_compiler.codegen.spec import (ActQuant, Epilogue, GemmSpec, QuantizeNe
                                         WeightOnlySpec)
 from svdq_compiler.ir import (LinearInfo, OpTag, QuantOpInfo, annotated_linears, get_attr_value, info, infer_val,
                               set_attr_value, set_info)
+from svdq_compiler.fx_utils import attr_target, readers, tensor_val
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-# Readers that only assert metadata: they do not count as consumers of a value.
-_ASSERT_OPS = tuple(getattr(aten, name) for name in ("_assert_tensor_metadata", "_assert_scalar")
-                    if hasattr(aten, name))
 
 
 def _is(node: Any, target) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
-
-
-def _packet(node: torch.fx.Node):
-    return getattr(node.target, "overloadpacket", None)
-
-
-def _readers(node: torch.fx.Node) -> list[torch.fx.Node]:
-    return [u for u in node.users if not (u.op == "call_function" and _packet(u) in _ASSERT_OPS)]
 
 
 def _call_args(node: torch.fx.Node) -> dict[str, Any]:
@@ -75,11 +65,6 @@ def _call_args(node: torch.fx.Node) -> dict[str, Any]:
         elif argument.has_default_value():
             values[argument.name] = argument.default_value
     return values
-
-
-def _val(node: Any) -> torch.Tensor | None:
-    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return val if isinstance(val, torch.Tensor) else None
 
 
 def _static_int(size: Any) -> int | None:
@@ -122,14 +107,10 @@ class _Chain:
         return self.nodes[-1]
 
 
-def _attr(node: Any) -> str | None:
-    return node.target if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
-
-
 def _broadcasts_into(operand: torch.fx.Node, value: torch.fx.Node) -> bool:
     """operand broadcasts to value's shape without enlarging it, with the same dtype (sizes compared as
     written, so symbolic token counts need no guards)."""
-    o, v = _val(operand), _val(value)
+    o, v = tensor_val(operand), tensor_val(value)
     if o is None or v is None or o.dtype != v.dtype or o.dim() > v.dim():
         return False
     for o_size, v_size in zip(reversed(o.shape), reversed(v.shape)):
@@ -142,21 +123,21 @@ def _match_branch(chain: _Chain, with_bias: bool = True) -> None:
     """acc + linear(down, L1, bias) or acc + bias, absorbed into the chain (without a bias: acc + linear(down, L1)
     only, for a weight-only linear, whose bias is its own argument)."""
     acc = chain.gemm
-    readers = _readers(acc)
-    if len(readers) != 1 or not _is(readers[0], aten.add.Tensor) or readers[0].kwargs.get("alpha", 1) != 1:
+    users = readers(acc)
+    if len(users) != 1 or not _is(users[0], aten.add.Tensor) or users[0].kwargs.get("alpha", 1) != 1:
         return
-    add = readers[0]
+    add = users[0]
     other = add.args[1] if add.args[0] is acc else add.args[0]
-    if _is(other, aten.linear.default) and len(_readers(other)) == 1:
-        down, weight = other.args[0], _attr(other.args[1])
+    if _is(other, aten.linear.default) and len(readers(other)) == 1:
+        down, weight = other.args[0], attr_target(other.args[1])
         has_bias = len(other.args) > 2 and other.args[2] is not None
-        bias = _attr(other.args[2]) if has_bias else None
+        bias = attr_target(other.args[2]) if has_bias else None
         if weight is None or (has_bias and (bias is None or not with_bias)):
             return
         chain.down, chain.lora_up, chain.bias = down, weight, bias
         chain.nodes += [other, add]
-    elif with_bias and _attr(other) is not None and _val(other) is not None and _val(other).dim() == 1:
-        chain.bias = _attr(other)
+    elif with_bias and attr_target(other) is not None and tensor_val(other) is not None and tensor_val(other).dim() == 1:
+        chain.bias = attr_target(other)
         chain.nodes.append(add)
 
 
@@ -164,12 +145,12 @@ def _match_pointwise(chain: _Chain, dtype: torch.dtype) -> None:
     """Follow single-reader pointwise successors whose other operand is a scalar or broadcasts into the value."""
     while True:
         value = chain.end
-        readers = _readers(value)
-        if len(readers) != 1:
+        users = readers(value)
+        if len(users) != 1:
             return
-        node = readers[0]
-        out = _val(node)
-        if out is None or out.dtype != dtype or _val(value) is None or out.shape != _val(value).shape:
+        node = users[0]
+        out = tensor_val(node)
+        if out is None or out.dtype != dtype or tensor_val(value) is None or out.shape != tensor_val(value).shape:
             return
         if _is(node, aten.gelu.default) and node.args[0] is value:
             approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
@@ -198,15 +179,15 @@ def _match_pointwise(chain: _Chain, dtype: torch.dtype) -> None:
 
 def _downs_of(x: torch.fx.Node, smooth: torch.fx.Node | None) -> list[_Down]:
     """The down projections reading x (through div(x, λ) with the same λ attribute, when smoothed)."""
-    smooth_attr = _attr(smooth)
+    smooth_attr = attr_target(smooth)
     downs = []
     sources = [x] if smooth is None else [
-        u for u in _readers(x) if _is(u, aten.div.Tensor) and u.args[0] is x and _attr(u.args[1]) == smooth_attr]
+        u for u in readers(x) if _is(u, aten.div.Tensor) and u.args[0] is x and attr_target(u.args[1]) == smooth_attr]
     for source in sources:
-        for user in _readers(source):
-            if _is(user, aten.linear.default) and user.args[0] is source and _attr(user.args[1]) is not None \
+        for user in readers(source):
+            if _is(user, aten.linear.default) and user.args[0] is source and attr_target(user.args[1]) is not None \
                     and (len(user.args) < 3 or user.args[2] is None):
-                downs.append(_Down(user, source if smooth is not None else None, _attr(user.args[1])))
+                downs.append(_Down(user, source if smooth is not None else None, attr_target(user.args[1])))
     return downs
 
 
@@ -228,7 +209,7 @@ class _Group:
 def _group(node: torch.fx.Node) -> _Group | None:
     args = _call_args(node)
     outputs: dict[int, torch.fx.Node] = {}
-    for user in _readers(node):
+    for user in readers(node):
         if user.target is not operator.getitem:
             return None
         outputs[user.args[1]] = user
@@ -307,7 +288,7 @@ def _kernel_b(rw: _Rewriter, chain: _Chain, quantize_next: tuple[_Group, Quantiz
     fmt, group_size, k = args["fmt"], int(args["group_size"]), int(args["k"])
     dtype = args["out_dtype"]
     w_codes = args["w_codes"]
-    n = _static_int(_val(w_codes).shape[0]) if _val(w_codes) is not None else None
+    n = _static_int(tensor_val(w_codes).shape[0]) if tensor_val(w_codes) is not None else None
     rank = get_attr_value(gm, chain.lora_up).shape[1] if chain.lora_up else 0
     qn = quantize_next[1] if quantize_next else None
     spec = GemmSpec(act=fmt, group_size=group_size, rank=rank, bias=chain.bias is not None,
@@ -321,13 +302,13 @@ def _kernel_b(rw: _Rewriter, chain: _Chain, quantize_next: tuple[_Group, Quantiz
         next_smooth = next_lora_down = None
         next_ranks: list[int] = []
         if next_group is not None:
-            next_smooth = attr(_attr(next_group.args.get("smooth")))
+            next_smooth = attr(attr_target(next_group.args.get("smooth")))
             if qn.rank:
                 weight, next_ranks = rw.lora_down_weight(next_group.downs)
                 next_lora_down = attr(weight)
         fused = rw.call(torch.ops.svdq.fused_gemm.default, (
-            args["a_codes"], args["a_scales"], attr(_attr(w_codes)), attr(_attr(args["w_scales"])),
-            attr(_attr(args.get("w_tscale"))), chain.down, attr(chain.lora_up), attr(chain.bias),
+            args["a_codes"], args["a_scales"], attr(attr_target(w_codes)), attr(attr_target(args["w_scales"])),
+            attr(attr_target(args.get("w_tscale"))), chain.down, attr(chain.lora_up), attr(chain.bias),
             list(chain.operands), next_smooth, next_lora_down, spec.to_string()),
             # the fused node implements the gemm's linear: its LinearInfo (from lower) moves along
             info(chain.gemm) if isinstance(info(chain.gemm), LinearInfo)
@@ -356,8 +337,8 @@ def _kernel_w(rw: _Rewriter, chain: _Chain) -> None:
     gm, graph = rw.gm, rw.graph
     args = chain.args
     x, w_codes = args["x"], args["w_codes"]
-    x_val = _val(x)
-    n = _static_int(_val(w_codes).shape[0]) if _val(w_codes) is not None else None
+    x_val = tensor_val(x)
+    n = _static_int(tensor_val(w_codes).shape[0]) if tensor_val(w_codes) is not None else None
     rank = get_attr_value(gm, chain.lora_up).shape[1] if chain.lora_up else 0
     spec = WeightOnlySpec(args["fmt"], int(args["group_size"]), rank, args.get("bias") is not None,
                           _DTYPE_NAMES[x_val.dtype], k=_static_int(x_val.shape[-1]), n=n,
@@ -368,8 +349,8 @@ def _kernel_w(rw: _Rewriter, chain: _Chain) -> None:
     with graph.inserting_before(end):
         attr = lambda target: rw.get_attr(target) if target else None  # noqa: E731
         fused = rw.call(torch.ops.svdq.fused_weight_only_linear.default, (
-            x, attr(_attr(w_codes)), attr(_attr(args["w_scales"])), chain.down, attr(chain.lora_up),
-            attr(_attr(args.get("bias"))), list(chain.operands), spec.to_string()),
+            x, attr(attr_target(w_codes)), attr(attr_target(args["w_scales"])), chain.down, attr(chain.lora_up),
+            attr(attr_target(args.get("bias"))), list(chain.operands), spec.to_string()),
             info(chain.gemm) if isinstance(info(chain.gemm), LinearInfo)
             else QuantOpInfo(OpTag.FUSED_WEIGHT_ONLY_LINEAR, linears, asdict(spec)))
     end.replace_all_uses_with(fused)
@@ -381,11 +362,11 @@ def _fuse_weight_only(rw: _Rewriter, node: torch.fx.Node) -> None:
     args = _call_args(node)
     chain = _Chain(node, args, nodes=[node])
     linears = _linears_of(node)
-    x_val = _val(args["x"])
+    x_val = tensor_val(args["x"])
     dtype = x_val.dtype if x_val is not None else None
     bias = args.get("bias")
-    if dtype not in _DTYPE_NAMES or _attr(args["w_codes"]) is None or _attr(args["w_scales"]) is None \
-            or (bias is not None and _attr(bias) is None):
+    if dtype not in _DTYPE_NAMES or attr_target(args["w_codes"]) is None or attr_target(args["w_scales"]) is None \
+            or (bias is not None and attr_target(bias) is None):
         rw.fallback(linears, f"weight-only operands are not plain weights, or input dtype {dtype} has no kernel")
         return
     _match_branch(chain, with_bias=False)
@@ -402,7 +383,7 @@ def _kernel_a(rw: _Rewriter, group: _Group) -> None:
     graph = rw.graph
     quant = _act_quant(group)
     x = group.x
-    x_val = _val(x)
+    x_val = tensor_val(x)
     dtype = _DTYPE_NAMES.get(x_val.dtype) if x_val is not None else None
     if dtype is None:
         raise SpecError(f"activations of dtype {None if x_val is None else x_val.dtype} have no kernel")
@@ -419,7 +400,7 @@ def _kernel_a(rw: _Rewriter, group: _Group) -> None:
     first = min([group.node] + [d.node for d in downs] + [d.div for d in downs if d.div is not None],
                 key=order.__getitem__)
     with graph.inserting_before(first):
-        smooth = rw.get_attr(_attr(group.args["smooth"])) if quant.smooth else None
+        smooth = rw.get_attr(attr_target(group.args["smooth"])) if quant.smooth else None
         fused = rw.call(torch.ops.svdq.fused_quantize_lora_down.default,
                         (x, smooth, rw.get_attr(weight) if weight else None, spec.to_string()),
                         QuantOpInfo(OpTag.FUSED_QUANTIZE_LORA_DOWN, _group_linears(group), asdict(spec)))
@@ -441,15 +422,15 @@ def _group_linears(group: _Group) -> list[str]:
 def _quantize_next_candidate(chain: _Chain, groups: dict[torch.fx.Node, _Group]) -> tuple[_Group, bool] | None:
     """The group whose quantize_act reads the chain's result (with its downs), and whether other readers remain."""
     end = chain.end
-    quantizers = [u for u in _readers(end) if u in groups and groups[u].x is end]
+    quantizers = [u for u in readers(end) if u in groups and groups[u].x is end]
     if len(quantizers) != 1:
         return None
     group = groups[quantizers[0]]
     absorbed = {group.node} | {d.node for d in group.downs} | {d.div for d in group.downs if d.div is not None}
     # a div may also feed linears that are not downs of this group: then it stays, and y must be stored
-    others = [u for u in _readers(end) if u not in absorbed]
+    others = [u for u in readers(end) if u not in absorbed]
     for down in group.downs:
-        if down.div is not None and any(u not in absorbed for u in _readers(down.div)):
+        if down.div is not None and any(u not in absorbed for u in readers(down.div)):
             others.append(down.div)
     return group, bool(others)
 
@@ -461,7 +442,7 @@ def _erase_replaced(graph: torch.fx.Graph, replaced: list[torch.fx.Node]) -> Non
     pending, erased = list(replaced), set()
     while pending:
         node = pending.pop()
-        if node in erased or node.op in ("placeholder", "output") or _readers(node) or node.is_impure():
+        if node in erased or node.op in ("placeholder", "output") or readers(node) or node.is_impure():
             continue
         for assertion in list(node.users):
             graph.erase_node(assertion)
@@ -510,7 +491,7 @@ def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         chain = _Chain(gemm, args, nodes=[gemm])
         linears = _linears_of(gemm)
         dtype = args["out_dtype"]
-        if dtype not in _DTYPE_NAMES or _attr(args["w_codes"]) is None or _attr(args["w_scales"]) is None:
+        if dtype not in _DTYPE_NAMES or attr_target(args["w_codes"]) is None or attr_target(args["w_scales"]) is None:
             rw.fallback(linears, f"gemm operands are not plain weights, or out dtype {dtype} has no kernel")
             continue
         _match_branch(chain)

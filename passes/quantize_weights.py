@@ -250,13 +250,16 @@ def quantize_weights(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 info.errors["output_rel"] = decision.errors.get(info.name, 0.0)
                 if len(decision.tried) > 1:
                     info.choice = decision.note()
-                info.scheme = kept.effective()
-                if kept.scheme.act is None:
-                    info.shift = 0.0
-                group = kept.scheme.weight_group
-                info.pad_k = -info.in_features % group if group else 0
-                if kept.scheme != scheme:
-                    before = min(error for candidate, error in decision.tried if candidate.scheme == scheme)
+                if kept.scheme == problem.scheme:  # (a convolution's problem has its per-tap activation groups)
+                    info.scheme = dataclasses.replace(scheme, smooth=kept.smooth and scheme.smooth,
+                                                      rank=scheme.rank if kept.branch else 0)
+                else:
+                    info.scheme = kept.effective()
+                    if kept.scheme.act is None:
+                        info.shift = 0.0
+                    group = kept.scheme.weight_group
+                    info.pad_k = -info.in_features % group if group else 0
+                    before = min(error for candidate, error in decision.tried if candidate.scheme == problem.scheme)
                     bound = min(b for b in (config.fallback_error, config.weight_only_error) if b is not None)
                     info.fallback = (f"{scheme.describe()} error {before:.3f} > {bound} → " +
                                      ("16-bit" if kept.scheme.kind == "fp" else

@@ -34,6 +34,7 @@ import mmap
 import os
 import weakref
 import zipfile
+import zlib
 from pathlib import Path
 from typing import IO, Any, Mapping
 
@@ -285,7 +286,8 @@ class GraphArchive:
             raise corrupt(f"{entry} is {info.file_size} bytes", self.where)
         try:
             return self.zip.read(info)
-        except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, ValueError, RuntimeError) as exc:
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError,
+                RuntimeError) as exc:
             raise corrupt(f"{entry}: {first_line(exc)}", self.where) from exc
 
     def span(self, entry: str) -> tuple[int, int]:
@@ -293,12 +295,15 @@ class GraphArchive:
         the zip directory)."""
         info = self.infos[entry]
         start = info.header_offset
-        header = self.map[start:start + 30]
+        name = info.orig_filename.encode()
+        # Read with pread, not through the map: touching the map faults in (and reads ahead) pages around
+        # every header, tens of MiB of weights for a large graph.
+        header = os.pread(self.zip.fp.fileno(), 30 + len(name), start)
         if len(header) < 30 or header[:4] != b"PK\x03\x04" or info.compress_type != zipfile.ZIP_STORED:
             raise corrupt(f"{entry} is not a stored zip entry", self.where)
         name_length = int.from_bytes(header[26:28], "little")
         extra_length = int.from_bytes(header[28:30], "little")
-        if self.map[start + 30:start + 30 + name_length] != info.orig_filename.encode():
+        if header[30:30 + name_length] != name:
             raise corrupt(f"{entry}: its header names another entry", self.where)
         offset = start + 30 + name_length + extra_length
         if offset + info.file_size > len(self.map) or info.compress_size != info.file_size:

@@ -16,6 +16,7 @@ import itertools
 import json
 import re
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -213,6 +214,15 @@ def parse_violation(message: str) -> tuple[list[str], dict[str, str], dict[str, 
 
 # ---- capture ----------------------------------------------------------------------------------------------
 
+def decompose(program: torch.export.ExportedProgram, table: dict | None = None) -> torch.export.ExportedProgram:
+    """`program.run_decompositions(table)`, without the FutureWarning torch's own deep copy of the module call
+    graph raises there ("`isinstance(treespec, LeafSpec)` is deprecated"): nothing the user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        return program.run_decompositions({} if table is None else table)
+
+
 def capture(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_shapes: Any = "auto",
             adapter: ModelAdapter | None = None) -> torch.fx.GraphModule:
     """Export `module` on `example_inputs` and return the ATen-level GraphModule (parameters as attributes).
@@ -262,7 +272,7 @@ def capture(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_sh
     for name, size in specialized_while_tracing(program, args, kwargs, dims).items():
         fallbacks.setdefault(name, f"torch.export specialized it to {size} while tracing: the model's code "
                                    f"depends on its exact value")
-    program = program.run_decompositions({})
+    program = decompose(program)
     gm = unlift(program, check_guards=relax_reason is None)
     for name, guard in pinned_by_guards(gm, args, kwargs, dims, examples, fallbacks).items():
         fallbacks[name] = f"torch.export's guard `{guard}` pins it (the model's code takes a branch that only " \

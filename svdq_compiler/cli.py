@@ -172,6 +172,13 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
         if args.dump_ir.exists() and not args.dump_ir.is_dir():
             raise InputError("--dump-ir is a file", where=str(args.dump_ir), fix="give a folder name")
     config = quant_config(args)
+    if args.onnx is not None:
+        from svdq_compiler.onnx_export import form_problem
+
+        problem = form_problem(config, args.onnx_form)
+        if problem is not None:
+            raise InputError(f"--preset {args.preset} with --onnx-form {args.onnx_form}: {problem}",
+                             fix="add --onnx-form custom, or compile with an int4 or int8 preset")
     svdq_compiler.pipeline.svdquant_pipeline(args.passes)  # an unknown pass name fails here, before loading
     if args.save_calib is not None and args.passes is not None and "calibrate" not in args.passes:
         raise InputError("--save-calib needs the calibrate pass, which --passes leaves out", where=str(args.save_calib),
@@ -237,10 +244,18 @@ def compile_and_save(args: argparse.Namespace, config, staged) -> dict[str, Any]
         outputs["onnx"] = {"path": str(args.onnx), "bytes": args.onnx.stat().st_size, "form": args.onnx_form}
     report.update(model=args.model, adapter=adapter.name, **outputs, compression=compression(args.model, model,
                                                                                              out.stat().st_size),
+                  written=written_files(args),
                   steps_s=steps.times, versions=svdq_compiler.serialize.versions())
     if args.report is not None:
         write_json(staged.file(args.report, "compile report"), report, "compile report")
     return report
+
+
+def written_files(args: argparse.Namespace) -> dict[str, str]:
+    """{what: where} for every output the command was asked to write."""
+    places = {"graph": args.out, "report": args.report, "IR dumps": args.dump_ir,
+              "calibration statistics": getattr(args, "save_calib", None), "ONNX model": getattr(args, "onnx", None)}
+    return {what: str(path) for what, path in places.items() if path is not None}
 
 
 def compression(spec: str, model, graph_bytes: int) -> dict[str, Any]:
@@ -312,7 +327,7 @@ def run_streaming(args: argparse.Namespace, config, staged) -> dict[str, Any]:
                                    dtype=getattr(torch, args.dtype) if args.dtype else None, on_unit=on_unit)
     finally:
         bar.close()
-    report.update(model=args.model, adapter=report["capture"]["adapter"],
+    report.update(model=args.model, adapter=report["capture"]["adapter"], written=written_files(args),
                   output={"path": str(args.out), "bytes": out.stat().st_size},
                   steps_s=report["streaming"]["steps_s"], versions=svdq_compiler.serialize.versions())
     if args.report is not None:
@@ -346,6 +361,7 @@ def compile_summary(report: dict[str, Any]) -> str:
     totals = report["totals"]
     lines.append(f"  {totals['nodes']} nodes, {totals['linears_annotated']} annotated linears, "
                  f"{human_bytes(totals['parameter_bytes'])} of parameters")
+    lines.append("outputs: " + "; ".join(f"{what} {where}" for what, where in report["written"].items()))
     return "\n".join(lines)
 
 
@@ -400,8 +416,8 @@ def inspect_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kernels", action="store_true",
                         help="print the generated Triton source of each fused kernel (for this machine's GPU, else "
                              "Hopper sm_90)")
-    parser.add_argument("--json", action="store_true", help="print the summary (or with --kernels, the kernels) as "
-                                                            "JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="print as JSON: the one section asked for, or an object keyed summary/ir/kernels")
     return parser
 
 
@@ -503,10 +519,9 @@ def kernels_text(path: Path) -> str:
                      for text, group in launches.items())
 
 
-def kernels_json(path: Path) -> str:
-    return json.dumps([{"node": kernel.node, "kind": kernel.spec.kind, "spec": kernel.spec.to_string(),
-                        "hash": kernel.spec.hash, "source": kernel.source} for kernel in graph_kernels(path)],
-                      indent=2) + "\n"
+def kernel_records(path: Path) -> list[dict[str, str]]:
+    return [{"node": kernel.node, "kind": kernel.spec.kind, "spec": kernel.spec.to_string(),
+             "hash": kernel.spec.hash, "source": kernel.source} for kernel in graph_kernels(path)]
 
 
 def inspect_main(argv: Sequence[str] | None = None) -> int:
@@ -514,18 +529,31 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
     configure_logging(False)
 
     def run():
-        if args.ir:
-            from svdq_compiler.serialize import IR_FILE, read_extra
-
-            print(read_extra(args.graph)[IR_FILE], end="")
-            return
-        if args.kernels:
-            print(kernels_json(args.graph) if args.json else kernels_text(args.graph), end="")
-            return
-        summary = graph_summary(args.graph)
-        print(json.dumps(summary, indent=2, default=str) if args.json else inspect_text(summary, args.layers))
+        print(inspect_output(args), end="")
 
     return run_reporting_errors("svdq-inspect", run)
+
+
+def inspect_output(args: argparse.Namespace) -> str:
+    """Every section the flags ask for, in the order summary (with --layers), IR, kernels; --ir and --kernels
+    alone print only their section. With --json one section is printed as its JSON (as before), several as one
+    object keyed by section."""
+    sections = [name for name, wanted in (("summary", args.layers or not (args.ir or args.kernels)),
+                                          ("ir", args.ir), ("kernels", args.kernels)) if wanted]
+    values: dict[str, Any] = {}
+    for name in sections:
+        if name == "summary":
+            summary = graph_summary(args.graph)
+            values[name] = summary if args.json else inspect_text(summary, args.layers) + "\n"
+        elif name == "ir":
+            from svdq_compiler.serialize import IR_FILE, read_extra
+
+            values[name] = read_extra(args.graph)[IR_FILE]
+        else:
+            values[name] = kernel_records(args.graph) if args.json else kernels_text(args.graph)
+    if not args.json:
+        return "\n".join(values.values())
+    return json.dumps(values[sections[0]] if len(sections) == 1 else values, indent=2, default=str) + "\n"
 
 
 # ---- shared -------------------------------------------------------------------------------------------------
@@ -545,11 +573,6 @@ def run_reporting_errors(prog: str, fn: Callable[[], Any]) -> int:
 def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(name)s: %(message)s")
-    import warnings
-
-    # torch and diffusers warn about their own internals on every run; they are not the user's concern.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def human_bytes(size: int) -> str:

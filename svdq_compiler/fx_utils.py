@@ -61,6 +61,11 @@ def readers(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [user for user in node.users if not is_op(user, NO_OUTPUT_OPS)]
 
 
+def attr_target(node: Any) -> str | None:
+    """The attribute path a get_attr node reads (None for anything else)."""
+    return node.target if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+
+
 def tensor_val(node: Any) -> torch.Tensor | None:
     if not isinstance(node, torch.fx.Node):
         return None

@@ -25,6 +25,7 @@ import torch.fx
 
 from svdq_compiler.codegen.layout import PackedWeight
 from svdq_compiler.errors import CheckpointError
+from svdq_compiler.fx_utils import attr_target
 from svdq_compiler.ir import get_attr_value
 from svdq_compiler.quant import weight_format_of
 
@@ -37,11 +38,6 @@ def is_call(node: Any, target) -> bool:
 
 def _svdq_op(name: str):
     return getattr(torch.ops.svdq, name).default if hasattr(torch.ops.svdq, name) else None
-
-
-def attr_target(node: Any) -> str | None:
-    """The attribute path a get_attr node reads (None for anything else)."""
-    return node.target if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
 
 
 def _layer_of(target: str | None, suffix: str) -> str | None:

@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from svdq_compiler.capture import CAPTURE_META, INPUTS_META, capture, model_config, split_inputs
 from svdq_compiler.errors import CaptureError, InputError
 from svdq_compiler.ir import RUN_DEVICE_META, get_attr_value, set_attr_value
+from svdq_compiler.models.base import cast_module
 
 log = logging.getLogger("svdq_compiler")
 
@@ -137,7 +138,7 @@ def _meta_twin(module: torch.nn.Module, dtype: torch.dtype, **config_changes: An
     config = {k: v for k, v in module.config.items() if not k.startswith("_")}
     config.update(config_changes)
     with torch.device("meta"):
-        return type(module).from_config(config).eval().to(dtype)
+        return cast_module(type(module).from_config(config).eval(), dtype)
 
 
 def _repeated_blocks(module: torch.nn.Module) -> tuple[tuple[str, str], ...]:

@@ -43,6 +43,7 @@ tensors in `<name>.data` beside it (both files are renamed into place, the model
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import shutil
 import tempfile
@@ -54,7 +55,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from svdq_compiler import quant
-from svdq_compiler.capture import INPUTS_META, capture_report, dynamic_shapes_of, split_inputs
+from svdq_compiler.capture import INPUTS_META, capture_report, decompose, dynamic_shapes_of, split_inputs
 from svdq_compiler.codegen import fused_ops
 from svdq_compiler.config import ONNX_FORMS
 from svdq_compiler.codegen.layout import PackedWeight, effective_group, unpack_weight
@@ -66,6 +67,16 @@ FORMS = ONNX_FORMS
 OPSET = 21  # the first with blocked DequantizeLinear and INT4
 CUSTOM_DOMAIN = "svdq"
 _PROTOBUF_LIMIT = 2 ** 31 - 2 ** 20  # protobuf's 2 GiB, less room for the graph itself
+
+
+def form_problem(config, form: str) -> str | None:
+    """Why a graph compiled with `config` (a QuantConfig) cannot be exported in `form`, or None: known before
+    compiling, so that `svdq-compile --onnx` refuses at once instead of after the compile."""
+    if form == "portable":
+        formats = {config.weight_format, config.act_format, config.weight_only_format}
+        if "nvfp4" in formats:
+            return "nvfp4 has no portable ONNX form (FLOAT4E2M1 needs opset 23, which no CPU runtime executes)"
+    return None
 
 
 def export_onnx(gm: torch.nn.Module, path: str | Path, example_inputs: tuple | dict | None = None,
@@ -112,10 +123,17 @@ def _export(module: torch.nn.Module, args, kwargs, dynamic_shapes, what: str) ->
             from exc
 
 
+def _not_a_torchvision_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("torchvision is not installed")
+
+
 def _to_onnx(program: torch.export.ExportedProgram, form: str):
     import onnx
 
     table = _portable_translations() if form == "portable" else {}
+    # Without torchvision, torch.onnx logs a warning for each torchvision op it skips; svdq graphs use none.
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    registration_log.addFilter(_not_a_torchvision_notice)
     try:
         exported = torch.onnx.export(program, dynamo=True, opset_version=OPSET, custom_translation_table=table,
                                      optimize=False, verbose=False)
@@ -123,6 +141,8 @@ def _to_onnx(program: torch.export.ExportedProgram, form: str):
         raise CheckpointError(f"torch.onnx could not translate the {form} graph: {first_line(exc)}",
                               where="export_onnx", fix="report it with the graph file (svdq-inspect --ir shows it)") \
             from exc
+    finally:
+        registration_log.removeFilter(_not_a_torchvision_notice)
     model = exported.model_proto
     if form == "portable":
         _fold_int4_casts(model)
@@ -231,7 +251,7 @@ _WEIGHT_ARGS = {torch.ops.svdq.gemm.default: (2, 3, 5, 6), torch.ops.svdq.weight
 def _portable_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     """The lowered graph (fused ops decomposed) with each svdq op replaced by its standard-op form and each
     packed weight by its unpacked [K_pad, N] codes and float32 scales."""
-    lowered = program.run_decompositions({
+    lowered = decompose(program, {
         torch.ops.svdq.fused_quantize_lora_down.default: _reference_quantize_lora_down,
         torch.ops.svdq.fused_gemm.default: _reference_gemm,
         torch.ops.svdq.fused_weight_only_linear.default: _reference_weight_only_linear,

@@ -39,7 +39,6 @@ def layer_report(gm: torch.fx.GraphModule, config: QuantConfig) -> dict[str, Any
     """The JSON-able report: {"layers": [...], "totals": {...}}. Shared tensors (a group's λ, a q/k/v L2, a
     weight with several call sites) are counted on the first layer that uses them."""
     layers, counted = [], set()
-    weights_total = weights_four_bit = 0
     for _, info in annotated_linears(gm):
         scheme = info.scheme
         quantized = scheme is not None and scheme.kind != "fp"
@@ -49,11 +48,7 @@ def layer_report(gm: torch.fx.GraphModule, config: QuantConfig) -> dict[str, Any
         else:
             after = _bytes(gm, [info.weight, info.bias], counted)
         smooth = get_attr_value(gm, info.smooth).float() if info.smooth else None
-        first_site = "@" not in info.name
-        if first_site:
-            elements = info.in_features * info.out_features
-            weights_total += elements
-            weights_four_bit += elements if quantized and scheme.weight in FOUR_BIT_FORMATS else 0
+        first_site = "@" not in info.name  # a weight with several call sites counts once
         layers.append({
             "name": info.name,
             "kind": info.kind,
@@ -74,10 +69,19 @@ def layer_report(gm: torch.fx.GraphModule, config: QuantConfig) -> dict[str, Any
             "bytes_after": after,
             "output_rel_error": info.errors.get("output_rel") if quantized else None,
             "smooth_error_ratio": info.errors.get("smooth_ratio"),
+            "weight_elements": info.in_features * info.out_features if first_site else 0,
+            "four_bit_weight": bool(quantized and scheme.weight in FOUR_BIT_FORMATS),
         })
-    before = gm.meta.get(MODEL_BYTES_META)
-    after = parameter_bytes(gm)
+    return {"layers": layers,
+            "totals": layer_totals(layers, config, gm.meta.get(MODEL_BYTES_META), parameter_bytes(gm))}
+
+
+def layer_totals(layers: list[dict[str, Any]], config: QuantConfig, before: int | None, after: int | None
+                 ) -> dict[str, Any]:
+    """The totals of a per-layer report (layer_report's, or the streaming compile's layers of every unit)."""
     errors = [layer["output_rel_error"] for layer in layers if layer["output_rel_error"] is not None]
+    weights_total = sum(layer["weight_elements"] for layer in layers)
+    weights_four_bit = sum(layer["weight_elements"] for layer in layers if layer["four_bit_weight"])
     totals = {
         "preset": config.preset_name,
         "layers": len(layers),
@@ -92,7 +96,7 @@ def layer_report(gm: torch.fx.GraphModule, config: QuantConfig) -> dict[str, Any
         "output_rel_error_mean": round(sum(errors) / len(errors), 5) if errors else None,
         "output_rel_error_max": round(max(errors), 5) if errors else None,
     }
-    return {"layers": layers, "totals": totals}
+    return totals
 
 
 def _size(value: int | None) -> str:
@@ -123,7 +127,7 @@ def format_layers(report: dict[str, Any]) -> str:
     lines.append(f"preset {totals['preset']}: {totals['quantized_layers']}/{totals['layers']} layers quantized, "
                  f"{totals['fallbacks']} fallback(s), {totals['four_bit_weight_share']:.1%} of linear weights "
                  f"in 4 bits")
-    lines.append(f"model {_size(totals['model_bytes_before'])} → {_size(totals['model_bytes_after'])} "
-                 f"(compression {totals['compression_ratio']}x); mean relative output error "
-                 f"{totals['output_rel_error_mean']}, max {totals['output_rel_error_max']}")
+    ratio = "" if totals["compression_ratio"] is None else f" (compression {totals['compression_ratio']}x)"
+    lines.append(f"model {_size(totals['model_bytes_before'])} → {_size(totals['model_bytes_after'])}{ratio}; "
+                 f"mean relative output error {totals['output_rel_error_mean']}, max {totals['output_rel_error_max']}")
     return "\n".join(lines) + "\n"

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from svdq_compiler.capture import capture_report, dynamic_shapes_of, install_shape_check, split_inputs, unlift
+from svdq_compiler.capture import (CapturedDim, capture_report, dynamic_shapes_of, install_shape_check, split_inputs,
+                                   unlift)
 from svdq_compiler.archive import GraphArchive, StreamingArchive, corrupt, digest
 from svdq_compiler.archive_check import check_archive
 from svdq_compiler.dropin import as_pipeline_component
@@ -168,6 +169,33 @@ def read_extra(path: str | Path) -> dict[str, str]:
         return extra
 
 
+def saved_reports(extra: dict[str, str], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The capture and compile reports of a graph file, checked to have the structure the input checks and
+    svdq-inspect read (a crafted file can hold any JSON, digests and all)."""
+    try:
+        capture, report = json.loads(extra[CAPTURE_FILE]), json.loads(extra[REPORT_FILE] or "{}")
+        valid = isinstance(capture, dict) and isinstance(report, dict) \
+            and isinstance(capture.get("positional"), bool) and isinstance(capture.get("module_class"), str) \
+            and isinstance(capture.get("adapter"), str) \
+            and isinstance(capture.get("relaxed_guards"), (dict, type(None))) \
+            and isinstance(capture.get("inputs"), list) and isinstance(capture.get("dims"), list) \
+            and all(isinstance(i, dict) and isinstance(i.get("path"), str) and isinstance(i.get("dtype"), str)
+                    and isinstance(i.get("shape"), list) and all(type(n) is int for n in i["shape"])
+                    for i in capture["inputs"]) \
+            and all(isinstance(d, dict) and _usable_dim(CapturedDim(**d)) for d in capture["dims"])
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError, KeyError, InputError) as exc:
+        raise corrupt(f"its capture report is unreadable ({first_line(exc)})", where) from exc
+    if not valid:
+        raise corrupt("its capture or compile report lacks the expected fields", where)
+    return capture, report
+
+
+def _usable_dim(dim: CapturedDim) -> bool:
+    if type(dim.index) is not int or type(dim.size) is not int or not isinstance(dim.input, str):
+        return False
+    return dim.status != "dynamic" or dim.dyn() is not None  # DynDim checks its name and range
+
+
 def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
     """The GraphModule saved at `path`, ready to run, with its capture and compile reports in gm.meta; for a
     graph of a diffusers model, wrapped as a drop-in pipeline component (svdq_compiler.dropin).
@@ -176,6 +204,8 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
     nothing that runs when loaded (archive_check), and the weights are windows on the map. With `device` (e.g. "cuda")
     the weights are copied there one at a time, never all held on the CPU first."""
     from torch._export.serde.serialize import SerializedArtifact, deserialize
+
+    import svdq_compiler.api  # noqa: F401  (registers the svdq ops and fused ops a graph calls)
 
     try:
         target = torch.device(device) if device is not None else None
@@ -192,17 +222,17 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         loras = archive.read(f"extra/{LORA_FILE}").decode() if f"extra/{LORA_FILE}" in archive.entries() else ""
         artifact = SerializedArtifact(archive.read("models/model.json"), state_dict, constants,
                                       archive.read("data/sample_inputs/model.pt"))
+    capture, report = saved_reports(extra, where)
     try:
         program = deserialize(artifact)
+        gm = unlift(program, check_guards=capture.get("relaxed_guards") is None)
     except Exception as exc:  # torch raises many types for programs it cannot rebuild
         raise CheckpointError(f"the graph file could not be loaded ({first_line(exc)}); it was written with torch "
                               f"{manifest.get('torch')}, this is torch {torch.__version__}", where=where,
                               fix="compile the model again with this torch, or load it with the torch it was "
                                   "written with") from exc
-    capture = json.loads(extra[CAPTURE_FILE])
-    gm = unlift(program, check_guards=capture.get("relaxed_guards") is None)
     gm.meta[CAPTURE_META] = capture
-    gm.meta[REPORT_META] = json.loads(extra[REPORT_FILE] or "{}")
+    gm.meta[REPORT_META] = report
     gm.meta[IR_META] = extra[IR_FILE]
     gm.meta[MANIFEST_META] = manifest
     examples = getattr(program, "example_inputs", None)  # kept by torch.export.save since torch 2.6

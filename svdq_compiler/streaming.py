@@ -48,6 +48,7 @@ from svdq_compiler.checks import check_finite_weight
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError
 from svdq_compiler.ir import LAYERS_META, META_KEY, LinearInfo, annotated_linears, get_attr_value, set_attr_value
 from svdq_compiler.meta_capture import META, capture_on_meta, program_from_graph
+from svdq_compiler.models.base import cast_module
 from svdq_compiler.pipeline import (PASS_REGISTRY, Pass, PassContext, PassResult, make_pass, run_passes,
                                     svdquant_pipeline)
 from svdq_compiler.sharded import ShardedCheckpoint
@@ -113,7 +114,7 @@ class MetaModel:
                 if entry.dtype.is_floating_point:
                     by_dtype[entry.dtype] = by_dtype.get(entry.dtype, 0) + entry.nbytes
             dtype = max(by_dtype, key=by_dtype.get)
-        self.module.to(dtype)
+        cast_module(self.module, dtype)
         return checkpoint, dtype
 
 
@@ -293,7 +294,8 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
                       on_unit: Callable[[UnitRecord, int, int], None] | None = None) -> dict[str, Any]:
     """Compile the diffusers model folder `folder` to `out` (graph.pt) one block at a time; returns the report
     (time per step, peak RSS, bytes read and written, per-unit records, pass statistics, per-layer report)."""
-    from svdq_compiler import compile_report
+    from svdq_compiler import compile_report, parameter_bytes
+    from svdq_compiler.report import layer_totals
     from svdq_compiler.serialize import REPORT_META, extra_files
 
     if calibration not in CALIBRATIONS:
@@ -356,7 +358,8 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
             ctx.records.append({"name": name, "modified": True,
                                 "wall_s": round(sum(r.wall_s.get(name, 0.0) for r in records), 3),
                                 "stats": summed_stats(entries)})
-        gm.meta[LAYERS_META] = {"layers": layers}
+        gm.meta[LAYERS_META] = {"layers": layers, "totals": layer_totals(
+            layers, config, parameter_bytes(model.module), parameter_bytes(gm))}  # sizes only: meta tensors count
         report = compile_report(gm, config, ctx.records)
         report["streaming"] = {
             "calibration": calibration, "betas": list(betas) if calibration == "weight-only" else None,

@@ -27,7 +27,11 @@ def rewrite_archive(source: Path, target: Path, edit: Callable[[str, bytes], byt
                 entries[name] = data
     entries.update(add or {})
     if redigest and DIGESTS_ENTRY in entries:
-        table = json.loads(entries[DIGESTS_ENTRY])["sha256"]
+        try:
+            table = dict(json.loads(entries[DIGESTS_ENTRY])["sha256"])
+        except (ValueError, TypeError, KeyError):  # the edit replaced the table itself: keep its result
+            table = None
+    if redigest and DIGESTS_ENTRY in entries and table is not None:
         entries[DIGESTS_ENTRY] = json.dumps({"sha256": {
             name: hashlib.sha256(data).hexdigest() for name, data in entries.items()
             if name in table or name not in (DIGESTS_ENTRY, "archive_format", "archive_version", ".data/version",

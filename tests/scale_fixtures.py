@@ -15,11 +15,16 @@ TINY_FLUX = dict(num_layers=1, num_single_layers=1, num_attention_heads=2, atten
                  joint_attention_dim=64, pooled_projection_dim=32, in_channels=16, axes_dims_rope=[8, 12, 12])
 
 
-def checkpoint_tool():
-    spec = importlib.util.spec_from_file_location("make_flux_checkpoint", ROOT / "tools" / "make_flux_checkpoint.py")
+def tool(name: str):
+    """A script of tools/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def checkpoint_tool():
+    return tool("make_flux_checkpoint")
 
 
 def write_tiny_flux(folder: Path, config: dict = TINY_FLUX, dtype: str = "float32", **options) -> Path:

@@ -75,6 +75,20 @@ def test_saved_calibration_statistics_load_and_name_their_readers(compiled):
     assert all(site.readers and site.rows.shape[0] <= 512 for site in calibration.sites.values())
 
 
+def test_compile_is_quiet_and_says_where_each_output_went(compiled):
+    """No dependency's warnings (accelerate, diffusers' to(), torch's LeafSpec and pt2 archive notices) on stderr;
+    the last line names every output."""
+    graph, dumps, report, run = compiled
+    # stderr holds the progress bars only (the run asked for them)
+    assert not re.search(r"(?i)warn|accelerate|casting directly|complete tensor|LeafSpec|torchvision|Traceback",
+                         run.stderr), run.stderr
+    folder = graph.parent
+    assert run.stdout.rstrip().splitlines()[-1] == (
+        f"outputs: graph {graph}; report {folder / 'report.json'}; IR dumps {dumps}; "
+        f"calibration statistics {folder / 'calib.safetensors'}")
+    assert report["written"]["graph"] == str(graph)
+
+
 def test_one_dump_per_pass(compiled):
     _, dumps, report, _ = compiled
     names = ["capture"] + [record["name"] for record in report["passes"]]
@@ -113,6 +127,21 @@ def test_inspect_summarizes_the_graph(compiled, capsys):
     assert "chose " in adaln and "plain 0." in adaln and "+awq" in adaln
     assert inspect_main([str(graph), "--ir"]) == 0
     assert "def forward(self, hidden_states" in capsys.readouterr().out
+
+
+def test_inspect_honours_every_flag_together(compiled, capsys):
+    graph = str(compiled[0])
+    assert inspect_main([graph, "--ir", "--json"]) == 0
+    assert "def forward(self, hidden_states" in json.loads(capsys.readouterr().out)
+    assert inspect_main([graph, "--layers", "--ir", "--kernels"]) == 0
+    text = capsys.readouterr().out
+    layers_at, ir_at, kernels_at = (text.index(marker) for marker in
+                                    ("layers quantized", "def forward(self, hidden_states", "@triton.jit"))
+    assert layers_at < ir_at < kernels_at and "svdq graph format" in text
+    assert inspect_main([graph, "--layers", "--ir", "--kernels", "--json"]) == 0
+    sections = json.loads(capsys.readouterr().out)
+    assert set(sections) == {"summary", "ir", "kernels"}
+    assert sections["summary"]["layer_report"]["totals"]["layers"] > 0 and sections["kernels"][0]["source"]
 
 
 def test_inspect_prints_the_generated_kernels(compiled, capsys):
@@ -198,6 +227,41 @@ def test_bad_input_is_one_line_and_leaves_no_graph(argv, message, tmp_path, caps
     assert err.startswith("svdq-compile: error: ") and err.count("\n") == 1, err
     assert re.search(message, err), err
     assert not (tmp_path / "g.pt").exists()
+
+
+def test_onnx_form_that_cannot_hold_the_preset_is_refused_before_compiling(tmp_path, capsys, monkeypatch):
+    import svdq_compiler.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded: the refusal came after the work started")
+
+    monkeypatch.setattr(svdq_compiler.models, "load_model", no_loading)
+    graph = tmp_path / "g.pt"
+    graph.write_text("an earlier graph")
+    assert compile_main(["random:flux", "--out", str(graph), "--preset", "nvfp4", "--onnx", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nvfp4 has no portable ONNX form" in err and "--onnx-form custom" in err
+    assert graph.read_text() == "an earlier graph" and not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_shipped_model_compiles_and_runs_in_a_16_bit_dtype(dtype, tmp_path, capsys):
+    import torch
+
+    import svdq_compiler
+    from svdq_compiler.models import adapter_for, load_model
+
+    graph = tmp_path / "g.pt"
+    assert compile_main(["tiny-flux", "--out", str(graph), "--dtype", dtype, "--batch", "1", "--calib-prompts", "1",
+                         "--calib-steps", "1"]) == 0, capsys.readouterr().err
+    model = load_model("tiny-flux", dtype=getattr(torch, dtype))
+    inputs = adapter_for(model).example_inputs(model, batch=2, seed=3)
+    assert inputs["hidden_states"].dtype == getattr(torch, dtype)
+    loaded = svdq_compiler.load(graph)
+    with torch.no_grad():
+        got, want = loaded(**inputs)[0], model(**inputs)[0]
+    assert got.dtype == want.dtype == getattr(torch, dtype)
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 0.15
 
 
 def test_inspect_errors_are_one_line(tmp_path, capsys):

@@ -5,9 +5,6 @@ umask, it is mapped (not read) when loaded, and a CUDA load never builds a CPU c
 import hashlib
 import json
 import os
-import subprocess
-import sys
-import textwrap
 import zipfile
 
 import pytest
@@ -20,6 +17,7 @@ from svdq_compiler.cli import inspect_main
 from svdq_compiler.errors import CheckpointError, InputError
 from svdq_compiler.models import DynDim
 from graph_files import rewrite_archive
+from scale_fixtures import tool
 
 
 class Stacked(torch.nn.Module):
@@ -158,19 +156,6 @@ def test_loaded_weights_are_windows_on_the_mapped_file(graph):
         next(loaded.parameters()).untyped_storage().resize_(1 << 20)
 
 
-PEAK_RSS = textwrap.dedent("""
-    import resource, sys, json
-    import torch, svdq_compiler
-    from svdq_compiler import serialize  # the import the measurement starts after
-    import torch._export.serde.serialize
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    graph = svdq_compiler.load(sys.argv[1], device=sys.argv[2] if len(sys.argv) > 2 else None)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_rss_above_import": after - before,
-                      "devices": sorted({p.device.type for p in graph.parameters()})}))
-""")
-
-
 class Wide(torch.nn.Module):
     def __init__(self, width=2048, layers=4):
         super().__init__()
@@ -188,11 +173,8 @@ def wide_graph(tmp_path_factory):
     return svdq_compiler.save(gm, tmp_path_factory.mktemp("wide") / "wide.pt")  # 64 MiB of fp32 weights
 
 
-def peak_rss(path, *device):
-    run = subprocess.run([sys.executable, "-c", PEAK_RSS, str(path), *device], capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout.strip().splitlines()[-1])
+def peak_rss(path, device=None):
+    return tool("bench_load_memory").measure_load(path, "svdq", device)
 
 
 def test_load_maps_the_file_instead_of_copying_it(wide_graph):
@@ -202,7 +184,7 @@ def test_load_maps_the_file_instead_of_copying_it(wide_graph):
 
 @pytest.mark.gpu
 def test_cuda_load_copies_one_tensor_at_a_time(wide_graph):
-    measured = peak_rss(wide_graph, "cuda")
+    measured = peak_rss(wide_graph, device="cuda")
     assert measured["devices"] == ["cuda"]
     # The weights go to the GPU one by one: the process never holds them all on the CPU.
     assert measured["peak_rss_above_import"] <= 0.5 * wide_graph.stat().st_size, measured

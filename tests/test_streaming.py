@@ -137,3 +137,15 @@ def test_disk_full_during_the_stream_leaves_no_output(folder, tmp_path):
         assert list(mount.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_inspect_layers_of_a_streamed_graph_ends_with_the_totals(streamed, capsys):
+    from svdq_compiler.cli import inspect_main
+
+    out, report = streamed
+    assert inspect_main([str(out), "--layers"]) == 0
+    text = capsys.readouterr().out
+    totals = report["layers"]["totals"]
+    assert totals["layers"] == len(report["layers"]["layers"]) > 0
+    assert f"{totals['quantized_layers']}/{totals['layers']} layers quantized" in text
+    assert totals["model_bytes_before"] > totals["model_bytes_after"] > 0 and "compression" in text

@@ -17,7 +17,8 @@ For the tensor models the score is the relative L2 error of the output against f
 Rows (`--rows`, default all): `ours:<preset>` for int4, nvfp4, w8a8, w4a16-nf4; `ours:w8a8-before` and
 `ours:int4-before` (the same presets without the per-layer choice and with plain weight-only layers, as before
 it); `ours:int8-plain` (per-token / per-channel INT8, no smoothing, no branch); `modelopt:int4-svdquant`
-(INT4 g64 weights and activations, SVDQuant rank 32), `modelopt:nvfp4-svdquant`, `modelopt:int8-smoothquant`;
+(INT4 g64 weights, INT4 per-tensor activations: the integer
+activation form ModelOpt runs on CPU; SVDQuant rank 32), `modelopt:nvfp4-svdquant`, `modelopt:int8-smoothquant`;
 `quanto:w8a8`, `quanto:w4a16`; `torchao:w8a8-dynamic`, `torchao:w8a16`, `torchao:w4a16`. Every row runs in its
 own process (peak RSS is per row; the peers patch modules in place) on the same calibration and evaluation
 inputs; a row that cannot run on CPU records the one-line reason. Columns: weight/activation bits, score,
@@ -62,7 +63,7 @@ PEERS = ["modelopt:int4-svdquant", "modelopt:nvfp4-svdquant", "modelopt:int8-smo
          "quanto:w4a16", "torchao:w8a8-dynamic", "torchao:w8a16", "torchao:w4a16"]
 ROWS = [f"ours:{name}" for name in OURS] + PEERS
 BITS = {"int4": "W4A4", "nvfp4": "W4A4 (fp4)", "w8a8": "W8A8", "w4a16-nf4": "W4A16", "w8a8-before": "W8A8",
-        "int4-before": "W4A4", "int8-plain": "W8A8", "int4-svdquant": "W4A4", "nvfp4-svdquant": "W4A4 (fp4)",
+        "int4-before": "W4A4", "int8-plain": "W8A8", "int4-svdquant": "W4A4 (A per-tensor)", "nvfp4-svdquant": "W4A4 (fp4)",
         "int8-smoothquant": "W8A8", "w8a8": "W8A8", "w4a16": "W4A16", "w8a8-dynamic": "W8A8", "w8a16": "W8A16"}
 
 
@@ -262,13 +263,16 @@ def modelopt_config(kind: str) -> dict:
         return copy.deepcopy(mtq.NVFP4_SVDQUANT_DEFAULT_CFG)
     if kind == "int8-smoothquant":
         return copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG)
-    # The same algorithm with INT4 g64 weights and activations. ModelOpt's dynamic block quantization is its
-    # FP4/FP8-scale path (it asserts scale_bits), so the integer activations take static per-group scales from
-    # calibration.
+    # The same algorithm with INT4 g64 weights and INT4 activations. On CPU the activations can only be
+    # per-tensor (static, calibrated): ModelOpt's dynamic block quantization is its FP4/FP8-scale path (it asserts
+    # scale_bits, and amax on CUDA), and static g64 input blocks fail in its SVDQuant calibration on 3-D inputs
+    # ("amax shape changed!").
     config = copy.deepcopy(mtq.NVFP4_SVDQUANT_DEFAULT_CFG)
     for entry in config["quant_cfg"]:
-        if entry.get("quantizer_name") in ("*weight_quantizer", "*input_quantizer") and "cfg" in entry:
+        if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
             entry["cfg"] = {"num_bits": 4, "block_sizes": {-1: 64}, "axis": None}
+        elif entry.get("quantizer_name") == "*input_quantizer" and "cfg" in entry:
+            entry["cfg"] = {"num_bits": 4, "axis": None}
     return config
 
 
@@ -361,6 +365,11 @@ def main() -> None:
     parser.add_argument("--cache", default="build/peers", help="tiny-flux: where the fp32 images are kept")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one row, in this process
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--resume", type=Path, metavar="LOG",
+                        help="take the rows an interrupted run of the same model printed to LOG instead of rerunning "
+                             "them")
+    parser.add_argument("--update", action="store_true",
+                        help="replace or add these rows in an existing --out file, keeping its other rows")
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(run_row(args, args.child)), flush=True)
@@ -370,7 +379,16 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {ROWS}")
     results = []
+    measured_before = {}
+    if args.resume is not None:
+        for line in args.resume.read_text().splitlines():
+            if line.startswith('{"row"'):
+                measured = json.loads(line)
+                measured_before[measured["row"]] = dict(measured, resumed_from=str(args.resume))
     for row in rows:
+        if row in measured_before:
+            results.append(measured_before[row])
+            continue
         command = [sys.executable, __file__, "--model", args.model, "--child", row, "--pairs", str(args.pairs),
                    "--batch", str(args.batch), "--threads", str(args.threads), "--cache", args.cache]
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -397,8 +415,17 @@ def main() -> None:
               "rows": results, "peer_versions": versions, "machine": machine(),
               "note": "CPU fake quantization for every row; the machine is shared (see load_average), so "
                       "quantize times compare rows of one run only"}
+    out = args.out or Path(f"bench/results/peers-{args.model}.json")
+    if args.update and out.is_file():
+        earlier = json.loads(out.read_text())
+        fresh = {r["row"] for r in results}
+        kept = [r for r in earlier["rows"] if r["row"] not in fresh]
+        order = {row: index for index, row in enumerate(ROWS)}
+        report["rows"] = results = sorted(kept + results, key=lambda r: order.get(r["row"], len(order)))
+        report["machine"] = [*(earlier["machine"] if isinstance(earlier["machine"], list) else [earlier["machine"]]),
+                             report["machine"]]
     print(table(results))
-    write_result(report, args.out or Path(f"bench/results/peers-{args.model}.json"))
+    write_result(report, out)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,9 @@ run() {
     device=$(python3 -c "import torch, re; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-').lower())")
     nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv | tee "$OUT/nvidia-smi-$device.txt"
     SUMMARY=()
-    step gpu-tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests
+    # -P: the checkout's svdq_compiler/ folder must not shadow the installed package (codegen/ and passes/ are
+    # mapped into it only by the install)
+    step gpu-tests 120 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests
     step bench-kernels 240 python3 tools/bench_kernels.py --no-reference --rep-ms 50 \
         --out "$OUT/kernels-$device.json"
     step flux-block 120 python3 tools/bench_flux_block.py --out "$OUT/flux-block-$device.json"

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from svdq_compiler.errors import InputError
-from svdq_compiler.models.base import DynDim, ModelAdapter
+from svdq_compiler.models.base import DynDim, ModelAdapter, cast_module
 from svdq_compiler.models.flux import FluxAdapter
 from svdq_compiler.models.generic import GenericAdapter
 from svdq_compiler.models.pixart import PixArtAdapter
@@ -110,7 +110,7 @@ def load_model(spec: str | Path, *, dtype: torch.dtype | None = None) -> torch.n
     name = str(spec)
     if name in BUILTINS:
         model = BUILTINS[name].factory().eval()
-        return model.to(dtype) if dtype is not None else model
+        return cast_module(model, dtype) if dtype is not None else model
     path = Path(name).expanduser()
     if not path.exists():
         looks_like_a_name = name.startswith("random:") or ("/" not in name and not path.suffix)

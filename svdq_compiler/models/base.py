@@ -192,6 +192,22 @@ class ModelAdapter:
         return f"{self.name} ({', '.join(self.class_names) or 'any nn.Module'})"
 
 
+def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`module.to(dtype)`, without the warning diffusers' ModelMixin.to prints on every dtype cast: it warns about
+    "modules that should be kept in float32" even when the model lists none (then the cast is torch's own)."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        return module.to(dtype)
+    return torch.nn.Module.to(module, dtype)
+
+
+def low_cpu_mem_usage() -> bool:
+    """diffusers' from_pretrained(low_cpu_mem_usage=...): only with accelerate installed; asked for without it,
+    diffusers warns and falls back."""
+    from diffusers.utils import is_accelerate_available
+
+    return is_accelerate_available()
+
+
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
     for parameter in model.parameters():
         if parameter.is_floating_point():

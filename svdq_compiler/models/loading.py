@@ -18,6 +18,7 @@ import torch
 
 from svdq_compiler.errors import CheckpointError, InputError, first_line
 from svdq_compiler.files import atomic_path
+from svdq_compiler.models.base import cast_module, low_cpu_mem_usage
 
 log = logging.getLogger("svdq_compiler")
 
@@ -61,7 +62,8 @@ def load_folder(path: Path, *, dtype: torch.dtype | None = None) -> torch.nn.Mod
     if dtype is None and weights:
         dtype = checkpoint_dtype(weights)
     try:
-        model = adapter.model_class().from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+        model = adapter.model_class().from_pretrained(folder, local_files_only=True, torch_dtype=dtype,
+                                                      low_cpu_mem_usage=low_cpu_mem_usage())
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"diffusers could not load the model: {load_error_detail(exc)}", where=str(folder),
                               fix="check that the folder holds the config and weights diffusers saved") from exc
@@ -182,7 +184,7 @@ def load_single_file(path: Path, *, dtype: torch.dtype | None = None) -> torch.n
                               fix="give the matching config.json beside the file") from exc
     target = dtype or checkpoint_dtype([path])
     if any(p.dtype != target for p in model.parameters() if p.is_floating_point()):
-        model = model.to(target)
+        model = cast_module(model, target)
     return model.eval()
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from svdq_compiler.errors import CheckpointError, InputError
 from svdq_compiler.models import register_adapter, register_builtin
-from svdq_compiler.models.base import factor_grid
+from svdq_compiler.models.base import factor_grid, low_cpu_mem_usage, model_dtype
 from svdq_compiler.models.flux import FluxAdapter, image_ids
 from svdq_compiler.models.fmnist import ASSETS_DIR, PADDED_SIZE, PROMPTS, to_unit_range
 
@@ -252,13 +252,14 @@ class TinyFluxPipeline:
         sigmas = shifted_sigmas(num_steps, self.sampler.shift if shift is None else shift)
         guided = guidance != 1.0
         hidden, pooled = self.encode(prompts + [""] * len(prompts) if guided else prompts)
-        latents = initial_noise(seeds)
+        latents = initial_noise(seeds)  # the trajectory stays float32; each call gets the transformer's dtype
+        transformer_dtype = getattr(self.transformer, "dtype", None)
         img_ids, txt_ids = image_ids(*TOKEN_GRID), text_ids(hidden.shape[1])
         for step in range(num_steps):
             model_input = torch.cat([latents, latents]) if guided else latents
-            inputs = {"hidden_states": model_input, "encoder_hidden_states": hidden, "pooled_projections": pooled,
-                      "timestep": sigmas[step].expand(model_input.shape[0]).clone(), "img_ids": img_ids,
-                      "txt_ids": txt_ids, "return_dict": False}
+            inputs = floats_as({"hidden_states": model_input, "encoder_hidden_states": hidden,
+                                "pooled_projections": pooled, "timestep": sigmas[step].expand(model_input.shape[0]).clone(),
+                                "img_ids": img_ids, "txt_ids": txt_ids, "return_dict": False}, transformer_dtype)
             if on_step is not None:
                 on_step(step, inputs)
             velocity = transformer_output(self.transformer(**inputs)).float()
@@ -267,6 +268,14 @@ class TinyFluxPipeline:
                 velocity = unconditional + guidance * (conditional - unconditional)
             latents = latents + (sigmas[step + 1] - sigmas[step]) * velocity
         return to_unit_range(tokens_to_images(latents))
+
+
+def floats_as(inputs: dict, dtype: torch.dtype | None) -> dict:
+    """`inputs` with each floating-point tensor in `dtype` (None: unchanged): a float16 or bfloat16 transformer
+    takes its inputs in its own dtype, as a diffusers pipeline feeds it."""
+    if dtype is None:
+        return inputs
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def _require_files(folder: Path, names: Sequence[str]) -> None:
@@ -282,7 +291,8 @@ def load_transformer(folder: str | Path | None = None):
 
     folder = Path(folder) if folder is not None else TINY_FLUX_DIR
     _require_files(folder / "transformer", ["config.json", "diffusion_pytorch_model.safetensors"])
-    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32).eval()
+    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32,
+                                                         low_cpu_mem_usage=low_cpu_mem_usage()).eval()
     setattr(transformer, FOLDER_ATTRIBUTE, str(folder))
     return transformer
 
@@ -368,9 +378,10 @@ def example_inputs(model=None, batch: int = 1, tokens: int | tuple[int, int] | N
     channels = model.config.in_channels if model is not None else TRANSFORMER_CONFIG["in_channels"]
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, rows * cols, channels, generator=generator)
-    return {"hidden_states": torch.cat([latents, latents]), "encoder_hidden_states": hidden,
-            "pooled_projections": pooled, "timestep": torch.full((2 * batch,), 0.5),
-            "img_ids": image_ids(rows, cols), "txt_ids": text_ids(hidden.shape[1]), "return_dict": False}
+    return floats_as({"hidden_states": torch.cat([latents, latents]), "encoder_hidden_states": hidden,
+                      "pooled_projections": pooled, "timestep": torch.full((2 * batch,), 0.5),
+                      "img_ids": image_ids(rows, cols), "txt_ids": text_ids(hidden.shape[1]), "return_dict": False},
+                     model_dtype(model) if model is not None else None)
 
 
 def calib_inputs(model, num_prompts: int = 10, num_steps: int = 4, seed: int = 0, *, batch: int = 1,

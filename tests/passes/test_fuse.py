@@ -274,7 +274,7 @@ def test_ir_dump_writes_the_generated_kernels(tmp_path):
 
     x = torch.randn(2, 5, 64).to(BF16)
     gm = _lowered(SharedOutput(), (x,), dynamic=False)
-    ctx = PassContext(config=QuantConfig.preset("int4"), dump_dir=tmp_path, records=[{"name": "lower"}])
+    ctx = PassContext(config=QuantConfig.preset("int4"), dump_dir=tmp_path, available={"lowered"})
     run_passes(gm, ctx, [PASS_REGISTRY["fuse"]])
     text = (tmp_path / "001_fuse.kernels.py").read_text()
     assert text.count("# ===== fused_") == 3  # kernel A, fc1's B (with quantize-next), fc2's B

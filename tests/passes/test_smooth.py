@@ -37,7 +37,7 @@ def test_outliers_are_smoothed_and_the_graph_is_unchanged():
     gm, ctx, results = prepared(model, CALIB[0], CALIB, passes=("annotate_linears", "calibrate", "smooth"))
     stats = results["smooth"].stats
     # 4 W4A4 groups and the AdaLN layer's weight-only (AWQ) search
-    assert results["smooth"].modified and stats["groups"] == 5 and stats["candidates"] == 39
+    assert results["smooth"].modified and stats["groups"] == 5 and stats["candidates"] == 19  # smooth_grid 10
     qkv = stats["per_group"]["blocks.0.q"]
     assert (qkv["alpha"], qkv["beta"]) != (0.0, 0.0) and qkv["error_ratio"] < 0.5
     x = dit_inputs(seed=11)
@@ -64,7 +64,7 @@ def test_the_winner_has_the_smallest_error_of_all_candidates():
     problem = group_problem(gm, members, ctx.calibration, info.scheme)
     act = ctx.calibration.sites[raw_input(node).name].absmax()
     errors = {}
-    for alpha, beta in smoothing_candidates("svdquant", 20):
+    for alpha, beta in smoothing_candidates("svdquant", ctx.config.smooth_grid):
         scale = smoothing_scale(act, problem.weight_absmax(), alpha, beta, torch.float32)
         smoothed = problem.smoothed(scale)
         branches = problem.branches(smoothed, 32, "randomized", 0, torch.float32, scale)
@@ -84,7 +84,7 @@ def test_smoothquant_search_and_presets_without_smoothing():
                              passes=("annotate_linears", "calibrate", "smooth"))
     for group in results["smooth"].stats["per_group"].values():
         assert group["alpha"] == 0 and group["beta"] == 0 or group["alpha"] + group["beta"] == pytest.approx(1)
-    assert results["smooth"].stats["candidates"] == 20
+    assert results["smooth"].stats["candidates"] == 10  # λ = 1 and (c, 1 − c) for c = 0.1 … 0.9
     _, _, results = prepared(tiny_dit(), CALIB[0], CALIB, "w4a4-rtn", passes=("annotate_linears", "calibrate",
                                                                                "smooth"))
     assert results["smooth"].stats["groups"] == 0 and not results["smooth"].modified

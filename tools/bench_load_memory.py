@@ -1,0 +1,128 @@
+"""Peak memory of `svdq_compiler.load` against the graph file's size: tiny-flux (the shipped model, compiled
+normally) and the ~100M-parameter random FLUX of bench_compile (compiled with --stream on, data-free).
+
+    OMP_NUM_THREADS=1 .venv/bin/python tools/bench_load_memory.py --work /tmp/load-memory
+    .venv/bin/python tools/bench_load_memory.py --graph mine=/path/graph.pt      # measure existing graphs
+
+Each load is measured in a fresh process that first imports every module such a load imports (the first load
+of a process imports ~900 modules, ~45 MiB: torch's deserializer and FX passes, diffusers; the list comes from
+a load in another process): the peak RSS (VmHWM, reset through /proc/self/clear_refs) above the RSS after those
+imports is what loading the file costs. `load` maps the file and verifies its digests page by page, so the
+goal is at most 1.2x the file size. For comparison the same file is also loaded with plain `torch.export.load`
+(which reads every tensor into memory). The 12B FLUX graph is not measured here: writing its checkpoint (24 GB)
+and streaming it takes hours on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+# Run in a fresh process: argv[1] the graph file, argv[2] "svdq" or "torch", argv[3] the modules to import first
+# (JSON list, or "list" to print the modules a load imports instead of measuring), argv[4] the device (optional).
+LOAD_PEAK_RSS = """
+import importlib, json, re, sys, time
+import torch, svdq_compiler
+svdq_compiler.load  # imports the API, which registers the svdq ops (torch.export.load needs them too)
+
+
+def run():
+    if sys.argv[2] == "svdq":
+        return svdq_compiler.load(sys.argv[1], device=sys.argv[4] if len(sys.argv) > 4 else None)
+    return torch.export.load(sys.argv[1]).module()
+
+
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+
+if sys.argv[3] == "list":
+    before = set(sys.modules)
+    run()
+    print(json.dumps(sorted(set(sys.modules) - before)))
+    sys.exit(0)
+for name in json.loads(sys.argv[3]):
+    try:
+        importlib.import_module(name)
+    except Exception:  # a module that only imports in the context that pulled it in
+        pass
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as handle:  # "5" resets the peak (VmHWM) to the current RSS
+    handle.write("5")
+start = time.perf_counter()
+graph = run()
+seconds = time.perf_counter() - start
+print(json.dumps({"peak_rss_above_import": status("VmHWM") - before, "rss_after_load": status("VmRSS") - before,
+                  "load_s": round(seconds, 3), "devices": sorted({p.device.type for p in graph.parameters()})}))
+"""
+
+
+def measure_load(path: Path, loader: str = "svdq", device: str | None = None) -> dict:
+    """Peak RSS above the import and wall time of loading `path` in a fresh process that has first imported
+    every module such a load imports (found by a load in another process), so that only the load is counted."""
+    def fresh(modules: str) -> str:
+        run = subprocess.run([sys.executable, "-c", LOAD_PEAK_RSS, str(path), loader, modules,
+                              *([device] if device else [])], capture_output=True, text=True, timeout=3600)
+        if run.returncode != 0:
+            raise RuntimeError(f"loading {path} failed:\n{run.stderr[-2000:]}")
+        return run.stdout.strip().splitlines()[-1]
+
+    return json.loads(fresh(fresh("list")))
+
+
+def compile_graph(name: str, work: Path) -> Path:
+    out = work / f"{name}.pt"
+    if out.exists():
+        return out
+    if name == "flux100m":
+        from bench_compile import FLUX_100M
+        import make_flux_checkpoint
+
+        folder = work / "flux100m-checkpoint"
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in FLUX_100M.items()}
+        assert make_flux_checkpoint.main(["--out", str(folder), "--config", json.dumps(config), "--quiet"]) == 0
+        command = [str(folder), "--stream", "on"]
+    else:
+        command = [name]
+    compiler = [sys.executable, "-c", "import sys; from svdq_compiler.cli import compile_main; sys.exit(compile_main())"]
+    subprocess.run([*compiler, *command, "--out", str(out)], check=True, capture_output=True, text=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench_common import machine, write_result
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/svdq-load-memory"), help="where graphs are built")
+    parser.add_argument("--cases", default="tiny-flux,flux100m", help="graphs to build and measure")
+    parser.add_argument("--graph", action="append", default=[], metavar="NAME=PATH", help="also measure this file")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load-memory.json")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    graphs = {name: compile_graph(name, args.work) for name in args.cases.split(",") if name}
+    graphs.update({item.split("=", 1)[0]: Path(item.split("=", 1)[1]) for item in args.graph})
+    cases = []
+    for name, path in graphs.items():
+        size = path.stat().st_size
+        ours, plain = measure_load(path, "svdq"), measure_load(path, "torch")
+        cases.append({"graph": name, "file_bytes": size, "svdq_load": ours, "torch_export_load": plain,
+                      "peak_rss_over_file": round(ours["peak_rss_above_import"] / size, 3),
+                      "torch_peak_rss_over_file": round(plain["peak_rss_above_import"] / size, 3)})
+        print(f"{name}: {size / 2**20:.1f} MiB file, load peak RSS {ours['peak_rss_above_import'] / 2**20:.1f} MiB "
+              f"({cases[-1]['peak_rss_over_file']}x); torch.export.load {cases[-1]['torch_peak_rss_over_file']}x")
+    write_result({"benchmark": "load-memory", "goal": "peak RSS of load <= 1.2x the file size above the import",
+                  "cases": cases, "not_measured": "the 12B FLUX graph (its 24 GB checkpoint and streamed compile "
+                                                   "take hours on this machine)",
+                  "machine": machine(), "note": "shared machine: see load_average",
+                  "command": " ".join(["tools/bench_load_memory.py", *(argv or sys.argv[1:])])}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
