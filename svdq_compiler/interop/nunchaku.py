@@ -332,7 +332,7 @@ def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None) -
     from svdq_compiler.capture import install_shape_check
     from svdq_compiler.config import QuantConfig
     from svdq_compiler.meta_capture import capture_on_meta
-    from svdq_compiler.models import adapter_for_class
+    from svdq_compiler.models import adapter_for_class, cast_module
     from svdq_compiler.pipeline import PassContext, PassResult, make_pass, run_passes, svdquant_pipeline
     from svdq_compiler.serialize import REPORT_META
 
@@ -344,7 +344,7 @@ def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None) -
         model = adapter.model_class().from_config(config).eval()
     check_shapes(tensors, model, config, str(source))
     dtype = next(v.dtype for k, v in tensors.items() if k.endswith(".bias") and v.is_floating_point())
-    model.to(dtype)
+    cast_module(model, dtype)
     example = adapter.example_inputs(model, batch=batch, tokens=tokens)
     gm = capture_on_meta(model, example, adapter=adapter)
     quant_config = QuantConfig.preset(fmt, rank=rank or 32, skip=KEPT_16BIT, **NUNCHAKU_COMPATIBLE)
