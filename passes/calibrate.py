@@ -31,7 +31,7 @@ import torch.utils._pytree as pytree
 
 from svdq_compiler.capture import split_inputs
 from svdq_compiler.conv import ConvGeometry
-from svdq_compiler.calibration import Calibration, SiteStats
+from svdq_compiler.calibration import Calibration, SiteStats, isotropic_rows
 from svdq_compiler.errors import CalibrationError
 from svdq_compiler.fx_utils import tensor_val
 from svdq_compiler.ir import annotated_linears, module_path
@@ -209,6 +209,7 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         shifted = {site_name(node, info) for node, info in annotated_linears(gm) if info.shift}
         _isotropic_rows(sites, shifted, conv_sites, config.calib_rows, generator)
         calibration.source = f"weights ({config.calib_rows} isotropic Gaussian rows per site: weight-space error)"
+        calibration.data_free = True
     else:
         inputs, calibration.source = _calibration_inputs(ctx)
         recorder = _Recorder(gm, recorded, config.calib_rows, generator)
@@ -239,9 +240,7 @@ def _isotropic_rows(sites: dict[str, SiteStats], shifted: set[str], conv_sites: 
     for name, stats in sites.items():
         geometry, shift = conv_sites.get(name, (None, 0.0))
         if geometry is None:
-            sample = torch.randn(rows, stats.minimum.shape[0], generator=generator)
-            if name in shifted:
-                sample = F.gelu(sample)
+            sample = isotropic_rows(rows, stats.minimum.shape[0], generator, "none" if name in shifted else None)
         else:
             sample = torch.randn(rows, geometry.taps, geometry.channels, generator=generator)
             if name in shifted:

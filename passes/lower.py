@@ -1,15 +1,18 @@
 """lower: replace every quantized linear with the reference `svdq` ops (docs/architecture.md, "Lowered form").
 
 Requires: linears, quantized (QTensors in ctx.quantized, or packed weights already on the graph). Ensures:
-- per (input, λ, shift, format) of act-quantized linears, one `svdq.quantize_act(x, λ, shift, fmt, G)`
+- per (input, λ, shift, format) of act-quantized linears, one `svdq.quantize_act(x, λ, shift, fmt, G[, t])`
   (q/k/v share it; fmt "uint4" for shifted post-GELU inputs), and per linear
-  `acc = svdq.gemm(codes, scales, qweight, wscales, wtscale, fmt, G, K, dtype)` and
+  `acc = svdq.gemm(codes, scales, qweight, wscales, wtscale, fmt, G, K, dtype[, t])` and
   `y = aten.add(acc, aten.linear(down, L1, bias'))` (or `acc + bias'` without a branch); the branch's
   `down = aten.linear(aten.div(x, λ), L2)` stays shared per (input, L2);
 - weight-only linears become `svdq.weight_only_linear(x, qweight, wscales, bias, fmt, G)` (x/λ where AWQ
   scaled them, plus their branch `aten.linear(down, L1)` where they have one);
 - quantized k×k convolutions become `svdq.conv2d(x, qweight, wscales, wtscale, bias, shift, fmt, G, kernel,
   stride, padding, dilation)` (the weight packed as its tap-major im2col matrix, svdq_compiler.conv);
+- nvfp4 activations get their calibrated per-tensor scale (quant.py): a float32 buffer `<layer>.act_scale` =
+  nvfp4_act_scale(max over calibration of |x/λ|, config.nvfp4_act_headroom), the last argument of the
+  quantize_act, gemm and conv2d that use it (1, the one-level range, when calibration had no real data);
 - packed weights (codegen.layout) are buffers `<layer>.qweight`, `<layer>.wscales`, `<layer>.wtscale`; with a
   shift the bias is `<layer>.shifted_bias` = b − shift·Σⱼ R̃[:, j]/λⱼ, so the shifted quantized path plus the
   unshifted branch equals the original layer; unquantized weights and residuals are gone;
@@ -32,9 +35,9 @@ from svdq_compiler.fx_utils import aten, drop_unused_attrs, erase_unused, get_at
 from svdq_compiler.ir import (LAYERS_META, META_KEY, LinearInfo, OpTag, QuantOpInfo, annotated_linears,
                               get_attr_value, set_attr_value, set_info)
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
-from svdq_compiler.quant import dequantize
+from svdq_compiler.quant import dequantize, nvfp4_act_scale
 from svdq_compiler.report import layer_report
-from svdq_compiler.svdquant import branch_add, conv_geometry, layer_name, raw_input
+from svdq_compiler.svdquant import branch_add, conv_geometry, layer_name, raw_input, site_name
 
 svdq = torch.ops.svdq
 
@@ -69,6 +72,23 @@ def _shifted_bias(gm: torch.fx.GraphModule, store: dict, info: LinearInfo) -> st
     return target
 
 
+def _act_scale(gm: torch.fx.GraphModule, ctx: PassContext, node: torch.fx.Node, info: LinearInfo) -> torch.fx.Node:
+    """The get_attr of the layer's calibrated nvfp4 activation scale `<layer>.act_scale` (module doc)."""
+    target = f"{layer_name(info.weight)}.act_scale"
+    if not hasattr(gm.get_submodule(layer_name(info.weight)), "act_scale"):
+        calibration = ctx.calibration
+        stats = calibration.sites.get(site_name(node, info)) if calibration is not None else None
+        if stats is None or calibration.data_free:
+            scale = torch.ones((), dtype=torch.float32)
+        else:
+            absmax = stats.absmax(info.shift).float()
+            if info.smooth is not None:
+                absmax = absmax / get_attr_value(gm, info.smooth).float()
+            scale = nvfp4_act_scale(absmax.max(), ctx.config.nvfp4_act_headroom)
+        set_attr_value(gm, target, scale, as_buffer=True)
+    return get_attr_node(gm, target, before=node)
+
+
 LOWERED_OPS = frozenset({svdq.quantize_act.default, svdq.gemm.default, svdq.weight_only_linear.default,
                          svdq.conv2d.default})
 
@@ -101,10 +121,12 @@ def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         old_attrs += [info.weight] + ([info.bias] if info.bias else [])
         if geometry is not None:
             bias = conv_args(node).get("bias")
+            act_scale = (_act_scale(gm, ctx, node, info),) if scheme.act == "nvfp4" else ()
             out = insert_call(gm, svdq.conv2d.default,
                               (x, *weight_nodes, bias, info.shift, "uint4" if info.shift else scheme.act,
                                scheme.weight_group, list(geometry.kernel), list(geometry.stride),
-                               list(geometry.padding), list(geometry.dilation)), before=node, meta_from=node)
+                               list(geometry.padding), list(geometry.dilation), *act_scale), before=node,
+                              meta_from=node)
             node.replace_all_uses_with(out)
             counts["conv2d"] += 1
         elif scheme.act is None:
@@ -121,9 +143,10 @@ def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             key = (x, info.smooth, info.shift, fmt, scheme.act_group)
             if key not in quantizers:
                 smooth = get_attr_node(gm, info.smooth, before=node) if info.smooth else None
+                act_scale = (_act_scale(gm, ctx, node, info),) if fmt == "nvfp4" else ()
                 quantize = insert_call(gm, svdq.quantize_act.default, (x, smooth, info.shift, fmt,
-                                                                        scheme.act_group), before=node,
-                                       meta_from=node)
+                                                                        scheme.act_group, *act_scale),
+                                       before=node, meta_from=node)
                 set_info(quantize, QuantOpInfo(op=OpTag.QUANTIZE_ACT, linears=[],
                                                spec={"fmt": fmt, "group_size": scheme.act_group,
                                                      "shift": info.shift}))
@@ -134,7 +157,8 @@ def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             quantize, codes, scales = quantizers[key]
             quantize.meta[META_KEY].linears.append(info.name)
             out = insert_call(gm, svdq.gemm.default, (codes, scales, *weight_nodes, fmt, scheme.act_group,
-                                                       info.in_features, x.meta["val"].dtype),
+                                                       info.in_features, x.meta["val"].dtype,
+                                                       *quantize.args[5:]),
                               before=node, meta_from=node)
             if info.shift:
                 bias = get_attr_node(gm, _shifted_bias(gm, store, info), before=node)

@@ -11,6 +11,20 @@ import torch
 from svdq_compiler.errors import CheckpointError
 
 
+def isotropic_rows(rows: int, channels: int, generator: torch.Generator, gelu: str | None = None) -> torch.Tensor:
+    """Data-free sample rows: standard normal [rows, channels], through GELU (`gelu`: "none" for erf, "tanh")
+    where the layer reads a GELU output. With x ~ N(0, I), E‖ΔW·x‖² = ‖ΔW‖_F²: searches on these rows minimise
+    the weight-space error.
+
+    The two callers still differ in the GELU, by history rather than design: calibrate's
+    `calib_source="weights"` uses the erf form, the streaming compile the tanh form (FLUX's). Unifying them
+    changes compiled outputs, so each keeps its own until a measured choice is made (ideally the approximation
+    of the graph's own GELU node).
+    """
+    sample = torch.randn(rows, channels, generator=generator)
+    return sample if gelu is None else torch.nn.functional.gelu(sample, approximate=gelu)
+
+
 @dataclass
 class SiteStats:
     """What calibration saw of one tensor read by quantized linears (channels last)."""
@@ -33,6 +47,7 @@ class Calibration:
     sites: dict[str, SiteStats] = field(default_factory=dict)
     source: str = ""
     inputs: int = 0
+    data_free: bool = False  # synthetic rows: the ranges say nothing about the real activations
 
 
 CALIBRATION_FORMAT = "svdq-calibration"

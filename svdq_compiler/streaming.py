@@ -26,7 +26,6 @@ The effect of each against the normal calibrated compile is measured by `tools/b
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import ctypes
 import gc
@@ -40,7 +39,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 
 from svdq_compiler.archive import StreamingArchive
 from svdq_compiler.config import QuantConfig
@@ -217,7 +215,7 @@ class VisibleUnit:
 def synthetic_calibration(gm: torch.fx.GraphModule, rows: int, seed: int):
     """Calibration statistics for the visible linears from synthetic isotropic inputs: standard normal rows
     (GELU of them where a reader shifts its input, i.e. reads a GELU output)."""
-    from svdq_compiler.passes.calibrate import Calibration, SiteStats
+    from svdq_compiler.calibration import Calibration, SiteStats, isotropic_rows
 
     generator = torch.Generator().manual_seed(seed)
     sites: dict[str, SiteStats] = {}
@@ -227,16 +225,13 @@ def synthetic_calibration(gm: torch.fx.GraphModule, rows: int, seed: int):
         x = node.args[0]
         if x.name not in sites:
             val = x.meta["val"]
-            sample = torch.randn(rows, val.shape[-1], generator=generator)
-            if info.shift:
-                sample = F.gelu(sample, approximate="tanh")
-            sample = sample.to(val.dtype)
+            sample = isotropic_rows(rows, val.shape[-1], generator, "tanh" if info.shift else None).to(val.dtype)
             sites[x.name] = SiteStats(node=x.name, readers=[], minimum=sample.float().amin(0),
                                       maximum=sample.float().amax(0), rows=sample,
                                       priorities=torch.zeros(rows), rows_seen=rows)
         sites[x.name].readers.append(info.name)
     return Calibration(sites=sites, source=f"synthetic: {rows} isotropic rows per site (data-free streaming)",
-                       inputs=0)
+                       inputs=0, data_free=True)
 
 
 def unit_passes(calibration: str) -> list[Pass]:
