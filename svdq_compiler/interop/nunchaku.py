@@ -110,11 +110,14 @@ def _name(fused_or_norm: Fused | tuple[str, str], naming: str) -> str:
 # ---- export -------------------------------------------------------------------------------------------------
 
 
-def export_nunchaku(gm: torch.fx.GraphModule, path: str | Path | None = None, *, naming: str = "v1",
+def export_nunchaku(gm: torch.nn.Module, path: str | Path | None = None, *, naming: str = "v1",
                     config: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """Our compiled FLUX graph → a Nunchaku checkpoint's tensors (written with its metadata to `path` if
-    given, through a temporary file)."""
+    """Our compiled FLUX graph (from compile, load or import_nunchaku) → a Nunchaku checkpoint's tensors
+    (written with its metadata to `path` if given, through a temporary file)."""
     from svdq_compiler.capture import CAPTURE_META
+    from svdq_compiler.dropin import graph_module_of
+
+    gm = graph_module_of(gm)
 
     if naming not in ("v1", "v2"):
         raise InputError(f"naming must be 'v1' or 'v2', got {naming!r}")
@@ -351,7 +354,7 @@ def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None) -
     from svdq_compiler.capture import install_shape_check
     from svdq_compiler.config import QuantConfig
     from svdq_compiler.meta_capture import capture_on_meta
-    from svdq_compiler.models import adapter_for_class
+    from svdq_compiler.models import adapter_for_class, cast_module
     from svdq_compiler.pipeline import PassContext, PassResult, make_pass, run_passes, svdquant_pipeline
     from svdq_compiler.serialize import REPORT_META
 
@@ -363,7 +366,7 @@ def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None) -
         model = adapter.model_class().from_config(config).eval()
     check_shapes(tensors, model, config, str(source))
     dtype = next(v.dtype for k, v in tensors.items() if k.endswith(".bias") and v.is_floating_point())
-    model.to(dtype)
+    cast_module(model, dtype)
     example = adapter.example_inputs(model, batch=batch, tokens=tokens)
     gm = capture_on_meta(model, example, adapter=adapter)
     quant_config = QuantConfig.preset(fmt, rank=rank or 32, skip=KEPT_16BIT, **NUNCHAKU_COMPATIBLE)
