@@ -15,6 +15,10 @@ Dispatch, per call:
 `fused_weight_only_linear(x, w_codes, w_scales, down?, lora_up?, bias?, operands, spec)` returns y [..., N]:
 `svdq.weight_only_linear` (+ down·L1ᵀ, a LoRA beside the layer), then the epilogue chain.
 
+nvfp4 activations are two-level: `act_scale` (kernel A), `a_tscale` and `next_act_scale` (kernel B) are their
+per-tensor fp32 scales (None for the other formats); the Python-level `reference_*` and `launch.*` functions
+take them as trailing arguments after the parsed spec, the ops just before the spec string (which stays last).
+
 Outputs of `fused_gemm`, in order: y [..., N] (unless the quantize-for-next-layer epilogue does not emit it),
 then with that epilogue the next layer's codes and scales, then its down projection [..., rank′].
 """
@@ -90,9 +94,10 @@ def weight_only_spec(text: str) -> WeightOnlySpec:
 # Reference implementations: the lowered graph's computation, op for op
 
 
-def reference_quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, quant: ActQuant):
-    """codes, scales of Q((x + shift)/λ), from the reference op."""
-    return torch.ops.svdq.quantize_act(x, smooth, quant.shift, quant.fmt, quant.group_size)
+def reference_quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, quant: ActQuant,
+                           act_scale: torch.Tensor | None = None):
+    """codes, scales of Q((x + shift)/λ) (nvfp4 under its per-tensor scale), from the reference op."""
+    return torch.ops.svdq.quantize_act(x, smooth, quant.shift, quant.fmt, quant.group_size, act_scale)
 
 
 def _reference_down(x: torch.Tensor, smooth: torch.Tensor | None, lora_down: torch.Tensor) -> torch.Tensor:
@@ -120,17 +125,18 @@ def apply_epilogue(y: torch.Tensor, steps: Sequence[Epilogue], operands: Sequenc
     return y
 
 
-def reference_quantize_lora_down(x, smooth, lora_down, spec: QuantizeSpec):
-    codes, scales = reference_quantize_act(x, smooth, spec.quant)
+def reference_quantize_lora_down(x, smooth, lora_down, spec: QuantizeSpec, act_scale=None):
+    codes, scales = reference_quantize_act(x, smooth, spec.quant, act_scale)
     down = _reference_down(x, smooth, lora_down) if spec.rank else x.new_empty((*x.shape[:-1], 0))
     return codes, scales, down
 
 
 def reference_gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, down, lora_up, bias, operands, next_smooth,
-                   next_lora_down, spec: GemmSpec) -> list[torch.Tensor]:
+                   next_lora_down, spec: GemmSpec, a_tscale=None, next_act_scale=None) -> list[torch.Tensor]:
     dtype = model_dtype(spec.dtype)
     k = spec.k if spec.k is not None else (a_codes.shape[-1] * 2 if spec.act != "int8" else a_codes.shape[-1])
-    y = torch.ops.svdq.gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, spec.act, spec.group_size, k, dtype)
+    y = torch.ops.svdq.gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, spec.act, spec.group_size, k, dtype,
+                            a_tscale)
     if spec.rank:
         # a slice of a concatenated down projection is strided; the lowered graph's was contiguous, and BLAS
         # may sum in another order for strided inputs
@@ -141,7 +147,7 @@ def reference_gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, down, lora_up
     qn = spec.quantize_next
     if qn is None:
         return [y]
-    codes, scales = reference_quantize_act(y, next_smooth, qn.quant)
+    codes, scales = reference_quantize_act(y, next_smooth, qn.quant, next_act_scale)
     outputs = ([y] if qn.emit_output else []) + [codes, scales]
     if qn.rank:
         outputs.append(_reference_down(y, next_smooth, next_lora_down))
@@ -162,18 +168,20 @@ def reference_weight_only_linear(x, w_codes, w_scales, down, lora_up, bias, oper
 
 @torch.library.custom_op("svdq::fused_quantize_lora_down", mutates_args=())
 def fused_quantize_lora_down(x: torch.Tensor, smooth: Optional[torch.Tensor], lora_down: Optional[torch.Tensor],
-                             spec: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kernel A: (codes, scales, down) = Q((x + shift)/λ), (x/λ)·L2ᵀ; down is [..., 0] for rank 0."""
+                             act_scale: Optional[torch.Tensor], spec: str
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel A: (codes, scales, down) = Q((x + shift)/λ), (x/λ)·L2ᵀ; down is [..., 0] for rank 0; nvfp4
+    quantizes under the per-tensor activation scale `act_scale`."""
     parsed = quantize_spec(spec)
     if resolve_backend(x.device) == "triton":
         from svdq_compiler.codegen import launch
 
-        return launch.quantize_lora_down(x, smooth, lora_down, parsed)
-    return reference_quantize_lora_down(x, smooth, lora_down, parsed)
+        return launch.quantize_lora_down(x, smooth, lora_down, parsed, act_scale)
+    return reference_quantize_lora_down(x, smooth, lora_down, parsed, act_scale)
 
 
 @fused_quantize_lora_down.register_fake
-def _fused_quantize_lora_down_fake(x, smooth, lora_down, spec):
+def _fused_quantize_lora_down_fake(x, smooth, lora_down, act_scale, spec):
     parsed = quantize_spec(spec)
     lead, k = tuple(x.shape[:-1]), x.shape[-1]
     dtype = model_dtype(parsed.dtype)
@@ -187,22 +195,24 @@ def _fused_quantize_lora_down_fake(x, smooth, lora_down, spec):
 def fused_gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
                w_tscale: Optional[torch.Tensor], down: Optional[torch.Tensor], lora_up: Optional[torch.Tensor],
                bias: Optional[torch.Tensor], operands: list[torch.Tensor], next_smooth: Optional[torch.Tensor],
-               next_lora_down: Optional[torch.Tensor], spec: str) -> list[torch.Tensor]:
+               next_lora_down: Optional[torch.Tensor], a_tscale: Optional[torch.Tensor],
+               next_act_scale: Optional[torch.Tensor], spec: str) -> list[torch.Tensor]:
     """Kernel B: the 4-bit (or W8A8) GEMM, + down·L1ᵀ + bias, the epilogue chain, and optionally the
-    quantization of the result for the next layer. See the module docstring for the outputs."""
+    quantization of the result for the next layer. See the module docstring for the outputs. nvfp4: `a_tscale`
+    is the activation's per-tensor scale, `next_act_scale` the next layer's."""
     parsed = gemm_spec(spec)
     if resolve_backend(a_codes.device) == "triton":
         from svdq_compiler.codegen import launch
 
         return launch.gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, down, lora_up, bias, operands,
-                           next_smooth, next_lora_down, parsed)
+                           next_smooth, next_lora_down, parsed, a_tscale, next_act_scale)
     return reference_gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, down, lora_up, bias, operands,
-                          next_smooth, next_lora_down, parsed)
+                          next_smooth, next_lora_down, parsed, a_tscale, next_act_scale)
 
 
 @fused_gemm.register_fake
 def _fused_gemm_fake(a_codes, a_scales, w_codes, w_scales, w_tscale, down, lora_up, bias, operands, next_smooth,
-                     next_lora_down, spec):
+                     next_lora_down, a_tscale, next_act_scale, spec):
     parsed = gemm_spec(spec)
     lead, n = tuple(a_codes.shape[:-1]), w_codes.shape[0]
     dtype = model_dtype(parsed.dtype)

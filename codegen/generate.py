@@ -186,8 +186,9 @@ def _quant_description(quant: ActQuant) -> str:
         return (f"int8 per token: s = absmax({source} over the row)/127 in fp32 (0 → 1), "
                 f"q = clamp(round-half-even({source}/s), −127, 127).")
     if quant.fmt == "nvfp4":
-        return (f"nvfp4: per token and group of 16, s = E4M3(absmax/6) (ties to the larger value, max 448, "
-                f"0 → 1), q = E2M1({source}/s) (ties to the larger value); codes in consecutive pairs.")
+        return (f"nvfp4, two-level: per token and group of 16, s = E4M3(absmax/6/t) (ties to the larger value, "
+                f"max 448, 0 → 1) with t the fp32 per-tensor scale, q = E2M1({source}/(s·t)) (ties to the larger "
+                f"value); codes in consecutive pairs.")
     lo, hi = int(FORMATS[quant.fmt].qmin), int(FORMATS[quant.fmt].qmax)
     shift = f", shift {quant.shift:g}" if quant.shift else ""
     return (f"{quant.fmt}{shift}: per token and group of {quant.group_size}, s = absmax/{hi} rounded to the "
@@ -224,21 +225,23 @@ def _emit_quant_input(src: _Source, quant: ActQuant, x: str, smooth: str, dtype:
     src.add(f"{out} = {_rounded(value, dtype) if quant.shift or quant.smooth else value}")
 
 
-def _emit_group_quantize(src: _Source, quant: ActQuant, value: str, rows: str, groups: str, dtype: str) -> None:
+def _emit_group_quantize(src: _Source, quant: ActQuant, value: str, rows: str, groups: str, dtype: str,
+                         tensor_scale: str = "") -> None:
     """Quantize fp32 tile `value` [rows, groups·G] per group of G; defines `scale` [rows, groups] (stored type)
-    and `packed` uint8 [rows, groups·G/2]."""
+    and `packed` uint8 [rows, groups·G/2]. nvfp4 divides its E4M3 group scales by `tensor_scale` (the name of
+    the fp32 per-tensor activation scale, quant.py's two-level rule)."""
     g = quant.group_size
     src.add(f"grouped = tl.reshape({value}, ({rows}, {groups}, {g}))")
     src.add("absmax = tl.max(tl.abs(grouped), axis=2)")
     if quant.fmt == "nvfp4":
         src.add("""
-            scale = round_to_e4m3(absmax / 6.0)
+            scale = round_to_e4m3(absmax / 6.0 / {ts})
             scale = tl.where(scale == 0.0, 1.0, scale)
-            codes = e2m1_code(tl.minimum(tl.maximum(grouped / scale[:, :, None], -6.0), 6.0))
+            codes = e2m1_code(tl.minimum(tl.maximum(grouped / (scale * {ts})[:, :, None], -6.0), 6.0))
             # consecutive pairs: byte j = code[2j] | code[2j + 1] << 4
             low, high = tl.split(tl.reshape(codes, ({rows}, {groups}, {half}, 2)))
             scale = e4m3_bits(scale)""".replace("{rows}", rows).replace("{groups}", groups)
-                .replace("{half}", str(g // 2)))
+                .replace("{half}", str(g // 2)).replace("{ts}", tensor_scale))
     else:
         qmax, qmin = FORMATS[quant.fmt].qmax, FORMATS[quant.fmt].qmin
         src.add(f"""
@@ -325,13 +328,15 @@ def _emit_step_loads(src: _Source, spec: QuantizeSpec, target: Target, dtype: st
 def _emit_quantize_grouped_body(src: _Source, spec: QuantizeSpec, target: Target, dtype: str) -> None:
     quant = spec.quant
     g = quant.group_size
+    if quant.fmt == "nvfp4":
+        src.add("act_scale = tl.load(act_scale_ptr)  # the per-tensor activation scale (fp32)")
     src.add(f"""
         num_groups = tl.cdiv(K, {g})
         STEP: tl.constexpr = GROUPS_PER_STEP * {g}
         for k0 in range(0, num_groups * {g}, STEP):""")
     src.indent()
     _emit_step_loads(src, spec, target, dtype, "STEP", with_down=bool(spec.rank))
-    _emit_group_quantize(src, quant, "value", "BLOCK_M", "GROUPS_PER_STEP", dtype)
+    _emit_group_quantize(src, quant, "value", "BLOCK_M", "GROUPS_PER_STEP", dtype, "act_scale")
     src.add(f"""
         byte_cols = k0 // 2 + tl.arange(0, STEP // 2)
         tl.store(codes_ptr + rows.to(tl.int64)[:, None] * (num_groups * {g // 2}) + byte_cols[None, :], packed,
@@ -422,7 +427,7 @@ def _gemm_description(spec: GemmSpec, target: Target) -> str:
     epilogue = " → ".join(steps) if steps else "(none)"
     k_text = f"K = {spec.k}" if spec.k else "K at run time"
     n_text = f"N = {spec.n}" if spec.n else "N at run time"
-    formula = (f"y[M, N] = Σ_g (a_g·w_gᵀ)·s_a·s_w{' · tscale' if spec.act == 'nvfp4' else ''}"
+    formula = (f"y[M, N] = Σ_g (a_g·w_gᵀ)·s_a·s_w{' · α (weight × activation tensor scale)' if spec.act == 'nvfp4' else ''}"
                f"{' + down·L1ᵀ' if spec.rank else ''}{' + bias' if spec.bias else ''}, then the epilogue; "
                f"{k_text}, {n_text}.")
     return "\n".join([
@@ -627,7 +632,8 @@ def _emit_nvfp4_k_advance(src: _Source) -> None:
             w_ptrs += BLOCK_K // 2
             a_scale_ptrs += BLOCK_K // 16
             w_scale_ptrs += (BLOCK_K // 16) * N
-        acc = acc * tl.load(w_tscale_ptr + cols_in)[None, :]  # per-tensor or per-channel weight scale""")
+        # α per output channel: the weight's tensor (or channel) scale × the activation's tensor scale
+        acc = acc * tl.load(w_tscale_ptr + cols_in)[None, :]""")
 
 
 def _emit_gemm_nvfp4_dequant_loop(src: _Source) -> None:
@@ -694,7 +700,9 @@ def _emit_epilogue(src: _Source, spec: GemmSpec, target: Target, dtype: str) -> 
         src.add("next_smooth = tl.load(next_smooth_ptr + cols_in).to(tl.float32)[None, :]")
     _emit_quant_input(src, quant, "y", "next_smooth", dtype, "value")
     src.add("value = tl.where(col_ok[None, :], value, 0.0)")
-    _emit_group_quantize(src, quant, "value", "BLOCK_M", f"(BLOCK_N // {g})", dtype)
+    if quant.fmt == "nvfp4":
+        src.add("next_act_scale = tl.load(next_act_scale_ptr)  # the next layer's per-tensor activation scale")
+    _emit_group_quantize(src, quant, "value", "BLOCK_M", f"(BLOCK_N // {g})", dtype, "next_act_scale")
     src.add(f"""
         next_groups = tl.cdiv(N, {g})
         byte_cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)

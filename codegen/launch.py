@@ -124,9 +124,20 @@ def _device_key(device: torch.device) -> str:
 # Kernel A
 
 
+def _check_act_scale(t: torch.Tensor | None, fmt: str, name: str, where: str, device: torch.device) -> None:
+    """nvfp4's per-tensor activation scale: one fp32 value; no other format has one."""
+    if fmt == "nvfp4":
+        _check_tensor(t, name, where, dtype=torch.float32, device=device)
+        _require(t.numel() == 1, f"{name} must hold one value, got shape {tuple(t.shape)}", where)
+    else:
+        _absent(t, name, where)
+
+
 def quantize_lora_down(x: torch.Tensor, smooth: torch.Tensor | None, lora_down: torch.Tensor | None,
-                       spec: QuantizeSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kernel A: (codes, scales, down) for x [..., K]; down is [..., rank] ([..., 0] for rank 0)."""
+                       spec: QuantizeSpec, act_scale: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel A: (codes, scales, down) for x [..., K]; down is [..., rank] ([..., 0] for rank 0); nvfp4 reads
+    its per-tensor activation scale from `act_scale`."""
     where = f"fused_quantize_lora_down ({spec.name})"
     dtype = model_dtype(spec.dtype)
     quant = spec.quant
@@ -143,6 +154,7 @@ def quantize_lora_down(x: torch.Tensor, smooth: torch.Tensor | None, lora_down: 
         _check_tensor(lora_down, "lora_down (L2)", where, shape=(spec.rank, k), dtype=dtype, device=device)
     else:
         _absent(lora_down, "lora_down (L2)", where)
+    _check_act_scale(act_scale, quant.fmt, "act_scale", where, device)
     lead = tuple(x.shape[:-1])
     x2 = _rows(x)
     m = x2.shape[0]
@@ -158,6 +170,7 @@ def quantize_lora_down(x: torch.Tensor, smooth: torch.Tensor | None, lora_down: 
             **_sizes(spec, None, k)}
     args |= {"smooth_ptr": smooth.contiguous()} if quant.smooth else {}
     args |= {"lora_down_ptr": lora_down.contiguous(), "down_ptr": down} if spec.rank else {}
+    args |= {"act_scale_ptr": act_scale.reshape(1)} if quant.fmt == "nvfp4" else {}
 
     def run(config: QuantizeConfig) -> None:
         _launch(kernel, spec, (math.ceil(m / config.block_m),), {**args, **tile_constexprs(spec, config, m, 0, k)},
@@ -248,8 +261,10 @@ def _launch(kernel, spec: KernelSpec, grid: tuple, values: dict, config) -> None
 def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
          w_tscale: torch.Tensor | None, down: torch.Tensor | None, lora_up: torch.Tensor | None,
          bias: torch.Tensor | None, operands: Sequence[torch.Tensor], next_smooth: torch.Tensor | None,
-         next_lora_down: torch.Tensor | None, spec: GemmSpec) -> list[torch.Tensor]:
-    """Kernel B; see the module docstring for the outputs."""
+         next_lora_down: torch.Tensor | None, spec: GemmSpec, a_tscale: torch.Tensor | None = None,
+         next_act_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Kernel B; see the module docstring for the outputs. nvfp4 reads the activation's per-tensor scale
+    `a_tscale` (and `next_act_scale` for a quantize-for-next-layer epilogue in nvfp4)."""
     where = f"fused_gemm ({spec.name})"
     dtype = model_dtype(spec.dtype)
     act = ActQuant(spec.act, spec.group_size)
@@ -271,6 +286,7 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
                  f"got shape {tuple(w_tscale.shape)}", where)
     else:
         _absent(w_tscale, "w_tscale", where)
+    _check_act_scale(a_tscale, spec.act, "a_tscale", where, device)
     _check_branch_epilogue(down, lora_up, bias, operands, spec, lead, n, dtype, device, where)
     qn = spec.quantize_next
     if qn is not None and qn.quant.smooth:
@@ -282,14 +298,16 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
                       device=device)
     else:
         _absent(next_lora_down, "next_lora_down (L2′)", where)
+    _check_act_scale(next_act_scale, qn.quant.fmt if qn is not None else "", "next_act_scale", where, device)
 
     m = math.prod(lead)
     inputs = {"a_codes_ptr": a_codes.reshape(m, columns).contiguous(),
               "a_scales_ptr": a_scales.reshape(m, a_scales.shape[-1]).contiguous(),
               "w_codes_ptr": w_codes.contiguous(), "w_scales_ptr": w_scales.contiguous(), "M": m,
               **_sizes(spec, n, k)}
-    # the kernel reads one weight scale per output channel
-    inputs |= {"w_tscale_ptr": w_tscale.reshape(-1).expand(n).contiguous()} if spec.act == "nvfp4" else {}
+    # the kernel reads one α per output channel: the weight's scale × the activation's, as svdq.gemm multiplies
+    inputs |= {"w_tscale_ptr": (w_tscale.reshape(-1) * a_tscale.reshape(())).expand(n).contiguous()} \
+        if spec.act == "nvfp4" else {}
     inputs |= _branch_epilogue_args(down, lora_up, bias, operands, spec, lead, n, where)
     next_inputs = {"smooth": next_smooth.contiguous() if next_smooth is not None else None,
                    "lora_down": next_lora_down.contiguous() if next_lora_down is not None else None}
@@ -308,6 +326,7 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
                         torch.empty(next_packed.scales_shape, dtype=next_packed.scales_dtype, device=device)]
             args |= {"next_codes_ptr": outputs[-2], "next_scales_ptr": outputs[-1]}
             args |= {"next_smooth_ptr": next_inputs["smooth"]} if qn.quant.smooth else {}
+            args |= {"next_act_scale_ptr": next_act_scale.reshape(1)} if qn.quant.fmt == "nvfp4" else {}
             if qn.rank:
                 next_down_acc = torch.zeros((*lead, qn.rank), dtype=torch.float32, device=device)
                 args |= {"next_lora_down_ptr": next_inputs["lora_down"], "next_down_ptr": next_down_acc}

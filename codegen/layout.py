@@ -253,9 +253,12 @@ def pack_act(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def unpack_act(codes: torch.Tensor, scales: torch.Tensor, fmt: str, group_size: int, k: int,
-               dtype: torch.dtype) -> QTensor:
+               dtype: torch.dtype, tensor_scale: torch.Tensor | None = None) -> QTensor:
+    """The QTensor that packed activations stand for; nvfp4's per-tensor scale travels beside the packed pair
+    (pack_act drops it), so pass it back here."""
     group = check_packed_act(codes, scales, fmt, group_size, k)
-    return QTensor(unpack_codes(codes, fmt, group), _scales_from_packed(scales, fmt), fmt, group, k, dtype)
+    return QTensor(unpack_codes(codes, fmt, group), _scales_from_packed(scales, fmt), fmt, group, k, dtype,
+                   tensor_scale)
 
 
 # ---- Nunchaku SVDQuant W4A4 -----------------------------------------------------------------------------------
@@ -358,6 +361,11 @@ class NunchakuLinear:
     lora_down: torch.Tensor | None = None  # L2 [r, K], applied to x/λ
     lora_up: torch.Tensor | None = None  # L1 [N, r]
     smooth_orig: torch.Tensor | None = None  # Nunchaku's informational λ (≠ smooth when it was fused upstream)
+    # nvfp4: our per-tensor activation scale t (fp32, one value). Nunchaku has none (its E4M3 block scale is
+    # min(amax/6, 448) of x/smooth_factor), so to_nunchaku folds t into the quantized path only:
+    # smooth_factor = λ·t and wtscale (or wcscales) × t, while the branch keeps L2/λ. What Nunchaku computes is
+    # then exactly ours, up to rounding λ·t to the model dtype. from_nunchaku reads none (t = 1).
+    act_scale: torch.Tensor | None = None
 
 
 def to_nunchaku(linear: NunchakuLinear, *, naming: str = "v1") -> dict[str, torch.Tensor]:
@@ -384,15 +392,21 @@ def to_nunchaku(linear: NunchakuLinear, *, naming: str = "v1") -> dict[str, torc
         # Nunchaku pads K to 128 and its kernel reads scales for all of it, so the scales cover K_pad/16 groups
         # (deepcompressor pads them only to 64 channels, which no Nunchaku build can load when K % 128 != 0).
         out["wscales"] = _scatter(scales, offsets).view(torch.float8_e4m3fn).view(k_pad // 16, n_pad)
-        if w.wtscale is not None and w.wtscale.numel() == w.n and w.n > 1:
-            out["wcscales"] = _pack_vector(_padded(w.wtscale.to(dtype), (n_pad,), 1))
-        elif w.wtscale is not None:
-            out["wtscale"] = w.wtscale.reshape(1).to(dtype)
+        wtscale = w.wtscale
+        if linear.act_scale is not None:
+            wtscale = (torch.ones((), dtype=torch.float32) if wtscale is None else wtscale.float()) * \
+                linear.act_scale.float().reshape(())
+        if wtscale is not None and wtscale.numel() == w.n and w.n > 1:
+            out["wcscales"] = _pack_vector(_padded(wtscale.to(dtype), (n_pad,), 1))
+        elif wtscale is not None:
+            out["wtscale"] = wtscale.reshape(1).to(dtype)
     bias = linear.bias if linear.bias is not None else torch.zeros(w.n, dtype=dtype, device=w.qweight.device)
     out["bias"] = _pack_vector(_padded(bias.to(dtype), (n_pad,), 1))
     smooth = linear.smooth if linear.smooth is not None else torch.ones(w.k, dtype=dtype, device=bias.device)
     smooth_orig = linear.smooth_orig if linear.smooth_orig is not None else smooth
-    out[names["smooth"]] = _pack_vector(_padded(smooth.to(dtype), (k_pad,), 1))
+    quantized_smooth = smooth if linear.act_scale is None or w.fmt != "nvfp4" else \
+        smooth.float() * linear.act_scale.float().reshape(())  # t folded in (the act_scale field's comment)
+    out[names["smooth"]] = _pack_vector(_padded(quantized_smooth.to(dtype), (k_pad,), 1))
     out[names["smooth_orig"]] = _pack_vector(_padded(smooth_orig.to(dtype), (k_pad,), 1))
     if (linear.lora_down is None) != (linear.lora_up is None):
         raise QuantizationError("lora_down and lora_up come together", where="to_nunchaku")

@@ -119,6 +119,7 @@ def _quantize_signature(spec: QuantizeSpec) -> list[Param]:
     quant, dtype = spec.quant, spec.dtype
     params = [_ptr("x_ptr", dtype)] + ([_ptr("smooth_ptr", "float32")] if quant.smooth else [])
     params += [_ptr("lora_down_ptr", dtype)] if spec.rank else []
+    params += [_ptr("act_scale_ptr", "float32")] if quant.fmt == "nvfp4" else []
     params += [_ptr("codes_ptr", _codes_dtype(quant.fmt)), _ptr("scales_ptr", _scales_dtype(quant.fmt, dtype))]
     params += [_ptr("down_ptr", dtype)] if spec.rank else []
     params += _ints(*["M"] + ([] if spec.k else ["K"]), "stride_xm") + _constexprs("BLOCK_M")
@@ -133,12 +134,13 @@ def _gemm_signature(spec: GemmSpec) -> list[Param]:
     act, dtype = spec.act, spec.dtype
     params = [_ptr("a_codes_ptr", _codes_dtype(act)), _ptr("a_scales_ptr", _scales_dtype(act, dtype)),
               _ptr("w_codes_ptr", _codes_dtype(act)), _ptr("w_scales_ptr", _scales_dtype(act, dtype))]
-    params += [_ptr("w_tscale_ptr", "float32")] if act == "nvfp4" else []
+    params += [_ptr("w_tscale_ptr", "float32")] if act == "nvfp4" else []  # α = weight × activation scale
     params += _branch_epilogue(spec)
     params += [_ptr("out_ptr", dtype)] if spec.emits_output else []
     qn = spec.quantize_next
     if qn is not None:
         params += [_ptr("next_smooth_ptr", "float32")] if qn.quant.smooth else []
+        params += [_ptr("next_act_scale_ptr", "float32")] if qn.quant.fmt == "nvfp4" else []
         params += [_ptr("next_codes_ptr", "uint8"), _ptr("next_scales_ptr", _scales_dtype(qn.quant.fmt, dtype))]
         params += [_ptr("next_lora_down_ptr", dtype), _ptr("next_down_ptr", "float32")] if qn.rank else []
     params += _sizes(spec) + _constexprs(*_TILE)

@@ -27,7 +27,7 @@ from svdq_compiler.errors import SvdqError
 from svdq_compiler.quant import ACT_FORMATS, WEIGHT_ONLY_4BIT_FORMATS, weight_format_of
 
 # Bumped whenever generate.py changes the text it produces for an unchanged spec.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 # Formats come from quant.FORMATS: a kernel produces or consumes its ACT_FORMATS ("uint4" is the shifted
 # post-GELU input), pairs them with weight_format_of(act) weights, and kernel W reads WEIGHT_ONLY_4BIT_FORMATS.
@@ -51,7 +51,8 @@ class ActQuant:
     """Dynamic activation quantization: Q((x + shift)/λ) per token and group of `group_size` channels.
 
     int4: signed, scale = absmax/7, codes in [−7, 7]; uint4: scale = absmax/15, codes in [0, 15];
-    nvfp4: E2M1 codes with one FP8-E4M3 scale per 16 channels; int8: one fp32 scale per token (group 0).
+    nvfp4: E2M1 codes with one FP8-E4M3 scale per 16 channels under a calibrated fp32 per-tensor scale (a
+    kernel argument, see quant.py); int8: one fp32 scale per token (group 0).
     """
 
     fmt: str

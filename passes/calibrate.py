@@ -209,6 +209,7 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         shifted = {site_name(node, info) for node, info in annotated_linears(gm) if info.shift}
         _isotropic_rows(sites, shifted, conv_sites, config.calib_rows, generator)
         calibration.source = f"weights ({config.calib_rows} isotropic Gaussian rows per site: weight-space error)"
+        calibration.data_free = True
     else:
         inputs, calibration.source = _calibration_inputs(ctx)
         recorder = _Recorder(gm, recorded, config.calib_rows, generator)

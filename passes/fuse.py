@@ -1,9 +1,9 @@
 """fuse: replace the lowered SVDQuant op chains with the two generated kernels per linear.
 
 Requires: lower (the lowered form of docs/architecture.md). Per smoothing group reading x:
-    codes, scales = svdq.quantize_act(x, λ, shift, fmt, G)
+    codes, scales = svdq.quantize_act(x, λ, shift, fmt, G[, act_scale])
     down          = aten.linear(aten.div(x, λ), L2)            (or aten.linear(x, L2) without smoothing)
-    per linear:  acc = svdq.gemm(codes, scales, Wq, Ws, tscale, fmt, G, K, dtype)
+    per linear:  acc = svdq.gemm(codes, scales, Wq, Ws, tscale, fmt, G, K, dtype[, act_scale])
                  y   = aten.add(acc, aten.linear(down, L1, bias))   (or aten.add(acc, bias), or acc alone)
 
 Ensures:
@@ -309,7 +309,9 @@ def _kernel_b(rw: _Rewriter, chain: _Chain, quantize_next: tuple[_Group, Quantiz
         fused = rw.call(torch.ops.svdq.fused_gemm.default, (
             args["a_codes"], args["a_scales"], attr(attr_target(w_codes)), attr(attr_target(args["w_scales"])),
             attr(attr_target(args.get("w_tscale"))), chain.down, attr(chain.lora_up), attr(chain.bias),
-            list(chain.operands), next_smooth, next_lora_down, spec.to_string()),
+            list(chain.operands), next_smooth, next_lora_down, attr(attr_target(args.get("a_tscale"))),
+            attr(attr_target(next_group.args.get("act_scale"))) if next_group is not None else None,
+            spec.to_string()),
             # the fused node implements the gemm's linear: its LinearInfo (from lower) moves along
             info(chain.gemm) if isinstance(info(chain.gemm), LinearInfo)
             else QuantOpInfo(OpTag.FUSED_GEMM, linears, asdict(spec)))
@@ -402,7 +404,9 @@ def _kernel_a(rw: _Rewriter, group: _Group) -> None:
     with graph.inserting_before(first):
         smooth = rw.get_attr(attr_target(group.args["smooth"])) if quant.smooth else None
         fused = rw.call(torch.ops.svdq.fused_quantize_lora_down.default,
-                        (x, smooth, rw.get_attr(weight) if weight else None, spec.to_string()),
+                        (x, smooth, rw.get_attr(weight) if weight else None,
+                         rw.get_attr(attr_target(group.args.get("act_scale"))) if quant.fmt == "nvfp4" else None,
+                         spec.to_string()),
                         QuantOpInfo(OpTag.FUSED_QUANTIZE_LORA_DOWN, _group_linears(group), asdict(spec)))
         codes, scales, down = rw.outputs(fused, 3)
     for old, new in ((group.codes, codes), (group.scales, scales)):

@@ -47,6 +47,7 @@ class Calibration:
     sites: dict[str, SiteStats] = field(default_factory=dict)
     source: str = ""
     inputs: int = 0
+    data_free: bool = False  # synthetic rows: the ranges say nothing about the real activations
 
 
 CALIBRATION_FORMAT = "svdq-calibration"

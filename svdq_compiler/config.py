@@ -141,6 +141,9 @@ class QuantConfig:
     # or "weights" (no data: isotropic Gaussian rows, GELU'd for post-GELU inputs, so every search minimises the
     # weight-space error ‖ΔW‖_F, since E‖ΔW·x‖² = ‖ΔW‖_F² for x ~ N(0, I)).
     calib_source: str = "inputs"
+    # nvfp4 activations: the calibrated per-tensor scale covers this multiple of the largest |x/λ| seen in
+    # calibration before a value saturates (svdq_compiler/quant.py, docs/architecture.md)
+    nvfp4_act_headroom: float = 16.0
     pad_k: bool = True  # K not divisible by the group size: zero-pad (True) or keep the layer 16-bit (False)
     # A group size no generated kernel serves (int4 groups must be a power of two >= 32) would leave every
     # quantized layer on the slow reference ops: refused unless this says that is intended.
@@ -215,6 +218,9 @@ class QuantConfig:
             raise InputError("calib_rows, calib_prompts and calib_steps must be at least 1")
         if self.search_rows is not None and self.search_rows < 1:
             raise InputError(f"search_rows must be at least 1 or None (every sample row), got {self.search_rows}")
+        if not (isinstance(self.nvfp4_act_headroom, (int, float)) and 1 <= self.nvfp4_act_headroom <= 2 ** 16):
+            raise InputError(f"nvfp4_act_headroom must be a number in [1, 65536], got {self.nvfp4_act_headroom!r}",
+                             fix="use e.g. 16 (the default)")
         if self.weight_format == "nvfp4" and self.group_size != FORMATS["nvfp4"].default_group:
             raise InputError("nvfp4 uses groups of 16 channels", fix="set group_size=16 or use the nvfp4 preset")
         if self.weight_format is not None and FORMATS[self.weight_format].packing == "halves" \

@@ -176,7 +176,12 @@ def get_attr_value(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
 
 
 def set_attr_value(gm: torch.fx.GraphModule, target: str, value: torch.Tensor, *, as_buffer: bool = False) -> None:
-    """Create or replace a parameter/buffer at a dotted path (creating intermediate modules as needed)."""
+    """Create or replace a parameter/buffer at a dotted path (creating intermediate modules as needed).
+
+    The tensor is stored contiguous: a saved graph loads its tensors contiguous, and an ATen op (a BLAS linear)
+    may sum in another order for a strided operand, so a strided tensor here would make the loaded graph's
+    output differ from the compiled one's."""
+    value = value.contiguous()
     *parents, leaf = target.split(".")
     owner: torch.nn.Module = gm
     for part in parents:

@@ -121,7 +121,7 @@ def find_layers(gm: torch.fx.GraphModule) -> Layers:
         if fused_gemm is not None and node.target == fused_gemm:
             from svdq_compiler.codegen.spec import parse_spec
 
-            spec = parse_spec(node.args[11])
+            spec = parse_spec(node.args[-1])
             qweight = attr_target(node.args[2])
             layer = _layer_of(qweight, ".qweight")
             layers.quantized[layer] = QuantizedWeight(node, qweight, attr_target(node.args[3]),

@@ -22,6 +22,15 @@ Several LoRAs compose (their rows and columns are concatenated in the order they
 of each can be changed and each can be removed: the graph keeps the tensors it had before the first LoRA and
 rebuilds every touched layer from them, so removing all LoRAs restores it bit for bit.
 
+A graph file keeps its LoRAs as LoRAs: `svdq_compiler.save` writes the graph as compiled (its LoRAs taken out
+for the export and put back after) with each LoRA's factors as buffers of the program and their names,
+strengths, scales and module names in the `svdq_loras.json` entry; `load` takes the factors out again and applies
+the LoRAs in their order, so the loaded graph lists them, and can change or remove them, and computes what the
+saved one did, bit for bit.
+
+Every function here takes what `svdq_compiler.compile` or `load` returns (the GraphModule, or the drop-in
+pipeline component wrapping it: `svdq_compiler.dropin.graph_module_of`).
+
 Formats: diffusers / PEFT safetensors (`[transformer.|base_model.model.]<module>.lora_A.weight` and
 `lora_B.weight`, also `.lora.down/.lora.up` and `.lora_down/.lora_up`, optional `<module>.alpha`), and the
 kohya / Black Forest Labs FLUX formats through diffusers' converter. Module names are the diffusers names the
@@ -30,25 +39,30 @@ compiled graph keeps; a key that matches no layer is an error listing every such
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import operator
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.fx
 
 from svdq_compiler.checks import non_finite
+from svdq_compiler.dropin import graph_module_of
 from svdq_compiler.errors import CheckpointError, InputError
 from svdq_compiler.ir import get_attr_value, infer_val, set_attr_value
 from svdq_compiler.layers import Branch, Layers, branch_of, find_layers, is_call
 
 aten = torch.ops.aten
 STATE_ATTR = "_svdq_lora_state"
+LORA_FILE = "svdq_loras.json"  # the graph file's entry describing its LoRAs
+_FACTOR_BUFFER = "_svdq_lora_{lora}_{module}_{side}"  # a factor's buffer in a saved program
 _PREFIXES = ("base_model.model.", "transformer.")
 _FACTOR = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)"
                      r"(?:\.[A-Za-z_]\w*)?\.weight$")
@@ -182,7 +196,8 @@ class LoraState:
     grown: set[str] = field(default_factory=set)  # L2 attributes currently carrying LoRA rows
 
 
-def _state(gm: torch.fx.GraphModule) -> LoraState:
+def _state(gm: torch.nn.Module) -> LoraState:
+    gm = graph_module_of(gm)
     state = getattr(gm, STATE_ATTR, None)
     if state is None:
         state = LoraState(find_layers(gm))
@@ -190,9 +205,10 @@ def _state(gm: torch.fx.GraphModule) -> LoraState:
     return state
 
 
-def apply_lora(gm: torch.fx.GraphModule, lora: Lora | str | Path | Mapping[str, torch.Tensor], *,
+def apply_lora(gm: torch.nn.Module, lora: Lora | str | Path | Mapping[str, torch.Tensor], *,
                strength: float = 1.0, name: str | None = None, ignore: Sequence[str] = ()) -> str:
     """Add a LoRA to the compiled graph `gm` (in place); returns the name to change or remove it by."""
+    gm = graph_module_of(gm)
     lora = lora if isinstance(lora, Lora) else read_lora(lora, name=name, ignore=ignore)
     if name is not None:
         lora = dataclasses.replace(lora, name=name)
@@ -210,7 +226,8 @@ def apply_lora(gm: torch.fx.GraphModule, lora: Lora | str | Path | Mapping[str, 
     return lora.name
 
 
-def set_lora_strength(gm: torch.fx.GraphModule, name: str, strength: float) -> None:
+def set_lora_strength(gm: torch.nn.Module, name: str, strength: float) -> None:
+    gm = graph_module_of(gm)
     state = _state(gm)
     if name not in state.loras:
         raise InputError(f"no LoRA named {name!r} is applied", fix=f"applied: {list(state.loras) or 'none'}")
@@ -218,7 +235,8 @@ def set_lora_strength(gm: torch.fx.GraphModule, name: str, strength: float) -> N
     _rebuild(gm, state)
 
 
-def remove_lora(gm: torch.fx.GraphModule, name: str) -> None:
+def remove_lora(gm: torch.nn.Module, name: str) -> None:
+    gm = graph_module_of(gm)
     state = _state(gm)
     if name not in state.loras:
         raise InputError(f"no LoRA named {name!r} is applied", fix=f"applied: {list(state.loras) or 'none'}")
@@ -226,10 +244,78 @@ def remove_lora(gm: torch.fx.GraphModule, name: str) -> None:
     _rebuild(gm, state)
 
 
-def applied_loras(gm: torch.fx.GraphModule) -> dict[str, float]:
+def applied_loras(gm: torch.nn.Module) -> dict[str, float]:
     """{name: strength} of the LoRAs applied to `gm`, in order."""
-    state = getattr(gm, STATE_ATTR, None)
+    state = getattr(graph_module_of(gm), STATE_ATTR, None)
     return {} if state is None else {name: strength for name, (_, strength) in state.loras.items()}
+
+
+# ---- LoRAs in a graph file -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def saved_form(gm: torch.fx.GraphModule) -> Iterator[dict[str, str]]:
+    """While `svdq_compiler.save` exports `gm`: the graph as compiled, with each applied LoRA's factors as
+    buffers; yields the graph file's extra entry describing them ({} without LoRAs). The LoRAs are back on
+    exit, whatever happened."""
+    state = getattr(gm, STATE_ATTR, None)
+    if state is None or not state.loras:
+        yield {}
+        return
+    loras = OrderedDict(state.loras)
+    state.loras.clear()
+    _rebuild(gm, state)
+    buffers: list[str] = []
+    try:
+        described = []
+        for index, (lora, strength) in enumerate(loras.values()):
+            modules = {}
+            for number, (module, factors) in enumerate(lora.modules.items()):
+                sides = {}
+                for side, tensor in (("down", factors.down), ("up", factors.up)):
+                    target = _FACTOR_BUFFER.format(lora=index, module=number, side=side)
+                    set_attr_value(gm, target, tensor, as_buffer=True)
+                    buffers.append(target)
+                    sides[side] = target
+                modules[module] = {**sides, "scale": factors.scale, "keys": factors.keys}
+            described.append({"name": lora.name, "source": lora.source, "strength": strength, "modules": modules})
+        yield {LORA_FILE: json.dumps({"loras": described})}
+    finally:
+        for target in buffers:
+            delattr(gm, target)
+        state.loras.update(loras)
+        _rebuild(gm, state)
+
+
+def restore_loras(gm: torch.fx.GraphModule, entry: str, where: str) -> None:
+    """Apply the LoRAs a graph file's `svdq_loras.json` entry describes, taking their factors' buffers off the
+    loaded graph (`saved_form` in reverse)."""
+    if not entry:
+        return
+    try:
+        loras = json.loads(entry)["loras"]
+        for described in loras:
+            modules = {module: LoraModule(_take_buffer(gm, factors["down"]), _take_buffer(gm, factors["up"]),
+                                          float(factors["scale"]), [str(key) for key in factors["keys"]])
+                       for module, factors in described["modules"].items()}
+            lora = Lora(str(described["name"]), modules, str(described["source"]))
+            apply_lora(gm, lora, strength=float(described["strength"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"the graph file's LoRA entry {LORA_FILE} is damaged ({exc!r})", where=where,
+                              fix="write the graph again with svdq_compiler.save") from exc
+
+
+def _take_buffer(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
+    """A factor's buffer, off the graph: the attribute and the unused read of it that unlifting left behind."""
+    if not re.fullmatch(r"_svdq_lora_\d+_\d+_(down|up)", target):
+        raise ValueError(f"{target!r} is not a LoRA factor's buffer")
+    value = gm.get_buffer(target)
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target]:
+        if node.users:
+            raise ValueError(f"the graph reads the LoRA factor {target!r}")
+        gm.graph.erase_node(node)
+    delattr(gm, target)
+    return value.float()
 
 
 def _targets(layers: Layers, module: str) -> list[str]:
@@ -419,7 +505,9 @@ def _add_adapter(gm: torch.fx.GraphModule, state: LoraState, layer: str,
     """y = weight_only_linear(x) + (x·Aᵀ)·Bᵀ with the LoRAs' factors concatenated along the rank."""
     weight = state.layers.weight_only[layer]
     node = weight.node
-    dtype = get_attr_value(gm, weight.wscales).dtype  # the weight scales are in the model dtype
+    value = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    # the branch runs in the activation dtype (the weight scales may be kept in float32)
+    dtype = value.dtype if isinstance(value, torch.Tensor) else get_attr_value(gm, weight.wscales).dtype
     down = torch.cat([d for d, _ in pairs]).to(dtype)
     up = torch.cat([u for _, u in pairs], dim=1).to(dtype)
     down_target, up_target = f"{layer}.lora_adapter_down", f"{layer}.lora_adapter_up"

@@ -32,7 +32,10 @@ node of the same name in CamelCase (`svdq.FusedQuantizeLoraDown`, `svdq.FusedGem
 initializers, the op's other arguments are attributes of the same names (the kernel spec string as `spec`, a
 dtype as its name), absent optional inputs are empty names. Inputs keep the torch op's order, except that a
 tensor list goes last: `FusedGemm` takes (a_codes, a_scales, w_codes, w_scales, w_tscale?, down?, lora_up?,
-bias?, next_smooth?, next_lora_down?, epilogue operands…). Outputs are the torch op's (for `FusedGemm`: y unless
+bias?, next_smooth?, next_lora_down?, a_tscale?, next_act_scale?, epilogue operands…). nvfp4 activations are
+two-level: their fp32 per-tensor scale is an input (`act_scale` of `FusedQuantizeLoraDown`, `QuantizeAct` and
+`Conv2d`; `a_tscale` of `FusedGemm` and `Gemm`, which multiply the accumulator by w_tscale·a_tscale;
+`next_act_scale` for FusedGemm's quantize-for-next-layer), a float32 initializer of one value. Outputs are the torch op's (for `FusedGemm`: y unless
 the spec's quantize-next drops it, then the next layer's codes, scales and down projection). torch.onnx writes
 them through `torch.onnx.ops.symbolic_multi_out`.
 
@@ -171,12 +174,13 @@ def _write(model, path: Path) -> None:
 
 # ---- portable form: the lowered graph, then standard ops ---------------------------------------------------
 
-def _reference_quantize_lora_down(x, smooth, lora_down, spec):
-    return fused_ops.reference_quantize_lora_down(x, smooth, lora_down, fused_ops.quantize_spec(spec))
+def _reference_quantize_lora_down(x, smooth, lora_down, act_scale, spec):
+    return fused_ops.reference_quantize_lora_down(x, smooth, lora_down, fused_ops.quantize_spec(spec), act_scale)
 
 
 def _reference_gemm(*args):
-    return fused_ops.reference_gemm(*args[:-1], fused_ops.gemm_spec(args[-1]))
+    *tensors, a_tscale, next_act_scale, spec = args
+    return fused_ops.reference_gemm(*tensors, fused_ops.gemm_spec(spec), a_tscale, next_act_scale)
 
 
 def _reference_weight_only_linear(*args):
@@ -200,11 +204,11 @@ def _fake_quantized_act(x, smooth, shift: float, fmt: str, group_size: int) -> t
                                           name="svdq::quantize_act input")
 
 
-def _portable_quantize_act(x, smooth, shift, fmt, group_size):
+def _portable_quantize_act(x, smooth, shift, fmt, group_size, act_scale=None):  # act_scale: nvfp4, refused
     return _ActValues(_fake_quantized_act(x, smooth, shift, fmt, group_size)), None
 
 
-def _portable_gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size, k, out_dtype):
+def _portable_gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size, k, out_dtype, a_tscale=None):
     weight = _weight_values(w_codes, w_scales, quant.weight_format_of(fmt), group_size)
     return torch.matmul(a_codes.values, weight).to(out_dtype)
 

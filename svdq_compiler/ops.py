@@ -7,6 +7,10 @@ token counts export, save and load. Inputs are ``[..., K]``; codes and scales ar
 
 ``fmt`` names the activation format; the weight format follows from it: ``int4`` (int4 × int4), ``uint4``
 (uint4 activations × int4 weights, for shifted post-GELU inputs), ``nvfp4``, ``int8``.
+
+nvfp4 activations are two-level (svdq_compiler.quant): every op that quantizes them or multiplies their codes
+takes the per-tensor fp32 activation scale (``act_scale`` / ``a_tscale``, one value; the compiler calibrates
+it); the other formats take None there.
 """
 
 from __future__ import annotations
@@ -62,22 +66,37 @@ def smoothed_input(x: torch.Tensor, smooth: Optional[torch.Tensor], shift: float
 
 @torch.library.custom_op("svdq::quantize_act", mutates_args=())
 def quantize_act(x: torch.Tensor, smooth: Optional[torch.Tensor], shift: float, fmt: str,
-                 group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q((x + shift)/λ), dynamic per token and group → (packed codes, scales)."""
-    _check_quantize_act(x, smooth, fmt)
-    q = quant.quantize_act(smoothed_input(x, smooth, shift), fmt, group_size, name="svdq::quantize_act input")
+                 group_size: int, act_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q((x + shift)/λ), dynamic per token and group → (packed codes, scales); nvfp4 under `act_scale`."""
+    _check_quantize_act(x, smooth, fmt, act_scale, "quantize_act")
+    q = quant.quantize_act(smoothed_input(x, smooth, shift), fmt, group_size, tensor_scale=act_scale,
+                           name="svdq::quantize_act input")
     return pack_act(q)
 
 
-def _check_quantize_act(x, smooth, fmt) -> None:
-    _check_fmt(fmt, quant.ACT_FORMATS, "quantize_act")
-    _check_input(x, "quantize_act")
-    _check_vector(smooth, x.shape[-1], "smooth", "quantize_act")
+def check_act_scale(act_scale: Optional[torch.Tensor], fmt: str, op: str) -> None:
+    """nvfp4 needs its per-tensor activation scale (one fp32 value); the other formats have none."""
+    if fmt != "nvfp4":
+        if act_scale is not None:
+            raise QuantizationError(f"only nvfp4 activations have a per-tensor scale, got one for {fmt}",
+                                    where=f"svdq::{op}", fix="pass None")
+    elif act_scale is None or act_scale.numel() != 1 or act_scale.dtype != torch.float32:
+        got = "None" if act_scale is None else f"{act_scale.dtype} {list(act_scale.shape)}"
+        raise QuantizationError(f"nvfp4 activations need their per-tensor scale, one float32 value; got {got}",
+                                where=f"svdq::{op}", fix="pass the calibrated scale the compiler stores as "
+                                                         "<layer>.act_scale")
+
+
+def _check_quantize_act(x, smooth, fmt, act_scale, op) -> None:
+    _check_fmt(fmt, quant.ACT_FORMATS, op)
+    _check_input(x, op)
+    _check_vector(smooth, x.shape[-1], "smooth", op)
+    check_act_scale(act_scale, fmt, op)
 
 
 @quantize_act.register_fake
-def _(x, smooth, shift, fmt, group_size):
-    _check_quantize_act(x, smooth, fmt)
+def _(x, smooth, shift, fmt, group_size, act_scale=None):
+    _check_quantize_act(x, smooth, fmt, act_scale, "quantize_act")
     k = x.shape[-1]
     group = effective_group(group_size, k)
     k_pad = round_up(k, group)
@@ -89,8 +108,9 @@ def _(x, smooth, shift, fmt, group_size):
 # ---- svdq::gemm -----------------------------------------------------------------------------------------------
 
 
-def _gemm_shapes(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size, k) -> int:
+def _gemm_shapes(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size, k, a_tscale) -> int:
     _check_fmt(fmt, quant.ACT_FORMATS, "gemm")
+    check_act_scale(a_tscale, fmt, "gemm")
     group = check_packed_act(a_codes, a_scales, fmt, group_size, k, where="svdq::gemm activation")
     check_packed_weight(w_codes, w_scales, w_tscale, quant.weight_format_of(fmt), group_size, k,
                         where="svdq::gemm weight")
@@ -99,9 +119,12 @@ def _gemm_shapes(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size
 
 @torch.library.custom_op("svdq::gemm", mutates_args=())
 def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor,
-         w_tscale: Optional[torch.Tensor], fmt: str, group_size: int, k: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """Σ_g (a_g·w_gᵀ)·s_a[g]·s_w[g] (·w_tscale): each group's dot product is exact, scaled, summed in fp32."""
-    group = _gemm_shapes(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size, k)
+         w_tscale: Optional[torch.Tensor], fmt: str, group_size: int, k: int, out_dtype: torch.dtype,
+         a_tscale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Σ_g (a_g·w_gᵀ)·s_a[g]·s_w[g] (·α): each group's dot product is exact, scaled, summed in fp32; nvfp4
+    multiplies by α = w_tscale·a_tscale (per output channel, fp32), the weight's and the activation's
+    per-tensor scales."""
+    group = _gemm_shapes(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size, k, a_tscale)
     weight_fmt = quant.weight_format_of(fmt)
     # a group's integer dot product is exact in fp32 below 2^24
     exact = group * quant.FORMATS[fmt].code_bound * quant.FORMATS[weight_fmt].code_bound < _FP32_EXACT
@@ -121,22 +144,25 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
         dots = torch.bmm(a_part, w_part).float()  # [groups, M, N], exact integers (or exact fp4 products)
         scales = a_scale[:, start:stop].t().unsqueeze(-1) * w_scale[start:stop].unsqueeze(1)
         out += (dots * scales).sum(0)
-    if w_tscale is not None:
+    if fmt == "nvfp4":  # α, as kernel B reads it
+        out = out * (a_tscale.reshape(()) if w_tscale is None else w_tscale.float().reshape(-1) * a_tscale.reshape(()))
+    elif w_tscale is not None:
         out = out * w_tscale.float().reshape(-1)
     return out.to(out_dtype).reshape(*lead, n)
 
 
 @gemm.register_fake
-def _(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size, k, out_dtype):
-    _gemm_shapes(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size, k)
+def _(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size, k, out_dtype, a_tscale=None):
+    _gemm_shapes(a_codes, a_scales, w_codes, w_scales, w_tscale, fmt, group_size, k, a_tscale)
     return a_codes.new_empty((*a_codes.shape[:-1], w_codes.shape[0]), dtype=out_dtype)
 
 
 # ---- svdq::linear ---------------------------------------------------------------------------------------------
 
 
-def _check_linear(x, smooth, w_codes, w_scales, w_tscale, lora_down, lora_up, bias, fmt, group_size) -> None:
-    _check_quantize_act(x, smooth, fmt)
+def _check_linear(x, smooth, w_codes, w_scales, w_tscale, lora_down, lora_up, bias, fmt, group_size,
+                  act_scale) -> None:
+    _check_quantize_act(x, smooth, fmt, act_scale, "linear")
     k, n = x.shape[-1], w_codes.shape[0]
     check_packed_weight(w_codes, w_scales, w_tscale, quant.weight_format_of(fmt), group_size, k,
                         where="svdq::linear weight")
@@ -154,11 +180,12 @@ def _check_linear(x, smooth, w_codes, w_scales, w_tscale, lora_down, lora_up, bi
 @torch.library.custom_op("svdq::linear", mutates_args=())
 def linear(x: torch.Tensor, smooth: Optional[torch.Tensor], w_codes: torch.Tensor, w_scales: torch.Tensor,
            w_tscale: Optional[torch.Tensor], lora_down: Optional[torch.Tensor], lora_up: Optional[torch.Tensor],
-           bias: Optional[torch.Tensor], shift: float, fmt: str, group_size: int) -> torch.Tensor:
+           bias: Optional[torch.Tensor], shift: float, fmt: str, group_size: int,
+           act_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The whole SVDQuant linear: Q((x + shift)/λ)·Q(R)ᵀ + (x/λ)·L2ᵀ·L1ᵀ + b, as the lowered op sequence."""
-    _check_linear(x, smooth, w_codes, w_scales, w_tscale, lora_down, lora_up, bias, fmt, group_size)
-    codes, scales = quantize_act(x, smooth, shift, fmt, group_size)
-    y = gemm(codes, scales, w_codes, w_scales, w_tscale, fmt, group_size, x.shape[-1], x.dtype)
+    _check_linear(x, smooth, w_codes, w_scales, w_tscale, lora_down, lora_up, bias, fmt, group_size, act_scale)
+    codes, scales = quantize_act(x, smooth, shift, fmt, group_size, act_scale)
+    y = gemm(codes, scales, w_codes, w_scales, w_tscale, fmt, group_size, x.shape[-1], x.dtype, act_scale)
     if lora_down is None:
         return y if bias is None else y + bias.to(x.dtype)
     branch_input = x if smooth is None else x / smooth.to(x.dtype)
@@ -166,8 +193,8 @@ def linear(x: torch.Tensor, smooth: Optional[torch.Tensor], w_codes: torch.Tenso
 
 
 @linear.register_fake
-def _(x, smooth, w_codes, w_scales, w_tscale, lora_down, lora_up, bias, shift, fmt, group_size):
-    _check_linear(x, smooth, w_codes, w_scales, w_tscale, lora_down, lora_up, bias, fmt, group_size)
+def _(x, smooth, w_codes, w_scales, w_tscale, lora_down, lora_up, bias, shift, fmt, group_size, act_scale=None):
+    _check_linear(x, smooth, w_codes, w_scales, w_tscale, lora_down, lora_up, bias, fmt, group_size, act_scale)
     return x.new_empty((*x.shape[:-1], w_codes.shape[0]))
 
 
@@ -202,8 +229,9 @@ def _(x, w_codes, w_scales, bias, fmt, group_size):
 
 
 def _check_conv2d(x, w_codes, w_scales, w_tscale, bias, fmt, group_size, kernel_size, stride, padding,
-                  dilation) -> ConvGeometry:
+                  dilation, act_scale) -> ConvGeometry:
     _check_fmt(fmt, quant.ACT_FORMATS, "conv2d")
+    check_act_scale(act_scale, fmt, "conv2d")
     _check_input(x, "conv2d")
     if x.dim() != 4:
         raise QuantizationError(f"x must be [batch, channels, height, width], got {list(x.shape)}",
@@ -222,16 +250,17 @@ def _check_conv2d(x, w_codes, w_scales, w_tscale, bias, fmt, group_size, kernel_
 @torch.library.custom_op("svdq::conv2d", mutates_args=())
 def conv2d(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, w_tscale: Optional[torch.Tensor],
            bias: Optional[torch.Tensor], shift: float, fmt: str, group_size: int, kernel_size: list[int],
-           stride: list[int], padding: list[int], dilation: list[int]) -> torch.Tensor:
+           stride: list[int], padding: list[int], dilation: list[int],
+           act_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A W4A4 (or W8A8) k×k convolution: x̂ = Q(x + shift) − shift, quantized per pixel and group of input
     channels as `quantize_act` does; the weight is the tap-major im2col matrix of svdq_compiler.conv. Both are
     dequantized exactly in fp32, convolved (zero padding) in fp32 with the bias, and rounded once to x's dtype.
     Subtracting the shift from x̂ (rather than folding it into the bias, as a linear does) keeps the zero-padded
     border exact."""
     geometry = _check_conv2d(x, w_codes, w_scales, w_tscale, bias, fmt, group_size, kernel_size, stride, padding,
-                             dilation)
+                             dilation, act_scale)
     pixels = smoothed_input(x.movedim(1, -1), None, shift)
-    act = quant.quantize_act(pixels, fmt, group_size, name="svdq::conv2d input")
+    act = quant.quantize_act(pixels, fmt, group_size, tensor_scale=act_scale, name="svdq::conv2d input")
     values = quant.dequantize(act, torch.float32)
     if shift:
         values = values - shift
@@ -244,8 +273,10 @@ def conv2d(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, w_tsc
 
 
 @conv2d.register_fake
-def _(x, w_codes, w_scales, w_tscale, bias, shift, fmt, group_size, kernel_size, stride, padding, dilation):
-    _check_conv2d(x, w_codes, w_scales, w_tscale, bias, fmt, group_size, kernel_size, stride, padding, dilation)
+def _(x, w_codes, w_scales, w_tscale, bias, shift, fmt, group_size, kernel_size, stride, padding, dilation,
+      act_scale=None):
+    _check_conv2d(x, w_codes, w_scales, w_tscale, bias, fmt, group_size, kernel_size, stride, padding, dilation,
+                  act_scale)
     size = [(x.shape[2 + d] + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) // stride[d] + 1
             for d in range(2)]
     return x.new_empty((x.shape[0], w_codes.shape[0], *size))

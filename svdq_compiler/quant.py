@@ -6,10 +6,25 @@ table below):
 - ``int4``  symmetric, scale = absmax/7 per group, codes round-half-to-even, clamped to [−7, 7].
 - ``uint4`` (activations only, ``quantize_act(..., unsigned=True)``; for shifted post-GELU inputs):
   scale = absmax/15, codes clamped to [0, 15].
-- ``nvfp4`` E2M1 values ±{0, .5, 1, 1.5, 2, 3, 4, 6} with one FP8-E4M3 scale per 16 channels. Weights add a
-  per-tensor scale s0 = absmax/(6·448) in the model dtype, and their FP8 scale is (absmax_g/6)/s0;
-  activations have only the FP8 scale absmax_g/6. Rounding to the E2M1 and E4M3 grids goes to the nearest grid
-  value, and an exact tie goes to the larger neighbour (towards +∞, for negative values too).
+- ``nvfp4`` E2M1 values ±{0, .5, 1, 1.5, 2, 3, 4, 6} with one FP8-E4M3 scale per 16 channels under a
+  per-tensor scale t (two-level): the FP8 scale of a group is E4M3((absmax_g/6)/t) and its values are
+  E2M1(x/(E4M3·t)). Weights use t = s0 = absmax/(6·448) in the model dtype. Activations use an fp32 t: the
+  `tensor_scale` passed in (compiled graphs pass a calibrated one, see below), else the dynamic t =
+  absmax/(6·448) of this call, so no finite value saturates. Without t the FP8 scale would cap every group at
+  6·448 = 2688 and flush groups below 6·2⁻¹⁰ to zero. Rounding to the E2M1 and E4M3 grids goes to the nearest
+  grid value, and an exact tie goes to the larger neighbour (towards +∞, for negative values too).
+
+  Compiled graphs use a *calibrated* activation scale, t = headroom·A/(6·448) with A the largest |x/λ| seen in
+  calibration and headroom `QuantConfig.nvfp4_act_headroom` (default 16: values 16× beyond calibration still
+  do not saturate, and groups down to A/1792 keep normal, full-precision FP8 scales; t = 1 when calibration
+  had no real data). A constant t is a kernel argument, so kernel A, the quantize-for-next-layer epilogue of kernel B (which sees
+  one output tile, never the whole tensor) and Nunchaku's layout (t folds into smooth_factor and wtscale) can
+  all use it; a dynamic t would need a whole-tensor reduction before the first code. Measured
+  (tools/bench_nvfp4_act_scale.py → bench/results/nvfp4-act-scale.json; tiny-flux, random flux/sd3/unet,
+  held-out inputs and inputs ×8): the output error is the same for dynamic and every headroom (tiny-flux
+  0.0160 dynamic, 0.0162 at 16, 0.0158 one-level); headroom 1 saturates 0.05–0.3% of the values in
+  distribution and 11% on the U-Net's ×8 inputs (error 0.031 against 0.0064), headroom 4 still 0.4% there,
+  16 none anywhere, and no group scale underflowed at any headroom.
 - ``int8``  symmetric, scale = absmax/127 in fp32, codes round-half-to-even in [−127, 127]; a group size of 0
   means one group per row (per output channel for weights, per token for activations).
 - ``nf4``   (weights only) scale = absmax per group in the model dtype, codes index the 16-value NormalFloat
@@ -126,8 +141,9 @@ class QTensor:
     group_size:   G, the channels per scale (K_pad for a per-row scale)
     k:            K before zero padding
     dtype:        the dtype of the tensor that was quantized (what `dequantize` returns by default)
-    tensor_scale: nvfp4 weights only: the per-tensor scale s0, a 0-d tensor in the model dtype; [N] (one per
-                  output row) when weights with different s0 were concatenated, as in a Nunchaku fused q/k/v
+    tensor_scale: nvfp4 only: the per-tensor scale t. Weights: s0, a 0-d tensor in the model dtype; [N] (one per
+                  output row) when weights with different s0 were concatenated, as in a Nunchaku fused q/k/v.
+                  Activations: a 0-d fp32 tensor (fp64 for fp64 inputs).
     """
 
     codes: torch.Tensor
@@ -158,7 +174,7 @@ class QTensor:
             raise QuantizationError(f"nvfp4 scales must be float8_e4m3fn, got {self.scales.dtype}", where=where)
         if self.tensor_scale is not None and (
                 self.fmt != "nvfp4" or tuple(self.tensor_scale.shape) not in ((), tuple(self.codes.shape[:1]))):
-            raise QuantizationError(f"only nvfp4 weights carry a tensor scale, 0-d or one per row; got shape "
+            raise QuantizationError(f"only nvfp4 tensors carry a tensor scale, 0-d or one per row; got shape "
                                     f"{tuple(self.tensor_scale.shape)} for codes {tuple(self.codes.shape)}",
                                     where=where)
 
@@ -191,10 +207,12 @@ def quantize_weight(w: torch.Tensor, fmt: str, group_size: int, *, name: str | N
 
 
 def quantize_act(x: torch.Tensor, fmt: str, group_size: int, *, unsigned: bool = False,
-                 name: str | None = None) -> QTensor:
-    """Quantize activations [..., K] dynamically, per token (row) and group; `unsigned` turns int4 into uint4."""
-    fmt, group = _check(x, fmt, group_size, name, weight=False, unsigned=unsigned)
-    return _quantize(x, fmt, group, name, weight=False)
+                 tensor_scale: torch.Tensor | None = None, name: str | None = None) -> QTensor:
+    """Quantize activations [..., K] dynamically, per token (row) and group; `unsigned` turns int4 into uint4.
+
+    nvfp4 only: `tensor_scale` is the per-tensor scale t (one value); None uses this call's absmax/(6·448)."""
+    fmt, group = _check(x, fmt, group_size, name, weight=False, unsigned=unsigned, tensor_scale=tensor_scale)
+    return _quantize(x, fmt, group, name, weight=False, tensor_scale=tensor_scale)
 
 
 def fake_quantize_weight(w: torch.Tensor, fmt: str, group_size: int, *, name: str | None = None) -> torch.Tensor:
@@ -204,14 +222,14 @@ def fake_quantize_weight(w: torch.Tensor, fmt: str, group_size: int, *, name: st
 
 
 def fake_quantize_act(x: torch.Tensor, fmt: str, group_size: int, *, unsigned: bool = False,
-                      name: str | None = None) -> torch.Tensor:
+                      tensor_scale: torch.Tensor | None = None, name: str | None = None) -> torch.Tensor:
     """dequantize(quantize_act(x, …)), in x's dtype and shape, without materializing codes."""
-    fmt, group = _check(x, fmt, group_size, name, weight=False, unsigned=unsigned)
-    return _fake_quantize(x, fmt, group, name, weight=False)
+    fmt, group = _check(x, fmt, group_size, name, weight=False, unsigned=unsigned, tensor_scale=tensor_scale)
+    return _fake_quantize(x, fmt, group, name, weight=False, tensor_scale=tensor_scale)
 
 
 def fake_quantize_act_values(x: torch.Tensor, fmt: str, group_size: int, *, unsigned: bool = False,
-                             name: str | None = None) -> torch.Tensor:
+                             tensor_scale: torch.Tensor | None = None, name: str | None = None) -> torch.Tensor:
     """The values quantize_act(x, …) stands for, traceable: no data-dependent control flow, so torch.export and
     the ONNX exporter record it as plain tensor ops.
 
@@ -220,9 +238,22 @@ def fake_quantize_act_values(x: torch.Tensor, fmt: str, group_size: int, *, unsi
     multiplies (svdq.gemm is exact in fp32). The same rounding code as every other quantizer here; the one
     difference is that a non-finite input is not reported (that check needs the data) but propagates.
     """
-    fmt, group = _check(x, fmt, group_size, name, weight=False, unsigned=unsigned)
+    fmt, group = _check(x, fmt, group_size, name, weight=False, unsigned=unsigned, tensor_scale=tensor_scale)
     xg = _grouped(x, group)
-    return _grid_values(xg, fmt, x.dtype, xg.abs().amax(-1), weight=False).flatten(-2)
+    return _grid_values(xg, fmt, x.dtype, xg.abs().amax(-1), weight=False, tensor_scale=tensor_scale).flatten(-2)
+
+
+def nvfp4_act_scale(amax: torch.Tensor | float, headroom: float = 1.0) -> torch.Tensor:
+    """The per-tensor scale t (0-d fp32) of nvfp4 activations whose largest magnitude is `amax`: values up to
+    headroom·amax quantize without saturating. 1 when amax is 0."""
+    amax = torch.as_tensor(amax, dtype=torch.float32).reshape(())
+    return _nonzero(amax * headroom / (E2M1_MAX * E4M3_MAX))
+
+
+def act_tensor_scale(x: torch.Tensor, fmt: str) -> torch.Tensor | None:
+    """The dynamic per-tensor scale of activations `x` in `fmt` (nvfp4_act_scale of x's absmax), None for the
+    formats without one: what the ops take as `act_scale` when no calibrated scale is at hand."""
+    return nvfp4_act_scale(x.detach().abs().amax().float()) if fmt == "nvfp4" else None
 
 
 def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -256,9 +287,14 @@ def round_e4m3(v: torch.Tensor) -> torch.Tensor:
 # ---- implementation -----------------------------------------------------------------------------------------
 
 
-def _check(x, fmt: str, group_size: int, name: str | None, *, weight: bool, unsigned: bool) -> tuple[str, int]:
+def _check(x, fmt: str, group_size: int, name: str | None, *, weight: bool, unsigned: bool,
+           tensor_scale: torch.Tensor | None = None) -> tuple[str, int]:
     """Validate the request; returns the format actually used (int4 + unsigned → uint4) and the group size."""
     what = name or ("weight" if weight else "activation")
+    if tensor_scale is not None and (fmt != "nvfp4" or not isinstance(tensor_scale, torch.Tensor)
+                                     or tensor_scale.numel() != 1 or not tensor_scale.is_floating_point()):
+        raise QuantizationError(f"a tensor scale is one float value for nvfp4 activations; got "
+                                f"{type(tensor_scale).__name__} for {fmt}", where=what)
     if not isinstance(x, torch.Tensor):
         raise QuantizationError(f"expected a torch.Tensor, got {type(x).__name__}", where=what)
     if x.layout != torch.strided:
@@ -321,11 +357,13 @@ def _nonzero(scale: torch.Tensor) -> torch.Tensor:
     return scale.masked_fill(scale == 0, 1)
 
 
-def _levels(xg: torch.Tensor, fmt: str, dtype: torch.dtype, absmax: torch.Tensor, weight: bool):
+def _levels(xg: torch.Tensor, fmt: str, dtype: torch.dtype, absmax: torch.Tensor, weight: bool,
+            tensor_scale: torch.Tensor | None = None):
     """Round the grouped values (with their group absmax) to the format's grid.
 
     Returns (levels, scales, tensor_scale): levels are integer codes (as floats) for the integer formats and
-    indices into the sorted grid (int64) for nvfp4 and nf4; scales are in their stored dtype.
+    indices into the sorted grid (int64) for nvfp4 and nf4; scales are in their stored dtype. `tensor_scale`:
+    an nvfp4 activation's given per-tensor scale (None: dynamic).
     """
     compute = xg.dtype
     spec = FORMATS[fmt]
@@ -338,12 +376,15 @@ def _levels(xg: torch.Tensor, fmt: str, dtype: torch.dtype, absmax: torch.Tensor
         return _nearest(xg / scales.to(compute).unsqueeze(-1), "nf4"), scales, None
     # nvfp4
     raw = absmax / E2M1_MAX
-    tensor_scale = None
     if weight:
         tensor_scale = _nonzero((raw.amax() / E4M3_MAX).to(dtype))
-        raw = raw / tensor_scale.to(compute)
+    elif tensor_scale is None:  # dynamic: nvfp4_act_scale of this call's absmax
+        tensor_scale = _nonzero(absmax.amax() / (E2M1_MAX * E4M3_MAX))
+    else:
+        tensor_scale = tensor_scale.to(compute).reshape(())
+    raw = raw / tensor_scale.to(compute)
     micro = _nonzero(round_e4m3(raw.clamp(max=E4M3_MAX).float())).to(compute)
-    effective = micro if tensor_scale is None else micro * tensor_scale.to(compute)
+    effective = micro * tensor_scale.to(compute)
     levels = _nearest(xg / effective.unsqueeze(-1), "nvfp4")
     return levels, micro.to(torch.float8_e4m3fn), tensor_scale
 
@@ -352,9 +393,11 @@ def _checked_absmax(xg: torch.Tensor, name: str | None, weight: bool) -> torch.T
     return _group_absmax(xg, name, "weight" if weight else "activation")
 
 
-def _quantize(x: torch.Tensor, fmt: str, group: int, name: str | None, *, weight: bool) -> QTensor:
+def _quantize(x: torch.Tensor, fmt: str, group: int, name: str | None, *, weight: bool,
+              tensor_scale: torch.Tensor | None = None) -> QTensor:
     xg = _grouped(x, group)
-    levels, scales, tensor_scale = _levels(xg, fmt, x.dtype, _checked_absmax(xg, name, weight), weight)
+    levels, scales, tensor_scale = _levels(xg, fmt, x.dtype, _checked_absmax(xg, name, weight), weight,
+                                           tensor_scale)
     if FORMATS[fmt].integer:
         codes = levels.to(CODE_DTYPES[fmt])
     else:
@@ -362,16 +405,17 @@ def _quantize(x: torch.Tensor, fmt: str, group: int, name: str | None, *, weight
     return QTensor(codes.flatten(-2), scales, fmt, group, x.shape[-1], x.dtype, tensor_scale)
 
 
-def _fake_quantize(x: torch.Tensor, fmt: str, group: int, name: str | None, *, weight: bool) -> torch.Tensor:
+def _fake_quantize(x: torch.Tensor, fmt: str, group: int, name: str | None, *, weight: bool,
+                   tensor_scale: torch.Tensor | None = None) -> torch.Tensor:
     xg = _grouped(x, group)
-    values = _grid_values(xg, fmt, x.dtype, _checked_absmax(xg, name, weight), weight)
+    values = _grid_values(xg, fmt, x.dtype, _checked_absmax(xg, name, weight), weight, tensor_scale)
     return values.flatten(-2)[..., : x.shape[-1]].to(x.dtype)
 
 
 def _grid_values(xg: torch.Tensor, fmt: str, dtype: torch.dtype, absmax: torch.Tensor,
-                 weight: bool) -> torch.Tensor:
+                 weight: bool, tensor_scale: torch.Tensor | None = None) -> torch.Tensor:
     """code value × scale per element of the grouped values, in their compute dtype."""
-    levels, scales, tensor_scale = _levels(xg, fmt, dtype, absmax, weight)
+    levels, scales, tensor_scale = _levels(xg, fmt, dtype, absmax, weight, tensor_scale)
     if not FORMATS[fmt].integer:
         levels = _sorted_grid(fmt, xg.device, xg.dtype)[levels]
     scale = scales.to(xg.dtype)

@@ -10,7 +10,9 @@ carries extra files:
 - `svdq_config.json`: the QuantConfig of the compile (null for a graph that was only captured);
 - `svdq_report.json`: the compile report (passes with statistics, per-linear annotations; wall times and other
   measurements of the compiling run stay out, so two identical compiles write identical files);
-- `svdq_ir.py`: the IR as `format_ir` printed it (node.meta["svdq"] does not survive serialization).
+- `svdq_ir.py`: the IR as `format_ir` printed it (node.meta["svdq"] does not survive serialization);
+- `svdq_loras.json`, when LoRAs are applied: what they are (the program holds the graph as compiled and their
+  factors as buffers; `load` applies them again: svdq_compiler/lora.py).
 
 `load` maps the file, checks the marker and version, verifies every digest, refuses anything that could run
 code (archive_check), builds the weights as windows on the map (or copies them one by one to `device`), and
@@ -34,6 +36,7 @@ from svdq_compiler.archive_check import check_archive
 from svdq_compiler.dropin import as_pipeline_component
 from svdq_compiler.errors import CheckpointError, InputError, first_line
 from svdq_compiler.ir import CAPTURE_META, INPUTS_META, IR_META, MANIFEST_META, REPORT_META, format_ir
+from svdq_compiler.lora import LORA_FILE, restore_loras, saved_form
 
 FORMAT = "svdq-graph"
 FORMAT_VERSION = 2  # bump when a reader of the old format would misread the new one (2: digests, view bytes)
@@ -71,14 +74,16 @@ def save(gm: torch.fx.GraphModule, path: str | Path) -> Path:
         raise CheckpointError("the graph has no example inputs to re-export it with",
                               fix="save graphs made by svdq_compiler.capture, compile or load")
     args, kwargs = split_inputs(inputs)
-    try:
-        with torch.no_grad():
-            spec = dynamic_shapes_of(gm, list(args) or kwargs)
-            program = torch.export.export(gm, args, kwargs, dynamic_shapes=spec, strict=False)
-    except Exception as exc:  # a graph the passes left un-exportable is a compiler bug; say which step failed
-        raise CheckpointError(f"the compiled graph could not be re-exported for saving: {first_line(exc)}",
-                              where=str(path), fix="rerun with --verify to find the pass that broke the graph") from exc
-    extra = extra_files(gm)
+    with saved_form(gm) as loras:  # applied LoRAs travel as LoRAs (svdq_compiler/lora.py)
+        try:
+            with torch.no_grad():
+                spec = dynamic_shapes_of(gm, list(args) or kwargs)
+                program = torch.export.export(gm, args, kwargs, dynamic_shapes=spec, strict=False)
+        except Exception as exc:  # a graph the passes left un-exportable is a compiler bug; say which step failed
+            raise CheckpointError(f"the compiled graph could not be re-exported for saving: {first_line(exc)}",
+                                  where=str(path), fix="rerun with --verify to find the pass that broke the "
+                                                       "graph") from exc
+        extra = {**extra_files(gm), **loras}
     with StreamingArchive(path) as archive:
         for fqn, tensor in program.state_dict.items():
             archive.add(fqn, tensor)
@@ -214,6 +219,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         state_dict = archive.tensors("data/weights/model_weights_config.json", "data/weights/", target)
         constants = archive.tensors("data/constants/model_constants_config.json", "data/constants/", target)
         extra = {name: archive.read(f"extra/{name}").decode() for name in EXTRA_FILES}
+        loras = archive.read(f"extra/{LORA_FILE}").decode() if f"extra/{LORA_FILE}" in archive.entries() else ""
         artifact = SerializedArtifact(archive.read("models/model.json"), state_dict, constants,
                                       archive.read("data/sample_inputs/model.pt"))
     capture, report = saved_reports(extra, where)
@@ -233,4 +239,5 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
     if examples is not None:
         gm.meta[INPUTS_META] = tuple(examples[0]) if examples[0] else dict(examples[1])
     install_shape_check(gm)
+    restore_loras(gm, loras, where)
     return as_pipeline_component(gm)

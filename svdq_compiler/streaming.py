@@ -231,7 +231,7 @@ def synthetic_calibration(gm: torch.fx.GraphModule, rows: int, seed: int):
                                       priorities=torch.zeros(rows), rows_seen=rows)
         sites[x.name].readers.append(info.name)
     return Calibration(sites=sites, source=f"synthetic: {rows} isotropic rows per site (data-free streaming)",
-                       inputs=0)
+                       inputs=0, data_free=True)
 
 
 def unit_passes(calibration: str) -> list[Pass]:

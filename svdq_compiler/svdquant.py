@@ -284,8 +284,12 @@ class GroupProblem:
             main = rows + shift if shift else rows
             if inverse is not None:
                 main = main * inverse
-            main = fake_quantize_act(main.to(self.dtype), scheme.act, scheme.act_group, unsigned=shift > 0,
-                                     name=site).float()
+            main = main.to(self.dtype)
+            if scheme.act == "nvfp4" and main.dim() > 2:  # a batch of λ: each candidate has its own tensor scale
+                main = torch.stack([fake_quantize_act(m, "nvfp4", scheme.act_group, name=site) for m in main])
+            else:
+                main = fake_quantize_act(main, scheme.act, scheme.act_group, unsigned=shift > 0, name=site)
+            main = main.float()
             if shift:
                 main = main - shift * (inverse if inverse is not None else 1.0)
             act_inputs[site] = (main, rows if inverse is None else rows * inverse)

@@ -1,6 +1,9 @@
 """torch.compile(model, backend="svdquant"): the same quantized graph as svdq_compiler.compile (outputs match),
-Inductor for the rest, dynamic token counts without recompiling, recompiles when Dynamo specializes, the three
-calibration sources with a warning naming the one used, and clear errors for bad options."""
+on a toy MLP and on every built-in family's random model called as the diffusers pipelines call it (keyword
+arguments, return_dict=False); Inductor for the rest, new token counts and latent sizes without recompiling
+under dynamic=True, recompiles when Dynamo specializes, calibration inputs bound through Dynamo's sources (by
+keyword or position, whatever the forward's first argument is called), the three calibration sources with a
+warning naming the one used, and clear errors for bad options."""
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ import torch._dynamo
 import svdq_compiler
 from svdq_compiler.capture import CAPTURE_META
 from svdq_compiler.errors import InputError
-from svdq_compiler.models import DynDim
+from svdq_compiler.models import DynDim, adapter_for, load_model
 
 
 class MLP(torch.nn.Module):
@@ -142,3 +145,88 @@ def test_bad_options_are_clear_errors(compiles, options, message):
 
 def test_the_backend_is_registered_on_import():
     assert "svdquant" in torch._dynamo.list_backends(exclude_tags=())
+
+
+# ---- every built-in family ------------------------------------------------------------------------------------
+
+# Per family, the example size (`tokens` of the adapter's example_inputs: image tokens for FLUX, the patch or
+# latent grid for the others) and another size the same dynamic graph serves. Dynamo's own guards decide what
+# one graph serves: PixArt's patch embedding branches on the native grid and on square grids, torch's fake
+# conv2d guards U-Net inputs on their element count, and duck sizing ties a size equal to the 8 text tokens to
+# them, so each pair stays clear of those.
+FAMILY_SIZES = {
+    "flux": ((5, 7), (6, 9)),
+    "sd3": ((5, 7), (6, 10)),
+    "pixart": ((5, 7), (6, 10)),
+    "sana": ((5, 7), (6, 10)),
+    "unet": ((10, 12), (12, 10)),
+}
+FAST = svdq_compiler.QuantConfig.preset("int4", smooth_grid=2, calib_rows=32, iterations=1)
+
+_FAMILIES = {}
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """Fused ops run their reference path: the generated kernels (which the MLP test above runs through Inductor)
+    take seconds per call under TRITON_INTERPRET, and what differs between families is the capture."""
+    monkeypatch.setenv("SVDQ_KERNELS", "reference")
+
+
+def family_case(family):
+    """(model, calibration inputs, inputs at the example size, inputs at the other size, the reference graph
+    from svdq_compiler.compile with the same config and calibration), built once per test process."""
+    if family not in _FAMILIES:
+        model = load_model(f"random:{family}").eval()
+        adapter = adapter_for(model)
+        example, other = FAMILY_SIZES[family]
+        calib = adapter.calib_inputs(model, num_prompts=1, num_steps=2, tokens=example)
+        inputs = adapter.example_inputs(model, batch=1, tokens=example, seed=3)
+        other_inputs = adapter.example_inputs(model, batch=1, tokens=other, seed=4)
+        with torch.no_grad():
+            reference = svdq_compiler.compile(model, inputs, FAST, calib_inputs=calib)
+        _FAMILIES[family] = model, calib, inputs, other_inputs, reference
+    return _FAMILIES[family]
+
+
+def pipeline_call(model, inputs):
+    """The model called as a diffusers pipeline calls it: keyword arguments, return_dict=False."""
+    return model(**{**inputs, "return_dict": False})[0]
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("family", list(FAMILY_SIZES))
+def test_dynamic_compile_of_each_family_matches_svdq_compile_and_serves_another_size(family, compiles,
+                                                                                     reference_kernels):
+    model, calib, inputs, other, reference = family_case(family)
+    compiles.clear()
+    compiled = torch.compile(model, backend="svdquant", dynamic=True,
+                             options={"calib_inputs": calib, "config": FAST, "inductor": False})
+    with torch.no_grad(), pytest.warns(UserWarning, match="2 calibration inputs"):
+        out = pipeline_call(compiled, inputs)
+        again = pipeline_call(compiled, other)
+        expected, expected_other = pipeline_call(reference, inputs), pipeline_call(reference, other)
+    assert out.shape == expected.shape and again.shape == expected_other.shape != expected.shape
+    # The same pipeline on the same calibration: the same λ, branches and 4-bit weights, so the same numbers.
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again, expected_other, rtol=0, atol=1e-5)
+    assert len(compiles) == 1, "the other size reused the graph Dynamo compiled first"
+    assert compiles[0].meta[CAPTURE_META]["adapter"] == f"{family} (torch.compile region)"
+    assert len(svdq_ops(compiles[0])) == len(svdq_ops(reference))
+
+
+@pytest.mark.parametrize("family", [
+    "flux", *[pytest.param(f, marks=pytest.mark.slow) for f in FAMILY_SIZES if f != "flux"]])
+def test_static_compile_of_each_family_matches_svdq_compile(family, compiles, reference_kernels):
+    model, calib, inputs, other, reference = family_case(family)
+    compiles.clear()
+    compiled = torch.compile(model, backend="svdquant", options={"calib_inputs": calib, "config": FAST,
+                                                                 "inductor": False})
+    with torch.no_grad(), pytest.warns(UserWarning, match="2 calibration inputs"):
+        torch.testing.assert_close(pipeline_call(compiled, inputs), pipeline_call(reference, inputs),
+                                   rtol=0, atol=1e-5)
+    assert len(compiles) == 1
+    assert all(d["status"] == "static" for d in compiles[0].meta[CAPTURE_META]["dims"])

@@ -245,8 +245,11 @@ def test_onnx_form_that_cannot_hold_the_preset_is_refused_before_compiling(tmp_p
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_shipped_model_compiles_and_runs_in_a_16_bit_dtype(dtype, tmp_path, capsys):
+def test_shipped_model_compiles_and_runs_in_a_16_bit_dtype(dtype, tmp_path, capsys, monkeypatch):
     import torch
+
+    # The fused ops' reference path: this checks the CLI and the model's dtype (the kernels have their own tests).
+    monkeypatch.setenv("SVDQ_KERNELS", "reference")
 
     import svdq_compiler
     from svdq_compiler.models import adapter_for, load_model

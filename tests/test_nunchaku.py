@@ -19,7 +19,8 @@ from svdq_compiler.interop.nunchaku import (DOUBLE, DOUBLE_AWQ, DOUBLE_NORMS, GE
 from svdq_compiler.layers import find_layers, segment_rows
 from svdq_compiler.ir import get_attr_value
 from svdq_compiler.models import adapter_for, load_model
-from svdq_compiler.quant import quantize_weight
+from svdq_compiler.codegen.layout import unpack_weight
+from svdq_compiler.quant import dequantize, nvfp4_act_scale, quantize_weight
 
 CONFIG = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
               num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=32, guidance_embeds=True,
@@ -102,8 +103,10 @@ class CheckpointLinear(nn.Module):
         self.group = w.group_size
 
     def forward(self, x):
+        # Nunchaku's nvfp4 activations have no per-tensor scale: ours is 1 there
+        act_scale = torch.ones(()) if self.fmt == "nvfp4" else None
         return torch.ops.svdq.linear(x, self.smooth, *self.w, self.down, self.up, self.bias, self.shift, self.fmt,
-                                     self.group)
+                                     self.group, act_scale)
 
 
 class SplitProjOut(nn.Module):
@@ -200,6 +203,34 @@ def test_import_runs_the_checkpoint_as_its_modules_compute_it(tmp_path, fmt):
     assert rel(imported, reference) < 2e-2, rel(imported, reference)
     ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
     assert "svdq.fused_gemm.default" in ops and "svdq.fused_weight_only_linear.default" in ops  # AdaLN: kernel W
+
+
+def test_nvfp4_activation_scale_folds_into_smooth_factor_and_wtscale():
+    """Nunchaku has no per-tensor activation scale t: the export folds it into the quantized path (smooth_factor
+    = λ·t, wtscale × t) and keeps the branch's L2/λ, so Nunchaku's one-level computation equals ours."""
+    generator = torch.Generator().manual_seed(4)
+    n, k = 48, 128
+    linear = random_linear(generator, n, k, "nvfp4")
+    x = (torch.randn(3, 7, k, generator=generator) * 3000).to(DTYPE)  # beyond 2688: one level would saturate
+    t = nvfp4_act_scale((x.float() / linear.smooth.float()).abs().amax(), 16.0)
+    ours = torch.ops.svdq.linear(x, linear.smooth, linear.weight.qweight, linear.weight.wscales,
+                                 linear.weight.wtscale, linear.lora_down, linear.lora_up, linear.bias, 0.0, "nvfp4",
+                                 16, t)
+    plain = to_nunchaku(linear)
+    folded = to_nunchaku(NunchakuLinear(**{**linear.__dict__, "act_scale": t}))
+    back = from_nunchaku(folded, "nvfp4", in_features=k, out_features=n)
+    torch.testing.assert_close(back.smooth, (linear.smooth.float() * t).to(DTYPE), rtol=0, atol=0)
+    assert torch.equal(folded["wtscale"], (linear.weight.wtscale * t).reshape(1).to(DTYPE))
+    for key in ("qweight", "wscales", "lora_down", "lora_up", "bias", "smooth_orig"):
+        assert torch.equal(folded[key].view(torch.uint8), plain[key].view(torch.uint8)), key
+    # what Nunchaku computes from the file: x/smooth_factor quantized with no tensor scale, α = wtscale
+    theirs = torch.ops.svdq.linear(x, back.smooth, back.weight.qweight, back.weight.wscales, back.weight.wtscale,
+                                   back.lora_down, back.lora_up, back.bias, 0.0, "nvfp4", 16, torch.ones(()))
+    # λ·t rounded to bf16 flips a few E2M1 codes at their boundaries; nvfp4's own error here is ~0.1
+    assert rel(theirs.float(), ours.float()) < 5e-2
+    effective = (dequantize(unpack_weight(linear.weight)).float() + linear.lora_up.float() @ linear.lora_down.float())
+    exact = torch.nn.functional.linear(x.float(), effective / linear.smooth.float(), linear.bias.float())
+    assert rel(ours.float(), exact) < 0.2  # and neither saturates
 
 
 def test_v2_names_import_like_v1(tmp_path):

@@ -134,8 +134,16 @@ def test_bad_requests_are_clear_errors_and_leave_nothing(int4_graph, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_nvfp4_has_no_portable_form(tmp_path):
+def test_nvfp4_has_no_portable_form_and_its_custom_form_carries_the_activation_scales(tmp_path):
     gm = compile_block("nvfp4")
     with pytest.raises(InputError, match="nvfp4 .* no portable ONNX form.*form='custom'"):
         svdq_compiler.export_onnx(gm, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+    model = onnx.load(str(svdq_compiler.export_onnx(gm, tmp_path / "custom.onnx", form="custom")))
+    initializers = {init.name: init for init in model.graph.initializer}
+    # the per-tensor fp32 activation scale: FusedQuantizeLoraDown's act_scale, FusedGemm's a_tscale
+    position = {"FusedQuantizeLoraDown": 3, "FusedGemm": 10}
+    scales = [initializers[n.input[position[n.op_type]]] for n in model.graph.node if n.op_type in position]
+    assert len(scales) == sum(1 for n in gm.graph.nodes if getattr(n.target, "namespace", None) == "svdq"
+                              and n.target._opname in ("fused_quantize_lora_down", "fused_gemm"))
+    assert all(s.data_type == onnx.TensorProto.FLOAT and np.prod(s.dims) == 1 for s in scales)

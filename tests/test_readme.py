@@ -188,7 +188,6 @@ CHECKS = {
 
 # Blocks that fail for a known open reason; one that starts passing fails the test until it is taken off here.
 EXPECTED_FAILURES = {
-    "import svdq_compiler": "issue 13 item 4 (engineer backend): apply_lora and export_nunchaku on a loaded graph",
     "from svdq_compiler import DynDim": "annotate_linears gives the middle linear of a plain MLP the embed role (it "
                                         "reads the input through the first linear), so nothing is quantized",
 }

@@ -101,6 +101,7 @@ class Layer:
         self.lora_down = torch.randn(RANK, k, device=device, dtype=dtype, generator=gen) / k ** 0.5
         self.lora_up = torch.randn(n, RANK, device=device, dtype=dtype, generator=gen) / RANK ** 0.5
         self.bias = torch.randn(n, device=device, dtype=dtype, generator=gen)
+        self.act_scale = quant.act_tensor_scale(self.x / self.smooth, fmt)  # nvfp4's per-tensor scale, else None
 
     def specs(self, rank: int, bias: bool):
         from svdq_compiler.codegen.spec import ActQuant, GemmSpec, QuantizeSpec
@@ -116,18 +117,19 @@ class Layer:
 
         def run():
             codes, scales, down = launch.quantize_lora_down(self.x, self.smooth, self.lora_down if rank else None,
-                                                            quantize)
+                                                            quantize, self.act_scale)
             return launch.gemm(codes, scales, self.w_codes, self.w_scales, self.w_tscale, down if rank else None,
-                               self.lora_up if rank else None, self.bias if bias else None, [], None, None, gemm)[0]
+                               self.lora_up if rank else None, self.bias if bias else None, [], None, None, gemm,
+                               self.act_scale)[0]
         return run
 
     def gemm_only(self):
         from svdq_compiler.codegen import launch
 
         quantize, gemm = self.specs(0, False)
-        codes, scales, _ = launch.quantize_lora_down(self.x, self.smooth, None, quantize)
+        codes, scales, _ = launch.quantize_lora_down(self.x, self.smooth, None, quantize, self.act_scale)
         return lambda: launch.gemm(codes, scales, self.w_codes, self.w_scales, self.w_tscale, None, None, None, [],
-                                   None, None, gemm)[0]
+                                   None, None, gemm, self.act_scale)[0]
 
     def unfused(self):
         from svdq_compiler.codegen import launch
@@ -135,10 +137,10 @@ class Layer:
         quantize, gemm = self.specs(0, False)
 
         def run():
-            codes, scales, _ = launch.quantize_lora_down(self.x, self.smooth, None, quantize)
+            codes, scales, _ = launch.quantize_lora_down(self.x, self.smooth, None, quantize, self.act_scale)
             down = F.linear(self.x / self.smooth, self.lora_down)
             acc = launch.gemm(codes, scales, self.w_codes, self.w_scales, self.w_tscale, None, None, None, [], None,
-                              None, gemm)[0]
+                              None, gemm, self.act_scale)[0]
             return acc + F.linear(down, self.lora_up, self.bias)
         return run
 
@@ -148,10 +150,10 @@ class Layer:
         ops = torch.ops.svdq
 
         def run():
-            codes, scales = ops.quantize_act(self.x, self.smooth, 0.0, self.fmt, self.group)
+            codes, scales = ops.quantize_act(self.x, self.smooth, 0.0, self.fmt, self.group, self.act_scale)
             down = F.linear(self.x / self.smooth, self.lora_down)
             acc = ops.gemm(codes, scales, self.w_codes, self.w_scales, self.w_tscale, self.fmt, self.group, self.k,
-                           self.x.dtype)
+                           self.x.dtype, self.act_scale)
             return acc + F.linear(down, self.lora_up, self.bias)
         return run
 

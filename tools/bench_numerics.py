@@ -16,7 +16,7 @@ import torch
 from bench_common import machine, write_result
 
 from svdq_compiler.codegen.layout import NunchakuLinear, from_nunchaku, pack_weight, to_nunchaku
-from svdq_compiler.quant import fake_quantize_act, fake_quantize_weight, quantize_weight
+from svdq_compiler.quant import act_tensor_scale, fake_quantize_act, fake_quantize_weight, quantize_weight
 
 FORMATS = [("int4", 64), ("nvfp4", 16), ("int8", 0), ("nf4", 64)]
 
@@ -55,10 +55,11 @@ def main() -> None:
         if fmt != "nf4":
             row["fake_quantize_act_ms"] = timed(lambda: fake_quantize_act(x, fmt, group), device, args.repeat)
             packed = pack_weight(quantize_weight(w, fmt, group))
-            codes, scales = torch.ops.svdq.quantize_act(x, None, 0.0, fmt, group)
+            act_scale = act_tensor_scale(x, fmt)
+            codes, scales = torch.ops.svdq.quantize_act(x, None, 0.0, fmt, group, act_scale)
             row["reference_gemm_ms"] = timed(lambda: torch.ops.svdq.gemm(
-                codes, scales, packed.qweight, packed.wscales, packed.wtscale, fmt, group, n, torch.bfloat16),
-                device, args.repeat)
+                codes, scales, packed.qweight, packed.wscales, packed.wtscale, fmt, group, n, torch.bfloat16,
+                act_scale), device, args.repeat)
         if fmt in ("int4", "nvfp4"):
             linear = NunchakuLinear(pack_weight(quantize_weight(w, fmt, group)),
                                     lora_down=torch.randn(32, n, device=device).to(torch.bfloat16),

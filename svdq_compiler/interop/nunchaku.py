@@ -16,6 +16,10 @@ How the two models line up:
   MLP part, and an imported `out_proj` bias is added to it;
 - Nunchaku's low-rank branch reads x, ours x/λ: `lora_down` = L2/λ (the converters fold λ in and out);
 - the bias of a post-GELU layer is already compensated for the shift in both (our `shifted_bias`);
+- nvfp4: Nunchaku has no per-tensor activation scale (its E4M3 block scale is min(amax/6, 448) of
+  x/smooth_factor); ours, t, is folded into the quantized path on export: smooth_factor = λ·t and wtscale (or
+  wcscales) × t, the branch keeps L2/λ (`NunchakuLinear.act_scale`). An import has t = 1, Nunchaku's own
+  semantics, with λ·t as its λ: the same computation up to rounding λ·t to the model dtype;
 - Nunchaku keeps `norm_out` 16-bit (its AdaLN there is not quantized): an import keeps it so; an export writes
   our weight-only norm_out dequantized.
 Rounding: λ folded into `lora_down` is rounded once more to the model dtype, so L2 survives a round trip to
@@ -106,11 +110,14 @@ def _name(fused_or_norm: Fused | tuple[str, str], naming: str) -> str:
 # ---- export -------------------------------------------------------------------------------------------------
 
 
-def export_nunchaku(gm: torch.fx.GraphModule, path: str | Path | None = None, *, naming: str = "v1",
+def export_nunchaku(gm: torch.nn.Module, path: str | Path | None = None, *, naming: str = "v1",
                     config: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """Our compiled FLUX graph → a Nunchaku checkpoint's tensors (written with its metadata to `path` if
-    given, through a temporary file)."""
+    """Our compiled FLUX graph (from compile, load or import_nunchaku) → a Nunchaku checkpoint's tensors
+    (written with its metadata to `path` if given, through a temporary file)."""
     from svdq_compiler.capture import CAPTURE_META
+    from svdq_compiler.dropin import graph_module_of
+
+    gm = graph_module_of(gm)
 
     if naming not in ("v1", "v2"):
         raise InputError(f"naming must be 'v1' or 'v2', got {naming!r}")
@@ -180,7 +187,22 @@ def _exported_linear(gm: torch.fx.GraphModule, layers: Layers, prefix: str, fuse
         raise CheckpointError(f"{prefix}.{fused.v1}: its linears divide their input by different λ, which one "
                               f"Nunchaku module cannot express", fix="compile with q/k/v in one smoothing group")
     down, up = _exported_branch(gm, layers, names, weights)
-    return NunchakuLinear(packed, bias=torch.cat(biases), smooth=smooths[0], lora_down=down, lora_up=up)
+    act_scales = [_act_scale_of(gm, layers, name) for name in names]
+    if any(s is not None and not torch.equal(s, act_scales[0]) for s in act_scales):
+        raise CheckpointError(f"{prefix}.{fused.v1}: its linears quantize their input under different nvfp4 "
+                              f"activation scales, which one Nunchaku module cannot express",
+                              fix="compile with q/k/v in one smoothing group")
+    return NunchakuLinear(packed, bias=torch.cat(biases), smooth=smooths[0], lora_down=down, lora_up=up,
+                          act_scale=act_scales[0])
+
+
+def _act_scale_of(gm: torch.fx.GraphModule, layers: Layers, name: str) -> torch.Tensor | None:
+    """The nvfp4 per-tensor activation scale the layer's GEMM multiplies by (a_tscale), None for int4."""
+    node = layers.quantized[name].node
+    schema = [argument.name for argument in node.target._schema.arguments]
+    position = schema.index("a_tscale") if "a_tscale" in schema else None
+    scale = node.args[position] if position is not None and position < len(node.args) else None
+    return get_attr_value(gm, scale.target) if isinstance(scale, torch.fx.Node) else None
 
 
 def _smooth_of(gm: torch.fx.GraphModule, layers: Layers, name: str) -> torch.Tensor | None:
@@ -332,7 +354,7 @@ def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None) -
     from svdq_compiler.capture import install_shape_check
     from svdq_compiler.config import QuantConfig
     from svdq_compiler.meta_capture import capture_on_meta
-    from svdq_compiler.models import adapter_for_class
+    from svdq_compiler.models import adapter_for_class, cast_module
     from svdq_compiler.pipeline import PassContext, PassResult, make_pass, run_passes, svdquant_pipeline
     from svdq_compiler.serialize import REPORT_META
 
@@ -344,7 +366,7 @@ def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None) -
         model = adapter.model_class().from_config(config).eval()
     check_shapes(tensors, model, config, str(source))
     dtype = next(v.dtype for k, v in tensors.items() if k.endswith(".bias") and v.is_floating_point())
-    model.to(dtype)
+    cast_module(model, dtype)
     example = adapter.example_inputs(model, batch=batch, tokens=tokens)
     gm = capture_on_meta(model, example, adapter=adapter)
     quant_config = QuantConfig.preset(fmt, rank=rank or 32, skip=KEPT_16BIT, **NUNCHAKU_COMPATIBLE)

@@ -31,10 +31,10 @@ def tensors():
 
 def _run(t, x=None):
     x = t["x"] if x is None else x
-    codes, scales, down = ops.fused_quantize_lora_down(x, t["smooth"], t["lora_down"], QUANTIZE.to_string())
+    codes, scales, down = ops.fused_quantize_lora_down(x, t["smooth"], t["lora_down"], None, QUANTIZE.to_string())
     w = t["weight"]
     outputs = ops.fused_gemm(codes, scales, w.qweight, w.wscales, w.wtscale, down, t["lora_up"], t["bias"],
-                             [t["residual"][: x.shape[0]]], t["next_smooth"], t["next_lora_down"],
+                             [t["residual"][: x.shape[0]]], t["next_smooth"], t["next_lora_down"], None, None,
                              GEMM.to_string())
     return (codes, scales, down), outputs
 
@@ -89,12 +89,12 @@ def test_opcheck_on_the_reference_backend(tensors):
     w = tensors["weight"]
     with kernel_backend("reference"):
         torch.library.opcheck(ops.fused_quantize_lora_down.default,
-                              (tensors["x"], tensors["smooth"], tensors["lora_down"], QUANTIZE.to_string()))
+                              (tensors["x"], tensors["smooth"], tensors["lora_down"], None, QUANTIZE.to_string()))
         codes, scales, down = ops.fused_quantize_lora_down(tensors["x"], tensors["smooth"], tensors["lora_down"],
-                                                           QUANTIZE.to_string())
+                                                           None, QUANTIZE.to_string())
         torch.library.opcheck(ops.fused_gemm.default, (
             codes, scales, w.qweight, w.wscales, w.wtscale, down, tensors["lora_up"], tensors["bias"],
-            [tensors["residual"]], tensors["next_smooth"], tensors["next_lora_down"], GEMM.to_string()))
+            [tensors["residual"]], tensors["next_smooth"], tensors["next_lora_down"], None, None, GEMM.to_string()))
 
 
 class _Fused(torch.nn.Module):
@@ -123,4 +123,4 @@ def test_export_with_a_dynamic_token_count_saves_and_reloads(tensors, tmp_path):
 
 def test_a_malformed_spec_string_fails_clearly(tensors):
     with pytest.raises(fused_ops.SpecError, match="expected a quantize_lora_down spec, got a gemm spec"):
-        ops.fused_quantize_lora_down(tensors["x"], tensors["smooth"], tensors["lora_down"], GEMM.to_string())
+        ops.fused_quantize_lora_down(tensors["x"], tensors["smooth"], tensors["lora_down"], None, GEMM.to_string())

@@ -187,7 +187,9 @@ CHECK: tl.atomic_add(next_down_ptr
     filecheck(emitting, r"""
 CHECK-LABEL: def svdq_gemm_int4
 CHECK: tl.store(out_ptr
-CHECK: scale = round_to_e4m3(absmax / 6.0)
+CHECK: next_act_scale = tl.load(next_act_scale_ptr)
+CHECK: scale = round_to_e4m3(absmax / 6.0 / next_act_scale)
+CHECK: codes = e2m1_code(tl.minimum(tl.maximum(grouped / (scale * next_act_scale)[:, :, None], -6.0), 6.0))
 CHECK: low, high = tl.split(tl.reshape(codes, (BLOCK_M, (BLOCK_N // 16), 8, 2)))
 CHECK-NOT: atomic_add
 """)

@@ -10,7 +10,7 @@ import svdq_compiler.ops  # noqa: F401  (the reference ops)
 from svdq_compiler import quant
 from svdq_compiler.codegen import launch
 from svdq_compiler.codegen.fused_ops import apply_epilogue, reference_gemm, reference_weight_only_linear
-from svdq_compiler.codegen.layout import pack_weight
+from svdq_compiler.codegen.layout import pack_weight, unpack_act, unpack_weight
 from svdq_compiler.codegen.spec import ActQuant, Epilogue, GemmSpec, QuantizeNext, QuantizeSpec, WeightOnlySpec
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy sigmoid of -inf-ish
@@ -73,8 +73,9 @@ def test_kernel_a_matches_quantize_act_and_the_down_projection(fmt, lead, k, ran
     shift = SHIFT.get(fmt, 0.0)
     spec = QuantizeSpec(ActQuant(fmt, GROUP[fmt], shift, smooth=smooth), rank, str(dtype).split(".")[1],
                         k=k if fixed_k else None)
-    codes, scales, down = launch.quantize_lora_down(x, lam, lora_down, spec)
-    ref_codes, ref_scales = ops.quantize_act(x, lam, shift, fmt, GROUP[fmt])
+    act_scale = quant.act_tensor_scale(x, fmt)
+    codes, scales, down = launch.quantize_lora_down(x, lam, lora_down, spec, act_scale)
+    ref_codes, ref_scales = ops.quantize_act(x, lam, shift, fmt, GROUP[fmt], act_scale)
     assert torch.equal(codes, ref_codes)
     assert scales.dtype == ref_scales.dtype and torch.equal(scales, ref_scales)
     assert down.shape == (*lead, rank)
@@ -100,17 +101,19 @@ def _branch_bias_and_epilogue_operands(lead, n, rank, bias, dtype, epilogue, gen
     return down, lora_up, bias_t, operands
 
 
-def _gemm_case(fmt, lead, k, n, rank, bias, dtype, epilogue=(), seed=0):
-    x = _x((*lead, k), fmt, dtype, seed)
+def _gemm_case(fmt, lead, k, n, rank, bias, dtype, epilogue=(), seed=0, magnitude=1.0):
+    """spec, the op's arguments up to the epilogue operands, and nvfp4's per-tensor activation scale."""
+    x = _x((*lead, k), fmt, dtype, seed) * magnitude
     lam = _smooth(k, dtype, seed)
     shift = SHIFT.get(fmt, 0.0)
-    codes, scales = ops.quantize_act(x, lam, shift, fmt, GROUP[fmt])
+    act_scale = quant.act_tensor_scale(x, fmt)
+    codes, scales = ops.quantize_act(x, lam, shift, fmt, GROUP[fmt], act_scale)
     weight = _weight(fmt, n, k, dtype, seed)
     gen = torch.Generator().manual_seed(seed + 3)
     down, lora_up, bias_t, operands = _branch_bias_and_epilogue_operands(lead, n, rank, bias, dtype, epilogue, gen)
     spec = GemmSpec(fmt, GROUP[fmt], rank, bias, str(dtype).split(".")[1], k=k, n=n, epilogue=tuple(epilogue))
     args = (codes, scales, weight.qweight, weight.wscales, weight.wtscale, down, lora_up, bias_t, operands)
-    return spec, args
+    return spec, args, act_scale
 
 
 GEMM_CASES = [
@@ -127,10 +130,36 @@ GEMM_CASES = [
 
 @pytest.mark.parametrize("fmt, lead, k, n, rank, bias, dtype", GEMM_CASES)
 def test_kernel_b_matches_the_lowered_gemm_branch_and_bias(fmt, lead, k, n, rank, bias, dtype):
-    spec, args = _gemm_case(fmt, lead, k, n, rank, bias, dtype, seed=k + n)
-    (y,) = launch.gemm(*args, None, None, spec)
-    (expected,) = reference_gemm(*args, None, None, spec)
+    spec, args, act_scale = _gemm_case(fmt, lead, k, n, rank, bias, dtype, seed=k + n)
+    (y,) = launch.gemm(*args, None, None, spec, act_scale)
+    (expected,) = reference_gemm(*args, None, None, spec, act_scale)
     _close(y, expected)
+
+
+@pytest.mark.parametrize("magnitude", [1e4, 1e9])
+def test_nvfp4_kernels_keep_large_activations_under_their_tensor_scale(magnitude):
+    """Activations of 1e4 and 1e9 (fp32 model): kernel A's codes and scales equal the reference op's bit for bit
+    under the per-tensor scale, kernel B equals the reference GEMM, and nothing saturates at 6·448 = 2688."""
+    k, n = 48, 32
+    x = _x((2, 9, k), "nvfp4", torch.float32, seed=3) * magnitude
+    spec = QuantizeSpec(ActQuant("nvfp4", 16, smooth=False), 0, "float32", k=k)
+    act_scale = quant.act_tensor_scale(x, "nvfp4")
+    codes, scales, _ = launch.quantize_lora_down(x, None, None, spec, act_scale)
+    ref_codes, ref_scales = ops.quantize_act(x, None, 0.0, "nvfp4", 16, act_scale)
+    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+    values = quant.dequantize(unpack_act(codes, scales, "nvfp4", 16, k, torch.float32, act_scale))
+    # the largest value lands on the top grid point 6·448·t (the old one-level scale capped it at 2688)
+    assert values.abs().max().item() == pytest.approx(x.abs().max().item(), rel=1e-6)
+    assert (values - x).norm() / x.norm() < 0.1  # E2M1's rounding, no clipping
+
+    weight = _weight("nvfp4", n, k, torch.float32, seed=3)
+    gemm = GemmSpec("nvfp4", 16, 0, False, "float32", k=k, n=n)
+    args = (codes, scales, weight.qweight, weight.wscales, weight.wtscale, None, None, None, [])
+    (y,) = launch.gemm(*args, None, None, gemm, act_scale)
+    (expected,) = reference_gemm(*args, None, None, gemm, act_scale)
+    _close(y, expected)
+    exact = x @ quant.dequantize(unpack_weight(weight)).T
+    assert (y - exact).norm() / exact.norm() < 0.2
 
 
 EPILOGUES = [
@@ -144,14 +173,14 @@ EPILOGUES = [
 
 @pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: "-".join(s.kind for s in e))
 def test_every_epilogue_matches_the_aten_chain(epilogue):
-    spec, args = _gemm_case("int4", (2, 17), 128, 40, 32, True, torch.bfloat16, epilogue, seed=len(epilogue))
+    spec, args, _ = _gemm_case("int4", (2, 17), 128, 40, 32, True, torch.bfloat16, epilogue, seed=len(epilogue))
     (y,) = launch.gemm(*args, None, None, spec)
     (expected,) = reference_gemm(*args, None, None, spec)
     _close(y, expected)
 
 
 def test_epilogue_operands_with_any_broadcast_and_strides():
-    spec, args = _gemm_case("int4", (2, 3, 5), 64, 32, 0, False, torch.bfloat16,
+    spec, args, _ = _gemm_case("int4", (2, 3, 5), 64, 32, 0, False, torch.bfloat16,
                             (Epilogue("mul"), Epilogue("add"), Epilogue("mul")), seed=7)
     gen = torch.Generator().manual_seed(11)
     gate = torch.randn(2, 1, 1, 32, generator=gen).to(torch.bfloat16)  # broadcast over two row levels
@@ -167,34 +196,35 @@ def test_epilogue_operands_with_any_broadcast_and_strides():
 @pytest.mark.parametrize("emit", [False, True])
 def test_quantize_next_epilogue_codes_equal_quantize_act_of_the_output(next_fmt, emit):
     n, next_rank = 100, 16  # the next layer's K = 100 pads to a whole group
-    spec, args = _gemm_case("int4", (33,), 64, n, 32, True, torch.bfloat16, (Epilogue("gelu_tanh"),), seed=5)
+    spec, args, _ = _gemm_case("int4", (33,), 64, n, 32, True, torch.bfloat16, (Epilogue("gelu_tanh"),), seed=5)
     next_smooth = _smooth(n, torch.bfloat16, 9)
     next_down = (torch.randn(next_rank, n, generator=torch.Generator().manual_seed(4)) / 10).to(torch.bfloat16)
     shift = SHIFT.get(next_fmt, 0.0)
     fused = GemmSpec(**{**spec.__dict__, "quantize_next": QuantizeNext(ActQuant(next_fmt, GROUP[next_fmt], shift),
                                                                           rank=next_rank, emit_output=emit)})
-    outputs = launch.gemm(*args, next_smooth, next_down, fused)
+    next_scale = quant.nvfp4_act_scale(7.0) if next_fmt == "nvfp4" else None  # a calibrated scale
+    outputs = launch.gemm(*args, next_smooth, next_down, fused, None, next_scale)
     (y,) = launch.gemm(*args, None, None, spec)  # the same kernel without the quantize epilogue
     assert len(outputs) == 3 + emit
     if emit:
         assert torch.equal(outputs[0], y)
     codes, scales, down = outputs[emit:]
-    ref_codes, ref_scales = ops.quantize_act(y, next_smooth, shift, next_fmt, GROUP[next_fmt])
+    ref_codes, ref_scales = ops.quantize_act(y, next_smooth, shift, next_fmt, GROUP[next_fmt], next_scale)
     assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
     _close(down, F.linear(y / next_smooth, next_down), rel=2e-3)
     # and the whole fused op stays close to the reference composition
-    expected = reference_gemm(*args, next_smooth, next_down, fused)
+    expected = reference_gemm(*args, next_smooth, next_down, fused, None, next_scale)
     _close(outputs[-1], expected[-1], rel=2e-2)
 
 
 def test_zero_rows_produce_empty_outputs():
-    spec, args = _gemm_case("int4", (0,), 64, 32, 16, True, torch.bfloat16)
+    spec, args, _ = _gemm_case("int4", (0,), 64, 32, 16, True, torch.bfloat16)
     (y,) = launch.gemm(*args, None, None, spec)
     assert y.shape == (0, 32)
 
 
 def test_mismatched_operands_are_clear_errors():
-    spec, args = _gemm_case("int4", (4,), 64, 32, 16, True, torch.bfloat16)
+    spec, args, _ = _gemm_case("int4", (4,), 64, 32, 16, True, torch.bfloat16)
     with pytest.raises(launch.KernelInputError, match=r"bias has shape \(31,\), expected \(32,\)"):
         launch.gemm(*args[:7], args[7][:31], args[8], None, None, spec)
     with pytest.raises(launch.KernelInputError, match="down is required by this spec"):

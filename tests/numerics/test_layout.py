@@ -69,7 +69,7 @@ def test_pack_act_round_trip(fmt, group):
     x = torch.randn(2, 3, 80, generator=torch.Generator().manual_seed(4)).abs().to(torch.float16)
     q = quantize_act(x, fmt, group)
     codes, scales = pack_act(q)
-    back = unpack_act(codes, scales, fmt, group, 80, x.dtype)
+    back = unpack_act(codes, scales, fmt, group, 80, x.dtype, q.tensor_scale)
     assert torch.equal(back.codes, q.codes) and torch.equal(dequantize(back), dequantize(q))
 
 

@@ -9,7 +9,7 @@ import svdq_compiler  # noqa: F401  (registers torch.ops.svdq)
 from svdq_compiler.codegen.layout import pack_act, pack_weight, unpack_act, unpack_weight
 from svdq_compiler.conv import ConvGeometry
 from svdq_compiler.errors import QuantizationError
-from svdq_compiler.quant import QTensor, dequantize, quantize_act, quantize_weight
+from svdq_compiler.quant import QTensor, act_tensor_scale, dequantize, quantize_act, quantize_weight
 
 svdq = torch.ops.svdq
 BF16 = torch.bfloat16
@@ -37,9 +37,10 @@ def test_quantize_act_divides_by_smooth_after_the_shift(fmt, group):
     x, k = activations(fmt, 1, 2, 5, 72), 72
     smooth = (torch.rand(k, generator=torch.Generator().manual_seed(2)) + 0.5).to(BF16)
     shift = 0.171875 if fmt == "uint4" else 0.0
-    codes, scales = svdq.quantize_act(x, smooth, shift, fmt, group)
-    expected = quantize_act(((x.float() + shift) / smooth.float()).to(BF16), fmt, group)
-    got = unpack_act(codes, scales, fmt, group, k, BF16)
+    scale = act_tensor_scale(x, fmt)
+    codes, scales = svdq.quantize_act(x, smooth, shift, fmt, group, scale)
+    expected = quantize_act(((x.float() + shift) / smooth.float()).to(BF16), fmt, group, tensor_scale=scale)
+    got = unpack_act(codes, scales, fmt, group, k, BF16, scale)
     assert torch.equal(got.codes, expected.codes)
     assert torch.equal(dequantize(got), dequantize(expected))
     assert codes.shape[:-1] == x.shape[:-1]
@@ -59,10 +60,11 @@ def test_quantize_act_names_non_finite_input():
 @pytest.mark.parametrize("k", [64, 100, 272])
 def test_gemm_equals_matmul_of_dequantized_operands(fmt, group, k):
     x, w = activations(fmt, k, 3, 4, k), tensors(k + 1, 24, k)
-    codes, scales = svdq.quantize_act(x, None, 0.0, fmt, group)
+    scale = act_tensor_scale(x, fmt)
+    codes, scales = svdq.quantize_act(x, None, 0.0, fmt, group, scale)
     packed = pack_weight(quantize_weight(w, weight_format(fmt), group))
-    y = svdq.gemm(codes, scales, packed.qweight, packed.wscales, packed.wtscale, fmt, group, k, torch.float32)
-    a = dequantize(unpack_act(codes, scales, fmt, group, k, BF16), torch.float64)
+    y = svdq.gemm(codes, scales, packed.qweight, packed.wscales, packed.wtscale, fmt, group, k, torch.float32, scale)
+    a = dequantize(unpack_act(codes, scales, fmt, group, k, BF16, scale), torch.float64)
     b = dequantize(unpack_weight(packed), torch.float64)
     expected = a @ b.T
     assert y.shape == (3, 4, 24) and y.dtype == torch.float32
@@ -85,15 +87,17 @@ def test_gemm_accumulates_each_group_exactly_before_scaling():
 def test_gemm_applies_per_tensor_and_per_channel_tensor_scales():
     k, n = 32, 6
     x, w = tensors(5, 4, k), tensors(6, n, k)
-    codes, scales = svdq.quantize_act(x, None, 0.0, "nvfp4", 16)
+    act_scale = torch.tensor(0.75)
+    codes, scales = svdq.quantize_act(x, None, 0.0, "nvfp4", 16, act_scale)
     q = quantize_weight(w, "nvfp4", 16)
     packed = pack_weight(q)
-    base = svdq.gemm(codes, scales, packed.qweight, packed.wscales, None, "nvfp4", 16, k, torch.float32)
+    base = svdq.gemm(codes, scales, packed.qweight, packed.wscales, None, "nvfp4", 16, k, torch.float32, act_scale)
     per_tensor = svdq.gemm(codes, scales, packed.qweight, packed.wscales, packed.wtscale, "nvfp4", 16, k,
-                           torch.float32)
+                           torch.float32, act_scale)
     torch.testing.assert_close(per_tensor, base * packed.wtscale, rtol=1e-6, atol=0)
     channel = torch.linspace(0.5, 2.0, n)
-    per_channel = svdq.gemm(codes, scales, packed.qweight, packed.wscales, channel, "nvfp4", 16, k, torch.float32)
+    per_channel = svdq.gemm(codes, scales, packed.qweight, packed.wscales, channel, "nvfp4", 16, k, torch.float32,
+                            act_scale)
     torch.testing.assert_close(per_channel, base * channel, rtol=1e-6, atol=0)
 
 
@@ -130,16 +134,17 @@ def linear_case(fmt, group, seed=0, *, rank=8, k=96, n=40, with_smooth=True, wit
     lora_up = tensors(seed + 3, n, rank, scale=0.1) if rank else None
     bias = tensors(seed + 4, n) if with_bias else None
     shift = 0.171875 if fmt == "uint4" else 0.0
-    return (x, smooth, packed.qweight, packed.wscales, packed.wtscale, lora_down, lora_up, bias, shift, fmt, group)
+    return (x, smooth, packed.qweight, packed.wscales, packed.wtscale, lora_down, lora_up, bias, shift, fmt, group,
+            act_tensor_scale(x, fmt))
 
 
 @pytest.mark.parametrize("fmt,group", FORMATS)
 @pytest.mark.parametrize("rank,with_smooth,with_bias", [(8, True, True), (0, False, True), (16, False, False)])
 def test_linear_equals_the_lowered_composition(fmt, group, rank, with_smooth, with_bias):
     args = linear_case(fmt, group, rank=rank, with_smooth=with_smooth, with_bias=with_bias)
-    x, smooth, w_codes, w_scales, w_tscale, lora_down, lora_up, bias, shift, _, _ = args
-    codes, scales = svdq.quantize_act(x, smooth, shift, fmt, group)
-    acc = svdq.gemm(codes, scales, w_codes, w_scales, w_tscale, fmt, group, x.shape[-1], x.dtype)
+    x, smooth, w_codes, w_scales, w_tscale, lora_down, lora_up, bias, shift, _, _, act_scale = args
+    codes, scales = svdq.quantize_act(x, smooth, shift, fmt, group, act_scale)
+    acc = svdq.gemm(codes, scales, w_codes, w_scales, w_tscale, fmt, group, x.shape[-1], x.dtype, act_scale)
     if rank:
         down = F.linear(x / smooth if smooth is not None else x, lora_down)
         expected = acc + F.linear(down, lora_up, bias)
@@ -209,7 +214,7 @@ def conv_case(fmt, group, seed, channels=20, stride=(1, 1)):
     q = quantize_weight(geometry.matrix(tensors(seed + 1, 8, channels, 3, 3)), weight_format(fmt), group)
     packed = pack_weight(q)
     args = (x, packed.qweight, packed.wscales, packed.wtscale, tensors(seed + 2, 8), shift, fmt, group, [3, 3],
-            list(stride), [1, 1], [1, 1])
+            list(stride), [1, 1], [1, 1], act_tensor_scale(x, fmt))
     return args, q, geometry
 
 
@@ -217,7 +222,7 @@ def conv_case(fmt, group, seed, channels=20, stride=(1, 1)):
 def test_conv2d_is_the_conv_of_dequantized_operands(fmt, group):
     args, q, geometry = conv_case(fmt, group, seed=11, stride=(2, 1))
     x, shift, bias = args[0], args[5], args[4]
-    pixels = quantize_act((x.float() + shift).to(BF16).movedim(1, -1), fmt, group)
+    pixels = quantize_act((x.float() + shift).to(BF16).movedim(1, -1), fmt, group, tensor_scale=args[12])
     values = dequantize(pixels, torch.float32) - shift
     weight = geometry.weight(dequantize(q, torch.float32))
     expected = F.conv2d(values.movedim(-1, 1), weight, bias.float(), (2, 1), (1, 1)).to(BF16)
@@ -238,10 +243,12 @@ def test_conv2d_refuses_a_weight_of_the_wrong_layout():
 def opcheck_cases():
     for fmt, group in FORMATS:
         args = linear_case(fmt, group, seed=3, k=80, n=16)
-        x, smooth, w_codes, w_scales, w_tscale, *_ = args
-        codes, scales = svdq.quantize_act(x, smooth, args[8], fmt, group)
-        yield pytest.param(svdq.quantize_act.default, (x, smooth, args[8], fmt, group), id=f"quantize_act-{fmt}")
-        yield pytest.param(svdq.gemm.default, (codes, scales, w_codes, w_scales, w_tscale, fmt, group, 80, BF16),
+        x, smooth, w_codes, w_scales, w_tscale, *_, act_scale = args
+        codes, scales = svdq.quantize_act(x, smooth, args[8], fmt, group, act_scale)
+        yield pytest.param(svdq.quantize_act.default, (x, smooth, args[8], fmt, group, act_scale),
+                           id=f"quantize_act-{fmt}")
+        yield pytest.param(svdq.gemm.default,
+                           (codes, scales, w_codes, w_scales, w_tscale, fmt, group, 80, BF16, act_scale),
                            id=f"gemm-{fmt}")
         yield pytest.param(svdq.linear.default, args, id=f"linear-{fmt}")
     for fmt, group in FORMATS:
@@ -261,14 +268,15 @@ def test_opcheck(op, args):
 class QuantLinear(torch.nn.Module):
     def __init__(self, args):
         super().__init__()
-        _, smooth, w_codes, w_scales, w_tscale, lora_down, lora_up, bias, self.shift, self.fmt, self.group = args
+        (_, smooth, w_codes, w_scales, w_tscale, lora_down, lora_up, bias, self.shift, self.fmt, self.group,
+         act_scale) = args
         for name, value in dict(smooth=smooth, w_codes=w_codes, w_scales=w_scales, w_tscale=w_tscale,
-                                lora_down=lora_down, lora_up=lora_up, bias=bias).items():
+                                lora_down=lora_down, lora_up=lora_up, bias=bias, act_scale=act_scale).items():
             self.register_buffer(name, value)
 
     def forward(self, x):
         y = svdq.linear(x, self.smooth, self.w_codes, self.w_scales, self.w_tscale, self.lora_down, self.lora_up,
-                        self.bias, self.shift, self.fmt, self.group)
+                        self.bias, self.shift, self.fmt, self.group, self.act_scale)
         return torch.nn.functional.gelu(y)
 
 

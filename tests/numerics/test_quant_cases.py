@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from svdq_compiler.errors import QuantizationError
-from svdq_compiler.quant import (NF4_CODEBOOK, QTensor, code_values, dequantize, fake_quantize_act,
+from svdq_compiler.quant import (NF4_CODEBOOK, QTensor, code_values, dequantize, fake_quantize_act, nvfp4_act_scale,
                                  fake_quantize_act_values, fake_quantize_weight, quantize_act, quantize_weight,
                                  round_e4m3)
 
@@ -101,6 +101,8 @@ def test_int8_per_channel_weights_and_per_token_activations():
 # ---- nvfp4 -------------------------------------------------------------------------------------------------
 
 
+ONE = torch.tensor(1.0)  # a per-tensor scale of 1: the group scales below are the E4M3 values themselves
+
 E2M1_TIES = [(0.25, 1, 0.5), (0.75, 2, 1.0), (1.25, 3, 1.5), (1.75, 4, 2.0), (2.5, 5, 3.0), (3.5, 6, 4.0),
              (5.0, 7, 6.0), (-0.25, 0, 0.0), (-0.75, 9, -0.5), (-1.75, 11, -1.5), (-2.5, 12, -2.0),
              (-5.0, 14, -4.0)]
@@ -109,7 +111,7 @@ E2M1_TIES = [(0.25, 1, 0.5), (0.75, 2, 1.0), (1.25, 3, 1.5), (1.75, 4, 2.0), (2.
 @pytest.mark.parametrize("value,code,dequant", E2M1_TIES)
 def test_e2m1_exact_ties_go_to_the_larger_neighbour(value, code, dequant):
     x = row([6.0, value], 16)  # absmax 6 → scale exactly 1
-    q = quantize_act(x, "nvfp4", 16)
+    q = quantize_act(x, "nvfp4", 16, tensor_scale=ONE)
     assert q.scales.dtype == torch.float8_e4m3fn and q.scales.float().item() == 1.0
     assert q.codes[0, 1].item() == code
     assert dequantize(q)[0, 1].item() == dequant
@@ -118,7 +120,7 @@ def test_e2m1_exact_ties_go_to_the_larger_neighbour(value, code, dequant):
 def test_e2m1_codes_sign_bit_and_grid():
     grid = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
     x = torch.tensor([grid + [-v for v in grid[1:]] + [0.3]])
-    q = quantize_act(x, "nvfp4", 16)
+    q = quantize_act(x, "nvfp4", 16, tensor_scale=ONE)
     assert q.codes[0].tolist() == list(range(8)) + list(range(9, 16)) + [1]
     assert dequantize(q)[0, :15].tolist() == x[0, :15].tolist()
 
@@ -126,40 +128,43 @@ def test_e2m1_codes_sign_bit_and_grid():
 def test_e2m1_clamps_at_six_when_the_fp8_scale_rounds_down():
     # absmax/6 = 1.05 → E4M3 1.0, so 6.3/1 saturates at code 7 (6.0)
     x = row([6.3, -6.3, 3.0], 16)
-    q = quantize_act(x, "nvfp4", 16)
+    q = quantize_act(x, "nvfp4", 16, tensor_scale=ONE)
     assert q.scales.float().item() == 1.0
     assert q.codes[0, :3].tolist() == [7, 15, 5]
     assert dequantize(q)[0, :2].tolist() == [6.0, -6.0]
 
 
-def test_nvfp4_activation_scale_saturates_at_448():
+def test_nvfp4_group_scale_saturates_at_448_times_the_tensor_scale():
     x = row([3000.0, 448.0], 16)
-    q = quantize_act(x, "nvfp4", 16)
+    q = quantize_act(x, "nvfp4", 16, tensor_scale=ONE)
     assert q.scales.float().item() == 448.0
     assert q.codes[0, :2].tolist() == [7, 2]
-    assert dequantize(q)[0, :2].tolist() == [2688.0, 448.0]
+    assert dequantize(q)[0, :2].tolist() == [2688.0, 448.0]  # 6·448·t with t = 1
+    q = quantize_act(x, "nvfp4", 16, tensor_scale=torch.tensor(2.0))
+    assert dequantize(q)[0, 0].item() == 3072.0  # room up to 6·448·2: 500/t = 250 → E4M3 256, 6·256·2
 
 
-@pytest.mark.parametrize("raw_scale,stored", [
-    (3 * SUB, 3 * SUB),  # a subnormal, exactly representable
-    (2.5 * SUB, 3 * SUB),  # exact tie between subnormals → larger
-    (0.5 * SUB, SUB),  # tie between 0 and the smallest subnormal → larger
-    (7.5 * SUB, 2.0 ** -6),  # tie between the largest subnormal and the smallest normal
-    (1.0625, 1.125),  # tie between normals
-    (1.05, 1.0),
-])
-def test_e4m3_activation_scales_round_to_the_grid_with_subnormals(raw_scale, stored):
-    x = row([6 * raw_scale], 16)
+@pytest.mark.parametrize("magnitude", [1e4, 1e9])
+def test_nvfp4_activations_of_any_magnitude_are_not_clipped(magnitude):
+    # the dynamic per-tensor scale t = absmax/(6·448) puts the largest group's scale at 448 exactly
+    x = row([magnitude, -magnitude / 2, magnitude / 3], 16)
     q = quantize_act(x, "nvfp4", 16)
-    assert q.scales.float().item() == stored
-    assert round_e4m3(torch.tensor([raw_scale])).item() == stored
+    assert q.tensor_scale.dtype == torch.float32
+    assert q.tensor_scale.item() == pytest.approx(magnitude / 2688, rel=1e-6)
+    assert q.scales.float().max().item() == 448.0
+    values = fake_quantize_act(x, "nvfp4", 16)[0, :3]
+    torch.testing.assert_close(values, torch.tensor([magnitude, -magnitude / 2, magnitude / 3]), rtol=1e-6,
+                               atol=0)  # E2M1 codes 6, −3 and 2 of a group scale of magnitude/6
+    assert torch.equal(dequantize(q)[0, :3], values)
 
 
-def test_e4m3_scale_underflow_stores_one_and_zero_codes():
-    x = row([6 * 0.4 * SUB, -1e-4], 16)
-    q = quantize_act(x, "nvfp4", 16)
-    assert q.scales.float().item() == 1.0
-    assert q.codes.sum() == 0 and dequantize(q).abs().sum() == 0
+def test_nvfp4_calibrated_tensor_scale_covers_its_headroom_then_saturates():
+    t = nvfp4_act_scale(100.0, headroom=4.0)  # calibrated absmax 100, ×4 headroom: 6·448·t = 400
+    assert t.dtype == torch.float32 and t.item() == pytest.approx(400 / 2688, rel=1e-7)
+    inside, beyond = row([380.0], 16), row([1000.0], 16)
+    assert fake_quantize_act(inside, "nvfp4", 16, tensor_scale=t)[0, 0].item() == pytest.approx(380.0, rel=0.1)
+    assert fake_quantize_act(beyond, "nvfp4", 16, tensor_scale=t)[0, 0].item() == pytest.approx(400.0, rel=1e-6)
+    assert nvfp4_act_scale(0.0).item() == 1.0  # an input that was all zeros in calibration
 
 
 def test_nvfp4_weights_use_a_tensor_scale_and_fp8_group_scales():
@@ -237,7 +242,8 @@ def test_traceable_fake_quantizer_gives_code_times_scale_and_exports(fmt, group)
     q = quantize_act(x, fmt, group)
     assert values.dtype == torch.float32 and values.shape == (2, 5, q.k_pad)
     # code·scale in fp32, unrounded: exactly what a GEMM of the codes and scales multiplies
-    expected = (code_values(q.codes, fmt).unflatten(-1, (q.n_groups, -1)) * q.scales.float().unsqueeze(-1))
+    scales = q.scales.float() if q.tensor_scale is None else q.scales.float() * q.tensor_scale  # nvfp4: two-level
+    expected = (code_values(q.codes, fmt).unflatten(-1, (q.n_groups, -1)) * scales.unsqueeze(-1))
     assert torch.equal(values, expected.flatten(-2))
     assert torch.equal(values[..., :100].to(x.dtype), fake_quantize_act(x, fmt, group))
 

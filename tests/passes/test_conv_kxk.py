@@ -124,7 +124,8 @@ def test_lowered_conv_matches_the_simulation(preset):
     assert results["lower"].stats["ops"]["conv2d"] == 2
     assert sum(1 for n in gm.graph.nodes if is_op(n, CONV_OPS)) == 3  # stem, sampler, depthwise stay ATen
     node = convs["conv2"]
-    x, qweight, wscales, wtscale, bias, shift, fmt, group, kernel, stride, padding, dilation = node.args
+    x, qweight, wscales, wtscale, bias, shift, fmt, group, kernel, stride, padding, dilation, *act_scale = node.args
+    assert len(act_scale) == (preset == "nvfp4")  # nvfp4's calibrated per-tensor activation scale
     expected_fmt = {"int4": "uint4", "nvfp4": "nvfp4", "w8a8": "int8"}[preset]
     assert (fmt, kernel, stride, padding, dilation) == (expected_fmt, [3, 3], [2, 2], [1, 1], [1, 1])
     assert shift == (SILU_SHIFT if preset == "int4" else 0.0) and bias.target == "conv2.bias"
@@ -138,11 +139,13 @@ def test_lowered_conv_matches_the_simulation(preset):
     geometry = ConvGeometry(24, padded, (3, 3), (2, 2), (1, 1), (1, 1))
     silu_in = F.silu(torch.randn(2, 24, 10, 10, generator=torch.Generator().manual_seed(5)))
     packed = [None if t is None else gm.get_buffer(t.target) for t in (qweight, wscales, wtscale)]
-    got = svdq.conv2d(silu_in, *packed, None, shift, fmt, group, kernel, stride, padding, dilation)
+    act_scale = [gm.get_buffer(t.target) for t in act_scale]
+    got = svdq.conv2d(silu_in, *packed, None, shift, fmt, group, kernel, stride, padding, dilation, *act_scale)
     weight = dequantize(ctx.quantized["conv2.weight"], torch.float32)
     rows = geometry.patches(silu_in, -shift) + shift
     act_group = scheme.act_group or geometry.padded_channels
-    simulated = fake_quantize_act(rows, scheme.act, act_group, unsigned=shift > 0) - shift
+    simulated = fake_quantize_act(rows, scheme.act, act_group, unsigned=shift > 0,
+                                  tensor_scale=act_scale[0] if act_scale else None) - shift
     expected = (simulated @ weight.T).view(2, 5, 5, 48).permute(0, 3, 1, 2)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
 

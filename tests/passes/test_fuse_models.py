@@ -10,7 +10,7 @@ from fuse_check import checking_kernels
 
 import svdq_compiler
 from svdq_compiler.codegen.fused_ops import kernel_backend
-from svdq_compiler.models import adapter_for, builtin_names, load_model
+from svdq_compiler.models import DynDim, adapter_for, builtin_names, load_model
 from svdq_compiler.passes.verify import problems_in
 from svdq_compiler.pipeline import PASS_REGISTRY
 
@@ -100,3 +100,49 @@ def test_weight_only_flux_fuses_every_layer_into_kernel_w_and_takes_a_lora_insid
             with_lora = _output(lowered(**check))
             assert _relative(with_lora, reference) > 1e-3  # the LoRA changes the output
             torch.testing.assert_close(_output(fused(**check)), with_lora, rtol=0, atol=0)
+
+
+# ---- nvfp4 activations of any magnitude: the per-tensor scale (quant.py) in the ops and the kernels ----
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _inputs(magnitude, seed):
+    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(seed)) * magnitude
+    x[..., 7] *= 30  # an outlier channel, as diffusion activations have
+    return {"x": x}
+
+
+@pytest.mark.parametrize("magnitude", [1e4, 1e9])
+def test_a_compiled_nvfp4_layer_keeps_large_activations(magnitude):
+    model = TwoLayers().eval()
+    # no smoothing, so the quantizers see the raw magnitudes (λ would divide most of them away), and no branch:
+    # the 4-bit path alone carries the layer
+    config = svdq_compiler.QuantConfig.preset("nvfp4", role_schemes={"embed": "w4a4", "final": "w4a4"},
+                                              fallback_error=None, smooth="none", rank=0)
+    with torch.no_grad():
+        gm = svdq_compiler.compile(model, _inputs(magnitude, 0), config,
+                                   calib_inputs=[_inputs(magnitude, s) for s in range(2)],
+                                   dynamic_shapes={"x": {1: DynDim("tokens", 2, 64)}})
+        scales = [b for name, b in gm.named_buffers() if name.endswith("act_scale")]
+        # 16·absmax/2688 of the layer input ≫ 1: a one-level scale (t = 1) would saturate at 2688
+        assert len(scales) == 2 and all(s.dtype == torch.float32 and s.item() > magnitude / 1000 for s in scales)
+        check = _inputs(magnitude, 5)
+        expected = model(**check)
+        with kernel_backend("reference"):
+            reference = gm(**check)
+        with checking_kernels() as checked:  # each kernel against its reference op on the same inputs
+            kernels = gm(**check)
+    assert checked["fused_quantize_lora_down"] >= 1 and checked["fused_gemm"] == 2
+    for out in (reference, kernels):
+        error = float((out - expected).norm() / expected.norm())
+        assert error < 0.3, f"relative error {error:.3f}: activations clipped?"  # one-level (t = 1): 0.97-1.0
+    assert (kernels - reference).norm() / reference.norm() < 1e-2

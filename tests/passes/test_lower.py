@@ -122,6 +122,27 @@ def test_a_weight_only_layer_keeps_its_awq_scaling_and_branch_when_lowered():
     assert float((gm(*x) - y).norm() / y.norm()) < 0.1
 
 
+def test_nvfp4_activations_get_their_calibrated_tensor_scale():
+    """Each nvfp4 quantize_act and the gemms reading its codes take one fp32 `<layer>.act_scale`:
+    headroom · max over calibration of |x/λ| / (6·448)."""
+    model = outlier_dit()
+    gm, ctx, _ = prepared(model, CALIB[0], CALIB, "nvfp4", passes=PASSES)
+    calibration = ctx.calibration
+    quantizers = [n for n in gm.graph.nodes if n.target == svdq.quantize_act.default]
+    assert quantizers and all(len(n.args) == 6 and n.args[5].op == "get_attr" for n in quantizers)
+    for quantize in quantizers:
+        scale = gm.get_buffer(quantize.args[5].target)
+        assert scale.dtype == torch.float32 and scale.dim() == 0
+        x, smooth = quantize.args[0], quantize.args[1]
+        absmax = calibration.sites[x.name].absmax().float()
+        if smooth is not None:
+            absmax = absmax / gm.get_buffer(smooth.target).float()
+        expected = ctx.config.nvfp4_act_headroom * absmax.max() / (6 * 448)
+        torch.testing.assert_close(scale, expected, rtol=1e-6, atol=0)
+        gemms = [u for codes in quantize.users for u in codes.users if u.target == svdq.gemm.default]
+        assert gemms and all(g.args[9] is quantize.args[5] for g in gemms)
+
+
 def test_lower_alone_on_a_hand_annotated_linear():
     """Before: one aten.linear annotated W4A4 by hand, its QTensor in ctx.quantized (no calibrate, smooth or
     lowrank ran). Expected: svdq.quantize_act feeding svdq.gemm, the bias added, no aten.linear left."""
