@@ -169,7 +169,7 @@ def check_generic(block: Block, namespace: dict) -> None:
     assert out.shape == (2, 300, 768)  # another token count than captured
     layers = gm.meta[REPORT_META]["layers"]["layers"]
     quantized = [layer["name"] for layer in layers if layer["output_rel_error"] is not None]
-    assert quantized == ["2"]  # the middle linear; the first and last are the embed and final roles
+    assert quantized == ["1.up", "1.down", "2.up", "2.down"]  # the first and last are the embed and final roles
     assert any(n.op == "call_function" and getattr(n.target, "namespace", "") == "svdq" for n in gm.graph.nodes)
 
 
@@ -183,13 +183,6 @@ CHECKS = {
     "import svdq_compiler": check_lora_nunchaku,
     "import torch": check_python_api,
     "from svdq_compiler import DynDim": check_generic,
-}
-
-
-# Blocks that fail for a known open reason; one that starts passing fails the test until it is taken off here.
-EXPECTED_FAILURES = {
-    "from svdq_compiler import DynDim": "annotate_linears gives the middle linear of a plain MLP the embed role (it "
-                                        "reads the input through the first linear), so nothing is quantized",
 }
 
 
@@ -231,14 +224,7 @@ def test_every_readme_block_runs_and_does_what_it_says(workspace, capsys):
     assert {block.kind for block in blocks} <= {"run", "synopsis", "make-dry-run"}
     namespace: dict = {"__name__": "__readme__"}
     for block in blocks:
-        expected_failure = EXPECTED_FAILURES.get(block.key)
-        try:
-            run_block(block, namespace, capsys)
-        except Exception:
-            if expected_failure is None:
-                raise
-            continue
-        assert expected_failure is None, f"README.md line {block.line} works now: take it off EXPECTED_FAILURES"
+        run_block(block, namespace, capsys)
 
 
 def run_block(block: Block, namespace: dict, capsys) -> None:
