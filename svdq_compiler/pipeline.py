@@ -56,7 +56,7 @@ class PassContext:
     print_ir_after_change: bool = False
     verify_each: bool = False
     show_progress: bool = False
-    out: TextIO = sys.stdout
+    out: TextIO = field(default_factory=lambda: sys.stdout)  # the stream at construction, not at import
     records: list[dict[str, Any]] = field(default_factory=list)
 
     def progress(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
