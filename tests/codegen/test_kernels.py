@@ -63,9 +63,8 @@ QUANTIZE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("fmt, lead, k, rank, smooth, dtype, fixed_k", QUANTIZE_CASES)
-def test_kernel_a_matches_quantize_act_and_the_down_projection(fmt, lead, k, rank, smooth, dtype, fixed_k):
-    seed = hash((fmt, k, rank)) % 1000
+def kernel_a_case(fmt, lead, k, rank, smooth, dtype, fixed_k, seed):
+    """One kernel A case's operands: input, smoothing, down projection, spec and nvfp4's tensor scale."""
     x = _x((*lead, k), fmt, dtype, seed)
     lam = _smooth(k, dtype, seed) if smooth else None
     lora_down = (torch.randn(rank, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5).to(dtype) \
@@ -73,7 +72,13 @@ def test_kernel_a_matches_quantize_act_and_the_down_projection(fmt, lead, k, ran
     shift = SHIFT.get(fmt, 0.0)
     spec = QuantizeSpec(ActQuant(fmt, GROUP[fmt], shift, smooth=smooth), rank, str(dtype).split(".")[1],
                         k=k if fixed_k else None)
-    act_scale = quant.act_tensor_scale(x, fmt)
+    return x, lam, lora_down, shift, spec, quant.act_tensor_scale(x, fmt)
+
+
+@pytest.mark.parametrize("fmt, lead, k, rank, smooth, dtype, fixed_k", QUANTIZE_CASES)
+def test_kernel_a_matches_quantize_act_and_the_down_projection(fmt, lead, k, rank, smooth, dtype, fixed_k):
+    x, lam, lora_down, shift, spec, act_scale = kernel_a_case(fmt, lead, k, rank, smooth, dtype, fixed_k,
+                                                              hash((fmt, k, rank)) % 1000)
     codes, scales, down = launch.quantize_lora_down(x, lam, lora_down, spec, act_scale)
     ref_codes, ref_scales = ops.quantize_act(x, lam, shift, fmt, GROUP[fmt], act_scale)
     assert torch.equal(codes, ref_codes)

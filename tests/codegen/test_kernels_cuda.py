@@ -12,9 +12,8 @@ from torch.utils._pytree import tree_map
 import svdq_compiler.ops  # noqa: F401  (the reference ops; before test_kernels, which imports the codegen first)
 from svdq_compiler.codegen import launch
 from svdq_compiler.codegen.fused_ops import reference_gemm, reference_weight_only_linear
-from svdq_compiler.codegen.spec import ActQuant, QuantizeSpec
-from test_kernels import (GEMM_CASES, GROUP, QUANTIZE_CASES, SHIFT, WEIGHT_ONLY_CASES,  # noqa: E402, I001
-                          _close, _gemm_case, _smooth, _weight_only_case, _x)
+from test_kernels import (GEMM_CASES, GROUP, QUANTIZE_CASES, WEIGHT_ONLY_CASES,  # noqa: E402, I001
+                          _close, _gemm_case, _weight_only_case, kernel_a_case)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -43,15 +42,9 @@ def test_kernel_b_on_cuda_matches_the_reference(fmt, lead, k, n, rank, bias, dty
 
 @pytest.mark.parametrize("fmt, lead, k, rank, smooth, dtype, fixed_k", QUANTIZE_CASES)
 def test_kernel_a_on_cuda_writes_the_reference_codes_bit_for_bit(fmt, lead, k, rank, smooth, dtype, fixed_k):
-    x = _x((*lead, k), fmt, dtype, seed=k)
-    lam = _smooth(k, dtype, k) if smooth else None
-    lora_down = (torch.randn(rank, k, generator=torch.Generator().manual_seed(k)) / k ** 0.5).to(dtype) \
-        if rank else None
-    shift = SHIFT.get(fmt, 0.0)
-    spec = QuantizeSpec(ActQuant(fmt, GROUP[fmt], shift, smooth=smooth), rank, str(dtype).split(".")[1],
-                        k=k if fixed_k else None)
-    codes, scales, _ = launch.quantize_lora_down(*_cuda((x, lam, lora_down)), spec)
-    ref_codes, ref_scales = ops.quantize_act(x, lam, shift, fmt, GROUP[fmt])
+    x, lam, lora_down, shift, spec, act_scale = kernel_a_case(fmt, lead, k, rank, smooth, dtype, fixed_k, seed=k)
+    codes, scales, _ = launch.quantize_lora_down(*_cuda((x, lam, lora_down)), spec, *_cuda((act_scale,)))
+    ref_codes, ref_scales = ops.quantize_act(x, lam, shift, fmt, GROUP[fmt], act_scale)
     assert torch.equal(codes.cpu(), ref_codes) and torch.equal(scales.cpu(), ref_scales)
 
 
