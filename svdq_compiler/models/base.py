@@ -35,6 +35,7 @@ class DynDim:
     max: int
     multiple: int = 1
     label: str = ""
+    why: str = ""  # how the dimension was found to vary, when it was inferred rather than declared
 
     def __post_init__(self):
         if not (1 <= self.min <= self.max) or self.multiple < 1:
