@@ -72,14 +72,17 @@ ROLES: tuple[tuple[str, str], ...] = (
     ("latent", r"hidden_states|sample|x"),
     ("text_mask", r"encoder_attention_mask|encoder_mask|encoder_hidden_states_mask|text_embedding_mask"),
     ("text", r"encoder_hidden_states|cap_feats|context|text_bth"),
-    ("timestep", r"timesteps?|t|timestep_ratio|decoder_noise_time"),
-    ("pooled", r"pooled_projections|pooled_embeds|pooled_text_emb|clip_text_pooled"),
+    ("timestep", r"timesteps?|t"),
+    ("pooled", r"pooled_projections|pooled_embeds|pooled_text_emb|clip_text_pooled|global_hidden_states"),
     ("image_ids", r"img_ids"),
     ("text_ids", r"txt_ids"),
     ("guidance", r"guidance"),
     ("size_pair", r"original_size|target_size|crop_coords"),
     ("class_labels", r"class_labels"),
 )
+# Required parameters named like a timestep (`timestep_r`, `r_timestep`, `decoder_noise_time`) are timesteps too;
+# optional ones are not (`timestep_cond` is an embedding).
+REQUIRED_TIMESTEP = r"(\w+_)?timesteps?(_\w+)?|\w+_time"
 # Optional parameters worth giving: the conditioning a pipeline always passes. Other optional ones (controlnet
 # residuals, caches, extra image streams) are left at their defaults.
 OPTIONAL_ROLES = {"text", "text_mask", "timestep", "pooled", "image_ids", "text_ids"}
@@ -87,7 +90,8 @@ OPTIONAL_ROLES = {"text", "text_mask", "timestep", "pooled", "image_ids", "text_
 # Config entries giving a width, in the order they are tried.
 TEXT_WIDTH_KEYS = ("joint_attention_dim", "cross_attention_dim", "caption_channels", "text_embed_dim", "text_dim",
                    "cap_feat_dim", "context_in_dim", "encoder_hid_dim", "text_emb_dim", "text_hidden_dim")
-POOLED_WIDTH_KEYS = ("pooled_projection_dim", "pooled_embed_dim", "text_emb_dim", "projection_dim")
+POOLED_WIDTH_KEYS = ("pooled_projection_dim", "pooled_embed_dim", "global_states_input_dim", "text_emb_dim",
+                     "projection_dim")
 LATENT_CHANNEL_KEYS = ("in_channels", "in_chans", "latent_channels", "num_channels_latents")
 POSITION_AXES_KEYS = ("axes_dims_rope", "axes_dim_rope", "axes_dims", "rope_axes_dim")
 
@@ -211,6 +215,8 @@ def forward_roles(model: torch.nn.Module) -> dict[str, str]:
             continue
         required = parameter.default is inspect.Parameter.empty
         role = role_of(name)
+        if role is None and required and re.fullmatch(REQUIRED_TIMESTEP, name):
+            role = "timestep"
         if role is None and required and not roles:
             role = "latent"  # the first parameter is the latent whatever it is called
         if role == "guidance" and not (required or model.config.get("guidance_embeds")):
