@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import json
-import os
-import pkgutil
 import subprocess
 import sys
 import tempfile
@@ -49,27 +46,6 @@ BATCH = 2  # a batch of 2 (classifier-free guidance's pair) at both sizes
 STAGES = ("build", "inputs", "capture", "compile", "run")
 
 
-def denoiser_classes() -> dict[str, str]:
-    """{class name: module} of every diffusers model class defined under models.transformers and models.unets."""
-    import diffusers.models.transformers as transformers
-    import diffusers.models.unets as unets
-    from diffusers import ModelMixin
-
-    found = {}
-    for package in (transformers, unets):
-        for info in pkgutil.iter_modules(package.__path__):
-            name = f"{package.__name__}.{info.name}"
-            try:
-                module = importlib.import_module(name)
-            except Exception as exc:  # an optional dependency missing: the class cannot be built here
-                found[f"<import {name}>"] = f"{name}: {type(exc).__name__}: {exc}"
-                continue
-            for class_name, cls in inspect.getmembers(module, inspect.isclass):
-                if issubclass(cls, ModelMixin) and cls.__module__ == name:
-                    found[class_name] = name
-    return dict(sorted(found.items()))
-
-
 def first_tensor(result: Any) -> torch.Tensor:
     if isinstance(result, (tuple, list)):
         return first_tensor(result[0])
@@ -85,7 +61,8 @@ def second_grid(rows: int, cols: int) -> tuple[int, int]:
     return rows + 3, max(2, cols - 2)
 
 
-def cover(class_name: str, module_name: str) -> dict[str, Any]:
+def cover(class_name: str, module_name: str, presets: tuple[str, ...] = PRESETS,
+          calibration: tuple[int, int] = (2, 2)) -> dict[str, Any]:
     """Everything the benchmark measures for one class; `failure` names the first stage that failed."""
     import svdq_compiler
     from svdq_compiler.errors import first_line
@@ -112,7 +89,7 @@ def cover(class_name: str, module_name: str) -> dict[str, Any]:
         other = adapter.example_inputs(model, batch=BATCH, tokens=second_grid(rows, cols), seed=1)
         entry["inputs"] = {name: list(value.shape) for name, value in example.items() if torch.is_tensor(value)}
         entry["grids"] = [[rows, cols], list(second_grid(rows, cols))]
-        calib = adapter.calib_inputs(model, 2, 2, batch=BATCH)
+        calib = adapter.calib_inputs(model, *calibration, batch=BATCH)
         with torch.no_grad():
             want = [first_tensor(model(**inputs)) for inputs in (example, other)]
         entry["reached"] = stage
@@ -131,7 +108,7 @@ def cover(class_name: str, module_name: str) -> dict[str, Any]:
         stage = "compile"
         entry["presets"] = {}
         graphs = {}
-        for preset in PRESETS:
+        for preset in presets:
             with once:
                 gm = svdq_compiler.compile(model, example, preset, calib_inputs=calib, adapter=adapter)
             totals = gm.meta["svdq_report"]["layers"]["totals"]
@@ -196,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         module_name, class_name = args.one.split(":")
         args.out.write_text(json.dumps(cover(class_name, module_name)))
         return 0
+    from svdq_compiler.models.auto import denoiser_classes
+
     classes = denoiser_classes()
     if args.only:
         wanted = set(args.only.split(","))

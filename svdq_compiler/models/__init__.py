@@ -67,17 +67,18 @@ def adapter_for_class(class_name: str) -> ModelAdapter:
 
 
 def diffusers_class(class_name: str) -> type[torch.nn.Module]:
-    """The diffusers model class a config's `_class_name` names: any class diffusers exports (those without a
-    family adapter go through the auto adapter)."""
+    """The diffusers denoiser class a config's `_class_name` names: any transformer or U-Net class diffusers
+    exports (those without a family adapter go through the auto adapter)."""
     import diffusers
-    from diffusers import ModelMixin
+
+    from svdq_compiler.models.auto import DENOISER_PACKAGES
 
     found = getattr(diffusers, class_name, None) if class_name.isidentifier() else None
-    if not (isinstance(found, type) and issubclass(found, ModelMixin)):
-        raise InputError(f"model class {class_name!r} is not a diffusers model class "
-                         f"(diffusers {diffusers.__version__})",
-                         fix="check the config's _class_name, or upgrade diffusers if the class is newer; other "
-                             "modules go through svdq_compiler.compile(module, example_inputs) directly")
+    if not (isinstance(found, type) and found.__module__.startswith(DENOISER_PACKAGES)):
+        raise InputError(f"model class {class_name!r} is not a diffusers denoiser (a class of "
+                         f"{' or '.join(DENOISER_PACKAGES)} in diffusers {diffusers.__version__})",
+                         fix="point at the denoiser: a transformer or U-Net folder such as FluxTransformer2DModel's; "
+                             "other modules go through svdq_compiler.compile(module, example_inputs) directly")
     return found
 
 

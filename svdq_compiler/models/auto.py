@@ -18,6 +18,7 @@ dimension, what it follows and how that was found.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import itertools
 import logging
@@ -31,6 +32,33 @@ import torch
 from svdq_compiler.errors import InputError, first_line
 from svdq_compiler.models.base import (MAX_BATCH, MAX_GRID, MAX_TEXT_TOKENS, DynDim, ModelAdapter, example_grid,
                                        factor_grid, flow_step, model_dtype)
+
+DENOISER_PACKAGES = ("diffusers.models.transformers.", "diffusers.models.unets.")
+
+
+def denoiser_classes() -> dict[str, str]:
+    """{class name: module} of every diffusers model class defined in its transformers and unets packages; a
+    module that cannot be imported here (an optional dependency missing) is listed as `<import module>`."""
+    import pkgutil
+
+    import diffusers.models.transformers as transformers
+    import diffusers.models.unets as unets
+    from diffusers import ModelMixin
+
+    found = {}
+    for package in (transformers, unets):
+        for info in pkgutil.iter_modules(package.__path__):
+            name = f"{package.__name__}.{info.name}"
+            try:
+                module = importlib.import_module(name)
+            except Exception as exc:  # any import failure: the class cannot be built on this machine
+                found[f"<import {name}>"] = f"{name}: {type(exc).__name__}: {first_line(exc)}"
+                continue
+            for class_name, cls in inspect.getmembers(module, inspect.isclass):
+                if issubclass(cls, ModelMixin) and cls.__module__ == name:
+                    found[class_name] = name
+    return dict(sorted(found.items()))
+
 
 # ---- sizes ----------------------------------------------------------------------------------------------------
 
