@@ -289,8 +289,14 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str]) -> list[Cho
 
 
 def runs_on(model: torch.nn.Module, inputs: dict[str, Any]) -> str | None:
-    """None when the model runs on `inputs` (traced under fake tensors: shapes only, no compute), else why not."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    """None when the model runs on `inputs`, else why not.
+
+    The model is traced under fake tensors (shapes only: no compute, no memory, cheap on a large model); code
+    that reads tensor values (`mask.sum().tolist()`, `.numpy()`) cannot run there, so it then runs for real on
+    the small probe sizes.
+    """
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs each failing op: expected while probing
     level = fake_log.level
@@ -299,10 +305,18 @@ def runs_on(model: torch.nn.Module, inputs: dict[str, Any]) -> str | None:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
             model(**inputs)
         return None
+    except (DataDependentOutputException, GuardOnDataDependentSymNode):
+        pass
     except Exception as exc:  # any failure of the model's code on these shapes means: not this layout
         return first_line(exc)
     finally:
         fake_log.setLevel(level)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        return None
+    except Exception as exc:  # as above, on real tensors
+        return first_line(exc)
 
 
 def plan_inputs(model: torch.nn.Module) -> InputPlan:
@@ -482,6 +496,11 @@ def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
     config: dict[str, Any] = {}
     head_dim = next((value for name, value in defaults.items() if HEAD_DIM.fullmatch(name)
                      and isinstance(value, int)), None)
+    heads = next((value for name, value in defaults.items() if HEADS.fullmatch(name) and isinstance(value, int)),
+                 None)
+    model_width = defaults.get("hidden_size", defaults.get("dim"))
+    if head_dim is None and isinstance(model_width, int) and heads:
+        head_dim = model_width // heads  # a model that gives its width and head count, not the head size
     levels = defaults.get("block_out_channels")
     level_count = len(levels) if isinstance(levels, (list, tuple)) else 0
     for name, value in defaults.items():
@@ -501,7 +520,8 @@ def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
             config[name] = TINY_HEAD_DIM
         elif isinstance(value, (list, tuple)) and re.search(r"axes|rope", name) and head_dim \
                 and all(isinstance(v, int) for v in value) and sum(value) == head_dim and head_dim > TINY_HEAD_DIM:
-            config[name] = type(value)(2 * round(v * TINY_HEAD_DIM / head_dim / 2) for v in value)
+            scaled = [max(2, 2 * round(v * TINY_HEAD_DIM / head_dim / 2)) for v in value[:-1]]
+            config[name] = type(value)([*scaled, TINY_HEAD_DIM - sum(scaled)])  # the axes still sum to the head
         elif name == "norm_num_groups" or name.endswith("norm_num_groups") and isinstance(value, int):
             config[name] = 8
         elif isinstance(value, int) and name == "sample_size" and value > 16:
