@@ -13,7 +13,8 @@ import svdq_compiler
 from svdq_compiler.capture import CAPTURE_META
 from svdq_compiler.errors import InputError
 from svdq_compiler.models import DiffusersAdapter, adapter_for, load_model
-from svdq_compiler.models.auto import Sizes, denoiser_classes, infer_dims, plan_inputs, tiny_config
+from svdq_compiler.models.auto import denoiser_classes, plan_inputs, tiny_config
+from svdq_compiler.models.base import Sizes, infer_dims
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from bench_coverage import cover  # noqa: E402
@@ -30,12 +31,14 @@ def build_known_layout(sizes: Sizes) -> dict:
         "video": torch.zeros(b, 4, f, r, c),  # frames
         "offset": torch.zeros(2 * r + 1),  # moves with rows, but not in proportion: static
         "flag": False,
+        "nested": {"embeds": torch.zeros(b, 8)},  # batch, inside a dict
     }
 
 
 def test_infer_dims_finds_what_each_dimension_follows():
     dims = infer_dims(build_known_layout, Sizes(batch=2, text=8, rows=5, cols=7, frames=3))
-    found = {(name, index): (dim.name, dim.multiple) for name, entry in dims.items() for index, dim in entry.items()}
+    found = {(name, index): (dim.name, dim.multiple) for name, entry in dims.items() if entry and name != "nested"
+             for index, dim in entry.items()}
     expected = {
         ("packed", 0): ("batch", 1), ("packed", 1): ("image_tokens", 1), ("ids", 0): ("image_tokens", 1),
         ("text", 0): ("batch", 1), ("text", 1): ("text_tokens", 1),
@@ -44,6 +47,7 @@ def test_infer_dims_finds_what_each_dimension_follows():
         ("video", 4): ("width", 1),
     }
     assert found == expected
+    assert dims["nested"]["embeds"][0].name == "batch" and dims["offset"] is None and dims["flag"] is None
     assert "latent height" in dims["latent"][2].why and "multiple 2" in dims["latent"][2].why
 
 

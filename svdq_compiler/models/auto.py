@@ -30,8 +30,8 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from svdq_compiler.errors import InputError, first_line
-from svdq_compiler.models.base import (MAX_BATCH, MAX_GRID, MAX_TEXT_TOKENS, DynDim, ModelAdapter, example_grid,
-                                       factor_grid, flow_step, model_dtype)
+from svdq_compiler.models.base import (MAX_GRID, ModelAdapter, Sizes, example_grid, factor_grid, flow_step,
+                                       model_dtype, tensor_shapes)
 
 DENOISER_PACKAGES = ("diffusers.models.transformers.", "diffusers.models.unets.")
 
@@ -58,38 +58,6 @@ def denoiser_classes() -> dict[str, str]:
                 if issubclass(cls, ModelMixin) and cls.__module__ == name:
                     found[class_name] = name
     return dict(sorted(found.items()))
-
-
-# ---- sizes ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """The sizes example inputs are built at: batch, text tokens, and the latent grid in units (patches, or the
-    total down-sampling of a U-Net) of rows, columns and frames."""
-
-    batch: int
-    text: int
-    rows: int
-    cols: int
-    frames: int = 2
-
-    def bumped(self, field: str) -> "Sizes":
-        return dataclasses.replace(self, **{field: getattr(self, field) + 1})
-
-
-# What a dimension that moves with one size (or the product of several) is, and the range it is declared with.
-FOLLOWS: dict[tuple[str, ...], tuple[str, str, int, int]] = {
-    ("batch",): ("batch", "batch", 1, MAX_BATCH),
-    ("text",): ("text_tokens", "text tokens", 2, MAX_TEXT_TOKENS),
-    ("rows",): ("height", "latent height", 2, MAX_GRID),
-    ("cols",): ("width", "latent width", 2, MAX_GRID),
-    ("frames",): ("frames", "latent frames", 1, 64),
-    ("cols", "rows"): ("image_tokens", "image tokens", 4, MAX_GRID * MAX_GRID),
-    ("cols", "frames", "rows"): ("video_tokens", "video tokens", 4, 64 * MAX_GRID * MAX_GRID),
-    ("batch", "text"): ("batch_text", "batch × text tokens", 2, MAX_BATCH * MAX_TEXT_TOKENS),
-}
-SIZE_FIELDS = ("batch", "text", "rows", "cols", "frames")
 
 
 # ---- what each forward parameter is ---------------------------------------------------------------------------
@@ -352,47 +320,11 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
                      fix="pass your own example_inputs (and dynamic_shapes) to svdq_compiler.compile")
 
 
-# ---- dynamic dimensions by comparison -------------------------------------------------------------------------
-
-def tensor_shapes(inputs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(value.shape) for name, value in inputs.items() if isinstance(value, torch.Tensor)}
-
-
-def infer_dims(build: Callable[[Sizes], dict[str, Any]], sizes: Sizes) -> dict[str, dict[int, DynDim]]:
-    """{input: {dim: DynDim}} for every input dimension that moves when one size moves.
-
-    Inputs are built at `sizes` and again with each size one larger. A dimension that moves with exactly the
-    sizes of one FOLLOWS entry, by the same multiple of their product at both sizes, follows it; a dimension
-    that moves in any other way (an offset, two unrelated sizes) stays static, and so does one that never moves.
-    """
-    base = tensor_shapes(build(sizes))
-    moved = {field: tensor_shapes(build(sizes.bumped(field))) for field in SIZE_FIELDS}
-    dims: dict[str, dict[int, DynDim]] = {}
-    for name, shape in base.items():
-        for index, size in enumerate(shape):
-            follows = tuple(sorted(field for field in SIZE_FIELDS if moved[field][name][index] != size))
-            if not follows or follows not in FOLLOWS:
-                continue
-            units = math.prod(getattr(sizes, field) for field in follows)
-            multiple, remainder = divmod(size, units)
-            if remainder or any(moved[field][name][index] != multiple * math.prod(
-                    getattr(sizes.bumped(field), f) for f in follows) for field in follows):
-                continue
-            symbol, label, low, high = FOLLOWS[follows]
-            natural = [field for field in SIZE_FIELDS if field in follows]
-            seen = " × ".join(f"{getattr(sizes, field)} {field}" for field in natural)
-            why = (f"follows the {label}: {size} at {seen}, and it moved with {' and '.join(natural)} when the "
-                   f"inputs were rebuilt one larger" + (f" (multiple {multiple})" if multiple > 1 else ""))
-            dims.setdefault(name, {})[index] = DynDim(symbol, low, high, multiple, label, why=why)
-    return dims
-
-
 class DiffusersAdapter(ModelAdapter):
     """Any diffusers model no family adapter knows: inputs synthesized, dynamic dimensions inferred."""
 
     name = "auto"
     class_names = ()
-    example_text_tokens = 8
     # Flow-matching models take σ in [0, 1] (FLUX-like, ×1000 inside) or σ·1000; diffusion ones t in [0, 1000):
     # calibration uses the scale of 1000 most diffusers denoisers take.
     timestep_scale: ClassVar[float] = 1000.0
@@ -402,7 +334,8 @@ class DiffusersAdapter(ModelAdapter):
 
         return isinstance(model, ModelMixin)
 
-    def example_sizes(self, model: torch.nn.Module, batch: int, tokens: int | tuple[int, int] | None) -> Sizes:
+    def example_sizes(self, model: torch.nn.Module, batch: int, tokens: int | tuple[int, int] | None,
+                      text_tokens: int | None = None) -> Sizes:
         plan = plan_inputs(model)
         if tokens is not None:
             rows, cols = factor_grid(tokens, what="latent grid")
@@ -410,19 +343,14 @@ class DiffusersAdapter(ModelAdapter):
             sample = model.config.get("sample_size")
             native = sample // plan.unit if isinstance(sample, int) and sample >= 2 * plan.unit else 8
             rows, cols = example_grid(None, native, MAX_GRID)
-        return Sizes(batch=batch, text=self.example_text_tokens, rows=rows, cols=cols)
+        return Sizes(batch=batch, text=text_tokens or self.example_text_tokens, rows=rows, cols=cols)
 
-    def example_inputs(self, model, batch=1, tokens=None, seed=0):
-        return plan_inputs(model).build(self.example_sizes(model, batch, tokens), model_dtype(model), seed)
+    def example_inputs(self, model, batch=1, tokens=None, seed=0, text_tokens=None):
+        return plan_inputs(model).build(self.example_sizes(model, batch, tokens, text_tokens), model_dtype(model),
+                                        seed)
 
-    def dynamic_shapes(self, model, inputs):
-        plan = plan_inputs(model)
-        sizes = self.sizes_of(model, inputs)
-        if sizes is None:
-            return None  # not inputs this adapter built: only the user knows their dimensions
-        dtype = model_dtype(model)
-        found = infer_dims(lambda s: plan.build(s, dtype), sizes)
-        return {name: found.get(name) if isinstance(value, torch.Tensor) else None for name, value in inputs.items()}
+    def inputs_at(self, model, sizes):
+        return plan_inputs(model).build(sizes, model_dtype(model))
 
     def sizes_of(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Sizes | None:
         """The Sizes that rebuild `inputs` (same names and shapes), or None."""
@@ -433,20 +361,15 @@ class DiffusersAdapter(ModelAdapter):
             return None
         batch, text = latent.shape[0], texts[0].shape[1] if texts else self.example_text_tokens
         layout = plan.choice.layout
-        if layout == "tokens":
-            grids = [factor_grid(int(latent.shape[1]), what="image tokens")]
-            ids = next((value for name, value in inputs.items() if plan.parameters.get(name) == "image_ids"), None)
-            if ids is not None:  # the grid is in the position ids
-                grids.insert(0, (int(ids[:, -2].max()) + 1, int(ids[:, -1].max()) + 1))
-            rows, cols = grids[0]
+        if layout == "tokens":  # any factorization of the count rebuilds the same shapes
+            rows, cols = factor_grid(int(latent.shape[1]), what="image tokens")
+        elif layout == "sequence":
+            rows, cols = latent.shape[-1] // plan.unit, 1
         else:
-            rows, cols = latent.shape[-2] // plan.unit, latent.shape[-1] // plan.unit if layout != "sequence" else 1
-            if layout == "sequence":
-                rows, cols = latent.shape[-1] // plan.unit, 1
+            rows, cols = latent.shape[-2] // plan.unit, latent.shape[-1] // plan.unit
         frames = latent.shape[2] // plan.frame_unit if layout == "video" else 2
         sizes = Sizes(batch=int(batch), text=int(text), rows=int(rows), cols=int(cols), frames=int(frames))
-        rebuilt = tensor_shapes(plan.build(sizes, model_dtype(model)))
-        return sizes if rebuilt == tensor_shapes(inputs) else None
+        return sizes if tensor_shapes(self.inputs_at(model, sizes)) == tensor_shapes(inputs) else None
 
     def tokens_of(self, model, inputs):
         sizes = self.sizes_of(model, inputs)
