@@ -1,8 +1,11 @@
 """Model adapters: what the compiler needs to know about one model family.
 
-An adapter builds example inputs and calibration inputs from a model's config, says which input dimensions may
-change between calls (`DynDim`), and may add role hints for annotate_linears. One adapter per family lives in its
-own module (flux, pixart, sd3, sana, unet); `GenericAdapter` takes any nn.Module with inputs the user gives.
+An adapter builds example inputs and calibration inputs from a model's config and may add role hints for
+annotate_linears. Which input dimensions may change between calls (`DynDim`) is found, not declared: the inputs
+are rebuilt one size larger at a time and every dimension that moved follows that size (`infer_dims`); a family
+only narrows the ranges it knows (`dim_limits`). One adapter per family lives in its own module (flux, pixart,
+sd3, sana, unet); `DiffusersAdapter` (auto.py) takes any other diffusers denoiser and `GenericAdapter` any
+nn.Module with inputs the user gives.
 """
 
 from __future__ import annotations
