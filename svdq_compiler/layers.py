@@ -26,15 +26,11 @@ import torch.fx
 
 from svdq_compiler.codegen.layout import PackedWeight
 from svdq_compiler.errors import CheckpointError
-from svdq_compiler.fx_utils import attr_target
+from svdq_compiler.fx_utils import attr_target, is_call
 from svdq_compiler.ir import get_attr_value
 from svdq_compiler.quant import weight_format_of
 
 aten = torch.ops.aten
-
-
-def is_call(node: Any, target) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
 
 
 def _svdq_op(name: str):
