@@ -220,6 +220,7 @@ def compile_and_save(args: argparse.Namespace, config, staged) -> dict[str, Any]
     out = staged.file(args.out, "graph file")
     dump_ir = staged.folder(args.dump_ir, "IR dump folder (--dump-ir)") if args.dump_ir is not None else None
     save_calib = staged.file(args.save_calib, "calibration file") if args.save_calib is not None else None
+    onnx = staged.files_beside(args.onnx, "ONNX model") if args.onnx is not None else None
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         model = steps.run("load model", lambda: load_model(args.model, dtype=dtype))
@@ -239,13 +240,13 @@ def compile_and_save(args: argparse.Namespace, config, staged) -> dict[str, Any]
             save_calib=save_calib, path=args.path))
         steps.run("save", lambda: svdq_compiler.save(gm, out))
         if args.onnx is not None:
-            steps.run("onnx", lambda: svdq_compiler.export_onnx(gm, args.onnx, form=args.onnx_form))
+            steps.run("onnx", lambda: svdq_compiler.export_onnx(gm, onnx, form=args.onnx_form))
     finally:
         steps.close()
     report = dict(svdq_compiler.eager.compile_report_of(gm))
     outputs = {"output": {"path": str(args.out), "bytes": out.stat().st_size}}
     if args.onnx is not None:
-        outputs["onnx"] = {"path": str(args.onnx), "bytes": args.onnx.stat().st_size, "form": args.onnx_form}
+        outputs["onnx"] = {"path": str(args.onnx), "bytes": onnx.stat().st_size, "form": args.onnx_form}
     report.update(model=args.model, adapter=adapter.name, **outputs, compression=compression(args.model, model,
                                                                                              out.stat().st_size),
                   written=written_files(args),
