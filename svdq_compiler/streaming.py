@@ -19,8 +19,8 @@ Calibration. Running a 12B model on calibration inputs is not affordable here, s
 data-free. `calibration` chooses what smoothing does without activation statistics:
 - "none" (the default): λ = 1; the low-rank branch still absorbs the weights' outliers;
 - "weight-only": λ = 1/b^β from the weights' per-column ranges b, with β picked per group among `betas`
-  (0 included) by the smooth pass's own search on synthetic isotropic rows (standard normal; their GELU where
-  the layer reads a GELU output) — three SVDs per group more.
+  (0 included) by the smooth pass's own search on synthetic isotropic rows (`isotropic_calibration`, the
+  data-free calibration `calib_source="weights"` uses too) — three SVDs per group more.
 The effect of each against the normal calibrated compile is measured by `tools/bench_streaming.py quality`.
 """
 
@@ -42,6 +42,7 @@ import torch.fx
 
 from svdq_compiler.archive import StreamingArchive
 from svdq_compiler.config import QuantConfig
+from svdq_compiler.calibration import isotropic_calibration
 from svdq_compiler.checks import check_finite_weight
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError
 from svdq_compiler.ir import LAYERS_META, META_KEY, LinearInfo, annotated_linears, get_attr_value, set_attr_value
@@ -212,35 +213,14 @@ class VisibleUnit:
             node.meta[META_KEY] = meta
 
 
-def synthetic_calibration(gm: torch.fx.GraphModule, rows: int, seed: int):
-    """Calibration statistics for the visible linears from synthetic isotropic inputs: standard normal rows
-    (GELU of them where a reader shifts its input, i.e. reads a GELU output)."""
-    from svdq_compiler.calibration import Calibration, SiteStats, isotropic_rows
-
-    generator = torch.Generator().manual_seed(seed)
-    sites: dict[str, SiteStats] = {}
-    for node, info in annotated_linears(gm):
-        if info.scheme is None or info.scheme.kind == "fp" or info.kind == "conv":
-            continue
-        x = node.args[0]
-        if x.name not in sites:
-            val = x.meta["val"]
-            sample = isotropic_rows(rows, val.shape[-1], generator, "tanh" if info.shift else None).to(val.dtype)
-            sites[x.name] = SiteStats(node=x.name, readers=[], minimum=sample.float().amin(0),
-                                      maximum=sample.float().amax(0), rows=sample,
-                                      priorities=torch.zeros(rows), rows_seen=rows)
-        sites[x.name].readers.append(info.name)
-    return Calibration(sites=sites, source=f"synthetic: {rows} isotropic rows per site (data-free streaming)",
-                       inputs=0, data_free=True)
-
-
 def unit_passes(calibration: str) -> list[Pass]:
     """The passes each unit runs: synthetic calibration, data-free smoothing (none: λ = 1), compression, lower,
     fuse."""
     rows = SYNTHETIC_ROWS if calibration == "weight-only" else 1  # only the smoothing search measures on them
 
     def synthetic(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        ctx.calibration = synthetic_calibration(gm, rows, ctx.config.calib_seed)
+        ctx.calibration = isotropic_calibration(gm, rows, ctx.config.calib_seed)
+        ctx.calibration.source = f"synthetic: {rows} isotropic rows per site (data-free streaming)"
         return PassResult(gm, False, {"rows": rows, "sites": len(ctx.calibration.sites)})
 
     calibrate = make_pass("synthetic_calibration", synthetic, requires=("linears",), produces=("calibration",),
