@@ -6,7 +6,9 @@ and diffusers.models.unets), never listed by hand. For each one:
 1. build it from `tiny_config` (its constructor's defaults, shrunk: one block of each kind, 2 heads of 32,
    widths 64; svdq_compiler/models/auto.py), random weights, seed 0;
 2. build its inputs with the model's adapter (a family adapter, or the auto one: from the forward signature
-   and the config) and capture it; which path was taken, and which dimensions became dynamic and why;
+   and the config) and capture it: which dimensions became dynamic and why; where torch.export fails on the
+   model's data-dependent code, svdq_compiler.compile takes the eager path (module swap), and the entry says
+   which path each class took and why;
 3. compile it with each preset (calibration: 2 prompts × 2 steps), count the quantized linears;
 4. run the compiled graph at the example size and at a second latent grid, and measure the relative L2 error
    of its output against the fp32 model on the same inputs.
@@ -23,6 +25,8 @@ if any, and the numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import importlib
 import json
 import subprocess
@@ -65,7 +69,8 @@ def cover(class_name: str, module_name: str, presets: tuple[str, ...] = PRESETS,
           calibration: tuple[int, int] = (2, 2)) -> dict[str, Any]:
     """Everything the benchmark measures for one class; `failure` names the first stage that failed."""
     import svdq_compiler
-    from svdq_compiler.errors import first_line
+    from svdq_compiler.eager import compile_report_of, data_dependent_failure
+    from svdq_compiler.errors import CaptureError, first_line
     from svdq_compiler.models import adapter_for
     from svdq_compiler.models.auto import tiny_config
 
@@ -96,23 +101,32 @@ def cover(class_name: str, module_name: str, presets: tuple[str, ...] = PRESETS,
 
         stage = "capture"
         once = CaptureOnce()  # the presets share one capture (deep-copied for each)
-        once.cached = captured = svdq_compiler.capture(model, example, adapter=adapter)
-        report = captured.meta["svdq_capture"]
-        entry["path"] = "export"
-        entry["dims"] = [{key: dim[key] for key in ("input", "index", "status", "name", "why_dynamic", "reason")}
-                         for dim in report["dims"]]
-        entry["dynamic"] = sorted({dim["name"] for dim in report["dims"] if dim["status"] == "dynamic"})
-        entry["capture_s"] = report["wall_s"]
+        try:
+            once.cached = svdq_compiler.capture(model, example, adapter=adapter)
+        except CaptureError as exc:
+            if data_dependent_failure(exc) is None:
+                raise
+            entry["capture_error"] = first_line(exc)[:400]  # svdq_compiler.compile takes the eager path
+        if once.cached is not None:
+            report = once.cached.meta["svdq_capture"]
+            entry["dims"] = [{key: dim[key] for key in ("input", "index", "status", "name", "why_dynamic", "reason")}
+                             for dim in report["dims"]]
+            entry["dynamic"] = sorted({dim["name"] for dim in report["dims"] if dim["status"] == "dynamic"})
+            entry["capture_s"] = report["wall_s"]
         entry["reached"] = stage
 
         stage = "compile"
         entry["presets"] = {}
         graphs = {}
         for preset in presets:
-            with once:
-                gm = svdq_compiler.compile(model, example, preset, calib_inputs=calib, adapter=adapter)
-            totals = gm.meta["svdq_report"]["layers"]["totals"]
-            graphs[preset] = gm
+            # the eager path swaps the model's linears in place: each preset gets its own copy
+            with once if once.cached is not None else contextlib.nullcontext():
+                compiled = svdq_compiler.compile(copy.deepcopy(model), example, preset, calib_inputs=calib,
+                                                 adapter=adapter)
+            report = compile_report_of(compiled)
+            entry["path"], entry["path_reason"] = report["path"], report["path_reason"]
+            totals = report["layers"]["totals"]
+            graphs[preset] = compiled
             entry["presets"][preset] = {"quantized_linears": totals["quantized_layers"], "layers": totals["layers"],
                                         "four_bit_weight_share": totals["four_bit_weight_share"]}
         entry["reached"] = stage
@@ -157,7 +171,7 @@ def summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
     return {"classes": len(entries), "built": len(built), "compiled": len([e for e in entries if e.get("reached") in
                                                                           ("compile", "run")]),
             "ran_two_resolutions": len(two), "failures_by_stage": failures,
-            "paths": {path: sum(1 for e in entries if e.get("path") == path) for path in ("export", "eager")}}
+            "paths": {path: sum(1 for e in entries if e.get("path") == path) for path in ("graph", "eager")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated class names (default: every class)")
     parser.add_argument("--jobs", type=int, default=1, help="classes run at once, each in its own process")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per class")
+    parser.add_argument("--update", action="store_true",
+                        help="run only --only's classes and replace their entries in the existing --out")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # module:class, run in this process (the worker)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -184,11 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         entries = list(pool.map(lambda item: cover_in_subprocess(*item, args.timeout), classes.items()))
     for entry in entries:
         outcome = entry["failure"] and f"{entry['failure']['stage']}: {entry['failure']['error'][:100]}" or "ok"
-        print(f"{entry['class']:42s} {entry.get('path') or '-':7s} {outcome}")
+        print(f"{entry['class']:42s} {entry.get('path') or '-':6s} {outcome}")
     import diffusers
 
-    report = {"machine": machine(), "diffusers": diffusers.__version__, "presets": list(PRESETS), "batch": BATCH,
-              "wall_s": round(time.perf_counter() - start, 1), "summary": summary(entries), "classes": entries}
+    wall = round(time.perf_counter() - start, 1)
+    runs = [{"machine": machine(), "classes": sorted(classes), "wall_s": wall}]
+    if args.update:  # the earlier run's entries for the other classes, and its machine record
+        earlier = json.loads(args.out.read_text())
+        rerun = {entry["class"]: entry for entry in entries}
+        entries = [rerun.get(entry["class"], entry) for entry in earlier["classes"]]
+        runs = [*earlier["runs"], *runs]
+    report = {"diffusers": diffusers.__version__, "torch": torch.__version__, "presets": list(PRESETS),
+              "batch": BATCH, "runs": runs, "summary": summary(entries), "classes": entries}
     print(json.dumps(report["summary"]))
     write_result(report, args.out)
     return 0
