@@ -174,6 +174,28 @@ def summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
             "paths": {path: sum(1 for e in entries if e.get("path") == path) for path in ("graph", "eager")}}
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The classes that ran (path, dynamic dimensions, quantized linears, errors at both grids), then the
+    failures grouped by stage."""
+    presets = report["presets"]
+    lines = ["| class | path | dynamic dims | quantized linears | " + " | ".join(
+        f"{preset} rel. error (grid 1 / 2)" for preset in presets) + " |", "|---|---|---|---:|" + "---:|" * len(presets)]
+    for entry in report["classes"]:
+        if entry.get("reached") != "run":
+            continue
+        dims = ", ".join(entry.get("dynamic", [])) if entry["path"] == "graph" else "any (eager)"
+        errors = " | ".join("{:.4f} / {:.4f}".format(*entry["presets"][preset]["rel_error"]) for preset in presets)
+        lines.append(f"| {entry['class']} | {entry['path']} | {dims} | "
+                     f"{entry['presets'][presets[0]]['quantized_linears']} | {errors} |")
+    failed: dict[str, list[str]] = {}
+    for entry in report["classes"]:
+        if entry["failure"]:
+            failed.setdefault(entry["failure"]["stage"], []).append(entry["class"])
+    lines.append("")
+    lines += [f"- failed at {stage} ({len(names)}): {', '.join(names)}" for stage, names in failed.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/coverage-diffusers.json"))
@@ -182,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per class")
     parser.add_argument("--update", action="store_true",
                         help="run only --only's classes and replace their entries in the existing --out")
+    parser.add_argument("--table", action="store_true", help="print --out's result as a Markdown table, run nothing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # module:class, run in this process (the worker)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -191,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from svdq_compiler.models.auto import denoiser_classes
 
+    if args.table:
+        print(markdown(json.loads(args.out.read_text())))
+        return 0
     classes = denoiser_classes()
     if args.only:
         wanted = set(args.only.split(","))
