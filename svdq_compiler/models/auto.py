@@ -300,8 +300,10 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
         raise InputError(f"{type(model).__name__}'s config gives no latent channel count ({', '.join(LATENT_CHANNEL_KEYS)})",
                          fix="pass your own example_inputs to svdq_compiler.compile")
     pooled = config_value(config, POOLED_WIDTH_KEYS)
-    if "pooled" in roles.values() and not pooled:
-        roles = {name: role for name, role in roles.items() if role != "pooled"}
+    # conditioning the config gives no width for is left out (an optional input the model then does without)
+    absent = ({"pooled"} if not pooled else set()) | \
+        ({"text", "text_mask", "text_ids"} if not config_value(config, TEXT_WIDTH_KEYS) else set())
+    roles = {name: role for name, role in roles.items() if role not in absent}
     axes = next((len(config[key]) for key in POSITION_AXES_KEYS if isinstance(config.get(key), (list, tuple))), 3)
     base = dict(parameters=roles, channels=channels[0], pooled_width=pooled[0] if pooled else None, axes=axes,
                 unit=spatial_unit(config), frame_unit=frame_unit(config), timestep_value=500.0,
@@ -400,12 +402,14 @@ class DiffusersAdapter(ModelAdapter):
 TINY_WIDTH = 64  # every width a config names: 2 heads of 32, text and pooled widths, feed-forward sizes
 TINY_HEADS, TINY_HEAD_DIM = 2, 32
 DEPTH = re.compile(r"(n_|num_)?\w*(layers|blocks)|depth|layers_per_block|transformer_layers_per_block")
-HEADS = re.compile(r"(num_|n_)\w*heads|num_attention_heads|n_heads")
+HEADS = re.compile(r"\w*heads")
 HEAD_DIM = re.compile(r"\w*head_dim")
 WIDTH = re.compile(r"\w*(_dim|_channels|_size|hidden_size|^dim)")
 NOT_WIDTHS = re.compile(r"in_channels|out_channels|latent_channels|patch_size\w*|sample_size|\w*max\w*|\w*axes\w*|"
                         r"\w*rope\w*|\w*len\w*|\w*vocab\w*|\w*num_\w*|\w*group\w*|\w*kernel\w*|\w*stride\w*")
 PER_LEVEL = ("block_out_channels", "down_block_types", "up_block_types")
+# Sizes whose default None leaves the constructor nothing to build (continuous latent input, patching).
+NEEDED_WHEN_NONE = {"in_channels": 16, "patch_size": 2}
 
 
 def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
@@ -427,6 +431,9 @@ def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
     levels = defaults.get("block_out_channels")
     level_count = len(levels) if isinstance(levels, (list, tuple)) else 0
     for name, value in defaults.items():
+        if value is None and name in NEEDED_WHEN_NONE:
+            config[name] = NEEDED_WHEN_NONE[name]  # a default the constructor cannot build with
+            continue
         if isinstance(value, bool) or value is None:
             continue
         if level_count > 2 and isinstance(value, (list, tuple)) and len(value) == level_count:
@@ -445,7 +452,7 @@ def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
                 and all(isinstance(v, int) for v in value) and sum(value) == head_dim and head_dim > TINY_HEAD_DIM:
             scaled = [max(2, 2 * round(v * TINY_HEAD_DIM / head_dim / 2)) for v in value[:-1]]
             config[name] = type(value)([*scaled, TINY_HEAD_DIM - sum(scaled)])  # the axes still sum to the head
-        elif name == "norm_num_groups" or name.endswith("norm_num_groups") and isinstance(value, int):
+        elif isinstance(value, int) and name.endswith("groups") and value > 8:
             config[name] = 8
         elif isinstance(value, int) and name == "sample_size" and value > 16:
             config[name] = 16
