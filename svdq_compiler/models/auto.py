@@ -1,5 +1,5 @@
-"""Any diffusers denoiser without a family adapter: inputs from its forward signature and config, dynamic
-dimensions found by comparing inputs built at different sizes.
+"""Any diffusers denoiser without a family adapter: inputs from its forward signature and config; and tiny
+configs of any class, for the coverage benchmark.
 
 A model's inputs are synthesized from the names of its forward parameters (`hidden_states`, `sample`,
 `encoder_hidden_states`, `timestep`, `pooled_projections`, `img_ids`, …) and the widths its config gives
@@ -8,24 +8,22 @@ layout open (a latent as [B, C, H, W], [B, C, F, H, W] or packed tokens [B, N, C
 text width; whether a mask is boolean) the candidates are tried on the model under fake tensors (no compute, no
 memory) and the first that runs is kept, so nothing here is a per-class table.
 
-The dynamic dimensions are then found rather than declared: the inputs are built again with one size changed
-at a time (batch, text length, latent rows, columns, frames), and every input dimension that moved is declared
-dynamic with the size it follows, in multiples of the step it moved by; the rest stays static. Capture still
-checks each against the model's code and falls back where the code pins one, and the capture report says, per
-dimension, what it follows and how that was found.
+The dynamic dimensions are then found as for every adapter (`base.infer_dims`): the inputs are built again with
+one size changed at a time (batch, text length, latent rows, columns, frames), and every input dimension that
+moved is declared dynamic with the size it follows, in multiples of the step it moved by; the rest stays static.
+Capture still checks each against the model's code and falls back where the code pins one, and the capture
+report says, per dimension, what it follows and how that was found.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 import itertools
 import logging
-import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -148,7 +146,6 @@ class InputPlan:
     unit: int
     frame_unit: int
     timestep_value: float
-    guidance: bool
 
     def build(self, sizes: Sizes, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(seed)
@@ -306,8 +303,7 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     roles = {name: role for name, role in roles.items() if role not in absent}
     axes = next((len(config[key]) for key in POSITION_AXES_KEYS if isinstance(config.get(key), (list, tuple))), 3)
     base = dict(parameters=roles, channels=channels[0], pooled_width=pooled[0] if pooled else None, axes=axes,
-                unit=spatial_unit(config), frame_unit=frame_unit(config), timestep_value=500.0,
-                guidance="guidance" in roles.values())
+                unit=spatial_unit(config), frame_unit=frame_unit(config), timestep_value=500.0)
     sizes = Sizes(batch=2, text=4, rows=2, cols=3)
     failures = []
     for choice in candidate_choices(model, roles)[:MAX_PROBES]:
