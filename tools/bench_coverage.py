@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
 
     wall = round(time.perf_counter() - start, 1)
-    runs = [{"machine": machine(), "classes": sorted(classes), "wall_s": wall}]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    runs = [{"machine": machine(), "commit": commit, "classes": sorted(classes), "wall_s": wall}]
     if args.update:  # the earlier run's entries for the other classes, and its machine record
         earlier = json.loads(args.out.read_text())
         rerun = {entry["class"]: entry for entry in entries}
