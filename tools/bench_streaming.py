@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from eval_quality import compare, first_output
 
 import svdq_compiler
 from svdq_compiler.config import QuantConfig
+from svdq_compiler.files import write_json
 from svdq_compiler.streaming import compile_streaming
 
 
@@ -105,10 +107,22 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
 def full(args: argparse.Namespace) -> None:
     load_start = os.getloadavg()
     start = time.perf_counter()
+    path = Path(args.result or f"bench/results/scale-{Path(args.folder).name}.json")
+    progress: dict = {"benchmark": "streaming-compile", "complete": False, "folder": str(args.folder),
+                      "preset": args.preset, "smoothing": args.smoothing, "nice": os.nice(0),
+                      "load_average_start": load_start, "unit_s": {}, "rss_after_unit_gib": {}}
 
     def on_unit(record, index, total):
         print(f"{time.perf_counter() - start:7.1f}s  {index + 1}/{total} {record.name}: {record.wall_s}, resident "
               f"{record.rss_bytes / 2**30:.2f} GiB", flush=True)
+        # A run cut short still leaves what it measured: the result file is rewritten after every unit.
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        progress["unit_s"][record.name] = record.wall_s
+        progress["rss_after_unit_gib"][record.name] = round(record.rss_bytes / 2**30, 2)
+        progress.update(units_done=index + 1, units_total=total, elapsed_s=round(time.perf_counter() - start, 1),
+                        cpu_s=round(usage.ru_utime + usage.ru_stime, 1),
+                        peak_rss_gib=round(usage.ru_maxrss * 1024 / 2**30, 2), machine=machine())
+        write_json(path, progress, "benchmark progress")
 
     config = QuantConfig.preset(args.preset).replace(calib_prompts=args.calib_prompts, calib_steps=args.calib_steps)
     report = compile_streaming(args.folder, args.out, config, calibration=args.smoothing, tokens=args.tokens,
@@ -116,7 +130,7 @@ def full(args: argparse.Namespace) -> None:
     load_end = os.getloadavg()
     streaming = report["streaming"]
     result = {
-        "benchmark": "streaming-compile", "folder": str(args.folder), "preset": args.preset,
+        "benchmark": "streaming-compile", "complete": True, "folder": str(args.folder), "preset": args.preset,
         "smoothing": args.smoothing, "torch_threads": torch.get_num_threads(), "nice": os.nice(0),
         "block_calibration": streaming["block_calibration"] and {
             **streaming["block_calibration"], "calib_prompts": args.calib_prompts, "calib_steps": args.calib_steps,
@@ -132,7 +146,6 @@ def full(args: argparse.Namespace) -> None:
         "parameters": sum(layer["in_features"] * layer["out_features"] for layer in report["linears"]),
         "load_average_start": load_start, "load_average_end_of_compile": load_end, "machine": machine(),
     }
-    path = Path(args.result or f"bench/results/scale-{Path(args.folder).name}.json")
     write_result(result, path)  # the compile's numbers first: the check below loads the whole graph
     if not args.check:
         return
