@@ -297,6 +297,7 @@ def _closing(runner: BlockRunner | None) -> Iterator[None]:
 def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, *, calibration: str = "none",
                       betas: tuple[float, ...] = DEFAULT_BETAS, batch: int = 2, tokens: Any = None,
                       dtype: torch.dtype | None = None, calib_inputs: Iterable | None = None,
+                      input_seed: int | None = None,
                       memory_budget: int = DEFAULT_MEMORY_BUDGET,
                       on_unit: Callable[[UnitRecord, int, int], None] | None = None) -> dict[str, Any]:
     """Compile the diffusers model folder `folder` to `out` (graph.pt) one block at a time; returns the report
@@ -304,7 +305,8 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
 
     calibration="activations" calibrates block by block (`svdq_compiler.blockwise`) on `calib_inputs` (keyword
     dicts, as `PassContext.calib_inputs`), else on the adapter's `config.calib_prompts` × `config.calib_steps`
-    inputs at `tokens` image tokens; block inputs beyond `memory_budget` bytes spill to disk."""
+    inputs at `tokens` image tokens (seeded by `input_seed`, default `config.calib_seed`); block inputs beyond
+    `memory_budget` bytes spill to disk."""
     from svdq_compiler import compile_report, parameter_bytes
     from svdq_compiler.report import layer_totals
     from svdq_compiler.serialize import REPORT_META, extra_files
@@ -325,7 +327,8 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
     step("validate checkpoint", began)
 
     began = time.perf_counter()
-    example = model.adapter.example_inputs(model.module, batch=batch, tokens=tokens, seed=config.calib_seed)
+    input_seed = config.calib_seed if input_seed is None else input_seed
+    example = model.adapter.example_inputs(model.module, batch=batch, tokens=tokens, seed=input_seed)
     gm = capture_on_meta(model.module, example, adapter=model.adapter)
     step("capture on meta", began)
 
@@ -341,7 +344,7 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
         began = time.perf_counter()
         if calib_inputs is None:
             calib_inputs = model.adapter.calib_inputs(model.module, config.calib_prompts, config.calib_steps,
-                                                      seed=config.calib_seed, tokens=tokens)
+                                                      seed=input_seed, tokens=tokens)
             source = f"adapter {model.adapter.name} ({config.calib_prompts} prompts x {config.calib_steps} steps)"
         else:
             source = "calib_inputs"
