@@ -8,10 +8,10 @@ so far that later segments still read (the hidden states, the conditioning, the 
 unit's statistics, it runs the segments up to the unit's last one on every input, recording the calibration
 sites they pass (the calibrate pass's `Recorder`: same ranges, same reservoir), and keeps the new block inputs.
 
-- Propagation (`config.calib_propagation`): "fp", the default and the reference's choice, computes a block's
-  outputs with its fp weights, before its passes run, so the quantization error of earlier blocks does not
-  reach the statistics of later ones; "quantized" runs the block again once it is compiled and hands the
-  next block those outputs, so each block is calibrated on what the quantized model will feed it.
+- Propagation (`config.calib_propagation`): "fp", the reference's choice, computes a block's outputs with its
+  fp weights, before its passes run, so the quantization error of earlier blocks does not reach the
+  statistics of later ones. The runner runs its own copy of the graph as captured: the passes rewrite each
+  unit once it has run and rewire later units' reads to the nodes they add.
 - Memory: only the weights of the unit being compiled (and the small rest of the model) are resident; block
   inputs stay in memory up to `memory_budget` bytes and spill to a temporary folder beyond it (removed on close).
 - Determinism: reservoir keys depend on (seed, site, input index) only (`passes.calibrate.reservoir_keys`), so
@@ -154,8 +154,7 @@ class BlockRunner:
         from svdq_compiler.passes.calibrate import Recorder, calibration_sites, flatten_inputs
 
         self.gm, self.config = gm, config
-        # The passes rewrite each unit once it has run, and rewire later units' reads to the nodes they add; the
-        # runner runs its own copy of the graph as captured (fp propagation), reading the module's attributes.
+        # its own copy of the graph as captured (module doc), reading the module's attributes
         copies: dict[torch.fx.Node, torch.fx.Node] = {}
         self.graph = torch.fx.Graph()
         self.graph.output(self.graph.graph_copy(gm.graph, copies))
