@@ -10,16 +10,17 @@ own site: the im2col patches of its input in the tap-major layout of `svdq_compi
 pixel), keyed "<tensor>><conv>". The graph is not changed.
 
 Inputs come from `ctx.calib_inputs`, else the model adapter (`calib_prompts` × `calib_steps` denoising steps),
-else the example inputs (the stats say which). Under torch.distributed each process runs its share of the inputs and
-the statistics are merged exactly (`svdq_compiler.distributed`). Each input is checked against the captured signature, and a
+else the example inputs (the stats say which). Under torch.distributed each process runs its share of the
+inputs and the statistics are merged exactly (`svdq_compiler.distributed`). Each input is checked against the captured signature, and a
 NaN or Inf reaching a linear stops calibration with an error naming that layer and the node producing it.
 
 Two sources need no inputs:
 - `ctx.calib_stats`, statistics an earlier compile saved (`save_calibration`, `svdq-compile --save-calib`):
   each site is matched by the qualified names of the linears reading it, which do not depend on how the model
   was captured (torch.export here, a torch.compile region there), not by node name;
-- `config.calib_source = "weights"`: `calib_rows` isotropic Gaussian rows per site (GELU'd for the post-GELU
-  inputs that get the unsigned shift), so the searches minimise E‖ΔW·x‖² = ‖ΔW‖_F², the weight-space error.
+- `config.calib_source = "weights"`: `calib_rows` isotropic Gaussian rows per site
+  (`calibration.isotropic_calibration`, shared with the streaming compile), so the searches minimise
+  E‖ΔW·x‖² = ‖ΔW‖_F², the weight-space error.
 """
 
 from __future__ import annotations
@@ -29,13 +30,11 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from svdq_compiler import distributed
 from svdq_compiler.capture import split_inputs
-from svdq_compiler.conv import ConvGeometry
-from svdq_compiler.calibration import Calibration, SiteStats, isotropic_rows
+from svdq_compiler.calibration import Calibration, SiteStats, isotropic_calibration
 from svdq_compiler.errors import CalibrationError
 from svdq_compiler.fx_utils import tensor_val
 from svdq_compiler.ir import annotated_linears, module_path
@@ -189,13 +188,11 @@ def every_quantized_input_has_a_site(gm: torch.fx.GraphModule, ctx: PassContext)
             and site_name(node, info) not in ctx.calibration.sites]
 
 
-def calibration_sites(gm: torch.fx.GraphModule) -> tuple[
-        dict[str, SiteStats], dict[torch.fx.Node, list[tuple[SiteStats, Any]]], dict[str, tuple[ConvGeometry, float]]]:
-    """Empty statistics for every input of a quantized linear: {site: SiteStats}, the tensor
-    nodes to record with their sites and row views, and the convolution sites' geometry and shift."""
+def calibration_sites(gm: torch.fx.GraphModule) -> tuple[dict[str, SiteStats], dict[torch.fx.Node, list[tuple[SiteStats, Any]]]]:
+    """One empty `SiteStats` per tensor a non-16-bit layer reads, and per tensor the sites that record it with
+    the function turning the tensor into that site's rows."""
     sites: dict[str, SiteStats] = {}
-    recorded: dict[torch.fx.Node, list[tuple[SiteStats, Any]]] = {}  # tensor → its sites, with the row view
-    conv_sites: dict[str, tuple[ConvGeometry, float]] = {}
+    recorded: dict[torch.fx.Node, list[tuple[SiteStats, Any]]] = {}
     for node, info in annotated_linears(gm):
         if info.scheme is None or info.scheme.kind == "fp":
             continue
@@ -204,7 +201,7 @@ def calibration_sites(gm: torch.fx.GraphModule) -> tuple[
             val = tensor_val(x)
             if info.kind == "conv":
                 geometry = conv_geometry(gm, node, info)
-                channels, conv_sites[name] = geometry.columns, (geometry, info.shift)
+                channels = geometry.columns
                 to_rows = lambda v, g=geometry, fill=-info.shift: g.patches(v.detach(), fill)  # noqa: E731
             else:
                 channels = val.shape[-1]
@@ -216,7 +213,7 @@ def calibration_sites(gm: torch.fx.GraphModule) -> tuple[
                                     priorities=torch.empty(0, device=val.device))
             recorded.setdefault(x, []).append((sites[name], to_rows))
         sites[name].readers.append(info.name)
-    return sites, recorded, conv_sites
+    return sites, recorded
 
 
 @register_pass("calibrate", requires=("linears",), produces=("calibration",),
@@ -226,28 +223,27 @@ def calibration_sites(gm: torch.fx.GraphModule) -> tuple[
 def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Run the FP graph on the calibration inputs and record per-site statistics (module doc)."""
     config = ctx.config
-    sites, recorded, conv_sites = calibration_sites(gm)
-    calibration = Calibration(sites=sites)
-    if ctx.calib_stats is not None:
-        _reuse(calibration, ctx.calib_stats)
-    elif config.calib_source == "weights":
-        shifted = {site_name(node, info) for node, info in annotated_linears(gm) if info.shift}
-        _isotropic_rows(sites, shifted, conv_sites, config.calib_rows,
-                        torch.Generator().manual_seed(config.calib_seed))
+    if ctx.calib_stats is None and config.calib_source == "weights":
+        calibration = isotropic_calibration(gm, config.calib_rows, config.calib_seed)
         calibration.source = f"weights ({config.calib_rows} isotropic Gaussian rows per site: weight-space error)"
-        calibration.data_free = True
     else:
-        inputs, calibration.source = _calibration_inputs(ctx)
-        recorder = Recorder(gm, recorded, config.calib_rows, config.calib_seed)
-        for index, sample in distributed.share(enumerate(ctx.progress(inputs, "calibrate"))):
-            flat = flatten_inputs(gm, sample, index)
-            recorder.input_index = index
-            recorder.run(*flat, enable_io_processing=False)
-            calibration.inputs += 1
-        calibration.inputs = distributed.total(calibration.inputs)
-        if calibration.inputs == 0:
-            raise CalibrationError("no calibration inputs were given", fix="pass at least one calibration input")
-        distributed.merge_sites(sites, config.calib_rows)
+        sites, recorded = calibration_sites(gm)
+        calibration = Calibration(sites=sites)
+        if ctx.calib_stats is not None:
+            _reuse(calibration, ctx.calib_stats)
+        else:
+            inputs, calibration.source = _calibration_inputs(ctx)
+            recorder = Recorder(gm, recorded, config.calib_rows, config.calib_seed)
+            for index, sample in distributed.share(enumerate(ctx.progress(inputs, "calibrate"))):
+                flat = flatten_inputs(gm, sample, index)
+                recorder.input_index = index
+                recorder.run(*flat, enable_io_processing=False)
+                calibration.inputs += 1
+            calibration.inputs = distributed.total(calibration.inputs)
+            if calibration.inputs == 0:
+                raise CalibrationError("no calibration inputs were given", fix="pass at least one calibration input")
+            distributed.merge_sites(sites, config.calib_rows)
+    sites = calibration.sites
     ctx.calibration = calibration
     kept = sum(s.rows.shape[0] for s in sites.values())
     stats = {
@@ -259,25 +255,6 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         "sample_bytes": sum(s.rows.numel() * s.rows.element_size() for s in sites.values()),
     }
     return PassResult(gm, False, stats)
-
-
-def _isotropic_rows(sites: dict[str, SiteStats], shifted: set[str], conv_sites: dict[str, tuple[ConvGeometry, float]],
-                    rows: int, generator: torch.Generator) -> None:
-    """Gaussian rows; a shifted input gets its activation (GELU; SiLU for a convolution); a convolution's
-    patch rows hold isotropic pixels and its padding channels the value its patches hold (ConvGeometry)."""
-    for name, stats in sites.items():
-        geometry, shift = conv_sites.get(name, (None, 0.0))
-        if geometry is None:
-            sample = isotropic_rows(rows, stats.minimum.shape[0], generator, "none" if name in shifted else None)
-        else:
-            sample = torch.randn(rows, geometry.taps, geometry.channels, generator=generator)
-            if name in shifted:
-                sample = F.silu(sample)
-            sample = F.pad(sample, (0, geometry.padded_channels - geometry.channels), value=-shift).flatten(1)
-        stats.rows = sample.to(stats.rows.dtype).to(stats.rows.device)
-        stats.priorities = torch.rand(rows, generator=generator).to(stats.rows.device)
-        stats.minimum, stats.maximum = sample.amin(0), sample.amax(0)
-        stats.rows_seen = rows
 
 
 def _reuse(calibration: Calibration, saved: "Calibration") -> None:

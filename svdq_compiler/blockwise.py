@@ -160,7 +160,7 @@ class BlockRunner:
         self.graph.output(self.graph.graph_copy(gm.graph, copies))
         self.segments = plan_segments(self.graph)
         self.cursor = 0  # the next segment to run
-        self.sites, recorded, _ = calibration_sites(gm)
+        self.sites, recorded = calibration_sites(gm)
         self.site_unit = {site_name(node, info): unit_of(info.weight) for node, info in annotated_linears(gm)
                           if site_name(node, info) in self.sites}
         self.recorder = Recorder(gm, {copies[node]: entries for node, entries in recorded.items()},

@@ -7,20 +7,23 @@ time, its quantized weights written into graph.pt as they are produced.
    whole graph: roles and groups come from the complete structure, as in a normal compile.
 3. The parameters are split into *units*: one per repeated block (`transformer_blocks.7`,
    `single_transformer_blocks.30`, …) and one for everything else. For each unit: its tensors are read from the
-   checkpoint into the graph, the passes synthetic_calibration → smooth_weight_only (calibration
-   "weight-only") → compress → lower → fuse run through `run_passes` with only that unit's linears visible
+   checkpoint into the graph, the unit passes (below: calibration, smoothing, compress, lower, fuse) run through `run_passes` with only that unit's linears visible
    (the others' annotations are set aside), every tensor the unit now has is appended to the archive
    (`StreamingArchive`) and replaced by a meta-device stand-in. Memory holds one block.
 4. The compiled graph becomes an ExportedProgram without a second trace (`program_from_graph`) and is written
    after the weights, with the same extra files `svdq_compiler.save` writes, so `svdq_compiler.load` opens the
    result like any graph.pt.
 
-Calibration. Running a 12B model on calibration inputs is not affordable here, so the streaming compile is
-data-free. `calibration` chooses what smoothing does without activation statistics:
+Calibration. `calibration` chooses what smoothing works from:
 - "none" (the default): λ = 1; the low-rank branch still absorbs the weights' outliers;
 - "weight-only": λ = 1/b^β from the weights' per-column ranges b, with β picked per group among `betas`
-  (0 included) by the smooth pass's own search on synthetic isotropic rows (standard normal; their GELU where
-  the layer reads a GELU output) — three SVDs per group more.
+  (0 included) by the smooth pass's own search on synthetic isotropic rows (`isotropic_calibration`, the
+  data-free calibration `calib_source="weights"` uses too) — three SVDs per group more;
+- "activations": real calibration inputs, block by block (`svdq_compiler.blockwise`): the unit passes are
+  calibrate_blocks → smooth (the activation-aware search of a normal compile) → compress → lower → fuse. The
+  rest of the model (embeddings, output head) is read first, stays resident while the blocks run, and is
+  compiled last; the units go in the order the graph runs them. Every block runs on every input, so this
+  costs the model's forward passes on the calibration set on top of the compile.
 The effect of each against the normal calibrated compile is measured by `tools/bench_streaming.py quality`.
 """
 
@@ -44,6 +47,7 @@ import torch.fx
 from svdq_compiler.archive import StreamingArchive
 from svdq_compiler.blockwise import DEFAULT_MEMORY_BUDGET, REST_UNIT, BlockRunner, spill_summary, unit_of
 from svdq_compiler.config import QuantConfig
+from svdq_compiler.calibration import isotropic_calibration
 from svdq_compiler.checks import check_finite_weight
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError
 from svdq_compiler.ir import LAYERS_META, META_KEY, LinearInfo, annotated_linears, get_attr_value, set_attr_value
@@ -210,28 +214,6 @@ class VisibleUnit:
             node.meta[META_KEY] = meta
 
 
-def synthetic_calibration(gm: torch.fx.GraphModule, rows: int, seed: int):
-    """Calibration statistics for the visible linears from synthetic isotropic inputs: standard normal rows
-    (GELU of them where a reader shifts its input, i.e. reads a GELU output)."""
-    from svdq_compiler.calibration import Calibration, SiteStats, isotropic_rows
-
-    generator = torch.Generator().manual_seed(seed)
-    sites: dict[str, SiteStats] = {}
-    for node, info in annotated_linears(gm):
-        if info.scheme is None or info.scheme.kind == "fp" or info.kind == "conv":
-            continue
-        x = node.args[0]
-        if x.name not in sites:
-            val = x.meta["val"]
-            sample = isotropic_rows(rows, val.shape[-1], generator, "tanh" if info.shift else None).to(val.dtype)
-            sites[x.name] = SiteStats(node=x.name, readers=[], minimum=sample.float().amin(0),
-                                      maximum=sample.float().amax(0), rows=sample,
-                                      priorities=torch.zeros(rows), rows_seen=rows)
-        sites[x.name].readers.append(info.name)
-    return Calibration(sites=sites, source=f"synthetic: {rows} isotropic rows per site (data-free streaming)",
-                       inputs=0, data_free=True)
-
-
 def unit_passes(calibration: str) -> list[Pass]:
     """The passes each unit runs: calibration (block by block from real inputs for "activations", else synthetic
     rows), smoothing (activation-aware; weight-only; none: λ = 1), compression, lower, fuse."""
@@ -240,7 +222,8 @@ def unit_passes(calibration: str) -> list[Pass]:
     rows = SYNTHETIC_ROWS if calibration == "weight-only" else 1  # only the smoothing search measures on them
 
     def synthetic(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        ctx.calibration = synthetic_calibration(gm, rows, ctx.config.calib_seed)
+        ctx.calibration = isotropic_calibration(gm, rows, ctx.config.calib_seed)
+        ctx.calibration.source = f"synthetic: {rows} isotropic rows per site (data-free streaming)"
         return PassResult(gm, False, {"rows": rows, "sites": len(ctx.calibration.sites)})
 
     calibrate = make_pass("synthetic_calibration", synthetic, requires=("linears",), produces=("calibration",),
@@ -291,7 +274,6 @@ def _closing(runner: BlockRunner | None) -> Iterator[None]:
     finally:
         if runner is not None:
             runner.close()
-
 
 
 def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, *, calibration: str = "none",
