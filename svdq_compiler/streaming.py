@@ -7,8 +7,9 @@ time, its quantized weights written into graph.pt as they are produced.
    whole graph: roles and groups come from the complete structure, as in a normal compile.
 3. The parameters are split into *units*: one per repeated block (`transformer_blocks.7`,
    `single_transformer_blocks.30`, …) and one for everything else. For each unit: its tensors are read from the
-   checkpoint into the graph, the unit passes (below: calibration, smoothing, compress, lower, fuse) run through `run_passes` with only that unit's linears visible
-   (the others' annotations are set aside), every tensor the unit now has is appended to the archive
+   checkpoint into the graph, the unit passes (calibration and smoothing as below, compress, lower, fuse) run
+   through `run_passes` with only that unit's linears visible (the others' annotations are set aside), every
+   tensor the unit now has is appended to the archive
    (`StreamingArchive`) and replaced by a meta-device stand-in. Memory holds one block.
 4. The compiled graph becomes an ExportedProgram without a second trace (`program_from_graph`) and is written
    after the weights, with the same extra files `svdq_compiler.save` writes, so `svdq_compiler.load` opens the
