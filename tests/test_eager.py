@@ -1,12 +1,20 @@
 """The eager path (svdq_compiler/eager.py) on the two diffusers classes torch.export cannot capture."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
+import svdq_compiler
 from eager_models import hidream, hidream_inputs, lumina2, lumina2_inputs
 from svdq_compiler.config import QuantConfig
-from svdq_compiler.eager import SVDQLinear, compile_eager
-from svdq_compiler.ir import Role
+from svdq_compiler.eager import SVDQLinear, compile_eager, data_dependent_failure
+from svdq_compiler.errors import CaptureError, CheckpointError, InputError
+from svdq_compiler.ir import EAGER_META, Role
+from svdq_compiler.lora import apply_lora
 
 MODELS = {"hidream": (hidream, hidream_inputs), "lumina2": (lumina2, lumina2_inputs)}
 
@@ -62,3 +70,84 @@ def test_a_group_recomputes_for_a_new_input(compiled):
         assert not torch.equal(q_a, to_q(b))
         b.mul_(2)  # changed in place: same object, new version
         assert torch.equal(to_k(b), to_k(b.clone()))
+
+
+RUN_LOADED = textwrap.dedent("""
+    import sys, torch, svdq_compiler
+    model = svdq_compiler.load(sys.argv[1])
+    inputs = torch.load(sys.argv[2], weights_only=True)
+    with torch.no_grad():
+        outputs = {name: model(**x, return_dict=False)[0] for name, x in inputs.items()}
+    torch.save(outputs, sys.argv[3])
+    print(type(model).__name__, model.svdq_eager.report["path"])
+""")
+
+
+def test_saved_model_loads_in_a_new_process_with_equal_outputs(compiled, tmp_path):
+    name, model, _, inputs = compiled
+    path = svdq_compiler.save(model, tmp_path / "model.pt")
+    samples = {f"size{size}": {k: v for k, v in inputs(size, text=text, seed=11).items() if k != "return_dict"}
+               for size, text in ((8, 4), (16, 6))}
+    with torch.no_grad():
+        before = {key: model(**x, return_dict=False)[0] for key, x in samples.items()}
+    torch.save(samples, tmp_path / "inputs.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", RUN_LOADED, str(path), str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "outputs.pt")], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [type(model).__name__, "eager"]
+    after = torch.load(tmp_path / "outputs.pt", weights_only=True)
+    for key in samples:
+        assert torch.equal(after[key], before[key]), key
+
+
+def test_the_saved_file_refuses_a_tampered_layout(compiled, tmp_path):
+    """svdq_eager.json is read as data and checked: a class that is not a diffusers model is one clear error."""
+    _, model, _, _ = compiled
+    stub = model.svdq_eager.stub
+    saved = dict(stub.meta[EAGER_META])
+    try:
+        stub.meta[EAGER_META] = {**saved, "class": "os"}
+        path = svdq_compiler.save(model, tmp_path / "model.pt")
+    finally:
+        stub.meta[EAGER_META] = saved
+    with pytest.raises(CheckpointError, match="'os' is not a diffusers model class"):
+        svdq_compiler.load(path)
+
+
+def test_lora_and_onnx_refuse_an_eager_model_in_one_line(compiled):
+    _, model, _, _ = compiled
+    with pytest.raises(InputError, match="compiled by the eager path") as caught:
+        apply_lora(model, {})
+    assert "\n" not in str(caught.value)
+    with pytest.raises(InputError, match="compiled by the eager path"):
+        svdq_compiler.export_onnx(model, "unused.onnx")
+
+
+def test_compile_falls_back_to_eager_on_data_dependent_code_and_says_why():
+    """svdq_compiler.compile (path="auto") tries torch.export first; Lumina2's slices from `.tolist()` stop it."""
+    model = svdq_compiler.compile(lumina2(), lumina2_inputs(8), "w4a4-rtn", calib_inputs=[lumina2_inputs(8)])
+    report = model.svdq_eager.report
+    assert report["path"] == "eager"
+    assert report["path_reason"].startswith("torch.export failed: ") and "SymInt" in report["path_reason"]
+    with pytest.raises(CaptureError):
+        svdq_compiler.compile(lumina2(), lumina2_inputs(8), "w4a4-rtn", path="graph")
+
+
+def test_a_capture_failure_of_another_kind_is_not_hidden_by_the_fallback():
+    class NeedsTwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 64)
+
+        def forward(self, x, y):
+            return self.proj(x) + y
+
+    with pytest.raises(CaptureError):
+        svdq_compiler.compile(NeedsTwoInputs(), {"x": torch.randn(2, 64)}, "w4a4-rtn")
+    assert data_dependent_failure(ValueError("unrelated")) is None
+
+
+def test_unknown_path_is_an_input_error():
+    with pytest.raises(InputError, match="path='trace'"):
+        svdq_compiler.compile(lumina2(), lumina2_inputs(8), "int4", path="trace")

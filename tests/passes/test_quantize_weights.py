@@ -91,6 +91,19 @@ def test_weight_only_layers_get_awq_and_a_branch_where_they_pay():
     assert ada.errors["output_rel"] <= 0.01
 
 
+def test_a_branch_without_smoothing_is_measured_on_the_residual_it_leaves():
+    """With no smoothing the compiled form is W − L1·L2 plus the branch: the branch counts once, so it is close to
+    plain quantization (counting it twice, on top of the full weight, gave errors near 1)."""
+    model = outlier_dit()
+    gm, _, _ = prepared(model, CALIB[0], CALIB, passes=PASSES, smooth="none", weight_only_rank=4,
+                        weight_only_error=0.2)
+    ada = by_name(gm)["blocks.0.ada"]
+    measured = {label: float(error) for label, error in
+                (part.rsplit(" ", 1) for part in ada.choice.split(": ", 1)[1].split(", "))}
+    assert set(measured) == {"plain", "+r4"}
+    assert measured["+r4"] < 1.5 * measured["plain"] < 0.3
+
+
 def test_quantize_weights_alone_on_a_hand_annotated_linear():
     """Before: a (W4A4, no smoothing or branch) annotated by hand, a hand-made calibration; b and c 16-bit.
     Expected: a.weight's QTensor in ctx.quantized and its dequantized value in the graph, the measured output
