@@ -1,5 +1,6 @@
 """The eager path (svdq_compiler/eager.py) on the two diffusers classes torch.export cannot capture."""
 
+import json
 import os
 import subprocess
 import sys
@@ -184,3 +185,15 @@ def test_eager_and_graph_paths_agree_on_a_model_both_can_compile():
         from_graph, from_eager, reference = graph(**x)[0], eager(**x)[0], build()(**x)[0]
     assert relative_error(from_eager, from_graph) < 1e-5
     assert relative_error(from_eager, reference) > 1e-3  # it did quantize
+
+
+def test_svdq_compile_takes_the_eager_path_when_asked_and_says_so(tmp_path, capsys):
+    from svdq_compiler.cli import compile_main, inspect_main
+
+    out, report = tmp_path / "g.pt", tmp_path / "report.json"
+    assert compile_main(["random:flux", "--path", "eager", "--preset", "w4a4-rtn", "--out", str(out), "--report",
+                         str(report), "--calib-prompts", "1", "--calib-steps", "1", "--tokens", "16"]) == 0
+    assert "path: eager (the eager path was asked for)" in capsys.readouterr().out
+    assert json.loads(report.read_text())["path"] == "eager"
+    assert inspect_main([str(out)]) == 0
+    assert "path: the eager path was asked for" in capsys.readouterr().out
