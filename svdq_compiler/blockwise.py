@@ -10,8 +10,10 @@ sites they pass (the calibrate pass's `Recorder`: same ranges, same reservoir), 
 
 - Propagation (`config.calib_propagation`): "fp", the reference's choice, computes a block's outputs with its
   fp weights, before its passes run, so the quantization error of earlier blocks does not reach the
-  statistics of later ones. The runner runs its own copy of the graph as captured: the passes rewrite each
-  unit once it has run and rewire later units' reads to the nodes they add.
+  statistics of later ones; "quantized" keeps the block's inputs, and once the block is compiled the
+  propagate_block pass runs its compiled nodes on them (`propagate`) and keeps those outputs, so each block is
+  calibrated on what the quantized model feeds it. The runner runs its own copy of the graph as captured: the
+  passes rewrite each unit once it has run and rewire later units' reads to the nodes they add.
 - Memory: only the weights of the unit being compiled (and the small rest of the model) are resident; block
   inputs stay in memory up to `memory_budget` bytes and spill to a temporary folder beyond it (removed on close).
 - Determinism: reservoir keys depend on (seed, site, input index) only (`passes.calibrate.reservoir_keys`), so
@@ -178,15 +180,23 @@ class BlockRunner:
         if self.inputs == 0:
             raise CalibrationError("no calibration inputs were given", fix="pass at least one calibration input")
         self.by_name = {node.name: node for node in self.graph.nodes}
+        # quantized propagation: the segment awaiting its compiled run, with the nodes that are not its own
+        self.pending: tuple[Segment, set[torch.fx.Node]] | None = None
+        self.alias: dict[str, str] = {}  # compiled node name → the name of the copy's node it stands for
 
     def last_segment(self, unit: str) -> int:
         return max((i for i, segment in enumerate(self.segments) if segment.unit == unit), default=-1)
 
     @torch.no_grad()
-    def run_through(self, last: int) -> None:
-        """Run segments cursor..last on every input, recording the sites they pass."""
+    def run_through(self, last: int, unit: str | None = None) -> None:
+        """Run segments cursor..last on every input, recording the sites they pass. Under quantized propagation
+        the segment of `unit` keeps its inputs: `propagate` runs it again once compiled."""
+        if self.pending is not None:
+            raise CalibrationError(f"unit {self.pending[0].unit} was calibrated but its compiled outputs were "
+                                   f"never propagated", fix="run the propagate_block pass after each unit's passes")
         while self.cursor <= last:
             segment = self.segments[self.cursor]
+            deferred = self.config.calib_propagation == "quantized" and segment.unit == unit != REST_UNIT
             for index in self.samples:
                 values = self.store.take(index)
                 self.recorder.input_index = index
@@ -196,10 +206,63 @@ class BlockRunner:
                     env[node] = self.recorder.run_node(node)
                     for dead in self.recorder.user_to_last_uses.get(node, ()):
                         env.pop(dead, None)  # read for the last time: memory holds one block's live values
-                self.store.put(index, {node.name: value for node, value in self.recorder.env.items()
-                                       if node.name in segment.live_after})
+                self.store.put(index, values if deferred else {node.name: value for node, value in env.items()
+                                                               if node.name in segment.live_after})
                 self.recorder.env = {}
+            if deferred:
+                names = {node.name for node in segment.nodes}
+                self.pending = (segment, {node for node in self.gm.graph.nodes if node.name not in names})
             self.cursor += 1
+
+    @torch.no_grad()
+    def propagate(self) -> int:
+        """Quantized propagation: run the compiled nodes of the unit calibrated last on its kept inputs and keep
+        their outputs as the next segments' inputs. Returns the number of nodes run (0: nothing pending).
+
+        The compiled nodes are those the graph has now and had not before the unit's passes, less the nodes of
+        every other unit. Values are kept under the names of the runner's graph copy: later segments read the
+        compiled outputs through the same argument positions as the copy's nodes read the fp ones."""
+        if self.pending is None:
+            return 0
+        segment, others = self.pending
+        self.pending = None
+        compiled = [node for node in self.gm.graph.nodes if node not in others and node.op not in ("placeholder",
+                                                                                                  "output")]
+        members = set(compiled)
+        later = [node for later_segment in self.segments[self.cursor:] for node in later_segment.nodes]
+        current = {node.name: node for node in self.gm.graph.nodes}
+        outputs: dict[str, str] = {}  # copy's name of each value later segments read → the compiled node's name
+        for original in later:
+            now = current.get(original.name)
+            if now is None or now.op == "get_attr":
+                continue
+            for fp_value, value in zip(original.all_input_nodes, now.all_input_nodes):
+                if value in members:
+                    outputs[fp_value.name] = value.name
+                    self.alias[value.name] = fp_value.name
+        executor = torch.fx.Interpreter(self.gm)
+        for index in self.samples:
+            values = self.store.take(index)
+            env: dict[torch.fx.Node, Any] = {}
+            for node in compiled:
+                for value in node.all_input_nodes:
+                    if value in members or value in env:
+                        continue
+                    env[value] = executor.fetch_attr(value.target) if value.op == "get_attr" else \
+                        values[self.alias.get(value.name, value.name)]
+            executor.env = env
+            for node in compiled:
+                env[node] = executor.run_node(node)
+            by_name = {node.name: value for node, value in env.items()}
+            kept = {}
+            for name in segment.live_after:
+                if name not in values and outputs.get(name) not in by_name:
+                    raise CalibrationError(f"the compiled unit {segment.unit} has no value for {name!r}, which "
+                                           f"later blocks read", fix="use calib_propagation='fp'")
+                kept[name] = values[name] if name in values else by_name[outputs[name]]
+            executor.env = {}
+            self.store.put(index, kept)
+        return len(compiled)
 
     def calibration(self, unit: str) -> Calibration:
         """The statistics of the sites `unit`'s linears read, complete: the segments up to the unit's last one
@@ -208,7 +271,7 @@ class BlockRunner:
         from svdq_compiler.distributed import merge_sites
 
         last = len(self.segments) - 1 if unit == REST_UNIT else self.last_segment(unit)
-        self.run_through(last)
+        self.run_through(last, unit)
         sites = {name: stats for name, stats in self.sites.items() if self.site_unit[name] == unit}
         merge_sites(sites, self.config.calib_rows)
         for name in sites:

@@ -82,7 +82,8 @@ def compile_parser() -> argparse.ArgumentParser:
                         help="smoothing when streaming: none (λ = 1); weight-only: λ from the weights' column ranges, "
                              "searched per group on synthetic inputs (slower); activations: calibrated block by "
                              "block on the adapter's --calib-prompts x --calib-steps inputs, activation-aware "
-                             "(slowest: every block runs on every input)")
+                             "(slowest: every block runs on every input; blocks see the fp outputs of the ones "
+                             "before, or the quantized ones with --set calib_propagation=quantized)")
     parser.add_argument("--onnx", type=Path, metavar="FILE",
                         help="also export the compiled graph as an ONNX model (svdq_compiler.export_onnx)")
     parser.add_argument("--onnx-form", choices=ONNX_FORMS, default="portable",

@@ -22,7 +22,7 @@ from svdq_compiler.errors import InputError
 
 SMOOTH_SEARCHES = ("svdquant", "smoothquant", "none")
 CALIB_SOURCES = ("inputs", "weights")
-CALIB_PROPAGATIONS = ("fp",)
+CALIB_PROPAGATIONS = ("fp", "quantized")
 SVD_METHODS = ("full", "randomized")
 CONV_KXK = ("keep", "w4a4", "w4a4-all")
 ONNX_FORMS = ("portable", "custom")  # svdq_compiler.export_onnx(form=...); here so that the CLI parser needs no torch
@@ -144,7 +144,8 @@ class QuantConfig:
     calib_source: str = "inputs"
     # Block-wise calibration (the streamed compile): block i's statistics come from the outputs of block i−1
     # computed with its fp weights ("fp", as the reference: quantization error does not accumulate across
-    # blocks during calibration). Propagating the quantized outputs is not built yet.
+    # blocks during calibration) or with its compiled, quantized weights ("quantized": each block is
+    # calibrated on what the quantized model feeds it).
     calib_propagation: str = "fp"
     # nvfp4 activations: the calibrated per-tensor scale covers this multiple of the largest |x/λ| seen in
     # calibration before a value saturates (svdq_compiler/quant.py, docs/architecture.md)

@@ -215,11 +215,13 @@ class VisibleUnit:
             node.meta[META_KEY] = meta
 
 
-def unit_passes(calibration: str) -> list[Pass]:
+def unit_passes(calibration: str, propagation: str = "fp") -> list[Pass]:
     """The passes each unit runs: calibration (block by block from real inputs for "activations", else synthetic
-    rows), smoothing (activation-aware; weight-only; none: λ = 1), compression, lower, fuse."""
+    rows), smoothing (activation-aware; weight-only; none: λ = 1), compression, lower, fuse; with quantized
+    propagation the compiled block then runs on the calibration inputs for the next blocks."""
     if calibration == "activations":
-        return [PASS_REGISTRY[name] for name in ("calibrate_blocks", "smooth", "compress", "lower", "fuse")]
+        names = ["calibrate_blocks", "smooth", "compress", "lower", "fuse"]
+        return [PASS_REGISTRY[name] for name in names + (["propagate_block"] if propagation == "quantized" else [])]
     rows = SYNTHETIC_ROWS if calibration == "weight-only" else 1  # only the smoothing search measures on them
 
     def synthetic(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -319,7 +321,7 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
     began = time.perf_counter()
     gm = run_passes(gm, ctx, svdquant_pipeline(["annotate_linears"]))
     step("annotate", began)
-    passes = unit_passes(calibration)
+    passes = unit_passes(calibration, config.calib_propagation)
 
     units = unit_attributes(gm)
     resident = None
