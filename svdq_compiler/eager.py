@@ -518,7 +518,9 @@ def compile_eager(module: torch.nn.Module, example_inputs: tuple | dict, config:
                              "carried": {name: f"{_CARRIED_PREFIX}.t{i}" for i, name in enumerate(carried)}}
     report["eager"] = {"class": type(module).__name__, "groups": len(groups),
                        "swapped_linears": sum(len(g.members) for g in groups), "calibration_source": source,
-                       "left_16bit": left_out, "wall_s": round(time.perf_counter() - start, 3)}
+                       "kept_16bit": left_out + [f"{name}: {info.skip_reason}" for name, info in infos.items()
+                                                 if info.scheme is not None and info.scheme.kind == "fp"],
+                       "wall_s": round(time.perf_counter() - start, 3)}
     stub.meta[REPORT_META] = report
     _swap(module, stub, groups)
     setattr(module, EAGER_ATTRIBUTE, EagerState(stub, groups, report))
