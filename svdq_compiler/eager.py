@@ -24,7 +24,8 @@ How it reuses the graph path — one driver, `pipeline.run_passes`, for both gra
    all its members at once (q/k/v share one activation quantization) and hands each member its result while
    the input is unchanged (same tensor object, same version counter).
 
-What does not carry over: graph-level fusion across layers (kernel B's GELU / residual epilogues and
+Costs: calibration holds, per forward, every group's distinct inputs at once (the stub graph's calibration input
+for that forward): about one forward's linear activations. What does not carry over: graph-level fusion across layers (kernel B's GELU / residual epilogues and
 quantize-next need the model's graph); k×k convolutions and linears the example forward never called stay
 16-bit (the report lists them).
 
@@ -52,12 +53,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from svdq_compiler.capture import capture, model_config, split_inputs
 from svdq_compiler.config import QuantConfig
-from svdq_compiler.errors import CheckpointError, InputError
-from svdq_compiler.ir import (CAPTURE_META, REPORT_META, LinearInfo, annotated_linears, linear_info, set_info,
-                              to_jsonable)
+from svdq_compiler.errors import CheckpointError, InputError, SvdqError
+from svdq_compiler.ir import EAGER_META, REPORT_META, LinearInfo, annotated_linears, set_info
 from svdq_compiler.models.base import DynDim
 from svdq_compiler.pipeline import PassContext, PassResult, make_pass, run_passes, svdquant_pipeline
 
+COMPILE_PATHS = ("auto", "graph", "eager")
 EAGER_FILE = "svdq_eager.json"
 EAGER_FORMAT = "svdq-eager"
 _CARRIED_PREFIX = "carried"  # stub attribute holding the model's tensors that are not swapped linears
@@ -134,7 +135,8 @@ class _WholeLinears(TorchFunctionMode):
             result = func(*args, **kwargs)
         finally:
             self.recording.paused = False
-        x, weight, bias = (list(args) + [kwargs.get("bias")])[:3] if len(args) < 3 else args[:3]
+        x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
         self.recording.call(torch.ops.aten.linear.default, (x, weight, bias), {}, result)
         return result
 
@@ -192,10 +194,6 @@ class Group:
     in_features: int
 
 
-def _input_name(group: str) -> str:
-    return "x_" + group.replace(".", "_").replace("@", "_")
-
-
 class _Stub(torch.nn.Module):
     """group inputs → every member linear's output (module doc, step 2), plus the carried tensors."""
 
@@ -205,13 +203,13 @@ class _Stub(torch.nn.Module):
         for group in groups:
             for name in group.members:
                 _set_submodule(self, name, model.get_submodule(name))
-        self.carried = torch.nn.Module()
+        setattr(self, _CARRIED_PREFIX, torch.nn.Module())
         for index, tensor in enumerate(carried.values()):
-            self.carried.register_buffer(f"t{index}", tensor)
+            getattr(self, _CARRIED_PREFIX).register_buffer(f"t{index}", tensor)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         outputs = [self.get_submodule(name)(inputs[group.input]) for group in self.groups for name in group.members]
-        return (*outputs, *self.carried.buffers())
+        return (*outputs, *getattr(self, _CARRIED_PREFIX).buffers())
 
 
 def _set_submodule(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
@@ -230,7 +228,9 @@ def _groups(infos: dict[str, LinearInfo]) -> list[Group]:
         if info.scheme is None or info.scheme.kind == "fp":
             continue
         key = info.group or info.name
-        group = groups.setdefault(key, Group(_input_name(key), [], info.in_features))
+        if key not in groups:  # the index keeps names unique where two module paths flatten alike
+            groups[key] = Group(f"x{len(groups)}_" + key.replace(".", "_").replace("@", "_"), [], info.in_features)
+        group = groups[key]
         group.members.append(name)
     return list(groups.values())
 
@@ -256,6 +256,7 @@ class _GroupInputs:
 
     def __init__(self, model: torch.nn.Module, groups: list[Group]):
         self.groups = groups
+        self.weights = {g.input: model.get_submodule(g.members[0]).weight for g in groups}  # dtype and device
         self.seen: dict[str, list[torch.Tensor]] = {}
         self.handles = []
         for group in groups:
@@ -270,15 +271,15 @@ class _GroupInputs:
                 seen.append((x, x._version))
         return collect
 
-    def take(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    def take(self) -> dict[str, torch.Tensor]:
         """Each group's rows from the last forward; a group no call reached gets one zero row (it widens no
         absmax: every range holds 0 once a row was seen, and calibration needs a row per input)."""
         rows = {}
         for group in self.groups:
             seen = self.seen.get(group.input, [])
-            parts = [x.detach().reshape(-1, group.in_features).to(dtype) for x, _ in seen]
-            rows[group.input] = torch.cat(parts) if parts else torch.zeros(1, group.in_features, dtype=dtype,
-                                                                           device=device)
+            weight = self.weights[group.input]
+            parts = [x.detach().reshape(-1, group.in_features).to(weight.dtype) for x, _ in seen]
+            rows[group.input] = torch.cat(parts) if parts else weight.new_zeros(1, group.in_features)
         self.seen = {}
         return rows
 
@@ -287,8 +288,8 @@ class _GroupInputs:
             handle.remove()
 
 
-def _stub_inputs(model: torch.nn.Module, groups: list[Group], samples: Iterable[tuple | dict], dtype, device
-                 ) -> Iterator[dict[str, torch.Tensor]]:
+def _stub_inputs(model: torch.nn.Module, groups: list[Group], samples: Iterable[tuple | dict]
+                 ) -> Iterator[tuple[dict[str, torch.Tensor]]]:
     """For each model input, one eager forward with hooks: the stub graph's calibration input."""
     hooks = _GroupInputs(model, groups)
     try:
@@ -296,7 +297,7 @@ def _stub_inputs(model: torch.nn.Module, groups: list[Group], samples: Iterable[
             args, kwargs = split_inputs(sample)
             with torch.no_grad():
                 model(*args, **kwargs)
-            yield (hooks.take(dtype, device),)
+            yield (hooks.take(),)
     finally:
         hooks.remove()
 
@@ -407,7 +408,34 @@ def _replace_module(model: torch.nn.Module, old: torch.nn.Module, new: torch.nn.
                 setattr(parent, child_name, new)
 
 
-# ---- the driver ------------------------------------------------------------------------------------------------
+# ---- which path -----------------------------------------------------------------------------------------------
+
+# What torch.export says when the model's Python code needs a tensor's value (`.item()`, `.tolist()`,
+# `.numpy()`, a branch or a size computed from data): the failures the eager path exists for.
+_DATA_DEPENDENT = ("data-dependent", "data dependent", "unbacked", "non-nested symint",
+                   ".numpy() is not supported for tensor subclasses", "_local_scalar_dense")
+
+
+def data_dependent_failure(exc: BaseException) -> str | None:
+    """The first line of the torch.export error behind `exc` when it is of the data-dependent kind, else None."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        text = str(cause).strip()
+        if not isinstance(cause, SvdqError) and (  # our own wrapper quotes the cause: read the cause
+                isinstance(cause, (GuardOnDataDependentSymNode, DataDependentOutputException,
+                                   DynamicOutputShapeException))
+                or any(marker in text.lower() for marker in _DATA_DEPENDENT)):
+            return text.splitlines()[0] if text else type(cause).__name__
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+# ---- the driver --------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -427,16 +455,30 @@ def is_eager(model: Any) -> bool:
     return isinstance(getattr(model, EAGER_ATTRIBUTE, None), EagerState)
 
 
+def compile_report_of(compiled: Any) -> dict[str, Any]:
+    """The compile report of what svdq_compiler.compile or load returned, whichever path made it."""
+    from svdq_compiler.dropin import graph_module_of
+
+    return getattr(compiled, EAGER_ATTRIBUTE).report if is_eager(compiled) else \
+        graph_module_of(compiled).meta[REPORT_META]
+
+
 def compile_eager(module: torch.nn.Module, example_inputs: tuple | dict, config: QuantConfig,
                   calib_inputs: Iterable[tuple | dict] | None = None, *, adapter: Any = None,
-                  passes: Sequence[str] | None = None, reason: str = "eager path requested",
-                  verify: bool = False) -> torch.nn.Module:
+                  passes: Sequence[str] | None = None, reason: str = "the eager path was asked for",
+                  verify: bool = False, dump_ir: str | Path | None = None, print_ir_after_change: bool = False,
+                  progress: bool = False, save_calib: str | Path | None = None,
+                  calib_stats: Any = None) -> torch.nn.Module:
     """Quantize `module` by module swap (module doc); returns `module` itself, changed in place: its eligible
     nn.Linear layers are SVDQLinear modules, and `module.svdq_eager` holds the report (`report["path"]` says
-    "eager" and `report["path_reason"]` why)."""
+    "eager" and `report["path_reason"]` why). The options are svdq_compiler.compile's."""
     from svdq_compiler.api import compile_report
     from svdq_compiler.models import adapter_for
 
+    if calib_stats is not None:
+        raise InputError("saved calibration statistics name the sites of a captured graph; the eager path "
+                         "calibrates its own group inputs", where="eager compile",
+                         fix="pass calib_inputs (or none: the adapter's or the example inputs are used)")
     start = time.perf_counter()
     module = module.eval()
     adapter = adapter or adapter_for(module)
@@ -445,27 +487,103 @@ def compile_eager(module: torch.nn.Module, example_inputs: tuple | dict, config:
     if not groups:
         raise InputError(f"no linear of {type(module).__name__} is quantized by preset {config.preset_name}",
                          where="eager compile", fix="check the role_schemes and skip patterns of the config")
-    weight = module.get_submodule(groups[0].members[0]).weight
-    dtype, device = weight.dtype, weight.device
     swapped = {f"{name}.{kind}" for group in groups for name in group.members for kind in ("weight", "bias")}
     carried = {name: t for name, t in module.state_dict().items() if name not in swapped}
     stub_module = _Stub(module, groups, carried)
-    examples = ({g.input: torch.zeros(4, g.in_features, dtype=dtype, device=device) for g in groups},)
+    examples = ({g.input: module.get_submodule(g.members[0]).weight.new_zeros(4, g.in_features) for g in groups},)
     dims = [{g.input: {0: DynDim(f"rows{i}", 1, _MAX_ROWS, label=f"rows of {g.members[0]}")}
              for i, g in enumerate(groups)}]
     stub = capture(stub_module, examples, dynamic_shapes=dims)
     samples, source = _calibration_samples(module, example_inputs, calib_inputs, config, adapter)
     ctx = PassContext(config=config, example_inputs=examples, model=stub_module, verify_each=verify,
-                      calib_inputs=_stub_inputs(module, groups, samples, dtype, device))
+                      calib_inputs=_stub_inputs(module, groups, samples),
+                      dump_dir=Path(dump_ir) if dump_ir is not None else None,
+                      print_ir_after_change=print_ir_after_change, show_progress=progress)
     steps = [p for p in svdquant_pipeline(passes) if p.name != "annotate_linears"]
     stub = run_passes(stub, ctx, [_copy_annotations(infos), *steps])
+    if save_calib is not None:
+        from svdq_compiler.calibration import save_calibration
+
+        if ctx.calibration is None:
+            raise InputError("no calibration ran, so there are no statistics to save", where=str(save_calib),
+                             fix="run the calibrate pass (leave it in --passes)")
+        save_calibration(ctx.calibration, save_calib)
     report = compile_report(stub, config, ctx.records)
     report["path"] = "eager"
     report["path_reason"] = reason
+    stub.meta[EAGER_META] = {"format": EAGER_FORMAT, "class": type(module).__name__, "config": model_config(module),
+                             "groups": [dataclasses.asdict(g) for g in groups],
+                             "carried": {name: f"{_CARRIED_PREFIX}.t{i}" for i, name in enumerate(carried)}}
     report["eager"] = {"class": type(module).__name__, "groups": len(groups),
                        "swapped_linears": sum(len(g.members) for g in groups), "calibration_source": source,
-                       "left_16bit": left_out, "wall_s": round(time.perf_counter() - start, 3)}
+                       "kept_16bit": left_out + [f"{name}: {info.skip_reason}" for name, info in infos.items()
+                                                 if info.scheme is not None and info.scheme.kind == "fp"],
+                       "wall_s": round(time.perf_counter() - start, 3)}
     stub.meta[REPORT_META] = report
     _swap(module, stub, groups)
     setattr(module, EAGER_ATTRIBUTE, EagerState(stub, groups, report))
     return module
+
+
+# ---- saving and loading ----------------------------------------------------------------------------------------
+
+
+def saved_stub(model: torch.nn.Module) -> torch.fx.GraphModule:
+    """What `svdq_compiler.save` writes for an eager-compiled model: its compiled stub graph, whose extra file
+    `svdq_eager.json` (from gm.meta[EAGER_META]) says how to rebuild the model around it (module doc)."""
+    return getattr(model, EAGER_ATTRIBUTE).stub
+
+
+def _saved_layout(text: str, where: str) -> dict[str, Any]:
+    """svdq_eager.json, checked to have the structure `rebuild` reads (a crafted file can hold any JSON)."""
+    from svdq_compiler.archive import corrupt
+
+    try:
+        saved = json.loads(text)
+        valid = isinstance(saved, dict) and saved.get("format") == EAGER_FORMAT \
+            and isinstance(saved.get("class"), str) and isinstance(saved.get("config"), dict) \
+            and isinstance(saved.get("carried"), dict) \
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in saved["carried"].items()) \
+            and isinstance(saved.get("groups"), list) \
+            and all(isinstance(g, dict) and isinstance(g.get("input"), str) and type(g.get("in_features")) is int
+                    and isinstance(g.get("members"), list) and all(isinstance(m, str) for m in g["members"])
+                    for g in saved["groups"])
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise corrupt(f"{EAGER_FILE} is unreadable ({exc})", where) from exc
+    if not valid:
+        raise corrupt(f"{EAGER_FILE} lacks the expected fields", where)
+    return saved
+
+
+def rebuild(stub: torch.fx.GraphModule, text: str, where: str) -> torch.nn.Module:
+    """The eager-compiled model a graph file with `svdq_eager.json` holds: the diffusers class built from its
+    config with parameters on the meta device, the saved tensors assigned, the linears swapped."""
+    import diffusers
+
+    from svdq_compiler.ir import get_attr_value
+    from svdq_compiler.models.loading import parameters_on_meta
+
+    saved = _saved_layout(text, where)
+    model_class = getattr(diffusers, saved["class"], None)
+    if not (isinstance(model_class, type) and issubclass(model_class, diffusers.ModelMixin)):
+        raise CheckpointError(f"the eager model's class {saved['class']!r} is not a diffusers model class of "
+                              f"diffusers {diffusers.__version__}", where=where,
+                              fix="load it with the diffusers version it was compiled with")
+    try:
+        with parameters_on_meta():
+            model = model_class.from_config(saved["config"]).eval()
+        state = {name: get_attr_value(stub, attr) for name, attr in saved["carried"].items()}
+        groups = [Group(**g) for g in saved["groups"]]
+        swapped = {f"{name}.{kind}" for g in groups for name in g.members for kind in ("weight", "bias")}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except (AttributeError, TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"the eager model could not be rebuilt: {str(exc).splitlines()[0]}", where=where,
+                              fix="load it with the diffusers version it was compiled with") from exc
+    left = sorted(set(missing) - swapped)
+    if left or unexpected:
+        raise CheckpointError(f"the saved tensors do not fit {saved['class']}: missing {left[:4]}, unexpected "
+                              f"{sorted(unexpected)[:4]}", where=where,
+                              fix="load it with the diffusers version it was compiled with")
+    _swap(model, stub, groups)
+    setattr(model, EAGER_ATTRIBUTE, EagerState(stub, groups, stub.meta.get(REPORT_META, {})))
+    return model
