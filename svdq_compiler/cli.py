@@ -76,11 +76,14 @@ def compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, metavar="FILE", help="write the compile report as JSON")
     parser.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
                         help="compile a diffusers folder one block at a time, writing graph.pt as it goes, so the "
-                             "model never sits in memory (data-free: no calibration run); auto streams when the "
+                             "model never sits in memory (data-free unless --stream-smoothing activations); auto streams when the "
                              "checkpoint is larger than half the machine's memory")
-    parser.add_argument("--stream-smoothing", choices=("none", "weight-only"), default="none",
-                        help="smoothing without activation statistics when streaming: none (λ = 1), or λ from the "
-                             "weights' column ranges, searched per group on synthetic inputs (slower)")
+    parser.add_argument("--stream-smoothing", choices=("none", "weight-only", "activations"), default="none",
+                        help="smoothing when streaming: none (λ = 1); weight-only: λ from the weights' column ranges, "
+                             "searched per group on synthetic inputs (slower); activations: calibrated block by "
+                             "block on the adapter's --calib-prompts x --calib-steps inputs, activation-aware "
+                             "(slowest: every block runs on every input; blocks see the fp outputs of the ones "
+                             "before, or the quantized ones with --set calib_propagation=quantized)")
     parser.add_argument("--onnx", type=Path, metavar="FILE",
                         help="also export the compiled graph as an ONNX model (svdq_compiler.export_onnx)")
     parser.add_argument("--onnx-form", choices=ONNX_FORMS, default="portable",
@@ -327,8 +330,10 @@ def run_streaming(args: argparse.Namespace, config, staged) -> dict[str, Any]:
 
     out = staged.file(args.out, "graph file")
     try:
-        report = compile_streaming(Path(args.model), out, config, calibration=args.stream_smoothing,
-                                   batch=args.batch, tokens=args.tokens,
+        report = compile_streaming(Path(args.model), out, config.replace(calib_prompts=args.calib_prompts,
+                                                                          calib_steps=args.calib_steps),
+                                   calibration=args.stream_smoothing, batch=args.batch, tokens=args.tokens,
+                                   input_seed=args.seed,
                                    dtype=getattr(torch, args.dtype) if args.dtype else None, on_unit=on_unit)
     finally:
         bar.close()
@@ -356,7 +361,9 @@ def compile_summary(report: dict[str, Any]) -> str:
         lines.append("  passes: none ran (capture only)")
     streaming = report.get("streaming")
     if streaming:
-        lines.append(f"  streamed {len(streaming['units'])} units ({streaming['calibration']} smoothing, data-free): "
+        calibrated = streaming["block_calibration"]
+        how = f"calibrated block by block on {calibrated['inputs']} inputs" if calibrated else "data-free"
+        lines.append(f"  streamed {len(streaming['units'])} units ({streaming['calibration']} smoothing, {how}): "
                      f"{streaming['wall_s']:.0f} s, peak RSS {human_bytes(streaming['peak_rss_bytes'])}; "
                      f"{human_bytes(streaming['checkpoint_bytes'])} {streaming['dtype']} checkpoint → "
                      f"{human_bytes(streaming['output_bytes'])} ({streaming['size_ratio']}× smaller)")
