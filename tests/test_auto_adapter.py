@@ -101,13 +101,13 @@ def test_the_enumeration_finds_transformers_and_unets():
 
 def test_compile_a_folder_of_a_class_without_adapter(tmp_path, capsys):
     """svdq-compile FOLDER on an unknown class: captured with inferred dynamic dims, runs at another grid."""
-    from svdq_compiler.cli import main
+    from svdq_compiler.cli import compile_main
 
     model = tiny("ChromaTransformer2DModel")
     model.save_pretrained(tmp_path / "chroma")
     out, report = tmp_path / "g.pt", tmp_path / "r.json"
-    assert main([str(tmp_path / "chroma"), "--out", str(out), "--report", str(report), "--calib-prompts", "1",
-                 "--calib-steps", "1", "--set", "smooth_grid=2"]) == 0
+    assert compile_main([str(tmp_path / "chroma"), "--out", str(out), "--report", str(report), "--calib-prompts", "1",
+                         "--calib-steps", "1", "--set", "smooth_grid=2"]) == 0
     dims = {(d["input"], d["index"]): d for d in json.loads(report.read_text())["capture"]["dims"]}
     assert dims[("hidden_states", 1)]["status"] == "dynamic" and dims[("img_ids", 0)]["name"] == "image_tokens"
     assert "moved with rows and cols" in dims[("hidden_states", 1)]["why_dynamic"]
