@@ -180,12 +180,13 @@ class StreamingArchive:
                               (constants, CONSTANTS_CONFIG_FILENAME_FORMAT.format(MODEL_NAME))):
             _package_payload_config(self, schema.PayloadConfig(config=dict(sorted(config.items()))), entry)
         artifact = serialize(program, None, serialize_state_dict=False, serialize_constants=False)
-        self._write(MODELS_FILENAME_FORMAT.format(MODEL_NAME), reproducible_program(artifact.exported_program))
+        program_json = json.loads(artifact.exported_program)
+        self._write(MODELS_FILENAME_FORMAT.format(MODEL_NAME), reproducible_program(program_json))
         self._write(SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL_NAME), artifact.example_inputs)
         for name, content in (extra_files or {}).items():
             self._write(f"{EXTRA_DIR}{name}", content.encode())
         # What svdq_compiler.load rebuilds the graph from (torch's deserializer reads models/model.json).
-        record = json.dumps(graph_record(program), separators=(",", ":"))
+        record = json.dumps(graph_record(program, program_json.get("guards_code") or []), separators=(",", ":"))
         self._write(f"{EXTRA_DIR}{GRAPH_FILE}", record.encode())
         self._write(DIGESTS_ENTRY, json.dumps({"sha256": self._digests}, sort_keys=True).encode())
         # The records torch's own reader expects (what its writer adds when it closes an archive).
@@ -220,9 +221,9 @@ class StreamingArchive:
         self._terminate.__exit__(None, None, None)
 
 
-def reproducible_program(model_json: bytes) -> bytes:
-    """models/model.json without the node metadata that differs between two identical compiles."""
-    program = json.loads(model_json)
+def reproducible_program(program: dict[str, Any]) -> bytes:
+    """models/model.json (the serialized program, parsed) without the node metadata that differs between two
+    identical compiles."""
     for node in program["graph_module"]["graph"]["nodes"]:
         for key in _UNREPRODUCIBLE_NODE_META:
             node.get("metadata", {}).pop(key, None)

@@ -3,8 +3,8 @@ GraphModule that `ExportedProgram.module()` returns (the graph with its weights 
 call convention).
 
 The record lists the nodes in order, each as `[name, op, target, args, kwargs]`; the kind of every attribute
-the graph reads (parameter, buffer, non-persistent buffer, constant); and the pytree specs and argument names
-of the call convention. `load` rebuilds the GraphModule from it directly, so torch's program deserializer is
+the graph reads (parameter, buffer, non-persistent buffer, constant); the pytree specs and argument names of
+the call convention; and the program's input guards (checked at each call by `InputGuards`). `load` rebuilds the GraphModule from it directly, so torch's program deserializer is
 not involved: that is a private API whose format changes between torch releases, and the largest cost of a
 load (it parses the program a second time into schema objects, builds a fake tensor with symbolic sizes for
 every value and generates the module's code twice).
@@ -17,6 +17,7 @@ earlier nodes), and the kernel specs of fused ops are checked as in the program 
 
 from __future__ import annotations
 
+import ast
 import math
 import operator
 import re
@@ -26,12 +27,12 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from svdq_compiler.archive_check import check_kernel_spec, check_target, refuse
-from svdq_compiler.errors import CheckpointError
+from svdq_compiler.archive_check import check_guard, check_kernel_spec, check_target, refuse
+from svdq_compiler.errors import CheckpointError, InputError
 
 GRAPH_FILE = "svdq_graph.json"
 RECORD_VERSION = 1
-GUARDS_MODULE = "_guards_fn"  # torch's generated size guards: the loaded graph checks its inputs itself
+GUARDS_MODULE = "_guards_fn"  # the module that checks the input guards (torch's name for it)
 ATTRIBUTE_KINDS = ("parameter", "buffer", "non_persistent_buffer", "constant")
 _OPS = ("placeholder", "get_attr", "call_function", "output")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -41,8 +42,9 @@ _MEMORY_FORMATS = ("contiguous_format", "channels_last", "channels_last_3d", "pr
 
 # ---- writing ----------------------------------------------------------------------------------------------
 
-def graph_record(program: torch.export.ExportedProgram) -> dict[str, Any]:
-    """The record of `program.module()` (its tensors may be on the meta device: only the graph is read)."""
+def graph_record(program: torch.export.ExportedProgram, guards: list[str]) -> dict[str, Any]:
+    """The record of `program.module()` (its tensors may be on the meta device: only the graph is read), with
+    the program's input guards as torch serializes them (`guards_code`)."""
     gm = program.module()
     kinds: dict[str, str] = {}
     for name, _ in gm.named_parameters(remove_duplicate=False):
@@ -65,7 +67,7 @@ def graph_record(program: torch.export.ExportedProgram) -> dict[str, Any]:
     info = gm.graph._codegen.pytree_info
     return {"version": RECORD_VERSION, "arg_names": list(info.orig_args),
             "in_spec": pytree.treespec_dumps(info.in_spec), "out_spec": pytree.treespec_dumps(info.out_spec),
-            "attributes": dict(sorted(kinds.items())), "nodes": nodes}
+            "attributes": dict(sorted(kinds.items())), "nodes": nodes, "guards": list(guards)}
 
 
 def _encode(value: Any) -> Any:
@@ -95,19 +97,23 @@ def _encode(value: Any) -> Any:
 
 # ---- reading ----------------------------------------------------------------------------------------------
 
-def rebuild(record: Any, tensors: dict[str, torch.Tensor], where: str, device: torch.device) -> torch.fx.GraphModule:
+def rebuild(record: Any, tensors: dict[str, torch.Tensor], where: str, device: torch.device, *,
+            check_guards: bool) -> torch.fx.GraphModule:
     """The GraphModule a record describes, its attributes taken from `tensors` (fqn → tensor, as loaded). The
     graph's device arguments name `device`, where its weights are (a graph file holds a one-device graph; what
-    the graph creates, and its own dtype/device assertions, must match the weights wherever they are loaded)."""
+    the graph creates, and its own dtype/device assertions, must match the weights wherever they are loaded).
+    With `check_guards` the graph checks the program's input guards first, as `ExportedProgram.module()` does
+    (`InputGuards`)."""
     if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
         raise refuse(f"{GRAPH_FILE} is not a version-{RECORD_VERSION} graph record", where)
     try:
         names, in_spec = record["arg_names"], pytree.treespec_loads(record["in_spec"])
         out_spec, kinds, nodes = pytree.treespec_loads(record["out_spec"]), record["attributes"], record["nodes"]
+        guards = record["guards"]
     except (KeyError, TypeError, ValueError, NotImplementedError) as exc:
         raise refuse(f"{GRAPH_FILE} lacks its call convention ({type(exc).__name__}: {exc})", where) from None
     if not (isinstance(names, list) and all(isinstance(n, str) and _NAME.fullmatch(n) for n in names)
-            and isinstance(kinds, dict) and isinstance(nodes, list)):
+            and isinstance(kinds, dict) and isinstance(nodes, list) and isinstance(guards, list)):
         raise refuse(f"{GRAPH_FILE} is damaged", where)
     root = torch.nn.Module()
     for fqn, kind in kinds.items():
@@ -143,11 +149,23 @@ def rebuild(record: Any, tensors: dict[str, torch.Tensor], where: str, device: t
             raise refuse(f"{GRAPH_FILE}: node name {name!r} is taken", where)
     if not built or next(reversed(built.values())).op != "output":
         raise refuse(f"{GRAPH_FILE} has no output", where)
+    placeholders = [node for node in built.values() if node.op == "placeholder"]
+    if check_guards and placeholders:
+        if hasattr(root, GUARDS_MODULE):
+            raise refuse(f"{GRAPH_FILE} names an attribute {GUARDS_MODULE}", where)
+        root.add_module(GUARDS_MODULE, InputGuards(guards, names, in_spec, where))
+        with graph.inserting_after(placeholders[-1]):
+            graph.call_module(GUARDS_MODULE, tuple(placeholders))
     try:
-        return torch.fx.GraphModule(root, graph)
+        gm = torch.fx.GraphModule(root, graph)
     except Exception as exc:  # the record is consistent node by node, yet torch cannot generate its code
         raise refuse(f"{GRAPH_FILE} does not form a graph ({type(exc).__name__}: {str(exc)[:120]})", where) \
             from None
+    # GraphModule copies every tensor attribute as a persistent buffer: set the other kinds again.
+    for fqn, kind in kinds.items():
+        if kind in ("non_persistent_buffer", "constant"):
+            _attach(gm, fqn, tensors[fqn], kind)
+    return gm
 
 
 def _attach(root: torch.nn.Module, fqn: str, tensor: torch.Tensor, kind: str) -> None:
@@ -163,6 +181,8 @@ def _attach(root: torch.nn.Module, fqn: str, tensor: torch.Tensor, kind: str) ->
         owner.register_parameter(leaf, tensor if isinstance(tensor, torch.nn.Parameter)
                                  else torch.nn.Parameter(tensor, requires_grad=False))
     elif kind == "constant":
+        if leaf in owner._buffers:
+            delattr(owner, leaf)
         setattr(owner, leaf, tensor.detach() if isinstance(tensor, torch.nn.Parameter) else tensor)
     else:
         owner.register_buffer(leaf, tensor.detach(), persistent=kind == "buffer")
@@ -197,6 +217,89 @@ def _decoder(built: dict[str, torch.fx.Node], device: torch.device | None, where
         raise refuse(f"{GRAPH_FILE} holds an argument that is not data: {str(value)[:80]}", where)
 
     return decode
+
+
+class InputGuards(torch.nn.Module):
+    """The input guards of the exported program (relations between input sizes torch.export assumed, e.g.
+    `L['img_ids'].size()[0] == L['hidden_states'].size()[1]`), checked at every call by walking each guard's
+    syntax tree: `check_guard` allowed only size arithmetic and comparisons of inputs, and nothing is compiled
+    or executed from the file. (`ExportedProgram.module()` generates Python code from the same strings.)"""
+
+    def __init__(self, guards: list[Any], names: list[str], in_spec: pytree.TreeSpec, where: str):
+        super().__init__()
+        for guard in guards:
+            check_guard(guard, where)
+        self.guards = list(guards)
+        self.trees = [ast.parse(guard, mode="eval").body for guard in guards]
+        self.names, self.in_spec = names, in_spec
+
+    def forward(self, *leaves: Any) -> None:
+        args, kwargs = pytree.tree_unflatten(list(leaves), self.in_spec)
+        inputs = {**dict(zip(self.names, args)), **kwargs}
+        for text, tree in zip(self.guards, self.trees):
+            try:
+                holds = _evaluate(tree, inputs)
+            except (KeyError, IndexError, TypeError, AttributeError, ZeroDivisionError) as exc:
+                raise InputError(f"the inputs cannot be checked against the guard {text} ({exc!r})",
+                                 where="graph call", fix="pass the inputs the graph was captured with") from None
+            if not holds:
+                raise InputError(f"the inputs break a size relation the graph was captured with: {text}",
+                                 where="graph call", fix="give the inputs sizes that satisfy it")
+
+
+_GUARD_FUNCTIONS: dict[str, Callable] = {
+    "max": max, "min": min, "sympy_max": max, "sympy_min": min, "Eq": operator.eq, "Ne": operator.ne,
+    "Mod": operator.mod, "PythonMod": operator.mod, "FloorDiv": operator.floordiv,
+    "CeilDiv": lambda a, b: -(-a // b)}
+_GUARD_CONSTANTS = {"True": True, "False": False, "inf": math.inf}
+_GUARD_TENSOR_METHODS = {"size", "stride", "storage_offset", "dim", "numel"}
+_GUARD_MATH = {"floor": math.floor, "ceil": math.ceil, "trunc": math.trunc}
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+           ast.LShift: operator.lshift, ast.RShift: operator.rshift, ast.BitAnd: operator.and_,
+           ast.BitOr: operator.or_, ast.BitXor: operator.xor}
+_UNARY = {ast.Not: operator.not_, ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Invert: operator.invert}
+_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+            ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Is: operator.is_, ast.IsNot: operator.is_not}
+
+
+def _evaluate(node: ast.AST, inputs: dict[str, Any]) -> Any:
+    """The value of a guard's (checked) syntax tree for these inputs."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        return inputs if node.id == "L" else _GUARD_CONSTANTS[node.id]
+    if isinstance(node, ast.Subscript):
+        return _evaluate(node.value, inputs)[node.slice.value]
+    if isinstance(node, ast.Tuple):
+        return tuple(_evaluate(item, inputs) for item in node.elts)
+    if isinstance(node, ast.BinOp):
+        return _BINARY[type(node.op)](_evaluate(node.left, inputs), _evaluate(node.right, inputs))
+    if isinstance(node, ast.UnaryOp):
+        return _UNARY[type(node.op)](_evaluate(node.operand, inputs))
+    if isinstance(node, ast.BoolOp):
+        values = (_evaluate(value, inputs) for value in node.values)
+        return all(values) if isinstance(node.op, ast.And) else any(values)
+    if isinstance(node, ast.Compare):
+        left = _evaluate(node.left, inputs)
+        for op, comparator in zip(node.ops, node.comparators):
+            right = _evaluate(comparator, inputs)
+            if not _COMPARE[type(op)](left, right):
+                return False
+            left = right
+        return True
+    if isinstance(node, ast.Call):
+        args = [_evaluate(arg, inputs) for arg in node.args]
+        func = node.func
+        if isinstance(func, ast.Name):
+            return _GUARD_FUNCTIONS[func.id](*args)
+        if isinstance(func.value, ast.Name) and func.value.id == "math":
+            return _GUARD_MATH[func.attr](*args)
+        owner = _evaluate(func.value, inputs)
+        if func.attr not in _GUARD_TENSOR_METHODS or not isinstance(owner, torch.Tensor):
+            raise TypeError(f"{func.attr} of {type(owner).__name__}")
+        return getattr(owner, func.attr)(*args)
+    raise TypeError(f"unexpected {type(node).__name__}")
 
 
 _PYTHON_FUNCTIONS = {"_operator": operator, "math": math}

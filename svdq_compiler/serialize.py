@@ -230,7 +230,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
                                      None if on_cpu else target),
                    **archive.tensors("data/constants/model_constants_config.json", "data/constants/",
                                      None if on_cpu else target)}
-    gm = rebuild(record, tensors, where, target)
+    gm = rebuild(record, tensors, where, target, check_guards=capture.get("relaxed_guards") is None)
     gm.meta[CAPTURE_META] = capture
     gm.meta[REPORT_META] = report
     gm.meta[IR_META] = extra[IR_FILE]
