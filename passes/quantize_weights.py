@@ -141,8 +141,10 @@ def _measure(problem: GroupProblem, candidate: Candidate, smooth: torch.Tensor |
     scheme = candidate.scheme
     lam = smooth if candidate.smooth else None
     kept = branches if candidate.branch else None
-    if candidate.smooth and candidate.branch:
-        residuals = compiled_residuals  # what the graph holds: Ŵ − L1·L2
+    if candidate.branch:
+        # only the compiled form keeps the branch, and its residual is what the graph holds: Ŵ − L1·L2 (with no
+        # smoothing, W − L1·L2; the full weight plus the branch would count the branch twice)
+        residuals = compiled_residuals
     else:
         residuals = problem.smoothed(lam)
     quantized = {k: quantize_weight(r.to(problem.dtype), scheme.weight, scheme.weight_group, name=k)

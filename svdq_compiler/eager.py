@@ -52,12 +52,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from svdq_compiler.capture import capture, model_config, split_inputs
 from svdq_compiler.config import QuantConfig
-from svdq_compiler.errors import CheckpointError, InputError
-from svdq_compiler.ir import (CAPTURE_META, REPORT_META, LinearInfo, annotated_linears, linear_info, set_info,
+from svdq_compiler.errors import CheckpointError, InputError, SvdqError
+from svdq_compiler.ir import (CAPTURE_META, EAGER_META, REPORT_META, LinearInfo, annotated_linears, linear_info, set_info,
                               to_jsonable)
 from svdq_compiler.models.base import DynDim
 from svdq_compiler.pipeline import PassContext, PassResult, make_pass, run_passes, svdquant_pipeline
 
+COMPILE_PATHS = ("auto", "graph", "eager")
 EAGER_FILE = "svdq_eager.json"
 EAGER_FORMAT = "svdq-eager"
 _CARRIED_PREFIX = "carried"  # stub attribute holding the model's tensors that are not swapped linears
@@ -205,13 +206,13 @@ class _Stub(torch.nn.Module):
         for group in groups:
             for name in group.members:
                 _set_submodule(self, name, model.get_submodule(name))
-        self.carried = torch.nn.Module()
+        setattr(self, _CARRIED_PREFIX, torch.nn.Module())
         for index, tensor in enumerate(carried.values()):
-            self.carried.register_buffer(f"t{index}", tensor)
+            getattr(self, _CARRIED_PREFIX).register_buffer(f"t{index}", tensor)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         outputs = [self.get_submodule(name)(inputs[group.input]) for group in self.groups for name in group.members]
-        return (*outputs, *self.carried.buffers())
+        return (*outputs, *getattr(self, _CARRIED_PREFIX).buffers())
 
 
 def _set_submodule(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
@@ -407,7 +408,34 @@ def _replace_module(model: torch.nn.Module, old: torch.nn.Module, new: torch.nn.
                 setattr(parent, child_name, new)
 
 
-# ---- the driver ------------------------------------------------------------------------------------------------
+# ---- which path -----------------------------------------------------------------------------------------------
+
+# What torch.export says when the model's Python code needs a tensor's value (`.item()`, `.tolist()`,
+# `.numpy()`, a branch or a size computed from data): the failures the eager path exists for.
+_DATA_DEPENDENT = ("data-dependent", "data dependent", "unbacked", "non-nested symint",
+                   ".numpy() is not supported for tensor subclasses", "_local_scalar_dense")
+
+
+def data_dependent_failure(exc: BaseException) -> str | None:
+    """The first line of the torch.export error behind `exc` when it is of the data-dependent kind, else None."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        text = str(cause).strip()
+        if not isinstance(cause, SvdqError) and (  # our own wrapper quotes the cause: read the cause
+                isinstance(cause, (GuardOnDataDependentSymNode, DataDependentOutputException,
+                                   DynamicOutputShapeException))
+                or any(marker in text.lower() for marker in _DATA_DEPENDENT)):
+            return text.splitlines()[0] if text else type(cause).__name__
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+# ---- the driver --------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -427,16 +455,30 @@ def is_eager(model: Any) -> bool:
     return isinstance(getattr(model, EAGER_ATTRIBUTE, None), EagerState)
 
 
+def compile_report_of(compiled: Any) -> dict[str, Any]:
+    """The compile report of what svdq_compiler.compile or load returned, whichever path made it."""
+    from svdq_compiler.dropin import graph_module_of
+
+    return getattr(compiled, EAGER_ATTRIBUTE).report if is_eager(compiled) else \
+        graph_module_of(compiled).meta[REPORT_META]
+
+
 def compile_eager(module: torch.nn.Module, example_inputs: tuple | dict, config: QuantConfig,
                   calib_inputs: Iterable[tuple | dict] | None = None, *, adapter: Any = None,
-                  passes: Sequence[str] | None = None, reason: str = "eager path requested",
-                  verify: bool = False) -> torch.nn.Module:
+                  passes: Sequence[str] | None = None, reason: str = "the eager path was asked for",
+                  verify: bool = False, dump_ir: str | Path | None = None, print_ir_after_change: bool = False,
+                  progress: bool = False, save_calib: str | Path | None = None,
+                  calib_stats: Any = None) -> torch.nn.Module:
     """Quantize `module` by module swap (module doc); returns `module` itself, changed in place: its eligible
     nn.Linear layers are SVDQLinear modules, and `module.svdq_eager` holds the report (`report["path"]` says
-    "eager" and `report["path_reason"]` why)."""
+    "eager" and `report["path_reason"]` why). The options are svdq_compiler.compile's."""
     from svdq_compiler.api import compile_report
     from svdq_compiler.models import adapter_for
 
+    if calib_stats is not None:
+        raise InputError("saved calibration statistics name the sites of a captured graph; the eager path "
+                         "calibrates its own group inputs", where="eager compile",
+                         fix="pass calib_inputs (or none: the adapter's or the example inputs are used)")
     start = time.perf_counter()
     module = module.eval()
     adapter = adapter or adapter_for(module)
@@ -456,16 +498,94 @@ def compile_eager(module: torch.nn.Module, example_inputs: tuple | dict, config:
     stub = capture(stub_module, examples, dynamic_shapes=dims)
     samples, source = _calibration_samples(module, example_inputs, calib_inputs, config, adapter)
     ctx = PassContext(config=config, example_inputs=examples, model=stub_module, verify_each=verify,
-                      calib_inputs=_stub_inputs(module, groups, samples, dtype, device))
+                      calib_inputs=_stub_inputs(module, groups, samples, dtype, device),
+                      dump_dir=Path(dump_ir) if dump_ir is not None else None,
+                      print_ir_after_change=print_ir_after_change, show_progress=progress)
     steps = [p for p in svdquant_pipeline(passes) if p.name != "annotate_linears"]
     stub = run_passes(stub, ctx, [_copy_annotations(infos), *steps])
+    if save_calib is not None:
+        from svdq_compiler.calibration import save_calibration
+
+        if ctx.calibration is None:
+            raise InputError("no calibration ran, so there are no statistics to save", where=str(save_calib),
+                             fix="run the calibrate pass (leave it in --passes)")
+        save_calibration(ctx.calibration, save_calib)
     report = compile_report(stub, config, ctx.records)
     report["path"] = "eager"
     report["path_reason"] = reason
+    stub.meta[EAGER_META] = {"format": EAGER_FORMAT, "class": type(module).__name__, "config": model_config(module),
+                             "groups": [dataclasses.asdict(g) for g in groups],
+                             "carried": {name: f"{_CARRIED_PREFIX}.t{i}" for i, name in enumerate(carried)}}
     report["eager"] = {"class": type(module).__name__, "groups": len(groups),
                        "swapped_linears": sum(len(g.members) for g in groups), "calibration_source": source,
-                       "left_16bit": left_out, "wall_s": round(time.perf_counter() - start, 3)}
+                       "kept_16bit": left_out + [f"{name}: {info.skip_reason}" for name, info in infos.items()
+                                                 if info.scheme is not None and info.scheme.kind == "fp"],
+                       "wall_s": round(time.perf_counter() - start, 3)}
     stub.meta[REPORT_META] = report
     _swap(module, stub, groups)
     setattr(module, EAGER_ATTRIBUTE, EagerState(stub, groups, report))
     return module
+
+
+# ---- saving and loading ----------------------------------------------------------------------------------------
+
+
+def saved_stub(model: torch.nn.Module) -> torch.fx.GraphModule:
+    """What `svdq_compiler.save` writes for an eager-compiled model: its compiled stub graph, whose extra file
+    `svdq_eager.json` (from gm.meta[EAGER_META]) says how to rebuild the model around it (module doc)."""
+    return getattr(model, EAGER_ATTRIBUTE).stub
+
+
+def _saved_layout(text: str, where: str) -> dict[str, Any]:
+    """svdq_eager.json, checked to have the structure `rebuild` reads (a crafted file can hold any JSON)."""
+    from svdq_compiler.archive import corrupt
+
+    try:
+        saved = json.loads(text)
+        valid = isinstance(saved, dict) and saved.get("format") == EAGER_FORMAT \
+            and isinstance(saved.get("class"), str) and isinstance(saved.get("config"), dict) \
+            and isinstance(saved.get("carried"), dict) \
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in saved["carried"].items()) \
+            and isinstance(saved.get("groups"), list) \
+            and all(isinstance(g, dict) and isinstance(g.get("input"), str) and type(g.get("in_features")) is int
+                    and isinstance(g.get("members"), list) and all(isinstance(m, str) for m in g["members"])
+                    for g in saved["groups"])
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise corrupt(f"{EAGER_FILE} is unreadable ({exc})", where) from exc
+    if not valid:
+        raise corrupt(f"{EAGER_FILE} lacks the expected fields", where)
+    return saved
+
+
+def rebuild(stub: torch.fx.GraphModule, text: str, where: str) -> torch.nn.Module:
+    """The eager-compiled model a graph file with `svdq_eager.json` holds: the diffusers class built from its
+    config with parameters on the meta device, the saved tensors assigned, the linears swapped."""
+    import diffusers
+
+    from svdq_compiler.ir import get_attr_value
+    from svdq_compiler.models.loading import parameters_on_meta
+
+    saved = _saved_layout(text, where)
+    model_class = getattr(diffusers, saved["class"], None)
+    if not (isinstance(model_class, type) and issubclass(model_class, diffusers.ModelMixin)):
+        raise CheckpointError(f"the eager model's class {saved['class']!r} is not a diffusers model class of "
+                              f"diffusers {diffusers.__version__}", where=where,
+                              fix="load it with the diffusers version it was compiled with")
+    try:
+        with parameters_on_meta():
+            model = model_class.from_config(saved["config"]).eval()
+        state = {name: get_attr_value(stub, attr) for name, attr in saved["carried"].items()}
+        groups = [Group(**g) for g in saved["groups"]]
+        swapped = {f"{name}.{kind}" for g in groups for name in g.members for kind in ("weight", "bias")}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except (AttributeError, TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"the eager model could not be rebuilt: {str(exc).splitlines()[0]}", where=where,
+                              fix="load it with the diffusers version it was compiled with") from exc
+    left = sorted(set(missing) - swapped)
+    if left or unexpected:
+        raise CheckpointError(f"the saved tensors do not fit {saved['class']}: missing {left[:4]}, unexpected "
+                              f"{sorted(unexpected)[:4]}", where=where,
+                              fix="load it with the diffusers version it was compiled with")
+    _swap(model, stub, groups)
+    setattr(model, EAGER_ATTRIBUTE, EagerState(stub, groups, stub.meta.get(REPORT_META, {})))
+    return model

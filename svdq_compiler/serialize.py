@@ -36,8 +36,9 @@ from svdq_compiler.archive import GraphArchive, StreamingArchive, corrupt, diges
 from svdq_compiler.archive_check import check_archive
 from svdq_compiler.dropin import as_pipeline_component
 from svdq_compiler.errors import CheckpointError, InputError, first_line
+from svdq_compiler.eager import EAGER_FILE
 from svdq_compiler.graph_record import GRAPH_FILE, rebuild
-from svdq_compiler.ir import CAPTURE_META, INPUTS_META, IR_META, MANIFEST_META, REPORT_META, format_ir
+from svdq_compiler.ir import CAPTURE_META, EAGER_META, INPUTS_META, IR_META, MANIFEST_META, REPORT_META, format_ir
 from svdq_compiler.lora import LORA_FILE, restore_loras, saved_form
 
 FORMAT = "svdq-graph"
@@ -69,8 +70,10 @@ def save(gm: torch.fx.GraphModule, path: str | Path) -> Path:
     """Write `gm` (from capture, compile or load) to `path` as a graph file; returns the path."""
     from svdq_compiler.dropin import graph_module_of
 
+    from svdq_compiler.eager import is_eager, saved_stub
+
     path = Path(path)
-    gm = graph_module_of(gm)
+    gm = saved_stub(gm) if is_eager(gm) else graph_module_of(gm)
     capture_report(gm)  # a graph capture did not make cannot be re-exported: this says so
     inputs = gm.meta.get(INPUTS_META)
     if inputs is None:
@@ -110,7 +113,9 @@ def without_run_measurements(value: Any) -> Any:
 def extra_files(gm: torch.fx.GraphModule) -> dict[str, str]:
     """The svdq extra files of a graph file for `gm` (also written by the streaming compile's archive)."""
     report = without_run_measurements(gm.meta.get(REPORT_META, {}))
+    eager = {EAGER_FILE: json.dumps(gm.meta[EAGER_META])} if EAGER_META in gm.meta else {}
     return {
+        **eager,
         MANIFEST_FILE: json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **versions()}),
         CAPTURE_FILE: json.dumps(without_run_measurements(capture_report(gm))),
         CONFIG_FILE: json.dumps(report.get("config")),
@@ -201,7 +206,8 @@ def _usable_dim(dim: CapturedDim) -> bool:
 
 def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
     """The GraphModule saved at `path`, ready to run, with its capture and compile reports in gm.meta; for a
-    graph of a diffusers model, wrapped as a drop-in pipeline component (svdq_compiler.dropin).
+    graph of a diffusers model, wrapped as a drop-in pipeline component (svdq_compiler.dropin); for a model the
+    eager path compiled, that diffusers model rebuilt around the saved quantized linears (svdq_compiler.eager).
 
     The file is mapped, not read: every entry is checked against its digest, the file is checked to hold
     nothing that runs when loaded (archive_check), the weights are windows on the map, and the graph is rebuilt
@@ -225,6 +231,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise corrupt(f"extra/{GRAPH_FILE} is not JSON: {first_line(exc)}", where) from exc
         loras = archive.read(f"extra/{LORA_FILE}").decode() if f"extra/{LORA_FILE}" in archive.entries() else ""
+        eager = archive.read(f"extra/{EAGER_FILE}").decode() if f"extra/{EAGER_FILE}" in archive.entries() else ""
         on_cpu = target.type == "cpu"
         tensors = {**archive.tensors("data/weights/model_weights_config.json", "data/weights/",
                                      None if on_cpu else target),
@@ -238,4 +245,8 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
     gm.meta[INPUTS_META] = tuple(args) if args else dict(kwargs)
     install_shape_check(gm)
     restore_loras(gm, loras, where)
+    if eager:
+        from svdq_compiler.eager import rebuild as rebuild_eager
+
+        return rebuild_eager(gm, eager, where)
     return as_pipeline_component(gm)
