@@ -142,14 +142,17 @@ def rebuild(record: Any, tensors: dict[str, torch.Tensor], where: str, device: t
             _check_spec(target, args, kwargs, where)
         elif op == "get_attr" and target not in kinds:
             raise refuse(f"{GRAPH_FILE}: node {name} reads {str(target)[:80]!r}, which is not an attribute", where)
-        elif op == "placeholder" and target not in names:
-            raise refuse(f"{GRAPH_FILE}: input {str(target)[:80]!r} is not an argument", where)
+        elif op == "placeholder" and not (isinstance(target, str) and _NAME.fullmatch(target)):
+            raise refuse(f"{GRAPH_FILE}: input {str(target)[:80]!r} is not a name", where)
         built[name] = graph.create_node(op, target, args, kwargs, name=name)
         if built[name].name != name:
             raise refuse(f"{GRAPH_FILE}: node name {name!r} is taken", where)
     if not built or next(reversed(built.values())).op != "output":
         raise refuse(f"{GRAPH_FILE} has no output", where)
     placeholders = [node for node in built.values() if node.op == "placeholder"]
+    if len(placeholders) != in_spec.num_leaves:
+        raise refuse(f"{GRAPH_FILE} has {len(placeholders)} inputs for a call convention of {in_spec.num_leaves}",
+                     where)
     if check_guards and placeholders:
         if hasattr(root, GUARDS_MODULE):
             raise refuse(f"{GRAPH_FILE} names an attribute {GUARDS_MODULE}", where)
