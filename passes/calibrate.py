@@ -188,7 +188,8 @@ def every_quantized_input_has_a_site(gm: torch.fx.GraphModule, ctx: PassContext)
             and site_name(node, info) not in ctx.calibration.sites]
 
 
-def calibration_sites(gm: torch.fx.GraphModule) -> tuple[dict[str, SiteStats], dict[torch.fx.Node, list[tuple[SiteStats, Any]]]]:
+def calibration_sites(gm: torch.fx.GraphModule
+                      ) -> tuple[dict[str, SiteStats], dict[torch.fx.Node, list[tuple[SiteStats, Any]]]]:
     """One empty `SiteStats` per tensor a non-16-bit layer reads, and per tensor the sites that record it with
     the function turning the tensor into that site's rows."""
     sites: dict[str, SiteStats] = {}

@@ -165,7 +165,8 @@ def _downs_of(x: torch.fx.Node, smooth: torch.fx.Node | None) -> list[_Down]:
     smooth_attr = attr_target(smooth)
     downs = []
     sources = [x] if smooth is None else [
-        u for u in readers(x) if is_call(u, aten.div.Tensor) and u.args[0] is x and attr_target(u.args[1]) == smooth_attr]
+        u for u in readers(x)
+        if is_call(u, aten.div.Tensor) and u.args[0] is x and attr_target(u.args[1]) == smooth_attr]
     for source in sources:
         for user in readers(source):
             if is_call(user, aten.linear.default) and user.args[0] is source and attr_target(user.args[1]) is not None \

@@ -24,7 +24,8 @@ How it reuses the graph path — one driver, `pipeline.run_passes`, for both gra
    all its members at once (q/k/v share one activation quantization) and hands each member its result while
    the input is unchanged (same tensor object, same version counter).
 
-What does not carry over: graph-level fusion across layers (kernel B's GELU / residual epilogues and
+Costs: calibration holds, per forward, every group's distinct inputs at once (the stub graph's calibration input
+for that forward): about one forward's linear activations. What does not carry over: graph-level fusion across layers (kernel B's GELU / residual epilogues and
 quantize-next need the model's graph); k×k convolutions and linears the example forward never called stay
 16-bit (the report lists them).
 
@@ -257,6 +258,7 @@ class _GroupInputs:
 
     def __init__(self, model: torch.nn.Module, groups: list[Group]):
         self.groups = groups
+        self.weights = {g.input: model.get_submodule(g.members[0]).weight for g in groups}  # dtype and device
         self.seen: dict[str, list[torch.Tensor]] = {}
         self.handles = []
         for group in groups:
@@ -271,15 +273,15 @@ class _GroupInputs:
                 seen.append((x, x._version))
         return collect
 
-    def take(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    def take(self) -> dict[str, torch.Tensor]:
         """Each group's rows from the last forward; a group no call reached gets one zero row (it widens no
         absmax: every range holds 0 once a row was seen, and calibration needs a row per input)."""
         rows = {}
         for group in self.groups:
             seen = self.seen.get(group.input, [])
-            parts = [x.detach().reshape(-1, group.in_features).to(dtype) for x, _ in seen]
-            rows[group.input] = torch.cat(parts) if parts else torch.zeros(1, group.in_features, dtype=dtype,
-                                                                           device=device)
+            weight = self.weights[group.input]
+            parts = [x.detach().reshape(-1, group.in_features).to(weight.dtype) for x, _ in seen]
+            rows[group.input] = torch.cat(parts) if parts else weight.new_zeros(1, group.in_features)
         self.seen = {}
         return rows
 
@@ -288,8 +290,8 @@ class _GroupInputs:
             handle.remove()
 
 
-def _stub_inputs(model: torch.nn.Module, groups: list[Group], samples: Iterable[tuple | dict], dtype, device
-                 ) -> Iterator[dict[str, torch.Tensor]]:
+def _stub_inputs(model: torch.nn.Module, groups: list[Group], samples: Iterable[tuple | dict]
+                 ) -> Iterator[tuple[dict[str, torch.Tensor]]]:
     """For each model input, one eager forward with hooks: the stub graph's calibration input."""
     hooks = _GroupInputs(model, groups)
     try:
@@ -297,7 +299,7 @@ def _stub_inputs(model: torch.nn.Module, groups: list[Group], samples: Iterable[
             args, kwargs = split_inputs(sample)
             with torch.no_grad():
                 model(*args, **kwargs)
-            yield (hooks.take(dtype, device),)
+            yield (hooks.take(),)
     finally:
         hooks.remove()
 
@@ -487,18 +489,16 @@ def compile_eager(module: torch.nn.Module, example_inputs: tuple | dict, config:
     if not groups:
         raise InputError(f"no linear of {type(module).__name__} is quantized by preset {config.preset_name}",
                          where="eager compile", fix="check the role_schemes and skip patterns of the config")
-    weight = module.get_submodule(groups[0].members[0]).weight
-    dtype, device = weight.dtype, weight.device
     swapped = {f"{name}.{kind}" for group in groups for name in group.members for kind in ("weight", "bias")}
     carried = {name: t for name, t in module.state_dict().items() if name not in swapped}
     stub_module = _Stub(module, groups, carried)
-    examples = ({g.input: torch.zeros(4, g.in_features, dtype=dtype, device=device) for g in groups},)
+    examples = ({g.input: module.get_submodule(g.members[0]).weight.new_zeros(4, g.in_features) for g in groups},)
     dims = [{g.input: {0: DynDim(f"rows{i}", 1, _MAX_ROWS, label=f"rows of {g.members[0]}")}
              for i, g in enumerate(groups)}]
     stub = capture(stub_module, examples, dynamic_shapes=dims)
     samples, source = _calibration_samples(module, example_inputs, calib_inputs, config, adapter)
     ctx = PassContext(config=config, example_inputs=examples, model=stub_module, verify_each=verify,
-                      calib_inputs=_stub_inputs(module, groups, samples, dtype, device),
+                      calib_inputs=_stub_inputs(module, groups, samples),
                       dump_dir=Path(dump_ir) if dump_ir is not None else None,
                       print_ir_after_change=print_ir_after_change, show_progress=progress)
     steps = [p for p in svdquant_pipeline(passes) if p.name != "annotate_linears"]

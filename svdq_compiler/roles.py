@@ -39,7 +39,6 @@ def is_layer(node: torch.fx.Node) -> bool:
     return is_linear(node) or is_op(node, CONV_OPS | ATTENTION_OPS | MATMUL_OPS | SOFTMAX_OPS | NORM_OPS)
 
 
-
 @dataclass
 class Attention:
     """Where attentions read their operands and which nodes are their outputs."""
@@ -49,6 +48,7 @@ class Attention:
 
 
 def find_attention(gm: torch.fx.GraphModule) -> Attention:
+    """Every attention's q/k/v operands and output: fused SDPA ops, and decomposed softmax(q·kᵀ)·v chains."""
     found = Attention()
     for node in gm.graph.nodes:
         if is_op(node, ATTENTION_OPS):

@@ -123,7 +123,8 @@ def test_lowrank_alone_on_a_hand_annotated_group():
     gm = before(model, x, {"a": scheme, "b": scheme}, groups={"b": "a"})
     ctx = context(calibration=calibration_of(gm, {"x": outlier_rows()}), available=("linears", "calibration"))
     gm = run_one(gm, ctx, "lowrank")
-    FileCheck().check("# svdq: lora_down for a").check("linear_default = torch.ops.aten.linear.default(x, a_lora_down)") \
+    FileCheck().check("# svdq: lora_down for a") \
+        .check("linear_default = torch.ops.aten.linear.default(x, a_lora_down)") \
         .check("# svdq: a role=other group=a").check("rank=8") \
         .check("linear = torch.ops.aten.linear.default(x, a_weight, a_bias)").check("# svdq: lora_up for a") \
         .check("linear_default_1 = torch.ops.aten.linear.default(linear_default, a_lora_up)") \
