@@ -54,8 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from svdq_compiler.capture import capture, model_config, split_inputs
 from svdq_compiler.config import QuantConfig
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError
-from svdq_compiler.ir import (CAPTURE_META, EAGER_META, REPORT_META, LinearInfo, annotated_linears, linear_info, set_info,
-                              to_jsonable)
+from svdq_compiler.ir import EAGER_META, REPORT_META, LinearInfo, annotated_linears, set_info
 from svdq_compiler.models.base import DynDim
 from svdq_compiler.pipeline import PassContext, PassResult, make_pass, run_passes, svdquant_pipeline
 
@@ -136,7 +135,8 @@ class _WholeLinears(TorchFunctionMode):
             result = func(*args, **kwargs)
         finally:
             self.recording.paused = False
-        x, weight, bias = (list(args) + [kwargs.get("bias")])[:3] if len(args) < 3 else args[:3]
+        x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
         self.recording.call(torch.ops.aten.linear.default, (x, weight, bias), {}, result)
         return result
 
@@ -194,10 +194,6 @@ class Group:
     in_features: int
 
 
-def _input_name(group: str) -> str:
-    return "x_" + group.replace(".", "_").replace("@", "_")
-
-
 class _Stub(torch.nn.Module):
     """group inputs → every member linear's output (module doc, step 2), plus the carried tensors."""
 
@@ -232,7 +228,9 @@ def _groups(infos: dict[str, LinearInfo]) -> list[Group]:
         if info.scheme is None or info.scheme.kind == "fp":
             continue
         key = info.group or info.name
-        group = groups.setdefault(key, Group(_input_name(key), [], info.in_features))
+        if key not in groups:  # the index keeps names unique where two module paths flatten alike
+            groups[key] = Group(f"x{len(groups)}_" + key.replace(".", "_").replace("@", "_"), [], info.in_features)
+        group = groups[key]
         group.members.append(name)
     return list(groups.values())
 
