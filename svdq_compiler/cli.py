@@ -465,10 +465,10 @@ def graph_summary(path: Path) -> dict[str, Any]:
     from svdq_compiler import parameter_bytes, serialize
     from svdq_compiler.ir import CAPTURE_META, MANIFEST_META
 
-    from svdq_compiler.eager import compile_report_of, is_eager, saved_stub
+    from svdq_compiler.eager import compile_report_of, is_eager, stub_of
 
     loaded = serialize.load(path)
-    gm = saved_stub(loaded) if is_eager(loaded) else loaded  # an eager model's quantized linears: its stub graph
+    gm = stub_of(loaded) if is_eager(loaded) else loaded  # an eager model's quantized linears: its stub graph
     ops = Counter(op_name(node.target) for node in gm.graph.nodes if node.op == "call_function")
     linear_ops = {"aten.linear", "aten.addmm", "aten.mm", "aten.conv2d", "aten.convolution"}
     by_dtype: Counter[str] = Counter()
@@ -548,8 +548,10 @@ def inspect_text(summary: dict[str, Any], layers: bool) -> str:
 def graph_kernels(path: Path) -> list:
     from svdq_compiler import serialize
     from svdq_compiler.codegen.sources import kernel_sources
+    from svdq_compiler.eager import is_eager, stub_of
 
-    return kernel_sources(serialize.load(path))
+    loaded = serialize.load(path)
+    return kernel_sources(stub_of(loaded) if is_eager(loaded) else loaded)  # kernel specs are node arguments
 
 
 def kernels_text(path: Path) -> str:
