@@ -70,10 +70,13 @@ def save(gm: torch.fx.GraphModule, path: str | Path) -> Path:
     """Write `gm` (from capture, compile or load) to `path` as a graph file; returns the path."""
     from svdq_compiler.dropin import graph_module_of
 
-    from svdq_compiler.eager import is_eager, saved_stub
+    from svdq_compiler.eager import is_eager, stub_with_tensors
 
+    if is_eager(gm):  # a model the eager path compiled: its stub graph, with the model's tensors
+        with stub_with_tensors(gm) as stub:
+            return save(stub, path)
     path = Path(path)
-    gm = saved_stub(gm) if is_eager(gm) else graph_module_of(gm)
+    gm = graph_module_of(gm)
     capture_report(gm)  # a graph capture did not make cannot be re-exported: this says so
     inputs = gm.meta.get(INPUTS_META)
     if inputs is None:
