@@ -141,6 +141,20 @@ def test_coverage_sample():
     assert {"batch", "frames", "height", "width", "text_tokens"} <= set(entry["dynamic"])
 
 
+@pytest.mark.parametrize("class_name", ["HiDreamImageTransformer2DModel", "Lumina2Transformer2DModel"])
+def test_classes_torch_export_cannot_capture_compile_eagerly_from_a_tiny_config(class_name):
+    """Issue 19's two classes, with no adapter and no hand-written inputs: the auto adapter builds them
+    (HiDream's stacked llama3 text input included), capture fails on their data-dependent code, the eager path
+    compiles them, and they run at two latent grids."""
+    entry = coverage_case(class_name)
+    assert entry["adapter"] == "auto" and entry["path"] == "eager"
+    assert entry["path_reason"].startswith("torch.export failed"), entry["path_reason"]
+    assert entry["grids"][0] != entry["grids"][1]
+    recorded = next(e for e in COVERED["classes"] if e["class"] == class_name)  # and the benchmark's result says so
+    assert recorded["reached"] == "run" and recorded["path"] == "eager"
+    assert all(len(preset["rel_error"]) == 2 for preset in recorded["presets"].values())
+
+
 COVERED = json.loads((Path(__file__).resolve().parents[1] / "bench/results/coverage-diffusers.json").read_text()) \
     if (Path(__file__).resolve().parents[1] / "bench/results/coverage-diffusers.json").exists() else {"classes": []}
 

@@ -65,7 +65,8 @@ def denoiser_classes() -> dict[str, str]:
 ROLES: tuple[tuple[str, str], ...] = (
     ("latent", r"hidden_states|sample|x"),
     ("text_mask", r"encoder_attention_mask|encoder_mask|encoder_hidden_states_mask|text_embedding_mask"),
-    ("text", r"encoder_hidden_states(_[a-z0-9]+)?|cap_feats|context|text_bth"),  # _t5, _llama3: one per encoder
+    # _t5, _llama3: one per text encoder; _image is image conditioning (Wan's I2V), left at its default
+    ("text", r"encoder_hidden_states(_(?!image)[a-z0-9]+)?|cap_feats|context|text_bth"),
     ("timestep", r"timesteps?|t"),
     ("pooled", r"pooled_projections|pooled_embeds|pooled_text_emb|clip_text_pooled|global_hidden_states"),
     ("image_ids", r"img_ids"),
