@@ -163,3 +163,10 @@ COVERED = json.loads((Path(__file__).resolve().parents[1] / "bench/results/cover
 @pytest.mark.parametrize("class_name", [e["class"] for e in COVERED["classes"] if e.get("reached") == "run"])
 def test_coverage_of_every_class_the_benchmark_ran(class_name):
     coverage_case(class_name, presets=("int4", "w4a4-rtn"), calibration=(2, 2))
+
+
+def test_readme_table_is_the_coverage_result():
+    """The README's coverage table is `bench_coverage.py --table` of the committed result, not edited by hand."""
+    from bench_coverage import markdown
+
+    assert markdown(COVERED) in (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -180,10 +180,17 @@ def summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     """The classes that ran (path, dynamic dimensions, quantized linears, errors at both grids), then the
     failures grouped by stage."""
-    presets = report["presets"]
-    lines = ["| class | path | dynamic dims | quantized linears | " + " | ".join(
+    presets, total = report["presets"], report["summary"]
+    complete = all(run.get("complete", True) for run in report["runs"][-1:])
+    enumerated = len(report["runs"][-1]["classes"])
+    lines = [f"{total['classes']} classes" + ("" if complete else f" of {enumerated} (the run was cut short)") + ": "
+             f"{total['built']} built from a tiny config, {total['compiled']} compiled, "
+             f"{total['ran_two_resolutions']} ran at two latent grids ({total['paths']['graph']} as a graph, "
+             f"{total['paths']['eager']} eagerly).", "",
+             "| class | path | dynamic dims | quantized linears | " + " | ".join(
         f"{preset} rel. error (grid 1 / 2)" for preset in presets) + " |", "|---|---|---|---:|" + "---:|" * len(presets)]
-    for entry in report["classes"]:
+    entries = sorted(report["classes"], key=lambda entry: entry["class"])  # in the order classes finish
+    for entry in entries:
         if entry.get("reached") != "run":
             continue
         dims = ", ".join(entry.get("dynamic", [])) if entry["path"] == "graph" else "any (eager)"
@@ -191,7 +198,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {entry['class']} | {entry['path']} | {dims} | "
                      f"{entry['presets'][presets[0]]['quantized_linears']} | {errors} |")
     failed: dict[str, list[str]] = {}
-    for entry in report["classes"]:
+    for entry in entries:
         if entry["failure"]:
             failed.setdefault(entry["failure"]["stage"], []).append(entry["class"])
     lines.append("")
