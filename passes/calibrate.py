@@ -57,7 +57,7 @@ def _calibration_inputs(ctx: PassContext) -> tuple[Iterable, str]:
 @torch.no_grad()
 def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Run the FP graph on the calibration inputs and record per-site statistics (module doc)."""
-    config = ctx.config
+    config, here = ctx.config, None  # here: the inputs this process ran
     if ctx.calib_stats is None and config.calib_source == "weights":
         calibration = isotropic_calibration(gm, config.calib_rows, config.calib_seed)
         calibration.source = f"weights ({config.calib_rows} isotropic Gaussian rows per site: weight-space error)"
@@ -74,7 +74,7 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 recorder.input_index = index
                 recorder.run(*flat, enable_io_processing=False)
                 calibration.inputs += 1
-            calibration.inputs = distributed.total(calibration.inputs)
+            here, calibration.inputs = calibration.inputs, distributed.total(calibration.inputs)
             if calibration.inputs == 0:
                 raise CalibrationError("no calibration inputs were given", fix="pass at least one calibration input")
             distributed.merge_sites(sites, config.calib_rows)
@@ -89,6 +89,8 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         "rows_kept": kept,
         "sample_bytes": sum(s.rows.numel() * s.rows.element_size() for s in sites.values()),
     }
+    if here is not None and distributed.active():
+        stats.update(processes=distributed.world_size(), inputs_this_process=here)
     return PassResult(gm, False, stats)
 
 

@@ -31,6 +31,10 @@ def rank() -> int:
     return dist.get_rank() if active() else 0
 
 
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
 def init_from_environment() -> bool:
     """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): nccl when CUDA is there,
     gloo otherwise. Returns whether this process is one of several."""
@@ -52,9 +56,8 @@ def share(indexed: Iterable[tuple[int, T]]) -> Iterator[tuple[int, T]]:
     if not active():
         yield from indexed
         return
-    world, me = dist.get_world_size(), dist.get_rank()
     for index, item in indexed:
-        if index % world == me:
+        if index % world_size() == rank():
             yield index, item
 
 
