@@ -35,6 +35,7 @@ from typing import Any, Iterator
 
 import torch
 
+from svdq_compiler.dropin import is_empty, pipeline_convention
 from svdq_compiler.errors import CheckpointError, InputError
 
 CALIBRATION_SET_FORMAT = "svdq-calibration-set"
@@ -210,31 +211,22 @@ def conform_sample(sample: dict[str, Any], example: dict[str, Any], index: int) 
     return {key: conform_value(sample[key], example[key], key, sample, where) for key in example if key in sample}
 
 
-def is_empty(value: Any) -> bool:
-    """None, or a dict of nothing but empty values: what a pipeline passes for an unused option."""
-    return value is None or (isinstance(value, dict) and all(is_empty(item) for item in value.values()))
-
-
 def conform_value(value: Any, expected: Any, key: str, sample: dict[str, Any], where: str) -> Any:
     if isinstance(expected, dict) and isinstance(value, dict):
         return conform_sample(value, expected, 0) if value.keys() != expected.keys() else \
             {name: conform_value(value[name], expected[name], f"{key}.{name}", sample, where) for name in expected}
     if not isinstance(expected, torch.Tensor):
         return value
+    value = pipeline_convention(value, expected, batch_of(sample))
     if not isinstance(value, torch.Tensor):
-        if isinstance(value, (int, float)):  # a plain-number timestep
-            value = torch.tensor(value)
-        else:
-            raise InputError(f"input {key!r} was recorded as {type(value).__name__}, the model takes a tensor",
-                             where=where)
-    if value.dim() == 0 and expected.dim() == 1:
-        # SDXL's pipeline passes its U-Net one scalar timestep for the whole batch; the graph takes one per row.
-        value = value.expand(batch_of(sample)).clone()
-    if value.dim() != expected.dim() or (value.dim() >= 2 and value.shape[-1] != expected.shape[-1]):
+        raise InputError(f"input {key!r} was recorded as {type(value).__name__}, the model takes a tensor",
+                         where=where)
+    # Static sizes are checked against the captured graph by the calibrate pass.
+    if value.dim() != expected.dim():
         raise InputError(f"input {key!r} was recorded with shape {tuple(value.shape)}, the model takes "
-                         f"{expected.dim()} dims with {expected.shape[-1] if expected.dim() else 'no'} channels last",
-                         where=where, fix="record the set with the pipeline of the model being compiled")
-    return value.to(expected.dtype)  # the model's dtype (a mask recorded as integers is read as its floats)
+                         f"{expected.dim()} dims", where=where,
+                         fix="record the set with the pipeline of the model being compiled")
+    return value.to(expected.dtype)  # a set recorded in float32 calibrates a bfloat16 compile, as its pipeline would
 
 
 def batch_of(sample: dict[str, Any]) -> int:
@@ -389,8 +381,14 @@ def run_sampler(pipe: Any, prompt: str, seed: int, steps: int, guidance: float |
         options["guidance_scale"] = guidance
     if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters:
         options["use_resolution_binning"] = False  # sample at exactly the size asked for
-    with torch.no_grad():
-        pipe(**options)
+    try:
+        with torch.no_grad():
+            pipe(**options)
+    except ValueError as exc:  # the pipeline's own checks of its arguments (sizes, steps)
+        from svdq_compiler.errors import first_line
+
+        raise InputError(f"{type(pipe).__name__} refused the calibration settings: {first_line(exc)}",
+                         fix="change --calib-size / --calib-sampler-steps") from exc
 
 
 def collect(pipe: Any, prompts: Sequence[str], calib_steps: int = 4, *, sampler_steps: int | None = None,

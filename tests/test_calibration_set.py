@@ -21,9 +21,9 @@ from tiny_pipelines import PIPELINES, write_pipeline
 
 # Search settings that keep a compile of a tiny model to seconds; they do not change what calibration sees.
 FAST = ["--set", "smooth_grid=2", "--set", "iterations=1", "--set", "calib_rows=64"]
-# Pixel sizes: calibration, then the two generations (small, neither the pipelines' defaults nor each other).
-CALIB_SIZE = (32, 48)
-GENERATE_SIZES = ((32, 32), (48, 32))
+# Pixel sizes per family: calibration, then the two generations (small, neither the pipelines' defaults nor each
+# other; Sana's pipeline takes multiples of 32, the random SD3's position embedding at most 15 patches a side).
+SIZES = {family: ((32, 48), (32, 32), (48, 32)) for family in PIPELINES} | {"sana": ((32, 64), (32, 32), (64, 32))}
 
 
 def one_line_error(capsys) -> str:
@@ -44,21 +44,22 @@ CALIBRATE_ONLY = ["--passes", "annotate_linears,calibrate"]
 def compile_pipeline(folder: Path, out: Path, *flags: str) -> dict:
     report = out.with_suffix(".json")
     assert compile_main([str(folder), "--out", str(out), "--report", str(report), "--calib-steps", "2",
-                         "--calib-sampler-steps", "3", "--calib-size", "x".join(map(str, CALIB_SIZE)), *FAST,
+                         "--calib-sampler-steps", "3", "--calib-size", "x".join(map(str, SIZES[folder.name][0])), *FAST,
                          *flags]) == 0
     return json.loads(report.read_text())
 
 
-def generate(folder: Path, denoiser: torch.nn.Module | None, size: tuple[int, int]) -> torch.Tensor:
+def generate(family: str, folder: Path, denoiser: torch.nn.Module | None, size: tuple[int, int]) -> torch.Tensor:
     """An image of the pipeline in `folder`, with `denoiser` in place of its own (None: its own)."""
     from svdq_compiler.calibration_set import denoiser_attribute, load_pipeline
 
     pipe = load_pipeline(folder)
     if denoiser is not None:
         setattr(pipe, denoiser_attribute(pipe), denoiser)
+    options = {"use_resolution_binning": False} if family in ("pixart", "sana") else {}  # no bins at tiny sizes
     with torch.no_grad():
         return pipe(prompt="a red fox sitting in fresh snow", num_inference_steps=3, height=size[0], width=size[1],
-                    generator=torch.Generator().manual_seed(5), output_type="pt").images
+                    generator=torch.Generator().manual_seed(5), output_type="pt", **options).images
 
 
 def check_family(family: str, folder: Path, tmp_path: Path) -> None:
@@ -71,14 +72,15 @@ def check_family(family: str, folder: Path, tmp_path: Path) -> None:
     assert calibrate["stats"]["inputs"] == 4 and calibrate["stats"]["source"].startswith("calibration set")
     saved = load_calibration_set(report["calibration"]["written"])
     assert saved.provenance.pipeline_class == type(PIPELINES[family]()).__name__
-    assert len(saved) == 4 and (saved.provenance.height, saved.provenance.width) == CALIB_SIZE
+    assert len(saved) == 4 and (saved.provenance.height, saved.provenance.width) == SIZES[family][0]
     compiled = svdq_compiler.load(graph)
-    for size in GENERATE_SIZES:
-        image, reference = generate(folder, compiled, size), generate(folder, None, size)
+    for size in SIZES[family][1:]:
+        image, reference = generate(family, folder, compiled, size), generate(family, folder, None, size)
         assert image.shape == reference.shape == (1, 3, *size)
         assert torch.isfinite(image).all()
         error = float((image - reference).norm() / reference.norm())
-        assert error < 0.2, f"{family} at {size}: relative image error {error}"
+        # Quantized (so not bit-identical: the graph ran), and close (0.002–0.06 measured across the families).
+        assert 0 < error < 0.1, f"{family} at {size}: relative image error {error}"
 
 
 # ---- the FLUX family end to end (default suite) ---------------------------------------------------------------

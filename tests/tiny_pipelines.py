@@ -83,7 +83,8 @@ def sd3_pipeline():
     # their pooled projections are concatenated into pooled_projection_dim.
     half = config.pooled_projection_dim // 2
     return StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), transformer=transformer, vae=vae_kl(config.in_channels),
+        scheduler=FlowMatchEulerDiscreteScheduler(), transformer=transformer,
+        vae=vae_kl(config.in_channels, shift_factor=0.1, scaling_factor=1.5),
         text_encoder=clip(config.joint_attention_dim // 2, half), tokenizer=tokenizer(77),
         text_encoder_2=clip(config.joint_attention_dim // 2, half), tokenizer_2=tokenizer(77),
         text_encoder_3=t5(config.joint_attention_dim), tokenizer_3=tokenizer(16))
