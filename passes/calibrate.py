@@ -3,35 +3,38 @@ the per-channel range and a bounded random sample of rows.
 
 Requires: linears. Ensures: `ctx.calibration` is a `Calibration` with one `SiteStats` per tensor
 that a non-16-bit linear reads (keyed by the node's name): per-channel min and max over every row of every
-input, rows seen, and a uniform random sample of at most `config.calib_rows` rows (reservoir sampling, seeded by
-`config.calib_seed`), so memory is bounded however many inputs there are. A quantized k×k convolution has its
+input, rows seen, and a uniform random sample of at most `config.calib_rows` rows (reservoir sampling; each row's key
+depends on `config.calib_seed`, the site and the input's index only, so the sample does not depend on the order
+the graph is run in), so memory is bounded however many inputs there are. A quantized k×k convolution has its
 own site: the im2col patches of its input in the tap-major layout of `svdq_compiler.conv` (one row per output
 pixel), keyed "<tensor>><conv>". The graph is not changed.
 
 Inputs come from `ctx.calib_inputs`, else the model adapter (`calib_prompts` × `calib_steps` denoising steps),
-else the example inputs (the stats say which). Each input is checked against the captured signature, and a
+else the example inputs (the stats say which). Under torch.distributed each process runs its share of the
+inputs and the statistics are merged exactly (`svdq_compiler.distributed`). Each input is checked against the captured signature, and a
 NaN or Inf reaching a linear stops calibration with an error naming that layer and the node producing it.
 
 Two sources need no inputs:
 - `ctx.calib_stats`, statistics an earlier compile saved (`save_calibration`, `svdq-compile --save-calib`):
   each site is matched by the qualified names of the linears reading it, which do not depend on how the model
   was captured (torch.export here, a torch.compile region there), not by node name;
-- `config.calib_source = "weights"`: `calib_rows` isotropic Gaussian rows per site (GELU'd for the post-GELU
-  inputs that get the unsigned shift), so the searches minimise E‖ΔW·x‖² = ‖ΔW‖_F², the weight-space error.
+- `config.calib_source = "weights"`: `calib_rows` isotropic Gaussian rows per site
+  (`calibration.isotropic_calibration`, shared with the streaming compile), so the searches minimise
+  E‖ΔW·x‖² = ‖ΔW‖_F², the weight-space error.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Iterable
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
+from svdq_compiler import distributed
 from svdq_compiler.capture import split_inputs
-from svdq_compiler.conv import ConvGeometry
-from svdq_compiler.calibration import Calibration, SiteStats, isotropic_rows
+from svdq_compiler.calibration import Calibration, SiteStats, isotropic_calibration
 from svdq_compiler.errors import CalibrationError
 from svdq_compiler.fx_utils import tensor_val
 from svdq_compiler.ir import annotated_linears, module_path
@@ -60,7 +63,7 @@ def _describe(value: Any) -> str:
     return repr(value)
 
 
-def _flatten(gm: torch.fx.GraphModule, inputs: Any, index: int) -> list[Any]:
+def flatten_inputs(gm: torch.fx.GraphModule, inputs: Any, index: int) -> list[Any]:
     """The graph's flat inputs for one calibration input, checked against the captured signature."""
     where = f"calibration input #{index}"
     in_spec = getattr(gm, "_in_spec", None)
@@ -111,11 +114,13 @@ def _flatten(gm: torch.fx.GraphModule, inputs: Any, index: int) -> list[Any]:
     return flat
 
 
-class _Recorder(torch.fx.Interpreter):
+class Recorder(torch.fx.Interpreter):
+    """Runs the graph (or, stepped by `blockwise.BlockRunner`, one segment of it) and records the sites it passes."""
+
     def __init__(self, gm: torch.fx.GraphModule, sites: dict[torch.fx.Node, list[tuple[SiteStats, Any]]],
-                 limit: int, generator: torch.Generator):
-        super().__init__(gm)
-        self.sites, self.limit, self.generator = sites, limit, generator
+                 limit: int, seed: int, graph: torch.fx.Graph | None = None):
+        super().__init__(gm, graph=graph)
+        self.sites, self.limit, self.seed = sites, limit, seed
         self.input_index = 0
         self.extra_traceback = False  # our errors name the node themselves
 
@@ -153,17 +158,30 @@ class _Recorder(torch.fx.Interpreter):
         stats.minimum = torch.minimum(stats.minimum, minimum)
         stats.maximum = torch.maximum(stats.maximum, maximum)
         stats.rows_seen += rows.shape[0]
-        # Reservoir by random priorities: keeping the `limit` largest keys of all rows seen is a uniform sample.
-        keys = torch.rand(rows.shape[0], generator=self.generator).to(stats.priorities.device)
-        all_keys = torch.cat([stats.priorities, keys])
-        all_rows = torch.cat([stats.rows, rows.to(stats.rows.dtype)])
-        if all_keys.numel() > self.limit:
-            keep = all_keys.topk(self.limit).indices
-            all_keys, all_rows = all_keys[keep], all_rows[keep]
-        stats.priorities, stats.rows = all_keys, all_rows.clone()
+        keys = reservoir_keys(self.seed, stats.readers, self.input_index, rows.shape[0]).to(stats.priorities.device)
+        keep_largest_keys(stats, keys, rows, self.limit)
 
 
-def _every_quantized_input_has_a_site(gm: torch.fx.GraphModule, ctx: PassContext) -> list[str]:
+def reservoir_keys(seed: int, readers: list[str], input_index: int, count: int) -> torch.Tensor:
+    """The reservoir priorities of the rows one input brings to one site, named by the linears reading it (node
+    names depend on how the graph was captured). They depend on (seed, site, input) only, not on the order sites
+    and inputs are visited in, so the sample is the same whether the graph runs whole, block by block, or with
+    the inputs shared among processes (`svdq_compiler.distributed`)."""
+    site = ",".join(sorted(readers))
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{site}/{input_index}".encode()))
+    return torch.rand(count, generator=generator)
+
+
+def keep_largest_keys(stats: SiteStats, keys: torch.Tensor, rows: torch.Tensor, limit: int) -> None:
+    """Add rows with their keys to a site's reservoir: keeping the `limit` largest keys of all rows seen is a
+    uniform sample. Rows are held in descending key order, so any two ways of gathering them agree row for row."""
+    all_keys = torch.cat([stats.priorities, keys])
+    all_rows = torch.cat([stats.rows, rows.to(stats.rows.dtype)])
+    keep = all_keys.topk(min(limit, all_keys.numel())).indices
+    stats.priorities, stats.rows = all_keys[keep], all_rows[keep].clone()
+
+
+def every_quantized_input_has_a_site(gm: torch.fx.GraphModule, ctx: PassContext) -> list[str]:
     if ctx.calibration is None:
         return ["ctx.calibration is not set"]
     return [f"{info.name}: no calibration site {site_name(node, info)!r}" for node, info in annotated_linears(gm)
@@ -171,16 +189,12 @@ def _every_quantized_input_has_a_site(gm: torch.fx.GraphModule, ctx: PassContext
             and site_name(node, info) not in ctx.calibration.sites]
 
 
-@register_pass("calibrate", requires=("linears",), produces=("calibration",),
-               ensures=_every_quantized_input_has_a_site,
-               summary="ctx.calibration holds per-input channel ranges and bounded row samples")
-@torch.no_grad()
-def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Run the FP graph on the calibration inputs and record per-site statistics (module doc)."""
-    config = ctx.config
+def calibration_sites(gm: torch.fx.GraphModule
+                      ) -> tuple[dict[str, SiteStats], dict[torch.fx.Node, list[tuple[SiteStats, Any]]]]:
+    """One empty `SiteStats` per tensor a non-16-bit layer reads, and per tensor the sites that record it with
+    the function turning the tensor into that site's rows."""
     sites: dict[str, SiteStats] = {}
-    recorded: dict[torch.fx.Node, list[tuple[SiteStats, Any]]] = {}  # tensor → its sites, with the row view
-    conv_sites: dict[str, tuple[ConvGeometry, float]] = {}
+    recorded: dict[torch.fx.Node, list[tuple[SiteStats, Any]]] = {}
     for node, info in annotated_linears(gm):
         if info.scheme is None or info.scheme.kind == "fp":
             continue
@@ -189,7 +203,7 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             val = tensor_val(x)
             if info.kind == "conv":
                 geometry = conv_geometry(gm, node, info)
-                channels, conv_sites[name] = geometry.columns, (geometry, info.shift)
+                channels = geometry.columns
                 to_rows = lambda v, g=geometry, fill=-info.shift: g.patches(v.detach(), fill)  # noqa: E731
             else:
                 channels = val.shape[-1]
@@ -201,26 +215,37 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                                     priorities=torch.empty(0, device=val.device))
             recorded.setdefault(x, []).append((sites[name], to_rows))
         sites[name].readers.append(info.name)
+    return sites, recorded
 
-    calibration = Calibration(sites=sites)
-    generator = torch.Generator().manual_seed(config.calib_seed)
-    if ctx.calib_stats is not None:
-        _reuse(calibration, ctx.calib_stats)
-    elif config.calib_source == "weights":
-        shifted = {site_name(node, info) for node, info in annotated_linears(gm) if info.shift}
-        _isotropic_rows(sites, shifted, conv_sites, config.calib_rows, generator)
+
+@register_pass("calibrate", requires=("linears",), produces=("calibration",),
+               ensures=every_quantized_input_has_a_site,
+               summary="ctx.calibration holds per-input channel ranges and bounded row samples")
+@torch.no_grad()
+def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Run the FP graph on the calibration inputs and record per-site statistics (module doc)."""
+    config = ctx.config
+    if ctx.calib_stats is None and config.calib_source == "weights":
+        calibration = isotropic_calibration(gm, config.calib_rows, config.calib_seed)
         calibration.source = f"weights ({config.calib_rows} isotropic Gaussian rows per site: weight-space error)"
-        calibration.data_free = True
     else:
-        inputs, calibration.source = _calibration_inputs(ctx)
-        recorder = _Recorder(gm, recorded, config.calib_rows, generator)
-        for index, sample in enumerate(ctx.progress(inputs, "calibrate")):
-            flat = _flatten(gm, sample, index)
-            recorder.input_index = index
-            recorder.run(*flat, enable_io_processing=False)
-            calibration.inputs += 1
-        if calibration.inputs == 0:
-            raise CalibrationError("no calibration inputs were given", fix="pass at least one calibration input")
+        sites, recorded = calibration_sites(gm)
+        calibration = Calibration(sites=sites)
+        if ctx.calib_stats is not None:
+            _reuse(calibration, ctx.calib_stats)
+        else:
+            inputs, calibration.source = _calibration_inputs(ctx)
+            recorder = Recorder(gm, recorded, config.calib_rows, config.calib_seed)
+            for index, sample in distributed.share(enumerate(ctx.progress(inputs, "calibrate"))):
+                flat = flatten_inputs(gm, sample, index)
+                recorder.input_index = index
+                recorder.run(*flat, enable_io_processing=False)
+                calibration.inputs += 1
+            calibration.inputs = distributed.total(calibration.inputs)
+            if calibration.inputs == 0:
+                raise CalibrationError("no calibration inputs were given", fix="pass at least one calibration input")
+            distributed.merge_sites(sites, config.calib_rows)
+    sites = calibration.sites
     ctx.calibration = calibration
     kept = sum(s.rows.shape[0] for s in sites.values())
     stats = {
@@ -232,25 +257,6 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         "sample_bytes": sum(s.rows.numel() * s.rows.element_size() for s in sites.values()),
     }
     return PassResult(gm, False, stats)
-
-
-def _isotropic_rows(sites: dict[str, SiteStats], shifted: set[str], conv_sites: dict[str, tuple[ConvGeometry, float]],
-                    rows: int, generator: torch.Generator) -> None:
-    """Gaussian rows; a shifted input gets its activation (GELU; SiLU for a convolution); a convolution's
-    patch rows hold isotropic pixels and its padding channels the value its patches hold (ConvGeometry)."""
-    for name, stats in sites.items():
-        geometry, shift = conv_sites.get(name, (None, 0.0))
-        if geometry is None:
-            sample = isotropic_rows(rows, stats.minimum.shape[0], generator, "none" if name in shifted else None)
-        else:
-            sample = torch.randn(rows, geometry.taps, geometry.channels, generator=generator)
-            if name in shifted:
-                sample = F.silu(sample)
-            sample = F.pad(sample, (0, geometry.padded_channels - geometry.channels), value=-shift).flatten(1)
-        stats.rows = sample.to(stats.rows.dtype).to(stats.rows.device)
-        stats.priorities = torch.rand(rows, generator=generator).to(stats.rows.device)
-        stats.minimum, stats.maximum = sample.amin(0), sample.amax(0)
-        stats.rows_seen = rows
 
 
 def _reuse(calibration: Calibration, saved: "Calibration") -> None:

@@ -18,11 +18,10 @@ import torch
 import torch.fx
 
 from svdq_compiler.ir import LinearInfo, get_attr_value
-from svdq_compiler.passes.quantize_weights import every_quantized_weight_stored
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.quant import QTensor, dequantize, quantize_weight
 from svdq_compiler.rewrites import apply_branches
-from svdq_compiler.svdquant import group_problem, members_by_group
+from svdq_compiler.svdquant import every_quantized_weight_stored, group_problem, members_by_group
 
 ERROR_ROWS = 256  # output rows (evenly spaced) each layer's weight-space error is estimated on
 

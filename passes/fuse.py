@@ -42,29 +42,12 @@ from svdq_compiler.codegen.spec import (ActQuant, Epilogue, GemmSpec, QuantizeNe
                                         WeightOnlySpec)
 from svdq_compiler.ir import (LinearInfo, OpTag, QuantOpInfo, annotated_linears, get_attr_value, info, infer_val,
                               set_attr_value, set_info)
-from svdq_compiler.fx_utils import attr_target, readers, tensor_val
+from svdq_compiler.fx_utils import (attr_target, call_args, drop_unused_attrs, erase_unused, is_call, readers,
+                                    tensor_val)
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-
-
-def _is(node: Any, target) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
-
-
-def _call_args(node: torch.fx.Node) -> dict[str, Any]:
-    """The node's arguments by schema name, defaults filled in."""
-    schema = node.target._schema
-    values = {}
-    for index, argument in enumerate(schema.arguments):
-        if index < len(node.args):
-            values[argument.name] = node.args[index]
-        elif argument.name in node.kwargs:
-            values[argument.name] = node.kwargs[argument.name]
-        elif argument.has_default_value():
-            values[argument.name] = argument.default_value
-    return values
 
 
 def _static_int(size: Any) -> int | None:
@@ -124,11 +107,11 @@ def _match_branch(chain: _Chain, with_bias: bool = True) -> None:
     only, for a weight-only linear, whose bias is its own argument)."""
     acc = chain.gemm
     users = readers(acc)
-    if len(users) != 1 or not _is(users[0], aten.add.Tensor) or users[0].kwargs.get("alpha", 1) != 1:
+    if len(users) != 1 or not is_call(users[0], aten.add.Tensor) or users[0].kwargs.get("alpha", 1) != 1:
         return
     add = users[0]
     other = add.args[1] if add.args[0] is acc else add.args[0]
-    if _is(other, aten.linear.default) and len(readers(other)) == 1:
+    if is_call(other, aten.linear.default) and len(readers(other)) == 1:
         down, weight = other.args[0], attr_target(other.args[1])
         has_bias = len(other.args) > 2 and other.args[2] is not None
         bias = attr_target(other.args[2]) if has_bias else None
@@ -152,15 +135,15 @@ def _match_pointwise(chain: _Chain, dtype: torch.dtype) -> None:
         out = tensor_val(node)
         if out is None or out.dtype != dtype or tensor_val(value) is None or out.shape != tensor_val(value).shape:
             return
-        if _is(node, aten.gelu.default) and node.args[0] is value:
+        if is_call(node, aten.gelu.default) and node.args[0] is value:
             approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
             chain.epilogue.append(Epilogue("gelu_tanh" if approximate == "tanh" else "gelu_erf"))
-        elif _is(node, aten.silu.default) and node.args[0] is value:
+        elif is_call(node, aten.silu.default) and node.args[0] is value:
             chain.epilogue.append(Epilogue("silu"))
-        elif (_is(node, aten.mul.Tensor) or _is(node, aten.add.Tensor)) and node.kwargs.get("alpha", 1) == 1 \
+        elif (is_call(node, aten.mul.Tensor) or is_call(node, aten.add.Tensor)) and node.kwargs.get("alpha", 1) == 1 \
                 and value in node.args[:2] and node.args[0] is not node.args[1]:
             other = node.args[1] if node.args[0] is value else node.args[0]
-            kind = "mul" if _is(node, aten.mul.Tensor) else "add"
+            kind = "mul" if is_call(node, aten.mul.Tensor) else "add"
             if isinstance(other, (int, float)) and not isinstance(other, bool):
                 chain.epilogue.append(Epilogue(f"{kind}_scalar", float(other)))
             elif isinstance(other, torch.fx.Node) and _broadcasts_into(other, value):
@@ -168,9 +151,9 @@ def _match_pointwise(chain: _Chain, dtype: torch.dtype) -> None:
                 chain.operands.append(other)
             else:
                 return
-        elif (_is(node, aten.mul.Scalar) or _is(node, aten.add.Scalar)) and node.args[0] is value \
+        elif (is_call(node, aten.mul.Scalar) or is_call(node, aten.add.Scalar)) and node.args[0] is value \
                 and node.kwargs.get("alpha", 1) == 1:
-            kind = "mul" if _is(node, aten.mul.Scalar) else "add"
+            kind = "mul" if is_call(node, aten.mul.Scalar) else "add"
             chain.epilogue.append(Epilogue(f"{kind}_scalar", float(node.args[1])))
         else:
             return
@@ -182,10 +165,11 @@ def _downs_of(x: torch.fx.Node, smooth: torch.fx.Node | None) -> list[_Down]:
     smooth_attr = attr_target(smooth)
     downs = []
     sources = [x] if smooth is None else [
-        u for u in readers(x) if _is(u, aten.div.Tensor) and u.args[0] is x and attr_target(u.args[1]) == smooth_attr]
+        u for u in readers(x)
+        if is_call(u, aten.div.Tensor) and u.args[0] is x and attr_target(u.args[1]) == smooth_attr]
     for source in sources:
         for user in readers(source):
-            if _is(user, aten.linear.default) and user.args[0] is source and attr_target(user.args[1]) is not None \
+            if is_call(user, aten.linear.default) and user.args[0] is source and attr_target(user.args[1]) is not None \
                     and (len(user.args) < 3 or user.args[2] is None):
                 downs.append(_Down(user, source if smooth is not None else None, attr_target(user.args[1])))
     return downs
@@ -207,7 +191,7 @@ class _Group:
 
 
 def _group(node: torch.fx.Node) -> _Group | None:
-    args = _call_args(node)
+    args = call_args(node)
     outputs: dict[int, torch.fx.Node] = {}
     for user in readers(node):
         if user.target is not operator.getitem:
@@ -361,7 +345,7 @@ def _kernel_w(rw: _Rewriter, chain: _Chain) -> None:
 
 
 def _fuse_weight_only(rw: _Rewriter, node: torch.fx.Node) -> None:
-    args = _call_args(node)
+    args = call_args(node)
     chain = _Chain(node, args, nodes=[node])
     linears = _linears_of(node)
     x_val = tensor_val(args["x"])
@@ -378,7 +362,7 @@ def _fuse_weight_only(rw: _Rewriter, node: torch.fx.Node) -> None:
     except SpecError as exc:
         rw.fallback(linears, f"kernel W: {exc.what}")
         return
-    _erase_replaced(rw.graph, chain.nodes)
+    erase_unused(rw.gm, chain.nodes)
 
 
 def _kernel_a(rw: _Rewriter, group: _Group) -> None:
@@ -439,35 +423,6 @@ def _quantize_next_candidate(chain: _Chain, groups: dict[torch.fx.Node, _Group])
     return group, bool(others)
 
 
-def _erase_replaced(graph: torch.fx.Graph, replaced: list[torch.fx.Node]) -> None:
-    """Erase the replaced nodes once nothing but metadata assertions reads them (those go too: they would keep
-    the unfused computation alive), then whatever they alone read. Local, where a whole-graph dead-code sweep
-    per chain made the pass quadratic in the graph's size."""
-    pending, erased = list(replaced), set()
-    while pending:
-        node = pending.pop()
-        if node in erased or node.op in ("placeholder", "output") or readers(node) or node.is_impure():
-            continue
-        for assertion in list(node.users):
-            graph.erase_node(assertion)
-        pending += node.all_input_nodes
-        graph.erase_node(node)
-        erased.add(node)
-
-
-def _remove_dead(gm: torch.fx.GraphModule, replaced_weights: set[str]) -> bool:
-    """Erase dead nodes and the attributes no node reads any more; True when anything went (the graph's code
-    must then be regenerated, or it still reads a deleted attribute)."""
-    changed = gm.graph.eliminate_dead_code()
-    used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
-    for target in replaced_weights - used:
-        owner_path, _, leaf = target.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        delattr(owner, leaf)
-        changed = True
-    return changed
-
-
 FUSED_OPS = frozenset({torch.ops.svdq.fused_quantize_lora_down.default, torch.ops.svdq.fused_gemm.default,
                        torch.ops.svdq.fused_weight_only_linear.default})
 
@@ -483,15 +438,15 @@ def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Replace lowered SVDQuant chains with `svdq.fused_quantize_lora_down` and `svdq.fused_gemm`."""
     quantize_op, gemm_op = torch.ops.svdq.quantize_act.default, torch.ops.svdq.gemm.default
     weight_only_op = torch.ops.svdq.weight_only_linear.default
-    groups = {node: g for node in gm.graph.nodes if _is(node, quantize_op) and (g := _group(node)) is not None}
+    groups = {node: g for node in gm.graph.nodes if is_call(node, quantize_op) and (g := _group(node)) is not None}
     rw = _Rewriter(gm)
     weights_before = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
     absorbed_groups: set[torch.fx.Node] = set()
-    for gemm in [node for node in gm.graph.nodes if _is(node, gemm_op) or _is(node, weight_only_op)]:
-        if _is(gemm, weight_only_op):
+    for gemm in [node for node in gm.graph.nodes if is_call(node, gemm_op) or is_call(node, weight_only_op)]:
+        if is_call(gemm, weight_only_op):
             _fuse_weight_only(rw, gemm)
             continue
-        args = _call_args(gemm)
+        args = call_args(gemm)
         chain = _Chain(gemm, args, nodes=[gemm])
         linears = _linears_of(gemm)
         dtype = args["out_dtype"]
@@ -519,7 +474,7 @@ def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             absorbed_groups.add(group.node)
             absorbed += [group.node] + [n for n in (group.codes, group.scales) if n is not None]
             absorbed += [d.node for d in group.downs] + [d.div for d in group.downs if d.div is not None]
-        _erase_replaced(gm.graph, absorbed)
+        erase_unused(gm, absorbed)
     for node, group in groups.items():
         if node in absorbed_groups:
             continue
@@ -527,12 +482,14 @@ def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             _kernel_a(rw, _group(node) or group)
         except SpecError as exc:
             rw.fallback(_group_linears(group), f"kernel A: {exc.what}")
-    removed = _remove_dead(gm, weights_before)
+    # dead nodes first, then the weights nobody reads; either makes the pass modify (the code is regenerated)
+    removed = gm.graph.eliminate_dead_code()
+    removed = bool(drop_unused_attrs(gm, weights_before)) or removed
     for _, linear in annotated_linears(gm):  # a linear's L2 now lives in the concatenated buffer
         linear.lora_down = rw.concatenated.get(linear.lora_down, linear.lora_down)
-    rw.stats["weight_only_kept"] = sum(1 for node in gm.graph.nodes if _is(node, weight_only_op))
+    rw.stats["weight_only_kept"] = sum(1 for node in gm.graph.nodes if is_call(node, weight_only_op))
     for node in gm.graph.nodes:  # quantized k×k convolutions run the reference svdq.conv2d
-        if _is(node, torch.ops.svdq.conv2d.default):
+        if is_call(node, torch.ops.svdq.conv2d.default):
             rw.fallback(_linears_of(node), "conv: no generated kernel")
     gm.graph.lint()
     stats = dict(rw.stats)

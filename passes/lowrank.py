@@ -22,10 +22,9 @@ import statistics
 import torch
 import torch.fx
 
-from svdq_compiler.calibration import Calibration
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.rewrites import apply_branches
-from svdq_compiler.svdquant import GroupProblem, group_problem, layer_name, members_by_group
+from svdq_compiler.svdquant import GroupProblem, group_problem, layer_name, members_by_group, unmet_in_groups
 
 
 def refine(problem: GroupProblem, smooth: torch.Tensor | None, rank: int, iterations: int, early_stop: bool,
@@ -49,13 +48,13 @@ def refine(problem: GroupProblem, smooth: torch.Tensor | None, rank: int, iterat
 
 
 
-def _branch_groups(gm: torch.fx.GraphModule):
-    return members_by_group(gm, lambda info: info.scheme is not None and info.scheme.rank > 0)
+def _ranked(info) -> bool:
+    return info.scheme is not None and info.scheme.rank > 0
 
 
 def _every_branch_attached(gm: torch.fx.GraphModule, ctx: PassContext) -> list[str]:
-    return [f"{info.name}: rank {info.scheme.rank} but no branch" for members in _branch_groups(gm).values()
-            for _, info in members if info.lora_down is None or info.lora_up is None]
+    return unmet_in_groups(gm, _ranked, lambda info: info.lora_down is not None and info.lora_up is not None,
+                           "its scheme has a rank but no branch is attached")
 
 
 @register_pass("lowrank", requires=("linears", "calibration"), produces=("branches",), ensures=_every_branch_attached,
@@ -64,12 +63,11 @@ def _every_branch_attached(gm: torch.fx.GraphModule, ctx: PassContext) -> list[s
 def lowrank(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Decompose each group's smoothed weights and attach the branches (module doc)."""
     config = ctx.config
-    calibration: Calibration = ctx.calibration
-    groups = _branch_groups(gm)
+    groups = members_by_group(gm, _ranked)
     kept_iterations, gains, report = [], [], {}
     for group, members in ctx.progress(groups.items(), "lowrank", total=len(groups)):
         scheme = members[0][1].scheme
-        problem = group_problem(gm, members, calibration, scheme)
+        problem = group_problem(gm, members, ctx.calibration, scheme)
         smooth_target = members[0][1].smooth
         smooth = gm.get_buffer(smooth_target) if smooth_target is not None else None
         branches, history, kept = refine(problem, smooth, scheme.rank, config.iterations, config.early_stop,

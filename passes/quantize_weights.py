@@ -32,12 +32,12 @@ import torch.fx
 
 from svdq_compiler.config import FP_SCHEME, QuantConfig, Scheme
 from svdq_compiler.fx_utils import drop_unused_attrs, erase_unused
-from svdq_compiler.ir import LinearInfo, OpTag, annotated_linears, get_attr_value, set_attr_value
+from svdq_compiler.ir import LinearInfo, OpTag, get_attr_value, set_attr_value
 from svdq_compiler.calibration import Calibration
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.quant import QTensor, dequantize, quantize_weight
-from svdq_compiler.svdquant import (GroupProblem, branch_add, conv_geometry, group_problem, layer_weight,
-                                   members_by_group, quant_op)
+from svdq_compiler.svdquant import (GroupProblem, branch_add, conv_geometry, every_quantized_weight_stored,
+                                   group_problem, layer_weight, members_by_group, quant_op)
 
 
 def _branches(gm: torch.fx.GraphModule, infos: list[LinearInfo]) -> dict | None:
@@ -141,8 +141,10 @@ def _measure(problem: GroupProblem, candidate: Candidate, smooth: torch.Tensor |
     scheme = candidate.scheme
     lam = smooth if candidate.smooth else None
     kept = branches if candidate.branch else None
-    if candidate.smooth and candidate.branch:
-        residuals = compiled_residuals  # what the graph holds: Ŵ − L1·L2
+    if candidate.branch:
+        # only the compiled form keeps the branch, and its residual is what the graph holds: Ŵ − L1·L2 (with no
+        # smoothing, W − L1·L2; the full weight plus the branch would count the branch twice)
+        residuals = compiled_residuals
     else:
         residuals = problem.smoothed(lam)
     quantized = {k: quantize_weight(r.to(problem.dtype), scheme.weight, scheme.weight_group, name=k)
@@ -201,12 +203,6 @@ class Decision:
         measured = ", ".join(f"{label(c)} {e:.4f}" for c, e in self.tried)
         moved = any(c.scheme != self.candidate.scheme for c, _ in self.tried)
         return f"chose {self.candidate.describe() if moved else label(self.candidate)}: {measured}"
-
-
-def every_quantized_weight_stored(gm: torch.fx.GraphModule, ctx: PassContext) -> list[str]:
-    return [f"{info.name}: scheme {info.scheme.describe()} but no quantized weight"
-            for _, info in annotated_linears(gm) if info.scheme is not None and info.scheme.kind != "fp"
-            and info.weight not in ctx.quantized]
 
 
 @register_pass("quantize_weights", requires=("linears", "calibration"), produces=("quantized",),

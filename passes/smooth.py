@@ -37,16 +37,16 @@ import torch.fx
 from svdq_compiler.calibration import Calibration
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.rewrites import apply_smoothing
-from svdq_compiler.svdquant import group_problem, members_by_group, raw_input, search, smoothing_candidates
+from svdq_compiler.svdquant import (group_problem, members_by_group, raw_input, search, smoothing_candidates,
+                                    unmet_in_groups)
 
 
-def _smoothing_groups(gm: torch.fx.GraphModule):
-    return members_by_group(gm, lambda info: info.scheme is not None and info.scheme.smooth)
+def _smoothed(info) -> bool:
+    return info.scheme is not None and info.scheme.smooth
 
 
 def _every_group_searched(gm: torch.fx.GraphModule, ctx: PassContext) -> list[str]:
-    return [f"{info.name}: no smoothing search result" for members in _smoothing_groups(gm).values()
-            for _, info in members if info.smooth_alpha is None]
+    return unmet_in_groups(gm, _smoothed, lambda info: info.smooth_alpha is not None, "no smoothing search result")
 
 
 @register_pass("smooth", requires=("linears", "calibration"), produces=("smoothed",), ensures=_every_group_searched,
@@ -57,7 +57,7 @@ def smooth(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     config = ctx.config
     calibration: Calibration = ctx.calibration
     candidates = smoothing_candidates(config.smooth, config.smooth_grid)
-    groups = _smoothing_groups(gm)
+    groups = members_by_group(gm, _smoothed)
     report, ratios, identity = {}, [], 0
     for group, members in ctx.progress(groups.items(), "smooth", total=len(groups)):
         scheme = members[0][1].scheme

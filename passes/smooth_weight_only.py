@@ -16,17 +16,15 @@ import torch.fx
 
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.rewrites import apply_smoothing
-from svdq_compiler.svdquant import group_problem, members_by_group, search
+from svdq_compiler.svdquant import group_problem, members_by_group, search, unmet_in_groups
 
 
-def _groups(gm: torch.fx.GraphModule):
-    return members_by_group(gm, lambda info: info.scheme is not None and info.scheme.smooth and
-                            info.scheme.act is not None)
+def _smoothed(info) -> bool:
+    return info.scheme is not None and info.scheme.smooth and info.scheme.act is not None
 
 
 def _every_group_searched(gm: torch.fx.GraphModule, ctx: PassContext) -> list[str]:
-    return [f"{info.name}: no smoothing search result" for members in _groups(gm).values()
-            for _, info in members if info.smooth_beta is None]
+    return unmet_in_groups(gm, _smoothed, lambda info: info.smooth_beta is not None, "no smoothing search result")
 
 
 @register_pass("smooth_weight_only", requires=("linears", "calibration"), produces=("smoothed",),
@@ -36,7 +34,7 @@ def smooth_weight_only(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult
     """Search β per group and apply λ (module doc)."""
     config, betas = ctx.config, ctx.weight_only_betas
     candidates = [(0.0, beta) for beta in betas]
-    groups = _groups(gm)
+    groups = members_by_group(gm, _smoothed)
     chosen = {}
     for group, members in groups.items():
         scheme = members[0][1].scheme

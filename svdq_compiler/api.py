@@ -14,7 +14,8 @@ from svdq_compiler import ops  # noqa: F401  (registers torch.ops.svdq.*)
 from svdq_compiler.capture import CAPTURE_META, capture, install_shape_check
 from svdq_compiler.checks import check_finite_inputs, check_finite_weights
 from svdq_compiler.config import PRESETS, QuantConfig, Scheme
-from svdq_compiler.errors import InputError, SvdqError
+from svdq_compiler.eager import COMPILE_PATHS, compile_eager, data_dependent_failure
+from svdq_compiler.errors import CaptureError, InputError, SvdqError
 from svdq_compiler.ir import LAYERS_META, annotated_linears, to_jsonable
 from svdq_compiler.meta_capture import capture_replicated
 from svdq_compiler.models import DynDim, ModelAdapter, adapter_for, load_model, register_builtin
@@ -42,8 +43,13 @@ def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str |
             passes: Sequence[str] | None = None, dynamic_shapes: Any = "auto", verify: bool = False,
             print_ir_after_change: bool = False, progress: bool = False,
             adapter: ModelAdapter | None = None, calib_stats: Any = None,
-            save_calib: str | Path | None = None) -> torch.fx.GraphModule:
+            save_calib: str | Path | None = None, path: str = "auto") -> torch.fx.GraphModule | torch.nn.Module:
     """Capture `module` and run the SVDQuant pipeline on it; returns the compiled GraphModule.
+
+    `path`: "graph" captures with torch.export; "eager" quantizes the model in place by module swap
+    (svdq_compiler/eager.py) and returns it; "auto" (the default) takes the graph path and falls back to the
+    eager one when torch.export fails on data-dependent code in the model. `report["path"]` and
+    `report["path_reason"]` say which was taken and why.
 
     `example_inputs` is a tuple of positional args or a dict of kwargs. `dynamic_shapes="auto"` makes the
     dimensions the model's adapter declares dynamic (token counts, latent height/width, batch); pass None for a
@@ -57,9 +63,24 @@ def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str |
     check_finite_weights([*module.named_parameters(), *module.named_buffers()])
     check_finite_inputs(example_inputs)
     adapter = adapter or adapter_for(module)
-    # FLUX-like models trace three blocks of each kind and replicate them (the same graph, a fraction of the time)
-    gm = capture_replicated(module, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter) or \
-        capture(module, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter)
+    if path not in COMPILE_PATHS:
+        raise InputError(f"path={path!r} is not a compile path", fix=f"choose from {', '.join(COMPILE_PATHS)}")
+    eager_options = dict(adapter=adapter, passes=passes, verify=verify, dump_ir=dump_ir,
+                         print_ir_after_change=print_ir_after_change, progress=progress, save_calib=save_calib)
+    if path == "eager":
+        return compile_eager(module, example_inputs, quant_config, calib_inputs, calib_stats=calib_stats,
+                             reason="the eager path was asked for", **eager_options)
+    try:
+        # FLUX-like models trace three blocks of each kind and replicate them (the same graph, a fraction of the
+        # time)
+        gm = capture_replicated(module, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter) or \
+            capture(module, example_inputs, dynamic_shapes=dynamic_shapes, adapter=adapter)
+    except CaptureError as exc:
+        reason = data_dependent_failure(exc) if path == "auto" else None
+        if reason is None:
+            raise
+        return compile_eager(module, example_inputs, quant_config, calib_inputs, calib_stats=calib_stats,
+                             reason=f"torch.export failed: {reason}; eager module swap", **eager_options)
     if isinstance(calib_stats, (str, Path)):
         from svdq_compiler.calibration import load_calibration
 
@@ -78,6 +99,8 @@ def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str |
         save_calibration(ctx.calibration, save_calib)
     install_shape_check(gm)
     gm.meta[REPORT_META] = compile_report(gm, quant_config, ctx.records)
+    gm.meta[REPORT_META].update(path="graph", path_reason="torch.export captured the model" if path == "auto"
+                                else "the graph path was asked for")
     return gm
 
 

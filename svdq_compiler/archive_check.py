@@ -242,6 +242,22 @@ def _parse(text: Any, what: str, where: str) -> ast.Expression:
         raise refuse(f"the {what} {text[:120]!r} is not an expression", where) from None
 
 
+def _visit_leaf(node: ast.AST, names, constant_ok: Callable[[Any], bool], visit, bad) -> None:
+    """The part the expression checks share: a name from `names`, a constant `constant_ok` accepts, or one of
+    the arithmetic and comparison nodes (`_SAFE_NODES`), whose children are visited; anything else is refused."""
+    if isinstance(node, ast.Name):
+        if node.id not in names:
+            raise bad(node)
+    elif isinstance(node, ast.Constant):
+        if not constant_ok(node.value):
+            raise bad(node)
+    elif isinstance(node, _SAFE_NODES):
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+    else:
+        raise bad(node)
+
+
 def check_size_expression(text: Any, where: str) -> None:
     """A symbolic size as sympy's srepr writes it, e.g. "Mul(Integer(64), Symbol('s27', positive=True))":
     sympify evaluates it, so only constructors of this grammar with literal arguments pass."""
@@ -261,20 +277,10 @@ def check_size_expression(text: Any, where: str) -> None:
                 if keyword.arg not in _SYMPY_ASSUMPTIONS:
                     raise bad(node)
                 visit(keyword.value)
-        elif isinstance(node, ast.Name):
-            if node.id not in _SYMPY_CONSTANTS:
-                raise bad(node)
-        elif isinstance(node, ast.Constant):
-            if isinstance(node.value, str):
-                if string_ok is None or not string_ok.fullmatch(node.value):
-                    raise bad(node)
-            elif not isinstance(node.value, (bool, int, float)) and node.value is not None:
-                raise bad(node)
-        elif isinstance(node, _SAFE_NODES):
-            for child in ast.iter_child_nodes(node):
-                visit(child)
         else:
-            raise bad(node)
+            _visit_leaf(node, _SYMPY_CONSTANTS, lambda value: value is None or isinstance(value, (bool, int, float))
+                        or (isinstance(value, str) and string_ok is not None and bool(string_ok.fullmatch(value))),
+                        visit, bad)
 
     visit(tree)
 
@@ -327,16 +333,7 @@ def check_guard(text: Any, where: str) -> None:
                     not isinstance(node.value, ast.Call):
                 raise bad(node)
             visit(node.value)
-        elif isinstance(node, ast.Name):
-            if node.id not in _GUARD_NAMES:
-                raise bad(node)
-        elif isinstance(node, ast.Constant):
-            if not isinstance(node.value, (bool, int, float)):
-                raise bad(node)
-        elif isinstance(node, _SAFE_NODES):
-            for child in ast.iter_child_nodes(node):
-                visit(child)
         else:
-            raise bad(node)
+            _visit_leaf(node, _GUARD_NAMES, lambda value: isinstance(value, (bool, int, float)), visit, bad)
 
     visit(tree)

@@ -1,28 +1,20 @@
 """Calibration statistics: what the calibrate pass records per tensor read by quantized linears, and their file
 form (`svdq-compile --save-calib`). Library types the passes import (smooth, lowrank, quantize_weights read a
-Calibration from `PassContext.calibration`)."""
+Calibration from `PassContext.calibration`), and the data-free calibration both the calibrate pass
+(`calib_source="weights"`) and the streaming compile use."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx
+import torch.nn.functional as F
 
 from svdq_compiler.errors import CheckpointError
-
-
-def isotropic_rows(rows: int, channels: int, generator: torch.Generator, gelu: str | None = None) -> torch.Tensor:
-    """Data-free sample rows: standard normal [rows, channels], through GELU (`gelu`: "none" for erf, "tanh")
-    where the layer reads a GELU output. With x ~ N(0, I), E‖ΔW·x‖² = ‖ΔW‖_F²: searches on these rows minimise
-    the weight-space error.
-
-    The two callers still differ in the GELU, by history rather than design: calibrate's
-    `calib_source="weights"` uses the erf form, the streaming compile the tanh form (FLUX's). Unifying them
-    changes compiled outputs, so each keeps its own until a measured choice is made (ideally the approximation
-    of the graph's own GELU node).
-    """
-    sample = torch.randn(rows, channels, generator=generator)
-    return sample if gelu is None else torch.nn.functional.gelu(sample, approximate=gelu)
+from svdq_compiler.fx_utils import aten, packet, tensor_val, through_views
+from svdq_compiler.ir import annotated_linears
+from svdq_compiler.svdquant import conv_geometry, raw_input, site_name
 
 
 @dataclass
@@ -48,6 +40,56 @@ class Calibration:
     source: str = ""
     inputs: int = 0
     data_free: bool = False  # synthetic rows: the ranges say nothing about the real activations
+
+
+def _gelu_approximation(x: torch.fx.Node) -> str:
+    """How the graph computes the GELU whose output `x` is: "tanh" (FLUX, SD3, PixArt's `gelu-approximate`) or
+    "none" (erf). The data-free rows must follow the graph's own GELU: the two differ most on negative inputs,
+    which is exactly the range the unsigned shift and the smoothing search see after the GELU. (The streaming
+    compile used to hard-code tanh and calib_source="weights" erf, each right for some models only.) A shifted
+    input that is not a GELU output (none is today: only plain-GELU readers get the shift) takes the exact erf."""
+    source = through_views(x)
+    return source.kwargs.get("approximate", "none") if packet(source) is aten.gelu else "none"
+
+
+def isotropic_calibration(gm: torch.fx.GraphModule, rows: int, seed: int) -> Calibration:
+    """Data-free calibration: `rows` standard normal rows per site of every non-16-bit layer. With x ~ N(0, I),
+    E‖ΔW·x‖² = ‖ΔW‖_F², so searches on these rows minimise the weight-space error. An input that the layer shifts
+    (post-GELU, unsigned INT4) gets the graph's own GELU of the rows; a k×k convolution's site holds its im2col
+    patch rows (svdq_compiler.conv): isotropic pixels per tap, SiLU'd where shifted, the padding channels holding
+    the value its patches hold. Ranges are those of the rows in the graph's dtype, as recorded from real
+    activations; the reservoir keys are uniform, as a reservoir sample of these rows would hold. Only shifted inputs
+    get the activation: the unsigned shift needs x + shift ≥ 0, which plain Gaussian rows would violate, while
+    every other input keeps the isotropic rows that make the search minimise the weight-space error."""
+    layers = [(node, info) for node, info in annotated_linears(gm) if info.scheme is not None
+              and info.scheme.kind != "fp"]
+    shifted = {site_name(node, info) for node, info in layers if info.shift}
+    generator = torch.Generator().manual_seed(seed)
+    sites: dict[str, SiteStats] = {}
+    for node, info in layers:
+        name = site_name(node, info)
+        if name in sites:
+            sites[name].readers.append(info.name)
+            continue
+        x = raw_input(node)
+        val = tensor_val(x)
+        if info.kind == "conv":
+            geometry = conv_geometry(gm, node, info)
+            sample = torch.randn(rows, geometry.taps, geometry.channels, generator=generator)
+            if name in shifted:
+                sample = F.silu(sample)
+            sample = F.pad(sample, (0, geometry.padded_channels - geometry.channels), value=-info.shift).flatten(1)
+        else:
+            sample = torch.randn(rows, val.shape[-1], generator=generator)
+            if name in shifted:
+                sample = F.gelu(sample, approximate=_gelu_approximation(x))
+        sample = sample.to(val.dtype)
+        # ranges on the CPU, rows on the activations' device: as the calibrate pass records real activations
+        sites[name] = SiteStats(node=name, readers=[info.name], minimum=sample.float().amin(0),
+                                maximum=sample.float().amax(0), rows=sample.to(val.device),
+                                priorities=torch.rand(rows, generator=generator).to(val.device), rows_seen=rows)
+    return Calibration(sites=sites, source=f"{rows} isotropic Gaussian rows per site (weight-space error)",
+                       inputs=0, data_free=True)
 
 
 CALIBRATION_FORMAT = "svdq-calibration"

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 import torch.fx
 
-from svdq_compiler.errors import CaptureError, InputError, ShapeError, first_line
+from svdq_compiler.errors import CaptureError, InputError, ShapeError, SvdqError, first_line
 from svdq_compiler.ir import CAPTURE_META, INPUTS_META
 from svdq_compiler.models import ModelAdapter, adapter_for
 from svdq_compiler.models.base import DynDim
@@ -324,11 +324,7 @@ def check_examples(dims: dict[tuple[tuple, int], Any], examples: dict[tuple, tor
         if not dim.allows(size):
             raise InputError(f"example input {where} is {size}, outside its declared range {dim.size_range()}",
                              fix="give example inputs inside the declared range")
-        units = size // dim.multiple
-        if dim.name in sizes and sizes[dim.name][0] != units:
-            raise InputError(f"example input {where} is {size}, which does not match {sizes[dim.name][1]}; both "
-                             f"are dimension {dim.name!r}", fix="give them matching sizes")
-        sizes.setdefault(dim.name, (units, f"{where} = {size}"))
+        _bind_dimension(sizes, dim.name, size // dim.multiple, where, size, InputError, what="example input ")
 
 
 def apply_fixes(message: str, dims: dict[tuple[tuple, int], Any], fallbacks: dict[str, str],
@@ -579,8 +575,14 @@ def check_dynamic_size(dim: CapturedDim, size: int, symbols: dict[str, tuple[int
         raise ShapeError(f"{dim.where()} is {size}, outside the captured range {dyn.size_range()}"
                          + (f" ({dim.reason})" if dim.reason else ""),
                          fix="use a size in that range, or capture again with a wider range")
-    units = size // dyn.multiple
-    if dim.name in symbols and symbols[dim.name][0] != units:
-        raise ShapeError(f"{dim.where()} is {size}, which does not match {symbols[dim.name][1]}; both are "
-                         f"dimension {dim.name!r}", fix="give them matching sizes")
-    symbols.setdefault(dim.name, (units, f"{dim.where()} = {size}"))
+    _bind_dimension(symbols, dim.name, size // dyn.multiple, dim.where(), size, ShapeError)
+
+
+def _bind_dimension(seen: dict[str, tuple[int, str]], name: str, units: int, where: str, size: int,
+                   error: type[SvdqError], what: str = "") -> None:
+    """Record that the input at `where` gives dimension `name` the value `units` (sizes / multiple); one that
+    gives it another value than an earlier input did is an `error` naming both."""
+    if name in seen and seen[name][0] != units:
+        raise error(f"{what}{where} is {size}, which does not match {seen[name][1]}; both are dimension {name!r}",
+                    fix="give them matching sizes")
+    seen.setdefault(name, (units, f"{where} = {size}"))

@@ -77,6 +77,10 @@ def compile_parser() -> argparse.ArgumentParser:
                         help="seed of example and calibration inputs (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, help="convert the weights (default: the checkpoint's dtype)")
     parser.add_argument("--static", action="store_true", help="capture every dimension static (no dynamic shapes)")
+    parser.add_argument("--path", choices=("auto", "graph", "eager"), default="auto",
+                        help="graph: capture with torch.export; eager: quantize the model by module swap, for models "
+                             "torch.export cannot capture (no cross-layer fusion); auto (the default): graph, falling "
+                             "back to eager when torch.export fails on data-dependent code in the model")
     parser.add_argument("--dump-ir", type=Path, metavar="DIR",
                         help="write NNN_<pass>.py (IR with annotations) and NNN_<pass>.stats.json after each pass")
     parser.add_argument("--print-ir-after-change", action="store_true",
@@ -87,11 +91,14 @@ def compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, metavar="FILE", help="write the compile report as JSON")
     parser.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
                         help="compile a diffusers folder one block at a time, writing graph.pt as it goes, so the "
-                             "model never sits in memory (data-free: no calibration run); auto streams when the "
+                             "model never sits in memory (data-free unless --stream-smoothing activations); auto streams when the "
                              "checkpoint is larger than half the machine's memory")
-    parser.add_argument("--stream-smoothing", choices=("none", "weight-only"), default="none",
-                        help="smoothing without activation statistics when streaming: none (λ = 1), or λ from the "
-                             "weights' column ranges, searched per group on synthetic inputs (slower)")
+    parser.add_argument("--stream-smoothing", choices=("none", "weight-only", "activations"), default="none",
+                        help="smoothing when streaming: none (λ = 1); weight-only: λ from the weights' column ranges, "
+                             "searched per group on synthetic inputs (slower); activations: calibrated block by "
+                             "block on the adapter's --calib-prompts x --calib-steps inputs, activation-aware "
+                             "(slowest: every block runs on every input; blocks see the fp outputs of the ones "
+                             "before, or the quantized ones with --set calib_propagation=quantized)")
     parser.add_argument("--onnx", type=Path, metavar="FILE",
                         help="also export the compiled graph as an ONNX model (svdq_compiler.export_onnx)")
     parser.add_argument("--onnx-form", choices=ONNX_FORMS, default="portable",
@@ -242,6 +249,7 @@ def compile_and_save(args: argparse.Namespace, config, staged) -> dict[str, Any]
     out = staged.file(args.out, "graph file")
     dump_ir = staged.folder(args.dump_ir, "IR dump folder (--dump-ir)") if args.dump_ir is not None else None
     save_calib = staged.file(args.save_calib, "calibration file") if args.save_calib is not None else None
+    onnx = staged.files_beside(args.onnx, "ONNX model") if args.onnx is not None else None
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         model = steps.run("load model", lambda: load_model(args.model, dtype=dtype))
@@ -255,16 +263,16 @@ def compile_and_save(args: argparse.Namespace, config, staged) -> dict[str, Any]
             model, example, config, calib_inputs=calib, dump_ir=dump_ir, passes=args.passes,
             dynamic_shapes=None if args.static else "auto", verify=args.verify,
             print_ir_after_change=args.print_ir_after_change, progress=show_progress, adapter=adapter,
-            save_calib=save_calib))
+            save_calib=save_calib, path=args.path))
         steps.run("save", lambda: svdq_compiler.save(gm, out))
         if args.onnx is not None:
-            steps.run("onnx", lambda: svdq_compiler.export_onnx(gm, args.onnx, form=args.onnx_form))
+            steps.run("onnx", lambda: svdq_compiler.export_onnx(gm, onnx, form=args.onnx_form))
     finally:
         steps.close()
-    report = dict(gm.meta[svdq_compiler.REPORT_META])
+    report = dict(svdq_compiler.eager.compile_report_of(gm))
     outputs = {"output": {"path": str(args.out), "bytes": out.stat().st_size}}
     if args.onnx is not None:
-        outputs["onnx"] = {"path": str(args.onnx), "bytes": args.onnx.stat().st_size, "form": args.onnx_form}
+        outputs["onnx"] = {"path": str(args.onnx), "bytes": onnx.stat().st_size, "form": args.onnx_form}
     report.update(model=args.model, adapter=adapter.name, **outputs, compression=compression(args.model, model,
                                                                                              out.stat().st_size),
                   calibration=calibration, written=written_files(args, calibration.get("written")),
@@ -412,8 +420,9 @@ def wants_streaming(args: argparse.Namespace) -> bool:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     streams = checkpoint_bytes(folder) > memory // 2
     if streams and (args.calib_set is not None or args.calib_prompts_file is not None):
-        raise InputError("the checkpoint is larger than half of the memory, so it would be streamed, and streaming "
-                         "compiles are data-free: --calib-set / --calib-prompts-file would be ignored",
+        raise InputError("the checkpoint is larger than half of the memory, so it would be streamed, and a streamed "
+                         "model is never whole in memory to run its pipeline: --calib-set / --calib-prompts-file "
+                         "would be ignored",
                          where=args.model, fix="add --stream off to calibrate in memory, or drop the calibration "
                                                "flags")
     return streams
@@ -437,14 +446,22 @@ def run_streaming(args: argparse.Namespace, config, staged) -> dict[str, Any]:
 
     out = staged.file(args.out, "graph file")
     try:
-        report = compile_streaming(Path(args.model), out, config, calibration=args.stream_smoothing,
-                                   batch=args.batch, tokens=args.tokens,
+        prompts = args.calib_prompts or DEFAULT_CALIB_PROMPTS
+        report = compile_streaming(Path(args.model), out, config.replace(calib_prompts=prompts,
+                                                                          calib_steps=args.calib_steps),
+                                   calibration=args.stream_smoothing, batch=args.batch, tokens=args.tokens,
+                                   input_seed=args.seed,
                                    dtype=getattr(torch, args.dtype) if args.dtype else None, on_unit=on_unit)
     finally:
         bar.close()
+    blocks = report["streaming"]["block_calibration"]
+    calibration = {"source": "none", "detail": f"data-free: the streaming compile runs no calibration "
+                                               f"({args.stream_smoothing} smoothing)"} if blocks is None else {
+        "source": "random conditioning", "detail": f"random conditioning, calibrated block by block: "
+                                                  f"{blocks['source']} (a streamed model is never whole in memory "
+                                                  f"to run a pipeline)"}
     report.update(model=args.model, adapter=report["capture"]["adapter"], written=written_files(args),
-                  calibration={"source": "none", "detail": f"data-free: the streaming compile runs no calibration "
-                                                           f"({args.stream_smoothing} smoothing)"},
+                  calibration=calibration,
                   output={"path": str(args.out), "bytes": out.stat().st_size},
                   steps_s=report["streaming"]["steps_s"], versions=svdq_compiler.serialize.versions())
     if args.report is not None:
@@ -455,7 +472,10 @@ def run_streaming(args: argparse.Namespace, config, staged) -> dict[str, Any]:
 def compile_summary(report: dict[str, Any]) -> str:
     capture = report["capture"]
     lines = [f"wrote {report['output']['path']} ({human_bytes(report['output']['bytes'])}): "
-             f"{capture['module_class']} ({report['adapter']}), preset {report['config']['preset_name']}"]
+             f"{report.get('eager', {}).get('class', capture['module_class'])} ({report['adapter']}), preset "
+             f"{report['config']['preset_name']}"]
+    if "path" in report:
+        lines.append(f"  path: {report['path']} ({report['path_reason']})")
     if "onnx" in report:
         onnx = report["onnx"]
         lines.append(f"wrote {onnx['path']} ({human_bytes(onnx['bytes'])}): ONNX, {onnx['form']} form")
@@ -467,7 +487,9 @@ def compile_summary(report: dict[str, Any]) -> str:
         lines.append("  passes: none ran (capture only)")
     streaming = report.get("streaming")
     if streaming:
-        lines.append(f"  streamed {len(streaming['units'])} units ({streaming['calibration']} smoothing, data-free): "
+        calibrated = streaming["block_calibration"]
+        how = f"calibrated block by block on {calibrated['inputs']} inputs" if calibrated else "data-free"
+        lines.append(f"  streamed {len(streaming['units'])} units ({streaming['calibration']} smoothing, {how}): "
                      f"{streaming['wall_s']:.0f} s, peak RSS {human_bytes(streaming['peak_rss_bytes'])}; "
                      f"{human_bytes(streaming['checkpoint_bytes'])} {streaming['dtype']} checkpoint → "
                      f"{human_bytes(streaming['output_bytes'])} ({streaming['size_ratio']}× smaller)")
@@ -544,20 +566,25 @@ def graph_summary(path: Path) -> dict[str, Any]:
     import torch
 
     from svdq_compiler import parameter_bytes, serialize
-    from svdq_compiler.ir import CAPTURE_META, MANIFEST_META, REPORT_META
+    from svdq_compiler.ir import CAPTURE_META, MANIFEST_META
 
-    gm = serialize.load(path)
+    from svdq_compiler.eager import compile_report_of, is_eager, saved_stub
+
+    loaded = serialize.load(path)
+    gm = saved_stub(loaded) if is_eager(loaded) else loaded  # an eager model's quantized linears: its stub graph
     ops = Counter(op_name(node.target) for node in gm.graph.nodes if node.op == "call_function")
     linear_ops = {"aten.linear", "aten.addmm", "aten.mm", "aten.conv2d", "aten.convolution"}
     by_dtype: Counter[str] = Counter()
     for tensor in {id(t): t for t in [*gm.parameters(), *gm.buffers()]}.values():
         by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
-    report = gm.meta[REPORT_META]
+    report = compile_report_of(loaded)
     return {
         "path": str(path),
+        "compile_path": report.get("path", "graph"),
+        "compile_path_reason": report.get("path_reason"),
         "bytes": path.stat().st_size,
         "manifest": gm.meta[MANIFEST_META],
-        "model": gm.meta[CAPTURE_META]["module_class"],
+        "model": report.get("eager", {}).get("class", gm.meta[CAPTURE_META]["module_class"]),
         "adapter": gm.meta[CAPTURE_META]["adapter"],
         "config": report.get("config"),
         "inputs": gm.meta[CAPTURE_META]["inputs"],
@@ -594,6 +621,9 @@ def inspect_text(summary: dict[str, Any], layers: bool) -> str:
         "inputs: " + ", ".join(f"{i['path']} {i['dtype']}{list(i['shape'])}" for i in summary["inputs"]),
         f"dimensions: {summary['dimensions'] or 'all static'}",
     ]
+    if summary["compile_path"] == "eager":
+        lines.append(f"path: {summary['compile_path_reason']} (the graph below holds the quantized linears "
+                     "only, one input per smoothing group: svdq_compiler/eager.py)")
     if summary["relaxed_guards"]:
         lines.append(f"relaxed size guards: {summary['relaxed_guards']}")
     top = ", ".join(f"{name} {count}" for name, count in list(summary["ops"].items())[:8])

@@ -22,6 +22,7 @@ from svdq_compiler.errors import InputError
 
 SMOOTH_SEARCHES = ("svdquant", "smoothquant", "none")
 CALIB_SOURCES = ("inputs", "weights")
+CALIB_PROPAGATIONS = ("fp", "quantized")
 SVD_METHODS = ("full", "randomized")
 CONV_KXK = ("keep", "w4a4", "w4a4-all")
 ONNX_FORMS = ("portable", "custom")  # svdq_compiler.export_onnx(form=...); here so that the CLI parser needs no torch
@@ -141,6 +142,11 @@ class QuantConfig:
     # or "weights" (no data: isotropic Gaussian rows, GELU'd for post-GELU inputs, so every search minimises the
     # weight-space error ‖ΔW‖_F, since E‖ΔW·x‖² = ‖ΔW‖_F² for x ~ N(0, I)).
     calib_source: str = "inputs"
+    # Block-wise calibration (the streamed compile): block i's statistics come from the outputs of block i−1
+    # computed with its fp weights ("fp", as the reference: quantization error does not accumulate across
+    # blocks during calibration) or with its compiled, quantized weights ("quantized": each block is
+    # calibrated on what the quantized model feeds it).
+    calib_propagation: str = "fp"
     # nvfp4 activations: the calibrated per-tensor scale covers this multiple of the largest |x/λ| seen in
     # calibration before a value saturates (svdq_compiler/quant.py, docs/architecture.md)
     nvfp4_act_headroom: float = 16.0
@@ -198,6 +204,7 @@ class QuantConfig:
               "act_format")
         check(self.smooth, SMOOTH_SEARCHES, "smooth")
         check(self.calib_source, CALIB_SOURCES, "calib_source")
+        check(self.calib_propagation, CALIB_PROPAGATIONS, "calib_propagation")
         check(self.svd, SVD_METHODS, "svd")
         check(self.search_svd, SVD_METHODS, "search_svd")
         check(self.weight_only_format, tuple(n for n, f in FORMATS.items() if f.weight_only), "weight_only_format")

@@ -164,5 +164,13 @@ def as_pipeline_component(gm: torch.fx.GraphModule) -> torch.nn.Module:
 
 
 def graph_module_of(model: torch.nn.Module) -> torch.fx.GraphModule:
-    """The GraphModule behind `model` (a CompiledModel or a GraphModule)."""
+    """The GraphModule behind `model` (a CompiledModel or a GraphModule). A model the eager path compiled has
+    none: what needs the whole model's graph (LoRA, ONNX export) stops here with one line."""
+    from svdq_compiler.eager import is_eager
+
+    if is_eager(model):
+        raise InputError(f"{type(model).__name__} was compiled by the eager path (module swap): it has no "
+                         "whole-model graph for LoRA or ONNX export",
+                         fix="fuse LoRAs into the weights before compiling; ONNX export needs a model torch.export "
+                             "can capture (path='graph')")
     return model.graph_module if isinstance(model, CompiledModel) else model

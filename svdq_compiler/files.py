@@ -71,8 +71,8 @@ def atomic_path(path: str | Path, what: str = "output file") -> Iterator[Path]:
 
 
 class StagedOutputs:
-    """Outputs of one command that appear together or not at all: `file(path)` and `folder(path)` give
-    temporary names beside the targets; `commit()` moves them into place; `discard()` (on any failure,
+    """Outputs of one command that appear together or not at all: `file(path)`, `files_beside(path)` and
+    `folder(path)` give temporary names beside the targets; `commit()` moves them into place; `discard()` (on any failure,
     SIGTERM included) removes them, so a failed run adds nothing."""
 
     def __init__(self) -> None:
@@ -90,6 +90,16 @@ class StagedOutputs:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         self._folders.append((staging, path))
         return staging
+
+    def files_beside(self, path: str | Path, what: str = "output file") -> Path:
+        """A temporary name for `path` in a hidden folder beside it, for an output that is several files (an
+        ONNX model and its external data, which the model names relative to itself): whatever is written into
+        that folder moves into `path`'s folder on commit."""
+        path = Path(path)
+        folder = ensure_dir(path.parent, f"folder of the {what}")
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+        self._folders.append((staging, folder))
+        return staging / path.name
 
     def commit(self) -> None:
         for staging, path in self._folders:

@@ -52,8 +52,26 @@ def is_view(node: Any) -> bool:
     return isinstance(node, torch.fx.Node) and (is_op(node, VIEW_OPS) or node.target is operator.getitem)
 
 
+def is_call(node: Any, target) -> bool:
+    """A call of exactly this overload (`is_op` matches any overload of a packet)."""
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
+
+
 def is_linear(node: Any) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == aten.linear.default
+    return is_call(node, aten.linear.default)
+
+
+def call_args(node: torch.fx.Node) -> dict[str, Any]:
+    """The node's arguments by schema name, defaults filled in."""
+    values = {}
+    for index, argument in enumerate(node.target._schema.arguments):
+        if index < len(node.args):
+            values[argument.name] = node.args[index]
+        elif argument.name in node.kwargs:
+            values[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            values[argument.name] = argument.default_value
+    return values
 
 
 def readers(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -174,16 +192,20 @@ def get_attr_node(gm: torch.fx.GraphModule, target: str, *, before: torch.fx.Nod
 
 
 def erase_unused(gm: torch.fx.GraphModule, nodes: Iterable[torch.fx.Node]) -> None:
-    """Erase the given nodes (and the get_attr/view chains feeding only them) once nothing reads them."""
+    """Erase the given nodes once nothing reads them, then whatever they alone read. Runtime assertions on an
+    erased node go with it (they would keep a replaced computation alive); impure nodes stay. Local, where a
+    whole-graph dead-code sweep per rewrite would make a pass quadratic in the graph's size."""
     pending, erased = list(nodes), set()
     while pending:
         node = pending.pop()
-        if node in erased or node.graph is not gm.graph or node.users or node.op in ("placeholder", "output"):
+        if (node in erased or node.graph is not gm.graph or readers(node) or node.op in ("placeholder", "output")
+                or node.is_impure()):
             continue
-        inputs = list(node.all_input_nodes)
+        for assertion in list(node.users):
+            gm.graph.erase_node(assertion)
+        pending.extend(node.all_input_nodes)
         gm.graph.erase_node(node)
         erased.add(node)
-        pending.extend(inputs)
 
 
 def drop_unused_attrs(gm: torch.fx.GraphModule, targets: Iterable[str]) -> list[str]:

@@ -26,6 +26,7 @@ LAYERS_META = "svdq_layers"  # gm.meta: the per-layer report (lower; svdq_compil
 REPORT_META = "svdq_report"  # gm.meta: the compile report (svdq_compiler.compile)
 IR_META = "svdq_ir"  # gm.meta of a loaded graph: the saved IR text
 MANIFEST_META = "svdq_manifest"  # gm.meta of a loaded graph: the archive's manifest
+EAGER_META = "svdq_eager"  # gm.meta of an eager path's stub graph: how to rebuild the model around it (eager.py)
 # Set by the streaming compile (svdq_compiler.meta_capture): the device a graph whose attributes are meta-device
 # stand-ins runs on. Their fake values claim that device, as the traced activations' do.
 RUN_DEVICE_META = "svdq_run_device"

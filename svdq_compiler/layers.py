@@ -11,7 +11,8 @@ compiled in memory or loaded from graph.pt, lowered or fused — from its ops an
   quantization into its epilogue, or of `aten.linear(aten.div(x, λ), L2)` in the lowered form; one L2 may be the
   concatenation of several down projections (fuse's `_fused_cat`), each cut out by an `aten.slice`;
 - a weight-only linear is an `svdq.weight_only_linear` (lowered) or `svdq.fused_weight_only_linear` (fused);
-  a 16-bit linear an `aten.linear` of `<layer>.weight`.
+  its branch, where it has one, is found like a quantized linear's (kernel W applies L1 to its down projection
+  `aten.linear([aten.div(x, λ)], L2)`); a 16-bit linear is an `aten.linear` of `<layer>.weight`.
 """
 
 from __future__ import annotations
@@ -25,15 +26,11 @@ import torch.fx
 
 from svdq_compiler.codegen.layout import PackedWeight
 from svdq_compiler.errors import CheckpointError
-from svdq_compiler.fx_utils import attr_target
+from svdq_compiler.fx_utils import attr_target, is_call
 from svdq_compiler.ir import get_attr_value
 from svdq_compiler.quant import weight_format_of
 
 aten = torch.ops.aten
-
-
-def is_call(node: Any, target) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
 
 
 def _svdq_op(name: str):
@@ -71,7 +68,7 @@ class Consumer:
 
     layer: str
     up: str  # L1 attribute [N, r]
-    node: torch.fx.Node  # svdq.fused_gemm, or aten.linear(down, L1, bias) in the lowered form
+    node: torch.fx.Node  # svdq.fused_gemm, svdq.fused_weight_only_linear, or aten.linear(down, L1[, bias]) lowered
 
 
 @dataclass
@@ -143,9 +140,12 @@ def find_layers(gm: torch.fx.GraphModule) -> Layers:
 
             spec = parse_spec(node.args[-1])
             qweight = attr_target(node.args[1])
-            layers.weight_only[_layer_of(qweight, ".qweight")] = QuantizedWeight(
+            layer = _layer_of(qweight, ".qweight")
+            layers.weight_only[layer] = QuantizedWeight(
                 node, qweight, attr_target(node.args[2]), None, attr_target(node.args[5]), spec.weight,
                 spec.group_size, spec.k or _channels(node.args[0]))
+            if attr_target(node.args[4]) is not None:  # its branch's up projection, applied inside kernel W
+                _add_consumer(gm, branches, layers, layer, attr_target(node.args[4]), node.args[3], node)
         elif is_call(node, torch.ops.svdq.weight_only_linear.default):
             qweight = attr_target(node.args[1])
             layers.weight_only[_layer_of(qweight, ".qweight")] = QuantizedWeight(

@@ -13,10 +13,13 @@ concatenated into one kernel A) share the new rows: each LoRA factor gets its ow
 has zeros in the columns of the others. The fused kernels' specs, the slices of a concatenated down projection
 and the quantize-for-next-layer epilogues that compute a branch are updated to the new ranks.
 
-Layers without a branch: a 16-bit linear gets W + s·(α/r)·B·A; a weight-only (W4A16) linear gets a separate
-16-bit branch beside it, y + (x·Aᵀ)·(s·(α/r)·B)ᵀ — in the fused form inside its kernel W (the down projection
-x·Aᵀ feeds the kernel's up projection, before the epilogue the kernel applies). A quantized linear compiled with rank 0 cannot take a LoRA
-without requantization (an error says so).
+A weight-only linear compiled with a branch (the policy keeps one where it pays, quantize_weights) takes the
+LoRA rows in that branch the same way; its kernel W applies the grown L1 before its epilogue.
+
+Layers without a branch: a 16-bit linear gets W + s·(α/r)·B·A; a weight-only linear gets a separate 16-bit
+branch beside it, y + (x·Aᵀ)·(s·(α/r)·B)ᵀ — in the fused form inside its kernel W (the down projection x·Aᵀ
+feeds the kernel's up projection, before the epilogue the kernel applies). A W4A4/W8A8 linear compiled with
+rank 0 cannot take a LoRA without requantization (an error says so).
 
 Several LoRAs compose (their rows and columns are concatenated in the order they were applied); the strength
 of each can be changed and each can be removed: the graph keeps the tensors it had before the first LoRA and
@@ -485,7 +488,9 @@ def _set_rank(state: LoraState, node: torch.fx.Node, rank: int, role: str) -> No
 
 def _refresh_vals(gm: torch.fx.GraphModule, branch: Branch) -> None:
     """Keep node values (shapes) right after a rank change, for later passes, verify and re-export."""
-    touched = set(branch.rank_nodes)
+    # the down projection's readers: kernel A, or aten.linear(x/λ, L2) in the lowered form and before kernel W
+    touched = set(branch.rank_nodes) | {user for node in gm.graph.nodes if node.op == "get_attr"
+                                        and node.target == branch.down for user in node.users}
     for segment in branch.segments:
         touched.update(segment.slices)
         touched.update(consumer.node for consumer in segment.consumers)
@@ -537,10 +542,7 @@ def _add_adapter_to_kernel(gm: torch.fx.GraphModule, state: LoraState, layer: st
     then applies to the sum, as it did to the unfused linear's output."""
     from svdq_compiler.codegen.spec import parse_spec
 
-    spec = parse_spec(node.args[-1])
-    if spec.rank:
-        raise LoraError(f"{layer} already has a low-rank branch in its fused kernel", where=node.name,
-                        fix="apply LoRAs to a graph compiled without one (svdq_compiler.compile or load)")
+    spec = parse_spec(node.args[-1])  # rank 0: a kernel W with a branch of its own takes the rows there
     graph = gm.graph
     with graph.inserting_before(node):
         down_attr = graph.get_attr(down_target)

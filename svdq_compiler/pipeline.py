@@ -47,6 +47,7 @@ class PassContext:
     model: Any = None  # the eager module that was captured (the adapter builds calibration inputs from it)
     # ---- data between passes ------------------------------------------------------------------------------
     calibration: Calibration | None = None  # calibrate → smooth, lowrank, quantize_weights
+    block_runner: Any = None  # the streaming compile's blockwise.BlockRunner: calibrate_blocks reads it
     quantized: dict[str, QTensor] = field(default_factory=dict)  # quantize_weights → lower: weight target → QTensor
     weight_only_betas: tuple[float, ...] = ()  # smooth_weight_only's β candidates (the streaming compile sets them)
     available: set[str] = field(default_factory=set)  # the DATA names the passes run so far produced

@@ -35,7 +35,8 @@ from svdq_compiler.archive import GraphArchive, StreamingArchive, corrupt, diges
 from svdq_compiler.archive_check import check_archive
 from svdq_compiler.dropin import as_pipeline_component
 from svdq_compiler.errors import CheckpointError, InputError, first_line
-from svdq_compiler.ir import CAPTURE_META, INPUTS_META, IR_META, MANIFEST_META, REPORT_META, format_ir
+from svdq_compiler.eager import EAGER_FILE
+from svdq_compiler.ir import CAPTURE_META, EAGER_META, INPUTS_META, IR_META, MANIFEST_META, REPORT_META, format_ir
 from svdq_compiler.lora import LORA_FILE, restore_loras, saved_form
 
 FORMAT = "svdq-graph"
@@ -66,8 +67,10 @@ def save(gm: torch.fx.GraphModule, path: str | Path) -> Path:
     """Write `gm` (from capture, compile or load) to `path` as a graph file; returns the path."""
     from svdq_compiler.dropin import graph_module_of
 
+    from svdq_compiler.eager import is_eager, saved_stub
+
     path = Path(path)
-    gm = graph_module_of(gm)
+    gm = saved_stub(gm) if is_eager(gm) else graph_module_of(gm)
     capture_report(gm)  # a graph capture did not make cannot be re-exported: this says so
     inputs = gm.meta.get(INPUTS_META)
     if inputs is None:
@@ -107,7 +110,9 @@ def without_run_measurements(value: Any) -> Any:
 def extra_files(gm: torch.fx.GraphModule) -> dict[str, str]:
     """The svdq extra files of a graph file for `gm` (also written by the streaming compile's archive)."""
     report = without_run_measurements(gm.meta.get(REPORT_META, {}))
+    eager = {EAGER_FILE: json.dumps(gm.meta[EAGER_META])} if EAGER_META in gm.meta else {}
     return {
+        **eager,
         MANIFEST_FILE: json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **versions()}),
         CAPTURE_FILE: json.dumps(without_run_measurements(capture_report(gm))),
         CONFIG_FILE: json.dumps(report.get("config")),
@@ -198,7 +203,8 @@ def _usable_dim(dim: CapturedDim) -> bool:
 
 def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
     """The GraphModule saved at `path`, ready to run, with its capture and compile reports in gm.meta; for a
-    graph of a diffusers model, wrapped as a drop-in pipeline component (svdq_compiler.dropin).
+    graph of a diffusers model, wrapped as a drop-in pipeline component (svdq_compiler.dropin); for a model the
+    eager path compiled, that diffusers model rebuilt around the saved quantized linears (svdq_compiler.eager).
 
     The file is mapped, not read: every entry is checked against its digest, the file is checked to hold
     nothing that runs when loaded (archive_check), and the weights are windows on the map. With `device` (e.g. "cuda")
@@ -220,6 +226,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         constants = archive.tensors("data/constants/model_constants_config.json", "data/constants/", target)
         extra = {name: archive.read(f"extra/{name}").decode() for name in EXTRA_FILES}
         loras = archive.read(f"extra/{LORA_FILE}").decode() if f"extra/{LORA_FILE}" in archive.entries() else ""
+        eager = archive.read(f"extra/{EAGER_FILE}").decode() if f"extra/{EAGER_FILE}" in archive.entries() else ""
         artifact = SerializedArtifact(archive.read("models/model.json"), state_dict, constants,
                                       archive.read("data/sample_inputs/model.pt"))
     capture, report = saved_reports(extra, where)
@@ -240,4 +247,8 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         gm.meta[INPUTS_META] = tuple(examples[0]) if examples[0] else dict(examples[1])
     install_shape_check(gm)
     restore_loras(gm, loras, where)
+    if eager:
+        from svdq_compiler.eager import rebuild
+
+        return rebuild(gm, eager, where)
     return as_pipeline_component(gm)

@@ -7,27 +7,32 @@ time, its quantized weights written into graph.pt as they are produced.
    whole graph: roles and groups come from the complete structure, as in a normal compile.
 3. The parameters are split into *units*: one per repeated block (`transformer_blocks.7`,
    `single_transformer_blocks.30`, …) and one for everything else. For each unit: its tensors are read from the
-   checkpoint into the graph, the passes synthetic_calibration → smooth_weight_only (calibration
-   "weight-only") → compress → lower → fuse run through `run_passes` with only that unit's linears visible
-   (the others' annotations are set aside), every tensor the unit now has is appended to the archive
+   checkpoint into the graph, the unit passes (calibration and smoothing as below, compress, lower, fuse) run
+   through `run_passes` with only that unit's linears visible (the others' annotations are set aside), every
+   tensor the unit now has is appended to the archive
    (`StreamingArchive`) and replaced by a meta-device stand-in. Memory holds one block.
 4. The compiled graph becomes an ExportedProgram without a second trace (`program_from_graph`) and is written
    after the weights, with the same extra files `svdq_compiler.save` writes, so `svdq_compiler.load` opens the
    result like any graph.pt.
 
-Calibration. Running a 12B model on calibration inputs is not affordable here, so the streaming compile is
-data-free. `calibration` chooses what smoothing does without activation statistics:
+Calibration. `calibration` chooses what smoothing works from:
 - "none" (the default): λ = 1; the low-rank branch still absorbs the weights' outliers;
 - "weight-only": λ = 1/b^β from the weights' per-column ranges b, with β picked per group among `betas`
-  (0 included) by the smooth pass's own search on synthetic isotropic rows (standard normal; their GELU where
-  the layer reads a GELU output) — three SVDs per group more.
+  (0 included) by the smooth pass's own search on synthetic isotropic rows (`isotropic_calibration`, the
+  data-free calibration `calib_source="weights"` uses too) — three SVDs per group more;
+- "activations": real calibration inputs, block by block (`svdq_compiler.blockwise`): the unit passes are
+  calibrate_blocks → smooth (the activation-aware search of a normal compile) → compress → lower → fuse. The
+  rest of the model (embeddings, output head) is read first, stays resident while the blocks run, and is
+  compiled last; the units go in the order the graph runs them. Every block runs on every input, so this
+  costs the model's forward passes on the calibration set on top of the compile.
 The effect of each against the normal calibrated compile is measured by `tools/bench_streaming.py quality`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import ctypes
+import dataclasses
 import gc
 import logging
 import re
@@ -35,13 +40,15 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx
 
 from svdq_compiler.archive import StreamingArchive
+from svdq_compiler.blockwise import DEFAULT_MEMORY_BUDGET, REST_UNIT, BlockRunner, spill_summary, unit_of
 from svdq_compiler.config import QuantConfig
+from svdq_compiler.calibration import isotropic_calibration
 from svdq_compiler.checks import check_finite_weight
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError
 from svdq_compiler.ir import LAYERS_META, META_KEY, LinearInfo, annotated_linears, get_attr_value, set_attr_value
@@ -53,12 +60,10 @@ from svdq_compiler.sharded import ShardedCheckpoint
 
 log = logging.getLogger("svdq_compiler")
 
-CALIBRATIONS = ("none", "weight-only")
+CALIBRATIONS = ("none", "weight-only", "activations")
 DEFAULT_BETAS = (0.0, 0.25, 0.5)
 SYNTHETIC_ROWS = 64
-_BLOCK = re.compile(r"^([A-Za-z_][\w]*\.\d+)\.")
 _SPLIT_PART = re.compile(r"^(?P<base>.+)\.part(?P<index>\d+)\.weight$")
-REST_UNIT = "(model)"
 
 
 def peak_rss_bytes() -> int:
@@ -70,12 +75,6 @@ def current_rss_bytes() -> int:
     """The resident set size of this process now (Linux)."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
-
-
-def unit_of(target: str) -> str:
-    """The unit of an attribute: its repeated block (`transformer_blocks.7`), or the rest of the model."""
-    match = _BLOCK.match(target)
-    return match.group(1) if match else REST_UNIT
 
 
 @dataclass
@@ -180,12 +179,16 @@ def release_freed_memory() -> None:
         pass
 
 
-def flush_unit(gm: torch.fx.GraphModule, archive: StreamingArchive, record: UnitRecord) -> None:
-    """Append every real tensor of the graph (all of them belong to the unit just compiled) to the archive and
-    replace it with a meta-device stand-in of the same shape and dtype."""
+def flush_unit(gm: torch.fx.GraphModule, archive: StreamingArchive, record: UnitRecord,
+               resident: str | None = None) -> None:
+    """Append every real tensor of the graph but those of the unit `resident` (the rest of the model, whose
+    weights stay in memory while the blocks are calibrated and which is compiled last) to the archive, and
+    replace each with a meta-device stand-in of the same shape and dtype."""
     before = archive.bytes_written
     buffers = {name for name, _ in gm.named_buffers()}
     for name, tensor in list(real_tensors(gm)):
+        if resident is not None and unit_of(name) == resident:
+            continue
         archive.add(name, tensor)
         set_attr_value(gm, name, torch.empty_like(tensor, device=META), as_buffer=name in buffers)
     record.bytes_written = archive.bytes_written - before
@@ -212,35 +215,18 @@ class VisibleUnit:
             node.meta[META_KEY] = meta
 
 
-def synthetic_calibration(gm: torch.fx.GraphModule, rows: int, seed: int):
-    """Calibration statistics for the visible linears from synthetic isotropic inputs: standard normal rows
-    (GELU of them where a reader shifts its input, i.e. reads a GELU output)."""
-    from svdq_compiler.calibration import Calibration, SiteStats, isotropic_rows
-
-    generator = torch.Generator().manual_seed(seed)
-    sites: dict[str, SiteStats] = {}
-    for node, info in annotated_linears(gm):
-        if info.scheme is None or info.scheme.kind == "fp" or info.kind == "conv":
-            continue
-        x = node.args[0]
-        if x.name not in sites:
-            val = x.meta["val"]
-            sample = isotropic_rows(rows, val.shape[-1], generator, "tanh" if info.shift else None).to(val.dtype)
-            sites[x.name] = SiteStats(node=x.name, readers=[], minimum=sample.float().amin(0),
-                                      maximum=sample.float().amax(0), rows=sample,
-                                      priorities=torch.zeros(rows), rows_seen=rows)
-        sites[x.name].readers.append(info.name)
-    return Calibration(sites=sites, source=f"synthetic: {rows} isotropic rows per site (data-free streaming)",
-                       inputs=0, data_free=True)
-
-
-def unit_passes(calibration: str) -> list[Pass]:
-    """The passes each unit runs: synthetic calibration, data-free smoothing (none: λ = 1), compression, lower,
-    fuse."""
+def unit_passes(calibration: str, propagation: str = "fp") -> list[Pass]:
+    """The passes each unit runs: calibration (block by block from real inputs for "activations", else synthetic
+    rows), smoothing (activation-aware; weight-only; none: λ = 1), compression, lower, fuse; with quantized
+    propagation the compiled block then runs on the calibration inputs for the next blocks."""
+    if calibration == "activations":
+        names = ["calibrate_blocks", "smooth", "compress", "lower", "fuse"]
+        return [PASS_REGISTRY[name] for name in names + (["propagate_block"] if propagation == "quantized" else [])]
     rows = SYNTHETIC_ROWS if calibration == "weight-only" else 1  # only the smoothing search measures on them
 
     def synthetic(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        ctx.calibration = synthetic_calibration(gm, rows, ctx.config.calib_seed)
+        ctx.calibration = isotropic_calibration(gm, rows, ctx.config.calib_seed)
+        ctx.calibration.source = f"synthetic: {rows} isotropic rows per site (data-free streaming)"
         return PassResult(gm, False, {"rows": rows, "sites": len(ctx.calibration.sites)})
 
     calibrate = make_pass("synthetic_calibration", synthetic, requires=("linears",), produces=("calibration",),
@@ -283,12 +269,29 @@ def summed_stats(entries: list[dict[str, Any]]) -> dict[str, Any]:
 # ---- the driver -----------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _closing(runner: BlockRunner | None) -> Iterator[None]:
+    """Remove the block runner's spilled block inputs however the compile ends."""
+    try:
+        yield
+    finally:
+        if runner is not None:
+            runner.close()
+
+
 def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, *, calibration: str = "none",
                       betas: tuple[float, ...] = DEFAULT_BETAS, batch: int = 2, tokens: Any = None,
-                      dtype: torch.dtype | None = None,
+                      dtype: torch.dtype | None = None, calib_inputs: Iterable | None = None,
+                      input_seed: int | None = None,
+                      memory_budget: int = DEFAULT_MEMORY_BUDGET,
                       on_unit: Callable[[UnitRecord, int, int], None] | None = None) -> dict[str, Any]:
     """Compile the diffusers model folder `folder` to `out` (graph.pt) one block at a time; returns the report
-    (time per step, peak RSS, bytes read and written, per-unit records, pass statistics, per-layer report)."""
+    (time per step, peak RSS, bytes read and written, per-unit records, pass statistics, per-layer report).
+
+    calibration="activations" calibrates block by block (`svdq_compiler.blockwise`) on `calib_inputs` (keyword
+    dicts, as `PassContext.calib_inputs`), else on the adapter's `config.calib_prompts` × `config.calib_steps`
+    inputs at `tokens` image tokens (seeded by `input_seed`, default `config.calib_seed`); block inputs beyond
+    `memory_budget` bytes spill to disk."""
     from svdq_compiler import compile_report, parameter_bytes
     from svdq_compiler.report import layer_totals
     from svdq_compiler.serialize import REPORT_META, extra_files
@@ -309,7 +312,8 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
     step("validate checkpoint", began)
 
     began = time.perf_counter()
-    example = model.adapter.example_inputs(model.module, batch=batch, tokens=tokens, seed=config.calib_seed)
+    input_seed = config.calib_seed if input_seed is None else input_seed
+    example = model.adapter.example_inputs(model.module, batch=batch, tokens=tokens, seed=input_seed)
     gm = capture_on_meta(model.module, example, adapter=model.adapter)
     step("capture on meta", began)
 
@@ -317,23 +321,46 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
     began = time.perf_counter()
     gm = run_passes(gm, ctx, svdquant_pipeline(["annotate_linears"]))
     step("annotate", began)
-    passes = unit_passes(calibration)
+    passes = unit_passes(calibration, config.calib_propagation)
 
     units = unit_attributes(gm)
+    resident = None
+    if calibration == "activations":
+        began = time.perf_counter()
+        if calib_inputs is None:
+            calib_inputs = model.adapter.calib_inputs(model.module, config.calib_prompts, config.calib_steps,
+                                                      seed=input_seed, tokens=tokens)
+            source = f"adapter {model.adapter.name} ({config.calib_prompts} prompts x {config.calib_steps} steps)"
+        else:
+            source = "calib_inputs"
+        ctx.block_runner = BlockRunner(gm, config, calib_inputs, memory_budget=memory_budget,
+                                       source=f"{source}, block by block ({config.calib_propagation} propagation)")
+        # The rest of the model runs before the blocks (embeddings) and after them (output head): its weights
+        # are read first and stay resident, and it is compiled last, once every block has run.
+        resident = REST_UNIT
+        rest_record = UnitRecord(REST_UNIT)
+        load_unit(gm, units[REST_UNIT], checkpoint, rest_record)
+        rest_record.wall_s["read"] = round(time.perf_counter() - began, 3)
+        blocks = sorted((unit for unit in units if unit != REST_UNIT), key=ctx.block_runner.last_segment)
+        units = {unit: units[unit] for unit in blocks + [REST_UNIT]}  # in the order the graph runs them
+        step("calibration inputs", began)
     records: list[UnitRecord] = []
     pass_stats: dict[str, list] = {}
     layers: list[dict[str, Any]] = []
     began = time.perf_counter()
-    with StreamingArchive(out) as archive:
+    with StreamingArchive(out) as archive, _closing(ctx.block_runner):
         for index, (unit, targets) in enumerate(units.items()):
             record = UnitRecord(unit)
             unit_start = time.perf_counter()
-            load_unit(gm, targets, checkpoint, record)
-            record.wall_s["read"] = round(time.perf_counter() - unit_start, 3)
+            if unit == resident:
+                record = rest_record  # read before the blocks ran
+            else:
+                load_unit(gm, targets, checkpoint, record)
+                record.wall_s["read"] = round(time.perf_counter() - unit_start, 3)
             with VisibleUnit(gm, unit):
                 layers += run_unit(gm, ctx, passes, record, pass_stats)
             write_start = time.perf_counter()
-            flush_unit(gm, archive, record)
+            flush_unit(gm, archive, record, None if unit == resident else resident)
             release_freed_memory()
             record.wall_s["write"] = round(time.perf_counter() - write_start, 3)
             record.rss_bytes = current_rss_bytes()
@@ -358,6 +385,9 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
         report = compile_report(gm, config, ctx.records)
         report["streaming"] = {
             "calibration": calibration, "betas": list(betas) if calibration == "weight-only" else None,
+            "block_calibration": None if ctx.block_runner is None else {
+                "source": ctx.block_runner.source, "propagation": config.calib_propagation,
+                **spill_summary(ctx.block_runner)},
             "checkpoint_bytes": checkpoint.total_bytes, "dtype": str(dtype).removeprefix("torch."),
             "units": [record.__dict__ for record in records], "steps_s": steps,
         }

@@ -408,6 +408,21 @@ def members_by_group(gm: torch.fx.GraphModule, keep) -> dict[str, list[tuple[tor
     return groups
 
 
+def unmet_in_groups(gm: torch.fx.GraphModule, select, holds, problem: str) -> list[str]:
+    """A per-layer contract over the members of the groups `select` picks: "<layer>: <problem>" for every member
+    whose annotation `holds` rejects (the passes' `ensures`)."""
+    return [f"{info.name}: {problem}" for members in members_by_group(gm, select).values()
+            for _, info in members if not holds(info)]
+
+
+def every_quantized_weight_stored(gm: torch.fx.GraphModule, ctx) -> list[str]:
+    """The contract of the passes that produce `quantized` (quantize_weights, compress): every non-16-bit layer's
+    weight has its QTensor in `ctx.quantized`."""
+    return [f"{info.name}: scheme {info.scheme.describe()} but no quantized weight"
+            for _, info in annotated_linears(gm) if info.scheme is not None and info.scheme.kind != "fp"
+            and info.weight not in ctx.quantized]
+
+
 def group_problem(gm: torch.fx.GraphModule, members: list[tuple[torch.fx.Node, LinearInfo]], calibration,
                   scheme: Scheme) -> GroupProblem:
     """The GroupProblem of the group's current graph state: weights are divided back by λ where smoothed, so

@@ -175,6 +175,33 @@ def test_a_failure_after_the_compile_leaves_no_report_dumps_or_calibration(tmp_p
     assert left_behind(tmp_path) == []
 
 
+def write_onnx_with_external_data(gm, path, form):
+    """What export_onnx writes for a large model: the model, and its external data beside it."""
+    Path(path).write_bytes(b"onnx model naming " + f"{Path(path).name}.data".encode())
+    Path(f"{path}.data").write_bytes(b"weights")
+    return path
+
+
+def test_the_onnx_model_appears_with_the_other_outputs(tmp_path, monkeypatch):
+    monkeypatch.setattr(svdq_compiler, "export_onnx", write_onnx_with_external_data)
+    assert compile_main(QUICK + all_outputs(tmp_path) + ["--onnx", str(tmp_path / "g.onnx")]) == 0
+    assert left_behind(tmp_path) == ["c.safetensors", "g.onnx", "g.onnx.data", "g.pt", "ir", "r.json"]
+    assert (tmp_path / "g.onnx").read_bytes() == b"onnx model naming g.onnx.data"
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["onnx"]["path"] == str(tmp_path / "g.onnx") and report["onnx"]["bytes"] == 29
+
+
+def test_a_failure_after_the_onnx_export_leaves_no_onnx_model(tmp_path, capsys, monkeypatch):
+    def export_then_fail(gm, path, form):
+        write_onnx_with_external_data(gm, path, form)
+        raise InputError("no space left on the device", where=str(path), fix="free some space")
+
+    monkeypatch.setattr(svdq_compiler, "export_onnx", export_then_fail)
+    assert compile_main(QUICK + all_outputs(tmp_path) + ["--onnx", str(tmp_path / "g.onnx")]) == 2
+    assert "no space left" in one_line_error(capsys)
+    assert left_behind(tmp_path) == []  # neither the ONNX model nor its data, nor any other output
+
+
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
     from svdq_compiler.files import exclusive_output

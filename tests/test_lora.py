@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import svdq_compiler
+from svdq_compiler.dropin import graph_module_of
 from svdq_compiler.ir import get_attr_value
 from svdq_compiler.lora import (LoraError, applied_loras, apply_lora, find_layers, read_lora, remove_lora,
                                 set_lora_strength)
@@ -38,6 +39,18 @@ def compiled():
     gm = svdq_compiler.compile(fp, adapter.example_inputs(fp, batch=2), config,
                                calib_inputs=adapter.calib_inputs(fp, 1, 2, seed=0, batch=2))
     inputs = adapter.calib_inputs(fp, 1, 2, seed=99, batch=2)
+    return fp, gm, inputs
+
+
+@pytest.fixture(scope="module")
+def lowered(compiled):
+    """The same model compiled without fuse: the reference svdq ops and the branch as aten.linear nodes."""
+    fp, _, inputs = compiled
+    adapter = adapter_for(fp)
+    config = svdq_compiler.QuantConfig.preset("int4", smooth_grid=4, calib_rows=64)
+    steps = [name for name, _ in svdq_compiler.pipeline.SVDQUANT_STEPS if name != "fuse"]
+    gm = svdq_compiler.compile(fp, adapter.example_inputs(fp, batch=2), config, passes=steps,
+                               calib_inputs=adapter.calib_inputs(fp, 1, 2, seed=0, batch=2))
     return fp, gm, inputs
 
 
@@ -73,6 +86,35 @@ def outputs(model, inputs):
 
 def rel(a, b):
     return float((a - b).norm() / b.norm())
+
+
+def tapped(gm, layer):
+    """A copy of `gm` that records the input of `layer`'s weight-only op and the output of the node that sums its
+    branch (kernel W itself in the fused form) on every run, for `layer_io`."""
+    gm = copy.deepcopy(gm)
+    layers = find_layers(gm)
+    op = layers.weight_only[layer].node
+    consumer = layers.branched[layer][2].node
+    output = consumer if consumer is op else next(user for user in consumer.users if op in user.all_input_nodes)
+    for key, node in (("x", op.args[0]), ("y", output)):
+        with gm.graph.inserting_after(node):
+            gm.graph.call_function(_tap, (key, node))
+    gm.recompile()
+    return gm
+
+
+def layer_io(gm, inputs):
+    """(input, output) of the layer `gm` taps (`tapped`) over `inputs`, rows flattened."""
+    _TAPPED.clear()
+    outputs(gm, inputs)
+    return tuple(torch.cat([t.float().flatten(0, -2) for t in _TAPPED[key]]) for key in ("x", "y"))
+
+
+_TAPPED: dict[str, list[torch.Tensor]] = {}
+
+
+def _tap(key: str, value: torch.Tensor) -> None:
+    _TAPPED.setdefault(key, []).append(value.detach().clone())
 
 
 def test_find_layers_sees_every_kind_of_linear(compiled):
@@ -195,6 +237,47 @@ def test_shape_mismatch_is_an_error(compiled):
         apply_lora(gm, state)
 
 
+WEIGHT_ONLY = "transformer_blocks.0.norm1.linear"  # AdaLN: W4A16, with the rank-32 branch the policy kept
+
+
+@pytest.mark.parametrize("form", ["compiled", "lowered"])
+def test_a_weight_only_layer_with_a_branch_takes_the_lora_in_that_branch(form, request):
+    fp, compiled_gm, inputs = request.getfixturevalue(form)
+    layers = find_layers(compiled_gm)
+    assert WEIGHT_ONLY in layers.weight_only and WEIGHT_ONLY in layers.branched
+    branch, _, consumer = layers.branched[WEIGHT_ONLY]
+    base_rank = get_attr_value(compiled_gm, consumer.up).shape[1]
+    gm = tapped(compiled_gm, WEIGHT_ONLY)  # (a graph with LoRAs applied cannot be deep-copied)
+    base, reference = outputs(gm, inputs), outputs(fp, inputs)
+    own = rel(base, reference)
+    x, y = layer_io(gm, inputs)
+    state = make_lora(fp, [WEIGHT_ONLY], rank=4, scale=0.1)
+    down, up = (state[f"transformer.{WEIGHT_ONLY}.lora_{side}.weight"] for side in "AB")
+    apply_lora(gm, state, name="style")
+    # the layer adds exactly the dense LoRA x·Aᵀ·Bᵀ to what it computed (the branch reads x/λ where it smooths)
+    x_lora, y_lora = layer_io(gm, inputs)
+    assert torch.equal(x_lora, x)
+    assert rel(y_lora - y, x @ down.T @ up.T) < 1e-4
+    assert rel(outputs(gm, inputs), outputs(merged(fp, (state, 1.0)), inputs)) < 1.15 * own
+    # the rows joined the layer's own branch (no second branch beside it); the weight-only kernel's spec follows
+    assert get_attr_value(gm, branch.down).shape[0] == get_attr_value(compiled_gm, branch.down).shape[0] + 4
+    assert get_attr_value(gm, consumer.up).shape[1] == base_rank + 4
+    assert torch.equal(get_attr_value(gm, f"{WEIGHT_ONLY}.qweight"),
+                       get_attr_value(compiled_gm, f"{WEIGHT_ONLY}.qweight"))
+    kernel_w = find_layers(gm).weight_only[WEIGHT_ONLY].node
+    if form == "compiled":
+        parse_spec = pytest.importorskip("svdq_compiler.codegen.spec").parse_spec
+        assert parse_spec(kernel_w.args[-1]).rank == base_rank + 4
+        assert kernel_w.meta["val"].shape == compiled_gm.graph.find_nodes(
+            op="call_function", target=kernel_w.target)[0].meta["val"].shape
+    set_lora_strength(gm, "style", -0.5)
+    assert rel(layer_io(gm, inputs)[1] - y, -0.5 * x @ down.T @ up.T) < 1e-4
+    remove_lora(gm, "style")
+    assert torch.equal(outputs(gm, inputs), base)
+    for name, tensor in compiled_gm.state_dict().items():
+        assert torch.equal(gm.state_dict()[name], tensor), name
+
+
 @pytest.mark.slow
 def test_lora_survives_save_and_load_and_runs_the_kernels(compiled, tmp_path):
     fp, compiled_gm, inputs = compiled
@@ -204,6 +287,11 @@ def test_lora_survives_save_and_load_and_runs_the_kernels(compiled, tmp_path):
     expected = outputs(gm, inputs)
     reloaded = svdq_compiler.load(svdq_compiler.save(gm, tmp_path / "with-lora.pt"))
     assert torch.equal(outputs(reloaded, inputs), expected)
+    assert applied_loras(reloaded) == {"style": 1.0}
+    # the weight-only layer's own branch carries its LoRA rows again after loading
+    rank = get_attr_value(compiled_gm, find_layers(compiled_gm).branched[WEIGHT_ONLY][2].up).shape[1]
+    loaded_gm = graph_module_of(reloaded)
+    assert get_attr_value(loaded_gm, find_layers(loaded_gm).branched[WEIGHT_ONLY][2].up).shape[1] == rank + 4
     kernel_backend = pytest.importorskip("svdq_compiler.codegen.fused_ops").kernel_backend
     with torch.no_grad(), kernel_backend("triton"):  # the generated kernels at the new ranks (interpreter on CPU)
         kernels = torch.cat([gm(**x)[0].float() for x in inputs[:1]])

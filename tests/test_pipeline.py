@@ -78,7 +78,7 @@ def test_missing_requirement_is_a_clear_error(captured, temp_passes):
     _, gm = captured
     needy = temp_passes("t_needy", lambda gm, ctx: PassResult(gm, False), requires=("calibration",))
     ctx = PassContext(config=svdq_compiler.QuantConfig.preset("int4"))
-    with pytest.raises(InputError, match="reads \\['calibration'\\].*run calibrate first"):
+    with pytest.raises(InputError, match="reads \\['calibration'\\].*run calibrate(, calibrate_blocks)? first"):
         run_passes(gm, ctx, [needy])
 
 

@@ -17,6 +17,7 @@ from scale_fixtures import TINY_FLUX, write_tiny_flux
 from svdq_compiler.config import QuantConfig
 from svdq_compiler.errors import CheckpointError
 from svdq_compiler.models import adapter_for, adapter_for_class
+from svdq_compiler.pipeline import PASS_REGISTRY, PassContext, run_passes
 from svdq_compiler.streaming import compile_streaming, unit_of
 
 DTYPE = "bfloat16"
@@ -83,6 +84,32 @@ def test_streamed_graph_loads_and_runs_close_to_the_fp_model(folder, streamed):
             layer["scheme"]} == {32}
 
 
+def test_block_wise_calibration_equals_the_in_memory_compile(folder, tmp_path):
+    """Calibrated block by block, with every block input spilled to disk, the streamed compile writes the very
+    tensors (λ, branches, packed weights) of the same passes run in memory on the whole model calibrated at once."""
+    model = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
+    adapter = adapter_for(model)
+    calib = adapter.calib_inputs(model, 2, 2, seed=3, tokens=16)
+    config = QuantConfig.preset("int4").replace(svd="randomized", calib_rows=32)
+    out = tmp_path / "blockwise.pt"
+    report = compile_streaming(folder, out, config, calibration="activations", calib_inputs=calib, tokens=16,
+                               memory_budget=0)
+    example = adapter.example_inputs(model, batch=2, tokens=16)
+    ctx = PassContext(config=config, example_inputs=example, calib_inputs=calib, adapter=adapter, model=model)
+    in_memory = run_passes(svdq_compiler.capture(model, example), ctx, [PASS_REGISTRY[name] for name in (
+        "annotate_linears", "calibrate", "smooth", "compress", "lower", "fuse")]).state_dict()
+    streamed = {name.removeprefix("graph_module."): t for name, t in svdq_compiler.load(out).state_dict().items()}
+    assert sorted(streamed) == sorted(in_memory)
+    assert [name for name in in_memory if not torch.equal(in_memory[name], streamed[name])] == []
+    smoothed = [t for name, t in in_memory.items() if name.endswith(".smooth")]
+    assert smoothed and any(not torch.all(t == 1) for t in smoothed)  # activation-aware λ, not the data-free 1
+    stream = report["streaming"]
+    assert [u["name"] for u in stream["units"]] == ["transformer_blocks.0", "single_transformer_blocks.0", "(model)"]
+    block_calibration = stream["block_calibration"]
+    assert block_calibration["inputs"] == 4 and block_calibration["propagation"] == "fp"
+    assert block_calibration["spilled_bytes"] > 0 and block_calibration["peak_memory_bytes"] == 0
+
+
 @pytest.mark.slow
 def test_streaming_is_deterministic(folder, streamed, tmp_path):
     """Two streaming compiles of one folder write the same tensors."""
@@ -95,15 +122,18 @@ def test_streaming_is_deterministic(folder, streamed, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_streams_a_folder_and_reports(folder, tmp_path):
+@pytest.mark.parametrize("smoothing, how", [("none", "none smoothing, data-free"),
+                                            ("activations", "activations smoothing, calibrated block by block on 2")])
+def test_cli_streams_a_folder_and_reports(folder, tmp_path, smoothing, how):
     out, report_path = tmp_path / "g.pt", tmp_path / "report.json"
     done = subprocess.run([str(Path(sys.executable).parent / "svdq-compile"), str(folder), "--out", str(out), "--stream",
-                           "on", "--stream-smoothing", "none", "--report", str(report_path)],
-                          capture_output=True, text=True)
+                           "on", "--stream-smoothing", smoothing, "--calib-prompts", "1", "--calib-steps", "2",
+                           "--tokens", "16", "--report", str(report_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "streamed 3 units" in done.stdout and "peak RSS" in done.stdout
+    assert "streamed 3 units" in done.stdout and how in done.stdout and "peak RSS" in done.stdout
     report = json.loads(report_path.read_text())
     assert report["streaming"]["output_bytes"] == out.stat().st_size
+    assert (report["streaming"]["block_calibration"] is not None) == (smoothing == "activations")
 
 
 def test_missing_shard_fails_before_any_work(folder, tmp_path):

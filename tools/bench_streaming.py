@@ -2,6 +2,8 @@
 
     python tools/bench_streaming.py quality --model random:flux      # data-free streaming vs calibrated compile
     python tools/bench_streaming.py full --folder /work/bigdata/flux-random --out /work/bigdata/flux12b.pt
+    python tools/bench_streaming.py full --folder /work/bigdata/flux-random --out /work/bigdata/flux12b.pt \
+        --smoothing activations --result bench/results/stream-flux12b-calibrated.json   # 4 prompts x 2 steps
 
 `quality`: the same weights compiled three ways — the normal compile calibrated on the adapter's inputs, and
 the streaming compile (from a diffusers folder of those weights) with weight-only smoothing and with no
@@ -11,7 +13,8 @@ draws with each against the fp model's (8 prompts, fixed seeds). Writes
 bench/results/streaming-quality-<model>.json.
 
 `full`: one streaming compile of a (large) diffusers folder in this process: wall time per step, peak RSS,
-checkpoint and output bytes. Writes bench/results/scale-<name>.json. Run it alone, in the background, on a
+checkpoint and output bytes; with `--smoothing activations` block-wise calibration on the adapter's
+`--calib-prompts` x `--calib-steps` inputs of `--tokens` image tokens. Writes bench/results/scale-<name>.json. Run it alone, in the background, on a
 machine as quiet as you can get: the load average at start and end is recorded with the numbers.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +34,7 @@ from eval_quality import compare, first_output
 
 import svdq_compiler
 from svdq_compiler.config import QuantConfig
+from svdq_compiler.files import write_json
 from svdq_compiler.streaming import compile_streaming
 
 
@@ -102,18 +107,34 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
 def full(args: argparse.Namespace) -> None:
     load_start = os.getloadavg()
     start = time.perf_counter()
+    path = Path(args.result or f"bench/results/scale-{Path(args.folder).name}.json")
+    progress: dict = {"benchmark": "streaming-compile", "complete": False, "folder": str(args.folder),
+                      "preset": args.preset, "smoothing": args.smoothing, "nice": os.nice(0),
+                      "load_average_start": load_start, "unit_s": {}, "rss_after_unit_gib": {}}
 
     def on_unit(record, index, total):
         print(f"{time.perf_counter() - start:7.1f}s  {index + 1}/{total} {record.name}: {record.wall_s}, resident "
               f"{record.rss_bytes / 2**30:.2f} GiB", flush=True)
+        # A run cut short still leaves what it measured: the result file is rewritten after every unit.
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        progress["unit_s"][record.name] = record.wall_s
+        progress["rss_after_unit_gib"][record.name] = round(record.rss_bytes / 2**30, 2)
+        progress.update(units_done=index + 1, units_total=total, elapsed_s=round(time.perf_counter() - start, 1),
+                        cpu_s=round(usage.ru_utime + usage.ru_stime, 1),
+                        peak_rss_gib=round(usage.ru_maxrss * 1024 / 2**30, 2), machine=machine())
+        write_json(path, progress, "benchmark progress")
 
-    report = compile_streaming(args.folder, args.out, QuantConfig.preset(args.preset), calibration=args.smoothing,
+    config = QuantConfig.preset(args.preset).replace(calib_prompts=args.calib_prompts, calib_steps=args.calib_steps)
+    report = compile_streaming(args.folder, args.out, config, calibration=args.smoothing, tokens=args.tokens,
                                on_unit=on_unit)
     load_end = os.getloadavg()
     streaming = report["streaming"]
     result = {
-        "benchmark": "streaming-compile", "folder": str(args.folder), "preset": args.preset,
+        "benchmark": "streaming-compile", "complete": True, "folder": str(args.folder), "preset": args.preset,
         "smoothing": args.smoothing, "torch_threads": torch.get_num_threads(), "nice": os.nice(0),
+        "block_calibration": streaming["block_calibration"] and {
+            **streaming["block_calibration"], "calib_prompts": args.calib_prompts, "calib_steps": args.calib_steps,
+            "image_tokens": args.tokens, "calib_rows": config.calib_rows},
         "wall_s": streaming["wall_s"], "cpu_s": streaming["cpu_s"], "peak_rss_bytes": streaming["peak_rss_bytes"],
         "peak_rss_gib": round(streaming["peak_rss_bytes"] / 2**30, 2),
         "checkpoint_bytes": streaming["checkpoint_bytes"], "checkpoint_dtype": streaming["dtype"],
@@ -125,7 +146,6 @@ def full(args: argparse.Namespace) -> None:
         "parameters": sum(layer["in_features"] * layer["out_features"] for layer in report["linears"]),
         "load_average_start": load_start, "load_average_end_of_compile": load_end, "machine": machine(),
     }
-    path = Path(args.result or f"bench/results/scale-{Path(args.folder).name}.json")
     write_result(result, path)  # the compile's numbers first: the check below loads the whole graph
     if not args.check:
         return
@@ -166,7 +186,11 @@ def main() -> None:
     f.add_argument("--folder", type=Path, required=True)
     f.add_argument("--out", type=Path, required=True)
     f.add_argument("--preset", default="int4")
-    f.add_argument("--smoothing", default="none", choices=("none", "weight-only"))
+    f.add_argument("--smoothing", default="none", choices=("none", "weight-only", "activations"),
+                   help="activations: block-wise calibration on the adapter's inputs, activation-aware smoothing")
+    f.add_argument("--calib-prompts", type=int, default=4, help="activations: prompts (x steps = samples)")
+    f.add_argument("--calib-steps", type=int, default=2, help="activations: denoising steps per prompt")
+    f.add_argument("--tokens", type=int, default=256, help="image tokens of the calibration inputs")
     f.add_argument("--result")
     f.add_argument("--check", action="store_true", help="then load the graph and run a few tokens through it")
     args = parser.parse_args()

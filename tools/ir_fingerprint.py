@@ -101,6 +101,11 @@ def models_by_preset(models: list[str], presets: list[str]) -> dict[str, dict]:
                 gm = svdq_compiler.compile(model, inputs, config)
                 results[f"{name} {preset}"] = fingerprint(gm, check)
                 print(f"{name} {preset}: {results[f'{name} {preset}']}", flush=True)
+            # the data-free calibration (isotropic rows, as the torch.compile backend uses without inputs)
+            config = svdq_compiler.QuantConfig.preset(presets[0], calib_source="weights", **TINY)
+            key = f"{name} {presets[0]} calib_source=weights"
+            results[key] = fingerprint(svdq_compiler.compile(model, inputs, config), check)
+            print(f"{key}: {results[key]}", flush=True)
     return results
 
 

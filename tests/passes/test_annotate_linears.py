@@ -196,3 +196,30 @@ def test_flux_roles_match_the_reference_recipe():
     assert by_role["mlp_down"] == {double + "ff.net.2", double + "ff_context.net.2", single + "proj_out.part1"}
     # The single block's q, k, v and proj_mlp read one normalized input: one smoothing group (as the reference).
     assert len({infos[single + n].group for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}) == 1
+
+
+def test_annotate_linears_alone_on_a_hand_built_mlp():
+    """Before: x @ Wᵀ (aten.t + aten.matmul), a LayerNorm'd GELU MLP with a residual, a final linear.
+    Expected: the matmul is an aten.linear; the roles embed (reads the graph input), mlp_up (feeds the GELU),
+    mlp_down (reads it: unsigned activations) and final (feeds the output), the int4 preset's schemes, one
+    group per linear; the same function."""
+    from hand_built import ProjectedMlp, context, run_one
+    from torch.testing import FileCheck
+
+    import svdq_compiler
+    from svdq_compiler.ir import format_ir
+
+    torch.manual_seed(0)
+    model, x = ProjectedMlp().eval(), torch.randn(8, 64)
+    gm = svdq_compiler.capture(model, (x,), dynamic_shapes=None)
+    gm = run_one(gm, context(available=()), "annotate_linears")
+    FileCheck().check("# svdq: w role=embed group=w scheme=fp16 skip=role embed is kept 16-bit") \
+        .check("linear_default = torch.ops.aten.linear.default(x, w, None)").check("aten.layer_norm") \
+        .check("# svdq: fc1 role=mlp_up group=fc1 scheme=W:int4/g64 A:int4/g64 +smooth +r32") \
+        .check("torch.ops.aten.linear.default(layer_norm, fc1_weight, fc1_bias)").check("aten.gelu") \
+        .check("# svdq: fc2 role=mlp_down group=fc2 scheme=W:int4/g64 A:uint4/g64 +smooth +r32") \
+        .check("torch.ops.aten.linear.default(gelu, fc2_weight, fc2_bias)") \
+        .check("# svdq: out role=final group=out scheme=fp16").check("linear.default(add, out_weight, out_bias)") \
+        .run(format_ir(gm))
+    FileCheck().check_not("aten.matmul").check_not("aten.t.default").run(format_ir(gm))
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)

@@ -128,3 +128,51 @@ def test_every_linear_reading_a_site_is_listed_once():
     readers = [r for s in ctx.calibration.sites.values() for r in s.readers]
     quantized = [i.name for _, i in annotated_linears(gm) if i.scheme.kind != "fp"]
     assert sorted(readers) == sorted(quantized)
+
+
+def test_calibrate_alone_on_a_hand_annotated_graph():
+    """Before: a, b read x and c reads their sum, annotated by hand. Expected: the graph unchanged (format_ir
+    byte for byte) and one site per tensor read, holding the exact ranges and every row of the two inputs."""
+    from hand_built import W4A4, SharedInput, before, context, run_one
+
+    from svdq_compiler.ir import format_ir
+
+    torch.manual_seed(0)
+    model, inputs = SharedInput(), [(torch.randn(4, 64),), (torch.randn(4, 64),)]
+    gm = before(model, inputs[0][0], {"a": W4A4, "b": W4A4, "c": W4A4}, groups={"b": "a"})
+    text = format_ir(gm)
+    ctx = context(calib_inputs=inputs)
+    gm = run_one(gm, ctx, "calibrate")
+    assert format_ir(gm) == text
+    sites = ctx.calibration.sites
+    assert sorted(sites) == ["add", "x"] and sites["x"].readers == ["a", "b"] and sites["add"].readers == ["c"]
+    with torch.no_grad():
+        seen = {"x": torch.cat([x for x, in inputs]), "add": torch.cat([model.a(x) + model.b(x) for x, in inputs])}
+    for name, rows in seen.items():
+        torch.testing.assert_close(sites[name].minimum, rows.amin(0))
+        torch.testing.assert_close(sites[name].maximum, rows.amax(0))
+        assert sites[name].rows_seen == 8 and sites[name].rows.shape == (8, rows.shape[1])
+
+
+@pytest.mark.parametrize("gelu", ["tanh", "none"])
+def test_data_free_rows_follow_the_graphs_own_gelu(gelu):
+    """calib_source="weights": a post-GELU input that the layer shifts (unsigned INT4) gets the GELU the graph
+    computes, tanh or erf (the calibrate pass once used erf and the streaming compile tanh, for every model);
+    every other input keeps standard normal rows. Ranges are the rows'."""
+    from hand_built import ProjectedMlp, context, run_one
+
+    torch.manual_seed(0)
+    model, x = ProjectedMlp(gelu), torch.randn(8, 64)
+    gm = svdq_compiler.capture(model.eval(), (x,), dynamic_shapes=None)
+    ctx = context(available=(), config=svdq_compiler.QuantConfig.preset("int4", calib_source="weights",
+                                                                         calib_rows=16))
+    for name in ("annotate_linears", "calibrate"):
+        gm = run_one(gm, ctx, name)
+    sites = ctx.calibration.sites
+    assert sorted(sites) == ["gelu", "layer_norm"] and ctx.calibration.data_free
+    generator = torch.Generator().manual_seed(ctx.config.calib_seed)
+    plain = torch.randn(16, 64, generator=generator)  # fc1's input, drawn first (graph order)
+    torch.rand(16, generator=generator)  # its reservoir keys
+    shifted = torch.nn.functional.gelu(torch.randn(16, 128, generator=generator), approximate=gelu)
+    assert torch.equal(sites["layer_norm"].rows, plain) and torch.equal(sites["gelu"].rows, shifted)
+    assert torch.equal(sites["gelu"].minimum, shifted.amin(0)) and sites["gelu"].rows_seen == 16

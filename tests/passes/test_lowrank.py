@@ -104,3 +104,35 @@ def test_refinement_keeps_the_best_iterate_and_stops_early():
     assert len(unstopped) == len(history) + 2 and unstopped[:len(history)] == pytest.approx(history)
     _, results = prepared(model, CALIB[0], CALIB, passes=PASSES, iterations=4)[1:]
     assert results["lowrank"].stats["error_vs_first_median"] < 1.0
+
+
+def test_lowrank_alone_on_a_hand_annotated_group():
+    """Before: a and b read x (group "a", rank 8, no smoothing), annotated by hand with a hand-made calibration.
+    Expected: per linear x·L2ᵀ, ·L1ᵀ and an add after the residual linear (separate L2s: only smoothed q/k/v
+    share one); c untouched; the same function up to fp32 rounding (R + L1·L2 = W)."""
+    import dataclasses
+
+    from hand_built import W4A4, SharedInput, before, calibration_of, context, outlier_rows, run_one
+    from torch.testing import FileCheck
+
+    from svdq_compiler.ir import format_ir
+
+    torch.manual_seed(0)
+    model, x = SharedInput(), torch.randn(4, 64)
+    scheme = dataclasses.replace(W4A4, smooth=False)
+    gm = before(model, x, {"a": scheme, "b": scheme}, groups={"b": "a"})
+    ctx = context(calibration=calibration_of(gm, {"x": outlier_rows()}), available=("linears", "calibration"))
+    gm = run_one(gm, ctx, "lowrank")
+    FileCheck().check("# svdq: lora_down for a") \
+        .check("linear_default = torch.ops.aten.linear.default(x, a_lora_down)") \
+        .check("# svdq: a role=other group=a").check("rank=8") \
+        .check("linear = torch.ops.aten.linear.default(x, a_weight, a_bias)").check("# svdq: lora_up for a") \
+        .check("linear_default_1 = torch.ops.aten.linear.default(linear_default, a_lora_up)") \
+        .check("# svdq: lora_add for a").check("torch.ops.aten.add.Tensor(linear, linear_default_1)") \
+        .check("# svdq: lora_down for b").check("# svdq: b role=other group=a").check("# svdq: lora_add for b") \
+        .check("torch.ops.aten.linear.default(add, c_weight").run(format_ir(gm))
+    from svdq_compiler.ir import get_attr_value
+
+    assert get_attr_value(gm, "b.lora_down").shape == (8, 64) and get_attr_value(gm, "b.lora_up").shape == (32, 8)
+    assert not torch.equal(get_attr_value(gm, "a.weight"), model.a.weight)  # the weight is now the residual
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)

@@ -89,3 +89,42 @@ def test_weight_only_layers_get_awq_and_a_branch_where_they_pay():
     ada = by_name(strict)["blocks.0.ada"]
     assert ada.scheme.weight == "int8" and ada.scheme.act is None and "→ W:int8/ch A:16" in ada.fallback
     assert ada.errors["output_rel"] <= 0.01
+
+
+def test_a_branch_without_smoothing_is_measured_on_the_residual_it_leaves():
+    """With no smoothing the compiled form is W − L1·L2 plus the branch: the branch counts once, so it is close to
+    plain quantization (counting it twice, on top of the full weight, gave errors near 1)."""
+    model = outlier_dit()
+    gm, _, _ = prepared(model, CALIB[0], CALIB, passes=PASSES, smooth="none", weight_only_rank=4,
+                        weight_only_error=0.2)
+    ada = by_name(gm)["blocks.0.ada"]
+    measured = {label: float(error) for label, error in
+                (part.rsplit(" ", 1) for part in ada.choice.split(": ", 1)[1].split(", "))}
+    assert set(measured) == {"plain", "+r4"}
+    assert measured["+r4"] < 1.5 * measured["plain"] < 0.3
+
+
+def test_quantize_weights_alone_on_a_hand_annotated_linear():
+    """Before: a (W4A4, no smoothing or branch) annotated by hand, a hand-made calibration; b and c 16-bit.
+    Expected: a.weight's QTensor in ctx.quantized and its dequantized value in the graph, the measured output
+    error in a's annotation; the graph's structure unchanged; b and c untouched."""
+    import dataclasses
+
+    from hand_built import W4A4, SharedInput, before, calibration_of, context, outlier_rows, run_one
+    from torch.testing import FileCheck
+
+    from svdq_compiler.ir import format_ir
+
+    torch.manual_seed(0)
+    model, x = SharedInput(), torch.randn(4, 64)
+    gm = before(model, x, {"a": dataclasses.replace(W4A4, smooth=False, rank=0)})
+    code_before = gm.code
+    ctx = context(calibration=calibration_of(gm, {"x": outlier_rows()}), available=("linears", "calibration"))
+    gm = run_one(gm, ctx, "quantize_weights")
+    FileCheck().check("# svdq: a role=other group=a scheme=W:int4/g64 A:int4/g64").check("output_rel=") \
+        .check("torch.ops.aten.linear.default(x, a_weight") \
+        .check_not("# svdq").run(format_ir(gm))
+    assert gm.code == code_before and sorted(ctx.quantized) == ["a.weight"]
+    assert torch.equal(get_attr_value(gm, "a.weight"), dequantize(ctx.quantized["a.weight"]))
+    assert not torch.equal(get_attr_value(gm, "a.weight"), model.a.weight)
+    assert torch.equal(get_attr_value(gm, "b.weight"), model.b.weight)

@@ -155,3 +155,28 @@ def test_search_ranks_on_a_row_subset_and_reports_errors_on_every_row():
         float(on_all.min()), rel=1e-5)
     # A candidate list without λ = 1 (weight-only smoothing) has no identity error.
     assert search(problem, act, candidates[1:], 32, "randomized", 0, search_rows=32)[3] is None
+
+
+def test_smooth_alone_on_a_hand_annotated_group():
+    """Before: a and b read x and form group "a" (annotated by hand), c reads their sum and stays 16-bit;
+    calibration holds rows with outlier channels 3 and 17 (no other pass ran). Expected: one x / a.smooth,
+    annotated for a and b, that both linears read; c untouched; the same function (W·diag(λ) on x/λ)."""
+    from hand_built import W4A4, SharedInput, before, calibration_of, context, outlier_rows, run_one
+    from torch.testing import FileCheck
+
+    from svdq_compiler.ir import format_ir
+
+    torch.manual_seed(0)
+    model, x = SharedInput(), torch.randn(4, 64)
+    gm = before(model, x, {"a": W4A4, "b": W4A4}, groups={"b": "a"})
+    ctx = context(calibration=calibration_of(gm, {"x": outlier_rows()}), available=("linears", "calibration"))
+    gm = run_one(gm, ctx, "smooth")
+    FileCheck().check("a_smooth = self.a.smooth").check("# svdq: smooth_div for a, b") \
+        .check("div_tensor = torch.ops.aten.div.Tensor(x, a_smooth)").check("# svdq: a role=other group=a") \
+        .check("α=").check("torch.ops.aten.linear.default(div_tensor, a_weight") \
+        .check("torch.ops.aten.linear.default(div_tensor, b_weight") \
+        .check("torch.ops.aten.linear.default(add, c_weight").run(format_ir(gm))
+    FileCheck().check_count("aten.div", 1, exactly=True).run(format_ir(gm))
+    smooth = gm.get_buffer("a.smooth")
+    assert smooth[3] > 4 * smooth.median() and smooth[17] > 4 * smooth.median()  # the outliers are divided down
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
