@@ -121,9 +121,13 @@ def test_a_prompts_file_gives_every_prompt(flux_folder, tmp_path):
 
 def test_a_model_folder_keeps_random_conditioning_and_says_why(flux_folder, tmp_path, capsys):
     assert compile_main([str(flux_folder / "transformer"), "--out", str(tmp_path / "g.pt"), "--calib-prompts", "1",
-                         "--calib-steps", "1", "--passes", "annotate_linears,calibrate"]) == 0
+                         "--calib-steps", "1", "--passes", "annotate_linears,calibrate",
+                         "--report", str(tmp_path / "r.json")]) == 0
     summary = capsys.readouterr().out
     assert "calibration: random conditioning" in summary and "not a pipeline folder" in summary
+    calibration = json.loads((tmp_path / "r.json").read_text())["calibration"]
+    assert calibration["source"] == "random conditioning" and "no model_index.json" in calibration["detail"]
+    assert "calibration set" not in json.loads((tmp_path / "r.json").read_text())["written"]
     assert not list(tmp_path.glob("*.calibset.safetensors"))
 
 

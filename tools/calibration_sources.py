@@ -18,6 +18,8 @@ where the statistics of smoothing, the low-rank branch and the per-layer choices
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import tempfile
 import time
 from dataclasses import asdict
@@ -77,6 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     args.folder = None  # the shipped model (fp32_reference's cache key reads it)
     torch.set_num_threads(args.threads)
+    began, load_start = time.perf_counter(), os.getloadavg()
 
     from svdq_compiler.models import adapter_for, tiny_flux
     from svdq_compiler.models.fmnist import load_classifier, reference_statistics
@@ -95,11 +98,27 @@ def main() -> None:
     reference, fp32_row = fp32_reference(args, pipeline, pairs, score)
     rows: dict[str, dict] = {}
 
+    def write(complete: bool) -> None:
+        # Rewritten after every row, so a run cut short on the shared machine still leaves what it measured; the
+        # CPU time says what the wall times would be without the other work the load average counts.
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        write_result({"benchmark": "calibration-sources", "complete": complete, "model": "tiny-flux",
+                      "preset": PRESET,
+                      "reference": "fp32 images of the same (prompt, seed) pairs (PSNR, SSIM); the 10,000 real "
+                                   "Fashion-MNIST test images (Fréchet distance on the shipped classifier's features)",
+                      "sampler": asdict(pipeline.sampler),
+                      "eval_pairs": {"count": len(pairs), "first_seed": pairs[0].seed, "per_sampler_call": args.batch},
+                      "calibration": {"prompts": args.calib_prompts, "steps": args.calib_steps, "seed": 0},
+                      "fp32": fp32_row, "rows": rows, "wall_s": round(time.perf_counter() - began, 1),
+                      "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "nice": os.nice(0),
+                      "load_average_start": load_start, "machine": machine()}, args.out)
+
     def sample(name: str, graph, extra: dict) -> None:
         start = time.perf_counter()
         images = sample_pairs(pipeline.with_transformer(graph), pairs, batch=args.batch)
         rows[name] = {**score(images, reference), "sample_s": round(time.perf_counter() - start, 1), **extra}
         print(name, shown(rows[name]), flush=True)
+        write(complete=False)
 
     start = time.perf_counter()
     calibration_set = real_prompt_set(pipeline, args.calib_prompts, args.calib_steps)
@@ -117,13 +136,7 @@ def main() -> None:
         sample(f"data-free, smoothing {smoothing}", graph,
                {**extra, "calibration": f"none (streaming compile, --stream-smoothing {smoothing})"})
 
-    write_result({"benchmark": "calibration-sources", "model": "tiny-flux", "preset": PRESET,
-                  "reference": "fp32 images of the same (prompt, seed) pairs (PSNR, SSIM); the 10,000 real "
-                               "Fashion-MNIST test images (Fréchet distance on the shipped classifier's features)",
-                  "sampler": asdict(pipeline.sampler),
-                  "eval_pairs": {"count": len(pairs), "first_seed": pairs[0].seed, "per_sampler_call": args.batch},
-                  "calibration": {"prompts": args.calib_prompts, "steps": args.calib_steps, "seed": 0},
-                  "fp32": fp32_row, "rows": rows, "machine": machine()}, args.out)
+    write(complete=True)
 
 
 if __name__ == "__main__":
