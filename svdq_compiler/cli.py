@@ -539,10 +539,33 @@ def describe_dims(capture: dict[str, Any]) -> str:
     return "; ".join(seen.values())
 
 
+def run_compile_in_group(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`run_compile`, or under torchrun (WORLD_SIZE > 1) one process of a group: each calibrates its share of
+    the inputs and the statistics are merged (`svdq_compiler.distributed`), so every process compiles the same
+    model; process 0 writes the outputs, the others compile into a scratch folder that is removed, and return
+    None (nothing to print)."""
+    import tempfile
+
+    from svdq_compiler import distributed
+
+    if not distributed.init_from_environment() or distributed.rank() == 0:
+        return run_compile(args)
+    with tempfile.TemporaryDirectory(prefix="svdq-rank-") as scratch:
+        run_compile(argparse.Namespace(**{**vars(args), "out": Path(scratch) / "graph.pt", "report": None,
+                                          "save_calib": None, "onnx": None, "dump_ir": None}))
+    return None
+
+
 def compile_main(argv: Sequence[str] | None = None) -> int:
     args = compile_parser().parse_args(argv)
     configure_logging(args.verbose)
-    return run_reporting_errors("svdq-compile", lambda: print(compile_summary(run_compile(args))))
+
+    def compile_and_print() -> None:
+        report = run_compile_in_group(args)
+        if report is not None:
+            print(compile_summary(report))
+
+    return run_reporting_errors("svdq-compile", compile_and_print)
 
 
 # ---- svdq-inspect ---------------------------------------------------------------------------------------------
@@ -568,10 +591,10 @@ def graph_summary(path: Path) -> dict[str, Any]:
     from svdq_compiler import parameter_bytes, serialize
     from svdq_compiler.ir import CAPTURE_META, MANIFEST_META
 
-    from svdq_compiler.eager import compile_report_of, is_eager, saved_stub
+    from svdq_compiler.eager import compile_report_of, is_eager, stub_of
 
     loaded = serialize.load(path)
-    gm = saved_stub(loaded) if is_eager(loaded) else loaded  # an eager model's quantized linears: its stub graph
+    gm = stub_of(loaded) if is_eager(loaded) else loaded  # an eager model's quantized linears: its stub graph
     ops = Counter(op_name(node.target) for node in gm.graph.nodes if node.op == "call_function")
     linear_ops = {"aten.linear", "aten.addmm", "aten.mm", "aten.conv2d", "aten.convolution"}
     by_dtype: Counter[str] = Counter()
@@ -651,8 +674,10 @@ def inspect_text(summary: dict[str, Any], layers: bool) -> str:
 def graph_kernels(path: Path) -> list:
     from svdq_compiler import serialize
     from svdq_compiler.codegen.sources import kernel_sources
+    from svdq_compiler.eager import is_eager, stub_of
 
-    return kernel_sources(serialize.load(path))
+    loaded = serialize.load(path)
+    return kernel_sources(stub_of(loaded) if is_eager(loaded) else loaded)  # kernel specs are node arguments
 
 
 def kernels_text(path: Path) -> str:

@@ -38,6 +38,7 @@ builds the class from its config with parameters on the meta device, assigns the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import operator
@@ -522,16 +523,62 @@ def compile_eager(module: torch.nn.Module, example_inputs: tuple | dict, config:
     stub.meta[REPORT_META] = report
     _swap(module, stub, groups)
     setattr(module, EAGER_ATTRIBUTE, EagerState(stub, groups, report))
+    _detach_stub(getattr(module, EAGER_ATTRIBUTE))
     return module
 
 
 # ---- saving and loading ----------------------------------------------------------------------------------------
 
 
-def saved_stub(model: torch.nn.Module) -> torch.fx.GraphModule:
-    """What `svdq_compiler.save` writes for an eager-compiled model: its compiled stub graph, whose extra file
-    `svdq_eager.json` (from gm.meta[EAGER_META]) says how to rebuild the model around it (module doc)."""
+def _stub_tensors(stub: torch.fx.GraphModule, tensor_for: Any) -> None:
+    """Every parameter and buffer of the stub replaced by `tensor_for(target, current)`, keeping its kind."""
+    for kind in ("_parameters", "_buffers"):
+        for module_name, module in stub.named_modules():
+            for leaf, current in list(getattr(module, kind).items()):
+                if current is not None:
+                    value = tensor_for(f"{module_name}.{leaf}" if module_name else leaf, current)
+                    getattr(module, kind)[leaf] = torch.nn.Parameter(value, requires_grad=False) \
+                        if kind == "_parameters" else value
+
+
+def _detach_stub(state: EagerState) -> None:
+    """The stub keeps its graph and reports, not its tensors: the live ones are the group modules' and the
+    model's (a later `model.to(device)` moves those; a stub copy would stay behind, twice the memory)."""
+    metas: dict[int, torch.Tensor] = {}  # by identity: a tensor shared by two names stays one (parameter_bytes)
+    _stub_tensors(state.stub, lambda target, current: metas.setdefault(
+        id(current), torch.empty_like(current, device="meta")))
+
+
+def stub_of(model: torch.nn.Module) -> torch.fx.GraphModule:
+    """An eager-compiled model's stub graph and reports, its tensors on the meta device (for inspection)."""
     return getattr(model, EAGER_ATTRIBUTE).stub
+
+
+@contextlib.contextmanager
+def stub_with_tensors(model: torch.nn.Module) -> Iterator[torch.fx.GraphModule]:
+    """What `svdq_compiler.save` writes for an eager-compiled model: its compiled stub graph with the model's
+    live tensors (quantized linears from the group modules, the rest from its state dict), for the duration of
+    the block; the extra file `svdq_eager.json` (from gm.meta[EAGER_META]) says how to rebuild the model
+    around it (module doc)."""
+    state: EagerState = getattr(model, EAGER_ATTRIBUTE)
+    live: dict[str, torch.Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, QuantizedGroup):
+            live.update(module.graph_module.named_parameters(remove_duplicate=False))
+            live.update(module.graph_module.named_buffers(remove_duplicate=False))
+    model_state = model.state_dict()
+    live.update({attr: model_state[name] for name, attr in state.stub.meta[EAGER_META]["carried"].items()})
+
+    def tensor_for(target: str, current: torch.Tensor) -> torch.Tensor:
+        if target not in live:
+            raise CheckpointError(f"the eager model lost its tensor {target!r}", fix="compile it again")
+        return live[target].detach()
+
+    _stub_tensors(state.stub, tensor_for)
+    try:
+        yield state.stub
+    finally:
+        _detach_stub(state)
 
 
 def _saved_layout(text: str, where: str) -> dict[str, Any]:
@@ -548,7 +595,7 @@ def _saved_layout(text: str, where: str) -> dict[str, Any]:
             and all(isinstance(g, dict) and isinstance(g.get("input"), str) and type(g.get("in_features")) is int
                     and isinstance(g.get("members"), list) and all(isinstance(m, str) for m in g["members"])
                     for g in saved["groups"])
-    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+    except (json.JSONDecodeError, TypeError, AttributeError, RecursionError) as exc:
         raise corrupt(f"{EAGER_FILE} is unreadable ({exc})", where) from exc
     if not valid:
         raise corrupt(f"{EAGER_FILE} lacks the expected fields", where)
@@ -586,4 +633,5 @@ def rebuild(stub: torch.fx.GraphModule, text: str, where: str) -> torch.nn.Modul
                               fix="load it with the diffusers version it was compiled with")
     _swap(model, stub, groups)
     setattr(model, EAGER_ATTRIBUTE, EagerState(stub, groups, stub.meta.get(REPORT_META, {})))
+    _detach_stub(getattr(model, EAGER_ATTRIBUTE))
     return model

@@ -90,7 +90,12 @@ RUN_LOADED = textwrap.dedent("""
 
 def test_saved_model_loads_in_a_new_process_with_equal_outputs(compiled, tmp_path):
     name, model, _, inputs = compiled
+    stub_tensors = lambda: [*model.svdq_eager.stub.parameters(), *model.svdq_eager.stub.buffers()]  # noqa: E731
+    # the stub graph holds no tensors of its own (a `model.to(device)` would leave copies behind): save takes the
+    # model's live ones
+    assert stub_tensors() and all(t.is_meta for t in stub_tensors())
     path = svdq_compiler.save(model, tmp_path / "model.pt")
+    assert all(t.is_meta for t in stub_tensors())
     samples = {f"size{size}": {k: v for k, v in inputs(size, text=text, seed=11).items() if k != "return_dict"}
                for size, text in ((8, 4), (16, 6))}
     with torch.no_grad(), kernel_backend("reference"):  # the interpreter's kernels: test_fresh_process.py
@@ -197,3 +202,9 @@ def test_svdq_compile_takes_the_eager_path_when_asked_and_says_so(tmp_path, caps
     assert json.loads(report.read_text())["path"] == "eager"
     assert inspect_main([str(out)]) == 0
     assert "path: the eager path was asked for" in capsys.readouterr().out
+    # the summary reads the loaded stub graph, whose tensors are on the meta device: their sizes still count
+    assert inspect_main([str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["parameter_bytes"] == svdq_compiler.parameter_bytes(svdq_compiler.load(out)) > 0
+    assert inspect_main([str(out), "--kernels", "--json"]) == 0
+    assert {record["kind"] for record in json.loads(capsys.readouterr().out)}  # the stub's fused kernels

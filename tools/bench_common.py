@@ -18,23 +18,27 @@ def machine(device: str = "cpu") -> dict:
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "svdq_compiler": svdq_compiler.__version__,
             "load_average": os.getloadavg(),  # other work on a shared machine skews the timings
-            "commit": source_commit()}
+            "commit": STARTED_AT}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
 def source_commit() -> str | None:
-    """The commit the numbers were measured at (with "+changes" when the checkout differs from it); None outside
-    a git checkout."""
-    here = Path(__file__).parent
+    """The checkout's commit, with "+dirty" when tracked files differ from it (the numbers may then not be
+    reproducible from the commit alone); None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
-    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+# Taken when the benchmark starts, as the code it runs is loaded (a long run's checkout may move before it writes).
+STARTED_AT = source_commit()
 
 
 def write_result(report: dict, target: Path) -> None:
