@@ -1,6 +1,7 @@
 """Image quality of the shipped tiny FLUX compiled to int4 from each calibration source, against fp32.
 
     python tools/calibration_sources.py [--pairs 80] [--threads 1] [--out bench/results/calibration-sources-tiny-flux.json]
+    python tools/calibration_sources.py --table bench/results/calibration-sources-tiny-flux.json   # README's table
 
 Every row compiles the same transformer with the same preset and is sampled through the tiny-flux pipeline on the
 same (prompt, seed) pairs as tools/eval_quality.py's table (its scoring and fp32 reference are reused): PSNR and SSIM
@@ -18,6 +19,7 @@ where the statistics of smoothing, the low-rank branch and the per-layer choices
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import tempfile
@@ -67,6 +69,20 @@ def streamed(smoothing: str, folder: Path) -> tuple[torch.nn.Module, dict]:
                    **{k: totals.get(k) for k in ("fallbacks", "four_bit_weight_share", "compression_ratio")}}
 
 
+def table(result: dict) -> str:
+    """The rows of a result as a Markdown table, fp32 first."""
+    def cell(value, digits):
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    lines = ["| calibration | FD (↓) | PSNR (↑) | worst PSNR | SSIM (↑) | class accuracy |", "|---|---:|---:|---:|---:|---:|"]
+    order = ("real prompts", "random conditioning", "data-free, smoothing none", "data-free, smoothing weight-only")
+    rows = sorted(result["rows"].items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
+    for name, row in [("fp32 (no quantization)", result["fp32"]), *rows]:
+        lines.append(f"| {name} | {cell(row['frechet_distance'], 2)} | {cell(row.get('psnr'), 2)} | "
+                     f"{cell(row.get('psnr_min'), 2)} | {cell(row.get('ssim'), 4)} | {row['accuracy']:.1%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=80)
@@ -76,7 +92,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reference-cache", type=Path, default=Path("build/quality/tiny-flux-fp32.pt"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/calibration-sources-tiny-flux.json"))
+    parser.add_argument("--table", type=Path, metavar="JSON", help="print the table of a written result; nothing runs")
     args = parser.parse_args()
+    if args.table is not None:
+        print(table(json.loads(args.table.read_text())))
+        return
     args.folder = None  # the shipped model (fp32_reference's cache key reads it)
     torch.set_num_threads(args.threads)
     began, load_start = time.perf_counter(), os.getloadavg()
