@@ -25,7 +25,9 @@ How it reuses the graph path — one driver, `pipeline.run_passes`, for both gra
    the input is unchanged (same tensor object, same version counter).
 
 Costs: calibration holds, per forward, every group's distinct inputs at once (the stub graph's calibration input
-for that forward): about one forward's linear activations. What does not carry over: graph-level fusion across layers (kernel B's GELU / residual epilogues and
+for that forward): about one forward's linear activations. Once compiled, each tensor is held once: by the group
+modules or the model; the stub graph keeps its graph and reports with meta tensors, and `save` lends it the live
+ones. What does not carry over: graph-level fusion across layers (kernel B's GELU / residual epilogues and
 quantize-next need the model's graph); k×k convolutions and linears the example forward never called stay
 16-bit (the report lists them).
 
