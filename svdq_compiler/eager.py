@@ -597,7 +597,7 @@ def _saved_layout(text: str, where: str) -> dict[str, Any]:
             and all(isinstance(g, dict) and isinstance(g.get("input"), str) and type(g.get("in_features")) is int
                     and isinstance(g.get("members"), list) and all(isinstance(m, str) for m in g["members"])
                     for g in saved["groups"])
-    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+    except (json.JSONDecodeError, TypeError, AttributeError, RecursionError) as exc:
         raise corrupt(f"{EAGER_FILE} is unreadable ({exc})", where) from exc
     if not valid:
         raise corrupt(f"{EAGER_FILE} lacks the expected fields", where)

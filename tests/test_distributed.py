@@ -64,3 +64,25 @@ def test_svdq_compile_under_torchrun_writes_the_single_process_graph(tmp_path):
     single_stats, group_stats = ([p["stats"] for p in passes if p["name"] == "calibrate"][0] for passes in calibrated)
     assert single_stats["inputs"] == group_stats["inputs"] == 4 and "processes" not in single_stats
     assert group_stats["processes"] == 2 and group_stats["inputs_this_process"] == 2  # process 0's share
+
+
+@pytest.mark.parametrize("cuda, backend, device", [(True, "nccl", "cuda:1"), (False, "gloo", "cpu")])
+def test_torchrun_joins_nccl_on_a_gpu_and_gloo_without(monkeypatch, cuda, backend, device):
+    """The backend follows the machine: this CPU machine cannot start nccl, so the group's setup is recorded."""
+    import torch.distributed as dist
+
+    from svdq_compiler import distributed
+
+    joined = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: joined.setdefault("backend", backend))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: joined.setdefault("cuda_device", index))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: joined["cuda_device"])
+    distributed.init_from_environment()
+    assert joined == ({"backend": "nccl", "cuda_device": 1} if cuda else {"backend": "gloo"})
+    # the merged tensors travel on the device the backend reduces on
+    monkeypatch.setattr(dist, "get_backend", lambda: joined["backend"])
+    assert distributed._device() == torch.device(device)

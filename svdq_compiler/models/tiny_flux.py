@@ -431,8 +431,16 @@ class TinyFluxAdapter(FluxAdapter):
     def matches(self, model) -> bool:
         return _folder_of(model) is not None
 
-    def example_inputs(self, model, batch=1, tokens=None, seed=0):
+    def example_inputs(self, model, batch=1, tokens=None, seed=0, text_tokens=None):
+        if text_tokens is not None:
+            raise InputError("tiny-flux's text length is its text encoder's", fix="leave text_tokens unset")
         return example_inputs(model, batch, tokens, seed)
+
+    def inputs_at(self, model, sizes):
+        # `batch` here counts prompts (two rows each) and the text length is the encoder's: the FLUX adapter's
+        # random inputs have the same shapes at any row count and text length
+        return FluxAdapter.example_inputs(self, model, batch=sizes.batch, tokens=(sizes.rows, sizes.cols),
+                                          text_tokens=sizes.text)
 
     def calib_inputs(self, model, num_prompts, num_steps, seed=0, *, batch=1, tokens=None):
         if tokens is not None and factor_grid(tokens, what="image tokens") != TOKEN_GRID:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_models import captured, dit_inputs, make_ctx, run_pass, tiny_dit
 
-from svdq_compiler.blockwise import REST_UNIT, BlockRunner, plan_segments
+from svdq_compiler.blockwise import REST_UNIT, BlockInputs, BlockRunner, plan_segments
 from svdq_compiler.errors import InputError
 from svdq_compiler.streaming import VisibleUnit
 
@@ -88,3 +88,20 @@ def test_the_pass_needs_a_block_runner(deep):
     gm, ctx = deep
     with pytest.raises(InputError, match="block_runner"):
         run_pass(gm, "calibrate_blocks", ctx)
+
+
+def test_inputs_past_the_budget_spill_and_come_back_unchanged():
+    values = [{"hidden": torch.randn(4, 8, generator=torch.Generator().manual_seed(i))} for i in range(3)]
+    store = BlockInputs(memory_budget=2 * 4 * 8 * 4)  # room for two inputs
+    try:
+        for index, value in enumerate(values):
+            store.put(index, value)
+        assert sorted(store.in_memory) == [0, 1] and store.spilled == {2} and (store.folder / "2.pt").exists()
+        assert store.peak_memory_bytes == store.memory_budget and store.spilled_bytes == 4 * 8 * 4
+        for index in (2, 0, 1):
+            assert torch.equal(store.take(index)["hidden"], values[index]["hidden"])
+        assert store.memory_bytes == 0 and not store.spilled and not (store.folder / "2.pt").exists()
+        folder = store.folder
+    finally:
+        store.close()
+    assert not folder.exists()
