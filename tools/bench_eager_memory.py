@@ -130,10 +130,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{mib(case['rss_left_after_to_meta'])}; load peak RSS {mib(case['load']['peak_rss_above_import'])}")
     import svdq_compiler
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     write_result({"benchmark": "eager-memory", "model": {"class": "FluxTransformer2DModel", "config": SMALL_FLUX,
                                                          "tokens": TOKENS},
-                  "preset": args.preset, "cases": cases, "commit": commit, "svdq_compiler_from": svdq_compiler.__file__,
+                  "preset": args.preset, "cases": cases, "svdq_compiler_from": svdq_compiler.__file__,
                   "code_note": args.note, "machine": machine(),
                   "note": "shared machine: see load_average; RSS in bytes above the state after a warm-up compile",
                   "command": " ".join(["tools/bench_eager_memory.py", *(argv or sys.argv[1:])])}, args.out)
