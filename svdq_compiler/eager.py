@@ -311,8 +311,11 @@ def _calibration_samples(model, example_inputs, calib_inputs, config: QuantConfi
     if calib_inputs is not None:
         return calib_inputs, "calib_inputs"
     if adapter is not None and not isinstance(adapter, GenericAdapter):
-        return (adapter.calib_inputs(model, config.calib_prompts, config.calib_steps, seed=config.calib_seed),
-                f"adapter {adapter.name} ({config.calib_prompts} prompts x {config.calib_steps} steps)")
+        try:
+            return (adapter.calib_inputs(model, config.calib_prompts, config.calib_steps, seed=config.calib_seed),
+                    f"adapter {adapter.name} ({config.calib_prompts} prompts x {config.calib_steps} steps)")
+        except InputError as exc:  # the auto adapter found no input layout of the model's that runs
+            return [example_inputs], f"example_inputs (adapter {adapter.name} builds none: {exc}; one sample only)"
     return [example_inputs], "example_inputs (no calibration inputs and no adapter: one sample only)"
 
 

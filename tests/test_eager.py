@@ -135,15 +135,21 @@ def test_lora_and_onnx_refuse_an_eager_model_in_one_line(compiled):
         svdq_compiler.export_onnx(model, "unused.onnx")
 
 
-@pytest.mark.parametrize("name, cause", [("lumina2", "SymInt"), ("hidream", ".numpy()")])
-def test_compile_falls_back_to_eager_on_data_dependent_code_and_says_why(name, cause):
+@pytest.mark.parametrize("name, cause, calibration", [
+    ("lumina2", "SymInt", "adapter auto (1 prompts x 1 steps)"),
+    # the auto adapter builds no inputs HiDream runs on (its text states are stacked per layer): the dimensions
+    # stay static and calibration takes the example inputs
+    ("hidream", ".numpy()", "example_inputs (adapter auto builds none")])
+def test_compile_falls_back_to_eager_on_data_dependent_code_and_says_why(name, cause, calibration):
     """svdq_compiler.compile (path="auto") tries torch.export first; Lumina2's slices from `.tolist()` and
     HiDream's MoE routing through `.numpy()` stop it."""
     build, inputs = MODELS[name]
-    model = svdq_compiler.compile(build(), inputs(8), "w4a4-rtn", calib_inputs=[inputs(8)])
+    config = QuantConfig.preset("w4a4-rtn", calib_prompts=1, calib_steps=1)
+    model = svdq_compiler.compile(build(), inputs(8), config)
     report = model.svdq_eager.report
     assert report["path"] == "eager"
     assert report["path_reason"].startswith("torch.export failed: ") and cause in report["path_reason"]
+    assert report["eager"]["calibration_source"].startswith(calibration)
     with pytest.raises(CaptureError):
         svdq_compiler.compile(build(), inputs(8), "w4a4-rtn", path="graph")
 
