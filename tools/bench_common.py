@@ -18,7 +18,7 @@ def machine(device: str = "cpu") -> dict:
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "svdq_compiler": svdq_compiler.__version__,
             "load_average": os.getloadavg(),  # other work on a shared machine skews the timings
-            "commit": source_commit()}
+            "commit": STARTED_AT}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -35,6 +35,10 @@ def source_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+# Taken when the benchmark starts, as the code it runs is loaded (a long run's checkout may move before it writes).
+STARTED_AT = source_commit()
 
 
 def write_result(report: dict, target: Path) -> None:
