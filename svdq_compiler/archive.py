@@ -6,6 +6,9 @@ record `data/weights/weight_<i>` (raw bytes), described by `data/weights/model_w
 shape, stride, dtype, parameter or buffer); tensor constants likewise under `data/constants/`; the graph is
 `models/model.json`; extra files go under `extra/`. What this module adds:
 
+- **Our own graph record.** `extra/svdq_graph.json` (svdq_compiler.graph_record) describes the same graph in a
+  compact form that svdq_compiler.load rebuilds without torch's deserializer; `models/model.json` stays, so
+  `torch.export.load` still reads the file.
 - **Only the bytes of each view.** A weight that is a view of a larger storage (a slice of a stacked q/k/v
   matrix, a smoothing vector cut from a buffer) is written as its own contiguous bytes, not the whole storage
   the way `torch.export.save` does. Tensors that are the same view (tied weights) share one record.
@@ -51,6 +54,7 @@ from torch.export.pt2_archive.constants import (ARCHIVE_FORMAT_PATH, ARCHIVE_FOR
 
 from svdq_compiler.errors import CheckpointError, InputError, first_line
 from svdq_compiler.files import temporary_beside, terminate_as_exception
+from svdq_compiler.graph_record import GRAPH_FILE, graph_record
 
 MODEL_NAME = "model"  # the name torch.export.save gives a single program
 ARCHIVE_ROOT = "archive"  # the top folder torch.export.save gives an archive written to a file object
@@ -62,6 +66,7 @@ DIGESTS_ENTRY = f"{EXTRA_DIR}{DIGESTS_FILE}"
 # from run to run and nothing reads it back (nn_module_stack stays: the IR printer names modules with it).
 _UNREPRODUCIBLE_NODE_META = ("from_node", "stack_trace", "torch_fn")
 _MAX_JSON_ENTRY = 1 << 30  # a JSON entry larger than this is not one we wrote
+_VERIFY_CHUNK = 1 << 20  # tensor records are hashed through a buffer of this size
 
 
 def digest(data: bytes | memoryview) -> str:
@@ -175,10 +180,14 @@ class StreamingArchive:
                               (constants, CONSTANTS_CONFIG_FILENAME_FORMAT.format(MODEL_NAME))):
             _package_payload_config(self, schema.PayloadConfig(config=dict(sorted(config.items()))), entry)
         artifact = serialize(program, None, serialize_state_dict=False, serialize_constants=False)
-        self._write(MODELS_FILENAME_FORMAT.format(MODEL_NAME), reproducible_program(artifact.exported_program))
+        program_json = json.loads(artifact.exported_program)
+        self._write(MODELS_FILENAME_FORMAT.format(MODEL_NAME), reproducible_program(program_json))
         self._write(SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL_NAME), artifact.example_inputs)
         for name, content in (extra_files or {}).items():
             self._write(f"{EXTRA_DIR}{name}", content.encode())
+        # What svdq_compiler.load rebuilds the graph from (torch's deserializer reads models/model.json).
+        record = json.dumps(graph_record(program, program_json.get("guards_code") or []), separators=(",", ":"))
+        self._write(f"{EXTRA_DIR}{GRAPH_FILE}", record.encode())
         self._write(DIGESTS_ENTRY, json.dumps({"sha256": self._digests}, sort_keys=True).encode())
         # The records torch's own reader expects (what its writer adds when it closes an archive).
         for entry, text in ((ARCHIVE_FORMAT_PATH, ARCHIVE_FORMAT_VALUE), (ARCHIVE_VERSION_PATH, ARCHIVE_VERSION_VALUE),
@@ -212,9 +221,9 @@ class StreamingArchive:
         self._terminate.__exit__(None, None, None)
 
 
-def reproducible_program(model_json: bytes) -> bytes:
-    """models/model.json without the node metadata that differs between two identical compiles."""
-    program = json.loads(model_json)
+def reproducible_program(program: dict[str, Any]) -> bytes:
+    """models/model.json (the serialized program, parsed) without the node metadata that differs between two
+    identical compiles."""
     for node in program["graph_module"]["graph"]["nodes"]:
         for key in _UNREPRODUCIBLE_NODE_META:
             node.get("metadata", {}).pop(key, None)
@@ -314,15 +323,16 @@ class GraphArchive:
         raw = self.read(DIGESTS_ENTRY) if DIGESTS_ENTRY in self.infos else None
         try:
             table = json.loads(raw)["sha256"] if raw is not None else None
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as exc:
             raise corrupt(f"{DIGESTS_ENTRY} is damaged ({first_line(exc)})", self.where) from exc
         if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
             raise corrupt(f"{DIGESTS_ENTRY} is damaged", self.where)
         return table
 
     def verify(self) -> None:
-        """Check every entry other than the zip-format records against its SHA-256; each page is read once
-        (and then released, so verifying a file does not keep it all resident)."""
+        """Check every entry other than the zip-format records against its SHA-256. Tensor records are read
+        through one small buffer, not the map: the map stays untouched, so verifying a file keeps none of it
+        resident (a page faulted in through the map would stay, with the pages the kernel maps around it)."""
         table = self.digests()
         for entry in self.infos:
             if entry == DIGESTS_ENTRY or not (entry.startswith("data/") or entry.startswith("models/")
@@ -332,9 +342,7 @@ class GraphArchive:
             if expected is None:
                 raise corrupt(f"{entry} has no digest (added after the file was written?)", self.where)
             if self.infos[entry].compress_type == zipfile.ZIP_STORED:
-                offset, size = self.span(entry)
-                actual = digest(memoryview(self.map)[offset:offset + size])
-                self._release(offset, size)
+                actual = self._stored_digest(*self.span(entry))
             else:
                 actual = digest(self.read(entry))
             if actual != expected:
@@ -343,6 +351,19 @@ class GraphArchive:
         absent = sorted(set(table) - set(self.infos))
         if absent:
             raise corrupt(f"entries listed in the digests are missing: {absent[:4]}", self.where)
+
+    def _stored_digest(self, offset: int, size: int) -> str:
+        sha = hashlib.sha256()
+        buffer = bytearray(min(size, _VERIFY_CHUNK))
+        view = memoryview(buffer)
+        done = 0
+        while done < size:
+            count = os.preadv(self.zip.fp.fileno(), [view[:min(len(buffer), size - done)]], offset + done)
+            if count <= 0:
+                raise corrupt("the file ends inside a record", self.where)
+            sha.update(view[:count])
+            done += count
+        return sha.hexdigest()
 
     def _release(self, offset: int, size: int) -> None:
         page = mmap.PAGESIZE

@@ -84,9 +84,10 @@ def refuse(what: str, where: str) -> CheckpointError:
                                "never needs pickled objects or code")
 
 
-def check_archive(archive: "GraphArchive") -> None:
+def check_archive(archive: "GraphArchive") -> tuple[tuple, dict]:
     """Raise CheckpointError unless `archive` (an opened graph file) is a PT2 archive that loads without running
-    anything it contains (module docstring). Reads the small entries only, never the tensor records."""
+    anything it contains (module docstring); return its example inputs, (args, kwargs). Reads the small entries
+    only, never the tensor records."""
     where = archive.where
     _, entries = _entries(archive.zip.namelist(), where)
     read = archive.read
@@ -100,7 +101,7 @@ def check_archive(archive: "GraphArchive") -> None:
     if named - records:
         raise refuse(f"the payload config names missing records: {sorted(named - records)[:4]}", where)
     _check_program(_json(read("models/model.json"), "models/model.json", where), where)
-    _check_sample_inputs(read("data/sample_inputs/model.pt"), where)
+    return _sample_inputs(read("data/sample_inputs/model.pt"), where)
 
 
 def _entries(names: list[str], where: str) -> tuple[str, set[str]]:
@@ -126,7 +127,7 @@ def _entries(names: list[str], where: str) -> tuple[str, set[str]]:
 def _json(raw: bytes, entry: str, where: str) -> Any:
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise refuse(f"{entry} is not valid JSON ({exc})", where) from None
 
 
@@ -148,16 +149,20 @@ def _payload_config(read: Callable[[str], bytes], entry: str, record: re.Pattern
     return names
 
 
-def _check_sample_inputs(raw: bytes, where: str) -> None:
-    """torch retries the sample inputs with weights_only=False when weights_only=True fails: make sure it does
-    not (the restricted unpickler accepts tensors, containers and numbers only)."""
+def _sample_inputs(raw: bytes, where: str) -> tuple[tuple, dict]:
+    """The sample inputs, (args, kwargs), read with weights_only=True (the restricted unpickler accepts tensors,
+    containers and numbers only; torch's own reader would retry with weights_only=False)."""
     import torch
 
     try:
-        torch.load(io.BytesIO(raw), weights_only=True)
+        inputs = torch.load(io.BytesIO(raw), weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise refuse(f"the sample inputs are not plain tensors ({first[:200]})", where) from None
+    if not (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], tuple)
+            and isinstance(inputs[1], dict)):
+        raise refuse("the sample inputs are not (args, kwargs)", where)
+    return inputs
 
 
 def _walk(value: Any, key: str = "") -> Iterator[tuple[str, Any]]:

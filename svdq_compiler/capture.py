@@ -86,6 +86,7 @@ class CapturedDim:
     max: int | None = None
     multiple: int = 1
     reason: str | None = None
+    why_dynamic: str | None = None  # how an inferred dimension was found to vary (models/auto.py)
 
     def where(self) -> str:
         return f"{self.input} dim {self.index}" + (f" ({self.label})" if self.label else "")
@@ -435,7 +436,7 @@ def captured_dim(path: tuple, index: int, dim: Any, example: torch.Tensor, fallb
         # A narrowed range that no longer holds the example cannot happen: torch's fix always includes it.
         raise CaptureError(f"{path_name(path)} dim {index} ({dim.describe()}) left its range after capture")
     return CapturedDim(path_name(path), index, size, "dynamic", dim.name, dim.label, dim.min, dim.max, dim.multiple,
-                       reason=narrowed.get(dim.name))
+                       reason=narrowed.get(dim.name), why_dynamic=dim.why or None)
 
 
 def unlift(program: torch.export.ExportedProgram, *, check_guards: bool) -> torch.fx.GraphModule:

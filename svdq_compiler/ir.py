@@ -240,6 +240,19 @@ def fake_mode_of(gm: torch.fx.GraphModule):
     return detect_fake_mode([] if first is None else [first])
 
 
+def ensure_vals(gm: torch.fx.GraphModule) -> None:
+    """Fake values for a graph that has none (one `load` rebuilt: its record keeps no per-node values), from
+    its example inputs at their captured sizes; what passes that insert nodes into it later (LoRA) read."""
+    if fake_mode_of(gm) is not None or INPUTS_META not in gm.meta:
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    inputs = gm.meta[INPUTS_META]
+    tree = ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*torch.utils._pytree.tree_leaves(tree))
+
+
 def attribute_val(gm: torch.fx.GraphModule, target: str, mode=None):
     """The fake value of a parameter or buffer (of a meta-device stand-in: on the graph's run device)."""
     mode = mode or fake_mode_of(gm)

@@ -59,7 +59,7 @@ import torch.fx
 from svdq_compiler.checks import non_finite
 from svdq_compiler.dropin import graph_module_of
 from svdq_compiler.errors import CheckpointError, InputError
-from svdq_compiler.ir import get_attr_value, infer_val, set_attr_value
+from svdq_compiler.ir import ensure_vals, get_attr_value, infer_val, set_attr_value
 from svdq_compiler.layers import Branch, Layers, branch_of, find_layers, is_call
 
 aten = torch.ops.aten
@@ -203,6 +203,7 @@ def _state(gm: torch.nn.Module) -> LoraState:
     gm = graph_module_of(gm)
     state = getattr(gm, STATE_ATTR, None)
     if state is None:
+        ensure_vals(gm)  # a loaded graph: the layers' input widths and inserted nodes need fake values
         state = LoraState(find_layers(gm))
         object.__setattr__(gm, STATE_ATTR, state)
     return state
@@ -303,7 +304,7 @@ def restore_loras(gm: torch.fx.GraphModule, entry: str, where: str) -> None:
                        for module, factors in described["modules"].items()}
             lora = Lora(str(described["name"]), modules, str(described["source"]))
             apply_lora(gm, lora, strength=float(described["strength"]))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise CheckpointError(f"the graph file's LoRA entry {LORA_FILE} is damaged ({exc!r})", where=where,
                               fix="write the graph again with svdq_compiler.save") from exc
 

@@ -11,12 +11,14 @@ carries extra files:
 - `svdq_report.json`: the compile report (passes with statistics, per-linear annotations; wall times and other
   measurements of the compiling run stay out, so two identical compiles write identical files);
 - `svdq_ir.py`: the IR as `format_ir` printed it (node.meta["svdq"] does not survive serialization);
+- `svdq_graph.json`: the graph as `load` rebuilds it (written by the archive, svdq_compiler.graph_record);
 - `svdq_loras.json`, when LoRAs are applied: what they are (the program holds the graph as compiled and their
   factors as buffers; `load` applies them again: svdq_compiler/lora.py).
 
 `load` maps the file, checks the marker and version, verifies every digest, refuses anything that could run
-code (archive_check), builds the weights as windows on the map (or copies them one by one to `device`), and
-restores the reports into `gm.meta` and the input checks.
+code (archive_check), builds the weights as windows on the map (or copies them one by one to `device`),
+rebuilds the graph from `svdq_graph.json` (svdq_compiler.graph_record), and restores the reports into
+`gm.meta` and the input checks.
 """
 
 from __future__ import annotations
@@ -29,18 +31,19 @@ from typing import Any
 import torch
 import torch.fx
 
-from svdq_compiler.capture import (CapturedDim, capture_report, dynamic_shapes_of, install_shape_check, split_inputs,
-                                   unlift)
+from svdq_compiler.capture import CapturedDim, capture_report, dynamic_shapes_of, install_shape_check, split_inputs
 from svdq_compiler.archive import GraphArchive, StreamingArchive, corrupt, digest
 from svdq_compiler.archive_check import check_archive
 from svdq_compiler.dropin import as_pipeline_component
 from svdq_compiler.errors import CheckpointError, InputError, first_line
 from svdq_compiler.eager import EAGER_FILE
+from svdq_compiler.graph_record import GRAPH_FILE, rebuild
 from svdq_compiler.ir import CAPTURE_META, EAGER_META, INPUTS_META, IR_META, MANIFEST_META, REPORT_META, format_ir
 from svdq_compiler.lora import LORA_FILE, restore_loras, saved_form
 
 FORMAT = "svdq-graph"
-FORMAT_VERSION = 2  # bump when a reader of the old format would misread the new one (2: digests, view bytes)
+# Bump when a reader of the old format would misread the new one (2: digests, view bytes; 3: graph record).
+FORMAT_VERSION = 3
 
 MANIFEST_FILE = "svdq_manifest.json"
 CAPTURE_FILE = "svdq_capture.json"
@@ -144,7 +147,7 @@ def manifest_of(archive: GraphArchive) -> dict[str, Any]:
                               where=where, fix="compile the model with svdq-compile first")
     try:
         manifest = json.loads(archive.read(f"extra/{MANIFEST_FILE}"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise corrupt(f"the manifest is not JSON: {first_line(exc)}", where) from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError("not an svdq-compiler graph: unknown format marker", where=where,
@@ -156,7 +159,7 @@ def manifest_of(archive: GraphArchive) -> dict[str, Any]:
                               fix="upgrade svdq-compiler, or compile the model again with this version")
     if version < FORMAT_VERSION:
         raise CheckpointError(f"the graph was written by an older svdq-compiler ({manifest.get('svdq_compiler')}, "
-                              f"format version {version}, without per-tensor digests); this version reads format "
+                              f"format version {version}); this version reads format "
                               f"{FORMAT_VERSION}", where=where, fix="compile the model again with this version")
     return manifest
 
@@ -191,7 +194,7 @@ def saved_reports(extra: dict[str, str], where: str) -> tuple[dict[str, Any], di
                     and isinstance(i.get("shape"), list) and all(type(n) is int for n in i["shape"])
                     for i in capture["inputs"]) \
             and all(isinstance(d, dict) and _usable_dim(CapturedDim(**d)) for d in capture["dims"])
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError, KeyError, InputError) as exc:
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError, KeyError, InputError, RecursionError) as exc:
         raise corrupt(f"its capture report is unreadable ({first_line(exc)})", where) from exc
     if not valid:
         raise corrupt("its capture or compile report lacks the expected fields", where)
@@ -210,48 +213,43 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
     eager path compiled, that diffusers model rebuilt around the saved quantized linears (svdq_compiler.eager).
 
     The file is mapped, not read: every entry is checked against its digest, the file is checked to hold
-    nothing that runs when loaded (archive_check), and the weights are windows on the map. With `device` (e.g. "cuda")
-    the weights are copied there one at a time, never all held on the CPU first."""
-    from torch._export.serde.serialize import SerializedArtifact, deserialize
-
+    nothing that runs when loaded (archive_check), the weights are windows on the map, and the graph is rebuilt
+    from its record (svdq_compiler.graph_record), not by torch's program deserializer. With `device` (e.g.
+    "cuda") the weights are copied there one at a time, never all held on the CPU first."""
     import svdq_compiler.api  # noqa: F401  (registers the svdq ops and fused ops a graph calls)
 
     try:
-        target = torch.device(device) if device is not None else None
+        target = torch.device(device) if device is not None else torch.device("cpu")
     except (RuntimeError, TypeError) as exc:
         raise InputError(f"unknown device {device!r}", where="load", fix="give e.g. 'cpu' or 'cuda'") from exc
     with GraphArchive(path) as archive:
         manifest = manifest_of(archive)
         archive.verify()  # first, so that damage reads as damage, not as a hostile file
-        check_archive(archive)
+        args, kwargs = check_archive(archive)
         where = archive.where
-        state_dict = archive.tensors("data/weights/model_weights_config.json", "data/weights/", target)
-        constants = archive.tensors("data/constants/model_constants_config.json", "data/constants/", target)
         extra = {name: archive.read(f"extra/{name}").decode() for name in EXTRA_FILES}
+        capture, report = saved_reports(extra, where)
+        try:
+            record = json.loads(archive.read(f"extra/{GRAPH_FILE}"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise corrupt(f"extra/{GRAPH_FILE} is not JSON: {first_line(exc)}", where) from exc
         loras = archive.read(f"extra/{LORA_FILE}").decode() if f"extra/{LORA_FILE}" in archive.entries() else ""
         eager = archive.read(f"extra/{EAGER_FILE}").decode() if f"extra/{EAGER_FILE}" in archive.entries() else ""
-        artifact = SerializedArtifact(archive.read("models/model.json"), state_dict, constants,
-                                      archive.read("data/sample_inputs/model.pt"))
-    capture, report = saved_reports(extra, where)
-    try:
-        program = deserialize(artifact)
-        gm = unlift(program, check_guards=capture.get("relaxed_guards") is None)
-    except Exception as exc:  # torch raises many types for programs it cannot rebuild
-        raise CheckpointError(f"the graph file could not be loaded ({first_line(exc)}); it was written with torch "
-                              f"{manifest.get('torch')}, this is torch {torch.__version__}", where=where,
-                              fix="compile the model again with this torch, or load it with the torch it was "
-                                  "written with") from exc
+        on_cpu = target.type == "cpu"
+        tensors = {**archive.tensors("data/weights/model_weights_config.json", "data/weights/",
+                                     None if on_cpu else target),
+                   **archive.tensors("data/constants/model_constants_config.json", "data/constants/",
+                                     None if on_cpu else target)}
+    gm = rebuild(record, tensors, where, target, check_guards=capture.get("relaxed_guards") is None)
     gm.meta[CAPTURE_META] = capture
     gm.meta[REPORT_META] = report
     gm.meta[IR_META] = extra[IR_FILE]
     gm.meta[MANIFEST_META] = manifest
-    examples = getattr(program, "example_inputs", None)  # kept by torch.export.save since torch 2.6
-    if examples is not None:
-        gm.meta[INPUTS_META] = tuple(examples[0]) if examples[0] else dict(examples[1])
+    gm.meta[INPUTS_META] = tuple(args) if args else dict(kwargs)
     install_shape_check(gm)
     restore_loras(gm, loras, where)
     if eager:
-        from svdq_compiler.eager import rebuild
+        from svdq_compiler.eager import rebuild as rebuild_eager
 
-        return rebuild(gm, eager, where)
+        return rebuild_eager(gm, eager, where)
     return as_pipeline_component(gm)

@@ -87,7 +87,7 @@ def test_bad_paths_are_clear_errors(pixart, tmp_path):
         load_model(tmp_path / "pipe")
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
-    with pytest.raises(InputError, match="'AutoencoderKL' is not supported.*FluxTransformer2DModel"):
+    with pytest.raises(InputError, match="'AutoencoderKL' is not a diffusers denoiser.*FluxTransformer2DModel"):
         load_model(tmp_path / "vae")
     (tmp_path / "nameless").mkdir()
     (tmp_path / "nameless" / "config.json").write_text("{}")

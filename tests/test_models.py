@@ -65,6 +65,8 @@ def test_capture_report_lists_the_dynamic_dimensions(captured):
     expected = {"batch", "text_tokens"} | ({"image_tokens"} if family == "flux" else SPATIAL)
     assert dynamic == expected
     assert all(d["status"] == "dynamic" for d in report["dims"])
+    # found by rebuilding the inputs one size larger, and the report says so
+    assert all("inputs were rebuilt one larger" in d["why_dynamic"] for d in report["dims"])
     assert (report["relaxed_guards"] is not None) == (family == "pixart")
 
 

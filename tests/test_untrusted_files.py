@@ -5,6 +5,7 @@ torch — while `svdq_compiler.load` refuses the archive with a CheckpointError 
 import io
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 import svdq_compiler
 from svdq_compiler import archive_check
 from svdq_compiler.errors import CheckpointError
+from svdq_compiler.graph_record import GRAPH_FILE
 from svdq_compiler.models import DynDim
 from graph_files import rewrite_archive
 
@@ -196,25 +198,168 @@ def test_size_expressions_beyond_srepr_are_refused(text):
         archive_check.check_size_expression(text, "test")
 
 
-def test_the_checked_bytes_are_the_loaded_bytes(graph_file, monkeypatch):
-    """Each entry is read once: torch gets the checked bytes, never the path (no swap between check and load)."""
-    import zipfile
-
+def test_the_graph_is_rebuilt_from_its_record_without_torch_deserializing_anything(graph_file, monkeypatch):
+    """Neither torch's program deserializer nor its loader sees the file: the graph comes from svdq_graph.json
+    (each entry read once, after its digest was checked), so no swap between check and load is possible."""
     from torch._export.serde import serialize as serde
 
-    seen = []
-    real_deserialize = serde.deserialize
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch's deserializer was called")
 
-    def spy(artifact, *args, **kwargs):
-        seen.append(artifact)
-        return real_deserialize(artifact, *args, **kwargs)
+    monkeypatch.setattr(serde, "deserialize", refuse)
+    monkeypatch.setattr(torch.export, "load", refuse)
+    loaded = svdq_compiler.load(graph_file)
+    x = torch.randn(2, 6, 8)
+    torch.testing.assert_close(loaded(x=x), Scaled()(x))
 
-    monkeypatch.setattr(serde, "deserialize", spy)
-    monkeypatch.setattr(torch.export, "load", None)  # the path never reaches torch's own loader
-    svdq_compiler.load(graph_file)
-    with zipfile.ZipFile(graph_file) as archive:
-        assert len(seen) == 1 and seen[0].exported_program == archive.read("archive/models/model.json")
-        assert seen[0].example_inputs == archive.read("archive/data/sample_inputs/model.pt")
+
+def edit_graph_record(change):
+    return edit_json(GRAPH_FILE, change)
+
+
+def first_call(record):
+    return next(node for node in record["nodes"] if node[1] == "call_function")
+
+
+def call_os_system(record):
+    first_call(record)[2] = "torch.os.system"
+
+
+def call_an_unknown_operator(record):
+    first_call(record)[2] = "torch.ops.aten.no_such_op.default"
+
+
+def pass_code_as_an_argument(record):
+    first_call(record)[3] = {"tuple": [{"eval": "__import__('os').getpid()"}]}
+
+
+def read_an_attribute_the_file_lacks(record):
+    node = next(node for node in record["nodes"] if node[1] == "get_attr")
+    node[2] = "proj.missing"
+
+
+def refer_to_a_later_node(record):
+    first_call(record)[3] = {"tuple": [{"node": "output"}]}
+
+
+def unpickle_a_spec(record):
+    record["in_spec"] = '[1, {"type": "os.system", "context": "null", "children_spec": []}]'
+
+
+def refer_to_a_node_by_a_list(record):
+    first_call(record)[3] = {"tuple": [{"node": ["x"]}]}
+
+
+def nest_arguments_deeply(record):
+    nested = {"tuple": []}
+    for _ in range(40):
+        nested = {"tuple": [nested]}
+    first_call(record)[3] = nested
+
+
+def shadow_torch_with_an_input(record):
+    """The generated code binds inputs to their targets: an input bound to `torch` would hide the module."""
+    next(node for node in record["nodes"] if node[1] == "placeholder")[2] = "torch"
+
+
+def name_keywords(record, *names):
+    """The call convention's keyword names (the spec is `((), {names...})`) replaced by `names`."""
+    spec = json.loads(record["in_spec"])
+    spec[1]["children_spec"][1]["context"] = json.dumps(list(names))
+    record["in_spec"] = json.dumps(spec)
+
+
+def name_an_argument_torch(record):
+    record["arg_names"] = ["torch"]
+    name_keywords(record, "torch")
+
+
+def rename_an_argument(record):
+    record["arg_names"] = ["y"]
+
+
+def drop_an_output(record):
+    record["nodes"][-1][3] = {"tuple": [{"tuple": []}]}
+
+
+def call_with_an_extra_argument(record):
+    first_call(record)[3]["tuple"].append(1)
+
+
+def call_with_an_unknown_keyword(record):
+    first_call(record)[4] = {"dict": {"alpha": 1}}
+
+
+@pytest.mark.parametrize("change, message", [
+    (call_os_system, "calls 'torch.os.system', which is not an aten, prims or svdq"),
+    (call_an_unknown_operator, "calls 'torch.ops.aten.no_such_op.default', which this torch does not have"),
+    (pass_code_as_an_argument, "holds an argument that is not data"),
+    (read_an_attribute_the_file_lacks, "reads 'proj.missing', which is not an attribute"),
+    (refer_to_a_later_node, "holds an argument that is not data"),
+    (unpickle_a_spec, "lacks its call convention"),
+    (refer_to_a_node_by_a_list, "holds an argument that is not data"),
+    (nest_arguments_deeply, "nests arguments more than 32 deep"),
+    (shadow_torch_with_an_input, "input node x is bound to 'torch'"),
+    (name_an_argument_torch, "names arguments the graph's code needs for itself: ['torch']"),
+    (rename_an_argument, "names the arguments ['y'] for a call convention of 1 with the keywords ['x']"),
+    (drop_an_output, "the output does not have the 1 values its call convention returns"),
+    (call_with_an_extra_argument, "with arguments that do not fit its schema"),
+    (call_with_an_unknown_keyword, "with arguments that do not fit its schema"),
+], ids=["os-system", "unknown-op", "code-argument", "missing-attribute", "later-node", "spec", "list-reference",
+        "deep-arguments", "shadowing-input", "shadowing-argument", "renamed-argument", "output-count", "extra-argument",
+        "unknown-keyword"])
+def test_a_graph_record_beyond_operators_and_data_is_refused(graph_file, tmp_path, change, message):
+    hostile = rewrite_archive(graph_file, tmp_path / "record.pt", edit_graph_record(change))
+    with pytest.raises(CheckpointError, match=f"refusing to load: .*{re.escape(message)}"):
+        svdq_compiler.load(hostile)
+
+
+def test_keyword_names_that_would_be_code_in_the_generated_forward_are_refused(graph_file, tmp_path):
+    """torch writes the keyword names of the call convention into the generated forward as string literals:
+    a name that closes the literal would run whatever follows at the first call."""
+    marker = tmp_path / "code-ran"
+    key = f"x': {touch_code(marker)}, 'x"
+
+    hostile = rewrite_archive(graph_file, tmp_path / "keyword.pt",
+                              edit_graph_record(lambda record: name_keywords(record, key)))
+    with pytest.raises(CheckpointError, match="refusing to load: .*lacks its call convention"):
+        svdq_compiler.load(hostile)(x=torch.randn(2, 6, 8))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("entry", [GRAPH_FILE, "svdq_manifest.json", "svdq_capture.json", "svdq_digests.json"])
+def test_json_nested_beyond_the_stack_is_refused(graph_file, tmp_path, entry):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    hostile = rewrite_archive(graph_file, tmp_path / "deep.pt",
+                              lambda name, data: deep if name == f"extra/{entry}" else data)
+    with pytest.raises(CheckpointError):
+        svdq_compiler.load(hostile)
+
+
+def test_an_attribute_over_a_module_field_is_refused(graph_file, tmp_path):
+    """A weight named `training.weight` would have to be set below the module's `training` flag."""
+    def rename(name, data):
+        if name.endswith("model_weights_config.json") or name.endswith(GRAPH_FILE):
+            return data.replace(b'"proj.weight"', b'"training.weight"')
+        return data
+
+    hostile = rewrite_archive(graph_file, tmp_path / "field.pt", rename)
+    with pytest.raises(CheckpointError, match="refusing to load: .*attribute 'training.weight' cannot be set"):
+        svdq_compiler.load(hostile)
+
+
+def test_a_kernel_spec_carrying_code_in_the_graph_record_is_refused(graph_file, tmp_path):
+    """A fused op's spec becomes Triton source: the record's spec is checked as the program's is."""
+    names = [argument.name for argument in torch.ops.svdq.fused_gemm.default._schema.arguments]
+    spec = '{"kind":"gemm","dtype":"float32)\\nimport os #"}'
+
+    def change(record):
+        first_call(record)[2] = "torch.ops.svdq.fused_gemm.default"
+        first_call(record)[3] = {"tuple": [None] * names.index("spec") + [spec]}
+
+    hostile = rewrite_archive(graph_file, tmp_path / "spec.pt", edit_graph_record(change))
+    with pytest.raises(CheckpointError, match="refusing to load: kernel spec value"):
+        svdq_compiler.load(hostile)
 
 
 @pytest.mark.parametrize("text", [

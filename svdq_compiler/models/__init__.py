@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from svdq_compiler.errors import InputError
+from svdq_compiler.models.auto import DiffusersAdapter
 from svdq_compiler.models.base import DynDim, ModelAdapter, cast_module
 from svdq_compiler.models.flux import FluxAdapter
 from svdq_compiler.models.generic import GenericAdapter
@@ -26,11 +27,13 @@ from svdq_compiler.models.sana import SanaAdapter
 from svdq_compiler.models.sd3 import SD3Adapter
 from svdq_compiler.models.unet import UNetAdapter
 
-__all__ = ["ADAPTERS", "DynDim", "GenericAdapter", "ModelAdapter", "adapter_for", "adapter_named", "builtin_names",
+__all__ = ["ADAPTERS", "DiffusersAdapter", "DynDim", "GenericAdapter", "ModelAdapter", "adapter_for", "adapter_named", "builtin_names",
            "load_model", "register_adapter", "register_builtin"]
 
 ADAPTERS: list[ModelAdapter] = [FluxAdapter(), PixArtAdapter(), SD3Adapter(), SanaAdapter(), UNetAdapter()]
-GENERIC = GenericAdapter()
+AUTO = DiffusersAdapter()  # any other diffusers model
+GENERIC = GenericAdapter()  # any other nn.Module
+FALLBACKS = (AUTO, GENERIC)
 
 
 def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
@@ -40,26 +43,43 @@ def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
 
 
 def adapter_for(model: torch.nn.Module) -> ModelAdapter:
-    """The adapter of the model's family, or the generic one."""
-    return next((adapter for adapter in ADAPTERS if adapter.matches(model)), GENERIC)
+    """The adapter of the model's family; else the auto one for a diffusers model, the generic one otherwise."""
+    return next(adapter for adapter in [*ADAPTERS, *FALLBACKS] if adapter.matches(model))
 
 
 def adapter_named(name: str) -> ModelAdapter:
-    for adapter in [*ADAPTERS, GENERIC]:
+    for adapter in [*ADAPTERS, *FALLBACKS]:
         if adapter.name == name:
             return adapter
     raise InputError(f"unknown model adapter {name!r}",
-                     fix=f"choose one of: {', '.join(a.name for a in [*ADAPTERS, GENERIC])}")
+                     fix=f"choose one of: {', '.join(a.name for a in [*ADAPTERS, *FALLBACKS])}")
 
 
 def adapter_for_class(class_name: str) -> ModelAdapter:
+    """The family adapter of a diffusers class name (the paths that need family knowledge, e.g. streaming)."""
     for adapter in ADAPTERS:
         if class_name in adapter.class_names:
             return adapter
     supported = sorted(name for adapter in ADAPTERS for name in adapter.class_names)
-    raise InputError(f"model class {class_name!r} is not supported",
-                     fix=f"supported diffusers classes: {', '.join(supported)}; other modules go through "
-                         f"svdq_compiler.compile(module, example_inputs) directly")
+    raise InputError(f"model class {class_name!r} has no family adapter",
+                     fix=f"family adapters: {', '.join(supported)}; other diffusers classes compile through the "
+                         f"auto adapter without streaming")
+
+
+def diffusers_class(class_name: str) -> type[torch.nn.Module]:
+    """The diffusers denoiser class a config's `_class_name` names: any transformer or U-Net class diffusers
+    exports (those without a family adapter go through the auto adapter)."""
+    import diffusers
+
+    from svdq_compiler.models.auto import DENOISER_PACKAGES
+
+    found = getattr(diffusers, class_name, None) if class_name.isidentifier() else None
+    if not (isinstance(found, type) and found.__module__.startswith(DENOISER_PACKAGES)):
+        raise InputError(f"model class {class_name!r} is not a diffusers denoiser (a class of "
+                         f"{' or '.join(DENOISER_PACKAGES)} in diffusers {diffusers.__version__})",
+                         fix="point at the denoiser: a transformer or U-Net folder such as FluxTransformer2DModel's; "
+                             "other modules go through svdq_compiler.compile(module, example_inputs) directly")
+    return found
 
 
 @dataclass(frozen=True)

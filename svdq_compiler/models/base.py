@@ -1,15 +1,19 @@
 """Model adapters: what the compiler needs to know about one model family.
 
-An adapter builds example inputs and calibration inputs from a model's config, says which input dimensions may
-change between calls (`DynDim`), and may add role hints for annotate_linears. One adapter per family lives in its
-own module (flux, pixart, sd3, sana, unet); `GenericAdapter` takes any nn.Module with inputs the user gives.
+An adapter builds example inputs and calibration inputs from a model's config and may add role hints for
+annotate_linears. Which input dimensions may change between calls (`DynDim`) is found, not declared: the inputs
+are rebuilt one size larger at a time and every dimension that moved follows that size (`infer_dims`); a family
+only narrows the ranges it knows (`dim_limits`). One adapter per family lives in its own module (flux, pixart,
+sd3, sana, unet); `DiffusersAdapter` (auto.py) takes any other diffusers denoiser and `GenericAdapter` any
+nn.Module with inputs the user gives.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -20,6 +24,7 @@ from svdq_compiler.errors import InputError
 MAX_BATCH = 64
 MAX_TEXT_TOKENS = 4096
 MAX_GRID = 256  # patches per side: 4096-pixel images at patch 2 and an 8× VAE
+MAX_FRAMES = 64  # latent frames of a video model
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class DynDim:
     max: int
     multiple: int = 1
     label: str = ""
+    why: str = ""  # how the dimension was found to vary, when it was inferred rather than declared
 
     def __post_init__(self):
         if not (1 <= self.min <= self.max) or self.multiple < 1:
@@ -53,33 +59,81 @@ class DynDim:
         return f"[{low}, {high}]{step}"
 
 
-def batch_dim(max_batch: int = MAX_BATCH) -> DynDim:
-    """The batch dimension. An example batch of 1 leaves it static (torch.export specializes sizes 0 and 1):
-    capture with batch >= 2, e.g. classifier-free guidance's pair, to serve any batch."""
-    return DynDim("batch", 1, max_batch, label="batch")
+@dataclass(frozen=True)
+class Sizes:
+    """The sizes example inputs are built at: batch, text tokens, and the latent grid in units (patches, or the
+    total down-sampling of a U-Net) of rows, columns and frames."""
+
+    batch: int
+    text: int
+    rows: int
+    cols: int
+    frames: int = 2
+
+    def bumped(self, field: str) -> "Sizes":
+        return dataclasses.replace(self, **{field: getattr(self, field) + 1})
 
 
-def text_dim(max_tokens: int = MAX_TEXT_TOKENS) -> DynDim:
-    return DynDim("text_tokens", 2, max_tokens, label="text tokens")
+# What a dimension that moves with one size (or with the product of several) is: (name, label, min, max units).
+FOLLOWS: dict[tuple[str, ...], tuple[str, str, int, int]] = {
+    ("batch",): ("batch", "batch", 1, MAX_BATCH),
+    ("text",): ("text_tokens", "text tokens", 2, MAX_TEXT_TOKENS),
+    ("rows",): ("height", "latent height", 2, MAX_GRID),
+    ("cols",): ("width", "latent width", 2, MAX_GRID),
+    ("frames",): ("frames", "latent frames", 1, MAX_FRAMES),
+    ("cols", "rows"): ("image_tokens", "image tokens", 2, MAX_GRID * MAX_GRID),
+    ("cols", "frames", "rows"): ("video_tokens", "video tokens", 2, MAX_FRAMES * MAX_GRID * MAX_GRID),
+}
+SIZE_FIELDS = ("batch", "text", "rows", "cols", "frames")
 
 
-def batch_leading_shapes(inputs: dict[str, Any], special: dict[str, dict[int, DynDim]],
-                         batch: DynDim) -> dict[str, Any]:
-    """Dynamic shapes for `inputs`: the `special` entries as given, and every other tensor (nested dicts
-    included) with only its leading batch dimension dynamic."""
-    def leading(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return {0: batch} if value.dim() else None
-        if isinstance(value, dict):
-            return {key: leading(item) for key, item in value.items()}
-        return None
-
-    return {key: special[key] if key in special else leading(value) for key, value in inputs.items()}
+def tensor_shapes(tree: Any, path: tuple = ()) -> dict[tuple, tuple[int, ...]]:
+    """{path: shape} of every tensor in nested dicts of inputs."""
+    if isinstance(tree, torch.Tensor):
+        return {path: tuple(tree.shape)}
+    if isinstance(tree, dict):
+        return {found: shape for key, value in tree.items() for found, shape in tensor_shapes(value, path + (key,))
+                .items()}
+    return {}
 
 
-def tensor_dims(**dims: DynDim | None) -> dict[int, DynDim]:
-    """{dim index: DynDim} from keyword arguments `d0=…, d1=…`, leaving out the static (None) ones."""
-    return {int(key.removeprefix("d")): dim for key, dim in dims.items() if dim is not None}
+def infer_dims(build: Callable[[Sizes], dict[str, Any]], sizes: Sizes,
+               limits: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Dynamic shapes {input: {dim: DynDim}} (nested dicts mirrored) for every input dimension that moves when
+    one size moves.
+
+    The inputs are built at `sizes` and again with each size one larger. A dimension that moves with exactly
+    the sizes of one FOLLOWS entry, by the same multiple of their product at both sizes, follows it and is
+    declared with FOLLOWS' range (or `limits`' {name: (min, max)}); a dimension that moves any other way (an
+    offset, unrelated sizes) stays static, and so does one that never moves.
+    """
+    inputs = build(sizes)
+    base = tensor_shapes(inputs)
+    moved = {field: tensor_shapes(build(sizes.bumped(field))) for field in SIZE_FIELDS}
+    found: dict[tuple, dict[int, DynDim]] = {}
+    for path, shape in base.items():
+        for index, size in enumerate(shape):
+            follows = tuple(sorted(field for field in SIZE_FIELDS if moved[field][path][index] != size))
+            if follows not in FOLLOWS:
+                continue
+            multiple, remainder = divmod(size, math.prod(getattr(sizes, field) for field in follows))
+            if remainder or any(moved[field][path][index] != multiple * math.prod(
+                    getattr(sizes.bumped(field), f) for f in follows) for field in follows):
+                continue
+            name, label, low, high = FOLLOWS[follows]
+            low, high = (limits or {}).get(name, (low, high))
+            natural = [field for field in SIZE_FIELDS if field in follows]
+            seen = " × ".join(f"{getattr(sizes, field)} {field}" for field in natural)
+            why = (f"follows the {label}: {size} at {seen}, and it moved with {' and '.join(natural)} when the "
+                   f"inputs were rebuilt one larger" + (f" (multiple {multiple})" if multiple > 1 else ""))
+            found.setdefault(path, {})[index] = DynDim(name, low, high, multiple, label, why=why)
+
+    def mirror(tree: Any, path: tuple) -> Any:
+        if isinstance(tree, dict):
+            return {key: mirror(value, path + (key,)) for key, value in tree.items()}
+        return found.get(path) if isinstance(tree, torch.Tensor) else None
+
+    return mirror(inputs, ())
 
 
 def factor_grid(tokens: int | tuple[int, int], multiple: int = 1, *, what: str = "tokens") -> tuple[int, int]:
@@ -128,13 +182,54 @@ class ModelAdapter:
     # ---- inputs -----------------------------------------------------------------------------------------
 
     def example_inputs(self, model: torch.nn.Module, batch: int = 1, tokens: int | tuple[int, int] | None = None,
-                       seed: int = 0) -> dict[str, Any]:
-        """Keyword arguments for one forward call. `tokens` is the image token count or a (rows, cols) grid."""
+                       seed: int = 0, text_tokens: int | None = None) -> dict[str, Any]:
+        """Keyword arguments for one forward call. `tokens` is the image token count or a (rows, cols) grid;
+        `text_tokens` the text length (default: `example_text_tokens`)."""
         raise NotImplementedError
 
+    example_text_tokens: ClassVar[int] = 8
+    text_key: ClassVar[str] = "encoder_hidden_states"
+
     def dynamic_shapes(self, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any] | None:
-        """{input name: {dim index: DynDim}} mirroring `inputs` (nested dicts included); None = all static."""
-        return None
+        """{input name: {dim index: DynDim}} mirroring `inputs` (nested dicts included); None = all static.
+
+        Found, not declared: the inputs are rebuilt one batch, text token, grid row and column larger, and each
+        dimension that moved follows that size (`infer_dims`). Inputs this adapter cannot rebuild (the user's
+        own) are left static.
+        """
+        sizes = self.sizes_of(model, inputs)
+        return None if sizes is None else infer_dims(lambda at: self.inputs_at(model, at), sizes,
+                                                     self.dim_limits(model))
+
+    def grid_unit(self, model: torch.nn.Module) -> int:
+        """The step of the grid that `tokens` gives (1: patches or packed tokens; a U-Net's down-sampling)."""
+        return 1
+
+    def dim_limits(self, model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+        """{dimension name: (min, max) in units} where the family's range differs from FOLLOWS' default."""
+        return {}
+
+    def inputs_at(self, model: torch.nn.Module, sizes: Sizes) -> dict[str, Any]:
+        """Inputs at `sizes`, for dimension inference (only their shapes are read)."""
+        unit = self.grid_unit(model)
+        return self.example_inputs(model, batch=sizes.batch, tokens=(sizes.rows * unit, sizes.cols * unit),
+                                   text_tokens=sizes.text)
+
+    def sizes_of(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Sizes | None:
+        """The Sizes whose `inputs_at` has the shapes of `inputs`, or None."""
+        latent, text = inputs.get(self.latent_key), inputs.get(self.text_key)
+        if not isinstance(latent, torch.Tensor) or latent.dim() == 0:
+            return None
+        try:
+            grid = self.tokens_of(model, inputs)
+            rows, cols = factor_grid(grid, what="image tokens") if isinstance(grid, int) else grid
+        except (KeyError, IndexError, InputError):
+            return None
+        unit = self.grid_unit(model)
+        text_tokens = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() > 1 else self.example_text_tokens
+        sizes = Sizes(batch=int(latent.shape[0]), text=int(text_tokens), rows=int(rows) // unit,
+                      cols=int(cols) // unit)
+        return sizes if tensor_shapes(self.inputs_at(model, sizes)) == tensor_shapes(inputs) else None
 
     def tokens_of(self, model: torch.nn.Module, inputs: dict[str, Any]) -> int | tuple[int, int]:
         """The `tokens` argument of example_inputs that reproduces the image size of `inputs`."""
@@ -247,12 +342,6 @@ def ddpm_step(clean: torch.Tensor, noise: torch.Tensor, step: int, num_steps: in
     return alpha_bar ** 0.5 * clean + (1.0 - alpha_bar) ** 0.5 * noise, timestep
 
 
-def spatial_dims(multiple: int, max_units: int, min_units: int = 2) -> tuple[DynDim, DynDim]:
-    """Latent height and width, each a multiple of the patch (or down-sampling) factor."""
-    return (DynDim("height", min_units, max_units, multiple=multiple, label="latent height"),
-            DynDim("width", min_units, max_units, multiple=multiple, label="latent width"))
-
-
 def example_grid(tokens: int | tuple[int, int] | None, native: int, max_units: int) -> tuple[int, int]:
     """The (rows, cols) patch grid of example inputs.
 
@@ -275,22 +364,21 @@ class PatchifiedAdapter(ModelAdapter):
     """
 
     text_channels: ClassVar[str] = "caption_channels"  # the config entry giving the text embedding width
-    example_text_tokens = 8
 
     def max_grid(self, model: torch.nn.Module) -> int:
         return MAX_GRID
 
-    def example_inputs(self, model, batch=1, tokens=None, seed=0):
+    def example_inputs(self, model, batch=1, tokens=None, seed=0, text_tokens=None):
         config = model.config
         patch = config.patch_size
         rows, cols = example_grid(tokens, config.sample_size // patch, self.max_grid(model))
         generator = torch.Generator().manual_seed(seed)
         dtype = model_dtype(model)
+        text = text_tokens or self.example_text_tokens
         inputs = dict(
             hidden_states=randn(generator, batch, config.in_channels, rows * patch, cols * patch, dtype=dtype),
-            encoder_hidden_states=randn(generator, batch, self.example_text_tokens, config[self.text_channels],
-                                        dtype=dtype))
-        inputs.update(self.conditioning(model, batch, generator, dtype, rows * patch, cols * patch))
+            encoder_hidden_states=randn(generator, batch, text, config[self.text_channels], dtype=dtype))
+        inputs.update(self.conditioning(model, batch, text, generator, dtype, rows * patch, cols * patch))
         inputs["return_dict"] = False
         return inputs
 
@@ -298,18 +386,13 @@ class PatchifiedAdapter(ModelAdapter):
         patch = model.config.patch_size
         return inputs["hidden_states"].shape[2] // patch, inputs["hidden_states"].shape[3] // patch
 
-    def conditioning(self, model: torch.nn.Module, batch: int, generator: torch.Generator, dtype: torch.dtype,
-                     height: int, width: int) -> dict[str, Any]:
+    def conditioning(self, model: torch.nn.Module, batch: int, text: int, generator: torch.Generator,
+                     dtype: torch.dtype, height: int, width: int) -> dict[str, Any]:
         """The family's inputs besides the latent and the text: timestep, masks, pooled text, guidance …"""
         raise NotImplementedError
 
-    def dynamic_shapes(self, model, inputs):
-        batch, text = batch_dim(), text_dim()
-        height, width = spatial_dims(model.config.patch_size, self.max_grid(model))
-        return batch_leading_shapes(inputs, {
-            "hidden_states": tensor_dims(d0=batch, d2=height, d3=width),
-            "encoder_hidden_states": tensor_dims(d0=batch, d1=text),
-            "encoder_attention_mask": tensor_dims(d0=batch, d1=text)}, batch)
+    def dim_limits(self, model):
+        return {"height": (2, self.max_grid(model)), "width": (2, self.max_grid(model))}
 
     def noisy_step(self, model, clean, noise, step, num_steps, batch):
         # Flow matching, with the timestep in the scheduler's units (σ·1000) as SD3 and Sana take it.

@@ -10,10 +10,7 @@ from typing import Any
 
 import torch
 
-from svdq_compiler.models.base import (DynDim, ModelAdapter, batch_dim, batch_leading_shapes, factor_grid, flow_step,
-                                       model_dtype, randn, tensor_dims, text_dim)
-
-MAX_IMAGE_TOKENS = 65536  # a 256×256 grid of packed latents: 4096-pixel images
+from svdq_compiler.models.base import ModelAdapter, factor_grid, flow_step, model_dtype, randn
 
 
 class FluxAdapter(ModelAdapter):
@@ -21,7 +18,6 @@ class FluxAdapter(ModelAdapter):
     class_names = ("FluxTransformer2DModel",)
     repeated_blocks = (("transformer_blocks", "num_layers"), ("single_transformer_blocks", "num_single_layers"))
     default_tokens = 256
-    example_text_tokens = 8
 
     def random_config(self) -> dict[str, Any]:
         # Two heads of 32 (inner dim 64, one int4 group); one block of each kind; guidance embedding as in
@@ -30,12 +26,12 @@ class FluxAdapter(ModelAdapter):
                     num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=32, guidance_embeds=True,
                     axes_dims_rope=(8, 12, 12))
 
-    def example_inputs(self, model, batch=1, tokens=None, seed=0):
+    def example_inputs(self, model, batch=1, tokens=None, seed=0, text_tokens=None):
         config = model.config
         rows, cols = factor_grid(tokens or self.default_tokens, what="image tokens")
         generator = torch.Generator().manual_seed(seed)
         dtype = model_dtype(model)
-        text = self.example_text_tokens
+        text = text_tokens or self.example_text_tokens
         inputs: dict[str, Any] = dict(
             hidden_states=randn(generator, batch, rows * cols, config.in_channels, dtype=dtype),
             encoder_hidden_states=randn(generator, batch, text, config.joint_attention_dim, dtype=dtype),
@@ -48,13 +44,6 @@ class FluxAdapter(ModelAdapter):
             inputs["guidance"] = torch.full((batch,), 3.5, dtype=dtype)
         inputs["return_dict"] = False
         return inputs
-
-    def dynamic_shapes(self, model, inputs):
-        batch, text = batch_dim(), text_dim()
-        image = DynDim("image_tokens", 2, MAX_IMAGE_TOKENS, label="image tokens")
-        return batch_leading_shapes(inputs, {
-            "hidden_states": tensor_dims(d0=batch, d1=image), "encoder_hidden_states": tensor_dims(d0=batch, d1=text),
-            "img_ids": tensor_dims(d0=image), "txt_ids": tensor_dims(d0=text)}, batch)
 
     def tokens_of(self, model, inputs):
         return inputs["hidden_states"].shape[1]

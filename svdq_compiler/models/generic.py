@@ -15,10 +15,13 @@ class GenericAdapter(ModelAdapter):
     def matches(self, model):
         return True
 
-    def example_inputs(self, model, batch=1, tokens=None, seed=0):
+    def example_inputs(self, model, batch=1, tokens=None, seed=0, text_tokens=None):
         raise InputError(f"no model adapter knows how to build inputs for {type(model).__name__}",
                          fix="call svdq_compiler.compile(model, example_inputs, dynamic_shapes=...) with your own "
-                             "inputs, or use a supported diffusers class (FLUX, PixArt, SD3, Sana, UNet2DCondition)")
+                             "inputs (diffusers models get theirs from the auto adapter)")
+
+    def dynamic_shapes(self, model, inputs):
+        return None  # only the user knows which dimensions of their inputs vary
 
     def calib_inputs(self, model, num_prompts, num_steps, seed=0, *, batch=1, tokens=None):
         raise InputError(f"no model adapter knows how to build calibration inputs for {type(model).__name__}",

@@ -53,16 +53,16 @@ def model_folder(path: Path) -> Path:
 
 
 def load_folder(path: Path, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    from svdq_compiler.models import adapter_for_class
+    from svdq_compiler.models import diffusers_class
 
     folder = model_folder(path)
     config = read_config(folder / "config.json")
-    adapter = adapter_for_class(class_name_of(config, folder / "config.json"))
+    model_class = diffusers_class(class_name_of(config, folder / "config.json"))
     weights = sorted(folder.glob("*.safetensors"))
     if dtype is None and weights:
         dtype = checkpoint_dtype(weights)
     try:
-        model = adapter.model_class().from_pretrained(folder, local_files_only=True, torch_dtype=dtype,
+        model = model_class.from_pretrained(folder, local_files_only=True, torch_dtype=dtype,
                                                       low_cpu_mem_usage=low_cpu_mem_usage())
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"diffusers could not load the model: {load_error_detail(exc)}", where=str(folder),
@@ -161,7 +161,7 @@ def single_file_config(path: Path, metadata: dict[str, str],
 def load_single_file(path: Path, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
     from safetensors.torch import load_file
 
-    from svdq_compiler.models import adapter_for_class
+    from svdq_compiler.models import diffusers_class
 
     metadata, header = read_header(path)
     shapes = {key: shape for key, (shape, _) in header.items()}
@@ -171,15 +171,15 @@ def load_single_file(path: Path, *, dtype: torch.dtype | None = None) -> torch.n
     else:
         state = None
     config, source = single_file_config(path, metadata, shapes)
-    adapter = adapter_for_class(class_name_of(config, source))
-    log.info("loading %s from %s with the config from %s", adapter.class_names[0], path, source)
+    model_class = diffusers_class(class_name_of(config, source))
+    log.info("loading %s from %s with the config from %s", model_class.__name__, path, source)
     with parameters_on_meta():
-        model = adapter.model_class().from_config(config)
+        model = model_class.from_config(config)
     state = state if state is not None else load_file(str(path))
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"the weights do not fit {adapter.class_names[0]} with the config from {source}: "
+        raise CheckpointError(f"the weights do not fit {model_class.__name__} with the config from {source}: "
                               f"{load_error_detail(exc)}", where=str(path),
                               fix="give the matching config.json beside the file") from exc
     target = dtype or checkpoint_dtype([path])

@@ -24,8 +24,8 @@ class PixArtAdapter(PatchifiedAdapter):
                     norm_type="ada_norm_single", use_additional_conditions=False, interpolation_scale=1,
                     attention_type="default")
 
-    def conditioning(self, model, batch, generator, dtype, height, width):
-        inputs = dict(encoder_attention_mask=torch.ones(batch, self.example_text_tokens, dtype=dtype),
+    def conditioning(self, model, batch, text, generator, dtype, height, width):
+        inputs = dict(encoder_attention_mask=torch.ones(batch, text, dtype=dtype),
                       timestep=torch.full((batch,), 500, dtype=torch.long))
         if model.use_additional_conditions:
             # Pixel size of the image the latent decodes to (8× VAE), and its aspect ratio.

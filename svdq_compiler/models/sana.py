@@ -21,9 +21,9 @@ class SanaAdapter(PatchifiedAdapter):
                     num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=64,
                     caption_channels=48, mlp_ratio=2.5, sample_size=16, patch_size=1)
 
-    def conditioning(self, model, batch, generator, dtype, height, width):
+    def conditioning(self, model, batch, text, generator, dtype, height, width):
         inputs = dict(timestep=torch.full((batch,), 500.0, dtype=dtype),
-                      encoder_attention_mask=torch.ones(batch, self.example_text_tokens, dtype=dtype))
+                      encoder_attention_mask=torch.ones(batch, text, dtype=dtype))
         if model.config.guidance_embeds:
             inputs["guidance"] = torch.full((batch,), 4.5, dtype=dtype)
         return inputs

@@ -26,7 +26,7 @@ class SD3Adapter(PatchifiedAdapter):
     def max_grid(self, model):
         return model.config.pos_embed_max_size
 
-    def conditioning(self, model, batch, generator, dtype, height, width):
+    def conditioning(self, model, batch, text, generator, dtype, height, width):
         return dict(pooled_projections=randn(generator, batch, model.config.pooled_projection_dim, dtype=dtype),
                     timestep=torch.full((batch,), 500.0, dtype=dtype))
 

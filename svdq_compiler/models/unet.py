@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from svdq_compiler.models.base import (ModelAdapter, batch_dim, batch_leading_shapes, ddpm_step, example_grid,
-                                       factor_grid, model_dtype, randn, spatial_dims, tensor_dims, text_dim)
+from svdq_compiler.models.base import ModelAdapter, ddpm_step, example_grid, factor_grid, model_dtype, randn
 
 MAX_LATENT = 512  # latent pixels per side: 4096-pixel images with an 8× VAE
 # diffusers' up-sampler takes a different branch (an extra .contiguous()) from batch 64 on.
@@ -20,7 +19,6 @@ class UNetAdapter(ModelAdapter):
     name = "unet"
     class_names = ("UNet2DConditionModel",)
     latent_key = "sample"
-    example_text_tokens = 8
 
     def random_config(self):
         # Two levels (a plain and a cross-attention down block, mirrored up), 1×1-conv attention projections,
@@ -36,7 +34,7 @@ class UNetAdapter(ModelAdapter):
     def downsampling(self, model) -> int:
         return 2 ** (len(model.config.block_out_channels) - 1)
 
-    def example_inputs(self, model, batch=1, tokens=None, seed=0):
+    def example_inputs(self, model, batch=1, tokens=None, seed=0, text_tokens=None):
         config = model.config
         factor = self.downsampling(model)
         if tokens is None:
@@ -49,8 +47,8 @@ class UNetAdapter(ModelAdapter):
         inputs = dict(
             sample=randn(generator, batch, config.in_channels, rows, cols, dtype=dtype),
             timestep=torch.full((batch,), 500.0, dtype=dtype),
-            encoder_hidden_states=randn(generator, batch, self.example_text_tokens, config.cross_attention_dim,
-                                        dtype=dtype),
+            encoder_hidden_states=randn(generator, batch, text_tokens or self.example_text_tokens,
+                                        config.cross_attention_dim, dtype=dtype),
         )
         if config.addition_embed_type == "text_time":
             pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
@@ -61,12 +59,13 @@ class UNetAdapter(ModelAdapter):
         inputs["return_dict"] = False
         return inputs
 
-    def dynamic_shapes(self, model, inputs):
-        batch, text = batch_dim(MAX_UNET_BATCH), text_dim()
+    def grid_unit(self, model):
+        return self.downsampling(model)
+
+    def dim_limits(self, model):
         factor = self.downsampling(model)
-        height, width = spatial_dims(factor, MAX_LATENT // factor, min_units=1 if factor > 1 else 2)
-        return batch_leading_shapes(inputs, {"sample": tensor_dims(d0=batch, d2=height, d3=width),
-                                             "encoder_hidden_states": tensor_dims(d0=batch, d1=text)}, batch)
+        spatial = (1 if factor > 1 else 2, MAX_LATENT // factor)
+        return {"batch": (1, MAX_UNET_BATCH), "height": spatial, "width": spatial}
 
     def tokens_of(self, model, inputs):
         return inputs["sample"].shape[2], inputs["sample"].shape[3]

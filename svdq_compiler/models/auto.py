@@ -1,0 +1,465 @@
+"""Any diffusers denoiser without a family adapter: inputs from its forward signature and config; and tiny
+configs of any class, for the coverage benchmark.
+
+A model's inputs are synthesized from the names of its forward parameters (`hidden_states`, `sample`,
+`encoder_hidden_states`, `timestep`, `pooled_projections`, `img_ids`, …) and the widths its config gives
+(`in_channels`, `joint_attention_dim`, `cross_attention_dim`, `caption_channels`, …). Where a name leaves the
+layout open (a latent as [B, C, H, W], [B, C, F, H, W] or packed tokens [B, N, C]; which config entry is the
+text width; whether a mask is boolean) the candidates are tried on the model under fake tensors (no compute, no
+memory) and the first that runs is kept, so nothing here is a per-class table.
+
+The dynamic dimensions are then found as for every adapter (`base.infer_dims`): the inputs are built again with
+one size changed at a time (batch, text length, latent rows, columns, frames), and every input dimension that
+moved is declared dynamic with the size it follows, in multiples of the step it moved by; the rest stays static.
+Capture still checks each against the model's code and falls back where the code pins one, and the capture
+report says, per dimension, what it follows and how that was found.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import itertools
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from svdq_compiler.errors import InputError, first_line
+from svdq_compiler.models.base import (MAX_GRID, ModelAdapter, Sizes, example_grid, factor_grid, flow_step,
+                                       model_dtype, tensor_shapes)
+
+DENOISER_PACKAGES = ("diffusers.models.transformers.", "diffusers.models.unets.")
+
+
+def denoiser_classes() -> dict[str, str]:
+    """{class name: module} of every diffusers model class defined in its transformers and unets packages; a
+    module that cannot be imported here (an optional dependency missing) is listed as `<import module>`."""
+    import pkgutil
+
+    import diffusers.models.transformers as transformers
+    import diffusers.models.unets as unets
+    from diffusers import ModelMixin
+
+    found = {}
+    for package in (transformers, unets):
+        for info in pkgutil.iter_modules(package.__path__):
+            name = f"{package.__name__}.{info.name}"
+            try:
+                module = importlib.import_module(name)
+            except Exception as exc:  # any import failure: the class cannot be built on this machine
+                found[f"<import {name}>"] = f"{name}: {type(exc).__name__}: {first_line(exc)}"
+                continue
+            for class_name, cls in inspect.getmembers(module, inspect.isclass):
+                if issubclass(cls, ModelMixin) and cls.__module__ == name:
+                    found[class_name] = name
+    return dict(sorted(found.items()))
+
+
+# ---- what each forward parameter is ---------------------------------------------------------------------------
+
+# (role, pattern on the parameter name). The first match wins; `latent` is also the first required parameter
+# when no name says so.
+ROLES: tuple[tuple[str, str], ...] = (
+    ("latent", r"hidden_states|sample|x"),
+    ("text_mask", r"encoder_attention_mask|encoder_mask|encoder_hidden_states_mask|text_embedding_mask"),
+    ("text", r"encoder_hidden_states|cap_feats|context|text_bth"),
+    ("timestep", r"timesteps?|t"),
+    ("pooled", r"pooled_projections|pooled_embeds|pooled_text_emb|clip_text_pooled|global_hidden_states"),
+    ("image_ids", r"img_ids"),
+    ("text_ids", r"txt_ids"),
+    ("guidance", r"guidance"),
+    ("size_pair", r"original_size|target_size|crop_coords"),
+    ("class_labels", r"class_labels"),
+)
+# Required parameters named like a timestep (`timestep_r`, `r_timestep`, `decoder_noise_time`) are timesteps too;
+# optional ones are not (`timestep_cond` is an embedding).
+REQUIRED_TIMESTEP = r"(\w+_)?timesteps?(_\w+)?|\w+_time"
+# Optional parameters worth giving: the conditioning a pipeline always passes. Other optional ones (controlnet
+# residuals, caches, extra image streams) are left at their defaults.
+OPTIONAL_ROLES = {"text", "text_mask", "timestep", "pooled", "image_ids", "text_ids"}
+
+# Config entries giving a width, in the order they are tried.
+TEXT_WIDTH_KEYS = ("joint_attention_dim", "cross_attention_dim", "caption_channels", "text_embed_dim", "text_dim",
+                   "cap_feat_dim", "context_in_dim", "encoder_hid_dim", "text_emb_dim", "text_hidden_dim")
+POOLED_WIDTH_KEYS = ("pooled_projection_dim", "pooled_embed_dim", "global_states_input_dim", "text_emb_dim",
+                     "projection_dim")
+LATENT_CHANNEL_KEYS = ("in_channels", "in_chans", "latent_channels", "num_channels_latents")
+POSITION_AXES_KEYS = ("axes_dims_rope", "axes_dim_rope", "axes_dims", "rope_axes_dim")
+
+LAYOUTS = ("image", "video", "tokens", "sequence")  # [B,C,H,W], [B,C,F,H,W], [B,N,C], [B,C,L]
+MAX_PROBES = 48
+
+
+def role_of(name: str) -> str | None:
+    return next((role for role, pattern in ROLES if re.fullmatch(pattern, name)), None)
+
+
+def config_value(config: Any, keys: tuple[str, ...]) -> list[int]:
+    """The positive int values of `keys` in the config, in order, without repeats."""
+    found: list[int] = []
+    for key in keys:
+        value = config.get(key) if hasattr(config, "get") else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0 and value not in found:
+            found.append(value)
+    return found
+
+
+def spatial_unit(config: Any) -> int:
+    """The step latent height and width must move in: the patch size, or a U-Net's total down-sampling."""
+    channels = config.get("block_out_channels")
+    if isinstance(channels, (list, tuple)) and len(channels) > 1:
+        return 2 ** (len(channels) - 1)
+    patch = config.get("patch_size") or config.get("all_patch_size")
+    if isinstance(patch, (list, tuple)):
+        patch = patch[-1]
+    return int(patch) if isinstance(patch, int) and patch > 0 else 1
+
+
+def frame_unit(config: Any) -> int:
+    patch = config.get("patch_size")
+    if isinstance(patch, (list, tuple)) and len(patch) == 3:
+        return int(patch[0])
+    return int(config.get("patch_size_t") or 1)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The open questions of an input layout, answered by probing the model."""
+
+    layout: str
+    text_width: int | None
+    mask_dtype: torch.dtype
+
+
+@dataclass
+class InputPlan:
+    """How to build one model's forward inputs at any `Sizes`."""
+
+    parameters: dict[str, str]  # forward parameter → role, in signature order
+    choice: Choice
+    channels: int
+    pooled_width: int | None
+    axes: int
+    unit: int
+    frame_unit: int
+    timestep_value: float
+
+    def build(self, sizes: Sizes, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
+        generator = torch.Generator().manual_seed(seed)
+
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(shape, generator=generator).to(dtype)
+
+        batch, text, unit = sizes.batch, sizes.text, self.unit
+        height, width = sizes.rows * unit, sizes.cols * unit
+        inputs: dict[str, Any] = {}
+        for name, role in self.parameters.items():
+            if role == "latent":
+                layout = self.choice.layout
+                inputs[name] = (randn(batch, self.channels, height, width) if layout == "image" else
+                                randn(batch, self.channels, sizes.frames * self.frame_unit, height, width)
+                                if layout == "video" else randn(batch, sizes.rows * sizes.cols, self.channels)
+                                if layout == "tokens" else randn(batch, self.channels, height))
+            elif role == "text":
+                inputs[name] = randn(batch, text, self.choice.text_width)
+            elif role == "text_mask":
+                inputs[name] = torch.ones(batch, text, dtype=self.choice.mask_dtype if self.choice.mask_dtype
+                                          is torch.bool else dtype)
+            elif role == "timestep":
+                inputs[name] = torch.full((batch,), self.timestep_value, dtype=dtype)
+            elif role == "pooled":
+                inputs[name] = randn(batch, self.pooled_width)
+            elif role == "image_ids":
+                inputs[name] = grid_ids(sizes.rows, sizes.cols, self.axes, dtype)
+            elif role == "text_ids":
+                inputs[name] = torch.zeros(text, self.axes, dtype=dtype)
+            elif role == "guidance":
+                inputs[name] = torch.full((batch,), 3.5, dtype=dtype)
+            elif role == "size_pair":
+                inputs[name] = torch.tensor([[height * 8, width * 8]] * batch, dtype=dtype)
+            elif role == "class_labels":
+                inputs[name] = torch.zeros(batch, dtype=torch.long)
+        inputs["return_dict"] = False
+        return inputs
+
+    def latent_name(self) -> str:
+        return next(name for name, role in self.parameters.items() if role == "latent")
+
+
+def grid_ids(rows: int, cols: int, axes: int, dtype: torch.dtype) -> torch.Tensor:
+    """Position ids [rows·cols, axes] of a row-major latent grid: the last two axes are row and column."""
+    ids = torch.zeros(rows, cols, axes, dtype=dtype)
+    if axes >= 2:
+        ids[..., axes - 2] = torch.arange(rows, dtype=dtype)[:, None]
+        ids[..., axes - 1] = torch.arange(cols, dtype=dtype)[None, :]
+    return ids.reshape(rows * cols, axes)
+
+
+def forward_roles(model: torch.nn.Module) -> dict[str, str]:
+    """{forward parameter: role} for the parameters inputs are built for; refuses a required one with no role."""
+    signature = inspect.signature(model.forward)
+    roles: dict[str, str] = {}
+    unknown = []
+    for name, parameter in signature.parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) or name == "return_dict":
+            continue
+        required = parameter.default is inspect.Parameter.empty
+        role = role_of(name)
+        if role is None and required and re.fullmatch(REQUIRED_TIMESTEP, name):
+            role = "timestep"
+        if role is None and required and not roles:
+            role = "latent"  # the first parameter is the latent whatever it is called
+        if role == "guidance" and not (required or model.config.get("guidance_embeds")):
+            continue
+        if role == "class_labels" and not (required or model.config.get("num_embeds_ada_norm")
+                                           or model.config.get("num_class_embeds")):
+            continue
+        if role is None or (not required and role not in OPTIONAL_ROLES | {"guidance", "class_labels"}):
+            if required:
+                unknown.append(name)
+            continue
+        if role == "latent" and "latent" in roles.values():
+            if required:
+                unknown.append(name)
+            continue
+        roles[name] = role
+    if unknown:
+        raise InputError(f"{type(model).__name__}.forward requires inputs whose layout cannot be inferred from "
+                         f"their names and the config: {', '.join(unknown)}",
+                         fix="pass your own example_inputs (and dynamic_shapes) to svdq_compiler.compile")
+    if "latent" not in roles.values():
+        raise InputError(f"{type(model).__name__}.forward has no latent input (hidden_states, sample, x)",
+                         fix="pass your own example_inputs to svdq_compiler.compile")
+    return roles
+
+
+def candidate_choices(model: torch.nn.Module, roles: dict[str, str]) -> list[Choice]:
+    config = model.config
+    name = type(model).__name__
+    if "3D" in name:
+        layouts = ("video", "tokens", "image")
+    elif "1D" in name:
+        layouts = ("sequence", "tokens")
+    elif "image_ids" in roles.values() or config.get("axes_dims_rope"):
+        layouts = ("tokens", "image", "video")  # position ids come with packed latents
+    else:
+        layouts = ("image", "tokens", "video", "sequence")
+    widths: list[int | None] = list(config_value(config, TEXT_WIDTH_KEYS)) if "text" in roles.values() else [None]
+    masks = (torch.bool, torch.float32) if "text_mask" in roles.values() else (torch.bool,)
+    return [Choice(layout, width, mask) for layout, width, mask in itertools.product(layouts, widths or [None],
+                                                                                     masks)]
+
+
+def runs_on(model: torch.nn.Module, inputs: dict[str, Any]) -> str | None:
+    """None when the model runs on `inputs`, else why not.
+
+    The model is traced under fake tensors (shapes only: no compute, no memory, cheap on a large model); code
+    that reads tensor values (`mask.sum().tolist()`, `.numpy()`) cannot run there, so it then runs for real on
+    the small probe sizes.
+    """
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs each failing op: expected while probing
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            model(**inputs)
+        return None
+    except (DataDependentOutputException, GuardOnDataDependentSymNode):
+        pass
+    except Exception as exc:  # any failure of the model's code on these shapes means: not this layout
+        return first_line(exc)
+    finally:
+        fake_log.setLevel(level)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        return None
+    except Exception as exc:  # as above, on real tensors
+        return first_line(exc)
+
+
+def plan_inputs(model: torch.nn.Module) -> InputPlan:
+    """The input plan of `model`: roles from its forward signature, widths from its config, the layout the
+    model accepts (probed)."""
+    cached = getattr(model, "_svdq_input_plan", None)
+    if cached is not None:
+        return cached
+    config = model.config
+    roles = forward_roles(model)
+    channels = config_value(config, LATENT_CHANNEL_KEYS)
+    if not channels:
+        raise InputError(f"{type(model).__name__}'s config gives no latent channel count ({', '.join(LATENT_CHANNEL_KEYS)})",
+                         fix="pass your own example_inputs to svdq_compiler.compile")
+    pooled = config_value(config, POOLED_WIDTH_KEYS)
+    # conditioning the config gives no width for is left out (an optional input the model then does without)
+    absent = ({"pooled"} if not pooled else set()) | \
+        ({"text", "text_mask", "text_ids"} if not config_value(config, TEXT_WIDTH_KEYS) else set())
+    roles = {name: role for name, role in roles.items() if role not in absent}
+    axes = next((len(config[key]) for key in POSITION_AXES_KEYS if isinstance(config.get(key), (list, tuple))), 3)
+    base = dict(parameters=roles, channels=channels[0], pooled_width=pooled[0] if pooled else None, axes=axes,
+                unit=spatial_unit(config), frame_unit=frame_unit(config), timestep_value=500.0)
+    sizes = Sizes(batch=2, text=4, rows=2, cols=3)
+    failures = []
+    for choice in candidate_choices(model, roles)[:MAX_PROBES]:
+        plan = InputPlan(choice=choice, **base)
+        why = runs_on(model, plan.build(sizes, model_dtype(model)))
+        if why is None:
+            model._svdq_input_plan = plan
+            return plan
+        failures.append(f"{choice.layout} latent, text width {choice.text_width}: {why}")
+    raise InputError(f"no input layout built from {type(model).__name__}'s forward signature and config runs "
+                     f"({len(failures)} tried; first: {failures[0] if failures else 'none'})",
+                     fix="pass your own example_inputs (and dynamic_shapes) to svdq_compiler.compile")
+
+
+class DiffusersAdapter(ModelAdapter):
+    """Any diffusers model no family adapter knows: inputs synthesized, dynamic dimensions inferred."""
+
+    name = "auto"
+    class_names = ()
+    # Flow-matching models take σ in [0, 1] (FLUX-like, ×1000 inside) or σ·1000; diffusion ones t in [0, 1000):
+    # calibration uses the scale of 1000 most diffusers denoisers take.
+    timestep_scale: ClassVar[float] = 1000.0
+
+    def matches(self, model):
+        from diffusers import ModelMixin
+
+        return isinstance(model, ModelMixin)
+
+    def example_sizes(self, model: torch.nn.Module, batch: int, tokens: int | tuple[int, int] | None,
+                      text_tokens: int | None = None) -> Sizes:
+        plan = plan_inputs(model)
+        if tokens is not None:
+            rows, cols = factor_grid(tokens, what="latent grid")
+        else:
+            sample = model.config.get("sample_size")
+            native = sample // plan.unit if isinstance(sample, int) and sample >= 2 * plan.unit else 8
+            rows, cols = example_grid(None, native, MAX_GRID)
+        return Sizes(batch=batch, text=text_tokens or self.example_text_tokens, rows=rows, cols=cols)
+
+    def example_inputs(self, model, batch=1, tokens=None, seed=0, text_tokens=None):
+        return plan_inputs(model).build(self.example_sizes(model, batch, tokens, text_tokens), model_dtype(model),
+                                        seed)
+
+    def inputs_at(self, model, sizes):
+        return plan_inputs(model).build(sizes, model_dtype(model))
+
+    def sizes_of(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Sizes | None:
+        """The Sizes that rebuild `inputs` (same names and shapes), or None."""
+        try:
+            plan = plan_inputs(model)
+        except InputError:  # no layout of its own runs (HiDream's stacked text states): the user's stay static
+            return None
+        latent = inputs.get(plan.latent_name())
+        texts = [value for name, value in inputs.items() if plan.parameters.get(name) == "text"]
+        if not isinstance(latent, torch.Tensor):
+            return None
+        batch, text = latent.shape[0], texts[0].shape[1] if texts else self.example_text_tokens
+        layout = plan.choice.layout
+        if layout == "tokens":  # any factorization of the count rebuilds the same shapes
+            rows, cols = factor_grid(int(latent.shape[1]), what="image tokens")
+        elif layout == "sequence":
+            rows, cols = latent.shape[-1] // plan.unit, 1
+        else:
+            rows, cols = latent.shape[-2] // plan.unit, latent.shape[-1] // plan.unit
+        frames = latent.shape[2] // plan.frame_unit if layout == "video" else 2
+        sizes = Sizes(batch=int(batch), text=int(text), rows=int(rows), cols=int(cols), frames=int(frames))
+        return sizes if tensor_shapes(self.inputs_at(model, sizes)) == tensor_shapes(inputs) else None
+
+    def tokens_of(self, model, inputs):
+        sizes = self.sizes_of(model, inputs)
+        if sizes is None:
+            raise InputError("these inputs were not built by the auto adapter", fix="give tokens explicitly")
+        return sizes.rows, sizes.cols
+
+    def noisy_step(self, model, clean, noise, step, num_steps, batch):
+        plan = plan_inputs(model)
+        latent, sigma = flow_step(clean, noise, step, num_steps)
+        values = {plan.latent_name(): latent}
+        for name, role in plan.parameters.items():
+            if role == "timestep":
+                values[name] = torch.full((batch,), sigma * self.timestep_scale, dtype=latent.dtype)
+        return values
+
+    def _clean_latent(self, inputs, generator):
+        latent = next(value for value in inputs.values() if isinstance(value, torch.Tensor))  # signature order
+        return torch.randn(latent.shape, generator=generator, dtype=latent.dtype)
+
+    def describe(self) -> str:
+        return "auto (any diffusers model: inputs from its forward signature and config, dynamic dims inferred)"
+
+
+
+# ---- tiny configs of any class ---------------------------------------------------------------------------------
+
+TINY_WIDTH = 64  # every width a config names: 2 heads of 32, text and pooled widths, feed-forward sizes
+TINY_HEADS, TINY_HEAD_DIM = 2, 32
+DEPTH = re.compile(r"(n_|num_)?\w*(layers|blocks)|depth|layers_per_block|transformer_layers_per_block")
+HEADS = re.compile(r"\w*heads")
+HEAD_DIM = re.compile(r"\w*head_dim")
+WIDTH = re.compile(r"\w*(_dim|_channels|_size|hidden_size|^dim)")
+NOT_WIDTHS = re.compile(r"in_channels|out_channels|latent_channels|patch_size\w*|sample_size|\w*max\w*|\w*axes\w*|"
+                        r"\w*rope\w*|\w*len\w*|\w*vocab\w*|\w*num_\w*|\w*group\w*|\w*kernel\w*|\w*stride\w*")
+PER_LEVEL = ("block_out_channels", "down_block_types", "up_block_types")
+# Sizes whose default None leaves the constructor nothing to build (continuous latent input, patching).
+NEEDED_WHEN_NONE = {"in_channels": 16, "patch_size": 2}
+
+
+def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
+    """A tiny config of any diffusers model class, from its constructor's defaults: one block of each kind, two
+    heads of 32, every width 64, two U-Net levels of 32 and 64 channels, RoPE axes scaled to the head size.
+
+    Structure (block kinds, norms, embeddings) stays the class's own; only sizes shrink.
+    """
+    defaults = {name: parameter.default for name, parameter in inspect.signature(model_class.__init__).parameters.items()
+                if name != "self" and parameter.default is not inspect.Parameter.empty}
+    config: dict[str, Any] = {}
+    head_dim = next((value for name, value in defaults.items() if HEAD_DIM.fullmatch(name)
+                     and isinstance(value, int)), None)
+    heads = next((value for name, value in defaults.items() if HEADS.fullmatch(name) and isinstance(value, int)),
+                 None)
+    model_width = defaults.get("hidden_size", defaults.get("dim"))
+    if head_dim is None and isinstance(model_width, int) and heads:
+        head_dim = model_width // heads  # a model that gives its width and head count, not the head size
+    levels = defaults.get("block_out_channels")
+    level_count = len(levels) if isinstance(levels, (list, tuple)) else 0
+    for name, value in defaults.items():
+        if value is None and name in NEEDED_WHEN_NONE:
+            config[name] = NEEDED_WHEN_NONE[name]  # a default the constructor cannot build with
+            continue
+        if isinstance(value, bool) or value is None:
+            continue
+        if level_count > 2 and isinstance(value, (list, tuple)) and len(value) == level_count:
+            value = type(value)([value[0], value[-1]])  # the outer levels, mirrored in the up path
+        if name == "block_out_channels" and level_count:
+            config[name] = (32, 64) if level_count > 1 else (32,)
+        elif isinstance(value, int) and DEPTH.fullmatch(name) and value > 1:
+            config[name] = 1
+        elif isinstance(value, (list, tuple)) and DEPTH.fullmatch(name) and all(isinstance(v, int) for v in value):
+            config[name] = type(value)(min(v, 1) for v in value)
+        elif isinstance(value, int) and HEADS.fullmatch(name) and value > TINY_HEADS:
+            config[name] = TINY_HEADS
+        elif isinstance(value, int) and HEAD_DIM.fullmatch(name) and value > TINY_HEAD_DIM:
+            config[name] = TINY_HEAD_DIM
+        elif isinstance(value, (list, tuple)) and re.search(r"axes|rope", name) and head_dim \
+                and all(isinstance(v, int) for v in value) and sum(value) == head_dim and head_dim > TINY_HEAD_DIM:
+            scaled = [max(2, 2 * round(v * TINY_HEAD_DIM / head_dim / 2)) for v in value[:-1]]
+            config[name] = type(value)([*scaled, TINY_HEAD_DIM - sum(scaled)])  # the axes still sum to the head
+        elif isinstance(value, int) and name.endswith("groups") and value > 8:
+            config[name] = 8
+        elif isinstance(value, int) and name == "sample_size" and value > 16:
+            config[name] = 16
+        elif isinstance(value, int) and WIDTH.fullmatch(name) and not NOT_WIDTHS.fullmatch(name) \
+                and value > TINY_WIDTH:
+            config[name] = TINY_WIDTH
+        elif level_count > 2 and isinstance(value, (list, tuple)) and len(value) == 2 and name in PER_LEVEL:
+            config[name] = value
+        elif level_count > 2 and isinstance(defaults[name], (list, tuple)) and len(defaults[name]) == level_count:
+            config[name] = value
+    return config

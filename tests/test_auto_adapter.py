@@ -1,0 +1,151 @@
+"""The auto adapter: any diffusers denoiser without a family adapter gets inputs from its forward signature and
+config, and its dynamic dimensions are found by rebuilding the inputs one size larger; a sample of the coverage
+benchmark (tools/bench_coverage.py) runs here, every class under -m slow."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import svdq_compiler
+from svdq_compiler.capture import CAPTURE_META
+from svdq_compiler.errors import InputError
+from svdq_compiler.models import DiffusersAdapter, adapter_for, load_model
+from svdq_compiler.models.auto import denoiser_classes, plan_inputs, tiny_config
+from svdq_compiler.models.base import Sizes, infer_dims
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from bench_coverage import cover  # noqa: E402
+
+
+def build_known_layout(sizes: Sizes) -> dict:
+    """Inputs whose dimensions follow known sizes, plus two that must stay static."""
+    b, t, r, c, f = sizes.batch, sizes.text, sizes.rows, sizes.cols, sizes.frames
+    return {
+        "packed": torch.zeros(b, r * c, 16),  # batch, image tokens
+        "ids": torch.zeros(r * c, 3),  # image tokens
+        "text": torch.zeros(b, t, 48),  # batch, text tokens
+        "latent": torch.zeros(b, 4, 2 * r, 2 * c),  # batch, height and width in steps of 2
+        "video": torch.zeros(b, 4, f, r, c),  # frames
+        "offset": torch.zeros(2 * r + 1),  # moves with rows, but not in proportion: static
+        "flag": False,
+        "nested": {"embeds": torch.zeros(b, 8)},  # batch, inside a dict
+    }
+
+
+def test_infer_dims_finds_what_each_dimension_follows():
+    dims = infer_dims(build_known_layout, Sizes(batch=2, text=8, rows=5, cols=7, frames=3))
+    found = {(name, index): (dim.name, dim.multiple) for name, entry in dims.items() if entry and name != "nested"
+             for index, dim in entry.items()}
+    expected = {
+        ("packed", 0): ("batch", 1), ("packed", 1): ("image_tokens", 1), ("ids", 0): ("image_tokens", 1),
+        ("text", 0): ("batch", 1), ("text", 1): ("text_tokens", 1),
+        ("latent", 0): ("batch", 1), ("latent", 2): ("height", 2), ("latent", 3): ("width", 2),
+        ("video", 0): ("batch", 1), ("video", 2): ("frames", 1), ("video", 3): ("height", 1),
+        ("video", 4): ("width", 1),
+    }
+    assert found == expected
+    assert dims["nested"]["embeds"][0].name == "batch" and dims["offset"] is None and dims["flag"] is None
+    assert "latent height" in dims["latent"][2].why and "multiple 2" in dims["latent"][2].why
+
+
+def tiny(class_name):
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    torch.manual_seed(0)
+    return cls(**tiny_config(cls)).eval()
+
+
+def test_tiny_config_shrinks_sizes_not_structure():
+    config = tiny_config(getattr(__import__("diffusers"), "ChromaTransformer2DModel"))
+    assert config["num_layers"] == 1 and config["num_single_layers"] == 1
+    assert config["num_attention_heads"] == 2 and config["attention_head_dim"] == 32
+    assert config["joint_attention_dim"] == 64 and sum(config["axes_dims_rope"]) == 32
+    assert "in_channels" not in config and "patch_size" not in config
+
+
+@pytest.mark.parametrize("class_name, layout, roles", [
+    ("ChromaTransformer2DModel", "tokens", {"hidden_states": "latent", "encoder_hidden_states": "text",
+                                            "timestep": "timestep", "img_ids": "image_ids", "txt_ids": "text_ids"}),
+    ("UNet2DModel", "image", {"sample": "latent", "timestep": "timestep"}),
+    ("WanTransformer3DModel", "video", {"hidden_states": "latent", "timestep": "timestep",
+                                        "encoder_hidden_states": "text"}),
+])
+def test_inputs_from_the_forward_signature_and_config(class_name, layout, roles):
+    model = tiny(class_name)
+    adapter = adapter_for(model)
+    assert isinstance(adapter, DiffusersAdapter)
+    plan = plan_inputs(model)
+    assert plan.choice.layout == layout and plan.parameters == roles
+    inputs = adapter.example_inputs(model, batch=2, tokens=(4, 6))
+    assert adapter.tokens_of(model, inputs) == (4, 6)
+    with torch.no_grad():
+        model(**inputs)
+
+
+def test_required_input_without_a_known_layout_is_a_clear_error():
+    model = tiny("UVit2DModel")
+    with pytest.raises(InputError, match="micro_conds.*pass your own example_inputs"):
+        adapter_for(model).example_inputs(model)
+
+
+def test_the_enumeration_finds_transformers_and_unets():
+    classes = denoiser_classes()
+    assert {"FluxTransformer2DModel", "HiDreamImageTransformer2DModel", "Lumina2Transformer2DModel",
+            "UNet2DConditionModel", "UNet2DModel"} <= set(classes)
+    assert "AutoencoderKL" not in classes
+
+
+def test_compile_a_folder_of_a_class_without_adapter(tmp_path, capsys):
+    """svdq-compile FOLDER on an unknown class: captured with inferred dynamic dims, runs at another grid."""
+    from svdq_compiler.cli import compile_main
+
+    model = tiny("ChromaTransformer2DModel")
+    model.save_pretrained(tmp_path / "chroma")
+    out, report = tmp_path / "g.pt", tmp_path / "r.json"
+    assert compile_main([str(tmp_path / "chroma"), "--out", str(out), "--report", str(report), "--calib-prompts", "1",
+                         "--calib-steps", "1", "--set", "smooth_grid=2"]) == 0
+    dims = {(d["input"], d["index"]): d for d in json.loads(report.read_text())["capture"]["dims"]}
+    assert dims[("hidden_states", 1)]["status"] == "dynamic" and dims[("img_ids", 0)]["name"] == "image_tokens"
+    assert "moved with rows and cols" in dims[("hidden_states", 1)]["why_dynamic"]
+    assert dims[("encoder_hidden_states", 1)]["name"] == "text_tokens"
+    graph = svdq_compiler.load(out)
+    loaded = load_model(tmp_path / "chroma")
+    adapter = adapter_for(loaded)
+    inputs = adapter.example_inputs(loaded, batch=2, tokens=(6, 4), seed=3)  # not the captured grid
+    with torch.no_grad():
+        want, got = loaded(**inputs)[0], graph(**inputs)[0]
+    assert got.shape == want.shape
+    assert float((got - want).norm() / want.norm()) < 0.1
+
+
+def coverage_case(class_name, presets=("int4",), calibration=(1, 1)):
+    module = denoiser_classes()[class_name]
+    entry = cover(class_name, module, presets=presets, calibration=calibration)
+    assert entry["failure"] is None, entry["failure"]
+    assert entry["reached"] == "run" and entry["path"] in ("graph", "eager")
+    for preset in presets:
+        result = entry["presets"][preset]
+        assert result["quantized_linears"] > 0
+        assert len(result["rel_error"]) == 2 and all(error < 0.2 for error in result["rel_error"])
+    return entry
+
+
+def test_coverage_sample():
+    """One class of the benchmark in the default suite: a 3-D video transformer with no adapter."""
+    entry = coverage_case("WanTransformer3DModel")
+    assert entry["path"] == "graph"
+    assert {"batch", "frames", "height", "width", "text_tokens"} <= set(entry["dynamic"])
+
+
+COVERED = json.loads((Path(__file__).resolve().parents[1] / "bench/results/coverage-diffusers.json").read_text()) \
+    if (Path(__file__).resolve().parents[1] / "bench/results/coverage-diffusers.json").exists() else {"classes": []}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("class_name", [e["class"] for e in COVERED["classes"] if e.get("reached") == "run"])
+def test_coverage_of_every_class_the_benchmark_ran(class_name):
+    coverage_case(class_name, presets=("int4", "w4a4-rtn"), calibration=(2, 2))

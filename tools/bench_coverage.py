@@ -1,0 +1,249 @@
+"""Coverage of every denoiser class in the installed diffusers: does a tiny model of it compile and run?
+
+The classes are enumerated from the package (every ModelMixin subclass defined in diffusers.models.transformers
+and diffusers.models.unets), never listed by hand. For each one:
+
+1. build it from `tiny_config` (its constructor's defaults, shrunk: one block of each kind, 2 heads of 32,
+   widths 64; svdq_compiler/models/auto.py), random weights, seed 0;
+2. build its inputs with the model's adapter (a family adapter, or the auto one: from the forward signature
+   and the config) and capture it: which dimensions became dynamic and why; where torch.export fails on the
+   model's data-dependent code, svdq_compiler.compile takes the eager path (module swap), and the entry says
+   which path each class took and why;
+3. compile it with each preset (calibration: 2 prompts × 2 steps), count the quantized linears;
+4. run the compiled graph at the example size and at a second latent grid, and measure the relative L2 error
+   of its output against the fp32 model on the same inputs.
+
+Each class runs in its own process (a crash or a hang costs that class only), `--jobs` at a time:
+
+    OMP_NUM_THREADS=1 python tools/bench_coverage.py --jobs 2
+    python tools/bench_coverage.py --only FluxTransformer2DModel,UNet2DModel --out /tmp/c.json
+
+writes bench/results/coverage-diffusers.json: per class the stage it reached, the failure (stage and message)
+if any, and the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from bench_common import machine, write_result  # noqa: E402
+from ir_fingerprint import CaptureOnce  # noqa: E402
+
+PRESETS = ("int4", "w4a4-rtn")  # SVDQuant against its round-to-nearest baseline
+BATCH = 2  # a batch of 2 (classifier-free guidance's pair) at both sizes
+STAGES = ("build", "inputs", "capture", "compile", "run")
+
+
+def first_tensor(result: Any) -> torch.Tensor:
+    if isinstance(result, (tuple, list)):
+        return first_tensor(result[0])
+    return getattr(result, "sample", result)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
+
+
+def second_grid(rows: int, cols: int) -> tuple[int, int]:
+    """Another latent grid, different on both axes."""
+    return rows + 3, max(2, cols - 2)
+
+
+def cover(class_name: str, module_name: str, presets: tuple[str, ...] = PRESETS,
+          calibration: tuple[int, int] = (2, 2)) -> dict[str, Any]:
+    """Everything the benchmark measures for one class; `failure` names the first stage that failed."""
+    import svdq_compiler
+    from svdq_compiler.eager import compile_report_of, data_dependent_failure
+    from svdq_compiler.errors import CaptureError, first_line
+    from svdq_compiler.models import adapter_for
+    from svdq_compiler.models.auto import tiny_config
+
+    entry: dict[str, Any] = {"class": class_name, "module": module_name, "reached": None, "failure": None}
+    stage = "build"
+    start = time.perf_counter()
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        config = tiny_config(cls)
+        entry["tiny_config"] = json.loads(json.dumps(config, default=list))
+        torch.manual_seed(0)
+        model = cls(**config).eval()
+        entry["parameters"] = sum(p.numel() for p in model.parameters())
+        entry["reached"] = stage
+
+        stage = "inputs"
+        adapter = adapter_for(model)
+        entry["adapter"] = adapter.name
+        example = adapter.example_inputs(model, batch=BATCH)
+        rows, cols = adapter.tokens_of(model, example)
+        other = adapter.example_inputs(model, batch=BATCH, tokens=second_grid(rows, cols), seed=1)
+        entry["inputs"] = {name: list(value.shape) for name, value in example.items() if torch.is_tensor(value)}
+        entry["grids"] = [[rows, cols], list(second_grid(rows, cols))]
+        calib = adapter.calib_inputs(model, *calibration, batch=BATCH)
+        with torch.no_grad():
+            want = [first_tensor(model(**inputs)) for inputs in (example, other)]
+        entry["reached"] = stage
+
+        stage = "capture"
+        once = CaptureOnce()  # the presets share one capture (deep-copied for each)
+        try:
+            once.cached = svdq_compiler.capture(model, example, adapter=adapter)
+        except CaptureError as exc:
+            if data_dependent_failure(exc) is None:
+                raise
+            entry["capture_error"] = first_line(exc)[:400]  # svdq_compiler.compile takes the eager path
+        if once.cached is not None:
+            report = once.cached.meta["svdq_capture"]
+            entry["dims"] = [{key: dim[key] for key in ("input", "index", "status", "name", "why_dynamic", "reason")}
+                             for dim in report["dims"]]
+            entry["dynamic"] = sorted({dim["name"] for dim in report["dims"] if dim["status"] == "dynamic"})
+            entry["capture_s"] = report["wall_s"]
+        entry["reached"] = stage
+
+        stage = "compile"
+        entry["presets"] = {}
+        graphs = {}
+        for preset in presets:
+            # the eager path swaps the model's linears in place: each preset gets its own copy
+            with once if once.cached is not None else contextlib.nullcontext():
+                compiled = svdq_compiler.compile(copy.deepcopy(model), example, preset, calib_inputs=calib,
+                                                 adapter=adapter)
+            report = compile_report_of(compiled)
+            entry["path"], entry["path_reason"] = report["path"], report["path_reason"]
+            totals = report["layers"]["totals"]
+            graphs[preset] = compiled
+            entry["presets"][preset] = {"quantized_linears": totals["quantized_layers"], "layers": totals["layers"],
+                                        "four_bit_weight_share": totals["four_bit_weight_share"]}
+        entry["reached"] = stage
+
+        stage = "run"
+        for preset, gm in graphs.items():
+            with torch.no_grad():
+                errors = [relative_error(first_tensor(gm(**inputs)), reference)
+                          for inputs, reference in zip((example, other), want)]
+            entry["presets"][preset]["rel_error"] = [round(error, 5) for error in errors]
+        entry["reached"] = stage
+    except Exception as exc:  # the benchmark records every failure with its stage instead of stopping
+        entry["failure"] = {"stage": stage, "error": f"{type(exc).__name__}: {first_line(exc)}"[:400]}
+    entry["wall_s"] = round(time.perf_counter() - start, 2)
+    return entry
+
+
+def cover_in_subprocess(class_name: str, module_name: str, timeout: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as work:
+        out = Path(work) / "entry.json"
+        command = [sys.executable, __file__, "--one", f"{module_name}:{class_name}", "--out", str(out)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"class": class_name, "module": module_name, "reached": None,
+                    "failure": {"stage": "timeout", "error": f"no result within {timeout:.0f} s"}}
+        if not out.exists():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            return {"class": class_name, "module": module_name, "reached": None,
+                    "failure": {"stage": "crash", "error": f"exit {done.returncode}: {tail[0][:300]}"}}
+        return json.loads(out.read_text())
+
+
+def summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    built = [e for e in entries if e.get("reached")]
+    ran = [e for e in entries if e.get("reached") == "run"]
+    two = [e for e in ran if all(len(p.get("rel_error", [])) == 2 for p in e["presets"].values())]
+    failures: dict[str, int] = {}
+    for entry in entries:
+        if entry["failure"]:
+            failures[entry["failure"]["stage"]] = failures.get(entry["failure"]["stage"], 0) + 1
+    return {"classes": len(entries), "built": len(built), "compiled": len([e for e in entries if e.get("reached") in
+                                                                          ("compile", "run")]),
+            "ran_two_resolutions": len(two), "failures_by_stage": failures,
+            "paths": {path: sum(1 for e in entries if e.get("path") == path) for path in ("graph", "eager")}}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The classes that ran (path, dynamic dimensions, quantized linears, errors at both grids), then the
+    failures grouped by stage."""
+    presets = report["presets"]
+    lines = ["| class | path | dynamic dims | quantized linears | " + " | ".join(
+        f"{preset} rel. error (grid 1 / 2)" for preset in presets) + " |", "|---|---|---|---:|" + "---:|" * len(presets)]
+    for entry in report["classes"]:
+        if entry.get("reached") != "run":
+            continue
+        dims = ", ".join(entry.get("dynamic", [])) if entry["path"] == "graph" else "any (eager)"
+        errors = " | ".join("{:.4f} / {:.4f}".format(*entry["presets"][preset]["rel_error"]) for preset in presets)
+        lines.append(f"| {entry['class']} | {entry['path']} | {dims} | "
+                     f"{entry['presets'][presets[0]]['quantized_linears']} | {errors} |")
+    failed: dict[str, list[str]] = {}
+    for entry in report["classes"]:
+        if entry["failure"]:
+            failed.setdefault(entry["failure"]["stage"], []).append(entry["class"])
+    lines.append("")
+    lines += [f"- failed at {stage} ({len(names)}): {', '.join(names)}" for stage, names in failed.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/coverage-diffusers.json"))
+    parser.add_argument("--only", help="comma-separated class names (default: every class)")
+    parser.add_argument("--jobs", type=int, default=1, help="classes run at once, each in its own process")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per class")
+    parser.add_argument("--update", action="store_true",
+                        help="run only --only's classes and replace their entries in the existing --out")
+    parser.add_argument("--table", action="store_true", help="print --out's result as a Markdown table, run nothing")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # module:class, run in this process (the worker)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.one:
+        module_name, class_name = args.one.split(":")
+        args.out.write_text(json.dumps(cover(class_name, module_name)))
+        return 0
+    from svdq_compiler.models.auto import denoiser_classes
+
+    if args.table:
+        print(markdown(json.loads(args.out.read_text())))
+        return 0
+    classes = denoiser_classes()
+    if args.only:
+        wanted = set(args.only.split(","))
+        classes = {name: module for name, module in classes.items() if name in wanted}
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        entries = list(pool.map(lambda item: cover_in_subprocess(*item, args.timeout), classes.items()))
+    for entry in entries:
+        outcome = entry["failure"] and f"{entry['failure']['stage']}: {entry['failure']['error'][:100]}" or "ok"
+        print(f"{entry['class']:42s} {entry.get('path') or '-':6s} {outcome}")
+    import diffusers
+
+    wall = round(time.perf_counter() - start, 1)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    runs = [{"machine": machine(), "commit": commit, "classes": sorted(classes), "wall_s": wall}]
+    if args.update:  # the earlier run's entries for the other classes, and its machine record
+        earlier = json.loads(args.out.read_text())
+        rerun = {entry["class"]: entry for entry in entries}
+        entries = [rerun.get(entry["class"], entry) for entry in earlier["classes"]]
+        runs = [*earlier["runs"], *runs]
+    report = {"diffusers": diffusers.__version__, "torch": torch.__version__, "presets": list(PRESETS),
+              "batch": BATCH, "runs": runs, "summary": summary(entries), "classes": entries}
+    print(json.dumps(report["summary"]))
+    write_result(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
