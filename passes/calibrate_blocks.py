@@ -16,7 +16,7 @@ from svdq_compiler.blockwise import spill_summary, unit_of
 from svdq_compiler.calibration import Calibration
 from svdq_compiler.errors import InputError
 from svdq_compiler.ir import annotated_linears
-from svdq_compiler.passes.calibrate import every_quantized_input_has_a_site
+from svdq_compiler.recording import every_quantized_input_has_a_site
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 
 

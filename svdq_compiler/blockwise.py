@@ -16,7 +16,7 @@ sites they pass (the calibrate pass's `Recorder`: same ranges, same reservoir), 
   passes rewrite each unit once it has run and rewire later units' reads to the nodes they add.
 - Memory: only the weights of the unit being compiled (and the small rest of the model) are resident; block
   inputs stay in memory up to `memory_budget` bytes and spill to a temporary folder beyond it (removed on close).
-- Determinism: reservoir keys depend on (seed, site, input index) only (`passes.calibrate.reservoir_keys`), so
+- Determinism: reservoir keys depend on (seed, site, input index) only (`recording.reservoir_keys`), so
   the statistics equal those of the calibrate pass running the whole graph, and of any sharing of the inputs
   among processes (`svdq_compiler.distributed`).
 """
@@ -38,6 +38,7 @@ from svdq_compiler.calibration import Calibration
 from svdq_compiler.config import QuantConfig
 from svdq_compiler.errors import CalibrationError
 from svdq_compiler.ir import annotated_linears, module_path
+from svdq_compiler.recording import Recorder, calibration_sites, flatten_inputs
 from svdq_compiler.svdquant import site_name
 
 _BLOCK = re.compile(r"^([A-Za-z_][\w]*\.\d+)\.")
@@ -153,7 +154,6 @@ class BlockRunner:
     def __init__(self, gm: torch.fx.GraphModule, config: QuantConfig, inputs: Iterable, *,
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, source: str = ""):
         from svdq_compiler.distributed import share, total
-        from svdq_compiler.passes.calibrate import Recorder, calibration_sites, flatten_inputs
 
         self.gm, self.config = gm, config
         # its own copy of the graph as captured (module doc), reading the module's attributes

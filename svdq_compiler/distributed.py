@@ -4,7 +4,7 @@ Started with `torchrun --nproc-per-node N …`: every process builds the same gr
 whose index i has i mod N equal to its rank, and the statistics are merged before any pass reads them, so
 every process then compiles the same model. The merge is exact: per-channel minima and maxima are reduced with
 MIN and MAX, rows seen are summed, and each site's reservoir keeps the rows with the largest keys of all
-processes' reservoirs — the keys depend on (seed, site, input index) only (`passes.calibrate.reservoir_keys`),
+processes' reservoirs — the keys depend on (seed, site, input index) only (`recording.reservoir_keys`),
 so the merged statistics are those of one process running every input. Without an initialised process group
 (or with one process) every function here is the identity.
 """
@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from svdq_compiler.calibration import SiteStats
+from svdq_compiler.recording import keep_largest_keys
 
 T = TypeVar("T")
 
@@ -74,8 +75,6 @@ def merge_sites(sites: dict[str, SiteStats], limit: int) -> None:
     must call it with the same site names in the same order."""
     if not active():
         return
-    from svdq_compiler.passes.calibrate import keep_largest_keys
-
     device, world = _device(), dist.get_world_size()
     for stats in sites.values():
         home = stats.minimum.device

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from fuse_check import checking_kernels
 from torch import nn
+from torch.testing import FileCheck
 
 import svdq_compiler
 import svdq_compiler.ops  # noqa: F401
@@ -17,7 +18,7 @@ from svdq_compiler.codegen.fused_ops import kernel_backend
 from svdq_compiler.codegen.layout import pack_weight
 from svdq_compiler.codegen.spec import parse_spec
 from svdq_compiler.config import QuantConfig
-from svdq_compiler.ir import QuantOpInfo, info, set_info
+from svdq_compiler.ir import QuantOpInfo, format_ir, info, set_info
 from svdq_compiler.pipeline import PASS_REGISTRY, PassContext
 
 ops = torch.ops.svdq
@@ -181,6 +182,16 @@ def test_structure_after_fuse(block):
     assert "down_single_a_fused_cat" in names and "down_single_a" not in names and "down_single_b" not in names
     from svdq_compiler.passes.verify import problems_in
     assert problems_in(result.gm) == []
+    # the Expected graph as text (format_ir): q/k/v read one kernel A; o's GEMM carries the gate·o + residual
+    # epilogue and quantizes fc1's input; fc1's GELU output is quantized for fc2 inside its GEMM
+    FileCheck().check("# svdq: svdq.fused_quantize_lora_down for block.q, block.k, block.v") \
+        .check("# svdq: svdq.fused_gemm for block.q").check("# svdq: svdq.fused_gemm for block.k") \
+        .check("# svdq: svdq.fused_gemm for block.v").check("torch.ops.aten.softmax") \
+        .check("# svdq: svdq.fused_quantize_lora_down for block.o") \
+        .check("# svdq: svdq.fused_gemm for block.o epilogue=({'kind': 'mul'").check("[gate, residual]") \
+        .check("# svdq: svdq.fused_gemm for block.fc1 epilogue=({'kind': 'gelu_tanh'") \
+        .check('"quantize_next":{"emit_output":false,"quant":{"fmt":"uint4"') \
+        .check("# svdq: svdq.fused_gemm for block.fc2").run(format_ir(result.gm))
 
 
 def test_statistics(block):
