@@ -377,7 +377,7 @@ class DiffusersAdapter(ModelAdapter):
         """The Sizes that rebuild `inputs` (same names and shapes), or None."""
         try:
             plan = plan_inputs(model)
-        except InputError:  # no layout of its own runs (HiDream's stacked text states): the user's stay static
+        except InputError:  # no layout the auto adapter builds runs on this model: the user's inputs stay static
             return None
         latent = inputs.get(plan.latent_name())
         texts = [value for name, value in inputs.items() if plan.parameters.get(name) == "text"]
