@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 # `make test` runs two pytest workers on a 2-core machine: one intra-op thread each avoids oversubscription,
@@ -13,3 +14,17 @@ torch.set_num_threads(1)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def capture_cache():
+    """svdq_compiler.compile captures each model once per session (tests/capture_cache.py);
+    SVDQ_TEST_CAPTURE_CACHE=0 turns the cache off (tools/bench_suite_time.py measures the suite both ways)."""
+    if os.environ.get("SVDQ_TEST_CAPTURE_CACHE", "1") == "0":
+        yield
+        return
+    from capture_cache import install
+
+    undo = install()
+    yield
+    undo()
