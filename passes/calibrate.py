@@ -39,7 +39,8 @@ from svdq_compiler.recording import Recorder, calibration_sites, every_quantized
 
 def _calibration_inputs(ctx: PassContext) -> tuple[Iterable, str]:
     if ctx.calib_inputs is not None:
-        return ctx.calib_inputs, "calib_inputs"
+        # A calibration set (svdq_compiler/calibration_set.py) says where its inputs came from.
+        return ctx.calib_inputs, getattr(ctx.calib_inputs, "source", "calib_inputs")
     from svdq_compiler.models import GenericAdapter
 
     model = ctx.model

@@ -323,7 +323,7 @@ class GraphArchive:
         raw = self.read(DIGESTS_ENTRY) if DIGESTS_ENTRY in self.infos else None
         try:
             table = json.loads(raw)["sha256"] if raw is not None else None
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as exc:
             raise corrupt(f"{DIGESTS_ENTRY} is damaged ({first_line(exc)})", self.where) from exc
         if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
             raise corrupt(f"{DIGESTS_ENTRY} is damaged", self.where)

@@ -127,7 +127,7 @@ def _entries(names: list[str], where: str) -> tuple[str, set[str]]:
 def _json(raw: bytes, entry: str, where: str) -> Any:
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise refuse(f"{entry} is not valid JSON ({exc})", where) from None
 
 

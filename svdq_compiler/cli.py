@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 from svdq_compiler.errors import InputError, SvdqError
 
 DEFAULT_MODEL = "tiny-flux"
+DEFAULT_CALIB_PROMPTS = 4
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -55,9 +56,23 @@ def compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=grid_arg,
                         help="image tokens of the example inputs: a count, or ROWSxCOLS (patch grid; latent "
                              "pixels for a U-Net); default: the adapter's non-square default")
-    parser.add_argument("--calib-prompts", type=int, default=4, help="calibration prompts (default: %(default)s)")
+    parser.add_argument("--calib-prompts", type=int,
+                        help=f"calibration prompts (default: {DEFAULT_CALIB_PROMPTS}, spread over the shipped captions "
+                             "for a pipeline folder; with --calib-prompts-file: every prompt of the file)")
     parser.add_argument("--calib-steps", type=int, default=4,
-                        help="denoising steps per calibration prompt (default: %(default)s)")
+                        help="denoising steps recorded per calibration prompt; a pipeline's are drawn at random, one "
+                             "per equal stretch of its sampler's steps (default: %(default)s)")
+    parser.add_argument("--calib-prompts-file", type=Path, metavar="FILE",
+                        help="calibrate on these prompts (one per line, # comments) run through the folder's own "
+                             "diffusers pipeline; a pipeline folder without it uses the shipped captions")
+    parser.add_argument("--calib-sampler-steps", type=int, metavar="T",
+                        help="sampler steps of each calibration prompt through the pipeline (default: the pipeline's)")
+    parser.add_argument("--calib-size", type=size_arg, metavar="HEIGHTxWIDTH",
+                        help="image size in pixels the pipeline samples calibration prompts at (default: the "
+                             "pipeline's)")
+    parser.add_argument("--calib-set", type=Path, metavar="FILE",
+                        help="calibrate on a saved calibration set (the NAME.calibset.safetensors a pipeline "
+                             "compile writes beside --out) instead of collecting one")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of example and calibration inputs (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, help="convert the weights (default: the checkpoint's dtype)")
@@ -106,6 +121,17 @@ def grid_arg(text: str) -> int | tuple[int, int]:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a token count or ROWSxCOLS") from None
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    height, sep, width = text.lower().partition("x")
+    try:
+        size = int(height), int(width)
+    except ValueError:
+        size = None
+    if not sep or size is None or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH in pixels (e.g. 512x768)")
+    return size
 
 
 def passes_arg(text: str) -> list[str]:
@@ -202,7 +228,7 @@ def check_counts(args: argparse.Namespace) -> None:
     """Sizes and counts must be positive: 0 would silently mean "the default" or fail deep inside torch."""
     tokens = args.tokens if isinstance(args.tokens, tuple) else (args.tokens,)
     for flag, values in (("--batch", (args.batch,)), ("--tokens", tokens), ("--calib-prompts", (args.calib_prompts,)),
-                         ("--calib-steps", (args.calib_steps,))):
+                         ("--calib-steps", (args.calib_steps,)), ("--calib-sampler-steps", (args.calib_sampler_steps,))):
         if any(value is not None and value < 1 for value in values):
             given = "x".join(str(v) for v in values)
             raise InputError(f"{flag} {given}: must be at least 1",
@@ -218,8 +244,8 @@ def compile_and_save(args: argparse.Namespace, config, staged) -> dict[str, Any]
     from svdq_compiler.models import adapter_for, load_model
 
     show_progress = wants_progress(args)
-    steps = Steps(["load model", "example inputs", "compile", "save"] + (["onnx"] if args.onnx else []),
-                  show=show_progress)
+    steps = Steps(["load model", "example inputs", "calibration inputs", "compile", "save"]
+                  + (["onnx"] if args.onnx else []), show=show_progress)
     out = staged.file(args.out, "graph file")
     dump_ir = staged.folder(args.dump_ir, "IR dump folder (--dump-ir)") if args.dump_ir is not None else None
     save_calib = staged.file(args.save_calib, "calibration file") if args.save_calib is not None else None
@@ -229,13 +255,10 @@ def compile_and_save(args: argparse.Namespace, config, staged) -> dict[str, Any]
         model = steps.run("load model", lambda: load_model(args.model, dtype=dtype))
         adapter = adapter_for(model)
 
-        def make_inputs():
-            example = adapter.example_inputs(model, batch=args.batch, tokens=args.tokens, seed=args.seed)
-            calib = adapter.calib_inputs(model, args.calib_prompts, args.calib_steps, seed=args.seed,
-                                         batch=args.batch, tokens=args.tokens)
-            return example, calib
-
-        example, calib = steps.run("example inputs", make_inputs)
+        example = steps.run("example inputs", lambda: adapter.example_inputs(model, batch=args.batch,
+                                                                             tokens=args.tokens, seed=args.seed))
+        calib, calibration = steps.run("calibration inputs", lambda: calibration_inputs(
+            args, config, model, adapter, example, staged, show_progress))
         gm = steps.run("compile", lambda: svdq_compiler.compile(
             model, example, config, calib_inputs=calib, dump_ir=dump_ir, passes=args.passes,
             dynamic_shapes=None if args.static else "auto", verify=args.verify,
@@ -252,18 +275,102 @@ def compile_and_save(args: argparse.Namespace, config, staged) -> dict[str, Any]
         outputs["onnx"] = {"path": str(args.onnx), "bytes": onnx.stat().st_size, "form": args.onnx_form}
     report.update(model=args.model, adapter=adapter.name, **outputs, compression=compression(args.model, model,
                                                                                              out.stat().st_size),
-                  written=written_files(args),
+                  calibration=calibration, written=written_files(args, calibration.get("written")),
                   steps_s=steps.times, versions=svdq_compiler.serialize.versions())
     if args.report is not None:
         write_json(staged.file(args.report, "compile report"), report, "compile report")
     return report
 
 
-def written_files(args: argparse.Namespace) -> dict[str, str]:
-    """{what: where} for every output the command was asked to write."""
+def written_files(args: argparse.Namespace, calibration_set: str | None = None) -> dict[str, str]:
+    """{what: where} for every output the command writes."""
     places = {"graph": args.out, "report": args.report, "IR dumps": args.dump_ir,
-              "calibration statistics": getattr(args, "save_calib", None), "ONNX model": getattr(args, "onnx", None)}
+              "calibration statistics": getattr(args, "save_calib", None), "calibration set": calibration_set,
+              "ONNX model": getattr(args, "onnx", None)}
     return {what: str(path) for what, path in places.items() if path is not None}
+
+
+def calibration_set_path(out: Path) -> Path:
+    """Where a compile that collected a calibration set writes it: beside the graph, named after it."""
+    return out.with_name(f"{out.stem}.calibset.safetensors")
+
+
+def calibration_inputs(args: argparse.Namespace, config, model, adapter, example: dict, staged,
+                       progress: bool) -> tuple[Any, dict[str, Any]]:
+    """The calibration inputs of a compile, and the report's account of them ("source", "detail", and for a
+    calibration set its provenance and the file written).
+
+    --calib-set reuses a saved set; a runnable diffusers pipeline folder (or --calib-prompts-file) collects one
+    through the pipeline (svdq_compiler/calibration_set.py) and writes it beside --out; otherwise the adapter's
+    inputs: random conditioning, or tiny-flux's sampler on its class prompts.
+    """
+    from dataclasses import asdict
+
+    from svdq_compiler import calibration_set as sets
+    from svdq_compiler.models.tiny_flux import TinyFluxAdapter
+
+    if config.calib_source == "weights" or (args.passes is not None and "calibrate" not in args.passes):
+        detail = ("data-free: isotropic Gaussian rows per layer (calib_source=weights)" if config.calib_source ==
+                  "weights" else "none: --passes leaves out calibrate")
+        if args.calib_set is not None or args.calib_prompts_file is not None:
+            raise InputError(f"calibration inputs were given but the compile uses none ({detail})",
+                             fix="drop --calib-set / --calib-prompts-file, or calibrate on inputs")
+        return None, {"source": "none", "detail": detail}
+    if args.calib_set is not None:
+        if args.calib_prompts_file is not None:
+            raise InputError("--calib-set and --calib-prompts-file both give the calibration inputs",
+                             fix="give one of them")
+        loaded = sets.load_calibration_set(args.calib_set).conformed(model, example)
+        return loaded, {"source": "calibration set", "detail": loaded.source,
+                        "provenance": asdict(loaded.provenance), "samples": len(loaded)}
+    folder = Path(args.model)
+    problem = sets.pipeline_problem(folder) if folder.is_dir() else "it is not a diffusers pipeline folder"
+    if isinstance(adapter, TinyFluxAdapter) and args.calib_prompts_file is not None:
+        from svdq_compiler.models import tiny_flux
+
+        pipe = tiny_flux.load_pipeline(tiny_flux.folder_of(model), transformer=model)
+    elif problem is None:
+        pipe = sets.load_pipeline(folder, denoiser=model)
+    elif args.calib_prompts_file is not None:
+        raise InputError(f"--calib-prompts-file runs the model's own pipeline, but {problem}", where=args.model,
+                         fix="give a diffusers pipeline folder (model_index.json with its text encoders, scheduler "
+                             f"and VAE) of one of: {', '.join(sets.PIPELINE_CLASSES)}")
+    else:
+        prompts = args.calib_prompts or DEFAULT_CALIB_PROMPTS
+        calib = adapter.calib_inputs(model, prompts, args.calib_steps, seed=args.seed, batch=args.batch,
+                                     tokens=args.tokens)
+        if isinstance(adapter, TinyFluxAdapter):
+            return calib, {"source": "tiny-flux sampler",
+                           "detail": f"the tiny-flux sampler on its class prompts ({prompts} prompts × "
+                                     f"{args.calib_steps} steps)"}
+        return calib, {"source": "random conditioning",
+                       "detail": f"random conditioning: random text embeddings and latents on the {adapter.name} "
+                                 f"noise schedule ({prompts} prompts × {args.calib_steps} steps), because {problem}"}
+    prompts = calibration_prompts(args)
+    height, width = args.calib_size or (None, None)
+    collected = sets.collect(pipe, prompts, args.calib_steps, sampler_steps=args.calib_sampler_steps,
+                             guidance_scale=None, height=height, width=width, seed=args.seed, progress=progress)
+    target = calibration_set_path(args.out)
+    collected.save(staged.file(target, "calibration set"))
+    collected.path = target
+    conformed = collected.conformed(model, example)
+    return conformed, {"source": "pipeline prompts", "detail": conformed.source,
+                       "provenance": asdict(conformed.provenance), "samples": len(conformed), "written": str(target)}
+
+
+def calibration_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts a pipeline calibration samples: every prompt of --calib-prompts-file, or --calib-prompts of
+    them (of the shipped captions: 4 by default) spread evenly over the list, so the default few cover its
+    kinds of caption (objects, scenes, people, text, styles)."""
+    from svdq_compiler.calibration_set import read_prompts
+
+    available = read_prompts(args.calib_prompts_file)
+    count = args.calib_prompts or (len(available) if args.calib_prompts_file is not None else DEFAULT_CALIB_PROMPTS)
+    if count > len(available):
+        raise InputError(f"--calib-prompts {count} asks for more prompts than the {len(available)} of "
+                         f"{args.calib_prompts_file or 'the shipped list'}",
+                         fix=f"give at most {len(available)}, or a longer --calib-prompts-file")
+    return [available[index * len(available) // count] for index in range(count)]
 
 
 def compression(spec: str, model, graph_bytes: int) -> dict[str, Any]:
@@ -296,6 +403,8 @@ def wants_streaming(args: argparse.Namespace) -> bool:
                                                 ("--print-ir-after-change", args.print_ir_after_change),
                                                 ("--static", args.static),
                                                 ("--save-calib", args.save_calib),
+                                                ("--calib-set", args.calib_set),
+                                                ("--calib-prompts-file", args.calib_prompts_file),
                                                 ("--onnx", args.onnx)) if given]
         if not folder.is_dir():
             raise InputError("--stream compiles a diffusers model folder", where=args.model,
@@ -309,7 +418,14 @@ def wants_streaming(args: argparse.Namespace) -> bool:
     import os
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return checkpoint_bytes(folder) > memory // 2
+    streams = checkpoint_bytes(folder) > memory // 2
+    if streams and (args.calib_set is not None or args.calib_prompts_file is not None):
+        raise InputError("the checkpoint is larger than half of the memory, so it would be streamed, and a streamed "
+                         "model is never whole in memory to run its pipeline: --calib-set / --calib-prompts-file "
+                         "would be ignored",
+                         where=args.model, fix="add --stream off to calibrate in memory, or drop the calibration "
+                                               "flags")
+    return streams
 
 
 def run_streaming(args: argparse.Namespace, config, staged) -> dict[str, Any]:
@@ -330,14 +446,22 @@ def run_streaming(args: argparse.Namespace, config, staged) -> dict[str, Any]:
 
     out = staged.file(args.out, "graph file")
     try:
-        report = compile_streaming(Path(args.model), out, config.replace(calib_prompts=args.calib_prompts,
+        prompts = args.calib_prompts or DEFAULT_CALIB_PROMPTS
+        report = compile_streaming(Path(args.model), out, config.replace(calib_prompts=prompts,
                                                                           calib_steps=args.calib_steps),
                                    calibration=args.stream_smoothing, batch=args.batch, tokens=args.tokens,
                                    input_seed=args.seed,
                                    dtype=getattr(torch, args.dtype) if args.dtype else None, on_unit=on_unit)
     finally:
         bar.close()
+    blocks = report["streaming"]["block_calibration"]
+    calibration = {"source": "none", "detail": f"data-free: the streaming compile runs no calibration "
+                                               f"({args.stream_smoothing} smoothing)"} if blocks is None else {
+        "source": "random conditioning", "detail": f"random conditioning, calibrated block by block: "
+                                                  f"{blocks['source']} (a streamed model is never whole in memory "
+                                                  f"to run a pipeline)"}
     report.update(model=args.model, adapter=report["capture"]["adapter"], written=written_files(args),
+                  calibration=calibration,
                   output={"path": str(args.out), "bytes": out.stat().st_size},
                   steps_s=report["streaming"]["steps_s"], versions=svdq_compiler.serialize.versions())
     if args.report is not None:
@@ -356,6 +480,8 @@ def compile_summary(report: dict[str, Any]) -> str:
         onnx = report["onnx"]
         lines.append(f"wrote {onnx['path']} ({human_bytes(onnx['bytes'])}): ONNX, {onnx['form']} form")
     lines.append("  dimensions: " + (describe_dims(capture) or "all static"))
+    if "calibration" in report:
+        lines.append(f"  calibration: {report['calibration']['detail']}")
     lines += [f"  {pass_line(record)}" for record in report["passes"]]
     if not report["passes"]:
         lines.append("  passes: none ran (capture only)")

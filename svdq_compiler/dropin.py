@@ -73,6 +73,17 @@ class CompiledModel(torch.nn.Module):
     def device(self) -> torch.device:
         return self._first_float().device
 
+    @property
+    def add_embedding(self) -> Any:
+        """What SDXL's pipeline reads of a U-Net's added text/time embedding: the width it takes
+        (`add_embedding.linear_1.in_features`), to check its time ids against; the graph takes the same width."""
+        from types import SimpleNamespace
+
+        width = self.config.get("projection_class_embeddings_input_dim")
+        if width is None:
+            raise AttributeError(f"the compiled {self.model_class} has no added text/time embedding")
+        return SimpleNamespace(linear_1=SimpleNamespace(in_features=width))
+
     @contextlib.contextmanager
     def cache_context(self, name: str) -> Iterator[None]:
         """diffusers' CacheMixin hook around each branch of a guided step: nothing to cache here."""
@@ -84,14 +95,17 @@ class CompiledModel(torch.nn.Module):
                              where=f"compiled {self.model_class}", fix="pass the inputs by keyword")
         inputs = dict(zip(self._positional, args))
         for name, value in kwargs.items():
-            if name in PIPELINE_OPTIONS and name not in self._examples:
-                if value is not None and not (isinstance(value, dict) and not value):
+            if name not in self._examples and (name in PIPELINE_OPTIONS or is_empty(value)):
+                if not is_empty(value):
                     raise InputError(f"{name}={_short(value)} asks for something the compiled graph cannot do",
                                      where=f"compiled {self.model_class}",
                                      fix="fuse LoRA scales into the weights before compiling; ControlNet residuals "
                                          "need a graph captured with them")
-                continue
+                continue  # an option the pipeline passes unused (None, {}, PixArt's {"resolution": None, …})
             inputs[name] = value
+        batch = next((value.shape[0] for value in inputs.values() if isinstance(value, torch.Tensor) and value.dim()),
+                     None)
+        inputs = {name: pipeline_convention(value, self._examples.get(name), batch) for name, value in inputs.items()}
         unknown = sorted(set(inputs) - set(self._examples)) if self._examples else []
         if unknown:
             raise InputError(f"the compiled graph does not take {unknown}", where=f"compiled {self.model_class}",
@@ -104,6 +118,27 @@ class CompiledModel(torch.nn.Module):
         if not return_dict:
             return (sample,)
         return _output_class(self.model_class)(sample=sample)
+
+
+def is_empty(value: Any) -> bool:
+    """None, or a dict of nothing but empty values: what a pipeline passes for an option it does not use."""
+    return value is None or (isinstance(value, dict) and all(is_empty(item) for item in value.values()))
+
+
+def pipeline_convention(value: Any, captured: Any, batch: int | None) -> Any:
+    """`value` as the graph took it at capture where pipelines pass it in another form that means the same:
+    one timestep for the whole batch (a number or a 0-dim tensor; SDXL's U-Net call) becomes one per row, and an
+    integer attention mask (Sana) becomes the floating dtype it was captured with."""
+    if not isinstance(captured, torch.Tensor):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = torch.tensor(value, dtype=captured.dtype)
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and captured.dim() == 1 and batch is not None:
+        value = value.expand(batch).clone()
+    if isinstance(value, torch.Tensor) and captured.is_floating_point() and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = value.to(captured.dtype)
+    return value
 
 
 def _short(value: Any) -> str:

@@ -25,7 +25,9 @@ How it reuses the graph path — one driver, `pipeline.run_passes`, for both gra
    the input is unchanged (same tensor object, same version counter).
 
 Costs: calibration holds, per forward, every group's distinct inputs at once (the stub graph's calibration input
-for that forward): about one forward's linear activations. What does not carry over: graph-level fusion across layers (kernel B's GELU / residual epilogues and
+for that forward): about one forward's linear activations. Once compiled, each tensor is held once: by the group
+modules or the model; the stub graph keeps its graph and reports with meta tensors, and `save` lends it the live
+ones. What does not carry over: graph-level fusion across layers (kernel B's GELU / residual epilogues and
 quantize-next need the model's graph); k×k convolutions and linears the example forward never called stay
 16-bit (the report lists them).
 
@@ -309,8 +311,11 @@ def _calibration_samples(model, example_inputs, calib_inputs, config: QuantConfi
     if calib_inputs is not None:
         return calib_inputs, "calib_inputs"
     if adapter is not None and not isinstance(adapter, GenericAdapter):
-        return (adapter.calib_inputs(model, config.calib_prompts, config.calib_steps, seed=config.calib_seed),
-                f"adapter {adapter.name} ({config.calib_prompts} prompts x {config.calib_steps} steps)")
+        try:
+            return (adapter.calib_inputs(model, config.calib_prompts, config.calib_steps, seed=config.calib_seed),
+                    f"adapter {adapter.name} ({config.calib_prompts} prompts x {config.calib_steps} steps)")
+        except InputError as exc:  # the auto adapter found no input layout of the model's that runs
+            return [example_inputs], f"example_inputs (adapter {adapter.name} builds none: {exc}; one sample only)"
     return [example_inputs], "example_inputs (no calibration inputs and no adapter: one sample only)"
 
 
@@ -595,7 +600,7 @@ def _saved_layout(text: str, where: str) -> dict[str, Any]:
             and all(isinstance(g, dict) and isinstance(g.get("input"), str) and type(g.get("in_features")) is int
                     and isinstance(g.get("members"), list) and all(isinstance(m, str) for m in g["members"])
                     for g in saved["groups"])
-    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+    except (json.JSONDecodeError, TypeError, AttributeError, RecursionError) as exc:
         raise corrupt(f"{EAGER_FILE} is unreadable ({exc})", where) from exc
     if not valid:
         raise corrupt(f"{EAGER_FILE} lacks the expected fields", where)

@@ -62,6 +62,8 @@ def atomic_path(path: str | Path, what: str = "output file") -> Iterator[Path]:
     try:
         with terminate_as_exception():
             yield temporary_path
+            # Writers that replace the file (safetensors writes a new 0600 one) lose the umask's permissions.
+            os.chmod(temporary_path, umask_mode())
             os.replace(temporary_path, path)
     except BaseException:
         temporary_path.unlink(missing_ok=True)

@@ -4,20 +4,27 @@ call convention).
 
 The record lists the nodes in order, each as `[name, op, target, args, kwargs]`; the kind of every attribute
 the graph reads (parameter, buffer, non-persistent buffer, constant); the pytree specs and argument names of
-the call convention; and the program's input guards (checked at each call by `InputGuards`). `load` rebuilds the GraphModule from it directly, so torch's program deserializer is
-not involved: that is a private API whose format changes between torch releases, and the largest cost of a
-load (it parses the program a second time into schema objects, builds a fake tensor with symbolic sizes for
-every value and generates the module's code twice).
+the call convention; and the program's input guards (checked at each call by `InputGuards`). `load` rebuilds
+the GraphModule from it directly, so torch's program deserializer is not involved: that is a private API
+whose format changes between torch releases, and the largest cost of a load (it parses the program a second
+time into schema objects, builds a fake tensor with symbolic sizes for every value and generates the module's
+code twice).
 
 Nothing in the record is code. Targets resolve from a fixed set (`archive_check.check_target`: aten, prims and
 svdq operators, Python operators and math functions on sizes, torch's sym_* functions), arguments are data
 (numbers, strings, dtypes, devices, layouts, memory formats, slices, lists and tuples of them, references to
-earlier nodes), and the kernel specs of fused ops are checked as in the program (`check_kernel_spec`).
+earlier nodes), and the kernel specs of fused ops are checked as in the program (`check_kernel_spec`). torch
+generates the module's code from the record, so every name that reaches that code is checked too: the call
+convention's keyword names (written as string literals), argument and input names (which must not hide a
+global of the code), and the arguments of each call (which must fit the operator's schema).
 """
 
 from __future__ import annotations
 
 import ast
+import builtins
+import inspect
+import keyword
 import math
 import operator
 import re
@@ -107,14 +114,19 @@ def rebuild(record: Any, tensors: dict[str, torch.Tensor], where: str, device: t
     if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
         raise refuse(f"{GRAPH_FILE} is not a version-{RECORD_VERSION} graph record", where)
     try:
-        names, in_spec = record["arg_names"], pytree.treespec_loads(record["in_spec"])
-        out_spec, kinds, nodes = pytree.treespec_loads(record["out_spec"]), record["attributes"], record["nodes"]
-        guards = record["guards"]
-    except (KeyError, TypeError, ValueError, NotImplementedError) as exc:
+        names, kinds, nodes, guards = record["arg_names"], record["attributes"], record["nodes"], record["guards"]
+        in_spec, out_spec = _spec(record["in_spec"]), _spec(record["out_spec"])
+    except KeyError as exc:
         raise refuse(f"{GRAPH_FILE} lacks its call convention ({type(exc).__name__}: {exc})", where) from None
+    if in_spec is None or out_spec is None or not _specs_are_data(in_spec) or not _specs_are_data(out_spec):
+        raise refuse(f"{GRAPH_FILE} lacks its call convention (a spec that is not nested tuples, lists and "
+                     f"dicts of named entries)", where)
     if not (isinstance(names, list) and all(isinstance(n, str) and _NAME.fullmatch(n) for n in names)
             and isinstance(kinds, dict) and isinstance(nodes, list) and isinstance(guards, list)):
         raise refuse(f"{GRAPH_FILE} is damaged", where)
+    if len(names) != _argument_count(in_spec) or names[len(names) - len(_keywords(in_spec)):] != _keywords(in_spec):
+        raise refuse(f"{GRAPH_FILE} names the arguments {names[:8]} for a call convention of "
+                     f"{_argument_count(in_spec)} with the keywords {_keywords(in_spec)[:8]}", where)
     root = torch.nn.Module()
     for fqn, kind in kinds.items():
         if not isinstance(fqn, str) or not _ATTRIBUTE.fullmatch(fqn) or kind not in ATTRIBUTE_KINDS:
@@ -140,10 +152,17 @@ def rebuild(record: Any, tensors: dict[str, torch.Tensor], where: str, device: t
         if op == "call_function":
             target = _resolve(target, where)
             _check_spec(target, args, kwargs, where)
+            _check_call(target, args, kwargs, name, where)
         elif op == "get_attr" and target not in kinds:
             raise refuse(f"{GRAPH_FILE}: node {name} reads {str(target)[:80]!r}, which is not an attribute", where)
-        elif op == "placeholder" and not (isinstance(target, str) and _NAME.fullmatch(target)):
-            raise refuse(f"{GRAPH_FILE}: input {str(target)[:80]!r} is not a name", where)
+        elif op == "placeholder" and target != name:
+            # The generated code binds each input to its target: a target that is not the node's own (legal,
+            # unique) name could shadow a global of that code or another input.
+            raise refuse(f"{GRAPH_FILE}: input node {name} is bound to {str(target)[:80]!r}", where)
+        elif op == "output" and not (len(args) == 1 and isinstance(args[0], (list, tuple))
+                                     and len(args[0]) == out_spec.num_leaves):
+            raise refuse(f"{GRAPH_FILE}: the output does not have the {out_spec.num_leaves} values its call "
+                         f"convention returns", where)
         built[name] = graph.create_node(op, target, args, kwargs, name=name)
         if built[name].name != name:
             raise refuse(f"{GRAPH_FILE}: node name {name!r} is taken", where)
@@ -164,11 +183,98 @@ def rebuild(record: Any, tensors: dict[str, torch.Tensor], where: str, device: t
     except Exception as exc:  # the record is consistent node by node, yet torch cannot generate its code
         raise refuse(f"{GRAPH_FILE} does not form a graph ({type(exc).__name__}: {str(exc)[:120]})", where) \
             from None
+    # The argument names become the generated function's parameters: one named like a global of its code
+    # (torch, a Python operator module) or a builtin would hide it.
+    hidden = set(names) & (set(graph.python_code(root_module="self").globals) | set(dir(builtins))
+                           | set(keyword.kwlist) | {"self"})
+    if hidden:
+        raise refuse(f"{GRAPH_FILE} names arguments the graph's code needs for itself: {sorted(hidden)[:4]}", where)
     # GraphModule copies every tensor attribute as a persistent buffer: set the other kinds again.
     for fqn, kind in kinds.items():
         if kind in ("non_persistent_buffer", "constant"):
             _attach(gm, fqn, tensors[fqn], kind)
     return gm
+
+
+def _spec(text: Any) -> pytree.TreeSpec | None:
+    """The TreeSpec `text` describes, or None (torch's private parser raises whatever its schema walk meets)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return pytree.treespec_loads(text)
+    except Exception:  # noqa: BLE001 -- any failure of the parser means the same: no call convention
+        return None
+
+
+_SPEC_TYPES = (tuple, list, dict)
+
+
+def _specs_are_data(spec: pytree.TreeSpec) -> bool:
+    """Whether a call-convention spec is nested tuples, lists and dicts whose keys are names: the generated code
+    writes the keyword names of the inputs into its source as string literals."""
+    if spec.is_leaf():
+        return True
+    if spec.type not in _SPEC_TYPES:
+        return False
+    if spec.type is dict and not all(isinstance(key, str) and _NAME.fullmatch(key) for key in spec.context):
+        return False
+    return all(_specs_are_data(child) for child in spec.children())
+
+
+def _has_keywords(in_spec: pytree.TreeSpec) -> bool:
+    """Whether a call convention is `(args, kwargs)` (torch's test, in _PyTreeCodeGen)."""
+    return in_spec.type is tuple and in_spec.num_children == 2 and in_spec.child(0).type is tuple \
+        and in_spec.child(1).type is dict
+
+
+def _argument_count(in_spec: pytree.TreeSpec) -> int:
+    """How many arguments (positional, then keyword) a call convention takes."""
+    if _has_keywords(in_spec):
+        return in_spec.child(0).num_children + in_spec.child(1).num_children
+    return in_spec.num_children
+
+
+def _keywords(in_spec: pytree.TreeSpec) -> list[str]:
+    """The keyword names of a call convention: the generated code passes its last arguments by these names."""
+    return list(in_spec.child(1).context) if _has_keywords(in_spec) else []
+
+
+def _check_call(target: Callable, args: tuple, kwargs: dict, name: str, where: str) -> None:
+    """The arguments of a call must bind to its target's signature (an operator's schema), so that a crafted
+    record is refused at load, naming the node, rather than failing inside torch at the first call."""
+    if isinstance(target, torch._ops.OpOverload):
+        schema = target._schema.arguments
+        positional = [argument for argument in schema if not argument.kwarg_only]
+        named = {argument.name for argument in schema}
+        given = {argument.name for argument in positional[:len(args)]} | set(kwargs)
+        required = {argument.name for argument in schema if not argument.has_default_value()}
+        values = {**{argument.name: value for argument, value in zip(positional, args)}, **kwargs}
+        if len(args) > len(positional) or not set(kwargs) <= named or \
+                set(kwargs) & {argument.name for argument in positional[:len(args)]} or not required <= given or \
+                any(_literal_for_a_tensor(argument.type, values[argument.name]) for argument in schema
+                    if argument.name in values):
+            raise refuse(f"{GRAPH_FILE}: node {name} calls {target} with arguments that do not fit its schema "
+                         f"{target._schema}", where)
+        return
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # a builtin without a signature: Python checks its arity at the call
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise refuse(f"{GRAPH_FILE}: node {name} calls {getattr(target, '__name__', target)} with arguments "
+                     f"that do not fit it ({exc})", where) from None
+
+
+def _literal_for_a_tensor(kind: torch._C.JitType, value: Any) -> bool:
+    """Whether a schema argument of type `kind` is given None, a string or another literal where it takes a
+    tensor (a tensor in a graph is a node; a number stands for a 0-d tensor, as in `mul.Tensor(x, 2)`)."""
+    if isinstance(value, (torch.fx.Node, bool, int, float)):
+        return False
+    if isinstance(kind, torch._C.OptionalType):
+        return value is not None and _literal_for_a_tensor(kind.getElementType(), value)
+    return isinstance(kind, torch._C.TensorType)
 
 
 def _attach(root: torch.nn.Module, fqn: str, tensor: torch.Tensor, kind: str) -> None:
@@ -191,20 +297,25 @@ def _attach(root: torch.nn.Module, fqn: str, tensor: torch.Tensor, kind: str) ->
         owner.register_buffer(leaf, tensor.detach(), persistent=kind == "buffer")
 
 
+_MAX_NESTING = 32  # compiled graphs nest arguments a few levels (an output tuple of tuples); deeper is crafted
+
+
 def _decoder(built: dict[str, torch.fx.Node], device: torch.device | None, where: str) -> Callable[[Any], Any]:
-    def decode(value: Any) -> Any:
+    def decode(value: Any, depth: int = 0) -> Any:
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
+        if depth > _MAX_NESTING:
+            raise refuse(f"{GRAPH_FILE} nests arguments more than {_MAX_NESTING} deep", where)
         if not isinstance(value, dict) or len(value) != 1:
             raise refuse(f"{GRAPH_FILE} holds an argument that is not data: {str(value)[:80]}", where)
         (kind, data), = value.items()
-        if kind == "node" and data in built:
+        if kind == "node" and isinstance(data, str) and data in built:
             return built[data]
         if kind in ("list", "tuple") and isinstance(data, list):
-            items = [decode(item) for item in data]
+            items = [decode(item, depth + 1) for item in data]
             return items if kind == "list" else tuple(items)
         if kind == "dict" and isinstance(data, dict):
-            return {key: decode(item) for key, item in data.items()}
+            return {key: decode(item, depth + 1) for key, item in data.items()}
         if kind == "float" and data in ("inf", "-inf", "nan"):
             return float(data)
         if kind == "dtype" and isinstance(getattr(torch, str(data), None), torch.dtype):
@@ -214,7 +325,7 @@ def _decoder(built: dict[str, torch.fx.Node], device: torch.device | None, where
         if kind == "memory_format" and data in _MEMORY_FORMATS:
             return getattr(torch, data)
         if kind == "slice" and isinstance(data, list) and len(data) == 3:
-            return slice(*(decode(item) for item in data))
+            return slice(*(decode(item, depth + 1) for item in data))
         if kind == "device" and isinstance(data, str) and re.fullmatch(r"(cpu|cuda|meta)(:\d{1,2})?", data):
             return torch.device(data) if data == "meta" else device
         raise refuse(f"{GRAPH_FILE} holds an argument that is not data: {str(value)[:80]}", where)

@@ -304,7 +304,7 @@ def restore_loras(gm: torch.fx.GraphModule, entry: str, where: str) -> None:
                        for module, factors in described["modules"].items()}
             lora = Lora(str(described["name"]), modules, str(described["source"]))
             apply_lora(gm, lora, strength=float(described["strength"]))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise CheckpointError(f"the graph file's LoRA entry {LORA_FILE} is damaged ({exc!r})", where=where,
                               fix="write the graph again with svdq_compiler.save") from exc
 

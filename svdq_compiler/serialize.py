@@ -147,7 +147,7 @@ def manifest_of(archive: GraphArchive) -> dict[str, Any]:
                               where=where, fix="compile the model with svdq-compile first")
     try:
         manifest = json.loads(archive.read(f"extra/{MANIFEST_FILE}"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise corrupt(f"the manifest is not JSON: {first_line(exc)}", where) from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError("not an svdq-compiler graph: unknown format marker", where=where,
@@ -194,7 +194,7 @@ def saved_reports(extra: dict[str, str], where: str) -> tuple[dict[str, Any], di
                     and isinstance(i.get("shape"), list) and all(type(n) is int for n in i["shape"])
                     for i in capture["inputs"]) \
             and all(isinstance(d, dict) and _usable_dim(CapturedDim(**d)) for d in capture["dims"])
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError, KeyError, InputError) as exc:
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError, KeyError, InputError, RecursionError) as exc:
         raise corrupt(f"its capture report is unreadable ({first_line(exc)})", where) from exc
     if not valid:
         raise corrupt("its capture or compile report lacks the expected fields", where)
@@ -231,7 +231,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         capture, report = saved_reports(extra, where)
         try:
             record = json.loads(archive.read(f"extra/{GRAPH_FILE}"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise corrupt(f"extra/{GRAPH_FILE} is not JSON: {first_line(exc)}", where) from exc
         loras = archive.read(f"extra/{LORA_FILE}").decode() if f"extra/{LORA_FILE}" in archive.entries() else ""
         eager = archive.read(f"extra/{EAGER_FILE}").decode() if f"extra/{EAGER_FILE}" in archive.entries() else ""

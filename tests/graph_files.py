@@ -29,7 +29,7 @@ def rewrite_archive(source: Path, target: Path, edit: Callable[[str, bytes], byt
     if redigest and DIGESTS_ENTRY in entries:
         try:
             table = dict(json.loads(entries[DIGESTS_ENTRY])["sha256"])
-        except (ValueError, TypeError, KeyError):  # the edit replaced the table itself: keep its result
+        except (ValueError, TypeError, KeyError, RecursionError):  # the edit replaced the table: keep it
             table = None
     if redigest and DIGESTS_ENTRY in entries and table is not None:
         entries[DIGESTS_ENTRY] = json.dumps({"sha256": {

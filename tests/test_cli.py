@@ -104,7 +104,8 @@ def test_report_describes_the_compile(compiled):
     assert report["model"] == "random:flux" and report["adapter"] == "flux"
     assert report["config"]["preset_name"] == "int4"
     assert {d["name"] for d in report["capture"]["dims"]} == {"batch", "image_tokens", "text_tokens"}
-    assert set(report["steps_s"]) == {"load model", "example inputs", "compile", "save"}
+    assert set(report["steps_s"]) == {"load model", "example inputs", "calibration inputs", "compile", "save"}
+    assert report["calibration"]["source"] == "random conditioning"  # a built-in has no pipeline
     assert report["versions"]["torch"] and report["totals"]["nodes"] > 100
 
 

@@ -12,8 +12,9 @@ import torch
 import svdq_compiler
 from eager_models import hidream, hidream_inputs, lumina2, lumina2_inputs
 from svdq_compiler.codegen.fused_ops import BACKEND_ENV, kernel_backend
+from svdq_compiler.codegen.sources import kernel_sources
 from svdq_compiler.config import QuantConfig
-from svdq_compiler.eager import SVDQLinear, compile_eager, data_dependent_failure
+from svdq_compiler.eager import SVDQLinear, compile_eager, data_dependent_failure, stub_of
 from svdq_compiler.errors import CaptureError, CheckpointError, InputError
 from svdq_compiler.ir import EAGER_META, Role
 from svdq_compiler.lora import apply_lora
@@ -134,14 +135,23 @@ def test_lora_and_onnx_refuse_an_eager_model_in_one_line(compiled):
         svdq_compiler.export_onnx(model, "unused.onnx")
 
 
-def test_compile_falls_back_to_eager_on_data_dependent_code_and_says_why():
-    """svdq_compiler.compile (path="auto") tries torch.export first; Lumina2's slices from `.tolist()` stop it."""
-    model = svdq_compiler.compile(lumina2(), lumina2_inputs(8), "w4a4-rtn", calib_inputs=[lumina2_inputs(8)])
+@pytest.mark.parametrize("name, cause, calibration", [
+    ("lumina2", "SymInt", "adapter auto (1 prompts x 1 steps)"),
+    # the auto adapter builds no inputs HiDream runs on (its text states are stacked per layer): the dimensions
+    # stay static and calibration takes the example inputs
+    ("hidream", ".numpy()", "example_inputs (adapter auto builds none")])
+def test_compile_falls_back_to_eager_on_data_dependent_code_and_says_why(name, cause, calibration):
+    """svdq_compiler.compile (path="auto") tries torch.export first; Lumina2's slices from `.tolist()` and
+    HiDream's MoE routing through `.numpy()` stop it."""
+    build, inputs = MODELS[name]
+    config = QuantConfig.preset("w4a4-rtn", calib_prompts=1, calib_steps=1)
+    model = svdq_compiler.compile(build(), inputs(8), config)
     report = model.svdq_eager.report
     assert report["path"] == "eager"
-    assert report["path_reason"].startswith("torch.export failed: ") and "SymInt" in report["path_reason"]
+    assert report["path_reason"].startswith("torch.export failed: ") and cause in report["path_reason"]
+    assert report["eager"]["calibration_source"].startswith(calibration)
     with pytest.raises(CaptureError):
-        svdq_compiler.compile(lumina2(), lumina2_inputs(8), "w4a4-rtn", path="graph")
+        svdq_compiler.compile(build(), inputs(8), "w4a4-rtn", path="graph")
 
 
 def test_a_capture_failure_of_another_kind_is_not_hidden_by_the_fallback():
@@ -180,6 +190,11 @@ def test_eager_and_graph_paths_agree_on_a_model_both_can_compile():
     graph = svdq_compiler.compile(build(), flux_inputs(), config, calib_inputs=calib, dynamic_shapes=None)
     eager = svdq_compiler.compile(build(), flux_inputs(), config, calib_inputs=calib, path="eager")
     assert graph.meta["svdq_report"]["path"] == "graph" and eager.svdq_eager.report["path"] == "eager"
+    assert graph.meta["svdq_report"]["path_reason"] == "torch.export captured the model"  # path="auto"
+    # graph-level fusion where the graph exists: GELU and residual epilogues join the gemms of the whole-model
+    # graph; the eager stub's linears have no neighbours to fuse with
+    epilogues = [sum(bool(getattr(k.spec, "epilogue", ())) for k in kernel_sources(m)) for m in (graph, stub_of(eager))]
+    assert epilogues[0] > 0 == epilogues[1], epilogues
     quantized = {i["name"]: (i["role"], i["scheme"], i["group"]) for i in graph.meta["svdq_report"]["linears"]
                  if i["scheme"]["weight"] is not None}
     assert quantized == {i["name"]: (i["role"], i["scheme"], i["group"]) for i in eager.svdq_eager.report["linears"]}

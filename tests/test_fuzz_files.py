@@ -3,6 +3,8 @@ duplicated, JSON entries replaced by random JSON), single-file checkpoints and L
 clear SvdqError or loads correctly (a graph that computes exactly what the original does) — never a traceback,
 never a wrong graph. Examples are few and bounded so the default suite stays fast."""
 
+import copy
+import io
 import json
 import zipfile
 
@@ -13,7 +15,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import svdq_compiler
+from svdq_compiler import graph_record
+from svdq_compiler.dropin import graph_module_of
 from svdq_compiler.errors import SvdqError
+from svdq_compiler.graph_record import GRAPH_FILE
 from svdq_compiler.lora import read_lora
 from svdq_compiler.models import DynDim, load_model
 from svdq_compiler.models.loading import write_single_file
@@ -97,7 +102,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.
                     max_leaves=12)
 JSON_ENTRIES = ["models/model.json", "data/weights/model_weights_config.json",
                 "data/constants/model_constants_config.json", "extra/svdq_manifest.json", "extra/svdq_capture.json",
-                "extra/svdq_report.json", "extra/svdq_config.json", "extra/svdq_digests.json"]
+                "extra/svdq_report.json", "extra/svdq_config.json", "extra/svdq_digests.json", f"extra/{GRAPH_FILE}"]
 
 
 @FUZZ
@@ -109,6 +114,79 @@ def test_random_json_in_any_entry_refuses_or_loads_exactly(graph, tmp_path_facto
                              lambda name, data: json.dumps(value).encode() if name == entry else data,
                              redigest=redigest)
     loads_correctly_or_refuses(target, expected)
+
+
+def positions(value, path=()):
+    """The path of every value inside a JSON document (the document itself excluded)."""
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        yield path + (key,)
+        yield from positions(child, path + (key,))
+
+
+def record_of(data):
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return json.loads(archive.read(f"archive/extra/{GRAPH_FILE}"))
+
+
+def vocabulary(value):
+    """Every key and scalar of a record: replacements drawn from it reach the checks past the first."""
+    if isinstance(value, dict):
+        return {item for key, child in value.items() for item in (key, *vocabulary(child))}
+    if isinstance(value, list):
+        return {item for child in value for item in vocabulary(child)}
+    return {value}
+
+
+EDITS = st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(["replace", "alike", "delete", "duplicate"]),
+                           st.one_of(JSON, st.integers(0, 10**6))), min_size=1, max_size=3)
+
+
+def edit_record(record, edits):
+    """`record` with each edit applied at a position chosen by its number: the value replaced by random JSON
+    or by a word or number of the record itself ("alike": one of the same type, so that more edited records
+    get past the first checks), deleted, or duplicated in its list."""
+    words = sorted(vocabulary(record), key=repr)
+    for number, kind, value in edits:
+        places = list(positions(record))
+        *parents, key = places[number % len(places)]
+        parent = record
+        for step in parents:
+            parent = parent[step]
+        alike = [word for word in words if type(word) is type(parent[key])]
+        if kind == "delete":
+            del parent[key]
+        elif kind == "duplicate" and isinstance(parent, list):
+            parent.insert(key, copy.deepcopy(parent[key]))
+        elif kind == "alike" and alike:
+            parent[key] = alike[number % len(alike)]
+        else:
+            parent[key] = words[value % len(words)] if isinstance(value, int) and not isinstance(value, bool) \
+                else value
+    return record
+
+
+def described_nodes(gm):
+    """The nodes of a loaded graph as its record describes them (the input-guard call added at load aside)."""
+    return [[node.name, node.op, torch.fx.node._get_qualified_name(node.target) if node.op == "call_function"
+             else node.target, graph_record._encode(node.args), graph_record._encode(dict(node.kwargs))]
+            for node in graph_module_of(gm).graph.nodes if node.target != graph_record.GUARDS_MODULE]
+
+
+@FUZZ
+@given(edits=EDITS)
+def test_crafted_graph_records_refuse_or_load_the_graph_they_describe(graph, tmp_path_factory, edits):
+    """A record edited and its digests recomputed (a crafted file: a digest finds damage, it is no signature)
+    either is refused with a clear error or loads as exactly the graph it describes, node for node."""
+    path, data, _ = graph
+    record = edit_record(record_of(data), edits)
+    target = rewrite_archive(path, tmp_path_factory.mktemp("record") / "graph.pt",
+                             lambda name, old: json.dumps(record).encode() if name == f"extra/{GRAPH_FILE}" else old)
+    try:
+        loaded = svdq_compiler.load(target)
+    except SvdqError:
+        return
+    assert described_nodes(loaded) == record["nodes"]
 
 
 # ---- checkpoints and LoRA files ---------------------------------------------------------------------------

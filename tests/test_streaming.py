@@ -126,14 +126,18 @@ def test_streaming_is_deterministic(folder, streamed, tmp_path):
                                             ("activations", "activations smoothing, calibrated block by block on 2")])
 def test_cli_streams_a_folder_and_reports(folder, tmp_path, smoothing, how):
     out, report_path = tmp_path / "g.pt", tmp_path / "report.json"
+    # The data-free run leaves --calib-prompts at its default, which the streamed compile's config must take too.
+    prompts = ["--calib-prompts", "1"] if smoothing == "activations" else []
     done = subprocess.run([str(Path(sys.executable).parent / "svdq-compile"), str(folder), "--out", str(out), "--stream",
-                           "on", "--stream-smoothing", smoothing, "--calib-prompts", "1", "--calib-steps", "2",
+                           "on", "--stream-smoothing", smoothing, *prompts, "--calib-steps", "2",
                            "--tokens", "16", "--report", str(report_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "streamed 3 units" in done.stdout and how in done.stdout and "peak RSS" in done.stdout
     report = json.loads(report_path.read_text())
     assert report["streaming"]["output_bytes"] == out.stat().st_size
     assert (report["streaming"]["block_calibration"] is not None) == (smoothing == "activations")
+    assert report["calibration"]["source"] == ("random conditioning" if smoothing == "activations" else "none")
+    assert ("calibration: random conditioning, calibrated block by block" in done.stdout) == (smoothing == "activations")
 
 
 def test_missing_shard_fails_before_any_work(folder, tmp_path):

@@ -246,6 +246,50 @@ def unpickle_a_spec(record):
     record["in_spec"] = '[1, {"type": "os.system", "context": "null", "children_spec": []}]'
 
 
+def refer_to_a_node_by_a_list(record):
+    first_call(record)[3] = {"tuple": [{"node": ["x"]}]}
+
+
+def nest_arguments_deeply(record):
+    nested = {"tuple": []}
+    for _ in range(40):
+        nested = {"tuple": [nested]}
+    first_call(record)[3] = nested
+
+
+def shadow_torch_with_an_input(record):
+    """The generated code binds inputs to their targets: an input bound to `torch` would hide the module."""
+    next(node for node in record["nodes"] if node[1] == "placeholder")[2] = "torch"
+
+
+def name_keywords(record, *names):
+    """The call convention's keyword names (the spec is `((), {names...})`) replaced by `names`."""
+    spec = json.loads(record["in_spec"])
+    spec[1]["children_spec"][1]["context"] = json.dumps(list(names))
+    record["in_spec"] = json.dumps(spec)
+
+
+def name_an_argument_torch(record):
+    record["arg_names"] = ["torch"]
+    name_keywords(record, "torch")
+
+
+def rename_an_argument(record):
+    record["arg_names"] = ["y"]
+
+
+def drop_an_output(record):
+    record["nodes"][-1][3] = {"tuple": [{"tuple": []}]}
+
+
+def call_with_an_extra_argument(record):
+    first_call(record)[3]["tuple"].append(1)
+
+
+def call_with_an_unknown_keyword(record):
+    first_call(record)[4] = {"dict": {"alpha": 1}}
+
+
 @pytest.mark.parametrize("change, message", [
     (call_os_system, "calls 'torch.os.system', which is not an aten, prims or svdq"),
     (call_an_unknown_operator, "calls 'torch.ops.aten.no_such_op.default', which this torch does not have"),
@@ -253,10 +297,42 @@ def unpickle_a_spec(record):
     (read_an_attribute_the_file_lacks, "reads 'proj.missing', which is not an attribute"),
     (refer_to_a_later_node, "holds an argument that is not data"),
     (unpickle_a_spec, "lacks its call convention"),
-], ids=["os-system", "unknown-op", "code-argument", "missing-attribute", "later-node", "spec"])
+    (refer_to_a_node_by_a_list, "holds an argument that is not data"),
+    (nest_arguments_deeply, "nests arguments more than 32 deep"),
+    (shadow_torch_with_an_input, "input node x is bound to 'torch'"),
+    (name_an_argument_torch, "names arguments the graph's code needs for itself: ['torch']"),
+    (rename_an_argument, "names the arguments ['y'] for a call convention of 1 with the keywords ['x']"),
+    (drop_an_output, "the output does not have the 1 values its call convention returns"),
+    (call_with_an_extra_argument, "with arguments that do not fit its schema"),
+    (call_with_an_unknown_keyword, "with arguments that do not fit its schema"),
+], ids=["os-system", "unknown-op", "code-argument", "missing-attribute", "later-node", "spec", "list-reference",
+        "deep-arguments", "shadowing-input", "shadowing-argument", "renamed-argument", "output-count", "extra-argument",
+        "unknown-keyword"])
 def test_a_graph_record_beyond_operators_and_data_is_refused(graph_file, tmp_path, change, message):
     hostile = rewrite_archive(graph_file, tmp_path / "record.pt", edit_graph_record(change))
     with pytest.raises(CheckpointError, match=f"refusing to load: .*{re.escape(message)}"):
+        svdq_compiler.load(hostile)
+
+
+def test_keyword_names_that_would_be_code_in_the_generated_forward_are_refused(graph_file, tmp_path):
+    """torch writes the keyword names of the call convention into the generated forward as string literals:
+    a name that closes the literal would run whatever follows at the first call."""
+    marker = tmp_path / "code-ran"
+    key = f"x': {touch_code(marker)}, 'x"
+
+    hostile = rewrite_archive(graph_file, tmp_path / "keyword.pt",
+                              edit_graph_record(lambda record: name_keywords(record, key)))
+    with pytest.raises(CheckpointError, match="refusing to load: .*lacks its call convention"):
+        svdq_compiler.load(hostile)(x=torch.randn(2, 6, 8))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("entry", [GRAPH_FILE, "svdq_manifest.json", "svdq_capture.json", "svdq_digests.json"])
+def test_json_nested_beyond_the_stack_is_refused(graph_file, tmp_path, entry):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    hostile = rewrite_archive(graph_file, tmp_path / "deep.pt",
+                              lambda name, data: deep if name == f"extra/{entry}" else data)
+    with pytest.raises(CheckpointError):
         svdq_compiler.load(hostile)
 
 

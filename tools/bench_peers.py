@@ -355,6 +355,42 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The README's tables: a column per row kind (SUMMARY_COLUMNS unless --columns), a score line and a cost line per
+# model.
+TITLES = {"ours:int4": "ours int4", "ours:nvfp4": "ours nvfp4", "ours:w8a8": "ours w8a8",
+          "ours:w4a16-nf4": "ours w4a16-nf4", "ours:w8a8-before": "ours w8a8 before the policy",
+          "ours:int4-before": "ours int4 before the policy", "ours:int8-plain": "plain INT8 (ours, no smoothing)",
+          "modelopt:int4-svdquant": "ModelOpt INT4 SVDQuant", "modelopt:nvfp4-svdquant": "ModelOpt NVFP4 SVDQuant",
+          "modelopt:int8-smoothquant": "ModelOpt INT8 SmoothQuant", "quanto:w8a8": "quanto W8A8",
+          "quanto:w4a16": "quanto W4A16", "torchao:w8a8-dynamic": "torchao W8A8 dyn.", "torchao:w8a16": "torchao W8A16",
+          "torchao:w4a16": "torchao W4A16"}
+SUMMARY_COLUMNS = ["ours:int4", "ours:nvfp4", "ours:w8a8", "ours:w4a16-nf4", "modelopt:int4-svdquant",
+                   "modelopt:nvfp4-svdquant", "modelopt:int8-smoothquant", "quanto:w8a8", "torchao:w8a8-dynamic"]
+SUMMARY_SCORES = {"tiny-flux": ("PSNR dB / SSIM", lambda r: f"{r['psnr']:.2f} / {r['ssim']:.3f}"),
+                  "minilm": ("sentence cosine / token SNR dB",
+                             lambda r: f"{r['embedding_cosine_mean']:.4f} / {r['snr_db']:.2f}")}
+
+
+def summary_table(reports: list[dict], columns: list[str] = SUMMARY_COLUMNS) -> str:
+    """Every model's score and cost (quantize seconds, peak RSS MiB) per row kind of `columns`; a row that
+    failed, or was not run, shows –; a column no model ran is left out (ModelOpt's NVFP4 is CUDA-only)."""
+    rows = {report["model"]: {r["row"]: r for r in report["rows"] if "error" not in r} for report in reports}
+    columns = [(row, TITLES[row]) for row in columns if any(row in found for found in rows.values())]
+
+    def seconds(value: float) -> str:
+        return f"{value:.0f}" if value >= 10 else f"{value:.2g}"  # torchao's quantize takes a fraction of one
+    lines = ["| model | " + " | ".join(title for _, title in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for report in reports:
+        found = rows[report["model"]]
+        label, score = SUMMARY_SCORES.get(report["model"], ("SNR dB", lambda r: f"{r['snr_db']:.2f}"))
+        lines.append(f"| {report['model']} {label} | " +
+                     " | ".join(score(found[row]) if row in found else "–" for row, _ in columns) + " |")
+        lines.append(f"| {report['model']} quantize s, RSS | " +
+                     " | ".join(f"{seconds(found[row]['quantize_s'])}, {found[row]['peak_rss_mib']:.0f}"
+                                if row in found else "–" for row, _ in columns) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="outlier-encoder", choices=sorted(CASES))
@@ -370,7 +406,24 @@ def main() -> None:
                              "them")
     parser.add_argument("--update", action="store_true",
                         help="replace or add these rows in an existing --out file, keeping its other rows")
+    parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                        help="print the summary table (the README's) of these peers-<model>.json files; nothing runs")
+    parser.add_argument("--columns", default=",".join(SUMMARY_COLUMNS), help="--table: its columns, as --rows")
     args = parser.parse_args()
+    if args.table is not None:
+        reports = []
+        for path in args.table:
+            try:
+                reports.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as exc:
+                parser.exit(2, f"--table: cannot read {path}: {exc}\n")
+            if not isinstance(reports[-1], dict) or reports[-1].get("benchmark") != "peers":
+                parser.exit(2, f"--table: {path} is not a peers result\n")
+        columns = args.columns.split(",")
+        if not set(columns) <= set(ROWS):
+            parser.exit(2, f"--columns: unknown rows {sorted(set(columns) - set(ROWS))}; choose from {ROWS}\n")
+        print(summary_table(reports, columns))
+        return
     if args.child:
         print("RESULT " + json.dumps(run_row(args, args.child)), flush=True)
         return

@@ -265,7 +265,9 @@ def combine_results(results: list[dict]) -> dict:
         for key in ("model", "folder", "sampler", "eval_pairs", "calibration"):
             if other.get(key) != first.get(key):
                 raise SystemExit(f"cannot combine results that differ in {key}: {first.get(key)} vs {other.get(key)}")
-    combined = dict(first, presets={}, machine=[result["machine"] for result in results])
+    machines = [m for result in results for m in (result["machine"] if isinstance(result["machine"], list)
+                                                    else [result["machine"]])]  # a combined file's are a list
+    combined = dict(first, presets={}, machine=machines)
     for result in results:
         combined["presets"].update(result["presets"])
     return combined

@@ -352,7 +352,10 @@ class DiffusersAdapter(ModelAdapter):
 
     def sizes_of(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Sizes | None:
         """The Sizes that rebuild `inputs` (same names and shapes), or None."""
-        plan = plan_inputs(model)
+        try:
+            plan = plan_inputs(model)
+        except InputError:  # no layout of its own runs (HiDream's stacked text states): the user's stay static
+            return None
         latent = inputs.get(plan.latent_name())
         texts = [value for name, value in inputs.items() if plan.parameters.get(name) == "text"]
         if not isinstance(latent, torch.Tensor):

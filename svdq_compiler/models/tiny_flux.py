@@ -357,7 +357,7 @@ def save_sampler_config(sampler: SamplerConfig, folder: Path) -> None:
 
 # ---- the model adapter -----------------------------------------------------------------------------------------
 
-def _folder_of(model) -> Path | None:
+def folder_of(model) -> Path | None:
     folder = getattr(model, FOLDER_ATTRIBUTE, None)
     return Path(folder) if folder is not None else None
 
@@ -371,7 +371,7 @@ def example_inputs(model=None, batch: int = 1, tokens: int | tuple[int, int] | N
     `tokens` is the image token count or a (rows, cols) grid; the default is the trained 8×8.
     """
     rows, cols = factor_grid(tokens or TOKEN_GRID, what="image tokens")
-    encoder = text_encoder if text_encoder is not None else load_text_encoder(_folder_of(model))
+    encoder = text_encoder if text_encoder is not None else load_text_encoder(folder_of(model))
     prompts = [PROMPTS[(seed + i) % len(PROMPTS)] for i in range(batch)]
     with torch.no_grad():
         hidden, pooled = encoder(prompts + [""] * batch)
@@ -395,7 +395,7 @@ def calib_inputs(model, num_prompts: int = 10, num_steps: int = 4, seed: int = 0
     if num_prompts < 1 or num_steps < 1:
         raise InputError(f"calibration needs at least one prompt and one step, got {num_prompts} × {num_steps}")
     if pipeline is None:
-        pipeline = load_pipeline(_folder_of(model), transformer=model)
+        pipeline = load_pipeline(folder_of(model), transformer=model)
     elif model is not None:
         pipeline = pipeline.with_transformer(model)
     total_steps = pipeline.sampler.num_steps
@@ -429,7 +429,7 @@ class TinyFluxAdapter(FluxAdapter):
     class_names = ()
 
     def matches(self, model) -> bool:
-        return _folder_of(model) is not None
+        return folder_of(model) is not None
 
     def example_inputs(self, model, batch=1, tokens=None, seed=0, text_tokens=None):
         if text_tokens is not None:

