@@ -3,7 +3,7 @@
 Runs pytest twice on the same test files, one process, no xdist, one thread: first with
 SVDQ_TEST_CAPTURE_CACHE=0 (every compile captures afresh, as before the cache), then with the cache. Records
 per run the wall time, the CPU seconds of pytest and its children, the pass/fail counts and the slowest tests
-(`--durations`), with the machine, the load average and the commit.
+(`--durations`), with the machine, the load average and the commit (bench_common.machine).
 
     python tools/bench_suite_time.py tests/passes/test_presets_end_to_end.py tests/test_cli.py \\
         --out bench/results/suite-time-capture-cache.json
@@ -57,9 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: no such test file(s): {', '.join(missing)}", file=sys.stderr)
         return 2
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     report = {"what": "pytest time without and with the session capture cache, one after the other",
-              "machine": machine(), "commit": commit, "files": args.files, "runs": []}
+              "machine": machine(), "files": args.files, "runs": []}  # machine() records the commit
     for cache in (False, True):
         report["runs"].append(run(args.files, cache, args.durations))
         print(f"capture cache {'on' if cache else 'off'}: {report['runs'][-1]['wall_s']} s wall, "
