@@ -110,7 +110,7 @@ def full(args: argparse.Namespace) -> None:
     path = Path(args.result or f"bench/results/scale-{Path(args.folder).name}.json")
     progress: dict = {"benchmark": "streaming-compile", "complete": False, "folder": str(args.folder),
                       "preset": args.preset, "smoothing": args.smoothing, "nice": os.nice(0),
-                      "load_average_start": load_start, "unit_s": {}, "rss_after_unit_gib": {}}
+                      "load_average_start": load_start, "unit_s": {}, "rss_after_unit_gib": {}, "cpu_s_after_unit": {}}
 
     def on_unit(record, index, total):
         print(f"{time.perf_counter() - start:7.1f}s  {index + 1}/{total} {record.name}: {record.wall_s}, resident "
@@ -119,6 +119,9 @@ def full(args: argparse.Namespace) -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         progress["unit_s"][record.name] = record.wall_s
         progress["rss_after_unit_gib"][record.name] = round(record.rss_bytes / 2**30, 2)
+        # CPU seconds, unlike wall time, barely depend on how many other processes share the cores: their
+        # differences give each unit's cost for an estimate on a quiet machine
+        progress["cpu_s_after_unit"][record.name] = round(usage.ru_utime + usage.ru_stime, 1)
         progress.update(units_done=index + 1, units_total=total, elapsed_s=round(time.perf_counter() - start, 1),
                         cpu_s=round(usage.ru_utime + usage.ru_stime, 1),
                         peak_rss_gib=round(usage.ru_maxrss * 1024 / 2**30, 2), machine=machine())
@@ -143,6 +146,7 @@ def full(args: argparse.Namespace) -> None:
         "capture": {key: report["capture"].get(key) for key in ("wall_s", "replicated_blocks")},
         "unit_s": {record["name"]: record["wall_s"] for record in streaming["units"]},
         "rss_after_unit_gib": {record["name"]: round(record["rss_bytes"] / 2**30, 2) for record in streaming["units"]},
+        "cpu_s_after_unit": progress["cpu_s_after_unit"],
         "parameters": sum(layer["in_features"] * layer["out_features"] for layer in report["linears"]),
         "load_average_start": load_start, "load_average_end_of_compile": load_end, "machine": machine(),
     }
