@@ -76,6 +76,7 @@ def cover(class_name: str, module_name: str, presets: tuple[str, ...] = PRESETS,
     from svdq_compiler.errors import CaptureError, first_line
     from svdq_compiler.models import adapter_for
     from svdq_compiler.models.auto import tiny_config
+    from svdq_compiler.models.base import factor_grid
 
     entry: dict[str, Any] = {"class": class_name, "module": module_name, "reached": None, "failure": None}
     stage = "build"
@@ -93,7 +94,8 @@ def cover(class_name: str, module_name: str, presets: tuple[str, ...] = PRESETS,
         adapter = adapter_for(model)
         entry["adapter"] = adapter.name
         example = adapter.example_inputs(model, batch=BATCH)
-        rows, cols = adapter.tokens_of(model, example)
+        # a token count where the latent is packed (FLUX): as a grid
+        rows, cols = factor_grid(adapter.tokens_of(model, example), what="image tokens")
         other = adapter.example_inputs(model, batch=BATCH, tokens=second_grid(rows, cols), seed=1)
         entry["inputs"] = {name: list(value.shape) for name, value in example.items() if torch.is_tensor(value)}
         entry["grids"] = [[rows, cols], list(second_grid(rows, cols))]
