@@ -141,6 +141,20 @@ def test_coverage_sample():
     assert {"batch", "frames", "height", "width", "text_tokens"} <= set(entry["dynamic"])
 
 
+@pytest.mark.parametrize("class_name", ["HiDreamImageTransformer2DModel", "Lumina2Transformer2DModel"])
+def test_classes_torch_export_cannot_capture_compile_eagerly_from_a_tiny_config(class_name):
+    """Issue 19's two classes, with no adapter and no hand-written inputs: the auto adapter builds them
+    (HiDream's stacked llama3 text input included), capture fails on their data-dependent code, the eager path
+    compiles them, and they run at two latent grids."""
+    entry = coverage_case(class_name)
+    assert entry["adapter"] == "auto" and entry["path"] == "eager"
+    assert entry["path_reason"].startswith("torch.export failed"), entry["path_reason"]
+    assert entry["grids"][0] != entry["grids"][1]
+    recorded = next(e for e in COVERED["classes"] if e["class"] == class_name)  # and the benchmark's result says so
+    assert recorded["reached"] == "run" and recorded["path"] == "eager"
+    assert all(len(preset["rel_error"]) == 2 for preset in recorded["presets"].values())
+
+
 COVERED = json.loads((Path(__file__).resolve().parents[1] / "bench/results/coverage-diffusers.json").read_text()) \
     if (Path(__file__).resolve().parents[1] / "bench/results/coverage-diffusers.json").exists() else {"classes": []}
 
@@ -149,3 +163,10 @@ COVERED = json.loads((Path(__file__).resolve().parents[1] / "bench/results/cover
 @pytest.mark.parametrize("class_name", [e["class"] for e in COVERED["classes"] if e.get("reached") == "run"])
 def test_coverage_of_every_class_the_benchmark_ran(class_name):
     coverage_case(class_name, presets=("int4", "w4a4-rtn"), calibration=(2, 2))
+
+
+def test_readme_table_is_the_coverage_result():
+    """The README's coverage table is `bench_coverage.py --table` of the committed result, not edited by hand."""
+    from bench_coverage import markdown
+
+    assert markdown(COVERED) in (Path(__file__).resolve().parents[1] / "README.md").read_text()

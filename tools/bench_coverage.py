@@ -29,12 +29,13 @@ import contextlib
 import copy
 import importlib
 import json
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from bench_common import machine, write_result  # noqa: E402
+from svdq_compiler.files import write_json  # noqa: E402
+
+from bench_common import machine  # noqa: E402
 from ir_fingerprint import CaptureOnce  # noqa: E402
 
 PRESETS = ("int4", "w4a4-rtn")  # SVDQuant against its round-to-nearest baseline
@@ -177,10 +180,17 @@ def summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     """The classes that ran (path, dynamic dimensions, quantized linears, errors at both grids), then the
     failures grouped by stage."""
-    presets = report["presets"]
-    lines = ["| class | path | dynamic dims | quantized linears | " + " | ".join(
+    presets, total = report["presets"], report["summary"]
+    complete = all(run.get("complete", True) for run in report["runs"][-1:])
+    enumerated = len(report["runs"][-1]["classes"])
+    lines = [f"{total['classes']} classes" + ("" if complete else f" of {enumerated} (the run was cut short)") + ": "
+             f"{total['built']} built from a tiny config, {total['compiled']} compiled, "
+             f"{total['ran_two_resolutions']} ran at two latent grids ({total['paths']['graph']} as a graph, "
+             f"{total['paths']['eager']} eagerly).", "",
+             "| class | path | dynamic dims | quantized linears | " + " | ".join(
         f"{preset} rel. error (grid 1 / 2)" for preset in presets) + " |", "|---|---|---|---:|" + "---:|" * len(presets)]
-    for entry in report["classes"]:
+    entries = sorted(report["classes"], key=lambda entry: entry["class"])  # in the order classes finish
+    for entry in entries:
         if entry.get("reached") != "run":
             continue
         dims = ", ".join(entry.get("dynamic", [])) if entry["path"] == "graph" else "any (eager)"
@@ -188,7 +198,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {entry['class']} | {entry['path']} | {dims} | "
                      f"{entry['presets'][presets[0]]['quantized_linears']} | {errors} |")
     failed: dict[str, list[str]] = {}
-    for entry in report["classes"]:
+    for entry in entries:
         if entry["failure"]:
             failed.setdefault(entry["failure"]["stage"], []).append(entry["class"])
     lines.append("")
@@ -212,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         module_name, class_name = args.one.split(":")
         args.out.write_text(json.dumps(cover(class_name, module_name)))
         return 0
+    if (args.update or args.table) and not args.out.exists():
+        print(f"error: {args.out} does not exist (--update and --table read an earlier result)", file=sys.stderr)
+        return 2
     from svdq_compiler.models.auto import denoiser_classes
 
     if args.table:
@@ -221,27 +234,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         wanted = set(args.only.split(","))
         classes = {name: module for name, module in classes.items() if name in wanted}
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        entries = list(pool.map(lambda item: cover_in_subprocess(*item, args.timeout), classes.items()))
-    for entry in entries:
-        outcome = entry["failure"] and f"{entry['failure']['stage']}: {entry['failure']['error'][:100]}" or "ok"
-        print(f"{entry['class']:42s} {entry.get('path') or '-':6s} {outcome}")
     import diffusers
 
-    wall = round(time.perf_counter() - start, 1)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip()
-    runs = [{"machine": machine(), "commit": commit, "classes": sorted(classes), "wall_s": wall}]
-    if args.update:  # the earlier run's entries for the other classes, and its machine record
-        earlier = json.loads(args.out.read_text())
-        rerun = {entry["class"]: entry for entry in entries}
-        entries = [rerun.get(entry["class"], entry) for entry in earlier["classes"]]
-        runs = [*earlier["runs"], *runs]
-    report = {"diffusers": diffusers.__version__, "torch": torch.__version__, "presets": list(PRESETS),
-              "batch": BATCH, "runs": runs, "summary": summary(entries), "classes": entries}
-    print(json.dumps(report["summary"]))
-    write_result(report, args.out)
+    start = time.perf_counter()
+    earlier = json.loads(args.out.read_text()) if args.update else {"runs": [], "classes": []}
+    done: dict[str, dict[str, Any]] = {}
+
+    def record(complete: bool) -> None:
+        """The result so far (complete: false until every class has run), so a run cut short keeps its classes;
+        with --update, the earlier run's entries for the classes not rerun, and its machine records."""
+        run = {"machine": machine(), "classes": sorted(classes),  # the machine record holds the commit
+               "wall_s": round(time.perf_counter() - start, 1),
+               "cpu_s": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+                              + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime, 1), "complete": complete}
+        kept = {entry["class"] for entry in earlier["classes"]}
+        entries = [done.get(entry["class"], entry) for entry in earlier["classes"]]
+        entries += [entry for name, entry in done.items() if name not in kept]
+        report = {"diffusers": diffusers.__version__, "torch": torch.__version__, "presets": list(PRESETS),
+                  "batch": BATCH, "runs": [*earlier["runs"], run], "summary": summary(entries), "classes": entries}
+        write_json(args.out, report, "benchmark result")
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(cover_in_subprocess, name, module, args.timeout) for name, module in classes.items()]
+        for future in as_completed(futures):
+            entry = future.result()
+            outcome = entry["failure"] and f"{entry['failure']['stage']}: {entry['failure']['error'][:100]}" or "ok"
+            print(f"{entry['class']:42s} {entry.get('path') or '-':6s} {outcome}", flush=True)
+            done[entry["class"]] = entry
+            record(complete=False)
+    record(complete=True)
+    print(json.dumps(json.loads(args.out.read_text())["summary"]))
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -65,7 +65,8 @@ def denoiser_classes() -> dict[str, str]:
 ROLES: tuple[tuple[str, str], ...] = (
     ("latent", r"hidden_states|sample|x"),
     ("text_mask", r"encoder_attention_mask|encoder_mask|encoder_hidden_states_mask|text_embedding_mask"),
-    ("text", r"encoder_hidden_states|cap_feats|context|text_bth"),
+    # _t5, _llama3: one per text encoder; _image is image conditioning (Wan's I2V), left at its default
+    ("text", r"encoder_hidden_states(_(?!image)[a-z0-9]+)?|cap_feats|context|text_bth"),
     ("timestep", r"timesteps?|t"),
     ("pooled", r"pooled_projections|pooled_embeds|pooled_text_emb|clip_text_pooled|global_hidden_states"),
     ("image_ids", r"img_ids"),
@@ -132,6 +133,9 @@ class Choice:
     layout: str
     text_width: int | None
     mask_dtype: torch.dtype
+    # text inputs given as a stack of encoder layers [L, B, T, C] (a model reading the hidden states of several
+    # layers of one text encoder), L from the config's list of layer indices
+    stacked: tuple[str, ...] = ()
 
 
 @dataclass
@@ -146,6 +150,7 @@ class InputPlan:
     unit: int
     frame_unit: int
     timestep_value: float
+    stack_depth: int | None = None
 
     def build(self, sizes: Sizes, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(seed)
@@ -164,7 +169,8 @@ class InputPlan:
                                 if layout == "video" else randn(batch, sizes.rows * sizes.cols, self.channels)
                                 if layout == "tokens" else randn(batch, self.channels, height))
             elif role == "text":
-                inputs[name] = randn(batch, text, self.choice.text_width)
+                stack = (self.stack_depth,) if name in self.choice.stacked else ()
+                inputs[name] = randn(*stack, batch, text, self.choice.text_width)
             elif role == "text_mask":
                 inputs[name] = torch.ones(batch, text, dtype=self.choice.mask_dtype if self.choice.mask_dtype
                                           is torch.bool else dtype)
@@ -249,18 +255,34 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str]) -> list[Cho
         layouts = ("image", "tokens", "video", "sequence")
     widths: list[int | None] = list(config_value(config, TEXT_WIDTH_KEYS)) if "text" in roles.values() else [None]
     masks = (torch.bool, torch.float32) if "text_mask" in roles.values() else (torch.bool,)
-    return [Choice(layout, width, mask) for layout, width, mask in itertools.product(layouts, widths or [None],
-                                                                                     masks)]
+    texts = [name for name, role in roles.items() if role == "text"]
+    # the text input named after the encoder of the layer list (`llama_layers`: `encoder_hidden_states_llama3`),
+    # stacked first: unstacked, [B, T, C] can pass by accident where the model indexes layers (batch ≥ depth)
+    encoder = layer_stack(config)[0]
+    stacks = [*((name,) for name in texts if encoder and encoder in name), ()]
+    return [Choice(layout, width, mask, stacked) for layout, stacked, width, mask in
+            itertools.product(layouts, stacks, widths or [None], masks)]
+
+
+def layer_stack(config: Any) -> tuple[str | None, int | None]:
+    """(encoder, depth) of a config list of text encoder layer indices (`llama_layers`: "llama", one past its
+    largest index): the layers a stacked text input holds; (None, None) when the config has none."""
+    for key, value in config.items():
+        if re.fullmatch(r"\w+_layers", key) and isinstance(value, (list, tuple)) and value \
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return key.removesuffix("_layers"), max(value) + 1
+    return None, None
 
 
 def runs_on(model: torch.nn.Module, inputs: dict[str, Any]) -> str | None:
     """None when the model runs on `inputs`, else why not.
 
     The model is traced under fake tensors (shapes only: no compute, no memory, cheap on a large model); code
-    that reads tensor values (`mask.sum().tolist()`, `.numpy()`) cannot run there, so it then runs for real on
+    that reads tensor values (`mask.sum().tolist()`, `.numpy()`, `bincount`) cannot run there, so it then runs for real on
     the small probe sizes.
     """
-    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+    from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
+                                               FakeTensorMode)
     from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs each failing op: expected while probing
@@ -270,8 +292,8 @@ def runs_on(model: torch.nn.Module, inputs: dict[str, Any]) -> str | None:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
             model(**inputs)
         return None
-    except (DataDependentOutputException, GuardOnDataDependentSymNode):
-        pass
+    except (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode):
+        pass  # an output shape or a branch that depends on tensor values (bincount in MoE routing)
     except Exception as exc:  # any failure of the model's code on these shapes means: not this layout
         return first_line(exc)
     finally:
@@ -303,7 +325,8 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     roles = {name: role for name, role in roles.items() if role not in absent}
     axes = next((len(config[key]) for key in POSITION_AXES_KEYS if isinstance(config.get(key), (list, tuple))), 3)
     base = dict(parameters=roles, channels=channels[0], pooled_width=pooled[0] if pooled else None, axes=axes,
-                unit=spatial_unit(config), frame_unit=frame_unit(config), timestep_value=500.0)
+                unit=spatial_unit(config), frame_unit=frame_unit(config), timestep_value=500.0,
+                stack_depth=layer_stack(config)[1])
     sizes = Sizes(batch=2, text=4, rows=2, cols=3)
     failures = []
     for choice in candidate_choices(model, roles)[:MAX_PROBES]:
@@ -354,13 +377,13 @@ class DiffusersAdapter(ModelAdapter):
         """The Sizes that rebuild `inputs` (same names and shapes), or None."""
         try:
             plan = plan_inputs(model)
-        except InputError:  # no layout of its own runs (HiDream's stacked text states): the user's stay static
+        except InputError:  # no layout the auto adapter builds runs on this model: the user's inputs stay static
             return None
         latent = inputs.get(plan.latent_name())
         texts = [value for name, value in inputs.items() if plan.parameters.get(name) == "text"]
         if not isinstance(latent, torch.Tensor):
             return None
-        batch, text = latent.shape[0], texts[0].shape[1] if texts else self.example_text_tokens
+        batch, text = latent.shape[0], texts[0].shape[-2] if texts else self.example_text_tokens
         layout = plan.choice.layout
         if layout == "tokens":  # any factorization of the count rebuilds the same shapes
             rows, cols = factor_grid(int(latent.shape[1]), what="image tokens")
@@ -409,6 +432,13 @@ NOT_WIDTHS = re.compile(r"in_channels|out_channels|latent_channels|patch_size\w*
 PER_LEVEL = ("block_out_channels", "down_block_types", "up_block_types")
 # Sizes whose default None leaves the constructor nothing to build (continuous latent input, patching).
 NEEDED_WHEN_NONE = {"in_channels": 16, "patch_size": 2}
+# Classes whose constructor defaults cannot build a model that runs, with the tiny values that do. HiDream:
+# caption_channels and llama_layers default to None (the constructor indexes both), its rope axes (32, 32) give
+# two of the three position axes its forward reads, and max_resolution pads every image to 128² / 4 tokens.
+DEFAULTS_THAT_DO_NOT_BUILD = {
+    "HiDreamImageTransformer2DModel": {"caption_channels": [TINY_WIDTH, TINY_WIDTH], "llama_layers": [0, 1],
+                                       "axes_dims_rope": (8, 12, 12), "max_resolution": (32, 32)},
+}
 
 
 def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
@@ -462,4 +492,4 @@ def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
             config[name] = value
         elif level_count > 2 and isinstance(defaults[name], (list, tuple)) and len(defaults[name]) == level_count:
             config[name] = value
-    return config
+    return {**config, **DEFAULTS_THAT_DO_NOT_BUILD.get(model_class.__name__, {})}

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import hashlib
-
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -14,6 +11,8 @@ import svdq_compiler
 import svdq_compiler.passes  # noqa: F401  (registers the passes)
 from svdq_compiler.ir import annotated_linears
 from svdq_compiler.pipeline import PASS_REGISTRY, PassContext
+
+from capture_cache import cached_capture
 
 
 class Block(nn.Module):
@@ -110,22 +109,11 @@ def outlier_dit(seed=0, **kwargs) -> TinyDiT:
     return model
 
 
-_CAPTURED: dict[str, torch.fx.GraphModule] = {}
-
-
 def captured(model, inputs):
-    """svdq_compiler.capture(model, inputs), from a cache: the pass tests capture the same few tiny models
-    dozens of times, and capture (torch.export) costs ~5× the passes that follow. The key is the model's class,
-    its parameters and buffers and the inputs (positional tensors), so an edited model is captured afresh; each
-    call gets its own deep copy, so a pass that edits the graph cannot leak into another test."""
-    digest = hashlib.sha1(type(model).__qualname__.encode())
-    for name, tensor in [*model.state_dict().items(), *enumerate(inputs)]:
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    key = digest.hexdigest()
-    if key not in _CAPTURED:
-        _CAPTURED[key] = copy.deepcopy(svdq_compiler.capture(model, inputs))
-    return copy.deepcopy(_CAPTURED[key])
+    """svdq_compiler.capture(model, inputs), from the session's capture cache (tests/capture_cache.py): the pass
+    tests capture the same few tiny models dozens of times, and capture (torch.export) costs ~5× the passes that
+    follow; each call gets its own deep copy."""
+    return cached_capture(svdq_compiler.capture, model, inputs)
 
 
 def prepared(model, inputs, calib, config="int4", passes=("annotate_linears", "calibrate"), **overrides):
