@@ -373,7 +373,7 @@ class RegionAdapter(GenericAdapter):
         declared = {}
         if self.family is not None:
             try:
-                declared = self.family.dynamic_shapes(self.model, inputs) or {}
+                declared = _flat_dims(self.family.dynamic_shapes(self.model, inputs) or {})
             except Exception:  # inputs the family does not know (a positional call): Dynamo's symbols alone
                 declared = {}
         spec: dict[str, dict[int, Any]] = {}
@@ -386,6 +386,15 @@ class RegionAdapter(GenericAdapter):
 
     def guard_relaxation(self, model, inputs):
         return self.family.guard_relaxation(self.model, inputs) if self.family is not None else None
+
+
+def _flat_dims(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A family's dynamic shapes keyed as the region names its inputs: nested dicts' leaves joined by "_"."""
+    flat: dict[str, Any] = {}
+    for key, value in spec.items():
+        nested = isinstance(value, dict) and value and all(isinstance(k, str) for k in value)
+        flat.update(_flat_dims(value, f"{prefix}{key}_") if nested else {f"{prefix}{key}": value})
+    return flat
 
 
 def check_options(options: dict[str, Any] | None) -> dict[str, Any]:

@@ -97,6 +97,11 @@ def tensor_shapes(tree: Any, path: tuple = ()) -> dict[tuple, tuple[int, ...]]:
     return {}
 
 
+def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{path joined by "_": shape} of every tensor in nested dicts of inputs."""
+    return {"_".join(map(str, path)): shape for path, shape in tensor_shapes(tree).items()}
+
+
 def infer_dims(build: Callable[[Sizes], dict[str, Any]], sizes: Sizes,
                limits: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
     """Dynamic shapes {input: {dim: DynDim}} (nested dicts mirrored) for every input dimension that moves when
@@ -229,7 +234,9 @@ class ModelAdapter:
         text_tokens = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() > 1 else self.example_text_tokens
         sizes = Sizes(batch=int(latent.shape[0]), text=int(text_tokens), rows=int(rows) // unit,
                       cols=int(cols) // unit)
-        return sizes if tensor_shapes(self.inputs_at(model, sizes)) == tensor_shapes(inputs) else None
+        # Compared by flattened name: a torch.compile region passes nested inputs as flat leaves
+        # (added_cond_kwargs_text_embeds), the call itself as nested dicts.
+        return sizes if flat_shapes(self.inputs_at(model, sizes)) == flat_shapes(inputs) else None
 
     def tokens_of(self, model: torch.nn.Module, inputs: dict[str, Any]) -> int | tuple[int, int]:
         """The `tokens` argument of example_inputs that reproduces the image size of `inputs`."""
