@@ -558,11 +558,13 @@ def _emit_gemm_int4_loop(src: _Source, spec: GemmSpec, target: Target) -> None:
         src.add(f"""
             # the weight's codes (and signed activations') unpack as 16× their value, so the partial sum is
             # {undo}× the group's dot product: the row factor s_a/{undo} undoes it exactly (a power of two)""")
+    # Every integer dot names out_dtype, accumulator or not: Triton before 3.9 takes fp32 as the default and
+    # refuses an int32 accumulator that differs from it.
     src.add(f"""
         a_low, a_high = {unpack_a}(tl.load(a_ptrs))
         w_low, w_high = {unpack_w}(tl.load(w_ptrs))
         partial = tl.dot(a_low, tl.trans(w_low), out_dtype=tl.int32)
-        partial = tl.dot(a_high, tl.trans(w_high), partial)""")
+        partial = tl.dot(a_high, tl.trans(w_high), partial, out_dtype=tl.int32)""")
     if undo != 1:
         src.add(f"""
             row_factor = tl.load(a_scale_ptrs + group).to(tl.float32) * {1 / undo!r}
@@ -592,7 +594,7 @@ def _emit_gemm_int8_loop(src: _Source) -> None:
             else:
                 a = tl.load(a_ptrs, mask=(k0 + ks)[None, :] < K, other=0)
                 w = tl.load(w_ptrs, mask=(k0 + ks)[None, :] < K, other=0)
-            acc_int = tl.dot(a, tl.trans(w), acc_int)
+            acc_int = tl.dot(a, tl.trans(w), acc_int, out_dtype=tl.int32)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         # |acc_int| can exceed 2^22 here, so this is a real conversion (once per tile)
