@@ -137,9 +137,7 @@ def test_lora_and_onnx_refuse_an_eager_model_in_one_line(compiled):
 
 @pytest.mark.parametrize("name, cause, calibration", [
     ("lumina2", "SymInt", "adapter auto (1 prompts x 1 steps)"),
-    # the auto adapter builds no inputs HiDream runs on (its text states are stacked per layer): the dimensions
-    # stay static and calibration takes the example inputs
-    ("hidream", ".numpy()", "example_inputs (adapter auto builds none")])
+    ("hidream", ".numpy()", "adapter auto (1 prompts x 1 steps)")])  # its layer-stacked text states are built
 def test_compile_falls_back_to_eager_on_data_dependent_code_and_says_why(name, cause, calibration):
     """svdq_compiler.compile (path="auto") tries torch.export first; Lumina2's slices from `.tolist()` and
     HiDream's MoE routing through `.numpy()` stop it."""

@@ -70,7 +70,7 @@ CHECK: for group in range(0, num_groups):
 CHECK: a_low, a_high = nibbles_x16_ptx(tl.load(a_ptrs))
 CHECK-NEXT: w_low, w_high = nibbles_x16_ptx(tl.load(w_ptrs))
 CHECK-NEXT: partial = tl.dot(a_low, tl.trans(w_low), out_dtype=tl.int32)
-CHECK-NEXT: partial = tl.dot(a_high, tl.trans(w_high), partial)
+CHECK-NEXT: partial = tl.dot(a_high, tl.trans(w_high), partial, out_dtype=tl.int32)
 CHECK-NEXT: row_factor = tl.load(a_scale_ptrs + group).to(tl.float32) * 0.00390625
 CHECK-NEXT: w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
 CHECK-NEXT: acc = add_scaled_partial(acc, partial, row_factor, w_scale)
@@ -111,7 +111,7 @@ CHECK-LABEL: def svdq_gemm_int8
 CHECK: acc_int = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
 CHECK: for k0 in range(0, K, BLOCK_K):
 CHECK: a = tl.load(a_ptrs, mask=(k0 + ks)[None, :] < K, other=0)
-CHECK: acc_int = tl.dot(a, tl.trans(w), acc_int)
+CHECK: acc_int = tl.dot(a, tl.trans(w), acc_int, out_dtype=tl.int32)
 CHECK: acc = acc_int.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
 """)
 
