@@ -1,7 +1,9 @@
 """Make sure the running interpreter has a usable torch before the project is installed.
 
 An existing torch >= 2.9 (for example the CUDA build on a GPU machine) is kept. Without one, the CPU wheel is
-installed: a loose `torch` requirement would pull a multi-GB CUDA build onto a machine that cannot use it.
+installed: a loose `torch` requirement would pull a multi-GB CUDA build onto a machine that cannot use it. On a
+machine without an NVIDIA driver, PyTorch's CPU index is offered beside the configured ones, so pip takes
+2.13.0+cpu there (a local version sorts above the registry's plain 2.13.0); an unreachable index is skipped.
 Override the choice with SVDQ_TORCH_SPEC (a pip requirement) and SVDQ_TORCH_INDEX (an extra index URL).
 """
 
@@ -11,6 +13,7 @@ import sys
 
 MIN_TORCH = (2, 9)
 DEFAULT_SPEC = "torch==2.13.0"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
 def installed_torch_version():
@@ -19,6 +22,10 @@ def installed_torch_version():
     except ImportError:
         return None
     return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def has_nvidia_driver() -> bool:
+    return os.path.exists("/proc/driver/nvidia/version")
 
 
 def main() -> int:
@@ -30,8 +37,9 @@ def main() -> int:
         print(f"ensure_torch: torch {'.'.join(map(str, version))} is older than 2.9; installing a newer one")
     spec = os.environ.get("SVDQ_TORCH_SPEC", DEFAULT_SPEC)
     cmd = [sys.executable, "-m", "pip", "install", spec]
-    if os.environ.get("SVDQ_TORCH_INDEX"):
-        cmd += ["--extra-index-url", os.environ["SVDQ_TORCH_INDEX"]]
+    index = os.environ.get("SVDQ_TORCH_INDEX") or (None if has_nvidia_driver() else CPU_INDEX)
+    if index:
+        cmd += ["--extra-index-url", index]
     print("ensure_torch:", " ".join(cmd))
     return subprocess.call(cmd)
 
