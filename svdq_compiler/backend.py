@@ -38,7 +38,6 @@ import copy
 import inspect
 import itertools
 import keyword
-import re
 import types
 import warnings
 from typing import Any, Callable, Sequence
@@ -48,6 +47,7 @@ import torch.fx
 
 from svdq_compiler.errors import InputError
 from svdq_compiler.ir import get_attr_value, set_attr_value
+from svdq_compiler.models.base import leaf_name
 from svdq_compiler.models.generic import GenericAdapter
 
 BACKEND_NAME = "svdquant"
@@ -181,7 +181,7 @@ def _input_name(source: Any, frame: CallFrame) -> str:
                 parts.append(step.local_name)
         else:
             parts.append(str(getattr(step, "index", getattr(step, "member", ""))))
-    name = re.sub(r"\W+", "_", "_".join(parts)).strip("_") or "input"
+    name = leaf_name(parts) or "input"
     return f"{name}_" if keyword.iskeyword(name) or name[0].isdigit() else name
 
 
@@ -388,12 +388,12 @@ class RegionAdapter(GenericAdapter):
         return self.family.guard_relaxation(self.model, inputs) if self.family is not None else None
 
 
-def _flat_dims(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A family's dynamic shapes keyed as the region names its inputs: nested dicts' leaves joined by "_"."""
+def _flat_dims(spec: dict[str, Any], path: tuple = ()) -> dict[str, Any]:
+    """A family's dynamic shapes keyed as the region names its inputs (leaf_name of each nested input)."""
     flat: dict[str, Any] = {}
     for key, value in spec.items():
         nested = isinstance(value, dict) and value and all(isinstance(k, str) for k in value)
-        flat.update(_flat_dims(value, f"{prefix}{key}_") if nested else {f"{prefix}{key}": value})
+        flat.update(_flat_dims(value, path + (key,)) if nested else {leaf_name(path + (key,)): value})
     return flat
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -97,9 +98,15 @@ def tensor_shapes(tree: Any, path: tuple = ()) -> dict[tuple, tuple[int, ...]]:
     return {}
 
 
+def leaf_name(path: Sequence[Any]) -> str:
+    """The flat name of a nested input (keys and indices joined by "_", as an identifier's characters): how a
+    torch.compile region names the leaves of nested call inputs, e.g. added_cond_kwargs_text_embeds."""
+    return re.sub(r"\W+", "_", "_".join(map(str, path))).strip("_")
+
+
 def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """{path joined by "_": shape} of every tensor in nested dicts of inputs."""
-    return {"_".join(map(str, path)): shape for path, shape in tensor_shapes(tree).items()}
+    """{leaf_name(path): shape} of every tensor in nested dicts of inputs."""
+    return {leaf_name(path): shape for path, shape in tensor_shapes(tree).items()}
 
 
 def infer_dims(build: Callable[[Sizes], dict[str, Any]], sizes: Sizes,
