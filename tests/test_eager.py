@@ -166,6 +166,14 @@ def test_a_capture_failure_of_another_kind_is_not_hidden_by_the_fallback():
     assert data_dependent_failure(ValueError("unrelated")) is None
 
 
+def test_a_fake_tensor_left_in_the_exported_program_takes_the_eager_path():
+    """ZImage's torch.export failure: an op export cannot trace through, which the eager path runs for real."""
+    message = "We found a fake tensor in the exported program constant's list. This typically means ..."
+    wrapped = CaptureError("torch.export could not capture M: " + message)
+    wrapped.__cause__ = RuntimeError(message)
+    assert data_dependent_failure(wrapped).startswith("We found a fake tensor")
+
+
 def test_unknown_path_is_an_input_error():
     with pytest.raises(InputError, match="path='trace'"):
         svdq_compiler.compile(lumina2(), lumina2_inputs(8), "int4", path="trace")
