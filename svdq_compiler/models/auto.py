@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from svdq_compiler.errors import InputError, first_line
-from svdq_compiler.models.base import (MAX_GRID, ModelAdapter, Sizes, example_grid, factor_grid, flow_step,
+from svdq_compiler.models.base import (MAX_GRID, NATIVE_GRID, ModelAdapter, Sizes, example_grid, factor_grid, flow_step,
                                        model_dtype, tensor_shapes)
 
 DENOISER_PACKAGES = ("diffusers.models.transformers.", "diffusers.models.unets.")
@@ -74,28 +74,68 @@ ROLES: tuple[tuple[str, str], ...] = (
     ("guidance", r"guidance"),
     ("size_pair", r"original_size|target_size|crop_coords"),
     ("class_labels", r"class_labels"),
+    # scalar conditions, each sinusoidally encoded and concatenated (SVD's fps / motion / noise augmentation,
+    # aMUSEd's micro-conditions): [B, count], the count from the config (`condition_count`)
+    ("conditions", r"added_time_ids|micro_conds"),
+    ("per_sample", r"fps"),  # one value per sample, a micro-condition (I2VGen-XL)
+    ("text_lengths", r"\w*text_lens|\w*txt_lens"),  # valid text tokens per sample
+    # another latent stream of the latent's shape (I2VGen-XL's image_latents: the first frame, encoded)
+    ("latent_like", r"\w+_latents"),
 )
 # Required parameters named like a timestep (`timestep_r`, `r_timestep`, `decoder_noise_time`) are timesteps too;
 # optional ones are not (`timestep_cond` is an embedding).
 REQUIRED_TIMESTEP = r"(\w+_)?timesteps?(_\w+)?|\w+_time"
 # Optional parameters worth giving: the conditioning a pipeline always passes. Other optional ones (controlnet
 # residuals, caches, extra image streams) are left at their defaults.
-OPTIONAL_ROLES = {"text", "text_mask", "timestep", "pooled", "image_ids", "text_ids"}
+OPTIONAL_ROLES = {"text", "text_mask", "timestep", "pooled", "image_ids", "text_ids", "conditions"}
+# (total, each) config widths of the scalar conditions' embedding: the count is total / each.
+CONDITION_WIDTH_KEYS = (("projection_class_embeddings_input_dim", "addition_time_embed_dim"),
+                        ("micro_cond_embed_dim", "micro_cond_encode_dim"))
 
 # Config entries giving a width, in the order they are tried.
 TEXT_WIDTH_KEYS = ("joint_attention_dim", "cross_attention_dim", "caption_channels", "text_embed_dim", "text_dim",
-                   "cap_feat_dim", "context_in_dim", "encoder_hid_dim", "text_emb_dim", "text_hidden_dim")
+                   "cap_feat_dim", "context_in_dim", "encoder_hid_dim", "text_emb_dim", "text_hidden_dim", "text_in_dim",
+                   "encoder_hidden_size")
 POOLED_WIDTH_KEYS = ("pooled_projection_dim", "pooled_embed_dim", "global_states_input_dim", "text_emb_dim",
-                     "projection_dim")
-LATENT_CHANNEL_KEYS = ("in_channels", "in_chans", "latent_channels", "num_channels_latents")
+                     "projection_dim", "cond_embed_dim")
+# Any other config width of a conditioning stream (Kandinsky 6's in_text_dim, StableAudio 3's cond_token_dim and
+# global_cond_dim): candidates after the keys above, the probe picks.
+CONDITIONING_WIDTH = re.compile(r"\w*(text|cond)\w*_(dim|channels)\d*")
+# A text length the model fixes (CogVideoX adds a positional embedding over text and image tokens together).
+TEXT_LENGTH_KEYS = ("max_text_seq_length",)
+LATENT_CHANNEL_KEYS = ("in_channels", "in_chans", "latent_channels", "num_channels_latents", "in_visual_dim",
+                       "io_channels", "latent_dim")
 POSITION_AXES_KEYS = ("axes_dims_rope", "axes_dim_rope", "axes_dims", "rope_axes_dim")
 
-LAYOUTS = ("image", "video", "tokens", "sequence")  # [B,C,H,W], [B,C,F,H,W], [B,N,C], [B,C,L]
-MAX_PROBES = 48
+# [B,C,H,W], [B,C,F,H,W], [B,F,C,H,W] (CogVideoX: frames first), [B,N,C], [B,C,L]
+LAYOUTS = ("image", "video", "frames_first", "tokens", "sequence")
+MAX_PROBES = 96
 
 
 def role_of(name: str) -> str | None:
     return next((role for role, pattern in ROLES if re.fullmatch(pattern, name)), None)
+
+
+def named_width(config: Any, name: str) -> list[int]:
+    """The width the config gives an input by its name (StableCascade's `clip_text_pooled_in_channels` for
+    `clip_text_pooled`)."""
+    return config_value(config, tuple(f"{name}{suffix}" for suffix in ("_in_channels", "_dim", "_in_dim",
+                                                                         "_channels")))
+
+
+def conditioning_widths(config: Any, keys: tuple[str, ...]) -> list[int]:
+    """Widths for a text or pooled input: `keys` first, then every other conditioning width of the config."""
+    others = tuple(key for key in config if CONDITIONING_WIDTH.fullmatch(key))
+    return config_value(config, keys + others)
+
+
+def condition_count(config: Any) -> int | None:
+    """How many scalar conditions the config's embedding takes (total width / width of one), or None."""
+    for total, each in CONDITION_WIDTH_KEYS:
+        widths = config_value(config, (total,)), config_value(config, (each,))
+        if all(widths) and widths[0][0] % widths[1][0] == 0:
+            return widths[0][0] // widths[1][0]
+    return None
 
 
 def config_value(config: Any, keys: tuple[str, ...]) -> list[int]:
@@ -136,6 +176,9 @@ class Choice:
     # text inputs given as a stack of encoder layers [L, B, T, C] (a model reading the hidden states of several
     # layers of one text encoder), L from the config's list of layer indices
     stacked: tuple[str, ...] = ()
+    # pooled inputs given with a sequence axis of one, [B, 1, C] (StableCascade's clip_text_pooled)
+    pooled_sequence: bool = False
+    pooled_width: int | None = None
 
 
 @dataclass
@@ -145,12 +188,14 @@ class InputPlan:
     parameters: dict[str, str]  # forward parameter → role, in signature order
     choice: Choice
     channels: int
-    pooled_width: int | None
     axes: int
     unit: int
     frame_unit: int
     timestep_value: float
     stack_depth: int | None = None
+    conditions: int | None = None
+    return_dict: bool = True  # the forward takes return_dict
+    text_length: int | None = None  # the one text length the model takes, where its config fixes it
 
     def build(self, sizes: Sizes, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(seed)
@@ -158,16 +203,18 @@ class InputPlan:
         def randn(*shape: int) -> torch.Tensor:
             return torch.randn(shape, generator=generator).to(dtype)
 
-        batch, text, unit = sizes.batch, sizes.text, self.unit
+        batch, text, unit = sizes.batch, self.text_length or sizes.text, self.unit
         height, width = sizes.rows * unit, sizes.cols * unit
         inputs: dict[str, Any] = {}
+        frames = sizes.frames * self.frame_unit
+        latent_shape = {"image": (batch, self.channels, height, width),
+                        "video": (batch, self.channels, frames, height, width),
+                        "frames_first": (batch, frames, self.channels, height, width),
+                        "tokens": (batch, sizes.rows * sizes.cols, self.channels),
+                        "sequence": (batch, self.channels, height)}[self.choice.layout]
         for name, role in self.parameters.items():
-            if role == "latent":
-                layout = self.choice.layout
-                inputs[name] = (randn(batch, self.channels, height, width) if layout == "image" else
-                                randn(batch, self.channels, sizes.frames * self.frame_unit, height, width)
-                                if layout == "video" else randn(batch, sizes.rows * sizes.cols, self.channels)
-                                if layout == "tokens" else randn(batch, self.channels, height))
+            if role in ("latent", "latent_like"):
+                inputs[name] = randn(*latent_shape)
             elif role == "text":
                 stack = (self.stack_depth,) if name in self.choice.stacked else ()
                 inputs[name] = randn(*stack, batch, text, self.choice.text_width)
@@ -177,7 +224,13 @@ class InputPlan:
             elif role == "timestep":
                 inputs[name] = torch.full((batch,), self.timestep_value, dtype=dtype)
             elif role == "pooled":
-                inputs[name] = randn(batch, self.pooled_width)
+                inputs[name] = randn(batch, *(1,) * self.choice.pooled_sequence, self.choice.pooled_width)
+            elif role == "conditions":
+                inputs[name] = torch.rand(self.conditions, generator=generator).to(dtype).repeat(batch, 1)
+            elif role == "per_sample":
+                inputs[name] = torch.full((batch,), 8.0, dtype=dtype)
+            elif role == "text_lengths":
+                inputs[name] = torch.full((batch,), text, dtype=torch.long)
             elif role == "image_ids":
                 inputs[name] = grid_ids(sizes.rows, sizes.cols, self.axes, dtype)
             elif role == "text_ids":
@@ -188,7 +241,8 @@ class InputPlan:
                 inputs[name] = torch.tensor([[height * 8, width * 8]] * batch, dtype=dtype)
             elif role == "class_labels":
                 inputs[name] = torch.zeros(batch, dtype=torch.long)
-        inputs["return_dict"] = False
+        if self.return_dict:
+            inputs["return_dict"] = False
         return inputs
 
     def latent_name(self) -> str:
@@ -202,6 +256,19 @@ def grid_ids(rows: int, cols: int, axes: int, dtype: torch.dtype) -> torch.Tenso
         ids[..., axes - 2] = torch.arange(rows, dtype=dtype)[:, None]
         ids[..., axes - 1] = torch.arange(cols, dtype=dtype)[None, :]
     return ids.reshape(rows * cols, axes)
+
+
+def unused_stream(config: Any, name: str, role: str) -> bool:
+    """An optional text input of a second encoder the config leaves out: EasyAnimate's `encoder_hidden_states_t5`
+    with `text_embed_dim_t5` None (its projection is then not built)."""
+    suffix = re.fullmatch(r"\w+_(t5|llama\d*|clip|byt5|\d)", name)
+    return role == "text" and suffix is not None and any(
+        key.endswith(f"_{suffix[1]}") and value is None for key, value in config.items())
+
+
+def takes_return_dict(model: torch.nn.Module) -> bool:
+    parameters = inspect.signature(model.forward).parameters
+    return "return_dict" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def forward_roles(model: torch.nn.Module) -> dict[str, str]:
@@ -245,23 +312,28 @@ def forward_roles(model: torch.nn.Module) -> dict[str, str]:
 def candidate_choices(model: torch.nn.Module, roles: dict[str, str]) -> list[Choice]:
     config = model.config
     name = type(model).__name__
-    if "3D" in name:
-        layouts = ("video", "tokens", "image")
-    elif "1D" in name:
+    if re.search(r"3D(?![a-z])", name):  # Transformer3DModel, not StableAudio3DiT
+        layouts = ("video", "frames_first", "tokens", "image")
+    elif re.search(r"1D(?![a-z])", name):
         layouts = ("sequence", "tokens")
     elif "image_ids" in roles.values() or config.get("axes_dims_rope"):
         layouts = ("tokens", "image", "video")  # position ids come with packed latents
     else:
-        layouts = ("image", "tokens", "video", "sequence")
-    widths: list[int | None] = list(config_value(config, TEXT_WIDTH_KEYS)) if "text" in roles.values() else [None]
+        layouts = ("image", "tokens", "video", "frames_first", "sequence")
+    widths: list[int | None] = conditioning_widths(config, TEXT_WIDTH_KEYS) if "text" in roles.values() else [None]
+    pooled = [*(width for name, role in roles.items() if role == "pooled" for width in named_width(config, name))]
+    pooled_widths: list[int | None] = list(dict.fromkeys(pooled + conditioning_widths(config, POOLED_WIDTH_KEYS))) \
+        if "pooled" in roles.values() else [None]
     masks = (torch.bool, torch.float32) if "text_mask" in roles.values() else (torch.bool,)
     texts = [name for name, role in roles.items() if role == "text"]
     # the text input named after the encoder of the layer list (`llama_layers`: `encoder_hidden_states_llama3`),
     # stacked first: unstacked, [B, T, C] can pass by accident where the model indexes layers (batch ≥ depth)
     encoder = layer_stack(config)[0]
     stacks = [*((name,) for name in texts if encoder and encoder in name), ()]
-    return [Choice(layout, width, mask, stacked) for layout, stacked, width, mask in
-            itertools.product(layouts, stacks, widths or [None], masks)]
+    pooled_sequences = (False, True) if "pooled" in roles.values() else (False,)
+    return [Choice(layout, width, mask, stacked, pooled_sequence, pooled_width)
+            for layout, pooled_sequence, stacked, width, pooled_width, mask
+            in itertools.product(layouts, pooled_sequences, stacks, widths or [None], pooled_widths, masks)]
 
 
 def layer_stack(config: Any) -> tuple[str | None, int | None]:
@@ -318,15 +390,18 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     if not channels:
         raise InputError(f"{type(model).__name__}'s config gives no latent channel count ({', '.join(LATENT_CHANNEL_KEYS)})",
                          fix="pass your own example_inputs to svdq_compiler.compile")
-    pooled = config_value(config, POOLED_WIDTH_KEYS)
+    conditions = condition_count(config)
     # conditioning the config gives no width for is left out (an optional input the model then does without)
-    absent = ({"pooled"} if not pooled else set()) | \
-        ({"text", "text_mask", "text_ids"} if not config_value(config, TEXT_WIDTH_KEYS) else set())
-    roles = {name: role for name, role in roles.items() if role not in absent}
+    absent = ({"pooled"} if not conditioning_widths(config, POOLED_WIDTH_KEYS) else set()) | \
+        ({"conditions"} if conditions is None else set()) | \
+        ({"text", "text_mask", "text_ids"} if not conditioning_widths(config, TEXT_WIDTH_KEYS) else set())
+    roles = {name: role for name, role in roles.items() if role not in absent and not unused_stream(config, name, role)}
     axes = next((len(config[key]) for key in POSITION_AXES_KEYS if isinstance(config.get(key), (list, tuple))), 3)
-    base = dict(parameters=roles, channels=channels[0], pooled_width=pooled[0] if pooled else None, axes=axes,
+    base = dict(parameters=roles, channels=channels[0], axes=axes,
                 unit=spatial_unit(config), frame_unit=frame_unit(config), timestep_value=500.0,
-                stack_depth=layer_stack(config)[1])
+                stack_depth=layer_stack(config)[1], conditions=conditions,
+                return_dict=takes_return_dict(model),
+                text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None))
     sizes = Sizes(batch=2, text=4, rows=2, cols=3)
     failures = []
     for choice in candidate_choices(model, roles)[:MAX_PROBES]:
@@ -362,7 +437,7 @@ class DiffusersAdapter(ModelAdapter):
             rows, cols = factor_grid(tokens, what="latent grid")
         else:
             sample = model.config.get("sample_size")
-            native = sample // plan.unit if isinstance(sample, int) and sample >= 2 * plan.unit else 8
+            native = sample // plan.unit if isinstance(sample, int) and sample >= 2 * plan.unit else NATIVE_GRID
             rows, cols = example_grid(None, native, MAX_GRID)
         return Sizes(batch=batch, text=text_tokens or self.example_text_tokens, rows=rows, cols=cols)
 
@@ -391,7 +466,8 @@ class DiffusersAdapter(ModelAdapter):
             rows, cols = latent.shape[-1] // plan.unit, 1
         else:
             rows, cols = latent.shape[-2] // plan.unit, latent.shape[-1] // plan.unit
-        frames = latent.shape[2] // plan.frame_unit if layout == "video" else 2
+        frames = latent.shape[2 if layout == "video" else 1] // plan.frame_unit \
+            if layout in ("video", "frames_first") else 2
         sizes = Sizes(batch=int(batch), text=int(text), rows=int(rows), cols=int(cols), frames=int(frames))
         return sizes if tensor_shapes(self.inputs_at(model, sizes)) == tensor_shapes(inputs) else None
 
@@ -422,16 +498,22 @@ class DiffusersAdapter(ModelAdapter):
 # ---- tiny configs of any class ---------------------------------------------------------------------------------
 
 TINY_WIDTH = 64  # every width a config names: 2 heads of 32, text and pooled widths, feed-forward sizes
-TINY_HEADS, TINY_HEAD_DIM = 2, 32
+TINY_HEADS = 2
+# Widths tried in turn until the model builds: a class can fix a head size its config does not name (Kandinsky 6
+# divides its width by the sum of its RoPE axes, 128; PRX's default axes sum to 64).
+TINY_WIDTHS = (TINY_WIDTH, 128, 256)
 DEPTH = re.compile(r"(n_|num_)?\w*(layers|blocks)|depth|layers_per_block|transformer_layers_per_block")
 HEADS = re.compile(r"\w*heads")
+FRAMES = re.compile(r"(num_|sample_)?frames|video_length")
 HEAD_DIM = re.compile(r"\w*head_dim")
 WIDTH = re.compile(r"\w*(_dim|_channels|_size|hidden_size|^dim)")
 NOT_WIDTHS = re.compile(r"in_channels|out_channels|latent_channels|patch_size\w*|sample_size|\w*max\w*|\w*axes\w*|"
                         r"\w*rope\w*|\w*len\w*|\w*vocab\w*|\w*num_\w*|\w*group\w*|\w*kernel\w*|\w*stride\w*")
 PER_LEVEL = ("block_out_channels", "down_block_types", "up_block_types")
-# Sizes whose default None leaves the constructor nothing to build (continuous latent input, patching).
-NEEDED_WHEN_NONE = {"in_channels": 16, "patch_size": 2}
+# Sizes whose default None leaves the constructor nothing to build (continuous latent input, patching,
+# grouped-query heads). caption_channels: None builds no caption projection, which every released checkpoint of
+# these classes has. out_channels: None is in_channels (given below).
+NEEDED_WHEN_NONE = {"in_channels": 16, "patch_size": 2, "caption_channels": TINY_WIDTH, "num_kv_heads": TINY_HEADS}
 # Classes whose constructor defaults cannot build a model that runs, with the tiny values that do. HiDream:
 # caption_channels and llama_layers default to None (the constructor indexes both), its rope axes (32, 32) give
 # two of the three position axes its forward reads, and max_resolution pads every image to 128² / 4 tokens.
@@ -443,10 +525,34 @@ DEFAULTS_THAT_DO_NOT_BUILD = {
 
 def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
     """A tiny config of any diffusers model class, from its constructor's defaults: one block of each kind, two
-    heads of 32, every width 64, two U-Net levels of 32 and 64 channels, RoPE axes scaled to the head size.
+    heads, every width 64, two U-Net levels of 32 and 64 channels, RoPE axes scaled to the head size.
 
-    Structure (block kinds, norms, embeddings) stays the class's own; only sizes shrink.
+    Structure (block kinds, norms, embeddings) stays the class's own; only sizes shrink. The constructor is the
+    judge of what builds: each candidate (widths 64, 128, 256; with and without filling a None patch size, which
+    also selects a continuous-input variant) is built on the meta device (no memory, no weights) and the first
+    that builds is returned; when none does, the first, whose build error the caller then sees.
     """
+    candidates = [shrunk_config(model_class, width, fill) for width in TINY_WIDTHS for fill in (True, False)]
+    for config in candidates:
+        try:
+            with torch.device("meta"):
+                model_class(**config)
+        except Exception:  # any constructor error means: not this candidate
+            continue
+        return config
+    return candidates[0]
+
+
+def layer_indices(value: Any) -> bool:
+    """A list of layer indices (WanVACE's `vace_layers` [0, 5, 10, …]): increasing from 0, not counts."""
+    return isinstance(value, (list, tuple)) and len(value) > 1 and value[0] == 0 \
+        and all(isinstance(v, int) for v in value) and list(value) == sorted(set(value))
+
+
+def shrunk_config(model_class: type[torch.nn.Module], width: int, fill: bool) -> dict[str, Any]:
+    """One candidate of `tiny_config`: every width `width`, heads of width / 2; `fill`: the None entries of
+    NEEDED_WHEN_NONE given (in_channels always)."""
+    head_size = width // TINY_HEADS
     defaults = {name: parameter.default for name, parameter in inspect.signature(model_class.__init__).parameters.items()
                 if name != "self" and parameter.default is not inspect.Parameter.empty}
     config: dict[str, Any] = {}
@@ -460,8 +566,11 @@ def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
     levels = defaults.get("block_out_channels")
     level_count = len(levels) if isinstance(levels, (list, tuple)) else 0
     for name, value in defaults.items():
-        if value is None and name in NEEDED_WHEN_NONE:
+        if value is None and name in NEEDED_WHEN_NONE and (fill or name == "in_channels"):
             config[name] = NEEDED_WHEN_NONE[name]  # a default the constructor cannot build with
+            continue
+        if value is None and name == "out_channels" and "in_channels" in defaults:
+            config[name] = config.get("in_channels", defaults["in_channels"])
             continue
         if isinstance(value, bool) or value is None:
             continue
@@ -471,23 +580,31 @@ def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
             config[name] = (32, 64) if level_count > 1 else (32,)
         elif isinstance(value, int) and DEPTH.fullmatch(name) and value > 1:
             config[name] = 1
+        elif DEPTH.fullmatch(name) and layer_indices(value):
+            config[name] = type(value)(value[:1])  # the first of the layers, which one block still has
         elif isinstance(value, (list, tuple)) and DEPTH.fullmatch(name) and all(isinstance(v, int) for v in value):
             config[name] = type(value)(min(v, 1) for v in value)
         elif isinstance(value, int) and HEADS.fullmatch(name) and value > TINY_HEADS:
             config[name] = TINY_HEADS
-        elif isinstance(value, int) and HEAD_DIM.fullmatch(name) and value > TINY_HEAD_DIM:
-            config[name] = TINY_HEAD_DIM
+        elif isinstance(value, (list, tuple)) and HEADS.fullmatch(name) and all(isinstance(v, int) for v in value):
+            config[name] = type(value)(min(v, TINY_HEADS) for v in value)  # per level: the channels divide
+        elif isinstance(value, int) and HEAD_DIM.fullmatch(name) and value > head_size:
+            config[name] = head_size
         elif isinstance(value, (list, tuple)) and re.search(r"axes|rope", name) and head_dim \
-                and all(isinstance(v, int) for v in value) and sum(value) == head_dim and head_dim > TINY_HEAD_DIM:
-            scaled = [max(2, 2 * round(v * TINY_HEAD_DIM / head_dim / 2)) for v in value[:-1]]
-            config[name] = type(value)([*scaled, TINY_HEAD_DIM - sum(scaled)])  # the axes still sum to the head
+                and all(isinstance(v, int) for v in value) and sum(value) == head_dim and head_dim > head_size:
+            scaled = [max(2, 2 * round(v * head_size / head_dim / 2)) for v in value[:-1]]
+            config[name] = type(value)([*scaled, head_size - sum(scaled)])  # the axes still sum to the head
         elif isinstance(value, int) and name.endswith("groups") and value > 8:
             config[name] = 8
         elif isinstance(value, int) and name == "sample_size" and value > 16:
             config[name] = 16
+        elif isinstance(value, int) and name in TEXT_LENGTH_KEYS and value > 8:
+            config[name] = 8  # the example's text length
+        elif isinstance(value, int) and FRAMES.fullmatch(name) and value > 2:
+            config[name] = 2  # a frame count some models fix (Latte's temporal embedding): the example's 2 frames
         elif isinstance(value, int) and WIDTH.fullmatch(name) and not NOT_WIDTHS.fullmatch(name) \
-                and value > TINY_WIDTH:
-            config[name] = TINY_WIDTH
+                and value > width:
+            config[name] = width
         elif level_count > 2 and isinstance(value, (list, tuple)) and len(value) == 2 and name in PER_LEVEL:
             config[name] = value
         elif level_count > 2 and isinstance(defaults[name], (list, tuple)) and len(defaults[name]) == level_count:

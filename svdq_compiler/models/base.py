@@ -25,6 +25,7 @@ from svdq_compiler.errors import InputError
 MAX_BATCH = 64
 MAX_TEXT_TOKENS = 4096
 MAX_GRID = 256  # patches per side: 4096-pixel images at patch 2 and an 8× VAE
+NATIVE_GRID = 8  # patches per side of a model whose config gives no sample_size
 MAX_FRAMES = 64  # latent frames of a video model
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from svdq_compiler.models.base import ModelAdapter, ddpm_step, example_grid, factor_grid, model_dtype, randn
+from svdq_compiler.models.base import NATIVE_GRID, ModelAdapter, ddpm_step, example_grid, factor_grid, model_dtype, randn
 
 MAX_LATENT = 512  # latent pixels per side: 4096-pixel images with an 8× VAE
 # diffusers' up-sampler takes a different branch (an extra .contiguous()) from batch 64 on.
@@ -38,8 +38,8 @@ class UNetAdapter(ModelAdapter):
         config = model.config
         factor = self.downsampling(model)
         if tokens is None:
-            rows, cols = (units * factor for units in example_grid(None, config.sample_size // factor,
-                                                                   MAX_LATENT // factor))
+            native = config.sample_size // factor if config.sample_size else NATIVE_GRID
+            rows, cols = (units * factor for units in example_grid(None, native, MAX_LATENT // factor))
         else:
             rows, cols = factor_grid(tokens, factor, what="latent positions")
         generator = torch.Generator().manual_seed(seed)
