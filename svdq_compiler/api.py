@@ -19,6 +19,7 @@ from svdq_compiler.errors import CaptureError, InputError, SvdqError
 from svdq_compiler.ir import LAYERS_META, annotated_linears, to_jsonable
 from svdq_compiler.meta_capture import capture_replicated
 from svdq_compiler.models import DynDim, ModelAdapter, adapter_for, load_model, register_builtin
+from svdq_compiler.models.base import GRID_DIMS
 from svdq_compiler.pipeline import PassContext, run_passes, svdquant_pipeline
 from svdq_compiler.serialize import REPORT_META, load, save
 from svdq_compiler.onnx_export import export_onnx
@@ -48,8 +49,9 @@ def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str |
 
     `path`: "graph" captures with torch.export; "eager" quantizes the model in place by module swap
     (svdq_compiler/eager.py) and returns it; "auto" (the default) takes the graph path and falls back to the
-    eager one when torch.export fails on data-dependent code in the model. `report["path"]` and
-    `report["path_reason"]` say which was taken and why.
+    eager one when torch.export fails on data-dependent code in the model, when non-tensor inputs carry sizes
+    (the adapter's `sizes_in_values`), or when the graph pins the latent grid where the model itself runs at
+    another. `report["path"]` and `report["path_reason"]` say which was taken and why.
 
     `example_inputs` is a tuple of positional args or a dict of kwargs. `dynamic_shapes="auto"` makes the
     dimensions the model's adapter declares dynamic (token counts, latent height/width, batch); pass None for a
@@ -70,6 +72,12 @@ def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str |
     if path == "eager":
         return compile_eager(module, example_inputs, quant_config, calib_inputs, calib_stats=calib_stats,
                              reason="the eager path was asked for", **eager_options)
+    in_values = adapter.sizes_in_values(module, example_inputs) \
+        if path == "auto" and dynamic_shapes == "auto" and isinstance(example_inputs, dict) else []
+    if in_values:
+        return compile_eager(module, example_inputs, quant_config, calib_inputs, calib_stats=calib_stats,
+                             reason=f"{', '.join(in_values)} carry sizes as Python values, which a captured graph "
+                                    "would hold constant; eager module swap", **eager_options)
     try:
         # FLUX-like models trace three blocks of each kind and replicate them (the same graph, a fraction of the
         # time)
@@ -81,6 +89,16 @@ def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str |
             raise
         return compile_eager(module, example_inputs, quant_config, calib_inputs, calib_stats=calib_stats,
                              reason=f"torch.export failed: {reason}; eager module swap", **eager_options)
+    pinned = [dim for dim in gm.meta[CAPTURE_META]["dims"] if dim["status"] == "static" and dim["reason"]
+              and dim["name"] in GRID_DIMS] \
+        if path == "auto" and dynamic_shapes == "auto" and isinstance(example_inputs, dict) else []
+    if pinned and adapter.runs_at_another_grid(module, example_inputs):
+        # the graph would run at this resolution only, the model's own code at others (Mochi's RoPE grid)
+        first = pinned[0]
+        return compile_eager(module, example_inputs, quant_config, calib_inputs, calib_stats=calib_stats,
+                             reason=f"the captured graph pins {first['input']} dim {first['index']} ({first['label']}): "
+                                    f"{first['reason']}; the model runs at other sizes, so eager module swap",
+                             **eager_options)
     if isinstance(calib_stats, (str, Path)):
         from svdq_compiler.calibration import load_calibration
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import svdq_compiler
+from eager_models import Wobbly
 from svdq_compiler.capture import CAPTURE_META
 from svdq_compiler.errors import InputError
 from svdq_compiler.models import DiffusersAdapter, adapter_for, load_model
@@ -87,8 +88,8 @@ def test_inputs_from_the_forward_signature_and_config(class_name, layout, roles)
 
 
 def test_required_input_without_a_known_layout_is_a_clear_error():
-    model = tiny("UVit2DModel")
-    with pytest.raises(InputError, match="micro_conds.*pass your own example_inputs"):
+    model = Wobbly()
+    with pytest.raises(InputError, match="wobble.*pass your own example_inputs"):
         adapter_for(model).example_inputs(model)
 
 
@@ -170,3 +171,59 @@ def test_readme_table_is_the_coverage_result():
     from bench_coverage import markdown
 
     assert markdown(COVERED) in (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_tiny_configs_build_where_the_constructor_defaults_do_not():
+    """The constructor judges each candidate: a wider model where a head size the config does not name must
+    divide the width (Kandinsky 6: the sum of its RoPE axes, 128); a list of layer indices cut to the one layer
+    (WanVACE); a None patch size left None where filling it selects a variant with no forward
+    (Transformer2DModel's continuous input)."""
+    import diffusers
+
+    assert tiny_config(diffusers.Kandinsky6Transformer3DModel)["model_dim"] == 128
+    assert tiny_config(diffusers.WanVACETransformer3DModel)["vace_layers"] == [0]
+    config = tiny_config(diffusers.Transformer2DModel)
+    assert "patch_size" not in config and config["in_channels"] == 16
+    for name in ("Kandinsky6Transformer3DModel", "WanVACETransformer3DModel", "Transformer2DModel"):
+        tiny(name)
+
+
+@pytest.mark.parametrize("class_name, expect", [
+    # frames before channels, scalar conditions counted from the config (total width / width of one)
+    ("UNetSpatioTemporalConditionModel", {"sample": (2, 2, 8, 8, 12), "added_time_ids": (2, 1)}),
+    # a pooled input [B, 1, C] whose width the config names after it (clip_text_pooled_in_channels)
+    ("StableCascadeUNet", {"clip_text_pooled": (2, 1, 64)}),
+    ("ErnieImageTransformer2DModel", {"text_lens": (2,)}),  # per-sample text lengths
+])
+def test_inputs_named_by_rules_the_classes_share(class_name, expect):
+    model = tiny(class_name)
+    inputs = adapter_for(model).example_inputs(model, batch=2, tokens=(4, 6))
+    assert {name: tuple(inputs[name].shape) for name in expect} == expect
+    with torch.no_grad():
+        model(**inputs)
+
+
+def test_sizes_passed_as_python_values_are_found():
+    """Qwen-Image takes its latent grid as Python ints (img_shapes): a captured graph would hold them constant,
+    so svdq_compiler.compile takes the eager path for it."""
+    model = tiny("QwenImageTransformer2DModel")
+    adapter = adapter_for(model)
+    inputs = adapter.example_inputs(model, batch=2, tokens=(4, 6))
+    assert inputs["img_shapes"] == [(1, 4, 6)] * 2
+    assert adapter.sizes_in_values(model, inputs) == ["img_shapes"]
+    assert adapter.sizes_in_values(tiny("WanTransformer3DModel"), {}) == []
+
+
+def test_a_grid_the_graph_pins_but_the_model_does_not_takes_the_eager_path():
+    from eager_models import NativeGridModel
+
+    torch.manual_seed(0)
+    model = NativeGridModel().eval()
+    adapter = adapter_for(model)
+    example = adapter.example_inputs(model, batch=2, tokens=(20, 30))
+    compiled = svdq_compiler.compile(model, example, "w4a4-rtn", calib_inputs=[example])
+    report = compiled.svdq_eager.report
+    assert report["path"] == "eager" and "pins hidden_states dim 2 (latent height)" in report["path_reason"]
+    other = adapter.example_inputs(model, batch=2, tokens=(13, 9), seed=1)
+    with torch.no_grad():
+        assert compiled(**other)[0].shape == (2, 4, 13, 9)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import svdq_compiler
-from eager_models import hidream, hidream_inputs, lumina2, lumina2_inputs
+from eager_models import Wobbly, hidream, hidream_inputs, lumina2, lumina2_inputs, wobbly_inputs
 from svdq_compiler.codegen.fused_ops import BACKEND_ENV, kernel_backend
 from svdq_compiler.codegen.sources import kernel_sources
 from svdq_compiler.config import QuantConfig
@@ -235,33 +235,12 @@ def test_svdq_compile_takes_the_eager_path_when_asked_and_says_so(tmp_path, caps
 def test_a_model_whose_inputs_the_auto_adapter_cannot_build_calibrates_on_its_example_inputs():
     """A diffusers model with a forward input no name rule knows (`wobble`): the auto adapter builds no
     calibration inputs, so the eager path calibrates on the example inputs it was given, and says so."""
-    from diffusers import ConfigMixin, ModelMixin
-    from diffusers.configuration_utils import register_to_config
-
-    class Wobbly(ModelMixin, ConfigMixin):
-        @register_to_config
-        def __init__(self, width: int = 64):
-            super().__init__()
-            self.proj = torch.nn.Linear(width, width)
-            self.blocks = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(2))
-            self.out = torch.nn.Linear(width, width)
-
-        def forward(self, hidden_states, wobble):
-            h = self.proj(hidden_states * wobble)
-            for block in self.blocks:
-                h = h + block(torch.nn.functional.gelu(h))
-            return self.out(h)
-
-    def inputs(tokens, seed):
-        g = torch.Generator().manual_seed(seed)
-        return {"hidden_states": torch.randn(2, tokens, 64, generator=g), "wobble": torch.randn(2, tokens, 1, generator=g)}
-
     torch.manual_seed(0)
     reference = Wobbly().eval()
-    model = svdq_compiler.compile(copy.deepcopy(reference), inputs(8, 0), "int4", path="eager")
+    model = svdq_compiler.compile(copy.deepcopy(reference), wobbly_inputs(8, 0), "int4", path="eager")
     source = model.svdq_eager.report["eager"]["calibration_source"]
     assert source.startswith("example_inputs (adapter auto builds none: ") and "wobble" in source
     assert isinstance(model.blocks[-1], SVDQLinear)  # proj, blocks.0 (read as embeddings) and out stay 16-bit
-    other = inputs(5, 1)  # another token count: the swapped linears take any
+    other = wobbly_inputs(5, 1)  # another token count: the swapped linears take any
     with torch.no_grad():
         assert 1e-4 < relative_error(model(**other), reference(**other)) < 0.1

@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import itertools
-import logging
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,7 +28,7 @@ import torch
 
 from svdq_compiler.errors import InputError, first_line
 from svdq_compiler.models.base import (MAX_GRID, NATIVE_GRID, ModelAdapter, Sizes, example_grid, factor_grid, flow_step,
-                                       model_dtype, tensor_shapes)
+                                       model_dtype, runs_on, tensor_shapes)
 
 DENOISER_PACKAGES = ("diffusers.models.transformers.", "diffusers.models.unets.")
 
@@ -81,13 +80,15 @@ ROLES: tuple[tuple[str, str], ...] = (
     ("text_lengths", r"\w*text_lens|\w*txt_lens"),  # valid text tokens per sample
     # another latent stream of the latent's shape (I2VGen-XL's image_latents: the first frame, encoded)
     ("latent_like", r"\w+_latents"),
+    # per sample, the (frames, rows, cols) of its latent grid, as Python ints (Qwen-Image's RoPE reads them)
+    ("grid_shapes", r"img_shapes"),
 )
 # Required parameters named like a timestep (`timestep_r`, `r_timestep`, `decoder_noise_time`) are timesteps too;
 # optional ones are not (`timestep_cond` is an embedding).
 REQUIRED_TIMESTEP = r"(\w+_)?timesteps?(_\w+)?|\w+_time"
 # Optional parameters worth giving: the conditioning a pipeline always passes. Other optional ones (controlnet
 # residuals, caches, extra image streams) are left at their defaults.
-OPTIONAL_ROLES = {"text", "text_mask", "timestep", "pooled", "image_ids", "text_ids", "conditions"}
+OPTIONAL_ROLES = {"text", "text_mask", "timestep", "pooled", "image_ids", "text_ids", "conditions", "grid_shapes"}
 # (total, each) config widths of the scalar conditions' embedding: the count is total / each.
 CONDITION_WIDTH_KEYS = (("projection_class_embeddings_input_dim", "addition_time_embed_dim"),
                         ("micro_cond_embed_dim", "micro_cond_encode_dim"))
@@ -231,6 +232,8 @@ class InputPlan:
                 inputs[name] = torch.full((batch,), 8.0, dtype=dtype)
             elif role == "text_lengths":
                 inputs[name] = torch.full((batch,), text, dtype=torch.long)
+            elif role == "grid_shapes":
+                inputs[name] = [(sizes.frames if self.choice.layout == "video" else 1, sizes.rows, sizes.cols)] * batch
             elif role == "image_ids":
                 inputs[name] = grid_ids(sizes.rows, sizes.cols, self.axes, dtype)
             elif role == "text_ids":
@@ -344,38 +347,6 @@ def layer_stack(config: Any) -> tuple[str | None, int | None]:
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return key.removesuffix("_layers"), max(value) + 1
     return None, None
-
-
-def runs_on(model: torch.nn.Module, inputs: dict[str, Any]) -> str | None:
-    """None when the model runs on `inputs`, else why not.
-
-    The model is traced under fake tensors (shapes only: no compute, no memory, cheap on a large model); code
-    that reads tensor values (`mask.sum().tolist()`, `.numpy()`, `bincount`) cannot run there, so it then runs for real on
-    the small probe sizes.
-    """
-    from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
-                                               FakeTensorMode)
-    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
-
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs each failing op: expected while probing
-    level = fake_log.level
-    fake_log.setLevel(logging.CRITICAL)
-    try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-            model(**inputs)
-        return None
-    except (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode):
-        pass  # an output shape or a branch that depends on tensor values (bincount in MoE routing)
-    except Exception as exc:  # any failure of the model's code on these shapes means: not this layout
-        return first_line(exc)
-    finally:
-        fake_log.setLevel(level)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        return None
-    except Exception as exc:  # as above, on real tensors
-        return first_line(exc)
 
 
 def plan_inputs(model: torch.nn.Module) -> InputPlan:

@@ -11,6 +11,7 @@ nn.Module with inputs the user gives.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from svdq_compiler.errors import InputError
+from svdq_compiler.errors import InputError, first_line
 
 # Default dynamic ranges. The upper bounds are generous limits, not sizes the capture is tuned for; a model whose
 # code needs a tighter bound gets it narrowed at capture time (and the report says so).
@@ -87,6 +88,8 @@ FOLLOWS: dict[tuple[str, ...], tuple[str, str, int, int]] = {
     ("cols", "frames", "rows"): ("video_tokens", "video tokens", 2, MAX_FRAMES * MAX_GRID * MAX_GRID),
 }
 SIZE_FIELDS = ("batch", "text", "rows", "cols", "frames")
+# the dimensions that follow the latent grid: what "another resolution" changes
+GRID_DIMS = frozenset(name for follows, (name, *_) in FOLLOWS.items() if {"rows", "cols", "frames"} & set(follows))
 
 
 def tensor_shapes(tree: Any, path: tuple = ()) -> dict[tuple, tuple[int, ...]]:
@@ -147,6 +150,38 @@ def infer_dims(build: Callable[[Sizes], dict[str, Any]], sizes: Sizes,
         return found.get(path) if isinstance(tree, torch.Tensor) else None
 
     return mirror(inputs, ())
+
+
+def runs_on(model: torch.nn.Module, inputs: dict[str, Any]) -> str | None:
+    """None when the model runs on `inputs`, else why not.
+
+    The model is traced under fake tensors (shapes only: no compute, no memory, cheap on a large model); code
+    that reads tensor values (`mask.sum().tolist()`, `.numpy()`, `bincount`) cannot run there, so it then runs for real on
+    the small probe sizes.
+    """
+    from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
+                                               FakeTensorMode)
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs each failing op: expected while probing
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            model(**inputs)
+        return None
+    except (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode):
+        pass  # an output shape or a branch that depends on tensor values (bincount in MoE routing)
+    except Exception as exc:  # any failure of the model's code on these shapes means: not this layout
+        return first_line(exc)
+    finally:
+        fake_log.setLevel(level)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        return None
+    except Exception as exc:  # as above, on real tensors
+        return first_line(exc)
 
 
 def factor_grid(tokens: int | tuple[int, int], multiple: int = 1, *, what: str = "tokens") -> tuple[int, int]:
@@ -213,6 +248,28 @@ class ModelAdapter:
         sizes = self.sizes_of(model, inputs)
         return None if sizes is None else infer_dims(lambda at: self.inputs_at(model, at), sizes,
                                                      self.dim_limits(model))
+
+    def sizes_in_values(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[str]:
+        """The inputs that are not tensors yet change with a size (Qwen-Image's `img_shapes`: the latent grid as
+        Python ints): a captured graph holds them as constants, so it runs at one size only. Found as the
+        dimensions are: the inputs rebuilt one size larger."""
+        sizes = self.sizes_of(model, inputs)
+        if sizes is None:
+            return []
+        base = self.inputs_at(model, sizes)
+        moved = {name for field in SIZE_FIELDS for name, value in self.inputs_at(model, sizes.bumped(field)).items()
+                 if not isinstance(value, (torch.Tensor, dict)) and value != base.get(name)}
+        return sorted(moved)
+
+    def runs_at_another_grid(self, model: torch.nn.Module, inputs: dict[str, Any]) -> bool:
+        """Whether the model's own code runs on the inputs rebuilt one row and one column larger (traced under
+        fake tensors): where a captured graph pinned the grid, this says whether the model itself is what fixes
+        it."""
+        sizes = self.sizes_of(model, inputs)
+        if sizes is None:
+            return False
+        larger = dataclasses.replace(sizes, rows=sizes.rows + 1, cols=sizes.cols + 1)
+        return runs_on(model, self.inputs_at(model, larger)) is None
 
     def grid_unit(self, model: torch.nn.Module) -> int:
         """The step of the grid that `tokens` gives (1: patches or packed tokens; a U-Net's down-sampling)."""
