@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import builtins
 import inspect
+import json
 import keyword
 import math
 import operator
@@ -104,13 +105,18 @@ def _encode(value: Any) -> Any:
 
 # ---- reading ----------------------------------------------------------------------------------------------
 
-def rebuild(record: Any, tensors: dict[str, torch.Tensor], where: str, device: torch.device, *,
+def rebuild(text: bytes, tensors: dict[str, torch.Tensor], where: str, device: torch.device, *,
             check_guards: bool) -> torch.fx.GraphModule:
-    """The GraphModule a record describes, its attributes taken from `tensors` (fqn → tensor, as loaded). The
+    """The GraphModule a record (`text`, its JSON) describes, its attributes taken from `tensors` (fqn → tensor,
+    as loaded). The
     graph's device arguments name `device`, where its weights are (a graph file holds a one-device graph; what
     the graph creates, and its own dtype/device assertions, must match the weights wherever they are loaded).
     With `check_guards` the graph checks the program's input guards first, as `ExportedProgram.module()` does
     (`InputGuards`)."""
+    try:
+        record = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise refuse(f"{GRAPH_FILE} is not JSON ({str(exc)[:80]})", where) from None
     if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
         raise refuse(f"{GRAPH_FILE} is not a version-{RECORD_VERSION} graph record", where)
     try:
@@ -166,6 +172,9 @@ def rebuild(record: Any, tensors: dict[str, torch.Tensor], where: str, device: t
         built[name] = graph.create_node(op, target, args, kwargs, name=name)
         if built[name].name != name:
             raise refuse(f"{GRAPH_FILE}: node name {name!r} is taken", where)
+    # The parsed record (~1.3 KiB a node) goes before torch generates and compiles the forward's code, the
+    # largest transient of a load (CPython's parser takes ~340 bytes per token of that code).
+    del record, nodes
     if not built or next(reversed(built.values())).op != "output":
         raise refuse(f"{GRAPH_FILE} has no output", where)
     placeholders = [node for node in built.values() if node.op == "placeholder"]

@@ -229,10 +229,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         where = archive.where
         extra = {name: archive.read(f"extra/{name}").decode() for name in EXTRA_FILES}
         capture, report = saved_reports(extra, where)
-        try:
-            record = json.loads(archive.read(f"extra/{GRAPH_FILE}"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise corrupt(f"extra/{GRAPH_FILE} is not JSON: {first_line(exc)}", where) from exc
+        record = archive.read(f"extra/{GRAPH_FILE}")
         loras = archive.read(f"extra/{LORA_FILE}").decode() if f"extra/{LORA_FILE}" in archive.entries() else ""
         eager = archive.read(f"extra/{EAGER_FILE}").decode() if f"extra/{EAGER_FILE}" in archive.entries() else ""
         on_cpu = target.type == "cpu"

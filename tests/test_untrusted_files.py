@@ -377,3 +377,46 @@ def test_a_real_kernel_spec_passes():
     archive_check.check_kernel_spec(
         '{"act":"uint4","bias":true,"dtype":"float32","epilogue":[{"kind":"mul","value":null}],"group_size":64,'
         '"k":128,"kind":"gemm","n":64,"quantize_next":null,"rank":32}', "test")
+
+
+def test_a_kernel_spec_carrying_code_in_the_program_is_refused(graph_file, tmp_path):
+    """models/model.json is checked object by object (`_check_program`): a fused node's spec argument must
+    still reach the kernel-spec check."""
+    def change(program):
+        node = next(n for n in program["graph_module"]["graph"]["nodes"] if n["target"].startswith("torch.ops"))
+        node["target"] = "torch.ops.svdq.fused_gemm.default"
+        node["inputs"].append({"name": "spec", "arg": {"as_string": '{"kind":"gemm","dtype":"x)\\nimport os #"}'},
+                               "kind": 1})
+
+    hostile = rewrite_archive(graph_file, tmp_path / "spec.pt", edit_json("models/model.json", change))
+    with pytest.raises(CheckpointError, match="refusing to load: kernel spec value"):
+        svdq_compiler.load(hostile)
+
+
+@pytest.mark.parametrize("text", ['[{"graph_module": {}}]', '{"graph_module": []}', '{"guards_code": []}', '"x"'])
+def test_a_program_that_is_not_an_exported_program_is_refused(text):
+    with pytest.raises(CheckpointError, match="refusing to load: models/model.json is not a serialized"):
+        archive_check._check_program(text.encode(), "test")
+
+
+def test_checking_the_program_never_holds_its_tree(graph_file):
+    """The program of a large graph is MBs of JSON, ~7x that as Python objects: the check keeps one node's
+    arguments at a time, so its peak stays near the text it reads."""
+    import tracemalloc
+    import zipfile
+
+    with zipfile.ZipFile(graph_file) as archive:
+        program = json.loads(archive.read(next(n for n in archive.namelist() if n.endswith("models/model.json"))))
+    program["graph_module"]["graph"]["nodes"] *= 2000
+    raw = json.dumps(program).encode()
+
+    def peak(check):
+        tracemalloc.start()
+        try:
+            check()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    assert peak(lambda: json.loads(raw)) > 4 * len(raw)  # what holding the tree costs
+    assert peak(lambda: archive_check._check_program(raw, "test")) < 2 * len(raw)
