@@ -10,12 +10,15 @@ import dataclasses
 import enum
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.fx
 
 from svdq_compiler.config import Scheme
+
+if TYPE_CHECKING:  # codegen sits above ir in the import layers: the specs are only named here
+    from svdq_compiler.codegen.spec import ActQuant, KernelSpec
 
 # Keys of what the compiler keeps in node.meta and gm.meta; every module reads them from here.
 META_KEY = "svdq"  # node.meta: the node's LinearInfo or QuantOpInfo
@@ -130,12 +133,15 @@ class QuantOpInfo:
 
     op: OpTag
     linears: list[str]  # qualified names of the linears it serves
-    spec: dict[str, Any] = field(default_factory=dict)  # format, group, rank, dtypes, epilogues …
+    # What it computes, frozen: a fused op's kernel spec (the one its string argument holds) or a quantize_act's
+    # ActQuant; None for the plain ATen nodes (smooth_div, lora_*).
+    spec: KernelSpec | ActQuant | None = None
 
     def summary(self) -> str:
-        epilogue = self.spec.get("epilogue")
+        epilogue = getattr(self.spec, "epilogue", ())  # kernels B and W end in one
         text = f"{self.op} for {', '.join(self.linears)}"
-        return text + (f" epilogue={epilogue}" if epilogue else "")
+        # each step as a field dict: the text format_ir printed when the spec was kept as a dict
+        return text + (f" epilogue={tuple(dataclasses.asdict(step) for step in epilogue)}" if epilogue else "")
 
 
 def info(node: torch.fx.Node) -> Any:
