@@ -16,6 +16,7 @@ import torch
 import torch.fx
 
 from svdq_compiler.config import Scheme
+from svdq_compiler.errors import CaptureError
 
 if TYPE_CHECKING:  # codegen sits above ir in the import layers: the specs are only named here
     from svdq_compiler.codegen.spec import ActQuant, KernelSpec
@@ -236,6 +237,18 @@ def format_ir(gm: torch.fx.GraphModule) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_inputs(example_inputs: tuple | list | dict | torch.Tensor) -> tuple[tuple, dict]:
+    """`example_inputs` is a tuple of positional arguments or a dict of keyword arguments."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    raise CaptureError(f"example_inputs must be a tuple of positional args or a dict of kwargs, "
+                       f"got {type(example_inputs).__name__}")
+
+
 def fake_mode_of(gm: torch.fx.GraphModule):
     """The FakeTensorMode (with the symbolic shape environment) that capture left on the graph's nodes."""
     from torch._guards import detect_fake_mode
@@ -254,8 +267,7 @@ def ensure_vals(gm: torch.fx.GraphModule) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    inputs = gm.meta[INPUTS_META]
-    tree = ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
+    tree = split_inputs(gm.meta[INPUTS_META])
     FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*torch.utils._pytree.tree_leaves(tree))
 
 
