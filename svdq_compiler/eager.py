@@ -419,7 +419,10 @@ def _replace_module(model: torch.nn.Module, old: torch.nn.Module, new: torch.nn.
 # What torch.export says when the model's Python code needs a tensor's value (`.item()`, `.tolist()`,
 # `.numpy()`, a branch or a size computed from data): the failures the eager path exists for.
 _DATA_DEPENDENT = ("data-dependent", "data dependent", "unbacked", "non-nested symint",
-                   ".numpy() is not supported for tensor subclasses", "_local_scalar_dense")
+                   ".numpy() is not supported for tensor subclasses", "_local_scalar_dense",
+                   # an op export cannot trace through left its fake result as a graph constant (ZImage): the
+                   # model's code, not the inputs, is what a graph cannot hold
+                   "fake tensor in the exported program")
 
 
 def data_dependent_failure(exc: BaseException) -> str | None:
