@@ -31,14 +31,15 @@ from typing import Any
 import torch
 import torch.fx
 
-from svdq_compiler.capture import CapturedDim, capture_report, dynamic_shapes_of, install_shape_check, split_inputs
+from svdq_compiler.capture import CapturedDim, capture_report, dynamic_shapes_of, install_shape_check
 from svdq_compiler.archive import GraphArchive, StreamingArchive, corrupt, digest
 from svdq_compiler.archive_check import check_archive
 from svdq_compiler.dropin import as_pipeline_component
 from svdq_compiler.errors import CheckpointError, InputError, first_line
 from svdq_compiler.eager import EAGER_FILE
 from svdq_compiler.graph_record import GRAPH_FILE, rebuild
-from svdq_compiler.ir import CAPTURE_META, EAGER_META, INPUTS_META, IR_META, MANIFEST_META, REPORT_META, format_ir
+from svdq_compiler.ir import (CAPTURE_META, EAGER_META, INPUTS_META, IR_META, MANIFEST_META, REPORT_META, format_ir,
+                              split_inputs)
 from svdq_compiler.lora import LORA_FILE, restore_loras, saved_form
 
 FORMAT = "svdq-graph"
