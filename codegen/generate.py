@@ -776,18 +776,24 @@ def _weight_only_description(spec: WeightOnlySpec, target: Target) -> str:
     g, half = spec.group_size, spec.group_size // 2
     if spec.weight == "nf4":
         value = ("its NormalFloat value, looked up in the 16-entry fp32 codebook (a 64-byte table the loads "
-                 "keep in L1)")
-    else:
+                 "keep in L1), times its group's scale in fp32,")
+    elif spec.dtype == "float32":
         value = ("its signed integer (−8…7), converted exactly to fp32 with an integer add and a float subtract "
-                 "(the I2F instruction runs at a quarter rate)")
+                 "(the I2F instruction runs at a quarter rate), times its group's scale in fp32,")
+    else:
+        offset = 1032 if spec.dtype == "float16" else 136
+        value = (f"its signed integer (−8…7) times its group's scale, two weights per 32-bit register: the nibble "
+                 f"with its sign bit flipped becomes the low mantissa bits of the {spec.dtype} {offset} + code "
+                 f"(one logic instruction), a packed FMA subtracts {offset} exactly and a packed FMA multiplies by the "
+                 f"scale,")
+    k_text = f"K = {spec.k}" if spec.k else "K at run time"
     k_text = f"K = {spec.k}" if spec.k else "K at run time"
     n_text = f"N = {spec.n}" if spec.n else "N at run time"
     main = f"""
         Main loop, GROUPS_PER_STEP groups of {g} channels per iteration: the [BLOCK_N, GROUPS_PER_STEP·{half}]
         weight byte tile unpacks in registers into two tiles (low nibbles = channels 0..{half - 1} of each group,
         high nibbles = {half}..{g - 1}: the split-half layout, so no shuffle), and x is read as the two matching
-        [BLOCK_M, GROUPS_PER_STEP·{half}] tiles. Each nibble becomes {value}, times its group's scale in fp32,
-        rounded once to {spec.dtype} (what the reference dequantization computes); two {spec.dtype} tl.dot per
+        [BLOCK_M, GROUPS_PER_STEP·{half}] tiles. Each nibble becomes {value} rounded once to {spec.dtype} (what the reference dequantization computes); two {spec.dtype} tl.dot per
         step accumulate in fp32. Small M (modulation layers read one row per sample) is served by 16-row tiles
         and narrow BLOCK_N, so a wide N still spreads over every SM; no split-K, so the epilogue sees whole sums."""
     epilogue = " → ".join(_epilogue_steps(spec)) or "(none)"
@@ -836,22 +842,36 @@ def _generate_weight_only(spec: WeightOnlySpec, target: Target) -> str:
                 x_high = tl.load(x_rows + (k0 + {half} + low_cols)[None, :],
                                  mask=(k0 + {half} + low_cols < K)[None, :], other=0.0)""")
     src.indent()
-    if spec.weight == "nf4":
-        src.add("""
-            w_low = tl.load(codebook_ptr + (packed & 15))
-            w_high = tl.load(codebook_ptr + (packed >> 4))""")
+    if spec.weight == "int4" and dtype != "float32":
+        # every byte's group scale beside it, so that the dequantization works on 32-bit words
+        src.add(f"""
+            w_scale = tl.reshape(tl.broadcast_to(w_scale[:, :, None], (BLOCK_N, GROUPS_PER_STEP, {half})),
+                                 (BLOCK_N, STEP_BYTES))""")
+        if target.backend == "cuda":
+            src.add("w_low, w_high = scaled_nibbles_ptx(packed, w_scale)")
+        else:
+            src.add(f"""
+                w_low, w_high = scaled_nibbles(packed, w_scale.to(tl.float32), FP16={dtype == "float16"})
+                w_low = {_as_model_dtype("w_low", dtype, target)}
+                w_high = {_as_model_dtype("w_high", dtype, target)}""")
     else:
-        src.add("""
-            w_low, w_high = unpack_int4(packed)
-            w_low = small_int_to_float(w_low.to(tl.int32))
-            w_high = small_int_to_float(w_high.to(tl.int32))""")
+        if spec.weight == "nf4":
+            src.add("""
+                w_low = tl.load(codebook_ptr + (packed & 15))
+                w_high = tl.load(codebook_ptr + (packed >> 4))""")
+        else:
+            src.add("""
+                w_low, w_high = unpack_int4(packed)
+                w_low = small_int_to_float(w_low.to(tl.int32))
+                w_high = small_int_to_float(w_high.to(tl.int32))""")
+        src.add(f"""
+            # value × group scale in fp32, rounded once to {dtype}
+            w_scale = w_scale.to(tl.float32)[:, :, None]
+            w_low = tl.reshape(tl.reshape(w_low, (BLOCK_N, GROUPS_PER_STEP, {half})) * w_scale, (BLOCK_N, STEP_BYTES))
+            w_high = tl.reshape(tl.reshape(w_high, (BLOCK_N, GROUPS_PER_STEP, {half})) * w_scale, (BLOCK_N, STEP_BYTES))
+            w_low = {_as_model_dtype("w_low", dtype, target)}
+            w_high = {_as_model_dtype("w_high", dtype, target)}""")
     src.add(f"""
-        # value × group scale in fp32, rounded once to {dtype}
-        w_scale = w_scale.to(tl.float32)[:, :, None]
-        w_low = tl.reshape(tl.reshape(w_low, (BLOCK_N, GROUPS_PER_STEP, {half})) * w_scale, (BLOCK_N, STEP_BYTES))
-        w_high = tl.reshape(tl.reshape(w_high, (BLOCK_N, GROUPS_PER_STEP, {half})) * w_scale, (BLOCK_N, STEP_BYTES))
-        w_low = {_as_model_dtype("w_low", dtype, target)}
-        w_high = {_as_model_dtype("w_high", dtype, target)}
         acc = {_float_dot("x_low", "tl.trans(w_low)", "acc", dtype, target)}
         acc = {_float_dot("x_high", "tl.trans(w_high)", "acc", dtype, target)}""")
     src.dedent()

@@ -166,6 +166,59 @@ def unsigned_nibbles_ptx(packed):
         "=r,=r,r", [packed], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
 
 
+# Signed nibbles times a 16-bit scale, two weights per 32-bit register (kernel W's dequantization). The nibble
+# with its sign bit flipped (code + 8, in [0, 15]) becomes the low mantissa bits of a 16-bit float whose unit
+# in the last place is 1: bf16 0x4300 is 128, fp16 0x6400 is 1024, so the float is 136 + code (1032 + code);
+# one packed FMA subtracts the offset exactly and one packed FMA multiplies by the scale, rounding once (code
+# times scale has at most 12 significant bits, so that is the reference's fp32 product rounded to the dtype).
+# $4 holds four bytes, $5/$6 the scales of bytes 0-1/2-3; $0/$1 the low nibbles of bytes 0-1/2-3, $2/$3 the
+# high ones (Triton packs elements 0-1 and 2-3 of each four into one 32-bit register each). PRMT spreads
+# bytes 0-1 (2-3) into the low bytes of the two 16-bit lanes; one LOP3 per register masks the nibble, flips
+# its sign bit and sets the exponent; -0 as the addend keeps the sign of a zero product.
+_SCALED_NIBBLES_PTX = (
+    "{{ .reg .b32 t, u, magic, one, offset, zero; mov.b32 magic, {magic}; mov.b32 one, {one}; "
+    "mov.b32 offset, {offset}; mov.b32 zero, 0x80008000; "
+    "prmt.b32 t, $4, 0, 0x4140; prmt.b32 u, $4, 0, 0x4342; "
+    "lop3.b32 $0, t, 0x000F000F, magic, 0x6A; lop3.b32 $1, u, 0x000F000F, magic, 0x6A; "
+    "shr.b32 t, t, 4; shr.b32 u, u, 4; "
+    "lop3.b32 $2, t, 0x000F000F, magic, 0x6A; lop3.b32 $3, u, 0x000F000F, magic, 0x6A; "
+    "fma.rn.{kind} $0, $0, one, offset; fma.rn.{kind} $1, $1, one, offset; "
+    "fma.rn.{kind} $2, $2, one, offset; fma.rn.{kind} $3, $3, one, offset; "
+    "fma.rn.{kind} $0, $0, $5, zero; fma.rn.{kind} $1, $1, $6, zero; "
+    "fma.rn.{kind} $2, $2, $5, zero; fma.rn.{kind} $3, $3, $6, zero; }}")
+_SCALED_NIBBLES_BF16_PTX = tl.constexpr(_SCALED_NIBBLES_PTX.format(
+    kind="bf16x2", magic="0x43084308", one="0x3F803F80", offset="0xC308C308"))
+_SCALED_NIBBLES_F16_PTX = tl.constexpr(_SCALED_NIBBLES_PTX.format(
+    kind="f16x2", magic="0x64086408", one="0x3C003C00", offset="0xE408E408"))
+
+
+@triton.jit
+def scaled_nibbles(packed, scale, FP16: tl.constexpr):
+    """Signed nibbles of uint8 bytes times `scale` (fp32, of the bytes' shape) → (low, high) fp32 tiles, exact;
+    the caller rounds them to the model dtype. The interpreter's form of `scaled_nibbles_ptx`, built the same
+    way (the 16-bit float 136 + code, or 1032 + code for fp16, minus the offset)."""
+    b = packed.to(tl.int32)
+    if FP16:
+        low = ((b & 15) ^ 0x6408).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) - 1032.0
+        high = ((b >> 4) ^ 0x6408).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) - 1032.0
+    else:
+        low = (((b & 15) ^ 0x4308) << 16).to(tl.float32, bitcast=True) - 136.0
+        high = (((b >> 4) ^ 0x4308) << 16).to(tl.float32, bitcast=True) - 136.0
+    return low * scale, high * scale
+
+
+@triton.jit
+def scaled_nibbles_ptx(packed, scale):
+    """Signed nibbles of uint8 bytes times `scale` (bf16 or fp16, of the bytes' shape) → (low, high) tiles of
+    the scale's dtype, rounded once: about two instructions per weight (inline PTX; CUDA only), where
+    unpacking, converting, scaling and rounding element by element took five or more."""
+    if scale.dtype == tl.float16:
+        return tl.inline_asm_elementwise(_SCALED_NIBBLES_F16_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    return tl.inline_asm_elementwise(_SCALED_NIBBLES_BF16_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
 @triton.jit
 def gelu_tanh(x):
     # 0.5·(1 + tanh(u)) = sigmoid(2u), u = √(2/π)·(x + 0.044715·x³)

@@ -1,5 +1,6 @@
 """The eager path (svdq_compiler/eager.py) on the two diffusers classes torch.export cannot capture."""
 
+import copy
 import json
 import os
 import subprocess
@@ -166,6 +167,14 @@ def test_a_capture_failure_of_another_kind_is_not_hidden_by_the_fallback():
     assert data_dependent_failure(ValueError("unrelated")) is None
 
 
+def test_a_fake_tensor_left_in_the_exported_program_takes_the_eager_path():
+    """ZImage's torch.export failure: an op export cannot trace through, which the eager path runs for real."""
+    message = "We found a fake tensor in the exported program constant's list. This typically means ..."
+    wrapped = CaptureError("torch.export could not capture M: " + message)
+    wrapped.__cause__ = RuntimeError(message)
+    assert data_dependent_failure(wrapped).startswith("We found a fake tensor")
+
+
 def test_unknown_path_is_an_input_error():
     with pytest.raises(InputError, match="path='trace'"):
         svdq_compiler.compile(lumina2(), lumina2_inputs(8), "int4", path="trace")
@@ -221,3 +230,38 @@ def test_svdq_compile_takes_the_eager_path_when_asked_and_says_so(tmp_path, caps
     assert summary["parameter_bytes"] == svdq_compiler.parameter_bytes(svdq_compiler.load(out)) > 0
     assert inspect_main([str(out), "--kernels", "--json"]) == 0
     assert {record["kind"] for record in json.loads(capsys.readouterr().out)}  # the stub's fused kernels
+
+
+def test_a_model_whose_inputs_the_auto_adapter_cannot_build_calibrates_on_its_example_inputs():
+    """A diffusers model with a forward input no name rule knows (`wobble`): the auto adapter builds no
+    calibration inputs, so the eager path calibrates on the example inputs it was given, and says so."""
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+
+    class Wobbly(ModelMixin, ConfigMixin):
+        @register_to_config
+        def __init__(self, width: int = 64):
+            super().__init__()
+            self.proj = torch.nn.Linear(width, width)
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(2))
+            self.out = torch.nn.Linear(width, width)
+
+        def forward(self, hidden_states, wobble):
+            h = self.proj(hidden_states * wobble)
+            for block in self.blocks:
+                h = h + block(torch.nn.functional.gelu(h))
+            return self.out(h)
+
+    def inputs(tokens, seed):
+        g = torch.Generator().manual_seed(seed)
+        return {"hidden_states": torch.randn(2, tokens, 64, generator=g), "wobble": torch.randn(2, tokens, 1, generator=g)}
+
+    torch.manual_seed(0)
+    reference = Wobbly().eval()
+    model = svdq_compiler.compile(copy.deepcopy(reference), inputs(8, 0), "int4", path="eager")
+    source = model.svdq_eager.report["eager"]["calibration_source"]
+    assert source.startswith("example_inputs (adapter auto builds none: ") and "wobble" in source
+    assert isinstance(model.blocks[-1], SVDQLinear)  # proj, blocks.0 (read as embeddings) and out stay 16-bit
+    other = inputs(5, 1)  # another token count: the swapped linears take any
+    with torch.no_grad():
+        assert 1e-4 < relative_error(model(**other), reference(**other)) < 0.1

@@ -279,17 +279,24 @@ CHECK-NOT: atomic
     assert "tl.permute" not in text and "tl.join" not in text and "tl.interleave" not in text
     int4 = WeightOnlySpec("int4", 64, 32, False, "float16")
     filecheck(generate(int4, INTERP), r"""
-CHECK: Each nibble becomes its signed integer (−8…7)
-CHECK: def small_int_to_float(
-CHECK: def unpack_int4(
+CHECK: Each nibble becomes its signed integer (−8…7) times its group's scale, two weights per 32-bit register
+CHECK: the float16 1032 + code
+CHECK: def scaled_nibbles(
 CHECK-LABEL: def svdq_w4a16_int4_r32_
 CHECK-NOT: codebook_ptr
 CHECK: M, N, K, BLOCK_M
-CHECK: w_low, w_high = unpack_int4(packed)
-CHECK-NEXT: w_low = small_int_to_float(w_low.to(tl.int32))
+CHECK: w_scale = tl.reshape(tl.broadcast_to(w_scale[:, :, None], (BLOCK_N, GROUPS_PER_STEP, 32)),
+CHECK: w_low, w_high = scaled_nibbles(packed, w_scale.to(tl.float32), FP16=True)
+CHECK-NEXT: w_low = (w_low).to(tl.float16)
 CHECK: acc = tl.dot(down, tl.trans(lora_up), acc)
 CHECK-NOT: acc += tl.load(bias_ptr
 """)
+    # compiled, the 16-bit int4 path dequantizes with inline PTX straight into the dtype; fp32 keeps the fp32 path
+    cuda = generate(WeightOnlySpec("int4", 64, 0, True, "bfloat16", k=3072, n=18432), HOPPER)
+    assert "w_low, w_high = scaled_nibbles_ptx(packed, w_scale)" in cuda and "fma.rn.{kind}" in cuda
+    assert "small_int_to_float" not in cuda and "round_to_bf16(w_low)" not in cuda
+    fp32 = generate(WeightOnlySpec("int4", 64, 0, True, "float32"), HOPPER)
+    assert "w_low, w_high = unpack_int4(packed)" in fp32 and "scaled_nibbles" not in fp32
     # the interpreter truncates bf16 casts and multiplies bf16 dots as integers: rounded and widened there
     interp = generate(nf4, INTERP)
     assert "w_low = round_to_bf16(w_low).to(tl.bfloat16)" in interp

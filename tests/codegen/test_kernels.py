@@ -2,6 +2,8 @@
 on the CPU): codes and scales bit for bit, 16-bit outputs within rounding, for every format and epilogue, with
 ragged M (token counts that are not a multiple of the tile), ragged N and K that needs padding."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -278,6 +280,7 @@ WEIGHT_ONLY_CASES = [
     ("nf4", (33,), 100, 40, 16, False, torch.float16, 64),  # ragged M and N, K padded to 128
     ("int4", (2, 17), 192, 48, 0, True, torch.bfloat16, 64),  # three groups: a step holds one past the end
     ("int4", (5,), 256, 72, 32, True, torch.float32, 128),
+    ("int4", (4,), 128, 40, 16, True, torch.float16, 64),  # fp16's exponent construction, ragged N
     ("nf4", (1,), 320, 96, 0, True, torch.bfloat16, 32),  # one row, as a modulation layer at batch 1
 ]
 
@@ -290,6 +293,34 @@ def test_kernel_w_matches_the_weight_only_reference(fmt, lead, k, n, rank, bias,
     if not rank:  # the dequantized weight path alone: the reference op itself
         x, codes, scales, _, _, bias_t, _ = args
         _close(y, ops.weight_only_linear(x, codes, scales, bias_t, fmt, group), rel=2e-3)
+
+
+def int4_identity_case(dtype):
+    """x = I and int4 weights holding every code, with products code × scale that need rounding: y = x·Wᵀ is then
+    kernel W's dequantized weight (each output is one weight times 1, the sums add zeros), which must equal the
+    reference dequantization bit for bit. Returns x, packed codes, scales, spec and that reference [N, K]."""
+    k, n = 128, 48
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(n, k, generator=gen) * torch.exp2(torch.randint(-12, 8, (n, 1), generator=gen).float())
+    q = quant.quantize_weight(weight.to(dtype), "int4", 64)
+    codes = q.codes.clone()
+    codes[:, 5] = -8  # the quantizer stops at -7; imported checkpoints may hold -8
+    q = dataclasses.replace(q, codes=codes)
+    assert set(q.codes.unique().tolist()) == set(range(-8, 8))
+    reference = quant.dequantize(q)
+    exact = q.codes.float().unflatten(-1, (2, 64)) * q.scales.float().unsqueeze(-1)
+    assert not torch.equal(exact.flatten(-2), reference.float())  # some products round
+    packed = pack_weight(q)
+    spec = WeightOnlySpec("int4", 64, 0, False, str(dtype).split(".")[1], k=k, n=n)
+    return torch.eye(k, dtype=dtype), packed.qweight, packed.wscales, spec, reference
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_w_int4_dequantizes_bit_for_bit(dtype):
+    """The 16-bit path (`scaled_nibbles`: the exponent construction the compiled PTX also uses)."""
+    x, codes, scales, spec, reference = int4_identity_case(dtype)
+    y = launch.weight_only_linear(x, codes, scales, None, None, None, [], spec)
+    assert torch.equal(y.t().view(torch.int16), reference.view(torch.int16))
 
 
 @pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: "-".join(s.kind for s in e))

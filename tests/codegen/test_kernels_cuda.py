@@ -1,8 +1,9 @@
 """The generated kernels compiled for the GPU of this machine against the reference ops on the CPU (marked gpu).
 
 The interpreter tests (test_kernels.py) run the portable text; on CUDA the int4 GEMM unpacks nibbles with
-inline PTX (`nibbles_x16_ptx`, `unsigned_nibbles_ptx`) and Triton picks tensor-core instructions, which only a
-GPU can check: the same cases, plus FLUX-width ones, with the inputs built on the CPU and moved over.
+inline PTX (`nibbles_x16_ptx`, `unsigned_nibbles_ptx`), kernel W dequantizes int4 with inline PTX
+(`scaled_nibbles_ptx`), and Triton picks tensor-core instructions, which only a GPU can check: the same cases,
+plus FLUX-width ones, with the inputs built on the CPU and moved over.
 """
 
 import pytest
@@ -13,7 +14,7 @@ import svdq_compiler.ops  # noqa: F401  (the reference ops; before test_kernels,
 from svdq_compiler.codegen import launch
 from svdq_compiler.codegen.fused_ops import reference_gemm, reference_weight_only_linear
 from test_kernels import (GEMM_CASES, GROUP, QUANTIZE_CASES, WEIGHT_ONLY_CASES,  # noqa: E402, I001
-                          _close, _gemm_case, _weight_only_case, kernel_a_case)
+                          _close, _gemm_case, _weight_only_case, int4_identity_case, kernel_a_case)
 
 pytestmark = pytest.mark.gpu  # skipped without a CUDA device (tests/conftest.py)
 ops = torch.ops.svdq
@@ -53,3 +54,10 @@ def test_kernel_w_on_cuda_matches_the_reference(fmt, lead, k, n, rank, bias, dty
     expected = reference_weight_only_linear(*args, spec)
     y = launch.weight_only_linear(*_cuda(args), spec)
     _close(y.cpu(), expected, rel=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_w_on_cuda_dequantizes_int4_bit_for_bit(dtype):
+    x, codes, scales, spec, reference = int4_identity_case(dtype)
+    y = launch.weight_only_linear(*_cuda((x, codes, scales)), None, None, None, [], spec)
+    assert torch.equal(y.t().cpu().view(torch.int16), reference.view(torch.int16))
