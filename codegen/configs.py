@@ -102,6 +102,7 @@ _WEIGHT_ONLY_SMALL_BUCKET = 32  # up to this many rows (bucketed), the small-M t
 # (the rank-32 down projection's accumulator sits beside the quantizer's tiles), and nvfp4's 16-row tile on
 # sm_100 and its 256-channel steps on several: those are not offered.
 _QUANTIZE_TILES = [(16, 4, 2), (32, 4, 2)]
+_INT8_GROUPED_STEP_VALUES = 4096
 _QUANTIZE_NVFP4_TILES = [(32, 4, 2)]
 # nvfp4 on sm_100: tcgen05's block-scaled MMA needs 128-row tiles (64-row ones fall back to a dequantizing
 # fp16 MMA), and the wider or 4-warp 128-row tiles spill.
@@ -182,6 +183,10 @@ def quantize_configs(spec: QuantizeSpec, target: Target, m: int) -> list[Quantiz
     configs = [QuantizeConfig(block_m, step, warps, stages)
                for block_m, warps, stages in (_QUANTIZE_NVFP4_TILES if fmt == "nvfp4" else _QUANTIZE_TILES)
                for step in steps]
+    if spec.quant.integer_groups and not spec.quant.packed:
+        # grouped int8 keeps a code byte per channel (not per two) beside the step's fp32 values: 32 rows × 256
+        # channels spill on sm_90 (AOT gate), so a program quantizes at most 4096 values per step
+        configs = [c for c in configs if c.block_m * c.step <= _INT8_GROUPED_STEP_VALUES] or configs[:1]
     # tiles taller than the (bucketed) token count only waste work; keep at least one candidate
     return [c for c in configs if c.block_m <= max(bucket, 16)] or configs[:1]
 
