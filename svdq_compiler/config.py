@@ -148,7 +148,7 @@ class QuantConfig:
     # calibrated on what the quantized model feeds it).
     calib_propagation: str = "fp"
     # nvfp4 activations: the calibrated per-tensor scale covers this multiple of the largest |x/λ| seen in
-    # calibration before a value saturates (svdq_compiler/quant.py, docs/architecture.md)
+    # calibration before a value saturates (why calibrated, with measurements: svdq_compiler/quant.py)
     nvfp4_act_headroom: float = 16.0
     pad_k: bool = True  # K not divisible by the group size: zero-pad (True) or keep the layer 16-bit (False)
     # A group size no generated kernel serves (int4 groups must be a power of two >= 32) would leave every

@@ -58,12 +58,13 @@ import torch.fx
 import torch.nn.functional as F
 
 from svdq_compiler import quant
-from svdq_compiler.capture import INPUTS_META, capture_report, decompose, dynamic_shapes_of, split_inputs
+from svdq_compiler.capture import INPUTS_META, capture_report, decompose, dynamic_shapes_of
 from svdq_compiler.codegen import fused_ops
 from svdq_compiler.config import ONNX_FORMS
 from svdq_compiler.codegen.layout import PackedWeight, effective_group, unpack_weight
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError, first_line
 from svdq_compiler.files import ensure_dir
+from svdq_compiler.ir import split_inputs
 from svdq_compiler.ops import smoothed_input
 
 FORMS = ONNX_FORMS

@@ -13,10 +13,9 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from svdq_compiler.calibration import SiteStats
-from svdq_compiler.capture import split_inputs
 from svdq_compiler.errors import CalibrationError
 from svdq_compiler.fx_utils import tensor_val
-from svdq_compiler.ir import annotated_linears, module_path
+from svdq_compiler.ir import annotated_linears, module_path, split_inputs
 from svdq_compiler.svdquant import conv_geometry, site_name
 
 

@@ -31,14 +31,15 @@ from typing import Any
 import torch
 import torch.fx
 
-from svdq_compiler.capture import CapturedDim, capture_report, dynamic_shapes_of, install_shape_check, split_inputs
+from svdq_compiler.capture import CapturedDim, capture_report, dynamic_shapes_of, install_shape_check
 from svdq_compiler.archive import GraphArchive, StreamingArchive, corrupt, digest
 from svdq_compiler.archive_check import check_archive
 from svdq_compiler.dropin import as_pipeline_component
 from svdq_compiler.errors import CheckpointError, InputError, first_line
 from svdq_compiler.eager import EAGER_FILE
 from svdq_compiler.graph_record import GRAPH_FILE, rebuild
-from svdq_compiler.ir import CAPTURE_META, EAGER_META, INPUTS_META, IR_META, MANIFEST_META, REPORT_META, format_ir
+from svdq_compiler.ir import (CAPTURE_META, EAGER_META, INPUTS_META, IR_META, MANIFEST_META, REPORT_META, format_ir,
+                              split_inputs)
 from svdq_compiler.lora import LORA_FILE, restore_loras, saved_form
 
 FORMAT = "svdq-graph"
@@ -229,10 +230,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         where = archive.where
         extra = {name: archive.read(f"extra/{name}").decode() for name in EXTRA_FILES}
         capture, report = saved_reports(extra, where)
-        try:
-            record = json.loads(archive.read(f"extra/{GRAPH_FILE}"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise corrupt(f"extra/{GRAPH_FILE} is not JSON: {first_line(exc)}", where) from exc
+        record = archive.read(f"extra/{GRAPH_FILE}")
         loras = archive.read(f"extra/{LORA_FILE}").decode() if f"extra/{LORA_FILE}" in archive.entries() else ""
         eager = archive.read(f"extra/{EAGER_FILE}").decode() if f"extra/{EAGER_FILE}" in archive.entries() else ""
         on_cpu = target.type == "cpu"
