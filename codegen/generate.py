@@ -312,6 +312,8 @@ def _generate_quantize(spec: QuantizeSpec, target: Target) -> str:
             down = tl.zeros((BLOCK_M, {_rank_pad(rank)}), dtype=tl.float32)""")
     if quant.per_row:
         _emit_quantize_int8_body(src, spec, target, dtype)
+    elif quant.fmt in ("int4", "uint4") and dtype != "float32":
+        _emit_quantize_halves_body(src, spec, target, dtype)
     else:
         _emit_quantize_grouped_body(src, spec, target, dtype)
     if rank:
@@ -365,6 +367,70 @@ def _emit_quantize_grouped_body(src: _Source, spec: QuantizeSpec, target: Target
         group_cols = k0 // {g} + tl.arange(0, GROUPS_PER_STEP)
         tl.store(scales_ptr + rows.to(tl.int64)[:, None] * num_groups + group_cols[None, :], scale,
                  mask=row_ok[:, None] & (group_cols < num_groups)[None, :])""")
+    src.dedent()
+
+
+def _emit_quantize_halves_body(src: _Source, spec: QuantizeSpec, target: Target, dtype: str) -> None:
+    """Kernel A for int4/uint4 codes of 16-bit models: each step is read as the two halves of its groups that
+    share a byte (split-half layout), so the codes pack element-wise; divisions become multiplications by a
+    reciprocal per column or group (`quotient_rn`, `nearest_code_bits`), bit for bit what dividing gives."""
+    quant, rank = spec.quant, spec.rank
+    g, half = quant.group_size, quant.group_size // 2
+    qmax, qmin = FORMATS[quant.fmt].qmax, FORMATS[quant.fmt].qmin
+    src.add(f"""
+        num_groups = tl.cdiv(K, {g})
+        STEP: tl.constexpr = GROUPS_PER_STEP * {g}
+        # byte j of a group holds channel j (low nibble) and channel j + {half} (high nibble)
+        byte_cols = tl.arange(0, STEP // 2)
+        low_cols = (byte_cols // {half}) * {g} + byte_cols % {half}
+        for k0 in range(0, num_groups * {g}, STEP):""")
+    src.indent()
+
+    def once(expr: str) -> str:
+        return f"computed_once_ptx({expr})" if target.backend == "cuda" else expr
+
+    for part, offset in (("low", ""), ("high", f" + {half}")):
+        src.add(f"""
+            cols = k0{offset} + low_cols
+            col_ok = cols < K
+            x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)""")
+        if quant.smooth:
+            src.add(f"""
+                smooth = tl.load(smooth_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
+                smooth_reciprocal = {once("reciprocal(smooth)")}""")
+        if rank and quant.smooth:
+            rounded_smooth = _rounded("smooth", dtype)
+            src.add(f"branch_reciprocal = {once(f'reciprocal({rounded_smooth})')}")
+        if rank:
+            # x / λ.to(x.dtype) in fp32 is at least 2^-17 (fp16: 2^-22) of its value away from every midpoint of
+            # the model dtype, so x times a reciprocal within about half an ulp rounds the same way
+            smoothed = _rounded("x * branch_reciprocal", dtype) if quant.smooth else "x"
+            smoothed = once(f"{smoothed}.to({_TL_DTYPE[dtype]})")
+            src.add(f"""
+                lora_down = tl.load(lora_down_ptr + ranks[None, :] * K + cols[:, None],
+                                    mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+                down = {_float_dot(smoothed, "lora_down", "down", dtype, target)}""")
+        value = f"(x + {quant.shift!r})" if quant.shift else "x"
+        if quant.smooth:
+            value = f"quotient_rn({value}, smooth, smooth_reciprocal)"
+        src.add(f"{part} = {_rounded(value, dtype) if quant.shift or quant.smooth else value}")
+        if quant.shift:
+            src.add(f"{part} = tl.where(col_ok[None, :], {part}, 0.0)  # the zero padding past K is not shifted")
+        src.add(f"{part} = tl.reshape({part}, (BLOCK_M, GROUPS_PER_STEP, {half}))")
+    src.add(f"""
+        absmax = tl.maximum(tl.max(tl.abs(low), axis=2), tl.max(tl.abs(high), axis=2))
+        scale = {_rounded(f"absmax / {qmax!r}", dtype)}
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        scale_reciprocal = (1.0 / scale)[:, :, None]
+        low = nearest_code_bits(low, scale_reciprocal, {qmin!r}, {qmax!r})
+        high = nearest_code_bits(high, scale_reciprocal, {qmin!r}, {qmax!r})
+        packed = tl.reshape(((low & 15) | ((high & 15) << 4)).to(tl.uint8), (BLOCK_M, STEP // 2))
+        byte_cols_out = k0 // 2 + byte_cols
+        tl.store(codes_ptr + rows.to(tl.int64)[:, None] * (num_groups * {half}) + byte_cols_out[None, :], packed,
+                 mask=row_ok[:, None] & (byte_cols_out < num_groups * {half})[None, :])
+        group_cols = k0 // {g} + tl.arange(0, GROUPS_PER_STEP)
+        tl.store(scales_ptr + rows.to(tl.int64)[:, None] * num_groups + group_cols[None, :],
+                 scale.to({_TL_DTYPE[dtype]}), mask=row_ok[:, None] & (group_cols < num_groups)[None, :])""")
     src.dedent()
 
 

@@ -51,6 +51,51 @@ def add_scaled_partial(acc, partial, row_factor, col_scale):
     return tl.fma(scaled, col_scale[None, :], acc)
 
 
+# 1.5·2^9: adding it to an fp32 |q| < 2^8 rounds q to a multiple of 2^-14 (nearest_code_bits).
+_SNAP_MAGIC = tl.constexpr(768.0)
+
+
+@triton.jit
+def refine_reciprocal(d, y):
+    """One Newton step from y, a few fp32 ulp off 1/d, to within about half an ulp: the reciprocal CUDA's
+    correctly rounded division starts from."""
+    return tl.fma(tl.fma(-d, y, 1.0), y, y)
+
+
+@triton.jit
+def reciprocal(d):
+    """1/d within about half an fp32 ulp, from Triton's `/` (div.full on CUDA, up to 2 ulp off)."""
+    return refine_reciprocal(d, 1.0 / d)
+
+
+@triton.jit
+def quotient_rn(x, d, d_reciprocal):
+    """x / d correctly rounded, as IEEE fp32 division gives it, from d_reciprocal = `reciprocal(d)`: the product
+    and two FMA corrections (each remainder x − q·d is exact in fp32, and q + remainder/d moves q onto the
+    correctly rounded quotient; Markstein), the steps of CUDA's div.rn after its reciprocal. Four FMAs and a
+    multiply per element where the reciprocal is shared (one per column), against a reciprocal per element for
+    a division; Triton's fp32 `/` on CUDA (div.full) is off by up to 2 ulp instead. For quotients and
+    remainders in fp32's normal range."""
+    q = x * d_reciprocal
+    q = tl.fma(tl.fma(-q, d, x), d_reciprocal, q)
+    return tl.fma(tl.fma(-q, d, x), d_reciprocal, q)
+
+
+@triton.jit
+def nearest_code_bits(v, reciprocal, lo, hi):
+    """round-half-even(v/s) clamped to [lo, hi], returned as the bits of 1.5·2^23 + code (int32: the code's
+    low bits are the code in two's complement), for v and s values of a 16-bit float type and reciprocal within
+    a few fp32 ulp of 1/s.
+
+    A quotient of two such values is either a half-integer exactly or at least 2^-12 from every half-integer
+    (2v − (2h + 1)s is a multiple of ulp(s)), so v·reciprocal rounded to a multiple of 2^-14 is that
+    half-integer, or lies on the same side of it as v/s: rounding it to an integer gives what dividing exactly
+    and rounding gives, without a division per element."""
+    q = (v * reciprocal + _SNAP_MAGIC) - _SNAP_MAGIC
+    q = tl.minimum(tl.maximum(q, lo), hi)
+    return (q + _RNE_MAGIC).to(tl.int32, bitcast=True)
+
+
 @triton.jit
 def round_to_bf16(x):
     """fp32 → the nearest bfloat16 value (ties to even), returned as fp32: add half an ulp of the kept bits
@@ -217,6 +262,17 @@ def scaled_nibbles_ptx(packed, scale):
                                          dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     return tl.inline_asm_elementwise(_SCALED_NIBBLES_BF16_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def computed_once_ptx(x):
+    """x, as an identity Triton may not duplicate (inline PTX with side effects; CUDA only, 16- or 32-bit x).
+    Element-wise work is otherwise recomputed in the layout of each use: by every warp that reads a tl.dot
+    operand (four times for kernel A's branch input), by every thread row that reads a per-column vector. With
+    this, it is computed once in its own layout and then converted."""
+    if x.dtype.primitive_bitwidth == 16:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=2)
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=1)
 
 
 @triton.jit

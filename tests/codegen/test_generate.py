@@ -195,12 +195,15 @@ CHECK-NOT: atomic_add
 """)
 
 
-@pytest.mark.parametrize("fmt, group, reads", [("int4", 64, 1), ("nvfp4", 16, 1), ("int8", 0, 2)])
+@pytest.mark.parametrize("fmt, group, reads", [("int4", 64, 2), ("nvfp4", 16, 1), ("int8", 0, 2)])
 def test_kernel_a_reads_x_once_and_never_uses_atomics(fmt, group, reads, filecheck):
+    """int4 reads each step as its two split halves (each channel once); int8 reads x twice (absmax first)."""
     spec = QuantizeSpec(ActQuant(fmt, group), 32, "bfloat16")
     text = generate(spec, HOPPER)
     assert text.count("tl.load(x_rows") == reads
     assert "atomic" not in text.split("@triton.jit\ndef svdq_quantize")[1]
+    if fmt == "int4":
+        return  # test_split_half_packing_in_kernel_a reads its text
     filecheck(text, r"""
 CHECK-LABEL: def svdq_quantize_
 CHECK: down = tl.zeros((BLOCK_M, 32), dtype=tl.float32)
@@ -213,17 +216,39 @@ CHECK: tl.store(down_ptrs, round_to_bf16(down).to(tl.bfloat16)
 
 
 def test_split_half_packing_in_kernel_a(filecheck):
-    filecheck(generate(QuantizeSpec(ActQuant("int4", 64), 0, "float16"), HOPPER), r"""
-CHECK-LABEL: def svdq_quantize_int4_r0
-CHECK-NOT: lora_down
-CHECK: value = (x.to(tl.float32) / smooth).to(tl.float16).to(tl.float32)
-CHECK: grouped = tl.reshape(value, (BLOCK_M, GROUPS_PER_STEP, 64))
-CHECK: absmax = tl.max(tl.abs(grouped), axis=2)
-CHECK: scale = (absmax / 7.0).to(tl.float16).to(tl.float32)
+    """int4/uint4 codes of 16-bit models: the step is read as the two halves that share a byte, so the codes pack
+    element-wise (no permute or split), and no division is left per element on CUDA: x/λ from a reciprocal per
+    column and two FMA corrections, codes from a reciprocal per group. The branch input and the reciprocals are
+    computed once (not again per warp or thread row that reads them)."""
+    filecheck(generate(QuantizeSpec(ActQuant("int4", 64), 32, "bfloat16"), HOPPER), r"""
+CHECK: def refine_reciprocal(
+CHECK: def quotient_rn(
+CHECK: def nearest_code_bits(
+CHECK: def computed_once_ptx(
+CHECK-LABEL: def svdq_quantize_int4_r32
+CHECK: low_cols = (byte_cols // 32) * 64 + byte_cols % 32
+CHECK: cols = k0 + low_cols
+CHECK: x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+CHECK: smooth_reciprocal = computed_once_ptx(reciprocal(smooth))
+CHECK: branch_reciprocal = computed_once_ptx(reciprocal(round_to_bf16(smooth)))
+CHECK: down = tl.dot(computed_once_ptx(round_to_bf16(x * branch_reciprocal).to(tl.bfloat16)), lora_down, down)
+CHECK: low = round_to_bf16(quotient_rn(x, smooth, smooth_reciprocal))
+CHECK: cols = k0 + 32 + low_cols
+CHECK: high = round_to_bf16(quotient_rn(x, smooth, smooth_reciprocal))
+CHECK: absmax = tl.maximum(tl.max(tl.abs(low), axis=2), tl.max(tl.abs(high), axis=2))
+CHECK: scale = round_to_bf16(absmax / 7.0)
 CHECK-NEXT: scale = tl.where(scale == 0.0, 1.0, scale)
-CHECK: low, high = tl.split(tl.permute(tl.reshape(codes, (BLOCK_M, GROUPS_PER_STEP, 2, 32)), (0, 1, 3, 2)))
-CHECK: packed = tl.reshape(((low & 15) | ((high & 15) << 4)).to(tl.uint8), (BLOCK_M, GROUPS_PER_STEP * 32))
+CHECK-NEXT: scale_reciprocal = (1.0 / scale)[:, :, None]
+CHECK-NEXT: low = nearest_code_bits(low, scale_reciprocal, -7.0, 7.0)
+CHECK: packed = tl.reshape(((low & 15) | ((high & 15) << 4)).to(tl.uint8), (BLOCK_M, STEP // 2))
+CHECK: tl.store(down_ptrs, round_to_bf16(down).to(tl.bfloat16)
 """)
+    uint4 = generate(QuantizeSpec(ActQuant("uint4", 64, 0.171875), 0, "float16"), INTERP)
+    assert "low = (quotient_rn((x + 0.171875), smooth, smooth_reciprocal)).to(tl.float16).to(tl.float32)" in uint4
+    assert "nearest_code_bits(low, scale_reciprocal, 0.0, 15.0)" in uint4
+    assert "computed_once_ptx" not in uint4 and "tl.permute" not in uint4 and "lora_down_ptr" not in uint4
+    # fp32 models keep dividing (the reciprocal arguments hold for 16-bit values)
+    assert "grouped / scale[:, :, None]" in generate(QuantizeSpec(ActQuant("int4", 64), 0, "float32"), HOPPER)
 
 
 def test_interpreter_text_widens_bf16_dots_and_cuda_text_does_not():
