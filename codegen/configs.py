@@ -97,6 +97,9 @@ _WEIGHT_ONLY_LARGE_M = {
     "ada": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 128, 4, 3)],
     "ampere": [(128, 128, 64, 8, 3), (64, 128, 128, 4, 4)],
 }
+# nf4's register lookup (kernel_lib.nf4_values_ptx) holds the codebook's 16 words beside each thread's dot operand
+# tiles: with mma.sync operands in registers, these tiles spill on sm_80/86/89 (5-215 local stores, AOT gate)
+_NF4_SPILLING = {"ampere": {(128, 128, 64), (64, 128, 128)}, "ada": {(128, 128, 64), (64, 64, 128)}, "hopper": set()}
 _WEIGHT_ONLY_SMALL_BUCKET = 32  # up to this many rows (bucketed), the small-M tiles
 # (block_m, num_warps, num_stages) for kernel A. The AOT gate found 64-row and 8-warp tiles spilling on some arch
 # (the rank-32 down projection's accumulator sits beside the quantizer's tiles), and nvfp4's 16-row tile on
@@ -203,7 +206,8 @@ def weight_only_configs(spec: WeightOnlySpec, target: Target, m: int) -> list[We
         _WEIGHT_ONLY_SMALL_M[family][-2:] + _WEIGHT_ONLY_LARGE_M[family]
     configs = [WeightOnlyConfig(block_m, block_n, max(1, step // spec.group_size), 1 if block_m <= 32 else 8,
                                 warps, stages)
-               for block_m, block_n, step, warps, stages in tiles if block_m <= max(bucket, 64)]
+               for block_m, block_n, step, warps, stages in tiles if block_m <= max(bucket, 64)
+               and not (spec.weight == "nf4" and (block_m, block_n, step) in _NF4_SPILLING[family])]
     return list(dict.fromkeys(configs))
 
 

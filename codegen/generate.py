@@ -847,8 +847,10 @@ def _as_model_dtype(expr: str, dtype: str, target: Target) -> str:
 def _weight_only_description(spec: WeightOnlySpec, target: Target) -> str:
     g, half = spec.group_size, spec.group_size // 2
     if spec.weight == "nf4":
-        value = ("its NormalFloat value, looked up in the 16-entry fp32 codebook (a 64-byte table the loads "
-                 "keep in L1), times its group's scale in fp32,")
+        table = ("in registers, byte permutes over the codebook's four byte planes (a gather per weight cost more "
+                 "than the whole int4 path)" if target.backend == "cuda" else "with a load from the codebook table")
+        value = (f"its NormalFloat value from the 16-entry fp32 codebook, looked up {table}, times its group's "
+                 "scale in fp32,")
     elif spec.dtype == "float32":
         value = ("its signed integer (−8…7), converted exactly to fp32 with an integer add and a float subtract "
                  "(the I2F instruction runs at a quarter rate), times its group's scale in fp32,")
@@ -927,7 +929,9 @@ def _generate_weight_only(spec: WeightOnlySpec, target: Target) -> str:
                 w_low = {_as_model_dtype("w_low", dtype, target)}
                 w_high = {_as_model_dtype("w_high", dtype, target)}""")
     else:
-        if spec.weight == "nf4":
+        if spec.weight == "nf4" and target.backend == "cuda":
+            src.add("w_low, w_high = nf4_values_ptx(packed)")
+        elif spec.weight == "nf4":
             src.add("""
                 w_low = tl.load(codebook_ptr + (packed & 15))
                 w_high = tl.load(codebook_ptr + (packed >> 4))""")
