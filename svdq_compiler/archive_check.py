@@ -184,7 +184,8 @@ def _check_program(raw: bytes, where: str) -> None:
         if isinstance(target, str):
             check_target(target, where)
             if target.startswith("torch.ops.svdq.fused_"):
-                for item in members.get("inputs") or []:
+                inputs = members.get("inputs")
+                for item in inputs if isinstance(inputs, list) else []:
                     if isinstance(item, dict) and item.get("name") == "spec":
                         argument = item.get("arg")
                         check_kernel_spec(argument.get("as_string") if isinstance(argument, dict) else None, where)

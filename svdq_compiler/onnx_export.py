@@ -227,8 +227,7 @@ def _weight_values(codes_kn, scales_kn, fmt: str, group_size: int) -> torch.Tens
     if fmt == "nf4":
         codes, codebook = codes_kn
         return codebook[codes.long()] * scales_kn.repeat_interleave(group_size, 0)
-    block = 0 if fmt == "int8" else group_size
-    return torch.ops.svdq_onnx.dequantize_linear(codes_kn, scales_kn, block)
+    return torch.ops.svdq_onnx.dequantize_linear(codes_kn, scales_kn, group_size)
 
 
 @torch.library.custom_op("svdq_onnx::dequantize_linear", mutates_args=())
@@ -309,7 +308,7 @@ def _prepare_weight(module: torch.nn.Module, codes_name: str, scales_name: str, 
     group = effective_group(group_size, k_pad)
     q = unpack_weight(PackedWeight(codes, scales, None, fmt, group, k_pad, scales.dtype))
     codes_kn = q.codes.t().contiguous()
-    scales_kn = q.scales.float().reshape(-1) if fmt == "int8" else q.scales.t().float().contiguous()
+    scales_kn = q.scales.float().reshape(-1) if group_size == 0 else q.scales.t().float().contiguous()
     buffers = [("codes", codes_kn), ("scales", scales_kn)]
     if fmt == "nf4":
         buffers.append(("codebook", quant.code_values(torch.arange(16, dtype=torch.uint8), "nf4")))

@@ -453,6 +453,11 @@ def test_a_program_that_is_not_an_exported_program_is_refused(text):
         archive_check._check_program(text.encode(), "test")
 
 
+def test_a_fused_node_without_an_argument_list_is_checked_without_a_traceback():
+    archive_check._check_program(b'{"graph_module": {"nodes": [{"target": "torch.ops.svdq.fused_gemm.default", '
+                                 b'"inputs": {"name": "spec"}}]}}', "test")
+
+
 def test_checking_the_program_never_holds_its_tree(graph_file):
     """The program of a large graph is MBs of JSON, ~7x that as Python objects: the check keeps one node's
     arguments at a time, so its peak stays near the text it reads."""
