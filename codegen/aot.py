@@ -140,7 +140,7 @@ NVFP4_ARCHES = tuple(ARCHES)  # the dequantize path below sm_100, native block-s
 
 def kernel_templates() -> dict[str, KernelSpec]:
     """One spec per kernel template the compiler emits (format, epilogue kinds, rank, next-layer quantization),
-    at the FLUX size K = N = 3072 (bf16, one fp16 case)."""
+    at the FLUX size K = N = 3072 (bf16; fp16 where a template's code differs by dtype)."""
     from svdq_compiler.codegen.spec import ActQuant, Epilogue, QuantizeNext
 
     k = n = 3072
@@ -168,6 +168,7 @@ def kernel_templates() -> dict[str, KernelSpec]:
             "nvfp4", 16, 32, True, "bfloat16", k=k, n=n, epilogue=(Epilogue("mul"),),
             quantize_next=QuantizeNext(ActQuant("nvfp4", 16), 32, emit_output=True)),
         "W int4 r0 bias": WeightOnlySpec("int4", 64, 0, True, "bfloat16", k=k, n=18432),
+        "W int4 r0 fp16": WeightOnlySpec("int4", 64, 0, False, "float16", k=k, n=n),
         "W nf4 r32 epilogues fp16": WeightOnlySpec("nf4", 64, 32, True, "float16", k=k, n=n,
                                                    epilogue=(Epilogue("silu"), Epilogue("mul"))),
     }
@@ -206,7 +207,8 @@ class GateCase:
 # configuration of the other kinds of kernel (the full matrix is `gate_cases(full=True)`).
 _DEFAULT_EVERY_CONFIG = ("B int4 r32 bias", ("sm_80", "sm_89", "sm_90"))
 _DEFAULT_ONE_CONFIG = (("B int4 r32 bias", "sm_86"), ("B nvfp4 r32 bias", "sm_100"), ("B nvfp4 r32 bias", "sm_120"),
-                       ("A int4 r32", "sm_90"), ("W int4 r0 bias", "sm_89"), ("B int8 g64 r32 bias", "sm_80"),
+                       ("A int4 r32", "sm_90"), ("W int4 r0 bias", "sm_89"), ("W int4 r0 fp16", "sm_90"),
+                       ("B int8 g64 r32 bias", "sm_80"),
                        ("B int8 g64 r32 bias", "sm_90"), ("A int8 g64 r32", "sm_90"))
 
 

@@ -258,12 +258,15 @@ def _emit_group_quantize(src: _Source, quant: ActQuant, value: str, rows: str, g
     else:
         number = FORMATS[quant.fmt]
         qmax, qmin = number.qmax, number.qmin
-        # int8 scales stay fp32 (quant.py); the 4-bit formats' are rounded to the model dtype
-        scale = _rounded(f"absmax / {qmax!r}", dtype) if number.scale_dtype is None else f"absmax / {qmax!r}"
+        # int8 scales stay fp32 (quant.py); the 4-bit formats' are rounded to the model dtype. Both divisions are
+        # IEEE's (div_rn, quotient_rn): CUDA's fp32 `/` is up to 2 ulp off, which moves scales and codes.
+        quotient = f"tl.div_rn(absmax, {qmax!r})"
+        scale = _rounded(quotient, dtype) if number.scale_dtype is None else quotient
         src.add(f"""
             scale = {scale}
             scale = tl.where(scale == 0.0, 1.0, scale)
-            codes = tl.minimum(tl.maximum(round_half_even(grouped / scale[:, :, None]), {qmin!r}), {qmax!r})""")
+            codes = quotient_rn(grouped, scale[:, :, None], reciprocal(scale)[:, :, None])
+            codes = tl.minimum(tl.maximum(round_half_even(codes), {qmin!r}), {qmax!r})""")
         if not quant.packed:
             src.add(f"packed = tl.reshape(codes.to(tl.int8), ({rows}, {groups} * {g}))  # one code per byte")
             return
@@ -419,7 +422,7 @@ def _emit_quantize_halves_body(src: _Source, spec: QuantizeSpec, target: Target,
         src.add(f"{part} = tl.reshape({part}, (BLOCK_M, GROUPS_PER_STEP, {half}))")
     src.add(f"""
         absmax = tl.maximum(tl.max(tl.abs(low), axis=2), tl.max(tl.abs(high), axis=2))
-        scale = {_rounded(f"absmax / {qmax!r}", dtype)}
+        scale = {_rounded(f"tl.div_rn(absmax, {qmax!r})", dtype)}
         scale = tl.where(scale == 0.0, 1.0, scale)
         scale_reciprocal = (1.0 / scale)[:, :, None]
         low = nearest_code_bits(low, scale_reciprocal, {qmin!r}, {qmax!r})
@@ -443,14 +446,17 @@ def _emit_quantize_int8_body(src: _Source, spec: QuantizeSpec, target: Target, d
     src.add("absmax = tl.maximum(absmax, tl.max(tl.abs(value), axis=1))")
     src.dedent()
     src.add("""
-        scale = absmax / 127.0
+        # IEEE divisions (div_rn, quotient_rn): CUDA's fp32 `/` is up to 2 ulp off, which moves scales and codes
+        scale = tl.div_rn(absmax, 127.0)
         scale = tl.where(scale == 0.0, 1.0, scale)
+        scale_reciprocal = reciprocal(scale)
         tl.store(scales_ptr + rows, scale, mask=row_ok)
         for k0 in range(0, K, BLOCK_K):""")
     src.indent()
     _emit_step_loads(src, spec, target, dtype, "BLOCK_K", with_down=False)
     src.add("""
-        codes = tl.minimum(tl.maximum(round_half_even(value / scale[:, None]), -127.0), 127.0)
+        codes = quotient_rn(value, scale[:, None], scale_reciprocal[:, None])
+        codes = tl.minimum(tl.maximum(round_half_even(codes), -127.0), 127.0)
         tl.store(codes_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], codes.to(tl.int8),
                  mask=row_ok[:, None] & col_ok[None, :])""")
     src.dedent()

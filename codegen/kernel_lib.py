@@ -257,11 +257,14 @@ def scaled_nibbles_ptx(packed, scale):
     """Signed nibbles of uint8 bytes times `scale` (bf16 or fp16, of the bytes' shape) → (low, high) tiles of
     the scale's dtype, rounded once: about two instructions per weight (inline PTX; CUDA only), where
     unpacking, converting, scaling and rounding element by element took five or more."""
+    # one return: Triton 3.6 type-checks a return after a compile-time `if` that returned, even when unreached
     if scale.dtype == tl.float16:
-        return tl.inline_asm_elementwise(_SCALED_NIBBLES_F16_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
-                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-    return tl.inline_asm_elementwise(_SCALED_NIBBLES_BF16_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
-                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        low, high = tl.inline_asm_elementwise(_SCALED_NIBBLES_F16_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+                                              dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        low, high = tl.inline_asm_elementwise(_SCALED_NIBBLES_BF16_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+                                              dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    return low, high
 
 
 @triton.jit

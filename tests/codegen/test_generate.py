@@ -176,7 +176,8 @@ CHECK-NOT: tl.store(out_ptr
 CHECK: value = round_to_bf16((y.to(tl.float32) + 0.171875) / next_smooth)
 CHECK-NEXT: value = tl.where(col_ok[None, :], value, 0.0)
 CHECK: grouped = tl.reshape(value, (BLOCK_M, (BLOCK_N // 64), 64))
-CHECK: codes = tl.minimum(tl.maximum(round_half_even(grouped / scale[:, :, None]), 0.0), 15.0)
+CHECK: codes = quotient_rn(grouped, scale[:, :, None], reciprocal(scale)[:, :, None])
+CHECK-NEXT: codes = tl.minimum(tl.maximum(round_half_even(codes), 0.0), 15.0)
 CHECK: tl.store(next_codes_ptr
 CHECK: tl.store(next_scales_ptr
 CHECK: next_down = tl.dot(round_to_bf16(y.to(tl.float32) / round_to_bf16(next_smooth)).to(tl.bfloat16), next_lora_down)
@@ -236,7 +237,7 @@ CHECK: low = round_to_bf16(quotient_rn(x, smooth, smooth_reciprocal))
 CHECK: cols = k0 + 32 + low_cols
 CHECK: high = round_to_bf16(quotient_rn(x, smooth, smooth_reciprocal))
 CHECK: absmax = tl.maximum(tl.max(tl.abs(low), axis=2), tl.max(tl.abs(high), axis=2))
-CHECK: scale = round_to_bf16(absmax / 7.0)
+CHECK: scale = round_to_bf16(tl.div_rn(absmax, 7.0))
 CHECK-NEXT: scale = tl.where(scale == 0.0, 1.0, scale)
 CHECK-NEXT: scale_reciprocal = (1.0 / scale)[:, :, None]
 CHECK-NEXT: low = nearest_code_bits(low, scale_reciprocal, -7.0, 7.0)
@@ -247,8 +248,9 @@ CHECK: tl.store(down_ptrs, round_to_bf16(down).to(tl.bfloat16)
     assert "low = (quotient_rn((x + 0.171875), smooth, smooth_reciprocal)).to(tl.float16).to(tl.float32)" in uint4
     assert "nearest_code_bits(low, scale_reciprocal, 0.0, 15.0)" in uint4
     assert "computed_once_ptx" not in uint4 and "tl.permute" not in uint4 and "lora_down_ptr" not in uint4
-    # fp32 models keep dividing (the reciprocal arguments hold for 16-bit values)
-    assert "grouped / scale[:, :, None]" in generate(QuantizeSpec(ActQuant("int4", 64), 0, "float32"), HOPPER)
+    # fp32 models divide, correctly rounded (the reciprocal arguments hold for 16-bit values only)
+    assert "quotient_rn(grouped, scale[:, :, None], reciprocal(scale)[:, :, None])" in generate(
+        QuantizeSpec(ActQuant("int4", 64), 0, "float32"), HOPPER)
 
 
 def test_interpreter_text_widens_bf16_dots_and_cuda_text_does_not():
