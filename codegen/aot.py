@@ -49,7 +49,7 @@ _INT_EXTRA = ("LOP3", "LOP", "SHF", "LEA", "SEL", "SGXT", "BMSK", "POPC", "FLO",
 
 
 # Bumped whenever what is read from the SASS changes, so cached results are recomputed.
-_ANALYSIS_VERSION = 2
+_ANALYSIS_VERSION = 3
 
 
 class AotError(SvdqError):
@@ -376,15 +376,20 @@ def classify(opcode: str) -> str:
 
 def hot_loop(instructions: list[tuple[int, str]]) -> dict:
     """The loop (backward branch) with the most tensor-core instructions (ties: the shortest); with none, the
-    longest loop. Its length, instruction mix, tensor-core opcodes, and whether each MMA is waited for at once."""
+    longest loop. Its length, instruction mix, tensor-core opcodes, and whether each MMA is waited for at once.
+
+    A backward branch whose span holds the kernel's EXIT is not a loop: ptxas places the retry of a barrier wait
+    after EXIT and jumps back from there to the instruction after the wait (sm_100's tcgen05 code), a span
+    that covers the whole epilogue."""
     loops = []
     index_of = {address: i for i, (address, _) in enumerate(instructions)}
+    exits = [i for i, (_, text) in enumerate(instructions) if base_opcode(text) == "EXIT"]
     for i, (address, text) in enumerate(instructions):
         # "BRA 0xa30", "@P0 BRA 0xa30", "BRA.U UP0, 0xd20" (sm_120 branches on a uniform predicate)
         match = re.search(r"\bBRA(?:\.\w+)*\s+(?:!?U?P\w+,\s*)?0x([0-9a-f]+)", text)
         if match and base_opcode(text) == "BRA":
             target = int(match.group(1), 16)
-            if target < address and target in index_of:
+            if target < address and target in index_of and not any(index_of[target] <= e < i for e in exits):
                 loops.append((index_of[target], i))
     if not loops:
         return {}

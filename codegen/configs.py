@@ -162,10 +162,15 @@ def gemm_configs(spec: GemmSpec, target: Target, m: int) -> list[GemmConfig]:
                 continue
             configs.append(GemmConfig(block_m, max(block_n, min_n), 0, 8, warps, stages))
     else:
+        native_sm100 = spec.act == "nvfp4" and target.native_fp4 and target.capability[0] == 10
         if spec.act == "nvfp4" and target.native_fp4:
-            tiles = _NATIVE_FP4_SM100_TILES if target.capability[0] == 10 else _KSTEP_TILES[family]
+            tiles = _NATIVE_FP4_SM100_TILES if native_sm100 else _KSTEP_TILES[family]
         else:
             tiles = _NVFP4_DEQUANTIZE_TILES[family] if spec.act == "nvfp4" else _KSTEP_TILES[family]
+        if spec.quantize_next is not None and spec.quantize_next.quant.fmt == "nvfp4" and not native_sm100:
+            # the nvfp4 quantization epilogue (E2M1 rounding by comparisons, E4M3 scales) holds its tiles beside
+            # the accumulator: tiles over 64×64 spill (AOT gate: 1–776 spill stores on sm_80/90/120)
+            tiles = [tile for tile in tiles if tile[0] <= 64 and tile[1] <= 64]
         for block_m, block_n, block_k, warps, stages in tiles:
             configs.append(GemmConfig(block_m, max(block_n, min_n), block_k, 8, warps, stages))
     # Tiles taller than the (bucketed) token count only waste work; keep at least one candidate.
