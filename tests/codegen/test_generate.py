@@ -189,8 +189,10 @@ CHECK: tl.atomic_add(next_down_ptr
 CHECK-LABEL: def svdq_gemm_int4
 CHECK: tl.store(out_ptr
 CHECK: next_act_scale = tl.load(next_act_scale_ptr)
-CHECK: scale = round_to_e4m3(absmax / 6.0 / next_act_scale)
-CHECK: codes = e2m1_code(tl.minimum(tl.maximum(grouped / (scale * next_act_scale)[:, :, None], -6.0), 6.0))
+CHECK: scale = round_to_e4m3(tl.div_rn(tl.div_rn(absmax, 6.0), next_act_scale))
+CHECK: effective = (scale * next_act_scale)[:, :, None]
+CHECK-NEXT: codes = quotient_rn(grouped, effective, reciprocal(effective))
+CHECK-NEXT: codes = e2m1_code(tl.minimum(tl.maximum(codes, -6.0), 6.0))
 CHECK: low, high = tl.split(tl.reshape(codes, (BLOCK_M, (BLOCK_N // 16), 8, 2)))
 CHECK-NOT: atomic_add
 """)
