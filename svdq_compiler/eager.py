@@ -54,10 +54,10 @@ import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from svdq_compiler.capture import capture, model_config, split_inputs
+from svdq_compiler.capture import capture, model_config
 from svdq_compiler.config import QuantConfig
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError
-from svdq_compiler.ir import EAGER_META, REPORT_META, LinearInfo, annotated_linears, set_info
+from svdq_compiler.ir import EAGER_META, REPORT_META, LinearInfo, annotated_linears, set_info, split_inputs
 from svdq_compiler.models.base import DynDim
 from svdq_compiler.pipeline import PassContext, PassResult, make_pass, run_passes, svdquant_pipeline
 
