@@ -14,7 +14,7 @@ from eager_models import Wobbly
 from svdq_compiler.capture import CAPTURE_META
 from svdq_compiler.errors import InputError
 from svdq_compiler.models import DiffusersAdapter, adapter_for, load_model
-from svdq_compiler.models.auto import denoiser_classes, plan_inputs, tiny_config
+from svdq_compiler.models.auto import denoiser_classes, plan_inputs, text_widths, tiny_config
 from svdq_compiler.models.base import Sizes, infer_dims
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -201,6 +201,33 @@ def test_inputs_named_by_rules_the_classes_share(class_name, expect):
     assert {name: tuple(inputs[name].shape) for name in expect} == expect
     with torch.no_grad():
         model(**inputs)
+
+
+def test_packed_video_tokens_take_their_grid_as_python_values():
+    """LTX-Video takes its latent packed as [B, frames·rows·cols, C] and the grid it was packed from as Python
+    ints: the adapter gives them, and reads the grid back from them (a factorization of the count would not be
+    the model's grid)."""
+    model = tiny("LTXVideoTransformer3DModel")
+    adapter = adapter_for(model)
+    assert plan_inputs(model).choice.layout == "video_tokens"
+    inputs = adapter.example_inputs(model, batch=2, tokens=(4, 6))
+    assert (inputs["num_frames"], inputs["height"], inputs["width"]) == (2, 4, 6)
+    assert inputs["hidden_states"].shape[:2] == (2, 2 * 4 * 6)
+    assert adapter.sizes_of(model, inputs) == Sizes(batch=2, text=inputs["encoder_hidden_states"].shape[1],
+                                                    rows=4, cols=6, frames=2)
+    assert set(adapter.sizes_in_values(model, inputs)) == {"num_frames", "height", "width"}
+    with torch.no_grad():
+        assert model(**inputs)[0].shape == inputs["hidden_states"].shape
+
+
+def test_required_text_without_a_configured_width_takes_the_model_width():
+    """AceStep's config leaves encoder_hidden_size None (its constructor then uses hidden_size) and its forward
+    requires encoder_hidden_states: the text is built at the model's width; a model whose text input is optional
+    and has no width in its config gets none."""
+    model = tiny("AceStepTransformer1DModel")
+    assert model.config["encoder_hidden_size"] is None
+    assert text_widths(model) == [model.config["hidden_size"]]
+    assert text_widths(tiny("UNet2DModel")) == []
 
 
 def test_sizes_passed_as_python_values_are_found():

@@ -82,13 +82,16 @@ ROLES: tuple[tuple[str, str], ...] = (
     ("latent_like", r"\w+_latents"),
     # per sample, the (frames, rows, cols) of its latent grid, as Python ints (Qwen-Image's RoPE reads them)
     ("grid_shapes", r"img_shapes"),
+    # the grid of a packed latent as Python ints (LTX-Video), given with packed latents only: an unpacked one
+    # shows its grid
+    ("grid_size", r"num_frames|height|width"),
 )
 # Required parameters named like a timestep (`timestep_r`, `r_timestep`, `decoder_noise_time`) are timesteps too;
 # optional ones are not (`timestep_cond` is an embedding).
 REQUIRED_TIMESTEP = r"(\w+_)?timesteps?(_\w+)?|\w+_time"
 # Optional parameters worth giving: the conditioning a pipeline always passes. Other optional ones (controlnet
 # residuals, caches, extra image streams) are left at their defaults.
-OPTIONAL_ROLES = {"text", "text_mask", "timestep", "pooled", "image_ids", "text_ids", "conditions", "grid_shapes"}
+OPTIONAL_ROLES = {"text", "text_mask", "timestep", "pooled", "image_ids", "text_ids", "conditions", "grid_shapes", "grid_size"}
 # (total, each) config widths of the scalar conditions' embedding: the count is total / each.
 CONDITION_WIDTH_KEYS = (("projection_class_embeddings_input_dim", "addition_time_embed_dim"),
                         ("micro_cond_embed_dim", "micro_cond_encode_dim"))
@@ -102,14 +105,18 @@ POOLED_WIDTH_KEYS = ("pooled_projection_dim", "pooled_embed_dim", "global_states
 # Any other config width of a conditioning stream (Kandinsky 6's in_text_dim, StableAudio 3's cond_token_dim and
 # global_cond_dim): candidates after the keys above, the probe picks.
 CONDITIONING_WIDTH = re.compile(r"\w*(text|cond)\w*_(dim|channels)\d*")
+# The model's own width: where a config leaves its text encoder's width None (AceStep's encoder_hidden_size), the
+# constructor takes this one, so it is the text width tried when no conditioning width is given.
+MODEL_WIDTH_KEYS = ("hidden_size", "inner_dim", "model_dim", "dim")
 # A text length the model fixes (CogVideoX adds a positional embedding over text and image tokens together).
 TEXT_LENGTH_KEYS = ("max_text_seq_length",)
 LATENT_CHANNEL_KEYS = ("in_channels", "in_chans", "latent_channels", "num_channels_latents", "in_visual_dim",
                        "io_channels", "latent_dim")
 POSITION_AXES_KEYS = ("axes_dims_rope", "axes_dim_rope", "axes_dims", "rope_axes_dim")
 
-# [B,C,H,W], [B,C,F,H,W], [B,F,C,H,W] (CogVideoX: frames first), [B,N,C], [B,C,L]
-LAYOUTS = ("image", "video", "frames_first", "tokens", "sequence")
+# [B,C,H,W], [B,C,F,H,W], [B,F,C,H,W] (CogVideoX: frames first), [B,N,C], [B,F·N,C] (LTX-Video), [B,C,L]
+LAYOUTS = ("image", "video", "frames_first", "tokens", "video_tokens", "sequence")
+PACKED = ("tokens", "video_tokens")
 MAX_PROBES = 96
 
 
@@ -128,6 +135,16 @@ def conditioning_widths(config: Any, keys: tuple[str, ...]) -> list[int]:
     """Widths for a text or pooled input: `keys` first, then every other conditioning width of the config."""
     others = tuple(key for key in config if CONDITIONING_WIDTH.fullmatch(key))
     return config_value(config, keys + others)
+
+
+def text_widths(model: torch.nn.Module) -> list[int]:
+    """Widths for the text input; the model's own width only where the forward requires text (an optional text
+    input the config gives no width for is left out: the model does without it)."""
+    widths = conditioning_widths(model.config, TEXT_WIDTH_KEYS)
+    parameters = inspect.signature(model.forward).parameters.items()
+    required = any(role_of(name) == "text" and parameter.default is inspect.Parameter.empty
+                   for name, parameter in parameters)
+    return widths or (config_value(model.config, MODEL_WIDTH_KEYS) if required else [])
 
 
 def condition_count(config: Any) -> int | None:
@@ -212,6 +229,7 @@ class InputPlan:
                         "video": (batch, self.channels, frames, height, width),
                         "frames_first": (batch, frames, self.channels, height, width),
                         "tokens": (batch, sizes.rows * sizes.cols, self.channels),
+                        "video_tokens": (batch, sizes.frames * sizes.rows * sizes.cols, self.channels),
                         "sequence": (batch, self.channels, height)}[self.choice.layout]
         for name, role in self.parameters.items():
             if role in ("latent", "latent_like"):
@@ -232,6 +250,8 @@ class InputPlan:
                 inputs[name] = torch.full((batch,), 8.0, dtype=dtype)
             elif role == "text_lengths":
                 inputs[name] = torch.full((batch,), text, dtype=torch.long)
+            elif role == "grid_size" and self.choice.layout in PACKED:
+                inputs[name] = {"num_frames": sizes.frames, "height": sizes.rows, "width": sizes.cols}[name]
             elif role == "grid_shapes":
                 inputs[name] = [(sizes.frames if self.choice.layout == "video" else 1, sizes.rows, sizes.cols)] * batch
             elif role == "image_ids":
@@ -316,14 +336,14 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str]) -> list[Cho
     config = model.config
     name = type(model).__name__
     if re.search(r"3D(?![a-z])", name):  # Transformer3DModel, not StableAudio3DiT
-        layouts = ("video", "frames_first", "tokens", "image")
+        layouts = ("video", "frames_first", "tokens", "video_tokens", "image")
     elif re.search(r"1D(?![a-z])", name):
         layouts = ("sequence", "tokens")
     elif "image_ids" in roles.values() or config.get("axes_dims_rope"):
         layouts = ("tokens", "image", "video")  # position ids come with packed latents
     else:
         layouts = ("image", "tokens", "video", "frames_first", "sequence")
-    widths: list[int | None] = conditioning_widths(config, TEXT_WIDTH_KEYS) if "text" in roles.values() else [None]
+    widths: list[int | None] = text_widths(model) if "text" in roles.values() else [None]
     pooled = [*(width for name, role in roles.items() if role == "pooled" for width in named_width(config, name))]
     pooled_widths: list[int | None] = list(dict.fromkeys(pooled + conditioning_widths(config, POOLED_WIDTH_KEYS))) \
         if "pooled" in roles.values() else [None]
@@ -365,7 +385,7 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     # conditioning the config gives no width for is left out (an optional input the model then does without)
     absent = ({"pooled"} if not conditioning_widths(config, POOLED_WIDTH_KEYS) else set()) | \
         ({"conditions"} if conditions is None else set()) | \
-        ({"text", "text_mask", "text_ids"} if not conditioning_widths(config, TEXT_WIDTH_KEYS) else set())
+        ({"text", "text_mask", "text_ids"} if not text_widths(model) else set())
     roles = {name: role for name, role in roles.items() if role not in absent and not unused_stream(config, name, role)}
     axes = next((len(config[key]) for key in POSITION_AXES_KEYS if isinstance(config.get(key), (list, tuple))), 3)
     base = dict(parameters=roles, channels=channels[0], axes=axes,
@@ -431,14 +451,19 @@ class DiffusersAdapter(ModelAdapter):
             return None
         batch, text = latent.shape[0], texts[0].shape[-2] if texts else self.example_text_tokens
         layout = plan.choice.layout
-        if layout == "tokens":  # any factorization of the count rebuilds the same shapes
+        frames = latent.shape[2 if layout == "video" else 1] // plan.frame_unit \
+            if layout in ("video", "frames_first") else 2
+        told = {name: value for name, value in inputs.items()
+                if plan.parameters.get(name) == "grid_size" and isinstance(value, int)}
+        if layout in PACKED and {"height", "width"} <= told.keys():  # the grid the model is told it was packed from
+            frames, rows, cols = told.get("num_frames", frames), told["height"], told["width"]
+        elif layout in PACKED:  # any factorization of the count rebuilds the same shapes
+            frames = 1 if layout == "video_tokens" else frames
             rows, cols = factor_grid(int(latent.shape[1]), what="image tokens")
         elif layout == "sequence":
             rows, cols = latent.shape[-1] // plan.unit, 1
         else:
             rows, cols = latent.shape[-2] // plan.unit, latent.shape[-1] // plan.unit
-        frames = latent.shape[2 if layout == "video" else 1] // plan.frame_unit \
-            if layout in ("video", "frames_first") else 2
         sizes = Sizes(batch=int(batch), text=int(text), rows=int(rows), cols=int(cols), frames=int(frames))
         return sizes if tensor_shapes(self.inputs_at(model, sizes)) == tensor_shapes(inputs) else None
 
