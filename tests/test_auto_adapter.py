@@ -173,6 +173,22 @@ def test_readme_table_is_the_coverage_result():
     assert markdown(COVERED) in (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
+def test_table_says_which_classes_a_cut_short_rerun_left_at_earlier_results():
+    from bench_coverage import markdown, summary
+
+    entries = [{"class": name, "failure": {"stage": "inputs", "error": "x"}, "reached": "build"}
+               for name in ("A", "B", "C")]
+    report = {"presets": ["int4"], "summary": summary(entries), "classes": entries,
+              "runs": [{"classes": ["A", "B", "C"], "complete": True},
+                       {"classes": ["A", "B"], "complete": False, "done": ["A"]}]}
+    assert markdown(report).startswith("3 classes (the last run, over 2 of them, was cut short after 1; the rest "
+                                       "are earlier results)")
+    del report["runs"][-1]["done"]
+    assert markdown(report).startswith("3 classes (the last run, over 2 of them, was cut short; the rest")
+    report["runs"] = [{"classes": ["A", "B", "C", "D"], "complete": False, "done": ["A", "B", "C"]}]
+    assert markdown(report).startswith("3 classes of 4 (the run was cut short)")
+
+
 def test_tiny_configs_build_where_the_constructor_defaults_do_not():
     """The constructor judges each candidate: a wider model where a head size the config does not name must
     divide the width (Kandinsky 6: the sum of its RoPE axes, 128); a list of layer indices cut to the one layer

@@ -187,9 +187,16 @@ def markdown(report: dict[str, Any]) -> str:
     """The classes that ran (path, dynamic dimensions, quantized linears, errors at both grids), then the
     failures grouped by stage."""
     presets, total = report["presets"], report["summary"]
-    complete = all(run.get("complete", True) for run in report["runs"][-1:])
-    enumerated = len(report["runs"][-1]["classes"])
-    lines = [f"{total['classes']} classes" + ("" if complete else f" of {enumerated} (the run was cut short)") + ": "
+    last = report["runs"][-1]
+    enumerated, done = len(last["classes"]), last.get("done")  # runs before "done" was recorded lack it
+    if last.get("complete", True):
+        note = ""
+    elif done is None or len(done) < total["classes"]:  # an --update run: the entries it did not reach are older
+        after = f" after {len(done)}" if done is not None else ""
+        note = f" (the last run, over {enumerated} of them, was cut short{after}; the rest are earlier results)"
+    else:
+        note = f" of {enumerated} (the run was cut short)"
+    lines = [f"{total['classes']} classes{note}: "
              f"{total['built']} built from a tiny config, {total['compiled']} compiled, "
              f"{total['ran_two_resolutions']} ran at two latent grids ({total['paths']['graph']} as a graph, "
              f"{total['paths']['eager']} eagerly).", "",
@@ -252,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         run = {"machine": machine(), "classes": sorted(classes),  # the machine record holds the commit
                "wall_s": round(time.perf_counter() - start, 1),
                "cpu_s": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
-                              + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime, 1), "complete": complete}
+                              + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime, 1), "complete": complete,
+               "done": sorted(done)}
         kept = {entry["class"] for entry in earlier["classes"]}
         entries = [done.get(entry["class"], entry) for entry in earlier["classes"]]
         entries += [entry for name, entry in done.items() if name not in kept]
