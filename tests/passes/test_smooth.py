@@ -67,7 +67,7 @@ def test_the_winner_has_the_smallest_error_of_all_candidates():
     for alpha, beta in smoothing_candidates("svdquant", ctx.config.smooth_grid):
         scale = smoothing_scale(act, problem.weight_absmax(), alpha, beta, torch.float32)
         smoothed = problem.smoothed(scale)
-        branches = problem.branches(smoothed, 32, "randomized", 0, torch.float32, scale)
+        branches = problem.search_branches(scale.unsqueeze(0), 32, "randomized", 0)[0]
         quantized = problem.quantized(problem.residuals(smoothed, branches))
         errors[(alpha, beta)] = sum(problem.errors(scale, quantized, branches).values())
     from svdq_compiler.pipeline import PASS_REGISTRY
@@ -111,27 +111,27 @@ def synthetic_problem(preset="int4", rows=96, shift=False):
 
 
 @pytest.mark.parametrize("preset,shift", [("int4", False), ("int4", True), ("nvfp4", False), ("w8a8", False)])
-def test_batched_candidates_match_one_at_a_time(preset, shift, monkeypatch):
+def test_chunked_candidate_errors_match_the_whole_matrix_steps(preset, shift, monkeypatch):
     problem = synthetic_problem(preset, shift=shift)
     act = problem.rows["x"].add(problem.shifts.get("x", 0.0)).abs().amax(0)
     candidates = smoothing_candidates("svdquant", 20)[::6]
     smooths = torch.stack([smoothing_scale(act, problem.weight_absmax(), a, b, torch.float32)
                            for a, b in candidates])
     rank = problem.scheme.rank
-    one_at_a_time = []
-    for smooth in smooths:
+    whole = []
+    for smooth, branches in zip(smooths, problem.search_branches(smooths, rank, "randomized", 0)):
         smoothed = problem.smoothed(smooth)
-        branches = problem.branches(smoothed, rank, "randomized", 0, torch.float32, smooth)
         quantized = problem.quantized(problem.residuals(smoothed, branches))
-        one_at_a_time.append(sum(problem.errors(smooth, quantized, branches).values()))
-    batched = problem.candidate_errors(smooths, rank, "randomized", 0)
-    torch.testing.assert_close(batched, torch.tensor(one_at_a_time), rtol=1e-4, atol=0)
-    # Evaluated in batches of one candidate, the result is the same.
-    monkeypatch.setattr("svdq_compiler.svdquant.SEARCH_BATCH_BYTES", 1)
-    torch.testing.assert_close(problem.candidate_errors(smooths, rank, "randomized", 0), batched, rtol=1e-5, atol=0)
+        whole.append(sum(problem.errors(smooth, quantized, branches).values()))
+    chunked = problem.candidate_errors(smooths, rank, "randomized", 0)
+    torch.testing.assert_close(chunked, torch.tensor(whole), rtol=1e-4, atol=0)
+    # In chunks of 5 of the 48 weight rows (the last one short), the result is the same.
+    monkeypatch.setattr("svdq_compiler.svdquant.SEARCH_CHUNK_ROWS", 5)
+    monkeypatch.setattr("svdq_compiler.svdquant.SEARCH_CHUNK_ELEMENTS", 1)
+    torch.testing.assert_close(problem.candidate_errors(smooths, rank, "randomized", 0), chunked, rtol=1e-5, atol=0)
 
 
-def test_search_ranks_on_a_row_subset_and_reports_errors_on_every_row():
+def test_search_ranks_on_a_row_subset_and_reports_its_errors():
     from svdq_compiler.svdquant import search
 
     problem = synthetic_problem(rows=96)
@@ -147,8 +147,8 @@ def test_search_ranks_on_a_row_subset_and_reports_errors_on_every_row():
     chosen, scale, error, identity_error = search(problem, act, candidates, 32, "randomized", 0, search_rows=32)
     winner = candidates.index(chosen)
     assert on_subset[winner] == on_subset.min() and torch.equal(scale, smooths[winner])
-    assert error == pytest.approx(float(on_all[winner]), rel=1e-5)
-    assert identity_error == pytest.approx(float(on_all[0]), rel=1e-5) and error < 0.5 * identity_error
+    assert error == pytest.approx(float(on_subset[winner]), rel=1e-5)
+    assert identity_error == pytest.approx(float(on_subset[0]), rel=1e-5) and error < 0.5 * identity_error
     # Without a subset (or with one as large as the sample) the search ranks on every row.
     assert search(problem, act, candidates, 32, "randomized", 0)[0] == candidates[int(on_all.argmin())]
     assert search(problem, act, candidates, 32, "randomized", 0, search_rows=96)[2] == pytest.approx(
