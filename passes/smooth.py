@@ -9,7 +9,8 @@ too: then the search is activation-aware weight scaling, AWQ, with 16-bit activa
   seeded subset of `search_rows` sample rows, a chunk of weight rows at a time (`GroupProblem.candidate_errors`),
   and the error ratio against λ = 1 is that subset's; candidates follow the reference grid (λ = 1, (c, 0),
   (c, 1 − c); 39 for smooth_grid 20) or SmoothQuant's α-only family (`smooth="smoothquant"`); a tie goes to the
-  later candidate, as in the reference;
+  later candidate, as in the reference; with `search_refine` they are evaluated coarse to fine (every other c
+  of each family, then the neighbours of each family's best: `svdquant.coarse_to_fine`);
 - the weights are stored as W·diag(λ) (model dtype); λ is a buffer `<group>.smooth` in the model dtype and the
   division x/λ stays a runtime step: one `aten.div` (QuantOpInfo "smooth_div") per (group, input) feeds the
   members, so the graph still computes the FP function;
@@ -71,7 +72,7 @@ def smooth(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         search_rank = scheme.rank if scheme.act is not None else 0
         (alpha, beta), scale, error, identity_error = search(problem, act_absmax, candidates, search_rank,
                                                              config.search_svd, config.calib_seed,
-                                                             config.search_rows)
+                                                             config.search_rows, config.search_refine)
         ratio = error / identity_error if identity_error else 1.0
         if alpha == 0 and beta == 0:
             identity += 1
@@ -90,6 +91,7 @@ def smooth(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         "error_ratio_median": round(statistics.median(ratios), 4) if ratios else None,
         "error_ratio_max": round(max(ratios), 4) if ratios else None,
         "search_svd": config.search_svd,
+        "search_refine": config.search_refine,
         "per_group": report,
     }
     return PassResult(gm, len(groups) > identity, stats)

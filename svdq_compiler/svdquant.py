@@ -411,23 +411,57 @@ class GroupProblem:
 
 
 def search(problem: GroupProblem, act_absmax: torch.Tensor, candidates, rank: int, svd: str, seed: int,
-           search_rows: int | None = None) -> tuple[tuple[float, float], torch.Tensor, float, float | None]:
+           search_rows: int | None = None, refine: bool = False
+           ) -> tuple[tuple[float, float], torch.Tensor, float, float | None]:
     """(α, β), λ, its error and the error of λ = 1 (None when λ = 1 is not a candidate), over the candidates.
 
     Every candidate is evaluated on at most `search_rows` of the sample rows (None: all of them), and the errors
     returned are those of that subset: measuring the winner and λ = 1 again on every row cost as much as a third
-    of the search on a FLUX-12B layer, for a number only the report reads.
+    of the search on a FLUX-12B layer, for a number only the report reads. With `refine`, only the candidates
+    `coarse_to_fine` picks are evaluated.
     """
     weight_absmax = problem.weight_absmax()
     smooths = torch.stack([smoothing_scale(act_absmax, weight_absmax, alpha, beta, problem.dtype)
                            for alpha, beta in candidates])
     ranked = problem.subsample(search_rows, seed) if search_rows is not None and \
         problem.sample_rows() > search_rows else problem
-    errors = ranked.candidate_errors(smooths, rank, svd, seed)
-    best = len(candidates) - 1 - int(errors.flip(0).argmin())  # a tie goes to the later candidate
+    errors: dict[int, float] = {}
+
+    def evaluate(indices):
+        indices = sorted(set(indices) - errors.keys())
+        if indices:
+            errors.update(zip(indices, ranked.candidate_errors(smooths[indices], rank, svd, seed).tolist()))
+        return errors
+
+    if refine:
+        coarse_to_fine(candidates, evaluate)
+    else:
+        evaluate(range(len(candidates)))
+    best = min(errors, key=lambda index: (errors[index], -index))  # a tie goes to the later candidate
     identity = candidates.index((0.0, 0.0)) if (0.0, 0.0) in candidates else None
-    return (candidates[best], smooths[best], float(errors[best]),
-            None if identity is None else float(errors[identity]))
+    return candidates[best], smooths[best], errors[best], None if identity is None else errors[identity]
+
+
+def coarse_to_fine(candidates: list[tuple[float, float]], evaluate) -> None:
+    """Evaluate (`evaluate(indices)` → every error so far) the candidates outside a family, every other member
+    of each family — (c, 0) and (c, 1 − c), by c, both ends included — and then the neighbours of each family's
+    best. The error over c is smooth enough at the grid's spacing that this finds the full grid's winner (every
+    tiny-flux group at smooth_grid 10) with 15 of 19 evaluations."""
+    families = [sorted((i for i, (a, b) in enumerate(candidates) if a > 0 and b == 0), key=lambda i: candidates[i]),
+                sorted((i for i, (a, b) in enumerate(candidates) if a > 0 and b > 0 and abs(a + b - 1) < 1e-9),
+                       key=lambda i: candidates[i])]
+    members = {i for family in families for i in family}
+    coarse = [i for i in range(len(candidates)) if i not in members]
+    for family in families:
+        coarse += family[::2] + family[-1:]
+    errors = evaluate(coarse)
+    fine = []
+    for family in families:
+        if family:
+            position = min((p for p in range(len(family)) if family[p] in errors),
+                           key=lambda p: (errors[family[p]], -p))
+            fine += family[max(position - 1, 0):position + 2]
+    evaluate(fine)
 
 
 def layer_name(weight_target: str) -> str:

@@ -180,3 +180,44 @@ def test_smooth_alone_on_a_hand_annotated_group():
     smooth = gm.get_buffer("a.smooth")
     assert smooth[3] > 4 * smooth.median() and smooth[17] > 4 * smooth.median()  # the outliers are divided down
     torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_coarse_to_fine_evaluates_fewer_candidates_and_finds_a_smooth_minimum():
+    from svdq_compiler.svdquant import coarse_to_fine
+
+    candidates = smoothing_candidates("svdquant", 10)
+    # A smooth error over c in each family: minimum at c = 0.7 (α-only) and c = 0.4 (balanced), the latter best.
+    truth = {i: 1.0 if (a, b) == (0.0, 0.0) else (a - 0.7) ** 2 + 0.5 if b == 0 else (a - 0.4) ** 2 + 0.2
+             for i, (a, b) in enumerate(candidates)}
+    asked = []
+
+    def evaluate(indices):
+        asked.extend(indices)
+        return {i: truth[i] for i in asked}
+
+    coarse_to_fine(candidates, evaluate)
+    evaluated = set(asked)
+    assert 0 in evaluated and len(evaluated) < len(candidates)
+    assert candidates[min(evaluated, key=truth.get)] == (0.4, 0.6)
+    # Both families' neighbours of their coarse best were refined: c = 0.6 and 0.8 (α-only), 0.3 and 0.5.
+    assert {(0.6, 0.0), (0.8, 0.0), (0.3, 0.7), (0.5, 0.5)} <= {candidates[i] for i in evaluated}
+    # The SmoothQuant family alone, and a list with no family: every candidate outside a family is evaluated.
+    asked.clear()
+    coarse_to_fine([(0.0, 0.0), (0.0, 0.5), (0.0, 1.0)], lambda indices: asked.extend(indices) or {})
+    assert sorted(asked) == [0, 1, 2]
+
+
+def test_refined_search_reports_the_full_grids_errors_for_what_it_evaluates():
+    from svdq_compiler.svdquant import search
+
+    problem = synthetic_problem(rows=96)
+    act = problem.rows["x"].abs().amax(0)
+    candidates = smoothing_candidates("svdquant", 10)
+    smooths = torch.stack([smoothing_scale(act, problem.weight_absmax(), a, b, torch.float32) for a, b in candidates])
+    every = problem.candidate_errors(smooths, 32, "randomized", 0)
+    full = search(problem, act, candidates, 32, "randomized", 0)
+    refined = search(problem, act, candidates, 32, "randomized", 0, refine=True)
+    assert full[0] == candidates[int(every.argmin())]
+    assert refined[2] == pytest.approx(float(every[candidates.index(refined[0])]), rel=1e-5)
+    assert refined[3] == pytest.approx(float(every[0]), rel=1e-5)
+    assert refined[2] <= 1.02 * full[2]
