@@ -90,10 +90,14 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("bench/results/smooth-search-flux12b.json"))
     args = parser.parse_args()
-    if args.rows < 1 or args.threads < 1:
-        sys.exit("--rows and --threads must be at least 1")
-    if args.before is not None and not (args.before / "svdq_compiler" / "svdquant.py").is_file():
-        sys.exit(f"--before {args.before}: no svdq_compiler/svdquant.py there")
+    problem = "--rows and --threads must be at least 1" if args.rows < 1 or args.threads < 1 else \
+        f"--before {args.before}: no svdq_compiler/svdquant.py there" if args.before is not None and \
+        not (args.before / "svdq_compiler" / "svdquant.py").is_file() else \
+        f"--groups: unknown {sorted(set(args.groups) - {g[0] for g in GROUPS})}" if args.groups and \
+        set(args.groups) - {g[0] for g in GROUPS} else None
+    if problem:
+        print(f"bench_smooth_search: {problem}", file=sys.stderr)
+        sys.exit(2)
     if args.worker:
         print(json.dumps(worker(args.rows, args.threads, args.groups)))
         return
