@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -298,7 +298,7 @@ def _kernel_b(rw: _Rewriter, chain: _Chain, quantize_next: tuple[_Group, Quantiz
             spec.to_string()),
             # the fused node implements the gemm's linear: its LinearInfo (from lower) moves along
             info(chain.gemm) if isinstance(info(chain.gemm), LinearInfo)
-            else QuantOpInfo(OpTag.FUSED_GEMM, linears, asdict(spec)))
+            else QuantOpInfo(OpTag.FUSED_GEMM, linears, spec))
         count = (1 if spec.emits_output else 0) + (2 + (1 if qn.rank else 0) if qn else 0)
         outputs = rw.outputs(fused, count)
     position = 0
@@ -338,7 +338,7 @@ def _kernel_w(rw: _Rewriter, chain: _Chain) -> None:
             x, attr(attr_target(w_codes)), attr(attr_target(args["w_scales"])), chain.down, attr(chain.lora_up),
             attr(attr_target(args.get("bias"))), list(chain.operands), spec.to_string()),
             info(chain.gemm) if isinstance(info(chain.gemm), LinearInfo)
-            else QuantOpInfo(OpTag.FUSED_WEIGHT_ONLY_LINEAR, linears, asdict(spec)))
+            else QuantOpInfo(OpTag.FUSED_WEIGHT_ONLY_LINEAR, linears, spec))
     end.replace_all_uses_with(fused)
     rw.stats["weight_only_fused"] += len(linears)
     rw.epilogues.update(step.kind for step in chain.epilogue)
@@ -391,7 +391,7 @@ def _kernel_a(rw: _Rewriter, group: _Group) -> None:
                         (x, smooth, rw.get_attr(weight) if weight else None,
                          rw.get_attr(attr_target(group.args.get("act_scale"))) if quant.fmt == "nvfp4" else None,
                          spec.to_string()),
-                        QuantOpInfo(OpTag.FUSED_QUANTIZE_LORA_DOWN, _group_linears(group), asdict(spec)))
+                        QuantOpInfo(OpTag.FUSED_QUANTIZE_LORA_DOWN, _group_linears(group), spec))
         codes, scales, down = rw.outputs(fused, 3)
     for old, new in ((group.codes, codes), (group.scales, scales)):
         if old is not None:
@@ -460,7 +460,7 @@ def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if candidate is not None and candidate[0].node not in absorbed_groups:
             group, others = candidate
             quant = _act_quant(group)
-            if quant.fmt != "int8":
+            if not quant.per_row:
                 ranks = [get_attr_value(gm, w).shape[0] for w in dict.fromkeys(d.weight for d in group.downs)]
                 quantize_next = (group, QuantizeNext(quant, rank=sum(ranks), emit_output=others))
         try:

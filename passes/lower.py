@@ -31,6 +31,7 @@ import torch.fx
 
 import svdq_compiler.ops  # noqa: F401  (registers torch.ops.svdq)
 from svdq_compiler.codegen.layout import pack_weight
+from svdq_compiler.codegen.spec import ActQuant
 from svdq_compiler.conv import conv_args
 from svdq_compiler.errors import QuantizationError
 from svdq_compiler.fx_utils import aten, drop_unused_attrs, erase_unused, get_attr_node, insert_call
@@ -68,7 +69,7 @@ def _shifted_bias(gm: torch.fx.GraphModule, store: dict, info: LinearInfo) -> st
         if info.smooth is not None:
             residual = residual / get_attr_value(gm, info.smooth).double()
         dtype = store[info.weight].dtype
-        bias = torch.zeros(residual.shape[0], dtype=torch.float64) if info.bias is None else \
+        bias = torch.zeros(residual.shape[0], dtype=torch.float64, device=residual.device) if info.bias is None else \
             get_attr_value(gm, info.bias).double()
         set_attr_value(gm, target, (bias - info.shift * residual.sum(1)).to(dtype), as_buffer=True)
     return target
@@ -149,7 +150,7 @@ def _lower_gemm(lw: _Lowering, node: torch.fx.Node, info: LinearInfo, x: torch.f
         quantize = insert_call(gm, svdq.quantize_act.default, (x, smooth, info.shift, fmt, scheme.act_group,
                                                                 *act_scale), before=node, meta_from=node)
         set_info(quantize, QuantOpInfo(op=OpTag.QUANTIZE_ACT, linears=[],
-                                       spec={"fmt": fmt, "group_size": scheme.act_group, "shift": info.shift}))
+                                       spec=ActQuant(fmt, scheme.act_group, info.shift, smooth=smooth is not None)))
         codes = insert_call(gm, operator.getitem, (quantize, 0), after=quantize)
         scales = insert_call(gm, operator.getitem, (quantize, 1), after=codes)
         lw.quantizers[key] = (quantize, codes, scales)

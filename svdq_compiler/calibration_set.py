@@ -44,8 +44,6 @@ FORMAT_VERSION = 1
 PIPELINE_CLASSES = ("FluxPipeline", "StableDiffusion3Pipeline", "PixArtSigmaPipeline", "SanaPipeline",
                     "StableDiffusionXLPipeline")
 PROMPTS_FILE = Path(__file__).parent / "models" / "assets" / "calibration_prompts.txt"
-# Config entries that say nothing about the model's structure (where it was loaded from, which release saved it).
-UNSTRUCTURAL_CONFIG = ("_name_or_path", "_diffusers_version", "_use_default_values")
 
 
 @dataclass(frozen=True)
@@ -179,9 +177,13 @@ def load_calibration_set(path: str | Path) -> CalibrationSet:
 # ---- checking a set against the model it calibrates -------------------------------------------------------
 
 def config_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the denoiser's structural config: the same architecture and sizes give the same value."""
+    """sha256 of the denoiser's structural config: the same architecture and sizes give the same value.
+
+    diffusers' private entries (`_class_name`, `_name_or_path`, `_diffusers_version`, …) say where a model was
+    loaded from, not what it is: a model built from its config (the streaming compile's meta model, or one made
+    in Python) lacks them, and must still match the same model loaded from its folder."""
     config = getattr(model, "config", None)
-    fields = {key: value for key, value in dict(config or {}).items() if key not in UNSTRUCTURAL_CONFIG}
+    fields = {key: value for key, value in dict(config or {}).items() if not key.startswith("_")}
     text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(f"{type(model).__name__}:{text}".encode()).hexdigest()
 

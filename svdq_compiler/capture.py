@@ -25,24 +25,12 @@ import torch
 import torch.fx
 
 from svdq_compiler.errors import CaptureError, InputError, ShapeError, SvdqError, first_line
-from svdq_compiler.ir import CAPTURE_META, INPUTS_META
+from svdq_compiler.ir import CAPTURE_META, INPUTS_META, split_inputs
 from svdq_compiler.models import ModelAdapter, adapter_for
 from svdq_compiler.models.base import DynDim
 
 MAX_EXPORT_ATTEMPTS = 6
 UNBOUNDED = 2**31 - 1  # a torch Dim without an upper bound
-
-
-def split_inputs(example_inputs: tuple | list | dict | torch.Tensor) -> tuple[tuple, dict]:
-    """`example_inputs` is a tuple of positional arguments or a dict of keyword arguments."""
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    raise CaptureError(f"example_inputs must be a tuple of positional args or a dict of kwargs, "
-                       f"got {type(example_inputs).__name__}")
 
 
 # ---- input trees ------------------------------------------------------------------------------------------

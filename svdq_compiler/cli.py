@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -93,12 +94,13 @@ def compile_parser() -> argparse.ArgumentParser:
                         help="compile a diffusers folder one block at a time, writing graph.pt as it goes, so the "
                              "model never sits in memory (data-free unless --stream-smoothing activations); auto streams when the "
                              "checkpoint is larger than half the machine's memory")
-    parser.add_argument("--stream-smoothing", choices=("none", "weight-only", "activations"), default="none",
+    parser.add_argument("--stream-smoothing", choices=("none", "weight-only", "activations"),
                         help="smoothing when streaming: none (λ = 1); weight-only: λ from the weights' column ranges, "
                              "searched per group on synthetic inputs (slower); activations: calibrated block by "
-                             "block on the adapter's --calib-prompts x --calib-steps inputs, activation-aware "
-                             "(slowest: every block runs on every input; blocks see the fp outputs of the ones "
-                             "before, or the quantized ones with --set calib_propagation=quantized)")
+                             "block on the --calib-set inputs, or else the adapter's --calib-prompts x --calib-steps "
+                             "random conditioning, activation-aware (slowest: every block runs on every input; "
+                             "blocks see the fp outputs of the ones before, or the quantized ones with --set "
+                             "calib_propagation=quantized). Default: activations with --calib-set, else none")
     parser.add_argument("--onnx", type=Path, metavar="FILE",
                         help="also export the compiled graph as an ONNX model (svdq_compiler.export_onnx)")
     parser.add_argument("--onnx-form", choices=ONNX_FORMS, default="portable",
@@ -206,8 +208,9 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
             raise InputError("--dump-ir is a file", where=str(args.dump_ir), fix="give a folder name")
     config = quant_config(args)
     if args.onnx is not None:
-        from svdq_compiler.onnx_export import form_problem
+        from svdq_compiler.onnx_export import form_problem, require_onnx_packages
 
+        require_onnx_packages("--onnx")
         problem = form_problem(config, args.onnx_form)
         if problem is not None:
             raise InputError(f"--preset {args.preset} with --onnx-form {args.onnx_form}: {problem}",
@@ -304,8 +307,6 @@ def calibration_inputs(args: argparse.Namespace, config, model, adapter, example
     through the pipeline (svdq_compiler/calibration_set.py) and writes it beside --out; otherwise the adapter's
     inputs: random conditioning, or tiny-flux's sampler on its class prompts.
     """
-    from dataclasses import asdict
-
     from svdq_compiler import calibration_set as sets
     from svdq_compiler.models.tiny_flux import TinyFluxAdapter
 
@@ -403,8 +404,6 @@ def wants_streaming(args: argparse.Namespace) -> bool:
                                                 ("--print-ir-after-change", args.print_ir_after_change),
                                                 ("--static", args.static),
                                                 ("--save-calib", args.save_calib),
-                                                ("--calib-set", args.calib_set),
-                                                ("--calib-prompts-file", args.calib_prompts_file),
                                                 ("--onnx", args.onnx)) if given]
         if not folder.is_dir():
             raise InputError("--stream compiles a diffusers model folder", where=args.model,
@@ -412,6 +411,11 @@ def wants_streaming(args: argparse.Namespace) -> bool:
         if unsupported:
             raise InputError(f"{', '.join(unsupported)} cannot be combined with --stream",
                              fix="drop them, or compile without --stream")
+        if args.calib_prompts_file is not None:
+            raise InputError("--calib-prompts-file runs the model's own pipeline, and a streamed model is never "
+                             "whole in memory to run it", where=args.model,
+                             fix="pass a set the pipeline recorded with --calib-set (a compile of the pipeline "
+                                 "folder writes NAME.calibset.safetensors), or compile without --stream")
         return True
     if not folder.is_dir():
         return False
@@ -419,12 +423,11 @@ def wants_streaming(args: argparse.Namespace) -> bool:
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     streams = checkpoint_bytes(folder) > memory // 2
-    if streams and (args.calib_set is not None or args.calib_prompts_file is not None):
+    if streams and args.calib_prompts_file is not None:
         raise InputError("the checkpoint is larger than half of the memory, so it would be streamed, and a streamed "
-                         "model is never whole in memory to run its pipeline: --calib-set / --calib-prompts-file "
-                         "would be ignored",
-                         where=args.model, fix="add --stream off to calibrate in memory, or drop the calibration "
-                                               "flags")
+                         "model is never whole in memory to run its pipeline: --calib-prompts-file would be ignored",
+                         where=args.model, fix="add --stream off to calibrate in memory, or pass a set the pipeline "
+                                               "recorded with --calib-set")
     return streams
 
 
@@ -444,22 +447,37 @@ def run_streaming(args: argparse.Namespace, config, staged) -> dict[str, Any]:
         bar.set_postfix_str(record.name)
         bar.update(1)
 
+    smoothing = args.stream_smoothing or ("activations" if args.calib_set is not None else "none")
+    calib_set = None
+    if args.calib_set is not None:
+        if smoothing != "activations":
+            raise InputError(f"--calib-set gives calibration inputs, but --stream-smoothing {smoothing} streams "
+                             f"data-free", fix="drop --stream-smoothing (a calibration set calibrates block by "
+                                               "block), or drop --calib-set")
+        from svdq_compiler.calibration_set import load_calibration_set
+
+        calib_set = load_calibration_set(args.calib_set)
     out = staged.file(args.out, "graph file")
     try:
         prompts = args.calib_prompts or DEFAULT_CALIB_PROMPTS
         report = compile_streaming(Path(args.model), out, config.replace(calib_prompts=prompts,
                                                                           calib_steps=args.calib_steps),
-                                   calibration=args.stream_smoothing, batch=args.batch, tokens=args.tokens,
-                                   input_seed=args.seed,
+                                   calibration=smoothing, batch=args.batch, tokens=args.tokens,
+                                   input_seed=args.seed, calib_inputs=calib_set,
                                    dtype=getattr(torch, args.dtype) if args.dtype else None, on_unit=on_unit)
     finally:
         bar.close()
     blocks = report["streaming"]["block_calibration"]
-    calibration = {"source": "none", "detail": f"data-free: the streaming compile runs no calibration "
-                                               f"({args.stream_smoothing} smoothing)"} if blocks is None else {
-        "source": "random conditioning", "detail": f"random conditioning, calibrated block by block: "
-                                                  f"{blocks['source']} (a streamed model is never whole in memory "
-                                                  f"to run a pipeline)"}
+    if blocks is None:
+        calibration = {"source": "none", "detail": f"data-free: the streaming compile runs no calibration "
+                                                   f"({smoothing} smoothing)"}
+    elif calib_set is not None:
+        calibration = {"source": "calibration set", "detail": blocks["source"],
+                       "provenance": asdict(calib_set.provenance), "samples": blocks["inputs"]}
+    else:
+        calibration = {"source": "random conditioning", "detail": f"random conditioning, calibrated block by block: "
+                                                                  f"{blocks['source']} (no --calib-set: a streamed "
+                                                                  f"model is never whole in memory to run a pipeline)"}
     report.update(model=args.model, adapter=report["capture"]["adapter"], written=written_files(args),
                   calibration=calibration,
                   output={"path": str(args.out), "bytes": out.stat().st_size},

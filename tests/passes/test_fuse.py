@@ -177,6 +177,9 @@ def test_structure_after_fuse(block):
     # silu, then "+ a.sum(-1, keepdim=True)": an operand with one value per token
     assert [s.kind for s in gemms["block.mlp2"].epilogue] == ["silu", "add"] and not gemms["block.mlp2"].bias
     assert gemms["block.q"].epilogue == () and gemms["block.q"].k == 64 and gemms["block.q"].n == 64
+    # each fused node's annotation holds, frozen, the spec its string argument encodes
+    fused = [n for n in gm.graph.nodes if n.target in (ops.fused_gemm.default, ops.fused_quantize_lora_down.default)]
+    assert len(fused) == 10 and all(info(n).spec == parse_spec(n.args[-1]) for n in fused)
     # the concatenated L2 replaced the two originals; nothing is left unused
     names = {name for name, _ in result.gm.named_buffers()} | {n for n, _ in result.gm.named_parameters()}
     assert "down_single_a_fused_cat" in names and "down_single_a" not in names and "down_single_b" not in names

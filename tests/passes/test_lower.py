@@ -4,6 +4,7 @@ import pytest
 import torch
 from tiny_models import by_name, dit_inputs, outlier_dit, prepared
 
+from svdq_compiler.codegen.spec import ActQuant
 from svdq_compiler.fx_utils import aten
 from svdq_compiler.ir import QuantOpInfo
 from svdq_compiler.report import format_layers
@@ -30,6 +31,9 @@ def test_int4_lowered_form_and_report():
     assert qkv.args[2] == 0 and qkv.args[3] == "int4"
     down = next(n for n in quantizers if "blocks.0.down" in n.meta["svdq"].linears)
     assert down.args[2] == pytest.approx(0.171875) and down.args[3] == "uint4"
+    # the annotation's frozen ActQuant is what the node's arguments say: shift, format, group
+    for node in (qkv, down):
+        assert node.meta["svdq"].spec == ActQuant(node.args[3], node.args[4], node.args[2])
     # Remaining aten.linear nodes: 16-bit layers and branch projections only.
     infos = by_name(gm)
     gemm = next(n for n in gm.graph.nodes if n.target == svdq.gemm.default and n.meta["svdq"].name == "blocks.0.k")
