@@ -173,7 +173,8 @@ def main() -> None:
     reference = run()
     report = json.loads(args.out.read_text()) if args.out.exists() else {}
     if "machine" in report:  # written before parts were measured separately
-        report["machines"] = {part: report.pop("machine") for part in ("layers", "variants") if part in report}
+        measured_by = report.pop("machine")
+        report["machines"] = {part: measured_by for part in ("layers", "variants") if part in report}
     report.update({"benchmark": "w8a8-error", "model": "all-MiniLM-L6-v2", "score": "relative L2 error of the "
                    "token states vs fp32 on 16 held-out sentences (padding included, as bench_peers)"})
     if "layers" in parts:
