@@ -242,15 +242,18 @@ def _emit_group_quantize(src: _Source, quant: ActQuant, value: str, rows: str, g
     """Quantize fp32 tile `value` [rows, groups·G] per group of G; defines `scale` [rows, groups] (stored type)
     and `packed`, the codes as stored: uint8 [rows, groups·G/2] for 4 bits, int8 [rows, groups·G] for int8.
     nvfp4 divides its E4M3 group scales by `tensor_scale` (the name of the fp32 per-tensor activation scale,
-    quant.py's two-level rule)."""
+    quant.py's two-level rule). Every division is IEEE's (div_rn, quotient_rn), as in quant.py: CUDA's fp32
+    `/` is up to 2 ulp off, which moves scales and codes."""
     g = quant.group_size
     src.add(f"grouped = tl.reshape({value}, ({rows}, {groups}, {g}))")
     src.add("absmax = tl.max(tl.abs(grouped), axis=2)")
     if quant.fmt == "nvfp4":
         src.add("""
-            scale = round_to_e4m3(absmax / 6.0 / {ts})
+            scale = round_to_e4m3(tl.div_rn(tl.div_rn(absmax, 6.0), {ts}))
             scale = tl.where(scale == 0.0, 1.0, scale)
-            codes = e2m1_code(tl.minimum(tl.maximum(grouped / (scale * {ts})[:, :, None], -6.0), 6.0))
+            effective = (scale * {ts})[:, :, None]
+            codes = quotient_rn(grouped, effective, reciprocal(effective))
+            codes = e2m1_code(tl.minimum(tl.maximum(codes, -6.0), 6.0))
             # consecutive pairs: byte j = code[2j] | code[2j + 1] << 4
             low, high = tl.split(tl.reshape(codes, ({rows}, {groups}, {half}, 2)))
             scale = e4m3_bits(scale)""".replace("{rows}", rows).replace("{groups}", groups)
@@ -259,11 +262,13 @@ def _emit_group_quantize(src: _Source, quant: ActQuant, value: str, rows: str, g
         number = FORMATS[quant.fmt]
         qmax, qmin = number.qmax, number.qmin
         # int8 scales stay fp32 (quant.py); the 4-bit formats' are rounded to the model dtype
-        scale = _rounded(f"absmax / {qmax!r}", dtype) if number.scale_dtype is None else f"absmax / {qmax!r}"
+        quotient = f"tl.div_rn(absmax, {qmax!r})"
+        scale = _rounded(quotient, dtype) if number.scale_dtype is None else quotient
         src.add(f"""
             scale = {scale}
             scale = tl.where(scale == 0.0, 1.0, scale)
-            codes = tl.minimum(tl.maximum(round_half_even(grouped / scale[:, :, None]), {qmin!r}), {qmax!r})""")
+            codes = quotient_rn(grouped, scale[:, :, None], reciprocal(scale)[:, :, None])
+            codes = tl.minimum(tl.maximum(round_half_even(codes), {qmin!r}), {qmax!r})""")
         if not quant.packed:
             src.add(f"packed = tl.reshape(codes.to(tl.int8), ({rows}, {groups} * {g}))  # one code per byte")
             return
@@ -419,7 +424,7 @@ def _emit_quantize_halves_body(src: _Source, spec: QuantizeSpec, target: Target,
         src.add(f"{part} = tl.reshape({part}, (BLOCK_M, GROUPS_PER_STEP, {half}))")
     src.add(f"""
         absmax = tl.maximum(tl.max(tl.abs(low), axis=2), tl.max(tl.abs(high), axis=2))
-        scale = {_rounded(f"absmax / {qmax!r}", dtype)}
+        scale = {_rounded(f"tl.div_rn(absmax, {qmax!r})", dtype)}
         scale = tl.where(scale == 0.0, 1.0, scale)
         scale_reciprocal = (1.0 / scale)[:, :, None]
         low = nearest_code_bits(low, scale_reciprocal, {qmin!r}, {qmax!r})
@@ -443,14 +448,17 @@ def _emit_quantize_int8_body(src: _Source, spec: QuantizeSpec, target: Target, d
     src.add("absmax = tl.maximum(absmax, tl.max(tl.abs(value), axis=1))")
     src.dedent()
     src.add("""
-        scale = absmax / 127.0
+        # IEEE divisions (div_rn, quotient_rn): CUDA's fp32 `/` is up to 2 ulp off, which moves scales and codes
+        scale = tl.div_rn(absmax, 127.0)
         scale = tl.where(scale == 0.0, 1.0, scale)
+        scale_reciprocal = reciprocal(scale)
         tl.store(scales_ptr + rows, scale, mask=row_ok)
         for k0 in range(0, K, BLOCK_K):""")
     src.indent()
     _emit_step_loads(src, spec, target, dtype, "BLOCK_K", with_down=False)
     src.add("""
-        codes = tl.minimum(tl.maximum(round_half_even(value / scale[:, None]), -127.0), 127.0)
+        codes = quotient_rn(value, scale[:, None], scale_reciprocal[:, None])
+        codes = tl.minimum(tl.maximum(round_half_even(codes), -127.0), 127.0)
         tl.store(codes_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], codes.to(tl.int8),
                  mask=row_ok[:, None] & col_ok[None, :])""")
     src.dedent()
@@ -841,8 +849,10 @@ def _as_model_dtype(expr: str, dtype: str, target: Target) -> str:
 def _weight_only_description(spec: WeightOnlySpec, target: Target) -> str:
     g, half = spec.group_size, spec.group_size // 2
     if spec.weight == "nf4":
-        value = ("its NormalFloat value, looked up in the 16-entry fp32 codebook (a 64-byte table the loads "
-                 "keep in L1), times its group's scale in fp32,")
+        table = ("in registers, byte permutes over the codebook's four byte planes (a gather per weight cost more "
+                 "than the whole int4 path)" if target.backend == "cuda" else "with a load from the codebook table")
+        value = (f"its NormalFloat value from the 16-entry fp32 codebook, looked up {table}, times its group's "
+                 "scale in fp32,")
     elif spec.dtype == "float32":
         value = ("its signed integer (−8…7), converted exactly to fp32 with an integer add and a float subtract "
                  "(the I2F instruction runs at a quarter rate), times its group's scale in fp32,")
@@ -921,7 +931,9 @@ def _generate_weight_only(spec: WeightOnlySpec, target: Target) -> str:
                 w_low = {_as_model_dtype("w_low", dtype, target)}
                 w_high = {_as_model_dtype("w_high", dtype, target)}""")
     else:
-        if spec.weight == "nf4":
+        if spec.weight == "nf4" and target.backend == "cuda":
+            src.add("w_low, w_high = nf4_values_ptx(packed)")
+        elif spec.weight == "nf4":
             src.add("""
                 w_low = tl.load(codebook_ptr + (packed & 15))
                 w_high = tl.load(codebook_ptr + (packed >> 4))""")

@@ -71,7 +71,7 @@ run() {
     # 1. tests, warm-up and a first FLUX block at once (the -P keeps the checkout's svdq_compiler/ folder, whose
     # codegen/ and passes/ the install maps in, from shadowing the installed package)
     step gpu-tests 200 python3 -P -m pytest -q -p no:cacheprovider -n 4 -m gpu --continue-on-collection-errors \
-        tests/codegen/test_kernels_cuda.py tests/test_graph_record.py tests/test_graph_file.py &
+        tests/codegen/test_kernels.py tests/test_graph_record.py tests/test_graph_file.py &
     local kn formats
     for kn in "${FLUX_KN[@]}"; do
         for formats in int4 int8,nvfp4 w4a16; do

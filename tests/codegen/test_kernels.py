@@ -1,6 +1,11 @@
 """Every generated kernel against its reference op, under the Triton interpreter (TRITON_INTERPRET semantics
 on the CPU): codes and scales bit for bit, 16-bit outputs within rounding, for every format and epilogue, with
-ragged M (token counts that are not a multiple of the tile), ragged N and K that needs padding."""
+ragged M (token counts that are not a multiple of the tile), ragged N and K that needs padding.
+
+The cases parametrized by `device` also run compiled on a GPU (`-m gpu`): there the int4 GEMM and kernel W
+unpack nibbles with inline PTX and Triton picks tensor-core instructions, which only a GPU can check. One test
+body serves both, so the GPU run cannot drift from the cases CI keeps running.
+"""
 
 import dataclasses
 
@@ -14,9 +19,16 @@ from svdq_compiler.codegen import launch
 from svdq_compiler.codegen.fused_ops import apply_epilogue, reference_gemm, reference_weight_only_linear
 from svdq_compiler.codegen.layout import pack_weight, unpack_act, unpack_weight
 from svdq_compiler.codegen.spec import ActQuant, Epilogue, GemmSpec, QuantizeNext, QuantizeSpec, WeightOnlySpec
+from torch.utils._pytree import tree_map
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy sigmoid of -inf-ish
 ops = torch.ops.svdq
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _on(device, values):
+    """`values` (tensors, or tuples and lists of them) moved to `device`."""
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, values)
 GROUP = {"int4": 64, "uint4": 64, "nvfp4": 16, "int8": 0}
 SHIFT = {"uint4": 0.171875}
 
@@ -87,11 +99,13 @@ def kernel_a_case(label, lead, k, rank, smooth, dtype, fixed_k, seed):
     return x, lam, lora_down, shift, spec, quant.act_tensor_scale(x, fmt)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt, lead, k, rank, smooth, dtype, fixed_k", QUANTIZE_CASES)
-def test_kernel_a_matches_quantize_act_and_the_down_projection(fmt, lead, k, rank, smooth, dtype, fixed_k):
+def test_kernel_a_matches_quantize_act_and_the_down_projection(fmt, lead, k, rank, smooth, dtype, fixed_k, device):
     x, lam, lora_down, shift, spec, act_scale = kernel_a_case(fmt, lead, k, rank, smooth, dtype, fixed_k,
                                                               hash((fmt, k, rank)) % 1000)
-    codes, scales, down = launch.quantize_lora_down(x, lam, lora_down, spec, act_scale)
+    codes, scales, down = _on("cpu", launch.quantize_lora_down(*_on(device, (x, lam, lora_down)), spec,
+                                                               _on(device, act_scale)))
     ref_codes, ref_scales = ops.quantize_act(x, lam, shift, spec.quant.fmt, spec.quant.group_size, act_scale)
     assert torch.equal(codes, ref_codes)
     assert scales.dtype == ref_scales.dtype and torch.equal(scales, ref_scales)
@@ -149,10 +163,20 @@ GEMM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("fmt, lead, k, n, rank, bias, dtype", GEMM_CASES)
-def test_kernel_b_matches_the_lowered_gemm_branch_and_bias(fmt, lead, k, n, rank, bias, dtype):
+FLUX_WIDTH_GEMMS = [  # compiled only: too slow for the interpreter
+    pytest.param("int4", (2, 256), 3072, 512, 32, True, torch.bfloat16, "cuda", marks=pytest.mark.gpu),
+    pytest.param("uint4", (1, 300), 3072, 384, 32, True, torch.bfloat16, "cuda", marks=pytest.mark.gpu),  # ragged M
+    pytest.param("int4", (130,), 3072, 200, 0, False, torch.float16, "cuda", marks=pytest.mark.gpu),  # ragged N
+]
+
+
+@pytest.mark.parametrize("fmt, lead, k, n, rank, bias, dtype, device",
+                         [pytest.param(*case, "cpu") for case in GEMM_CASES]
+                         + [pytest.param(*case, "cuda", marks=pytest.mark.gpu) for case in GEMM_CASES]
+                         + FLUX_WIDTH_GEMMS)
+def test_kernel_b_matches_the_lowered_gemm_branch_and_bias(fmt, lead, k, n, rank, bias, dtype, device):
     spec, args, act_scale = _gemm_case(fmt, lead, k, n, rank, bias, dtype, seed=k + n)
-    (y,) = launch.gemm(*args, None, None, spec, act_scale)
+    (y,) = _on("cpu", launch.gemm(*_on(device, (*args, None, None)), spec, _on(device, act_scale)))
     (expected,) = reference_gemm(*args, None, None, spec, act_scale)
     _close(y, expected)
 
@@ -285,10 +309,11 @@ WEIGHT_ONLY_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt, lead, k, n, rank, bias, dtype, group", WEIGHT_ONLY_CASES)
-def test_kernel_w_matches_the_weight_only_reference(fmt, lead, k, n, rank, bias, dtype, group):
+def test_kernel_w_matches_the_weight_only_reference(fmt, lead, k, n, rank, bias, dtype, group, device):
     spec, args = _weight_only_case(fmt, lead, k, n, rank, bias, dtype, group=group, seed=k + n)
-    y = launch.weight_only_linear(*args, spec)
+    y = _on("cpu", launch.weight_only_linear(*_on(device, args), spec))
     _close(y, reference_weight_only_linear(*args, spec), rel=2e-3)
     if not rank:  # the dequantized weight path alone: the reference op itself
         x, codes, scales, _, _, bias_t, _ = args
@@ -315,11 +340,12 @@ def int4_identity_case(dtype):
     return torch.eye(k, dtype=dtype), packed.qweight, packed.wscales, spec, reference
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_w_int4_dequantizes_bit_for_bit(dtype):
+def test_kernel_w_int4_dequantizes_bit_for_bit(dtype, device):
     """The 16-bit path (`scaled_nibbles`: the exponent construction the compiled PTX also uses)."""
     x, codes, scales, spec, reference = int4_identity_case(dtype)
-    y = launch.weight_only_linear(x, codes, scales, None, None, None, [], spec)
+    y = _on("cpu", launch.weight_only_linear(*_on(device, (x, codes, scales)), None, None, None, [], spec))
     assert torch.equal(y.t().view(torch.int16), reference.view(torch.int16))
 
 
