@@ -84,19 +84,30 @@ _NVFP4_DEQUANTIZE_TILES = {
     "ampere": [(64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
 }
 # (block_m, block_n, channels per K step, num_warps, num_stages) for the W4A16 GEMM.
+# The first two serve M = 1: a program's [BLOCK_N, groups] scale tile must give each thread two adjacent scales
+# (4 bytes, the smallest asynchronous copy), else Triton's pipeliner leaves that load synchronous and every K step
+# waits a memory latency for it (the 4-warp 16×32 tile: 1.1× bf16 at FLUX's modulation shapes on the H200, in
+# two waves of four programs an SM); 1 and 2 warps with 25-31 KB of shared memory also fit every program of
+# N = 18432 / 32 in one wave.
 _WEIGHT_ONLY_SMALL_M = {
-    "hopper": [(16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3),
-               (32, 64, 128, 4, 4)],
-    "ada": [(16, 32, 256, 4, 3), (16, 64, 128, 4, 3), (16, 128, 128, 4, 2), (32, 64, 128, 4, 3)],
-    "ampere": [(16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4)],
+    "hopper": [(16, 32, 256, 2, 3), (16, 16, 256, 1, 4), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3),
+               (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4)],
+    "ada": [(16, 32, 256, 2, 3), (16, 16, 256, 1, 4), (16, 32, 256, 4, 3), (16, 64, 128, 4, 3), (16, 128, 128, 4, 2),
+            (32, 64, 128, 4, 3)],
+    "ampere": [(16, 32, 256, 2, 3), (16, 16, 256, 1, 4), (16, 32, 256, 4, 4), (16, 64, 128, 4, 4),
+               (16, 128, 128, 4, 3), (32, 64, 128, 4, 4)],
 }
 _WEIGHT_ONLY_LARGE_M = {
     # 128×256 and 256×128 (8 warps) spill with a rank-32 branch and epilogue, and Ampere's 128×64×128 with 4
     # warps (AOT gate)
     "hopper": [(128, 128, 64, 8, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)],
     "ada": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 128, 4, 3)],
-    "ampere": [(128, 128, 64, 8, 3), (64, 128, 128, 4, 4)],
+    "ampere": [(128, 128, 64, 8, 3), (64, 128, 128, 4, 4), (128, 64, 64, 4, 3)],
 }
+# nf4's register lookup (kernel_lib.nf4_values_ptx) holds the codebook's 16 words beside each thread's dot operand
+# tiles: with mma.sync operands in registers, these tiles spill on sm_80/86/89 (5-215 local stores, AOT gate);
+# Ampere's 128×64×64 stays (255 registers, no spill) as nf4's tall tile there
+_NF4_SPILLING = {"ampere": {(128, 128, 64), (64, 128, 128)}, "ada": {(128, 128, 64), (64, 64, 128)}, "hopper": set()}
 _WEIGHT_ONLY_SMALL_BUCKET = 32  # up to this many rows (bucketed), the small-M tiles
 # (block_m, num_warps, num_stages) for kernel A. The AOT gate found 64-row and 8-warp tiles spilling on some arch
 # (the rank-32 down projection's accumulator sits beside the quantizer's tiles), and nvfp4's 16-row tile on
@@ -212,7 +223,8 @@ def weight_only_configs(spec: WeightOnlySpec, target: Target, m: int) -> list[We
         tiles = [tile for tile in tiles if tile[:2] != (16, 128)]
     configs = [WeightOnlyConfig(block_m, block_n, max(1, step // spec.group_size), 1 if block_m <= 32 else 8,
                                 warps, stages)
-               for block_m, block_n, step, warps, stages in tiles if block_m <= max(bucket, 64)]
+               for block_m, block_n, step, warps, stages in tiles if block_m <= max(bucket, 64)
+               and not (spec.weight == "nf4" and (block_m, block_n, step) in _NF4_SPILLING[family])]
     return list(dict.fromkeys(configs))
 
 

@@ -242,15 +242,18 @@ def _emit_group_quantize(src: _Source, quant: ActQuant, value: str, rows: str, g
     """Quantize fp32 tile `value` [rows, groups·G] per group of G; defines `scale` [rows, groups] (stored type)
     and `packed`, the codes as stored: uint8 [rows, groups·G/2] for 4 bits, int8 [rows, groups·G] for int8.
     nvfp4 divides its E4M3 group scales by `tensor_scale` (the name of the fp32 per-tensor activation scale,
-    quant.py's two-level rule)."""
+    quant.py's two-level rule). Every division is IEEE's (div_rn, quotient_rn), as in quant.py: CUDA's fp32
+    `/` is up to 2 ulp off, which moves scales and codes."""
     g = quant.group_size
     src.add(f"grouped = tl.reshape({value}, ({rows}, {groups}, {g}))")
     src.add("absmax = tl.max(tl.abs(grouped), axis=2)")
     if quant.fmt == "nvfp4":
         src.add("""
-            scale = round_to_e4m3(absmax / 6.0 / {ts})
+            scale = round_to_e4m3(tl.div_rn(tl.div_rn(absmax, 6.0), {ts}))
             scale = tl.where(scale == 0.0, 1.0, scale)
-            codes = e2m1_code(tl.minimum(tl.maximum(grouped / (scale * {ts})[:, :, None], -6.0), 6.0))
+            effective = (scale * {ts})[:, :, None]
+            codes = quotient_rn(grouped, effective, reciprocal(effective))
+            codes = e2m1_code(tl.minimum(tl.maximum(codes, -6.0), 6.0))
             # consecutive pairs: byte j = code[2j] | code[2j + 1] << 4
             low, high = tl.split(tl.reshape(codes, ({rows}, {groups}, {half}, 2)))
             scale = e4m3_bits(scale)""".replace("{rows}", rows).replace("{groups}", groups)
@@ -258,8 +261,7 @@ def _emit_group_quantize(src: _Source, quant: ActQuant, value: str, rows: str, g
     else:
         number = FORMATS[quant.fmt]
         qmax, qmin = number.qmax, number.qmin
-        # int8 scales stay fp32 (quant.py); the 4-bit formats' are rounded to the model dtype. Both divisions are
-        # IEEE's (div_rn, quotient_rn): CUDA's fp32 `/` is up to 2 ulp off, which moves scales and codes.
+        # int8 scales stay fp32 (quant.py); the 4-bit formats' are rounded to the model dtype
         quotient = f"tl.div_rn(absmax, {qmax!r})"
         scale = _rounded(quotient, dtype) if number.scale_dtype is None else quotient
         src.add(f"""
@@ -853,8 +855,10 @@ def _as_model_dtype(expr: str, dtype: str, target: Target) -> str:
 def _weight_only_description(spec: WeightOnlySpec, target: Target) -> str:
     g, half = spec.group_size, spec.group_size // 2
     if spec.weight == "nf4":
-        value = ("its NormalFloat value, looked up in the 16-entry fp32 codebook (a 64-byte table the loads "
-                 "keep in L1), times its group's scale in fp32,")
+        table = ("in registers, byte permutes over the codebook's four byte planes (a gather per weight cost more "
+                 "than the whole int4 path)" if target.backend == "cuda" else "with a load from the codebook table")
+        value = (f"its NormalFloat value from the 16-entry fp32 codebook, looked up {table}, times its group's "
+                 "scale in fp32,")
     elif spec.dtype == "float32":
         value = ("its signed integer (−8…7), converted exactly to fp32 with an integer add and a float subtract "
                  "(the I2F instruction runs at a quarter rate), times its group's scale in fp32,")
@@ -933,7 +937,9 @@ def _generate_weight_only(spec: WeightOnlySpec, target: Target) -> str:
                 w_low = {_as_model_dtype("w_low", dtype, target)}
                 w_high = {_as_model_dtype("w_high", dtype, target)}""")
     else:
-        if spec.weight == "nf4":
+        if spec.weight == "nf4" and target.backend == "cuda":
+            src.add("w_low, w_high = nf4_values_ptx(packed)")
+        elif spec.weight == "nf4":
             src.add("""
                 w_low = tl.load(codebook_ptr + (packed & 15))
                 w_high = tl.load(codebook_ptr + (packed >> 4))""")

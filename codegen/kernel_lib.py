@@ -267,6 +267,42 @@ def scaled_nibbles_ptx(packed, scale):
     return low, high
 
 
+# kernel W's NF4 codebook lookup in registers. The 16 fp32 values (quant.NF4_CODEBOOK; tests/codegen/
+# test_kernel_lib.py rebuilds these words from it) as four byte planes: word 4p + j holds byte p of entries
+# 4j..4j+3, entry 4j + e in byte e. One PRMT picks byte p of four weights at once from entries 0-7 (words
+# 4p, 4p + 1), one from entries 8-15, and a LOP3 keeps the second where the index has bit 3 set (a byte mask
+# that PRMT's sign-replicating mode spreads from that bit); eight PRMTs transpose the four planes into the four
+# weights' fp32 words. About 26 instructions per four weights, against a gather per weight.
+_NF4_PLANE_WORDS = (0xA030B100, 0x00713F4D, 0x3ADDE3FF, 0x00B3ABB8, 0x326B3900, 0x007835A2, 0x0304CAFA,
+                    0x001307A4, 0xCA063280, 0x00BA3D91, 0xAD7C24A2, 0x803910E1, 0xBEBFBFBF, 0x00BDBEBE,
+                    0x3E3E3E3D, 0x3F3F3F3E)
+# From the indices' low three bits, one per byte of `a`: the selector of four nibbles (bytes 0 and 2 of
+# a | a >> 4); `m` is the mask; then the four planes, and their transpose into outputs $first..$first+3.
+_NF4_PLANES_PTX = ("shr.b32 b, a, 4; or.b32 a, a, b; prmt.b32 s, a, 0, 0x4420; "
+                   + "".join(f"prmt.b32 x0, c{4 * p}, c{4 * p + 1}, s; prmt.b32 x1, c{4 * p + 2}, c{4 * p + 3}, s; "
+                             f"lop3.b32 v{p}, x0, x1, m, 0xD8; " for p in range(4))
+                   + "prmt.b32 x0, v0, v1, 0x5140; prmt.b32 x1, v0, v1, 0x7362; prmt.b32 x2, v2, v3, 0x5140; "
+                   "prmt.b32 x3, v2, v3, 0x7362; prmt.b32 ${0}, x0, x2, 0x5410; prmt.b32 ${1}, x0, x2, 0x7632; "
+                   "prmt.b32 ${2}, x1, x3, 0x5410; prmt.b32 ${3}, x1, x3, 0x7632; ")
+# $8 holds four bytes; $0-$3 the values of their low nibbles, $4-$7 of their high ones. For the low nibbles
+# bit 3 reaches bit 7 of its byte by a shift left; for the high ones it is there already.
+_NF4_VALUES_PTX = tl.constexpr(
+    "{ .reg .b32 c<16>, v<4>, x<4>, a, b, s, m; "
+    + "".join(f"mov.b32 c{i}, {word:#010x}; " for i, word in enumerate(_NF4_PLANE_WORDS))
+    + "and.b32 a, $8, 0x07070707; shl.b32 m, $8, 4; prmt.b32 m, m, 0, 0xBA98; " + _NF4_PLANES_PTX.format(0, 1, 2, 3)
+    + "shr.b32 a, $8, 4; and.b32 a, a, 0x07070707; prmt.b32 m, $8, 0, 0xBA98; " + _NF4_PLANES_PTX.format(4, 5, 6, 7)
+    + "}")
+
+
+@triton.jit
+def nf4_values_ptx(packed):
+    """NF4 codebook values (fp32) of the low and high nibbles of uint8 bytes, looked up in registers with byte
+    permutes over the codebook's byte planes (inline PTX; CUDA only): a gather per weight from a codebook in
+    global memory became a 4-byte asynchronous copy per weight through shared memory."""
+    return tl.inline_asm_elementwise(_NF4_VALUES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
+                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+
+
 @triton.jit
 def computed_once_ptx(x):
     """x, as an identity Triton may not duplicate (inline PTX with side effects; CUDA only, 16- or 32-bit x).

@@ -83,6 +83,17 @@ def form_problem(config, form: str) -> str | None:
     return None
 
 
+def require_onnx_packages(where: str) -> None:
+    """torch.onnx's exporter needs onnx and onnxscript, which are an optional extra: say so before any work."""
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InputError(f"exporting ONNX needs the package{'s' if len(missing) > 1 else ''} "
+                         f"{' and '.join(missing)}, which {'are' if len(missing) > 1 else 'is'} not installed",
+                         where=where, fix="pip install 'svdq-compiler[onnx]'")
+
+
 def export_onnx(gm: torch.nn.Module, path: str | Path, example_inputs: tuple | dict | None = None,
                 form: str = "portable") -> Path:
     """Write the compiled graph `gm` (from compile or load) to `path` as an ONNX model; returns the path.
@@ -93,6 +104,7 @@ def export_onnx(gm: torch.nn.Module, path: str | Path, example_inputs: tuple | d
 
     if form not in FORMS:
         raise InputError(f"unknown ONNX form {form!r}", where="export_onnx(form=...)", fix=f"use one of {FORMS}")
+    require_onnx_packages("export_onnx")
     gm = graph_module_of(gm)
     capture_report(gm)
     inputs = example_inputs if example_inputs is not None else gm.meta.get(INPUTS_META)

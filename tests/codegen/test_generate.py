@@ -189,8 +189,10 @@ CHECK: tl.atomic_add(next_down_ptr
 CHECK-LABEL: def svdq_gemm_int4
 CHECK: tl.store(out_ptr
 CHECK: next_act_scale = tl.load(next_act_scale_ptr)
-CHECK: scale = round_to_e4m3(absmax / 6.0 / next_act_scale)
-CHECK: codes = e2m1_code(tl.minimum(tl.maximum(grouped / (scale * next_act_scale)[:, :, None], -6.0), 6.0))
+CHECK: scale = round_to_e4m3(tl.div_rn(tl.div_rn(absmax, 6.0), next_act_scale))
+CHECK: effective = (scale * next_act_scale)[:, :, None]
+CHECK-NEXT: codes = quotient_rn(grouped, effective, reciprocal(effective))
+CHECK-NEXT: codes = e2m1_code(tl.minimum(tl.maximum(codes, -6.0), 6.0))
 CHECK: low, high = tl.split(tl.reshape(codes, (BLOCK_M, (BLOCK_N // 16), 8, 2)))
 CHECK-NOT: atomic_add
 """)
@@ -275,7 +277,7 @@ CHECK: Kernel W (W4A16) for spec {{[0-9a-f]+}}: {"bias":true,"dtype":"bfloat16"
 CHECK: y[M, N] = x·Wᵀ + bias, then the epilogue; x [M, K] in bfloat16, W nf4 codes × bfloat16 scales
 CHECK: K = 3072, N = 18432.
 CHECK: the split-half layout, so no shuffle
-CHECK: 16-entry fp32
+CHECK: 16-entry fp32 codebook, looked up in registers
 CHECK: Epilogue (fp32 in registers, rounded once to bfloat16): silu.
 CHECK-LABEL: def svdq_w4a16_nf4_r0_
 CHECK-NEXT: x_ptr, stride_xm, w_codes_ptr, w_scales_ptr, codebook_ptr, bias_ptr,
@@ -288,8 +290,8 @@ CHECK-NEXT: packed = tl.load(w_rows + first_group * 32 + byte_cols[None, :])
 CHECK-NEXT: w_scale = tl.load(w_scales_ptr + groups[None, :] * N + cols_in[:, None])
 CHECK-NEXT: x_low = tl.load(x_rows + (k0 + low_cols)[None, :])
 CHECK-NEXT: x_high = tl.load(x_rows + (k0 + 32 + low_cols)[None, :])
-CHECK: w_low = tl.load(codebook_ptr + (packed & 15))
-CHECK-NEXT: w_high = tl.load(codebook_ptr + (packed >> 4))
+CHECK-NOT: codebook_ptr +
+CHECK: w_low, w_high = nf4_values_ptx(packed)
 CHECK: w_low = tl.reshape(tl.reshape(w_low, (BLOCK_N, GROUPS_PER_STEP, 32)) * w_scale, (BLOCK_N, STEP_BYTES))
 CHECK: w_low = (w_low).to(tl.bfloat16)
 CHECK-NEXT: w_high = (w_high).to(tl.bfloat16)

@@ -70,3 +70,58 @@ def test_nearest_code_bits_rounds_like_dividing_from_a_reciprocal_two_ulp_off(dt
         assert torch.equal(out, expected), f"reciprocal {ulps} ulp off"
         missed += int((torch.clamp(torch.round(v * r), lo, hi).to(torch.int32) != expected).sum())
     assert missed  # rounding the product alone gets some ties wrong: the snap to 2^-14 is doing the work
+
+
+def _run_ptx(text: str, inputs: dict[str, int]) -> dict[str, int]:
+    """Run straight-line PTX of 32-bit integer instructions (mov, and, or, shl, shr, prmt in its default mode,
+    lop3) as the PTX ISA defines them; registers and `$n` operands by name, immediates in hex or decimal."""
+    regs = dict(inputs)
+
+    def value(operand: str) -> int:
+        return int(operand, 0) & 0xFFFFFFFF if operand[0].isdigit() else regs[operand]
+
+    for statement in text.strip("{} ").split(";"):
+        tokens = statement.replace(",", " ").split()
+        if not tokens or tokens[0] == ".reg":
+            continue
+        op, dest, args = tokens[0].split(".")[0], tokens[1], [value(t) for t in tokens[2:]]
+        if op == "mov":
+            result = args[0]
+        elif op == "and":
+            result = args[0] & args[1]
+        elif op == "or":
+            result = args[0] | args[1]
+        elif op == "shl":
+            result = args[0] << args[1]
+        elif op == "shr":
+            result = args[0] >> args[1]
+        elif op == "prmt":
+            pool = (args[1] << 32 | args[0]).to_bytes(8, "little")
+            result = 0
+            for k in range(4):
+                nibble = args[2] >> (4 * k) & 15
+                byte = pool[nibble & 7]
+                result |= (0xFF if byte & 0x80 else 0) << (8 * k) if nibble & 8 else byte << (8 * k)
+        elif op == "lop3":
+            a, b, c, lut = args
+            result = sum(1 << i for i in range(32) if lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1)) & 1)
+        else:
+            raise AssertionError(f"no rule for {op}")
+        regs[dest] = result & 0xFFFFFFFF
+    return regs
+
+
+def test_nf4_lookup_ptx_gives_the_codebook_value_of_every_nibble():
+    """kernel W's compiled NF4 lookup (`nf4_values_ptx`), run instruction by instruction on all 256 bytes, four
+    to a register as Triton packs them, against quant.NF4_CODEBOOK's fp32 bits."""
+    from svdq_compiler.codegen.kernel_lib import _NF4_VALUES_PTX
+    from svdq_compiler.quant import NF4_CODEBOOK
+
+    codebook = torch.tensor(NF4_CODEBOOK, dtype=torch.float32).view(torch.int32).tolist()
+    bits = [b & 0xFFFFFFFF for b in codebook]
+    for first in range(0, 256, 4):
+        regs = _run_ptx(_NF4_VALUES_PTX.value, {"$8": int.from_bytes(bytes(range(first, first + 4)), "little")})
+        for e in range(4):
+            byte = first + e
+            assert regs[f"${e}"] == bits[byte & 15], f"low nibble of byte {byte}"
+            assert regs[f"${4 + e}"] == bits[byte >> 4], f"high nibble of byte {byte}"
