@@ -72,7 +72,7 @@ CHECK-NEXT: w_low, w_high = nibbles_x16_ptx(tl.load(w_ptrs))
 CHECK-NEXT: partial = tl.dot(a_low, tl.trans(w_low), out_dtype=tl.int32)
 CHECK-NEXT: partial = tl.dot(a_high, tl.trans(w_high), partial, out_dtype=tl.int32)
 CHECK-NEXT: row_factor = tl.load(a_scale_ptrs + group).to(tl.float32) * 0.00390625
-CHECK-NEXT: w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
+CHECK-NEXT: w_scale = computed_once_ptx(tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32))
 CHECK-NEXT: acc = add_scaled_partial(acc, partial, row_factor, w_scale)
 CHECK: acc = tl.dot(down, tl.trans(lora_up), acc)
 CHECK-NEXT: acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
