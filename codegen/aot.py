@@ -49,7 +49,7 @@ _INT_EXTRA = ("LOP3", "LOP", "SHF", "LEA", "SEL", "SGXT", "BMSK", "POPC", "FLO",
 
 
 # Bumped whenever what is read from the SASS changes, so cached results are recomputed.
-_ANALYSIS_VERSION = 2
+_ANALYSIS_VERSION = 3
 
 
 class AotError(SvdqError):
@@ -140,7 +140,7 @@ NVFP4_ARCHES = tuple(ARCHES)  # the dequantize path below sm_100, native block-s
 
 def kernel_templates() -> dict[str, KernelSpec]:
     """One spec per kernel template the compiler emits (format, epilogue kinds, rank, next-layer quantization),
-    at the FLUX size K = N = 3072 (bf16, one fp16 case)."""
+    at the FLUX size K = N = 3072 (bf16; fp16 where a template's code differs by dtype)."""
     from svdq_compiler.codegen.spec import ActQuant, Epilogue, QuantizeNext
 
     k = n = 3072
@@ -151,6 +151,7 @@ def kernel_templates() -> dict[str, KernelSpec]:
         "A uint4 r0": QuantizeSpec(ActQuant("uint4", 64, 0.171875), 0, "bfloat16", k=k),
         "A nvfp4 r32": QuantizeSpec(ActQuant("nvfp4", 16), 32, "bfloat16", k=k),
         "A int8 r32 fp16": QuantizeSpec(ActQuant("int8", 0), 32, "float16", k=k),
+        "A int8 g64 r32": QuantizeSpec(ActQuant("int8", 64), 32, "bfloat16", k=k),
         "B int4 r32 bias": GemmSpec("int4", 64, 32, True, "bfloat16", k=k, n=n),
         "B int4 r0": GemmSpec("int4", 64, 0, False, "bfloat16", k=k, n=n),
         "B uint4 r32 epilogues": GemmSpec("uint4", 64, 32, True, "bfloat16", k=k, n=n, epilogue=every_epilogue),
@@ -158,11 +159,16 @@ def kernel_templates() -> dict[str, KernelSpec]:
             "int4", 64, 32, True, "bfloat16", k=k, n=n, epilogue=(Epilogue("gelu_tanh"),),
             quantize_next=QuantizeNext(ActQuant("uint4", 64, 0.171875), 32)),
         "B int8 r32 bias": GemmSpec("int8", 0, 32, True, "bfloat16", k=k, n=n),
+        "B int8 g64 r32 bias": GemmSpec("int8", 64, 32, True, "bfloat16", k=k, n=n),
+        "B int8 g64 r32 quantize-next int8 g64": GemmSpec(
+            "int8", 64, 32, True, "bfloat16", k=k, n=n, epilogue=(Epilogue("gelu_tanh"),),
+            quantize_next=QuantizeNext(ActQuant("int8", 64), 32)),
         "B nvfp4 r32 bias": GemmSpec("nvfp4", 16, 32, True, "bfloat16", k=k, n=n),
         "B nvfp4 r32 quantize-next nvfp4": GemmSpec(
             "nvfp4", 16, 32, True, "bfloat16", k=k, n=n, epilogue=(Epilogue("mul"),),
             quantize_next=QuantizeNext(ActQuant("nvfp4", 16), 32, emit_output=True)),
         "W int4 r0 bias": WeightOnlySpec("int4", 64, 0, True, "bfloat16", k=k, n=18432),
+        "W int4 r0 fp16": WeightOnlySpec("int4", 64, 0, False, "float16", k=k, n=n),
         "W nf4 r32 epilogues fp16": WeightOnlySpec("nf4", 64, 32, True, "float16", k=k, n=n,
                                                    epilogue=(Epilogue("silu"), Epilogue("mul"))),
     }
@@ -201,7 +207,9 @@ class GateCase:
 # configuration of the other kinds of kernel (the full matrix is `gate_cases(full=True)`).
 _DEFAULT_EVERY_CONFIG = ("B int4 r32 bias", ("sm_80", "sm_89", "sm_90"))
 _DEFAULT_ONE_CONFIG = (("B int4 r32 bias", "sm_86"), ("B nvfp4 r32 bias", "sm_100"), ("B nvfp4 r32 bias", "sm_120"),
-                       ("A int4 r32", "sm_90"), ("W int4 r0 bias", "sm_89"))
+                       ("A int4 r32", "sm_90"), ("W int4 r0 bias", "sm_89"), ("W int4 r0 fp16", "sm_90"),
+                       ("B int8 g64 r32 bias", "sm_80"),
+                       ("B int8 g64 r32 bias", "sm_90"), ("A int8 g64 r32", "sm_90"))
 
 
 def gate_cases(full: bool) -> list[GateCase]:
@@ -368,15 +376,20 @@ def classify(opcode: str) -> str:
 
 def hot_loop(instructions: list[tuple[int, str]]) -> dict:
     """The loop (backward branch) with the most tensor-core instructions (ties: the shortest); with none, the
-    longest loop. Its length, instruction mix, tensor-core opcodes, and whether each MMA is waited for at once."""
+    longest loop. Its length, instruction mix, tensor-core opcodes, and whether each MMA is waited for at once.
+
+    A backward branch whose span holds the kernel's EXIT is not a loop: ptxas places the retry of a barrier wait
+    after EXIT and jumps back from there to the instruction after the wait (sm_100's tcgen05 code), a span
+    that covers the whole epilogue."""
     loops = []
     index_of = {address: i for i, (address, _) in enumerate(instructions)}
+    exits = [i for i, (_, text) in enumerate(instructions) if base_opcode(text) == "EXIT"]
     for i, (address, text) in enumerate(instructions):
         # "BRA 0xa30", "@P0 BRA 0xa30", "BRA.U UP0, 0xd20" (sm_120 branches on a uniform predicate)
         match = re.search(r"\bBRA(?:\.\w+)*\s+(?:!?U?P\w+,\s*)?0x([0-9a-f]+)", text)
         if match and base_opcode(text) == "BRA":
             target = int(match.group(1), 16)
-            if target < address and target in index_of:
+            if target < address and target in index_of and not any(index_of[target] <= e < i for e in exits):
                 loops.append((index_of[target], i))
     if not loops:
         return {}

@@ -10,8 +10,9 @@ Layouts are those of `svdq_compiler.codegen.layout` (its module docstring is the
   (low nibble) and channel j + G/2 (high nibble), so one byte tile unpacks into two int8 tiles that are each a
   contiguous half of the group, and the GEMM issues one int8 dot per half with no shuffle;
 - nvfp4 codes `uint8 [rows, K_pad/2]`, consecutive pairs (low nibble = even k), the order `tl.dot_scaled` reads;
-- int8 codes `int8 [rows, K]`;
-- weight scales group-major `[K_pad/G, N]`; activation scales `[M, K_pad/G]` (`[M]` fp32 for int8);
+- int8 codes `int8 [rows, K_pad]`, one per byte;
+- weight scales group-major `[K_pad/G, N]`; activation scales `[M, K_pad/G]` (`[M]` for per-token int8; int8
+  scales are fp32);
   nvfp4 scales are FP8-E4M3, passed to the kernels as their uint8 bit patterns.
 """
 
@@ -182,7 +183,7 @@ def _module_text(spec: KernelSpec, description: str, kernel: _Source) -> str:
 
 def _quant_description(quant: ActQuant) -> str:
     source = "(x + shift)/λ" if quant.shift else "x/λ" if quant.smooth else "x"
-    if quant.fmt == "int8":
+    if quant.per_row:
         return (f"int8 per token: s = absmax({source} over the row)/127 in fp32 (0 → 1), "
                 f"q = clamp(round-half-even({source}/s), −127, 127).")
     if quant.fmt == "nvfp4":
@@ -191,6 +192,9 @@ def _quant_description(quant: ActQuant) -> str:
                 f"value); codes in consecutive pairs.")
     lo, hi = int(FORMATS[quant.fmt].qmin), int(FORMATS[quant.fmt].qmax)
     shift = f", shift {quant.shift:g}" if quant.shift else ""
+    if not quant.packed:
+        return (f"{quant.fmt}: per token and group of {quant.group_size}, s = absmax/{hi} in fp32 (0 → 1), "
+                f"q = clamp(round-half-even({source}/s), {lo}, {hi}); one code per byte.")
     return (f"{quant.fmt}{shift}: per token and group of {quant.group_size}, s = absmax/{hi} rounded to the "
             f"model dtype (0 → 1), q = clamp(round-half-even({source}/s), {lo}, {hi}); split-half packing.")
 
@@ -215,6 +219,14 @@ def _branch_input(x: str, smooth: str, dtype: str) -> str:
     return f"{_rounded(f'{x}.to(tl.float32) / {smooth_model}', dtype)}.to({_TL_DTYPE[dtype]})"
 
 
+def _code_columns(quant: ActQuant, channels: int | str) -> int | str:
+    """The stored code columns (bytes) that `channels` channels (a number or an expression) take: half as many
+    for 4-bit codes."""
+    if not quant.packed:
+        return channels
+    return channels // 2 if isinstance(channels, int) else f"{channels} // 2"
+
+
 def _emit_quant_input(src: _Source, quant: ActQuant, x: str, smooth: str, dtype: str, out: str) -> None:
     """`out` = (x + shift)/λ computed in fp32 and rounded once to the model dtype, as the reference op does."""
     value = f"{x}.to(tl.float32)"
@@ -228,26 +240,39 @@ def _emit_quant_input(src: _Source, quant: ActQuant, x: str, smooth: str, dtype:
 def _emit_group_quantize(src: _Source, quant: ActQuant, value: str, rows: str, groups: str, dtype: str,
                          tensor_scale: str = "") -> None:
     """Quantize fp32 tile `value` [rows, groups·G] per group of G; defines `scale` [rows, groups] (stored type)
-    and `packed` uint8 [rows, groups·G/2]. nvfp4 divides its E4M3 group scales by `tensor_scale` (the name of
-    the fp32 per-tensor activation scale, quant.py's two-level rule)."""
+    and `packed`, the codes as stored: uint8 [rows, groups·G/2] for 4 bits, int8 [rows, groups·G] for int8.
+    nvfp4 divides its E4M3 group scales by `tensor_scale` (the name of the fp32 per-tensor activation scale,
+    quant.py's two-level rule). Every division is IEEE's (div_rn, quotient_rn), as in quant.py: CUDA's fp32
+    `/` is up to 2 ulp off, which moves scales and codes."""
     g = quant.group_size
     src.add(f"grouped = tl.reshape({value}, ({rows}, {groups}, {g}))")
     src.add("absmax = tl.max(tl.abs(grouped), axis=2)")
     if quant.fmt == "nvfp4":
         src.add("""
-            scale = round_to_e4m3(absmax / 6.0 / {ts})
+            scale = round_to_e4m3(tl.div_rn(tl.div_rn(absmax, 6.0), {ts}))
             scale = tl.where(scale == 0.0, 1.0, scale)
-            codes = e2m1_code(tl.minimum(tl.maximum(grouped / (scale * {ts})[:, :, None], -6.0), 6.0))
+            effective = (scale * {ts})[:, :, None]
+            codes = quotient_rn(grouped, effective, reciprocal(effective))
+            codes = e2m1_code(tl.minimum(tl.maximum(codes, -6.0), 6.0))
             # consecutive pairs: byte j = code[2j] | code[2j + 1] << 4
             low, high = tl.split(tl.reshape(codes, ({rows}, {groups}, {half}, 2)))
             scale = e4m3_bits(scale)""".replace("{rows}", rows).replace("{groups}", groups)
                 .replace("{half}", str(g // 2)).replace("{ts}", tensor_scale))
     else:
-        qmax, qmin = FORMATS[quant.fmt].qmax, FORMATS[quant.fmt].qmin
+        number = FORMATS[quant.fmt]
+        qmax, qmin = number.qmax, number.qmin
+        # int8 scales stay fp32 (quant.py); the 4-bit formats' are rounded to the model dtype
+        quotient = f"tl.div_rn(absmax, {qmax!r})"
+        scale = _rounded(quotient, dtype) if number.scale_dtype is None else quotient
         src.add(f"""
-            scale = {_rounded(f"absmax / {qmax!r}", dtype)}
+            scale = {scale}
             scale = tl.where(scale == 0.0, 1.0, scale)
-            codes = tl.minimum(tl.maximum(round_half_even(grouped / scale[:, :, None]), {qmin!r}), {qmax!r})
+            codes = quotient_rn(grouped, scale[:, :, None], reciprocal(scale)[:, :, None])
+            codes = tl.minimum(tl.maximum(round_half_even(codes), {qmin!r}), {qmax!r})""")
+        if not quant.packed:
+            src.add(f"packed = tl.reshape(codes.to(tl.int8), ({rows}, {groups} * {g}))  # one code per byte")
+            return
+        src.add(f"""
             codes = codes.to(tl.int32)
             # split halves: byte j = code[j] | code[j + G/2] << 4
             low, high = tl.split(tl.permute(tl.reshape(codes, ({rows}, {groups}, 2, {g // 2})), (0, 1, 3, 2)))
@@ -272,7 +297,7 @@ def _generate_quantize(spec: QuantizeSpec, target: Target) -> str:
                                                  if rank else "(rank 0: no low-rank branch)"}
         Tiling: a 1-D grid over row blocks; each program owns BLOCK_M rows and walks all of K in steps of
         {"GROUPS_PER_STEP·" + str(g) if g else "BLOCK_K"} channels, so every element of x is read once
-        ({"twice for int8: the per-token scale needs the whole row before the first code" if quant.fmt == "int8"
+        ({"twice for int8: the per-token scale needs the whole row before the first code" if quant.per_row
           else "the scales are per group, so each step quantizes what it loaded"}) and the down projection is
         accumulated in registers: no atomics, deterministic.
         Written for {target.describe()}.
@@ -290,8 +315,10 @@ def _generate_quantize(spec: QuantizeSpec, target: Target) -> str:
             ranks = tl.arange(0, {_rank_pad(rank)})
             rank_ok = ranks < {rank}
             down = tl.zeros((BLOCK_M, {_rank_pad(rank)}), dtype=tl.float32)""")
-    if quant.fmt == "int8":
+    if quant.per_row:
         _emit_quantize_int8_body(src, spec, target, dtype)
+    elif quant.fmt in ("int4", "uint4") and dtype != "float32":
+        _emit_quantize_halves_body(src, spec, target, dtype)
     else:
         _emit_quantize_grouped_body(src, spec, target, dtype)
     if rank:
@@ -337,13 +364,78 @@ def _emit_quantize_grouped_body(src: _Source, spec: QuantizeSpec, target: Target
     src.indent()
     _emit_step_loads(src, spec, target, dtype, "STEP", with_down=bool(spec.rank))
     _emit_group_quantize(src, quant, "value", "BLOCK_M", "GROUPS_PER_STEP", dtype, "act_scale")
+    first, step, width = _code_columns(quant, "k0"), _code_columns(quant, "STEP"), _code_columns(quant, g)
     src.add(f"""
-        byte_cols = k0 // 2 + tl.arange(0, STEP // 2)
-        tl.store(codes_ptr + rows.to(tl.int64)[:, None] * (num_groups * {g // 2}) + byte_cols[None, :], packed,
-                 mask=row_ok[:, None] & (byte_cols < num_groups * {g // 2})[None, :])
+        byte_cols = {first} + tl.arange(0, {step})
+        tl.store(codes_ptr + rows.to(tl.int64)[:, None] * (num_groups * {width}) + byte_cols[None, :], packed,
+                 mask=row_ok[:, None] & (byte_cols < num_groups * {width})[None, :])
         group_cols = k0 // {g} + tl.arange(0, GROUPS_PER_STEP)
         tl.store(scales_ptr + rows.to(tl.int64)[:, None] * num_groups + group_cols[None, :], scale,
                  mask=row_ok[:, None] & (group_cols < num_groups)[None, :])""")
+    src.dedent()
+
+
+def _emit_quantize_halves_body(src: _Source, spec: QuantizeSpec, target: Target, dtype: str) -> None:
+    """Kernel A for int4/uint4 codes of 16-bit models: each step is read as the two halves of its groups that
+    share a byte (split-half layout), so the codes pack element-wise; divisions become multiplications by a
+    reciprocal per column or group (`quotient_rn`, `nearest_code_bits`), bit for bit what dividing gives."""
+    quant, rank = spec.quant, spec.rank
+    g, half = quant.group_size, quant.group_size // 2
+    qmax, qmin = FORMATS[quant.fmt].qmax, FORMATS[quant.fmt].qmin
+    src.add(f"""
+        num_groups = tl.cdiv(K, {g})
+        STEP: tl.constexpr = GROUPS_PER_STEP * {g}
+        # byte j of a group holds channel j (low nibble) and channel j + {half} (high nibble)
+        byte_cols = tl.arange(0, STEP // 2)
+        low_cols = (byte_cols // {half}) * {g} + byte_cols % {half}
+        for k0 in range(0, num_groups * {g}, STEP):""")
+    src.indent()
+
+    def once(expr: str) -> str:
+        return f"computed_once_ptx({expr})" if target.backend == "cuda" else expr
+
+    for part, offset in (("low", ""), ("high", f" + {half}")):
+        src.add(f"""
+            cols = k0{offset} + low_cols
+            col_ok = cols < K
+            x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)""")
+        if quant.smooth:
+            src.add(f"""
+                smooth = tl.load(smooth_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
+                smooth_reciprocal = {once("reciprocal(smooth)")}""")
+        if rank and quant.smooth:
+            rounded_smooth = _rounded("smooth", dtype)
+            src.add(f"branch_reciprocal = {once(f'reciprocal({rounded_smooth})')}")
+        if rank:
+            # x / λ.to(x.dtype) in fp32 is at least 2^-17 (fp16: 2^-22) of its value away from every midpoint of
+            # the model dtype, so x times a reciprocal within about half an ulp rounds the same way
+            smoothed = _rounded("x * branch_reciprocal", dtype) if quant.smooth else "x"
+            smoothed = once(f"{smoothed}.to({_TL_DTYPE[dtype]})")
+            src.add(f"""
+                lora_down = tl.load(lora_down_ptr + ranks[None, :] * K + cols[:, None],
+                                    mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+                down = {_float_dot(smoothed, "lora_down", "down", dtype, target)}""")
+        value = f"(x + {quant.shift!r})" if quant.shift else "x"
+        if quant.smooth:
+            value = f"quotient_rn({value}, smooth, smooth_reciprocal)"
+        src.add(f"{part} = {_rounded(value, dtype) if quant.shift or quant.smooth else value}")
+        if quant.shift:
+            src.add(f"{part} = tl.where(col_ok[None, :], {part}, 0.0)  # the zero padding past K is not shifted")
+        src.add(f"{part} = tl.reshape({part}, (BLOCK_M, GROUPS_PER_STEP, {half}))")
+    src.add(f"""
+        absmax = tl.maximum(tl.max(tl.abs(low), axis=2), tl.max(tl.abs(high), axis=2))
+        scale = {_rounded(f"tl.div_rn(absmax, {qmax!r})", dtype)}
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        scale_reciprocal = (1.0 / scale)[:, :, None]
+        low = nearest_code_bits(low, scale_reciprocal, {qmin!r}, {qmax!r})
+        high = nearest_code_bits(high, scale_reciprocal, {qmin!r}, {qmax!r})
+        packed = tl.reshape(((low & 15) | ((high & 15) << 4)).to(tl.uint8), (BLOCK_M, STEP // 2))
+        byte_cols_out = k0 // 2 + byte_cols
+        tl.store(codes_ptr + rows.to(tl.int64)[:, None] * (num_groups * {half}) + byte_cols_out[None, :], packed,
+                 mask=row_ok[:, None] & (byte_cols_out < num_groups * {half})[None, :])
+        group_cols = k0 // {g} + tl.arange(0, GROUPS_PER_STEP)
+        tl.store(scales_ptr + rows.to(tl.int64)[:, None] * num_groups + group_cols[None, :],
+                 scale.to({_TL_DTYPE[dtype]}), mask=row_ok[:, None] & (group_cols < num_groups)[None, :])""")
     src.dedent()
 
 
@@ -356,14 +448,17 @@ def _emit_quantize_int8_body(src: _Source, spec: QuantizeSpec, target: Target, d
     src.add("absmax = tl.maximum(absmax, tl.max(tl.abs(value), axis=1))")
     src.dedent()
     src.add("""
-        scale = absmax / 127.0
+        # IEEE divisions (div_rn, quotient_rn): CUDA's fp32 `/` is up to 2 ulp off, which moves scales and codes
+        scale = tl.div_rn(absmax, 127.0)
         scale = tl.where(scale == 0.0, 1.0, scale)
+        scale_reciprocal = reciprocal(scale)
         tl.store(scales_ptr + rows, scale, mask=row_ok)
         for k0 in range(0, K, BLOCK_K):""")
     src.indent()
     _emit_step_loads(src, spec, target, dtype, "BLOCK_K", with_down=False)
     src.add("""
-        codes = tl.minimum(tl.maximum(round_half_even(value / scale[:, None]), -127.0), 127.0)
+        codes = quotient_rn(value, scale[:, None], scale_reciprocal[:, None])
+        codes = tl.minimum(tl.maximum(round_half_even(codes), -127.0), 127.0)
         tl.store(codes_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], codes.to(tl.int8),
                  mask=row_ok[:, None] & col_ok[None, :])""")
     src.dedent()
@@ -402,6 +497,12 @@ def _gemm_description(spec: GemmSpec, target: Target) -> str:
             Two int8 tl.dot → one int32 partial sum per group, converted exactly to fp32 (integer add + float
             subtract: the I2F instruction runs at a quarter rate) and scaled by act_scale[m, g]·w_scale[g, n]
             into the fp32 accumulator."""
+    elif spec.integer_groups:  # grouped int8
+        main = f"""
+            Main loop, one K group of {g} channels per iteration: the [BLOCK_M, {g}] activation and [BLOCK_N, {g}]
+            weight int8 code tiles go to one int8 tl.dot as loaded → an int32 partial sum per group (|partial| <
+            2^22), converted exactly to fp32 (integer add + float subtract) and scaled by the fp32
+            act_scale[m, g]·w_scale[g, n] into the fp32 accumulator."""
     elif spec.act == "int8":
         main = """
             Main loop over K in BLOCK_K steps: int8 tl.dot with int32 accumulation over the whole of K (per-token
@@ -446,8 +547,8 @@ def _generate_gemm(spec: GemmSpec, target: Target) -> str:
     dtype = spec.dtype
     path = nvfp4_path(spec, target)
     src = _tiled_kernel_source(spec)
-    if spec.act in ("int4", "uint4"):
-        _emit_gemm_int4_loop(src, spec, target)
+    if spec.integer_groups:
+        _emit_gemm_grouped_loop(src, spec, target)
     elif spec.act == "int8":
         _emit_gemm_int8_loop(src)
     elif path == "dot_scaled":
@@ -526,17 +627,19 @@ def _emit_branch_and_bias(src: _Source, spec: GemmSpec | WeightOnlySpec, target:
         src.add("acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]")
 
 
-def _emit_gemm_int4_loop(src: _Source, spec: GemmSpec, target: Target) -> None:
-    """One K group per iteration: unpack, two int8 dots into an int32 partial, scale into the accumulator.
+def _emit_gemm_grouped_loop(src: _Source, spec: GemmSpec, target: Target) -> None:
+    """One K group per iteration: int8 dots into an int32 partial, scaled into the accumulator.
 
-    The codes unpack as 16× their value (signed nibbles; uint4 activations 1×), four bytes per 32-bit
+    4-bit codes unpack first: as 16× their value (signed nibbles; uint4 activations 1×), four bytes per 32-bit
     instruction on CUDA, and each group scales with an integer add and two FMAs (`add_scaled_partial`); with
     fp32 scales, where that is not exact, the nibbles unpack to their values and the partial is converted and
-    multiplied (`small_int_to_float`).
+    multiplied (`small_int_to_float`). Grouped int8 codes are the dot's operands as loaded (one dot per group),
+    and their fp32 scales take the converting path.
     """
     g = spec.group_size
+    packed = ActQuant(spec.act, g).packed
     compiled = target.backend == "cuda"
-    if spec.dtype == "float32":
+    if spec.dtype == "float32" or not packed:
         unpack_w, undo = "unpack_int4", 1
         unpack_a = "unpack_uint4" if spec.act == "uint4" else "unpack_int4"
     else:
@@ -545,11 +648,12 @@ def _emit_gemm_int4_loop(src: _Source, spec: GemmSpec, target: Target) -> None:
             unpack_a, undo = ("unsigned_nibbles_ptx" if compiled else "unpack_uint4"), 16
         else:
             unpack_a, undo = unpack_w, 256
+    width, lanes = (g // 2, "half") if packed else (g, "lanes")  # code bytes per group
     src.add(f"""
         num_groups = tl.cdiv(K, {g})
-        half = tl.arange(0, {g // 2})
-        a_ptrs = a_codes_ptr + rows64[:, None] * (num_groups * {g // 2}) + half[None, :]
-        w_ptrs = w_codes_ptr + cols_in.to(tl.int64)[:, None] * (num_groups * {g // 2}) + half[None, :]
+        {lanes} = tl.arange(0, {width})
+        a_ptrs = a_codes_ptr + rows64[:, None] * (num_groups * {width}) + {lanes}[None, :]
+        w_ptrs = w_codes_ptr + cols_in.to(tl.int64)[:, None] * (num_groups * {width}) + {lanes}[None, :]
         a_scale_ptrs = a_scales_ptr + rows64 * num_groups
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for group in range(0, num_groups):""")
@@ -560,24 +664,33 @@ def _emit_gemm_int4_loop(src: _Source, spec: GemmSpec, target: Target) -> None:
             # {undo}× the group's dot product: the row factor s_a/{undo} undoes it exactly (a power of two)""")
     # Every integer dot names out_dtype, accumulator or not: Triton before 3.9 takes fp32 as the default and
     # refuses an int32 accumulator that differs from it.
-    src.add(f"""
-        a_low, a_high = {unpack_a}(tl.load(a_ptrs))
-        w_low, w_high = {unpack_w}(tl.load(w_ptrs))
-        partial = tl.dot(a_low, tl.trans(w_low), out_dtype=tl.int32)
-        partial = tl.dot(a_high, tl.trans(w_high), partial, out_dtype=tl.int32)""")
+    if packed:
+        src.add(f"""
+            a_low, a_high = {unpack_a}(tl.load(a_ptrs))
+            w_low, w_high = {unpack_w}(tl.load(w_ptrs))
+            partial = tl.dot(a_low, tl.trans(w_low), out_dtype=tl.int32)
+            partial = tl.dot(a_high, tl.trans(w_high), partial, out_dtype=tl.int32)""")
+    else:
+        src.add("partial = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(w_ptrs)), out_dtype=tl.int32)")
+    w_scale = "tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)"
+    if compiled:
+        # loaded and widened once per column, then handed to the accumulator's layout through shared memory:
+        # otherwise each warp loads and widens every column it holds (sm_90, 128×128 with 8 warps: 16 loads,
+        # 16 PRMT and 32 IMAD per thread and group instead of 12 instructions)
+        w_scale = f"computed_once_ptx({w_scale})"
     if undo != 1:
         src.add(f"""
             row_factor = tl.load(a_scale_ptrs + group).to(tl.float32) * {1 / undo!r}
-            w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
+            w_scale = {w_scale}
             acc = add_scaled_partial(acc, partial, row_factor, w_scale)""")
     else:
-        src.add("""
+        src.add(f"""
             a_scale = tl.load(a_scale_ptrs + group).to(tl.float32)
-            w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
+            w_scale = {w_scale}
             acc += small_int_to_float(partial) * a_scale[:, None] * w_scale[None, :]""")
     src.add(f"""
-        a_ptrs += {g // 2}
-        w_ptrs += {g // 2}""")
+        a_ptrs += {width}
+        w_ptrs += {width}""")
     src.dedent()
 
 
@@ -705,11 +818,12 @@ def _emit_epilogue(src: _Source, spec: GemmSpec, target: Target, dtype: str) -> 
     if quant.fmt == "nvfp4":
         src.add("next_act_scale = tl.load(next_act_scale_ptr)  # the next layer's per-tensor activation scale")
     _emit_group_quantize(src, quant, "value", "BLOCK_M", f"(BLOCK_N // {g})", dtype, "next_act_scale")
+    tile, width = _code_columns(quant, "BLOCK_N"), _code_columns(quant, g)
     src.add(f"""
         next_groups = tl.cdiv(N, {g})
-        byte_cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(next_codes_ptr + rows.to(tl.int64)[:, None] * (next_groups * {g // 2}) + byte_cols[None, :], packed,
-                 mask=(rows < M)[:, None] & (byte_cols < next_groups * {g // 2})[None, :])
+        byte_cols = pid_n * ({tile}) + tl.arange(0, {tile})
+        tl.store(next_codes_ptr + rows.to(tl.int64)[:, None] * (next_groups * {width}) + byte_cols[None, :], packed,
+                 mask=(rows < M)[:, None] & (byte_cols < next_groups * {width})[None, :])
         group_cols = pid_n * (BLOCK_N // {g}) + tl.arange(0, BLOCK_N // {g})
         tl.store(next_scales_ptr + rows.to(tl.int64)[:, None] * next_groups + group_cols[None, :], scale,
                  mask=(rows < M)[:, None] & (group_cols < next_groups)[None, :])""")
@@ -741,8 +855,10 @@ def _as_model_dtype(expr: str, dtype: str, target: Target) -> str:
 def _weight_only_description(spec: WeightOnlySpec, target: Target) -> str:
     g, half = spec.group_size, spec.group_size // 2
     if spec.weight == "nf4":
-        value = ("its NormalFloat value, looked up in the 16-entry fp32 codebook (a 64-byte table the loads "
-                 "keep in L1), times its group's scale in fp32,")
+        table = ("in registers, byte permutes over the codebook's four byte planes (a gather per weight cost more "
+                 "than the whole int4 path)" if target.backend == "cuda" else "with a load from the codebook table")
+        value = (f"its NormalFloat value from the 16-entry fp32 codebook, looked up {table}, times its group's "
+                 "scale in fp32,")
     elif spec.dtype == "float32":
         value = ("its signed integer (−8…7), converted exactly to fp32 with an integer add and a float subtract "
                  "(the I2F instruction runs at a quarter rate), times its group's scale in fp32,")
@@ -821,7 +937,9 @@ def _generate_weight_only(spec: WeightOnlySpec, target: Target) -> str:
                 w_low = {_as_model_dtype("w_low", dtype, target)}
                 w_high = {_as_model_dtype("w_high", dtype, target)}""")
     else:
-        if spec.weight == "nf4":
+        if spec.weight == "nf4" and target.backend == "cuda":
+            src.add("w_low, w_high = nf4_values_ptx(packed)")
+        elif spec.weight == "nf4":
             src.add("""
                 w_low = tl.load(codebook_ptr + (packed & 15))
                 w_high = tl.load(codebook_ptr + (packed >> 4))""")

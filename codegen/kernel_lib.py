@@ -51,6 +51,51 @@ def add_scaled_partial(acc, partial, row_factor, col_scale):
     return tl.fma(scaled, col_scale[None, :], acc)
 
 
+# 1.5·2^9: adding it to an fp32 |q| < 2^8 rounds q to a multiple of 2^-14 (nearest_code_bits).
+_SNAP_MAGIC = tl.constexpr(768.0)
+
+
+@triton.jit
+def refine_reciprocal(d, y):
+    """One Newton step from y, a few fp32 ulp off 1/d, to within about half an ulp: the reciprocal CUDA's
+    correctly rounded division starts from."""
+    return tl.fma(tl.fma(-d, y, 1.0), y, y)
+
+
+@triton.jit
+def reciprocal(d):
+    """1/d within about half an fp32 ulp, from Triton's `/` (div.full on CUDA, up to 2 ulp off)."""
+    return refine_reciprocal(d, 1.0 / d)
+
+
+@triton.jit
+def quotient_rn(x, d, d_reciprocal):
+    """x / d correctly rounded, as IEEE fp32 division gives it, from d_reciprocal = `reciprocal(d)`: the product
+    and two FMA corrections (each remainder x − q·d is exact in fp32, and q + remainder/d moves q onto the
+    correctly rounded quotient; Markstein), the steps of CUDA's div.rn after its reciprocal. Four FMAs and a
+    multiply per element where the reciprocal is shared (one per column), against a reciprocal per element for
+    a division; Triton's fp32 `/` on CUDA (div.full) is off by up to 2 ulp instead. For quotients and
+    remainders in fp32's normal range."""
+    q = x * d_reciprocal
+    q = tl.fma(tl.fma(-q, d, x), d_reciprocal, q)
+    return tl.fma(tl.fma(-q, d, x), d_reciprocal, q)
+
+
+@triton.jit
+def nearest_code_bits(v, reciprocal, lo, hi):
+    """round-half-even(v/s) clamped to [lo, hi], returned as the bits of 1.5·2^23 + code (int32: the code's
+    low bits are the code in two's complement), for v and s values of a 16-bit float type and reciprocal within
+    a few fp32 ulp of 1/s.
+
+    A quotient of two such values is either a half-integer exactly or at least 2^-12 from every half-integer
+    (2v − (2h + 1)s is a multiple of ulp(s)), so v·reciprocal rounded to a multiple of 2^-14 is that
+    half-integer, or lies on the same side of it as v/s: rounding it to an integer gives what dividing exactly
+    and rounding gives, without a division per element."""
+    q = (v * reciprocal + _SNAP_MAGIC) - _SNAP_MAGIC
+    q = tl.minimum(tl.maximum(q, lo), hi)
+    return (q + _RNE_MAGIC).to(tl.int32, bitcast=True)
+
+
 @triton.jit
 def round_to_bf16(x):
     """fp32 → the nearest bfloat16 value (ties to even), returned as fp32: add half an ulp of the kept bits
@@ -212,11 +257,61 @@ def scaled_nibbles_ptx(packed, scale):
     """Signed nibbles of uint8 bytes times `scale` (bf16 or fp16, of the bytes' shape) → (low, high) tiles of
     the scale's dtype, rounded once: about two instructions per weight (inline PTX; CUDA only), where
     unpacking, converting, scaling and rounding element by element took five or more."""
+    # one return: Triton 3.6 type-checks a return after a compile-time `if` that returned, even when unreached
     if scale.dtype == tl.float16:
-        return tl.inline_asm_elementwise(_SCALED_NIBBLES_F16_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
-                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-    return tl.inline_asm_elementwise(_SCALED_NIBBLES_BF16_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
-                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        low, high = tl.inline_asm_elementwise(_SCALED_NIBBLES_F16_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+                                              dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        low, high = tl.inline_asm_elementwise(_SCALED_NIBBLES_BF16_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+                                              dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    return low, high
+
+
+# kernel W's NF4 codebook lookup in registers. The 16 fp32 values (quant.NF4_CODEBOOK; tests/codegen/
+# test_kernel_lib.py rebuilds these words from it) as four byte planes: word 4p + j holds byte p of entries
+# 4j..4j+3, entry 4j + e in byte e. One PRMT picks byte p of four weights at once from entries 0-7 (words
+# 4p, 4p + 1), one from entries 8-15, and a LOP3 keeps the second where the index has bit 3 set (a byte mask
+# that PRMT's sign-replicating mode spreads from that bit); eight PRMTs transpose the four planes into the four
+# weights' fp32 words. About 26 instructions per four weights, against a gather per weight.
+_NF4_PLANE_WORDS = (0xA030B100, 0x00713F4D, 0x3ADDE3FF, 0x00B3ABB8, 0x326B3900, 0x007835A2, 0x0304CAFA,
+                    0x001307A4, 0xCA063280, 0x00BA3D91, 0xAD7C24A2, 0x803910E1, 0xBEBFBFBF, 0x00BDBEBE,
+                    0x3E3E3E3D, 0x3F3F3F3E)
+# From the indices' low three bits, one per byte of `a`: the selector of four nibbles (bytes 0 and 2 of
+# a | a >> 4); `m` is the mask; then the four planes, and their transpose into outputs $first..$first+3.
+_NF4_PLANES_PTX = ("shr.b32 b, a, 4; or.b32 a, a, b; prmt.b32 s, a, 0, 0x4420; "
+                   + "".join(f"prmt.b32 x0, c{4 * p}, c{4 * p + 1}, s; prmt.b32 x1, c{4 * p + 2}, c{4 * p + 3}, s; "
+                             f"lop3.b32 v{p}, x0, x1, m, 0xD8; " for p in range(4))
+                   + "prmt.b32 x0, v0, v1, 0x5140; prmt.b32 x1, v0, v1, 0x7362; prmt.b32 x2, v2, v3, 0x5140; "
+                   "prmt.b32 x3, v2, v3, 0x7362; prmt.b32 ${0}, x0, x2, 0x5410; prmt.b32 ${1}, x0, x2, 0x7632; "
+                   "prmt.b32 ${2}, x1, x3, 0x5410; prmt.b32 ${3}, x1, x3, 0x7632; ")
+# $8 holds four bytes; $0-$3 the values of their low nibbles, $4-$7 of their high ones. For the low nibbles
+# bit 3 reaches bit 7 of its byte by a shift left; for the high ones it is there already.
+_NF4_VALUES_PTX = tl.constexpr(
+    "{ .reg .b32 c<16>, v<4>, x<4>, a, b, s, m; "
+    + "".join(f"mov.b32 c{i}, {word:#010x}; " for i, word in enumerate(_NF4_PLANE_WORDS))
+    + "and.b32 a, $8, 0x07070707; shl.b32 m, $8, 4; prmt.b32 m, m, 0, 0xBA98; " + _NF4_PLANES_PTX.format(0, 1, 2, 3)
+    + "shr.b32 a, $8, 4; and.b32 a, a, 0x07070707; prmt.b32 m, $8, 0, 0xBA98; " + _NF4_PLANES_PTX.format(4, 5, 6, 7)
+    + "}")
+
+
+@triton.jit
+def nf4_values_ptx(packed):
+    """NF4 codebook values (fp32) of the low and high nibbles of uint8 bytes, looked up in registers with byte
+    permutes over the codebook's byte planes (inline PTX; CUDA only): a gather per weight from a codebook in
+    global memory became a 4-byte asynchronous copy per weight through shared memory."""
+    return tl.inline_asm_elementwise(_NF4_VALUES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
+                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+
+
+@triton.jit
+def computed_once_ptx(x):
+    """x, as an identity Triton may not duplicate (inline PTX with side effects; CUDA only, 16- or 32-bit x).
+    Element-wise work is otherwise recomputed in the layout of each use: by every warp that reads a tl.dot
+    operand (four times for kernel A's branch input), by every thread row that reads a per-column vector. With
+    this, it is computed once in its own layout and then converted."""
+    if x.dtype.primitive_bitwidth == 16:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=2)
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=1)
 
 
 @triton.jit

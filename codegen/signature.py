@@ -123,7 +123,7 @@ def _quantize_signature(spec: QuantizeSpec) -> list[Param]:
     params += [_ptr("codes_ptr", _codes_dtype(quant.fmt)), _ptr("scales_ptr", _scales_dtype(quant.fmt, dtype))]
     params += [_ptr("down_ptr", dtype)] if spec.rank else []
     params += _ints(*["M"] + ([] if spec.k else ["K"]), "stride_xm") + _constexprs("BLOCK_M")
-    params += _constexprs("BLOCK_K" if quant.fmt == "int8" else "GROUPS_PER_STEP")
+    params += _constexprs("BLOCK_K" if quant.per_row else "GROUPS_PER_STEP")
     return params
 
 
@@ -141,10 +141,11 @@ def _gemm_signature(spec: GemmSpec) -> list[Param]:
     if qn is not None:
         params += [_ptr("next_smooth_ptr", "float32")] if qn.quant.smooth else []
         params += [_ptr("next_act_scale_ptr", "float32")] if qn.quant.fmt == "nvfp4" else []
-        params += [_ptr("next_codes_ptr", "uint8"), _ptr("next_scales_ptr", _scales_dtype(qn.quant.fmt, dtype))]
+        params += [_ptr("next_codes_ptr", _codes_dtype(qn.quant.fmt)),
+                   _ptr("next_scales_ptr", _scales_dtype(qn.quant.fmt, dtype))]
         params += [_ptr("next_lora_down_ptr", dtype), _ptr("next_down_ptr", "float32")] if qn.rank else []
     params += _sizes(spec) + _constexprs(*_TILE)
-    params += _constexprs("BLOCK_K", "EVEN_K") if act in ("int8", "nvfp4") else []
+    params += [] if spec.integer_groups else _constexprs("BLOCK_K", "EVEN_K")
     return params
 
 

@@ -24,10 +24,13 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from svdq_compiler.errors import SvdqError
-from svdq_compiler.quant import ACT_FORMATS, WEIGHT_ONLY_4BIT_FORMATS, weight_format_of
+from svdq_compiler.quant import ACT_FORMATS, FORMATS, WEIGHT_ONLY_4BIT_FORMATS, weight_format_of
 
 # Bumped whenever generate.py changes the text it produces for an unchanged spec.
 GENERATOR_VERSION = 3
+# The group sizes of grouped int8 kernels: a dot needs 32 int8 channels, and a group's int32 dot product
+# (≤ 127·128·G) must stay below 2^22 for the exact integer-to-float conversion of kernel_lib.
+INT8_GROUPS = (32, 256)
 
 # Formats come from quant.FORMATS: a kernel produces or consumes its ACT_FORMATS ("uint4" is the shifted
 # post-GELU input), pairs them with weight_format_of(act) weights, and kernel W reads WEIGHT_ONLY_4BIT_FORMATS.
@@ -52,7 +55,8 @@ class ActQuant:
 
     int4: signed, scale = absmax/7, codes in [−7, 7]; uint4: scale = absmax/15, codes in [0, 15];
     nvfp4: E2M1 codes with one FP8-E4M3 scale per 16 channels under a calibrated fp32 per-tensor scale (a
-    kernel argument, see quant.py); int8: one fp32 scale per token (group 0).
+    kernel argument, see quant.py); int8: one fp32 scale per token (group 0) or per token and group (a power of
+    two from 32 to 256: the GEMM's per-group int32 dot stays below 2^22, which it converts exactly).
     """
 
     fmt: str
@@ -64,10 +68,14 @@ class ActQuant:
         if self.fmt not in ACT_FORMATS:
             raise SpecError(f"unknown activation format {self.fmt!r}", where=where,
                             fix=f"use one of {', '.join(ACT_FORMATS)}")
-        expected = {"nvfp4": (16,), "int8": (0,)}.get(self.fmt)
-        if expected is not None and self.group_size not in expected:
-            raise SpecError(f"{self.fmt} needs group_size {expected[0]}, got {self.group_size}", where=where)
-        if self.fmt in ("int4", "uint4") and not (_power_of_two(self.group_size) and self.group_size >= 32):
+        if self.fmt == "nvfp4" and self.group_size != 16:
+            raise SpecError(f"nvfp4 needs group_size 16, got {self.group_size}", where=where)
+        if self.fmt == "int8" and self.group_size and not (
+                _power_of_two(self.group_size) and INT8_GROUPS[0] <= self.group_size <= INT8_GROUPS[1]):
+            raise SpecError(f"int8 kernels need group_size 0 (per token) or a power of two from {INT8_GROUPS[0]} "
+                            f"to {INT8_GROUPS[1]}, got {self.group_size}", where=where,
+                            fix="use group_size 0 or 64, or keep the layer on the reference ops")
+        if self.packed and FORMATS[self.fmt].integer and not (_power_of_two(self.group_size) and self.group_size >= 32):
             raise SpecError(f"{self.fmt} kernels need a power-of-two group size of at least 32, got "
                             f"{self.group_size}", where=where,
                             fix="use group_size 64 (the default) or keep the layer on the reference ops")
@@ -77,7 +85,18 @@ class ActQuant:
     @property
     def packed(self) -> bool:
         """Two 4-bit codes per byte (int8 codes are one per byte)."""
-        return self.fmt != "int8"
+        return FORMATS[self.fmt].four_bit
+
+    @property
+    def per_row(self) -> bool:
+        """One scale per token (int8 group 0): quantizing needs the whole row before the first code."""
+        return self.group_size == 0
+
+    @property
+    def integer_groups(self) -> bool:
+        """Integer codes with one scale per group of K channels (int4, uint4, grouped int8): the GEMM takes each
+        group's int32 dot product and scales it."""
+        return FORMATS[self.fmt].integer and not self.per_row
 
 
 @dataclass(frozen=True)
@@ -180,6 +199,12 @@ class GemmSpec(_EpilogueSpec):
     def emits_output(self) -> bool:
         return self.quantize_next is None or self.quantize_next.emit_output
 
+    @property
+    def integer_groups(self) -> bool:
+        """The main loop takes one K group per iteration (int4, uint4, grouped int8); otherwise it walks K in
+        BLOCK_K steps (per-token int8, nvfp4)."""
+        return ActQuant(self.act, self.group_size).integer_groups
+
     def validate(self) -> None:
         where = "fused_gemm spec"
         ActQuant(self.act, self.group_size, shift=0.0).validate(where)
@@ -192,7 +217,7 @@ class GemmSpec(_EpilogueSpec):
             self.quantize_next.quant.validate(where + " (quantize_next)")
             if self.quantize_next.rank < 0:
                 raise SpecError("quantize_next.rank must be >= 0", where=where)
-            if self.quantize_next.quant.fmt == "int8":
+            if self.quantize_next.quant.per_row:
                 raise SpecError("per-token int8 quantization needs the whole row and cannot be an epilogue",
                                 where=where, fix="leave the next layer's quantize_act unfused")
 

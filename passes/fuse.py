@@ -460,7 +460,7 @@ def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if candidate is not None and candidate[0].node not in absorbed_groups:
             group, others = candidate
             quant = _act_quant(group)
-            if quant.fmt != "int8":
+            if not quant.per_row:
                 ranks = [get_attr_value(gm, w).shape[0] for w in dict.fromkeys(d.weight for d in group.downs)]
                 quantize_next = (group, QuantizeNext(quant, rank=sum(ranks), emit_output=others))
         try:

@@ -30,8 +30,10 @@ disk or SIGTERM removes the temporary file and leaves no partial output.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import mmap
 import os
@@ -179,7 +181,7 @@ class StreamingArchive:
         for config, entry in ((weights, WEIGHTS_CONFIG_FILENAME_FORMAT.format(MODEL_NAME)),
                               (constants, CONSTANTS_CONFIG_FILENAME_FORMAT.format(MODEL_NAME))):
             _package_payload_config(self, schema.PayloadConfig(config=dict(sorted(config.items()))), entry)
-        artifact = serialize(program, None, serialize_state_dict=False, serialize_constants=False)
+        artifact = _serialize_without_weights(program)
         program_json = json.loads(artifact.exported_program)
         self._write(MODELS_FILENAME_FORMAT.format(MODEL_NAME), reproducible_program(program_json))
         self._write(SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL_NAME), artifact.example_inputs)
@@ -228,6 +230,26 @@ def reproducible_program(program: dict[str, Any]) -> bytes:
         for key in _UNREPRODUCIBLE_NODE_META:
             node.get("metadata", {}).pop(key, None)
     return json.dumps(program).encode()
+
+
+def _serialize_without_weights(program: torch.export.ExportedProgram):
+    """torch.export's serialized program and example inputs, without pickling the weights (written above).
+
+    torch ≥ 2.12 can leave the state dict and constants out; older ones always pickle them, so there the
+    program is serialized with meta stand-ins of the same shapes, which pickle without bytes."""
+    if "serialize_state_dict" in inspect.signature(serialize).parameters:
+        return serialize(program, None, serialize_state_dict=False, serialize_constants=False)
+
+    def stand_in(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        meta = torch.empty_like(value, device="meta")
+        return torch.nn.Parameter(meta, value.requires_grad) if isinstance(value, torch.nn.Parameter) else meta
+
+    shell = copy.copy(program)
+    shell._state_dict = {name: stand_in(value) for name, value in program.state_dict.items()}
+    shell._constants = {name: stand_in(value) for name, value in program.constants.items()}
+    return serialize(shell)
 
 
 def _cpu_tensor_meta(written: torch.Tensor, expected: torch.Tensor) -> schema.TensorMeta:
@@ -344,7 +366,7 @@ class GraphArchive:
             if self.infos[entry].compress_type == zipfile.ZIP_STORED:
                 actual = self._stored_digest(*self.span(entry))
             else:
-                actual = digest(self.read(entry))
+                actual = self._deflated_digest(entry)
             if actual != expected:
                 raise corrupt(f"{entry} does not match its SHA-256 digest: the file was damaged after it was "
                               f"written", self.where)
@@ -363,6 +385,19 @@ class GraphArchive:
                 raise corrupt("the file ends inside a record", self.where)
             sha.update(view[:count])
             done += count
+        return sha.hexdigest()
+
+    def _deflated_digest(self, entry: str) -> str:
+        """The SHA-256 of a compressed entry, inflated chunk by chunk (models/model.json is ~1 KB a node: read
+        whole, it would be a transient as large as a small graph's weights)."""
+        sha = hashlib.sha256()
+        try:
+            with self.zip.open(self.infos[entry]) as handle:
+                while chunk := handle.read(_VERIFY_CHUNK // 4):
+                    sha.update(chunk)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError,
+                RuntimeError) as exc:
+            raise corrupt(f"{entry}: {first_line(exc)}", self.where) from exc
         return sha.hexdigest()
 
     def _release(self, offset: int, size: int) -> None:

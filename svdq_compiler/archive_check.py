@@ -29,7 +29,7 @@ import io
 import json
 import math
 import re
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from svdq_compiler.errors import CheckpointError
 
@@ -100,7 +100,7 @@ def check_archive(archive: "GraphArchive") -> tuple[tuple, dict]:
         raise refuse(f"payload records no config describes: {sorted(records - named)[:4]}", where)
     if named - records:
         raise refuse(f"the payload config names missing records: {sorted(named - records)[:4]}", where)
-    _check_program(_json(read("models/model.json"), "models/model.json", where), where)
+    _check_program(read("models/model.json"), where)
     return _sample_inputs(read("data/sample_inputs/model.pt"), where)
 
 
@@ -165,35 +165,51 @@ def _sample_inputs(raw: bytes, where: str) -> tuple[tuple, dict]:
     return inputs
 
 
-def _walk(value: Any, key: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield k, v
-            yield from _walk(v, k)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _walk(item, key)
+class _Checked:
+    """What `_check_program` leaves of a JSON object it has checked (the program's tree is never built)."""
 
 
-def _check_program(program: Any, where: str) -> None:
-    if not isinstance(program, dict) or not isinstance(program.get("graph_module"), dict):
+_CHECKED, _PROGRAM = _Checked(), _Checked()
+
+
+def _check_program(raw: bytes, where: str) -> None:
+    """Check models/model.json without building its tree (a 1 MB program parses into ~7 MiB of objects, the
+    largest cost of a small graph's load): json calls the hook for each object once its members are decoded,
+    innermost first; the hook checks what torch would resolve or evaluate and returns a stand-in. Only a node's
+    arguments live until their node is checked (for the kernel spec of a fused op)."""
+
+    def check(pairs: list[tuple[str, Any]]) -> Any:
+        members = dict(pairs)
+        target = members.get("target")
+        if isinstance(target, str):
+            check_target(target, where)
+            if target.startswith("torch.ops.svdq.fused_"):
+                inputs = members.get("inputs")
+                for item in inputs if isinstance(inputs, list) else []:
+                    if isinstance(item, dict) and item.get("name") == "spec":
+                        argument = item.get("arg")
+                        check_kernel_spec(argument.get("as_string") if isinstance(argument, dict) else None, where)
+        if "expr_str" in members:
+            check_size_expression(members["expr_str"], where)
+        if "graph_module" in members:
+            if members["graph_module"] is not _CHECKED:
+                raise refuse("models/model.json is not a serialized ExportedProgram", where)
+            guards = members.get("guards_code") or []
+            if not isinstance(guards, list):
+                raise refuse("guards_code is not a list", where)
+            for guard in guards:
+                check_guard(guard, where)
+            return _PROGRAM
+        if "as_string" in members or ("name" in members and "arg" in members):  # a node's argument
+            return members
+        return _CHECKED
+
+    try:
+        program = json.loads(raw, object_pairs_hook=check)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise refuse(f"models/model.json is not valid JSON ({exc})", where) from None
+    if program is not _PROGRAM:
         raise refuse("models/model.json is not a serialized ExportedProgram", where)
-    guards = program.get("guards_code") or []
-    if not isinstance(guards, list):
-        raise refuse("guards_code is not a list", where)
-    for guard in guards:
-        check_guard(guard, where)
-    for key, value in _walk(program["graph_module"]):
-        if key == "target" and isinstance(value, str):
-            check_target(value, where)
-        elif key == "expr_str":
-            check_size_expression(value, where)
-        elif key == "nodes" and isinstance(value, list):
-            for node in value:
-                if isinstance(node, dict) and str(node.get("target", "")).startswith("torch.ops.svdq.fused_"):
-                    for item in node.get("inputs") or []:
-                        if isinstance(item, dict) and item.get("name") == "spec":
-                            check_kernel_spec((item.get("arg") or {}).get("as_string"), where)
 
 
 def check_kernel_spec(text: Any, where: str) -> None:

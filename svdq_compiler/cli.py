@@ -208,8 +208,9 @@ def run_compile(args: argparse.Namespace) -> dict[str, Any]:
             raise InputError("--dump-ir is a file", where=str(args.dump_ir), fix="give a folder name")
     config = quant_config(args)
     if args.onnx is not None:
-        from svdq_compiler.onnx_export import form_problem
+        from svdq_compiler.onnx_export import form_problem, require_onnx_packages
 
+        require_onnx_packages("--onnx")
         problem = form_problem(config, args.onnx_form)
         if problem is not None:
             raise InputError(f"--preset {args.preset} with --onnx-form {args.onnx_form}: {problem}",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import builtins
 import inspect
+import json
 import keyword
 import math
 import operator
@@ -104,13 +105,18 @@ def _encode(value: Any) -> Any:
 
 # ---- reading ----------------------------------------------------------------------------------------------
 
-def rebuild(record: Any, tensors: dict[str, torch.Tensor], where: str, device: torch.device, *,
+def rebuild(text: bytes, tensors: dict[str, torch.Tensor], where: str, device: torch.device, *,
             check_guards: bool) -> torch.fx.GraphModule:
-    """The GraphModule a record describes, its attributes taken from `tensors` (fqn → tensor, as loaded). The
+    """The GraphModule a record (`text`, its JSON) describes, its attributes taken from `tensors` (fqn → tensor,
+    as loaded). The
     graph's device arguments name `device`, where its weights are (a graph file holds a one-device graph; what
     the graph creates, and its own dtype/device assertions, must match the weights wherever they are loaded).
     With `check_guards` the graph checks the program's input guards first, as `ExportedProgram.module()` does
     (`InputGuards`)."""
+    try:
+        record = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise refuse(f"{GRAPH_FILE} is not JSON ({str(exc)[:80]})", where) from None
     if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
         raise refuse(f"{GRAPH_FILE} is not a version-{RECORD_VERSION} graph record", where)
     try:
@@ -140,6 +146,7 @@ def rebuild(record: Any, tensors: dict[str, torch.Tensor], where: str, device: t
     graph = torch.fx.Graph()
     graph._codegen = torch.fx.graph._PyTreeCodeGen(torch.fx.graph._PyTreeInfo(names, in_spec, out_spec))
     built: dict[str, torch.fx.Node] = {}
+    produced: dict[str, Any] = {}  # node name → what it gives at a call (`_produces`)
     for item in nodes:
         if not (isinstance(item, list) and len(item) == 5 and isinstance(item[0], str) and _NAME.fullmatch(item[0])
                 and item[1] in _OPS and isinstance(item[2], (str, type(None)))) or item[0] in built:
@@ -152,7 +159,7 @@ def rebuild(record: Any, tensors: dict[str, torch.Tensor], where: str, device: t
         if op == "call_function":
             target = _resolve(target, where)
             _check_spec(target, args, kwargs, where)
-            _check_call(target, args, kwargs, name, where)
+            _check_call(target, args, kwargs, name, where, produced)
         elif op == "get_attr" and target not in kinds:
             raise refuse(f"{GRAPH_FILE}: node {name} reads {str(target)[:80]!r}, which is not an attribute", where)
         elif op == "placeholder" and target != name:
@@ -166,6 +173,10 @@ def rebuild(record: Any, tensors: dict[str, torch.Tensor], where: str, device: t
         built[name] = graph.create_node(op, target, args, kwargs, name=name)
         if built[name].name != name:
             raise refuse(f"{GRAPH_FILE}: node name {name!r} is taken", where)
+        produced[name] = _produces(op, target, args, produced)
+    # The parsed record (~1.3 KiB a node) goes before torch generates and compiles the forward's code, the
+    # largest transient of a load (CPython's parser takes ~340 bytes per token of that code).
+    del record, nodes
     if not built or next(reversed(built.values())).op != "output":
         raise refuse(f"{GRAPH_FILE} has no output", where)
     placeholders = [node for node in built.values() if node.op == "placeholder"]
@@ -239,9 +250,11 @@ def _keywords(in_spec: pytree.TreeSpec) -> list[str]:
     return list(in_spec.child(1).context) if _has_keywords(in_spec) else []
 
 
-def _check_call(target: Callable, args: tuple, kwargs: dict, name: str, where: str) -> None:
-    """The arguments of a call must bind to its target's signature (an operator's schema), so that a crafted
-    record is refused at load, naming the node, rather than failing inside torch at the first call."""
+def _check_call(target: Callable, args: tuple, kwargs: dict, name: str, where: str,
+                produced: dict[str, Any]) -> None:
+    """The arguments of a call must bind to its target's signature (an operator's schema), and every tensor
+    argument must be given a tensor, so that a crafted record is refused at load, naming the node, rather than
+    failing inside torch at the first call."""
     if isinstance(target, torch._ops.OpOverload):
         schema = target._schema.arguments
         positional = [argument for argument in schema if not argument.kwarg_only]
@@ -250,11 +263,14 @@ def _check_call(target: Callable, args: tuple, kwargs: dict, name: str, where: s
         required = {argument.name for argument in schema if not argument.has_default_value()}
         values = {**{argument.name: value for argument, value in zip(positional, args)}, **kwargs}
         if len(args) > len(positional) or not set(kwargs) <= named or \
-                set(kwargs) & {argument.name for argument in positional[:len(args)]} or not required <= given or \
-                any(_literal_for_a_tensor(argument.type, values[argument.name]) for argument in schema
-                    if argument.name in values):
+                set(kwargs) & {argument.name for argument in positional[:len(args)]} or not required <= given:
             raise refuse(f"{GRAPH_FILE}: node {name} calls {target} with arguments that do not fit its schema "
                          f"{target._schema}", where)
+        numbers = _takes_numbers_as_tensors(target)
+        for argument in schema:
+            if argument.name in values and not _binds(argument.type, values[argument.name], produced, numbers):
+                raise refuse(f"{GRAPH_FILE}: node {name} passes {_describe(values[argument.name], produced)} as "
+                             f"{argument.name!r} of {target}, which takes {argument.type}", where)
         return
     try:
         signature = inspect.signature(target)
@@ -267,14 +283,79 @@ def _check_call(target: Callable, args: tuple, kwargs: dict, name: str, where: s
                      f"that do not fit it ({exc})", where) from None
 
 
-def _literal_for_a_tensor(kind: torch._C.JitType, value: Any) -> bool:
-    """Whether a schema argument of type `kind` is given None, a string or another literal where it takes a
-    tensor (a tensor in a graph is a node; a number stands for a 0-d tensor, as in `mul.Tensor(x, 2)`)."""
-    if isinstance(value, (torch.fx.Node, bool, int, float)):
-        return False
+# What a node gives at a call, as far as its target says: a tensor, a list of tensors, a number (a size), None,
+# a tuple of these (an operator with several returns), or UNKNOWN (an input, or Python arithmetic on one).
+TENSOR, TENSORS, NUMBER, NOTHING, UNKNOWN = "tensor", "tensors", "number", "none", "unknown"
+_NUMBER_TYPES = (torch._C.IntType, torch._C.FloatType, torch._C.BoolType, torch._C.NumberType,
+                 torch._C.SymIntType, torch._C.SymBoolType, torch._C.ComplexType)
+
+
+def _type_gives(kind: torch._C.JitType) -> str:
+    if isinstance(kind, torch._C.TensorType):
+        return TENSOR
+    if isinstance(kind, _NUMBER_TYPES):
+        return NUMBER
+    if isinstance(kind, torch._C.ListType) and isinstance(kind.getElementType(), torch._C.TensorType):
+        return TENSORS
+    return UNKNOWN
+
+
+def _produces(op: str, target: Any, args: tuple, produced: dict[str, Any]) -> Any:
+    if op == "get_attr":
+        return TENSOR
+    if op != "call_function":
+        return UNKNOWN
+    if isinstance(target, torch._ops.OpOverload):
+        returns = [_type_gives(result.type) for result in target._schema.returns]
+        return NOTHING if not returns else returns[0] if len(returns) == 1 else tuple(returns)
+    if target is operator.getitem and len(args) == 2 and isinstance(args[0], torch.fx.Node) \
+            and type(args[1]) is int:
+        whole = produced.get(args[0].name, UNKNOWN)
+        if whole == TENSORS:
+            return TENSOR
+        if isinstance(whole, tuple) and -len(whole) <= args[1] < len(whole):
+            return whole[args[1]]
+        return UNKNOWN
+    # Python and torch.sym_* arithmetic: on sizes it gives a size; on anything else, whatever that gives.
+    sizes = all(produced.get(arg.name) == NUMBER if isinstance(arg, torch.fx.Node)
+                else isinstance(arg, (bool, int, float)) for arg in args)
+    return NUMBER if sizes else UNKNOWN
+
+
+def _takes_numbers_as_tensors(target: torch._ops.OpOverload) -> bool:
+    """Whether torch binds a Python number to a tensor argument of `target` (a 0-d tensor, as in
+    `mul.Tensor(x, 2)`): prims, and the aten arithmetic torch lists (as torch's own binding decides)."""
+    return target.namespace == "prims" or (target.namespace == "aten"
+                                           and torch._C._should_allow_numbers_as_tensors(target._opname))
+
+
+def _binds(kind: torch._C.JitType, value: Any, produced: dict[str, Any], numbers: bool) -> bool:
+    """Whether `value` can be passed where a schema takes `kind`; only tensor arguments (Tensor, Tensor?,
+    Tensor[], Tensor?[]) are checked: torch converts the others (sizes, scalars, dtypes) at the call."""
     if isinstance(kind, torch._C.OptionalType):
-        return value is not None and _literal_for_a_tensor(kind.getElementType(), value)
-    return isinstance(kind, torch._C.TensorType)
+        element = kind.getElementType()
+        if value is None or (isinstance(value, torch.fx.Node) and produced.get(value.name) == NOTHING):
+            return True
+        return _binds(element, value, produced, numbers)
+    if isinstance(kind, torch._C.TensorType):
+        gives = produced.get(value.name, UNKNOWN) if isinstance(value, torch.fx.Node) \
+            else NUMBER if isinstance(value, (bool, int, float)) else None
+        return gives in (TENSOR, UNKNOWN) or (gives == NUMBER and numbers)
+    if isinstance(kind, torch._C.ListType) and isinstance(kind.getElementType(),
+                                                          (torch._C.TensorType, torch._C.OptionalType)):
+        if isinstance(value, torch.fx.Node):
+            return produced.get(value.name, UNKNOWN) in (TENSORS, UNKNOWN)
+        return isinstance(value, (list, tuple)) and all(_binds(kind.getElementType(), item, produced, numbers)
+                                                        for item in value)
+    return True
+
+
+def _describe(value: Any, produced: dict[str, Any]) -> str:
+    if isinstance(value, torch.fx.Node):
+        gives = produced.get(value.name, UNKNOWN)
+        what = {NUMBER: "a number (a size)", NOTHING: "nothing", TENSORS: "a list of tensors"}.get(gives, "a tuple")
+        return f"{what} (node {value.name})"
+    return f"{type(value).__name__} {str(value)[:40]!r}"
 
 
 def _attach(root: torch.nn.Module, fqn: str, tensor: torch.Tensor, kind: str) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.fx
+from torch._dispatch.python import enable_python_dispatcher
 
 from svdq_compiler.config import Scheme
 from svdq_compiler.errors import CaptureError
@@ -298,7 +299,9 @@ def infer_val(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
 
     args = torch.fx.node.map_aggregate(node.args, fake)
     kwargs = torch.fx.node.map_aggregate(node.kwargs, fake)
-    with mode:
+    # The Python dispatcher runs composite ops (aten.linear → matmul) through their symbolic-size-aware Python
+    # decompositions, as torch.export does; torch < 2.12's C++ ones call numel() on symbolic token counts.
+    with mode, enable_python_dispatcher():
         if node.op == "get_attr":
             node.meta["val"] = attribute_val(gm, node.target, mode)
         else:

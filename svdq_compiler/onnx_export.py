@@ -83,6 +83,17 @@ def form_problem(config, form: str) -> str | None:
     return None
 
 
+def require_onnx_packages(where: str) -> None:
+    """torch.onnx's exporter needs onnx and onnxscript, which are an optional extra: say so before any work."""
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InputError(f"exporting ONNX needs the package{'s' if len(missing) > 1 else ''} "
+                         f"{' and '.join(missing)}, which {'are' if len(missing) > 1 else 'is'} not installed",
+                         where=where, fix="pip install 'svdq-compiler[onnx]'")
+
+
 def export_onnx(gm: torch.nn.Module, path: str | Path, example_inputs: tuple | dict | None = None,
                 form: str = "portable") -> Path:
     """Write the compiled graph `gm` (from compile or load) to `path` as an ONNX model; returns the path.
@@ -93,6 +104,7 @@ def export_onnx(gm: torch.nn.Module, path: str | Path, example_inputs: tuple | d
 
     if form not in FORMS:
         raise InputError(f"unknown ONNX form {form!r}", where="export_onnx(form=...)", fix=f"use one of {FORMS}")
+    require_onnx_packages("export_onnx")
     gm = graph_module_of(gm)
     capture_report(gm)
     inputs = example_inputs if example_inputs is not None else gm.meta.get(INPUTS_META)
@@ -227,8 +239,7 @@ def _weight_values(codes_kn, scales_kn, fmt: str, group_size: int) -> torch.Tens
     if fmt == "nf4":
         codes, codebook = codes_kn
         return codebook[codes.long()] * scales_kn.repeat_interleave(group_size, 0)
-    block = 0 if fmt == "int8" else group_size
-    return torch.ops.svdq_onnx.dequantize_linear(codes_kn, scales_kn, block)
+    return torch.ops.svdq_onnx.dequantize_linear(codes_kn, scales_kn, group_size)
 
 
 @torch.library.custom_op("svdq_onnx::dequantize_linear", mutates_args=())
@@ -309,7 +320,7 @@ def _prepare_weight(module: torch.nn.Module, codes_name: str, scales_name: str, 
     group = effective_group(group_size, k_pad)
     q = unpack_weight(PackedWeight(codes, scales, None, fmt, group, k_pad, scales.dtype))
     codes_kn = q.codes.t().contiguous()
-    scales_kn = q.scales.float().reshape(-1) if fmt == "int8" else q.scales.t().float().contiguous()
+    scales_kn = q.scales.float().reshape(-1) if group_size == 0 else q.scales.t().float().contiguous()
     buffers = [("codes", codes_kn), ("scales", scales_kn)]
     if fmt == "nf4":
         buffers.append(("codebook", quant.code_values(torch.arange(16, dtype=torch.uint8), "nf4")))

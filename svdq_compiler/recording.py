@@ -208,8 +208,8 @@ def calibration_sites(gm: torch.fx.GraphModule
                 channels = val.shape[-1]
                 to_rows = lambda v: v.detach().reshape(-1, v.shape[-1])  # noqa: E731
             sites[name] = SiteStats(node=name, readers=[],
-                                    minimum=torch.full((channels,), float("inf")),
-                                    maximum=torch.full((channels,), float("-inf")),
+                                    minimum=torch.full((channels,), float("inf"), device=val.device),
+                                    maximum=torch.full((channels,), float("-inf"), device=val.device),
                                     rows=torch.empty(0, channels, dtype=val.dtype, device=val.device),
                                     priorities=torch.empty(0, device=val.device))
             recorded.setdefault(x, []).append((sites[name], to_rows))

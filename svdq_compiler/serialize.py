@@ -223,6 +223,11 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         target = torch.device(device) if device is not None else torch.device("cpu")
     except (RuntimeError, TypeError) as exc:
         raise InputError(f"unknown device {device!r}", where="load", fix="give e.g. 'cpu' or 'cuda'") from exc
+    try:  # before any work: a CUDA device on a machine without one is an AssertionError deep in the first copy
+        torch.empty(0, device=target)
+    except (RuntimeError, AssertionError) as exc:
+        raise InputError(f"device {str(target)!r} is not available here ({first_line(exc)})", where="load",
+                         fix="load onto 'cpu', or on a machine that has this device") from exc
     with GraphArchive(path) as archive:
         manifest = manifest_of(archive)
         archive.verify()  # first, so that damage reads as damage, not as a hostile file
@@ -230,10 +235,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         where = archive.where
         extra = {name: archive.read(f"extra/{name}").decode() for name in EXTRA_FILES}
         capture, report = saved_reports(extra, where)
-        try:
-            record = json.loads(archive.read(f"extra/{GRAPH_FILE}"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise corrupt(f"extra/{GRAPH_FILE} is not JSON: {first_line(exc)}", where) from exc
+        record = archive.read(f"extra/{GRAPH_FILE}")
         loras = archive.read(f"extra/{LORA_FILE}").decode() if f"extra/{LORA_FILE}" in archive.entries() else ""
         eager = archive.read(f"extra/{EAGER_FILE}").decode() if f"extra/{EAGER_FILE}" in archive.entries() else ""
         on_cpu = target.type == "cpu"

@@ -245,6 +245,23 @@ def test_onnx_form_that_cannot_hold_the_preset_is_refused_before_compiling(tmp_p
     assert graph.read_text() == "an earlier graph" and not (tmp_path / "x.onnx").exists()
 
 
+def test_onnx_without_the_onnx_packages_is_refused_before_compiling(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    import svdq_compiler.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded: the refusal came after the work started")
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
+    monkeypatch.setattr(svdq_compiler.models, "load_model", no_loading)
+    assert compile_main(["random:flux", "--out", str(tmp_path / "g.pt"), "--onnx", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs the package onnxscript" in err and "svdq-compiler[onnx]" in err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_shipped_model_compiles_and_runs_in_a_16_bit_dtype(dtype, tmp_path, capsys, monkeypatch):
     import torch

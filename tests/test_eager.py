@@ -137,8 +137,9 @@ def test_lora_and_onnx_refuse_an_eager_model_in_one_line(compiled):
 
 
 @pytest.mark.parametrize("name, cause, calibration", [
-    ("lumina2", "SymInt", "adapter auto (1 prompts x 1 steps)"),
-    ("hidream", ".numpy()", "adapter auto (1 prompts x 1 steps)")])  # its layer-stacked text states are built
+    # torch 2.13 names the SymInt that cannot become a slice bound; 2.11 the guard it could not evaluate
+    ("lumina2", ("SymInt", "data-dependent expression"), "adapter auto (1 prompts x 1 steps)"),
+    ("hidream", (".numpy()",), "adapter auto (1 prompts x 1 steps)")])  # its layer-stacked text states are built
 def test_compile_falls_back_to_eager_on_data_dependent_code_and_says_why(name, cause, calibration):
     """svdq_compiler.compile (path="auto") tries torch.export first; Lumina2's slices from `.tolist()` and
     HiDream's MoE routing through `.numpy()` stop it."""
@@ -147,7 +148,8 @@ def test_compile_falls_back_to_eager_on_data_dependent_code_and_says_why(name, c
     model = svdq_compiler.compile(build(), inputs(8), config)
     report = model.svdq_eager.report
     assert report["path"] == "eager"
-    assert report["path_reason"].startswith("torch.export failed: ") and cause in report["path_reason"]
+    assert report["path_reason"].startswith("torch.export failed: ")
+    assert any(phrase in report["path_reason"] for phrase in cause), report["path_reason"]
     assert report["eager"]["calibration_source"].startswith(calibration)
     with pytest.raises(CaptureError):
         svdq_compiler.compile(build(), inputs(8), "w4a4-rtn", path="graph")

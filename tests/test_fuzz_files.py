@@ -173,20 +173,70 @@ def described_nodes(gm):
             for node in graph_module_of(gm).graph.nodes if node.target != graph_record.GUARDS_MODULE]
 
 
+def load_with_record(path, record, folder):
+    """The graph file at `path` with `record` as its graph record (digests recomputed) loaded, or None if it
+    is refused with a clear error."""
+    target = rewrite_archive(path, folder / "graph.pt",
+                             lambda name, old: json.dumps(record).encode() if name == f"extra/{GRAPH_FILE}" else old)
+    try:
+        return svdq_compiler.load(target)
+    except SvdqError:
+        return None
+
+
+def assert_calls_bind(loaded):
+    """Run a loaded graph: every call must bind to its operator (load refuses an argument of the wrong kind);
+    an edited graph may still compute what torch refuses at run time (a tensor of the wrong shape)."""
+    try:
+        loaded(x=X)
+    except Exception as exc:  # noqa: BLE001 -- any error but a binding one is the edited graph's own
+        assert "Expected a value of type" not in str(exc), f"loaded a call its operator cannot take: {exc}"
+
+
 @FUZZ
 @given(edits=EDITS)
 def test_crafted_graph_records_refuse_or_load_the_graph_they_describe(graph, tmp_path_factory, edits):
     """A record edited and its digests recomputed (a crafted file: a digest finds damage, it is no signature)
-    either is refused with a clear error or loads as exactly the graph it describes, node for node."""
+    either is refused with a clear error or loads as exactly the graph it describes, node for node, whose
+    calls all bind to their operators (an argument of the wrong kind is refused at load, not at the call)."""
     path, data, _ = graph
     record = edit_record(record_of(data), edits)
-    target = rewrite_archive(path, tmp_path_factory.mktemp("record") / "graph.pt",
-                             lambda name, old: json.dumps(record).encode() if name == f"extra/{GRAPH_FILE}" else old)
-    try:
-        loaded = svdq_compiler.load(target)
-    except SvdqError:
-        return
-    assert described_nodes(loaded) == record["nodes"]
+    loaded = load_with_record(path, record, tmp_path_factory.mktemp("record"))
+    if loaded is not None:
+        assert described_nodes(loaded) == record["nodes"]
+        assert_calls_bind(loaded)
+
+
+def with_a_size(record):
+    """`record` with a node `size` (a number: the input's second dimension) after the input."""
+    nodes = record["nodes"]
+    nodes.insert(next(i for i, node in enumerate(nodes) if node[1] == "placeholder") + 1,
+                 ["size", "call_function", "torch.ops.aten.sym_size.int", {"tuple": [{"node": "x"}, 1]},
+                  {"dict": {}}])
+    return record
+
+
+ARGUMENTS = st.one_of(st.integers(-3, 64), st.floats(-2, 2), st.none(), st.sampled_from(["x", "mean"]),
+                      st.sampled_from(["proj_weight", "proj_bias", "x", "size", "linear", "gelu"]).map(
+                          lambda name: {"node": name}))
+
+
+@FUZZ
+@given(call=st.integers(0, 10**6), position=st.integers(0, 10**6), value=ARGUMENTS)
+def test_an_argument_of_any_kind_in_any_call_refuses_or_binds(graph, tmp_path_factory, call, position, value):
+    """Any argument of any call replaced by a number, None, a word, or a node (a tensor, a size): the graph is
+    refused at load or every call binds to its operator when it runs."""
+    path, data, _ = graph
+    record = with_a_size(record_of(data))
+    calls = [node for node in record["nodes"] if node[1] == "call_function" and node[0] != "size"]
+    arguments = calls[call % len(calls)][3]["tuple"]
+    later = {node[0] for node in record["nodes"][record["nodes"].index(calls[call % len(calls)]):]}
+    if isinstance(value, dict) and value["node"] in later:
+        return  # a reference forward is refused for what it is (test_untrusted_files)
+    arguments[position % len(arguments)] = value
+    loaded = load_with_record(path, record, tmp_path_factory.mktemp("kind"))
+    if loaded is not None:
+        assert_calls_bind(loaded)
 
 
 # ---- checkpoints and LoRA files ---------------------------------------------------------------------------

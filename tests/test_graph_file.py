@@ -197,6 +197,12 @@ def test_load_refuses_an_unknown_device(graph):
         svdq_compiler.load(path, device="nonsense")
 
 
+def test_load_refuses_a_device_this_machine_lacks(graph):
+    _, path = graph
+    with pytest.raises(InputError, match="device 'cuda:99' is not available here"):
+        svdq_compiler.load(path, device="cuda:99")
+
+
 def test_compression_is_reported_against_the_checkpoint_dtype_and_against_fp32():
     from svdq_compiler.cli import compression
     from svdq_compiler.models import load_model

@@ -290,6 +290,34 @@ def call_with_an_unknown_keyword(record):
     first_call(record)[4] = {"dict": {"alpha": 1}}
 
 
+def pass_a_number_as_a_weight(record):
+    first_call(record)[3]["tuple"][1] = 8
+
+
+def pass_a_string_as_a_weight(record):
+    first_call(record)[3]["tuple"][1] = "proj.weight"
+
+
+def measure_a_size(record, used_by):
+    """A node `size` (the input's second dimension, a number) inserted before the first call, and passed to
+    the call `used_by` picks as its second argument."""
+    nodes, user = record["nodes"], used_by(record)
+    nodes.insert(nodes.index(first_call(record)), ["size", "call_function", "torch.ops.aten.sym_size.int",
+                                                   {"tuple": [{"node": "x"}, 1]}, {"dict": {}}])
+    user[3]["tuple"][1] = {"node": "size"}
+
+
+def pass_a_size_as_a_weight(record):
+    measure_a_size(record, first_call)
+
+
+def pass_a_list_of_tensors_as_a_tensor(record):
+    nodes, user = record["nodes"], first_call(record)
+    nodes.insert(nodes.index(user), ["parts", "call_function", "torch.ops.aten.split.Tensor",
+                                     {"tuple": [{"node": "proj_weight"}, 4]}, {"dict": {}}])
+    user[3]["tuple"][1] = {"node": "parts"}
+
+
 @pytest.mark.parametrize("change, message", [
     (call_os_system, "calls 'torch.os.system', which is not an aten, prims or svdq"),
     (call_an_unknown_operator, "calls 'torch.ops.aten.no_such_op.default', which this torch does not have"),
@@ -305,13 +333,39 @@ def call_with_an_unknown_keyword(record):
     (drop_an_output, "the output does not have the 1 values its call convention returns"),
     (call_with_an_extra_argument, "with arguments that do not fit its schema"),
     (call_with_an_unknown_keyword, "with arguments that do not fit its schema"),
+    (pass_a_number_as_a_weight, "node linear passes int '8' as 'weight' of aten.linear.default, which takes Tensor"),
+    (pass_a_string_as_a_weight, "node linear passes str 'proj.weight' as 'weight' of aten.linear.default"),
+    (pass_a_size_as_a_weight, "node linear passes a number (a size) (node size) as 'weight' of "
+                              "aten.linear.default, which takes Tensor"),
+    (pass_a_list_of_tensors_as_a_tensor, "node linear passes a list of tensors (node parts) as 'weight'"),
 ], ids=["os-system", "unknown-op", "code-argument", "missing-attribute", "later-node", "spec", "list-reference",
         "deep-arguments", "shadowing-input", "shadowing-argument", "renamed-argument", "output-count", "extra-argument",
-        "unknown-keyword"])
+        "unknown-keyword", "number-for-tensor", "string-for-tensor", "size-for-tensor", "tensors-for-tensor"])
 def test_a_graph_record_beyond_operators_and_data_is_refused(graph_file, tmp_path, change, message):
     hostile = rewrite_archive(graph_file, tmp_path / "record.pt", edit_graph_record(change))
     with pytest.raises(CheckpointError, match=f"refusing to load: .*{re.escape(message)}"):
         svdq_compiler.load(hostile)
+
+
+def test_a_size_where_a_tensor_goes_is_refused_at_load_in_one_line(graph_file, tmp_path):
+    """Without the check the file loads and torch refuses the argument only when the graph first runs."""
+    hostile = rewrite_archive(graph_file, tmp_path / "size.pt", edit_graph_record(pass_a_size_as_a_weight))
+    with pytest.raises(CheckpointError) as refused:
+        svdq_compiler.load(hostile)
+    assert "\n" not in str(refused.value) and "'weight' of aten.linear.default" in str(refused.value)
+    with pytest.raises(RuntimeError, match="Expected a value of type 'Tensor' for argument 'weight'"):
+        torch.ops.aten.linear.default(torch.randn(2, 6, 8), 6)
+
+
+def test_numbers_where_torch_takes_them_as_tensors_still_load(graph_file, tmp_path):
+    """`mul.Tensor(x, 2)` (as export writes it) and a size in its place: torch binds a number to the tensor
+    argument of its arithmetic operators, so the graph loads and runs."""
+    def scale_by_the_size(record):
+        measure_a_size(record, lambda record: next(n for n in record["nodes"] if n[0] == "mul"))
+
+    scaled = rewrite_archive(graph_file, tmp_path / "scaled.pt", edit_graph_record(scale_by_the_size))
+    x = torch.randn(2, 6, 8)
+    torch.testing.assert_close(svdq_compiler.load(scaled)(x=x), Scaled()(x) / 2 * 6)
 
 
 def test_keyword_names_that_would_be_code_in_the_generated_forward_are_refused(graph_file, tmp_path):
@@ -377,3 +431,51 @@ def test_a_real_kernel_spec_passes():
     archive_check.check_kernel_spec(
         '{"act":"uint4","bias":true,"dtype":"float32","epilogue":[{"kind":"mul","value":null}],"group_size":64,'
         '"k":128,"kind":"gemm","n":64,"quantize_next":null,"rank":32}', "test")
+
+
+def test_a_kernel_spec_carrying_code_in_the_program_is_refused(graph_file, tmp_path):
+    """models/model.json is checked object by object (`_check_program`): a fused node's spec argument must
+    still reach the kernel-spec check."""
+    def change(program):
+        node = next(n for n in program["graph_module"]["graph"]["nodes"] if n["target"].startswith("torch.ops"))
+        node["target"] = "torch.ops.svdq.fused_gemm.default"
+        node["inputs"].append({"name": "spec", "arg": {"as_string": '{"kind":"gemm","dtype":"x)\\nimport os #"}'},
+                               "kind": 1})
+
+    hostile = rewrite_archive(graph_file, tmp_path / "spec.pt", edit_json("models/model.json", change))
+    with pytest.raises(CheckpointError, match="refusing to load: kernel spec value"):
+        svdq_compiler.load(hostile)
+
+
+@pytest.mark.parametrize("text", ['[{"graph_module": {}}]', '{"graph_module": []}', '{"guards_code": []}', '"x"'])
+def test_a_program_that_is_not_an_exported_program_is_refused(text):
+    with pytest.raises(CheckpointError, match="refusing to load: models/model.json is not a serialized"):
+        archive_check._check_program(text.encode(), "test")
+
+
+def test_a_fused_node_without_an_argument_list_is_checked_without_a_traceback():
+    archive_check._check_program(b'{"graph_module": {"nodes": [{"target": "torch.ops.svdq.fused_gemm.default", '
+                                 b'"inputs": {"name": "spec"}}]}}', "test")
+
+
+def test_checking_the_program_never_holds_its_tree(graph_file):
+    """The program of a large graph is MBs of JSON, ~7x that as Python objects: the check keeps one node's
+    arguments at a time, so its peak stays near the text it reads."""
+    import tracemalloc
+    import zipfile
+
+    with zipfile.ZipFile(graph_file) as archive:
+        program = json.loads(archive.read(next(n for n in archive.namelist() if n.endswith("models/model.json"))))
+    program["graph_module"]["graph"]["nodes"] *= 2000
+    raw = json.dumps(program).encode()
+
+    def peak(check):
+        tracemalloc.start()
+        try:
+            check()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    assert peak(lambda: json.loads(raw)) > 4 * len(raw)  # what holding the tree costs
+    assert peak(lambda: archive_check._check_program(raw, "test")) < 2 * len(raw)

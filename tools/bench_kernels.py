@@ -192,6 +192,17 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
+def _tiles_chosen(m: int, k: int, n: int) -> dict[str, str]:
+    """The tile each launcher chose (timed once per kernel and shape bucket) for this shape: a slow case is often
+    a tuning choice, and this says which. Keys end (n, k, bucket) for kernels B and W, (k, bucket) for kernel A."""
+    from svdq_compiler.codegen import launch
+    from svdq_compiler.codegen.configs import m_bucket
+
+    bucket = m_bucket(m)
+    return {key[0]: repr(config) for key, config in launch._TUNED.items()
+            if key[-3:] == (n, k, bucket) or (key[0].startswith("svdq_quantize") and key[-2:] == (k, bucket))}
+
+
 def bench_shape(m: int, k: int, n: int, device: torch.device, timed, formats: list[str],
                 with_reference: bool) -> dict:
     flops = 2.0 * m * n * k
@@ -244,7 +255,7 @@ def bench_shape(m: int, k: int, n: int, device: torch.device, timed, formats: li
     for case in cases.values():
         if base and "ms" in case:
             case["speedup_vs_bf16"] = round(base / case["ms"], 3)
-    result = {"m": m, "k": k, "n": n, "cases": cases, "check": check}
+    result = {"m": m, "k": k, "n": n, "cases": cases, "check": check, "tiles": _tiles_chosen(m, k, n)}
     fused, rank0 = cases.get("svdq_int4_fused", {}).get("ms"), cases.get("svdq_int4_rank0", {}).get("ms")
     if fused and rank0:
         result["branch_overhead"] = round(fused / rank0 - 1.0, 4)
@@ -268,12 +279,32 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _write_report(out: Path, machine: dict, results: list[dict], complete: bool) -> None:
+    goals = {}
+    for r in results:
+        if r["m"] == 4096 and "speedup_vs_bf16" in r["cases"].get("svdq_int4_fused", {}):
+            goals[f"int4_fused_vs_bf16_at_M4096_K{r['k']}_N{r['n']}"] = r["cases"]["svdq_int4_fused"][
+                "speedup_vs_bf16"]
+        if "branch_overhead" in r:
+            goals[f"branch_overhead_M{r['m']}_K{r['k']}_N{r['n']}"] = r["branch_overhead"]
+    report = {"benchmark": "kernels", "complete": complete, "machine": machine, "rank": RANK,
+              "dtype": "bfloat16", "goals": {"int4_fused_vs_bf16_at_M4096": ">= 1.6", "branch_overhead": "<= 0.10"},
+              "measured_goals": goals, "results": results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes under the Triton interpreter (no GPU)")
     parser.add_argument("--formats", default="int4,int8,nvfp4,w4a16",
                         help="comma-separated: int4, int8, nvfp4, w4a16 (kernel W with nf4 and int4 weights)")
     parser.add_argument("--m", default=None, help="comma-separated token counts (default: the FLUX set)")
+    parser.add_argument("--kn", default=None,
+                        help="comma-separated KxN weight shapes, e.g. 3072x3072 (default: the FLUX set)")
+    parser.add_argument("--no-modulation", action="store_true", help="skip the M=1 modulation rows")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow lowered reference ops")
     parser.add_argument("--rep-ms", type=int, default=100, help="CUDA-graph replay time per case")
     parser.add_argument("--out", type=Path, default=None, help="output JSON (default: bench/results/…)")
@@ -285,35 +316,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     machine = _machine(device)
     ms = [int(v) for v in args.m.split(",")] if args.m else list(SMOKE_M if args.smoke else FLUX_M)
-    kns = SMOKE_KN if args.smoke else FLUX_KN
+    kns = ([tuple(int(v) for v in kn.split("x")) for kn in args.kn.split(",")] if args.kn
+           else SMOKE_KN if args.smoke else FLUX_KN)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    timed = _timer(device, args.rep_ms)
-    results = []
-    for m in ms:
-        for k, n in kns:
-            start = time.perf_counter()
-            results.append(bench_shape(m, k, n, device, timed, formats, not args.no_reference))
-            print(f"M={m} K={k} N={n}: {time.perf_counter() - start:.1f}s", flush=True)
-    if "w4a16" in formats:  # the modulation layers: one row per sample
-        for m, k, n in SMOKE_MODULATION if args.smoke else FLUX_MODULATION:
-            results.append(bench_shape(m, k, n, device, timed, ["w4a16"], False))
-            print(f"M={m} K={k} N={n} (modulation): done", flush=True)
-    goals = {}
-    for r in results:
-        if r["m"] == 4096 and "speedup_vs_bf16" in r["cases"].get("svdq_int4_fused", {}):
-            goals[f"int4_fused_vs_bf16_at_M4096_K{r['k']}_N{r['n']}"] = r["cases"]["svdq_int4_fused"][
-                "speedup_vs_bf16"]
-        if "branch_overhead" in r:
-            goals[f"branch_overhead_M{r['m']}_K{r['k']}_N{r['n']}"] = r["branch_overhead"]
-    report = {"benchmark": "kernels", "machine": machine, "rank": RANK, "dtype": "bfloat16",
-              "goals": {"int4_fused_vs_bf16_at_M4096": ">= 1.6", "branch_overhead": "<= 0.10"},
-              "measured_goals": goals, "results": results}
     device_tag = re.sub(r"[^A-Za-z0-9]+", "-", machine["device"]).strip("-").lower()
     out = args.out or (Path("build/bench") if args.smoke else Path("bench/results")) / f"kernels-{device_tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
+    # the modulation layers: one row per sample, W4A16 only, no lowered reference
+    modulation = [] if args.no_modulation or "w4a16" not in formats else (
+        SMOKE_MODULATION if args.smoke else FLUX_MODULATION)
+    shapes = [(m, k, n, formats, not args.no_reference) for m in ms for k, n in kns]
+    shapes += [(m, k, n, ["w4a16"], False) for m, k, n in modulation]
+    timed = _timer(device, args.rep_ms)
+    results = []
+    for index, (m, k, n, shape_formats, with_reference) in enumerate(shapes):
+        start = time.perf_counter()
+        results.append(bench_shape(m, k, n, device, timed, shape_formats, with_reference))
+        print(f"M={m} K={k} N={n}: {time.perf_counter() - start:.1f}s", flush=True)
+        # after every shape, so that a run stopped at its time limit keeps what it measured
+        _write_report(out, machine, results, complete=index == len(shapes) - 1)
     print(_table(results))
     print(f"wrote {out}")
     return 0

@@ -16,7 +16,9 @@ For the tensor models the score is the relative L2 error of the output against f
 
 Rows (`--rows`, default all): `ours:<preset>` for int4, nvfp4, w8a8, w4a16-nf4; `ours:w8a8-before` and
 `ours:int4-before` (the same presets without the per-layer choice and with plain weight-only layers, as before
-it); `ours:int8-plain` (per-token / per-channel INT8, no smoothing, no branch); `modelopt:int4-svdquant`
+it; w8a8 per token / per channel, as it then was); `ours:w8a8-per-token` (w8a8 with per-token activations and
+per-channel weights, its form before int8 groups); `ours:int8-plain` (per-token / per-channel INT8, no
+smoothing, no branch); `modelopt:int4-svdquant`
 (INT4 g64 weights, INT4 per-tensor activations: the integer
 activation form ModelOpt runs on CPU; SVDQuant rank 32), `modelopt:nvfp4-svdquant`, `modelopt:int8-smoothquant`;
 `quanto:w8a8`, `quanto:w4a16`; `torchao:w8a8-dynamic`, `torchao:w8a16`, `torchao:w4a16`. Every row runs in its
@@ -54,16 +56,19 @@ OURS = {
     "w4a16-nf4": ("w4a16-nf4", {}),
     # before the per-layer choice: every layer takes its preset's compiled form; weight-only layers plain int4
     "w8a8-before": ("w8a8", dict(layer_choice=False, weight_only_format="int4", weight_only_group=64,
-                                 weight_only_smooth=False, weight_only_rank=0, weight_only_error=None)),
+                                 weight_only_smooth=False, weight_only_rank=0, weight_only_error=None,
+                                 group_size=0)),
     "int4-before": ("int4", dict(layer_choice=False, weight_only_smooth=False, weight_only_rank=0,
                                  weight_only_error=None)),
-    "int8-plain": ("w8a8", dict(smooth="none", rank=0, layer_choice=False)),
+    "w8a8-per-token": ("w8a8", dict(group_size=0)),
+    "int8-plain": ("w8a8", dict(smooth="none", rank=0, layer_choice=False, group_size=0)),
 }
 PEERS = ["modelopt:int4-svdquant", "modelopt:nvfp4-svdquant", "modelopt:int8-smoothquant", "quanto:w8a8",
          "quanto:w4a16", "torchao:w8a8-dynamic", "torchao:w8a16", "torchao:w4a16"]
 ROWS = [f"ours:{name}" for name in OURS] + PEERS
 BITS = {"int4": "W4A4", "nvfp4": "W4A4 (fp4)", "w8a8": "W8A8", "w4a16-nf4": "W4A16", "w8a8-before": "W8A8",
-        "int4-before": "W4A4", "int8-plain": "W8A8", "int4-svdquant": "W4A4 (A per-tensor)", "nvfp4-svdquant": "W4A4 (fp4)",
+        "int4-before": "W4A4", "w8a8-per-token": "W8A8", "int8-plain": "W8A8",
+        "int4-svdquant": "W4A4 (A per-tensor)", "nvfp4-svdquant": "W4A4 (fp4)",
         "int8-smoothquant": "W8A8", "w8a8": "W8A8", "w4a16": "W4A16", "w8a8-dynamic": "W8A8", "w8a16": "W8A16"}
 
 
@@ -359,7 +364,8 @@ def table(results: list[dict]) -> str:
 # model.
 TITLES = {"ours:int4": "ours int4", "ours:nvfp4": "ours nvfp4", "ours:w8a8": "ours w8a8",
           "ours:w4a16-nf4": "ours w4a16-nf4", "ours:w8a8-before": "ours w8a8 before the policy",
-          "ours:int4-before": "ours int4 before the policy", "ours:int8-plain": "plain INT8 (ours, no smoothing)",
+          "ours:int4-before": "ours int4 before the policy", "ours:w8a8-per-token": "ours w8a8 per token",
+          "ours:int8-plain": "plain INT8 (ours, no smoothing)",
           "modelopt:int4-svdquant": "ModelOpt INT4 SVDQuant", "modelopt:nvfp4-svdquant": "ModelOpt NVFP4 SVDQuant",
           "modelopt:int8-smoothquant": "ModelOpt INT8 SmoothQuant", "quanto:w8a8": "quanto W8A8",
           "quanto:w4a16": "quanto W4A16", "torchao:w8a8-dynamic": "torchao W8A8 dyn.", "torchao:w8a16": "torchao W8A16",

@@ -72,7 +72,7 @@ CHECK-NEXT: w_low, w_high = nibbles_x16_ptx(tl.load(w_ptrs))
 CHECK-NEXT: partial = tl.dot(a_low, tl.trans(w_low), out_dtype=tl.int32)
 CHECK-NEXT: partial = tl.dot(a_high, tl.trans(w_high), partial, out_dtype=tl.int32)
 CHECK-NEXT: row_factor = tl.load(a_scale_ptrs + group).to(tl.float32) * 0.00390625
-CHECK-NEXT: w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
+CHECK-NEXT: w_scale = computed_once_ptx(tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32))
 CHECK-NEXT: acc = add_scaled_partial(acc, partial, row_factor, w_scale)
 CHECK: acc = tl.dot(down, tl.trans(lora_up), acc)
 CHECK-NEXT: acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
@@ -176,7 +176,8 @@ CHECK-NOT: tl.store(out_ptr
 CHECK: value = round_to_bf16((y.to(tl.float32) + 0.171875) / next_smooth)
 CHECK-NEXT: value = tl.where(col_ok[None, :], value, 0.0)
 CHECK: grouped = tl.reshape(value, (BLOCK_M, (BLOCK_N // 64), 64))
-CHECK: codes = tl.minimum(tl.maximum(round_half_even(grouped / scale[:, :, None]), 0.0), 15.0)
+CHECK: codes = quotient_rn(grouped, scale[:, :, None], reciprocal(scale)[:, :, None])
+CHECK-NEXT: codes = tl.minimum(tl.maximum(round_half_even(codes), 0.0), 15.0)
 CHECK: tl.store(next_codes_ptr
 CHECK: tl.store(next_scales_ptr
 CHECK: next_down = tl.dot(round_to_bf16(y.to(tl.float32) / round_to_bf16(next_smooth)).to(tl.bfloat16), next_lora_down)
@@ -188,19 +189,24 @@ CHECK: tl.atomic_add(next_down_ptr
 CHECK-LABEL: def svdq_gemm_int4
 CHECK: tl.store(out_ptr
 CHECK: next_act_scale = tl.load(next_act_scale_ptr)
-CHECK: scale = round_to_e4m3(absmax / 6.0 / next_act_scale)
-CHECK: codes = e2m1_code(tl.minimum(tl.maximum(grouped / (scale * next_act_scale)[:, :, None], -6.0), 6.0))
+CHECK: scale = round_to_e4m3(tl.div_rn(tl.div_rn(absmax, 6.0), next_act_scale))
+CHECK: effective = (scale * next_act_scale)[:, :, None]
+CHECK-NEXT: codes = quotient_rn(grouped, effective, reciprocal(effective))
+CHECK-NEXT: codes = e2m1_code(tl.minimum(tl.maximum(codes, -6.0), 6.0))
 CHECK: low, high = tl.split(tl.reshape(codes, (BLOCK_M, (BLOCK_N // 16), 8, 2)))
 CHECK-NOT: atomic_add
 """)
 
 
-@pytest.mark.parametrize("fmt, group, reads", [("int4", 64, 1), ("nvfp4", 16, 1), ("int8", 0, 2)])
+@pytest.mark.parametrize("fmt, group, reads", [("int4", 64, 2), ("nvfp4", 16, 1), ("int8", 0, 2)])
 def test_kernel_a_reads_x_once_and_never_uses_atomics(fmt, group, reads, filecheck):
+    """int4 reads each step as its two split halves (each channel once); int8 reads x twice (absmax first)."""
     spec = QuantizeSpec(ActQuant(fmt, group), 32, "bfloat16")
     text = generate(spec, HOPPER)
     assert text.count("tl.load(x_rows") == reads
     assert "atomic" not in text.split("@triton.jit\ndef svdq_quantize")[1]
+    if fmt == "int4":
+        return  # test_split_half_packing_in_kernel_a reads its text
     filecheck(text, r"""
 CHECK-LABEL: def svdq_quantize_
 CHECK: down = tl.zeros((BLOCK_M, 32), dtype=tl.float32)
@@ -213,17 +219,40 @@ CHECK: tl.store(down_ptrs, round_to_bf16(down).to(tl.bfloat16)
 
 
 def test_split_half_packing_in_kernel_a(filecheck):
-    filecheck(generate(QuantizeSpec(ActQuant("int4", 64), 0, "float16"), HOPPER), r"""
-CHECK-LABEL: def svdq_quantize_int4_r0
-CHECK-NOT: lora_down
-CHECK: value = (x.to(tl.float32) / smooth).to(tl.float16).to(tl.float32)
-CHECK: grouped = tl.reshape(value, (BLOCK_M, GROUPS_PER_STEP, 64))
-CHECK: absmax = tl.max(tl.abs(grouped), axis=2)
-CHECK: scale = (absmax / 7.0).to(tl.float16).to(tl.float32)
+    """int4/uint4 codes of 16-bit models: the step is read as the two halves that share a byte, so the codes pack
+    element-wise (no permute or split), and no division is left per element on CUDA: x/λ from a reciprocal per
+    column and two FMA corrections, codes from a reciprocal per group. The branch input and the reciprocals are
+    computed once (not again per warp or thread row that reads them)."""
+    filecheck(generate(QuantizeSpec(ActQuant("int4", 64), 32, "bfloat16"), HOPPER), r"""
+CHECK: def refine_reciprocal(
+CHECK: def quotient_rn(
+CHECK: def nearest_code_bits(
+CHECK: def computed_once_ptx(
+CHECK-LABEL: def svdq_quantize_int4_r32
+CHECK: low_cols = (byte_cols // 32) * 64 + byte_cols % 32
+CHECK: cols = k0 + low_cols
+CHECK: x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+CHECK: smooth_reciprocal = computed_once_ptx(reciprocal(smooth))
+CHECK: branch_reciprocal = computed_once_ptx(reciprocal(round_to_bf16(smooth)))
+CHECK: down = tl.dot(computed_once_ptx(round_to_bf16(x * branch_reciprocal).to(tl.bfloat16)), lora_down, down)
+CHECK: low = round_to_bf16(quotient_rn(x, smooth, smooth_reciprocal))
+CHECK: cols = k0 + 32 + low_cols
+CHECK: high = round_to_bf16(quotient_rn(x, smooth, smooth_reciprocal))
+CHECK: absmax = tl.maximum(tl.max(tl.abs(low), axis=2), tl.max(tl.abs(high), axis=2))
+CHECK: scale = round_to_bf16(tl.div_rn(absmax, 7.0))
 CHECK-NEXT: scale = tl.where(scale == 0.0, 1.0, scale)
-CHECK: low, high = tl.split(tl.permute(tl.reshape(codes, (BLOCK_M, GROUPS_PER_STEP, 2, 32)), (0, 1, 3, 2)))
-CHECK: packed = tl.reshape(((low & 15) | ((high & 15) << 4)).to(tl.uint8), (BLOCK_M, GROUPS_PER_STEP * 32))
+CHECK-NEXT: scale_reciprocal = (1.0 / scale)[:, :, None]
+CHECK-NEXT: low = nearest_code_bits(low, scale_reciprocal, -7.0, 7.0)
+CHECK: packed = tl.reshape(((low & 15) | ((high & 15) << 4)).to(tl.uint8), (BLOCK_M, STEP // 2))
+CHECK: tl.store(down_ptrs, round_to_bf16(down).to(tl.bfloat16)
 """)
+    uint4 = generate(QuantizeSpec(ActQuant("uint4", 64, 0.171875), 0, "float16"), INTERP)
+    assert "low = (quotient_rn((x + 0.171875), smooth, smooth_reciprocal)).to(tl.float16).to(tl.float32)" in uint4
+    assert "nearest_code_bits(low, scale_reciprocal, 0.0, 15.0)" in uint4
+    assert "computed_once_ptx" not in uint4 and "tl.permute" not in uint4 and "lora_down_ptr" not in uint4
+    # fp32 models divide, correctly rounded (the reciprocal arguments hold for 16-bit values only)
+    assert "quotient_rn(grouped, scale[:, :, None], reciprocal(scale)[:, :, None])" in generate(
+        QuantizeSpec(ActQuant("int4", 64), 0, "float32"), HOPPER)
 
 
 def test_interpreter_text_widens_bf16_dots_and_cuda_text_does_not():
@@ -248,7 +277,7 @@ CHECK: Kernel W (W4A16) for spec {{[0-9a-f]+}}: {"bias":true,"dtype":"bfloat16"
 CHECK: y[M, N] = x·Wᵀ + bias, then the epilogue; x [M, K] in bfloat16, W nf4 codes × bfloat16 scales
 CHECK: K = 3072, N = 18432.
 CHECK: the split-half layout, so no shuffle
-CHECK: 16-entry fp32
+CHECK: 16-entry fp32 codebook, looked up in registers
 CHECK: Epilogue (fp32 in registers, rounded once to bfloat16): silu.
 CHECK-LABEL: def svdq_w4a16_nf4_r0_
 CHECK-NEXT: x_ptr, stride_xm, w_codes_ptr, w_scales_ptr, codebook_ptr, bias_ptr,
@@ -261,8 +290,8 @@ CHECK-NEXT: packed = tl.load(w_rows + first_group * 32 + byte_cols[None, :])
 CHECK-NEXT: w_scale = tl.load(w_scales_ptr + groups[None, :] * N + cols_in[:, None])
 CHECK-NEXT: x_low = tl.load(x_rows + (k0 + low_cols)[None, :])
 CHECK-NEXT: x_high = tl.load(x_rows + (k0 + 32 + low_cols)[None, :])
-CHECK: w_low = tl.load(codebook_ptr + (packed & 15))
-CHECK-NEXT: w_high = tl.load(codebook_ptr + (packed >> 4))
+CHECK-NOT: codebook_ptr +
+CHECK: w_low, w_high = nf4_values_ptx(packed)
 CHECK: w_low = tl.reshape(tl.reshape(w_low, (BLOCK_N, GROUPS_PER_STEP, 32)) * w_scale, (BLOCK_N, STEP_BYTES))
 CHECK: w_low = (w_low).to(tl.bfloat16)
 CHECK-NEXT: w_high = (w_high).to(tl.bfloat16)

@@ -1,6 +1,11 @@
 """Every generated kernel against its reference op, under the Triton interpreter (TRITON_INTERPRET semantics
 on the CPU): codes and scales bit for bit, 16-bit outputs within rounding, for every format and epilogue, with
-ragged M (token counts that are not a multiple of the tile), ragged N and K that needs padding."""
+ragged M (token counts that are not a multiple of the tile), ragged N and K that needs padding.
+
+The cases parametrized by `device` also run compiled on a GPU (`-m gpu`): there the int4 GEMM and kernel W
+unpack nibbles with inline PTX and Triton picks tensor-core instructions, which only a GPU can check. One test
+body serves both, so the GPU run cannot drift from the cases CI keeps running.
+"""
 
 import dataclasses
 
@@ -14,11 +19,24 @@ from svdq_compiler.codegen import launch
 from svdq_compiler.codegen.fused_ops import apply_epilogue, reference_gemm, reference_weight_only_linear
 from svdq_compiler.codegen.layout import pack_weight, unpack_act, unpack_weight
 from svdq_compiler.codegen.spec import ActQuant, Epilogue, GemmSpec, QuantizeNext, QuantizeSpec, WeightOnlySpec
+from torch.utils._pytree import tree_map
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy sigmoid of -inf-ish
 ops = torch.ops.svdq
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _on(device, values):
+    """`values` (tensors, or tuples and lists of them) moved to `device`."""
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, values)
 GROUP = {"int4": 64, "uint4": 64, "nvfp4": 16, "int8": 0}
 SHIFT = {"uint4": 0.171875}
+
+
+def _format(label):
+    """A case's format and group: "int8/g64" names a group, a bare format its default (GROUP)."""
+    fmt, _, group = label.partition("/g")
+    return fmt, int(group) if group else GROUP[fmt]
 
 
 def _x(shape, fmt, dtype, seed):
@@ -36,10 +54,11 @@ def _smooth(k, dtype, seed):
     return (torch.rand(k, generator=torch.Generator().manual_seed(seed + 1)) + 0.5).to(dtype)
 
 
-def _weight(fmt, n, k, dtype, seed):
+def _weight(label, n, k, dtype, seed):
+    fmt, group = _format(label)
     gen = torch.Generator().manual_seed(seed + 2)
     weight = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
-    return pack_weight(quant.quantize_weight(weight, "int4" if fmt == "uint4" else fmt, GROUP[fmt]))
+    return pack_weight(quant.quantize_weight(weight, "int4" if fmt == "uint4" else fmt, group))
 
 
 def _close(actual, expected, rel=4e-3):
@@ -62,27 +81,32 @@ QUANTIZE_CASES = [
     ("nvfp4", (33,), 40, 0, False, torch.float32, False),
     ("int8", (3, 11), 100, 32, True, torch.bfloat16, True),
     ("int8", (20,), 72, 8, False, torch.float16, False),
+    ("int8/g64", (3, 11), 100, 32, True, torch.bfloat16, True),  # K padded to 128
+    ("int8/g32", (33,), 96, 0, False, torch.float32, False),
 ]
 
 
-def kernel_a_case(fmt, lead, k, rank, smooth, dtype, fixed_k, seed):
+def kernel_a_case(label, lead, k, rank, smooth, dtype, fixed_k, seed):
     """One kernel A case's operands: input, smoothing, down projection, spec and nvfp4's tensor scale."""
+    fmt, group = _format(label)
     x = _x((*lead, k), fmt, dtype, seed)
     lam = _smooth(k, dtype, seed) if smooth else None
     lora_down = (torch.randn(rank, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5).to(dtype) \
         if rank else None
     shift = SHIFT.get(fmt, 0.0)
-    spec = QuantizeSpec(ActQuant(fmt, GROUP[fmt], shift, smooth=smooth), rank, str(dtype).split(".")[1],
+    spec = QuantizeSpec(ActQuant(fmt, group, shift, smooth=smooth), rank, str(dtype).split(".")[1],
                         k=k if fixed_k else None)
     return x, lam, lora_down, shift, spec, quant.act_tensor_scale(x, fmt)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt, lead, k, rank, smooth, dtype, fixed_k", QUANTIZE_CASES)
-def test_kernel_a_matches_quantize_act_and_the_down_projection(fmt, lead, k, rank, smooth, dtype, fixed_k):
+def test_kernel_a_matches_quantize_act_and_the_down_projection(fmt, lead, k, rank, smooth, dtype, fixed_k, device):
     x, lam, lora_down, shift, spec, act_scale = kernel_a_case(fmt, lead, k, rank, smooth, dtype, fixed_k,
                                                               hash((fmt, k, rank)) % 1000)
-    codes, scales, down = launch.quantize_lora_down(x, lam, lora_down, spec, act_scale)
-    ref_codes, ref_scales = ops.quantize_act(x, lam, shift, fmt, GROUP[fmt], act_scale)
+    codes, scales, down = _on("cpu", launch.quantize_lora_down(*_on(device, (x, lam, lora_down)), spec,
+                                                               _on(device, act_scale)))
+    ref_codes, ref_scales = ops.quantize_act(x, lam, shift, spec.quant.fmt, spec.quant.group_size, act_scale)
     assert torch.equal(codes, ref_codes)
     assert scales.dtype == ref_scales.dtype and torch.equal(scales, ref_scales)
     assert down.shape == (*lead, rank)
@@ -108,17 +132,18 @@ def _branch_bias_and_epilogue_operands(lead, n, rank, bias, dtype, epilogue, gen
     return down, lora_up, bias_t, operands
 
 
-def _gemm_case(fmt, lead, k, n, rank, bias, dtype, epilogue=(), seed=0, magnitude=1.0):
+def _gemm_case(label, lead, k, n, rank, bias, dtype, epilogue=(), seed=0, magnitude=1.0):
     """spec, the op's arguments up to the epilogue operands, and nvfp4's per-tensor activation scale."""
+    fmt, group = _format(label)
     x = _x((*lead, k), fmt, dtype, seed) * magnitude
     lam = _smooth(k, dtype, seed)
     shift = SHIFT.get(fmt, 0.0)
     act_scale = quant.act_tensor_scale(x, fmt)
-    codes, scales = ops.quantize_act(x, lam, shift, fmt, GROUP[fmt], act_scale)
-    weight = _weight(fmt, n, k, dtype, seed)
+    codes, scales = ops.quantize_act(x, lam, shift, fmt, group, act_scale)
+    weight = _weight(label, n, k, dtype, seed)
     gen = torch.Generator().manual_seed(seed + 3)
     down, lora_up, bias_t, operands = _branch_bias_and_epilogue_operands(lead, n, rank, bias, dtype, epilogue, gen)
-    spec = GemmSpec(fmt, GROUP[fmt], rank, bias, str(dtype).split(".")[1], k=k, n=n, epilogue=tuple(epilogue))
+    spec = GemmSpec(fmt, group, rank, bias, str(dtype).split(".")[1], k=k, n=n, epilogue=tuple(epilogue))
     args = (codes, scales, weight.qweight, weight.wscales, weight.wtscale, down, lora_up, bias_t, operands)
     return spec, args, act_scale
 
@@ -132,13 +157,26 @@ GEMM_CASES = [
     ("nvfp4", (33,), 48, 24, 0, True, torch.float16),
     ("int8", (3, 11), 100, 40, 32, True, torch.bfloat16),
     ("int8", (33,), 64, 64, 0, False, torch.float32),
+    ("int8/g64", (3, 11), 100, 40, 32, True, torch.bfloat16),  # K padded to 128
+    ("int8/g128", (33,), 256, 64, 0, False, torch.float32),
+    ("int8/g32", (2, 17), 96, 48, 16, True, torch.float16),
 ]
 
 
-@pytest.mark.parametrize("fmt, lead, k, n, rank, bias, dtype", GEMM_CASES)
-def test_kernel_b_matches_the_lowered_gemm_branch_and_bias(fmt, lead, k, n, rank, bias, dtype):
+FLUX_WIDTH_GEMMS = [  # compiled only: too slow for the interpreter
+    pytest.param("int4", (2, 256), 3072, 512, 32, True, torch.bfloat16, "cuda", marks=pytest.mark.gpu),
+    pytest.param("uint4", (1, 300), 3072, 384, 32, True, torch.bfloat16, "cuda", marks=pytest.mark.gpu),  # ragged M
+    pytest.param("int4", (130,), 3072, 200, 0, False, torch.float16, "cuda", marks=pytest.mark.gpu),  # ragged N
+]
+
+
+@pytest.mark.parametrize("fmt, lead, k, n, rank, bias, dtype, device",
+                         [pytest.param(*case, "cpu") for case in GEMM_CASES]
+                         + [pytest.param(*case, "cuda", marks=pytest.mark.gpu) for case in GEMM_CASES]
+                         + FLUX_WIDTH_GEMMS)
+def test_kernel_b_matches_the_lowered_gemm_branch_and_bias(fmt, lead, k, n, rank, bias, dtype, device):
     spec, args, act_scale = _gemm_case(fmt, lead, k, n, rank, bias, dtype, seed=k + n)
-    (y,) = launch.gemm(*args, None, None, spec, act_scale)
+    (y,) = _on("cpu", launch.gemm(*_on(device, (*args, None, None)), spec, _on(device, act_scale)))
     (expected,) = reference_gemm(*args, None, None, spec, act_scale)
     _close(y, expected)
 
@@ -199,15 +237,16 @@ def test_epilogue_operands_with_any_broadcast_and_strides():
     _close(y, expected)
 
 
-@pytest.mark.parametrize("next_fmt", ["uint4", "int4", "nvfp4"])
+@pytest.mark.parametrize("next_label", ["uint4", "int4", "nvfp4", "int8/g64"])
 @pytest.mark.parametrize("emit", [False, True])
-def test_quantize_next_epilogue_codes_equal_quantize_act_of_the_output(next_fmt, emit):
+def test_quantize_next_epilogue_codes_equal_quantize_act_of_the_output(next_label, emit):
+    next_fmt, next_group = _format(next_label)
     n, next_rank = 100, 16  # the next layer's K = 100 pads to a whole group
     spec, args, _ = _gemm_case("int4", (33,), 64, n, 32, True, torch.bfloat16, (Epilogue("gelu_tanh"),), seed=5)
     next_smooth = _smooth(n, torch.bfloat16, 9)
     next_down = (torch.randn(next_rank, n, generator=torch.Generator().manual_seed(4)) / 10).to(torch.bfloat16)
     shift = SHIFT.get(next_fmt, 0.0)
-    fused = GemmSpec(**{**spec.__dict__, "quantize_next": QuantizeNext(ActQuant(next_fmt, GROUP[next_fmt], shift),
+    fused = GemmSpec(**{**spec.__dict__, "quantize_next": QuantizeNext(ActQuant(next_fmt, next_group, shift),
                                                                           rank=next_rank, emit_output=emit)})
     next_scale = quant.nvfp4_act_scale(7.0) if next_fmt == "nvfp4" else None  # a calibrated scale
     outputs = launch.gemm(*args, next_smooth, next_down, fused, None, next_scale)
@@ -216,7 +255,7 @@ def test_quantize_next_epilogue_codes_equal_quantize_act_of_the_output(next_fmt,
     if emit:
         assert torch.equal(outputs[0], y)
     codes, scales, down = outputs[emit:]
-    ref_codes, ref_scales = ops.quantize_act(y, next_smooth, shift, next_fmt, GROUP[next_fmt], next_scale)
+    ref_codes, ref_scales = ops.quantize_act(y, next_smooth, shift, next_fmt, next_group, next_scale)
     assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
     _close(down, F.linear(y / next_smooth, next_down), rel=2e-3)
     # and the whole fused op stays close to the reference composition
@@ -270,10 +309,11 @@ WEIGHT_ONLY_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt, lead, k, n, rank, bias, dtype, group", WEIGHT_ONLY_CASES)
-def test_kernel_w_matches_the_weight_only_reference(fmt, lead, k, n, rank, bias, dtype, group):
+def test_kernel_w_matches_the_weight_only_reference(fmt, lead, k, n, rank, bias, dtype, group, device):
     spec, args = _weight_only_case(fmt, lead, k, n, rank, bias, dtype, group=group, seed=k + n)
-    y = launch.weight_only_linear(*args, spec)
+    y = _on("cpu", launch.weight_only_linear(*_on(device, args), spec))
     _close(y, reference_weight_only_linear(*args, spec), rel=2e-3)
     if not rank:  # the dequantized weight path alone: the reference op itself
         x, codes, scales, _, _, bias_t, _ = args
@@ -300,11 +340,12 @@ def int4_identity_case(dtype):
     return torch.eye(k, dtype=dtype), packed.qweight, packed.wscales, spec, reference
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_w_int4_dequantizes_bit_for_bit(dtype):
+def test_kernel_w_int4_dequantizes_bit_for_bit(dtype, device):
     """The 16-bit path (`scaled_nibbles`: the exponent construction the compiled PTX also uses)."""
     x, codes, scales, spec, reference = int4_identity_case(dtype)
-    y = launch.weight_only_linear(x, codes, scales, None, None, None, [], spec)
+    y = _on("cpu", launch.weight_only_linear(*_on(device, (x, codes, scales)), None, None, None, [], spec))
     assert torch.equal(y.t().view(torch.int16), reference.view(torch.int16))
 
 

@@ -62,9 +62,17 @@ def test_interpreter_uses_one_configuration_per_size_class():
 
 
 def test_quantize_configs_step_in_whole_groups():
-    for fmt, group in (("int4", 64), ("nvfp4", 16), ("int8", 0)):
+    for fmt, group in (("int4", 64), ("nvfp4", 16), ("int8", 0), ("int8", 64), ("int8", 256)):
         configs = quantize_configs(QuantizeSpec(ActQuant(fmt, group), 32, "bfloat16"), HOPPER, 4096)
         assert configs and all(c.step % max(group, 1) == 0 and c.step >= 128 for c in configs)
+
+
+def test_grouped_int8_gemm_steps_by_group_and_kernel_a_keeps_steps_that_do_not_spill():
+    (config, *_) = gemm_configs(GemmSpec("int8", 64, 32, True, "bfloat16"), HOPPER, 4096)
+    assert config.block_k == 0  # one group per iteration, like int4
+    grouped = quantize_configs(QuantizeSpec(ActQuant("int8", 64), 32, "bfloat16"), HOPPER, 4096)
+    assert (32, 256) not in {(c.block_m, c.step) for c in grouped}  # spills on sm_90 (AOT gate)
+    assert {(c.block_m, c.step) for c in grouped} >= {(16, 256), (32, 128)}
 
 
 @pytest.mark.parametrize("shape, lead, expect", [

@@ -18,7 +18,8 @@ def _gemm(**overrides):
 def test_round_trip_is_exact_and_text_is_canonical():
     specs = [_gemm(), _gemm(act="nvfp4", group_size=16, quantize_next=None, epilogue=()),
              QuantizeSpec(ActQuant("uint4", 64, 0.171875), rank=32, dtype="float16", k=None),
-             QuantizeSpec(ActQuant("int8", 0, smooth=False), rank=0, dtype="bfloat16", k=40)]
+             QuantizeSpec(ActQuant("int8", 0, smooth=False), rank=0, dtype="bfloat16", k=40),
+             _gemm(act="int8", group_size=64, quantize_next=QuantizeNext(ActQuant("int8", 128), rank=16))]
     for spec in specs:
         text = spec.to_string()
         assert " " not in text and text.startswith("{")
@@ -62,6 +63,9 @@ def test_malformed_text_is_rejected_clearly(text, message):
     (_gemm(epilogue=(Epilogue("tanh"),)), "unknown epilogue 'tanh'"),
     (_gemm(epilogue=(Epilogue("mul_scalar"),)), "needs a scalar value"),
     (_gemm(quantize_next=QuantizeNext(ActQuant("int8", 0))), "cannot be an epilogue"),
+    (_gemm(act="int8", group_size=16), "int8 kernels need group_size 0 .per token. or a power of two from 32 to 256"),
+    (_gemm(act="int8", group_size=512), "from 32 to 256"),
+    (_gemm(act="int8", group_size=96), "from 32 to 256"),
     (QuantizeSpec(ActQuant("int4", 64, shift=0.5), 0, "bfloat16"), "only meaningful for uint4"),
 ])
 def test_invalid_specs_name_the_problem(spec, message):
@@ -81,3 +85,9 @@ def test_operand_count_and_output_flags():
     assert spec.operand_count == 2 and spec.emits_output
     assert not _gemm(quantize_next=QuantizeNext(ActQuant("int4", 64))).emits_output
     assert _gemm(act="uint4").weight == "int4"
+
+
+def test_grouped_int8_takes_the_per_group_loop_and_per_token_int8_the_k_steps():
+    assert _gemm(act="int8", group_size=64).integer_groups and _gemm().integer_groups
+    assert not _gemm(act="int8", group_size=0, quantize_next=None).integer_groups
+    assert not _gemm(act="nvfp4", group_size=16, quantize_next=None).integer_groups

@@ -162,7 +162,7 @@ def test_adapter_role_hints_override_structure(dit):
 def test_preset_schemes(dit, preset):
     model, inputs, gm = dit
     infos = by_name(run_pass(gm, "annotate_linears", make_ctx(preset, inputs)).gm)
-    expected = {"nvfp4": "W:nvfp4/g16 A:nvfp4/g16 +smooth +r32", "w8a8": "W:int8/ch A:int8/tok +smooth +r16",
+    expected = {"nvfp4": "W:nvfp4/g16 A:nvfp4/g16 +smooth +r32", "w8a8": "W:int8/g64 A:int8/g64 +smooth +r16",
                 "w4a16-nf4": "W:nf4/g64 A:16", "w4a4-rtn": "W:int4/g64 A:int4/g64"}[preset]
     assert infos[BLOCK + "q"].scheme.describe() == expected
     assert infos[BLOCK + "down"].shift == (0.171875 if preset == "w4a4-rtn" else 0)
