@@ -30,6 +30,23 @@ def _quantize_before_lower(gm):
     return "op svdq.quantize_act.default is not allowed at this stage"
 
 
+@torch.library.custom_op("svdq_verify_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _foreign_op(gm):
+    """An op of a namespace no pass introduces (a library registered outside torch and svdq)."""
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    insert_call(gm, torch.ops.svdq_verify_test.twice.default, (x,), after=x)
+    return "op svdq_verify_test.twice.default is not allowed at this stage"
+
+
 def _lost_fake_value(gm):
     linear = next(n for n in gm.graph.nodes if is_linear(n))
     del linear.meta["val"]
@@ -47,7 +64,7 @@ def _unused_parameter(gm):
     return "parameter/buffer 'stray' is not used"
 
 
-@pytest.mark.parametrize("breakage", [_quantize_before_lower, _lost_fake_value, _missing_attribute,
+@pytest.mark.parametrize("breakage", [_quantize_before_lower, _foreign_op, _lost_fake_value, _missing_attribute,
                                       _unused_parameter])
 def test_each_broken_invariant_is_named(breakage):
     gm = sound()
