@@ -81,7 +81,8 @@ run() {
     done
     step warm-modulation 140 python3 tools/bench_kernels.py --no-reference --rep-ms 2 --m 1 --kn 3072x9216 \
         --formats w4a16 --out /tmp/warm/modulation.json &
-    step flux-block-warm 140 python3 tools/bench_flux_block.py --out /tmp/warm/flux-block.json &
+    # its timing ran beside the warm-up (contended); it comes back in case the timed run below does not finish
+    step flux-block-warm 140 python3 tools/bench_flux_block.py --out "$OUT/flux-block-contended-$device.json" &
     wait
     # 2. and 3. alone on the GPU, so that the times are the kernels' own
     step bench-kernels 95 python3 tools/bench_kernels.py --no-reference --rep-ms 50 --m 4096,1024,256 \
