@@ -242,15 +242,18 @@ def _emit_group_quantize(src: _Source, quant: ActQuant, value: str, rows: str, g
     """Quantize fp32 tile `value` [rows, groups·G] per group of G; defines `scale` [rows, groups] (stored type)
     and `packed`, the codes as stored: uint8 [rows, groups·G/2] for 4 bits, int8 [rows, groups·G] for int8.
     nvfp4 divides its E4M3 group scales by `tensor_scale` (the name of the fp32 per-tensor activation scale,
-    quant.py's two-level rule)."""
+    quant.py's two-level rule). Every division is IEEE's (div_rn, quotient_rn), as in quant.py: CUDA's fp32
+    `/` is up to 2 ulp off, which moves scales and codes."""
     g = quant.group_size
     src.add(f"grouped = tl.reshape({value}, ({rows}, {groups}, {g}))")
     src.add("absmax = tl.max(tl.abs(grouped), axis=2)")
     if quant.fmt == "nvfp4":
         src.add("""
-            scale = round_to_e4m3(absmax / 6.0 / {ts})
+            scale = round_to_e4m3(tl.div_rn(tl.div_rn(absmax, 6.0), {ts}))
             scale = tl.where(scale == 0.0, 1.0, scale)
-            codes = e2m1_code(tl.minimum(tl.maximum(grouped / (scale * {ts})[:, :, None], -6.0), 6.0))
+            effective = (scale * {ts})[:, :, None]
+            codes = quotient_rn(grouped, effective, reciprocal(effective))
+            codes = e2m1_code(tl.minimum(tl.maximum(codes, -6.0), 6.0))
             # consecutive pairs: byte j = code[2j] | code[2j + 1] << 4
             low, high = tl.split(tl.reshape(codes, ({rows}, {groups}, {half}, 2)))
             scale = e4m3_bits(scale)""".replace("{rows}", rows).replace("{groups}", groups)
@@ -258,8 +261,7 @@ def _emit_group_quantize(src: _Source, quant: ActQuant, value: str, rows: str, g
     else:
         number = FORMATS[quant.fmt]
         qmax, qmin = number.qmax, number.qmin
-        # int8 scales stay fp32 (quant.py); the 4-bit formats' are rounded to the model dtype. Both divisions are
-        # IEEE's (div_rn, quotient_rn): CUDA's fp32 `/` is up to 2 ulp off, which moves scales and codes.
+        # int8 scales stay fp32 (quant.py); the 4-bit formats' are rounded to the model dtype
         quotient = f"tl.div_rn(absmax, {qmax!r})"
         scale = _rounded(quotient, dtype) if number.scale_dtype is None else quotient
         src.add(f"""
@@ -670,15 +672,21 @@ def _emit_gemm_grouped_loop(src: _Source, spec: GemmSpec, target: Target) -> Non
             partial = tl.dot(a_high, tl.trans(w_high), partial, out_dtype=tl.int32)""")
     else:
         src.add("partial = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(w_ptrs)), out_dtype=tl.int32)")
+    w_scale = "tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)"
+    if compiled:
+        # loaded and widened once per column, then handed to the accumulator's layout through shared memory:
+        # otherwise each warp loads and widens every column it holds (sm_90, 128×128 with 8 warps: 16 loads,
+        # 16 PRMT and 32 IMAD per thread and group instead of 12 instructions)
+        w_scale = f"computed_once_ptx({w_scale})"
     if undo != 1:
         src.add(f"""
             row_factor = tl.load(a_scale_ptrs + group).to(tl.float32) * {1 / undo!r}
-            w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
+            w_scale = {w_scale}
             acc = add_scaled_partial(acc, partial, row_factor, w_scale)""")
     else:
-        src.add("""
+        src.add(f"""
             a_scale = tl.load(a_scale_ptrs + group).to(tl.float32)
-            w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
+            w_scale = {w_scale}
             acc += small_int_to_float(partial) * a_scale[:, None] * w_scale[None, :]""")
     src.add(f"""
         a_ptrs += {width}

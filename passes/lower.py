@@ -69,7 +69,7 @@ def _shifted_bias(gm: torch.fx.GraphModule, store: dict, info: LinearInfo) -> st
         if info.smooth is not None:
             residual = residual / get_attr_value(gm, info.smooth).double()
         dtype = store[info.weight].dtype
-        bias = torch.zeros(residual.shape[0], dtype=torch.float64) if info.bias is None else \
+        bias = torch.zeros(residual.shape[0], dtype=torch.float64, device=residual.device) if info.bias is None else \
             get_attr_value(gm, info.bias).double()
         set_attr_value(gm, target, (bias - info.shift * residual.sum(1)).to(dtype), as_buffer=True)
     return target

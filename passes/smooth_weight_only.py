@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from svdq_compiler.ir import get_attr_value
 from svdq_compiler.pipeline import PassContext, PassResult, register_pass
 from svdq_compiler.rewrites import apply_smoothing
 from svdq_compiler.svdquant import group_problem, members_by_group, search, unmet_in_groups
@@ -39,7 +40,7 @@ def smooth_weight_only(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult
     for group, members in groups.items():
         scheme = members[0][1].scheme
         problem = group_problem(gm, members, ctx.calibration, scheme)
-        ones = torch.ones(members[0][1].in_features)
+        ones = torch.ones(members[0][1].in_features, device=get_attr_value(gm, members[0][1].weight).device)
         (alpha, beta), scale, error, identity_error = search(problem, ones, candidates, scheme.rank,
                                                              config.search_svd, config.calib_seed)
         if beta:

@@ -192,6 +192,17 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
+def _tiles_chosen(m: int, k: int, n: int) -> dict[str, str]:
+    """The tile each launcher chose (timed once per kernel and shape bucket) for this shape: a slow case is often
+    a tuning choice, and this says which. Keys end (n, k, bucket) for kernels B and W, (k, bucket) for kernel A."""
+    from svdq_compiler.codegen import launch
+    from svdq_compiler.codegen.configs import m_bucket
+
+    bucket = m_bucket(m)
+    return {key[0]: repr(config) for key, config in launch._TUNED.items()
+            if key[-3:] == (n, k, bucket) or (key[0].startswith("svdq_quantize") and key[-2:] == (k, bucket))}
+
+
 def bench_shape(m: int, k: int, n: int, device: torch.device, timed, formats: list[str],
                 with_reference: bool) -> dict:
     flops = 2.0 * m * n * k
@@ -244,7 +255,7 @@ def bench_shape(m: int, k: int, n: int, device: torch.device, timed, formats: li
     for case in cases.values():
         if base and "ms" in case:
             case["speedup_vs_bf16"] = round(base / case["ms"], 3)
-    result = {"m": m, "k": k, "n": n, "cases": cases, "check": check}
+    result = {"m": m, "k": k, "n": n, "cases": cases, "check": check, "tiles": _tiles_chosen(m, k, n)}
     fused, rank0 = cases.get("svdq_int4_fused", {}).get("ms"), cases.get("svdq_int4_rank0", {}).get("ms")
     if fused and rank0:
         result["branch_overhead"] = round(fused / rank0 - 1.0, 4)

@@ -22,6 +22,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +83,11 @@ def measure_load(path: Path, loader: str = "svdq", device: str | None = None) ->
     """Peak RSS above the import and wall time of loading `path` in a fresh process that has first imported
     every module such a load imports (found by a load in another process), so that only the load is counted."""
     def fresh(modules: str) -> str:
-        run = subprocess.run([sys.executable, "-c", LOAD_PEAK_RSS, str(path), loader, modules,
-                              *([device] if device else [])], capture_output=True, text=True, timeout=3600)
+        # run outside the checkout: `-c` puts the working folder first on sys.path, where the checkout's
+        # svdq_compiler/ (without codegen/ and passes/, which an install maps in) would shadow the installed one
+        run = subprocess.run([sys.executable, "-c", LOAD_PEAK_RSS, str(path.resolve()), loader, modules,
+                              *([device] if device else [])], capture_output=True, text=True, timeout=3600,
+                             cwd=tempfile.gettempdir())
         if run.returncode != 0:
             raise RuntimeError(f"loading {path} failed:\n{run.stderr[-2000:]}")
         return run.stdout.strip().splitlines()[-1]

@@ -72,7 +72,7 @@ CHECK-NEXT: w_low, w_high = nibbles_x16_ptx(tl.load(w_ptrs))
 CHECK-NEXT: partial = tl.dot(a_low, tl.trans(w_low), out_dtype=tl.int32)
 CHECK-NEXT: partial = tl.dot(a_high, tl.trans(w_high), partial, out_dtype=tl.int32)
 CHECK-NEXT: row_factor = tl.load(a_scale_ptrs + group).to(tl.float32) * 0.00390625
-CHECK-NEXT: w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
+CHECK-NEXT: w_scale = computed_once_ptx(tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32))
 CHECK-NEXT: acc = add_scaled_partial(acc, partial, row_factor, w_scale)
 CHECK: acc = tl.dot(down, tl.trans(lora_up), acc)
 CHECK-NEXT: acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
@@ -189,8 +189,10 @@ CHECK: tl.atomic_add(next_down_ptr
 CHECK-LABEL: def svdq_gemm_int4
 CHECK: tl.store(out_ptr
 CHECK: next_act_scale = tl.load(next_act_scale_ptr)
-CHECK: scale = round_to_e4m3(absmax / 6.0 / next_act_scale)
-CHECK: codes = e2m1_code(tl.minimum(tl.maximum(grouped / (scale * next_act_scale)[:, :, None], -6.0), 6.0))
+CHECK: scale = round_to_e4m3(tl.div_rn(tl.div_rn(absmax, 6.0), next_act_scale))
+CHECK: effective = (scale * next_act_scale)[:, :, None]
+CHECK-NEXT: codes = quotient_rn(grouped, effective, reciprocal(effective))
+CHECK-NEXT: codes = e2m1_code(tl.minimum(tl.maximum(codes, -6.0), 6.0))
 CHECK: low, high = tl.split(tl.reshape(codes, (BLOCK_M, (BLOCK_N // 16), 8, 2)))
 CHECK-NOT: atomic_add
 """)
