@@ -377,7 +377,7 @@ class GroupProblem:
         dtype, scale = self.dtype, smooth.float()
         act_inputs = self.act_inputs(smooth)
         projected: dict[tuple[str, int], torch.Tensor] = {}  # (X/λ)·L2ᵀ per (site, L2)
-        total = torch.zeros(())
+        total = torch.zeros((), device=smooth.device)  # accumulated in place: on the device of the products
         for key, weight in self.weights.items():
             readers = [m for m in self.members if m.weight_key == key]
             up, down = branches.get(key, (None, None))
