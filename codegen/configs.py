@@ -217,6 +217,10 @@ def weight_only_configs(spec: WeightOnlySpec, target: Target, m: int) -> list[We
     bucket = m_bucket(m)
     tiles = _WEIGHT_ONLY_SMALL_M[family] if bucket <= _WEIGHT_ONLY_SMALL_BUCKET else \
         _WEIGHT_ONLY_SMALL_M[family][-2:] + _WEIGHT_ONLY_LARGE_M[family]
+    if family == "ada" and spec.weight == "int4" and spec.dtype == "float16":
+        # 16×128 with 2 stages spills one register with the fp16 dequantization on sm_86/sm_89 (AOT gate, full
+        # matrix, Triton 3.9); the bf16 one fits
+        tiles = [tile for tile in tiles if tile[:2] != (16, 128)]
     configs = [WeightOnlyConfig(block_m, block_n, max(1, step // spec.group_size), 1 if block_m <= 32 else 8,
                                 warps, stages)
                for block_m, block_n, step, warps, stages in tiles if block_m <= max(bucket, 64)

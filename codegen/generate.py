@@ -672,15 +672,21 @@ def _emit_gemm_grouped_loop(src: _Source, spec: GemmSpec, target: Target) -> Non
             partial = tl.dot(a_high, tl.trans(w_high), partial, out_dtype=tl.int32)""")
     else:
         src.add("partial = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(w_ptrs)), out_dtype=tl.int32)")
+    w_scale = "tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)"
+    if compiled:
+        # loaded and widened once per column, then handed to the accumulator's layout through shared memory:
+        # otherwise each warp loads and widens every column it holds (sm_90, 128×128 with 8 warps: 16 loads,
+        # 16 PRMT and 32 IMAD per thread and group instead of 12 instructions)
+        w_scale = f"computed_once_ptx({w_scale})"
     if undo != 1:
         src.add(f"""
             row_factor = tl.load(a_scale_ptrs + group).to(tl.float32) * {1 / undo!r}
-            w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
+            w_scale = {w_scale}
             acc = add_scaled_partial(acc, partial, row_factor, w_scale)""")
     else:
-        src.add("""
+        src.add(f"""
             a_scale = tl.load(a_scale_ptrs + group).to(tl.float32)
-            w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
+            w_scale = {w_scale}
             acc += small_int_to_float(partial) * a_scale[:, None] * w_scale[None, :]""")
     src.add(f"""
         a_ptrs += {width}
@@ -887,6 +893,31 @@ def _weight_only_description(spec: WeightOnlySpec, target: Target) -> str:
     ])
 
 
+def _scale_load(dtype: str, masked: bool) -> str:
+    """This step's [BLOCK_N, GROUPS_PER_STEP] scales (0 for groups past K_pad), as text indented for the loop.
+
+    Triton copies a load asynchronously (pipelined with the weights) only where each thread reads 4 bytes or
+    more: a tall tile with 128 scales a step or fewer has fewer of them than threads, and its synchronous scale
+    load waited a memory latency every step. Over whole column tiles (EVEN_N: N is even) such tiles read two
+    columns to an int32.
+    """
+    plain = "w_scale = tl.load(w_scales_ptr + groups[None, :] * N + cols_in[:, None]" + (
+        ",\n                  mask=(groups < num_groups)[None, :], other=0.0)" if masked else ")")
+    if dtype == "float32":
+        return plain.replace("\n", "\n" + " " * 16)
+    mask = ", mask=(groups < num_groups)[:, None], other=0" if masked else ""
+    text = f"""if BLOCK_M >= 64 and BLOCK_N * GROUPS_PER_STEP <= 128 and EVEN_N:
+    pair_ptrs = (w_scales_ptr.to(tl.pointer_type(tl.int32)) + groups[:, None] * (N // 2)
+                 + pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)[None, :])
+    pairs = tl.load(pair_ptrs{mask})
+    # the lower address holds the even column, in the low half
+    w_scale = tl.trans(tl.interleave((pairs & 0xFFFF).to(tl.int16), (pairs >> 16).to(tl.int16)))
+    w_scale = w_scale.to(w_scales_ptr.dtype.element_ty, bitcast=True)
+else:
+    {plain.replace(chr(10), chr(10) + "    ")}"""
+    return text.replace("\n", "\n" + " " * 16)
+
+
 def _generate_weight_only(spec: WeightOnlySpec, target: Target) -> str:
     g, half, dtype = spec.group_size, spec.group_size // 2, spec.dtype
     src = _tiled_kernel_source(spec)
@@ -905,15 +936,14 @@ def _generate_weight_only(spec: WeightOnlySpec, target: Target) -> str:
             groups = first_group + step_groups
             if EVEN_K:
                 packed = tl.load(w_rows + first_group * {half} + byte_cols[None, :])
-                w_scale = tl.load(w_scales_ptr + groups[None, :] * N + cols_in[:, None])
+                {_scale_load(dtype, False)}
                 x_low = tl.load(x_rows + (k0 + low_cols)[None, :])
                 x_high = tl.load(x_rows + (k0 + {half} + low_cols)[None, :])
             else:
                 # the last step holds groups past K_pad (no bytes, scale 0) or channels past K (x is 0 there)
                 packed = tl.load(w_rows + first_group * {half} + byte_cols[None, :],
                                  mask=(first_group * {half} + byte_cols < num_groups * {half})[None, :], other=0)
-                w_scale = tl.load(w_scales_ptr + groups[None, :] * N + cols_in[:, None],
-                                  mask=(groups < num_groups)[None, :], other=0.0)
+                {_scale_load(dtype, True)}
                 x_low = tl.load(x_rows + (k0 + low_cols)[None, :], mask=(k0 + low_cols < K)[None, :], other=0.0)
                 x_high = tl.load(x_rows + (k0 + {half} + low_cols)[None, :],
                                  mask=(k0 + {half} + low_cols < K)[None, :], other=0.0)""")

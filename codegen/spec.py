@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from svdq_compiler.errors import SvdqError
-from svdq_compiler.quant import ACT_FORMATS, WEIGHT_ONLY_4BIT_FORMATS, weight_format_of
+from svdq_compiler.quant import ACT_FORMATS, FORMATS, WEIGHT_ONLY_4BIT_FORMATS, weight_format_of
 
 # Bumped whenever generate.py changes the text it produces for an unchanged spec.
 GENERATOR_VERSION = 3
@@ -75,7 +75,7 @@ class ActQuant:
             raise SpecError(f"int8 kernels need group_size 0 (per token) or a power of two from {INT8_GROUPS[0]} "
                             f"to {INT8_GROUPS[1]}, got {self.group_size}", where=where,
                             fix="use group_size 0 or 64, or keep the layer on the reference ops")
-        if self.fmt in ("int4", "uint4") and not (_power_of_two(self.group_size) and self.group_size >= 32):
+        if self.packed and FORMATS[self.fmt].integer and not (_power_of_two(self.group_size) and self.group_size >= 32):
             raise SpecError(f"{self.fmt} kernels need a power-of-two group size of at least 32, got "
                             f"{self.group_size}", where=where,
                             fix="use group_size 64 (the default) or keep the layer on the reference ops")
@@ -85,7 +85,7 @@ class ActQuant:
     @property
     def packed(self) -> bool:
         """Two 4-bit codes per byte (int8 codes are one per byte)."""
-        return self.fmt != "int8"
+        return FORMATS[self.fmt].four_bit
 
     @property
     def per_row(self) -> bool:
@@ -96,7 +96,7 @@ class ActQuant:
     def integer_groups(self) -> bool:
         """Integer codes with one scale per group of K channels (int4, uint4, grouped int8): the GEMM takes each
         group's int32 dot product and scales it."""
-        return self.fmt != "nvfp4" and not self.per_row
+        return FORMATS[self.fmt].integer and not self.per_row
 
 
 @dataclass(frozen=True)

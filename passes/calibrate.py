@@ -105,7 +105,9 @@ def _reuse(calibration: Calibration, saved: "Calibration") -> None:
                 f"the saved calibration statistics have no site read by {sorted(stats.readers)} with "
                 f"{stats.minimum.shape[0]} channels", where="calib_stats",
                 fix="save the statistics from a compile of the same model and config (svdq-compile --save-calib)")
-        stats.minimum, stats.maximum, stats.rows_seen = found.minimum, found.maximum, found.rows_seen
-        stats.rows, stats.priorities = found.rows.to(stats.rows.dtype), found.priorities
+        device = stats.rows.device  # the saved file holds CPU tensors; the sites live beside the activations
+        stats.minimum, stats.maximum = found.minimum.to(device), found.maximum.to(device)
+        stats.rows, stats.priorities = found.rows.to(device, stats.rows.dtype), found.priorities.to(device)
+        stats.rows_seen = found.rows_seen
     calibration.source = f"saved statistics ({saved.source})"
     calibration.inputs = saved.inputs

@@ -82,7 +82,7 @@ def _act_scale(gm: torch.fx.GraphModule, ctx: PassContext, node: torch.fx.Node, 
         calibration = ctx.calibration
         stats = calibration.sites.get(site_name(node, info)) if calibration is not None else None
         if stats is None or calibration.data_free:
-            scale = torch.ones((), dtype=torch.float32)
+            scale = torch.ones((), dtype=torch.float32, device=get_attr_value(gm, info.weight).device)
         else:
             absmax = stats.absmax(info.shift).float()
             if info.smooth is not None:

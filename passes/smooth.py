@@ -4,11 +4,13 @@ Requires: linears, calibration (ctx.calibration). Ensures, for every group whose
 too: then the search is activation-aware weight scaling, AWQ, with 16-bit activations and no branch in the loop):
 - λ is the candidate with the smallest summed squared output error over the group's members on the calibration
   sample, measured with the group's activation and weight quantizers and — when a W4A4/W8A8 scheme has a
-  branch — a one-shot rank-r SVD branch inside the loop (`search_svd`, randomized and float32 by default: only the
-  ranking matters); candidates are ranked on a seeded subset of `search_rows` sample rows, evaluated many at a
-  time (`GroupProblem.candidate_errors`), and the winner's and λ = 1's errors are measured on every row;
-  candidates follow the reference grid (λ = 1, (c, 0), (c, 1 − c); 39 for smooth_grid 20) or SmoothQuant's
-  α-only family (`smooth="smoothquant"`); a tie goes to the later candidate, as in the reference;
+  branch — a one-shot rank-r branch refitted to each candidate inside the loop (`search_svd`, randomized and
+  float32 by default: only the ranking matters; `GroupProblem.search_branches`); candidates are ranked on a
+  seeded subset of `search_rows` sample rows, a chunk of weight rows at a time (`GroupProblem.candidate_errors`),
+  and the error ratio against λ = 1 is that subset's; candidates follow the reference grid (λ = 1, (c, 0),
+  (c, 1 − c); 39 for smooth_grid 20) or SmoothQuant's α-only family (`smooth="smoothquant"`); a tie goes to the
+  later candidate, as in the reference; with `search_refine` they are evaluated coarse to fine (every other c
+  of each family, then the neighbours of each family's best: `svdquant.coarse_to_fine`);
 - the weights are stored as W·diag(λ) (model dtype); λ is a buffer `<group>.smooth` in the model dtype and the
   division x/λ stays a runtime step: one `aten.div` (QuantOpInfo "smooth_div") per (group, input) feeds the
   members, so the graph still computes the FP function;
@@ -21,8 +23,10 @@ Departures from the reference (deepcompressor), on purpose:
   reference scales with the fp32 λ); a channel whose λ is 0 or not finite gets 1 (the reference resets the
   whole vector);
 - the in-loop SVD is randomized and float32 (it only ranks candidates; tools/bench_lowrank.py measures it
-  within 1% of the optimum residual), and a tall branch set is decomposed from its Gram matrix
-  diag(λ)·WᵀW·diag(λ), reused across candidates (`svdquant.low_rank_from_gram`);
+  within 1% of the optimum residual) and decomposes W·diag(λ) before its rounding to the model dtype: a tall
+  branch set from its Gram matrix diag(λ)·WᵀW·diag(λ), reused across candidates
+  (`svdquant.right_vectors_from_gram`), any other with every candidate's products through W at once
+  (`svdquant.low_rank_scaled`);
 - candidates are ranked on `search_rows` = 128 seeded sample rows (on tiny-flux within 0.1% mean, 1.1% max of
   the all-rows winner's objective).
 """
@@ -68,7 +72,7 @@ def smooth(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         search_rank = scheme.rank if scheme.act is not None else 0
         (alpha, beta), scale, error, identity_error = search(problem, act_absmax, candidates, search_rank,
                                                              config.search_svd, config.calib_seed,
-                                                             config.search_rows)
+                                                             config.search_rows, config.search_refine)
         ratio = error / identity_error if identity_error else 1.0
         if alpha == 0 and beta == 0:
             identity += 1
@@ -87,6 +91,7 @@ def smooth(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         "error_ratio_median": round(statistics.median(ratios), 4) if ratios else None,
         "error_ratio_max": round(max(ratios), 4) if ratios else None,
         "search_svd": config.search_svd,
+        "search_refine": config.search_refine,
         "per_group": report,
     }
     return PassResult(gm, len(groups) > identity, stats)

@@ -25,7 +25,9 @@ Options (`options={...}`; anything else is an error listing these):
   `Calibration`); matched per site by the names of the linears reading it;
 - neither: weight-only calibration (`calib_source="weights"`, passes/calibrate.py: the searches minimise the
   weight-space error). A warning says which source each compile used;
-- `inductor`: False runs the quantized graph as it is instead of handing it to Inductor.
+- `inductor`: False runs the quantized graph as it is instead of handing it to Inductor;
+- `verify`, `dump_ir` (a folder): as `svdq_compiler.compile`'s; each compile dumps into `<dump_ir>/<NNN>`, numbered
+  in the order of this process's compiles.
 A graph svdq_compiler already quantized (what `svdq_compiler.load` returns) is compiled as it is.
 Dynamo recompiles on a new static size as usual, and each recompile quantizes again: compile with
 `dynamic=True` or `torch._dynamo.mark_dynamic` so that token counts share one graph. Float attributes Dynamo
@@ -40,6 +42,7 @@ import itertools
 import keyword
 import types
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -51,7 +54,8 @@ from svdq_compiler.models.base import leaf_name
 from svdq_compiler.models.generic import GenericAdapter
 
 BACKEND_NAME = "svdquant"
-OPTIONS = ("config", "calib_inputs", "calib_stats", "inductor")
+OPTIONS = ("config", "calib_inputs", "calib_stats", "inductor", "verify", "dump_ir")
+_COMPILES = itertools.count()  # numbers each compile's IR dump folder: Dynamo may compile a model more than once
 _MAX_TOKENS = 1 << 20  # upper bound of a dimension Dynamo made dynamic (it has none)
 _RESUMED = "torch_dynamo_resume_in_"  # the name Dynamo gives the code after a graph break
 
@@ -444,7 +448,9 @@ def svdquant_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], op
     with torch.no_grad(), torch._guards.tracing(None):
         compiled = svdq_compiler.compile(region, dict(region.example), config, calib_inputs=calib_inputs,
                                          calib_stats=calib_stats, dynamic_shapes="auto" if region.symbols else None,
-                                         adapter=RegionAdapter(region))
+                                         adapter=RegionAdapter(region), verify=bool(options.get("verify")),
+                                         dump_ir=None if options.get("dump_ir") is None
+                                         else Path(options["dump_ir"]) / f"{next(_COMPILES):03d}")
     order, names = region.positions, list(region.inputs)
     if options.get("inductor", True):
         runner = _inductor(compiled, [fakes[i] for i in order])

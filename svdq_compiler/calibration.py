@@ -84,9 +84,10 @@ def isotropic_calibration(gm: torch.fx.GraphModule, rows: int, seed: int) -> Cal
             if name in shifted:
                 sample = F.gelu(sample, approximate=_gelu_approximation(x))
         sample = sample.to(val.dtype)
-        # ranges on the CPU, rows on the activations' device: as the calibrate pass records real activations
+        # on the activations' device, as the calibrate pass records real activations
+        sample = sample.to(val.device)
         sites[name] = SiteStats(node=name, readers=[info.name], minimum=sample.float().amin(0),
-                                maximum=sample.float().amax(0), rows=sample.to(val.device),
+                                maximum=sample.float().amax(0), rows=sample,
                                 priorities=torch.rand(rows, generator=generator).to(val.device), rows_seen=rows)
     return Calibration(sites=sites, source=f"{rows} isotropic Gaussian rows per site (weight-space error)",
                        inputs=0, data_free=True)

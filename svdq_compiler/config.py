@@ -95,8 +95,12 @@ class QuantConfig:
     # The smoothing search decomposes every candidate's weights only to rank them: a randomized SVD suffices.
     search_svd: str = "randomized"
     # The smoothing search ranks its candidates on this many of the sample rows (a seeded subset; None: all);
-    # the reported errors use every sample row.
+    # the reported errors are those of the subset.
     search_rows: int | None = 128
+    # Coarse to fine: every other candidate of each family first, then the neighbours of each family's best
+    # (15 of 19 candidates evaluated for smooth_grid 10); False evaluates every candidate. On by evidence: the
+    # same λ as the full grid for all 37 tiny-flux groups (bench/results/smooth-search-flux12b.json).
+    search_refine: bool = True
     # Post-GELU inputs are shifted by this constant and quantized unsigned (int4 only); 0 disables.
     gelu_shift: float = GELU_SHIFT
     # k×k convolutions: "keep" 16-bit; "w4a4" quantizes the U-Net resnet convs (input is SiLU output, output

@@ -30,8 +30,10 @@ from svdq_compiler.ir import META_KEY, LinearInfo, OpTag, QuantOpInfo, Role, ann
 from svdq_compiler.quant import fake_quantize_act, fake_quantize_weight
 
 STACKED_ROLES = (Role.QKV, Role.CROSS_KV)
-# The smoothing search evaluates as many candidates at once as fit in this many bytes of temporaries.
-SEARCH_BATCH_BYTES = 256 * 2**20
+# The smoothing search evaluates a candidate this many weight elements at a time (1 MiB of fp32 per temporary).
+SEARCH_CHUNK_ELEMENTS = 2**18
+# and at least this many weight rows (fewer make the error product a narrow, slow matrix product)
+SEARCH_CHUNK_ROWS = 64
 
 
 def smoothing_candidates(search: str, grid: int) -> list[tuple[float, float]]:
@@ -113,13 +115,12 @@ def low_rank(weight: torch.Tensor, rank: int, method: str = "full", *, seed: int
     return u * s.unsqueeze(-2), vh
 
 
-def low_rank_from_gram(weight: torch.Tensor, gram: torch.Tensor, rank: int, *, seed: int = 0,
-                       oversample: int = 16, power_iterations: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-`rank` factors (L1 = W·V, L2 = Vᵀ) of a tall `weight` [..., N, K] (N > K) whose Gram matrix
-    `gram` = WᵀW [..., K, K] is given: subspace iteration on the Gram matrix (Gaussian start, seeded) and a
-    Rayleigh–Ritz step give V, the top right singular vectors. Every product is K×K instead of N×K, which is
-    what makes it cheaper than `low_rank`'s randomized SVD when the Gram matrix is reused (the smoothing
-    search: (W·diag(λ))ᵀ(W·diag(λ)) = diag(λ)·WᵀW·diag(λ) for every candidate λ)."""
+def right_vectors_from_gram(gram: torch.Tensor, rank: int, *, seed: int = 0, oversample: int = 16,
+                            power_iterations: int = 2) -> torch.Tensor:
+    """V [..., K, rank], the top right singular vectors of a tall W from its Gram matrix `gram` = WᵀW: subspace
+    iteration on the Gram matrix (Gaussian start, seeded) and a Rayleigh–Ritz step. Every product is K×K instead
+    of N×K, which is what makes it cheaper than `low_rank`'s randomized SVD when the Gram matrix is reused (the
+    smoothing search: (W·diag(λ))ᵀ(W·diag(λ)) = diag(λ)·WᵀW·diag(λ) for every candidate λ)."""
     with _one_thread():
         generator = torch.Generator(device=gram.device).manual_seed(seed)
         width = min(rank + oversample, gram.shape[-1])
@@ -128,8 +129,53 @@ def low_rank_from_gram(weight: torch.Tensor, gram: torch.Tensor, rank: int, *, s
         for _ in range(power_iterations):
             basis = torch.linalg.qr(gram @ basis).Q
         _, vectors = torch.linalg.eigh(basis.mT @ gram @ basis)  # ascending eigenvalues
-        right = basis @ vectors[..., -min(rank, width):].flip(-1)
-    return weight @ right, right.mT
+        return basis @ vectors[..., -min(rank, width):].flip(-1)
+
+
+def _side_by_side(matrix: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """matrix @ blocks[c] for every c of blocks [C, K, w], as one [N, K] × [K, C·w] product."""
+    count, inner, width = blocks.shape
+    product = matrix @ blocks.transpose(0, 1).reshape(inner, count * width)
+    return product.view(matrix.shape[0], count, width).transpose(0, 1)
+
+
+def low_rank_scaled(weight: torch.Tensor, scales: torch.Tensor, rank: int, *, seed: int = 0, oversample: int = 16,
+                    power_iterations: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """`low_rank(weight · diag(λ), rank, "randomized")` for every λ in `scales` [C, K]: factors L1 [C, N, r] and
+    L2 [C, r, K], in weight's dtype, without forming the C scaled matrices. Every product with W·diag(λ) is a
+    product with W and a diagonal scaling, so the C candidates' sketches go through W side by side, as one wide
+    matrix product (1.5× the throughput of C narrow ones on CPU); the first sketch, with the shared seeded
+    Gaussian, is common to all candidates when W is wide."""
+    rows, columns = weight.shape
+    rank = min(rank, rows, columns)
+    wide = rows < columns  # low_rank decomposes the tall orientation: (W·Λ)ᵀ = Λ·Wᵀ when W is wide
+    scales = scales.to(weight.dtype).unsqueeze(-1)  # [C, K, 1]
+
+    def tall_times(blocks):  # tall_c @ blocks_c
+        return scales * _side_by_side(weight.mT, blocks) if wide else _side_by_side(weight, scales * blocks)
+
+    def tall_t_times(blocks):  # tall_cᵀ @ blocks_c
+        return _side_by_side(weight, scales * blocks) if wide else scales * _side_by_side(weight.mT, blocks)
+
+    def orthonormal(blocks):  # small QRs: one thread (_one_thread); the wide products above keep the pool
+        with _one_thread():
+            return torch.linalg.qr(blocks).Q
+
+    generator = torch.Generator(device=weight.device).manual_seed(seed)
+    inner = rows if wide else columns
+    width = min(rank + oversample, inner)
+    gaussian = torch.randn(inner, width, generator=generator, dtype=weight.dtype, device=weight.device)
+    basis = orthonormal(scales * (weight.mT @ gaussian) if wide else tall_times(gaussian.expand(len(scales), -1, -1)))
+    for _ in range(power_iterations):
+        basis = orthonormal(tall_times(orthonormal(tall_t_times(basis))))
+    projected = tall_t_times(basis).mT
+    with _one_thread():
+        small_u, s, vh = torch.linalg.svd(projected, full_matrices=False)
+    u = basis @ small_u
+    u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    if wide:
+        u, vh = vh.mT, u.mT
+    return u * s.unsqueeze(-2), vh
 
 
 @dataclass
@@ -191,9 +237,6 @@ class GroupProblem:
         return max(x.shape[0] for x in self.rows.values())
 
     # ---- the three steps of an SVDQuant layer -------------------------------------------------------------
-    #
-    # Every step takes one λ [K] or a batch of candidates [C, K]; with a batch, every tensor it returns has a
-    # leading candidate dimension, so the smoothing search evaluates many candidates in a few large operations.
 
     def act_absmax(self, site_absmax: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack([site_absmax[site] for site in self.rows]).amax(0)
@@ -206,32 +249,47 @@ class GroupProblem:
         return {k: (w if smooth is None else w * smooth.float().unsqueeze(-2)).to(self.dtype).float()
                 for k, w in self.weights.items()}
 
-    def branches(self, targets: dict[str, torch.Tensor], rank: int, method: str, seed: int = 0,
-                 precision: torch.dtype = torch.float64, smooth: torch.Tensor | None = None
+    def branches(self, targets: dict[str, torch.Tensor], rank: int, method: str, seed: int = 0
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Rank-r factors per weight key (model dtype, as fp32); a branch set shares L2. At float32 (the
-        search) the randomized SVD uses 2 subspace iterations instead of 4. When `targets` are
-        `smoothed(smooth)` and `smooth` is given, a tall branch set is decomposed "randomized" from its
-        unsmoothed Gram matrix, scaled by λ (`low_rank_from_gram`)."""
+        """Rank-r factors per weight key (float64 SVD; model dtype, as fp32); a branch set shares L2."""
         factors = {}
-        iterations = 4 if precision == torch.float64 else 2
         for keys in self.branch_sets:
-            stacked = targets[keys[0]] if len(keys) == 1 else torch.cat([targets[k] for k in keys], dim=-2)
-            if smooth is not None and method == "randomized" and stacked.shape[-2] > stacked.shape[-1]:
-                scale = smooth.to(precision)
-                gram = scale.unsqueeze(-1) * self._gram(keys).to(precision) * scale.unsqueeze(-2)
-                up, down = low_rank_from_gram(stacked.to(precision), gram, rank, seed=seed,
-                                              power_iterations=iterations)
-            else:
-                up, down = low_rank(stacked, rank, method, seed=seed, dtype=precision,
-                                    power_iterations=iterations)
+            stacked = targets[keys[0]] if len(keys) == 1 else torch.cat([targets[k] for k in keys])
+            up, down = low_rank(stacked, rank, method, seed=seed)
             down = down.to(self.dtype).float()
-            offset = 0
-            for key in keys:
-                rows = targets[key].shape[-2]
-                factors[key] = (up[..., offset:offset + rows, :].to(self.dtype).float(), down)
-                offset += rows
+            for key, part in zip(keys, up.split([targets[k].shape[0] for k in keys])):
+                factors[key] = (part.to(self.dtype).float(), down)
         return factors
+
+    def search_branches(self, smooths: torch.Tensor, rank: int, svd: str, seed: int = 0
+                        ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """The float32 rank-r branch the smoothing search refits to each candidate λ in `smooths` [C, K]: per
+        candidate, (L1, L2) per weight key in the model dtype, as fp32; a branch set shares L2.
+
+        Unlike `branches` of `smoothed(λ)`, W·diag(λ) is decomposed before its rounding to the model dtype, and
+        never formed: a tall set (N > K) from its Gram matrix diag(λ)·WᵀW·diag(λ), computed once
+        (`right_vectors_from_gram`, L1 = W·diag(λ)·V), any other by `low_rank_scaled` (2 subspace iterations
+        each, as only the ranking matters); "full" is LAPACK's SVD of each rounded W·diag(λ).
+        """
+        result: list[dict] = [{} for _ in smooths]
+        scales = smooths.float()
+        for keys in self.branch_sets if rank else ():
+            stacked = self.weights[keys[0]] if len(keys) == 1 else torch.cat([self.weights[k] for k in keys])
+            if svd == "randomized" and stacked.shape[0] > stacked.shape[1]:
+                gram = self._gram(keys)
+                rights = torch.stack([right_vectors_from_gram(scale.unsqueeze(-1) * gram * scale.unsqueeze(-2),
+                                                              rank, seed=seed) for scale in scales])
+                ups, downs = _side_by_side(stacked, scales.unsqueeze(-1) * rights), rights.mT
+            elif svd == "randomized":
+                ups, downs = low_rank_scaled(stacked, scales, rank, seed=seed)
+            else:
+                ups, downs = zip(*(low_rank((stacked * scale).to(self.dtype).float(), rank, svd, seed=seed,
+                                            dtype=torch.float32) for scale in scales))
+            for factors, up, down in zip(result, ups, downs):
+                down = down.to(self.dtype).float()
+                for key, part in zip(keys, up.split([self.weights[k].shape[0] for k in keys])):
+                    factors[key] = (part.to(self.dtype).float(), down)
+        return result
 
     def _gram(self, keys: list[str]) -> torch.Tensor:
         """WᵀW of the branch set's stacked unsmoothed weights (fp32), computed once."""
@@ -244,7 +302,7 @@ class GroupProblem:
         """Ŵ − L1·L2 in the model dtype, as fp32."""
         if not branches:
             return dict(smoothed)
-        # −(L1·L2) + Ŵ in place of Ŵ − L1·L2 (the same numbers): no second [C, N, K] temporary
+        # −(L1·L2) + Ŵ in place of Ŵ − L1·L2 (the same numbers): no second [N, K] temporary
         return {k: (branches[k][0] @ branches[k][1]).neg_().add_(w).to(self.dtype).float()
                 for k, w in smoothed.items()}
 
@@ -252,15 +310,7 @@ class GroupProblem:
         return {k: self._fake_quantize_weight(r.to(self.dtype), k).float() for k, r in residuals.items()}
 
     def _fake_quantize_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        scheme = self.scheme
-        if weight.dim() == 2:
-            return fake_quantize_weight(weight, scheme.weight, scheme.weight_group, name=name)
-        if scheme.weight == "nvfp4":  # its per-tensor scale is per candidate
-            return torch.stack([fake_quantize_weight(w, scheme.weight, scheme.weight_group, name=name)
-                                for w in weight])
-        # Every other format scales per row and group: the candidates' rows quantize as one matrix.
-        return fake_quantize_weight(weight.flatten(0, -2), scheme.weight, scheme.weight_group,
-                                    name=name).view(weight.shape)
+        return fake_quantize_weight(weight, self.scheme.weight, self.scheme.weight_group, name=name)
 
     # ---- evaluation ---------------------------------------------------------------------------------------
 
@@ -271,28 +321,8 @@ class GroupProblem:
 
     def squared_errors(self, smooth: torch.Tensor | None, quantized: dict[str, torch.Tensor],
                        branches: dict | None) -> dict[str, torch.Tensor]:
-        """Squared output error per member, summed over its sample rows: 0-d, or [C] for a batch of λ."""
-        scheme = self.scheme
-        inverse = None if smooth is None else 1.0 / smooth.float().unsqueeze(-2)
-        act_inputs = {}
-        for site, rows in self.rows.items():
-            shift = self.shifts.get(site, 0.0)
-            if scheme.act is None:  # weight-only: x/λ (AWQ) in the model dtype feeds both paths
-                smoothed = rows if inverse is None else (rows * inverse).to(self.dtype).float()
-                act_inputs[site] = (smoothed, smoothed)
-                continue
-            main = rows + shift if shift else rows
-            if inverse is not None:
-                main = main * inverse
-            main = main.to(self.dtype)
-            if scheme.act == "nvfp4" and main.dim() > 2:  # a batch of λ: each candidate has its own tensor scale
-                main = torch.stack([fake_quantize_act(m, "nvfp4", scheme.act_group, name=site) for m in main])
-            else:
-                main = fake_quantize_act(main, scheme.act, scheme.act_group, unsigned=shift > 0, name=site)
-            main = main.float()
-            if shift:
-                main = main - shift * (inverse if inverse is not None else 1.0)
-            act_inputs[site] = (main, rows if inverse is None else rows * inverse)
+        """Squared output error per member, summed over its sample rows (0-d tensors)."""
+        act_inputs = self.act_inputs(smooth)
         downs: dict[tuple[str, int], torch.Tensor] = {}
         result = {}
         for member in self.members:
@@ -307,25 +337,67 @@ class GroupProblem:
             result[member.name] = (output - member.reference).pow(2).sum((-2, -1))
         return result
 
+    def act_inputs(self, smooth: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per site, (what the main path multiplies: Q_a((X + s)/λ) − s/λ, or X/λ for a weight-only scheme; what
+        the branch multiplies: X/λ), fp32."""
+        scheme = self.scheme
+        inverse = None if smooth is None else 1.0 / smooth.float().unsqueeze(-2)
+        act_inputs = {}
+        for site, rows in self.rows.items():
+            shift = self.shifts.get(site, 0.0)
+            if scheme.act is None:  # weight-only: x/λ (AWQ) in the model dtype feeds both paths
+                smoothed = rows if inverse is None else (rows * inverse).to(self.dtype).float()
+                act_inputs[site] = (smoothed, smoothed)
+                continue
+            main = rows + shift if shift else rows
+            if inverse is not None:
+                main = main * inverse
+            main = main.to(self.dtype)
+            main = fake_quantize_act(main, scheme.act, scheme.act_group, unsigned=shift > 0, name=site).float()
+            if shift:
+                main = main - shift * (inverse if inverse is not None else 1.0)
+            act_inputs[site] = (main, rows if inverse is None else rows * inverse)
+        return act_inputs
+
     def reference_energy(self) -> dict[str, float]:
         return {m.name: float(m.reference.pow(2).sum()) for m in self.members}
 
     def candidate_errors(self, smooths: torch.Tensor, rank: int, svd: str, seed: int = 0) -> torch.Tensor:
         """The group's summed squared output error [C] for each candidate λ in `smooths` [C, K] (model dtype),
-        with the scheme's quantizers and, when `rank` > 0, a float32 rank-r branch (the `svd` method) refitted
-        to every candidate: the smoothing search's objective. Candidates are evaluated in batches whose
-        temporaries stay within SEARCH_BATCH_BYTES."""
-        per_candidate = 4 * (4 * sum(w.numel() for w in self.weights.values())
-                             + 3 * sum(x.numel() for x in self.rows.values())
-                             + 2 * sum(m.reference.numel() for m in self.members))
-        batch = max(1, SEARCH_BATCH_BYTES // per_candidate)
-        totals = []
-        for chunk in smooths.split(batch):
-            smoothed = self.smoothed(chunk)
-            branches = self.branches(smoothed, rank, svd, seed, torch.float32, chunk) if rank else None
-            quantized = self.quantized(self.residuals(smoothed, branches))
-            totals.append(sum(self.squared_errors(chunk, quantized, branches).values()))
-        return torch.cat(totals)
+        with the scheme's quantizers and, when `rank` > 0, the branch `search_branches` refits to every
+        candidate: the smoothing search's objective."""
+        branches = self.search_branches(smooths, rank, svd, seed)
+        return torch.stack([self._candidate_error(smooth, factors) for smooth, factors in zip(smooths, branches)])
+
+    def _candidate_error(self, smooth: torch.Tensor, branches: dict) -> torch.Tensor:
+        """sum(squared_errors(λ, quantized(residuals(smoothed(λ), branches)), branches)), computed a chunk of
+        weight rows at a time (SEARCH_CHUNK_ELEMENTS): the dozen elementwise steps then run on temporaries that
+        stay in cache instead of streaming a [N, K] matrix through memory each. An nvfp4 weight, whose tensor
+        scale spans the matrix, is one chunk."""
+        dtype, scale = self.dtype, smooth.float()
+        act_inputs = self.act_inputs(smooth)
+        projected: dict[tuple[str, int], torch.Tensor] = {}  # (X/λ)·L2ᵀ per (site, L2)
+        total = torch.zeros((), device=smooth.device)  # accumulated in place: on the device of the products
+        for key, weight in self.weights.items():
+            readers = [m for m in self.members if m.weight_key == key]
+            up, down = branches.get(key, (None, None))
+            step = weight.shape[0] if self.scheme.weight == "nvfp4" else max(SEARCH_CHUNK_ROWS,
+                                                                             SEARCH_CHUNK_ELEMENTS // weight.shape[1])
+            for start in range(0, weight.shape[0], step):
+                residual = (weight[start:start + step] * scale).to(dtype).float()
+                if up is not None:  # −(L1·L2) + Ŵ: no second temporary
+                    residual = (up[start:start + step] @ down).neg_().add_(residual).to(dtype).float()
+                quantized = self._fake_quantize_weight(residual.to(dtype), key).float()
+                for member in readers:
+                    main, smoothed_rows = act_inputs[member.site]
+                    output = main @ quantized.mT
+                    if up is not None:
+                        site_down = (member.site, id(down))
+                        if site_down not in projected:
+                            projected[site_down] = (smoothed_rows.to(dtype).float() @ down.mT).to(dtype).float()
+                        output.addmm_(projected[site_down], up[start:start + step].mT)
+                    total += output.sub_(member.reference[:, start:start + step]).pow_(2).sum()
+        return total
 
 
 # ---- the graph form of smoothed and branched linears ----------------------------------------------------------
@@ -339,27 +411,57 @@ class GroupProblem:
 
 
 def search(problem: GroupProblem, act_absmax: torch.Tensor, candidates, rank: int, svd: str, seed: int,
-           search_rows: int | None = None) -> tuple[tuple[float, float], torch.Tensor, float, float | None]:
+           search_rows: int | None = None, refine: bool = False
+           ) -> tuple[tuple[float, float], torch.Tensor, float, float | None]:
     """(α, β), λ, its error and the error of λ = 1 (None when λ = 1 is not a candidate), over the candidates.
 
-    Every candidate is evaluated on at most `search_rows` of the sample rows (None: all of them), in batches;
-    the winner's and λ = 1's errors are then measured on every sample row, so the reported ratio does not
-    depend on the subset.
+    Every candidate is evaluated on at most `search_rows` of the sample rows (None: all of them), and the errors
+    returned are those of that subset: measuring the winner and λ = 1 again on every row cost as much as a third
+    of the search on a FLUX-12B layer, for a number only the report reads. With `refine`, only the candidates
+    `coarse_to_fine` picks are evaluated.
     """
     weight_absmax = problem.weight_absmax()
     smooths = torch.stack([smoothing_scale(act_absmax, weight_absmax, alpha, beta, problem.dtype)
                            for alpha, beta in candidates])
-    subset = search_rows is not None and problem.sample_rows() > search_rows
-    ranked = problem.subsample(search_rows, seed) if subset else problem
-    errors = ranked.candidate_errors(smooths, rank, svd, seed)
-    best = len(candidates) - 1 - int(errors.flip(0).argmin())  # a tie goes to the later candidate
-    identity = candidates.index((0.0, 0.0)) if (0.0, 0.0) in candidates else None
-    if subset:
-        measured = sorted({best, identity} - {None})
-        errors = dict(zip(measured, problem.candidate_errors(smooths[measured], rank, svd, seed).tolist()))
+    ranked = problem.subsample(search_rows, seed) if search_rows is not None and \
+        problem.sample_rows() > search_rows else problem
+    errors: dict[int, float] = {}
+
+    def evaluate(indices):
+        indices = sorted(set(indices) - errors.keys())
+        if indices:
+            errors.update(zip(indices, ranked.candidate_errors(smooths[indices], rank, svd, seed).tolist()))
+        return errors
+
+    if refine:
+        coarse_to_fine(candidates, evaluate)
     else:
-        errors = dict(enumerate(errors.tolist()))
+        evaluate(range(len(candidates)))
+    best = min(errors, key=lambda index: (errors[index], -index))  # a tie goes to the later candidate
+    identity = candidates.index((0.0, 0.0)) if (0.0, 0.0) in candidates else None
     return candidates[best], smooths[best], errors[best], None if identity is None else errors[identity]
+
+
+def coarse_to_fine(candidates: list[tuple[float, float]], evaluate) -> None:
+    """Evaluate (`evaluate(indices)` → every error so far) the candidates outside a family, every other member
+    of each family — (c, 0) and (c, 1 − c), by c, both ends included — and then the neighbours of each family's
+    best. The error over c is smooth enough at the grid's spacing that this finds the full grid's winner (every
+    tiny-flux group at smooth_grid 10) with 15 of 19 evaluations."""
+    families = [sorted((i for i, (a, b) in enumerate(candidates) if a > 0 and b == 0), key=lambda i: candidates[i]),
+                sorted((i for i, (a, b) in enumerate(candidates) if a > 0 and b > 0 and abs(a + b - 1) < 1e-9),
+                       key=lambda i: candidates[i])]
+    members = {i for family in families for i in family}
+    coarse = [i for i in range(len(candidates)) if i not in members]
+    for family in families:
+        coarse += family[::2] + family[-1:]
+    errors = evaluate(coarse)
+    fine = []
+    for family in families:
+        if family:
+            position = min((p for p in range(len(family)) if family[p] in errors),
+                           key=lambda p: (errors[family[p]], -p))
+            fine += family[max(position - 1, 0):position + 2]
+    evaluate(fine)
 
 
 def layer_name(weight_target: str) -> str:

@@ -73,19 +73,23 @@ def test_matches_svdq_compile_through_inductor_and_serves_new_token_counts(compi
     assert len(compiles) == 1, "a new token count reused the dynamic graph"
 
 
-def test_recompiles_when_dynamo_specialized_the_first_size(compiles):
+def test_recompiles_when_dynamo_specialized_the_first_size(compiles, tmp_path):
+    """...and verify checks each compile's passes, whose IR dumps go to a folder per compile."""
     model, calib = MLP().eval(), calib_inputs()
     with torch.no_grad():
         reference = svdq_compiler.compile(model, {"x": calib[0]["x"], "scale": SCALE}, calib_inputs=calib,
                                           dynamic_shapes={"x": {1: DynDim("tokens", 2, 64)}})
     compiles.clear()
-    compiled = torch.compile(model, backend="svdquant", options={"calib_inputs": calib, "inductor": False})
+    compiled = torch.compile(model, backend="svdquant", options={"calib_inputs": calib, "inductor": False,
+                                                                 "verify": True, "dump_ir": tmp_path / "ir"})
     with torch.no_grad(), pytest.warns(UserWarning):
         for tokens in (8, 11, 6):
             x = torch.randn(2, tokens, 64)
             torch.testing.assert_close(compiled(x, SCALE), reference(x=x, scale=SCALE), rtol=0, atol=0)
     assert len(compiles) == 2, "the first graph was static; Dynamo's second one is dynamic and serves both sizes"
     assert [d["status"] for d in compiles[1].meta[CAPTURE_META]["dims"]] == ["dynamic"]
+    folders = sorted((tmp_path / "ir").iterdir())
+    assert len(folders) == 2 and all(list(folder.glob("*_fuse.py")) for folder in folders)
 
 
 def test_saved_statistics_give_the_same_graph(compiles, tmp_path):
@@ -128,7 +132,7 @@ def test_without_calibration_smoothing_is_weight_only_and_says_so(compiles):
 
 @pytest.mark.parametrize("options, message", [
     ({"calib_input": []}, r"unknown svdquant backend option\(s\) \['calib_input'\].*valid options: config, "
-                          r"calib_inputs, calib_stats, inductor"),
+                          r"calib_inputs, calib_stats, inductor, verify, dump_ir"),
     ({"calib_inputs": calib_inputs(1), "calib_stats": "x"}, "give one"),
     ({"config": "int3"}, "unknown preset 'int3'"),
     ({"calib_inputs": [{"scale": SCALE}]}, r"lacks \['x'\]"),

@@ -296,6 +296,25 @@ def _write_report(out: Path, machine: dict, results: list[dict], complete: bool)
     tmp.replace(out)
 
 
+README_COLUMNS = (("svdq_int4_fused", "int4 W4A4 (A+B)"), ("svdq_int4_gemm_only", "int4 GEMM alone"),
+                  ("svdq_w8a8_fused", "W8A8 (A+B)"), ("svdq_nvfp4_fused", "nvfp4 (A+B)"),
+                  ("svdq_w4a16_int4", "W4A16 int4"), ("svdq_w4a16_nf4", "W4A16 nf4"))
+
+
+def markdown_table(report: dict) -> str:
+    """README's table of a committed result: each case's time as a multiple of bf16's speed (>1 is faster)."""
+    device = report["machine"].get("device", "?")
+    lines = [f"| M × K × N ({device}) | bf16 ms | " + " | ".join(title for _, title in README_COLUMNS) + " |",
+             "|---|---:|" + "---:|" * len(README_COLUMNS)]
+    for r in report["results"]:
+        cases = r["cases"]
+        cells = [f"{cases[name]['speedup_vs_bf16']:.2f}×" if "speedup_vs_bf16" in cases.get(name, {}) else "–"
+                 for name, _ in README_COLUMNS]
+        lines.append(f"| {r['m']} × {r['k']} × {r['n']} | {cases['bf16_matmul']['ms']:.4f} | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes under the Triton interpreter (no GPU)")
@@ -308,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip the slow lowered reference ops")
     parser.add_argument("--rep-ms", type=int, default=100, help="CUDA-graph replay time per case")
     parser.add_argument("--out", type=Path, default=None, help="output JSON (default: bench/results/…)")
+    parser.add_argument("--table", type=Path, metavar="JSON", help="print README's table of a result and exit")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return 0
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_kernels: no CUDA device; run with --smoke to check the wiring under the interpreter",

@@ -331,14 +331,16 @@ def _flatten(entry) -> dict | None:
 _MEASURED_AS = {"svdq_int4": ("svdq_int4_kernel_a", "svdq_int4_kernel_b"),
                 "svdq_int4_rank0": ("svdq_int4_rank0_kernel_a", "svdq_int4_rank0_kernel_b"),
                 "svdq_int4_gemm_only": ("svdq_int4_rank0_kernel_b",), "int_mm_w8a8": ("int8_matmul",),
-                "bf16_matmul": ("bf16_matmul",), "svdq_nvfp4_fused": ("svdq_nvfp4_kernel_a", "svdq_nvfp4_kernel_b")}
+                "bf16_matmul": ("bf16_matmul",), "svdq_nvfp4_fused": ("svdq_nvfp4_kernel_a", "svdq_nvfp4_kernel_b"),
+                "svdq_w4a16_int4": ("w4a16_int4",)}
 
 
 def check_measured(modelled: dict, measured: dict) -> list[dict]:
     """Predicted against measured times (bench_kernels JSON) for every shape and case both have; the error is
     measured/predicted − 1. bf16 and int8 are measured through cuBLAS (torch), modelled as plain Triton."""
     rows = []
-    predicted_rows = {(r["m"], r["k"], r["n"]): r["kernels"] for r in modelled["flux_shapes"]}
+    rows_modelled = modelled["flux_shapes"] + [modelled["modulation"]]
+    predicted_rows = {(r["m"], r["k"], r["n"]): r["kernels"] for r in rows_modelled}
     for result in measured["results"]:
         kernels = predicted_rows.get((result["m"], result["k"], result["n"]))
         if kernels is None:

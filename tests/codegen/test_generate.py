@@ -72,7 +72,7 @@ CHECK-NEXT: w_low, w_high = nibbles_x16_ptx(tl.load(w_ptrs))
 CHECK-NEXT: partial = tl.dot(a_low, tl.trans(w_low), out_dtype=tl.int32)
 CHECK-NEXT: partial = tl.dot(a_high, tl.trans(w_high), partial, out_dtype=tl.int32)
 CHECK-NEXT: row_factor = tl.load(a_scale_ptrs + group).to(tl.float32) * 0.00390625
-CHECK-NEXT: w_scale = tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)
+CHECK-NEXT: w_scale = computed_once_ptx(tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32))
 CHECK-NEXT: acc = add_scaled_partial(acc, partial, row_factor, w_scale)
 CHECK: acc = tl.dot(down, tl.trans(lora_up), acc)
 CHECK-NEXT: acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
@@ -287,6 +287,10 @@ CHECK: low_cols = (byte_cols // 32) * 64 + byte_cols % 32
 CHECK: for first_group in range(0, num_groups, GROUPS_PER_STEP):
 CHECK: if EVEN_K:
 CHECK-NEXT: packed = tl.load(w_rows + first_group * 32 + byte_cols[None, :])
+CHECK-NEXT: if BLOCK_M >= 64 and BLOCK_N * GROUPS_PER_STEP <= 128 and EVEN_N:
+CHECK: pairs = tl.load(pair_ptrs)
+CHECK: w_scale = tl.trans(tl.interleave((pairs & 0xFFFF).to(tl.int16), (pairs >> 16).to(tl.int16)))
+CHECK: else:
 CHECK-NEXT: w_scale = tl.load(w_scales_ptr + groups[None, :] * N + cols_in[:, None])
 CHECK-NEXT: x_low = tl.load(x_rows + (k0 + low_cols)[None, :])
 CHECK-NEXT: x_high = tl.load(x_rows + (k0 + 32 + low_cols)[None, :])
@@ -304,8 +308,9 @@ CHECK-NEXT: y = round_to_bf16(acc)
 CHECK: tl.store(out_ptr
 CHECK-NOT: atomic
 """)
-    # no shuffles: the unpacked halves go straight into the dots
-    assert "tl.permute" not in text and "tl.join" not in text and "tl.interleave" not in text
+    # no shuffles: the unpacked halves go straight into the dots (the interleaves split pairs of scales)
+    assert "tl.permute" not in text and "tl.join" not in text
+    assert all("pairs" in line for line in text.splitlines() if "tl.interleave" in line)
     int4 = WeightOnlySpec("int4", 64, 32, False, "float16")
     filecheck(generate(int4, INTERP), r"""
 CHECK: Each nibble becomes its signed integer (−8…7) times its group's scale, two weights per 32-bit register

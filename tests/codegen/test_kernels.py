@@ -306,6 +306,9 @@ WEIGHT_ONLY_CASES = [
     ("int4", (5,), 256, 72, 32, True, torch.float32, 128),
     ("int4", (4,), 128, 40, 16, True, torch.float16, 64),  # fp16's exponent construction, ragged N
     ("nf4", (1,), 320, 96, 0, True, torch.bfloat16, 32),  # one row, as a modulation layer at batch 1
+    # 64-row tiles over whole 64-column tiles: the scales of two columns are loaded as one int32
+    ("int4", (80,), 192, 64, 0, True, torch.bfloat16, 64),
+    ("nf4", (70,), 128, 128, 16, False, torch.float16, 64),
 ]
 
 
@@ -320,11 +323,11 @@ def test_kernel_w_matches_the_weight_only_reference(fmt, lead, k, n, rank, bias,
         _close(y, ops.weight_only_linear(x, codes, scales, bias_t, fmt, group), rel=2e-3)
 
 
-def int4_identity_case(dtype):
+def int4_identity_case(dtype, n=48):
     """x = I and int4 weights holding every code, with products code × scale that need rounding: y = x·Wᵀ is then
     kernel W's dequantized weight (each output is one weight times 1, the sums add zeros), which must equal the
     reference dequantization bit for bit. Returns x, packed codes, scales, spec and that reference [N, K]."""
-    k, n = 128, 48
+    k = 128
     gen = torch.Generator().manual_seed(7)
     weight = torch.randn(n, k, generator=gen) * torch.exp2(torch.randint(-12, 8, (n, 1), generator=gen).float())
     q = quant.quantize_weight(weight.to(dtype), "int4", 64)
@@ -341,10 +344,11 @@ def int4_identity_case(dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [48, 64])  # 64: whole column tiles, the scales loaded two columns to an int32
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_w_int4_dequantizes_bit_for_bit(dtype, device):
+def test_kernel_w_int4_dequantizes_bit_for_bit(dtype, n, device):
     """The 16-bit path (`scaled_nibbles`: the exponent construction the compiled PTX also uses)."""
-    x, codes, scales, spec, reference = int4_identity_case(dtype)
+    x, codes, scales, spec, reference = int4_identity_case(dtype, n)
     y = _on("cpu", launch.weight_only_linear(*_on(device, (x, codes, scales)), None, None, None, [], spec))
     assert torch.equal(y.t().view(torch.int16), reference.view(torch.int16))
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import dit_inputs, make_ctx, run_pass, tiny_dit
+from tiny_models import captured, dit_inputs, make_ctx, run_pass, tiny_dit
 
 import svdq_compiler
 from svdq_compiler.errors import CalibrationError
@@ -176,3 +176,62 @@ def test_data_free_rows_follow_the_graphs_own_gelu(gelu):
     shifted = torch.nn.functional.gelu(torch.randn(16, 128, generator=generator), approximate=gelu)
     assert torch.equal(sites["layer_norm"].rows, plain) and torch.equal(sites["gelu"].rows, shifted)
     assert torch.equal(sites["gelu"].minimum, shifted.amin(0)) and sites["gelu"].rows_seen == 16
+
+
+MATRIX_CASES = [
+    (torch.ops.aten.linear.default, lambda g: (torch.randn(6, 64, generator=g), torch.randn(32, 64, generator=g),
+                                               torch.randn(32, generator=g))),
+    (torch.ops.aten.bmm.default, lambda g: (torch.randn(2, 6, 64, generator=g), torch.randn(2, 64, 8, generator=g))),
+    (torch.ops.aten.scaled_dot_product_attention.default,
+     lambda g: tuple(torch.randn(1, 2, 6, 16, generator=g) for _ in range(3))),
+]
+
+
+@pytest.mark.parametrize("op, make", MATRIX_CASES, ids=["linear", "bmm", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_products_run_in_float32_rounded_once(op, make, dtype, monkeypatch):
+    from svdq_compiler import recording
+
+    monkeypatch.setattr(recording, "_native_16bit_matmul", lambda dtype: False)
+    args = tuple(a.to(dtype) for a in make(torch.Generator().manual_seed(0)))
+    result = recording.matmul_in_float32(op, args, {})
+    assert result.dtype == dtype
+    assert torch.equal(result, op(*(a.float() for a in args)).to(dtype))
+    # the 16-bit kernels accumulate in float32 too (attention rounds its probabilities to 16 bits as well): the
+    # same up to about the last bit of the largest 16-bit value
+    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    torch.testing.assert_close(result, op(*args), rtol=ulp, atol=ulp * float(result.abs().max()))
+
+
+def test_other_ops_and_native_16bit_cpus_run_as_they_are(monkeypatch):
+    from svdq_compiler import recording
+
+    x, w = torch.randn(4, 8).bfloat16(), torch.randn(3, 8).bfloat16()
+    monkeypatch.setattr(recording, "_native_16bit_matmul", lambda dtype: False)
+    assert torch.equal(recording.matmul_in_float32(torch.ops.aten.add.Tensor, (x, x), {}), x + x)
+    calls = []
+    monkeypatch.setattr(recording, "_native_16bit_matmul", lambda dtype: calls.append(dtype) or True)
+    native = recording.matmul_in_float32(torch.ops.aten.linear.default, (x, w), {})
+    assert calls == [torch.bfloat16] and torch.equal(native, torch.nn.functional.linear(x, w))
+
+
+def test_a_bf16_graph_calibrates_as_with_its_16bit_kernels(monkeypatch):
+    """Float32 products change the recorded statistics by 16-bit rounding at most (the stated tolerance)."""
+    from svdq_compiler import recording
+
+    model = tiny_dit().to(torch.bfloat16).eval()
+    inputs = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in dit_inputs())
+    calib = [tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in dit_inputs(seed=s)) for s in (1, 2)]
+    runs = {}
+    for native in (True, False):
+        monkeypatch.setattr(recording, "_native_16bit_matmul", lambda dtype, native=native: native)
+        runs[native] = calibrated((model, inputs, captured(model, inputs)), calib)[0]
+    assert runs[True].sites.keys() == runs[False].sites.keys()
+    differ = 0
+    for name, site in runs[False].sites.items():
+        native = runs[True].sites[name]
+        torch.testing.assert_close(site.maximum, native.maximum, rtol=2 ** -7, atol=1e-2)
+        torch.testing.assert_close(site.minimum, native.minimum, rtol=2 ** -7, atol=1e-2)
+        torch.testing.assert_close(site.rows.float(), native.rows.float(), rtol=2 ** -6, atol=2e-2)
+        differ += not torch.equal(site.rows, native.rows)
+    assert differ  # the float32 path did run: some rows differ in their last bit

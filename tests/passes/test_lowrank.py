@@ -5,7 +5,8 @@ import torch
 from tiny_models import by_name, dit_inputs, outlier_dit, prepared
 
 from svdq_compiler.ir import get_attr_value
-from svdq_compiler.svdquant import group_problem, low_rank, low_rank_from_gram, members_by_group, quant_op
+from svdq_compiler.svdquant import (group_problem, low_rank, low_rank_scaled, members_by_group, quant_op,
+                                    right_vectors_from_gram)
 from svdq_compiler.passes.lowrank import refine
 
 CALIB = [dit_inputs(seed=s) for s in range(4)]
@@ -51,7 +52,8 @@ def test_gram_factors_match_the_svd_for_every_smoothing_candidate():
     scales = torch.rand(5, 64, generator=g) * 4 + 0.25
     smoothed = weight * scales.unsqueeze(-2)
     gram = scales.unsqueeze(-1) * (weight.T @ weight) * scales.unsqueeze(-2)
-    up, down = low_rank_from_gram(smoothed, gram, 32)
+    right = right_vectors_from_gram(gram, 32)
+    up, down = smoothed @ right, right.mT
     assert up.shape == (5, 192, 32) and down.shape == (5, 32, 64)
     torch.testing.assert_close(down @ down.mT, torch.eye(32).expand(5, 32, 32), atol=1e-4, rtol=0)
     for candidate in range(5):
@@ -59,8 +61,23 @@ def test_gram_factors_match_the_svd_for_every_smoothing_candidate():
         optimum = torch.linalg.matrix_norm(smoothed[candidate].double() - best_up @ best_down)
         excess = torch.linalg.matrix_norm((smoothed[candidate] - up[candidate] @ down[candidate]).double())
         assert 0 <= excess / optimum - 1 < 0.01
-    up, down = low_rank_from_gram(smoothed[0], gram[0], 64)
-    torch.testing.assert_close(up @ down, smoothed[0], atol=1e-3, rtol=1e-4)
+    right = right_vectors_from_gram(gram[0], 64)
+    torch.testing.assert_close(smoothed[0] @ right @ right.mT, smoothed[0], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (192, 64), (96, 96)])
+def test_scaled_factors_are_the_randomized_svd_of_each_scaled_weight(shape):
+    """low_rank_scaled runs low_rank's randomized algorithm (same seeded sketch) on W·diag(λ) for every λ at
+    once, through products with W alone."""
+    g = torch.Generator().manual_seed(1)
+    weight = (torch.randn(*shape, generator=g) + 3 * decaying(*shape)).float()
+    scales = torch.rand(4, shape[1], generator=g) * 4 + 0.25
+    ups, downs = low_rank_scaled(weight, scales, 32, seed=3)
+    assert ups.shape == (4, shape[0], 32) and downs.shape == (4, 32, shape[1])
+    for scale, up, down in zip(scales, ups, downs):
+        reference_up, reference_down = low_rank(weight * scale, 32, "randomized", seed=3, dtype=torch.float32,
+                                                power_iterations=2)
+        torch.testing.assert_close(up @ down, reference_up @ reference_down, atol=1e-3, rtol=1e-3)
 
 
 def test_branches_are_attached_and_the_graph_is_unchanged():

@@ -67,7 +67,7 @@ def test_the_winner_has_the_smallest_error_of_all_candidates():
     for alpha, beta in smoothing_candidates("svdquant", ctx.config.smooth_grid):
         scale = smoothing_scale(act, problem.weight_absmax(), alpha, beta, torch.float32)
         smoothed = problem.smoothed(scale)
-        branches = problem.branches(smoothed, 32, "randomized", 0, torch.float32, scale)
+        branches = problem.search_branches(scale.unsqueeze(0), 32, "randomized", 0)[0]
         quantized = problem.quantized(problem.residuals(smoothed, branches))
         errors[(alpha, beta)] = sum(problem.errors(scale, quantized, branches).values())
     from svdq_compiler.pipeline import PASS_REGISTRY
@@ -111,27 +111,27 @@ def synthetic_problem(preset="int4", rows=96, shift=False):
 
 
 @pytest.mark.parametrize("preset,shift", [("int4", False), ("int4", True), ("nvfp4", False), ("w8a8", False)])
-def test_batched_candidates_match_one_at_a_time(preset, shift, monkeypatch):
+def test_chunked_candidate_errors_match_the_whole_matrix_steps(preset, shift, monkeypatch):
     problem = synthetic_problem(preset, shift=shift)
     act = problem.rows["x"].add(problem.shifts.get("x", 0.0)).abs().amax(0)
     candidates = smoothing_candidates("svdquant", 20)[::6]
     smooths = torch.stack([smoothing_scale(act, problem.weight_absmax(), a, b, torch.float32)
                            for a, b in candidates])
     rank = problem.scheme.rank
-    one_at_a_time = []
-    for smooth in smooths:
+    whole = []
+    for smooth, branches in zip(smooths, problem.search_branches(smooths, rank, "randomized", 0)):
         smoothed = problem.smoothed(smooth)
-        branches = problem.branches(smoothed, rank, "randomized", 0, torch.float32, smooth)
         quantized = problem.quantized(problem.residuals(smoothed, branches))
-        one_at_a_time.append(sum(problem.errors(smooth, quantized, branches).values()))
-    batched = problem.candidate_errors(smooths, rank, "randomized", 0)
-    torch.testing.assert_close(batched, torch.tensor(one_at_a_time), rtol=1e-4, atol=0)
-    # Evaluated in batches of one candidate, the result is the same.
-    monkeypatch.setattr("svdq_compiler.svdquant.SEARCH_BATCH_BYTES", 1)
-    torch.testing.assert_close(problem.candidate_errors(smooths, rank, "randomized", 0), batched, rtol=1e-5, atol=0)
+        whole.append(sum(problem.errors(smooth, quantized, branches).values()))
+    chunked = problem.candidate_errors(smooths, rank, "randomized", 0)
+    torch.testing.assert_close(chunked, torch.tensor(whole), rtol=1e-4, atol=0)
+    # In chunks of 5 of the 48 weight rows (the last one short), the result is the same.
+    monkeypatch.setattr("svdq_compiler.svdquant.SEARCH_CHUNK_ROWS", 5)
+    monkeypatch.setattr("svdq_compiler.svdquant.SEARCH_CHUNK_ELEMENTS", 1)
+    torch.testing.assert_close(problem.candidate_errors(smooths, rank, "randomized", 0), chunked, rtol=1e-5, atol=0)
 
 
-def test_search_ranks_on_a_row_subset_and_reports_errors_on_every_row():
+def test_search_ranks_on_a_row_subset_and_reports_its_errors():
     from svdq_compiler.svdquant import search
 
     problem = synthetic_problem(rows=96)
@@ -147,8 +147,8 @@ def test_search_ranks_on_a_row_subset_and_reports_errors_on_every_row():
     chosen, scale, error, identity_error = search(problem, act, candidates, 32, "randomized", 0, search_rows=32)
     winner = candidates.index(chosen)
     assert on_subset[winner] == on_subset.min() and torch.equal(scale, smooths[winner])
-    assert error == pytest.approx(float(on_all[winner]), rel=1e-5)
-    assert identity_error == pytest.approx(float(on_all[0]), rel=1e-5) and error < 0.5 * identity_error
+    assert error == pytest.approx(float(on_subset[winner]), rel=1e-5)
+    assert identity_error == pytest.approx(float(on_subset[0]), rel=1e-5) and error < 0.5 * identity_error
     # Without a subset (or with one as large as the sample) the search ranks on every row.
     assert search(problem, act, candidates, 32, "randomized", 0)[0] == candidates[int(on_all.argmin())]
     assert search(problem, act, candidates, 32, "randomized", 0, search_rows=96)[2] == pytest.approx(
@@ -180,3 +180,44 @@ def test_smooth_alone_on_a_hand_annotated_group():
     smooth = gm.get_buffer("a.smooth")
     assert smooth[3] > 4 * smooth.median() and smooth[17] > 4 * smooth.median()  # the outliers are divided down
     torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_coarse_to_fine_evaluates_fewer_candidates_and_finds_a_smooth_minimum():
+    from svdq_compiler.svdquant import coarse_to_fine
+
+    candidates = smoothing_candidates("svdquant", 10)
+    # A smooth error over c in each family: minimum at c = 0.7 (α-only) and c = 0.4 (balanced), the latter best.
+    truth = {i: 1.0 if (a, b) == (0.0, 0.0) else (a - 0.7) ** 2 + 0.5 if b == 0 else (a - 0.4) ** 2 + 0.2
+             for i, (a, b) in enumerate(candidates)}
+    asked = []
+
+    def evaluate(indices):
+        asked.extend(indices)
+        return {i: truth[i] for i in asked}
+
+    coarse_to_fine(candidates, evaluate)
+    evaluated = set(asked)
+    assert 0 in evaluated and len(evaluated) < len(candidates)
+    assert candidates[min(evaluated, key=truth.get)] == (0.4, 0.6)
+    # Both families' neighbours of their coarse best were refined: c = 0.6 and 0.8 (α-only), 0.3 and 0.5.
+    assert {(0.6, 0.0), (0.8, 0.0), (0.3, 0.7), (0.5, 0.5)} <= {candidates[i] for i in evaluated}
+    # The SmoothQuant family alone, and a list with no family: every candidate outside a family is evaluated.
+    asked.clear()
+    coarse_to_fine([(0.0, 0.0), (0.0, 0.5), (0.0, 1.0)], lambda indices: asked.extend(indices) or {})
+    assert sorted(asked) == [0, 1, 2]
+
+
+def test_refined_search_reports_the_full_grids_errors_for_what_it_evaluates():
+    from svdq_compiler.svdquant import search
+
+    problem = synthetic_problem(rows=96)
+    act = problem.rows["x"].abs().amax(0)
+    candidates = smoothing_candidates("svdquant", 10)
+    smooths = torch.stack([smoothing_scale(act, problem.weight_absmax(), a, b, torch.float32) for a, b in candidates])
+    every = problem.candidate_errors(smooths, 32, "randomized", 0)
+    full = search(problem, act, candidates, 32, "randomized", 0)
+    refined = search(problem, act, candidates, 32, "randomized", 0, refine=True)
+    assert full[0] == candidates[int(every.argmin())]
+    assert refined[2] == pytest.approx(float(every[candidates.index(refined[0])]), rel=1e-5)
+    assert refined[3] == pytest.approx(float(every[0]), rel=1e-5)
+    assert refined[2] <= 1.02 * full[2]
