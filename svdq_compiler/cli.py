@@ -399,12 +399,12 @@ def wants_streaming(args: argparse.Namespace) -> bool:
     from svdq_compiler.streaming import checkpoint_bytes
 
     folder = Path(args.model)
+    # what a streamed compile does not do: refused rather than silently dropped
+    unsupported = [flag for flag, given in (("--dump-ir", args.dump_ir), ("--passes", args.passes),
+                                            ("--print-ir-after-change", args.print_ir_after_change),
+                                            ("--static", args.static), ("--verify", args.verify),
+                                            ("--save-calib", args.save_calib), ("--onnx", args.onnx)) if given]
     if args.stream == "on":
-        unsupported = [flag for flag, given in (("--dump-ir", args.dump_ir), ("--passes", args.passes),
-                                                ("--print-ir-after-change", args.print_ir_after_change),
-                                                ("--static", args.static),
-                                                ("--save-calib", args.save_calib),
-                                                ("--onnx", args.onnx)) if given]
         if not folder.is_dir():
             raise InputError("--stream compiles a diffusers model folder", where=args.model,
                              fix="give the folder holding config.json and the safetensors shards")
@@ -423,6 +423,10 @@ def wants_streaming(args: argparse.Namespace) -> bool:
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     streams = checkpoint_bytes(folder) > memory // 2
+    if streams and unsupported:
+        raise InputError(f"the checkpoint is larger than half of the memory, so it would be streamed, and "
+                         f"{', '.join(unsupported)} cannot be combined with streaming", where=args.model,
+                         fix="add --stream off to compile in memory, or drop them")
     if streams and args.calib_prompts_file is not None:
         raise InputError("the checkpoint is larger than half of the memory, so it would be streamed, and a streamed "
                          "model is never whole in memory to run its pipeline: --calib-prompts-file would be ignored",
