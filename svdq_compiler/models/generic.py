@@ -23,6 +23,9 @@ class GenericAdapter(ModelAdapter):
     def dynamic_shapes(self, model, inputs):
         return None  # only the user knows which dimensions of their inputs vary
 
+    def sizes_of(self, model, inputs):
+        return None  # nor which of them are the batch, the text or the image grid
+
     def calib_inputs(self, model, num_prompts, num_steps, seed=0, *, batch=1, tokens=None):
         raise InputError(f"no model adapter knows how to build calibration inputs for {type(model).__name__}",
                          fix="pass calib_inputs=[...] (a list of example-input tuples or dicts) to compile")
