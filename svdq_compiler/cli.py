@@ -755,8 +755,12 @@ def inspect_output(args: argparse.Namespace) -> str:
 # ---- shared -------------------------------------------------------------------------------------------------
 
 def run_reporting_errors(prog: str, fn: Callable[[], Any]) -> int:
+    from svdq_compiler.files import terminate_as_exception
+
     try:
-        fn()
+        # SIGTERM at any point (importing torch, loading, compiling) ends in the one line, not a silent exit 143
+        with terminate_as_exception():
+            fn()
     except SvdqError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -173,6 +173,45 @@ def test_sigterm_during_save_leaves_nothing(tmp_path, capsys, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_sigterm_while_the_flags_are_checked_is_one_line(tmp_path, capsys, monkeypatch):
+    """Before any output is staged (the checks of the flags, with torch being imported)."""
+    def terminated_check(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+        raise AssertionError("SIGTERM did not interrupt the checks")
+
+    monkeypatch.setattr(svdq_compiler.pipeline, "svdquant_pipeline", terminated_check)
+    assert compile_main(QUICK + all_outputs(tmp_path)) == 2
+    assert "terminated by SIGTERM" in one_line_error(capsys)
+    assert left_behind(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def wait_until_catching_sigterm(pid: int, timeout: float = 60) -> None:
+    """Until the process has its SIGTERM handler (bit 15 of SigCgt in /proc/PID/status): earlier, the interpreter
+    is still starting and the default action applies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        caught = re.search(r"^SigCgt:\s*([0-9a-f]+)$", Path(f"/proc/{pid}/status").read_text(), re.M)
+        if caught and int(caught.group(1), 16) >> (signal.SIGTERM - 1) & 1:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the command never installed a SIGTERM handler")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the caught signals from /proc")
+def test_sigterm_to_the_command_is_one_line_and_exit_2(tmp_path):
+    """The real process, terminated while it imports and compiles: the one line, whatever step it was in."""
+    command = subprocess.Popen([sys.executable, "-c", "import sys; from svdq_compiler.cli import compile_main; sys.exit(compile_main())", *QUICK, *all_outputs(tmp_path)],
+                               stderr=subprocess.PIPE, text=True)
+    wait_until_catching_sigterm(command.pid)
+    command.send_signal(signal.SIGTERM)
+    _, err = command.communicate(timeout=120)
+    assert command.returncode == 2, err
+    assert err.strip().splitlines() == [err.strip()] and "terminated by SIGTERM" in err, err
+    assert left_behind(tmp_path) == []
+
+
 def test_a_failure_after_the_compile_leaves_no_report_dumps_or_calibration(tmp_path, capsys, monkeypatch):
     def full_disk(gm, path):
         raise InputError("no space left on the device", where=str(path), fix="free some space")
