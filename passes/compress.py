@@ -52,7 +52,7 @@ def compress(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             for _, info in members:
                 if info.weight not in store:
                     errors[info.weight] = _quantize_residual(gm, info, scheme, store)
-                info.errors["weight_rel"] = errors[info.weight]
+                info.note_error("weight_rel", errors[info.weight])
     return PassResult(gm, bool(store), {"weights_quantized": len(store), "branch_sets": branch_sets,
                                         "weight_rel_max": round(max(errors.values()), 5) if errors else None})
 

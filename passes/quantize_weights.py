@@ -243,7 +243,7 @@ def quantize_weights(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                     nodes, attrs = _drop_branch(node, info)
                     dead += nodes
                     touched_attrs += attrs
-                info.errors["output_rel"] = decision.errors.get(info.name, 0.0)
+                info.note_error("output_rel", decision.errors.get(info.name, 0.0))
                 if len(decision.tried) > 1:
                     info.choice = decision.note()
                 if kept.scheme == problem.scheme:  # (a convolution's problem has its per-tap activation groups)

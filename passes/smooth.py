@@ -80,7 +80,7 @@ def smooth(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             apply_smoothing(gm, members, group, scale)
         for _, info in members:
             info.smooth_alpha, info.smooth_beta = alpha, beta
-            info.errors["smooth_ratio"] = ratio
+            info.note_error("smooth_ratio", ratio)
         ratios.append(ratio)
         report[group] = {"alpha": alpha, "beta": beta, "error_ratio": round(ratio, 4),
                          "lambda_range": [float(scale.min()), float(scale.max())]}

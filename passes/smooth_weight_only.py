@@ -47,6 +47,6 @@ def smooth_weight_only(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult
             apply_smoothing(gm, members, group, scale)
         for _, info in members:
             info.smooth_alpha, info.smooth_beta = alpha, beta
-            info.errors["smooth_ratio"] = error / identity_error if identity_error else 1.0
+            info.note_error("smooth_ratio", error / identity_error if identity_error else 1.0)
         chosen[group] = beta
     return PassResult(gm, any(chosen.values()), {"groups": len(groups), "betas": list(betas), "chosen": chosen})

@@ -88,6 +88,11 @@ class LinearInfo:
     fallback: str | None = None  # sensitivity fallback taken, with the reason
     choice: str | None = None  # the per-layer choice (quantize_weights): the form kept and every error measured
 
+    def note_error(self, name: str, value: float) -> None:
+        # Four significant digits: the last bits of a measured error follow the thread count's summation order,
+        # and the graph file must not (the same compile gives the same bytes at any thread count).
+        self.errors[name] = float(f"{value:.4g}")
+
     def summary(self) -> str:
         parts = [f"{self.name}", f"role={self.role}"]
         if self.group:
