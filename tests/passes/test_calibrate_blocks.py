@@ -7,6 +7,7 @@ from tiny_models import captured, dit_inputs, make_ctx, run_pass, tiny_dit
 
 from svdq_compiler.blockwise import REST_UNIT, BlockInputs, BlockRunner, plan_segments
 from svdq_compiler.errors import InputError
+from svdq_compiler.ir import format_ir
 from svdq_compiler.streaming import VisibleUnit
 
 DEPTH = 3
@@ -72,11 +73,13 @@ def test_the_pass_hands_the_visible_unit_its_sites(deep):
     whole = ctx.calibration.sites
     ctx.calibration = None
     ctx.block_runner = BlockRunner(gm, ctx.config, ctx.calib_inputs)
+    before = format_ir(gm)
     try:
         with VisibleUnit(gm, "blocks.1"):
             result = run_pass(gm, "calibrate_blocks", ctx)
     finally:
         ctx.block_runner.close()
+    assert format_ir(gm) == before  # Expected: the graph unchanged, the unit's sites recorded
     expected = {name: stats for name, stats in whole.items() if stats.readers[0].startswith("blocks.1.")}
     assert expected
     assert_same_sites(ctx.calibration.sites, expected)
