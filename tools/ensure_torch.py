@@ -8,8 +8,10 @@ Override the choice with SVDQ_TORCH_SPEC (a pip requirement) and SVDQ_TORCH_INDE
 """
 
 import os
+import socket
 import subprocess
 import sys
+from urllib.parse import urlparse
 
 MIN_TORCH = (2, 9)
 DEFAULT_SPEC = "torch==2.13.0"
@@ -28,6 +30,19 @@ def has_nvidia_driver() -> bool:
     return os.path.exists("/proc/driver/nvidia/version")
 
 
+def reachable(url: str) -> bool:
+    """Whether the index's host answers at all: pip retries an unreachable index five times for every package it
+    resolves, minutes of warnings on an offline mirror. Behind a proxy only pip can tell, so it is offered."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    address = urlparse(url)
+    try:
+        socket.create_connection((address.hostname, address.port or 443), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
 def main() -> int:
     version = installed_torch_version()
     if version is not None and version >= MIN_TORCH:
@@ -38,6 +53,9 @@ def main() -> int:
     spec = os.environ.get("SVDQ_TORCH_SPEC", DEFAULT_SPEC)
     cmd = [sys.executable, "-m", "pip", "install", spec]
     index = os.environ.get("SVDQ_TORCH_INDEX") or (None if has_nvidia_driver() else CPU_INDEX)
+    if index and not reachable(index):
+        print(f"ensure_torch: {index} cannot be reached; installing from the configured index only")
+        index = None
     if index:
         cmd += ["--extra-index-url", index]
     print("ensure_torch:", " ".join(cmd))
