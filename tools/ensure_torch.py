@@ -54,7 +54,8 @@ def main() -> int:
     cmd = [sys.executable, "-m", "pip", "install", spec]
     index = os.environ.get("SVDQ_TORCH_INDEX") or (None if has_nvidia_driver() else CPU_INDEX)
     if index and not reachable(index):
-        print(f"ensure_torch: {index} cannot be reached; installing from the configured index only")
+        print(f"ensure_torch: {index} cannot be reached; installing from the configured index only (from PyPI "
+              "that is the CUDA build, several GB: set SVDQ_TORCH_INDEX or PIP_FIND_LINKS to a CPU wheel)")
         index = None
     if index:
         cmd += ["--extra-index-url", index]
