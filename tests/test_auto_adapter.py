@@ -185,6 +185,8 @@ def test_table_says_which_classes_a_cut_short_rerun_left_at_earlier_results():
                                        "are earlier results)")
     del report["runs"][-1]["done"]
     assert markdown(report).startswith("3 classes (the last run, over 2 of them, was cut short; the rest")
+    report["runs"][-1] = {"classes": ["A", "B"], "complete": True, "done": ["A", "B"]}
+    assert markdown(report).startswith("3 classes (the last run reran 2 of them; the rest are earlier results)")
     report["runs"] = [{"classes": ["A", "B", "C", "D"], "complete": False, "done": ["A", "B", "C"]}]
     assert markdown(report).startswith("3 classes of 4 (the run was cut short)")
 

@@ -190,7 +190,9 @@ def markdown(report: dict[str, Any]) -> str:
     last = report["runs"][-1]
     enumerated, done = len(last["classes"]), last.get("done")  # runs before "done" was recorded lack it
     if last.get("complete", True):
-        note = ""
+        # an --update run over some of the classes: the others keep an earlier run's results
+        note = "" if enumerated >= total["classes"] else \
+            f" (the last run reran {enumerated} of them; the rest are earlier results)"
     elif done is None or len(done) < total["classes"]:  # an --update run: the entries it did not reach are older
         after = f" after {len(done)}" if done is not None else ""
         note = f" (the last run, over {enumerated} of them, was cut short{after}; the rest are earlier results)"
