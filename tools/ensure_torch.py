@@ -49,17 +49,18 @@ def main() -> int:
         print(f"ensure_torch: keeping the installed torch {'.'.join(map(str, version))}")
         return 0
     if version is not None:
-        print(f"ensure_torch: torch {'.'.join(map(str, version))} is older than 2.9; installing a newer one")
+        print(f"ensure_torch: torch {'.'.join(map(str, version))} is older than 2.9; installing a newer one", flush=True)
     spec = os.environ.get("SVDQ_TORCH_SPEC", DEFAULT_SPEC)
     cmd = [sys.executable, "-m", "pip", "install", spec]
     index = os.environ.get("SVDQ_TORCH_INDEX") or (None if has_nvidia_driver() else CPU_INDEX)
     if index and not reachable(index):
-        print(f"ensure_torch: {index} cannot be reached; installing from the configured index only (from PyPI "
-              "that is the CUDA build, several GB: set SVDQ_TORCH_INDEX or PIP_FIND_LINKS to a CPU wheel)")
+        local = " and PIP_FIND_LINKS" if os.environ.get("PIP_FIND_LINKS") else \
+            " (from PyPI that is the CUDA build, several GB: set SVDQ_TORCH_INDEX or PIP_FIND_LINKS to a CPU wheel)"
+        print(f"ensure_torch: {index} cannot be reached; installing from the configured index{local}", flush=True)
         index = None
     if index:
         cmd += ["--extra-index-url", index]
-    print("ensure_torch:", " ".join(cmd))
+    print("ensure_torch:", " ".join(cmd), flush=True)  # before pip's own output
     return subprocess.call(cmd)
 
 
