@@ -272,3 +272,33 @@ def test_a_grid_the_graph_pins_but_the_model_does_not_takes_the_eager_path():
     other = adapter.example_inputs(model, batch=2, tokens=(13, 9), seed=1)
     with torch.no_grad():
         assert compiled(**other)[0].shape == (2, 4, 13, 9)
+
+
+def test_probing_leaves_no_fake_tensor_in_a_models_tensor_cache():
+    """A model caching the tables it builds (diffusers' lru_cache_unless_export, as LongCat-Audio's rotary
+    embedding does) skips its cache while probed under fake tensors, so its real runs afterwards get real
+    tables (before: the fake ones, and a DataDependentOutputException when calibrating)."""
+    torch_utils = pytest.importorskip("diffusers.utils.torch_utils")
+    if not hasattr(torch_utils, "lru_cache_unless_export"):
+        pytest.skip("this diffusers has no lru_cache_unless_export")
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from svdq_compiler.models.base import runs_on
+
+    class CachedTable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        @torch_utils.lru_cache_unless_export(maxsize=4)
+        def table(self, length: int) -> torch.Tensor:
+            return torch.arange(length, dtype=torch.float32)[:, None].expand(length, 8).contiguous()
+
+        def forward(self, x):
+            return self.proj(x) + self.table(x.shape[1])
+
+    model, inputs = CachedTable(), {"x": torch.randn(2, 5, 8)}
+    assert runs_on(model, inputs) is None
+    out = model(**inputs)
+    assert not isinstance(out, FakeTensor) and torch.isfinite(out).all()
+    assert not torch.compiler.is_compiling()

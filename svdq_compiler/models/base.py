@@ -10,12 +10,13 @@ nn.Module with inputs the user gives.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 
@@ -152,6 +153,23 @@ def infer_dims(build: Callable[[Sizes], dict[str, Any]], sizes: Sizes,
     return mirror(inputs, ())
 
 
+@contextlib.contextmanager
+def traced_for_shapes() -> Iterator[None]:
+    """torch.compiler.is_compiling() is true within: a model that caches tensors it builds (diffusers'
+    `lru_cache_unless_export`: LongCat-Audio's rotary tables) skips its cache while traced, so no fake tensor
+    is left there for the real runs that follow."""
+    flag = "_is_compiling_flag"  # what torch.compile itself sets for its session
+    if not hasattr(torch.compiler, flag):
+        yield
+        return
+    before = getattr(torch.compiler, flag)
+    setattr(torch.compiler, flag, True)
+    try:
+        yield
+    finally:
+        setattr(torch.compiler, flag, before)
+
+
 def runs_on(model: torch.nn.Module, inputs: dict[str, Any]) -> str | None:
     """None when the model runs on `inputs`, else why not.
 
@@ -167,7 +185,7 @@ def runs_on(model: torch.nn.Module, inputs: dict[str, Any]) -> str | None:
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
     try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), traced_for_shapes():
             model(**inputs)
         return None
     except (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode):
