@@ -26,9 +26,9 @@ def fma_fp32(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         back = total - product
         error = (product - (total - back)) + (addend - back)
         rounded = total.astype(np.float32)
-        off = total - rounded.astype(np.float64)
+        off = total - rounded
         neighbour = np.nextafter(rounded, np.where(off > 0, np.float32(np.inf), np.float32(-np.inf)))
-        halfway = (off != 0) & ((rounded.astype(np.float64) + neighbour.astype(np.float64)) / 2 == total)
+        halfway = (off != 0) & ((rounded + neighbour.astype(np.float64)) / 2 == total)
         beyond = halfway & (error != 0) & (np.sign(error) == np.sign(off))
     return np.where(beyond, neighbour, rounded).astype(np.float32)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from svdq_compiler.errors import InputError, SvdqError
+from svdq_compiler.files import terminate_as_exception
 
 DEFAULT_MODEL = "tiny-flux"
 DEFAULT_CALIB_PROMPTS = 4
@@ -755,8 +756,6 @@ def inspect_output(args: argparse.Namespace) -> str:
 # ---- shared -------------------------------------------------------------------------------------------------
 
 def run_reporting_errors(prog: str, fn: Callable[[], Any]) -> int:
-    from svdq_compiler.files import terminate_as_exception
-
     try:
         # SIGTERM at any point (importing torch, loading, compiling) ends in the one line, not a silent exit 143
         with terminate_as_exception():

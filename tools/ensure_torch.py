@@ -37,7 +37,8 @@ def reachable(url: str) -> bool:
         return True
     address = urlparse(url)
     try:
-        socket.create_connection((address.hostname, address.port or 443), timeout=5).close()
+        port = address.port or (80 if address.scheme == "http" else 443)
+        socket.create_connection((address.hostname, port), timeout=5).close()
     except OSError:
         return False
     return True
