@@ -94,7 +94,8 @@ def compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
                         help="compile a diffusers folder one block at a time, writing graph.pt as it goes, so the "
                              "model never sits in memory (data-free unless --stream-smoothing activations); auto streams when the "
-                             "checkpoint is larger than half the machine's memory")
+                             "checkpoint is larger than half the machine's memory. A streamed compile refuses "
+                             "--verify, --dump-ir, --passes, --print-ir-after-change, --static, --save-calib and --onnx")
     parser.add_argument("--stream-smoothing", choices=("none", "weight-only", "activations"),
                         help="smoothing when streaming: none (λ = 1); weight-only: λ from the weights' column ranges, "
                              "searched per group on synthetic inputs (slower); activations: calibrated block by "
