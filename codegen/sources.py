@@ -27,15 +27,20 @@ def default_target() -> Target:
     return Target("cuda", (9, 0))
 
 
-def kernel_sources(gm: torch.fx.GraphModule, target: Target | None = None) -> list[KernelSource]:
-    """One entry per fused node of `gm`, in graph order; identical specs are generated once and shared."""
+def fused_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The nodes of `gm` that launch a generated kernel, in graph order."""
+    return [node for node in gm.graph.nodes if node.op == "call_function"
+            and getattr(node.target, "namespace", None) == "svdq" and getattr(node.target, "_opname", None) in FUSED_OPS]
+
+
+def kernel_sources(gm: torch.fx.GraphModule, target: Target | None = None,
+                   nodes: list[torch.fx.Node] | None = None) -> list[KernelSource]:
+    """One entry per fused node of `gm` (or per node of `nodes`), in graph order; identical specs are generated
+    once and shared."""
     target = target or default_target()
     by_spec: dict[str, str] = {}
     found = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or getattr(node.target, "namespace", None) != "svdq" \
-                or getattr(node.target, "_opname", None) not in FUSED_OPS:
-            continue
+    for node in fused_nodes(gm) if nodes is None else nodes:
         text = node.args[-1]
         if text not in by_spec:
             by_spec[text] = generate(parse_spec(text), target)

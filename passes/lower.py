@@ -1,6 +1,6 @@
 """lower: replace every quantized linear with the reference `svdq` ops (docs/architecture.md, "Lowered form").
 
-Requires: linears, quantized (QTensors in ctx.quantized, or packed weights already on the graph). Ensures:
+Requires: linears, quantized (QTensors in ctx.quantized, or an import's packed tensors in ctx.imported). Ensures:
 - per (input, λ, shift, format) of act-quantized linears, one `svdq.quantize_act(x, λ, shift, fmt, G[, t])`
   (q/k/v share it; fmt "uint4" for shifted post-GELU inputs), and per linear
   `acc = svdq.gemm(codes, scales, qweight, wscales, wtscale, fmt, G, K, dtype[, t])` and
@@ -61,6 +61,15 @@ def _packed(gm: torch.fx.GraphModule, store: dict, info: LinearInfo) -> tuple[st
     return targets[0], targets[1], targets[2] if has_tscale else None
 
 
+def _place_imported(gm: torch.fx.GraphModule, imported: dict[str, torch.Tensor], info: LinearInfo) -> None:
+    """Put the layer's packed tensors that an import read from a checkpoint (ctx.imported) on the graph, where
+    _packed and _shifted_bias then find them."""
+    layer = layer_name(info.weight)
+    for target in (f"{layer}.qweight", f"{layer}.wscales", f"{layer}.wtscale", f"{layer}.shifted_bias"):
+        if target in imported:
+            set_attr_value(gm, target, imported.pop(target), as_buffer=True)
+
+
 def _shifted_bias(gm: torch.fx.GraphModule, store: dict, info: LinearInfo) -> str:
     """b − shift·Σⱼ R̃[:, j]/λⱼ, registered once per weight."""
     target = f"{layer_name(info.weight)}.shifted_bias"
@@ -100,6 +109,7 @@ def _no_quantized_linear_left(gm: torch.fx.GraphModule, ctx: PassContext) -> lis
     problems = [f"{node.name} ({info.name}): scheme {info.scheme.describe()} but still {node.target}"
                 for node, info in annotated_linears(gm) if info.scheme is not None and info.scheme.kind != "fp"
                 and node.target not in LOWERED_OPS]
+    problems += [f"{target}: imported, but no lowered layer took it" for target in ctx.imported]
     return problems + ([] if LAYERS_META in gm.meta else [f"gm.meta[{LAYERS_META!r}] (the layer report) is missing"])
 
 
@@ -198,6 +208,7 @@ def lower(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if info.scheme is None or info.scheme.kind == "fp":
             continue
         geometry = conv_geometry(gm, node, info) if info.kind == "conv" else None
+        _place_imported(gm, ctx.imported, info)
         qweight, wscales, wtscale = _packed(gm, lw.store, info)
         weight_nodes = [get_attr_node(gm, t, before=node) if t else None for t in (qweight, wscales, wtscale)]
         x = raw_input(node)

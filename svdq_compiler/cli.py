@@ -95,7 +95,7 @@ def compile_parser() -> argparse.ArgumentParser:
                         help="compile a diffusers folder one block at a time, writing graph.pt as it goes, so the "
                              "model never sits in memory (data-free unless --stream-smoothing activations); auto streams when the "
                              "checkpoint is larger than half the machine's memory. A streamed compile refuses "
-                             "--verify, --dump-ir, --passes, --print-ir-after-change, --static, --save-calib and --onnx")
+                             "--passes, --static, --save-calib and --onnx; its --dump-ir has a folder per unit")
     parser.add_argument("--stream-smoothing", choices=("none", "weight-only", "activations"),
                         help="smoothing when streaming: none (λ = 1); weight-only: λ from the weights' column ranges, "
                              "searched per group on synthetic inputs (slower); activations: calibrated block by "
@@ -402,9 +402,7 @@ def wants_streaming(args: argparse.Namespace) -> bool:
 
     folder = Path(args.model)
     # what a streamed compile does not do: refused rather than silently dropped
-    unsupported = [flag for flag, given in (("--dump-ir", args.dump_ir), ("--passes", args.passes),
-                                            ("--print-ir-after-change", args.print_ir_after_change),
-                                            ("--static", args.static), ("--verify", args.verify),
+    unsupported = [flag for flag, given in (("--passes", args.passes), ("--static", args.static),
                                             ("--save-calib", args.save_calib), ("--onnx", args.onnx)) if given]
     if args.stream == "on":
         if not folder.is_dir():
@@ -464,13 +462,16 @@ def run_streaming(args: argparse.Namespace, config, staged) -> dict[str, Any]:
 
         calib_set = load_calibration_set(args.calib_set)
     out = staged.file(args.out, "graph file")
+    dump_ir = staged.folder(args.dump_ir, "IR dump folder (--dump-ir)") if args.dump_ir is not None else None
     try:
         prompts = args.calib_prompts or DEFAULT_CALIB_PROMPTS
         report = compile_streaming(Path(args.model), out, config.replace(calib_prompts=prompts,
                                                                           calib_steps=args.calib_steps),
                                    calibration=smoothing, batch=args.batch, tokens=args.tokens,
                                    input_seed=args.seed, calib_inputs=calib_set,
-                                   dtype=getattr(torch, args.dtype) if args.dtype else None, on_unit=on_unit)
+                                   dtype=getattr(torch, args.dtype) if args.dtype else None, on_unit=on_unit,
+                                   dump_ir=dump_ir, verify=args.verify,
+                                   print_ir_after_change=args.print_ir_after_change)
     finally:
         bar.close()
     blocks = report["streaming"]["block_calibration"]

@@ -151,6 +151,17 @@ class QuantOpInfo:
         return text + (f" epilogue={tuple(dataclasses.asdict(step) for step in epilogue)}" if epilogue else "")
 
 
+@dataclass(frozen=True)
+class SetAside:
+    """A linear's annotation while a driver works on other linears (the streaming compile's units): passes see no
+    LinearInfo, while the IR still prints it and contracts still find the node annotated."""
+
+    info: LinearInfo
+
+    def summary(self) -> str:
+        return f"(set aside) {self.info.summary()}"
+
+
 def info(node: torch.fx.Node) -> Any:
     return node.meta.get(META_KEY)
 

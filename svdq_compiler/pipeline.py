@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
+import torch
 import torch.fx
 
 from svdq_compiler.calibration import Calibration
@@ -49,6 +50,9 @@ class PassContext:
     calibration: Calibration | None = None  # calibrate → smooth, lowrank, quantize_weights
     block_runner: Any = None  # the streaming compile's blockwise.BlockRunner: calibrate_blocks reads it
     quantized: dict[str, QTensor] = field(default_factory=dict)  # quantize_weights → lower: weight target → QTensor
+    # import_weights → lower: a checkpoint's packed tensors by the attribute lower gives them (<layer>.qweight,
+    # .wscales, .wtscale, .shifted_bias), so no unused buffer sits on the graph between the two passes
+    imported: dict[str, torch.Tensor] = field(default_factory=dict)
     weight_only_betas: tuple[float, ...] = ()  # smooth_weight_only's β candidates (the streaming compile sets them)
     available: set[str] = field(default_factory=set)  # the DATA names the passes run so far produced
     stage_ops: set = field(default_factory=set)  # the ops the passes run so far may have introduced
@@ -79,7 +83,7 @@ DATA = {
     "calibration": "ctx.calibration: per-site channel ranges and row samples",
     "smoothed": "λ folded into the weights, x/λ in the graph",
     "branches": "low-rank branches, weights hold the residual",
-    "quantized": "quantized weights: ctx.quantized QTensors, or packed weights already on the graph (imports)",
+    "quantized": "quantized weights: ctx.quantized QTensors, or ctx.imported packed tensors (imports)",
     "lowered": "reference svdq ops in place of the quantized linears",
     "fused": "generated-kernel ops in place of lowered chains",
 }
@@ -156,15 +160,21 @@ def _load_passes() -> None:
     import svdq_compiler.passes  # noqa: F401  (registers every pass)
 
 
-def run_passes(gm: torch.fx.GraphModule, ctx: PassContext, passes: Sequence[Pass]) -> torch.fx.GraphModule:
+def run_passes(gm: torch.fx.GraphModule, ctx: PassContext, passes: Sequence[Pass], *,
+               start: str = "capture") -> torch.fx.GraphModule:
     """Run `passes` in order with timing, statistics, requirement checks, optional verification (the IR's
-    invariants, the ops allowed at this stage and each pass's own contract), dumps and IR printing."""
+    invariants, the ops allowed at this stage and each pass's own contract), dumps and IR printing. `start`
+    names the graph as it comes in (dumped as 000_<start>): the capture, or a later stage a driver resumes from."""
     verifying = ctx.verify_each
     if verifying:
-        _verify(gm, ctx, None)  # the captured graph itself, so a failure after pass N is pass N's
+        _verify(gm, ctx, None, start)  # the incoming graph itself, so a failure after pass N is pass N's
+    dumped_kernels: set[str] = set()  # fused nodes whose kernels a dump already holds (or the incoming graph had)
     if ctx.dump_dir is not None:
+        from svdq_compiler.codegen.sources import fused_nodes
+
         _prepare_dump_dir(ctx.dump_dir)
-        _dump(ctx, 0, "capture", gm, {"name": "capture", "modified": True, "stats": {}})
+        dumped_kernels.update(node.name for node in fused_nodes(gm))
+        _dump(ctx, 0, start, gm, {"name": start, "modified": True, "stats": {}}, dumped_kernels)
     for index, p in enumerate(ctx.progress(passes, "passes", total=len(passes)), start=1):
         missing = [r for r in p.requires if r not in ctx.available]
         if missing:
@@ -186,21 +196,21 @@ def run_passes(gm: torch.fx.GraphModule, ctx: PassContext, passes: Sequence[Pass
         ctx.stage_ops.update(p.ops)
         log.info("pass %s: modified=%s %.2fs %s", p.name, result.modified, wall, result.stats)
         if verifying and p.name != "verify":
-            _verify(gm, ctx, p)
+            _verify(gm, ctx, p, start)
         if ctx.dump_dir is not None:
-            _dump(ctx, index, p.name, gm, record)
+            _dump(ctx, index, p.name, gm, record, dumped_kernels)
         if ctx.print_ir_after_change and result.modified:
             print(f"// ----- IR after {p.name} -----", file=ctx.out)
             print(format_ir(gm), file=ctx.out)
     return gm
 
 
-def _verify(gm: torch.fx.GraphModule, ctx: PassContext, after: Pass | None) -> None:
+def _verify(gm: torch.fx.GraphModule, ctx: PassContext, after: Pass | None, start: str) -> None:
     """The IR's invariants with the ops allowed once the passes run so far, then `after`'s own contract."""
     from svdq_compiler.passes.verify import check
 
     check(gm, ctx.stage_ops, [] if after is None else after.ensures(gm, ctx),
-          stage=f"after {after.name}" if after is not None else "after capture")
+          stage=f"after {after.name}" if after is not None else f"at {start}")
 
 
 def _prepare_dump_dir(path: Path) -> None:
@@ -209,15 +219,19 @@ def _prepare_dump_dir(path: Path) -> None:
         stale.unlink()
 
 
-def _dump(ctx: PassContext, index: int, name: str, gm: torch.fx.GraphModule, record: dict[str, Any]) -> None:
+def _dump(ctx: PassContext, index: int, name: str, gm: torch.fx.GraphModule, record: dict[str, Any],
+          dumped_kernels: set[str]) -> None:
+    """NNN_<name>.py (the IR), .stats.json (the pass's record) and .kernels.py (the kernels of the fused nodes no
+    earlier dump holds)."""
     assert ctx.dump_dir is not None
     stem = ctx.dump_dir / f"{index:03d}_{name}"
     write_text(f"{stem}.py", format_ir(gm), "IR dump")
     write_json(f"{stem}.stats.json", record, "IR dump")
     if record.get("modified"):
-        from svdq_compiler.codegen.sources import kernel_sources
+        from svdq_compiler.codegen.sources import fused_nodes, kernel_sources
 
-        kernels = kernel_sources(gm)
-        if kernels:
-            text = "\n".join(f"# ===== {k.node}: {k.spec.name} =====\n{k.source}" for k in kernels)
+        new = [node for node in fused_nodes(gm) if node.name not in dumped_kernels]
+        if new:
+            text = "\n".join(f"# ===== {k.node}: {k.spec.name} =====\n{k.source}" for k in kernel_sources(gm, nodes=new))
             write_text(f"{stem}.kernels.py", text, "IR dump")
+            dumped_kernels.update(node.name for node in new)

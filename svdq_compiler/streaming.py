@@ -52,7 +52,8 @@ from svdq_compiler.calibration import isotropic_calibration
 from svdq_compiler.calibration_set import CalibrationSet
 from svdq_compiler.checks import check_finite_weight
 from svdq_compiler.errors import CheckpointError, InputError, SvdqError
-from svdq_compiler.ir import LAYERS_META, META_KEY, LinearInfo, annotated_linears, get_attr_value, set_attr_value
+from svdq_compiler.ir import (LAYERS_META, LinearInfo, SetAside, annotated_linears, get_attr_value, set_attr_value,
+                              set_info)
 from svdq_compiler.meta_capture import META, capture_on_meta, program_from_graph
 from svdq_compiler.models.base import cast_module
 from svdq_compiler.pipeline import (PASS_REGISTRY, Pass, PassContext, PassResult, make_pass, run_passes,
@@ -203,17 +204,18 @@ class VisibleUnit:
 
     def __init__(self, gm: torch.fx.GraphModule, unit: str):
         self.gm, self.unit = gm, unit
-        self.hidden: list[tuple[torch.fx.Node, Any]] = []
+        self.hidden: list[tuple[torch.fx.Node, LinearInfo]] = []
 
     def __enter__(self) -> list[tuple[torch.fx.Node, LinearInfo]]:
         for node, info in list(annotated_linears(self.gm)):
             if unit_of(info.weight) != self.unit:
-                self.hidden.append((node, node.meta.pop(META_KEY)))
+                set_info(node, SetAside(info))
+                self.hidden.append((node, info))
         return list(annotated_linears(self.gm))
 
     def __exit__(self, *exc) -> None:
-        for node, meta in self.hidden:
-            node.meta[META_KEY] = meta
+        for node, info in self.hidden:
+            set_info(node, info)
 
 
 def unit_passes(calibration: str, propagation: str = "fp") -> list[Pass]:
@@ -236,13 +238,32 @@ def unit_passes(calibration: str, propagation: str = "fp") -> list[Pass]:
     return [calibrate] + [PASS_REGISTRY[name] for name in names]
 
 
+def unit_dump_dir(dump_dir: Path, index: int, unit: str) -> Path:
+    """Where unit number `index` dumps its IR: `units/NNN_<unit>` inside the IR dump folder."""
+    name = re.sub(r"[^\w.-]", "", unit) or "model"  # "(model)" → "model"
+    return dump_dir / "units" / f"{index:03d}_{name}"
+
+
+def clear_unit_dumps(dump_dir: Path) -> None:
+    """Remove the unit dumps an earlier compile left in `dump_dir`, so every unit folder is this compile's."""
+    for folder in sorted((dump_dir / "units").glob("[0-9][0-9][0-9]_*")):
+        for stale in folder.glob("[0-9][0-9][0-9]_*"):
+            stale.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def run_unit(gm: torch.fx.GraphModule, ctx: PassContext, passes: list[Pass], record: UnitRecord,
-             stats: dict[str, list]) -> list[dict[str, Any]]:
-    """Run `passes` (run_passes: requirements, verification, IR printing) on the visible unit, in a context of
-    its own that starts from what the whole-graph passes produced; returns the unit's layer report."""
+             stats: dict[str, list], index: int) -> list[dict[str, Any]]:
+    """Run `passes` (run_passes: requirements, contracts and verification, IR dumps and printing) on the visible
+    unit, in a context of its own that starts from what the whole-graph passes produced; returns the unit's layer
+    report."""
     unit_ctx = dataclasses.replace(ctx, records=[], available=set(ctx.available), stage_ops=set(ctx.stage_ops),
-                                   quantized={}, calibration=None)
-    run_passes(gm, unit_ctx, passes)
+                                   quantized={}, calibration=None,
+                                   dump_dir=None if ctx.dump_dir is None else unit_dump_dir(ctx.dump_dir, index,
+                                                                                            record.name))
+    run_passes(gm, unit_ctx, passes, start="unit_weights_read")
+    ctx.stage_ops.update(unit_ctx.stage_ops)  # the graph keeps this unit's svdq ops while the next units run
     for entry in unit_ctx.records:
         record.wall_s[entry["name"]] = round(entry["wall_s"], 3)
         stats.setdefault(entry["name"], []).append(entry["stats"])
@@ -285,9 +306,16 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
                       dtype: torch.dtype | None = None, calib_inputs: Iterable | None = None,
                       input_seed: int | None = None,
                       memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                      on_unit: Callable[[UnitRecord, int, int], None] | None = None) -> dict[str, Any]:
+                      on_unit: Callable[[UnitRecord, int, int], None] | None = None,
+                      dump_ir: str | Path | None = None, verify: bool = False,
+                      print_ir_after_change: bool = False) -> dict[str, Any]:
     """Compile the diffusers model folder `folder` to `out` (graph.pt) one block at a time; returns the report
     (time per step, peak RSS, bytes read and written, per-unit records, pass statistics, per-layer report).
+
+    `dump_ir`, `verify` and `print_ir_after_change` are `svdq_compiler.compile`'s: the whole-graph passes dump into
+    the folder itself, each unit into `units/NNN_<unit>/` (its graph as the unit's weights were read, then after
+    each of its passes); the graph is the whole model's throughout, with the units not yet read or already
+    written as meta-device stand-ins.
 
     calibration="activations" calibrates block by block (`svdq_compiler.blockwise`) on `calib_inputs` (keyword
     dicts, as `PassContext.calib_inputs`, or a `CalibrationSet`, checked and conformed to the model), else on the adapter's `config.calib_prompts` × `config.calib_steps`
@@ -318,7 +346,11 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
     gm = capture_on_meta(model.module, example, adapter=model.adapter)
     step("capture on meta", began)
 
-    ctx = PassContext(config=config, example_inputs=example, adapter=model.adapter, weight_only_betas=tuple(betas))
+    ctx = PassContext(config=config, example_inputs=example, adapter=model.adapter, weight_only_betas=tuple(betas),
+                      dump_dir=None if dump_ir is None else Path(dump_ir), verify_each=verify,
+                      print_ir_after_change=print_ir_after_change)
+    if ctx.dump_dir is not None:
+        clear_unit_dumps(ctx.dump_dir)
     began = time.perf_counter()
     gm = run_passes(gm, ctx, svdquant_pipeline(["annotate_linears"]))
     step("annotate", began)
@@ -364,7 +396,7 @@ def compile_streaming(folder: str | Path, out: str | Path, config: QuantConfig, 
                 load_unit(gm, targets, checkpoint, record)
                 record.wall_s["read"] = round(time.perf_counter() - unit_start, 3)
             with VisibleUnit(gm, unit):
-                layers += run_unit(gm, ctx, passes, record, pass_stats)
+                layers += run_unit(gm, ctx, passes, record, pass_stats, index)
             write_start = time.perf_counter()
             flush_unit(gm, archive, record, None if unit == resident else resident)
             release_freed_memory()

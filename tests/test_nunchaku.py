@@ -3,6 +3,7 @@ against a module-by-module evaluation of the checkpoint; export a compiled FLUX 
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -203,6 +204,20 @@ def test_import_runs_the_checkpoint_as_its_modules_compute_it(tmp_path, fmt):
     assert rel(imported, reference) < 2e-2, rel(imported, reference)
     ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
     assert "svdq.fused_gemm.default" in ops and "svdq.fused_weight_only_linear.default" in ops  # AdaLN: kernel W
+
+
+def test_import_verifies_and_dumps_its_passes(tmp_path):
+    """The import runs through run_passes like a compile: --verify's checks and one dump per pass."""
+    path, dumps = tmp_path / "svdq-int4.safetensors", tmp_path / "ir"
+    synthetic_checkpoint(path, "int4")
+    gm = import_nunchaku(path, verify=True, dump_ir=dumps)
+    assert sorted(p.name for p in dumps.glob("*.py")) == [
+        "000_capture.py", "001_annotate_linears.py", "002_import_weights.py", "003_lower.py", "004_fuse.kernels.py",
+        "004_fuse.py"]
+    assert json.loads((dumps / "002_import_weights.stats.json").read_text())["stats"]["format"] == "int4"
+    assert "svdq.fused_gemm" in (dumps / "004_fuse.py").read_text()
+    assert [r["name"] for r in gm.meta["svdq_report"]["passes"]] == ["annotate_linears", "import_weights", "lower",
+                                                                     "fuse"]
 
 
 def test_nvfp4_activation_scale_folds_into_smooth_factor_and_wtscale():

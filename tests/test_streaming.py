@@ -110,6 +110,57 @@ def test_block_wise_calibration_equals_the_in_memory_compile(folder, tmp_path):
     assert block_calibration["spilled_bytes"] > 0 and block_calibration["peak_memory_bytes"] == 0
 
 
+def test_streamed_compile_verifies_dumps_and_prints_every_unit(folder, streamed, tmp_path, capsys):
+    """--verify, --dump-ir and --print-ir-after-change on the streamed path: the whole-graph passes dump at the top,
+    each unit into its own folder, and none of it changes what is written."""
+    dumps, out = tmp_path / "ir", tmp_path / "g.pt"
+    (dumps / "units" / "007_stale").mkdir(parents=True)
+    (dumps / "units" / "007_stale" / "003_fuse.py").write_text("from an earlier compile")
+    compile_streaming(folder, out, QuantConfig.preset("int4"), calibration="none", dump_ir=dumps, verify=True,
+                      print_ir_after_change=True)
+    assert sorted(p.name for p in dumps.glob("*.py")) == ["000_capture.py", "001_annotate_linears.py"]
+    units = sorted(p.name for p in (dumps / "units").iterdir())
+    assert units == ["000_model", "001_transformer_blocks.0", "002_single_transformer_blocks.0"]
+    for unit in units:
+        names = sorted(p.name for p in (dumps / "units" / unit).glob("*.py"))
+        # each unit's kernels once, in the dump of the pass that made them
+        assert names == ["000_unit_weights_read.py", "001_synthetic_calibration.py", "002_compress.py",
+                         "003_lower.py", "004_fuse.kernels.py", "004_fuse.py"], (unit, names)
+    last = (dumps / "units" / units[-1] / "004_fuse.py").read_text()
+    assert "svdq.fused_gemm" in last and "# svdq: (set aside) transformer_blocks.0.attn.to_q" in last
+    assert json.loads((dumps / "units" / units[0] / "002_compress.stats.json").read_text())["name"] == "compress"
+    printed = capsys.readouterr().out
+    assert printed.count("// ----- IR after fuse -----") == 3 and printed.count("// ----- IR after annotate_linears")
+    first, second = svdq_compiler.load(streamed[0]).state_dict(), svdq_compiler.load(out).state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_cli_streams_with_verify_and_ir_dumps(folder, tmp_path, capsys):
+    from svdq_compiler.cli import compile_main
+
+    dumps = tmp_path / "ir"
+    assert compile_main([str(folder), "--out", str(tmp_path / "g.pt"), "--stream", "on", "--verify", "--dump-ir",
+                         str(dumps), "--tokens", "16"]) == 0
+    assert (dumps / "001_annotate_linears.py").is_file() and len(list((dumps / "units").iterdir())) == 3
+    assert f"IR dumps {dumps}" in capsys.readouterr().out
+
+
+def test_streamed_compile_verifies_each_units_passes(folder, tmp_path, monkeypatch):
+    """With verify on, a unit pass that breaks an invariant is caught right after it, named with its unit's pass."""
+    import svdq_compiler.streaming as streaming
+    from svdq_compiler.passes.verify import VerifyError
+    from svdq_compiler.pipeline import PassResult, make_pass
+
+    def orphan(gm, ctx):
+        gm.register_buffer("orphan", torch.zeros(1))
+        return PassResult(gm, True)
+
+    passes = streaming.unit_passes
+    monkeypatch.setattr(streaming, "unit_passes", lambda *a: passes(*a) + [make_pass("orphan", orphan, summary="")])
+    with pytest.raises(VerifyError, match=r"after orphan: parameter/buffer 'orphan' is not used"):
+        compile_streaming(folder, tmp_path / "g.pt", QuantConfig.preset("int4"), calibration="none", verify=True)
+
+
 @pytest.mark.slow
 def test_streaming_is_deterministic(folder, streamed, tmp_path):
     """Two streaming compiles of one folder write the same tensors."""

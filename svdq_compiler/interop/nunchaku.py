@@ -348,8 +348,11 @@ def _fmt(tensors: Mapping[str, torch.Tensor], quant: Mapping[str, Any]) -> str:
     return "nvfp4" if scales.dtype == torch.float8_e4m3fn else "int4"
 
 
-def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None) -> torch.fx.GraphModule:
-    """A Nunchaku FLUX checkpoint → our compiled graph (lowered and fused), ready to run, save or export."""
+def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None, dump_ir: str | Path | None = None,
+                    verify: bool = False, print_ir_after_change: bool = False) -> torch.fx.GraphModule:
+    """A Nunchaku FLUX checkpoint → our compiled graph (lowered and fused), ready to run, save or export.
+    `dump_ir`, `verify` and `print_ir_after_change` are `svdq_compiler.compile`'s, over the import's passes
+    (annotate_linears, import_weights, lower, fuse)."""
     from svdq_compiler import compile_report
     from svdq_compiler.capture import install_shape_check
     from svdq_compiler.config import QuantConfig
@@ -370,9 +373,11 @@ def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None) -
     example = adapter.example_inputs(model, batch=batch, tokens=tokens)
     gm = capture_on_meta(model, example, adapter=adapter)
     quant_config = QuantConfig.preset(fmt, rank=rank or 32, skip=KEPT_16BIT, **NUNCHAKU_COMPATIBLE)
-    ctx = PassContext(config=quant_config, example_inputs=example, adapter=adapter)
+    ctx = PassContext(config=quant_config, example_inputs=example, adapter=adapter, verify_each=verify,
+                      dump_dir=None if dump_ir is None else Path(dump_ir), print_ir_after_change=print_ir_after_change)
+
     def import_weights(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        _Importer(gm, tensors, fmt, rank, config, str(source)).run()
+        _Importer(gm, tensors, fmt, rank, config, str(source), ctx.imported).run()
         return PassResult(gm, True, {"imported_from": str(source), "format": fmt})
 
     # The checkpoint's packed weights take the place of quantize_weights' QTensors: `lower` finds them on the graph.
@@ -419,8 +424,9 @@ def check_shapes(tensors: Mapping[str, torch.Tensor], model: torch.nn.Module, co
 class _Importer:
     """Fills a meta-captured, annotated FLUX graph with a Nunchaku checkpoint's tensors."""
 
-    def __init__(self, gm, tensors, fmt, rank, config, where):
+    def __init__(self, gm, tensors, fmt, rank, config, where, imported: dict[str, torch.Tensor]):
         self.gm, self.tensors, self.fmt, self.rank, self.config, self.where = gm, dict(tensors), fmt, rank, config, where
+        self.imported = imported  # the packed tensors lower puts on the graph (PassContext.imported)
         self.used: set[str] = set()
 
     def take(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -508,8 +514,7 @@ class _Importer:
         weight, bias = from_nunchaku_awq(self.take(name), in_features=info.in_features,
                                          out_features=info.out_features, adanorm_splits=splits,
                                          where=f"{self.where}: {name}")
-        self.put(f"{name}.qweight", weight.qweight)
-        self.put(f"{name}.wscales", weight.wscales)
+        self.imported[f"{name}.qweight"], self.imported[f"{name}.wscales"] = weight.qweight, weight.wscales
         self.put(info.bias, bias)
 
     def attach(self, decoded: dict[str, NunchakuLinear]) -> None:
@@ -548,17 +553,20 @@ class _Importer:
                 linear = decoded[info.name]
                 self.put(info.lora_down, linear.lora_down)
                 self.put(info.lora_up, linear.lora_up)
-                self.put(f"{info.name}.qweight", linear.weight.qweight)
-                self.put(f"{info.name}.wscales", linear.weight.wscales)
+                self.imported[f"{info.name}.qweight"] = linear.weight.qweight
+                self.imported[f"{info.name}.wscales"] = linear.weight.wscales
                 if linear.weight.wtscale is not None:
-                    self.put(f"{info.name}.wtscale", linear.weight.wtscale)
+                    self.imported[f"{info.name}.wtscale"] = linear.weight.wtscale
                 self.put_bias(info, linear)
 
     def put_bias(self, info, linear: NunchakuLinear) -> None:
         """The checkpoint's bias (already shift-compensated, as our shifted_bias) where lower reads it."""
         if linear.bias is None:
             return
-        self.put(f"{info.name}.shifted_bias" if info.shift else info.bias, linear.bias)
+        if info.shift:
+            self.imported[f"{info.name}.shifted_bias"] = linear.bias
+        else:
+            self.put(info.bias, linear.bias)
 
 
 def _has_attr(gm: torch.nn.Module, target: str) -> bool:

@@ -27,7 +27,7 @@ def annotated(propagation):
 
 def compile_unit(gm, ctx, unit):
     with VisibleUnit(gm, unit):
-        run_unit(gm, ctx, unit_passes("activations", ctx.config.calib_propagation), UnitRecord(unit), {})
+        run_unit(gm, ctx, unit_passes("activations", ctx.config.calib_propagation), UnitRecord(unit), {}, 0)
 
 
 def sites_of(calibration, unit):
@@ -60,7 +60,7 @@ def test_the_next_block_sees_the_compiled_blocks_outputs():
 def test_a_block_left_unpropagated_is_refused():
     gm, ctx = annotated("quantized")
     with VisibleUnit(gm, "blocks.0"):
-        run_unit(gm, ctx, unit_passes("activations", "fp"), UnitRecord("blocks.0"), {})  # no propagate_block
+        run_unit(gm, ctx, unit_passes("activations", "fp"), UnitRecord("blocks.0"), {}, 0)  # no propagate_block
     with pytest.raises(CalibrationError, match="never propagated"):
         ctx.block_runner.calibration("blocks.1")
     ctx.block_runner.close()
