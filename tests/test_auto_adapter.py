@@ -87,6 +87,41 @@ def test_inputs_from_the_forward_signature_and_config(class_name, layout, roles)
         model(**inputs)
 
 
+def test_a_model_that_takes_square_grids_only_gets_a_square_plan():
+    """DiT unpatchifies with height = width = √tokens: on a 2×3 grid it runs by folding the rest into the batch,
+    which the probe refuses (the output must lead with the batch), so its plan is square."""
+    model = tiny("DiTTransformer2DModel")
+    adapter = adapter_for(model)
+    plan = plan_inputs(model)
+    assert plan.square and adapter.square_grid(model)
+    inputs = adapter.example_inputs(model, batch=2)
+    assert inputs["hidden_states"].shape[-1] == inputs["hidden_states"].shape[-2]
+    assert adapter.example_inputs(model, batch=2, tokens=16)["hidden_states"].shape[-2:] == (8, 8)  # patch 2
+    with pytest.raises(InputError, match=r"takes square latent grids only, not 4x6"):
+        adapter.example_inputs(model, batch=2, tokens=(4, 6))
+    assert not plan_inputs(tiny("UNet2DModel")).square
+
+
+def test_a_probe_refuses_an_output_that_does_not_lead_with_the_batch():
+    from svdq_compiler.models.base import runs_on
+
+    class FoldsIntoTheBatch(torch.nn.Module):
+        def forward(self, x):
+            return (x.reshape(-1, 2, x.shape[-1]),)
+
+    assert runs_on(FoldsIntoTheBatch(), {"x": torch.zeros(2, 4, 3)}) is None  # no batch expected
+    assert runs_on(FoldsIntoTheBatch(), {"x": torch.zeros(2, 4, 3)}, batch=2) == \
+        "its output [4, 2, 3] does not lead with the batch 2 of its inputs"
+
+    class PerSample(torch.nn.Module):  # Z-Image's output: a list with one tensor per sample
+        def forward(self, x):
+            return (list(x.unbind(0)),)
+
+    assert runs_on(PerSample(), {"x": torch.zeros(2, 4, 3)}, batch=2) is None
+    assert runs_on(PerSample(), {"x": torch.zeros(3, 4, 3)}, batch=2) == \
+        "its output [3, 4, 3] does not lead with the batch 2 of its inputs"
+
+
 def test_required_input_without_a_known_layout_is_a_clear_error():
     model = Wobbly()
     with pytest.raises(InputError, match="wobble.*pass your own example_inputs"):

@@ -63,9 +63,11 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
 
 
-def second_grid(rows: int, cols: int, unit: int = 1) -> tuple[int, int]:
+def second_grid(rows: int, cols: int, unit: int = 1, square: bool = False) -> tuple[int, int]:
     """Another latent grid, different on both axes, in steps of the adapter's grid unit (a U-Net's
-    down-sampling)."""
+    down-sampling); square for a model that takes square grids only."""
+    if square:
+        return rows + 3 * unit, rows + 3 * unit
     second = rows + 3 * unit, max(2 * unit, cols - 2 * unit)
     # not square: a model captured on a non-square grid may have width ≠ height as a guard (Latte)
     return second if second[0] != second[1] else (second[0], second[1] + unit)
@@ -99,7 +101,7 @@ def cover(class_name: str, module_name: str, presets: tuple[str, ...] = PRESETS,
         example = adapter.example_inputs(model, batch=BATCH)
         # a token count where the latent is packed (FLUX): as a grid
         rows, cols = factor_grid(adapter.tokens_of(model, example), what="image tokens")
-        grid = second_grid(rows, cols, adapter.grid_unit(model))
+        grid = second_grid(rows, cols, adapter.grid_unit(model), adapter.square_grid(model))
         other = adapter.example_inputs(model, batch=BATCH, tokens=grid, seed=1)
         entry["inputs"] = {name: list(value.shape) for name, value in example.items() if torch.is_tensor(value)}
         entry["grids"] = [[rows, cols], list(grid)]

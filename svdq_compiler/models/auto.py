@@ -214,6 +214,7 @@ class InputPlan:
     conditions: int | None = None
     return_dict: bool = True  # the forward takes return_dict
     text_length: int | None = None  # the one text length the model takes, where its config fixes it
+    square: bool = False  # the model takes square latent grids only (found: no layout runs on a 2×3 grid)
 
     def build(self, sizes: Sizes, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(seed)
@@ -393,15 +394,17 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
                 stack_depth=layer_stack(config)[1], conditions=conditions,
                 return_dict=takes_return_dict(model),
                 text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None))
-    sizes = Sizes(batch=2, text=4, rows=2, cols=3)
     failures = []
-    for choice in candidate_choices(model, roles)[:MAX_PROBES]:
-        plan = InputPlan(choice=choice, **base)
-        why = runs_on(model, plan.build(sizes, model_dtype(model)))
-        if why is None:
-            model._svdq_input_plan = plan
-            return plan
-        failures.append(f"{choice.layout} latent, text width {choice.text_width}: {why}")
+    # a 2×3 grid first, so a model that takes any grid is not mistaken for one that takes square grids only
+    for sizes, square in ((Sizes(batch=2, text=4, rows=2, cols=3), False), (Sizes(batch=2, text=4, rows=2, cols=2), True)):
+        for choice in candidate_choices(model, roles)[:MAX_PROBES]:
+            plan = InputPlan(choice=choice, square=square, **base)
+            why = runs_on(model, plan.build(sizes, model_dtype(model)), sizes.batch)
+            if why is None:
+                model._svdq_input_plan = plan
+                return plan
+            if not square:
+                failures.append(f"{choice.layout} latent, text width {choice.text_width}: {why}")
     raise InputError(f"no input layout built from {type(model).__name__}'s forward signature and config runs "
                      f"({len(failures)} tried; first: {failures[0] if failures else 'none'})",
                      fix="pass your own example_inputs (and dynamic_shapes) to svdq_compiler.compile")
@@ -426,11 +429,18 @@ class DiffusersAdapter(ModelAdapter):
         plan = plan_inputs(model)
         if tokens is not None:
             rows, cols = factor_grid(tokens, what="latent grid")
+            if plan.square and rows != cols:
+                raise InputError(f"{type(model).__name__} takes square latent grids only, not {rows}x{cols}",
+                                 fix="give --tokens as a square count or an NxN grid")
         else:
             sample = model.config.get("sample_size")
             native = sample // plan.unit if isinstance(sample, int) and sample >= 2 * plan.unit else NATIVE_GRID
             rows, cols = example_grid(None, native, MAX_GRID)
+            cols = rows if plan.square else cols
         return Sizes(batch=batch, text=text_tokens or self.example_text_tokens, rows=rows, cols=cols)
+
+    def square_grid(self, model: torch.nn.Module) -> bool:
+        return plan_inputs(model).square
 
     def example_inputs(self, model, batch=1, tokens=None, seed=0, text_tokens=None):
         return plan_inputs(model).build(self.example_sizes(model, batch, tokens, text_tokens), model_dtype(model),

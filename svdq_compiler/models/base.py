@@ -170,8 +170,30 @@ def traced_for_shapes() -> Iterator[None]:
         setattr(torch.compiler, flag, before)
 
 
-def runs_on(model: torch.nn.Module, inputs: dict[str, Any]) -> str | None:
-    """None when the model runs on `inputs`, else why not.
+def output_batch(result: Any) -> tuple[int, list[int]] | None:
+    """The batch of a model's output and the shape it was read from: its first tensor's leading dimension, or
+    the length of a list of per-sample tensors (Z-Image returns one tensor per sample); None without tensors."""
+    if isinstance(result, torch.Tensor):
+        return (result.shape[0], list(result.shape)) if result.dim() else None
+    if isinstance(result, list) and result and all(isinstance(item, torch.Tensor) for item in result):
+        return len(result), [len(result), *result[0].shape]
+    values = list(result.values()) if isinstance(result, dict) else list(result) if isinstance(result, (tuple, list)) \
+        else []
+    return next((found for found in map(output_batch, values) if found is not None), None)
+
+
+def batch_problem(result: Any, batch: int | None) -> str | None:
+    """Why an output does not lead with the inputs' batch (None when it does, or when no batch is expected): a
+    model that derives the latent grid from the token count (DiT's height = width = √tokens) runs on a grid it
+    cannot take by folding the rest into the batch."""
+    found = output_batch(result)
+    if batch is None or found is None or found[0] == batch:
+        return None
+    return f"its output {found[1]} does not lead with the batch {batch} of its inputs"
+
+
+def runs_on(model: torch.nn.Module, inputs: dict[str, Any], batch: int | None = None) -> str | None:
+    """None when the model runs on `inputs` (and, given `batch`, its output leads with it), else why not.
 
     The model is traced under fake tensors (shapes only: no compute, no memory, cheap on a large model); code
     that reads tensor values (`mask.sum().tolist()`, `.numpy()`, `bincount`) cannot run there, so it then runs for real on
@@ -186,8 +208,7 @@ def runs_on(model: torch.nn.Module, inputs: dict[str, Any]) -> str | None:
     fake_log.setLevel(logging.CRITICAL)
     try:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), traced_for_shapes():
-            model(**inputs)
-        return None
+            return batch_problem(model(**inputs), batch)
     except (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode):
         pass  # an output shape or a branch that depends on tensor values (bincount in MoE routing)
     except Exception as exc:  # any failure of the model's code on these shapes means: not this layout
@@ -196,8 +217,7 @@ def runs_on(model: torch.nn.Module, inputs: dict[str, Any]) -> str | None:
         fake_log.setLevel(level)
     try:
         with torch.no_grad():
-            model(**inputs)
-        return None
+            return batch_problem(model(**inputs), batch)
     except Exception as exc:  # as above, on real tensors
         return first_line(exc)
 
@@ -287,7 +307,11 @@ class ModelAdapter:
         if sizes is None:
             return False
         larger = dataclasses.replace(sizes, rows=sizes.rows + 1, cols=sizes.cols + 1)
-        return runs_on(model, self.inputs_at(model, larger)) is None
+        return runs_on(model, self.inputs_at(model, larger), sizes.batch) is None
+
+    def square_grid(self, model: torch.nn.Module) -> bool:
+        """Whether the model takes square latent grids only (DiT: height = width = √tokens)."""
+        return False
 
     def grid_unit(self, model: torch.nn.Module) -> int:
         """The step of the grid that `tokens` gives (1: patches or packed tokens; a U-Net's down-sampling)."""
