@@ -133,6 +133,7 @@ def test_the_enumeration_finds_transformers_and_unets():
     assert {"FluxTransformer2DModel", "HiDreamImageTransformer2DModel", "Lumina2Transformer2DModel",
             "UNet2DConditionModel", "UNet2DModel"} <= set(classes)
     assert "AutoencoderKL" not in classes
+    assert "MotionAdapter" not in classes  # its forward is annotated to return None: it computes nothing
 
 
 def test_compile_a_folder_of_a_class_without_adapter(tmp_path, capsys):
@@ -247,6 +248,9 @@ def test_tiny_configs_build_where_the_constructor_defaults_do_not():
     # a pooled input [B, 1, C] whose width the config names after it (clip_text_pooled_in_channels)
     ("StableCascadeUNet", {"clip_text_pooled": (2, 1, 64)}),
     ("ErnieImageTransformer2DModel", {"text_lens": (2,)}),  # per-sample text lengths
+    # text and image positions in one (8 text tokens, then the 4×6 grid), and text with its encoder layers per
+    # token [B, T, num_text_layers, C]
+    ("Krea2Transformer2DModel", {"position_ids": (8 + 24, 3), "encoder_hidden_states": (2, 8, 1, 64)}),
 ])
 def test_inputs_named_by_rules_the_classes_share(class_name, expect):
     model = tiny(class_name)

@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(markdown(json.loads(args.out.read_text())))
         return 0
-    classes = denoiser_classes()
+    enumerated = classes = denoiser_classes()
     if args.only:
         wanted = set(args.only.split(","))
         classes = {name: module for name, module in classes.items() if name in wanted}
@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     earlier = json.loads(args.out.read_text()) if args.update else {"runs": [], "classes": []}
+    # a class the package no longer yields (or the enumeration now leaves out) is not kept from an earlier run
+    earlier["classes"] = [entry for entry in earlier["classes"] if entry["class"] in enumerated]
     done: dict[str, dict[str, Any]] = {}
 
     def record(complete: bool) -> None:

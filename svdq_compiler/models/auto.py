@@ -52,7 +52,9 @@ def denoiser_classes() -> dict[str, str]:
                 found[f"<import {name}>"] = f"{name}: {type(exc).__name__}: {first_line(exc)}"
                 continue
             for class_name, cls in inspect.getmembers(module, inspect.isclass):
-                if issubclass(cls, ModelMixin) and cls.__module__ == name:
+                # a forward annotated to return None computes nothing (MotionAdapter: weights for another model)
+                if issubclass(cls, ModelMixin) and cls.__module__ == name and \
+                        inspect.signature(cls.forward).return_annotation not in (None, "None"):
                     found[class_name] = name
     return dict(sorted(found.items()))
 
@@ -69,6 +71,8 @@ ROLES: tuple[tuple[str, str], ...] = (
     ("timestep", r"timesteps?|t"),
     ("pooled", r"pooled_projections|pooled_embeds|pooled_text_emb|clip_text_pooled|global_hidden_states"),
     ("image_ids", r"img_ids"),
+    # text and image token positions in one [T + N, axes] (Krea 2): FLUX's txt_ids then img_ids
+    ("position_ids", r"position_ids"),
     ("text_ids", r"txt_ids"),
     ("guidance", r"guidance"),
     ("size_pair", r"original_size|target_size|crop_coords"),
@@ -197,6 +201,8 @@ class Choice:
     # pooled inputs given with a sequence axis of one, [B, 1, C] (StableCascade's clip_text_pooled)
     pooled_sequence: bool = False
     pooled_width: int | None = None
+    # text inputs carrying the config's `num_text_layers` encoder layers per token, [B, T, L, C] (Krea 2)
+    layers_per_token: bool = False
 
 
 @dataclass
@@ -211,6 +217,7 @@ class InputPlan:
     frame_unit: int
     timestep_value: float
     stack_depth: int | None = None
+    text_layers: int | None = None  # L of a text input given per token ([B, T, L, C]), from `num_text_layers`
     conditions: int | None = None
     return_dict: bool = True  # the forward takes return_dict
     text_length: int | None = None  # the one text length the model takes, where its config fixes it
@@ -237,7 +244,8 @@ class InputPlan:
                 inputs[name] = randn(*latent_shape)
             elif role == "text":
                 stack = (self.stack_depth,) if name in self.choice.stacked else ()
-                inputs[name] = randn(*stack, batch, text, self.choice.text_width)
+                per_token = (self.text_layers,) if self.choice.layers_per_token else ()
+                inputs[name] = randn(*stack, batch, text, *per_token, self.choice.text_width)
             elif role == "text_mask":
                 inputs[name] = torch.ones(batch, text, dtype=self.choice.mask_dtype if self.choice.mask_dtype
                                           is torch.bool else dtype)
@@ -259,6 +267,9 @@ class InputPlan:
                 inputs[name] = grid_ids(sizes.rows, sizes.cols, self.axes, dtype)
             elif role == "text_ids":
                 inputs[name] = torch.zeros(text, self.axes, dtype=dtype)
+            elif role == "position_ids":
+                inputs[name] = torch.cat([torch.zeros(text, self.axes, dtype=dtype),
+                                          grid_ids(sizes.rows, sizes.cols, self.axes, dtype)])
             elif role == "guidance":
                 inputs[name] = torch.full((batch,), 3.5, dtype=dtype)
             elif role == "size_pair":
@@ -340,7 +351,7 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str]) -> list[Cho
         layouts = ("video", "frames_first", "tokens", "video_tokens", "image")
     elif re.search(r"1D(?![a-z])", name):
         layouts = ("sequence", "tokens")
-    elif "image_ids" in roles.values() or config.get("axes_dims_rope"):
+    elif {"image_ids", "position_ids"} & set(roles.values()) or config.get("axes_dims_rope"):
         layouts = ("tokens", "image", "video")  # position ids come with packed latents
     else:
         layouts = ("image", "tokens", "video", "frames_first", "sequence")
@@ -355,9 +366,11 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str]) -> list[Cho
     encoder = layer_stack(config)[0]
     stacks = [*((name,) for name in texts if encoder and encoder in name), ()]
     pooled_sequences = (False, True) if "pooled" in roles.values() else (False,)
-    return [Choice(layout, width, mask, stacked, pooled_sequence, pooled_width)
-            for layout, pooled_sequence, stacked, width, pooled_width, mask
-            in itertools.product(layouts, pooled_sequences, stacks, widths or [None], pooled_widths, masks)]
+    per_token = (True, False) if texts and config_value(config, ("num_text_layers",)) else (False,)
+    return [Choice(layout, width, mask, stacked, pooled_sequence, pooled_width, layers)
+            for layout, pooled_sequence, stacked, layers, width, pooled_width, mask
+            in itertools.product(layouts, pooled_sequences, stacks, per_token, widths or [None], pooled_widths,
+                                 masks)]
 
 
 def layer_stack(config: Any) -> tuple[str | None, int | None]:
@@ -392,6 +405,7 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     base = dict(parameters=roles, channels=channels[0], axes=axes,
                 unit=spatial_unit(config), frame_unit=frame_unit(config), timestep_value=500.0,
                 stack_depth=layer_stack(config)[1], conditions=conditions,
+                text_layers=next(iter(config_value(config, ("num_text_layers",))), None),
                 return_dict=takes_return_dict(model),
                 text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None))
     failures = []
@@ -459,7 +473,8 @@ class DiffusersAdapter(ModelAdapter):
         texts = [value for name, value in inputs.items() if plan.parameters.get(name) == "text"]
         if not isinstance(latent, torch.Tensor):
             return None
-        batch, text = latent.shape[0], texts[0].shape[-2] if texts else self.example_text_tokens
+        text_axis = -3 if plan.choice.layers_per_token else -2
+        batch, text = latent.shape[0], texts[0].shape[text_axis] if texts else self.example_text_tokens
         layout = plan.choice.layout
         frames = latent.shape[2 if layout == "video" else 1] // plan.frame_unit \
             if layout in ("video", "frames_first") else 2
