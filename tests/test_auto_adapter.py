@@ -121,6 +121,12 @@ def test_a_probe_refuses_an_output_that_does_not_lead_with_the_batch():
     assert runs_on(PerSample(), {"x": torch.zeros(3, 4, 3)}, batch=2) == \
         "its output [3, 4, 3] does not lead with the batch 2 of its inputs"
 
+    class OneOutputInAList(torch.nn.Module):  # a list of outputs, not of samples: the tensor's batch counts
+        def forward(self, x):
+            return [x * 2]
+
+    assert runs_on(OneOutputInAList(), {"x": torch.zeros(2, 4, 3)}, batch=2) is None
+
 
 def test_required_input_without_a_known_layout_is_a_clear_error():
     model = Wobbly()

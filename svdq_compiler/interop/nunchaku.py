@@ -380,7 +380,8 @@ def import_nunchaku(source: str | Path, *, batch: int = 2, tokens: Any = None, d
         _Importer(gm, tensors, fmt, rank, config, str(source), ctx.imported).run()
         return PassResult(gm, True, {"imported_from": str(source), "format": fmt})
 
-    # The checkpoint's packed weights take the place of quantize_weights' QTensors: `lower` finds them on the graph.
+    # The checkpoint's packed weights take the place of quantize_weights' QTensors: `lower` takes them from
+    # ctx.imported.
     importer = make_pass("import_weights", import_weights, requires=("linears",), produces=("quantized",),
                          summary="the checkpoint's packed weights, λ and branches are on the graph")
     annotate, lower, fuse = svdquant_pipeline(["annotate_linears", "lower", "fuse"])

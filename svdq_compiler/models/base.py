@@ -170,26 +170,27 @@ def traced_for_shapes() -> Iterator[None]:
         setattr(torch.compiler, flag, before)
 
 
-def output_batch(result: Any) -> tuple[int, list[int]] | None:
-    """The batch of a model's output and the shape it was read from: its first tensor's leading dimension, or
-    the length of a list of per-sample tensors (Z-Image returns one tensor per sample); None without tensors."""
+def output_batches(result: Any) -> list[tuple[int, list[int]]]:
+    """The readings of a model output's batch, each with the shape it was read from: a tensor's leading dimension;
+    for a list of tensors also its length (Z-Image returns one tensor per sample); in a tuple, list or dict the
+    first element that has any. Empty without tensors."""
     if isinstance(result, torch.Tensor):
-        return (result.shape[0], list(result.shape)) if result.dim() else None
-    if isinstance(result, list) and result and all(isinstance(item, torch.Tensor) for item in result):
-        return len(result), [len(result), *result[0].shape]
+        return [(result.shape[0], list(result.shape))] if result.dim() else []
     values = list(result.values()) if isinstance(result, dict) else list(result) if isinstance(result, (tuple, list)) \
         else []
-    return next((found for found in map(output_batch, values) if found is not None), None)
+    per_sample = [(len(values), [len(values), *values[0].shape])] \
+        if isinstance(result, list) and values and all(isinstance(item, torch.Tensor) for item in values) else []
+    return per_sample + next((found for found in map(output_batches, values) if found), [])
 
 
 def batch_problem(result: Any, batch: int | None) -> str | None:
     """Why an output does not lead with the inputs' batch (None when it does, or when no batch is expected): a
     model that derives the latent grid from the token count (DiT's height = width = √tokens) runs on a grid it
     cannot take by folding the rest into the batch."""
-    found = output_batch(result)
-    if batch is None or found is None or found[0] == batch:
+    readings = output_batches(result)
+    if batch is None or not readings or any(found == batch for found, _ in readings):
         return None
-    return f"its output {found[1]} does not lead with the batch {batch} of its inputs"
+    return f"its output {readings[0][1]} does not lead with the batch {batch} of its inputs"
 
 
 def runs_on(model: torch.nn.Module, inputs: dict[str, Any], batch: int | None = None) -> str | None:
