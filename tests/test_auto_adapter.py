@@ -257,6 +257,8 @@ def test_tiny_configs_build_where_the_constructor_defaults_do_not():
     # text and image positions in one (8 text tokens, then the 4×6 grid), and text with its encoder layers per
     # token [B, T, num_text_layers, C]
     ("Krea2Transformer2DModel", {"position_ids": (8 + 24, 3), "encoder_hidden_states": (2, 8, 1, 64)}),
+    # a second text encoder's mask, and image encoder tokens whose width the config names (image_embed_dim)
+    ("HunyuanVideo15Transformer3DModel", {"encoder_attention_mask_2": (2, 8), "image_embeds": (2, 4, 64)}),
 ])
 def test_inputs_named_by_rules_the_classes_share(class_name, expect):
     model = tiny(class_name)

@@ -65,11 +65,14 @@ def denoiser_classes() -> dict[str, str]:
 # when no name says so.
 ROLES: tuple[tuple[str, str], ...] = (
     ("latent", r"hidden_states|sample|x"),
-    ("text_mask", r"encoder_attention_mask|encoder_mask|encoder_hidden_states_mask|text_embedding_mask"),
+    # _2 and the like: the mask of a second text encoder's tokens
+    ("text_mask", r"encoder_attention_mask(_\d)?|encoder_mask|encoder_hidden_states_mask|text_embedding_mask"),
     # _t5, _llama3: one per text encoder; _image is image conditioning (Wan's I2V), left at its default
     ("text", r"encoder_hidden_states(_(?!image)[a-z0-9]+)?|cap_feats|context|text_bth"),
     ("timestep", r"timesteps?|t"),
     ("pooled", r"pooled_projections|pooled_embeds|pooled_text_emb|clip_text_pooled|global_hidden_states"),
+    # an image encoder's tokens [B, N, C] (HunyuanVideo 1.5: zeros for text-to-video), C from IMAGE_WIDTH_KEYS
+    ("image_tokens", r"image_embeds"),
     ("image_ids", r"img_ids"),
     # text and image token positions in one [T + N, axes] (Krea 2): FLUX's txt_ids then img_ids
     ("position_ids", r"position_ids"),
@@ -95,7 +98,8 @@ ROLES: tuple[tuple[str, str], ...] = (
 REQUIRED_TIMESTEP = r"(\w+_)?timesteps?(_\w+)?|\w+_time"
 # Optional parameters worth giving: the conditioning a pipeline always passes. Other optional ones (controlnet
 # residuals, caches, extra image streams) are left at their defaults.
-OPTIONAL_ROLES = {"text", "text_mask", "timestep", "pooled", "image_ids", "text_ids", "conditions", "grid_shapes", "grid_size"}
+OPTIONAL_ROLES = {"text", "text_mask", "timestep", "pooled", "image_ids", "text_ids", "conditions", "grid_shapes", "grid_size",
+                  "image_tokens"}
 # (total, each) config widths of the scalar conditions' embedding: the count is total / each.
 CONDITION_WIDTH_KEYS = (("projection_class_embeddings_input_dim", "addition_time_embed_dim"),
                         ("micro_cond_embed_dim", "micro_cond_encode_dim"))
@@ -104,6 +108,8 @@ CONDITION_WIDTH_KEYS = (("projection_class_embeddings_input_dim", "addition_time
 TEXT_WIDTH_KEYS = ("joint_attention_dim", "cross_attention_dim", "caption_channels", "text_embed_dim", "text_dim",
                    "cap_feat_dim", "context_in_dim", "encoder_hid_dim", "text_emb_dim", "text_hidden_dim", "text_in_dim",
                    "encoder_hidden_size")
+IMAGE_WIDTH_KEYS = ("image_embed_dim", "image_proj_dim")
+IMAGE_TOKENS = 4  # image encoder tokens given (a pipeline's count is its vision encoder's, not the model's)
 POOLED_WIDTH_KEYS = ("pooled_projection_dim", "pooled_embed_dim", "global_states_input_dim", "text_emb_dim",
                      "projection_dim", "cond_embed_dim")
 # Any other config width of a conditioning stream (Kandinsky 6's in_text_dim, StableAudio 3's cond_token_dim and
@@ -218,6 +224,7 @@ class InputPlan:
     timestep_value: float
     stack_depth: int | None = None
     text_layers: int | None = None  # L of a text input given per token ([B, T, L, C]), from `num_text_layers`
+    image_width: int | None = None  # C of image encoder tokens, from IMAGE_WIDTH_KEYS
     conditions: int | None = None
     return_dict: bool = True  # the forward takes return_dict
     text_length: int | None = None  # the one text length the model takes, where its config fixes it
@@ -251,6 +258,8 @@ class InputPlan:
                                           is torch.bool else dtype)
             elif role == "timestep":
                 inputs[name] = torch.full((batch,), self.timestep_value, dtype=dtype)
+            elif role == "image_tokens":
+                inputs[name] = randn(batch, IMAGE_TOKENS, self.image_width)
             elif role == "pooled":
                 inputs[name] = randn(batch, *(1,) * self.choice.pooled_sequence, self.choice.pooled_width)
             elif role == "conditions":
@@ -399,13 +408,15 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     # conditioning the config gives no width for is left out (an optional input the model then does without)
     absent = ({"pooled"} if not conditioning_widths(config, POOLED_WIDTH_KEYS) else set()) | \
         ({"conditions"} if conditions is None else set()) | \
-        ({"text", "text_mask", "text_ids"} if not text_widths(model) else set())
+        ({"text", "text_mask", "text_ids"} if not text_widths(model) else set()) | \
+        ({"image_tokens"} if not config_value(config, IMAGE_WIDTH_KEYS) else set())
     roles = {name: role for name, role in roles.items() if role not in absent and not unused_stream(config, name, role)}
     axes = next((len(config[key]) for key in POSITION_AXES_KEYS if isinstance(config.get(key), (list, tuple))), 3)
     base = dict(parameters=roles, channels=channels[0], axes=axes,
                 unit=spatial_unit(config), frame_unit=frame_unit(config), timestep_value=500.0,
                 stack_depth=layer_stack(config)[1], conditions=conditions,
                 text_layers=next(iter(config_value(config, ("num_text_layers",))), None),
+                image_width=next(iter(config_value(config, IMAGE_WIDTH_KEYS)), None),
                 return_dict=takes_return_dict(model),
                 text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None))
     failures = []
