@@ -85,8 +85,9 @@ ROLES: tuple[tuple[str, str], ...] = (
     ("conditions", r"added_time_ids|micro_conds"),
     ("per_sample", r"fps"),  # one value per sample, a micro-condition (I2VGen-XL)
     ("text_lengths", r"\w*text_lens|\w*txt_lens"),  # valid text tokens per sample
-    # another latent stream of the latent's shape (I2VGen-XL's image_latents: the first frame, encoded)
-    ("latent_like", r"\w+_latents"),
+    # another latent stream of the latent's shape (I2VGen-XL's image_latents: the first frame, encoded); not
+    # HunyuanVideo-Framepack's indices_latents, which numbers latent frames
+    ("latent_like", r"(?!indices_)\w+_latents"),
     # per sample, the (frames, rows, cols) of its latent grid, as Python ints (Qwen-Image's RoPE reads them)
     ("grid_shapes", r"img_shapes"),
     # the grid of a packed latent as Python ints (LTX-Video), given with packed latents only: an unpacked one
