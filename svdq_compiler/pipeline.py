@@ -215,6 +215,11 @@ def _verify(gm: torch.fx.GraphModule, ctx: PassContext, after: Pass | None, star
 
 def _prepare_dump_dir(path: Path) -> None:
     ensure_dir(path, "IR dump folder (--dump-ir)")
+    remove_dumps(path)
+
+
+def remove_dumps(path: Path) -> None:
+    """Remove the NNN_<pass> dumps an earlier run left in `path` (and nothing else of the folder)."""
     for stale in list(path.glob("[0-9][0-9][0-9]_*.py")) + list(path.glob("[0-9][0-9][0-9]_*.stats.json")):
         stale.unlink()
 

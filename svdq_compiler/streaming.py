@@ -56,8 +56,8 @@ from svdq_compiler.ir import (LAYERS_META, LinearInfo, SetAside, annotated_linea
                               set_info)
 from svdq_compiler.meta_capture import META, capture_on_meta, program_from_graph
 from svdq_compiler.models.base import cast_module
-from svdq_compiler.pipeline import (PASS_REGISTRY, Pass, PassContext, PassResult, make_pass, run_passes,
-                                    svdquant_pipeline)
+from svdq_compiler.pipeline import (PASS_REGISTRY, Pass, PassContext, PassResult, make_pass, remove_dumps,
+                                    run_passes, svdquant_pipeline)
 from svdq_compiler.sharded import ShardedCheckpoint
 
 log = logging.getLogger("svdq_compiler")
@@ -247,8 +247,7 @@ def unit_dump_dir(dump_dir: Path, index: int, unit: str) -> Path:
 def clear_unit_dumps(dump_dir: Path) -> None:
     """Remove the unit dumps an earlier compile left in `dump_dir`, so every unit folder is this compile's."""
     for folder in sorted((dump_dir / "units").glob("[0-9][0-9][0-9]_*")):
-        for stale in folder.glob("[0-9][0-9][0-9]_*"):
-            stale.unlink()
+        remove_dumps(folder)
         if not any(folder.iterdir()):
             folder.rmdir()
 

@@ -421,10 +421,11 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
                 return_dict=takes_return_dict(model),
                 text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None))
     failures = []
+    choices = candidate_choices(model, roles)[:MAX_PROBES]
     # a 2×3 grid first, so a model that takes any grid is not mistaken for one that takes square grids only
     probes = ((Sizes(batch=2, text=4, rows=2, cols=3), False), (Sizes(batch=2, text=4, rows=2, cols=2), True))
     for sizes, square in probes:
-        for choice in candidate_choices(model, roles)[:MAX_PROBES]:
+        for choice in choices:
             plan = InputPlan(choice=choice, square=square, **base)
             why = runs_on(model, plan.build(sizes, model_dtype(model)), sizes.batch)
             if why is None:
