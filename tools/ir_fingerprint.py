@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import svdq_compiler  # noqa: E402
 from svdq_compiler.ir import format_ir  # noqa: E402
 from svdq_compiler.models import adapter_for, builtin_names, load_model  # noqa: E402
+from bench_common import machine  # noqa: E402
 
 TINY = dict(calib_prompts=2, calib_steps=1, smooth_grid=4)
 
@@ -138,6 +139,9 @@ def other_paths(work: Path) -> dict[str, dict]:
     return results
 
 
+MACHINE = "machine"  # the run's machine record (bench_common.machine), beside the fingerprints
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -151,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_other_paths:
         with tempfile.TemporaryDirectory() as work:
             results.update(other_paths(Path(work)))
-    args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
+    args.out.write_text(json.dumps({**results, MACHINE: machine()}, indent=1, sort_keys=True))
     print(f"wrote {args.out}")
     if args.compare is None:
         return 0
-    before = json.loads(args.compare.read_text())
+    before = {key: value for key, value in json.loads(args.compare.read_text()).items() if key != MACHINE}
     differ = [f"{key} {part}" for key in sorted(set(before) & set(results))
               for part in before[key] if before[key][part] != results[key].get(part)]
     missing = sorted(set(before) ^ set(results))
