@@ -37,6 +37,7 @@ import torch.utils._pytree as pytree
 
 from svdq_compiler.archive_check import check_guard, check_kernel_spec, check_target, refuse
 from svdq_compiler.errors import CheckpointError, InputError
+from svdq_compiler.piecewise import PiecewiseGraphModule, argument_count, keywords
 
 GRAPH_FILE = "svdq_graph.json"
 RECORD_VERSION = 1
@@ -130,9 +131,9 @@ def rebuild(text: bytes, tensors: dict[str, torch.Tensor], where: str, device: t
     if not (isinstance(names, list) and all(isinstance(n, str) and _NAME.fullmatch(n) for n in names)
             and isinstance(kinds, dict) and isinstance(nodes, list) and isinstance(guards, list)):
         raise refuse(f"{GRAPH_FILE} is damaged", where)
-    if len(names) != _argument_count(in_spec) or names[len(names) - len(_keywords(in_spec)):] != _keywords(in_spec):
+    if len(names) != argument_count(in_spec) or names[len(names) - len(keywords(in_spec)):] != keywords(in_spec):
         raise refuse(f"{GRAPH_FILE} names the arguments {names[:8]} for a call convention of "
-                     f"{_argument_count(in_spec)} with the keywords {_keywords(in_spec)[:8]}", where)
+                     f"{argument_count(in_spec)} with the keywords {keywords(in_spec)[:8]}", where)
     root = torch.nn.Module()
     for fqn, kind in kinds.items():
         if not isinstance(fqn, str) or not _ATTRIBUTE.fullmatch(fqn) or kind not in ATTRIBUTE_KINDS:
@@ -190,7 +191,7 @@ def rebuild(text: bytes, tensors: dict[str, torch.Tensor], where: str, device: t
         with graph.inserting_after(placeholders[-1]):
             graph.call_module(GUARDS_MODULE, tuple(placeholders))
     try:
-        gm = torch.fx.GraphModule(root, graph)
+        gm = PiecewiseGraphModule(root, graph)
     except Exception as exc:  # the record is consistent node by node, yet torch cannot generate its code
         raise refuse(f"{GRAPH_FILE} does not form a graph ({type(exc).__name__}: {str(exc)[:120]})", where) \
             from None
@@ -230,24 +231,6 @@ def _specs_are_data(spec: pytree.TreeSpec) -> bool:
     if spec.type is dict and not all(isinstance(key, str) and _NAME.fullmatch(key) for key in spec.context):
         return False
     return all(_specs_are_data(child) for child in spec.children())
-
-
-def _has_keywords(in_spec: pytree.TreeSpec) -> bool:
-    """Whether a call convention is `(args, kwargs)` (torch's test, in _PyTreeCodeGen)."""
-    return in_spec.type is tuple and in_spec.num_children == 2 and in_spec.child(0).type is tuple \
-        and in_spec.child(1).type is dict
-
-
-def _argument_count(in_spec: pytree.TreeSpec) -> int:
-    """How many arguments (positional, then keyword) a call convention takes."""
-    if _has_keywords(in_spec):
-        return in_spec.child(0).num_children + in_spec.child(1).num_children
-    return in_spec.num_children
-
-
-def _keywords(in_spec: pytree.TreeSpec) -> list[str]:
-    """The keyword names of a call convention: the generated code passes its last arguments by these names."""
-    return list(in_spec.child(1).context) if _has_keywords(in_spec) else []
 
 
 def _check_call(target: Callable, args: tuple, kwargs: dict, name: str, where: str,
