@@ -190,17 +190,23 @@ def rebuild(text: bytes, tensors: dict[str, torch.Tensor], where: str, device: t
         root.add_module(GUARDS_MODULE, InputGuards(guards, names, in_spec, where))
         with graph.inserting_after(placeholders[-1]):
             graph.call_module(GUARDS_MODULE, tuple(placeholders))
-    try:
-        gm = PiecewiseGraphModule(root, graph)
-    except Exception as exc:  # the record is consistent node by node, yet torch cannot generate its code
-        raise refuse(f"{GRAPH_FILE} does not form a graph ({type(exc).__name__}: {str(exc)[:120]})", where) \
-            from None
+    def unformed(exc: Exception) -> CheckpointError:  # consistent node by node, yet torch cannot generate its code
+        return refuse(f"{GRAPH_FILE} does not form a graph ({type(exc).__name__}: {str(exc)[:120]})", where)
+
     # The argument names become the generated function's parameters: one named like a global of its code
-    # (torch, a Python operator module) or a builtin would hide it.
-    hidden = set(names) & (set(graph.python_code(root_module="self").globals) | set(dir(builtins))
-                           | set(keyword.kwlist) | {"self"})
+    # (torch, a Python operator module) or a builtin would hide it. Checked before the code is compiled, while no
+    # compiled piece holds memory yet (the check generates the code once more).
+    try:
+        code_globals = set(graph.python_code(root_module="self").globals)
+    except Exception as exc:  # noqa: BLE001 -- whatever torch's code generation raises means the same
+        raise unformed(exc) from None
+    hidden = set(names) & (code_globals | set(dir(builtins)) | set(keyword.kwlist) | {"self"})
     if hidden:
         raise refuse(f"{GRAPH_FILE} names arguments the graph's code needs for itself: {sorted(hidden)[:4]}", where)
+    try:
+        gm = PiecewiseGraphModule(root, graph)
+    except Exception as exc:  # noqa: BLE001
+        raise unformed(exc) from None
     # GraphModule copies every tensor attribute as a persistent buffer: set the other kinds again.
     for fqn, kind in kinds.items():
         if kind in ("non_persistent_buffer", "constant"):
