@@ -4,7 +4,9 @@ The classes are enumerated from the package (every ModelMixin subclass defined i
 and diffusers.models.unets), never listed by hand. For each one:
 
 1. build it from `tiny_config` (its constructor's defaults, shrunk: one block of each kind, 2 heads of 32,
-   widths 64; svdq_compiler/models/auto.py), random weights, seed 0;
+   widths 64; svdq_compiler/models/auto.py), random weights, seed 0; weights diffusers initializes to zero
+   (adaLN-zero modulation, output projections, padding tokens) are drawn at random too: zero modulation makes
+   every block of a random model an identity, and the output would not see its layers' quantization;
 2. build its inputs with the model's adapter (a family adapter, or the auto one: from the forward signature
    and the config) and capture it: which dimensions became dynamic and why; where torch.export fails on the
    model's data-dependent code, svdq_compiler.compile takes the eager path (module swap), and the entry says
@@ -53,6 +55,18 @@ BATCH = 2  # a batch of 2 (classifier-free guidance's pair) at both sizes
 STAGES = ("build", "inputs", "capture", "compile", "run")
 
 
+def wake_zero_weights(model: torch.nn.Module) -> list[str]:
+    """Give every all-zero parameter of two or more dimensions small random values (a zero bias stays); returns
+    their names."""
+    woken = []
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() >= 2 and parameter.is_floating_point() and not parameter.any():
+                parameter.normal_(0.0, 0.02)
+                woken.append(name)
+    return woken
+
+
 def first_tensor(result: Any) -> torch.Tensor:
     if isinstance(result, (tuple, list)):
         return first_tensor(result[0])
@@ -92,6 +106,7 @@ def cover(class_name: str, module_name: str, presets: tuple[str, ...] = PRESETS,
         entry["tiny_config"] = json.loads(json.dumps(config, default=list))
         torch.manual_seed(0)
         model = cls(**config).eval()
+        entry["woken_zero_weights"] = wake_zero_weights(model)
         entry["parameters"] = sum(p.numel() for p in model.parameters())
         entry["reached"] = stage
 

@@ -77,6 +77,10 @@ ROLES: tuple[tuple[str, str], ...] = (
     # text and image token positions in one [T + N, axes] (Krea 2): FLUX's txt_ids then img_ids
     ("position_ids", r"position_ids"),
     ("text_ids", r"txt_ids"),
+    # the positions along each axis of the patched latent grid, [arange(F), arange(H), arange(W)], and of the text
+    # tokens, arange(T) (Kandinsky 5: its RoPE tables are indexed by them)
+    ("grid_positions", r"visual_rope_pos"),
+    ("text_positions", r"text_rope_pos"),
     ("guidance", r"guidance"),
     ("size_pair", r"original_size|target_size|crop_coords"),
     ("class_labels", r"class_labels"),
@@ -88,6 +92,8 @@ ROLES: tuple[tuple[str, str], ...] = (
     # another latent stream of the latent's shape (I2VGen-XL's image_latents: the first frame, encoded); not
     # HunyuanVideo-Framepack's indices_latents, which numbers latent frames
     ("latent_like", r"(?!indices_)\w+_latents"),
+    # a control video encoded beside the latent (Wan VACE): the latent's grid, CONTROL_CHANNEL_KEYS channels
+    ("control_latent", r"control_hidden_states"),
     # per sample, the (frames, rows, cols) of its latent grid, as Python ints (Qwen-Image's RoPE reads them)
     ("grid_shapes", r"img_shapes"),
     # the grid of a packed latent as Python ints (LTX-Video), given with packed latents only: an unpacked one
@@ -100,7 +106,7 @@ REQUIRED_TIMESTEP = r"(\w+_)?timesteps?(_\w+)?|\w+_time"
 # Optional parameters worth giving: the conditioning a pipeline always passes. Other optional ones (controlnet
 # residuals, caches, extra image streams) are left at their defaults.
 OPTIONAL_ROLES = {"text", "text_mask", "timestep", "pooled", "image_ids", "text_ids", "conditions", "grid_shapes", "grid_size",
-                  "image_tokens"}
+                  "image_tokens", "control_latent"}
 # (total, each) config widths of the scalar conditions' embedding: the count is total / each.
 CONDITION_WIDTH_KEYS = (("projection_class_embeddings_input_dim", "addition_time_embed_dim"),
                         ("micro_cond_embed_dim", "micro_cond_encode_dim"))
@@ -121,12 +127,16 @@ CONDITIONING_WIDTH = re.compile(r"\w*(text|cond)\w*_(dim|channels)\d*")
 MODEL_WIDTH_KEYS = ("hidden_size", "inner_dim", "model_dim", "dim")
 # A text length the model fixes (CogVideoX adds a positional embedding over text and image tokens together).
 TEXT_LENGTH_KEYS = ("max_text_seq_length",)
+CONTROL_CHANNEL_KEYS = ("vace_in_channels",)
 LATENT_CHANNEL_KEYS = ("in_channels", "in_chans", "latent_channels", "num_channels_latents", "in_visual_dim",
                        "io_channels", "latent_dim")
 POSITION_AXES_KEYS = ("axes_dims_rope", "axes_dim_rope", "axes_dims", "rope_axes_dim")
 
-# [B,C,H,W], [B,C,F,H,W], [B,F,C,H,W] (CogVideoX: frames first), [B,N,C], [B,F·N,C] (LTX-Video), [B,C,L]
-LAYOUTS = ("image", "video", "frames_first", "tokens", "video_tokens", "sequence")
+# [B,C,H,W], [B,C,F,H,W], [B,F,C,H,W] (CogVideoX: frames first), [B,N,C], [B,F·N,C] (LTX-Video), [B,C,L],
+# [B,F,H,W,C] (Kandinsky 5: channels last)
+LAYOUTS = ("image", "video", "frames_first", "tokens", "video_tokens", "sequence", "channels_last")
+CHANNEL_AXIS = {"image": 1, "video": 1, "frames_first": 2, "tokens": 2, "video_tokens": 2, "sequence": 1,
+                "channels_last": 4}
 PACKED = ("tokens", "video_tokens")
 MAX_PROBES = 96
 
@@ -230,6 +240,12 @@ class InputPlan:
     return_dict: bool = True  # the forward takes return_dict
     text_length: int | None = None  # the one text length the model takes, where its config fixes it
     square: bool = False  # the model takes square latent grids only (found: no layout runs on a 2×3 grid)
+    control_channels: int | None = None  # C of a control latent, from CONTROL_CHANNEL_KEYS
+
+    def with_channels(self, shape: tuple[int, ...], channels: int) -> tuple[int, ...]:
+        """A latent shape of this plan's layout with another channel count."""
+        axis = CHANNEL_AXIS[self.choice.layout]
+        return (*shape[:axis], channels, *shape[axis + 1:])
 
     def build(self, sizes: Sizes, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(seed)
@@ -246,10 +262,13 @@ class InputPlan:
                         "frames_first": (batch, frames, self.channels, height, width),
                         "tokens": (batch, sizes.rows * sizes.cols, self.channels),
                         "video_tokens": (batch, sizes.frames * sizes.rows * sizes.cols, self.channels),
-                        "sequence": (batch, self.channels, height)}[self.choice.layout]
+                        "sequence": (batch, self.channels, height),
+                        "channels_last": (batch, frames, height, width, self.channels)}[self.choice.layout]
         for name, role in self.parameters.items():
             if role in ("latent", "latent_like"):
                 inputs[name] = randn(*latent_shape)
+            elif role == "control_latent":
+                inputs[name] = randn(*self.with_channels(latent_shape, self.control_channels))
             elif role == "text":
                 stack = (self.stack_depth,) if name in self.choice.stacked else ()
                 per_token = (self.text_layers,) if self.choice.layers_per_token else ()
@@ -277,6 +296,10 @@ class InputPlan:
                 inputs[name] = grid_ids(sizes.rows, sizes.cols, self.axes, dtype)
             elif role == "text_ids":
                 inputs[name] = torch.zeros(text, self.axes, dtype=dtype)
+            elif role == "grid_positions":
+                inputs[name] = [torch.arange(size) for size in (sizes.frames, sizes.rows, sizes.cols)]
+            elif role == "text_positions":
+                inputs[name] = torch.arange(text)
             elif role == "position_ids":
                 inputs[name] = torch.cat([torch.zeros(text, self.axes, dtype=dtype),
                                           grid_ids(sizes.rows, sizes.cols, self.axes, dtype)])
@@ -358,7 +381,7 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str]) -> list[Cho
     config = model.config
     name = type(model).__name__
     if re.search(r"3D(?![a-z])", name):  # Transformer3DModel, not StableAudio3DiT
-        layouts = ("video", "frames_first", "tokens", "video_tokens", "image")
+        layouts = ("video", "frames_first", "tokens", "video_tokens", "image", "channels_last")
     elif re.search(r"1D(?![a-z])", name):
         layouts = ("sequence", "tokens")
     elif {"image_ids", "position_ids"} & set(roles.values()) or config.get("axes_dims_rope"):
@@ -405,12 +428,15 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     if not channels:
         raise InputError(f"{type(model).__name__}'s config gives no latent channel count ({', '.join(LATENT_CHANNEL_KEYS)})",
                          fix="pass your own example_inputs to svdq_compiler.compile")
+    if config.get("visual_cond"):  # Kandinsky 5/6: the conditioning frames and their mask ride in the latent
+        channels = [2 * channels[0] + 1]
     conditions = condition_count(config)
     # conditioning the config gives no width for is left out (an optional input the model then does without)
     absent = ({"pooled"} if not conditioning_widths(config, POOLED_WIDTH_KEYS) else set()) | \
         ({"conditions"} if conditions is None else set()) | \
         ({"text", "text_mask", "text_ids"} if not text_widths(model) else set()) | \
-        ({"image_tokens"} if not config_value(config, IMAGE_WIDTH_KEYS) else set())
+        ({"image_tokens"} if not config_value(config, IMAGE_WIDTH_KEYS) else set()) | \
+        ({"control_latent"} if not config_value(config, CONTROL_CHANNEL_KEYS) else set())
     roles = {name: role for name, role in roles.items() if role not in absent and not unused_stream(config, name, role)}
     axes = next((len(config[key]) for key in POSITION_AXES_KEYS if isinstance(config.get(key), (list, tuple))), 3)
     base = dict(parameters=roles, channels=channels[0], axes=axes,
@@ -418,6 +444,7 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
                 stack_depth=layer_stack(config)[1], conditions=conditions,
                 text_layers=next(iter(config_value(config, ("num_text_layers",))), None),
                 image_width=next(iter(config_value(config, IMAGE_WIDTH_KEYS)), None),
+                control_channels=next(iter(config_value(config, CONTROL_CHANNEL_KEYS)), None),
                 return_dict=takes_return_dict(model),
                 text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None))
     failures = []
@@ -491,7 +518,7 @@ class DiffusersAdapter(ModelAdapter):
         batch, text = latent.shape[0], texts[0].shape[text_axis] if texts else self.example_text_tokens
         layout = plan.choice.layout
         frames = latent.shape[2 if layout == "video" else 1] // plan.frame_unit \
-            if layout in ("video", "frames_first") else 2
+            if layout in ("video", "frames_first", "channels_last") else 2
         told = {name: value for name, value in inputs.items()
                 if plan.parameters.get(name) == "grid_size" and isinstance(value, int)}
         if layout in PACKED and {"height", "width"} <= told.keys():  # the grid the model is told it was packed from
@@ -501,6 +528,8 @@ class DiffusersAdapter(ModelAdapter):
             rows, cols = factor_grid(int(latent.shape[1]), what="image tokens")
         elif layout == "sequence":
             rows, cols = latent.shape[-1] // plan.unit, 1
+        elif layout == "channels_last":
+            rows, cols = latent.shape[2] // plan.unit, latent.shape[3] // plan.unit
         else:
             rows, cols = latent.shape[-2] // plan.unit, latent.shape[-1] // plan.unit
         sizes = Sizes(batch=int(batch), text=int(text), rows=int(rows), cols=int(cols), frames=int(frames))

@@ -103,6 +103,13 @@ def tensor_shapes(tree: Any, path: tuple = ()) -> dict[tuple, tuple[int, ...]]:
     return {}
 
 
+def _holds_tensors(value: Any) -> bool:
+    """A tensor, a dict (keyword arguments of a sub-call), or a list or tuple with a tensor in it."""
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensors(item) for item in value)
+    return isinstance(value, (torch.Tensor, dict))
+
+
 def leaf_name(path: Sequence[Any]) -> str:
     """The flat name of a nested input (keys and indices joined by "_", as an identifier's characters): how a
     torch.compile region names the leaves of nested call inputs, e.g. added_cond_kwargs_text_embeds."""
@@ -291,13 +298,14 @@ class ModelAdapter:
     def sizes_in_values(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[str]:
         """The inputs that are not tensors yet change with a size (Qwen-Image's `img_shapes`: the latent grid as
         Python ints): a captured graph holds them as constants, so it runs at one size only. Found as the
-        dimensions are: the inputs rebuilt one size larger."""
+        dimensions are: the inputs rebuilt one size larger. Tensors, and containers of them (Kandinsky 5's list
+        of per-axis positions), are inputs the graph takes at any size its dimensions allow."""
         sizes = self.sizes_of(model, inputs)
         if sizes is None:
             return []
         base = self.inputs_at(model, sizes)
         moved = {name for field in SIZE_FIELDS for name, value in self.inputs_at(model, sizes.bumped(field)).items()
-                 if not isinstance(value, (torch.Tensor, dict)) and value != base.get(name)}
+                 if not _holds_tensors(value) and value != base.get(name)}
         return sorted(moved)
 
     def runs_at_another_grid(self, model: torch.nn.Module, inputs: dict[str, Any]) -> bool:
