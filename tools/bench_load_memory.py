@@ -14,8 +14,11 @@ maps the file and verifies its digests page by page, so the goal is at most 1.2x
 peak is per node of the graph, not per byte: CPython compiling the forward's code. `load` compiles it in pieces
 of svdq_compiler.piecewise.PIECE_NODES nodes (`forward_compile_peak`, `forward_pieces`); compiled whole, as
 torch.fx compiles a forward, it would peak at `flat_compile_peak` (8.4 MiB for tiny-flux, more than its
-weights). For comparison, files up to --torch-max-bytes are also loaded with plain `torch.export.load` (which
-reads every tensor into memory).
+weights). Of the peak, `library_pages` are the pages of shared libraries the load made resident (file-backed
+code of torch's C++ paths run for the first time in the process, ~2 MiB whatever the graph: a fixed cost of the
+process, as the imports and the CUDA context are), reported apart; `graph_file_pages` are the graph file's own
+pages made resident (0: the weights stay on disk until used). For comparison, files up to --torch-max-bytes
+are also loaded with plain `torch.export.load` (which reads every tensor into memory).
 """
 
 from __future__ import annotations
@@ -48,6 +51,17 @@ def status(key):
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
 
+def mapped_files():  # resident bytes of each file mapped into this process (shared libraries, the graph file)
+    resident, path = {}, None
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+$", fields[0]):
+            path = fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
+        elif fields[0] == "Rss:" and path:
+            resident[path] = resident.get(path, 0) + int(fields[1]) * 1024
+    return resident
+
+
 if sys.argv[3] == "list":
     before = set(sys.modules)
     run()
@@ -60,6 +74,7 @@ for name in json.loads(sys.argv[3]):
         pass
 if len(sys.argv) > 4:  # the device's first use (a CUDA context: ~0.3 GiB of host memory) is not the load's
     torch.ones(1).to(sys.argv[4])
+files_before = mapped_files()
 before = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as handle:  # "5" resets the peak (VmHWM) to the current RSS
     handle.write("5")
@@ -68,6 +83,14 @@ graph = run()
 seconds = time.perf_counter() - start
 measured = {"peak_rss_above_import": status("VmHWM") - before, "rss_after_load": status("VmRSS") - before,
             "load_s": round(seconds, 3), "devices": sorted({p.device.type for p in graph.parameters()})}
+# Pages of files mapped in the process that the load made resident: the graph file's own (a copy of the weights,
+# which a load should not make), and the shared libraries' code run for the first time in this process (torch's
+# C++ paths; the same few MiB whatever the graph, as the imports are).
+files_after = mapped_files()
+graph_file = str(__import__("pathlib").Path(sys.argv[1]).resolve())
+grown = {path: files_after[path] - files_before.get(path, 0) for path in files_after}
+measured.update(graph_file_pages=max(grown.get(graph_file, 0), 0),
+                library_pages=sum(max(v, 0) for path, v in grown.items() if path != graph_file))
 # The part of the peak that is per node, not per byte: CPython compiling the forward's code (its parser holds every
 # token of the source at once). tracemalloc measures it alone; RSS could not. `flat_compile_peak`: the whole forward
 # compiled at once, as torch.fx compiles it; `forward_compile_peak`: compiled in pieces, as `load` does.
@@ -143,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         size = path.stat().st_size
         ours = measure_load(path, "svdq")
         case = {"graph": name, "file_bytes": size, "svdq_load": ours,
-                "peak_rss_over_file": round(ours["peak_rss_above_import"] / size, 3)}
+                "peak_rss_over_file": round(ours["peak_rss_above_import"] / size, 3),
+                "peak_rss_less_library_pages_over_file": round(
+                    (ours["peak_rss_above_import"] - ours["library_pages"]) / size, 3)}
         if args.device:
             moved = measure_load(path, "svdq", args.device)
             case.update({f"svdq_load_{args.device}": moved,
@@ -154,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                         torch_peak_rss_over_file=round(plain["peak_rss_above_import"] / size, 3))
         cases.append(case)
         print(f"{name}: {size / 2**20:.1f} MiB file, load peak RSS {ours['peak_rss_above_import'] / 2**20:.1f} MiB "
-              f"({case['peak_rss_over_file']}x; compiling its {ours['graph_nodes']}-node forward in "
+              f"({case['peak_rss_over_file']}x; {case['peak_rss_less_library_pages_over_file']}x less the "
+              f"{ours['library_pages'] / 2**20:.1f} MiB of library code first run; graph file pages resident: "
+              f"{ours['graph_file_pages']}; compiling its {ours['graph_nodes']}-node forward in "
               f"{ours['forward_pieces']} pieces peaks at {ours['forward_compile_peak'] / 2**20:.2f} MiB, whole at "
               f"{ours['flat_compile_peak'] / 2**20:.1f} MiB); torch.export.load "
               f"{case.get('torch_peak_rss_over_file', 'not run')}x")
