@@ -261,6 +261,8 @@ def test_tiny_configs_build_where_the_constructor_defaults_do_not():
     ("HunyuanVideo15Transformer3DModel", {"encoder_attention_mask_2": (2, 8), "image_embeds": (2, 4, 64)}),
     # an optional control video the model cannot run without, on the latent's grid with the config's channels
     ("WanVACETransformer3DModel", {"hidden_states": (2, 16, 2, 8, 12), "control_hidden_states": (2, 64, 2, 8, 12)}),
+    # an image encoder's pooled embedding in the cross-attention width, beside the first frame's latent
+    ("I2VGenXLUNet", {"image_embeddings": (2, 64), "image_latents": (2, 4, 2, 8, 12)}),
 ])
 def test_inputs_named_by_rules_the_classes_share(class_name, expect):
     model = tiny(class_name)

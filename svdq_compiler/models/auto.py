@@ -73,6 +73,8 @@ ROLES: tuple[tuple[str, str], ...] = (
     ("pooled", r"pooled_projections|pooled_embeds|pooled_text_emb|clip_text_pooled|global_hidden_states"),
     # an image encoder's tokens [B, N, C] (HunyuanVideo 1.5: zeros for text-to-video), C from IMAGE_WIDTH_KEYS
     ("image_tokens", r"image_embeds"),
+    # an image encoder's pooled embedding [B, C] in the cross-attention width (I2VGen-XL's CLIP image embedding)
+    ("image_pooled", r"image_embeddings"),
     ("image_ids", r"img_ids"),
     # text and image token positions in one [T + N, axes] (Krea 2): FLUX's txt_ids then img_ids
     ("position_ids", r"position_ids"),
@@ -106,7 +108,7 @@ REQUIRED_TIMESTEP = r"(\w+_)?timesteps?(_\w+)?|\w+_time"
 # Optional parameters worth giving: the conditioning a pipeline always passes. Other optional ones (controlnet
 # residuals, caches, extra image streams) are left at their defaults.
 OPTIONAL_ROLES = {"text", "text_mask", "timestep", "pooled", "image_ids", "text_ids", "conditions", "grid_shapes", "grid_size",
-                  "image_tokens", "control_latent"}
+                  "image_tokens", "image_pooled", "control_latent"}
 # (total, each) config widths of the scalar conditions' embedding: the count is total / each.
 CONDITION_WIDTH_KEYS = (("projection_class_embeddings_input_dim", "addition_time_embed_dim"),
                         ("micro_cond_embed_dim", "micro_cond_encode_dim"))
@@ -278,6 +280,8 @@ class InputPlan:
                                           is torch.bool else dtype)
             elif role == "timestep":
                 inputs[name] = torch.full((batch,), self.timestep_value, dtype=dtype)
+            elif role == "image_pooled":
+                inputs[name] = randn(batch, self.choice.text_width)
             elif role == "image_tokens":
                 inputs[name] = randn(batch, IMAGE_TOKENS, self.image_width)
             elif role == "pooled":
@@ -434,7 +438,7 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     # conditioning the config gives no width for is left out (an optional input the model then does without)
     absent = ({"pooled"} if not conditioning_widths(config, POOLED_WIDTH_KEYS) else set()) | \
         ({"conditions"} if conditions is None else set()) | \
-        ({"text", "text_mask", "text_ids"} if not text_widths(model) else set()) | \
+        ({"text", "text_mask", "text_ids", "image_pooled"} if not text_widths(model) else set()) | \
         ({"image_tokens"} if not config_value(config, IMAGE_WIDTH_KEYS) else set()) | \
         ({"control_latent"} if not config_value(config, CONTROL_CHANNEL_KEYS) else set())
     roles = {name: role for name, role in roles.items() if role not in absent and not unused_stream(config, name, role)}
