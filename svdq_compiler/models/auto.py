@@ -137,8 +137,6 @@ POSITION_AXES_KEYS = ("axes_dims_rope", "axes_dim_rope", "axes_dims", "rope_axes
 # [B,C,H,W], [B,C,F,H,W], [B,F,C,H,W] (CogVideoX: frames first), [B,N,C], [B,F·N,C] (LTX-Video), [B,C,L],
 # [B,F,H,W,C] (Kandinsky 5: channels last)
 LAYOUTS = ("image", "video", "frames_first", "tokens", "video_tokens", "sequence", "channels_last")
-CHANNEL_AXIS = {"image": 1, "video": 1, "frames_first": 2, "tokens": 2, "video_tokens": 2, "sequence": 1,
-                "channels_last": 4}
 PACKED = ("tokens", "video_tokens")
 MAX_PROBES = 96
 
@@ -244,11 +242,6 @@ class InputPlan:
     square: bool = False  # the model takes square latent grids only (found: no layout runs on a 2×3 grid)
     control_channels: int | None = None  # C of a control latent, from CONTROL_CHANNEL_KEYS
 
-    def with_channels(self, shape: tuple[int, ...], channels: int) -> tuple[int, ...]:
-        """A latent shape of this plan's layout with another channel count."""
-        axis = CHANNEL_AXIS[self.choice.layout]
-        return (*shape[:axis], channels, *shape[axis + 1:])
-
     def build(self, sizes: Sizes, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(seed)
 
@@ -259,18 +252,21 @@ class InputPlan:
         height, width = sizes.rows * unit, sizes.cols * unit
         inputs: dict[str, Any] = {}
         frames = sizes.frames * self.frame_unit
-        latent_shape = {"image": (batch, self.channels, height, width),
-                        "video": (batch, self.channels, frames, height, width),
-                        "frames_first": (batch, frames, self.channels, height, width),
-                        "tokens": (batch, sizes.rows * sizes.cols, self.channels),
-                        "video_tokens": (batch, sizes.frames * sizes.rows * sizes.cols, self.channels),
-                        "sequence": (batch, self.channels, height),
-                        "channels_last": (batch, frames, height, width, self.channels)}[self.choice.layout]
+
+        def latent_shape(channels: int) -> tuple[int, ...]:
+            return {"image": (batch, channels, height, width),
+                    "video": (batch, channels, frames, height, width),
+                    "frames_first": (batch, frames, channels, height, width),
+                    "tokens": (batch, sizes.rows * sizes.cols, channels),
+                    "video_tokens": (batch, sizes.frames * sizes.rows * sizes.cols, channels),
+                    "sequence": (batch, channels, height),
+                    "channels_last": (batch, frames, height, width, channels)}[self.choice.layout]
+
         for name, role in self.parameters.items():
             if role in ("latent", "latent_like"):
-                inputs[name] = randn(*latent_shape)
+                inputs[name] = randn(*latent_shape(self.channels))
             elif role == "control_latent":
-                inputs[name] = randn(*self.with_channels(latent_shape, self.control_channels))
+                inputs[name] = randn(*latent_shape(self.control_channels))
             elif role == "text":
                 stack = (self.stack_depth,) if name in self.choice.stacked else ()
                 per_token = (self.text_layers,) if self.choice.layers_per_token else ()
