@@ -7,7 +7,8 @@ not the weights, set the peak memory of loading a small graph. Here the graph st
 `code` and the IR are unchanged); only its compiled form is split: each run of `PIECE_NODES` nodes becomes its own
 function, compiled alone, that takes the values it reads from earlier pieces and returns those later pieces (or
 the output) read. A driver binds the inputs as the generated forward does, calls the pieces in order and drops
-each value after the last piece that reads it.
+each value after the last piece that reads it. A value a piece takes stays alive until that piece returns (the flat
+forward may free it a few nodes sooner): at most the activations that cross one piece boundary.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch.fx.graph import _PyTreeCodeGen
 from torch.fx.graph_module import _WrappedCall
 from torch.utils import _pytree as pytree
 
-PIECE_NODES = 32  # nodes compiled at once: ~0.25 MiB of parser memory; 25 pieces for tiny-flux
+PIECE_NODES = 32  # nodes compiled at once: ~0.25 MiB of parser memory; 26 pieces for tiny-flux
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,6 @@ def _split(graph: torch.fx.Graph) -> tuple[list[torch.fx.Node], list[list[torch.
 
 def _pieces(graph: torch.fx.Graph) -> list[Piece]:
     inputs, runs, output = _split(graph)
-    piece_of = {node: index for index, run in enumerate(runs) for node in run}
     last_reader: dict[torch.fx.Node, int] = {}  # value → the last piece reading it (len(runs): the output)
     for index, run in enumerate(runs):
         for node in run:
@@ -128,7 +128,7 @@ def _driver(graph: torch.fx.Graph, pieces: list[Piece]) -> Callable[..., Any]:
             for name in piece.last_reads:
                 del live[name]
             live.update(zip(piece.writes, piece.function(self, *arguments)))
-            del arguments
+            del arguments  # this piece's last reads go now, not once the next piece's arguments are gathered
         result = torch.fx.node.map_arg(output.args[0], lambda node: functools.reduce(
             getattr, node.target.split("."), self) if node.op == "get_attr" else live[node.name])
         if not isinstance(result, (list, tuple)):
