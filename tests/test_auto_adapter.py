@@ -263,6 +263,8 @@ def test_tiny_configs_build_where_the_constructor_defaults_do_not():
     ("WanVACETransformer3DModel", {"hidden_states": (2, 16, 2, 8, 12), "control_hidden_states": (2, 64, 2, 8, 12)}),
     # an image encoder's pooled embedding in the cross-attention width, beside the first frame's latent
     ("I2VGenXLUNet", {"image_embeddings": (2, 64), "image_latents": (2, 4, 2, 8, 12)}),
+    # an autoregressive prior's token per latent token, and which samples drop it
+    ("GlmImageTransformer2DModel", {"prior_token_id": (2, 24), "prior_token_drop": (2,)}),
 ])
 def test_inputs_named_by_rules_the_classes_share(class_name, expect):
     model = tiny(class_name)

@@ -83,6 +83,10 @@ ROLES: tuple[tuple[str, str], ...] = (
     # tokens, arange(T) (Kandinsky 5: its RoPE tables are indexed by them)
     ("grid_positions", r"visual_rope_pos"),
     ("text_positions", r"text_rope_pos"),
+    # an autoregressive prior's image token per latent token [B, rows·cols] (GLM-Image), and which samples drop
+    # it [B] (none: the prior is kept)
+    ("prior_tokens", r"prior_token_id"),
+    ("prior_drop", r"prior_token_drop"),
     ("guidance", r"guidance"),
     ("size_pair", r"original_size|target_size|crop_coords"),
     ("class_labels", r"class_labels"),
@@ -300,6 +304,10 @@ class InputPlan:
                 inputs[name] = [torch.arange(size) for size in (sizes.frames, sizes.rows, sizes.cols)]
             elif role == "text_positions":
                 inputs[name] = torch.arange(text)
+            elif role == "prior_tokens":
+                inputs[name] = torch.zeros(batch, sizes.rows * sizes.cols, dtype=torch.long)
+            elif role == "prior_drop":
+                inputs[name] = torch.zeros(batch, dtype=torch.bool)
             elif role == "position_ids":
                 inputs[name] = torch.cat([torch.zeros(text, self.axes, dtype=dtype),
                                           grid_ids(sizes.rows, sizes.cols, self.axes, dtype)])
