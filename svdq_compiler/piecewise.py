@@ -47,17 +47,16 @@ def _compile_piece(graph: torch.fx.Graph, index: int) -> Callable[..., tuple]:
     return namespace["forward"]
 
 
-def _split(graph: torch.fx.Graph) -> tuple[list[torch.fx.Node], list[list[torch.fx.Node]], torch.fx.Node]:
-    """(inputs, runs of at most PIECE_NODES computing nodes, output). Attribute reads are not computing nodes:
-    each piece reads the attributes it uses itself."""
-    inputs = [node for node in graph.nodes if node.op == "placeholder"]
-    output = next(node for node in reversed(graph.nodes) if node.op == "output")
-    computing = [node for node in graph.nodes if node.op not in ("placeholder", "get_attr", "output")]
-    return inputs, [computing[i:i + PIECE_NODES] for i in range(0, len(computing), PIECE_NODES)], output
+def _computing(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """The nodes that compute: not the inputs, attribute reads (each piece reads the attributes it uses itself)
+    or the output."""
+    return [node for node in graph.nodes if node.op not in ("placeholder", "get_attr", "output")]
 
 
 def _pieces(graph: torch.fx.Graph) -> list[Piece]:
-    inputs, runs, output = _split(graph)
+    computing = _computing(graph)
+    runs = [computing[i:i + PIECE_NODES] for i in range(0, len(computing), PIECE_NODES)]
+    output = graph.output_node()
     last_reader: dict[torch.fx.Node, int] = {}  # value → the last piece reading it (len(runs): the output)
     for index, run in enumerate(runs):
         for node in run:
@@ -84,7 +83,6 @@ def _pieces(graph: torch.fx.Graph) -> list[Piece]:
         pieces.append(Piece(_compile_piece(sub, index), tuple(read.name for read in reads),
                             tuple(node.name for node in writes),
                             tuple(read.name for read in reads if last_reader[read] == index)))
-        del sub, env
     return pieces
 
 
@@ -111,17 +109,17 @@ def _driver(graph: torch.fx.Graph, pieces: list[Piece]) -> Callable[..., Any]:
     input spec), then the pieces."""
     info = graph._codegen.pytree_info
     names, in_spec, out_spec = list(info.orig_args), info.in_spec, info.out_spec
-    named = keywords(in_spec)
+    named, keyworded = keywords(in_spec), has_keywords(in_spec)
     positional = len(names) - len(named)
-    inputs, _, output = _split(graph)
-    input_names = [node.name for node in inputs]
+    input_names = [node.name for node in graph.nodes if node.op == "placeholder"]
+    output = graph.output_node()
     signature = inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
                                    for name in ["self", *names]])
 
     def forward(self, *args, **kwargs):
         given = signature.bind(self, *args, **kwargs).arguments
         values = [given[name] for name in names]
-        tree = (values[:positional], dict(zip(named, values[positional:]))) if has_keywords(in_spec) else values
+        tree = (values[:positional], dict(zip(named, values[positional:]))) if keyworded else values
         live = dict(zip(input_names, tree_flatten_spec(tree, in_spec)))
         for piece in pieces:
             arguments = [live[name] for name in piece.reads]
@@ -145,9 +143,8 @@ class PiecewiseGraphModule(torch.fx.GraphModule):
 
     def recompile(self):
         graph = self._graph
-        computing = sum(node.op not in ("placeholder", "get_attr", "output") for node in graph.nodes)
         if not isinstance(graph._codegen, _PyTreeCodeGen) or graph._codegen.pytree_info is None \
-                or computing <= PIECE_NODES:
+                or len(_computing(graph)) <= PIECE_NODES:
             return super().recompile()
         self._in_spec = graph._codegen.pytree_info.in_spec
         self._out_spec = graph._codegen.pytree_info.out_spec

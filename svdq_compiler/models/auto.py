@@ -439,20 +439,21 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     if config.get("visual_cond"):  # Kandinsky 5/6: the conditioning frames and their mask ride in the latent
         channels = [2 * channels[0] + 1]
     conditions = condition_count(config)
+    image_width = next(iter(config_value(config, IMAGE_WIDTH_KEYS)), None)
+    control_channels = next(iter(config_value(config, CONTROL_CHANNEL_KEYS)), None)
     # conditioning the config gives no width for is left out (an optional input the model then does without)
     absent = ({"pooled"} if not conditioning_widths(config, POOLED_WIDTH_KEYS) else set()) | \
         ({"conditions"} if conditions is None else set()) | \
         ({"text", "text_mask", "text_ids", "image_pooled"} if not text_widths(model) else set()) | \
-        ({"image_tokens"} if not config_value(config, IMAGE_WIDTH_KEYS) else set()) | \
-        ({"control_latent"} if not config_value(config, CONTROL_CHANNEL_KEYS) else set())
+        ({"image_tokens"} if image_width is None else set()) | \
+        ({"control_latent"} if control_channels is None else set())
     roles = {name: role for name, role in roles.items() if role not in absent and not unused_stream(config, name, role)}
     axes = next((len(config[key]) for key in POSITION_AXES_KEYS if isinstance(config.get(key), (list, tuple))), 3)
     base = dict(parameters=roles, channels=channels[0], axes=axes,
                 unit=spatial_unit(config), frame_unit=frame_unit(config), timestep_value=500.0,
                 stack_depth=layer_stack(config)[1], conditions=conditions,
                 text_layers=next(iter(config_value(config, ("num_text_layers",))), None),
-                image_width=next(iter(config_value(config, IMAGE_WIDTH_KEYS)), None),
-                control_channels=next(iter(config_value(config, CONTROL_CHANNEL_KEYS)), None),
+                image_width=image_width, control_channels=control_channels,
                 return_dict=takes_return_dict(model),
                 text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None))
     failures = []
