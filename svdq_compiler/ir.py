@@ -29,7 +29,7 @@ INPUTS_META = "svdq_capture_inputs"  # gm.meta: the example inputs, kept for re-
 MODEL_BYTES_META = "svdq_model_bytes_before"  # gm.meta: parameter bytes of the captured model (annotate_linears)
 LAYERS_META = "svdq_layers"  # gm.meta: the per-layer report (lower; svdq_compiler.report)
 REPORT_META = "svdq_report"  # gm.meta: the compile report (svdq_compiler.compile)
-IR_META = "svdq_ir"  # gm.meta of a loaded graph: the saved IR text
+IR_META = "svdq_ir"  # gm.meta of a loaded graph: the saved IR text, zlib-deflated UTF-8 (saving it again reads it)
 MANIFEST_META = "svdq_manifest"  # gm.meta of a loaded graph: the archive's manifest
 EAGER_META = "svdq_eager"  # gm.meta of an eager path's stub graph: how to rebuild the model around it (eager.py)
 # Set by the streaming compile (svdq_compiler.meta_capture): the device a graph whose attributes are meta-device

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import linecache
+import weakref
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -37,14 +40,25 @@ class Piece:
     last_reads: tuple[str, ...]  # values no later piece (nor the output) reads: dropped after this one
 
 
+_serials = itertools.count()  # a piece's file name is unique, so that one graph's traceback never shows another's code
+
+
 def _compile_piece(graph: torch.fx.Graph, index: int) -> Callable[..., tuple]:
     code = graph.python_code(root_module="self")
-    filename = f"<svdq piece {index}>"
-    # registered so that a traceback through a piece shows its line, as torch does for whole forwards
-    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(keepends=True), filename)
+    filename = f"<svdq piece {index}>.{next(_serials)}"
+    # Registered so that a traceback through a piece shows its line, as torch does for whole forwards: a lazy entry
+    # holding the deflated source (~1/8 of it; only a traceback reads it), removed with the piece, so that loading
+    # graphs again and again holds nothing of the ones gone.
+    linecache.cache[filename] = (functools.partial(_inflate, zlib.compress(code.src.encode())),)
     namespace = dict(code.globals)
     exec(compile(code.src, filename, "exec", dont_inherit=True), namespace)  # noqa: S102 (our generated code)
-    return namespace["forward"]
+    function = namespace["forward"]
+    weakref.finalize(function, linecache.cache.pop, filename, None)
+    return function
+
+
+def _inflate(deflated: bytes) -> str:
+    return zlib.decompress(deflated).decode()
 
 
 def _computing(graph: torch.fx.Graph) -> list[torch.fx.Node]:

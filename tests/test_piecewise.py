@@ -3,8 +3,11 @@ and signature, and frees each value after the last piece that reads it; a loaded
 
 from __future__ import annotations
 
+import copy
 import gc
 import inspect
+import linecache
+import traceback
 import weakref
 
 import pytest
@@ -129,3 +132,29 @@ def test_a_loaded_graph_is_compiled_in_pieces(tmp_path, monkeypatch):
     assert isinstance(loaded, PiecewiseGraphModule) and len(compiled) > 1
     with torch.no_grad():
         assert torch.equal(loaded(**inputs), gm(**inputs))
+
+
+def _fails_here(value):
+    raise RuntimeError("a node failed")
+
+
+def test_a_traceback_shows_the_line_of_its_own_graph_and_the_source_goes_with_it(monkeypatch):
+    """Two graphs split alike: an error in a piece of the first shows the first's code, although the second was
+    compiled later; once a graph is gone, linecache holds nothing of its pieces."""
+    monkeypatch.setattr(piecewise, "PIECE_NODES", 3)
+    flat, inputs = flat_graph()
+    broken = copy.deepcopy(flat.graph)
+    tanh = [node for node in broken.nodes if node.target is torch.ops.aten.tanh.default]
+    tanh[-1].target = _fails_here
+    first = PiecewiseGraphModule(flat, broken)
+    second = PiecewiseGraphModule(flat, flat.graph)
+    with pytest.raises(RuntimeError, match="a node failed") as error:
+        first(**inputs)
+    shown = [linecache.getline(frame.f_code.co_filename, line) for frame, line in traceback.walk_tb(error.tb)
+             if frame.f_code.co_filename.startswith("<svdq piece")]
+    assert len(shown) == 1 and "_fails_here" in shown[0]
+    names = {name for name in linecache.cache if name.startswith("<svdq piece")}
+    assert len(names) >= 4 and all("def forward" in "".join(linecache.getlines(name)) for name in names)
+    del first, second, error, broken, tanh, flat  # a graph refers to its module (owning_module)
+    gc.collect()
+    assert not names & set(linecache.cache)
