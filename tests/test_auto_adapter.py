@@ -126,6 +126,9 @@ def test_a_probe_refuses_an_output_that_does_not_lead_with_the_batch():
             return [x * 2]
 
     assert runs_on(OneOutputInAList(), {"x": torch.zeros(2, 4, 3)}, batch=2) is None
+    # given the latent's shape, an output of another shape is refused too (a latent split the model does not take)
+    assert runs_on(OneOutputInAList(), {"x": torch.zeros(2, 4, 3)}, batch=2, shape=(2, 4, 6)) == \
+        "its output [2, 4, 3] is not of the latent's shape [2, 4, 6]"
 
 
 def test_required_input_without_a_known_layout_is_a_clear_error():
@@ -265,6 +268,11 @@ def test_tiny_configs_build_where_the_constructor_defaults_do_not():
     ("I2VGenXLUNet", {"image_embeddings": (2, 64), "image_latents": (2, 4, 2, 8, 12)}),
     # an autoregressive prior's token per latent token, and which samples drop it
     ("GlmImageTransformer2DModel", {"prior_token_id": (2, 24), "prior_token_drop": (2,)}),
+    # a latent stream concatenated with the latent on the channel axis: the two share in_channels (192), and the
+    # latent's share is the config width whose output has the latent's shape (64)
+    ("AceStepTransformer1DModel", {"hidden_states": (2, 24, 64), "context_latents": (2, 24, 128)}),
+    # a video U-Net cross-attending per frame: its text batch is batch × frames
+    ("UNetMotionModel", {"sample": (2, 4, 2, 8, 12), "encoder_hidden_states": (2 * 2, 8, 64)}),
 ])
 def test_inputs_named_by_rules_the_classes_share(class_name, expect):
     model = tiny(class_name)

@@ -142,6 +142,7 @@ POSITION_AXES_KEYS = ("axes_dims_rope", "axes_dim_rope", "axes_dims", "rope_axes
 # [B,F,H,W,C] (Kandinsky 5: channels last)
 LAYOUTS = ("image", "video", "frames_first", "tokens", "video_tokens", "sequence", "channels_last")
 PACKED = ("tokens", "video_tokens")
+FRAMED = ("video", "frames_first", "channels_last")  # the layouts with a frame axis of their own
 MAX_PROBES = 96
 
 
@@ -224,6 +225,13 @@ class Choice:
     pooled_width: int | None = None
     # text inputs carrying the config's `num_text_layers` encoder layers per token, [B, T, L, C] (Krea 2)
     layers_per_token: bool = False
+    # text inputs given once per latent frame, [B·F, T, C]: a video U-Net running its 2-D blocks on every frame
+    # cross-attends to a text batch as large as its frame batch (AnimateDiff's UNetMotionModel)
+    text_per_frame: bool = False
+    # the latent's channels where a latent stream beside it takes the rest of the configured input channels, the
+    # model concatenating the two on the channel axis (AceStep's context_latents: 128 of 192); None: both take
+    # them all (I2VGen-XL's image_latents)
+    latent_share: int | None = None
 
 
 @dataclass
@@ -267,14 +275,17 @@ class InputPlan:
                     "channels_last": (batch, frames, height, width, channels)}[self.choice.layout]
 
         for name, role in self.parameters.items():
-            if role in ("latent", "latent_like"):
-                inputs[name] = randn(*latent_shape(self.channels))
+            if role == "latent":
+                inputs[name] = randn(*latent_shape(self.choice.latent_share or self.channels))
+            elif role == "latent_like":
+                inputs[name] = randn(*latent_shape(self.channels - (self.choice.latent_share or 0)))
             elif role == "control_latent":
                 inputs[name] = randn(*latent_shape(self.control_channels))
             elif role == "text":
                 stack = (self.stack_depth,) if name in self.choice.stacked else ()
                 per_token = (self.text_layers,) if self.choice.layers_per_token else ()
-                inputs[name] = randn(*stack, batch, text, *per_token, self.choice.text_width)
+                text_batch = batch * frames if self.choice.text_per_frame else batch
+                inputs[name] = randn(*stack, text_batch, text, *per_token, self.choice.text_width)
             elif role == "text_mask":
                 inputs[name] = torch.ones(batch, text, dtype=self.choice.mask_dtype if self.choice.mask_dtype
                                           is torch.bool else dtype)
@@ -385,7 +396,7 @@ def forward_roles(model: torch.nn.Module) -> dict[str, str]:
     return roles
 
 
-def candidate_choices(model: torch.nn.Module, roles: dict[str, str]) -> list[Choice]:
+def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: int) -> list[Choice]:
     config = model.config
     name = type(model).__name__
     if re.search(r"3D(?![a-z])", name):  # Transformer3DModel, not StableAudio3DiT
@@ -408,10 +419,17 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str]) -> list[Cho
     stacks = [*((name,) for name in texts if encoder and encoder in name), ()]
     pooled_sequences = (False, True) if "pooled" in roles.values() else (False,)
     per_token = (True, False) if texts and config_value(config, ("num_text_layers",)) else (False,)
-    return [Choice(layout, width, mask, stacked, pooled_sequence, pooled_width, layers)
-            for layout, pooled_sequence, stacked, layers, width, pooled_width, mask
-            in itertools.product(layouts, pooled_sequences, stacks, per_token, widths or [None], pooled_widths,
-                                 masks)]
+    per_frame = (False, True) if texts else (False,)
+    # the latent's share of the input channels, tried among the config's widths: the probe keeps the one whose
+    # output has the latent's shape
+    shares = [None, *(width for width in config_value(config, tuple(key for key in config if WIDTH.fullmatch(key)
+                                                                    and not NOT_WIDTHS.fullmatch(key)))
+                      if width < channels)] if "latent_like" in roles.values() else [None]
+    return [Choice(layout, width, mask, stacked, pooled_sequence, pooled_width, layers, frames, share)
+            for share, frames, layout, pooled_sequence, stacked, layers, width, pooled_width, mask
+            in itertools.product(shares, per_frame, layouts, pooled_sequences, stacks, per_token, widths or [None],
+                                 pooled_widths, masks)
+            if not frames or layout in FRAMED]
 
 
 def layer_stack(config: Any) -> tuple[str | None, int | None]:
@@ -457,13 +475,15 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
                 return_dict=takes_return_dict(model),
                 text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None))
     failures = []
-    choices = candidate_choices(model, roles)[:MAX_PROBES]
+    choices = candidate_choices(model, roles, channels[0])[:MAX_PROBES]
     # a 2×3 grid first, so a model that takes any grid is not mistaken for one that takes square grids only
     probes = ((Sizes(batch=2, text=4, rows=2, cols=3), False), (Sizes(batch=2, text=4, rows=2, cols=2), True))
     for sizes, square in probes:
         for choice in choices:
             plan = InputPlan(choice=choice, square=square, **base)
-            why = runs_on(model, plan.build(sizes, model_dtype(model)), sizes.batch)
+            inputs = plan.build(sizes, model_dtype(model))
+            latent = inputs[plan.latent_name()]
+            why = runs_on(model, inputs, sizes.batch, tuple(latent.shape) if choice.latent_share else None)
             if why is None:
                 model._svdq_input_plan = plan
                 return plan

@@ -190,6 +190,15 @@ def output_batches(result: Any) -> list[tuple[int, list[int]]]:
     return per_sample + next((found for found in map(output_batches, values) if found), [])
 
 
+def output_problem(result: Any, batch: int | None, shape: tuple[int, ...] | None) -> str | None:
+    """Why an output is not what the probe expects: see `batch_problem`; and, given `shape`, a first output of
+    another shape (a latent split between inputs in a way the model does not predict)."""
+    readings = output_batches(result)  # the last is the first tensor's own (a list of samples' comes before)
+    if shape is not None and readings and tuple(readings[-1][1]) != tuple(shape):
+        return f"its output {readings[-1][1]} is not of the latent's shape {list(shape)}"
+    return batch_problem(result, batch)
+
+
 def batch_problem(result: Any, batch: int | None) -> str | None:
     """Why an output does not lead with the inputs' batch (None when it does, or when no batch is expected): a
     model that derives the latent grid from the token count (DiT's height = width = √tokens) runs on a grid it
@@ -200,8 +209,10 @@ def batch_problem(result: Any, batch: int | None) -> str | None:
     return f"its output {readings[0][1]} does not lead with the batch {batch} of its inputs"
 
 
-def runs_on(model: torch.nn.Module, inputs: dict[str, Any], batch: int | None = None) -> str | None:
-    """None when the model runs on `inputs` (and, given `batch`, its output leads with it), else why not.
+def runs_on(model: torch.nn.Module, inputs: dict[str, Any], batch: int | None = None,
+            shape: tuple[int, ...] | None = None) -> str | None:
+    """None when the model runs on `inputs` (and, given `batch`, its output leads with it; given `shape`, its first
+    output has it), else why not.
 
     The model is traced under fake tensors (shapes only: no compute, no memory, cheap on a large model); code
     that reads tensor values (`mask.sum().tolist()`, `.numpy()`, `bincount`) cannot run there, so it then runs for real on
@@ -216,7 +227,7 @@ def runs_on(model: torch.nn.Module, inputs: dict[str, Any], batch: int | None = 
     fake_log.setLevel(logging.CRITICAL)
     try:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), traced_for_shapes():
-            return batch_problem(model(**inputs), batch)
+            return output_problem(model(**inputs), batch, shape)
     except (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode):
         pass  # an output shape or a branch that depends on tensor values (bincount in MoE routing)
     except Exception as exc:  # any failure of the model's code on these shapes means: not this layout
@@ -225,7 +236,7 @@ def runs_on(model: torch.nn.Module, inputs: dict[str, Any], batch: int | None = 
         fake_log.setLevel(level)
     try:
         with torch.no_grad():
-            return batch_problem(model(**inputs), batch)
+            return output_problem(model(**inputs), batch, shape)
     except Exception as exc:  # as above, on real tensors
         return first_line(exc)
 
