@@ -384,3 +384,27 @@ def test_probing_leaves_no_fake_tensor_in_a_models_tensor_cache():
     out = model(**inputs)
     assert not isinstance(out, FakeTensor) and torch.isfinite(out).all()
     assert not torch.compiler.is_compiling()
+
+
+def test_rotary_tables_the_pipeline_builds_from_the_grid_are_given_in_the_form_the_model_applies():
+    """A required `*_rotary_emb` is a table over the latent's tokens that the model only applies, its form probed:
+    Lumina-Next slices its patch grid from a complex polar table [rows, cols, head/2] (and unpacks its
+    cross_attention_kwargs, given empty); Sana-WM's refiner takes LTX-2's interleaved (cos, sin), each
+    [B, tokens, heads·head]."""
+    model = tiny("LuminaNextDiT2DModel")
+    inputs = adapter_for(model).example_inputs(model, batch=2, tokens=(4, 6))
+    table = inputs["image_rotary_emb"]
+    head = model.config.hidden_size // model.config.num_attention_heads
+    assert table.is_complex() and tuple(table.shape) == (4, 6, head // 2)
+    assert inputs["cross_attention_kwargs"] == {}
+    with torch.no_grad():
+        model(**inputs)
+    from diffusers.models.transformers.transformer_sana_wm_refiner import SanaWMLTX2RefinerTransformer3DModel
+
+    torch.manual_seed(0)
+    refiner = SanaWMLTX2RefinerTransformer3DModel(**tiny_config(SanaWMLTX2RefinerTransformer3DModel)).eval()
+    inputs = adapter_for(refiner).example_inputs(refiner, batch=2, tokens=(4, 6))
+    cos, sin = inputs["video_rotary_emb"]
+    assert tuple(cos.shape) == tuple(sin.shape) == (2, 4 * 6, 64)
+    with torch.no_grad():
+        refiner(**inputs)

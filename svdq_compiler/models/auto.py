@@ -87,6 +87,9 @@ ROLES: tuple[tuple[str, str], ...] = (
     # it [B] (none: the prior is kept)
     ("prior_tokens", r"prior_token_id"),
     ("prior_drop", r"prior_token_drop"),
+    # rotary tables the pipeline builds from the latent grid and the model only applies (Lumina-Next, Sana-WM's
+    # refiner); their form is probed (ROTARY_FORMS)
+    ("rotary_table", r"\w*rotary_emb"),
     ("guidance", r"guidance"),
     ("size_pair", r"original_size|target_size|crop_coords"),
     ("class_labels", r"class_labels"),
@@ -134,6 +137,12 @@ MODEL_WIDTH_KEYS = ("hidden_size", "inner_dim", "model_dim", "dim")
 # A text length the model fixes (CogVideoX adds a positional embedding over text and image tokens together).
 TEXT_LENGTH_KEYS = ("max_text_seq_length",)
 CONTROL_CHANNEL_KEYS = ("vace_in_channels",)
+HEAD_DIM_KEYS = ("attention_head_dim", "head_dim")
+HEAD_COUNT_KEYS = ("num_attention_heads", "num_heads")
+# Forms of a rotary table over the latent's tokens: a complex polar table over the patch grid [rows, cols, D/2]
+# (Lumina-Next slices its grid from it), (cos, sin) per sample across all heads [B, tokens, heads·D] (LTX-2's
+# interleaved RoPE), (cos, sin) per token [tokens, D] (FLUX's); D the head size.
+ROTARY_FORMS = ("polar_grid", "cos_sin_per_sample", "cos_sin")
 LATENT_CHANNEL_KEYS = ("in_channels", "in_chans", "latent_channels", "num_channels_latents", "in_visual_dim",
                        "io_channels", "latent_dim")
 POSITION_AXES_KEYS = ("axes_dims_rope", "axes_dim_rope", "axes_dims", "rope_axes_dim")
@@ -232,6 +241,9 @@ class Choice:
     # model concatenating the two on the channel axis (AceStep's context_latents: 128 of 192); None: both take
     # them all (I2VGen-XL's image_latents)
     latent_share: int | None = None
+    rotary_form: str | None = None  # one of ROTARY_FORMS, where the forward takes a rotary table
+    # option dicts (`cross_attention_kwargs`) given empty: a forward that unpacks its None default fails (Lumina-Next)
+    empty_options: tuple[str, ...] = ()
 
 
 @dataclass
@@ -253,6 +265,8 @@ class InputPlan:
     text_length: int | None = None  # the one text length the model takes, where its config fixes it
     square: bool = False  # the model takes square latent grids only (found: no layout runs on a 2×3 grid)
     control_channels: int | None = None  # C of a control latent, from CONTROL_CHANNEL_KEYS
+    heads: int = 1  # attention heads and their size, for rotary tables
+    head_dim: int = 0
 
     def build(self, sizes: Sizes, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(seed)
@@ -322,15 +336,30 @@ class InputPlan:
             elif role == "position_ids":
                 inputs[name] = torch.cat([torch.zeros(text, self.axes, dtype=dtype),
                                           grid_ids(sizes.rows, sizes.cols, self.axes, dtype)])
+            elif role == "rotary_table":
+                inputs[name] = self.rotary_table(sizes, randn)
             elif role == "guidance":
                 inputs[name] = torch.full((batch,), 3.5, dtype=dtype)
             elif role == "size_pair":
                 inputs[name] = torch.tensor([[height * 8, width * 8]] * batch, dtype=dtype)
             elif role == "class_labels":
                 inputs[name] = torch.zeros(batch, dtype=torch.long)
+        inputs.update({name: {} for name in self.choice.empty_options})
         if self.return_dict:
             inputs["return_dict"] = False
         return inputs
+
+    def rotary_table(self, sizes: Sizes, randn: Any) -> Any:
+        """A rotary table of random angles in `choice.rotary_form` over the latent's tokens: the model only
+        applies it, so any angles serve."""
+        frames = 1 if self.choice.layout in ("image", "tokens") else sizes.frames
+        tokens, half = frames * sizes.rows * sizes.cols, self.head_dim // 2
+        if self.choice.rotary_form == "polar_grid":
+            angles = randn(sizes.rows, sizes.cols, half).float()
+            return torch.polar(torch.ones_like(angles), angles)
+        angles = randn(sizes.batch, tokens, self.heads * self.head_dim) \
+            if self.choice.rotary_form == "cos_sin_per_sample" else randn(tokens, self.head_dim)
+        return angles.cos(), angles.sin()
 
     def latent_name(self) -> str:
         return next(name for name, role in self.parameters.items() if role == "latent")
@@ -425,10 +454,13 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: i
     shares = [None, *(width for width in config_value(config, tuple(key for key in config if WIDTH.fullmatch(key)
                                                                     and not NOT_WIDTHS.fullmatch(key)))
                       if width < channels)] if "latent_like" in roles.values() else [None]
-    return [Choice(layout, width, mask, stacked, pooled_sequence, pooled_width, layers, frames, share)
-            for share, frames, layout, pooled_sequence, stacked, layers, width, pooled_width, mask
-            in itertools.product(shares, per_frame, layouts, pooled_sequences, stacks, per_token, widths or [None],
-                                 pooled_widths, masks)
+    rotary_forms = ROTARY_FORMS if "rotary_table" in roles.values() else (None,)
+    options = tuple(name for name, parameter in inspect.signature(model.forward).parameters.items()
+                    if name.endswith("_kwargs") and parameter.default is None)
+    return [Choice(layout, width, mask, stacked, pooled_sequence, pooled_width, layers, frames, share, rotary, empty)
+            for empty, share, frames, rotary, layout, pooled_sequence, stacked, layers, width, pooled_width, mask
+            in itertools.product(dict.fromkeys(((), options)), shares, per_frame, rotary_forms, layouts,
+                                 pooled_sequences, stacks, per_token, widths or [None], pooled_widths, masks)
             if not frames or layout in FRAMED]
 
 
@@ -467,11 +499,14 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
         ({"control_latent"} if control_channels is None else set())
     roles = {name: role for name, role in roles.items() if role not in absent and not unused_stream(config, name, role)}
     axes = next((len(config[key]) for key in POSITION_AXES_KEYS if isinstance(config.get(key), (list, tuple))), 3)
+    heads = next(iter(config_value(config, HEAD_COUNT_KEYS)), 1)
+    head_dim = next(iter(config_value(config, HEAD_DIM_KEYS) or
+                         [width // heads for width in config_value(config, MODEL_WIDTH_KEYS)]), 0)
     base = dict(parameters=roles, channels=channels[0], axes=axes,
                 unit=spatial_unit(config), frame_unit=frame_unit(config), timestep_value=500.0,
                 stack_depth=layer_stack(config)[1], conditions=conditions,
                 text_layers=next(iter(config_value(config, ("num_text_layers",))), None),
-                image_width=image_width, control_channels=control_channels,
+                image_width=image_width, control_channels=control_channels, heads=heads, head_dim=head_dim,
                 return_dict=takes_return_dict(model),
                 text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None))
     failures = []
