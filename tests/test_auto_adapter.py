@@ -408,3 +408,15 @@ def test_rotary_tables_the_pipeline_builds_from_the_grid_are_given_in_the_form_t
     assert tuple(cos.shape) == tuple(sin.shape) == (2, 4 * 6, 64)
     with torch.no_grad():
         refiner(**inputs)
+
+
+def test_a_text_encoder_layer_per_transformer_block():
+    """Bria-Fibo reads a text encoder's hidden states, one layer per transformer block (its num_layers and
+    num_single_layers), each at the width the config names after the input (text_encoder_dim)."""
+    model = tiny("BriaFiboTransformer2DModel")
+    inputs = adapter_for(model).example_inputs(model, batch=2, tokens=(4, 6))
+    layers = inputs["text_encoder_layers"]
+    assert len(layers) == model.config.num_layers + model.config.num_single_layers
+    assert all(tuple(layer.shape) == (2, 8, model.config.text_encoder_dim) for layer in layers)
+    with torch.no_grad():
+        model(**inputs)

@@ -70,6 +70,9 @@ ROLES: tuple[tuple[str, str], ...] = (
     # _t5, _llama3: one per text encoder; _image is image conditioning (Wan's I2V), left at its default
     ("text", r"encoder_hidden_states(_(?!image)[a-z0-9]+)?|cap_feats|context|text_bth"),
     ("timestep", r"timesteps?|t"),
+    # a text encoder's hidden states, one layer per transformer block, each [B, T, C] (Bria-Fibo: each block
+    # reads its own layer), C the width the config names after it (`text_encoder_dim`)
+    ("text_per_block", r"text_encoder_layers"),
     ("pooled", r"pooled_projections|pooled_embeds|pooled_text_emb|clip_text_pooled|global_hidden_states"),
     # an image encoder's tokens [B, N, C] (HunyuanVideo 1.5: zeros for text-to-video), C from IMAGE_WIDTH_KEYS
     ("image_tokens", r"image_embeds"),
@@ -114,8 +117,8 @@ ROLES: tuple[tuple[str, str], ...] = (
 REQUIRED_TIMESTEP = r"(\w+_)?timesteps?(_\w+)?|\w+_time"
 # Optional parameters worth giving: the conditioning a pipeline always passes. Other optional ones (controlnet
 # residuals, caches, extra image streams) are left at their defaults.
-OPTIONAL_ROLES = {"text", "text_mask", "timestep", "pooled", "image_ids", "text_ids", "conditions", "grid_shapes", "grid_size",
-                  "image_tokens", "image_pooled", "control_latent"}
+OPTIONAL_ROLES = {"text", "text_per_block", "text_mask", "timestep", "pooled", "image_ids", "text_ids", "conditions",
+                  "grid_shapes", "grid_size", "image_tokens", "image_pooled", "control_latent"}
 # (total, each) config widths of the scalar conditions' embedding: the count is total / each.
 CONDITION_WIDTH_KEYS = (("projection_class_embeddings_input_dim", "addition_time_embed_dim"),
                         ("micro_cond_embed_dim", "micro_cond_encode_dim"))
@@ -265,6 +268,8 @@ class InputPlan:
     text_length: int | None = None  # the one text length the model takes, where its config fixes it
     square: bool = False  # the model takes square latent grids only (found: no layout runs on a 2×3 grid)
     control_channels: int | None = None  # C of a control latent, from CONTROL_CHANNEL_KEYS
+    blocks: int = 0  # transformer blocks (the config's `num_*layers` summed), and the text width of each one's
+    block_text_width: int | None = None  # text encoder layer, for text_per_block inputs
     heads: int = 1  # attention heads and their size, for rotary tables
     head_dim: int = 0
 
@@ -300,6 +305,8 @@ class InputPlan:
                 per_token = (self.text_layers,) if self.choice.layers_per_token else ()
                 text_batch = batch * frames if self.choice.text_per_frame else batch
                 inputs[name] = randn(*stack, text_batch, text, *per_token, self.choice.text_width)
+            elif role == "text_per_block":
+                inputs[name] = [randn(batch, text, self.block_text_width) for _ in range(self.blocks)]
             elif role == "text_mask":
                 inputs[name] = torch.ones(batch, text, dtype=self.choice.mask_dtype if self.choice.mask_dtype
                                           is torch.bool else dtype)
@@ -489,6 +496,8 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     if config.get("visual_cond"):  # Kandinsky 5/6: the conditioning frames and their mask ride in the latent
         channels = [2 * channels[0] + 1]
     conditions = condition_count(config)
+    block_text_width = next((width for name, role in roles.items() if role == "text_per_block"
+                             for width in named_width(config, name.removesuffix("_layers"))), None)
     image_width = next(iter(config_value(config, IMAGE_WIDTH_KEYS)), None)
     control_channels = next(iter(config_value(config, CONTROL_CHANNEL_KEYS)), None)
     # conditioning the config gives no width for is left out (an optional input the model then does without)
@@ -496,7 +505,8 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
         ({"conditions"} if conditions is None else set()) | \
         ({"text", "text_mask", "text_ids", "image_pooled"} if not text_widths(model) else set()) | \
         ({"image_tokens"} if image_width is None else set()) | \
-        ({"control_latent"} if control_channels is None else set())
+        ({"control_latent"} if control_channels is None else set()) | \
+        ({"text_per_block"} if block_text_width is None else set())
     roles = {name: role for name, role in roles.items() if role not in absent and not unused_stream(config, name, role)}
     axes = next((len(config[key]) for key in POSITION_AXES_KEYS if isinstance(config.get(key), (list, tuple))), 3)
     heads = next(iter(config_value(config, HEAD_COUNT_KEYS)), 1)
@@ -507,6 +517,9 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
                 stack_depth=layer_stack(config)[1], conditions=conditions,
                 text_layers=next(iter(config_value(config, ("num_text_layers",))), None),
                 image_width=image_width, control_channels=control_channels, heads=heads, head_dim=head_dim,
+                blocks=sum(value for key, value in config.items() if re.fullmatch(r"num_(\w+_)?layers", key)
+                           and isinstance(value, int) and not isinstance(value, bool)),
+                block_text_width=block_text_width,
                 return_dict=takes_return_dict(model),
                 text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None))
     failures = []
