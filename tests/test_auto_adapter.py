@@ -420,3 +420,22 @@ def test_a_text_encoder_layer_per_transformer_block():
     assert all(tuple(layer.shape) == (2, 8, model.config.text_encoder_dim) for layer in layers)
     with torch.no_grad():
         model(**inputs)
+
+
+@pytest.mark.parametrize("class_name, layout, timestep", [
+    ("AnyFlowTransformer3DModel", "frames_first", (2, 2)),  # one per latent frame, [B, F]
+    ("SanaWMTransformer3DModel", "video", (2, 1, 2)),  # one per latent frame in a row, [B, 1, F]
+])
+def test_a_causal_video_model_takes_a_timestep_per_frame(class_name, layout, timestep):
+    """Causal video models denoise each latent frame at its own noise level: the timestep's form is probed, and
+    calibration's noisy steps give it in that form."""
+    model = tiny(class_name)
+    adapter = adapter_for(model)
+    assert plan_inputs(model).choice.layout == layout
+    inputs = adapter.example_inputs(model, batch=2, tokens=(4, 6))
+    steps = [name for name, role in plan_inputs(model).parameters.items() if role == "timestep"]
+    assert {tuple(inputs[name].shape) for name in steps} == {timestep}
+    calibration = adapter.calib_inputs(model, 1, 2, batch=2, tokens=(4, 6))
+    assert all(tuple(sample[name].shape) == timestep for sample in calibration for name in steps)
+    with torch.no_grad():
+        model(**calibration[-1])

@@ -155,6 +155,10 @@ POSITION_AXES_KEYS = ("axes_dims_rope", "axes_dim_rope", "axes_dims", "rope_axes
 LAYOUTS = ("image", "video", "frames_first", "tokens", "video_tokens", "sequence", "channels_last")
 PACKED = ("tokens", "video_tokens")
 FRAMED = ("video", "frames_first", "channels_last")  # the layouts with a frame axis of their own
+# The shape of a timestep past the batch, F the latent frames: one per sample, one per frame [B, F] (AnyFlow's
+# causal video), or one per frame in a row [B, 1, F] (Sana-WM's, LTX style).
+TIMESTEP_FORMS = {"sample": lambda frames: (), "frame": lambda frames: (frames,),
+                  "frame_row": lambda frames: (1, frames)}
 MAX_PROBES = 96
 
 
@@ -245,6 +249,7 @@ class Choice:
     # them all (I2VGen-XL's image_latents)
     latent_share: int | None = None
     rotary_form: str | None = None  # one of ROTARY_FORMS, where the forward takes a rotary table
+    timestep_form: str = "sample"  # one of TIMESTEP_FORMS
     # option dicts (`cross_attention_kwargs`) given empty: a forward that unpacks its None default fails (Lumina-Next)
     empty_options: tuple[str, ...] = ()
 
@@ -311,7 +316,7 @@ class InputPlan:
                 inputs[name] = torch.ones(batch, text, dtype=self.choice.mask_dtype if self.choice.mask_dtype
                                           is torch.bool else dtype)
             elif role == "timestep":
-                inputs[name] = torch.full((batch,), self.timestep_value, dtype=dtype)
+                inputs[name] = torch.full(self.timestep_shape(batch, sizes.frames), self.timestep_value, dtype=dtype)
             elif role == "image_pooled":
                 inputs[name] = randn(batch, self.choice.text_width)
             elif role == "image_tokens":
@@ -355,6 +360,14 @@ class InputPlan:
         if self.return_dict:
             inputs["return_dict"] = False
         return inputs
+
+    def timestep_shape(self, batch: int, frames: int) -> tuple[int, ...]:
+        return (batch, *TIMESTEP_FORMS[self.choice.timestep_form](frames))
+
+    def frames_of(self, latent: torch.Tensor) -> int:
+        """The latent frames, in units of the frame patch, of a latent built by this plan (2 where it has none)."""
+        layout = self.choice.layout
+        return latent.shape[2 if layout == "video" else 1] // self.frame_unit if layout in FRAMED else 2
 
     def rotary_table(self, sizes: Sizes, randn: Any) -> Any:
         """A rotary table of random angles in `choice.rotary_form` over the latent's tokens: the model only
@@ -464,11 +477,12 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: i
     rotary_forms = ROTARY_FORMS if "rotary_table" in roles.values() else (None,)
     options = tuple(name for name, parameter in inspect.signature(model.forward).parameters.items()
                     if name.endswith("_kwargs") and parameter.default is None)
-    return [Choice(layout, width, mask, stacked, pooled_sequence, pooled_width, layers, frames, share, rotary, empty)
-            for empty, share, frames, rotary, layout, pooled_sequence, stacked, layers, width, pooled_width, mask
-            in itertools.product(dict.fromkeys(((), options)), shares, per_frame, rotary_forms, layouts,
-                                 pooled_sequences, stacks, per_token, widths or [None], pooled_widths, masks)
-            if not frames or layout in FRAMED]
+    return [Choice(layout, width, mask, stacked, pooled_sequence, pooled_width, layers, frames, share, rotary, step,
+                   empty)
+            for empty, share, frames, step, rotary, layout, pooled_sequence, stacked, layers, width, pooled_width, mask
+            in itertools.product(dict.fromkeys(((), options)), shares, per_frame, TIMESTEP_FORMS, rotary_forms,
+                                 layouts, pooled_sequences, stacks, per_token, widths or [None], pooled_widths, masks)
+            if (not frames and step == "sample") or layout in FRAMED]
 
 
 def layer_stack(config: Any) -> tuple[str | None, int | None]:
@@ -594,8 +608,7 @@ class DiffusersAdapter(ModelAdapter):
         text_axis = -3 if plan.choice.layers_per_token else -2
         batch, text = latent.shape[0], texts[0].shape[text_axis] if texts else self.example_text_tokens
         layout = plan.choice.layout
-        frames = latent.shape[2 if layout == "video" else 1] // plan.frame_unit \
-            if layout in ("video", "frames_first", "channels_last") else 2
+        frames = plan.frames_of(latent)
         told = {name: value for name, value in inputs.items()
                 if plan.parameters.get(name) == "grid_size" and isinstance(value, int)}
         if layout in PACKED and {"height", "width"} <= told.keys():  # the grid the model is told it was packed from
@@ -624,7 +637,8 @@ class DiffusersAdapter(ModelAdapter):
         values = {plan.latent_name(): latent}
         for name, role in plan.parameters.items():
             if role == "timestep":
-                values[name] = torch.full((batch,), sigma * self.timestep_scale, dtype=latent.dtype)
+                values[name] = torch.full(plan.timestep_shape(batch, plan.frames_of(latent)),
+                                          sigma * self.timestep_scale, dtype=latent.dtype)
         return values
 
     def _clean_latent(self, inputs, generator):
