@@ -273,6 +273,8 @@ def test_tiny_configs_build_where_the_constructor_defaults_do_not():
     ("AceStepTransformer1DModel", {"hidden_states": (2, 24, 64), "context_latents": (2, 24, 128)}),
     # a video U-Net cross-attending per frame: its text batch is batch × frames
     ("UNetMotionModel", {"sample": (2, 4, 2, 8, 12), "encoder_hidden_states": (2 * 2, 8, 64)}),
+    # conditioning aligned with a sequence latent [B, C, L]: one text token per latent position
+    ("MiniMaxMusic3Transformer1DModel", {"hidden_states": (2, 128, 4), "encoder_hidden_states": (2, 4, 64)}),
 ])
 def test_inputs_named_by_rules_the_classes_share(class_name, expect):
     model = tiny(class_name)

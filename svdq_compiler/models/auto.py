@@ -154,6 +154,7 @@ POSITION_AXES_KEYS = ("axes_dims_rope", "axes_dim_rope", "axes_dims", "rope_axes
 # [B,F,H,W,C] (Kandinsky 5: channels last)
 LAYOUTS = ("image", "video", "frames_first", "tokens", "video_tokens", "sequence", "channels_last")
 PACKED = ("tokens", "video_tokens")
+SEQUENCES = ("sequence", "tokens")  # the layouts of a 1-D model's latent
 FRAMED = ("video", "frames_first", "channels_last")  # the layouts with a frame axis of their own
 # The shape of a timestep past the batch, F the latent frames: one per sample, one per frame [B, F] (AnyFlow's
 # causal video), or one per frame in a row [B, 1, F] (Sana-WM's, LTX style).
@@ -250,6 +251,9 @@ class Choice:
     latent_share: int | None = None
     rotary_form: str | None = None  # one of ROTARY_FORMS, where the forward takes a rotary table
     timestep_form: str = "sample"  # one of TIMESTEP_FORMS
+    # text aligned with a sequence latent, one token per latent position (MiniMax-Music 3's frame-aligned
+    # conditioning, concatenated with the latent on the channel axis)
+    text_aligned: bool = False
     # option dicts (`cross_attention_kwargs`) given empty: a forward that unpacks its None default fails (Lumina-Next)
     empty_options: tuple[str, ...] = ()
 
@@ -286,6 +290,8 @@ class InputPlan:
 
         batch, text, unit = sizes.batch, self.text_length or sizes.text, self.unit
         height, width = sizes.rows * unit, sizes.cols * unit
+        if self.choice.text_aligned:
+            text = height if self.choice.layout == "sequence" else sizes.rows * sizes.cols
         inputs: dict[str, Any] = {}
         frames = sizes.frames * self.frame_unit
 
@@ -477,12 +483,14 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: i
     rotary_forms = ROTARY_FORMS if "rotary_table" in roles.values() else (None,)
     options = tuple(name for name, parameter in inspect.signature(model.forward).parameters.items()
                     if name.endswith("_kwargs") and parameter.default is None)
+    aligned = (False, True) if texts else (False,)
     return [Choice(layout, width, mask, stacked, pooled_sequence, pooled_width, layers, frames, share, rotary, step,
-                   empty)
-            for empty, share, frames, step, rotary, layout, pooled_sequence, stacked, layers, width, pooled_width, mask
-            in itertools.product(dict.fromkeys(((), options)), shares, per_frame, TIMESTEP_FORMS, rotary_forms,
-                                 layouts, pooled_sequences, stacks, per_token, widths or [None], pooled_widths, masks)
-            if (not frames and step == "sample") or layout in FRAMED]
+                   align, empty)
+            for empty, share, align, frames, step, rotary, layout, pooled_sequence, stacked, layers, width,
+            pooled_width, mask in itertools.product(dict.fromkeys(((), options)), shares, aligned, per_frame,
+                                                    TIMESTEP_FORMS, rotary_forms, layouts, pooled_sequences, stacks,
+                                                    per_token, widths or [None], pooled_widths, masks)
+            if ((not frames and step == "sample") or layout in FRAMED) and (not align or layout in SEQUENCES)]
 
 
 def layer_stack(config: Any) -> tuple[str | None, int | None]:
