@@ -441,3 +441,18 @@ def test_a_causal_video_model_takes_a_timestep_per_frame(class_name, layout, tim
     assert all(tuple(sample[name].shape) == timestep for sample in calibration for name in steps)
     with torch.no_grad():
         model(**calibration[-1])
+
+
+def test_a_class_no_tiny_config_builds_says_where_its_constructor_failed():
+    """OmniGen's constructor indexes rope_scaling, None by default: the error names the line and the parameter
+    instead of a bare TypeError."""
+
+    class IndexesItsDefault(torch.nn.Module):
+        def __init__(self, in_channels: int = 4, rope_scaling: dict | None = None):
+            super().__init__()
+            self.factor = rope_scaling["factor"]
+
+    with pytest.raises(InputError, match=r"no tiny config of IndexesItsDefault builds: TypeError: .* at "
+                                         r"test_auto_adapter.py:\d+ \(`self.factor = rope_scaling\[\"factor\"\]`\), "
+                                         r"rope_scaling None by default; build it from a released checkpoint's"):
+        tiny_config(IndexesItsDefault)

@@ -21,7 +21,9 @@ import importlib
 import inspect
 import itertools
 import re
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -693,17 +695,31 @@ def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
     Structure (block kinds, norms, embeddings) stays the class's own; only sizes shrink. The constructor is the
     judge of what builds: each candidate (widths 64, 128, 256; with and without filling a None patch size, which
     also selects a continuous-input variant) is built on the meta device (no memory, no weights) and the first
-    that builds is returned; when none does, the first, whose build error the caller then sees.
+    that builds is returned; when none does, an InputError says where the first candidate's build failed.
     """
     candidates = [shrunk_config(model_class, width, fill) for width in TINY_WIDTHS for fill in (True, False)]
+    failures = []
     for config in candidates:
         try:
             with torch.device("meta"):
                 model_class(**config)
-        except Exception:  # any constructor error means: not this candidate
+        except Exception as exc:  # any constructor error means: not this candidate
+            failures.append(exc)
             continue
         return config
-    return candidates[0]
+    raise InputError(f"no tiny config of {model_class.__name__} builds: {constructor_failure(model_class, failures[0])}",
+                     fix="build it from a released checkpoint's config")
+
+
+def constructor_failure(model_class: type[torch.nn.Module], exc: Exception) -> str:
+    """Where a constructor failed, and the parameters it leaves None by default that the failing line reads
+    (OmniGen indexes its `rope_scaling`, None unless a checkpoint's config gives it)."""
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    line = frame.line or ""
+    unset = [name for name, parameter in inspect.signature(model_class.__init__).parameters.items()
+             if parameter.default is None and re.search(rf"\b{name}\b", line)]
+    return (f"{type(exc).__name__}: {first_line(exc)} at {Path(frame.filename).name}:{frame.lineno} "
+            f"(`{line}`)" + (f", {', '.join(unset)} None by default" if unset else ""))
 
 
 def layer_indices(value: Any) -> bool:
