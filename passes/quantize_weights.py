@@ -136,8 +136,10 @@ def _candidates(scheme: Scheme, smooth: torch.Tensor | None, branches: dict | No
 
 
 def _measure(problem: GroupProblem, candidate: Candidate, smooth: torch.Tensor | None, branches: dict | None,
-             compiled_residuals: dict[str, torch.Tensor]) -> tuple[dict[str, QTensor], dict[str, float]]:
-    """The candidate's quantized weights and per-member relative errors on the calibration rows."""
+             compiled_residuals: dict[str, torch.Tensor], rounding: str
+             ) -> tuple[dict[str, QTensor], dict[str, float]]:
+    """The candidate's quantized weights (rounded to the nearest, or by GPTQ against the calibration rows) and
+    per-member relative errors on the calibration rows."""
     scheme = candidate.scheme
     lam = smooth if candidate.smooth else None
     kept = branches if candidate.branch else None
@@ -147,8 +149,9 @@ def _measure(problem: GroupProblem, candidate: Candidate, smooth: torch.Tensor |
         residuals = compiled_residuals
     else:
         residuals = problem.smoothed(lam)
-    quantized = {k: quantize_weight(r.to(problem.dtype), scheme.weight, scheme.weight_group, name=k)
-                 for k, r in residuals.items()}
+    hessians = problem.hessians(lam) if rounding == "gptq" else {}
+    quantized = {k: quantize_weight(r.to(problem.dtype), scheme.weight, scheme.weight_group, name=k,
+                                    hessian=hessians.get(k)) for k, r in residuals.items()}
     evaluated = problem if scheme == problem.scheme else dataclasses.replace(problem, scheme=scheme)
     return quantized, relative_errors(evaluated, lam, {k: dequantize(q) for k, q in quantized.items()}, kept)
 
@@ -171,7 +174,8 @@ def choose_forms(problem: GroupProblem, smooth: torch.Tensor | None, branches: d
         scheme_branches = branches if scheme.rank else None
         measured = []
         for candidate in _candidates(scheme, smooth, scheme_branches, config.layer_choice):
-            quantized, errors = _measure(problem, candidate, smooth, scheme_branches, compiled_residuals)
+            quantized, errors = _measure(problem, candidate, smooth, scheme_branches, compiled_residuals,
+                                         config.weight_rounding)
             measured.append((candidate, quantized, errors))
         for key in sorted(pending):
             def worst(errors):

@@ -24,6 +24,7 @@ SMOOTH_SEARCHES = ("svdquant", "smoothquant", "none")
 CALIB_SOURCES = ("inputs", "weights")
 CALIB_PROPAGATIONS = ("fp", "quantized")
 SVD_METHODS = ("full", "randomized")
+WEIGHT_ROUNDINGS = ("rtn", "gptq")
 CONV_KXK = ("keep", "w4a4", "w4a4-all")
 ONNX_FORMS = ("portable", "custom")  # svdq_compiler.export_onnx(form=...); here so that the CLI parser needs no torch
 # Role names are defined in svdq_compiler.ir.Role; schemes a role can be given:
@@ -139,6 +140,10 @@ class QuantConfig:
     # first of these that meets the bounds). None disables it.
     fallback_error: float | None = 0.35
     calib_rows: int = 512  # rows sampled per smoothing group for the searches (bounded memory)
+    # How a stored weight's codes are chosen, its scales being the same: "rtn" rounds each to the nearest; "gptq"
+    # rounds column by column against the layer's calibration rows, each column's error compensated in the
+    # columns after it (the reference's optional GPTQ, on the residual).
+    weight_rounding: str = "rtn"
     calib_prompts: int = 4  # adapter calibration inputs: prompts × denoising steps (when none are given)
     calib_steps: int = 4
     calib_seed: int = 0
@@ -211,6 +216,7 @@ class QuantConfig:
         check(self.calib_propagation, CALIB_PROPAGATIONS, "calib_propagation")
         check(self.svd, SVD_METHODS, "svd")
         check(self.search_svd, SVD_METHODS, "search_svd")
+        check(self.weight_rounding, WEIGHT_ROUNDINGS, "weight_rounding")
         check(self.weight_only_format, tuple(n for n, f in FORMATS.items() if f.weight_only), "weight_only_format")
         check(self.conv_kxk, CONV_KXK, "conv_kxk")
         if "conv" in self.role_schemes:

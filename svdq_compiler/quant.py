@@ -200,10 +200,24 @@ class QTensor:
 # ---- public API ---------------------------------------------------------------------------------------------
 
 
-def quantize_weight(w: torch.Tensor, fmt: str, group_size: int, *, name: str | None = None) -> QTensor:
-    """Quantize a weight [N, K] (static, per output row and group of `group_size` input channels)."""
+def quantize_weight(w: torch.Tensor, fmt: str, group_size: int, *, name: str | None = None,
+                    hessian: torch.Tensor | None = None) -> QTensor:
+    """Quantize a weight [N, K] (static, per output row and group of `group_size` input channels).
+
+    With `hessian` (XᵀX [K, K] of the layer's inputs X) the codes are chosen by GPTQ instead of rounded to the
+    nearest: the same scales, but each column's rounding error is compensated in the columns not yet rounded,
+    so that ‖(W − Ŵ)·Xᵀ‖ rather than ‖W − Ŵ‖ is made small (`_gptq_values`)."""
     fmt, group = _check(w, fmt, group_size, name, weight=True, unsigned=False)
-    return _quantize(w, fmt, group, name, weight=True)
+    q = _quantize(w, fmt, group, name, weight=True)
+    if hessian is None:
+        return q
+    scales = _element_scales(q)
+    levels = F.pad(_gptq_values(w, hessian, scales, fmt) / scales, (0, q.k_pad - q.k))  # padding: the value 0
+    if FORMATS[fmt].integer:
+        codes = levels.round_().to(CODE_DTYPES[fmt])
+    else:
+        codes = _sorted_grid_codes(fmt, w.device)[_nearest(levels, fmt)]
+    return QTensor(codes, q.scales, fmt, q.group_size, q.k, q.dtype, q.tensor_scale)
 
 
 def quantize_act(x: torch.Tensor, fmt: str, group_size: int, *, unsigned: bool = False,
@@ -254,6 +268,68 @@ def act_tensor_scale(x: torch.Tensor, fmt: str) -> torch.Tensor | None:
     """The dynamic per-tensor scale of activations `x` in `fmt` (nvfp4_act_scale of x's absmax), None for the
     formats without one: what the ops take as `act_scale` when no calibrated scale is at hand."""
     return nvfp4_act_scale(x.detach().abs().amax().float()) if fmt == "nvfp4" else None
+
+
+def _element_scales(q: QTensor) -> torch.Tensor:
+    """The scale each of a weight's K elements is a multiple of (its group's, times t for nvfp4), fp64 [N, K]."""
+    scale = q.scales.to(torch.float64)
+    if q.tensor_scale is not None:
+        scale = scale * q.tensor_scale.to(torch.float64).reshape(-1, 1)
+    return scale.repeat_interleave(q.group_size, -1)[..., : q.k]
+
+
+# GPTQ (Frantar et al. 2022) as the reference recipe runs it on the residual (deepcompressor's gptq add-on):
+# static scales, columns in decreasing order of their input energy, 1% damping, blocks of 128 columns.
+GPTQ_DAMPING = 0.01
+GPTQ_BLOCK = 128
+
+
+def _gptq_values(w: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
+    """W's values on its format's grid [N, K] (fp64), chosen column by column: each column rounds to the nearest
+    grid value of its fixed scale, and its error, weighted by the inverse Hessian's Cholesky factor, is taken
+    out of the later columns. A column no input reaches (zero Hessian diagonal) rounds to the nearest."""
+    weight = w.to(torch.float64).clone()
+    hessian = hessian.to(torch.float64).clone()
+    k = weight.shape[1]
+    dead = hessian.diagonal() == 0
+    hessian[dead, dead] = 1
+    order = torch.argsort(hessian.diagonal(), descending=True, stable=True)
+    weight, hessian, scales = weight[:, order], hessian[order][:, order], scales[:, order]
+    hessian.diagonal().add_(GPTQ_DAMPING * hessian.diagonal().mean())
+    factor = _inverse_cholesky(hessian)
+    spec = FORMATS[fmt]
+    grid = None if spec.integer else _sorted_grid(fmt, w.device, torch.float64)
+
+    def nearest(column: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if grid is None:
+            return (column / scale).round_().clamp_(spec.qmin, spec.qmax) * scale
+        return grid[_nearest(column / scale, fmt)] * scale
+
+    chosen = torch.empty_like(weight)
+    for start in range(0, k, GPTQ_BLOCK):
+        end = min(start + GPTQ_BLOCK, k)
+        block, block_factor = weight[:, start:end], factor[start:end, start:end]
+        errors = torch.empty_like(block)
+        for i in range(end - start):
+            column = block[:, i]
+            chosen[:, start + i] = nearest(column, scales[:, start + i])
+            errors[:, i] = (column - chosen[:, start + i]) / block_factor[i, i]
+            block[:, i:].addr_(errors[:, i], block_factor[i, i:], alpha=-1)
+        weight[:, end:].addmm_(errors, factor[start:end, end:], alpha=-1)
+    return chosen[:, torch.argsort(order)]
+
+
+def _inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of H⁻¹; a Hessian that is not positive definite gets more damping until it is
+    (as the reference does, 0.1% of its mean diagonal at a time)."""
+    step = 0.001 * hessian.diagonal().mean()
+    for _ in range(250):
+        lower, info = torch.linalg.cholesky_ex(hessian)
+        if not info:
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+        hessian.diagonal().add_(step)
+    raise QuantizationError("the layer's input Hessian is not positive definite even after damping",
+                            fix="calibrate on inputs with finite values")
 
 
 def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:

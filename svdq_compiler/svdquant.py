@@ -337,6 +337,16 @@ class GroupProblem:
             result[member.name] = (output - member.reference).pow(2).sum((-2, -1))
         return result
 
+    def hessians(self, smooth: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Per weight key, XᵀX (fp64 [K, K]) of the smoothed sample rows X/λ of every site it is called at: what
+        GPTQ rounds the weight against."""
+        inverse = None if smooth is None else 1.0 / smooth.double().unsqueeze(-2)
+        result: dict[str, torch.Tensor] = {}
+        for key, site in dict.fromkeys((m.weight_key, m.site) for m in self.members):
+            rows = self.rows[site].double() if inverse is None else self.rows[site].double() * inverse
+            result[key] = result[key] + rows.mT @ rows if key in result else rows.mT @ rows
+        return result
+
     def act_inputs(self, smooth: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per site, (what the main path multiplies: Q_a((X + s)/λ) − s/λ, or X/λ for a weight-only scheme; what
         the branch multiplies: X/λ), fp32."""

@@ -30,6 +30,8 @@ def test_unknown_preset_and_field_are_clear_errors():
         QuantConfig.preset("int3")
     with pytest.raises(InputError, match="valid fields"):
         QuantConfig.preset("int4", ranks=3)
+    with pytest.raises(InputError, match=r"weight_rounding must be one of \['rtn', 'gptq'\], got 'awq'"):
+        QuantConfig.preset("int4", weight_rounding="awq")
 
 
 def test_role_schemes():

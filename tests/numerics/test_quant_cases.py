@@ -306,3 +306,31 @@ def test_qtensor_checks_codes_and_scales():
         QTensor(q.codes, q.scales[:2], "int4", 64, 64, torch.float32)
     with pytest.raises(QuantizationError, match="do not fit group size"):
         QTensor(q.codes, q.scales, "int4", 48, 64, torch.float32)
+
+
+# ---- GPTQ rounding -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 64), ("int8", 64), ("int8", 0), ("nvfp4", 16), ("nf4", 64)])
+def test_gptq_rounds_against_the_inputs_with_the_nearest_roundings_scales(fmt, group):
+    """An identity Hessian (uncorrelated inputs of equal energy) leaves nothing to compensate: the codes are
+    those of rounding to the nearest. Correlated inputs: the same scales, and a smaller output error on them.
+    K = 200 is padded: the padding codes stand for 0."""
+    torch.manual_seed(0)
+    weight = torch.randn(48, 200)
+    inputs = torch.randn(600, 200) @ torch.randn(200, 200) * 0.3 + torch.randn(600, 1)
+    nearest = quantize_weight(weight, fmt, group)
+    assert torch.equal(quantize_weight(weight, fmt, group, hessian=torch.eye(200)).codes, nearest.codes)
+    gptq = quantize_weight(weight, fmt, group, hessian=inputs.T @ inputs)
+    assert torch.equal(gptq.scales, nearest.scales) and gptq.codes.shape == nearest.codes.shape
+    assert torch.equal(code_values(gptq.codes[:, 200:], fmt), torch.zeros(48, gptq.k_pad - 200))
+
+    def output_error(q):
+        return float(((weight - dequantize(q)) @ inputs.T).norm() / (weight @ inputs.T).norm())
+
+    assert output_error(gptq) < 0.8 * output_error(nearest)
+
+
+def test_gptq_refuses_a_hessian_damping_cannot_repair():
+    with pytest.raises(QuantizationError, match="not positive definite"):
+        quantize_weight(torch.randn(8, 64), "int8", 64, hessian=torch.full((64, 64), float("nan")))
