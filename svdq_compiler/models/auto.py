@@ -127,8 +127,8 @@ CONDITION_WIDTH_KEYS = (("projection_class_embeddings_input_dim", "addition_time
 
 # Config entries giving a width, in the order they are tried.
 TEXT_WIDTH_KEYS = ("joint_attention_dim", "cross_attention_dim", "caption_channels", "text_embed_dim", "text_dim",
-                   "cap_feat_dim", "context_in_dim", "encoder_hid_dim", "text_emb_dim", "text_hidden_dim", "text_in_dim",
-                   "encoder_hidden_size")
+                   "cap_feat_dim", "context_in_dim", "encoder_hid_dim", "text_emb_dim", "text_hidden_dim",
+                   "text_in_dim", "encoder_hidden_size")
 IMAGE_WIDTH_KEYS = ("image_embed_dim", "image_proj_dim")
 IMAGE_TOKENS = 4  # image encoder tokens given (a pipeline's count is its vision encoder's, not the model's)
 POOLED_WIDTH_KEYS = ("pooled_projection_dim", "pooled_embed_dim", "global_states_input_dim", "text_emb_dim",
@@ -515,7 +515,8 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     roles = forward_roles(model)
     channels = config_value(config, LATENT_CHANNEL_KEYS)
     if not channels:
-        raise InputError(f"{type(model).__name__}'s config gives no latent channel count ({', '.join(LATENT_CHANNEL_KEYS)})",
+        raise InputError(f"{type(model).__name__}'s config gives no latent channel count "
+                         f"({', '.join(LATENT_CHANNEL_KEYS)})",
                          fix="pass your own example_inputs to svdq_compiler.compile")
     if config.get("visual_cond"):  # Kandinsky 5/6: the conditioning frames and their mask ride in the latent
         channels = [2 * channels[0] + 1]
@@ -707,7 +708,8 @@ def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
             failures.append(exc)
             continue
         return config
-    raise InputError(f"no tiny config of {model_class.__name__} builds: {constructor_failure(model_class, failures[0])}",
+    why = constructor_failure(model_class, failures[0])
+    raise InputError(f"no tiny config of {model_class.__name__} builds: {why}",
                      fix="build it from a released checkpoint's config")
 
 
@@ -732,7 +734,8 @@ def shrunk_config(model_class: type[torch.nn.Module], width: int, fill: bool) ->
     """One candidate of `tiny_config`: every width `width`, heads of width / 2; `fill`: the None entries of
     NEEDED_WHEN_NONE given (in_channels always)."""
     head_size = width // TINY_HEADS
-    defaults = {name: parameter.default for name, parameter in inspect.signature(model_class.__init__).parameters.items()
+    parameters = inspect.signature(model_class.__init__).parameters.items()
+    defaults = {name: parameter.default for name, parameter in parameters
                 if name != "self" and parameter.default is not inspect.Parameter.empty}
     config: dict[str, Any] = {}
     head_dim = next((value for name, value in defaults.items() if HEAD_DIM.fullmatch(name)
