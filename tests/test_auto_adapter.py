@@ -456,3 +456,34 @@ def test_a_class_no_tiny_config_builds_says_where_its_constructor_failed():
                                          r"test_auto_adapter.py:\d+ \(`self.factor = rope_scaling\[\"factor\"\]`\), "
                                          r"rope_scaling None by default; build it from a released checkpoint's"):
         tiny_config(IndexesItsDefault)
+
+
+def test_a_latent_of_whole_patches_with_its_grid_per_sample():
+    """JoyImage takes its latent as whole patches [B, F·rows·cols, C, pt, ph, pw] (its patch_size [1, 2, 2]) and,
+    per sample, a list of the grids its patches come from; the adapter reads the grid back from that list."""
+    model = tiny("JoyImageEditPlusTransformer3DModel")
+    adapter = adapter_for(model)
+    assert plan_inputs(model).choice.layout == "patches"
+    inputs = adapter.example_inputs(model, batch=2, tokens=(4, 6))
+    assert tuple(inputs["hidden_states"].shape) == (2, 2 * 4 * 6, model.config.in_channels, 1, 2, 2)
+    assert inputs["shape_list"] == [[(2, 4, 6)]] * 2
+    assert adapter.tokens_of(model, inputs) == (4, 6)
+    with torch.no_grad():
+        assert model(**inputs)[0].shape == inputs["hidden_states"].shape
+
+
+def test_a_decoder_of_continuous_tokens_conditioned_on_encodings_with_their_masks():
+    """T5-FiLM denoises continuous frames (decoder_input_tokens, input_dims wide) and cross-attends to a list of
+    (encoding, mask) pairs at its model width (d_model); its noise time is a timestep by its name."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.T5FilmDecoder(**tiny_config(diffusers.T5FilmDecoder)).eval()
+    assert plan_inputs(model).parameters == {"encodings_and_masks": "text_pairs", "decoder_input_tokens": "latent",
+                                             "decoder_noise_time": "timestep"}
+    inputs = adapter_for(model).example_inputs(model, batch=2, tokens=(4, 6))
+    assert tuple(inputs["decoder_input_tokens"].shape) == (2, 24, model.config.input_dims)
+    [(encoding, mask)] = inputs["encodings_and_masks"]
+    assert tuple(encoding.shape) == (2, 8, model.config.d_model) and tuple(mask.shape) == (2, 8)
+    with torch.no_grad():
+        assert model(**inputs).shape == inputs["decoder_input_tokens"].shape

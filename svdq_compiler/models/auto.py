@@ -66,12 +66,15 @@ def denoiser_classes() -> dict[str, str]:
 # (role, pattern on the parameter name). The first match wins; `latent` is also the first required parameter
 # when no name says so.
 ROLES: tuple[tuple[str, str], ...] = (
-    ("latent", r"hidden_states|sample|x"),
+    # decoder_input_tokens: the continuous frames a decoder denoises (T5-FiLM's spectrogram)
+    ("latent", r"hidden_states|sample|x|decoder_input_tokens"),
     # _2 and the like: the mask of a second text encoder's tokens
     ("text_mask", r"encoder_attention_mask(_\d)?|encoder_mask|encoder_hidden_states_mask|text_embedding_mask"),
     # _t5, _llama3: one per text encoder; _image is image conditioning (Wan's I2V), left at its default
     ("text", r"encoder_hidden_states(_(?!image)[a-z0-9]+)?|cap_feats|context|text_bth"),
     ("timestep", r"timesteps?|t"),
+    # encoders' outputs with their masks, [(text [B, T, C], mask [B, T])], concatenated by the model (T5-FiLM)
+    ("text_pairs", r"encodings_and_masks"),
     # a text encoder's hidden states, one layer per transformer block, each [B, T, C] (Bria-Fibo: each block
     # reads its own layer), C the width the config names after it (`text_encoder_dim`)
     ("text_per_block", r"text_encoder_layers"),
@@ -109,11 +112,12 @@ ROLES: tuple[tuple[str, str], ...] = (
     # a control video encoded beside the latent (Wan VACE): the latent's grid, CONTROL_CHANNEL_KEYS channels
     ("control_latent", r"control_hidden_states"),
     # per sample, the (frames, rows, cols) of its latent grid, as Python ints (Qwen-Image's RoPE reads them)
-    ("grid_shapes", r"img_shapes"),
+    ("grid_shapes", r"img_shapes|shape_list"),
     # the grid of a packed latent as Python ints (LTX-Video), given with packed latents only: an unpacked one
     # shows its grid
     ("grid_size", r"num_frames|height|width"),
 )
+TEXTS = ("text", "text_pairs")  # the roles holding text, at the text width
 # Required parameters named like a timestep (`timestep_r`, `r_timestep`, `decoder_noise_time`) are timesteps too;
 # optional ones are not (`timestep_cond` is an embedding).
 REQUIRED_TIMESTEP = r"(\w+_)?timesteps?(_\w+)?|\w+_time"
@@ -138,7 +142,7 @@ POOLED_WIDTH_KEYS = ("pooled_projection_dim", "pooled_embed_dim", "global_states
 CONDITIONING_WIDTH = re.compile(r"\w*(text|cond)\w*_(dim|channels)\d*")
 # The model's own width: where a config leaves its text encoder's width None (AceStep's encoder_hidden_size), the
 # constructor takes this one, so it is the text width tried when no conditioning width is given.
-MODEL_WIDTH_KEYS = ("hidden_size", "inner_dim", "model_dim", "dim")
+MODEL_WIDTH_KEYS = ("hidden_size", "inner_dim", "model_dim", "dim", "d_model")
 # A text length the model fixes (CogVideoX adds a positional embedding over text and image tokens together).
 TEXT_LENGTH_KEYS = ("max_text_seq_length",)
 CONTROL_CHANNEL_KEYS = ("vace_in_channels",)
@@ -149,12 +153,12 @@ HEAD_COUNT_KEYS = ("num_attention_heads", "num_heads")
 # interleaved RoPE), (cos, sin) per token [tokens, D] (FLUX's); D the head size.
 ROTARY_FORMS = ("polar_grid", "cos_sin_per_sample", "cos_sin")
 LATENT_CHANNEL_KEYS = ("in_channels", "in_chans", "latent_channels", "num_channels_latents", "in_visual_dim",
-                       "io_channels", "latent_dim")
+                       "io_channels", "latent_dim", "input_dims")
 POSITION_AXES_KEYS = ("axes_dims_rope", "axes_dim_rope", "axes_dims", "rope_axes_dim")
 
 # [B,C,H,W], [B,C,F,H,W], [B,F,C,H,W] (CogVideoX: frames first), [B,N,C], [B,F·N,C] (LTX-Video), [B,C,L],
-# [B,F,H,W,C] (Kandinsky 5: channels last)
-LAYOUTS = ("image", "video", "frames_first", "tokens", "video_tokens", "sequence", "channels_last")
+# [B,F,H,W,C] (Kandinsky 5: channels last), [B,F·N,C,pt,ph,pw] (JoyImage: each patch whole, patch_size [pt,ph,pw])
+LAYOUTS = ("image", "video", "frames_first", "tokens", "video_tokens", "sequence", "channels_last", "patches")
 PACKED = ("tokens", "video_tokens")
 SEQUENCES = ("sequence", "tokens")  # the layouts of a 1-D model's latent
 FRAMED = ("video", "frames_first", "channels_last")  # the layouts with a frame axis of their own
@@ -187,7 +191,7 @@ def text_widths(model: torch.nn.Module) -> list[int]:
     input the config gives no width for is left out: the model does without it)."""
     widths = conditioning_widths(model.config, TEXT_WIDTH_KEYS)
     parameters = inspect.signature(model.forward).parameters.items()
-    required = any(role_of(name) == "text" and parameter.default is inspect.Parameter.empty
+    required = any(role_of(name) in TEXTS and parameter.default is inspect.Parameter.empty
                    for name, parameter in parameters)
     return widths or (config_value(model.config, MODEL_WIDTH_KEYS) if required else [])
 
@@ -253,6 +257,9 @@ class Choice:
     latent_share: int | None = None
     rotary_form: str | None = None  # one of ROTARY_FORMS, where the forward takes a rotary table
     timestep_form: str = "sample"  # one of TIMESTEP_FORMS
+    # grid shapes given as a list per sample, of one (frames, rows, cols) each (JoyImage's shape_list: one entry per
+    # image of the sample, the target first); else one tuple per sample (Qwen-Image's img_shapes)
+    grids_per_sample: bool = False
     # text aligned with a sequence latent, one token per latent position (MiniMax-Music 3's frame-aligned
     # conditioning, concatenated with the latent on the channel axis)
     text_aligned: bool = False
@@ -304,7 +311,9 @@ class InputPlan:
                     "tokens": (batch, sizes.rows * sizes.cols, channels),
                     "video_tokens": (batch, sizes.frames * sizes.rows * sizes.cols, channels),
                     "sequence": (batch, channels, height),
-                    "channels_last": (batch, frames, height, width, channels)}[self.choice.layout]
+                    "channels_last": (batch, frames, height, width, channels),
+                    "patches": (batch, sizes.frames * sizes.rows * sizes.cols, channels, self.frame_unit, unit, unit),
+                    }[self.choice.layout]
 
         for name, role in self.parameters.items():
             if role == "latent":
@@ -320,6 +329,8 @@ class InputPlan:
                 inputs[name] = randn(*stack, text_batch, text, *per_token, self.choice.text_width)
             elif role == "text_per_block":
                 inputs[name] = [randn(batch, text, self.block_text_width) for _ in range(self.blocks)]
+            elif role == "text_pairs":
+                inputs[name] = [(randn(batch, text, self.choice.text_width), torch.ones(batch, text, dtype=dtype))]
             elif role == "text_mask":
                 inputs[name] = torch.ones(batch, text, dtype=self.choice.mask_dtype if self.choice.mask_dtype
                                           is torch.bool else dtype)
@@ -340,7 +351,8 @@ class InputPlan:
             elif role == "grid_size" and self.choice.layout in PACKED:
                 inputs[name] = {"num_frames": sizes.frames, "height": sizes.rows, "width": sizes.cols}[name]
             elif role == "grid_shapes":
-                inputs[name] = [(sizes.frames if self.choice.layout == "video" else 1, sizes.rows, sizes.cols)] * batch
+                grid = (sizes.frames if self.choice.layout in ("video", "patches") else 1, sizes.rows, sizes.cols)
+                inputs[name] = [[grid] if self.choice.grids_per_sample else grid] * batch
             elif role == "image_ids":
                 inputs[name] = grid_ids(sizes.rows, sizes.cols, self.axes, dtype)
             elif role == "text_ids":
@@ -457,14 +469,14 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: i
     config = model.config
     name = type(model).__name__
     if re.search(r"3D(?![a-z])", name):  # Transformer3DModel, not StableAudio3DiT
-        layouts = ("video", "frames_first", "tokens", "video_tokens", "image", "channels_last")
+        layouts = ("video", "frames_first", "tokens", "video_tokens", "image", "channels_last", "patches")
     elif re.search(r"1D(?![a-z])", name):
         layouts = ("sequence", "tokens")
     elif {"image_ids", "position_ids"} & set(roles.values()) or config.get("axes_dims_rope"):
         layouts = ("tokens", "image", "video")  # position ids come with packed latents
     else:
         layouts = ("image", "tokens", "video", "frames_first", "sequence")
-    widths: list[int | None] = text_widths(model) if "text" in roles.values() else [None]
+    widths: list[int | None] = text_widths(model) if set(TEXTS) & set(roles.values()) else [None]
     pooled = [*(width for name, role in roles.items() if role == "pooled" for width in named_width(config, name))]
     pooled_widths: list[int | None] = list(dict.fromkeys(pooled + conditioning_widths(config, POOLED_WIDTH_KEYS))) \
         if "pooled" in roles.values() else [None]
@@ -476,23 +488,35 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: i
     stacks = [*((name,) for name in texts if encoder and encoder in name), ()]
     pooled_sequences = (False, True) if "pooled" in roles.values() else (False,)
     per_token = (True, False) if texts and config_value(config, ("num_text_layers",)) else (False,)
-    per_frame = (False, True) if texts else (False,)
     # the latent's share of the input channels, tried among the config's widths: the probe keeps the one whose
     # output has the latent's shape
     shares = [None, *(width for width in config_value(config, tuple(key for key in config if WIDTH.fullmatch(key)
                                                                     and not NOT_WIDTHS.fullmatch(key)))
                       if width < channels)] if "latent_like" in roles.values() else [None]
-    rotary_forms = ROTARY_FORMS if "rotary_table" in roles.values() else (None,)
-    options = tuple(name for name, parameter in inspect.signature(model.forward).parameters.items()
-                    if name.endswith("_kwargs") and parameter.default is None)
-    aligned = (False, True) if texts else (False,)
-    return [Choice(layout, width, mask, stacked, pooled_sequence, pooled_width, layers, frames, share, rotary, step,
-                   align, empty)
-            for empty, share, align, frames, step, rotary, layout, pooled_sequence, stacked, layers, width,
-            pooled_width, mask in itertools.product(dict.fromkeys(((), options)), shares, aligned, per_frame,
-                                                    TIMESTEP_FORMS, rotary_forms, layouts, pooled_sequences, stacks,
-                                                    per_token, widths or [None], pooled_widths, masks)
-            if ((not frames and step == "sample") or layout in FRAMED) and (not align or layout in SEQUENCES)]
+    option_dicts = tuple(name for name, parameter in inspect.signature(model.forward).parameters.items()
+                         if name.endswith("_kwargs") and parameter.default is None)
+    candidates = {  # each question's answers, the usual first; the product varies the last question fastest
+        "latent_share": shares,
+        "text_aligned": (False, True) if texts else (False,),
+        "text_per_frame": (False, True) if texts else (False,),
+        "timestep_form": tuple(TIMESTEP_FORMS),
+        "grids_per_sample": (False, True) if "grid_shapes" in roles.values() else (False,),
+        "rotary_form": ROTARY_FORMS if "rotary_table" in roles.values() else (None,),
+        "layout": layouts,
+        "pooled_sequence": pooled_sequences,
+        "stacked": stacks,
+        "layers_per_token": per_token,
+        "text_width": widths or [None],
+        "pooled_width": pooled_widths,
+        "mask_dtype": masks,
+        # last: a forward that fails on None options fails on every layout, and the probes stop at MAX_PROBES
+        "empty_options": list(dict.fromkeys(((), option_dicts))),
+    }
+    choices = [Choice(**dict(zip(candidates, answers))) for answers in itertools.product(*candidates.values())]
+    # per-frame text and timesteps need a frame axis; text aligned with the latent, a sequence
+    return [choice for choice in choices
+            if (choice.layout in FRAMED or not choice.text_per_frame and choice.timestep_form == "sample")
+            and (choice.layout in SEQUENCES or not choice.text_aligned)]
 
 
 def layer_stack(config: Any) -> tuple[str | None, int | None]:
@@ -528,7 +552,7 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     # conditioning the config gives no width for is left out (an optional input the model then does without)
     absent = ({"pooled"} if not conditioning_widths(config, POOLED_WIDTH_KEYS) else set()) | \
         ({"conditions"} if conditions is None else set()) | \
-        ({"text", "text_mask", "text_ids", "image_pooled"} if not text_widths(model) else set()) | \
+        ({*TEXTS, "text_mask", "text_ids", "image_pooled"} if not text_widths(model) else set()) | \
         ({"image_tokens"} if image_width is None else set()) | \
         ({"control_latent"} if control_channels is None else set()) | \
         ({"text_per_block"} if block_text_width is None else set())
@@ -631,6 +655,9 @@ class DiffusersAdapter(ModelAdapter):
             rows, cols = latent.shape[-1] // plan.unit, 1
         elif layout == "channels_last":
             rows, cols = latent.shape[2] // plan.unit, latent.shape[3] // plan.unit
+        elif layout == "patches":  # the grid the model is told the patches come from
+            shapes = next(value for name, value in inputs.items() if plan.parameters.get(name) == "grid_shapes")
+            frames, rows, cols = shapes[0][0] if plan.choice.grids_per_sample else shapes[0]
         else:
             rows, cols = latent.shape[-2] // plan.unit, latent.shape[-1] // plan.unit
         sizes = Sizes(batch=int(batch), text=int(text), rows=int(rows), cols=int(cols), frames=int(frames))
