@@ -98,6 +98,9 @@ class QuantConfig:
     # The smoothing search ranks its candidates on this many of the sample rows (a seeded subset; None: all);
     # the reported errors are those of the subset.
     search_rows: int | None = 128
+    # ... and on at most this many output rows of each weight (a seeded subset; None: all), each candidate's
+    # branch still being the whole weight's: a wide layer's search costs in proportion to its output rows.
+    search_outputs: int | None = 1024
     # Coarse to fine: every other candidate of each family first, then the neighbours of each family's best
     # (15 of 19 candidates evaluated for smooth_grid 10); False evaluates every candidate. On by evidence: the
     # same λ as the full grid for all 37 tiny-flux groups (bench/results/smooth-search-flux12b.json).
@@ -142,7 +145,10 @@ class QuantConfig:
     calib_rows: int = 512  # rows sampled per smoothing group for the searches (bounded memory)
     # How a stored weight's codes are chosen, its scales being the same: "rtn" rounds each to the nearest; "gptq"
     # rounds column by column against the layer's calibration rows, each column's error compensated in the
-    # columns after it (the reference's optional GPTQ, on the residual).
+    # columns after it (the reference's optional GPTQ, on the residual). Off by default, by evidence
+    # (bench/results/weight-rounding-minilm.json, held-out token states): it pays where the weights carry the
+    # error, w4a16-nf4 0.257 → 0.179, not where 4/8-bit activations do (int4 0.250 → 0.254, w8a8 0.0177 →
+    # 0.0180, though each layer's calibration error drops 20%), and costs 6–16× the compile's CPU time.
     weight_rounding: str = "rtn"
     calib_prompts: int = 4  # adapter calibration inputs: prompts × denoising steps (when none are given)
     calib_steps: int = 4
@@ -235,6 +241,9 @@ class QuantConfig:
             raise InputError("calib_rows, calib_prompts and calib_steps must be at least 1")
         if self.search_rows is not None and self.search_rows < 1:
             raise InputError(f"search_rows must be at least 1 or None (every sample row), got {self.search_rows}")
+        if self.search_outputs is not None and self.search_outputs < 1:
+            raise InputError(f"search_outputs must be at least 1 or None (every output row), got "
+                             f"{self.search_outputs}")
         if not (isinstance(self.nvfp4_act_headroom, (int, float)) and 1 <= self.nvfp4_act_headroom <= 2 ** 16):
             raise InputError(f"nvfp4_act_headroom must be a number in [1, 65536], got {self.nvfp4_act_headroom!r}",
                              fix="use e.g. 16 (the default)")
