@@ -426,6 +426,7 @@ def test_a_text_encoder_layer_per_transformer_block():
 
 @pytest.mark.parametrize("class_name, layout, timestep", [
     ("AnyFlowTransformer3DModel", "frames_first", (2, 2)),  # one per latent frame, [B, F]
+    ("AnyFlowFARTransformer3DModel", "frames_first", (2, 2)),  # and its frames in one chunk: chunk_partition [F]
     ("SanaWMTransformer3DModel", "video", (2, 1, 2)),  # one per latent frame in a row, [B, 1, F]
 ])
 def test_a_causal_video_model_takes_a_timestep_per_frame(class_name, layout, timestep):
@@ -437,6 +438,7 @@ def test_a_causal_video_model_takes_a_timestep_per_frame(class_name, layout, tim
     inputs = adapter.example_inputs(model, batch=2, tokens=(4, 6))
     steps = [name for name, role in plan_inputs(model).parameters.items() if role == "timestep"]
     assert {tuple(inputs[name].shape) for name in steps} == {timestep}
+    assert inputs.get("chunk_partition", [2]) == [2]  # where the model takes chunks: one of the 2 latent frames
     calibration = adapter.calib_inputs(model, 1, 2, batch=2, tokens=(4, 6))
     assert all(tuple(sample[name].shape) == timestep for sample in calibration for name in steps)
     with torch.no_grad():

@@ -111,6 +111,8 @@ ROLES: tuple[tuple[str, str], ...] = (
     ("latent_like", r"(?!indices_)\w+_latents"),
     # a control video encoded beside the latent (Wan VACE): the latent's grid, CONTROL_CHANNEL_KEYS channels
     ("control_latent", r"control_hidden_states"),
+    # the latent frames split into chunks, as Python ints summing to F (AnyFlow-FAR): one chunk of them all
+    ("frame_chunks", r"chunk_partition"),
     # per sample, the (frames, rows, cols) of its latent grid, as Python ints (Qwen-Image's RoPE reads them)
     ("grid_shapes", r"img_shapes|shape_list"),
     # the grid of a packed latent as Python ints (LTX-Video), given with packed latents only: an unpacked one
@@ -361,6 +363,8 @@ class InputPlan:
                 inputs[name] = [torch.arange(size) for size in (sizes.frames, sizes.rows, sizes.cols)]
             elif role == "text_positions":
                 inputs[name] = torch.arange(text)
+            elif role == "frame_chunks":
+                inputs[name] = [sizes.frames]
             elif role == "prior_tokens":
                 inputs[name] = torch.zeros(batch, sizes.rows * sizes.cols, dtype=torch.long)
             elif role == "prior_drop":
