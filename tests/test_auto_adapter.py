@@ -489,3 +489,17 @@ def test_a_decoder_of_continuous_tokens_conditioned_on_encodings_with_their_mask
     assert tuple(encoding.shape) == (2, 8, model.config.d_model) and tuple(mask.shape) == (2, 8)
     with torch.no_grad():
         assert model(**inputs).shape == inputs["decoder_input_tokens"].shape
+
+
+def test_a_second_modality_denoised_beside_the_latent():
+    """LTX-2 denoises audio beside video: audio_hidden_states are packed tokens, one per latent frame, at the
+    config's audio_in_channels; audio_encoder_hidden_states its text; audio_num_frames its length as an int."""
+    model = tiny("LTX2VideoTransformer3DModel")
+    adapter = adapter_for(model)
+    inputs = adapter.example_inputs(model, batch=2, tokens=(4, 6))
+    assert tuple(inputs["audio_hidden_states"].shape) == (2, 2, model.config.audio_in_channels)
+    assert tuple(inputs["audio_encoder_hidden_states"].shape) == tuple(inputs["encoder_hidden_states"].shape)
+    assert inputs["audio_num_frames"] == 2 and "audio_num_frames" in adapter.sizes_in_values(model, inputs)
+    with torch.no_grad():
+        video, audio = model(**inputs)[:2]
+    assert video.shape == inputs["hidden_states"].shape and audio.shape == inputs["audio_hidden_states"].shape

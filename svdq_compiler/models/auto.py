@@ -22,6 +22,7 @@ import inspect
 import itertools
 import re
 import traceback
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -111,6 +112,11 @@ ROLES: tuple[tuple[str, str], ...] = (
     ("latent_like", r"(?!indices_)\w+_latents"),
     # a control video encoded beside the latent (Wan VACE): the latent's grid, CONTROL_CHANNEL_KEYS channels
     ("control_latent", r"control_hidden_states"),
+    # a second modality denoised beside the latent (LTX-2's audio): its packed tokens [B, F, C], one per latent
+    # frame, C the config's `<modality>_in_channels`; its text at the text width; its length as a Python int
+    ("stream_text", r"[a-z]+_encoder_hidden_states"),
+    ("stream_latent", r"[a-z]+_hidden_states"),
+    ("stream_length", r"[a-z]+_num_frames"),
     # the latent frames split into chunks, as Python ints summing to F (AnyFlow-FAR): one chunk of them all
     ("frame_chunks", r"chunk_partition"),
     # per sample, the (frames, rows, cols) of its latent grid, as Python ints (Qwen-Image's RoPE reads them)
@@ -119,14 +125,14 @@ ROLES: tuple[tuple[str, str], ...] = (
     # shows its grid
     ("grid_size", r"num_frames|height|width"),
 )
-TEXTS = ("text", "text_pairs")  # the roles holding text, at the text width
+TEXTS = ("text", "text_pairs", "stream_text")  # the roles holding text, at the text width
 # Required parameters named like a timestep (`timestep_r`, `r_timestep`, `decoder_noise_time`) are timesteps too;
 # optional ones are not (`timestep_cond` is an embedding).
 REQUIRED_TIMESTEP = r"(\w+_)?timesteps?(_\w+)?|\w+_time"
 # Optional parameters worth giving: the conditioning a pipeline always passes. Other optional ones (controlnet
 # residuals, caches, extra image streams) are left at their defaults.
 OPTIONAL_ROLES = {"text", "text_per_block", "text_mask", "timestep", "pooled", "image_ids", "text_ids", "conditions",
-                  "grid_shapes", "grid_size", "image_tokens", "image_pooled", "control_latent"}
+                  "grid_shapes", "grid_size", "image_tokens", "image_pooled", "control_latent", "stream_length"}
 # (total, each) config widths of the scalar conditions' embedding: the count is total / each.
 CONDITION_WIDTH_KEYS = (("projection_class_embeddings_input_dim", "addition_time_embed_dim"),
                         ("micro_cond_embed_dim", "micro_cond_encode_dim"))
@@ -288,6 +294,7 @@ class InputPlan:
     text_length: int | None = None  # the one text length the model takes, where its config fixes it
     square: bool = False  # the model takes square latent grids only (found: no layout runs on a 2×3 grid)
     control_channels: int | None = None  # C of a control latent, from CONTROL_CHANNEL_KEYS
+    stream_channels: dict[str, int] = dataclasses.field(default_factory=dict)  # C of each stream_latent input
     blocks: int = 0  # transformer blocks (the config's `num_*layers` summed), and the text width of each one's
     block_text_width: int | None = None  # text encoder layer, for text_per_block inputs
     heads: int = 1  # attention heads and their size, for rotary tables
@@ -324,6 +331,12 @@ class InputPlan:
                 inputs[name] = randn(*latent_shape(self.channels - (self.choice.latent_share or 0)))
             elif role == "control_latent":
                 inputs[name] = randn(*latent_shape(self.control_channels))
+            elif role == "stream_latent":
+                inputs[name] = randn(batch, sizes.frames, self.stream_channels[name])
+            elif role == "stream_length":
+                inputs[name] = sizes.frames
+            elif role == "stream_text":
+                inputs[name] = randn(batch, text, self.choice.text_width)
             elif role == "text":
                 stack = (self.stack_depth,) if name in self.choice.stacked else ()
                 per_token = (self.text_layers,) if self.choice.layers_per_token else ()
@@ -549,6 +562,13 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     if config.get("visual_cond"):  # Kandinsky 5/6: the conditioning frames and their mask ride in the latent
         channels = [2 * channels[0] + 1]
     conditions = condition_count(config)
+    stream_channels = {name: width for name, role in roles.items() if role == "stream_latent"
+                       for width in config_value(config, (f"{name.removesuffix('_hidden_states')}_in_channels",))}
+    unknown = [name for name, role in roles.items() if role == "stream_latent" and name not in stream_channels]
+    if unknown:
+        raise InputError(f"{type(model).__name__}.forward requires inputs whose layout cannot be inferred from "
+                         f"their names and the config: {', '.join(unknown)} (no <name>_in_channels in the config)",
+                         fix="pass your own example_inputs (and dynamic_shapes) to svdq_compiler.compile")
     block_text_width = next((width for name, role in roles.items() if role == "text_per_block"
                              for width in named_width(config, name.removesuffix("_layers"))), None)
     image_width = next(iter(config_value(config, IMAGE_WIDTH_KEYS)), None)
@@ -559,7 +579,8 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
         ({*TEXTS, "text_mask", "text_ids", "image_pooled"} if not text_widths(model) else set()) | \
         ({"image_tokens"} if image_width is None else set()) | \
         ({"control_latent"} if control_channels is None else set()) | \
-        ({"text_per_block"} if block_text_width is None else set())
+        ({"text_per_block"} if block_text_width is None else set()) | \
+        ({"stream_length"} if not stream_channels else set())
     roles = {name: role for name, role in roles.items() if role not in absent and not unused_stream(config, name, role)}
     axes = next((len(config[key]) for key in POSITION_AXES_KEYS if isinstance(config.get(key), (list, tuple))), 3)
     heads = next(iter(config_value(config, HEAD_COUNT_KEYS)), 1)
@@ -572,7 +593,7 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
                 image_width=image_width, control_channels=control_channels, heads=heads, head_dim=head_dim,
                 blocks=sum(value for key, value in config.items() if re.fullmatch(r"num_(\w+_)?layers", key)
                            and isinstance(value, int) and not isinstance(value, bool)),
-                block_text_width=block_text_width,
+                block_text_width=block_text_width, stream_channels=stream_channels,
                 return_dict=takes_return_dict(model),
                 text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None))
     failures = []
