@@ -28,7 +28,9 @@ Departures from the reference (deepcompressor), on purpose:
   (`svdquant.right_vectors_from_gram`), any other with every candidate's products through W at once
   (`svdquant.low_rank_scaled`);
 - candidates are ranked on `search_rows` = 128 seeded sample rows (on tiny-flux within 0.1% mean, 1.1% max of
-  the all-rows winner's objective).
+  the all-rows winner's objective) and `search_outputs` = 1024 seeded output rows of each weight, each
+  candidate's branch being the whole weight's (on FLUX-12B-sized groups: the same λ in 7 of 8 groups, the other
+  0.04% worse on every row, at half the CPU time; bench/results/smooth-search-flux12b.json).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def smooth(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         search_rank = scheme.rank if scheme.act is not None else 0
         (alpha, beta), scale, error, identity_error = search(problem, act_absmax, candidates, search_rank,
                                                              config.search_svd, config.calib_seed,
-                                                             config.search_rows, config.search_refine)
+                                                             config.search_rows, config.search_refine,
+                                                             config.search_outputs)
         ratio = error / identity_error if identity_error else 1.0
         if alpha == 0 and beta == 0:
             identity += 1

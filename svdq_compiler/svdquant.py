@@ -178,6 +178,10 @@ def low_rank_scaled(weight: torch.Tensor, scales: torch.Tensor, rank: int, *, se
     return u * s.unsqueeze(-2), vh
 
 
+def _stacked(weights: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+    return weights[keys[0]] if len(keys) == 1 else torch.cat([weights[k] for k in keys])
+
+
 @dataclass
 class Member:
     """One linear of a group: its weight (fp32, unsmoothed), the site it reads, and its FP outputs there."""
@@ -200,6 +204,9 @@ class GroupProblem:
     members: list[Member] = field(default_factory=list)
     branch_sets: list[list[str]] = field(default_factory=list)  # weight keys sharing one L2
     grams: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)  # see _gram
+    # After `subsample_outputs`: the whole weights (a branch is always the whole weight's) and the rows kept
+    whole: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    kept_outputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, scheme: Scheme, dtype: torch.dtype, weights: dict[str, torch.Tensor],
@@ -229,8 +236,28 @@ class GroupProblem:
                 for site, x in self.rows.items()}
         problem = GroupProblem(self.scheme, self.dtype, self.weights,
                                {site: x[keep[site]] for site, x in self.rows.items()}, self.shifts,
-                               branch_sets=self.branch_sets, grams=self.grams)
+                               branch_sets=self.branch_sets, grams=self.grams, whole=self.whole,
+                               kept_outputs=self.kept_outputs)
         problem.members = [Member(m.name, m.weight_key, m.site, m.reference[keep[m.site]]) for m in self.members]
+        return problem
+
+    def subsample_outputs(self, rows: int, seed: int = 0) -> "GroupProblem":
+        """The same problem on at most `rows` output rows of each weight (a seeded uniform subset, with the
+        members' reference outputs there): a candidate's summed output error over those rows, for ranking
+        candidates at a fraction of the cost on wide layers. Each candidate's branch is still the whole
+        weight's (`search_branches`), restricted to the rows kept. An nvfp4 weight, whose tensor scale spans
+        every row, keeps them all."""
+        generator = torch.Generator().manual_seed(seed)
+        kept = {key: torch.randperm(w.shape[0], generator=generator)[:rows].sort().values
+                for key, w in self.weights.items() if w.shape[0] > rows and self.scheme.weight != "nvfp4"}
+        if not kept:
+            return self
+        problem = GroupProblem(self.scheme, self.dtype,
+                               {k: w[kept[k]] if k in kept else w for k, w in self.weights.items()}, self.rows,
+                               self.shifts, branch_sets=self.branch_sets, grams=self.grams,
+                               whole=self.whole or self.weights, kept_outputs=kept)
+        problem.members = [Member(m.name, m.weight_key, m.site, m.reference[:, kept[m.weight_key]]
+                                  if m.weight_key in kept else m.reference) for m in self.members]
         return problem
 
     def sample_rows(self) -> int:
@@ -273,28 +300,35 @@ class GroupProblem:
         """
         result: list[dict] = [{} for _ in smooths]
         scales = smooths.float()
+        whole = self.whole or self.weights
         for keys in self.branch_sets if rank else ():
-            stacked = self.weights[keys[0]] if len(keys) == 1 else torch.cat([self.weights[k] for k in keys])
-            if svd == "randomized" and stacked.shape[0] > stacked.shape[1]:
+            stacked = _stacked(whole, keys)
+            tall = svd == "randomized" and stacked.shape[0] > stacked.shape[1]
+            if tall:
                 gram = self._gram(keys)
                 rights = torch.stack([right_vectors_from_gram(scale.unsqueeze(-1) * gram * scale.unsqueeze(-2),
                                                               rank, seed=seed) for scale in scales])
-                ups, downs = _side_by_side(stacked, scales.unsqueeze(-1) * rights), rights.mT
-            elif svd == "randomized":
-                ups, downs = low_rank_scaled(stacked, scales, rank, seed=seed)
+                # L1 = W·diag(λ)·V of the rows kept only
+                ups, downs = _side_by_side(_stacked(self.weights, keys), scales.unsqueeze(-1) * rights), rights.mT
+                kept = {}  # already only the rows kept
             else:
-                ups, downs = zip(*(low_rank((stacked * scale).to(self.dtype).float(), rank, svd, seed=seed,
-                                            dtype=torch.float32) for scale in scales))
+                if svd == "randomized":
+                    ups, downs = low_rank_scaled(stacked, scales, rank, seed=seed)
+                else:
+                    ups, downs = zip(*(low_rank((stacked * scale).to(self.dtype).float(), rank, svd, seed=seed,
+                                                dtype=torch.float32) for scale in scales))
+                kept = self.kept_outputs
+            sizes = [(self.weights if tall else whole)[k].shape[0] for k in keys]
             for factors, up, down in zip(result, ups, downs):
                 down = down.to(self.dtype).float()
-                for key, part in zip(keys, up.split([self.weights[k].shape[0] for k in keys])):
-                    factors[key] = (part.to(self.dtype).float(), down)
+                for key, part in zip(keys, up.split(sizes)):
+                    factors[key] = ((part[kept[key]] if key in kept else part).to(self.dtype).float(), down)
         return result
 
     def _gram(self, keys: list[str]) -> torch.Tensor:
-        """WᵀW of the branch set's stacked unsmoothed weights (fp32), computed once."""
+        """WᵀW of the branch set's stacked whole unsmoothed weights (fp32), computed once."""
         if tuple(keys) not in self.grams:
-            stacked = self.weights[keys[0]] if len(keys) == 1 else torch.cat([self.weights[k] for k in keys])
+            stacked = _stacked(self.whole or self.weights, keys)
             self.grams[tuple(keys)] = stacked.T @ stacked
         return self.grams[tuple(keys)]
 
@@ -421,20 +455,22 @@ class GroupProblem:
 
 
 def search(problem: GroupProblem, act_absmax: torch.Tensor, candidates, rank: int, svd: str, seed: int,
-           search_rows: int | None = None, refine: bool = False
+           search_rows: int | None = None, refine: bool = False, search_outputs: int | None = None
            ) -> tuple[tuple[float, float], torch.Tensor, float, float | None]:
     """(α, β), λ, its error and the error of λ = 1 (None when λ = 1 is not a candidate), over the candidates.
 
-    Every candidate is evaluated on at most `search_rows` of the sample rows (None: all of them), and the errors
-    returned are those of that subset: measuring the winner and λ = 1 again on every row cost as much as a third
-    of the search on a FLUX-12B layer, for a number only the report reads. With `refine`, only the candidates
-    `coarse_to_fine` picks are evaluated.
+    Every candidate is evaluated on at most `search_rows` of the sample rows and `search_outputs` output rows of
+    each weight (None: all of them), and the errors returned are those of that subset: measuring the winner and
+    λ = 1 again on every row cost as much as a third of the search on a FLUX-12B layer, for a number only the
+    report reads. With `refine`, only the candidates `coarse_to_fine` picks are evaluated.
     """
     weight_absmax = problem.weight_absmax()
     smooths = torch.stack([smoothing_scale(act_absmax, weight_absmax, alpha, beta, problem.dtype)
                            for alpha, beta in candidates])
     ranked = problem.subsample(search_rows, seed) if search_rows is not None and \
         problem.sample_rows() > search_rows else problem
+    if search_outputs is not None:
+        ranked = ranked.subsample_outputs(search_outputs, seed)
     errors: dict[int, float] = {}
 
     def evaluate(indices):

@@ -4,7 +4,9 @@ The groups of one double block (hidden 3072, MLP 12288: the stacked q/k/v of a s
 the MLP up and down projections) and of one single block (q/k/v and the MLP up reading one tensor, 21504 × 3072;
 the 3072 × 15360 output projection), random bf16 weights, reading `--rows` bf16 sample rows (the calibration
 reservoir: 512 by default, of 8 samples × 256 image tokens) with a few outlier channels; the int4 preset's
-search (its grid, search_rows, search_svd, search_refine). CPU seconds of this process per group, and the (α, β) chosen.
+search (its grid, search_rows, search_outputs, search_svd, search_refine). CPU seconds of this process per group, and
+the (α, β) chosen; with `--all-outputs`, also the same search on every output row of each weight and the regret of
+ranking on a subset of them (the objective on every row of the subset's choice against the full search's).
 
 `--before DIR` runs the same groups, in a second process, with the svdq_compiler package found in DIR (an
 importable copy of an earlier commit: `git archive <commit>` with passes/ and codegen/ copied under
@@ -30,12 +32,15 @@ GROUPS = [
     ("single.qkv_mlp", [("to_q", 3072), ("to_k", 3072), ("to_v", 3072), ("proj_mlp", 12288)], 3072, "qkv",
      False),
     ("single.proj_out", [("proj_out", 3072)], 15360, "out", False),
+    # AdaLN modulation (weight-only: the search is AWQ's, with 16-bit activations and no branch)
+    ("double.adaln", [("norm1.linear", 18432)], 3072, "adaln", False),
+    ("single.adaln", [("norm.linear", 9216)], 3072, "adaln", False),
 ]
 # How many of each group one double / single block has (the double block has an image and a text stream).
 PER_BLOCK = {"double": 2, "single": 1}
 
 
-def worker(rows: int, threads: int, only: list[str] | None) -> dict:
+def worker(rows: int, threads: int, only: list[str] | None, all_outputs: bool) -> dict:
     import torch
 
     from svdq_compiler.config import QuantConfig
@@ -49,7 +54,9 @@ def worker(rows: int, threads: int, only: list[str] | None) -> dict:
     for index, (name, members, columns, role, post_gelu) in enumerate(GROUPS):
         if only and name not in only:
             continue
-        scheme = config.scheme("w4a4", unsigned_input=post_gelu)
+        scheme = config.scheme(config.role_schemes["adaln"]) if role == "adaln" else \
+            config.scheme("w4a4", unsigned_input=post_gelu)
+        search_rank = scheme.rank if scheme.act is not None else 0  # as the smooth pass searches
         generator = torch.Generator().manual_seed(index)
         x = torch.randn(rows, columns, generator=generator)
         x[:, torch.randperm(columns, generator=generator)[:8]] *= 30  # outlier channels
@@ -66,12 +73,28 @@ def worker(rows: int, threads: int, only: list[str] | None) -> dict:
         start, cpu = time.perf_counter(), time.process_time()
         # an earlier commit's search has no coarse-to-fine option (nor the config field)
         refine = {"refine": config.search_refine} if hasattr(config, "search_refine") else {}
-        (alpha, beta), _, error, identity_error = search(problem, absmax, candidates, scheme.rank,
-                                                         config.search_svd, config.calib_seed, config.search_rows,
-                                                         **refine)
+        # an earlier commit's search ranks on every output row (nor has it the config field)
+        outputs = {"search_outputs": config.search_outputs} if hasattr(config, "search_outputs") else {}
+        (alpha, beta), scale, error, identity_error = search(problem, absmax, candidates, search_rank,
+                                                             config.search_svd, config.calib_seed,
+                                                             config.search_rows, **refine, **outputs)
         result[name] = {"cpu_s": round(time.process_time() - cpu, 2), "wall_s": round(time.perf_counter() - start, 2),
                         "alpha": alpha, "beta": beta, "error_ratio": round(error / identity_error, 4),
                         "weight": [sum(n for _, n in members), columns]}
+        if all_outputs and outputs.get("search_outputs") is not None:
+            # the same search ranking on every output row; `regret`: how much larger the objective on every output
+            # row is for the subset's choice than for this one's
+            problem.grams.clear()  # its own Gram matrices, as a search of its own would compute them
+            cpu = time.process_time()
+            (alpha_all, beta_all), scale_all, _, _ = search(problem, absmax, candidates, search_rank,
+                                                            config.search_svd, config.calib_seed, config.search_rows,
+                                                            **refine)
+            result[name]["every_output_row"] = {"cpu_s": round(time.process_time() - cpu, 2), "alpha": alpha_all,
+                                                "beta": beta_all}
+            ranked = problem.subsample(config.search_rows, config.calib_seed)
+            both = ranked.candidate_errors(torch.stack([scale, scale_all]), search_rank, config.search_svd,
+                                           config.calib_seed)
+            result[name]["regret"] = round(float(both[0] / both[1]) - 1, 5)
         print(name, result[name], file=sys.stderr, flush=True)
     return result
 
@@ -87,6 +110,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--before", type=Path, help="a directory with the baseline's importable svdq_compiler")
     parser.add_argument("--groups", nargs="*", help="only these groups (names as in GROUPS)")
+    parser.add_argument("--all-outputs", action="store_true",
+                        help="also search each group ranking on every output row (search_outputs=None), in the same "
+                             "process: its CPU seconds, its choice, and the subset choice's regret")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("bench/results/smooth-search-flux12b.json"))
     args = parser.parse_args()
@@ -99,7 +125,7 @@ def main() -> None:
         print(f"bench_smooth_search: {problem}", file=sys.stderr)
         sys.exit(2)
     if args.worker:
-        print(json.dumps(worker(args.rows, args.threads, args.groups)))
+        print(json.dumps(worker(args.rows, args.threads, args.groups, args.all_outputs)))
         return
     from bench_common import machine, write_result
 
@@ -112,7 +138,8 @@ def main() -> None:
         if path is not None:  # first on sys.path, ahead of the editable install of this checkout
             env["PYTHONPATH"] = str(path.resolve())
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--rows", str(args.rows),
-                   "--threads", str(args.threads)] + (["--groups", *args.groups] if args.groups else [])
+                   "--threads", str(args.threads)] + (["--groups", *args.groups] if args.groups else []) + \
+            (["--all-outputs"] if args.all_outputs and label == "after" else [])
         # cwd outside the checkout: the script's folder would otherwise shadow PYTHONPATH's package
         done = subprocess.run(command, env=env, cwd="/", capture_output=True, text=True)
         if done.returncode:

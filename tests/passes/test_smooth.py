@@ -157,6 +157,43 @@ def test_search_ranks_on_a_row_subset_and_reports_its_errors():
     assert search(problem, act, candidates[1:], 32, "randomized", 0, search_rows=32)[3] is None
 
 
+def test_search_ranks_on_an_output_subset_with_the_whole_weights_branches():
+    """search_outputs: each weight keeps a seeded subset of its output rows (and the members' references there);
+    a candidate's branch is the whole weight's, restricted to those rows, whether it comes from the stacked
+    set's Gram matrix (tall) or from the weight itself (wide); nvfp4 keeps every row."""
+    from svdq_compiler.config import QuantConfig
+    from svdq_compiler.ir import Role
+    from svdq_compiler.svdquant import GroupProblem, search
+
+    problem = synthetic_problem()
+    config = QuantConfig.preset("int4")
+    wide = GroupProblem.build(config.scheme("w4a4"), torch.float32, {"w": torch.randn(40, 64) / 8},
+                              problem.rows, {}, [("l", "w", "x", Role.OTHER)])
+    act = problem.rows["x"].abs().amax(0)
+    candidates = smoothing_candidates("svdquant", 20)
+    smooths = torch.stack([smoothing_scale(act, problem.weight_absmax(), a, b, torch.float32) for a, b in candidates])
+    for whole in (problem, wide):
+        subset = whole.subsample_outputs(20, seed=0)
+        for key, weight in subset.weights.items():
+            kept = subset.kept_outputs[key]
+            assert weight.shape[0] == 20 and torch.equal(weight, whole.weights[key][kept])
+        for member in subset.members:
+            torch.testing.assert_close(member.reference, subset.rows["x"] @ subset.weights[member.weight_key].T)
+        for on_subset, on_whole in zip(subset.search_branches(smooths[::5], 8, "randomized", 0),
+                                       whole.search_branches(smooths[::5], 8, "randomized", 0)):
+            for key, (up, down) in on_subset.items():
+                torch.testing.assert_close(up, on_whole[key][0][subset.kept_outputs[key]], rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(down, on_whole[key][1])
+    # Ranked on 20 of 48 output rows, the winner is within 2% of the best candidate on every row.
+    on_all = problem.candidate_errors(smooths, 32, "randomized", 0)
+    chosen = search(problem, act, candidates, 32, "randomized", 0, search_outputs=20)[0]
+    assert on_all[candidates.index(chosen)] <= 1.02 * on_all.min()
+    assert search(problem, act, candidates, 32, "randomized", 0, search_outputs=48)[0] == \
+        candidates[int(on_all.argmin())]
+    nvfp4 = synthetic_problem("nvfp4")
+    assert nvfp4.subsample_outputs(20) is nvfp4
+
+
 def test_smooth_alone_on_a_hand_annotated_group():
     """Before: a and b read x and form group "a" (annotated by hand), c reads their sum and stays 16-bit;
     calibration holds rows with outlier channels 3 and 17 (no other pass ran). Expected: one x / a.smooth,
