@@ -503,3 +503,17 @@ def test_a_second_modality_denoised_beside_the_latent():
     with torch.no_grad():
         video, audio = model(**inputs)[:2]
     assert video.shape == inputs["hidden_states"].shape and audio.shape == inputs["audio_hidden_states"].shape
+
+
+def test_embeddings_a_transformer_decodes_at_its_width_within_its_position_table():
+    """MiniMax-Music 3's depth decoder takes inputs_embeds (no latent channel key: at its hidden_size) and has a
+    table of max_position_embeddings positions: the example grid holds no more tokens than that."""
+    from diffusers.models.transformers.minimax_music3_rvq_depth_decoder import MiniMaxMusic3RVQDepthDecoder
+
+    torch.manual_seed(0)
+    model = MiniMaxMusic3RVQDepthDecoder(**tiny_config(MiniMaxMusic3RVQDepthDecoder)).eval()
+    inputs = adapter_for(model).example_inputs(model, batch=2)
+    batch, tokens, width = inputs["inputs_embeds"].shape
+    assert width == model.config.hidden_size and 2 < tokens <= model.config.max_position_embeddings
+    with torch.no_grad():
+        model(**inputs)

@@ -555,6 +555,8 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     config = model.config
     roles = forward_roles(model)
     channels = config_value(config, LATENT_CHANNEL_KEYS)
+    if not channels and "inputs_embeds" in roles:  # embeddings a transformer decodes: at its own width
+        channels = config_value(config, MODEL_WIDTH_KEYS)
     if not channels:
         raise InputError(f"{type(model).__name__}'s config gives no latent channel count "
                          f"({', '.join(LATENT_CHANNEL_KEYS)})",
@@ -641,7 +643,10 @@ class DiffusersAdapter(ModelAdapter):
         else:
             sample = model.config.get("sample_size")
             native = sample // plan.unit if isinstance(sample, int) and sample >= 2 * plan.unit else NATIVE_GRID
-            rows, cols = example_grid(None, native, MAX_GRID)
+            # a model whose positions are a table of max_position_embeddings rows takes no more tokens than that
+            limit = next(iter(config_value(model.config, ("max_position_embeddings",))), None)
+            grids = [example_grid(None, size, MAX_GRID) for size in range(native, 1, -1)]
+            rows, cols = next((grid for grid in grids if limit is None or grid[0] * grid[1] <= limit), grids[-1])
             cols = rows if plan.square else cols
         return Sizes(batch=batch, text=text_tokens or self.example_text_tokens, rows=rows, cols=cols)
 
