@@ -275,6 +275,10 @@ def test_tiny_configs_build_where_the_constructor_defaults_do_not():
     ("UNetMotionModel", {"sample": (2, 4, 2, 8, 12), "encoder_hidden_states": (2 * 2, 8, 64)}),
     # conditioning aligned with a sequence latent [B, C, L]: one text token per latent position
     ("MiniMaxMusic3Transformer1DModel", {"hidden_states": (2, 128, 4), "encoder_hidden_states": (2, 4, 64)}),
+    # a second text encoder's input and mask at the width and length the config names with its suffix
+    # (cross_attention_dim_t5, text_len_t5 shrunk to 8), the image's sizes in one [B, 6], and a style index
+    ("HunyuanDiT2DModel", {"encoder_hidden_states_t5": (2, 8, 2048), "text_embedding_mask_t5": (2, 8),
+                           "image_meta_size": (2, 6), "style": (2,)}),
 ])
 def test_inputs_named_by_rules_the_classes_share(class_name, expect):
     model = tiny(class_name)

@@ -70,7 +70,8 @@ ROLES: tuple[tuple[str, str], ...] = (
     # decoder_input_tokens: the continuous frames a decoder denoises (T5-FiLM's spectrogram)
     ("latent", r"hidden_states|sample|x|decoder_input_tokens"),
     # _2 and the like: the mask of a second text encoder's tokens
-    ("text_mask", r"encoder_attention_mask(_\d)?|encoder_mask|encoder_hidden_states_mask|text_embedding_mask"),
+    ("text_mask", r"encoder_attention_mask(_\d)?|encoder_mask|encoder_hidden_states_mask|"
+                  r"text_embedding_mask(_[a-z0-9]+)?"),
     # _t5, _llama3: one per text encoder; _image is image conditioning (Wan's I2V), left at its default
     ("text", r"encoder_hidden_states(_(?!image)[a-z0-9]+)?|cap_feats|context|text_bth"),
     ("timestep", r"timesteps?|t"),
@@ -101,6 +102,9 @@ ROLES: tuple[tuple[str, str], ...] = (
     ("rotary_table", r"\w*rotary_emb"),
     ("guidance", r"guidance"),
     ("size_pair", r"original_size|target_size|crop_coords"),
+    # the original size, target size and crop corner in one [B, 6] (HunyuanDiT), and a style index [B]
+    ("size_meta", r"image_meta_size"),
+    ("style", r"style"),
     ("class_labels", r"class_labels"),
     # scalar conditions, each sinusoidally encoded and concatenated (SVD's fps / motion / noise augmentation,
     # aMUSEd's micro-conditions): [B, count], the count from the config (`condition_count`)
@@ -132,7 +136,8 @@ REQUIRED_TIMESTEP = r"(\w+_)?timesteps?(_\w+)?|\w+_time"
 # Optional parameters worth giving: the conditioning a pipeline always passes. Other optional ones (controlnet
 # residuals, caches, extra image streams) are left at their defaults.
 OPTIONAL_ROLES = {"text", "text_per_block", "text_mask", "timestep", "pooled", "image_ids", "text_ids", "conditions",
-                  "grid_shapes", "grid_size", "image_tokens", "image_pooled", "control_latent", "stream_length"}
+                  "grid_shapes", "grid_size", "image_tokens", "image_pooled", "control_latent", "stream_length",
+                  "size_meta", "style"}
 # (total, each) config widths of the scalar conditions' embedding: the count is total / each.
 CONDITION_WIDTH_KEYS = (("projection_class_embeddings_input_dim", "addition_time_embed_dim"),
                         ("micro_cond_embed_dim", "micro_cond_encode_dim"))
@@ -152,7 +157,7 @@ CONDITIONING_WIDTH = re.compile(r"\w*(text|cond)\w*_(dim|channels)\d*")
 # constructor takes this one, so it is the text width tried when no conditioning width is given.
 MODEL_WIDTH_KEYS = ("hidden_size", "inner_dim", "model_dim", "dim", "d_model")
 # A text length the model fixes (CogVideoX adds a positional embedding over text and image tokens together).
-TEXT_LENGTH_KEYS = ("max_text_seq_length",)
+TEXT_LENGTH_KEYS = ("max_text_seq_length", "text_len")
 CONTROL_CHANNEL_KEYS = ("vace_in_channels",)
 HEAD_DIM_KEYS = ("attention_head_dim", "head_dim")
 HEAD_COUNT_KEYS = ("num_attention_heads", "num_heads")
@@ -292,6 +297,9 @@ class InputPlan:
     conditions: int | None = None
     return_dict: bool = True  # the forward takes return_dict
     text_length: int | None = None  # the one text length the model takes, where its config fixes it
+    # a suffixed text encoder's width and length, where the config names them with its suffix: {suffix: size}
+    encoder_widths: dict[str, int] = dataclasses.field(default_factory=dict)
+    encoder_lengths: dict[str, int] = dataclasses.field(default_factory=dict)
     square: bool = False  # the model takes square latent grids only (found: no layout runs on a 2×3 grid)
     control_channels: int | None = None  # C of a control latent, from CONTROL_CHANNEL_KEYS
     stream_channels: dict[str, int] = dataclasses.field(default_factory=dict)  # C of each stream_latent input
@@ -341,14 +349,16 @@ class InputPlan:
                 stack = (self.stack_depth,) if name in self.choice.stacked else ()
                 per_token = (self.text_layers,) if self.choice.layers_per_token else ()
                 text_batch = batch * frames if self.choice.text_per_frame else batch
-                inputs[name] = randn(*stack, text_batch, text, *per_token, self.choice.text_width)
+                suffix = encoder_suffix(name)
+                inputs[name] = randn(*stack, text_batch, self.encoder_lengths.get(suffix, text), *per_token,
+                                     self.encoder_widths.get(suffix, self.choice.text_width))
             elif role == "text_per_block":
                 inputs[name] = [randn(batch, text, self.block_text_width) for _ in range(self.blocks)]
             elif role == "text_pairs":
                 inputs[name] = [(randn(batch, text, self.choice.text_width), torch.ones(batch, text, dtype=dtype))]
             elif role == "text_mask":
-                inputs[name] = torch.ones(batch, text, dtype=self.choice.mask_dtype if self.choice.mask_dtype
-                                          is torch.bool else dtype)
+                mask_dtype = self.choice.mask_dtype if self.choice.mask_dtype is torch.bool else dtype
+                inputs[name] = torch.ones(batch, self.encoder_lengths.get(encoder_suffix(name), text), dtype=mask_dtype)
             elif role == "timestep":
                 inputs[name] = torch.full(self.timestep_shape(batch, sizes.frames), self.timestep_value, dtype=dtype)
             elif role == "image_pooled":
@@ -391,6 +401,10 @@ class InputPlan:
                 inputs[name] = torch.full((batch,), 3.5, dtype=dtype)
             elif role == "size_pair":
                 inputs[name] = torch.tensor([[height * 8, width * 8]] * batch, dtype=dtype)
+            elif role == "size_meta":
+                inputs[name] = torch.tensor([[height * 8, width * 8] * 2 + [0, 0]] * batch, dtype=dtype)
+            elif role == "style":
+                inputs[name] = torch.zeros(batch, dtype=torch.long)
             elif role == "class_labels":
                 inputs[name] = torch.zeros(batch, dtype=torch.long)
         inputs.update({name: {} for name in self.choice.empty_options})
@@ -434,9 +448,23 @@ def grid_ids(rows: int, cols: int, axes: int, dtype: torch.dtype) -> torch.Tenso
 def unused_stream(config: Any, name: str, role: str) -> bool:
     """An optional text input of a second encoder the config leaves out: EasyAnimate's `encoder_hidden_states_t5`
     with `text_embed_dim_t5` None (its projection is then not built)."""
-    suffix = re.fullmatch(r"\w+_(t5|llama\d*|clip|byt5|\d)", name)
+    suffix = encoder_suffix(name)
     return role == "text" and suffix is not None and any(
-        key.endswith(f"_{suffix[1]}") and value is None for key, value in config.items())
+        key.endswith(suffix) and value is None for key, value in config.items())
+
+
+def encoder_suffix(name: str) -> str | None:
+    """The suffix naming the text encoder of an input (`_t5` of `encoder_hidden_states_t5`), or None."""
+    found = re.fullmatch(r"\w+(_(t5|llama\d*|clip|byt5|\d))", name)
+    return found[1] if found else None
+
+
+def encoder_sizes(config: Any, roles: dict[str, str], keys: tuple[str, ...]) -> dict[str, int]:
+    """{suffix: size} the config gives a suffixed text encoder's inputs under `keys` with its suffix (HunyuanDiT's
+    `cross_attention_dim_t5` and `text_len_t5` for `encoder_hidden_states_t5` and `text_embedding_mask_t5`)."""
+    suffixes = {encoder_suffix(name) for name, role in roles.items() if role in ("text", "text_mask")} - {None}
+    return {suffix: size for suffix in sorted(suffixes)
+            for size in config_value(config, tuple(f"{key}{suffix}" for key in keys))[:1]}
 
 
 def takes_return_dict(model: torch.nn.Module) -> bool:
@@ -597,7 +625,9 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
                            and isinstance(value, int) and not isinstance(value, bool)),
                 block_text_width=block_text_width, stream_channels=stream_channels,
                 return_dict=takes_return_dict(model),
-                text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None))
+                text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None),
+                encoder_widths=encoder_sizes(config, roles, TEXT_WIDTH_KEYS),
+                encoder_lengths=encoder_sizes(config, roles, TEXT_LENGTH_KEYS))
     failures = []
     choices = candidate_choices(model, roles, channels[0])[:MAX_PROBES]
     # a 2×3 grid first, so a model that takes any grid is not mistaken for one that takes square grids only
@@ -837,7 +867,8 @@ def shrunk_config(model_class: type[torch.nn.Module], width: int, fill: bool) ->
             config[name] = 8
         elif isinstance(value, int) and name == "sample_size" and value > 16:
             config[name] = 16
-        elif isinstance(value, int) and name in TEXT_LENGTH_KEYS and value > 8:
+        elif isinstance(value, int) and name.removesuffix(encoder_suffix(name) or "") in TEXT_LENGTH_KEYS \
+                and value > 8:
             config[name] = 8  # the example's text length
         elif isinstance(value, int) and FRAMES.fullmatch(name) and value > 2:
             config[name] = 2  # a frame count some models fix (Latte's temporal embedding): the example's 2 frames
