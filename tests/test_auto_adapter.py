@@ -521,3 +521,21 @@ def test_embeddings_a_transformer_decodes_at_its_width_within_its_position_table
     assert width == model.config.hidden_size and 2 < tokens <= model.config.max_position_embeddings
     with torch.no_grad():
         model(**inputs)
+
+
+def test_codebook_ids_as_the_latent():
+    """aMUSEd's UVit denoises masked VQ tokens: input_ids [B, H, W] are ids below the config's codebook_size, and
+    calibration's noisy steps give ids too (a flow-stepped Gaussian field read through its CDF)."""
+    model = tiny("UVit2DModel")
+    adapter = adapter_for(model)
+    assert plan_inputs(model).choice.layout == "ids"
+    inputs = adapter.example_inputs(model, batch=2, tokens=(4, 6))
+    ids = inputs["input_ids"]
+    assert ids.dtype == torch.long and tuple(ids.shape) == (2, 4, 6)
+    assert 0 <= int(ids.min()) and int(ids.max()) < model.config.codebook_size
+    assert adapter.tokens_of(model, inputs) == (4, 6)
+    steps = adapter.calib_inputs(model, 1, 2, batch=2, tokens=(4, 6))
+    assert all(step["input_ids"].dtype == torch.long for step in steps)
+    assert not torch.equal(steps[0]["input_ids"], steps[1]["input_ids"])
+    with torch.no_grad():
+        assert model(**steps[-1]).shape == (2, model.config.codebook_size, 4, 6)

@@ -67,8 +67,9 @@ def denoiser_classes() -> dict[str, str]:
 # (role, pattern on the parameter name). The first match wins; `latent` is also the first required parameter
 # when no name says so.
 ROLES: tuple[tuple[str, str], ...] = (
-    # decoder_input_tokens: the continuous frames a decoder denoises (T5-FiLM's spectrogram)
-    ("latent", r"hidden_states|sample|x|decoder_input_tokens"),
+    # decoder_input_tokens: the continuous frames a decoder denoises (T5-FiLM's spectrogram); input_ids: the
+    # codebook ids of a masked-token model's image (aMUSEd's UVit), the "ids" layout
+    ("latent", r"hidden_states|sample|x|decoder_input_tokens|input_ids"),
     # _2 and the like: the mask of a second text encoder's tokens
     ("text_mask", r"encoder_attention_mask(_\d)?|encoder_mask|encoder_hidden_states_mask|"
                   r"text_embedding_mask(_[a-z0-9]+)?"),
@@ -170,8 +171,9 @@ LATENT_CHANNEL_KEYS = ("in_channels", "in_chans", "latent_channels", "num_channe
 POSITION_AXES_KEYS = ("axes_dims_rope", "axes_dim_rope", "axes_dims", "rope_axes_dim")
 
 # [B,C,H,W], [B,C,F,H,W], [B,F,C,H,W] (CogVideoX: frames first), [B,N,C], [B,F·N,C] (LTX-Video), [B,C,L],
-# [B,F,H,W,C] (Kandinsky 5: channels last), [B,F·N,C,pt,ph,pw] (JoyImage: each patch whole, patch_size [pt,ph,pw])
-LAYOUTS = ("image", "video", "frames_first", "tokens", "video_tokens", "sequence", "channels_last", "patches")
+# [B,F,H,W,C] (Kandinsky 5: channels last), [B,F·N,C,pt,ph,pw] (JoyImage: each patch whole, patch_size [pt,ph,pw]),
+# [B,H,W] codebook ids (aMUSEd)
+LAYOUTS = ("image", "video", "frames_first", "tokens", "video_tokens", "sequence", "channels_last", "patches", "ids")
 PACKED = ("tokens", "video_tokens")
 SEQUENCES = ("sequence", "tokens")  # the layouts of a 1-D model's latent
 FRAMED = ("video", "frames_first", "channels_last")  # the layouts with a frame axis of their own
@@ -305,6 +307,7 @@ class InputPlan:
     stream_channels: dict[str, int] = dataclasses.field(default_factory=dict)  # C of each stream_latent input
     blocks: int = 0  # transformer blocks (the config's `num_*layers` summed), and the text width of each one's
     block_text_width: int | None = None  # text encoder layer, for text_per_block inputs
+    codebook: int = 0  # the ids of an "ids" latent, from the config's codebook_size
     heads: int = 1  # attention heads and their size, for rotary tables
     head_dim: int = 0
 
@@ -330,10 +333,12 @@ class InputPlan:
                     "sequence": (batch, channels, height),
                     "channels_last": (batch, frames, height, width, channels),
                     "patches": (batch, sizes.frames * sizes.rows * sizes.cols, channels, self.frame_unit, unit, unit),
-                    }[self.choice.layout]
+                    "ids": (batch, height, width)}[self.choice.layout]
 
         for name, role in self.parameters.items():
-            if role == "latent":
+            if role == "latent" and self.choice.layout == "ids":
+                inputs[name] = torch.randint(self.codebook, latent_shape(0), generator=generator)
+            elif role == "latent":
                 inputs[name] = randn(*latent_shape(self.choice.latent_share or self.channels))
             elif role == "latent_like":
                 inputs[name] = randn(*latent_shape(self.channels - (self.choice.latent_share or 0)))
@@ -411,6 +416,12 @@ class InputPlan:
         if self.return_dict:
             inputs["return_dict"] = False
         return inputs
+
+    def codebook_ids(self, field: torch.Tensor) -> torch.Tensor:
+        """Codebook ids read from a standard normal field through its CDF: uniform over the codebook, and a field
+        moved by a flow step moves its ids."""
+        uniform = 0.5 * (1 + torch.erf(field.float() / 2 ** 0.5))
+        return (uniform * self.codebook).long().clamp_(0, self.codebook - 1)
 
     def timestep_shape(self, batch: int, frames: int) -> tuple[int, ...]:
         return (batch, *TIMESTEP_FORMS[self.choice.timestep_form](frames))
@@ -513,7 +524,9 @@ def forward_roles(model: torch.nn.Module) -> dict[str, str]:
 def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: int) -> list[Choice]:
     config = model.config
     name = type(model).__name__
-    if re.search(r"3D(?![a-z])", name):  # Transformer3DModel, not StableAudio3DiT
+    if "input_ids" in roles:  # codebook ids: their layout is their name's
+        layouts = ("ids",)
+    elif re.search(r"3D(?![a-z])", name):  # Transformer3DModel, not StableAudio3DiT
         layouts = ("video", "frames_first", "tokens", "video_tokens", "image", "channels_last", "patches")
     elif re.search(r"1D(?![a-z])", name):
         layouts = ("sequence", "tokens")
@@ -583,6 +596,8 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     config = model.config
     roles = forward_roles(model)
     channels = config_value(config, LATENT_CHANNEL_KEYS)
+    if not channels and "input_ids" in roles and config_value(config, ("codebook_size",)):
+        channels = [1]  # ids have no channels
     if not channels and "inputs_embeds" in roles:  # embeddings a transformer decodes: at its own width
         channels = config_value(config, MODEL_WIDTH_KEYS)
     if not channels:
@@ -624,6 +639,7 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
                 blocks=sum(value for key, value in config.items() if re.fullmatch(r"num_(\w+_)?layers", key)
                            and isinstance(value, int) and not isinstance(value, bool)),
                 block_text_width=block_text_width, stream_channels=stream_channels,
+                codebook=next(iter(config_value(config, ("codebook_size",))), 0),
                 return_dict=takes_return_dict(model),
                 text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None),
                 encoder_widths=encoder_sizes(config, roles, TEXT_WIDTH_KEYS),
@@ -732,7 +748,7 @@ class DiffusersAdapter(ModelAdapter):
     def noisy_step(self, model, clean, noise, step, num_steps, batch):
         plan = plan_inputs(model)
         latent, sigma = flow_step(clean, noise, step, num_steps)
-        values = {plan.latent_name(): latent}
+        values = {plan.latent_name(): plan.codebook_ids(latent) if plan.choice.layout == "ids" else latent}
         for name, role in plan.parameters.items():
             if role == "timestep":
                 values[name] = torch.full(plan.timestep_shape(batch, plan.frames_of(latent)),
@@ -741,7 +757,9 @@ class DiffusersAdapter(ModelAdapter):
 
     def _clean_latent(self, inputs, generator):
         latent = next(value for value in inputs.values() if isinstance(value, torch.Tensor))  # signature order
-        return torch.randn(latent.shape, generator=generator, dtype=latent.dtype)
+        # codebook ids: a Gaussian field, which noisy_step's flow steps move and then read as ids
+        dtype = latent.dtype if latent.is_floating_point() else torch.float32
+        return torch.randn(latent.shape, generator=generator, dtype=dtype)
 
     def describe(self) -> str:
         return "auto (any diffusers model: inputs from its forward signature and config, dynamic dims inferred)"
