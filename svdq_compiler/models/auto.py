@@ -17,12 +17,12 @@ report says, per dimension, what it follows and how that was found.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import itertools
 import re
 import traceback
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -305,8 +305,8 @@ class InputPlan:
     square: bool = False  # the model takes square latent grids only (found: no layout runs on a 2×3 grid)
     control_channels: int | None = None  # C of a control latent, from CONTROL_CHANNEL_KEYS
     stream_channels: dict[str, int] = dataclasses.field(default_factory=dict)  # C of each stream_latent input
-    blocks: int = 0  # transformer blocks (the config's `num_*layers` summed), and the text width of each one's
-    block_text_width: int | None = None  # text encoder layer, for text_per_block inputs
+    blocks: int = 0  # transformer blocks (the config's `num_*layers` summed): a text_per_block input has one each
+    block_text_width: int | None = None  # the width of each of those text encoder layers
     codebook: int = 0  # the ids of an "ids" latent, from the config's codebook_size
     heads: int = 1  # attention heads and their size, for rotary tables
     head_dim: int = 0
