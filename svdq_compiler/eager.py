@@ -264,11 +264,12 @@ class _GroupInputs:
         self.handles = []
         for group in groups:
             for name in group.members:
-                self.handles.append(model.get_submodule(name).register_forward_pre_hook(self._hook(group)))
+                self.handles.append(model.get_submodule(name).register_forward_pre_hook(self._hook(group),
+                                                                                        with_kwargs=True))
 
     def _hook(self, group: Group):
-        def collect(module: torch.nn.Module, args: tuple) -> None:
-            x = args[0]
+        def collect(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs["input"]  # nn.Linear.forward(input): AnimateDiff passes it by name
             seen = self.seen.setdefault(group.input, [])
             if not any(x is other and x._version == version for other, version in seen):
                 seen.append((x, x._version))
@@ -356,9 +357,9 @@ class SVDQLinear(torch.nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.group = group
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.group.output(x, self.index)
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name: callers pass it by it)
+        y = self.group.output(input, self.index)
+        return y.reshape(*input.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.name}: in_features={self.in_features}, out_features={self.out_features}, svdq"

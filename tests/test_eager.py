@@ -246,3 +246,30 @@ def test_a_model_whose_inputs_the_auto_adapter_cannot_build_calibrates_on_its_ex
     other = wobbly_inputs(5, 1)  # another token count: the swapped linears take any
     with torch.no_grad():
         assert 1e-4 < relative_error(model(**other), reference(**other)) < 0.1
+
+
+class KeywordCalls(torch.nn.Module):
+    """Calls its linears by nn.Linear's argument name, as AnimateDiff's motion modules do (proj_in(input=...))."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj_in, self.proj_out = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(2))
+
+    def forward(self, hidden_states):
+        h = self.proj_in(input=hidden_states)
+        for block in self.blocks:
+            h = h + block(input=torch.nn.functional.gelu(h))
+        return self.proj_out(input=h)
+
+
+def test_linears_called_by_keyword_are_calibrated_and_swapped():
+    def inputs(seed):
+        return {"hidden_states": torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(seed))}
+
+    model = compile_eager(KeywordCalls().eval(), inputs(0), QuantConfig.preset("int4"),
+                          calib_inputs=[inputs(seed) for seed in range(3)], reason="test")
+    assert isinstance(model.blocks[1], SVDQLinear)  # (the roles keep the others 16-bit)
+    with torch.no_grad(), kernel_backend("reference"):
+        assert 0 < relative_error(model(**inputs(7)), KeywordCalls()(**inputs(7))) < 0.1
