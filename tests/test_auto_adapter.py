@@ -539,3 +539,12 @@ def test_codebook_ids_as_the_latent():
     assert not torch.equal(steps[0]["input_ids"], steps[1]["input_ids"])
     with torch.no_grad():
         assert model(**steps[-1]).shape == (2, model.config.codebook_size, 4, 6)
+
+
+def test_a_partial_coverage_run_never_replaces_the_whole_result(tmp_path, capsys):
+    from bench_coverage import main
+
+    result = tmp_path / "coverage.json"
+    result.write_text('{"classes": []}')
+    assert main(["--only", "FluxTransformer2DModel", "--out", str(result)]) == 2
+    assert "add --update" in capsys.readouterr().err and result.read_text() == '{"classes": []}'

@@ -257,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     if (args.update or args.table) and not args.out.exists():
         print(f"error: {args.out} does not exist (--update and --table read an earlier result)", file=sys.stderr)
         return 2
+    if args.only and not args.update and args.out.exists():
+        print(f"error: --only without --update would replace {args.out}, every class's result, with these "
+              f"classes alone; add --update, or give another --out", file=sys.stderr)
+        return 2
     from svdq_compiler.models.auto import denoiser_classes
 
     if args.table:
