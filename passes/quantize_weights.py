@@ -12,8 +12,9 @@ Requires: calibrate (and smooth/lowrank where the scheme asks for them). Ensures
   weight-only, then 16-bit (a convolution has no weight-only form) — the first that meets the bound;
   `LinearInfo.fallback` says what happened;
 - a dropped smoothing division or branch is removed from the graph, and `LinearInfo.scheme` is the form kept;
-- every non-16-bit weight is quantized once (`quantize_weight` with the kept scheme's format and group; a
-  weight shared by several call sites included; a k×k convolution's as its tap-major im2col matrix,
+- every non-16-bit weight is quantized once (`quantize_weight` with the kept scheme's format and group, its
+  codes rounded to the nearest or, with `weight_rounding="gptq"`, by GPTQ against the smoothed calibration rows
+  of its call sites; a weight shared by several call sites included; a k×k convolution's as its tap-major im2col matrix,
   svdq_compiler.conv); the QTensor is kept in `ctx.quantized` for `lower`, and the graph's weight is replaced
   by its dequantized value, so the graph computes the model with quantized weights and 16-bit activations;
 - `LinearInfo.errors["output_rel"]` is ‖y_q − y‖/‖y‖ of the layer as it will run (activation quantization,
