@@ -204,6 +204,7 @@ class GroupProblem:
     members: list[Member] = field(default_factory=list)
     branch_sets: list[list[str]] = field(default_factory=list)  # weight keys sharing one L2
     grams: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)  # see _gram
+    input_grams: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # see hessians
     # After `subsample_outputs`: the whole weights (a branch is always the whole weight's) and the rows kept
     whole: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     kept_outputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -281,7 +282,7 @@ class GroupProblem:
         """Rank-r factors per weight key (float64 SVD; model dtype, as fp32); a branch set shares L2."""
         factors = {}
         for keys in self.branch_sets:
-            stacked = targets[keys[0]] if len(keys) == 1 else torch.cat([targets[k] for k in keys])
+            stacked = _stacked(targets, keys)
             up, down = low_rank(stacked, rank, method, seed=seed)
             down = down.to(self.dtype).float()
             for key, part in zip(keys, up.split([targets[k].shape[0] for k in keys])):
@@ -373,13 +374,15 @@ class GroupProblem:
 
     def hessians(self, smooth: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Per weight key, XᵀX (fp64 [K, K]) of the smoothed sample rows X/λ of every site it is called at: what
-        GPTQ rounds the weight against."""
-        inverse = None if smooth is None else 1.0 / smooth.double().unsqueeze(-2)
-        result: dict[str, torch.Tensor] = {}
-        for key, site in dict.fromkeys((m.weight_key, m.site) for m in self.members):
-            rows = self.rows[site].double() if inverse is None else self.rows[site].double() * inverse
-            result[key] = result[key] + rows.mT @ rows if key in result else rows.mT @ rows
-        return result
+        GPTQ rounds the weight against. The rows' own XᵀX is summed once; λ only rescales it."""
+        if not self.input_grams:
+            for key, site in dict.fromkeys((m.weight_key, m.site) for m in self.members):
+                rows = self.rows[site].double()
+                self.input_grams[key] = self.input_grams.get(key, 0) + rows.mT @ rows
+        if smooth is None:
+            return dict(self.input_grams)
+        inverse = 1.0 / smooth.double()
+        return {key: gram * inverse.unsqueeze(-1) * inverse.unsqueeze(-2) for key, gram in self.input_grams.items()}
 
     def act_inputs(self, smooth: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per site, (what the main path multiplies: Q_a((X + s)/λ) − s/λ, or X/λ for a weight-only scheme; what
