@@ -236,6 +236,11 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         where = archive.where
         extra = {name: archive.read(f"extra/{name}").decode() for name in EXTRA_FILES}
         capture, report = saved_reports(extra, where)
+        # kept deflated: only saving the graph again reads it, and as text it is ~2 bytes a character (the IR has
+        # non-ASCII arrows), 0.4 MiB for tiny-flux, whose weights are 7.7 MiB. Deflated, and the texts dropped,
+        # before the graph is rebuilt: that is the peak of a load, which they would add to.
+        ir = zlib.compress(extra.pop(IR_FILE).encode())
+        del extra
         record = archive.read(f"extra/{GRAPH_FILE}")
         loras = archive.read(f"extra/{LORA_FILE}").decode() if f"extra/{LORA_FILE}" in archive.entries() else ""
         eager = archive.read(f"extra/{EAGER_FILE}").decode() if f"extra/{EAGER_FILE}" in archive.entries() else ""
@@ -247,9 +252,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
     gm = rebuild(record, tensors, where, target, check_guards=capture.get("relaxed_guards") is None)
     gm.meta[CAPTURE_META] = capture
     gm.meta[REPORT_META] = report
-    # kept deflated: only saving the graph again reads it, and as text it is ~2 bytes a character (the IR has
-    # non-ASCII arrows), 0.4 MiB for tiny-flux, whose weights are 7.7 MiB
-    gm.meta[IR_META] = zlib.compress(extra.pop(IR_FILE).encode())
+    gm.meta[IR_META] = ir
     gm.meta[MANIFEST_META] = manifest
     gm.meta[INPUTS_META] = tuple(args) if args else dict(kwargs)
     install_shape_check(gm)
