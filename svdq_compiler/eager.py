@@ -72,7 +72,13 @@ _MAX_ROWS = 1 << 24  # a group input's row count: tokens × batch at any resolut
 
 
 class _Recording(TorchDispatchMode):
-    """Record the ATen ops of one eager forward as an FX graph with fake values (module doc, step 1)."""
+    """Record the ATen ops of one eager forward as an FX graph with fake values (module doc, step 1).
+
+    A higher-order operator (flex_attention, …) reaches `__torch_dispatch__` whole, with this mode popped: it runs
+    as usual and is recorded as one node reading its tensor operands, its outputs new values like any op's. The
+    ops inside its body (a score_mod, say) are not recorded; a linear called in such a body stays 16-bit."""
+
+    supports_higher_order_operators = True
 
     def __init__(self, names: dict[int, str]):
         super().__init__()
@@ -103,10 +109,16 @@ class _Recording(TorchDispatchMode):
         self.nodes[id(tensor)] = node
         self.alive.append(tensor)
 
+    def argument(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self.node_of(value)
+        if callable(value):  # a higher-order operator's body: the graph's code can only name it (it never runs)
+            return f"<{getattr(value, '__qualname__', type(value).__qualname__)}>"
+        return value
+
     def call(self, func, args: tuple, kwargs: dict, result: Any) -> None:
-        to_node = lambda v: self.node_of(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        node = self.graph.call_function(func, pytree.tree_map(to_node, tuple(args)),
-                                        pytree.tree_map(to_node, dict(kwargs)))
+        node = self.graph.call_function(func, pytree.tree_map(self.argument, tuple(args)),
+                                        pytree.tree_map(self.argument, dict(kwargs)))
         if isinstance(result, torch.Tensor):
             self.record(node, result)
         elif isinstance(result, (tuple, list)):
@@ -150,7 +162,9 @@ def record(model: torch.nn.Module, example_inputs: tuple | dict) -> torch.fx.Gra
     names = {id(t): name for name, t in named}
     recording = _Recording(names)
     args, kwargs = split_inputs(example_inputs)
-    with torch.no_grad(), _WholeLinears(recording), recording:
+    # Dynamo cannot trace under a recording mode (it skips every frame, and a fullgraph compile then fails): code
+    # the model compiles itself (eager flex_attention compiles its call) runs as plain Python here.
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"), _WholeLinears(recording), recording:
         output = model(*args, **kwargs)
     leaves = [recording.nodes[id(v)] for v in pytree.tree_leaves(output)
               if isinstance(v, torch.Tensor) and id(v) in recording.nodes]

@@ -273,3 +273,46 @@ def test_linears_called_by_keyword_are_calibrated_and_swapped():
     assert isinstance(model.blocks[1], SVDQLinear)  # (the roles keep the others 16-bit)
     with torch.no_grad(), kernel_backend("reference"):
         assert 0 < relative_error(model(**inputs(7)), KeywordCalls()(**inputs(7))) < 0.1
+
+
+class FlexAttention(torch.nn.Module):
+    """Self-attention through flex_attention (a higher-order operator, with a score_mod) between two linears."""
+
+    def __init__(self, width=64, heads=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads = heads
+        self.proj_in, self.norm = torch.nn.Linear(width, width), torch.nn.LayerNorm(width)
+        self.to_q, self.to_k, self.to_v = (torch.nn.Linear(width, width) for _ in range(3))
+        self.to_out, self.proj_out = torch.nn.Linear(width, width), torch.nn.Linear(width, width)
+
+    def forward(self, hidden_states):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        h = self.proj_in(hidden_states)
+        x = self.norm(h)
+        batch, tokens, width = x.shape
+        heads = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        distance_bias = lambda score, b, head, q, kv: score - 0.05 * (q - kv).abs()  # noqa: E731
+        y = flex_attention(heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x)), score_mod=distance_bias)
+        h = h + self.to_out(y.transpose(1, 2).reshape(batch, tokens, width))
+        return self.proj_out(h)
+
+
+def test_a_higher_order_operator_is_recorded_as_one_node_and_read_as_attention():
+    """flex_attention reaches the recording as one higher-order operator call (its eager form compiles itself,
+    which runs as plain Python while recording): its operands are the attention's q/k/v, its output the
+    out projection's input, and the swapped model serves other token counts."""
+
+    def inputs(seed, tokens=8):
+        return {"hidden_states": torch.randn(2, tokens, 64, generator=torch.Generator().manual_seed(seed))}
+
+    model = compile_eager(FlexAttention().eval(), inputs(0), QuantConfig.preset("int4"),
+                          calib_inputs=[inputs(seed) for seed in range(3)], reason="test")
+    roles = {info["name"]: info["role"] for info in model.svdq_eager.report["linears"]}
+    assert roles["to_q"] == roles["to_k"] == roles["to_v"] == Role.QKV.value and roles["to_out"] == Role.OUT.value
+    assert model.to_q.group is model.to_v.group and isinstance(model.to_out, SVDQLinear)
+    with torch.no_grad(), kernel_backend("reference"):
+        for tokens in (8, 13):
+            x = inputs(7, tokens)
+            assert 0 < relative_error(model(**x), FlexAttention()(**x)) < 0.08, tokens
