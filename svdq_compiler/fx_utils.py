@@ -29,9 +29,10 @@ VIEW_OPS = _packets("view", "reshape", "_unsafe_view", "permute", "transpose", "
 ACTIVATION_OPS = _packets("gelu", "silu", "relu", "relu6", "hardswish", "mish", "leaky_relu", "elu", "sigmoid")
 NORM_OPS = _packets("layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "rms_norm",
                     "_fused_rms_norm", "batch_norm", "_native_batch_norm_legit_no_training", "instance_norm")
+# flex_attention is a higher-order operator, its own packet; its q, k and v are its first three operands, as SDPA's.
 ATTENTION_OPS = _packets("scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
                          "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-                         "_scaled_dot_product_cudnn_attention")
+                         "_scaled_dot_product_cudnn_attention") | {torch.ops.higher_order.flex_attention}
 SOFTMAX_OPS = _packets("softmax", "_softmax", "_safe_softmax")
 MATMUL_OPS = _packets("matmul", "bmm", "mm")
 CONV_OPS = _packets("conv1d", "conv2d", "conv3d", "convolution")
