@@ -279,6 +279,17 @@ def test_tiny_configs_build_where_the_constructor_defaults_do_not():
     # (cross_attention_dim_t5, text_len_t5 shrunk to 8), the image's sizes in one [B, 6], and a style index
     ("HunyuanDiT2DModel", {"encoder_hidden_states_t5": (2, 8, 2048), "text_embedding_mask_t5": (2, 8),
                            "image_meta_size": (2, 6), "style": (2,)}),
+    # earlier frames as latent streams, each with its frame indices, given as the model does not run without them;
+    # the latent frames' own indices (HunyuanVideo-Framepack)
+    ("HunyuanVideoFramepackTransformer3DModel", {"indices_latents": (2,), "latents_clean": (2, 16, 2, 8, 12),
+                                                 "latents_history_4x": (2, 16, 2, 8, 12)}),
+    # no grid: one vector per sample, conditioned on an embedding at the config's embedding_dim, and text of the
+    # length the positions cover (num_embeddings, shrunk to 8)
+    ("PriorTransformer", {"hidden_states": (2, 64), "proj_embedding": (2, 64), "encoder_hidden_states": (2, 8, 64)}),
+    # a text-then-image-slots mask, each slot 2 × 2 latent tokens: a 4 × 6 grid of slots is 96 tokens
+    ("QwenImage21Transformer2DModel", {"hidden_states": (2, 96, 64), "img_mask": (2, 8 + 24)}),
+    # a sequence in steps of 4: its mid block halves the sequence once more than its two levels count
+    ("UNet1DModel", {"sample": (2, 2, 16)}),
 ])
 def test_inputs_named_by_rules_the_classes_share(class_name, expect):
     model = tiny(class_name)
@@ -286,6 +297,26 @@ def test_inputs_named_by_rules_the_classes_share(class_name, expect):
     assert {name: tuple(inputs[name].shape) for name in expect} == expect
     with torch.no_grad():
         model(**inputs)
+
+
+def test_tiny_configs_give_up_what_keeps_them_from_running():
+    """Where the tiny config that builds does not run on its inputs, the first of its relaxations that does: a
+    `has_*` part the forward calls whatever the flag (Framepack), a zero `extra_*` width (UNet1D's first block takes
+    the timestep embedding it concatenates), all U-Net levels and two blocks each (Kandinsky 3 pairs its levels with
+    four settings of its own, and its up blocks reach their width in their second block). A model that runs as
+    shrunk gives nothing up (UNet2DModel: two of its four levels)."""
+    import diffusers
+
+    assert tiny_config(diffusers.UNet1DModel)["extra_in_channels"] == 64
+    config = tiny_config(diffusers.Kandinsky3UNet)
+    assert len(config["block_out_channels"]) == 4 and config["layers_per_block"] == 2
+    config = tiny_config(diffusers.HunyuanVideoFramepackTransformer3DModel)
+    assert config["has_image_proj"] and config["has_clean_x_embedder"]
+    assert config["num_layers"] == 1  # only the flags given up
+    assert len(tiny_config(diffusers.UNet2DModel)["block_out_channels"]) == 2
+    model = tiny("Kandinsky3UNet")
+    with torch.no_grad():
+        model(**adapter_for(model).example_inputs(model, batch=2))
 
 
 def test_channels_last_latents_with_their_grid_and_text_positions():

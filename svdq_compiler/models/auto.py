@@ -86,13 +86,26 @@ ROLES: tuple[tuple[str, str], ...] = (
     ("image_tokens", r"image_embeds"),
     # an image encoder's pooled embedding [B, C] in the cross-attention width (I2VGen-XL's CLIP image embedding)
     ("image_pooled", r"image_embeddings"),
+    # one embedding per sample the model is conditioned on, [B, C] (the unCLIP prior's projected text embedding),
+    # C the config's `<name>_dim` or `embedding_dim`
+    ("embedding", r"\w+_embedding"),
     ("image_ids", r"img_ids"),
     # text and image token positions in one [T + N, axes] (Krea 2): FLUX's txt_ids then img_ids
     ("position_ids", r"position_ids"),
     ("text_ids", r"txt_ids"),
+    # a vision-language encoder's sequence marked where the image sits, [B, T + slots]: its T text tokens, then one
+    # slot per side × side group of latent tokens, True at the slots (Qwen-Image 2.1's img_mask: 2 × 2 each)
+    ("slot_mask", r"img_mask|image_mask"),
     # the positions along each axis of the patched latent grid, [arange(F), arange(H), arange(W)], and of the text
     # tokens, arange(T) (Kandinsky 5: its RoPE tables are indexed by them)
     ("grid_positions", r"visual_rope_pos"),
+    # the position of each latent frame along the video, arange(F) (HunyuanVideo-Framepack's RoPE reads it; a
+    # section of a longer video would start later)
+    ("frame_indices", r"indices_latents|frame_indices"),
+    # earlier frames of the video as latent streams beside the latent, each with its frame indices
+    # (HunyuanVideo-Framepack's clean and 2×, 4× down-sampled history): given where the model does not run without
+    ("history_latent", r"latents_\w+"),
+    ("history_indices", r"indices_latents_\w+"),
     ("text_positions", r"text_rope_pos"),
     # an autoregressive prior's image token per latent token [B, rows·cols] (GLM-Image), and which samples drop
     # it [B] (none: the prior is kept)
@@ -138,7 +151,7 @@ REQUIRED_TIMESTEP = r"(\w+_)?timesteps?(_\w+)?|\w+_time"
 # residuals, caches, extra image streams) are left at their defaults.
 OPTIONAL_ROLES = {"text", "text_per_block", "text_mask", "timestep", "pooled", "image_ids", "text_ids", "conditions",
                   "grid_shapes", "grid_size", "image_tokens", "image_pooled", "control_latent", "stream_length",
-                  "size_meta", "style"}
+                  "size_meta", "style", "history_latent", "history_indices"}
 # (total, each) config widths of the scalar conditions' embedding: the count is total / each.
 CONDITION_WIDTH_KEYS = (("projection_class_embeddings_input_dim", "addition_time_embed_dim"),
                         ("micro_cond_embed_dim", "micro_cond_encode_dim"))
@@ -146,7 +159,7 @@ CONDITION_WIDTH_KEYS = (("projection_class_embeddings_input_dim", "addition_time
 # Config entries giving a width, in the order they are tried.
 TEXT_WIDTH_KEYS = ("joint_attention_dim", "cross_attention_dim", "caption_channels", "text_embed_dim", "text_dim",
                    "cap_feat_dim", "context_in_dim", "encoder_hid_dim", "text_emb_dim", "text_hidden_dim",
-                   "text_in_dim", "encoder_hidden_size")
+                   "text_in_dim", "encoder_hidden_size", "embedding_dim")
 IMAGE_WIDTH_KEYS = ("image_embed_dim", "image_proj_dim")
 IMAGE_TOKENS = 4  # image encoder tokens given (a pipeline's count is its vision encoder's, not the model's)
 POOLED_WIDTH_KEYS = ("pooled_projection_dim", "pooled_embed_dim", "global_states_input_dim", "text_emb_dim",
@@ -157,8 +170,9 @@ CONDITIONING_WIDTH = re.compile(r"\w*(text|cond)\w*_(dim|channels)\d*")
 # The model's own width: where a config leaves its text encoder's width None (AceStep's encoder_hidden_size), the
 # constructor takes this one, so it is the text width tried when no conditioning width is given.
 MODEL_WIDTH_KEYS = ("hidden_size", "inner_dim", "model_dim", "dim", "d_model")
-# A text length the model fixes (CogVideoX adds a positional embedding over text and image tokens together).
-TEXT_LENGTH_KEYS = ("max_text_seq_length", "text_len")
+# A text length the model fixes (CogVideoX adds a positional embedding over text and image tokens together; the
+# unCLIP prior's positions cover its `num_embeddings` text tokens).
+TEXT_LENGTH_KEYS = ("max_text_seq_length", "text_len", "num_embeddings")
 CONTROL_CHANNEL_KEYS = ("vace_in_channels",)
 HEAD_DIM_KEYS = ("attention_head_dim", "head_dim")
 HEAD_COUNT_KEYS = ("num_attention_heads", "num_heads")
@@ -167,13 +181,14 @@ HEAD_COUNT_KEYS = ("num_attention_heads", "num_heads")
 # interleaved RoPE), (cos, sin) per token [tokens, D] (FLUX's); D the head size.
 ROTARY_FORMS = ("polar_grid", "cos_sin_per_sample", "cos_sin")
 LATENT_CHANNEL_KEYS = ("in_channels", "in_chans", "latent_channels", "num_channels_latents", "in_visual_dim",
-                       "io_channels", "latent_dim", "input_dims")
+                       "io_channels", "latent_dim", "input_dims", "embedding_dim")
 POSITION_AXES_KEYS = ("axes_dims_rope", "axes_dim_rope", "axes_dims", "rope_axes_dim")
 
 # [B,C,H,W], [B,C,F,H,W], [B,F,C,H,W] (CogVideoX: frames first), [B,N,C], [B,F·N,C] (LTX-Video), [B,C,L],
 # [B,F,H,W,C] (Kandinsky 5: channels last), [B,F·N,C,pt,ph,pw] (JoyImage: each patch whole, patch_size [pt,ph,pw]),
-# [B,H,W] codebook ids (aMUSEd)
-LAYOUTS = ("image", "video", "frames_first", "tokens", "video_tokens", "sequence", "channels_last", "patches", "ids")
+# [B,H,W] codebook ids (aMUSEd), [B,C] one vector per sample (the unCLIP prior's image embedding: no grid)
+LAYOUTS = ("image", "video", "frames_first", "tokens", "video_tokens", "sequence", "channels_last", "patches", "ids",
+           "vector")
 PACKED = ("tokens", "video_tokens")
 SEQUENCES = ("sequence", "tokens")  # the layouts of a 1-D model's latent
 FRAMED = ("video", "frames_first", "channels_last")  # the layouts with a frame axis of their own
@@ -182,6 +197,7 @@ FRAMED = ("video", "frames_first", "channels_last")  # the layouts with a frame 
 TIMESTEP_FORMS = {"sample": lambda frames: (), "frame": lambda frames: (frames,),
                   "frame_row": lambda frames: (1, frames)}
 MAX_PROBES = 96
+PROBE_GRIDS = ((2, 3), (2, 2), (8, 12), (8, 8))  # (rows, cols) the layouts are probed at, in units
 
 
 def role_of(name: str) -> str | None:
@@ -280,6 +296,8 @@ class Choice:
     text_aligned: bool = False
     # option dicts (`cross_attention_kwargs`) given empty: a forward that unpacks its None default fails (Lumina-Next)
     empty_options: tuple[str, ...] = ()
+    history: bool = False  # the optional history latents and their frame indices given
+    slot_side: int = 1  # latent tokens per side of one slot of a `slot_mask`: packed grids in multiples of it
 
 
 @dataclass
@@ -310,6 +328,7 @@ class InputPlan:
     codebook: int = 0  # the ids of an "ids" latent, from the config's codebook_size
     heads: int = 1  # attention heads and their size, for rotary tables
     head_dim: int = 0
+    embedding_widths: dict[str, int] = dataclasses.field(default_factory=dict)  # C of each `embedding` input
 
     def build(self, sizes: Sizes, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(seed)
@@ -328,12 +347,13 @@ class InputPlan:
             return {"image": (batch, channels, height, width),
                     "video": (batch, channels, frames, height, width),
                     "frames_first": (batch, frames, channels, height, width),
-                    "tokens": (batch, sizes.rows * sizes.cols, channels),
+                    "tokens": (batch, sizes.rows * sizes.cols * self.choice.slot_side ** 2, channels),
                     "video_tokens": (batch, sizes.frames * sizes.rows * sizes.cols, channels),
                     "sequence": (batch, channels, height),
                     "channels_last": (batch, frames, height, width, channels),
                     "patches": (batch, sizes.frames * sizes.rows * sizes.cols, channels, self.frame_unit, unit, unit),
-                    "ids": (batch, height, width)}[self.choice.layout]
+                    "ids": (batch, height, width),
+                    "vector": (batch, channels)}[self.choice.layout]
 
         for name, role in self.parameters.items():
             if role == "latent" and self.choice.layout == "ids":
@@ -366,6 +386,8 @@ class InputPlan:
                 inputs[name] = torch.ones(batch, self.encoder_lengths.get(encoder_suffix(name), text), dtype=mask_dtype)
             elif role == "timestep":
                 inputs[name] = torch.full(self.timestep_shape(batch, sizes.frames), self.timestep_value, dtype=dtype)
+            elif role == "embedding":
+                inputs[name] = randn(batch, self.embedding_widths[name])
             elif role == "image_pooled":
                 inputs[name] = randn(batch, self.choice.text_width)
             elif role == "image_tokens":
@@ -381,16 +403,26 @@ class InputPlan:
             elif role == "grid_size" and self.choice.layout in PACKED:
                 inputs[name] = {"num_frames": sizes.frames, "height": sizes.rows, "width": sizes.cols}[name]
             elif role == "grid_shapes":
-                grid = (sizes.frames if self.choice.layout in ("video", "patches") else 1, sizes.rows, sizes.cols)
+                grid = (sizes.frames if self.choice.layout in ("video", "patches") else 1,
+                        sizes.rows * self.choice.slot_side, sizes.cols * self.choice.slot_side)
                 inputs[name] = [[grid] if self.choice.grids_per_sample else grid] * batch
             elif role == "image_ids":
-                inputs[name] = grid_ids(sizes.rows, sizes.cols, self.axes, dtype)
+                side = self.choice.slot_side
+                inputs[name] = grid_ids(sizes.rows * side, sizes.cols * side, self.axes, dtype)
+            elif role == "slot_mask":
+                slots = torch.cat([torch.zeros(text, dtype=torch.bool), torch.ones(sizes.rows * sizes.cols,
+                                                                                   dtype=torch.bool)])
+                inputs[name] = slots.repeat(batch, 1)
             elif role == "text_ids":
                 inputs[name] = torch.zeros(text, self.axes, dtype=dtype)
             elif role == "grid_positions":
                 inputs[name] = [torch.arange(size) for size in (sizes.frames, sizes.rows, sizes.cols)]
             elif role == "text_positions":
                 inputs[name] = torch.arange(text)
+            elif role == "frame_indices" or role == "history_indices" and self.choice.history:
+                inputs[name] = torch.arange(sizes.frames)
+            elif role == "history_latent" and self.choice.history:
+                inputs[name] = randn(*latent_shape(self.channels))
             elif role == "frame_chunks":
                 inputs[name] = [sizes.frames]
             elif role == "prior_tokens":
@@ -533,7 +565,7 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: i
     elif {"image_ids", "position_ids"} & set(roles.values()) or config.get("axes_dims_rope"):
         layouts = ("tokens", "image", "video")  # position ids come with packed latents
     else:
-        layouts = ("image", "tokens", "video", "frames_first", "sequence")
+        layouts = ("image", "tokens", "video", "frames_first", "sequence", "vector")
     widths: list[int | None] = text_widths(model) if set(TEXTS) & set(roles.values()) else [None]
     pooled = [*(width for name, role in roles.items() if role == "pooled" for width in named_width(config, name))]
     pooled_widths: list[int | None] = list(dict.fromkeys(pooled + conditioning_widths(config, POOLED_WIDTH_KEYS))) \
@@ -567,6 +599,8 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: i
         "text_width": widths or [None],
         "pooled_width": pooled_widths,
         "mask_dtype": masks,
+        "history": (False, True) if "history_latent" in roles.values() else (False,),
+        "slot_side": (1, 2) if "slot_mask" in roles.values() else (1,),
         # last: a forward that fails on None options fails on every layout, and the probes stop at MAX_PROBES
         "empty_options": list(dict.fromkeys(((), option_dicts))),
     }
@@ -585,6 +619,25 @@ def layer_stack(config: Any) -> tuple[str | None, int | None]:
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return key.removesuffix("_layers"), max(value) + 1
     return None, None
+
+
+def plan_failure(model: torch.nn.Module, plan: InputPlan, sizes: Sizes) -> str | None:
+    """Why the model does not run on `plan`'s inputs at `sizes`, or None."""
+    inputs = plan.build(sizes, model_dtype(model))
+    latent = inputs[plan.latent_name()]
+    return runs_on(model, inputs, sizes.batch, tuple(latent.shape) if plan.choice.latent_share else None)
+
+
+def odd_grid_unit(model: torch.nn.Module, plan: InputPlan) -> InputPlan:
+    """`plan` with its grid unit doubled, once or twice, where the model runs at an odd count of units only so:
+    a down-sampling the config's levels do not count (UNet1D's mid block halves the sequence once more).
+    Unchanged where it runs at odd counts, or where doubling does not help."""
+    odd = Sizes(batch=2, text=4, rows=3, cols=3 if plan.square else 5)
+    for step in (1, 2, 4):
+        doubled = dataclasses.replace(plan, unit=plan.unit * step)
+        if plan_failure(model, doubled, odd) is None:
+            return doubled
+    return plan
 
 
 def plan_inputs(model: torch.nn.Module) -> InputPlan:
@@ -609,10 +662,16 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
     conditions = condition_count(config)
     stream_channels = {name: width for name, role in roles.items() if role == "stream_latent"
                        for width in config_value(config, (f"{name.removesuffix('_hidden_states')}_in_channels",))}
-    unknown = [name for name, role in roles.items() if role == "stream_latent" and name not in stream_channels]
+    embedding_widths = {name: widths[0] for name, role in roles.items() if role == "embedding"
+                        for widths in [named_width(config, name) + config_value(config, ("embedding_dim",))]
+                        if widths}
+    unknown = [name for name, role in roles.items()
+               if role == "stream_latent" and name not in stream_channels
+               or role == "embedding" and name not in embedding_widths]
     if unknown:
         raise InputError(f"{type(model).__name__}.forward requires inputs whose layout cannot be inferred from "
-                         f"their names and the config: {', '.join(unknown)} (no <name>_in_channels in the config)",
+                         f"their names and the config: {', '.join(unknown)} (no <name>_in_channels, <name>_dim or "
+                         f"embedding_dim in the config)",
                          fix="pass your own example_inputs (and dynamic_shapes) to svdq_compiler.compile")
     block_text_width = next((width for name, role in roles.items() if role == "text_per_block"
                              for width in named_width(config, name.removesuffix("_layers"))), None)
@@ -638,7 +697,7 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
                 image_width=image_width, control_channels=control_channels, heads=heads, head_dim=head_dim,
                 blocks=sum(value for key, value in config.items() if re.fullmatch(r"num_(\w+_)?layers", key)
                            and isinstance(value, int) and not isinstance(value, bool)),
-                block_text_width=block_text_width, stream_channels=stream_channels,
+                block_text_width=block_text_width, stream_channels=stream_channels, embedding_widths=embedding_widths,
                 codebook=next(iter(config_value(config, ("codebook_size",))), 0),
                 return_dict=takes_return_dict(model),
                 text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None),
@@ -646,16 +705,15 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
                 encoder_lengths=encoder_sizes(config, roles, TEXT_LENGTH_KEYS))
     failures = []
     choices = candidate_choices(model, roles, channels[0])[:MAX_PROBES]
-    # a 2×3 grid first, so a model that takes any grid is not mistaken for one that takes square grids only
-    probes = ((Sizes(batch=2, text=4, rows=2, cols=3), False), (Sizes(batch=2, text=4, rows=2, cols=2), True))
+    # a 2×3 grid first, so a model that takes any grid is not mistaken for one that takes square grids only; then
+    # larger grids, for a model whose convolutions pad past a small one (UNet1D's cubic down-sampling pads by 3)
+    probes = [(Sizes(batch=2, text=4, rows=rows, cols=cols), rows == cols) for rows, cols in PROBE_GRIDS]
     for sizes, square in probes:
         for choice in choices:
             plan = InputPlan(choice=choice, square=square, **base)
-            inputs = plan.build(sizes, model_dtype(model))
-            latent = inputs[plan.latent_name()]
-            why = runs_on(model, inputs, sizes.batch, tuple(latent.shape) if choice.latent_share else None)
+            why = plan_failure(model, plan, sizes)
             if why is None:
-                model._svdq_input_plan = plan
+                model._svdq_input_plan = plan = odd_grid_unit(model, plan)
                 return plan
             if not square:
                 failures.append(f"{choice.layout} latent, text width {choice.text_width}: {why}")
@@ -726,9 +784,11 @@ class DiffusersAdapter(ModelAdapter):
             frames, rows, cols = told.get("num_frames", frames), told["height"], told["width"]
         elif layout in PACKED:  # any factorization of the count rebuilds the same shapes
             frames = 1 if layout == "video_tokens" else frames
-            rows, cols = factor_grid(int(latent.shape[1]), what="image tokens")
+            rows, cols = factor_grid(int(latent.shape[1]) // plan.choice.slot_side ** 2, what="image tokens")
         elif layout == "sequence":
             rows, cols = latent.shape[-1] // plan.unit, 1
+        elif layout == "vector":  # no grid: any rebuilds the same shapes
+            rows, cols = 1, 1
         elif layout == "channels_last":
             rows, cols = latent.shape[2] // plan.unit, latent.shape[3] // plan.unit
         elif layout == "patches":  # the grid the model is told the patches come from
@@ -794,6 +854,17 @@ DEFAULTS_THAT_DO_NOT_BUILD = {
 }
 
 
+# What a tiny config gives up, one at a time and then together, where the one that builds does not run: the
+# optional parts a `has_*` flag leaves out (HunyuanVideo-Framepack's forward calls its image projection whatever
+# the flag), a zero `extra_*` width (UNet1D concatenates its timestep embedding onto the latent's channels, which
+# its first block takes only with `extra_in_channels` set), the U-Net levels past two (Kandinsky 3 pairs its levels
+# with per-level settings of its own, four of them), one block of each kind (Kandinsky 3's up blocks reach their
+# output width only in their second block).
+RELAXATIONS = ("flags", "extra", "levels", "depth")
+OPTIONAL_PART = re.compile(r"has_\w+")
+EXTRA_WIDTH = re.compile(r"extra_\w*(channels|dim)")
+
+
 def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
     """A tiny config of any diffusers model class, from its constructor's defaults: one block of each kind, two
     heads, every width 64, two U-Net levels of 32 and 64 channels, RoPE axes scaled to the head size.
@@ -801,21 +872,56 @@ def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
     Structure (block kinds, norms, embeddings) stays the class's own; only sizes shrink. The constructor is the
     judge of what builds: each candidate (widths 64, 128, 256; with and without filling a None patch size, which
     also selects a continuous-input variant) is built on the meta device (no memory, no weights) and the first
-    that builds is returned; when none does, an InputError says where the first candidate's build failed.
+    that builds is kept; when none does, an InputError says where the first candidate's build failed. The model's
+    example inputs are the judge of what runs: where the kept candidate does not run on them, it is rebuilt with
+    RELAXATIONS, fewest first, and the first that builds and runs is returned (else the kept one, whose inputs
+    stage then says why it does not run).
     """
-    candidates = [shrunk_config(model_class, width, fill) for width in TINY_WIDTHS for fill in (True, False)]
     failures = []
-    for config in candidates:
-        try:
-            with torch.device("meta"):
-                model_class(**config)
-        except Exception as exc:  # any constructor error means: not this candidate
-            failures.append(exc)
-            continue
+    for width, fill in itertools.product(TINY_WIDTHS, (True, False)):
+        config = shrunk_config(model_class, width, fill)
+        failure = build_failure(model_class, config)
+        if failure is None:
+            break
+        failures.append(failure)
+    else:
+        why = constructor_failure(model_class, failures[0])
+        raise InputError(f"no tiny config of {model_class.__name__} builds: {why}",
+                         fix="build it from a released checkpoint's config")
+    if runs_at_example(model_class, config):
         return config
-    why = constructor_failure(model_class, failures[0])
-    raise InputError(f"no tiny config of {model_class.__name__} builds: {why}",
-                     fix="build it from a released checkpoint's config")
+    # a relaxation that changes nothing in this class's config is not tried
+    changing = [name for name in RELAXATIONS
+                if shrunk_config(model_class, width, fill, frozenset({name})) != config]
+    for count in range(1, len(changing) + 1):
+        for relaxed in itertools.combinations(changing, count):
+            variant = shrunk_config(model_class, width, fill, frozenset(relaxed))
+            if build_failure(model_class, variant) is None and runs_at_example(model_class, variant):
+                return variant
+    return config
+
+
+def build_failure(model_class: type[torch.nn.Module], config: dict[str, Any]) -> Exception | None:
+    """Why `model_class(**config)` does not build on the meta device (no memory, no weights), or None."""
+    try:
+        with torch.device("meta"):
+            model_class(**config)
+    except Exception as exc:  # any constructor error means: not this config
+        return exc
+    return None
+
+
+def runs_at_example(model_class: type[torch.nn.Module], config: dict[str, Any]) -> bool:
+    """Whether a model built from `config` runs on its adapter's example inputs (shapes only, under fake tensors)."""
+    from svdq_compiler.models import adapter_for
+
+    with torch.random.fork_rng():  # building draws random weights: the caller's seed stays its own
+        model = model_class(**config).eval()
+    try:
+        inputs = adapter_for(model).example_inputs(model, batch=2)
+    except Exception:  # no inputs built (an input the adapter cannot lay out): not running
+        return False
+    return runs_on(model, inputs, 2) is None
 
 
 def constructor_failure(model_class: type[torch.nn.Module], exc: Exception) -> str:
@@ -835,9 +941,10 @@ def layer_indices(value: Any) -> bool:
         and all(isinstance(v, int) for v in value) and list(value) == sorted(set(value))
 
 
-def shrunk_config(model_class: type[torch.nn.Module], width: int, fill: bool) -> dict[str, Any]:
+def shrunk_config(model_class: type[torch.nn.Module], width: int, fill: bool,
+                  relaxed: frozenset[str] = frozenset()) -> dict[str, Any]:
     """One candidate of `tiny_config`: every width `width`, heads of width / 2; `fill`: the None entries of
-    NEEDED_WHEN_NONE given (in_channels always)."""
+    NEEDED_WHEN_NONE given (in_channels always); `relaxed`: the RELAXATIONS given up."""
     head_size = width // TINY_HEADS
     parameters = inspect.signature(model_class.__init__).parameters.items()
     defaults = {name: parameter.default for name, parameter in parameters
@@ -852,7 +959,15 @@ def shrunk_config(model_class: type[torch.nn.Module], width: int, fill: bool) ->
         head_dim = model_width // heads  # a model that gives its width and head count, not the head size
     levels = defaults.get("block_out_channels")
     level_count = len(levels) if isinstance(levels, (list, tuple)) else 0
+    kept_levels = level_count if "levels" in relaxed else min(level_count, 2)
+    depth = 2 if "depth" in relaxed else 1
     for name, value in defaults.items():
+        if "flags" in relaxed and value is False and OPTIONAL_PART.fullmatch(name):
+            config[name] = True
+            continue
+        if "extra" in relaxed and value == 0 and not isinstance(value, bool) and EXTRA_WIDTH.fullmatch(name):
+            config[name] = width
+            continue
         if value is None and name in NEEDED_WHEN_NONE and (fill or name == "in_channels"):
             config[name] = NEEDED_WHEN_NONE[name]  # a default the constructor cannot build with
             continue
@@ -861,16 +976,16 @@ def shrunk_config(model_class: type[torch.nn.Module], width: int, fill: bool) ->
             continue
         if isinstance(value, bool) or value is None:
             continue
-        if level_count > 2 and isinstance(value, (list, tuple)) and len(value) == level_count:
+        if kept_levels == 2 < level_count and isinstance(value, (list, tuple)) and len(value) == level_count:
             value = type(value)([value[0], value[-1]])  # the outer levels, mirrored in the up path
         if name == "block_out_channels" and level_count:
-            config[name] = (32, 64) if level_count > 1 else (32,)
-        elif isinstance(value, int) and DEPTH.fullmatch(name) and value > 1:
-            config[name] = 1
+            config[name] = (32, *(64,) * (kept_levels - 1))
+        elif isinstance(value, int) and DEPTH.fullmatch(name) and value > depth:
+            config[name] = depth
         elif DEPTH.fullmatch(name) and layer_indices(value):
-            config[name] = type(value)(value[:1])  # the first of the layers, which one block still has
+            config[name] = type(value)(value[:depth])  # the first of the layers, which the blocks kept still have
         elif isinstance(value, (list, tuple)) and DEPTH.fullmatch(name) and all(isinstance(v, int) for v in value):
-            config[name] = type(value)(min(v, 1) for v in value)
+            config[name] = type(value)(min(v, depth) for v in value)
         elif isinstance(value, int) and HEADS.fullmatch(name) and value > TINY_HEADS:
             config[name] = TINY_HEADS
         elif isinstance(value, (list, tuple)) and HEADS.fullmatch(name) and all(isinstance(v, int) for v in value):
