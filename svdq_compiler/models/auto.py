@@ -629,9 +629,9 @@ def plan_failure(model: torch.nn.Module, plan: InputPlan, sizes: Sizes) -> str |
 
 
 def odd_grid_unit(model: torch.nn.Module, plan: InputPlan) -> InputPlan:
-    """`plan` with its grid unit doubled, once or twice, where the model runs at an odd count of units only so:
-    a down-sampling the config's levels do not count (UNet1D's mid block halves the sequence once more).
-    Unchanged where it runs at odd counts, or where doubling does not help."""
+    """`plan` with its grid unit doubled (once or twice) where only that lets the model run at an odd count of
+    units: a down-sampling the config's levels do not count (UNet1D's mid block halves the sequence once more).
+    Unchanged where it runs at odd counts already, or where doubling does not help."""
     odd = Sizes(batch=2, text=4, rows=3, cols=3 if plan.square else 5)
     for step in (1, 2, 4):
         doubled = dataclasses.replace(plan, unit=plan.unit * step)
