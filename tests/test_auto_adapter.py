@@ -290,6 +290,9 @@ def test_tiny_configs_build_where_the_constructor_defaults_do_not():
     ("QwenImage21Transformer2DModel", {"hidden_states": (2, 96, 64), "img_mask": (2, 8 + 24)}),
     # a sequence in steps of 4: its mid block halves the sequence once more than its two levels count
     ("UNet1DModel", {"sample": (2, 2, 16)}),
+    # channels from the docstring's shape, `2 * in_visual_dim + 1`; a grid in steps of 8 (attention over 8 × 8
+    # blocks), found square at first and given non-square grids back
+    ("Kandinsky6SRTransformer3DModel", {"hidden_states": (2, 2, 32, 48, 129)}),
 ])
 def test_inputs_named_by_rules_the_classes_share(class_name, expect):
     model = tiny(class_name)

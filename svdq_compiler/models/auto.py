@@ -17,6 +17,7 @@ report says, per dimension, what it follows and how that was found.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import inspect
@@ -629,15 +630,52 @@ def plan_failure(model: torch.nn.Module, plan: InputPlan, sizes: Sizes) -> str |
 
 
 def odd_grid_unit(model: torch.nn.Module, plan: InputPlan) -> InputPlan:
-    """`plan` with its grid unit doubled (once or twice) where only that lets the model run at an odd count of
-    units: a down-sampling the config's levels do not count (UNet1D's mid block halves the sequence once more).
-    Unchanged where it runs at odd counts already, or where doubling does not help."""
-    odd = Sizes(batch=2, text=4, rows=3, cols=3 if plan.square else 5)
-    for step in (1, 2, 4):
-        doubled = dataclasses.replace(plan, unit=plan.unit * step)
-        if plan_failure(model, doubled, odd) is None:
-            return doubled
+    """`plan` with its grid unit doubled (up to three times) where only that lets the model run at an odd count of
+    units: a down-sampling the config's levels do not count (UNet1D's mid block halves the sequence once more), or
+    attention over blocks of 8 × 8 tokens (Kandinsky 6 SR's NABLA). A plan found square gets non-square grids
+    back where the larger unit is what a non-square probe lacked. Unchanged where it runs at odd counts already, or
+    where doubling does not help."""
+    for step in (1, 2, 4, 8):
+        for square in dict.fromkeys((False, plan.square)):
+            doubled = dataclasses.replace(plan, unit=plan.unit * step, square=square)
+            if plan_failure(model, doubled, Sizes(batch=2, text=4, rows=3, cols=3 if square else 5)) is None:
+                return doubled
     return plan
+
+
+def config_arithmetic(node: ast.AST, config: Any) -> int | None:
+    """The value of an expression of ints, config ints, +, - and *; None for anything else."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+        return node.value
+    if isinstance(node, ast.Name):
+        return next(iter(config_value(config, (node.id,))), None)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
+        left, right = config_arithmetic(node.left, config), config_arithmetic(node.right, config)
+        if left is None or right is None:
+            return None
+        return left + right if isinstance(node.op, ast.Add) else left - right if isinstance(node.op, ast.Sub) \
+            else left * right
+    return None
+
+
+def documented_channels(model: torch.nn.Module, latent_name: str) -> list[int]:
+    """The latent's channel count where the forward's docstring gives its shape with one entry computed from the
+    config (`2 * in_visual_dim + 1`: Kandinsky 6 SR's noisy latent, anchor latent and anchor mask in one); a bare
+    config key adds nothing to LATENT_CHANNEL_KEYS, so only arithmetic counts."""
+    documented = re.search(rf"^\s*{re.escape(latent_name)} \(`[^`]*` of shape `\(([^`]*)\)`",
+                           inspect.getdoc(model.forward) or "", re.MULTILINE)
+    if documented is None:
+        return []
+    found = []
+    for entry in documented.group(1).split(","):
+        try:
+            expression = ast.parse(entry.strip(), mode="eval").body
+        except SyntaxError:
+            continue
+        value = config_arithmetic(expression, model.config) if isinstance(expression, ast.BinOp) else None
+        if value is not None and value > 0:
+            found.append(value)
+    return found
 
 
 def plan_inputs(model: torch.nn.Module) -> InputPlan:
@@ -659,6 +697,8 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
                          fix="pass your own example_inputs to svdq_compiler.compile")
     if config.get("visual_cond"):  # Kandinsky 5/6: the conditioning frames and their mask ride in the latent
         channels = [2 * channels[0] + 1]
+    latent_name = next(name for name, role in roles.items() if role == "latent")
+    channels = documented_channels(model, latent_name) + channels
     conditions = condition_count(config)
     stream_channels = {name: width for name, role in roles.items() if role == "stream_latent"
                        for width in config_value(config, (f"{name.removesuffix('_hidden_states')}_in_channels",))}
