@@ -167,6 +167,8 @@ def torch_dynamic_shapes(inputs: Any, dims: dict[tuple[tuple, int], Any]) -> Any
 # ---- torch.export's constraint violations -----------------------------------------------------------------
 
 _VIOLATED = re.compile(r"Constraints violated \(([^)]*)\)")
+# A dimension declared as a multiple (DynDim.multiple) reaches torch as `8*t`: violating it violates `t`.
+_MULTIPLE_OF = re.compile(r"^\d+\*(\w+)$")
 _FIX = re.compile(r"^\s*(\w+) = (.+?)\s*$")
 _RANGE = re.compile(r"^Dim\('(\w+)'(?:, min=(\d+))?(?:, max=(\d+))?\)$")
 
@@ -183,11 +185,16 @@ def constraint_violation(exc: BaseException) -> str | None:
 def parse_violation(message: str) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """(violated dimension names, {name: torch's explanation}, {name: torch's suggested fix})."""
     match = _VIOLATED.search(message)
-    names = [n.strip() for n in match.group(1).split(",")] if match else []
+    violated = [n.strip() for n in match.group(1).split(",")] if match else []
     bullets = [line.strip()[2:] for line in message.splitlines() if line.strip().startswith("- ")]
-    reasons = {}
-    for name in names:
-        bullet = next((b for b in bullets if re.search(rf"\b{re.escape(name)}\b", b)), None)
+    names, reasons = [], {}
+    for expression in violated:
+        multiple = _MULTIPLE_OF.match(expression)
+        name = multiple.group(1) if multiple else expression
+        if name in names:
+            continue
+        names.append(name)
+        bullet = next((b for b in bullets if re.search(rf"(?<![\w*]){re.escape(expression)}\b", b)), None)
         if bullet:
             reasons[name] = bullet.split(". ")[0].rstrip(".")
     fixes = {}

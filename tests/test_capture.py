@@ -168,3 +168,26 @@ def test_violation_parser_reads_torch_messages():
     assert names == ["batch", "w"]
     assert fixes == {"batch": "Dim('batch', max=63)", "w": "4"}
     assert reasons["w"] == "You marked w as dynamic but your code specialized it to be a constant (4)"
+
+
+class FixedLengthTable(torch.nn.Module):
+    """Adds a positional table of one fixed length: the code pins the token count."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+        self.table = torch.nn.Parameter(torch.randn(24, 16))
+
+    def forward(self, x):
+        return self.proj(x + self.table)
+
+
+def test_a_dimension_declared_as_a_multiple_that_the_code_pins_becomes_static():
+    # torch names the violated dimension `8*tokens`, not `tokens`
+    gm = svdq_compiler.capture(FixedLengthTable(), (torch.randn(2, 24, 16),),
+                               dynamic_shapes=({1: DynDim("tokens", 1, 8, multiple=8)},))
+    [dim] = gm.meta[CAPTURE_META]["dims"]
+    assert dim["name"] == "tokens" and dim["status"] == "static"
+    assert "8*tokens" in dim["reason"] and "constant (24)" in dim["reason"]
+    with pytest.raises(ShapeError, match="static 24"):
+        gm(torch.randn(2, 32, 16))
