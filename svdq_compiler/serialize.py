@@ -234,7 +234,8 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         archive.verify()  # first, so that damage reads as damage, not as a hostile file
         args, kwargs = check_archive(archive)
         where = archive.where
-        extra = {name: archive.read(f"extra/{name}").decode() for name in EXTRA_FILES}
+        # the manifest is read above, and the config only by inspection (read_extra)
+        extra = {name: archive.read(f"extra/{name}").decode() for name in (CAPTURE_FILE, REPORT_FILE, IR_FILE)}
         capture, report = saved_reports(extra, where)
         # kept deflated: only saving the graph again reads it, and as text it is ~2 bytes a character (the IR has
         # non-ASCII arrows), 0.4 MiB for tiny-flux, whose weights are 7.7 MiB. Deflated, and the texts dropped,
