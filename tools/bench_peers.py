@@ -26,6 +26,13 @@ own process (peak RSS is per row; the peers patch modules in place) on the same 
 inputs; a row that cannot run on CPU records the one-line reason. Columns: weight/activation bits, score,
 quantize time (calibration included), peak RSS. Writes bench/results/peers-<model>.json.
 
+`modelopt:nvfp4-svdquant` on CPU: ModelOpt's fake quantization of NVFP4 (E2M1 values in blocks of 16, E4M3 block
+scales under a per-tensor scale amax/(6·448)) is a Triton kernel or a CUDA extension, both CUDA-only. In that
+row's process `route_modelopt_nvfp4_fake_quant_to_qtensor` sends the CPU calls through ModelOpt's own
+NVFP4QTensor quantize → dequantize (its pure-torch path for real-quantization export), with the per-tensor scale
+from the amax ModelOpt passes; the row's JSON says so in its `note`. tests/test_bench_peers.py checks that route
+against our fake_quantize_act of the same format.
+
 Needs the optional extra `peers` (nvidia-modelopt, optimum-quanto, torchao).
 """
 
@@ -281,12 +288,50 @@ def modelopt_config(kind: str) -> dict:
     return config
 
 
+MODELOPT_NVFP4_CPU_NOTE = ("CPU: ModelOpt's own NVFP4QTensor quantize/dequantize in place of its CUDA-only "
+                           "fake-quant kernel")
+
+
+def route_modelopt_nvfp4_fake_quant_to_qtensor() -> None:
+    """ModelOpt's dynamic block fake quantization of a CPU tensor in NVFP4 (E2M1 values, E4M3 block scales) goes
+    through NVFP4QTensor quantize → dequantize; every other call (CUDA tensors, other formats) to its op as before.
+
+    The quantizer reaches the op through tensor_quant's module global `dynamic_block_quantize_op` (read at call
+    time by `_dynamic_block_quantize_forward`), which is the one name replaced: the torch.library registration
+    behind it stays as it is. The per-tensor scale is amax/(6·448), as ModelOpt's CUDA kernels derive it from the
+    amax they are given (a max over its elements where it has several)."""
+    from modelopt.torch.quantization import tensor_quant
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    modelopt_op = tensor_quant.dynamic_block_quantize_op
+
+    def fake_quant(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits):
+        nvfp4 = (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) == (4, 2, 8, 4)
+        if inputs.device.type != "cpu" or not nvfp4:
+            return modelopt_op(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits,
+                               scale_exponent_bits)
+        tensor_scale = NVFP4QTensor.get_weights_scaling_factor_2(amax)
+        width = inputs.shape[-1]
+        # NVFP4QTensor pads a partial last block with zeros but its dequantize restores only the unpadded
+        # shape, so the padding is done (and cut) here
+        padded = F.pad(inputs.float(), (0, -width % block_size))
+        packed, block_scales, tensor_scale = NVFP4QTensor.quantize(padded, block_size,
+                                                                   weights_scaling_factor_2=tensor_scale)
+        values = packed.dequantize(torch.float32, scale=block_scales, double_scale=tensor_scale,
+                                   block_sizes={-1: block_size})
+        return values[..., :width].to(inputs.dtype)
+
+    tensor_quant.dynamic_block_quantize_op = fake_quant
+
+
 def quantize_peer(row: str, case: Case) -> Callable:
     library, kind = row.split(":")
     model = case.model
     if library == "modelopt":
         import modelopt.torch.quantization as mtq
 
+        if kind == "nvfp4-svdquant":
+            route_modelopt_nvfp4_fake_quant_to_qtensor()
         return mtq.quantize(model, modelopt_config(kind), lambda m: calibrate_eager(m, case.calib))
     if library == "quanto":
         from optimum.quanto import Calibration, freeze, qint4, qint8, quantize
@@ -316,6 +361,8 @@ def run_row(args, row: str) -> dict:
     rss_model = peak_rss_mib()
     library, kind = row.split(":")
     result = {"row": row, "library": library, "scheme": kind, "bits": BITS.get(kind, "")}
+    if row == "modelopt:nvfp4-svdquant":
+        result["note"] = MODELOPT_NVFP4_CPU_NOTE
     start = time.perf_counter()
     try:
         if library == "ours":
@@ -379,7 +426,7 @@ SUMMARY_SCORES = {"tiny-flux": ("PSNR dB / SSIM", lambda r: f"{r['psnr']:.2f} / 
 
 def summary_table(reports: list[dict], columns: list[str] = SUMMARY_COLUMNS) -> str:
     """Every model's score and cost (quantize seconds, peak RSS MiB) per row kind of `columns`; a row that
-    failed, or was not run, shows –; a column no model ran is left out (ModelOpt's NVFP4 is CUDA-only)."""
+    failed, or was not run, shows –; a column no model ran is left out."""
     rows = {report["model"]: {r["row"]: r for r in report["rows"] if "error" not in r} for report in reports}
     columns = [(row, TITLES[row]) for row in columns if any(row in found for found in rows.values())]
 
