@@ -152,6 +152,8 @@ def kernel_templates() -> dict[str, KernelSpec]:
         "A nvfp4 r32": QuantizeSpec(ActQuant("nvfp4", 16), 32, "bfloat16", k=k),
         "A int8 r32 fp16": QuantizeSpec(ActQuant("int8", 0), 32, "float16", k=k),
         "A int8 g64 r32": QuantizeSpec(ActQuant("int8", 64), 32, "bfloat16", k=k),
+        "A uint8 g64 r16": QuantizeSpec(ActQuant("uint8", 64, 0.171875), 16, "bfloat16", k=k),
+        "A uint8 r0 fp16": QuantizeSpec(ActQuant("uint8", 0, 0.171875), 0, "float16", k=k),
         "B int4 r32 bias": GemmSpec("int4", 64, 32, True, "bfloat16", k=k, n=n),
         "B int4 r0": GemmSpec("int4", 64, 0, False, "bfloat16", k=k, n=n),
         "B uint4 r32 epilogues": GemmSpec("uint4", 64, 32, True, "bfloat16", k=k, n=n, epilogue=every_epilogue),
@@ -163,6 +165,11 @@ def kernel_templates() -> dict[str, KernelSpec]:
         "B int8 g64 r32 quantize-next int8 g64": GemmSpec(
             "int8", 64, 32, True, "bfloat16", k=k, n=n, epilogue=(Epilogue("gelu_tanh"),),
             quantize_next=QuantizeNext(ActQuant("int8", 64), 32)),
+        "B uint8 g64 r16 bias": GemmSpec("uint8", 64, 16, True, "bfloat16", k=k, n=n),
+        "B uint8 r16 bias": GemmSpec("uint8", 0, 16, True, "bfloat16", k=k, n=n),
+        "B int8 g64 r16 quantize-next uint8 g64 r16": GemmSpec(
+            "int8", 64, 16, True, "bfloat16", k=k, n=n, epilogue=(Epilogue("gelu_tanh"),),
+            quantize_next=QuantizeNext(ActQuant("uint8", 64, 0.171875), 16)),
         "B nvfp4 r32 bias": GemmSpec("nvfp4", 16, 32, True, "bfloat16", k=k, n=n),
         "B nvfp4 r32 quantize-next nvfp4": GemmSpec(
             "nvfp4", 16, 32, True, "bfloat16", k=k, n=n, epilogue=(Epilogue("mul"),),
@@ -209,7 +216,8 @@ _DEFAULT_EVERY_CONFIG = ("B int4 r32 bias", ("sm_80", "sm_89", "sm_90"))
 _DEFAULT_ONE_CONFIG = (("B int4 r32 bias", "sm_86"), ("B nvfp4 r32 bias", "sm_100"), ("B nvfp4 r32 bias", "sm_120"),
                        ("A int4 r32", "sm_90"), ("W int4 r0 bias", "sm_89"), ("W int4 r0 fp16", "sm_90"),
                        ("B int8 g64 r32 bias", "sm_80"),
-                       ("B int8 g64 r32 bias", "sm_90"), ("A int8 g64 r32", "sm_90"))
+                       ("B int8 g64 r32 bias", "sm_90"), ("A int8 g64 r32", "sm_90"),
+                       ("B uint8 g64 r16 bias", "sm_90"))
 
 
 def gate_cases(full: bool) -> list[GateCase]:

@@ -38,6 +38,7 @@ from svdq_compiler.codegen.shapes import model_dtype, packed_act
 from svdq_compiler.codegen.spec import (ActQuant, Epilogue, GemmSpec, QuantizeSpec, SpecError, WeightOnlySpec,
                                         parse_spec)
 from svdq_compiler.errors import InputError
+from svdq_compiler.quant import FORMATS
 
 BACKENDS = ("triton", "reference")
 BACKEND_ENV = "SVDQ_KERNELS"
@@ -134,7 +135,7 @@ def reference_quantize_lora_down(x, smooth, lora_down, spec: QuantizeSpec, act_s
 def reference_gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, down, lora_up, bias, operands, next_smooth,
                    next_lora_down, spec: GemmSpec, a_tscale=None, next_act_scale=None) -> list[torch.Tensor]:
     dtype = model_dtype(spec.dtype)
-    k = spec.k if spec.k is not None else (a_codes.shape[-1] * 2 if spec.act != "int8" else a_codes.shape[-1])
+    k = spec.k if spec.k is not None else a_codes.shape[-1] * (2 if FORMATS[spec.act].four_bit else 1)
     y = torch.ops.svdq.gemm(a_codes, a_scales, w_codes, w_scales, w_tscale, spec.act, spec.group_size, k, dtype,
                             a_tscale)
     if spec.rank:

@@ -270,7 +270,8 @@ def _emit_group_quantize(src: _Source, quant: ActQuant, value: str, rows: str, g
             codes = quotient_rn(grouped, scale[:, :, None], reciprocal(scale)[:, :, None])
             codes = tl.minimum(tl.maximum(round_half_even(codes), {qmin!r}), {qmax!r})""")
         if not quant.packed:
-            src.add(f"packed = tl.reshape(codes.to(tl.int8), ({rows}, {groups} * {g}))  # one code per byte")
+            src.add(f"packed = tl.reshape(codes.to({_code_range(quant.fmt)['code_type']}), ({rows}, {groups} * {g}))"
+                    "  # one code per byte")
             return
         src.add(f"""
             codes = codes.to(tl.int32)
@@ -439,6 +440,12 @@ def _emit_quantize_halves_body(src: _Source, spec: QuantizeSpec, target: Target,
     src.dedent()
 
 
+def _code_range(fmt: str) -> dict[str, object]:
+    """The one-code-per-byte formats' code bounds and the Triton type their codes are stored in."""
+    number = FORMATS[fmt]
+    return dict(qmin=number.qmin, qmax=number.qmax, code_type="tl.int8" if number.signed else "tl.uint8")
+
+
 def _emit_quantize_int8_body(src: _Source, spec: QuantizeSpec, target: Target, dtype: str) -> None:
     src.add("# pass 1: the row's absmax (and the down projection); pass 2 re-reads x (mostly from L2) to quantize")
     src.add("absmax = tl.zeros((BLOCK_M,), dtype=tl.float32)")
@@ -449,18 +456,18 @@ def _emit_quantize_int8_body(src: _Source, spec: QuantizeSpec, target: Target, d
     src.dedent()
     src.add("""
         # IEEE divisions (div_rn, quotient_rn): CUDA's fp32 `/` is up to 2 ulp off, which moves scales and codes
-        scale = tl.div_rn(absmax, 127.0)
+        scale = tl.div_rn(absmax, {qmax!r})
         scale = tl.where(scale == 0.0, 1.0, scale)
         scale_reciprocal = reciprocal(scale)
         tl.store(scales_ptr + rows, scale, mask=row_ok)
-        for k0 in range(0, K, BLOCK_K):""")
+        for k0 in range(0, K, BLOCK_K):""".format(**_code_range(spec.quant.fmt)))
     src.indent()
     _emit_step_loads(src, spec, target, dtype, "BLOCK_K", with_down=False)
     src.add("""
         codes = quotient_rn(value, scale[:, None], scale_reciprocal[:, None])
-        codes = tl.minimum(tl.maximum(round_half_even(codes), -127.0), 127.0)
-        tl.store(codes_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], codes.to(tl.int8),
-                 mask=row_ok[:, None] & col_ok[None, :])""")
+        codes = tl.minimum(tl.maximum(round_half_even(codes), {qmin!r}), {qmax!r})
+        tl.store(codes_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], codes.to({code_type}),
+                 mask=row_ok[:, None] & col_ok[None, :])""".format(**_code_range(spec.quant.fmt)))
     src.dedent()
 
 
@@ -497,16 +504,17 @@ def _gemm_description(spec: GemmSpec, target: Target) -> str:
             Two int8 tl.dot → one int32 partial sum per group, converted exactly to fp32 (integer add + float
             subtract: the I2F instruction runs at a quarter rate) and scaled by act_scale[m, g]·w_scale[g, n]
             into the fp32 accumulator."""
-    elif spec.integer_groups:  # grouped int8
+    elif spec.integer_groups:  # grouped int8/uint8
         main = f"""
             Main loop, one K group of {g} channels per iteration: the [BLOCK_M, {g}] activation and [BLOCK_N, {g}]
-            weight int8 code tiles go to one int8 tl.dot as loaded → an int32 partial sum per group (|partial| <
-            2^22), converted exactly to fp32 (integer add + float subtract) and scaled by the fp32
-            act_scale[m, g]·w_scale[g, n] into the fp32 accumulator."""
-    elif spec.act == "int8":
-        main = """
-            Main loop over K in BLOCK_K steps: int8 tl.dot with int32 accumulation over the whole of K (per-token
-            and per-channel scales factor out of the sum), scaled once by act_scale[m]·w_scale[n] at the end."""
+            weight int8 code tiles go to one int8 tl.dot as loaded{_UNSIGNED_NOTE if spec.act == "uint8" else ""} →
+            an int32 partial sum per group (|partial| < 2^22), converted exactly to fp32 (integer add + float
+            subtract) and scaled by the fp32 act_scale[m, g]·w_scale[g, n] into the fp32 accumulator."""
+    elif spec.act in ("int8", "uint8"):
+        main = f"""
+            Main loop over K in BLOCK_K steps: int8 tl.dot{_UNSIGNED_NOTE if spec.act == "uint8" else ""} with
+            int32 accumulation over the whole of K (per-token and per-channel scales factor out of the sum), scaled
+            once by act_scale[m]·w_scale[n] at the end."""
     elif path == "dot_scaled":
         main = """
             Main loop over K in BLOCK_K steps: tl.dot_scaled on the packed E2M1 bytes with their FP8-E4M3 group
@@ -549,8 +557,8 @@ def _generate_gemm(spec: GemmSpec, target: Target) -> str:
     src = _tiled_kernel_source(spec)
     if spec.integer_groups:
         _emit_gemm_grouped_loop(src, spec, target)
-    elif spec.act == "int8":
-        _emit_gemm_int8_loop(src)
+    elif spec.act in ("int8", "uint8"):
+        _emit_gemm_int8_loop(src, unsigned=spec.act == "uint8")
     elif path == "dot_scaled":
         _emit_gemm_nvfp4_dot_scaled_loop(src)
     else:
@@ -670,6 +678,11 @@ def _emit_gemm_grouped_loop(src: _Source, spec: GemmSpec, target: Target) -> Non
             w_low, w_high = {unpack_w}(tl.load(w_ptrs))
             partial = tl.dot(a_low, tl.trans(w_low), out_dtype=tl.int32)
             partial = tl.dot(a_high, tl.trans(w_high), partial, out_dtype=tl.int32)""")
+    elif spec.act == "uint8":
+        src.add(f"""
+            w = tl.load(w_ptrs)
+            partial = tl.dot(as_signed_bytes(tl.load(a_ptrs)), tl.trans(w), out_dtype=tl.int32)
+            {_UNSIGNED_CORRECTION.format(sum="tl.sum(w.to(tl.int32), axis=1)")}""")
     else:
         src.add("partial = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(w_ptrs)), out_dtype=tl.int32)")
     w_scale = "tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)"
@@ -694,22 +707,39 @@ def _emit_gemm_grouped_loop(src: _Source, spec: GemmSpec, target: Target) -> Non
     src.dedent()
 
 
-def _emit_gemm_int8_loop(src: _Source) -> None:
+_UNSIGNED_NOTE = " (uint8 activations as u − 128, plus 128 × the weight codes' sum)"
+# uint8 codes u enter the int8 dot as u − 128 (their top bit flipped: `as_signed_bytes`), so the dot gives
+# Σ (u − 128)·w; adding 128·Σ w, the weight codes' sum over the same channels, restores Σ u·w exactly.
+_UNSIGNED_CORRECTION = "partial += 128 * {sum}[None, :]"
+
+
+def _emit_gemm_int8_loop(src: _Source, unsigned: bool) -> None:
     src.add("""
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = a_codes_ptr + rows64[:, None] * K + ks[None, :]
         w_ptrs = w_codes_ptr + cols_in.to(tl.int64)[:, None] * K + ks[None, :]
-        acc_int = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                w = tl.load(w_ptrs)
-            else:
-                a = tl.load(a_ptrs, mask=(k0 + ks)[None, :] < K, other=0)
-                w = tl.load(w_ptrs, mask=(k0 + ks)[None, :] < K, other=0)
-            acc_int = tl.dot(a, tl.trans(w), acc_int, out_dtype=tl.int32)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+        acc_int = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)""")
+    if unsigned:
+        src.add("w_sum = tl.zeros((BLOCK_N,), dtype=tl.int32)")
+    src.add("for k0 in range(0, K, BLOCK_K):")
+    src.indent()
+    src.add(f"""
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k0 + ks)[None, :] < K, other=0)
+            w = tl.load(w_ptrs, mask=(k0 + ks)[None, :] < K, other=0)
+        acc_int = tl.dot({"as_signed_bytes(a)" if unsigned else "a"}, tl.trans(w), acc_int, out_dtype=tl.int32)""")
+    if unsigned:
+        src.add("w_sum += tl.sum(w.to(tl.int32), axis=1)")
+    src.add("""
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K""")
+    src.dedent()
+    if unsigned:
+        src.add(_UNSIGNED_CORRECTION.replace("partial", "acc_int").format(sum="w_sum"))
+    src.add("""
         # |acc_int| can exceed 2^22 here, so this is a real conversion (once per tile)
         a_scale = tl.load(a_scales_ptr + rows_in)
         w_scale = tl.load(w_scales_ptr + cols_in)

@@ -185,6 +185,12 @@ def unpack_uint4(packed):
 
 
 @triton.jit
+def as_signed_bytes(codes):
+    """uint8 codes u → int8 u − 128 (the top bit flipped, the byte reinterpreted): an int8 dot's operand."""
+    return (codes ^ 128).to(tl.int8, bitcast=True)
+
+
+@triton.jit
 def nibbles_x16(packed):
     """Signed nibbles of uint8 bytes → (low, high) int8 tiles holding 16× each nibble (−128…112): the low
     nibble shifted into the high half of its byte, and the high nibble masked in place. No sign extension, so

@@ -25,6 +25,7 @@ from svdq_compiler.codegen.cache import load_kernel
 from svdq_compiler.codegen.configs import (GemmConfig, QuantizeConfig, WeightOnlyConfig, gemm_configs, m_bucket,
                                            quantize_configs, tile_constexprs, weight_only_configs)
 from svdq_compiler.codegen.generate import Target, nvfp4_path
+from svdq_compiler.codegen.layout import packed_code_dtype, scale_dtype
 from svdq_compiler.codegen.shapes import model_dtype, packed_act
 from svdq_compiler.codegen.signature import signature_of
 from svdq_compiler.codegen.spec import ActQuant, GemmSpec, KernelSpec, QuantizeSpec, WeightOnlySpec
@@ -278,8 +279,10 @@ def gemm(a_codes: torch.Tensor, a_scales: torch.Tensor, w_codes: torch.Tensor, w
     columns = packed.codes_shape[-1]
     _check_tensor(a_codes, "a_codes", where, shape=packed.codes_shape, dtype=packed.codes_dtype)
     _check_tensor(a_scales, "a_scales", where, shape=packed.scales_shape, dtype=packed.scales_dtype, device=device)
-    _check_tensor(w_codes, "w_codes", where, shape=(n, columns), dtype=packed.codes_dtype, device=device)
-    _check_tensor(w_scales, "w_scales", where, shape=(packed.groups, n), dtype=packed.scales_dtype, device=device)
+    _check_tensor(w_codes, "w_codes", where, shape=(n, columns), dtype=packed_code_dtype(spec.weight),
+                  device=device)
+    _check_tensor(w_scales, "w_scales", where, shape=(packed.groups, n), dtype=scale_dtype(spec.weight, dtype),
+                  device=device)
     if spec.act == "nvfp4":
         _check_tensor(w_tscale, "w_tscale", where, dtype=torch.float32, device=device)
         _require(w_tscale.numel() in (1, n), f"w_tscale must hold one value or {n} (one per output channel), "

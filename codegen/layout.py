@@ -171,7 +171,7 @@ def check_packed_weight(qweight: torch.Tensor, wscales: torch.Tensor, wtscale: t
             f"{fmt} weight codes must be {expected_dtype} [N, {code_columns(fmt, k_pad)}] for K={k}, group {group}; "
             f"got {qweight.dtype} {list(qweight.shape)}", where=where, fix="pack them with codegen.layout.pack_weight")
     n = qweight.shape[0]
-    expected_scales = torch.uint8 if fmt == "nvfp4" else torch.float32 if fmt == "int8" else None
+    expected_scales = None if FORMATS[fmt].scale_dtype is None else scale_dtype(fmt, torch.float32)
     dtype_ok = wscales.dtype == expected_scales if expected_scales else wscales.dtype in MODEL_SCALE_DTYPES
     if not dtype_ok or list(wscales.shape) != [k_pad // group, n]:
         wanted = expected_scales or "the model dtype"

@@ -17,6 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import torch
+
+from svdq_compiler.codegen.layout import packed_code_dtype, scale_dtype
 from svdq_compiler.codegen.spec import GemmSpec, KernelSpec, QuantizeSpec, WeightOnlySpec
 from svdq_compiler.errors import SvdqError
 
@@ -91,11 +94,15 @@ def _constexprs(*names: str) -> list[Param]:
 
 
 def _codes_dtype(fmt: str) -> str:
-    return "int8" if fmt == "int8" else "uint8"
+    return _dtype_name(packed_code_dtype(fmt))
 
 
 def _scales_dtype(fmt: str, dtype: str) -> str:
-    return {"nvfp4": "uint8", "int8": "float32"}.get(fmt, dtype)
+    return _dtype_name(scale_dtype(fmt, getattr(torch, dtype)))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _sizes(spec: GemmSpec | WeightOnlySpec) -> list[Param]:
@@ -133,7 +140,7 @@ _TILE = ("BLOCK_M", "BLOCK_N", "GROUP_M", "EVEN_M", "EVEN_N")
 def _gemm_signature(spec: GemmSpec) -> list[Param]:
     act, dtype = spec.act, spec.dtype
     params = [_ptr("a_codes_ptr", _codes_dtype(act)), _ptr("a_scales_ptr", _scales_dtype(act, dtype)),
-              _ptr("w_codes_ptr", _codes_dtype(act)), _ptr("w_scales_ptr", _scales_dtype(act, dtype))]
+              _ptr("w_codes_ptr", _codes_dtype(spec.weight)), _ptr("w_scales_ptr", _scales_dtype(spec.weight, dtype))]
     params += [_ptr("w_tscale_ptr", "float32")] if act == "nvfp4" else []  # α = weight × activation scale
     params += _branch_epilogue(spec)
     params += [_ptr("out_ptr", dtype)] if spec.emits_output else []

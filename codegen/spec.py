@@ -29,11 +29,13 @@ from svdq_compiler.quant import ACT_FORMATS, FORMATS, WEIGHT_ONLY_4BIT_FORMATS, 
 # Bumped whenever generate.py changes the text it produces for an unchanged spec.
 GENERATOR_VERSION = 3
 # The group sizes of grouped int8 kernels: a dot needs 32 int8 channels, and a group's int32 dot product
-# (≤ 127·128·G) must stay below 2^22 for the exact integer-to-float conversion of kernel_lib.
+# (≤ 127·128·G; uint8 activations: 255·128·G) must stay below 2^22 for the exact integer-to-float conversion of
+# kernel_lib.
 INT8_GROUPS = (32, 256)
+UINT8_GROUPS = (32, 128)
 
-# Formats come from quant.FORMATS: a kernel produces or consumes its ACT_FORMATS ("uint4" is the shifted
-# post-GELU input), pairs them with weight_format_of(act) weights, and kernel W reads WEIGHT_ONLY_4BIT_FORMATS.
+# Formats come from quant.FORMATS: a kernel produces or consumes its ACT_FORMATS ("uint4" and "uint8" are the
+# shifted post-GELU inputs), pairs them with weight_format_of(act) weights, and kernel W reads WEIGHT_ONLY_4BIT_FORMATS.
 DTYPES = ("bfloat16", "float16", "float32")
 UNARY_EPILOGUES = ("gelu_tanh", "gelu_erf", "silu")
 TENSOR_EPILOGUES = ("mul", "add")  # y ∘ t with t broadcastable to y (gate multiply, residual add)
@@ -53,7 +55,8 @@ def _power_of_two(value: int) -> bool:
 class ActQuant:
     """Dynamic activation quantization: Q((x + shift)/λ) per token and group of `group_size` channels.
 
-    int4: signed, scale = absmax/7, codes in [−7, 7]; uint4: scale = absmax/15, codes in [0, 15];
+    int4: signed, scale = absmax/7, codes in [−7, 7]; uint4: scale = absmax/15, codes in [0, 15]; uint8: scale =
+    absmax/255 in fp32, codes in [0, 255], per token or per token and group like int8;
     nvfp4: E2M1 codes with one FP8-E4M3 scale per 16 channels under a calibrated fp32 per-tensor scale (a
     kernel argument, see quant.py); int8: one fp32 scale per token (group 0) or per token and group (a power of
     two from 32 to 256: the GEMM's per-group int32 dot stays below 2^22, which it converts exactly).
@@ -70,17 +73,19 @@ class ActQuant:
                             fix=f"use one of {', '.join(ACT_FORMATS)}")
         if self.fmt == "nvfp4" and self.group_size != 16:
             raise SpecError(f"nvfp4 needs group_size 16, got {self.group_size}", where=where)
-        if self.fmt == "int8" and self.group_size and not (
-                _power_of_two(self.group_size) and INT8_GROUPS[0] <= self.group_size <= INT8_GROUPS[1]):
-            raise SpecError(f"int8 kernels need group_size 0 (per token) or a power of two from {INT8_GROUPS[0]} "
-                            f"to {INT8_GROUPS[1]}, got {self.group_size}", where=where,
+        byte_groups = {"int8": INT8_GROUPS, "uint8": UINT8_GROUPS}.get(self.fmt)
+        if byte_groups and self.group_size and not (
+                _power_of_two(self.group_size) and byte_groups[0] <= self.group_size <= byte_groups[1]):
+            raise SpecError(f"{self.fmt} kernels need group_size 0 (per token) or a power of two from "
+                            f"{byte_groups[0]} to {byte_groups[1]}, got {self.group_size}", where=where,
                             fix="use group_size 0 or 64, or keep the layer on the reference ops")
         if self.packed and FORMATS[self.fmt].integer and not (_power_of_two(self.group_size) and self.group_size >= 32):
             raise SpecError(f"{self.fmt} kernels need a power-of-two group size of at least 32, got "
                             f"{self.group_size}", where=where,
                             fix="use group_size 64 (the default) or keep the layer on the reference ops")
-        if self.shift and self.fmt != "uint4":
-            raise SpecError(f"a shift of {self.shift} is only meaningful for uint4 activations", where=where)
+        if self.shift and FORMATS[self.fmt].signed:
+            raise SpecError(f"a shift of {self.shift} is only meaningful for unsigned (uint4, uint8) activations",
+                            where=where)
 
     @property
     def packed(self) -> bool:
@@ -94,7 +99,7 @@ class ActQuant:
 
     @property
     def integer_groups(self) -> bool:
-        """Integer codes with one scale per group of K channels (int4, uint4, grouped int8): the GEMM takes each
+        """Integer codes with one scale per group of K channels (int4, uint4, grouped int8/uint8): the GEMM takes each
         group's int32 dot product and scales it."""
         return FORMATS[self.fmt].integer and not self.per_row
 
@@ -179,7 +184,7 @@ class QuantizeSpec(_SpecText):
 class GemmSpec(_EpilogueSpec):
     """Kernel B: Σ_g (a_g·w_gᵀ)·s_a·s_w (·tscale) + down·L1ᵀ + bias, then `epilogue`, then `quantize_next`."""
 
-    act: str  # activation format of the codes it reads (int4, uint4, nvfp4, int8)
+    act: str  # activation format of the codes it reads (int4, uint4, nvfp4, int8, uint8)
     group_size: int
     rank: int
     bias: bool
@@ -201,8 +206,8 @@ class GemmSpec(_EpilogueSpec):
 
     @property
     def integer_groups(self) -> bool:
-        """The main loop takes one K group per iteration (int4, uint4, grouped int8); otherwise it walks K in
-        BLOCK_K steps (per-token int8, nvfp4)."""
+        """The main loop takes one K group per iteration (int4, uint4, grouped int8/uint8); otherwise it walks K in
+        BLOCK_K steps (per-token int8/uint8, nvfp4)."""
         return ActQuant(self.act, self.group_size).integer_groups
 
     def validate(self) -> None:

@@ -2,7 +2,7 @@
 
 Requires: linears, quantized (QTensors in ctx.quantized, or an import's packed tensors in ctx.imported). Ensures:
 - per (input, λ, shift, format) of act-quantized linears, one `svdq.quantize_act(x, λ, shift, fmt, G[, t])`
-  (q/k/v share it; fmt "uint4" for shifted post-GELU inputs), and per linear
+  (q/k/v share it; fmt "uint4"/"uint8" for shifted post-GELU inputs), and per linear
   `acc = svdq.gemm(codes, scales, qweight, wscales, wtscale, fmt, G, K, dtype[, t])` and
   `y = aten.add(acc, aten.linear(down, L1, bias'))` (or `acc + bias'` without a branch); the branch's
   `down = aten.linear(aten.div(x, λ), L2)` stays shared per (input, L2);
@@ -31,6 +31,7 @@ import torch.fx
 
 import svdq_compiler.ops  # noqa: F401  (registers torch.ops.svdq)
 from svdq_compiler.codegen.layout import pack_weight
+from svdq_compiler.config import UNSIGNED_OF
 from svdq_compiler.codegen.spec import ActQuant
 from svdq_compiler.conv import conv_args
 from svdq_compiler.errors import QuantizationError
@@ -124,13 +125,18 @@ class _Lowering:
     counts: Counter = field(default_factory=Counter)
 
 
+def _act_format(info: LinearInfo) -> str:
+    """The format the layer's input is quantized in: a shifted (post-GELU/SiLU) input is unsigned."""
+    return UNSIGNED_OF[info.scheme.act] if info.shift else info.scheme.act
+
+
 def _lower_conv(lw: _Lowering, node: torch.fx.Node, info: LinearInfo, x: torch.fx.Node, weight_nodes: list,
                 geometry) -> torch.fx.Node:
     scheme = info.scheme
     bias = conv_args(node).get("bias")
     act_scale = (_act_scale(lw.gm, lw.ctx, node, info),) if scheme.act == "nvfp4" else ()
     out = insert_call(lw.gm, svdq.conv2d.default,
-                      (x, *weight_nodes, bias, info.shift, "uint4" if info.shift else scheme.act,
+                      (x, *weight_nodes, bias, info.shift, _act_format(info),
                        scheme.weight_group, list(geometry.kernel), list(geometry.stride),
                        list(geometry.padding), list(geometry.dilation), *act_scale), before=node, meta_from=node)
     node.replace_all_uses_with(out)
@@ -152,7 +158,7 @@ def _lower_weight_only(lw: _Lowering, node: torch.fx.Node, info: LinearInfo, x: 
 def _lower_gemm(lw: _Lowering, node: torch.fx.Node, info: LinearInfo, x: torch.fx.Node, weight_nodes: list,
                 geometry) -> torch.fx.Node:
     gm, scheme = lw.gm, info.scheme
-    fmt = "uint4" if info.shift else scheme.act
+    fmt = _act_format(info)
     key = (x, info.smooth, info.shift, fmt, scheme.act_group)
     if key not in lw.quantizers:
         smooth = get_attr_node(gm, info.smooth, before=node) if info.smooth else None

@@ -30,6 +30,8 @@ ONNX_FORMS = ("portable", "custom")  # svdq_compiler.export_onnx(form=...); here
 # Role names are defined in svdq_compiler.ir.Role; schemes a role can be given:
 SCHEME_NAMES = ("w4a4", "w4a16", "w8a16", "fp")
 GELU_SHIFT = 0.171875
+# The unsigned activation format of each signed integer one (the same weights; codes from 0 for shifted inputs).
+UNSIGNED_OF = {"int4": "uint4", "int8": "uint8"}
 SILU_SHIFT = 0.2734375  # −min SiLU(x) ≈ 0.2785, rounded as the reference does
 
 
@@ -105,7 +107,8 @@ class QuantConfig:
     # (15 of 19 candidates evaluated for smooth_grid 10); False evaluates every candidate. On by evidence: the
     # same λ as the full grid for all 37 tiny-flux groups (bench/results/smooth-search-flux12b.json).
     search_refine: bool = True
-    # Post-GELU inputs are shifted by this constant and quantized unsigned (int4 only); 0 disables.
+    # Post-GELU inputs are shifted by this constant and quantized unsigned (int4 → uint4, int8 → uint8); 0
+    # disables.
     gelu_shift: float = GELU_SHIFT
     # k×k convolutions: "keep" 16-bit; "w4a4" quantizes the U-Net resnet convs (input is SiLU output, output
     # reaches no graph output) with the main formats, as the reference does: weights per output channel and
@@ -290,7 +293,7 @@ class QuantConfig:
             rank = self.rank if self.weight_only_rank is None else self.weight_only_rank
             return Scheme(weight=fmt, act=None, weight_group=group, act_group=0,
                           smooth=self.weight_only_smooth and self.smooth != "none", rank=rank)
-        shift = self.gelu_shift if (unsigned_input and self.act_format == "int4") else 0.0
+        shift = self.gelu_shift if (unsigned_input and self.act_format in UNSIGNED_OF) else 0.0
         return Scheme(weight=self.weight_format, act=self.act_format, weight_group=self.group_size,
                       act_group=self.group_size, smooth=self.smooth != "none", rank=self.rank, shift=shift)
 
@@ -318,8 +321,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # smoothing and a rank-16 branch (SVDQ W8A8), each kept per layer only where it beats plain INT8; weight-only
     # layers are int8 per channel (nothing below 8 bits). Groups by evidence: all-MiniLM-L6-v2's token-state
     # error 3.3% per channel / per token, 1.8% at g64 (bench/results/w8a8-error-minilm.json).
+    # Post-GELU inputs are shifted and quantized uint8, as int4's are uint4: MiniLM 1.77% → 1.58%.
     "w8a8": dict(weight_format="int8", act_format="int8", group_size=64, rank=16, smooth="svdquant",
-                 gelu_shift=0.0, fallback_error=None, weight_only_format="int8", weight_only_group=0),
+                 fallback_error=None, weight_only_format="int8", weight_only_group=0),
     # The baselines below reproduce their methods as published: no per-layer choice, no fallback, plain
     # weight-only layers.
     # Weight-only NF4, group 64: the W4A16 baseline.

@@ -10,7 +10,7 @@ torch's own ONNX library. What differs is how the `torch.ops.svdq.*` calls becom
 2. each `quantize_act` becomes its arithmetic in standard ops: (x + shift)/λ, per token and group of G channels
    absmax → scale = absmax/qmax (rounded to the model dtype; a zero scale becomes 1) → Round (half to even, as
    ours) → Clip → × scale, i.e. the values the codes and scales stand for. int4 clips to [−7, 7], the shifted
-   post-GELU uint4 to [0, 15], int8 (per token) to [−127, 127];
+   post-GELU uint4 to [0, 15] (uint8: [0, 255]), int8 (per token) to [−127, 127];
 3. each `gemm` becomes `MatMul(activation values, DequantizeLinear(W))` in float32, then a Cast to the model
    dtype, as our GEMM accumulates in float32. An int4 weight is an INT4 initializer [K_pad, N] (our codes
    unpacked and transposed) with its group scales [K_pad/G, N], `DequantizeLinear(axis=0, block_size=G)`: the

@@ -29,8 +29,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 def _on(device, values):
     """`values` (tensors, or tuples and lists of them) moved to `device`."""
     return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, values)
-GROUP = {"int4": 64, "uint4": 64, "nvfp4": 16, "int8": 0}
-SHIFT = {"uint4": 0.171875}
+GROUP = {"int4": 64, "uint4": 64, "nvfp4": 16, "int8": 0, "uint8": 0}
+SHIFT = {"uint4": 0.171875, "uint8": 0.171875}
+SIGNED_WEIGHT = {"uint4": "int4", "uint8": "int8"}
 
 
 def _format(label):
@@ -42,7 +43,7 @@ def _format(label):
 def _x(shape, fmt, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen, dtype=torch.float32) * 2
-    if fmt == "uint4":  # post-GELU inputs, as the shifted unsigned format expects
+    if fmt in SHIFT:  # post-GELU inputs, as the shifted unsigned formats expect
         x = F.gelu(x, approximate="tanh")
     x[..., 3] = 0.0  # an exactly-zero channel, and one all-zero row below: the scale-1 rule
     if x.numel() >= 2 * shape[-1]:
@@ -58,7 +59,7 @@ def _weight(label, n, k, dtype, seed):
     fmt, group = _format(label)
     gen = torch.Generator().manual_seed(seed + 2)
     weight = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
-    return pack_weight(quant.quantize_weight(weight, "int4" if fmt == "uint4" else fmt, group))
+    return pack_weight(quant.quantize_weight(weight, SIGNED_WEIGHT.get(fmt, fmt), group))
 
 
 def _close(actual, expected, rel=4e-3):
@@ -83,6 +84,8 @@ QUANTIZE_CASES = [
     ("int8", (20,), 72, 8, False, torch.float16, False),
     ("int8/g64", (3, 11), 100, 32, True, torch.bfloat16, True),  # K padded to 128
     ("int8/g32", (33,), 96, 0, False, torch.float32, False),
+    ("uint8", (3, 11), 100, 32, True, torch.bfloat16, True),
+    ("uint8/g64", (2, 17), 100, 16, True, torch.bfloat16, False),  # K padded: the shift stays out of the padding
 ]
 
 
@@ -160,6 +163,9 @@ GEMM_CASES = [
     ("int8/g64", (3, 11), 100, 40, 32, True, torch.bfloat16),  # K padded to 128
     ("int8/g128", (33,), 256, 64, 0, False, torch.float32),
     ("int8/g32", (2, 17), 96, 48, 16, True, torch.float16),
+    ("uint8", (3, 11), 100, 40, 32, True, torch.bfloat16),
+    ("uint8/g64", (3, 11), 100, 40, 32, True, torch.bfloat16),
+    ("uint8/g128", (33,), 256, 64, 0, False, torch.float32),  # the largest partial: 255·128·128 < 2^22
 ]
 
 
@@ -237,7 +243,7 @@ def test_epilogue_operands_with_any_broadcast_and_strides():
     _close(y, expected)
 
 
-@pytest.mark.parametrize("next_label", ["uint4", "int4", "nvfp4", "int8/g64"])
+@pytest.mark.parametrize("next_label", ["uint4", "int4", "nvfp4", "int8/g64", "uint8/g64"])
 @pytest.mark.parametrize("emit", [False, True])
 def test_quantize_next_epilogue_codes_equal_quantize_act_of_the_output(next_label, emit):
     next_fmt, next_group = _format(next_label)

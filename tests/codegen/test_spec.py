@@ -66,7 +66,9 @@ def test_malformed_text_is_rejected_clearly(text, message):
     (_gemm(act="int8", group_size=16), "int8 kernels need group_size 0 .per token. or a power of two from 32 to 256"),
     (_gemm(act="int8", group_size=512), "from 32 to 256"),
     (_gemm(act="int8", group_size=96), "from 32 to 256"),
-    (QuantizeSpec(ActQuant("int4", 64, shift=0.5), 0, "bfloat16"), "only meaningful for uint4"),
+    (_gemm(act="uint8", group_size=256), "uint8 kernels need group_size 0 .per token. or a power of two from 32 to 128"),
+    (QuantizeSpec(ActQuant("int4", 64, shift=0.5), 0, "bfloat16"), r"only meaningful for unsigned \(uint4, uint8\)"),
+    (QuantizeSpec(ActQuant("int8", 64, shift=0.5), 0, "bfloat16"), "only meaningful for unsigned"),
 ])
 def test_invalid_specs_name_the_problem(spec, message):
     with pytest.raises(SpecError, match=message) as info:

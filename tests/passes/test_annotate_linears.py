@@ -165,7 +165,9 @@ def test_preset_schemes(dit, preset):
     expected = {"nvfp4": "W:nvfp4/g16 A:nvfp4/g16 +smooth +r32", "w8a8": "W:int8/g64 A:int8/g64 +smooth +r16",
                 "w4a16-nf4": "W:nf4/g64 A:16", "w4a4-rtn": "W:int4/g64 A:int4/g64"}[preset]
     assert infos[BLOCK + "q"].scheme.describe() == expected
-    assert infos[BLOCK + "down"].shift == (0.171875 if preset == "w4a4-rtn" else 0)
+    # post-GELU inputs are shifted for the unsigned integer formats (uint4, uint8), not for signed FP4 or 16 bits
+    assert infos[BLOCK + "down"].shift == (0.171875 if preset in ("w4a4-rtn", "w8a8") else 0)
+    assert infos[BLOCK + "down"].scheme.describe().startswith("W:int8/g64 A:uint8/g64") == (preset == "w8a8")
 
 
 @pytest.mark.slow
