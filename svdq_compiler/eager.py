@@ -437,7 +437,10 @@ _DATA_DEPENDENT = ("data-dependent", "data dependent", "unbacked", "non-nested s
                    ".numpy() is not supported for tensor subclasses", "_local_scalar_dense",
                    # an op export cannot trace through left its fake result as a graph constant (ZImage): the
                    # model's code, not the inputs, is what a graph cannot hold
-                   "fake tensor in the exported program")
+                   "fake tensor in the exported program",
+                   # a symbolic size handed to a library outside torch (Cosmos: np.sqrt of a numel ratio), which
+                   # computes only with the size's value
+                   "of type symfloat", "of type symint")
 
 
 def data_dependent_failure(exc: BaseException) -> str | None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,10 +16,11 @@ from eager_models import Wobbly, hidream, hidream_inputs, lumina2, lumina2_input
 from svdq_compiler.codegen.fused_ops import BACKEND_ENV, kernel_backend
 from svdq_compiler.codegen.sources import kernel_sources
 from svdq_compiler.config import QuantConfig
-from svdq_compiler.eager import SVDQLinear, compile_eager, data_dependent_failure, stub_of
+from svdq_compiler.eager import SVDQLinear, compile_eager, compile_report_of, data_dependent_failure, stub_of
 from svdq_compiler.errors import CaptureError, CheckpointError, InputError
 from svdq_compiler.ir import EAGER_META, Role
 from svdq_compiler.lora import apply_lora
+from svdq_compiler.models.base import DynDim
 
 MODELS = {"hidream": (hidream, hidream_inputs), "lumina2": (lumina2, lumina2_inputs)}
 
@@ -175,6 +177,23 @@ def test_a_fake_tensor_left_in_the_exported_program_takes_the_eager_path():
     wrapped = CaptureError("torch.export could not capture M: " + message)
     wrapped.__cause__ = RuntimeError(message)
     assert data_dependent_failure(wrapped).startswith("We found a fake tensor")
+
+
+def test_a_symbolic_size_handed_to_numpy_takes_the_eager_path():
+    """Cosmos's learnable positions scale by np.sqrt(numel / numel): numpy gets a symbolic size while exported,
+    and the eager path runs the model's code with real sizes at any grid."""
+
+    class NumpyOfSizes(Wobbly):
+        def forward(self, hidden_states, wobble):
+            return super().forward(hidden_states, wobble) * float(np.sqrt(hidden_states.numel() / 2))
+
+    tokens = DynDim("tokens", 2, 64)
+    dynamic = {"hidden_states": {1: tokens}, "wobble": {1: tokens}}
+    compiled = svdq_compiler.compile(NumpyOfSizes(), wobbly_inputs(8), "w4a4-rtn", dynamic_shapes=dynamic)
+    report = compile_report_of(compiled)
+    assert report["path"] == "eager" and "SymFloat" in report["path_reason"], report["path_reason"]
+    with torch.no_grad():
+        assert compiled(**wobbly_inputs(12)).shape == (2, 12, 64)
 
 
 def test_unknown_path_is_an_input_error():
