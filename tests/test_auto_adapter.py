@@ -426,6 +426,75 @@ def test_probing_leaves_no_fake_tensor_in_a_models_tensor_cache():
     assert not torch.compiler.is_compiling()
 
 
+def test_probing_leaves_no_fake_tensor_in_a_helper_objects_cache():
+    """A model whose plain helper object caches the table it builds on first use (Bria-Fibo 2's RopeEmbedder, no
+    nn.Module, no buffer) gets that cache undone after a probe under fake tensors, so its real runs build a real
+    table (before: the fake one, and every layout failed)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from svdq_compiler.models.base import runs_on
+
+    class TableOnFirstUse:
+        def __init__(self):
+            self.table = None
+
+        def __call__(self, length: int) -> torch.Tensor:
+            if self.table is None:
+                self.table = torch.arange(16, dtype=torch.float32)[:, None].expand(16, 8).contiguous()
+            return self.table[:length]
+
+    class CachedByHelper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.positions = TableOnFirstUse()
+
+        def forward(self, x):
+            return self.proj(x) + self.positions(x.shape[1])
+
+    model, inputs = CachedByHelper(), {"x": torch.randn(2, 5, 8)}
+    assert runs_on(model, inputs) is None
+    assert model.positions.table is None
+    assert not isinstance(model(**inputs), FakeTensor)
+
+
+def test_text_in_bundles_with_the_count_the_docstring_computes_from_the_config():
+    """Bria-Fibo 2 documents its text as `(batch_size, 1 + len(injection_layer_ids), text_len, cap_feat_dim)`: one
+    bundle for its resampler and one per injection block, given as [B, L, T, C]."""
+    model = tiny("BriaFibo2Transformer2DModel")
+    assert plan_inputs(model).choice.bundled
+    inputs = adapter_for(model).example_inputs(model, batch=2, tokens=(4, 6))
+    bundles = 1 + len(model.config.injection_layer_ids)
+    assert tuple(inputs["encoder_hidden_states"].shape) == (2, bundles, 8, model.config.cap_feat_dim)
+    with torch.no_grad():
+        assert model(**inputs)[0].shape == inputs["hidden_states"].shape
+
+
+class ResizesWithAnOptionalDependency(torch.nn.Module):
+    """Cosmos's shape: a flag, on by default, whose branch calls a module its file imports only where an optional
+    dependency is installed (torchvision's `transforms`), absent here."""
+
+    def __init__(self, in_channels: int = 4, concat_mask: bool = True, learnable: bool = True):
+        super().__init__()
+        self.config = {"concat_mask": concat_mask, "learnable": learnable}
+        self.proj = torch.nn.Linear(in_channels + concat_mask, 8)
+
+    def forward(self, hidden_states, mask=None):
+        if self.config.concat_mask:
+            mask = not_installed_transforms.resize(mask)  # noqa: F821
+            hidden_states = torch.cat([hidden_states, mask], dim=-1)
+        if self.config.learnable:
+            hidden_states = hidden_states * torch.ones(1)
+        return self.proj(hidden_states)
+
+
+def test_a_flag_whose_branch_needs_an_absent_optional_dependency_is_off_in_the_tiny_config():
+    from svdq_compiler.models.auto import flags_needing_missing_modules
+
+    assert flags_needing_missing_modules(ResizesWithAnOptionalDependency) == {"concat_mask": False}
+    assert tiny_config(ResizesWithAnOptionalDependency)["concat_mask"] is False
+
+
 def test_rotary_tables_the_pipeline_builds_from_the_grid_are_given_in_the_form_the_model_applies():
     """A required `*_rotary_emb` is a table over the latent's tokens that the model only applies, its form probed:
     Lumina-Next slices its patch grid from a complex polar table [rows, cols, head/2] (and unpacks its

@@ -23,6 +23,7 @@ import importlib
 import inspect
 import itertools
 import re
+import textwrap
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,6 +281,9 @@ class Choice:
     pooled_width: int | None = None
     # text inputs carrying the config's `num_text_layers` encoder layers per token, [B, T, L, C] (Krea 2)
     layers_per_token: bool = False
+    # text inputs given as bundles of tokens per sample, [B, L, T, C], L from the shape the forward's docstring gives
+    # them (Bria-Fibo 2: `1 + len(injection_layer_ids)`, one for its resampler and one per injection block)
+    bundled: bool = False
     # text inputs given once per latent frame, [B·F, T, C]: a video U-Net running its 2-D blocks on every frame
     # cross-attends to a text batch as large as its frame batch (AnimateDiff's UNetMotionModel)
     text_per_frame: bool = False
@@ -314,6 +318,7 @@ class InputPlan:
     timestep_value: float
     stack_depth: int | None = None
     text_layers: int | None = None  # L of a text input given per token ([B, T, L, C]), from `num_text_layers`
+    text_bundles: int | None = None  # L of a text input given in bundles ([B, L, T, C]), from the docstring
     image_width: int | None = None  # C of image encoder tokens, from IMAGE_WIDTH_KEYS
     conditions: int | None = None
     return_dict: bool = True  # the forward takes return_dict
@@ -374,9 +379,10 @@ class InputPlan:
             elif role == "text":
                 stack = (self.stack_depth,) if name in self.choice.stacked else ()
                 per_token = (self.text_layers,) if self.choice.layers_per_token else ()
+                bundles = (self.text_bundles,) if self.choice.bundled else ()
                 text_batch = batch * frames if self.choice.text_per_frame else batch
                 suffix = encoder_suffix(name)
-                inputs[name] = randn(*stack, text_batch, self.encoder_lengths.get(suffix, text), *per_token,
+                inputs[name] = randn(*stack, text_batch, *bundles, self.encoder_lengths.get(suffix, text), *per_token,
                                      self.encoder_widths.get(suffix, self.choice.text_width))
             elif role == "text_per_block":
                 inputs[name] = [randn(batch, text, self.block_text_width) for _ in range(self.blocks)]
@@ -579,6 +585,7 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: i
     stacks = [*((name,) for name in texts if encoder and encoder in name), ()]
     pooled_sequences = (False, True) if "pooled" in roles.values() else (False,)
     per_token = (True, False) if texts and config_value(config, ("num_text_layers",)) else (False,)
+    bundled = (True, False) if texts and documented_bundles(model, texts[0]) else (False,)
     # the latent's share of the input channels, tried among the config's widths: the probe keeps the one whose
     # output has the latent's shape
     shares = [None, *(width for width in config_value(config, tuple(key for key in config if WIDTH.fullmatch(key)
@@ -597,6 +604,7 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: i
         "pooled_sequence": pooled_sequences,
         "stacked": stacks,
         "layers_per_token": per_token,
+        "bundled": bundled,
         "text_width": widths or [None],
         "pooled_width": pooled_widths,
         "mask_dtype": masks,
@@ -644,11 +652,16 @@ def odd_grid_unit(model: torch.nn.Module, plan: InputPlan) -> InputPlan:
 
 
 def config_arithmetic(node: ast.AST, config: Any) -> int | None:
-    """The value of an expression of ints, config ints, +, - and *; None for anything else."""
+    """The value of an expression of ints, config ints, lengths of config lists (`len(injection_layer_ids)`), +, -
+    and *; None for anything else."""
     if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
         return node.value
     if isinstance(node, ast.Name):
         return next(iter(config_value(config, (node.id,))), None)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "len" \
+            and len(node.args) == 1 and isinstance(node.args[0], ast.Name):
+        listed = config.get(node.args[0].id)
+        return len(listed) if isinstance(listed, (list, tuple)) else None
     if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
         left, right = config_arithmetic(node.left, config), config_arithmetic(node.right, config)
         if left is None or right is None:
@@ -658,24 +671,40 @@ def config_arithmetic(node: ast.AST, config: Any) -> int | None:
     return None
 
 
+def documented_shape(model: torch.nn.Module, name: str) -> list[ast.expr | None]:
+    """The entries of the shape the forward's docstring gives input `name` (`name (`torch.Tensor` of shape
+    `(batch_size, 1 + len(ids), text_len, dim)`)`), parsed (None for an entry that is no expression); [] where it
+    gives none."""
+    documented = re.search(rf"^\s*{re.escape(name)} \(`[^`]*` of shape `\(([^`]*)\)`",
+                           inspect.getdoc(model.forward) or "", re.MULTILINE)
+    if documented is None:
+        return []
+    entries: list[ast.expr | None] = []
+    for entry in documented.group(1).split(","):
+        try:
+            entries.append(ast.parse(entry.strip(), mode="eval").body)
+        except SyntaxError:
+            entries.append(None)
+    return entries
+
+
 def documented_channels(model: torch.nn.Module, latent_name: str) -> list[int]:
     """The latent's channel count where the forward's docstring gives its shape with one entry computed from the
     config (`2 * in_visual_dim + 1`: Kandinsky 6 SR's noisy latent, anchor latent and anchor mask in one); a bare
     config key adds nothing to LATENT_CHANNEL_KEYS, so only arithmetic counts."""
-    documented = re.search(rf"^\s*{re.escape(latent_name)} \(`[^`]*` of shape `\(([^`]*)\)`",
-                           inspect.getdoc(model.forward) or "", re.MULTILINE)
-    if documented is None:
-        return []
-    found = []
-    for entry in documented.group(1).split(","):
-        try:
-            expression = ast.parse(entry.strip(), mode="eval").body
-        except SyntaxError:
-            continue
-        value = config_arithmetic(expression, model.config) if isinstance(expression, ast.BinOp) else None
-        if value is not None and value > 0:
-            found.append(value)
-    return found
+    values = (config_arithmetic(entry, model.config) if isinstance(entry, ast.BinOp) else None
+              for entry in documented_shape(model, latent_name))
+    return [value for value in values if value is not None and value > 0]
+
+
+def documented_bundles(model: torch.nn.Module, text_name: str) -> int | None:
+    """L of a text input the docstring shapes [B, L, T, C] with L computed from the config (Bria-Fibo 2's
+    `(batch_size, 1 + len(injection_layer_ids), text_len, cap_feat_dim)`), else None."""
+    shape = documented_shape(model, text_name)
+    if len(shape) != 4 or shape[1] is None:
+        return None
+    bundles = config_arithmetic(shape[1], model.config)
+    return bundles if bundles is not None and bundles > 0 else None
 
 
 def plan_inputs(model: torch.nn.Module) -> InputPlan:
@@ -734,6 +763,8 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
                 unit=spatial_unit(config), frame_unit=frame_unit(config), timestep_value=500.0,
                 stack_depth=layer_stack(config)[1], conditions=conditions,
                 text_layers=next(iter(config_value(config, ("num_text_layers",))), None),
+                text_bundles=next((documented_bundles(model, name) for name, role in roles.items() if role == "text"),
+                                  None),
                 image_width=image_width, control_channels=control_channels, heads=heads, head_dim=head_dim,
                 blocks=sum(value for key, value in config.items() if re.fullmatch(r"num_(\w+_)?layers", key)
                            and isinstance(value, int) and not isinstance(value, bool)),
@@ -975,6 +1006,36 @@ def constructor_failure(model_class: type[torch.nn.Module], exc: Exception) -> s
             f"(`{line}`)" + (f", {', '.join(unset)} None by default" if unset else ""))
 
 
+def flags_needing_missing_modules(model_class: type[torch.nn.Module]) -> dict[str, bool]:
+    """{flag: False} for each config flag, True by default, whose branch in the forward reads a module-level name
+    its module left undefined: one imported only where an optional dependency is installed (Cosmos's
+    `concat_padding_mask` resizes the padding mask with torchvision's `transforms`). Off, the model runs without
+    that dependency; on, every input layout fails with a NameError."""
+    import builtins
+    import sys
+
+    try:
+        source = inspect.getsource(model_class.forward)
+    except (OSError, TypeError):  # no source to read (a compiled or generated forward)
+        return {}
+    module = vars(sys.modules[model_class.forward.__module__])
+    function = ast.parse(textwrap.dedent(source)).body[0]
+    local = {node.id for node in ast.walk(function) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+    local |= {argument.arg for argument in ast.walk(function) if isinstance(argument, ast.arg)}
+    defaults = {name: parameter.default for name, parameter in inspect.signature(model_class.__init__).parameters.items()}
+    found = {}
+    for branch in ast.walk(function):
+        test = getattr(branch, "test", None) if isinstance(branch, ast.If) else None
+        flag = test.attr if isinstance(test, ast.Attribute) else None
+        if flag is None or defaults.get(flag) is not True:
+            continue
+        read = {node.id for statement in branch.body for node in ast.walk(statement)
+                if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+        if any(name not in module and name not in local and not hasattr(builtins, name) for name in read):
+            found[flag] = False
+    return found
+
+
 def layer_indices(value: Any) -> bool:
     """A list of layer indices (WanVACE's `vace_layers` [0, 5, 10, …]): increasing from 0, not counts."""
     return isinstance(value, (list, tuple)) and len(value) > 1 and value[0] == 0 \
@@ -1052,4 +1113,5 @@ def shrunk_config(model_class: type[torch.nn.Module], width: int, fill: bool,
             config[name] = value
         elif level_count > 2 and isinstance(defaults[name], (list, tuple)) and len(defaults[name]) == level_count:
             config[name] = value
-    return {**config, **DEFAULTS_THAT_DO_NOT_BUILD.get(model_class.__name__, {})}
+    return {**config, **flags_needing_missing_modules(model_class),
+            **DEFAULTS_THAT_DO_NOT_BUILD.get(model_class.__name__, {})}

@@ -177,6 +177,35 @@ def traced_for_shapes() -> Iterator[None]:
         setattr(torch.compiler, flag, before)
 
 
+def holds_fake(value: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(value, (list, tuple)):
+        return any(holds_fake(item) for item in value)
+    return isinstance(value, FakeTensor)
+
+
+@contextlib.contextmanager
+def fake_caches_undone(model: torch.nn.Module) -> Iterator[None]:
+    """Within: tensors a model caches in plain attributes on its first call (Bria-Fibo 2's rotary tables, kept by a
+    helper object hung on the model) are built as fake tensors when that call is a probe; on exit each attribute
+    left holding one gets its earlier value back, so the real runs that follow build real tables."""
+    holders = [*model.modules()]
+    holders += [value for module in model.modules() for value in vars(module).values()
+                if hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, torch.Tensor, type))]
+    before = [(holder, dict(vars(holder))) for holder in holders]
+    try:
+        yield
+    finally:
+        for holder, attributes in before:
+            for name, value in list(vars(holder).items()):
+                if holds_fake(value):
+                    if name in attributes:
+                        setattr(holder, name, attributes[name])
+                    else:
+                        delattr(holder, name)
+
+
 def output_batches(result: Any) -> list[tuple[int, list[int]]]:
     """The readings of a model output's batch, each with the shape it was read from: a tensor's leading dimension;
     for a list of tensors also its length (Z-Image returns one tensor per sample); in a tuple, list or dict the
@@ -226,7 +255,8 @@ def runs_on(model: torch.nn.Module, inputs: dict[str, Any], batch: int | None = 
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
     try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), traced_for_shapes():
+        with torch.no_grad(), fake_caches_undone(model), FakeTensorMode(allow_non_fake_inputs=True), \
+                traced_for_shapes():
             return output_problem(model(**inputs), batch, shape)
     except (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode):
         pass  # an output shape or a branch that depends on tensor values (bincount in MoE routing)
