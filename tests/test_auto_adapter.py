@@ -495,6 +495,21 @@ def test_a_flag_whose_branch_needs_an_absent_optional_dependency_is_off_in_the_t
     assert tiny_config(ResizesWithAnOptionalDependency)["concat_mask"] is False
 
 
+def test_required_inputs_the_model_runs_without_are_given_none_and_positions_count_its_own_tokens():
+    """OmniGen requires input_ids, input_image_sizes and attention_mask, which no rule explains; its code skips the
+    multimodal conditioning when they are None, so they are given None. Its position_ids number the joint sequence
+    per sample, its time token first: [B, 1 + rows·cols]."""
+    model = tiny("OmniGenTransformer2DModel")
+    plan = plan_inputs(model)
+    assert {name for name, role in plan.parameters.items() if role == "none"} == {"input_ids", "input_image_sizes",
+                                                                                   "attention_mask"}
+    inputs = adapter_for(model).example_inputs(model, batch=2, tokens=(4, 6))
+    assert inputs["input_ids"] is None
+    assert torch.equal(inputs["position_ids"], torch.arange(1 + 4 * 6).repeat(2, 1))
+    with torch.no_grad():
+        assert model(**inputs)[0].shape == inputs["hidden_states"].shape
+
+
 def test_rotary_tables_the_pipeline_builds_from_the_grid_are_given_in_the_form_the_model_applies():
     """A required `*_rotary_emb` is a table over the latent's tokens that the model only applies, its form probed:
     Lumina-Next slices its patch grid from a complex polar table [rows, cols, head/2] (and unpacks its
@@ -553,18 +568,31 @@ def test_a_causal_video_model_takes_a_timestep_per_frame(class_name, layout, tim
 
 
 def test_a_class_no_tiny_config_builds_says_where_its_constructor_failed():
-    """OmniGen's constructor indexes rope_scaling, None by default: the error names the line and the parameter
-    instead of a bare TypeError."""
+    """A constructor that indexes a parameter None by default by position: the error names the line and the
+    parameter instead of a bare TypeError."""
 
     class IndexesItsDefault(torch.nn.Module):
-        def __init__(self, in_channels: int = 4, rope_scaling: dict | None = None):
+        def __init__(self, in_channels: int = 4, rope_scaling: list | None = None):
             super().__init__()
-            self.factor = rope_scaling["factor"]
+            self.factor = rope_scaling[0]
 
     with pytest.raises(InputError, match=r"no tiny config of IndexesItsDefault builds: TypeError: .* at "
-                                         r"test_auto_adapter.py:\d+ \(`self.factor = rope_scaling\[\"factor\"\]`\), "
+                                         r"test_auto_adapter.py:\d+ \(`self.factor = rope_scaling\[0\]`\), "
                                          r"rope_scaling None by default; build it from a released checkpoint's"):
         tiny_config(IndexesItsDefault)
+
+
+def test_a_dict_none_by_default_that_the_constructor_reads_by_key_is_given_those_keys():
+    """OmniGen's constructor reads rope_scaling["short_factor"] and ["long_factor"], None by default: the tiny
+    config gives each key the factor 1.0, and the constructor builds."""
+
+    class ReadsFactors(torch.nn.Module):
+        def __init__(self, in_channels: int = 4, rope_scaling: dict | None = None):
+            super().__init__()
+            self.short_factor = rope_scaling["short_factor"]
+            self.long_factor = rope_scaling["long_factor"]
+
+    assert tiny_config(ReadsFactors)["rope_scaling"] == {"short_factor": 1.0, "long_factor": 1.0}
 
 
 def test_a_latent_of_whole_patches_with_its_grid_per_sample():

@@ -199,6 +199,7 @@ FRAMED = ("video", "frames_first", "channels_last")  # the layouts with a frame 
 TIMESTEP_FORMS = {"sample": lambda frames: (), "frame": lambda frames: (frames,),
                   "frame_row": lambda frames: (1, frames)}
 MAX_PROBES = 96
+MODEL_TOKENS = 2  # tokens of its own (time, register) a model may put before the image tokens, probed
 PROBE_GRIDS = ((2, 3), (2, 2), (8, 12), (8, 8))  # (rows, cols) the layouts are probed at, in units
 
 
@@ -292,6 +293,9 @@ class Choice:
     # them all (I2VGen-XL's image_latents)
     latent_share: int | None = None
     rotary_form: str | None = None  # one of ROTARY_FORMS, where the forward takes a rotary table
+    # position ids over the joint sequence as per-sample integers [B, k + rows·cols]: k tokens the model puts before
+    # the image tokens (OmniGen's time token, k = 1); None: FLUX-style ids per token and axis
+    positions_before: int | None = None
     timestep_form: str = "sample"  # one of TIMESTEP_FORMS
     # grid shapes given as a list per sample, of one (frames, rows, cols) each (JoyImage's shape_list: one entry per
     # image of the sample, the target first); else one tuple per sample (Qwen-Image's img_shapes)
@@ -436,9 +440,13 @@ class InputPlan:
                 inputs[name] = torch.zeros(batch, sizes.rows * sizes.cols, dtype=torch.long)
             elif role == "prior_drop":
                 inputs[name] = torch.zeros(batch, dtype=torch.bool)
+            elif role == "position_ids" and self.choice.positions_before is not None:
+                inputs[name] = torch.arange(self.choice.positions_before + sizes.rows * sizes.cols).repeat(batch, 1)
             elif role == "position_ids":
                 inputs[name] = torch.cat([torch.zeros(text, self.axes, dtype=dtype),
                                           grid_ids(sizes.rows, sizes.cols, self.axes, dtype)])
+            elif role == "none":
+                inputs[name] = None
             elif role == "rotary_table":
                 inputs[name] = self.rotary_table(sizes, randn)
             elif role == "guidance":
@@ -522,8 +530,10 @@ def takes_return_dict(model: torch.nn.Module) -> bool:
     return "return_dict" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
-def forward_roles(model: torch.nn.Module) -> dict[str, str]:
-    """{forward parameter: role} for the parameters inputs are built for; refuses a required one with no role."""
+def forward_roles(model: torch.nn.Module, unknown_as_none: bool = False) -> dict[str, str]:
+    """{forward parameter: role} for the parameters inputs are built for; refuses a required one with no role, or
+    with `unknown_as_none` gives it the role "none" (given None: OmniGen's input_ids and input image latents, the
+    conditioning its code skips when they are None)."""
     signature = inspect.signature(model.forward)
     roles: dict[str, str] = {}
     unknown = []
@@ -550,7 +560,9 @@ def forward_roles(model: torch.nn.Module) -> dict[str, str]:
                 unknown.append(name)
             continue
         roles[name] = role
-    if unknown:
+    if unknown and unknown_as_none:
+        roles = {name: roles.get(name, "none") for name in signature.parameters if name in roles or name in unknown}
+    elif unknown:
         raise InputError(f"{type(model).__name__}.forward requires inputs whose layout cannot be inferred from "
                          f"their names and the config: {', '.join(unknown)}",
                          fix="pass your own example_inputs (and dynamic_shapes) to svdq_compiler.compile")
@@ -563,7 +575,7 @@ def forward_roles(model: torch.nn.Module) -> dict[str, str]:
 def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: int) -> list[Choice]:
     config = model.config
     name = type(model).__name__
-    if "input_ids" in roles:  # codebook ids: their layout is their name's
+    if roles.get("input_ids") == "latent":  # codebook ids: their layout is their name's
         layouts = ("ids",)
     elif re.search(r"3D(?![a-z])", name):  # Transformer3DModel, not StableAudio3DiT
         layouts = ("video", "frames_first", "tokens", "video_tokens", "image", "channels_last", "patches")
@@ -600,6 +612,7 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: i
         "timestep_form": tuple(TIMESTEP_FORMS),
         "grids_per_sample": (False, True) if "grid_shapes" in roles.values() else (False,),
         "rotary_form": ROTARY_FORMS if "rotary_table" in roles.values() else (None,),
+        "positions_before": (None, *range(MODEL_TOKENS + 1)) if "position_ids" in roles.values() else (None,),
         "layout": layouts,
         "pooled_sequence": pooled_sequences,
         "stacked": stacks,
@@ -709,14 +722,28 @@ def documented_bundles(model: torch.nn.Module, text_name: str) -> int | None:
 
 def plan_inputs(model: torch.nn.Module) -> InputPlan:
     """The input plan of `model`: roles from its forward signature, widths from its config, the layout the
-    model accepts (probed)."""
+    model accepts (probed). Required inputs no rule explains are given None where the model runs without them;
+    where it does not, the error names them."""
     cached = getattr(model, "_svdq_input_plan", None)
     if cached is not None:
         return cached
+    try:
+        roles = forward_roles(model)
+    except InputError as unexplained:
+        try:
+            plan = plan_for_roles(model, forward_roles(model, unknown_as_none=True))
+        except InputError:
+            raise unexplained from None
+    else:
+        plan = plan_for_roles(model, roles)
+    model._svdq_input_plan = plan
+    return plan
+
+
+def plan_for_roles(model: torch.nn.Module, roles: dict[str, str]) -> InputPlan:
     config = model.config
-    roles = forward_roles(model)
     channels = config_value(config, LATENT_CHANNEL_KEYS)
-    if not channels and "input_ids" in roles and config_value(config, ("codebook_size",)):
+    if not channels and roles.get("input_ids") == "latent" and config_value(config, ("codebook_size",)):
         channels = [1]  # ids have no channels
     if not channels and "inputs_embeds" in roles:  # embeddings a transformer decodes: at its own width
         channels = config_value(config, MODEL_WIDTH_KEYS)
@@ -784,8 +811,7 @@ def plan_inputs(model: torch.nn.Module) -> InputPlan:
             plan = InputPlan(choice=choice, square=square, **base)
             why = plan_failure(model, plan, sizes)
             if why is None:
-                model._svdq_input_plan = plan = odd_grid_unit(model, plan)
-                return plan
+                return odd_grid_unit(model, plan)
             if not square:
                 failures.append(f"{choice.layout} latent, text width {choice.text_width}: {why}")
     raise InputError(f"no input layout built from {type(model).__name__}'s forward signature and config runs "
@@ -949,10 +975,15 @@ def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
     stage then says why it does not run).
     """
     failures = []
+    filled: dict[str, Any] = {}
     for width, fill in itertools.product(TINY_WIDTHS, (True, False)):
         config = shrunk_config(model_class, width, fill)
         failure = build_failure(model_class, config)
+        while failure is not None and set(keys_read := none_dicts_read(model_class, failure)) - set(filled):
+            filled.update(keys_read)
+            failure = build_failure(model_class, {**config, **filled})
         if failure is None:
+            config = {**config, **filled}
             break
         failures.append(failure)
     else:
@@ -963,10 +994,10 @@ def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
         return config
     # a relaxation that changes nothing in this class's config is not tried
     changing = [name for name in RELAXATIONS
-                if shrunk_config(model_class, width, fill, frozenset({name})) != config]
+                if {**shrunk_config(model_class, width, fill, frozenset({name})), **filled} != config]
     for count in range(1, len(changing) + 1):
         for relaxed in itertools.combinations(changing, count):
-            variant = shrunk_config(model_class, width, fill, frozenset(relaxed))
+            variant = {**shrunk_config(model_class, width, fill, frozenset(relaxed)), **filled}
             if build_failure(model_class, variant) is None and runs_at_example(model_class, variant):
                 return variant
     return config
@@ -993,6 +1024,28 @@ def runs_at_example(model_class: type[torch.nn.Module], config: dict[str, Any]) 
     except Exception:  # no inputs built (an input the adapter cannot lay out): not running
         return False
     return runs_on(model, inputs, 2) is None
+
+
+def none_dicts_read(model_class: type[torch.nn.Module], exc: Exception) -> dict[str, dict[str, float]]:
+    """{parameter: {key: 1.0, …}} for each constructor parameter None by default that the line where the build
+    failed subscripts (OmniGen's `rope_scaling["short_factor"]`): every string key the failing function reads from
+    it, at 1.0, a factor that scales nothing; {} for any other failure. The constructor judges the result."""
+    if not isinstance(exc, TypeError) or "not subscriptable" not in str(exc):
+        return {}
+    *_, last = traceback.walk_tb(exc.__traceback__)
+    frame = last[0]
+    try:
+        source = inspect.getsource(frame.f_code)
+    except (OSError, TypeError):  # no source to read
+        return {}
+    line = (traceback.extract_tb(exc.__traceback__)[-1].line or "")
+    found = {}
+    for name, parameter in inspect.signature(model_class.__init__).parameters.items():
+        if parameter.default is None and re.search(rf"\b{name}\[", line):
+            keys = re.findall(rf"\b{name}\[\s*[\"'](\w+)[\"']\s*\]", source)
+            if keys:
+                found[name] = dict.fromkeys(keys, 1.0)
+    return found
 
 
 def constructor_failure(model_class: type[torch.nn.Module], exc: Exception) -> str:
