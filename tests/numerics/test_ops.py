@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import svdq_compiler  # noqa: F401  (registers torch.ops.svdq)
+import svdq_compiler.ops  # noqa: F401  (registers torch.ops.svdq; the package itself loads nothing)
 from svdq_compiler.codegen.layout import pack_act, pack_weight, unpack_act, unpack_weight
 from svdq_compiler.conv import ConvGeometry
 from svdq_compiler.errors import QuantizationError
