@@ -510,6 +510,24 @@ def test_required_inputs_the_model_runs_without_are_given_none_and_positions_cou
         assert model(**inputs)[0].shape == inputs["hidden_states"].shape
 
 
+def test_a_packed_sequence_of_tagged_tokens_with_per_sample_positions():
+    """Ideogram 4 packs text and image tokens in one sequence: its text width is the config entry its docstring
+    names (`llm_features_dim`), one text token per latent token; each token's kind is the module constant its
+    docstring names for images (OUTPUT_IMAGE_INDICATOR); segment_ids put each row in one sample; position_ids are
+    per sample [B, rows·cols, 3]; its MRoPE sections, a quarter of the head, are scaled to a quarter of the tiny one."""
+    from diffusers.models.transformers import transformer_ideogram4
+
+    model = tiny("Ideogram4Transformer2DModel")
+    assert sum(model.config.mrope_section) == model.config.attention_head_dim // 4
+    inputs = adapter_for(model).example_inputs(model, batch=2, tokens=(4, 6))
+    assert tuple(inputs["encoder_hidden_states"].shape) == (2, 24, model.config.llm_features_dim)
+    assert torch.equal(inputs["indicator"], torch.full((2, 24), transformer_ideogram4.OUTPUT_IMAGE_INDICATOR))
+    assert torch.equal(inputs["segment_ids"], torch.zeros(2, 24, dtype=torch.long))
+    assert tuple(inputs["position_ids"].shape) == (2, 24, 3)
+    with torch.no_grad():
+        assert model(**inputs)[0].shape == inputs["hidden_states"].shape
+
+
 def test_rotary_tables_the_pipeline_builds_from_the_grid_are_given_in_the_form_the_model_applies():
     """A required `*_rotary_emb` is a table over the latent's tokens that the model only applies, its form probed:
     Lumina-Next slices its patch grid from a complex polar table [rows, cols, head/2] (and unpacks its

@@ -94,6 +94,11 @@ ROLES: tuple[tuple[str, str], ...] = (
     ("image_ids", r"img_ids"),
     # text and image token positions in one [T + N, axes] (Krea 2): FLUX's txt_ids then img_ids
     ("position_ids", r"position_ids"),
+    # which sample of a packed batch each token belongs to, [B, rows·cols] (Ideogram 4): one sample per row, all 0
+    ("segments", r"segment_ids"),
+    # each token's kind, [B, rows·cols], as one of the module's constants the docstring names (Ideogram 4's
+    # OUTPUT_IMAGE_INDICATOR): the image one, every token being a latent token
+    ("token_kind", r"indicator"),
     ("text_ids", r"txt_ids"),
     # a vision-language encoder's sequence marked where the image sits, [B, T + slots]: its T text tokens, then one
     # slot per side × side group of latent tokens, True at the slots (Qwen-Image 2.1's img_mask: 2 × 2 each)
@@ -198,6 +203,10 @@ FRAMED = ("video", "frames_first", "channels_last")  # the layouts with a frame 
 # causal video), or one per frame in a row [B, 1, F] (Sana-WM's, LTX style).
 TIMESTEP_FORMS = {"sample": lambda frames: (), "frame": lambda frames: (frames,),
                   "frame_row": lambda frames: (1, frames)}
+# Forms of position ids: FLUX-style ids per token and axis over the text then the image tokens [T + rows·cols, axes]
+# (Krea 2); the image tokens' ids per sample [B, rows·cols, axes] (Ideogram 4); per-sample integers over the joint
+# sequence [B, k + rows·cols], k tokens the model puts before the image tokens (OmniGen's time token, k = 1).
+POSITION_FORMS = ("joint", "per_sample", "sequence")
 MAX_PROBES = 96
 MODEL_TOKENS = 2  # tokens of its own (time, register) a model may put before the image tokens, probed
 PROBE_GRIDS = ((2, 3), (2, 2), (8, 12), (8, 8))  # (rows, cols) the layouts are probed at, in units
@@ -223,8 +232,12 @@ def conditioning_widths(config: Any, keys: tuple[str, ...]) -> list[int]:
 def text_widths(model: torch.nn.Module) -> list[int]:
     """Widths for the text input; the model's own width only where the forward requires text (an optional text
     input the config gives no width for is left out: the model does without it)."""
-    widths = conditioning_widths(model.config, TEXT_WIDTH_KEYS)
     parameters = inspect.signature(model.forward).parameters.items()
+    # the config entry the docstring names as the text's last axis (Ideogram 4's `llm_features_dim`)
+    documented = [width for name, _ in parameters if role_of(name) in TEXTS
+                  for entry in documented_shape(model, name)[-1:] if isinstance(entry, ast.Name)
+                  for width in config_value(model.config, (entry.id,))]
+    widths = list(dict.fromkeys(documented + conditioning_widths(model.config, TEXT_WIDTH_KEYS)))
     required = any(role_of(name) in TEXTS and parameter.default is inspect.Parameter.empty
                    for name, parameter in parameters)
     return widths or (config_value(model.config, MODEL_WIDTH_KEYS) if required else [])
@@ -293,9 +306,8 @@ class Choice:
     # them all (I2VGen-XL's image_latents)
     latent_share: int | None = None
     rotary_form: str | None = None  # one of ROTARY_FORMS, where the forward takes a rotary table
-    # position ids over the joint sequence as per-sample integers [B, k + rows·cols]: k tokens the model puts before
-    # the image tokens (OmniGen's time token, k = 1); None: FLUX-style ids per token and axis
-    positions_before: int | None = None
+    position_form: str = "joint"  # one of POSITION_FORMS, where the forward takes position ids
+    positions_before: int = 0  # k of the "sequence" form
     timestep_form: str = "sample"  # one of TIMESTEP_FORMS
     # grid shapes given as a list per sample, of one (frames, rows, cols) each (JoyImage's shape_list: one entry per
     # image of the sample, the target first); else one tuple per sample (Qwen-Image's img_shapes)
@@ -339,6 +351,7 @@ class InputPlan:
     heads: int = 1  # attention heads and their size, for rotary tables
     head_dim: int = 0
     embedding_widths: dict[str, int] = dataclasses.field(default_factory=dict)  # C of each `embedding` input
+    token_kinds: dict[str, int] = dataclasses.field(default_factory=dict)  # the value of each `token_kind` input
 
     def build(self, sizes: Sizes, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(seed)
@@ -440,8 +453,14 @@ class InputPlan:
                 inputs[name] = torch.zeros(batch, sizes.rows * sizes.cols, dtype=torch.long)
             elif role == "prior_drop":
                 inputs[name] = torch.zeros(batch, dtype=torch.bool)
-            elif role == "position_ids" and self.choice.positions_before is not None:
+            elif role == "position_ids" and self.choice.position_form == "sequence":
                 inputs[name] = torch.arange(self.choice.positions_before + sizes.rows * sizes.cols).repeat(batch, 1)
+            elif role == "position_ids" and self.choice.position_form == "per_sample":
+                inputs[name] = grid_ids(sizes.rows, sizes.cols, self.axes, dtype).repeat(batch, 1, 1)
+            elif role == "segments":
+                inputs[name] = torch.zeros(batch, sizes.rows * sizes.cols, dtype=torch.long)
+            elif role == "token_kind":
+                inputs[name] = torch.full((batch, sizes.rows * sizes.cols), self.token_kinds[name], dtype=torch.long)
             elif role == "position_ids":
                 inputs[name] = torch.cat([torch.zeros(text, self.axes, dtype=dtype),
                                           grid_ids(sizes.rows, sizes.cols, self.axes, dtype)])
@@ -612,7 +631,8 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: i
         "timestep_form": tuple(TIMESTEP_FORMS),
         "grids_per_sample": (False, True) if "grid_shapes" in roles.values() else (False,),
         "rotary_form": ROTARY_FORMS if "rotary_table" in roles.values() else (None,),
-        "positions_before": (None, *range(MODEL_TOKENS + 1)) if "position_ids" in roles.values() else (None,),
+        "position_form": POSITION_FORMS if "position_ids" in roles.values() else ("joint",),
+        "positions_before": range(MODEL_TOKENS + 1) if "position_ids" in roles.values() else (0,),
         "layout": layouts,
         "pooled_sequence": pooled_sequences,
         "stacked": stacks,
@@ -630,7 +650,8 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: i
     # per-frame text and timesteps need a frame axis; text aligned with the latent, a sequence
     return [choice for choice in choices
             if (choice.layout in FRAMED or not choice.text_per_frame and choice.timestep_form == "sample")
-            and (choice.layout in SEQUENCES or not choice.text_aligned)]
+            and (choice.layout in SEQUENCES or not choice.text_aligned)
+            and (choice.position_form == "sequence" or not choice.positions_before)]
 
 
 def layer_stack(config: Any) -> tuple[str | None, int | None]:
@@ -701,6 +722,19 @@ def documented_shape(model: torch.nn.Module, name: str) -> list[ast.expr | None]
     return entries
 
 
+def documented_constant(model: torch.nn.Module, name: str, kind: str) -> int | None:
+    """The int constant of the forward's module that input `name`'s docstring entry names in backquotes with `kind`
+    in its name (`OUTPUT_IMAGE_INDICATOR` for "IMAGE"), or None."""
+    import sys
+
+    entry = re.search(rf"^(\s*){re.escape(name)} \(.*?(?=^\1\w+ \(|\Z)", inspect.getdoc(model.forward) or "",
+                      re.MULTILINE | re.DOTALL)
+    module = vars(sys.modules[type(model).forward.__module__])
+    named = re.findall(r"`([A-Z][A-Z0-9_]*)`", entry.group(0)) if entry else []
+    return next((module[constant] for constant in named if kind in constant
+                 and isinstance(module.get(constant), int) and not isinstance(module[constant], bool)), None)
+
+
 def documented_channels(model: torch.nn.Module, latent_name: str) -> list[int]:
     """The latent's channel count where the forward's docstring gives its shape with one entry computed from the
     config (`2 * in_visual_dim + 1`: Kandinsky 6 SR's noisy latent, anchor latent and anchor mask in one); a bare
@@ -761,13 +795,16 @@ def plan_for_roles(model: torch.nn.Module, roles: dict[str, str]) -> InputPlan:
     embedding_widths = {name: widths[0] for name, role in roles.items() if role == "embedding"
                         for widths in [named_width(config, name) + config_value(config, ("embedding_dim",))]
                         if widths}
+    token_kinds = {name: kind for name, role in roles.items() if role == "token_kind"
+                   for kind in [documented_constant(model, name, "IMAGE")] if kind is not None}
     unknown = [name for name, role in roles.items()
                if role == "stream_latent" and name not in stream_channels
-               or role == "embedding" and name not in embedding_widths]
+               or role == "embedding" and name not in embedding_widths
+               or role == "token_kind" and name not in token_kinds]
     if unknown:
         raise InputError(f"{type(model).__name__}.forward requires inputs whose layout cannot be inferred from "
                          f"their names and the config: {', '.join(unknown)} (no <name>_in_channels, <name>_dim or "
-                         f"embedding_dim in the config)",
+                         f"embedding_dim in the config, no image constant in its docstring)",
                          fix="pass your own example_inputs (and dynamic_shapes) to svdq_compiler.compile")
     block_text_width = next((width for name, role in roles.items() if role == "text_per_block"
                              for width in named_width(config, name.removesuffix("_layers"))), None)
@@ -796,6 +833,7 @@ def plan_for_roles(model: torch.nn.Module, roles: dict[str, str]) -> InputPlan:
                 blocks=sum(value for key, value in config.items() if re.fullmatch(r"num_(\w+_)?layers", key)
                            and isinstance(value, int) and not isinstance(value, bool)),
                 block_text_width=block_text_width, stream_channels=stream_channels, embedding_widths=embedding_widths,
+                token_kinds=token_kinds,
                 codebook=next(iter(config_value(config, ("codebook_size",))), 0),
                 return_dict=takes_return_dict(model),
                 text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None),
@@ -1147,9 +1185,11 @@ def shrunk_config(model_class: type[torch.nn.Module], width: int, fill: bool,
         elif isinstance(value, int) and HEAD_DIM.fullmatch(name) and value > head_size:
             config[name] = head_size
         elif isinstance(value, (list, tuple)) and re.search(r"axes|rope", name) and head_dim \
-                and all(isinstance(v, int) for v in value) and sum(value) == head_dim and head_dim > head_size:
-            scaled = [max(2, 2 * round(v * head_size / head_dim / 2)) for v in value[:-1]]
-            config[name] = type(value)([*scaled, head_size - sum(scaled)])  # the axes still sum to the head
+                and all(isinstance(v, int) for v in value) and head_dim % sum(value) == 0 and head_dim > head_size:
+            # the axes cover the head or a fraction of it (Ideogram 4's MRoPE sections: a quarter); they still do
+            total = sum(value) * head_size // head_dim
+            scaled = [max(2, 2 * round(v * total / sum(value) / 2)) for v in value[:-1]]
+            config[name] = type(value)([*scaled, total - sum(scaled)])
         elif isinstance(value, int) and name.endswith("groups") and value > 8:
             config[name] = 8
         elif isinstance(value, int) and name == "sample_size" and value > 16:
