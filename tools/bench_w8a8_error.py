@@ -89,7 +89,8 @@ def layer_sensitivity(model, evaluation, run) -> list[dict]:
 
 def compiled_layers(compiled) -> dict[str, dict]:
     """Each quantized linear of the compiled graph as fp32 tensors: λ (or None), the dequantized residual weight,
-    the branch factors (or None) and the activation format and group."""
+    the branch factors (or None), the activation format and group, and the shift of a post-GELU input (quantized
+    unsigned)."""
     layers = {}
     for _, info in annotated_linears(compiled):
         scheme = info.scheme
@@ -103,16 +104,18 @@ def compiled_layers(compiled) -> dict[str, dict]:
                                                     get_attr_value(compiled, info.lora_down).float())
         layers[info.name] = {"smooth": get_attr_value(compiled, info.smooth).float() if info.smooth else None,
                              "residual": dequantize(unpack_weight(packed)).float()[:, :info.in_features],
-                             "branch": branch, "act": (scheme.act, scheme.act_group)}
+                             "branch": branch, "act": (scheme.act, scheme.act_group), "shift": info.shift}
     return layers
 
 
 def as_compiled(module: torch.nn.Linear, layer: dict, activations: bool):
-    """A forward for `module` computing its compiled form: Q(x/λ)·Rᵀ + (x/λ)·L2ᵀ·L1ᵀ + b (x/λ unquantized with
-    `activations` False)."""
+    """A forward for `module` computing its compiled form: (Q((x + shift)/λ) − shift/λ)·Rᵀ + (x/λ)·L2ᵀ·L1ᵀ + b
+    (x/λ unquantized with `activations` False)."""
     def forward(x: torch.Tensor) -> torch.Tensor:
         xs = x if layer["smooth"] is None else x / layer["smooth"]
-        quantized = fake_quantize_act(xs, *layer["act"]) if activations else xs
+        shift = layer["shift"] if layer["smooth"] is None else layer["shift"] / layer["smooth"]
+        quantized = fake_quantize_act(xs + shift, *layer["act"], unsigned=bool(layer["shift"])) - shift \
+            if activations else xs
         y = torch.nn.functional.linear(quantized, layer["residual"], module.bias)
         if layer["branch"] is not None:
             up, down = layer["branch"]
