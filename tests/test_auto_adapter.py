@@ -528,6 +528,27 @@ def test_a_packed_sequence_of_tagged_tokens_with_per_sample_positions():
         assert model(**inputs)[0].shape == inputs["hidden_states"].shape
 
 
+def test_a_packed_sequence_of_streams_placed_by_their_indices():
+    """MiniMax H3 packs video, audio and text rows in one sequence: each `<modality>_indices` places the rows of the
+    input whose docstring names it, token_tags tags each row as its docstring numbers the modalities, one distinct
+    timestep serves every row (timestep_indices 0), and the video latent is its patches (`in_channels *
+    prod(patch_size)` wide). A sequence whose length sums the streams' takes the eager path; its tiny RoPE rotates
+    the share of the head the default does (rope_freq_dim scaled with the head)."""
+    model = tiny("MiniMaxH3Transformer3DModel")
+    assert 6 * model.config.rope_freq_dim == 3 * model.config.attention_head_dim // 4
+    adapter = adapter_for(model)
+    inputs = adapter.example_inputs(model, batch=2, tokens=(4, 6))
+    video, audio, text = 24, inputs["audio_hidden_states"].shape[1], inputs["encoder_hidden_states"].shape[1]
+    assert inputs["hidden_states"].shape[-1] == model.config.in_channels * 4
+    assert torch.equal(torch.cat([inputs["video_indices"], inputs["audio_indices"], inputs["text_indices"]]),
+                       torch.arange(video + audio + text))
+    assert torch.equal(inputs["token_tags"], torch.tensor([0] * video + [2] * audio + [1] * text))
+    assert tuple(inputs["timestep"].shape) == (1,) and not inputs["timestep_indices"].any()
+    assert "video_indices" in adapter.sizes_in_values(model, inputs)
+    with torch.no_grad():
+        assert model(**inputs)[0].shape == inputs["hidden_states"].shape
+
+
 def test_rotary_tables_the_pipeline_builds_from_the_grid_are_given_in_the_form_the_model_applies():
     """A required `*_rotary_emb` is a table over the latent's tokens that the model only applies, its form probed:
     Lumina-Next slices its patch grid from a complex polar table [rows, cols, head/2] (and unpacks its

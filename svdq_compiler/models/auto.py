@@ -22,6 +22,7 @@ import dataclasses
 import importlib
 import inspect
 import itertools
+import math
 import re
 import textwrap
 import traceback
@@ -97,8 +98,14 @@ ROLES: tuple[tuple[str, str], ...] = (
     # which sample of a packed batch each token belongs to, [B, rows·cols] (Ideogram 4): one sample per row, all 0
     ("segments", r"segment_ids"),
     # each token's kind, [B, rows·cols], as one of the module's constants the docstring names (Ideogram 4's
-    # OUTPUT_IMAGE_INDICATOR): the image one, every token being a latent token
-    ("token_kind", r"indicator"),
+    # OUTPUT_IMAGE_INDICATOR): the image one, every token being a latent token; in a packed sequence, each row's
+    # modality as its docstring numbers them (MiniMax H3's token_tags: "`0` video, `1` text, `2` audio")
+    ("token_kind", r"indicator|token_tags"),
+    # a packed sequence of several streams (MiniMax H3): per row, the index of its noise level among the distinct
+    # timesteps given (one: every row at the same level), and per stream the positions of its rows, the stream being
+    # the input whose docstring names these indices
+    ("timestep_indices", r"timestep_indices"),
+    ("packed_indices", r"[a-z]+_indices"),
     ("text_ids", r"txt_ids"),
     # a vision-language encoder's sequence marked where the image sits, [B, T + slots]: its T text tokens, then one
     # slot per side × side group of latent tokens, True at the slots (Qwen-Image 2.1's img_mask: 2 × 2 each)
@@ -352,6 +359,10 @@ class InputPlan:
     head_dim: int = 0
     embedding_widths: dict[str, int] = dataclasses.field(default_factory=dict)  # C of each `embedding` input
     token_kinds: dict[str, int] = dataclasses.field(default_factory=dict)  # the value of each `token_kind` input
+    # a packed sequence: {indices input: the stream input whose rows it places}, in the sequence's order, and the
+    # kind of each stream's rows {indices input: kind}
+    packed: dict[str, str] = dataclasses.field(default_factory=dict)
+    packed_kinds: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def build(self, sizes: Sizes, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(seed)
@@ -459,7 +470,7 @@ class InputPlan:
                 inputs[name] = grid_ids(sizes.rows, sizes.cols, self.axes, dtype).repeat(batch, 1, 1)
             elif role == "segments":
                 inputs[name] = torch.zeros(batch, sizes.rows * sizes.cols, dtype=torch.long)
-            elif role == "token_kind":
+            elif role == "token_kind" and not self.packed:
                 inputs[name] = torch.full((batch, sizes.rows * sizes.cols), self.token_kinds[name], dtype=torch.long)
             elif role == "position_ids":
                 inputs[name] = torch.cat([torch.zeros(text, self.axes, dtype=dtype),
@@ -479,9 +490,34 @@ class InputPlan:
             elif role == "class_labels":
                 inputs[name] = torch.zeros(batch, dtype=torch.long)
         inputs.update({name: {} for name in self.choice.empty_options})
+        if self.packed:
+            inputs.update(self.packed_sequence(inputs, sizes, dtype))
         if self.return_dict:
             inputs["return_dict"] = False
         return inputs
+
+    def packed_sequence(self, inputs: dict[str, Any], sizes: Sizes, dtype: torch.dtype) -> dict[str, Any]:
+        """The inputs laying out a packed sequence of `inputs`' streams, one after another: each stream's row
+        positions, each row's kind, timestep index (0: the one timestep) and position ids (the latent's rows at their
+        grid positions, the other streams' at 0)."""
+        lengths = {indices: inputs[stream].shape[1] for indices, stream in self.packed.items()}
+        starts = dict(zip(lengths, itertools.accumulate([0, *lengths.values()])))
+        total = sum(lengths.values())
+        built: dict[str, Any] = {indices: torch.arange(starts[indices], starts[indices] + length)
+                                 for indices, length in lengths.items()}
+        latent_rows = next(built[indices] for indices, stream in self.packed.items() if stream == self.latent_name())
+        positions = torch.zeros(total, self.axes, dtype=dtype)
+        grid = grid_ids(sizes.rows, sizes.cols, self.axes, positions.dtype)
+        positions[latent_rows] = grid[torch.arange(len(latent_rows)) % len(grid)]  # frame after frame
+        for name, role in self.parameters.items():
+            if role == "token_kind":
+                built[name] = torch.cat([torch.full((length,), self.packed_kinds[indices], dtype=torch.long)
+                                         for indices, length in lengths.items()])
+            elif role == "timestep_indices":
+                built[name] = torch.zeros(total, dtype=torch.long)
+            elif role == "position_ids":
+                built[name] = positions
+        return built
 
     def codebook_ids(self, field: torch.Tensor) -> torch.Tensor:
         """Codebook ids read from a standard normal field through its CDF: uniform over the codebook, and a field
@@ -490,6 +526,8 @@ class InputPlan:
         return (uniform * self.codebook).long().clamp_(0, self.codebook - 1)
 
     def timestep_shape(self, batch: int, frames: int) -> tuple[int, ...]:
+        if "timestep_indices" in self.parameters.values():  # the distinct timesteps of a packed sequence: one
+            return (1,)
         return (batch, *TIMESTEP_FORMS[self.choice.timestep_form](frames))
 
     def frames_of(self, latent: torch.Tensor) -> int:
@@ -596,6 +634,8 @@ def candidate_choices(model: torch.nn.Module, roles: dict[str, str], channels: i
     name = type(model).__name__
     if roles.get("input_ids") == "latent":  # codebook ids: their layout is their name's
         layouts = ("ids",)
+    elif "packed_indices" in roles.values():  # the rows of a packed sequence are tokens
+        layouts = PACKED
     elif re.search(r"3D(?![a-z])", name):  # Transformer3DModel, not StableAudio3DiT
         layouts = ("video", "frames_first", "tokens", "video_tokens", "image", "channels_last", "patches")
     elif re.search(r"1D(?![a-z])", name):
@@ -686,16 +726,18 @@ def odd_grid_unit(model: torch.nn.Module, plan: InputPlan) -> InputPlan:
 
 
 def config_arithmetic(node: ast.AST, config: Any) -> int | None:
-    """The value of an expression of ints, config ints, lengths of config lists (`len(injection_layer_ids)`), +, -
-    and *; None for anything else."""
+    """The value of an expression of ints, config ints, lengths and products of config lists
+    (`len(injection_layer_ids)`, `prod(patch_size)`), +, - and *; None for anything else."""
     if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
         return node.value
     if isinstance(node, ast.Name):
         return next(iter(config_value(config, (node.id,))), None)
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "len" \
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("len", "prod") \
             and len(node.args) == 1 and isinstance(node.args[0], ast.Name):
         listed = config.get(node.args[0].id)
-        return len(listed) if isinstance(listed, (list, tuple)) else None
+        if not isinstance(listed, (list, tuple)) or not all(isinstance(v, int) for v in listed):
+            return None
+        return len(listed) if node.func.id == "len" else math.prod(listed)
     if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
         left, right = config_arithmetic(node.left, config), config_arithmetic(node.right, config)
         if left is None or right is None:
@@ -722,15 +764,20 @@ def documented_shape(model: torch.nn.Module, name: str) -> list[ast.expr | None]
     return entries
 
 
+def documented_entry(model: torch.nn.Module, name: str) -> str:
+    """Input `name`'s entry in the forward's docstring (its line and the lines indented under it), or ""."""
+    entry = re.search(rf"^(\s*){re.escape(name)} \(.*?(?=^\1\w+ \(|\Z)", inspect.getdoc(model.forward) or "",
+                      re.MULTILINE | re.DOTALL)
+    return entry.group(0) if entry else ""
+
+
 def documented_constant(model: torch.nn.Module, name: str, kind: str) -> int | None:
     """The int constant of the forward's module that input `name`'s docstring entry names in backquotes with `kind`
     in its name (`OUTPUT_IMAGE_INDICATOR` for "IMAGE"), or None."""
     import sys
 
-    entry = re.search(rf"^(\s*){re.escape(name)} \(.*?(?=^\1\w+ \(|\Z)", inspect.getdoc(model.forward) or "",
-                      re.MULTILINE | re.DOTALL)
     module = vars(sys.modules[type(model).forward.__module__])
-    named = re.findall(r"`([A-Z][A-Z0-9_]*)`", entry.group(0)) if entry else []
+    named = re.findall(r"`([A-Z][A-Z0-9_]*)`", documented_entry(model, name))
     return next((module[constant] for constant in named if kind in constant
                  and isinstance(module.get(constant), int) and not isinstance(module[constant], bool)), None)
 
@@ -795,12 +842,19 @@ def plan_for_roles(model: torch.nn.Module, roles: dict[str, str]) -> InputPlan:
     embedding_widths = {name: widths[0] for name, role in roles.items() if role == "embedding"
                         for widths in [named_width(config, name) + config_value(config, ("embedding_dim",))]
                         if widths}
+    packed = {indices: stream for indices, role in roles.items() if role == "packed_indices"
+              for stream in roles if f"`{indices}`" in documented_entry(model, stream)}
+    packed_kinds = {indices: kind for name, role in roles.items() if role == "token_kind"
+                    for kind, modality in re.findall(r"`(\d+)` (\w+)", documented_entry(model, name))
+                    for indices in packed if indices == f"{modality}_indices"}
+    packed_kinds = {indices: int(kind) for indices, kind in packed_kinds.items()}
     token_kinds = {name: kind for name, role in roles.items() if role == "token_kind"
                    for kind in [documented_constant(model, name, "IMAGE")] if kind is not None}
     unknown = [name for name, role in roles.items()
                if role == "stream_latent" and name not in stream_channels
                or role == "embedding" and name not in embedding_widths
-               or role == "token_kind" and name not in token_kinds]
+               or role == "token_kind" and name not in token_kinds and not packed_kinds.keys() == packed.keys()
+               or role == "packed_indices" and name not in packed]
     if unknown:
         raise InputError(f"{type(model).__name__}.forward requires inputs whose layout cannot be inferred from "
                          f"their names and the config: {', '.join(unknown)} (no <name>_in_channels, <name>_dim or "
@@ -833,7 +887,7 @@ def plan_for_roles(model: torch.nn.Module, roles: dict[str, str]) -> InputPlan:
                 blocks=sum(value for key, value in config.items() if re.fullmatch(r"num_(\w+_)?layers", key)
                            and isinstance(value, int) and not isinstance(value, bool)),
                 block_text_width=block_text_width, stream_channels=stream_channels, embedding_widths=embedding_widths,
-                token_kinds=token_kinds,
+                token_kinds=token_kinds, packed=packed, packed_kinds=packed_kinds,
                 codebook=next(iter(config_value(config, ("codebook_size",))), 0),
                 return_dict=takes_return_dict(model),
                 text_length=next(iter(config_value(config, TEXT_LENGTH_KEYS)), None),
@@ -933,6 +987,18 @@ class DiffusersAdapter(ModelAdapter):
             rows, cols = latent.shape[-2] // plan.unit, latent.shape[-1] // plan.unit
         sizes = Sizes(batch=int(batch), text=int(text), rows=int(rows), cols=int(cols), frames=int(frames))
         return sizes if tensor_shapes(self.inputs_at(model, sizes)) == tensor_shapes(inputs) else None
+
+    def sizes_in_values(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[str]:
+        """Also the inputs laying out a packed sequence (MiniMax H3's row positions per stream): their values are
+        offsets summing the streams' lengths, and their length is that sum, which no dimension of a captured graph
+        follows."""
+        found = super().sizes_in_values(model, inputs)
+        plan = plan_inputs(model) if self.sizes_of(model, inputs) is not None else None
+        if plan is None or not plan.packed:
+            return found
+        layout = {name for name, role in plan.parameters.items()
+                  if role in ("packed_indices", "token_kind", "timestep_indices", "position_ids")}
+        return sorted(set(found) | (layout & inputs.keys()))
 
     def tokens_of(self, model, inputs):
         sizes = self.sizes_of(model, inputs)
@@ -1190,6 +1256,9 @@ def shrunk_config(model_class: type[torch.nn.Module], width: int, fill: bool,
             total = sum(value) * head_size // head_dim
             scaled = [max(2, 2 * round(v * total / sum(value) / 2)) for v in value[:-1]]
             config[name] = type(value)([*scaled, total - sum(scaled)])
+        elif isinstance(value, int) and re.fullmatch(r"\w*rope\w*_dim", name) and head_dim and head_dim > head_size \
+                and value * head_size % head_dim == 0:
+            config[name] = value * head_size // head_dim  # the share of each head RoPE rotates (MiniMax H3's 3/4)
         elif isinstance(value, int) and name.endswith("groups") and value > 8:
             config[name] = 8
         elif isinstance(value, int) and name == "sample_size" and value > 16:
