@@ -514,7 +514,8 @@ def test_a_packed_sequence_of_tagged_tokens_with_per_sample_positions():
     """Ideogram 4 packs text and image tokens in one sequence: its text width is the config entry its docstring
     names (`llm_features_dim`), one text token per latent token; each token's kind is the module constant its
     docstring names for images (OUTPUT_IMAGE_INDICATOR); segment_ids put each row in one sample; position_ids are
-    per sample [B, rows·cols, 3]; its MRoPE sections, a quarter of the head, are scaled to a quarter of the tiny one."""
+    per sample [B, rows·cols, 3]; its MRoPE sections, a quarter of the head, are scaled to a quarter of the tiny
+    one."""
     from diffusers.models.transformers import transformer_ideogram4
 
     model = tiny("Ideogram4Transformer2DModel")

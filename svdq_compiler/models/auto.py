@@ -24,6 +24,7 @@ import inspect
 import itertools
 import math
 import re
+import sys
 import textwrap
 import traceback
 from dataclasses import dataclass
@@ -774,8 +775,6 @@ def documented_entry(model: torch.nn.Module, name: str) -> str:
 def documented_constant(model: torch.nn.Module, name: str, kind: str) -> int | None:
     """The int constant of the forward's module that input `name`'s docstring entry names in backquotes with `kind`
     in its name (`OUTPUT_IMAGE_INDICATOR` for "IMAGE"), or None."""
-    import sys
-
     module = vars(sys.modules[type(model).forward.__module__])
     named = re.findall(r"`([A-Z][A-Z0-9_]*)`", documented_entry(model, name))
     return next((module[constant] for constant in named if kind in constant
@@ -844,16 +843,16 @@ def plan_for_roles(model: torch.nn.Module, roles: dict[str, str]) -> InputPlan:
                         if widths}
     packed = {indices: stream for indices, role in roles.items() if role == "packed_indices"
               for stream in roles if f"`{indices}`" in documented_entry(model, stream)}
-    packed_kinds = {indices: kind for name, role in roles.items() if role == "token_kind"
+    packed_kinds = {indices: int(kind) for name, role in roles.items() if role == "token_kind"
                     for kind, modality in re.findall(r"`(\d+)` (\w+)", documented_entry(model, name))
                     for indices in packed if indices == f"{modality}_indices"}
-    packed_kinds = {indices: int(kind) for indices, kind in packed_kinds.items()}
     token_kinds = {name: kind for name, role in roles.items() if role == "token_kind"
                    for kind in [documented_constant(model, name, "IMAGE")] if kind is not None}
     unknown = [name for name, role in roles.items()
                if role == "stream_latent" and name not in stream_channels
                or role == "embedding" and name not in embedding_widths
-               or role == "token_kind" and name not in token_kinds and not packed_kinds.keys() == packed.keys()
+               or role == "token_kind" and name not in token_kinds
+               and (not packed or packed_kinds.keys() != packed.keys())
                or role == "packed_indices" and name not in packed]
     if unknown:
         raise InputError(f"{type(model).__name__}.forward requires inputs whose layout cannot be inferred from "
@@ -1169,7 +1168,6 @@ def flags_needing_missing_modules(model_class: type[torch.nn.Module]) -> dict[st
     `concat_padding_mask` resizes the padding mask with torchvision's `transforms`). Off, the model runs without
     that dependency; on, every input layout fails with a NameError."""
     import builtins
-    import sys
 
     try:
         source = inspect.getsource(model_class.forward)
@@ -1179,7 +1177,8 @@ def flags_needing_missing_modules(model_class: type[torch.nn.Module]) -> dict[st
     function = ast.parse(textwrap.dedent(source)).body[0]
     local = {node.id for node in ast.walk(function) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
     local |= {argument.arg for argument in ast.walk(function) if isinstance(argument, ast.arg)}
-    defaults = {name: parameter.default for name, parameter in inspect.signature(model_class.__init__).parameters.items()}
+    defaults = {name: parameter.default
+                for name, parameter in inspect.signature(model_class.__init__).parameters.items()}
     found = {}
     for branch in ast.walk(function):
         test = getattr(branch, "test", None) if isinstance(branch, ast.If) else None
