@@ -23,7 +23,7 @@ def _packets(*names: str) -> frozenset:
 
 # Ops that only move, select or relabel data (and eval-mode identities such as dropout and clone).
 VIEW_OPS = _packets("view", "reshape", "_unsafe_view", "permute", "transpose", "t", "clone", "contiguous", "expand",
-                    "alias", "squeeze", "unsqueeze", "flatten", "unflatten", "_to_copy", "slice", "select", "split",
+                    "alias", "squeeze", "unsqueeze", "flatten", "unflatten", "_to_copy", "to", "slice", "select", "split",
                     "split_with_sizes", "chunk", "unbind", "detach", "dropout", "native_dropout", "lift_fresh_copy",
                     "pixel_shuffle", "pixel_unshuffle")
 ACTIVATION_OPS = _packets("gelu", "silu", "relu", "relu6", "hardswish", "mish", "leaky_relu", "elu", "sigmoid")

@@ -191,3 +191,39 @@ def test_a_dimension_declared_as_a_multiple_that_the_code_pins_becomes_static():
     assert "8*tokens" in dim["reason"] and "constant (24)" in dim["reason"]
     with pytest.raises(ShapeError, match="static 24"):
         gm(torch.randn(2, 32, 16))
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.proj, self.drop, self.in_place = torch.nn.Linear(8, 8), torch.nn.Dropout(0.1), in_place
+
+    def forward(self, x):
+        y = self.drop(self.proj(x)).reshape(-1, 4, 2)
+        if self.in_place:
+            y += 1.0
+        return y
+
+
+def _call_targets(gm):
+    return {str(node.target) for node in gm.graph.nodes if node.op == "call_function"}
+
+
+def test_a_program_without_in_place_ops_keeps_torch_export_s_own_ir():
+    """No re-trace to the inference IR (60% of a FLUX capture) where the graph is functional already: its ops stay
+    as exported (dropout, reshape), and the graph computes the model."""
+    model, x = _Residual(in_place=False).eval(), torch.randn(3, 8)
+    gm = svdq_compiler.capture(model, (x,), dynamic_shapes=None)
+    assert {"aten.dropout.default", "aten.reshape.default"} <= _call_targets(gm)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_a_program_with_an_in_place_op_is_functionalized():
+    """`y += 1` is aten.add_ in torch.export's IR; the passes assume no tensor changes in place, so such a program
+    is re-traced to the functional inference IR."""
+    model, x = _Residual(in_place=True).eval(), torch.randn(3, 8)
+    gm = svdq_compiler.capture(model, (x,), dynamic_shapes=None)
+    mutating = [node.target for node in gm.graph.nodes
+                if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable]
+    assert not mutating and "aten.add.Tensor" in _call_targets(gm)
+    torch.testing.assert_close(gm(x), model(x))

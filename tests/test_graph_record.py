@@ -6,6 +6,7 @@ import ast
 
 import pytest
 import torch
+from torch.fx.operator_schemas import normalize_function
 
 import svdq_compiler
 from svdq_compiler.dropin import graph_module_of
@@ -57,9 +58,17 @@ def test_the_rebuilt_graph_has_the_captured_nodes_and_attribute_kinds(saved):
     captured, path = saved
     loaded = graph_module_of(svdq_compiler.load(path))
 
-    def shape(gm):  # nodes by position (saving exports the graph again, which renumbers node names)
+    def shape(gm):  # nodes by position (saving exports the graph again, which renumbers node names and may spell
+        # an operator's arguments by keyword where the capture gave them by position: compared by schema name)
         position = {node: f"#{i}" for i, node in enumerate(gm.graph.nodes)}
-        return [(node.op, str(node.target), str(torch.fx.map_arg((node.args, node.kwargs), position.get)))
+
+        def arguments(node):
+            if isinstance(node.target, torch._ops.OpOverload):
+                named = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+                return (), named.kwargs
+            return node.args, node.kwargs
+
+        return [(node.op, str(node.target), str(torch.fx.map_arg(arguments(node), position.get)))
                 for node in gm.graph.nodes]
 
     assert shape(loaded) == shape(captured)
