@@ -1,7 +1,8 @@
 """Default compile before and after the compile-time changes, measured in one process on the same inputs.
 
 `before` is the defaults as they were (39-candidate smoothing grid searched in full, full LAPACK SVD in lowrank,
-no per-layer choice, plain weight-only layers); `after` is today's defaults. Both run today's search code, whose
+no per-layer choice, plain weight-only layers) and the capture as it was (torch.export's program re-traced to the
+inference IR, `run_decompositions({})`, before unlifting); `after` is today's defaults and capture. Both run today's search code, whose
 row-chunked evaluation also made `before` faster than it was: the speedup measured here is a lower bound. For each: this process's CPU time in capture and
 in every pass (the machine is shared: CPU time is what the code costs), wall time, and the output quality on
 held-out inputs against fp32 (relative L2 error and its SNR in dB, −20·log10 of it). Models: `minilm` (the
@@ -12,8 +13,10 @@ pretrained all-MiniLM-L6-v2 of tools/eval_quality.py; also the sentence-embeddin
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -23,6 +26,18 @@ import svdq_compiler
 
 BEFORE = dict(smooth_grid=20, search_refine=False, svd="full", layer_choice=False, weight_only_smooth=False, weight_only_rank=0,
               weight_only_error=None)
+
+
+@contextmanager
+def inference_ir_capture():
+    """Capture as it was: the exported program re-traced to torch's inference IR before it is unlifted."""
+    capture_module = importlib.import_module("svdq_compiler.capture")
+    unlift = capture_module.unlift
+    capture_module.unlift = lambda program, **kwargs: unlift(capture_module.decompose(program, {}), **kwargs)
+    try:
+        yield
+    finally:
+        capture_module.unlift = unlift
 
 
 def case(name: str):
@@ -45,10 +60,11 @@ def first(result):
     return getattr(result, "last_hidden_state", getattr(result, "sample", result))
 
 
-def measure(model, example, calib, evaluation, reference, preset: str, overrides: dict) -> dict:
+def measure(model, example, calib, evaluation, reference, preset: str, overrides: dict, old_capture: bool) -> dict:
     config = svdq_compiler.QuantConfig.preset(preset, **overrides)
     start, cpu = time.perf_counter(), time.process_time()
-    gm = svdq_compiler.compile(model, example, config, calib_inputs=calib)
+    with inference_ir_capture() if old_capture else nullcontext():
+        gm = svdq_compiler.compile(model, example, config, calib_inputs=calib)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     report = gm.meta["svdq_report"]
     passes = {record["name"]: record["cpu_s"] for record in report["passes"]}
@@ -78,7 +94,8 @@ def main() -> None:
     svdq_compiler.capture(model, example)
     rows = {}
     for label, overrides in (("before", BEFORE), ("after", {})):
-        rows[label] = measure(model, example, calib, evaluation, reference, args.preset, overrides)
+        rows[label] = measure(model, example, calib, evaluation, reference, args.preset, overrides,
+                              old_capture=label == "before")
         print(label, rows[label], flush=True)
     before, after = rows["before"], rows["after"]
     summary = {"speedup_compile_cpu": round(before["compile_cpu_s"] / after["compile_cpu_s"], 2),
