@@ -8,8 +8,9 @@ error of the token states against fp32, as bench_peers.py's MiniLM row):
   massive activation dominate the first and hide the others' error);
 - `variants`: our compiled w8a8 as the preset has it (INT8 groups of 64 channels) and with one change each (per
   token / per channel, as it was before int8 groups; groups of 32 or 128; every layer W8A16; the layer that makes
-  the massive activation kept 16-bit; a rank-64 branch; groups of 32 with a rank-64 branch; a W8A8 error bound
-  that moves layers to W8A16), each with its output error, per-token median and maximum, compile wall and CPU
+  the massive activation kept 16-bit; a rank-64 branch; groups of 32 with a rank-64 branch, with 6 low-rank
+  iterations, or with a rank-96 branch; a W8A8 error bound that moves layers to W8A16; post-GELU inputs signed
+  int8, as before uint8), each with its output error, per-token median and maximum, compile wall and CPU
   seconds and fallbacks;
 - `contributions`: where the compiled w8a8's error comes from. Each linear of the compiled graph (its λ, its
   dequantized int8 residual weight, its branch, its activation quantizer) runs in the fp32 model one at a time,
@@ -41,7 +42,10 @@ MASSIVE = "encoder.layer.0.output.dense"  # its output carries the 195× channel
 VARIANTS = {"w8a8": {}, "per token / per channel": {"group_size": 0}, "groups of 32": {"group_size": 32},
             "groups of 128": {"group_size": 128}, "every layer W8A16": {"act_format": None},
             "massive-activation layer 16-bit": {"skip": [MASSIVE.replace(".", r"\.")]}, "rank 64": {"rank": 64},
-            "groups of 32, rank 64": {"group_size": 32, "rank": 64}, "fallback_error 0.008": {"fallback_error": 0.008}}
+            "groups of 32, rank 64": {"group_size": 32, "rank": 64},
+            "groups of 32, rank 64, 6 iterations": {"group_size": 32, "rank": 64, "iterations": 6},
+            "groups of 32, rank 96": {"group_size": 32, "rank": 96}, "fallback_error 0.008": {"fallback_error": 0.008},
+            "signed post-GELU inputs (before uint8)": {"gelu_shift": 0.0}}
 
 
 def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
