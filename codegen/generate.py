@@ -507,12 +507,12 @@ def _gemm_description(spec: GemmSpec, target: Target) -> str:
     elif spec.integer_groups:  # grouped int8/uint8
         main = f"""
             Main loop, one K group of {g} channels per iteration: the [BLOCK_M, {g}] activation and [BLOCK_N, {g}]
-            weight int8 code tiles go to one int8 tl.dot as loaded{_UNSIGNED_NOTE if spec.act == "uint8" else ""} →
+            weight int8 code tiles go to one int8 tl.dot as loaded{_unsigned_note(spec.act)} →
             an int32 partial sum per group (|partial| < 2^22), converted exactly to fp32 (integer add + float
             subtract) and scaled by the fp32 act_scale[m, g]·w_scale[g, n] into the fp32 accumulator."""
-    elif spec.act in ("int8", "uint8"):
+    elif FORMATS[spec.act].integer:  # per-token int8/uint8
         main = f"""
-            Main loop over K in BLOCK_K steps: int8 tl.dot{_UNSIGNED_NOTE if spec.act == "uint8" else ""} with
+            Main loop over K in BLOCK_K steps: int8 tl.dot{_unsigned_note(spec.act)} with
             int32 accumulation over the whole of K (per-token and per-channel scales factor out of the sum), scaled
             once by act_scale[m]·w_scale[n] at the end."""
     elif path == "dot_scaled":
@@ -557,8 +557,8 @@ def _generate_gemm(spec: GemmSpec, target: Target) -> str:
     src = _tiled_kernel_source(spec)
     if spec.integer_groups:
         _emit_gemm_grouped_loop(src, spec, target)
-    elif spec.act in ("int8", "uint8"):
-        _emit_gemm_int8_loop(src, unsigned=spec.act == "uint8")
+    elif FORMATS[spec.act].integer:  # per-token int8/uint8
+        _emit_gemm_int8_loop(src, unsigned=not FORMATS[spec.act].signed)
     elif path == "dot_scaled":
         _emit_gemm_nvfp4_dot_scaled_loop(src)
     else:
@@ -678,11 +678,11 @@ def _emit_gemm_grouped_loop(src: _Source, spec: GemmSpec, target: Target) -> Non
             w_low, w_high = {unpack_w}(tl.load(w_ptrs))
             partial = tl.dot(a_low, tl.trans(w_low), out_dtype=tl.int32)
             partial = tl.dot(a_high, tl.trans(w_high), partial, out_dtype=tl.int32)""")
-    elif spec.act == "uint8":
+    elif not FORMATS[spec.act].signed:  # uint8
         src.add(f"""
             w = tl.load(w_ptrs)
             partial = tl.dot(as_signed_bytes(tl.load(a_ptrs)), tl.trans(w), out_dtype=tl.int32)
-            {_UNSIGNED_CORRECTION.format(sum="tl.sum(w.to(tl.int32), axis=1)")}""")
+            {_UNSIGNED_CORRECTION.format(target="partial", sum="tl.sum(w.to(tl.int32), axis=1)")}""")
     else:
         src.add("partial = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(w_ptrs)), out_dtype=tl.int32)")
     w_scale = "tl.load(w_scales_ptr + group * N + cols_in).to(tl.float32)"
@@ -707,10 +707,13 @@ def _emit_gemm_grouped_loop(src: _Source, spec: GemmSpec, target: Target) -> Non
     src.dedent()
 
 
-_UNSIGNED_NOTE = " (uint8 activations as u − 128, plus 128 × the weight codes' sum)"
+def _unsigned_note(act: str) -> str:
+    return "" if FORMATS[act].signed else " (uint8 activations as u − 128, plus 128 × the weight codes' sum)"
+
+
 # uint8 codes u enter the int8 dot as u − 128 (their top bit flipped: `as_signed_bytes`), so the dot gives
 # Σ (u − 128)·w; adding 128·Σ w, the weight codes' sum over the same channels, restores Σ u·w exactly.
-_UNSIGNED_CORRECTION = "partial += 128 * {sum}[None, :]"
+_UNSIGNED_CORRECTION = "{target} += 128 * {sum}[None, :]"
 
 
 def _emit_gemm_int8_loop(src: _Source, unsigned: bool) -> None:
@@ -738,7 +741,7 @@ def _emit_gemm_int8_loop(src: _Source, unsigned: bool) -> None:
         w_ptrs += BLOCK_K""")
     src.dedent()
     if unsigned:
-        src.add(_UNSIGNED_CORRECTION.replace("partial", "acc_int").format(sum="w_sum"))
+        src.add(_UNSIGNED_CORRECTION.format(target="acc_int", sum="w_sum"))
     src.add("""
         # |acc_int| can exceed 2^22 here, so this is a real conversion (once per tile)
         a_scale = tl.load(a_scales_ptr + rows_in)

@@ -75,7 +75,8 @@ class Format:
     default_group: int  # channels per scale (0: one per row); nvfp4 allows no other
     weight: bool  # a weight can have it
     act: bool  # an activation can have it
-    configurable: bool  # a QuantConfig may name it (uint4/uint8 are derived: int4/int8 with a shift, chosen by the compiler)
+    # a QuantConfig may name it (uint4/uint8 are derived: int4/int8 with a shift, chosen by the compiler)
+    configurable: bool
     weight_only: bool  # the reference weight-only op reads it
     gemm_weight: str | None  # as an activation format: the weight format the GEMM pairs with it
     packing: str  # "bytes" (8-bit), "pairs" (consecutive codes share a byte) or "halves" (split halves per group)
@@ -223,6 +224,8 @@ def quantize_weight(w: torch.Tensor, fmt: str, group_size: int, *, name: str | N
     levels = F.pad(_gptq_values(w, hessian, scales, fmt) / scales, (0, q.k_pad - q.k))  # padding: the value 0
     if FORMATS[fmt].integer:
         codes = levels.round_().to(CODE_DTYPES[fmt])
+    elif fmt == "nvfp4":
+        codes = _e2m1_codes(_nearest_e2m1(levels))
     else:
         codes = _sorted_grid_codes(fmt, w.device)[_nearest(levels, fmt)]
     return QTensor(codes, q.scales, fmt, q.group_size, q.k, q.dtype, q.tensor_scale)
@@ -307,11 +310,13 @@ def _gptq_values(w: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor, f
     hessian.diagonal().add_(GPTQ_DAMPING * hessian.diagonal().mean())
     factor = _inverse_cholesky(hessian)
     spec = FORMATS[fmt]
-    grid = None if spec.integer else _sorted_grid(fmt, w.device, torch.float64)
+    grid = _sorted_grid(fmt, w.device, torch.float64) if fmt == "nf4" else None
 
     def nearest(column: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        if grid is None:
+        if spec.integer:
             return (column / scale).round_().clamp_(spec.qmin, spec.qmax) * scale
+        if grid is None:
+            return _nearest_e2m1(column / scale) * scale
         return grid[_nearest(column / scale, fmt)] * scale
 
     chosen = torch.empty_like(weight)
@@ -374,7 +379,8 @@ def round_e4m3(v: torch.Tensor) -> torch.Tensor:
 
 def _check(x, fmt: str, group_size: int, name: str | None, *, weight: bool, unsigned: bool,
            tensor_scale: torch.Tensor | None = None) -> tuple[str, int]:
-    """Validate the request; returns the format actually used (int4/int8 + unsigned → uint4/uint8) and the group size."""
+    """Validate the request; returns the format actually used (int4/int8 + unsigned → uint4/uint8) and the group
+    size."""
     what = name or ("weight" if weight else "activation")
     if tensor_scale is not None and (fmt != "nvfp4" or not isinstance(tensor_scale, torch.Tensor)
                                      or tensor_scale.numel() != 1 or not tensor_scale.is_floating_point()):
@@ -487,7 +493,7 @@ def _quantize(x: torch.Tensor, fmt: str, group: int, name: str | None, *, weight
     if FORMATS[fmt].integer:
         codes = levels.to(CODE_DTYPES[fmt])
     elif fmt == "nvfp4":
-        codes = _e2m1_codes_by_doubled_value(x.device)[(levels * 2).long() + E2M1_DOUBLED_OFFSET]
+        codes = _e2m1_codes(levels)
     else:
         codes = _sorted_grid_codes(fmt, x.device)[levels]
     return QTensor(codes.flatten(-2), scales, fmt, group, x.shape[-1], x.dtype, tensor_scale)
@@ -569,19 +575,20 @@ def _nearest_e2m1(v: torch.Tensor) -> torch.Tensor:
     return whole.mul_(step).clamp_(-E2M1_MAX, E2M1_MAX)
 
 
-def _e2m1_codes_by_doubled_value(device) -> torch.Tensor:
-    """The E2M1 code of each value v, at index 2·v + E2M1_DOUBLED_OFFSET."""
+def _e2m1_codes(values: torch.Tensor) -> torch.Tensor:
+    """The E2M1 code (uint8) of each E2M1 value, through a table indexed by 2·v + E2M1_DOUBLED_OFFSET."""
     def build():
         table = torch.zeros(2 * E2M1_DOUBLED_OFFSET + 1, dtype=torch.uint8)
         for value, code in zip(*_grid_definition("nvfp4")):
             table[int(value * 2) + E2M1_DOUBLED_OFFSET] = code
-        return table.to(device)
+        return table.to(values.device)
 
-    return _cached(("e2m1 codes", str(device)), build)
+    return _cached(("e2m1 codes", str(values.device)), build)[(values * 2).long() + E2M1_DOUBLED_OFFSET]
 
 
 def _nearest(v: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Index of the nearest grid value; an exact midpoint goes to the larger neighbour (values outside clamp)."""
+    """Index of the nearest grid value; an exact midpoint goes to the larger neighbour (values outside clamp).
+    nvfp4's even binades round by arithmetic instead (`_nearest_e2m1`); this serves the nf4 codebook."""
     grid = _sorted_grid(fmt, v.device, v.dtype)
     midpoints = _cached(("mid", fmt, str(v.device), v.dtype), lambda: (grid[1:] + grid[:-1]) / 2)
     # right=True puts a value equal to a boundary in the upper bucket: ties go to the larger grid value.

@@ -1,13 +1,14 @@
 """Default compile before and after the compile-time changes, measured in one process on the same inputs.
 
-`before` is the defaults as they were (39-candidate smoothing grid searched in full, full LAPACK SVD in lowrank,
-no per-layer choice, plain weight-only layers) and the capture as it was (torch.export's program re-traced to the
-inference IR, `run_decompositions({})`, before unlifting); `after` is today's defaults and capture. Both run today's search code, whose
-row-chunked evaluation also made `before` faster than it was: the speedup measured here is a lower bound. For each: this process's CPU time in capture and
-in every pass (the machine is shared: CPU time is what the code costs), wall time, and the output quality on
-held-out inputs against fp32 (relative L2 error and its SNR in dB, −20·log10 of it). Models: `minilm` (the
-pretrained all-MiniLM-L6-v2 of tools/eval_quality.py; also the sentence-embedding cosine) and `tiny-flux`
-(held-out adapter inputs, seed 1234). Writes bench/results/compile-speed-<model>.json.
+`before` is the defaults as they were (39-candidate smoothing grid searched in full, full LAPACK SVD in lowrank, no
+per-layer choice, plain weight-only layers) and the capture as it was (torch.export's program re-traced to the
+inference IR, `run_decompositions({})`, before unlifting); `after` is today's defaults and capture. Both run
+today's search code, whose row-chunked evaluation also made `before` faster than it was: the speedup measured here
+is a lower bound. For each: this process's CPU time in capture and in every pass (the machine is shared: CPU time
+is what the code costs), wall time, and the output quality on held-out inputs against fp32 (relative L2 error and
+its SNR in dB, −20·log10 of it). Models: `minilm` (the pretrained all-MiniLM-L6-v2 of tools/eval_quality.py; also
+the sentence-embedding cosine) and `tiny-flux` (held-out adapter inputs, seed 1234). Writes
+bench/results/compile-speed-<model>.json.
 """
 
 from __future__ import annotations

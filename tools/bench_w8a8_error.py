@@ -113,7 +113,7 @@ def compiled_layers(compiled) -> dict[str, dict]:
 
 
 def as_compiled(module: torch.nn.Linear, layer: dict, activations: bool):
-    """A forward for `module` computing its compiled form: (Q((x + shift)/λ) − shift/λ)·Rᵀ + (x/λ)·L2ᵀ·L1ᵀ + b
+    """A forward for `module` computing its compiled form, (Q((x + shift)/λ) − shift/λ)·Rᵀ + (x/λ)·L2ᵀ·L1ᵀ + b
     (x/λ unquantized with `activations` False)."""
     def forward(x: torch.Tensor) -> torch.Tensor:
         xs = x if layer["smooth"] is None else x / layer["smooth"]
