@@ -567,12 +567,14 @@ def _nearest_e2m1(v: torch.Tensor) -> torch.Tensor:
     to a multiple of its binade's step; 1.7× faster than torch.bucketize, which was a third of a MiniLM nvfp4
     compile's CPU time. A NaN stays NaN."""
     magnitude = v.abs()
-    step = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0)).to(v.dtype)
-    steps = v / step
+    # 1/step = 2^((|v| < 4) + (|v| < 2) − 1), by comparisons and exp2 in place: twice as fast as nested torch.where
+    # (which built a full tensor per branch), and a power of two, so scaling by it and back is exact
+    inverse_step = (magnitude < 4).to(v.dtype).add_((magnitude < 2).to(v.dtype)).exp2_().mul_(0.5)
+    steps = v * inverse_step
     whole = steps.floor()
     # `steps − whole` is exact (Sterbenz), where `floor(steps + 0.5)` would round just-below-half values up
     whole += (steps - whole) >= 0.5
-    return whole.mul_(step).clamp_(-E2M1_MAX, E2M1_MAX)
+    return whole.div_(inverse_step).clamp_(-E2M1_MAX, E2M1_MAX)
 
 
 def _e2m1_codes(values: torch.Tensor) -> torch.Tensor:

@@ -117,6 +117,19 @@ def test_e2m1_exact_ties_go_to_the_larger_neighbour(value, code, dequant):
     assert dequantize(q)[0, 1].item() == dequant
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_e2m1_rounding_by_arithmetic_is_the_nearest_grid_value_on_a_dense_sweep(dtype):
+    from svdq_compiler.quant import _nearest, _nearest_e2m1, _sorted_grid
+
+    sweep = torch.linspace(-7, 7, 28001, dtype=dtype)  # step 5e-4: every tie and binade edge, and between them
+    edges = torch.tensor([2.0, 4.0, 6.0, 0.25, 5.0], dtype=dtype)
+    just_below = torch.nextafter(edges, torch.zeros_like(edges))
+    values = torch.cat([sweep, edges, -edges, just_below, -just_below])
+    expected = _sorted_grid("nvfp4", "cpu", dtype)[_nearest(values, "nvfp4")]
+    assert torch.equal(_nearest_e2m1(values), expected)
+    assert _nearest_e2m1(torch.tensor([float("nan")], dtype=dtype)).isnan().all()
+
+
 def test_e2m1_codes_sign_bit_and_grid():
     grid = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
     x = torch.tensor([grid + [-v for v in grid[1:]] + [0.3]])
