@@ -3,16 +3,18 @@ branch, leaving the residual.
 
 Requires: linears, calibration (and smooth, when the scheme smooths). Ensures, per group:
 - per branch set (q/k/v reading one tensor stacked by rows; every other weight alone), L1 [N, r] = UΣ and
-  L2 [r, K] = Vᵀ of the smoothed weight Ŵ from a float64 SVD (`svd`: "full", or "randomized"); q/k/v share L2;
+  L2 [r, K] = Vᵀ of the smoothed weight Ŵ from a float32 SVD (`svd`: "full", or "randomized"); q/k/v share L2;
 - with `iterations` > 1, the refinement L = SVD_r(Ŵ − Q(Ŵ − L_prev)) keeps the iterate with the smallest output
   error of the group (the scheme's fake quantization on the calibration sample) and stops at the first that is worse
-  (`early_stop`);
+  (`early_stop`); each iterate's randomized SVD starts from the last iterate's branch, with one subspace
+  iteration instead of four;
 - the weight holds the residual R = Ŵ − L1·L2 (model dtype); L1 is `<layer>.lora_up`, L2 `<first of its
   set>.lora_down`; the graph computes `linear(xs, R, b) + linear(linear(xs, L2), L1)` (QuantOpInfo "lora_down",
   "lora_up", "lora_add"), with one down projection per (input, L2), so it still computes the FP function.
 
-Departure from the reference: 3 refinement iterations by default, not up to 100 — more overfit the calibration
-sample on held-out inputs (bench/results/lowrank-iterations.json, tools/bench_iterations.py).
+Departures from the reference: 3 refinement iterations by default, not up to 100 — more overfit the calibration
+sample on held-out inputs (bench/results/lowrank-iterations.json, tools/bench_iterations.py); a randomized float32
+SVD, not LAPACK's in float64 (svdquant.low_rank says why).
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ def refine(problem: GroupProblem, smooth: torch.Tensor | None, rank: int, iterat
            svd: str, seed: int) -> tuple[dict, list[float], int]:
     """The best branches, the error of every iterate tried, and the (1-based) iterate kept."""
     targets = problem.smoothed(smooth)
-    previous = None
+    previous = branches = None
     best, history = None, []
     for iteration in range(1, iterations + 1):
         fit = targets if previous is None else {k: targets[k] - previous[k] for k in targets}
-        branches = problem.branches(fit, rank, svd, seed)
+        # each iterate refits a matrix close to the last (the last branch plus quantization noise): its branch
+        # starts the next SVD
+        branches = problem.branches(fit, rank, svd, seed, near=branches)
         quantized = problem.quantized(problem.residuals(targets, branches))
         error = sum(problem.errors(smooth, quantized, branches).values())
         history.append(error)
@@ -58,7 +62,7 @@ def _every_branch_attached(gm: torch.fx.GraphModule, ctx: PassContext) -> list[s
 
 
 @register_pass("lowrank", requires=("linears", "calibration"), produces=("branches",), ensures=_every_branch_attached,
-               summary="rank-r branches (float64 SVD, q/k/v share L2); weights hold the residual")
+               summary="rank-r branches (float32 SVD, q/k/v share L2); weights hold the residual")
 @torch.no_grad()
 def lowrank(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Decompose each group's smoothed weights and attach the branches (module doc)."""

@@ -78,16 +78,21 @@ def _tall(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 def low_rank(weight: torch.Tensor, rank: int, method: str = "full", *, seed: int = 0,
-             oversample: int = 16, power_iterations: int = 4, dtype: torch.dtype = torch.float64
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             oversample: int = 16, power_iterations: int = 4, dtype: torch.dtype = torch.float32,
+             near: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The best rank-`rank` factors L1 [N, r] = U·Σ and L2 [r, K] = Vᵀ of `weight` [N, K] (or of each matrix of
-    a batch [..., N, K]), computed in `dtype` (float64; the smoothing search, which only ranks candidates, uses
-    float32).
+    a batch [..., N, K]), computed in `dtype`.
+
+    float32, not the reference's float64: the factors are rounded to the model dtype (16-bit when deployed)
+    and so is the residual before it is quantized, so float64's extra digits never reach the compiled graph;
+    float32 halves the time of the products (bench/results/lowrank-svd.json measures the excess error).
 
     "full" is a truncated LAPACK SVD. "randomized" is a Halko–Martinsson–Tropp range finder (Gaussian sketch
     with `oversample` extra columns and `power_iterations` subspace iterations, seeded; one sketch for every
     matrix of a batch) followed by an exact SVD of the small projected matrix; tools/bench_lowrank.py measures
-    its excess error against "full".
+    its excess error against "full". `near`: factors (L1, L2) of a matrix close to `weight` (the previous
+    refinement iterate, `refine` in passes/lowrank.py), whose subspace starts the sketch in place of as many
+    Gaussian columns: the range is then mostly found, and `power_iterations` can be fewer.
     """
     work = weight.to(dtype)
     rank = min(rank, *work.shape[-2:])
@@ -100,9 +105,11 @@ def low_rank(weight: torch.Tensor, rank: int, method: str = "full", *, seed: int
         with _one_thread():
             generator = torch.Generator(device=tall.device).manual_seed(seed)
             width = min(rank + oversample, tall.shape[-1])
-            sketch = tall @ torch.randn(tall.shape[-1], width, generator=generator, dtype=tall.dtype,
+            start = None if near is None else (near[1].mT if transposed else near[0]).to(dtype)[..., :width]
+            gaussian_width = width - (0 if start is None else start.shape[-1])
+            sketch = tall @ torch.randn(tall.shape[-1], gaussian_width, generator=generator, dtype=tall.dtype,
                                         device=tall.device)
-            basis = torch.linalg.qr(sketch).Q
+            basis = torch.linalg.qr(sketch if start is None else torch.cat([start, sketch], -1)).Q
             for _ in range(power_iterations):
                 basis = torch.linalg.qr(tall @ torch.linalg.qr(tall.mT @ basis).Q).Q
             small_u, s, vh = torch.linalg.svd(basis.mT @ tall, full_matrices=False)
@@ -208,6 +215,9 @@ class GroupProblem:
     # After `subsample_outputs`: the whole weights (a branch is always the whole weight's) and the rows kept
     whole: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     kept_outputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # act_inputs of the last λ asked for (and its version counter): lowrank's refinement and quantize_weights's
+    # per-layer choice evaluate several weights under one λ, whose fake-quantized rows are then made once
+    last_act_inputs: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, scheme: Scheme, dtype: torch.dtype, weights: dict[str, torch.Tensor],
@@ -277,13 +287,20 @@ class GroupProblem:
         return {k: (w if smooth is None else w * smooth.float().unsqueeze(-2)).to(self.dtype).float()
                 for k, w in self.weights.items()}
 
-    def branches(self, targets: dict[str, torch.Tensor], rank: int, method: str, seed: int = 0
+    def branches(self, targets: dict[str, torch.Tensor], rank: int, method: str, seed: int = 0,
+                 near: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Rank-r factors per weight key (float64 SVD; model dtype, as fp32); a branch set shares L2."""
+        """Rank-r factors per weight key (model dtype, as fp32); a branch set shares L2. `near`: the branches
+        of targets close to these (the previous refinement iterate), which start the randomized SVD with
+        one subspace iteration instead of four."""
         factors = {}
         for keys in self.branch_sets:
             stacked = _stacked(targets, keys)
-            up, down = low_rank(stacked, rank, method, seed=seed)
+            if near is None:
+                up, down = low_rank(stacked, rank, method, seed=seed)
+            else:
+                previous = (torch.cat([near[k][0] for k in keys]), near[keys[0]][1])
+                up, down = low_rank(stacked, rank, method, seed=seed, near=previous, power_iterations=1)
             down = down.to(self.dtype).float()
             for key, part in zip(keys, up.split([targets[k].shape[0] for k in keys])):
                 factors[key] = (part.to(self.dtype).float(), down)
@@ -387,6 +404,10 @@ class GroupProblem:
     def act_inputs(self, smooth: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per site, (what the main path multiplies: Q_a((X + s)/λ) − s/λ, or X/λ for a weight-only scheme; what
         the branch multiplies: X/λ), fp32."""
+        version = None if smooth is None else smooth._version
+        if self.last_act_inputs is not None and self.last_act_inputs[0] is smooth \
+                and self.last_act_inputs[1] == version:
+            return self.last_act_inputs[2]
         scheme = self.scheme
         inverse = None if smooth is None else 1.0 / smooth.float().unsqueeze(-2)
         act_inputs = {}
@@ -404,6 +425,7 @@ class GroupProblem:
             if shift:
                 main = main - shift * (inverse if inverse is not None else 1.0)
             act_inputs[site] = (main, rows if inverse is None else rows * inverse)
+        self.last_act_inputs = (smooth, version, act_inputs)
         return act_inputs
 
     def reference_energy(self) -> dict[str, float]:
