@@ -4,7 +4,8 @@ The classes are enumerated from the package (every ModelMixin subclass defined i
 and diffusers.models.unets), never listed by hand. For each one:
 
 1. build it from `tiny_config` (its constructor's defaults, shrunk: one block of each kind, 2 heads of 32,
-   widths 64; svdq_compiler/models/auto.py), random weights, seed 0; weights diffusers initializes to zero
+   widths 64; svdq_compiler/models/auto.py), with GIVEN_CONFIGS where the defaults cannot build a model that
+   runs (the entry's `given_config` says so), random weights, seed 0; weights diffusers initializes to zero
    (adaLN-zero modulation, output projections, padding tokens) are drawn at random too: zero modulation makes
    every block of a random model an identity, and the output would not see its layers' quantization;
 2. build its inputs with the model's adapter (a family adapter, or the auto one: from the forward signature
@@ -51,6 +52,14 @@ from bench_common import machine  # noqa: E402
 from ir_fingerprint import CaptureOnce  # noqa: E402
 
 PRESETS = ("int4", "w4a4-rtn")  # SVDQuant against its round-to-nearest baseline
+# Classes whose constructor defaults cannot build a model that runs, with the values a released checkpoint's config
+# gives (a user compiles from that config, never from the defaults). HiDream: caption_channels and llama_layers
+# default to None (the constructor indexes both), its rope axes (32, 32) give two of the three position axes its
+# forward reads, and max_resolution pads every image to 128² / 4 tokens.
+GIVEN_CONFIGS = {
+    "HiDreamImageTransformer2DModel": {"caption_channels": [64, 64], "llama_layers": [0, 1],
+                                       "axes_dims_rope": (8, 12, 12), "max_resolution": (32, 32)},
+}
 BATCH = 2  # a batch of 2 (classifier-free guidance's pair) at both sizes
 STAGES = ("build", "inputs", "capture", "compile", "run")
 
@@ -102,8 +111,11 @@ def cover(class_name: str, module_name: str, presets: tuple[str, ...] = PRESETS,
     start = time.perf_counter()
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
-        config = tiny_config(cls)
+        given = GIVEN_CONFIGS.get(class_name)
+        config = tiny_config(cls, given)
         entry["tiny_config"] = json.loads(json.dumps(config, default=list))
+        if given:
+            entry["given_config"] = json.loads(json.dumps(given, default=list))
         torch.manual_seed(0)
         model = cls(**config).eval()
         entry["woken_zero_weights"] = wake_zero_weights(model)
@@ -227,7 +239,9 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         dims = ", ".join(entry.get("dynamic", [])) if entry["path"] == "graph" else "any (eager)"
         errors = " | ".join("{:.4f} / {:.4f}".format(*entry["presets"][preset]["rel_error"]) for preset in presets)
-        lines.append(f"| {entry['class']} | {entry['path']} | {dims} | "
+        # GIVEN_CONFIGS: the class's defaults do not build, the values a checkpoint's config holds were given
+        name = entry["class"] + (" (config given)" if entry.get("given_config") else "")
+        lines.append(f"| {name} | {entry['path']} | {dims} | "
                      f"{entry['presets'][presets[0]]['quantized_linears']} | {errors} |")
     failed: dict[str, list[str]] = {}
     for entry in entries:

@@ -1045,15 +1045,6 @@ PER_LEVEL = ("block_out_channels", "down_block_types", "up_block_types")
 # grouped-query heads). caption_channels: None builds no caption projection, which every released checkpoint of
 # these classes has. out_channels: None is in_channels (given below).
 NEEDED_WHEN_NONE = {"in_channels": 16, "patch_size": 2, "caption_channels": TINY_WIDTH, "num_kv_heads": TINY_HEADS}
-# Classes whose constructor defaults cannot build a model that runs, with the tiny values that do. HiDream:
-# caption_channels and llama_layers default to None (the constructor indexes both), its rope axes (32, 32) give
-# two of the three position axes its forward reads, and max_resolution pads every image to 128² / 4 tokens.
-DEFAULTS_THAT_DO_NOT_BUILD = {
-    "HiDreamImageTransformer2DModel": {"caption_channels": [TINY_WIDTH, TINY_WIDTH], "llama_layers": [0, 1],
-                                       "axes_dims_rope": (8, 12, 12), "max_resolution": (32, 32)},
-}
-
-
 # What a tiny config gives up, one at a time and then together, where the one that builds does not run: the
 # optional parts a `has_*` flag leaves out (HunyuanVideo-Framepack's forward calls its image projection whatever
 # the flag), a zero `extra_*` width (UNet1D concatenates its timestep embedding onto the latent's channels, which
@@ -1065,9 +1056,10 @@ OPTIONAL_PART = re.compile(r"has_\w+")
 EXTRA_WIDTH = re.compile(r"extra_\w*(channels|dim)")
 
 
-def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
+def tiny_config(model_class: type[torch.nn.Module], given: dict[str, Any] | None = None) -> dict[str, Any]:
     """A tiny config of any diffusers model class, from its constructor's defaults: one block of each kind, two
-    heads, every width 64, two U-Net levels of 32 and 64 channels, RoPE axes scaled to the head size.
+    heads, every width 64, two U-Net levels of 32 and 64 channels, RoPE axes scaled to the head size. `given`:
+    values the defaults cannot supply (what a released checkpoint's config holds), kept as they are.
 
     Structure (block kinds, norms, embeddings) stays the class's own; only sizes shrink. The constructor is the
     judge of what builds: each candidate (widths 64, 128, 256; with and without filling a None patch size, which
@@ -1080,7 +1072,7 @@ def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
     failures = []
     filled: dict[str, Any] = {}
     for width, fill in itertools.product(TINY_WIDTHS, (True, False)):
-        config = shrunk_config(model_class, width, fill)
+        config = shrunk_config(model_class, width, fill, given=given)
         failure = build_failure(model_class, config)
         while failure is not None and set(keys_read := none_dicts_read(model_class, failure)) - set(filled):
             filled.update(keys_read)
@@ -1097,10 +1089,10 @@ def tiny_config(model_class: type[torch.nn.Module]) -> dict[str, Any]:
         return config
     # a relaxation that changes nothing in this class's config is not tried
     changing = [name for name in RELAXATIONS
-                if {**shrunk_config(model_class, width, fill, frozenset({name})), **filled} != config]
+                if {**shrunk_config(model_class, width, fill, frozenset({name}), given), **filled} != config]
     for count in range(1, len(changing) + 1):
         for relaxed in itertools.combinations(changing, count):
-            variant = {**shrunk_config(model_class, width, fill, frozenset(relaxed)), **filled}
+            variant = {**shrunk_config(model_class, width, fill, frozenset(relaxed), given), **filled}
             if build_failure(model_class, variant) is None and runs_at_example(model_class, variant):
                 return variant
     return config
@@ -1199,9 +1191,9 @@ def layer_indices(value: Any) -> bool:
 
 
 def shrunk_config(model_class: type[torch.nn.Module], width: int, fill: bool,
-                  relaxed: frozenset[str] = frozenset()) -> dict[str, Any]:
+                  relaxed: frozenset[str] = frozenset(), given: dict[str, Any] | None = None) -> dict[str, Any]:
     """One candidate of `tiny_config`: every width `width`, heads of width / 2; `fill`: the None entries of
-    NEEDED_WHEN_NONE given (in_channels always); `relaxed`: the RELAXATIONS given up."""
+    NEEDED_WHEN_NONE given (in_channels always); `relaxed`: the RELAXATIONS given up; `given` over all."""
     head_size = width // TINY_HEADS
     parameters = inspect.signature(model_class.__init__).parameters.items()
     defaults = {name: parameter.default for name, parameter in parameters
@@ -1274,5 +1266,4 @@ def shrunk_config(model_class: type[torch.nn.Module], width: int, fill: bool,
             config[name] = value
         elif level_count > 2 and isinstance(defaults[name], (list, tuple)) and len(defaults[name]) == level_count:
             config[name] = value
-    return {**config, **flags_needing_missing_modules(model_class),
-            **DEFAULTS_THAT_DO_NOT_BUILD.get(model_class.__name__, {})}
+    return {**config, **flags_needing_missing_modules(model_class), **(given or {})}
