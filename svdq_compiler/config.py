@@ -97,8 +97,8 @@ class QuantConfig:
     svd: str = "randomized"
     # The smoothing search decomposes every candidate's weights only to rank them: a randomized SVD suffices.
     search_svd: str = "randomized"
-    # The smoothing search ranks its candidates on this many of the sample rows (a seeded subset; None: all);
-    # the reported errors are those of the subset.
+    # The smoothing search ranks its candidates, and lowrank its refinement iterates, on this many of the sample
+    # rows (a seeded subset; None: all); the reported errors are those of the subset.
     search_rows: int | None = 128
     # ... and on at most this many output rows of each weight (a seeded subset; None: all), each candidate's
     # branch still being the whole weight's: a wide layer's search costs in proportion to its output rows.

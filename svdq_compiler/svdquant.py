@@ -239,6 +239,10 @@ class GroupProblem:
                                                         if k not in in_stacks]
         return problem
 
+    def ranking_rows(self, rows: int | None, seed: int = 0) -> "GroupProblem":
+        """The problem the searches rank on: `subsample(rows)` when it has more sample rows, else itself."""
+        return self.subsample(rows, seed) if rows is not None and self.sample_rows() > rows else self
+
     def subsample(self, rows: int, seed: int = 0) -> "GroupProblem":
         """The same problem on at most `rows` sample rows per site: a seeded uniform subset (the sample is
         itself a uniform sample of every row calibration saw)."""
@@ -492,8 +496,7 @@ def search(problem: GroupProblem, act_absmax: torch.Tensor, candidates, rank: in
     weight_absmax = problem.weight_absmax()
     smooths = torch.stack([smoothing_scale(act_absmax, weight_absmax, alpha, beta, problem.dtype)
                            for alpha, beta in candidates])
-    ranked = problem.subsample(search_rows, seed) if search_rows is not None and \
-        problem.sample_rows() > search_rows else problem
+    ranked = problem.ranking_rows(search_rows, seed)
     if search_outputs is not None:
         ranked = ranked.subsample_outputs(search_outputs, seed)
     errors: dict[int, float] = {}

@@ -176,3 +176,15 @@ def test_lowrank_alone_on_a_hand_annotated_group():
     assert get_attr_value(gm, "b.lora_down").shape == (8, 64) and get_attr_value(gm, "b.lora_up").shape == (32, 8)
     assert not torch.equal(get_attr_value(gm, "a.weight"), model.a.weight)  # the weight is now the residual
     torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_iterates_are_ranked_on_the_search_rows():
+    """Like the smoothing search, refinement ranks its iterates on `search_rows` of the sample rows (a group
+    with fewer, the AdaLN one at M = batch, on all of its own)."""
+    model = outlier_dit()
+    ranked = {}
+    for rows in (16, None):
+        _, _, results = prepared(model, CALIB[0], CALIB, passes=PASSES, search_rows=rows)
+        ranked[rows] = {name: group["ranked_on_rows"] for name, group in results["lowrank"].stats["per_group"].items()}
+    assert ranked[None]["blocks.0.q"] == 64 and ranked[None]["blocks.0.ada"] == 8
+    assert ranked[16] == {name: min(16, count) for name, count in ranked[None].items()}
