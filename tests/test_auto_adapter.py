@@ -719,3 +719,17 @@ def test_a_partial_coverage_run_never_replaces_the_whole_result(tmp_path, capsys
     result.write_text('{"classes": []}')
     assert main(["--only", "FluxTransformer2DModel", "--out", str(result)]) == 2
     assert "add --update" in capsys.readouterr().err and result.read_text() == '{"classes": []}'
+
+
+def test_a_model_that_is_not_a_diffusers_one_compiles_without_importing_diffusers():
+    """The auto adapter asks whether a model is a diffusers ModelMixin without importing diffusers (no model is
+    one before diffusers' modeling module is loaded): the import cost a MiniLM compile about a second."""
+    import subprocess
+
+    code = ("import sys, torch, svdq_compiler\n"
+            "model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))\n"
+            "svdq_compiler.compile(model, (torch.randn(16, 64),), 'int4', calib_inputs=[(torch.randn(16, 64),)])\n"
+            "print(sorted(name for name in sys.modules if name.split('.')[0] == 'diffusers'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -920,9 +920,10 @@ class DiffusersAdapter(ModelAdapter):
     timestep_scale: ClassVar[float] = 1000.0
 
     def matches(self, model):
-        from diffusers import ModelMixin
-
-        return isinstance(model, ModelMixin)
+        # a diffusers model's class is loaded only once diffusers' modeling module is: without it, no model is
+        # one, and importing diffusers to say so cost a MiniLM compile about a second
+        modeling = sys.modules.get("diffusers.models.modeling_utils")
+        return modeling is not None and isinstance(model, modeling.ModelMixin)
 
     def example_sizes(self, model: torch.nn.Module, batch: int, tokens: int | tuple[int, int] | None,
                       text_tokens: int | None = None) -> Sizes:
