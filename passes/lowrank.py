@@ -3,7 +3,7 @@ branch, leaving the residual.
 
 Requires: linears, calibration (and smooth, when the scheme smooths). Ensures, per group:
 - per branch set (q/k/v reading one tensor stacked by rows; every other weight alone), L1 [N, r] = UΣ and
-  L2 [r, K] = Vᵀ of the smoothed weight Ŵ from a float32 SVD (`svd`: "full", or "randomized"); q/k/v share L2;
+  L2 [r, K] = Vᵀ of the smoothed weight Ŵ from a float64 SVD (`svd`: "full", or "randomized"); q/k/v share L2;
 - with `iterations` > 1, the refinement L = SVD_r(Ŵ − Q(Ŵ − L_prev)) keeps the iterate with the smallest output
   error of the group (the scheme's fake quantization on `search_rows` of the calibration sample, as the smoothing
   search ranks its candidates) and stops at the first that is worse
@@ -14,8 +14,8 @@ Requires: linears, calibration (and smooth, when the scheme smooths). Ensures, p
   "lora_up", "lora_add"), with one down projection per (input, L2), so it still computes the FP function.
 
 Departures from the reference: 3 refinement iterations by default, not up to 100 — more overfit the calibration
-sample on held-out inputs (bench/results/lowrank-iterations.json, tools/bench_iterations.py); a randomized float32
-SVD, not LAPACK's in float64 (svdquant.low_rank says why).
+sample on held-out inputs (bench/results/lowrank-iterations.json, tools/bench_iterations.py); a randomized SVD,
+not LAPACK's full one (within 0.4% of the optimal residual, bench/results/lowrank-svd.json).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _every_branch_attached(gm: torch.fx.GraphModule, ctx: PassContext) -> list[s
 
 
 @register_pass("lowrank", requires=("linears", "calibration"), produces=("branches",), ensures=_every_branch_attached,
-               summary="rank-r branches (float32 SVD, q/k/v share L2); weights hold the residual")
+               summary="rank-r branches (float64 SVD, q/k/v share L2); weights hold the residual")
 @torch.no_grad()
 def lowrank(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Decompose each group's smoothed weights and attach the branches (module doc)."""

