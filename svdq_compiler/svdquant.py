@@ -214,8 +214,9 @@ class GroupProblem:
     whole: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     kept_outputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     # act_inputs of the last λ asked for (and its version counter): lowrank's refinement and quantize_weights's
-    # per-layer choice evaluate several weights under one λ, whose fake-quantized rows are then made once
-    last_act_inputs: tuple | None = field(default=None, repr=False)
+    # per-layer choice evaluate several weights under one λ, whose fake-quantized rows are then made once. Not an
+    # init field, so `dataclasses.replace(problem, scheme=…)` (a fallback scheme) starts without it.
+    last_act_inputs: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, scheme: Scheme, dtype: torch.dtype, weights: dict[str, torch.Tensor],

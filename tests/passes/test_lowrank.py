@@ -1,12 +1,15 @@
 """lowrank: optimal rank-r factors of the smoothed weights (q/k/v share L2), the refinement loop, the graph form."""
 
+import dataclasses
+
 import pytest
 import torch
 from tiny_models import by_name, dit_inputs, outlier_dit, prepared
 
+from svdq_compiler.config import QuantConfig
 from svdq_compiler.ir import get_attr_value
-from svdq_compiler.svdquant import (group_problem, low_rank, low_rank_scaled, members_by_group, quant_op,
-                                    right_vectors_from_gram)
+from svdq_compiler.svdquant import (GroupProblem, group_problem, low_rank, low_rank_scaled, members_by_group,
+                                    quant_op, right_vectors_from_gram)
 from svdq_compiler.passes.lowrank import refine
 
 CALIB = [dit_inputs(seed=s) for s in range(4)]
@@ -188,3 +191,16 @@ def test_iterates_are_ranked_on_the_search_rows():
         ranked[rows] = {name: group["ranked_on_rows"] for name, group in results["lowrank"].stats["per_group"].items()}
     assert ranked[None]["blocks.0.q"] == 64 and ranked[None]["blocks.0.ada"] == 8
     assert ranked[16] == {name: min(16, count) for name, count in ranked[None].items()}
+
+
+def test_a_problem_under_another_scheme_quantizes_its_activations_afresh():
+    """quantize_weights measures a fallback scheme on `dataclasses.replace(problem, scheme=…)`: the activation
+    rows the first scheme quantized (cached per λ) must not carry over to it."""
+    config = QuantConfig.preset("int4")
+    rows = {"x": torch.randn(16, 64, generator=torch.Generator().manual_seed(0))}
+    problem = GroupProblem.build(config.scheme("w4a4"), torch.float32, {"a.weight": torch.randn(32, 64)}, rows, {},
+                                 [("a", "a.weight", "x", None)])
+    quantized_rows = problem.act_inputs(None)["x"][0]
+    assert problem.act_inputs(None)["x"][0] is quantized_rows  # one λ: made once
+    weight_only = dataclasses.replace(problem, scheme=config.scheme("w4a16"))
+    assert torch.equal(weight_only.act_inputs(None)["x"][0], rows["x"])  # no activation quantization
