@@ -315,7 +315,7 @@ def _gptq_values(w: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor, f
     def nearest(column: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         if spec.integer:
             return (column / scale).round_().clamp_(spec.qmin, spec.qmax) * scale
-        if grid is None:
+        if fmt == "nvfp4":
             return _nearest_e2m1(column / scale) * scale
         return grid[_nearest(column / scale, fmt)] * scale
 

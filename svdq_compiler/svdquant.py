@@ -299,11 +299,9 @@ class GroupProblem:
         factors = {}
         for keys in self.branch_sets:
             stacked = _stacked(targets, keys)
-            if near is None:
-                up, down = low_rank(stacked, rank, method, seed=seed)
-            else:
-                previous = (torch.cat([near[k][0] for k in keys]), near[keys[0]][1])
-                up, down = low_rank(stacked, rank, method, seed=seed, near=previous, power_iterations=1)
+            warm = {} if near is None else {
+                "near": (_stacked({k: near[k][0] for k in keys}, keys), near[keys[0]][1]), "power_iterations": 1}
+            up, down = low_rank(stacked, rank, method, seed=seed, **warm)
             down = down.to(self.dtype).float()
             for key, part in zip(keys, up.split([targets[k].shape[0] for k in keys])):
                 factors[key] = (part.to(self.dtype).float(), down)
