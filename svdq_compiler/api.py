@@ -11,7 +11,7 @@ import torch
 import torch.fx
 
 from svdq_compiler import ops  # noqa: F401  (registers torch.ops.svdq.*)
-from svdq_compiler.capture import CAPTURE_META, capture, install_shape_check
+from svdq_compiler.capture import CAPTURE_META, capture, install_shape_check, opaque_inputs
 from svdq_compiler.checks import check_finite_inputs, check_finite_weights
 from svdq_compiler.config import PRESETS, QuantConfig, Scheme
 from svdq_compiler.eager import COMPILE_PATHS, compile_eager, data_dependent_failure
@@ -72,6 +72,12 @@ def compile(module: torch.nn.Module, example_inputs: tuple | dict, config: str |
     if path == "eager":
         return compile_eager(module, example_inputs, quant_config, calib_inputs, calib_stats=calib_stats,
                              reason="the eager path was asked for", **eager_options)
+    opaque = opaque_inputs(example_inputs) if path == "auto" else []
+    if opaque:
+        return compile_eager(module, example_inputs, quant_config, calib_inputs, calib_stats=calib_stats,
+                             reason=f"{', '.join(opaque)}: an object torch.export cannot take as a graph input; "
+                                    "eager module swap",
+                             **eager_options)
     in_values = adapter.sizes_in_values(module, example_inputs) \
         if path == "auto" and dynamic_shapes == "auto" and isinstance(example_inputs, dict) else []
     if in_values:

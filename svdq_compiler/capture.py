@@ -58,6 +58,25 @@ def path_name(path: tuple) -> str:
     return text
 
 
+# What torch.export takes as an input besides tensors: a value the graph holds as a constant.
+PLAIN_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def opaque_inputs(example_inputs: tuple | dict) -> list[str]:
+    """"name (type)" of each input holding an object that is neither a tensor, a plain value nor a container
+    torch's pytree knows (a key-value cache object): torch.export refuses such an input, whatever the model does
+    with it."""
+    args, kwargs = split_inputs(example_inputs)
+    named = {**{f"args[{i}]": value for i, value in enumerate(args)}, **kwargs}
+    found = []
+    for name, value in named.items():
+        kinds = [type(leaf).__name__ for leaf in torch.utils._pytree.tree_leaves(value)
+                 if not isinstance(leaf, (torch.Tensor, *PLAIN_VALUES))]
+        if kinds:
+            found.append(f"{name} ({kinds[0]})")
+    return found
+
+
 # ---- declared dimensions ----------------------------------------------------------------------------------
 
 @dataclass
@@ -239,41 +258,23 @@ def capture(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_sh
     adapter = adapter or adapter_for(module)
     module = module.eval()
     relax_reason = None
+    automatic = None  # why torch.export's automatic dimensions were tried, and how that went
+    program = None
     if isinstance(dynamic_shapes, str):
         if dynamic_shapes != "auto":
             raise InputError(f"dynamic_shapes={dynamic_shapes!r} is not understood",
                              fix='use "auto", None, or a tree of {dim: DynDim} mirroring the inputs')
         dynamic_shapes = adapter.dynamic_shapes(module, kwargs) if kwargs and not args else None
         relax_reason = adapter.guard_relaxation(module, kwargs) if dynamic_shapes is not None else None
-    declared = declared_dims(dynamic_shapes, inputs)
+        if dynamic_shapes is None and kwargs and not args and adapter.automatic_dims_for_own_inputs:
+            program, automatic = export_automatic(module, kwargs)
     examples = {path: leaf for path, leaf in walk(inputs) if isinstance(leaf, torch.Tensor)}
-    dims = {(path, index): dim for path, index, dim in declared}
     fallbacks: dict[str, str] = {}  # dimension name → why it is static
     narrowed: dict[str, str] = {}  # dimension name → why its range is narrower than declared
-    check_examples(dims, examples, fallbacks)
-
-    attempts = 0
-    while True:
-        attempts += 1
-        live = {key: dim for key, dim in dims.items() if not (isinstance(dim, DynDim) and dim.name in fallbacks)}
-        spec = torch_dynamic_shapes(inputs, live) if live else None
-        if isinstance(inputs, list) and spec is not None:
-            spec = tuple(spec)
-        try:
-            with torch.no_grad():
-                program = torch.export.export(module, args, kwargs, dynamic_shapes=spec, strict=False)
-            break
-        except Exception as exc:  # torch.export raises many types; violations are retried, the rest reported
-            message = constraint_violation(exc)
-            if message is None or attempts >= MAX_EXPORT_ATTEMPTS or not apply_fixes(message, dims, fallbacks,
-                                                                                     narrowed):
-                raise CaptureError(f"torch.export could not capture {type(module).__name__}: {first_line(exc)}",
-                                   fix="check that the example inputs match forward(); capture with "
-                                       "dynamic_shapes=None for a static graph; rerun with TORCH_LOGS=+dynamic "
-                                       "for torch's full explanation") from exc
-    for name, size in specialized_while_tracing(program, args, kwargs, dims).items():
-        fallbacks.setdefault(name, f"torch.export specialized it to {size} while tracing: the model's code "
-                                   f"depends on its exact value")
+    if program is not None:
+        attempts, dims = 1, automatic_dims(program, kwargs)
+    else:
+        attempts, program, dims = export_declared(module, args, kwargs, dynamic_shapes, fallbacks, narrowed)
     # torch.export's own IR (ATen, linear/layer_norm/SDPA kept whole) is what the passes read, once it has no
     # in-place op (it keeps `x += y` as aten.add_); the re-trace to the functional inference IR took 60% of
     # tiny-flux's capture (17.3 → 6.5 s without it, the compiled graph's output the same to the bit) and
@@ -300,11 +301,108 @@ def capture(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_sh
         "relaxed_guards": None if relax_reason is None else {
             "reason": relax_reason, "dropped": list(getattr(program, "_guards_code", []))},
         "export_attempts": attempts,
+        "automatic_dims": automatic,
         "wall_s": round(time.perf_counter() - start, 3),
     }
     gm.meta[INPUTS_META] = example_inputs
     install_shape_check(gm)
     return gm
+
+
+def export_declared(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
+                    fallbacks: dict[str, str], narrowed: dict[str, str]
+                    ) -> tuple[int, torch.export.ExportedProgram, dict[tuple[tuple, int], Any]]:
+    """(attempts, program, dims) of exporting with the declared dimensions, applying torch.export's suggested
+    fixes (into `fallbacks` and `narrowed`) until it accepts them."""
+    inputs: Any = list(args) if args else kwargs
+    dims = {(path, index): dim for path, index, dim in declared_dims(dynamic_shapes, inputs)}
+    check_examples(dims, {path: leaf for path, leaf in walk(inputs) if isinstance(leaf, torch.Tensor)}, fallbacks)
+    attempts = 0
+    while True:
+        attempts += 1
+        live = {key: dim for key, dim in dims.items() if not (isinstance(dim, DynDim) and dim.name in fallbacks)}
+        spec = torch_dynamic_shapes(inputs, live) if live else None
+        if isinstance(inputs, list) and spec is not None:
+            spec = tuple(spec)
+        try:
+            with torch.no_grad():
+                program = torch.export.export(module, args, kwargs, dynamic_shapes=spec, strict=False)
+            break
+        except Exception as exc:  # torch.export raises many types; violations are retried, the rest reported
+            message = constraint_violation(exc)
+            if message is None or attempts >= MAX_EXPORT_ATTEMPTS or not apply_fixes(message, dims, fallbacks,
+                                                                                     narrowed):
+                raise CaptureError(f"torch.export could not capture {type(module).__name__}: {first_line(exc)}",
+                                   fix="check that the example inputs match forward(); capture with "
+                                       "dynamic_shapes=None for a static graph; rerun with TORCH_LOGS=+dynamic "
+                                       "for torch's full explanation") from exc
+    for name, size in specialized_while_tracing(program, args, kwargs, dims).items():
+        fallbacks.setdefault(name, f"torch.export specialized it to {size} while tracing: the model's code "
+                                   f"depends on its exact value")
+    return attempts, program, dims
+
+
+# ---- torch.export's automatic dimensions, for inputs no adapter can rebuild ---------------------------------
+
+AUTOMATIC_WHY = "torch.export's automatic dimensions: the model's code does not fix this size"
+
+
+def export_automatic(module: torch.nn.Module, kwargs: dict) -> tuple[torch.export.ExportedProgram | None, dict]:
+    """(program, what happened) of exporting with Dim.AUTO on every tensor dimension of size 2 or more: the
+    dimensions the model's code does not pin stay symbolic. The inputs are the user's own, so no adapter could
+    rebuild them at another size to find their dimensions; without this the graph would be static and refuse
+    every second resolution. A failed export returns None, and the capture goes on static."""
+    from torch.export import Dim
+
+    def hint(tree: Any) -> Any:
+        if isinstance(tree, torch.Tensor):
+            return {index: Dim.AUTO for index, size in enumerate(tree.shape) if size >= 2} or None
+        if isinstance(tree, dict):
+            return {key: hint(value) for key, value in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(hint(value) for value in tree)
+        return None
+
+    reason = f"{type(module).__name__}'s adapter cannot rebuild these inputs at another size"
+    try:
+        with torch.no_grad():
+            program = torch.export.export(module, (), kwargs, dynamic_shapes=hint(kwargs), strict=False)
+    except Exception as exc:  # whatever torch.export raises, the static capture is still worth trying
+        return None, {"reason": reason, "failed": first_line(exc)[:300]}
+    return program, {"reason": reason, "failed": None}
+
+
+def automatic_dims(program: torch.export.ExportedProgram, kwargs: dict) -> dict[tuple[tuple, int], DynDim]:
+    """{(input path, index): DynDim} of the input dimensions that came out symbolic. Dimensions sharing a symbol
+    share a name (the first input dimension that has it); one that is k·symbol is a multiple of it; any other
+    expression (frames + 1) is a dimension of its own. Ranges are torch.export's."""
+    flat, _ = torch.utils._pytree.tree_flatten_with_path(((), kwargs))
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    ranges = {str(expr): bounds for expr, bounds in program.range_constraints.items()}
+    names: dict[str, str] = {}
+    dims = {}
+    for (keypath, _), user_input in zip(flat, program.graph_signature.user_inputs):
+        value = placeholders[user_input].meta.get("val") if user_input in placeholders else None
+        if not isinstance(value, torch.Tensor):
+            continue
+        path = tuple(getattr(key, "key", getattr(key, "idx", None)) for key in keypath[1:])
+        for index, size in enumerate(value.shape):
+            if not isinstance(size, torch.SymInt):
+                continue
+            expr = size.node.expr
+            coefficient, root = expr.as_coeff_Mul()
+            multiple = int(coefficient) if root.is_Symbol and coefficient.is_Integer and coefficient > 0 else 1
+            root = root if multiple > 1 else expr
+            name = names.setdefault(str(root), re.sub(r"\W", "_", f"{path_name(path)}_{index}"))
+            bounds = ranges.get(str(root))
+            low, high = (2, UNBOUNDED) if bounds is None else (_finite(bounds.lower, 2), _finite(bounds.upper, UNBOUNDED))
+            dims[(path, index)] = DynDim(name, max(1, low), min(UNBOUNDED, high), multiple, why=AUTOMATIC_WHY)
+    return dims
+
+
+def _finite(bound: Any, otherwise: int) -> int:
+    """A sympy range bound as an int; torch's int_oo (and −int_oo) as `otherwise`."""
+    return int(bound) if bound.is_Integer else otherwise
 
 
 def model_config(module: torch.nn.Module) -> dict[str, Any] | None:

@@ -9,9 +9,11 @@ and diffusers.models.unets), never listed by hand. For each one:
    (adaLN-zero modulation, output projections, padding tokens) are drawn at random too: zero modulation makes
    every block of a random model an identity, and the output would not see its layers' quantization;
 2. build its inputs with the model's adapter (a family adapter, or the auto one: from the forward signature
-   and the config) and capture it: which dimensions became dynamic and why; where torch.export fails on the
-   model's data-dependent code, svdq_compiler.compile takes the eager path (module swap), and the entry says
-   which path each class took and why;
+   and the config), or, for the four classes whose forward only their pipeline lays out, as that pipeline
+   calls it (tools/coverage_inputs.py; the entry's `inputs_given` keeps the adapter's failure), and capture
+   it: which dimensions became dynamic and why; where torch.export fails on the model's data-dependent code,
+   svdq_compiler.compile takes the eager path (module swap), and the entry says which path each class took
+   and why;
 3. compile it with each preset (calibration: 2 prompts × 2 steps), count the quantized linears;
 4. run the compiled graph at the example size and at a second latent grid, and measure the relative L2 error
    of its output against the fp32 model on the same inputs.
@@ -49,6 +51,7 @@ import torch  # noqa: E402
 from svdq_compiler.files import write_json  # noqa: E402
 
 from bench_common import machine  # noqa: E402
+from coverage_inputs import GIVEN_INPUTS  # noqa: E402
 from ir_fingerprint import CaptureOnce  # noqa: E402
 
 PRESETS = ("int4", "w4a4-rtn")  # SVDQuant against its round-to-nearest baseline
@@ -59,6 +62,8 @@ PRESETS = ("int4", "w4a4-rtn")  # SVDQuant against its round-to-nearest baseline
 GIVEN_CONFIGS = {
     "HiDreamImageTransformer2DModel": {"caption_channels": [64, 64], "llama_layers": [0, 1],
                                        "axes_dims_rope": (8, 12, 12), "max_resolution": (32, 32)},
+    # Cosmos 3 Omni: patch_latent_dim is latent_channel · latent_patch_size², which shrinking widths breaks
+    "Cosmos3OmniTransformer": {"patch_latent_dim": 192},
 }
 BATCH = 2  # a batch of 2 (classifier-free guidance's pair) at both sizes
 STAGES = ("build", "inputs", "capture", "compile", "run")
@@ -77,9 +82,14 @@ def wake_zero_weights(model: torch.nn.Module) -> list[str]:
 
 
 def first_tensor(result: Any) -> torch.Tensor:
+    """The output to score: the first of a tuple, or a model output's sample; a list of per-sample tensors
+    (WanAnimate 2) as one flat tensor."""
+    if isinstance(result, list) and result and all(torch.is_tensor(item) for item in result):
+        return torch.cat([item.flatten() for item in result])
     if isinstance(result, (tuple, list)):
         return first_tensor(result[0])
-    return getattr(result, "sample", result)
+    sample = getattr(result, "sample", result)
+    return sample if torch.is_tensor(sample) else first_tensor(sample)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -100,8 +110,9 @@ def cover(class_name: str, module_name: str, presets: tuple[str, ...] = PRESETS,
           calibration: tuple[int, int] = (2, 2)) -> dict[str, Any]:
     """Everything the benchmark measures for one class; `failure` names the first stage that failed."""
     import svdq_compiler
+    from svdq_compiler.capture import opaque_inputs
     from svdq_compiler.eager import compile_report_of, data_dependent_failure
-    from svdq_compiler.errors import CaptureError, first_line
+    from svdq_compiler.errors import CaptureError, InputError, first_line
     from svdq_compiler.models import adapter_for
     from svdq_compiler.models.auto import tiny_config
     from svdq_compiler.models.base import factor_grid
@@ -125,14 +136,27 @@ def cover(class_name: str, module_name: str, presets: tuple[str, ...] = PRESETS,
         stage = "inputs"
         adapter = adapter_for(model)
         entry["adapter"] = adapter.name
-        example = adapter.example_inputs(model, batch=BATCH)
-        # a token count where the latent is packed (FLUX): as a grid
-        rows, cols = factor_grid(adapter.tokens_of(model, example), what="image tokens")
-        grid = second_grid(rows, cols, adapter.grid_unit(model), adapter.square_grid(model))
-        other = adapter.example_inputs(model, batch=BATCH, tokens=grid, seed=1)
+        try:
+            example = adapter.example_inputs(model, batch=BATCH)
+        except InputError as exc:
+            given_inputs = GIVEN_INPUTS.get(class_name)
+            if given_inputs is None:
+                raise
+            # the pipeline's call, as its user passes it; the adapter's failure stays in the entry
+            entry["inputs_given"] = {"why": given_inputs.why, "adapter_error": first_line(exc)[:300]}
+            (rows, cols), grid = given_inputs.grids
+            example, other = (given_inputs.build(model, given_inputs.batch, size, seed)
+                              for size, seed in (((rows, cols), 0), (grid, 1)))
+            calib = [given_inputs.build(model, given_inputs.batch, (rows, cols), 10 + i)
+                     for i in range(calibration[0] * calibration[1])]
+        else:
+            # a token count where the latent is packed (FLUX): as a grid
+            rows, cols = factor_grid(adapter.tokens_of(model, example), what="image tokens")
+            grid = second_grid(rows, cols, adapter.grid_unit(model), adapter.square_grid(model))
+            other = adapter.example_inputs(model, batch=BATCH, tokens=grid, seed=1)
+            calib = adapter.calib_inputs(model, *calibration, batch=BATCH)
         entry["inputs"] = {name: list(value.shape) for name, value in example.items() if torch.is_tensor(value)}
         entry["grids"] = [[rows, cols], list(grid)]
-        calib = adapter.calib_inputs(model, *calibration, batch=BATCH)
         with torch.no_grad():
             want = [first_tensor(model(**inputs)) for inputs in (example, other)]
         entry["reached"] = stage
@@ -140,7 +164,8 @@ def cover(class_name: str, module_name: str, presets: tuple[str, ...] = PRESETS,
         stage = "capture"
         once = CaptureOnce()  # the presets share one capture (deep-copied for each)
         try:
-            once.cached = svdq_compiler.capture(model, example, adapter=adapter)
+            if not opaque_inputs(example):  # an object input: svdq_compiler.compile goes eager without a try
+                once.cached = svdq_compiler.capture(model, example, adapter=adapter)
         except CaptureError as exc:
             if data_dependent_failure(exc) is None:
                 raise
@@ -239,8 +264,10 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         dims = ", ".join(entry.get("dynamic", [])) if entry["path"] == "graph" else "any (eager)"
         errors = " | ".join("{:.4f} / {:.4f}".format(*entry["presets"][preset]["rel_error"]) for preset in presets)
-        # GIVEN_CONFIGS: the class's defaults do not build, the values a checkpoint's config holds were given
-        name = entry["class"] + (" (config given)" if entry.get("given_config") else "")
+        # GIVEN_CONFIGS: the class's defaults do not build, the values a checkpoint's config holds were given;
+        # GIVEN_INPUTS: the pipeline's call, where the adapter cannot lay out the forward's inputs
+        given = [what for what, key in (("config", "given_config"), ("inputs", "inputs_given")) if entry.get(key)]
+        name = entry["class"] + (f" ({' and '.join(given)} given)" if given else "")
         lines.append(f"| {name} | {entry['path']} | {dims} | "
                      f"{entry['presets'][presets[0]]['quantized_linears']} | {errors} |")
     failed: dict[str, list[str]] = {}

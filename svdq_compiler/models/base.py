@@ -110,6 +110,17 @@ def _holds_tensors(value: Any) -> bool:
     return isinstance(value, (torch.Tensor, dict))
 
 
+def ints_matching_sizes(inputs: dict[str, Any]) -> list[str]:
+    """The inputs holding a Python int (a bool is not one) equal to a size, 2 or more, of one of the inputs'
+    tensors: with inputs no adapter can rebuild at another size, the one sign that a value carries a size
+    (Cosmos 3's `sequence_length`, the length of its `position_ids`)."""
+    leaves = {name: torch.utils._pytree.tree_leaves(value) for name, value in inputs.items()}
+    sizes = {size for values in leaves.values() for value in values if isinstance(value, torch.Tensor)
+             for size in value.shape if size >= 2}
+    return sorted(name for name, values in leaves.items()
+                  if any(type(value) is int and value in sizes for value in values))
+
+
 def leaf_name(path: Sequence[Any]) -> str:
     """The flat name of a nested input (keys and indices joined by "_", as an identifier's characters): how a
     torch.compile region names the leaves of nested call inputs, e.g. added_cond_kwargs_text_embeds."""
@@ -323,6 +334,9 @@ class ModelAdapter:
         raise NotImplementedError
 
     example_text_tokens: ClassVar[int] = 8
+    # Inputs this adapter cannot rebuild (the user's own) are captured with torch.export's automatic dimensions
+    # (capture.export_automatic) rather than all static.
+    automatic_dims_for_own_inputs: ClassVar[bool] = True
     text_key: ClassVar[str] = "encoder_hidden_states"
 
     def dynamic_shapes(self, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any] | None:
@@ -330,7 +344,7 @@ class ModelAdapter:
 
         Found, not declared: the inputs are rebuilt one batch, text token, grid row and column larger, and each
         dimension that moved follows that size (`infer_dims`). Inputs this adapter cannot rebuild (the user's
-        own) are left static.
+        own) give None: capture then lets torch.export find their dimensions (`automatic_dims_for_own_inputs`).
         """
         sizes = self.sizes_of(model, inputs)
         return None if sizes is None else infer_dims(lambda at: self.inputs_at(model, at), sizes,
@@ -343,7 +357,7 @@ class ModelAdapter:
         of per-axis positions), are inputs the graph takes at any size its dimensions allow."""
         sizes = self.sizes_of(model, inputs)
         if sizes is None:
-            return []
+            return ints_matching_sizes(inputs) if self.automatic_dims_for_own_inputs else []
         base = self.inputs_at(model, sizes)
         moved = {name for field in SIZE_FIELDS for name, value in self.inputs_at(model, sizes.bumped(field)).items()
                  if not _holds_tensors(value) and value != base.get(name)}

@@ -11,6 +11,8 @@ class GenericAdapter(ModelAdapter):
 
     name = "generic"
     class_names = ()
+    # a module of no known family is captured as its caller declares: every dimension static unless named
+    automatic_dims_for_own_inputs = False
 
     def matches(self, model):
         return True
