@@ -1,7 +1,8 @@
 """Capture: torch.export (non-strict) → ATen-level GraphModule with parameters as attributes.
 
 Dimensions that change between calls (batch, token counts, latent height and width) are declared with
-`DynDim`s, by the model's adapter or by the user (torch `Dim`s are accepted too). When the model's code
+`DynDim`s, by the model's adapter or by the user (torch `Dim`s are accepted too); a diffusers model's inputs that
+no adapter can rebuild get torch.export's automatic dimensions (`export_automatic`). When the model's code
 specializes a declared dimension, torch.export refuses the capture and suggests a fix; capture applies it
 (static size or narrower range), tries again, and records what fell back and why. The result carries a capture
 report in `gm.meta["svdq_capture"]` and a pre-hook that rejects inputs the graph cannot serve with an error
