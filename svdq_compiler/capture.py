@@ -396,7 +396,8 @@ def automatic_dims(program: torch.export.ExportedProgram, kwargs: dict) -> dict[
             root = root if multiple > 1 else expr
             name = names.setdefault(str(root), re.sub(r"\W", "_", f"{path_name(path)}_{index}"))
             bounds = ranges.get(str(root))
-            low, high = (2, UNBOUNDED) if bounds is None else (_finite(bounds.lower, 2), _finite(bounds.upper, UNBOUNDED))
+            low, high = (2, UNBOUNDED) if bounds is None else (_finite(bounds.lower, 2),
+                                                               _finite(bounds.upper, UNBOUNDED))
             dims[(path, index)] = DynDim(name, max(1, low), min(UNBOUNDED, high), multiple, why=AUTOMATIC_WHY)
     return dims
 
