@@ -76,7 +76,10 @@ def _round_trip(pairs, tmp_path) -> None:
     with kernel_backend("reference"):
         cases = _compiled(pairs, tmp_path)
     torch.save({k: {"path": c["path"], "inputs": c["inputs"]} for k, c in cases.items()}, tmp_path / "cases.pt")
-    env = {**os.environ, "SVDQ_KERNELS": "reference", "SVDQ_KERNEL_CACHE": str(tmp_path / "kernel_cache")}
+    # one thread, as this process runs (conftest): CPU convolutions split their sums by thread, so two thread
+    # counts can differ in the last bit (a U-Net's, on a 2-core Xeon)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "SVDQ_KERNELS": "reference",
+           "SVDQ_KERNEL_CACHE": str(tmp_path / "kernel_cache")}
     run = subprocess.run([sys.executable, "-c", RUN_LOADED, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")],
                          capture_output=True, text=True, timeout=1800, env=env)
     assert run.returncode == 0, run.stderr[-3000:]

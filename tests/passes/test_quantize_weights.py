@@ -145,5 +145,6 @@ def test_gptq_rounding_keeps_the_scales_and_lowers_every_layers_calibration_erro
     for key, q in gptq_store.items():
         assert torch.equal(q.scales, nearest_store[key].scales)
     assert any(not torch.equal(q.codes, nearest_store[k].codes) for k, q in gptq_store.items())
-    assert all(gptq[name] <= nearest[name] * 1.001 for name in nearest)
+    # 1e-6: a layer kept near 16 bits (the adaLN linear, ~2e-7) differs between the two by fp32 rounding alone
+    assert all(gptq[name] <= nearest[name] * 1.001 + 1e-6 for name in nearest)
     assert sum(gptq[name] < nearest[name] * 0.95 for name in nearest) >= len(nearest) // 2
