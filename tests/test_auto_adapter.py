@@ -211,6 +211,19 @@ def test_coverage_of_every_class_the_benchmark_ran(class_name):
     coverage_case(class_name, presets=("int4", "w4a4-rtn"), calibration=(2, 2))
 
 
+def test_pipeline_inputs_are_given_only_where_the_adapter_failed_and_the_failure_is_kept():
+    """The benchmark calls four classes as their pipelines do (tools/coverage_inputs.py); each entry keeps the
+    auto adapter's own refusal, and each ran at two sizes."""
+    from coverage_inputs import GIVEN_INPUTS
+
+    given = {e["class"]: e for e in COVERED["classes"] if e.get("inputs_given")}
+    assert sorted(given) == sorted(GIVEN_INPUTS)
+    for entry in given.values():
+        assert entry["adapter"] == "auto" and entry["class"] in entry["inputs_given"]["adapter_error"]
+        assert entry["reached"] == "run" and entry["grids"][0] != entry["grids"][1]
+        assert all(len(preset["rel_error"]) == 2 for preset in entry["presets"].values())
+
+
 def test_readme_table_is_the_coverage_result():
     """The README's coverage table is `bench_coverage.py --table` of the committed result, not edited by hand."""
     from bench_coverage import markdown
