@@ -275,7 +275,8 @@ def capture(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_sh
     if program is not None:
         attempts, dims = 1, automatic_dims(program, kwargs)
     else:
-        attempts, program, dims = export_declared(module, args, kwargs, dynamic_shapes, fallbacks, narrowed)
+        attempts, program, dims = export_declared(module, args, kwargs, dynamic_shapes, examples, fallbacks,
+                                                  narrowed)
     # torch.export's own IR (ATen, linear/layer_norm/SDPA kept whole) is what the passes read, once it has no
     # in-place op (it keeps `x += y` as aten.add_); the re-trace to the functional inference IR took 60% of
     # tiny-flux's capture (17.3 → 6.5 s without it, the compiled graph's output the same to the bit) and
@@ -311,13 +312,13 @@ def capture(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_sh
 
 
 def export_declared(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
-                    fallbacks: dict[str, str], narrowed: dict[str, str]
+                    examples: dict[tuple, torch.Tensor], fallbacks: dict[str, str], narrowed: dict[str, str]
                     ) -> tuple[int, torch.export.ExportedProgram, dict[tuple[tuple, int], Any]]:
     """(attempts, program, dims) of exporting with the declared dimensions, applying torch.export's suggested
     fixes (into `fallbacks` and `narrowed`) until it accepts them."""
     inputs: Any = list(args) if args else kwargs
     dims = {(path, index): dim for path, index, dim in declared_dims(dynamic_shapes, inputs)}
-    check_examples(dims, {path: leaf for path, leaf in walk(inputs) if isinstance(leaf, torch.Tensor)}, fallbacks)
+    check_examples(dims, examples, fallbacks)
     attempts = 0
     while True:
         attempts += 1
@@ -353,21 +354,13 @@ def export_automatic(module: torch.nn.Module, kwargs: dict) -> tuple[torch.expor
     dimensions the model's code does not pin stay symbolic. The inputs are the user's own, so no adapter could
     rebuild them at another size to find their dimensions; without this the graph would be static and refuse
     every second resolution. A failed export returns None, and the capture goes on static."""
-    from torch.export import Dim
-
-    def hint(tree: Any) -> Any:
-        if isinstance(tree, torch.Tensor):
-            return {index: Dim.AUTO for index, size in enumerate(tree.shape) if size >= 2} or None
-        if isinstance(tree, dict):
-            return {key: hint(value) for key, value in tree.items()}
-        if isinstance(tree, (list, tuple)):
-            return type(tree)(hint(value) for value in tree)
-        return None
-
+    every = {(path, index): torch.export.Dim.AUTO for path, leaf in walk(kwargs) if isinstance(leaf, torch.Tensor)
+             for index, size in enumerate(leaf.shape) if size >= 2}
     reason = f"{type(module).__name__}'s adapter cannot rebuild these inputs at another size"
     try:
         with torch.no_grad():
-            program = torch.export.export(module, (), kwargs, dynamic_shapes=hint(kwargs), strict=False)
+            program = torch.export.export(module, (), kwargs, dynamic_shapes=torch_dynamic_shapes(kwargs, every),
+                                          strict=False)
     except Exception as exc:  # whatever torch.export raises, the static capture is still worth trying
         return None, {"reason": reason, "failed": first_line(exc)[:300]}
     return program, {"reason": reason, "failed": None}
@@ -377,17 +370,11 @@ def automatic_dims(program: torch.export.ExportedProgram, kwargs: dict) -> dict[
     """{(input path, index): DynDim} of the input dimensions that came out symbolic. Dimensions sharing a symbol
     share a name (the first input dimension that has it); one that is k·symbol is a multiple of it; any other
     expression (frames + 1) is a dimension of its own. Ranges are torch.export's."""
-    flat, _ = torch.utils._pytree.tree_flatten_with_path(((), kwargs))
-    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
     ranges = {str(expr): bounds for expr, bounds in program.range_constraints.items()}
     names: dict[str, str] = {}
     dims = {}
-    for (keypath, _), user_input in zip(flat, program.graph_signature.user_inputs):
-        value = placeholders[user_input].meta.get("val") if user_input in placeholders else None
-        if not isinstance(value, torch.Tensor):
-            continue
-        path = tuple(getattr(key, "key", getattr(key, "idx", None)) for key in keypath[1:])
-        for index, size in enumerate(value.shape):
+    for path, shape in traced_shapes(program, (), kwargs):
+        for index, size in enumerate(shape):
             if not isinstance(size, torch.SymInt):
                 continue
             expr = size.node.expr
@@ -460,6 +447,18 @@ def apply_fixes(message: str, dims: dict[tuple[tuple, int], Any], fallbacks: dic
     return progress
 
 
+def traced_shapes(program: torch.export.ExportedProgram, args: tuple, kwargs: dict
+                  ) -> Iterator[tuple[tuple, torch.Size]]:
+    """(input path, traced shape) of each tensor input of `program`; a size torch.export kept symbolic is a
+    SymInt."""
+    flat, _ = torch.utils._pytree.tree_flatten_with_path((args, kwargs))
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    for (keypath, _), name in zip(flat, program.graph_signature.user_inputs):
+        value = placeholders[name].meta.get("val") if name in placeholders else None
+        if isinstance(value, torch.Tensor):
+            yield tuple(getattr(key, "key", getattr(key, "idx", None)) for key in keypath[1:]), value.shape
+
+
 def specialized_while_tracing(program: torch.export.ExportedProgram, args: tuple, kwargs: dict,
                               dims: dict[tuple[tuple, int], Any]) -> dict[str, int]:
     """{dimension name: size} for declared dimensions that came out static although export succeeded.
@@ -467,16 +466,9 @@ def specialized_while_tracing(program: torch.export.ExportedProgram, args: tuple
     torch.export does not always report a specialization as a violation (e.g. a derived height compared with
     a Python int), so the placeholders' shapes are the ground truth.
     """
-    flat, _ = torch.utils._pytree.tree_flatten_with_path((args, kwargs))
-    names = program.graph_signature.user_inputs
-    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
     specialized = {}
-    for (keypath, _), name in zip(flat, names):
-        path = tuple(getattr(key, "key", getattr(key, "idx", None)) for key in keypath[1:])
-        value = placeholders[name].meta.get("val") if name in placeholders else None
-        if not isinstance(value, torch.Tensor):
-            continue
-        for index, size in enumerate(value.shape):
+    for path, shape in traced_shapes(program, args, kwargs):
+        for index, size in enumerate(shape):
             dim = dims.get((path, index))
             if isinstance(dim, DynDim) and not isinstance(size, torch.SymInt):
                 specialized[dim.name] = int(size)
