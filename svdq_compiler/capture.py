@@ -4,7 +4,7 @@ Dimensions that change between calls (batch, token counts, latent height and wid
 `DynDim`s, by the model's adapter or by the user (torch `Dim`s are accepted too); a diffusers model's inputs that
 no adapter can rebuild get torch.export's automatic dimensions (`export_automatic`). When the model's code
 specializes a declared dimension, torch.export refuses the capture and suggests a fix; capture applies it
-(static size or narrower range), tries again, and records what fell back and why. The result carries a capture
+(static size, narrower range, or steps of a multiple), tries again, and records what fell back and why. The result carries a capture
 report in `gm.meta["svdq_capture"]` and a pre-hook that rejects inputs the graph cannot serve with an error
 naming the input, the dimension and the reason.
 """
@@ -191,6 +191,8 @@ _VIOLATED = re.compile(r"Constraints violated \(([^)]*)\)")
 _MULTIPLE_OF = re.compile(r"^\d+\*(\w+)$")
 _FIX = re.compile(r"^\s*(\w+) = (.+?)\s*$")
 _RANGE = re.compile(r"^Dim\('(\w+)'(?:, min=(\d+))?(?:, max=(\d+))?\)$")
+# torch.export's fix for a size the code needs divisible by k (`x.unflatten(1, (-1, 2))`): `tokens = 2*_tokens`.
+_MULTIPLE_FIX = re.compile(r"^(\d+)\*(\w+)$")
 
 
 def constraint_violation(exc: BaseException) -> str | None:
@@ -287,6 +289,12 @@ def capture(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_sh
     for name, guard in pinned_by_guards(gm, args, kwargs, dims, examples, fallbacks).items():
         fallbacks[name] = f"torch.export's guard `{guard}` pins it (the model's code takes a branch that only " \
                           f"holds at this size)"
+    for name, (low, high, guard) in narrowed_by_guards(gm, args, kwargs, dims, examples, fallbacks).items():
+        for key, dim in dims.items():
+            if isinstance(dim, DynDim) and dim.name == name:
+                dims[key] = dataclasses.replace(dim, min=low, max=high)
+        because = f"torch.export's guard `{guard}` rejects the sizes beyond [{low}, {high}] units"
+        narrowed[name] = f"{narrowed[name]}; {because}" if name in narrowed else because
     for parameter in gm.parameters():
         parameter.requires_grad_(False)
     report_dims = [captured_dim(path, index, dim, examples[path], fallbacks, narrowed)
@@ -432,7 +440,7 @@ def apply_fixes(message: str, dims: dict[tuple[tuple, int], Any], fallbacks: dic
             continue
         reason = reasons.get(name, "the model's code specializes it")
         fix = fixes.get(name, "")
-        bounds = _RANGE.match(fix)
+        bounds, multiple = _RANGE.match(fix), _MULTIPLE_FIX.match(fix)
         if bounds and bounds.group(1) == name:
             low, high = bounds.group(2), bounds.group(3)
             for key, dim in dims.items():
@@ -440,6 +448,15 @@ def apply_fixes(message: str, dims: dict[tuple[tuple, int], Any], fallbacks: dic
                     dims[key] = dataclasses.replace(dim, min=int(low) if low else dim.min,
                                                     max=int(high) if high else dim.max)
             narrowed[name] = reason
+        elif multiple and int(multiple.group(1)) > 1:
+            # the dimension's unit becomes k of its units (torch's new root `_name`, whose range it also gives)
+            factor, unit = int(multiple.group(1)), _RANGE.match(fixes.get(multiple.group(2), ""))
+            for key, dim in dims.items():
+                if isinstance(dim, DynDim) and dim.name == name:
+                    low = int(unit.group(2)) if unit and unit.group(2) else -(-dim.min // factor)
+                    high = int(unit.group(3)) if unit and unit.group(3) else dim.max // factor
+                    dims[key] = dataclasses.replace(dim, min=max(1, low), max=high, multiple=dim.multiple * factor)
+            narrowed[name] = f"{reason} (so it runs in steps of {factor} of the declared ones)"
         else:
             suggestion = f" (torch.export suggests {name} = {fix})" if fix and not fix.isdigit() else ""
             fallbacks[name] = reason + suggestion
@@ -475,38 +492,69 @@ def specialized_while_tracing(program: torch.export.ExportedProgram, args: tuple
     return specialized
 
 
+def guard_failure(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dims: dict[tuple[tuple, int], Any],
+                  name: str, units: int) -> str | None:
+    """The guard torch.export recorded that rejects the inputs with dimension `name` at `units` (checked on meta
+    tensors, no compute), or None when they pass (or the graph has no guards)."""
+    guards, in_spec = getattr(gm, "_guards_fn", None), getattr(gm, "_in_spec", None)
+    if guards is None or in_spec is None:
+        return None
+    from torch.fx._pytree import tree_flatten_spec
+
+    try:
+        guards(*tree_flatten_spec(resized_on_meta((args, kwargs), dims, name, units), in_spec))
+    except AssertionError as exc:
+        return str(exc).removeprefix("Guard failed: ")
+    return None
+
+
+def _example_units(dims: dict[tuple[tuple, int], Any], examples: dict[tuple, torch.Tensor],
+                   fallbacks: dict[str, str]) -> dict[str, tuple[int, DynDim]]:
+    return {dim.name: (examples[path].shape[index] // dim.multiple, dim) for (path, index), dim in dims.items()
+            if isinstance(dim, DynDim) and dim.name not in fallbacks}
+
+
 def pinned_by_guards(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dims: dict[tuple[tuple, int], Any],
                      examples: dict[tuple, torch.Tensor], fallbacks: dict[str, str], probes: int = 3) -> dict[str, str]:
     """{dimension name: failing guard} for declared dimensions that torch.export's guards pin to the example size.
 
-    The guards are checked on meta tensors (no compute) with the dimension moved to each of a few other sizes
-    in its range; a dimension every probe rejects is static in effect even though its symbol survived export
-    (e.g. PixArt captured at its native grid, where the code compares the grid with a Python int).
+    The guards are checked with the dimension moved to each of a few other sizes in its range; a dimension every
+    probe rejects is static in effect even though its symbol survived export (e.g. PixArt captured at its native
+    grid, where the code compares the grid with a Python int).
     """
-    guards, in_spec = getattr(gm, "_guards_fn", None), getattr(gm, "_in_spec", None)
-    if guards is None or in_spec is None:
-        return {}
-    from torch.fx._pytree import tree_flatten_spec
-
-    units = {dim.name: (examples[path].shape[index] // dim.multiple, dim) for (path, index), dim in dims.items()
-             if isinstance(dim, DynDim) and dim.name not in fallbacks}
     pinned = {}
-    for name, (example, dim) in sorted(units.items()):
+    for name, (example, dim) in sorted(_example_units(dims, examples, fallbacks).items()):
         # The nearest sizes on both sides: one unlucky size can trip a guard on its own (SD3 guards width ≠ its
         # maximum), a pinned dimension fails them all.
         nearest = sorted(range(max(dim.min, example - probes), min(dim.max, example + probes) + 1),
                          key=lambda u: (abs(u - example), u))
-        candidates = [u for u in nearest if u != example]
-        failures = []
-        for candidate in candidates:
-            probe = resized_on_meta((args, kwargs), dims, name, candidate)
-            try:
-                guards(*tree_flatten_spec(probe, in_spec))
-            except AssertionError as exc:
-                failures.append(str(exc).removeprefix("Guard failed: "))
-        if candidates and len(failures) == len(candidates):
+        failures = [guard_failure(gm, args, kwargs, dims, name, u) for u in nearest if u != example]
+        if failures and all(failures):
             pinned[name] = failures[0]
     return pinned
+
+
+def narrowed_by_guards(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dims: dict[tuple[tuple, int], Any],
+                       examples: dict[tuple, torch.Tensor], fallbacks: dict[str, str], probes: int = 3
+                       ) -> dict[str, tuple[int, int, str]]:
+    """{dimension name: (min, max, guard)} for dynamic dimensions whose range ends torch.export's guards reject
+    although export accepted the range (sizes the code cannot take, e.g. 2 tokens where it unflattens pairs and
+    a 1-sized result would specialize): each end moves inward, by at most `probes` units, to the first size the
+    guards accept, so the reported range and the shape check say what the graph runs."""
+    narrowed = {}
+    for name, (example, dim) in sorted(_example_units(dims, examples, fallbacks).items()):
+        low, high, first_guard = dim.min, dim.max, None
+        for end, inward in ((dim.min, 1), (dim.max, -1)):
+            for units in range(end, end + inward * (probes + 1), inward):
+                guard = guard_failure(gm, args, kwargs, dims, name, units)
+                if guard is None or units == example:
+                    if units != end:
+                        low, high = (units, high) if inward == 1 else (low, units)
+                    break
+                first_guard = first_guard or guard
+        if (low, high) != (dim.min, dim.max):
+            narrowed[name] = (low, high, first_guard)
+    return narrowed
 
 
 def resized_on_meta(tree: Any, dims: dict[tuple[tuple, int], Any], name: str, units: int, path: tuple = ()) -> Any:
@@ -569,8 +617,10 @@ def install_shape_check(gm: torch.fx.GraphModule) -> None:
     names), naming the input, and a guard that refuses `.to(dtype)` and friends.
 
     It runs before torch's own guards so that the common mistakes (a static dimension at another size, a
-    size outside the captured range, a bf16 input to an fp32 graph) read as svdq errors; torch's guards still
-    catch anything else. A graph captured with keyword inputs also accepts them positionally, in order.
+    size outside the captured range, a bf16 input to an fp32 graph) read as svdq errors; inputs that pass
+    those checks but not a guard torch.export recorded (a size the model's code cannot take, such as one that
+    makes an unlucky ratio) get a ShapeError naming the guard rather than torch's bare AssertionError. A graph
+    captured with keyword inputs also accepts them positionally, in order.
     """
     previous = getattr(gm, "_svdq_shape_check", None)
     if previous is not None:
@@ -585,6 +635,7 @@ def _shape_check_hook(module: torch.fx.GraphModule, args: tuple, kwargs: dict) -
         return None
     if report["positional"]:
         check_input_shapes(report, list(args), _weights_device(module))
+        _check_guards(module, (args, kwargs))
         return None
     signature = inspect.signature(module.forward)
     try:
@@ -593,7 +644,22 @@ def _shape_check_hook(module: torch.fx.GraphModule, args: tuple, kwargs: dict) -
         raise InputError(f"the graph cannot be called this way: {exc}", where="graph call",
                          fix=f"pass its inputs by name: {', '.join(signature.parameters)}") from None
     check_input_shapes(report, inputs, _weights_device(module))
+    _check_guards(module, ((), dict(inputs)))
     return ((), dict(inputs)) if args else None
+
+
+def _check_guards(module: torch.fx.GraphModule, call: tuple[tuple, dict]) -> None:
+    guards, in_spec = getattr(module, "_guards_fn", None), getattr(module, "_in_spec", None)
+    if guards is None or in_spec is None:
+        return
+    from torch.fx._pytree import tree_flatten_spec
+
+    try:
+        guards(*tree_flatten_spec(call, in_spec))
+    except AssertionError as exc:
+        raise ShapeError(f"the input sizes fail torch.export's guard `{str(exc).removeprefix('Guard failed: ')}`: "
+                         f"the model's code does not run that way at these sizes", where="graph call",
+                         fix="use sizes the guard allows, or capture again at such a size") from None
 
 
 def _weights_device(module: torch.nn.Module) -> torch.device | None:

@@ -42,6 +42,11 @@ class NativeGrid(torch.nn.Module):
         return x * 2 if x.shape[1] // 2 != 4 else x
 
 
+class PairsOfTokens(TokenMLP):
+    def forward(self, x):
+        return super().forward(x).unflatten(1, (-1, 2)).sum(2)  # needs an even token count
+
+
 class DataDependent(TokenMLP):
     def forward(self, x):
         return super().forward(x) if x.sum() > 0 else x
@@ -114,6 +119,41 @@ def test_range_the_model_cannot_serve_is_narrowed_and_reported():
     torch.testing.assert_close(gm(x), model(x))
     with pytest.raises(ShapeError, match="outside the captured range"):
         gm(torch.randn(2, 17, 16))
+
+
+def test_size_the_code_needs_even_becomes_a_multiple():
+    """torch.export's fix `tokens = 2*_tokens` makes the dimension dynamic in steps of 2 instead of static
+    (AceStep's image tokens); the range then starts at 2 pairs, where torch's guard `x.size()[1] // 2 != 1`
+    (a single pair would specialize) holds, although torch suggested 1."""
+    model = PairsOfTokens()
+    gm = svdq_compiler.capture(model, (torch.randn(2, 12, 16),), dynamic_shapes=({1: DynDim("tokens", 2, 64)},))
+    entry = dims_of(gm)[("args[0]", 1)]
+    assert (entry["status"], entry["multiple"], entry["min"], entry["max"]) == ("dynamic", 2, 2, 32)
+    assert "steps of 2" in entry["reason"] and "// 2 != 1" in entry["reason"]
+    assert gm.meta[CAPTURE_META]["export_attempts"] == 2
+    with pytest.raises(ShapeError, match=r"outside the captured range \[4, 64\] in steps of 2"):
+        gm(torch.randn(2, 2, 16))
+    for tokens in (4, 6, 64):
+        x = torch.randn(2, tokens, 16)
+        torch.testing.assert_close(gm(x), model(x))
+    with pytest.raises(ShapeError, match=r"in steps of 2"):
+        gm(torch.randn(2, 7, 16))
+
+
+def test_sizes_a_recorded_guard_rejects_narrow_the_range_and_fail_with_a_shape_error():
+    """In steps of 3 torch.export accepts the dimension but records the guard `x.size()[1] % 2 == 0`: the
+    range's odd end (63) moves in to 60, and an odd size inside it gets a ShapeError naming the guard (torch's
+    own check would raise a bare AssertionError)."""
+    model = PairsOfTokens()
+    gm = svdq_compiler.capture(model, (torch.randn(2, 12, 16),),
+                               dynamic_shapes=({1: DynDim("tokens", 2, 21, multiple=3)},))
+    entry = dims_of(gm)[("args[0]", 1)]
+    assert (entry["status"], entry["min"], entry["max"], entry["multiple"]) == ("dynamic", 2, 20, 3)
+    assert "% 2 == 0" in entry["reason"]
+    x = torch.randn(2, 18, 16)
+    torch.testing.assert_close(gm(x), model(x))
+    with pytest.raises(ShapeError, match=r"fail torch.export's guard `.*% 2 == 0`"):
+        gm(torch.randn(2, 21, 16))
 
 
 def test_dimension_pinned_by_a_guard_is_reported_static():
