@@ -20,7 +20,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Container, Iterator
 
 import torch
 import torch.fx
@@ -111,13 +111,18 @@ def to_dyn(dim: Any, where: str) -> Any:
         return dim
     root = getattr(dim, "root", None)
     if isinstance(dim, torch.export.Dim) and root is None:
-        return DynDim(dim.__name__, max(1, int(dim.min)), min(UNBOUNDED, int(dim.max)))
+        return DynDim(dim.__name__, max(1, int(dim.min)), _upper_bound(dim.max))
     if root is not None:
         offset, multiple = int(dim.fn(0)), int(dim.fn(1)) - int(dim.fn(0))
         if offset == 0 and multiple >= 1 and int(dim.fn(2)) == 2 * multiple:
-            return DynDim(root.__name__, max(1, int(root.min)), min(UNBOUNDED, int(root.max)), multiple)
+            return DynDim(root.__name__, max(1, int(root.min)), _upper_bound(root.max), multiple)
     raise InputError(f"unsupported dynamic dimension {dim!r} for {where}",
                      fix="use DynDim(name, min, max, multiple) or a torch Dim, or k*Dim for a multiple")
+
+
+def _upper_bound(value: Any) -> int:
+    """A torch Dim's max as an int: UNBOUNDED for a Dim declared without one (torch's int_oo)."""
+    return UNBOUNDED if value is None or float(value) >= UNBOUNDED else int(value)
 
 
 def declared_dims(spec: Any, inputs: Any, path: tuple = ()) -> list[tuple[tuple, int, Any]]:
@@ -155,13 +160,18 @@ def declared_dims(spec: Any, inputs: Any, path: tuple = ()) -> list[tuple[tuple,
     return []
 
 
-def torch_dynamic_shapes(inputs: Any, dims: dict[tuple[tuple, int], Any]) -> Any:
-    """The torch.export dynamic_shapes tree for `inputs` with the given {(path, index): DynDim or hint}."""
+def torch_dynamic_shapes(inputs: Any, dims: dict[tuple[tuple, int], Any], unproven: Container[str] = ()
+                         ) -> Any:
+    """The torch.export dynamic_shapes tree for `inputs` with the given {(path, index): DynDim or hint}; the
+    dimensions named in `unproven` become Dim.DYNAMIC hints over their range, under which torch.export keeps a
+    guard it cannot prove over the range instead of refusing the capture."""
     roots: dict[str, torch.export.Dim] = {}
 
     def to_torch(dim: Any) -> Any:
         if not isinstance(dim, DynDim):
             return dim
+        if dim.name in unproven:
+            return torch.export.Dim.DYNAMIC(min=dim.min, max=dim.max if dim.max < UNBOUNDED else None)
         root = roots.get(dim.name)
         if root is None:
             bounds = {"min": dim.min} | ({"max": dim.max} if dim.max < UNBOUNDED else {})
@@ -327,11 +337,12 @@ def export_declared(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_
     inputs: Any = list(args) if args else kwargs
     dims = {(path, index): dim for path, index, dim in declared_dims(dynamic_shapes, inputs)}
     check_examples(dims, examples, fallbacks)
+    unproven: dict[str, str] = {}  # dimension name → the guard torch.export could not prove over its range
     attempts = 0
     while True:
         attempts += 1
         live = {key: dim for key, dim in dims.items() if not (isinstance(dim, DynDim) and dim.name in fallbacks)}
-        spec = torch_dynamic_shapes(inputs, live) if live else None
+        spec = torch_dynamic_shapes(inputs, live, unproven) if live else None
         if isinstance(inputs, list) and spec is not None:
             spec = tuple(spec)
         try:
@@ -341,7 +352,7 @@ def export_declared(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_
         except Exception as exc:  # torch.export raises many types; violations are retried, the rest reported
             message = constraint_violation(exc)
             if message is None or attempts >= MAX_EXPORT_ATTEMPTS or not apply_fixes(message, dims, fallbacks,
-                                                                                     narrowed):
+                                                                                     narrowed, unproven):
                 raise CaptureError(f"torch.export could not capture {type(module).__name__}: {first_line(exc)}",
                                    fix="check that the example inputs match forward(); capture with "
                                        "dynamic_shapes=None for a static graph; rerun with TORCH_LOGS=+dynamic "
@@ -349,6 +360,9 @@ def export_declared(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_
     for name, size in specialized_while_tracing(program, args, kwargs, dims).items():
         fallbacks.setdefault(name, f"torch.export specialized it to {size} while tracing: the model's code "
                                    f"depends on its exact value")
+    for name, reason in unproven.items():
+        narrowed.setdefault(name, f"{reason}: torch.export could not prove it over the range, so each call checks "
+                                  "it (the capture's probes found it holding)")
     return attempts, program, dims
 
 
@@ -430,8 +444,11 @@ def check_examples(dims: dict[tuple[tuple, int], Any], examples: dict[tuple, tor
 
 
 def apply_fixes(message: str, dims: dict[tuple[tuple, int], Any], fallbacks: dict[str, str],
-                narrowed: dict[str, str]) -> bool:
-    """Apply torch.export's suggested fixes to the declared dimensions; False when nothing could be done."""
+                narrowed: dict[str, str], unproven: dict[str, str]) -> bool:
+    """Apply torch.export's suggested fixes to the declared dimensions; False when nothing could be done. A
+    guard torch.export cannot prove over the range, with no fix offered (LongCat's `n <= max(2048, n)`, true for
+    every n), moves the dimension to `unproven`, tried once more as Dim.DYNAMIC; the guard probes after export
+    then say whether it pins the size."""
     names, reasons, fixes = parse_violation(message)
     known = {dim.name for dim in dims.values() if isinstance(dim, DynDim) and dim.name not in fallbacks}
     progress = False
@@ -457,6 +474,9 @@ def apply_fixes(message: str, dims: dict[tuple[tuple, int], Any], fallbacks: dic
                     high = int(unit.group(3)) if unit and unit.group(3) else dim.max // factor
                     dims[key] = dataclasses.replace(dim, min=max(1, low), max=high, multiple=dim.multiple * factor)
             narrowed[name] = f"{reason} (so it runs in steps of {factor} of the declared ones)"
+        elif reason.startswith("Not all values of") and not fix and name not in unproven and all(
+                dim.multiple == 1 for dim in dims.values() if isinstance(dim, DynDim) and dim.name == name):
+            unproven[name] = reason
         else:
             suggestion = f" (torch.export suggests {name} = {fix})" if fix and not fix.isdigit() else ""
             fallbacks[name] = reason + suggestion
@@ -535,25 +555,32 @@ def pinned_by_guards(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dims: 
 
 
 def narrowed_by_guards(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dims: dict[tuple[tuple, int], Any],
-                       examples: dict[tuple, torch.Tensor], fallbacks: dict[str, str], probes: int = 3
-                       ) -> dict[str, tuple[int, int, str]]:
+                       examples: dict[tuple, torch.Tensor], fallbacks: dict[str, str]) -> dict[str, tuple[int, int, str]]:
     """{dimension name: (min, max, guard)} for dynamic dimensions whose range ends torch.export's guards reject
-    although export accepted the range (sizes the code cannot take, e.g. 2 tokens where it unflattens pairs and
-    a 1-sized result would specialize): each end moves inward, by at most `probes` units, to the first size the
-    guards accept, so the reported range and the shape check say what the graph runs."""
+    although export accepted the range (2 tokens where the code unflattens pairs and a 1-sized result would
+    specialize; SD3's width at its maximum): each rejected end moves in to the last size the guards accept on
+    the way from the example (a bisection, on meta tensors), so the reported range and the shape check say what
+    the graph runs. A size rejected inside the range still fails at run time, with a ShapeError naming the
+    guard."""
     narrowed = {}
     for name, (example, dim) in sorted(_example_units(dims, examples, fallbacks).items()):
-        low, high, first_guard = dim.min, dim.max, None
-        for end, inward in ((dim.min, 1), (dim.max, -1)):
-            for units in range(end, end + inward * (probes + 1), inward):
-                guard = guard_failure(gm, args, kwargs, dims, name, units)
-                if guard is None or units == example:
-                    if units != end:
-                        low, high = (units, high) if inward == 1 else (low, units)
-                    break
-                first_guard = first_guard or guard
-        if (low, high) != (dim.min, dim.max):
-            narrowed[name] = (low, high, first_guard)
+        ends, first_guard = [dim.min, dim.max], None
+        for side, end in enumerate(ends):
+            # an unbounded end (torch's own range, for automatic dimensions) has no size to try
+            guard = guard_failure(gm, args, kwargs, dims, name, end) if example != end < UNBOUNDED else None
+            if guard is None:
+                continue
+            first_guard = first_guard or guard
+            accepted, rejected = example, end
+            while abs(rejected - accepted) > 1:
+                middle = (accepted + rejected) // 2
+                if guard_failure(gm, args, kwargs, dims, name, middle) is None:
+                    accepted = middle
+                else:
+                    rejected = middle
+            ends[side] = accepted
+        if ends != [dim.min, dim.max]:
+            narrowed[name] = (ends[0], ends[1], first_guard)
     return narrowed
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import svdq_compiler
-from svdq_compiler.capture import CAPTURE_META, parse_violation
+from svdq_compiler.capture import CAPTURE_META, UNBOUNDED, parse_violation
 from svdq_compiler.errors import CaptureError, InputError, ShapeError
 from svdq_compiler.models import DynDim
 
@@ -45,6 +45,16 @@ class NativeGrid(torch.nn.Module):
 class PairsOfTokens(TokenMLP):
     def forward(self, x):
         return super().forward(x).unflatten(1, (-1, 2)).sum(2)  # needs an even token count
+
+
+class AtLeast2048(TokenMLP):
+    def forward(self, x):
+        return super().forward(x)[:, :max(2048, x.shape[1])]  # guard n <= max(2048, n): true, but unproven
+
+
+class PairMap(torch.nn.Module):
+    def forward(self, x):
+        return x.softmax(-1) @ x
 
 
 class DataDependent(TokenMLP):
@@ -142,18 +152,46 @@ def test_size_the_code_needs_even_becomes_a_multiple():
 
 def test_sizes_a_recorded_guard_rejects_narrow_the_range_and_fail_with_a_shape_error():
     """In steps of 3 torch.export accepts the dimension but records the guard `x.size()[1] % 2 == 0`: the
-    range's odd end (63) moves in to 60, and an odd size inside it gets a ShapeError naming the guard (torch's
-    own check would raise a bare AssertionError)."""
+    range's odd end (63) moves in to an even size (54: the bisection from the example stops at the first odd
+    one, 57), and an odd size inside the range gets a ShapeError naming the guard (torch's own check would
+    raise a bare AssertionError)."""
     model = PairsOfTokens()
     gm = svdq_compiler.capture(model, (torch.randn(2, 12, 16),),
                                dynamic_shapes=({1: DynDim("tokens", 2, 21, multiple=3)},))
     entry = dims_of(gm)[("args[0]", 1)]
-    assert (entry["status"], entry["min"], entry["max"], entry["multiple"]) == ("dynamic", 2, 20, 3)
+    assert (entry["status"], entry["min"], entry["max"], entry["multiple"]) == ("dynamic", 2, 18, 3)
     assert "% 2 == 0" in entry["reason"]
     x = torch.randn(2, 18, 16)
     torch.testing.assert_close(gm(x), model(x))
     with pytest.raises(ShapeError, match=r"fail torch.export's guard `.*% 2 == 0`"):
         gm(torch.randn(2, 21, 16))
+
+
+def test_guard_torch_cannot_prove_keeps_the_dimension_dynamic():
+    """torch.export refuses LongCat's range for the guard `n <= max(2048, n)` without a fix: exported again as
+    Dim.DYNAMIC the dimension stays dynamic, and the guard it then records (`max(2048, n) > n`: the slice's
+    branch taken below 2048) ends the range at 2047, found by bisection."""
+    model = AtLeast2048()
+    gm = svdq_compiler.capture(model, (torch.randn(2, 8, 16),), dynamic_shapes=({1: DynDim("tokens", 2, 4096)},))
+    entry = dims_of(gm)[("args[0]", 1)]
+    assert (entry["status"], entry["min"], entry["max"]) == ("dynamic", 2, 2047)
+    assert "max(2048" in entry["reason"] and "each call checks it" in entry["reason"]
+    for tokens in (3, 2047):
+        x = torch.randn(2, tokens, 16)
+        torch.testing.assert_close(gm(x), model(x))
+    with pytest.raises(ShapeError, match=r"outside the captured range \[2, 2047\]"):
+        gm(torch.randn(2, 2048, 16))
+
+
+def test_unbounded_range_is_not_probed_at_its_end():
+    """A torch Dim without a maximum (as torch.export's automatic dimensions come back) has no end to check
+    against the guards: a pair map [B, n, n] at n = 2^31 − 1 would not even be a tensor."""
+    n = torch.export.Dim("n", min=2)
+    gm = svdq_compiler.capture(PairMap(), (torch.randn(2, 8, 8),), dynamic_shapes=({1: n, 2: n},))
+    entry = dims_of(gm)[("args[0]", 1)]
+    assert (entry["status"], entry["min"], entry["max"]) == ("dynamic", 2, UNBOUNDED)
+    x = torch.randn(2, 5, 5)
+    torch.testing.assert_close(gm(x), PairMap()(x))
 
 
 def test_dimension_pinned_by_a_guard_is_reported_static():
