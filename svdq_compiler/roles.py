@@ -8,9 +8,10 @@ Roles (first rule that matches; user skip patterns and adapter hints aside):
 1. embed: the input is computed from graph inputs through no layer (no linear, conv, norm or attention), or
    through one such embedder only (the second linear of an embedding MLP);
 2. final: the output reaches a graph output through views and parameter-only elementwise ops;
-3. on the conditioning path (input of lower rank and fewer rows than the token stream): adaln if the output
-   modulates the token stream (broadcast multiply/add), final if what it modulates feeds only final linears,
-   else embed;
+3. on the conditioning path (fewer rows than the largest linear input, and against the token stream, which
+   is what the attention queries read: a lower rank, or at most a quarter of the fewest rows a query reads,
+   as a [B, 1, C] timestep vector beside [B, S, C] tokens): adaln if the output modulates the token stream
+   (broadcast multiply/add), final if what it modulates feeds only final linears, else embed;
 4. out: the input is an attention output; 5. mlp_down: the input is an activation (plain GELU: shifted
    unsigned under INT4; gated products: signed); 6. mlp_up: the output feeds an activation; 7. other.
 An adapter's `role_hints` (name pattern → role) override the structure; the reason keeps what it said.
@@ -227,13 +228,20 @@ def assign_roles(linears: list[torch.fx.Node], attention: Attention) -> dict[tor
             roles[node] = (Role.FINAL, "feeds a graph output through views and parameter-only ops", False)
             final.add(node)
 
+    # The token stream is what the attention queries read, the widest of them where they differ: neither a pair
+    # map of higher rank (RFD4-Proteina) nor a 1×1 convolution's NHWC input (a U-Net's) makes the tokens a
+    # conditioning path.
+    queried = [n.args[0] for n in linears if any(kind == "q" for _, kind in hits[n])]
+    widest = max(queried, key=lambda x: ((rows_of(x) or 0), (rank_of(x) or 0)), default=None)
+    stream_rank = (rank_of(widest) or 0) if queried else main_rank
+    stream_rows = min((rows_of(x) or 0) for x in queried) if queried else 0
     for node in linears:
         if node in roles:
             continue
         x = node.args[0]
         source = through_views(x)
         rows = rows_of(x)
-        if (rank_of(x) or 0) < main_rank and rows is not None and rows < main_rows:
+        if rows is not None and rows < main_rows and ((rank_of(x) or 0) < stream_rank or 4 * rows <= stream_rows):
             modulated = _modulated(node)
             if modulated:
                 targets = _first_linears_after(modulated)
@@ -242,8 +250,8 @@ def assign_roles(linears: list[torch.fx.Node], attention: Attention) -> dict[tor
                 else:
                     roles[node] = (Role.ADALN, "conditioning-path input; output modulates the token stream", False)
             else:
-                roles[node] = (Role.EMBED, f"conditioning-path embedding (input rank {rank_of(x)} < token "
-                                           f"stream rank {main_rank})", False)
+                roles[node] = (Role.EMBED, f"conditioning-path embedding (input rank {rank_of(x)}, {rows} rows; "
+                                           f"token stream rank {stream_rank}, {stream_rows} rows)", False)
         elif source in attention.outputs:
             roles[node] = (Role.OUT, f"reads the output of attention {source.name}", False)
         elif is_op(source, ACTIVATION_OPS):

@@ -170,6 +170,39 @@ def test_preset_schemes(dit, preset):
     assert infos[BLOCK + "down"].scheme.describe().startswith("W:int8/g64 A:uint8/g64") == (preset == "w8a8")
 
 
+class PairBiasedBlock(nn.Module):
+    """Tokens [B, S, C] whose attention is biased by a pair map [B, S, S, P] (RFD4-Proteina's layout), modulated
+    by a timestep embedding [B, C]."""
+
+    def __init__(self, c=32, p=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.t_embed, self.t_mlp, self.ada = nn.Linear(16, c), nn.Linear(c, c), nn.Linear(c, 2 * c)
+        self.pair = nn.Linear(p, heads)
+        self.q, self.k, self.v, self.out = (nn.Linear(c, c) for _ in range(4))
+        self.up, self.down = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.norm = nn.LayerNorm(c, elementwise_affine=False)
+
+    def forward(self, x, pairs, t):
+        scale, shift = self.ada(F.silu(self.t_mlp(F.silu(self.t_embed(t)))))[:, None].chunk(2, dim=-1)
+        h = self.norm(x) * (1 + scale) + shift
+        bias = self.pair(pairs).permute(0, 3, 1, 2)
+        q, k, v = (proj(h).unflatten(-1, (self.heads, -1)).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).flatten(2)
+        x = x + self.out(a)
+        return x + self.down(F.gelu(self.up(x)))
+
+
+def test_pair_map_of_higher_rank_does_not_make_the_tokens_a_conditioning_path():
+    """The token stream's rank is what the queries read (3 here), not the highest rank of any linear's input
+    (the rank-4 pair map): out/up/down stay token linears, the timestep MLP stays the conditioning path."""
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 8, 32), torch.randn(2, 8, 8, 8), torch.randn(2, 16))
+    _, infos, _ = annotate(PairBiasedBlock().eval(), inputs)
+    assert roles(infos) == {"t_embed": "embed", "t_mlp": "embed", "ada": "adaln", "pair": "embed", "q": "qkv", "k": "qkv",
+                            "v": "qkv", "out": "out", "up": "mlp_up", "down": "mlp_down"}
+
+
 @pytest.mark.slow
 def test_flux_roles_match_the_reference_recipe():
     from diffusers import FluxTransformer2DModel
