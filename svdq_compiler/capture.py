@@ -299,12 +299,6 @@ def capture(module: torch.nn.Module, example_inputs: tuple | dict, *, dynamic_sh
     for name, guard in pinned_by_guards(gm, args, kwargs, dims, examples, fallbacks).items():
         fallbacks[name] = f"torch.export's guard `{guard}` pins it (the model's code takes a branch that only " \
                           f"holds at this size)"
-    for name, (low, high, guard) in narrowed_by_guards(gm, args, kwargs, dims, examples, fallbacks).items():
-        for key, dim in dims.items():
-            if isinstance(dim, DynDim) and dim.name == name:
-                dims[key] = dataclasses.replace(dim, min=low, max=high)
-        because = f"torch.export's guard `{guard}` rejects the sizes beyond [{low}, {high}] units"
-        narrowed[name] = f"{narrowed[name]}; {because}" if name in narrowed else because
     for parameter in gm.parameters():
         parameter.requires_grad_(False)
     report_dims = [captured_dim(path, index, dim, examples[path], fallbacks, narrowed)
@@ -552,36 +546,6 @@ def pinned_by_guards(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dims: 
         if failures and all(failures):
             pinned[name] = failures[0]
     return pinned
-
-
-def narrowed_by_guards(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dims: dict[tuple[tuple, int], Any],
-                       examples: dict[tuple, torch.Tensor], fallbacks: dict[str, str]) -> dict[str, tuple[int, int, str]]:
-    """{dimension name: (min, max, guard)} for dynamic dimensions whose range ends torch.export's guards reject
-    although export accepted the range (2 tokens where the code unflattens pairs and a 1-sized result would
-    specialize; SD3's width at its maximum): each rejected end moves in to the last size the guards accept on
-    the way from the example (a bisection, on meta tensors), so the reported range and the shape check say what
-    the graph runs. A size rejected inside the range still fails at run time, with a ShapeError naming the
-    guard."""
-    narrowed = {}
-    for name, (example, dim) in sorted(_example_units(dims, examples, fallbacks).items()):
-        ends, first_guard = [dim.min, dim.max], None
-        for side, end in enumerate(ends):
-            # an unbounded end (torch's own range, for automatic dimensions) has no size to try
-            guard = guard_failure(gm, args, kwargs, dims, name, end) if example != end < UNBOUNDED else None
-            if guard is None:
-                continue
-            first_guard = first_guard or guard
-            accepted, rejected = example, end
-            while abs(rejected - accepted) > 1:
-                middle = (accepted + rejected) // 2
-                if guard_failure(gm, args, kwargs, dims, name, middle) is None:
-                    accepted = middle
-                else:
-                    rejected = middle
-            ends[side] = accepted
-        if ends != [dim.min, dim.max]:
-            narrowed[name] = (ends[0], ends[1], first_guard)
-    return narrowed
 
 
 def resized_on_meta(tree: Any, dims: dict[tuple[tuple, int], Any], name: str, units: int, path: tuple = ()) -> Any:
