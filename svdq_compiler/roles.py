@@ -8,10 +8,10 @@ Roles (first rule that matches; user skip patterns and adapter hints aside):
 1. embed: the input is computed from graph inputs through no layer (no linear, conv, norm or attention), or
    through one such embedder only (the second linear of an embedding MLP);
 2. final: the output reaches a graph output through views and parameter-only elementwise ops;
-3. on the conditioning path (fewer rows than the largest linear input, and against the token stream, which
-   is what the attention queries read: a lower rank, or at most a quarter of the fewest rows a query reads,
-   as a [B, 1, C] timestep vector beside [B, S, C] tokens): adaln if the output modulates the token stream
-   (broadcast multiply/add), final if what it modulates feeds only final linears, else embed;
+3. on the conditioning path (fewer rows than the largest linear input, and a lower rank than the token stream,
+   which is what the attention queries read, or one token: [B, 1, C] beside [B, S, C]): adaln if the output
+   modulates the token stream (broadcast multiply/add), final if what it modulates feeds only final linears,
+   else embed;
 4. out: the input is an attention output; 5. mlp_down: the input is an activation (plain GELU: shifted
    unsigned under INT4; gated products: signed); 6. mlp_up: the output feeds an activation; 7. other.
 An adapter's `role_hints` (name pattern → role) override the structure; the reason keeps what it said.
@@ -234,14 +234,13 @@ def assign_roles(linears: list[torch.fx.Node], attention: Attention) -> dict[tor
     queried = [n.args[0] for n in linears if any(kind == "q" for _, kind in hits[n])]
     widest = max(queried, key=lambda x: ((rows_of(x) or 0), (rank_of(x) or 0)), default=None)
     stream_rank = (rank_of(widest) or 0) if queried else main_rank
-    stream_rows = min((rows_of(x) or 0) for x in queried) if queried else 0
     for node in linears:
         if node in roles:
             continue
         x = node.args[0]
         source = through_views(x)
         rows = rows_of(x)
-        if rows is not None and rows < main_rows and ((rank_of(x) or 0) < stream_rank or 4 * rows <= stream_rows):
+        if rows is not None and rows < main_rows and ((rank_of(x) or 0) < stream_rank or _one_token(x)):
             modulated = _modulated(node)
             if modulated:
                 targets = _first_linears_after(modulated)
@@ -251,7 +250,7 @@ def assign_roles(linears: list[torch.fx.Node], attention: Attention) -> dict[tor
                     roles[node] = (Role.ADALN, "conditioning-path input; output modulates the token stream", False)
             else:
                 roles[node] = (Role.EMBED, f"conditioning-path embedding (input rank {rank_of(x)}, {rows} rows; "
-                                           f"token stream rank {stream_rank}, {stream_rows} rows)", False)
+                                           f"token stream rank {stream_rank})", False)
         elif source in attention.outputs:
             roles[node] = (Role.OUT, f"reads the output of attention {source.name}", False)
         elif is_op(source, ACTIVATION_OPS):
@@ -264,6 +263,13 @@ def assign_roles(linears: list[torch.fx.Node], attention: Attention) -> dict[tor
         else:
             roles[node] = (Role.OTHER, "no structural rule matched", False)
     return roles
+
+
+def _one_token(x: torch.fx.Node) -> bool:
+    """A [B, 1, C] input: a per-sample vector laid out like the tokens (Krea 2's timestep modulation), not a
+    stream of its own (a text-only MLP beside joint attention has as many rows as text tokens)."""
+    value = tensor_val(x)
+    return value is not None and value.dim() >= 3 and value.shape[-2] == 1
 
 
 def adapter_hints(adapter, model) -> dict[str, str]:
