@@ -4,9 +4,9 @@ Dimensions that change between calls (batch, token counts, latent height and wid
 `DynDim`s, by the model's adapter or by the user (torch `Dim`s are accepted too); a diffusers model's inputs that
 no adapter can rebuild get torch.export's automatic dimensions (`export_automatic`). When the model's code
 specializes a declared dimension, torch.export refuses the capture and suggests a fix; capture applies it
-(static size, narrower range, or steps of a multiple), tries again, and records what fell back and why. The result carries a capture
-report in `gm.meta["svdq_capture"]` and a pre-hook that rejects inputs the graph cannot serve with an error
-naming the input, the dimension and the reason.
+(static size, narrower range, or steps of a multiple), tries again, and records what fell back and why. The
+result carries a capture report in `gm.meta["svdq_capture"]` and a pre-hook that rejects inputs the graph cannot
+serve with an error naming the input, the dimension and the reason (or the guard torch.export recorded).
 """
 
 from __future__ import annotations
@@ -506,43 +506,39 @@ def specialized_while_tracing(program: torch.export.ExportedProgram, args: tuple
     return specialized
 
 
-def guard_failure(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dims: dict[tuple[tuple, int], Any],
-                  name: str, units: int) -> str | None:
-    """The guard torch.export recorded that rejects the inputs with dimension `name` at `units` (checked on meta
-    tensors, no compute), or None when they pass (or the graph has no guards)."""
+def failed_guard(gm: torch.fx.GraphModule, call: tuple[tuple, dict]) -> str | None:
+    """The guard torch.export recorded that the inputs `call` = (args, kwargs) fail (tensors may be meta: only
+    sizes are read), or None when they pass or the graph has no guards."""
     guards, in_spec = getattr(gm, "_guards_fn", None), getattr(gm, "_in_spec", None)
     if guards is None or in_spec is None:
         return None
     from torch.fx._pytree import tree_flatten_spec
 
     try:
-        guards(*tree_flatten_spec(resized_on_meta((args, kwargs), dims, name, units), in_spec))
+        guards(*tree_flatten_spec(call, in_spec))
     except AssertionError as exc:
         return str(exc).removeprefix("Guard failed: ")
     return None
-
-
-def _example_units(dims: dict[tuple[tuple, int], Any], examples: dict[tuple, torch.Tensor],
-                   fallbacks: dict[str, str]) -> dict[str, tuple[int, DynDim]]:
-    return {dim.name: (examples[path].shape[index] // dim.multiple, dim) for (path, index), dim in dims.items()
-            if isinstance(dim, DynDim) and dim.name not in fallbacks}
 
 
 def pinned_by_guards(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dims: dict[tuple[tuple, int], Any],
                      examples: dict[tuple, torch.Tensor], fallbacks: dict[str, str], probes: int = 3) -> dict[str, str]:
     """{dimension name: failing guard} for declared dimensions that torch.export's guards pin to the example size.
 
-    The guards are checked with the dimension moved to each of a few other sizes in its range; a dimension every
+    The guards are checked on meta tensors with the dimension moved to a few other sizes in its range; one every
     probe rejects is static in effect even though its symbol survived export (e.g. PixArt captured at its native
     grid, where the code compares the grid with a Python int).
     """
+    examples_in_units = {dim.name: (examples[path].shape[index] // dim.multiple, dim)
+                         for (path, index), dim in dims.items() if isinstance(dim, DynDim) and dim.name not in fallbacks}
     pinned = {}
-    for name, (example, dim) in sorted(_example_units(dims, examples, fallbacks).items()):
+    for name, (example, dim) in sorted(examples_in_units.items()):
         # The nearest sizes on both sides: one unlucky size can trip a guard on its own (SD3 guards width ≠ its
         # maximum), a pinned dimension fails them all.
         nearest = sorted(range(max(dim.min, example - probes), min(dim.max, example + probes) + 1),
                          key=lambda u: (abs(u - example), u))
-        failures = [guard_failure(gm, args, kwargs, dims, name, u) for u in nearest if u != example]
+        failures = [failed_guard(gm, resized_on_meta((args, kwargs), dims, name, units))
+                    for units in nearest if units != example]
         if failures and all(failures):
             pinned[name] = failures[0]
     return pinned
@@ -640,17 +636,11 @@ def _shape_check_hook(module: torch.fx.GraphModule, args: tuple, kwargs: dict) -
 
 
 def _check_guards(module: torch.fx.GraphModule, call: tuple[tuple, dict]) -> None:
-    guards, in_spec = getattr(module, "_guards_fn", None), getattr(module, "_in_spec", None)
-    if guards is None or in_spec is None:
-        return
-    from torch.fx._pytree import tree_flatten_spec
-
-    try:
-        guards(*tree_flatten_spec(call, in_spec))
-    except AssertionError as exc:
-        raise ShapeError(f"the input sizes fail torch.export's guard `{str(exc).removeprefix('Guard failed: ')}`: "
-                         f"the model's code does not run that way at these sizes", where="graph call",
-                         fix="use sizes the guard allows, or capture again at such a size") from None
+    guard = failed_guard(module, call)
+    if guard is not None:
+        raise ShapeError(f"the input sizes fail torch.export's guard `{guard}`: the model's code does not run that "
+                         f"way at these sizes", where="graph call",
+                         fix="use sizes the guard allows, or capture again at such a size")
 
 
 def _weights_device(module: torch.nn.Module) -> torch.device | None:

@@ -233,7 +233,7 @@ def assign_roles(linears: list[torch.fx.Node], attention: Attention) -> dict[tor
     # conditioning path.
     queried = [n.args[0] for n in linears if any(kind == "q" for _, kind in hits[n])]
     widest = max(queried, key=lambda x: ((rows_of(x) or 0), (rank_of(x) or 0)), default=None)
-    stream_rank = (rank_of(widest) or 0) if queried else main_rank
+    stream_rank = main_rank if widest is None else (rank_of(widest) or 0)
     for node in linears:
         if node in roles:
             continue
