@@ -58,7 +58,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from svdq_compiler import quant
-from svdq_compiler.capture import INPUTS_META, capture_report, decompose, dynamic_shapes_of
+from svdq_compiler.capture import INPUTS_META, capture_report, decompose, dynamic_shapes_of, export_program
 from svdq_compiler.codegen import fused_ops
 from svdq_compiler.config import ONNX_FORMS
 from svdq_compiler.codegen.layout import PackedWeight, effective_group, unpack_weight
@@ -130,7 +130,7 @@ def export_onnx(gm: torch.nn.Module, path: str | Path, example_inputs: tuple | d
 
 def _export(module: torch.nn.Module, args, kwargs, dynamic_shapes, what: str) -> torch.export.ExportedProgram:
     try:
-        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        return export_program(module, args, kwargs, dynamic_shapes)
     except SvdqError:  # a graph with no ONNX form for one of its layers says which
         raise
     except Exception as exc:  # an un-exportable graph here is a bug of ours; say which step failed

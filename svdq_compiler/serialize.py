@@ -32,7 +32,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from svdq_compiler.capture import CapturedDim, capture_report, dynamic_shapes_of, install_shape_check
+from svdq_compiler.capture import (CapturedDim, capture_report, dynamic_shapes_of, export_program,
+                                   install_shape_check)
 from svdq_compiler.archive import GraphArchive, StreamingArchive, corrupt, digest
 from svdq_compiler.archive_check import check_archive
 from svdq_compiler.dropin import as_pipeline_component
@@ -87,9 +88,7 @@ def save(gm: torch.fx.GraphModule, path: str | Path) -> Path:
     args, kwargs = split_inputs(inputs)
     with saved_form(gm) as loras:  # applied LoRAs travel as LoRAs (svdq_compiler/lora.py)
         try:
-            with torch.no_grad():
-                spec = dynamic_shapes_of(gm, list(args) or kwargs)
-                program = torch.export.export(gm, args, kwargs, dynamic_shapes=spec, strict=False)
+            program = export_program(gm, args, kwargs, dynamic_shapes_of(gm, list(args) or kwargs))
         except Exception as exc:  # a graph the passes left un-exportable is a compiler bug; say which step failed
             raise CheckpointError(f"the compiled graph could not be re-exported for saving: {first_line(exc)}",
                                   where=str(path), fix="rerun with --verify to find the pass that broke the "
