@@ -7,7 +7,8 @@ Models (`--model`):
   SSIM against the fp32 images (`--pairs`, modest by default: the machine is shared).
 - `outlier-flux`: a random FLUX (2 double + 2 single blocks, width 128) whose conditioning embedding carries one
   channel ~40× the others (so every AdaLN input has it) and whose image and text inputs carry one channel 50×
-  the others (the embedders' weight columns are divided by as much, so the function is unchanged).
+  the others (the embedders' weight columns are divided by as much, so the function is unchanged);
+  `outlier-flux-512` is the same at width 512 (8 heads of 64), to see how the quantize times scale.
 - `outlier-encoder`: a random pre-LN transformer encoder (4 blocks, width 256) whose LayerNorm gains make one
   channel 200× the median at every q/k/v and MLP input, as in speech encoders (the weights reading it are
   small, as trained weights on outlier features are).
@@ -145,15 +146,17 @@ def minilm_case(args) -> Case:
 OUTLIER_FLUX = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
                     num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=True,
                     axes_dims_rope=(8, 12, 12))
+# The same model four times as wide (FLUX.1's head size, 8 heads): where the quantize time goes as layers grow.
+OUTLIER_FLUX_512 = dict(OUTLIER_FLUX, attention_head_dim=64, num_attention_heads=8, axes_dims_rope=(16, 24, 24))
 
 
-def outlier_flux_case(args) -> Case:
+def outlier_flux_case(args, config: dict = OUTLIER_FLUX) -> Case:
     from diffusers import FluxTransformer2DModel
 
     from svdq_compiler.models import adapter_for
 
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(**OUTLIER_FLUX).eval().requires_grad_(False)
+    model = FluxTransformer2DModel(**config).eval().requires_grad_(False)
     with torch.no_grad():
         # one conditioning channel ~40× the others: every AdaLN layer reads SiLU(temb) with that outlier
         last = model.time_text_embed.timestep_embedder.linear_2
@@ -175,8 +178,9 @@ def outlier_flux_case(args) -> Case:
     example = scaled(adapter.example_inputs(model, batch=2, tokens=64))
     calib = [scaled(x) for x in adapter.calib_inputs(model, 4, 2, seed=0, batch=2, tokens=64)]
     evaluation = [scaled(x) for x in adapter.calib_inputs(model, 2, 2, seed=1234, batch=2, tokens=64)]
+    width = config["attention_head_dim"] * config["num_attention_heads"]
     return tensor_case(model, example, calib, evaluation,
-                       "random FLUX (2+2 blocks, width 128), conditioning channel 40x, input channels 50x")
+                       f"random FLUX (2+2 blocks, width {width}), conditioning channel 40x, input channels 50x")
 
 
 class EncoderBlock(nn.Module):
@@ -258,6 +262,7 @@ def tiny_flux_case(args) -> Case:
 
 
 CASES = {"minilm": minilm_case, "tiny-flux": tiny_flux_case, "outlier-flux": outlier_flux_case,
+         "outlier-flux-512": lambda args: outlier_flux_case(args, OUTLIER_FLUX_512),
          "outlier-encoder": outlier_encoder_case}
 
 
