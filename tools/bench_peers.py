@@ -497,7 +497,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--resume", type=Path, metavar="LOG",
                         help="take the rows an interrupted run of the same model printed to LOG instead of rerunning "
-                             "them")
+                             "them (a row's several runs merge as with --repeats)")
     parser.add_argument("--update", action="store_true",
                         help="replace or add these rows in an existing --out file, keeping its other rows")
     parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
@@ -525,16 +525,17 @@ def main() -> None:
     unknown = [row for row in rows if row not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {ROWS}")
-    measured_before = {}
+    if args.repeats < 1:
+        parser.exit(2, f"--repeats {args.repeats}: give 1 or more runs per row\n")
+    logged: dict[str, list[dict]] = {}  # an interrupted run's log has one line per run of a row
     if args.resume is not None:
         for line in args.resume.read_text().splitlines():
             if line.startswith('{"row"'):
                 measured = json.loads(line)
-                measured_before[measured["row"]] = dict(measured, resumed_from=str(args.resume))
-    if args.repeats < 1:
-        parser.exit(2, f"--repeats {args.repeats}: give 1 or more runs per row\n")
+                logged.setdefault(measured["row"], []).append(measured)
+    measured_before = {row: dict(merged_runs(found), resumed_from=str(args.resume)) for row, found in logged.items()}
     runs: dict[str, list[dict]] = {row: [] for row in rows if row not in measured_before}
-    for repeat in range(args.repeats):
+    for _ in range(args.repeats):
         for row in runs:
             runs[row].append(run_child(args, row))
             print(json.dumps(runs[row][-1]), flush=True)
@@ -551,7 +552,7 @@ def main() -> None:
             versions[package] = None
     report = {"benchmark": "peers", "model": args.model, "score": case_doc.get(args.model, "relative L2 error "
               "of the output vs fp32 and its SNR in dB"), "pairs": args.pairs if args.model == "tiny-flux" else None,
-              "repeats": args.repeats, "rows": results, "peer_versions": versions, "machine": machine(),
+              "rows": results, "peer_versions": versions, "machine": machine(),
               "note": "CPU fake quantization for every row; the machine is shared (see load_average), so "
                       "quantize times compare rows of one run only"}
     out = args.out or Path(f"bench/results/peers-{args.model}.json")
